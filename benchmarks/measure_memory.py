@@ -1,0 +1,347 @@
+"""Measure the real peak GPU memory of a few training steps for one configuration.
+
+Run on a GPU machine with the [train] extra. One configuration per process, so that
+every measurement starts from an empty caching allocator:
+
+    python benchmarks/measure_memory.py meta-llama/Llama-3.2-1B --method lora \
+        --micro-batch 4 --seq-len 2048 --grad-ckpt --out benchmarks/results/memory.jsonl
+
+Under DeepSpeed, start it with a launcher (``torchrun --nproc-per-node 2 ... --zero 2``);
+rank 0 writes the row, with every rank's peaks.
+
+What is measured is the *lean step* that zeroplan estimates and ``zeroplan launch`` runs:
+random-weight model built from the config.json (bf16, or NF4 + double quantization for
+qlora, quantized as bitsandbytes does on load), PEFT LoRA (adapter weights in fp32, as PEFT
+keeps them), gradient checkpointing non-reentrant, forward with the model's own causal-LM
+loss under bf16 autocast (what HF Trainer does without DeepSpeed) or DeepSpeed bf16, backward,
+gradient clipping at 1.0, optimizer step, ``zero_grad(set_to_none=True)``. The peak is taken
+over ``--steps`` full steps (the optimizer allocates its states in the first), counted from
+after model set-up: ``torch.cuda.reset_peak_memory_stats()`` is called once the model,
+adapters and engine exist. An OOM is a result, recorded as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zeroplan.models import load_model  # noqa: E402  (light, imports no torch)
+
+GiB = 2**30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="catalog name, Hub id or config.json path")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-targets", default="all-linear")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
+    p.add_argument("--fused-loss", action="store_true", help="Liger fused linear cross-entropy")
+    p.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage (start with torchrun)")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON; default: stage defaults")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
+    p.add_argument("--tag", default="")
+    p.add_argument("--out", default="benchmarks/results/memory.jsonl")
+    return p.parse_args(argv)
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("transformers", "peft", "bitsandbytes", "deepspeed", "trl", "liger_kernel", "accelerate"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception:
+            env[pkg] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_count"] = torch.cuda.device_count()
+        env["cuda"] = torch.version.cuda
+        env["gpu_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            env["driver"] = None
+    return env
+
+
+def nvml_used_bytes(index: int) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:
+        return None
+
+
+def quantize_linears_nf4(model: Any) -> None:
+    """Swap every nn.Linear inside the decoder layers for a bitsandbytes NF4 Linear4bit.
+
+    The same modules transformers quantizes on ``from_pretrained(quantization_config=...)``
+    (all linears but lm_head), with double quantization and bf16 compute, one layer at a time
+    so the bf16 copy of only one weight is alive at once.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for name, module in list(layer.named_modules()):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            child = name.rsplit(".", 1)[-1]
+            q = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                module.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+            ).to(module.weight.device)
+            if module.bias is not None:
+                q.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+            setattr(parent, child, q)
+            del module
+    model.is_loaded_in_4bit = True
+
+
+def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any] | None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": args.attn}
+    if ds_config is not None and args.zero == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.config.use_cache = False
+    if args.method == "qlora":
+        quantize_linears_nf4(model)
+        torch.cuda.empty_cache()
+    if args.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        targets: Any = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+        lcfg = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lcfg)
+    else:
+        model.requires_grad_(True)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.fused_loss:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        _apply_liger_kernel_to_instance(
+            base, rope=False, rms_norm=False, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=True
+        )
+    model.train()
+    return model
+
+
+def make_optimizer(args: argparse.Namespace, params: list[Any]) -> Any:
+    import torch
+
+    if args.optim == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if args.optim == "sgd":
+        return torch.optim.SGD(params, lr=1e-5)
+    import bitsandbytes as bnb
+
+    if args.optim == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    return bnb.optim.PagedAdamW8bit(params, lr=1e-5)
+
+
+def default_ds_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": args.zero},
+        "steps_per_print": 10**9,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig
+
+    spec = load_model(args.model)
+    config = AutoConfig.for_model(**spec.config)
+    distributed = args.zero is not None
+    rank, world = 0, 1
+    ds_config = None
+    if distributed:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else default_ds_config(args)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    if args.memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, local_rank)
+    torch.manual_seed(0)
+    nvml_before = nvml_used_bytes(local_rank)
+    row: dict[str, Any] = {
+        "model": spec.name,
+        "model_type": spec.model_type,
+        "method": args.method,
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "grad_ckpt": args.grad_ckpt,
+        "lora_r": args.lora_r,
+        "lora_targets": args.lora_targets,
+        "lora_dropout": args.lora_dropout,
+        "optim": args.optim,
+        "attn": args.attn,
+        "fused_loss": args.fused_loss,
+        "zero": args.zero,
+        "world_size": world,
+        "steps": args.steps,
+        "memory_fraction": args.memory_fraction,
+        "tag": args.tag,
+        "ds_config": ds_config,
+    }
+    t0 = time.time()
+    oom = False
+    error = None
+    step_peaks: list[int] = []
+    step_times: list[float] = []
+    try:
+        model = build_model(args, config, ds_config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        row["trainable_params"] = sum(p.numel() for p in trainable) if not distributed or args.zero != 3 else None
+        optimizer = make_optimizer(args, trainable)
+        engine = None
+        if distributed:
+            import deepspeed
+
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            engine.train()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        row["setup_allocated_bytes"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        vocab = spec.vocab_size
+        gen = torch.Generator(device="cuda").manual_seed(rank)
+        for step in range(args.steps):
+            ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), device="cuda", generator=gen)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            if engine is not None:
+                loss = engine(input_ids=ids, labels=ids).loss
+                engine.backward(loss)
+                engine.step()
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            del loss, ids
+            torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - start)
+            step_peaks.append(torch.cuda.max_memory_allocated())
+            if step == 0:
+                row["after_step1_allocated_bytes"] = torch.cuda.memory_allocated()
+    except torch.OutOfMemoryError as exc:
+        oom = True
+        error = str(exc).splitlines()[0][:300]
+    except Exception as exc:  # a crash is a result too, but not an OOM
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        traceback.print_exc()
+    peak_alloc = torch.cuda.max_memory_allocated()
+    peak_reserved = torch.cuda.max_memory_reserved()
+    nvml_after = nvml_used_bytes(local_rank)
+    tokens = args.micro_batch * args.seq_len
+    timed = step_times[1:] or step_times
+    row.update(
+        {
+            "oom": oom,
+            "error": error,
+            "peak_allocated_bytes": peak_alloc,
+            "peak_reserved_bytes": peak_reserved,
+            "nvml_used_before_bytes": nvml_before,
+            "nvml_used_bytes": nvml_after,
+            "device_used_bytes": (nvml_after - nvml_before) if nvml_after and nvml_before is not None else None,
+            "step_peaks_bytes": step_peaks,
+            "step_seconds": step_times,
+            "tokens_per_s_per_gpu": tokens / (sum(timed) / len(timed)) if timed and not oom else None,
+            "wall_seconds": time.time() - t0,
+        }
+    )
+    if distributed:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(
+            gathered, {k: row[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "oom")}
+        )
+        row["per_rank"] = gathered
+        row["peak_allocated_bytes"] = max(g["peak_allocated_bytes"] for g in gathered)
+        row["peak_reserved_bytes"] = max(g["peak_reserved_bytes"] for g in gathered)
+        row["oom"] = any(g["oom"] for g in gathered)
+    row["env"] = environment()
+    return row | {"rank": rank}
+
+
+def main() -> None:
+    args = parse_args()
+    row = run(args)
+    if row.pop("rank") == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        state = "OOM" if row["oom"] else ("ERROR " + row["error"] if row["error"] else "ok")
+        print(
+            f"{row['model']} {args.method} mb={args.micro_batch} s={args.seq_len} ckpt={args.grad_ckpt} "
+            f"zero={args.zero}: peak_alloc={row['peak_allocated_bytes'] / GiB:.2f} GiB "
+            f"reserved={row['peak_reserved_bytes'] / GiB:.2f} GiB {state}",
+            flush=True,
+        )
+    if args.zero is not None:
+        import torch
+
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

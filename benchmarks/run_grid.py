@@ -1,0 +1,117 @@
+"""Run a named grid of measure_memory.py configurations, one fresh process per row.
+
+    python benchmarks/run_grid.py h100-small --out $OUT/memory.jsonl
+    python benchmarks/run_grid.py --list
+
+A row that crashes or times out is recorded by measure_memory.py itself (OOM, error) or,
+if the process dies without writing, reported here; the grid goes on with the next row.
+Multi-GPU grids start each row with torchrun (one process per GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+L1, L3, L8 = "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B-Instruct"
+Q05, Q15, Q7 = "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B"
+M7, Q3 = "mistralai/Mistral-7B-v0.3", "Qwen/Qwen3-8B"
+STORY_QLORA = "--lora-targets q_proj,k_proj,v_proj,o_proj --lora-r 16 --lora-dropout 0.05 --optim paged_adamw_8bit"
+
+GRIDS: dict[str, list[str]] = {
+    "h100-small": [
+        f"{L1} --method lora --micro-batch 1 --seq-len 512",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L1} --method lora --micro-batch 8 --seq-len 4096 --grad-ckpt",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024",
+        f"{L1} --method full --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L1} --method qlora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L1} --method lora --micro-batch 2 --seq-len 2048 --attn eager",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --lora-dropout 0 --lora-targets q_proj,v_proj",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --grad-ckpt --optim adamw_8bit",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --fused-loss",
+        f"{L1} --method qlora --micro-batch 2 --seq-len 1024 {STORY_QLORA}",
+        f"{Q05} --method lora --micro-batch 4 --seq-len 2048",
+        f"{Q05} --method full --micro-batch 4 --seq-len 1024",
+        f"{Q05} --method qlora --micro-batch 8 --seq-len 1024 --grad-ckpt",
+        f"{Q05} --method full --micro-batch 8 --seq-len 4096 --grad-ckpt",
+        f"{Q15} --method lora --micro-batch 2 --seq-len 4096 --grad-ckpt",
+        f"{Q15} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt",
+        f"{L3} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L3} --method qlora --micro-batch 2 --seq-len 4096",
+        f"{L3} --method full --micro-batch 1 --seq-len 2048 --grad-ckpt",
+    ],
+    "h100-large": [
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048",
+        f"{L8} --method qlora --micro-batch 1 --seq-len 768 {STORY_QLORA}",
+        f"{L8} --method qlora --micro-batch 1 --seq-len 768 --grad-ckpt {STORY_QLORA}",
+        f"{L8} --method lora --micro-batch 8 --seq-len 4096 --grad-ckpt",
+        f"{L8} --method full --micro-batch 1 --seq-len 1024 --grad-ckpt",
+        f"{L8} --method full --micro-batch 1 --seq-len 1024 --grad-ckpt --optim adamw_8bit",
+        f"{L8} --method qlora --micro-batch 1 --seq-len 768 {STORY_QLORA} --memory-fraction 0.2941 --tag 4090-24GB",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --memory-fraction 0.2941 --tag 4090-24GB",
+        f"{Q7} --method lora --micro-batch 2 --seq-len 2048 --grad-ckpt",
+        f"{Q7} --method qlora --micro-batch 4 --seq-len 1024 --grad-ckpt",
+        f"{Q7} --method lora --micro-batch 1 --seq-len 4096",
+        f"{M7} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{M7} --method qlora --micro-batch 2 --seq-len 2048",
+        f"{M7} --method full --micro-batch 1 --seq-len 512 --grad-ckpt --optim adamw_8bit",
+        f"{Q3} --method lora --micro-batch 2 --seq-len 2048 --grad-ckpt",
+    ],
+    "h200x2-zero": [
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 2",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 3",
+        f"{L1} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt --zero 1",
+        f"{L1} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt --zero 2",
+        f"{L1} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt --zero 3",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 2",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3",
+        f"{L8} --method full --micro-batch 1 --seq-len 2048 --grad-ckpt --zero 3",
+        f"{Q15} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt --zero 2",
+    ],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("grid", nargs="?", choices=sorted(GRIDS))
+    p.add_argument("--out", default=str(HERE / "results" / "memory.jsonl"))
+    p.add_argument("--gpus", type=int, default=2, help="processes per row for --zero rows")
+    p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--only", default="", help="run rows whose text contains this")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args()
+    if args.list or not args.grid:
+        for name, rows in GRIDS.items():
+            print(f"{name}: {len(rows)} rows")
+        return
+    rows = [r for r in GRIDS[args.grid] if args.only in r]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for n, row in enumerate(rows, 1):
+        cmd = [str(HERE / "measure_memory.py"), *shlex.split(row), "--out", args.out]
+        if "--zero" in row:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.gpus}", *cmd]
+        else:
+            cmd = [sys.executable, *cmd]
+        start = time.time()
+        print(f"[{n}/{len(rows)}] {row}", flush=True)
+        try:
+            done = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+            print(f"    rc={done.returncode} {time.time() - start:.0f}s {tail}", flush=True)
+        except subprocess.TimeoutExpired:
+            print(f"    TIMEOUT after {args.timeout}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""Tests for zeroplan.hardware: catalog, cluster specs, hostfiles and NVML mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from zeroplan.errors import BadClusterSpecError, UnknownGPUError, ZeroplanError
+from zeroplan.hardware import (
+    GPU_CATALOG,
+    MIB,
+    Cluster,
+    _cluster_from_devices,
+    _visible_indices,
+    get_gpu,
+    gpu_from_nvml_name,
+    known_gpu_names,
+    local_cluster,
+    parse_cluster,
+    parse_hostfile,
+)
+
+# --------------------------------------------------------------------------- catalog
+
+
+@pytest.mark.parametrize(
+    ("name", "mib"),
+    [
+        ("RTX-4090", 24564),
+        ("RTX-3090", 24576),
+        ("RTX-A6000", 49140),
+        ("L40S", 46068),
+        ("A100-SXM-40GB", 40960),
+        ("A100-SXM-80GB", 81920),
+        ("H100-SXM-80GB", 81559),
+        ("H100-PCIE-80GB", 81559),
+        ("H200-SXM-141GB", 143771),
+        ("B200-SXM-180GB", 183359),
+    ],
+)
+def test_catalog_memory_is_driver_reported_total(name: str, mib: int) -> None:
+    assert GPU_CATALOG[name].memory_bytes == mib * MIB
+
+
+def test_catalog_entries_are_consistent() -> None:
+    assert known_gpu_names() == tuple(GPU_CATALOG)
+    for name, gpu in GPU_CATALOG.items():
+        assert gpu.name == name
+        assert gpu.known
+        assert gpu.bf16_tflops > 0 and gpu.memory_bandwidth_gbs > 0
+        # NVLink parts must advertise more peer bandwidth than any PCIe link could give.
+        if gpu.interconnect == "nvlink":
+            assert gpu.p2p and gpu.link_bandwidth_gbs > 64
+        else:
+            assert gpu.link_bandwidth_gbs <= 64
+        assert gpu.pcie_gen in (4, 5)
+
+
+def test_dense_bf16_not_sparse_figures() -> None:
+    # Datasheets headline the 2:4-sparse number; the catalog must hold half of it.
+    assert GPU_CATALOG["H100-SXM-80GB"].bf16_tflops == pytest.approx(989.4)
+    assert GPU_CATALOG["A100-SXM-80GB"].bf16_tflops == pytest.approx(312.0)
+    assert GPU_CATALOG["B200-SXM-180GB"].bf16_tflops == pytest.approx(2250.0)
+
+
+def test_consumer_cards_have_no_p2p() -> None:
+    assert GPU_CATALOG["RTX-4090"].p2p is False
+    assert GPU_CATALOG["RTX-4090"].interconnect == "pcie"
+    assert GPU_CATALOG["H100-SXM-80GB"].interconnect == "nvlink"
+    assert GPU_CATALOG["H100-PCIE-80GB"].interconnect == "pcie"
+
+
+def test_gpu_is_frozen_and_validated() -> None:
+    gpu = GPU_CATALOG["H100-SXM-80GB"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        gpu.memory_bytes = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="memory_bytes"):
+        dataclasses.replace(gpu, memory_bytes=0)
+    with pytest.raises(ValueError, match="bf16_tflops"):
+        dataclasses.replace(gpu, bf16_tflops=0.0)
+    assert gpu.memory_gib == pytest.approx(81559 / 1024)
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [
+        ("4090", "RTX-4090"),
+        ("rtx4090", "RTX-4090"),
+        ("RTX 4090", "RTX-4090"),
+        ("3090", "RTX-3090"),
+        ("a6000", "RTX-A6000"),
+        ("l40s", "L40S"),
+        ("a100", "A100-SXM-80GB"),
+        ("a100-40gb", "A100-SXM-40GB"),
+        ("a100-80gb", "A100-SXM-80GB"),
+        ("A100_80GB", "A100-SXM-80GB"),
+        ("h100", "H100-SXM-80GB"),
+        ("h100-sxm", "H100-SXM-80GB"),
+        ("H100 SXM", "H100-SXM-80GB"),
+        ("h100-pcie", "H100-PCIE-80GB"),
+        ("h200", "H200-SXM-141GB"),
+        ("b200", "B200-SXM-180GB"),
+        ("NVIDIA GeForce RTX 4090", "RTX-4090"),
+    ],
+)
+def test_aliases(alias: str, canonical: str) -> None:
+    assert get_gpu(alias).name == canonical
+
+
+@pytest.mark.parametrize("name", list(GPU_CATALOG))
+def test_canonical_names_resolve(name: str) -> None:
+    assert get_gpu(name) is GPU_CATALOG[name]
+    assert get_gpu(name.lower()) is GPU_CATALOG[name]
+
+
+# --------------------------------------------------------------------------- parse_cluster
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpu", "per_node", "nodes", "world"),
+    [
+        ("7x4090", "RTX-4090", 7, 1, 7),
+        ("1xH100", "H100-SXM-80GB", 1, 1, 1),
+        ("2x8xH100", "H100-SXM-80GB", 8, 2, 16),
+        ("8xA100-80GB", "A100-SXM-80GB", 8, 1, 8),
+        ("H100", "H100-SXM-80GB", 1, 1, 1),
+        ("4090", "RTX-4090", 1, 1, 1),
+        ("7×4090", "RTX-4090", 7, 1, 7),
+        ("2×8×H100", "H100-SXM-80GB", 8, 2, 16),
+        ("7*4090", "RTX-4090", 7, 1, 7),
+        ("2*8*h200", "H200-SXM-141GB", 8, 2, 16),
+        ("7X4090", "RTX-4090", 7, 1, 7),
+        ("  8 x a100 40gb  ", "A100-SXM-40GB", 8, 1, 8),
+        ("4xH100-PCIE", "H100-PCIE-80GB", 4, 1, 4),
+        ("8xB200", "B200-SXM-180GB", 8, 1, 8),
+        ("2xL40S", "L40S", 2, 1, 2),
+        ("4xA6000", "RTX-A6000", 4, 1, 4),
+        ("2x3090", "RTX-3090", 2, 1, 2),
+        ("3xRTX4090", "RTX-4090", 3, 1, 3),
+        ("16x8xH100-SXM-80GB", "H100-SXM-80GB", 8, 16, 128),
+    ],
+)
+def test_parse_cluster_forms(spec: str, gpu: str, per_node: int, nodes: int, world: int) -> None:
+    cluster = parse_cluster(spec)
+    assert cluster.gpu.name == gpu
+    assert cluster.gpus_per_node == per_node
+    assert cluster.num_nodes == nodes
+    assert cluster.world_size == world
+    assert cluster.is_multi_node == (nodes > 1)
+    assert cluster.inter_node_gbs is None
+
+
+def test_parse_cluster_inter_node_bandwidth() -> None:
+    assert parse_cluster("2x8xH100", inter_node_gbs=50.0).inter_node_gbs == 50.0
+
+
+def test_describe() -> None:
+    assert parse_cluster("7x4090").describe() == "7×RTX-4090"
+    assert parse_cluster("H100").describe() == "1×H100-SXM-80GB"
+    assert parse_cluster("2x8xH100").describe() == "2×8×H100-SXM-80GB"
+
+
+@pytest.mark.parametrize("name", list(GPU_CATALOG))
+@pytest.mark.parametrize(("per_node", "nodes"), [(1, 1), (8, 1), (8, 4)])
+def test_describe_round_trips(name: str, per_node: int, nodes: int) -> None:
+    cluster = Cluster(GPU_CATALOG[name], gpus_per_node=per_node, num_nodes=nodes)
+    assert parse_cluster(cluster.describe()) == cluster
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("3x", "names no GPU"),
+        ("0x4090", "at least 1"),
+        ("2x0xH100", "at least 1"),
+        ("0x8xH100", "at least 1"),
+        ("-1x4090", "at least 1"),
+        ("1.5x4090", "whole number"),
+        ("1x2x3x4090", "at most 2"),
+        ("H100x8", "write it first, e.g. '8xH100'"),
+        ("4090 x 7", "write it first, e.g. '7x4090'"),
+        ("4090x7", "write it first, e.g. '7x4090'"),
+    ],
+)
+def test_parse_cluster_malformed(spec: str, needle: str) -> None:
+    with pytest.raises(BadClusterSpecError) as info:
+        parse_cluster(spec)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message  # the CLI prints it as one line
+    # Every message says how to write a spec (or shows the corrected one).
+    assert "e.g." in message
+
+
+@pytest.mark.parametrize(
+    "spec", ["7x4091", "8x7", "2x8xH300", "V100", "tpu", "8xH100 NVL", "a100-90gb"]
+)
+def test_parse_cluster_unknown_gpu(spec: str) -> None:
+    with pytest.raises(UnknownGPUError) as info:
+        parse_cluster(spec)
+    message = str(info.value)
+    for name in known_gpu_names():
+        assert name in message
+    assert "2x8xH100" in message and "7x4090" in message
+    assert "\n" not in message
+
+
+def test_unknown_gpu_suggests_close_name() -> None:
+    with pytest.raises(UnknownGPUError, match=r"did you mean RTX-4090\?"):
+        parse_cluster("7x4091")
+
+
+def test_errors_are_zeroplan_errors() -> None:
+    assert issubclass(UnknownGPUError, ZeroplanError)
+    assert issubclass(BadClusterSpecError, ZeroplanError)
+
+
+def test_cluster_validates_counts() -> None:
+    gpu = GPU_CATALOG["RTX-4090"]
+    with pytest.raises(BadClusterSpecError):
+        Cluster(gpu, gpus_per_node=0)
+    with pytest.raises(BadClusterSpecError):
+        Cluster(gpu, gpus_per_node=1, num_nodes=0)
+    with pytest.raises(BadClusterSpecError):
+        Cluster(gpu, gpus_per_node=1, num_nodes=2, inter_node_gbs=0.0)
+    assert Cluster(gpu, gpus_per_node=7).world_size == 7
+
+
+# --------------------------------------------------------------------------- hostfile
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hostfile"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_hostfile_basic(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "# cluster A\n\nworker-1 slots=8\n   worker-2 slots=8   # spare PSU\n"
+        "\n# worker-3 slots=4\n",
+    )
+    h100 = get_gpu("h100")
+    cluster = parse_hostfile(path, h100)
+    assert cluster == Cluster(h100, gpus_per_node=8, num_nodes=2)
+    assert cluster.world_size == 16
+    assert cluster.describe() == "2×8×H100-SXM-80GB"
+
+
+def test_hostfile_single_host_and_str_path(tmp_path: Path) -> None:
+    path = _write(tmp_path, "localhost slots=7\n")
+    cluster = parse_hostfile(str(path), get_gpu("4090"), inter_node_gbs=12.5)
+    assert (cluster.num_nodes, cluster.gpus_per_node, cluster.world_size) == (1, 7, 7)
+    assert cluster.inter_node_gbs == 12.5
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("a slots=8\nb slots=4\n", "same slots"),
+        ("a slots=8\na slots=8\n", "listed twice"),
+        ("a slots=0\n", "at least 1"),
+        ("a slots=-2\n", "line 1"),
+        ("a\n", "'hostname slots=N'"),
+        ("a slots=8\nb gpus=8\n", "line 2"),
+        ("a slots = 8\n", "is not"),
+        ("a slots=eight\n", "is not"),
+        ("", "lists no hosts"),
+        ("# only comments\n\n", "lists no hosts"),
+    ],
+)
+def test_hostfile_errors(tmp_path: Path, text: str, needle: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(BadClusterSpecError) as info:
+        parse_hostfile(path, get_gpu("h100"))
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_hostfile_missing(tmp_path: Path) -> None:
+    with pytest.raises(BadClusterSpecError, match="does not exist"):
+        parse_hostfile(tmp_path / "nope", get_gpu("h100"))
+
+
+def test_hostfile_is_directory(tmp_path: Path) -> None:
+    with pytest.raises(BadClusterSpecError, match="cannot read hostfile"):
+        parse_hostfile(tmp_path, get_gpu("h100"))
+
+
+# --------------------------------------------------------------------------- NVML mapping
+
+
+@pytest.mark.parametrize(
+    ("nvml_name", "canonical"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100-SXM-80GB"),
+        ("NVIDIA H100 PCIe", "H100-PCIE-80GB"),
+        ("NVIDIA GeForce RTX 4090", "RTX-4090"),
+        ("NVIDIA GeForce RTX 3090", "RTX-3090"),
+        ("GeForce RTX 3090", "RTX-3090"),  # pre-2021 drivers had no "NVIDIA " prefix
+        ("NVIDIA RTX A6000", "RTX-A6000"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA H200", "H200-SXM-141GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100-SXM-80GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100-SXM-40GB"),
+        ("A100-SXM4-40GB", "A100-SXM-40GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100-PCIE-40GB"),
+        ("NVIDIA A100 80GB PCIe", "A100-PCIE-80GB"),
+        ("NVIDIA B200", "B200-SXM-180GB"),
+    ],
+)
+def test_gpu_from_nvml_name_known(nvml_name: str, canonical: str) -> None:
+    measured = 81_000 * MIB + 123
+    gpu = gpu_from_nvml_name(nvml_name, measured)
+    catalog = GPU_CATALOG[canonical]
+    assert gpu.name == canonical
+    assert gpu.known
+    assert gpu.memory_bytes == measured  # NVML's figure wins over the catalog's
+    assert dataclasses.replace(gpu, memory_bytes=catalog.memory_bytes) == catalog
+
+
+def test_gpu_from_nvml_name_accepts_bytes() -> None:
+    assert gpu_from_nvml_name(b"NVIDIA H200", 1).name == "H200-SXM-141GB"
+
+
+@pytest.mark.parametrize(
+    ("nvml_name", "label"),
+    [
+        ("NVIDIA H100 NVL", "H100-NVL"),  # 94 GB PCIe part: must not inherit SXM speeds
+        ("NVIDIA H200 NVL", "H200-NVL"),
+        ("NVIDIA GeForce RTX 4090 D", "GeForce-RTX-4090-D"),
+        ("NVIDIA RTX 6000 Ada Generation", "RTX-6000-Ada-Generation"),
+        ("Tesla T4", "Tesla-T4"),
+        ("   ", "unknown-GPU"),
+    ],
+)
+def test_gpu_from_nvml_name_unknown(nvml_name: str, label: str) -> None:
+    gpu = gpu_from_nvml_name(nvml_name, 16 * 2**30)
+    assert gpu.name == label
+    assert gpu.known is False
+    assert gpu.memory_bytes == 16 * 2**30
+    # Pessimistic: slower than anything in the catalog, and no peer access.
+    assert gpu.bf16_tflops < min(g.bf16_tflops for g in GPU_CATALOG.values())
+    assert gpu.memory_bandwidth_gbs < min(g.memory_bandwidth_gbs for g in GPU_CATALOG.values())
+    assert gpu.interconnect == "pcie" and gpu.p2p is False
+
+
+def test_gpu_from_nvml_name_rejects_bad_memory() -> None:
+    with pytest.raises(ValueError):
+        gpu_from_nvml_name("NVIDIA H100 80GB HBM3", 0)
+
+
+UUIDS = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-cccc3333-0000"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (None, [0, 1, 2]),
+        ("", []),
+        ("1", [1]),
+        ("2,0", [2, 0]),
+        ("0, 1", [0, 1]),
+        ("0,7,1", [0]),  # CUDA stops at the first invalid index
+        ("0,0,1", [0]),  # ...and at a repeat
+        ("GPU-bbbb", [1]),
+        ("gpu-cccc3333-0000,0", [2, 0]),
+        ("GPU-", []),  # ambiguous prefix
+        ("MIG-1234", []),
+        ("-1", []),
+    ],
+)
+def test_visible_indices(env: str | None, expected: list[int]) -> None:
+    assert _visible_indices(env, UUIDS) == expected
+
+
+def test_cluster_from_devices() -> None:
+    assert _cluster_from_devices([]) is None
+    one = _cluster_from_devices([("NVIDIA H100 80GB HBM3", 81559 * MIB)] * 8)
+    assert one is not None
+    assert one.describe() == "8×H100-SXM-80GB"
+    mixed = _cluster_from_devices(
+        [("NVIDIA H100 80GB HBM3", 81559 * MIB), ("NVIDIA GeForce RTX 4090", 24564 * MIB)]
+    )
+    assert mixed is not None
+    assert mixed.gpu.name == "RTX-4090"  # the smallest card bounds the per-GPU plan
+    assert mixed.world_size == 2
+
+
+# --------------------------------------------------------------------------- local_cluster
+
+
+def test_local_cluster_does_not_raise() -> None:
+    result = local_cluster()
+    assert result is None or isinstance(result, Cluster)
+    if result is not None:
+        assert result.world_size >= 1 and result.num_nodes == 1
+
+
+class _FakeNVMLError(Exception):
+    pass
+
+
+def _fake_pynvml(
+    devices: list[tuple[str, int]], *, init_error: bool = False, shutdown_error: bool = False
+) -> types.ModuleType:
+    """A stand-in for the pynvml module: just the calls local_cluster() makes."""
+    mod = types.ModuleType("pynvml")
+    state = {"shutdown": 0}
+
+    def nvml_init() -> None:
+        if init_error:
+            raise _FakeNVMLError("NVML Shared Library Not Found")
+
+    def nvml_shutdown() -> None:
+        state["shutdown"] += 1
+        if shutdown_error:
+            raise _FakeNVMLError("Uninitialized")
+
+    mod.NVMLError = _FakeNVMLError  # type: ignore[attr-defined]
+    mod.nvmlInit = nvml_init  # type: ignore[attr-defined]
+    mod.nvmlShutdown = nvml_shutdown  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetCount = lambda: len(devices)  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetUUID = lambda h: f"GPU-{h:04d}"  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetName = lambda h: devices[h][0]  # type: ignore[attr-defined]
+    mod.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(  # type: ignore[attr-defined]
+        total=devices[h][1], free=devices[h][1], used=0
+    )
+    mod.state = state  # type: ignore[attr-defined]
+    return mod
+
+
+def test_local_cluster_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
+    assert local_cluster() is None
+
+
+def test_local_cluster_without_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([], init_error=True))
+    assert local_cluster() is None
+
+
+def test_local_cluster_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([]))
+    assert local_cluster() is None
+
+
+def test_local_cluster_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = [("NVIDIA H100 80GB HBM3", 85_520_809_984)] * 4
+    fake = _fake_pynvml(devices, shutdown_error=True)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cluster = local_cluster()
+    assert cluster is not None
+    assert cluster.describe() == "4×H100-SXM-80GB"
+    assert cluster.gpu.memory_bytes == 85_520_809_984
+    assert fake.state["shutdown"] == 1
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    cluster = local_cluster()
+    assert cluster is not None and cluster.world_size == 2
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_cluster() is None
+
+
+def test_local_cluster_unknown_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(
+        sys.modules, "pynvml", _fake_pynvml([("NVIDIA RTX PRO 6000", 97_000 * MIB)] * 2)
+    )
+    cluster = local_cluster()
+    assert cluster is not None
+    assert cluster.gpu.known is False
+    assert cluster.gpu.memory_bytes == 97_000 * MIB
+    assert cluster.describe() == "2×RTX-PRO-6000"

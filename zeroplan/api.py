@@ -1,0 +1,49 @@
+"""The Python API: the same answers as the CLI, for notebooks and other tools.
+
+    >>> from zeroplan import estimate
+    >>> est = estimate("llama-3.1-8b-instruct", gpus="7x4090", method="lora", micro_batch=4, seq_len=2048)
+    >>> est.fits, est.peak_allocated_bytes / 2**30
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zeroplan.hardware import Cluster, local_cluster, parse_cluster
+from zeroplan.memory import MemoryEstimate
+from zeroplan.memory import estimate as _estimate
+from zeroplan.models import ModelSpec, load_model
+from zeroplan.trainsetup import TrainSetup, parse_targets
+
+DEFAULT_GPUS = "1xH100"
+
+
+def resolve_cluster(gpus: str | Cluster | None) -> Cluster:
+    """A Cluster from a spec string; None means this machine's GPUs, else 1×H100."""
+    if isinstance(gpus, Cluster):
+        return gpus
+    if gpus is None:
+        return local_cluster() or parse_cluster(DEFAULT_GPUS)
+    return parse_cluster(gpus)
+
+
+def make_setup(**options: Any) -> TrainSetup:
+    """A TrainSetup from CLI-style options (``lora_targets`` may be a comma string)."""
+    targets = options.pop("lora_targets", None)
+    if isinstance(targets, str):
+        options["lora_targets"] = parse_targets(targets)
+    elif targets is not None:
+        options["lora_targets"] = tuple(targets)
+    return TrainSetup(**options)
+
+
+def estimate(
+    model: str | ModelSpec,
+    gpus: str | Cluster | None = None,
+    setup: TrainSetup | None = None,
+    **options: Any,
+) -> MemoryEstimate:
+    """Estimate per-GPU memory; ``options`` are TrainSetup fields (method, micro_batch, ...)."""
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    cluster = resolve_cluster(gpus)
+    return _estimate(spec, cluster, setup if setup is not None else make_setup(**options))

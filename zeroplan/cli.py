@@ -1,0 +1,138 @@
+"""The ``zeroplan`` command: parse options, call the core, render. No maths here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from zeroplan.errors import ZeroplanError
+from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
+
+DEFAULT_GPUS = "1xH100"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="zeroplan")
+def cli() -> None:
+    """Plan LLM fine-tuning before paying for GPUs.
+
+    \b
+    zeroplan estimate llama-3.1-8b-instruct --gpus 7x4090 --method lora --micro-batch 4 --seq-len 2048
+    zeroplan estimate Qwen/Qwen2.5-7B --method qlora --grad-ckpt --json
+    zeroplan models          # the built-in catalog (works offline)
+    zeroplan gpus            # the GPU catalog
+    """
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--gpus", default=None, metavar="SPEC",
+              help=f"Cluster: 1xH100, 7x4090, 2x8xH100, 8xA100-80GB. Default: the GPUs on this machine, else {DEFAULT_GPUS}.")
+@click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
+              help="lora: bf16 base + LoRA; qlora: NF4 4-bit base + LoRA; full: all weights train.")
+@click.option("--zero", type=int, default=None, metavar="0-3",
+              help="DeepSpeed ZeRO stage. Leave out for plain PyTorch (DDP across GPUs).")
+@click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
+              help="ZeRO-Offload of optimizer states (and parameters, ZeRO-3) to CPU RAM.")
+@click.option("--micro-batch", type=int, default=1, show_default=True, help="Sequences per GPU per step.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True,
+              help="Gradient (activation) checkpointing: keep one hidden state per layer, recompute the rest.")
+@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--lora-targets", default="all-linear", show_default=True,
+              help="Comma list of module names (q_proj,v_proj,...) or all-linear.")
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True,
+              help="LoRA dropout; above 0 it keeps a mask per adapted input.")
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+              help="adamw (torch, fused), adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd.")
+@click.option("--attn", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True,
+              help="Attention implementation; eager materialises heads × seq² scores per layer.")
+@click.option("--fused-loss/--no-fused-loss", default=False, show_default=True,
+              help="Liger fused linear-cross-entropy: never materialises batch × seq × vocab logits.")
+@click.option("--upcast-non-quantized", is_flag=True,
+              help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract).")
+@click.option("--explain", is_flag=True, help="Show each term's formula with this run's numbers.")
+def estimate(model: str, gpus: str | None, as_json: bool, explain: bool, **options: Any) -> None:
+    """Per-GPU memory of fine-tuning MODEL: every term, the peak, and whether it fits.
+
+    MODEL is a Hub id (meta-llama/Llama-3.1-8B-Instruct), an alias from `zeroplan models`
+    (llama-3.1-8b-instruct), or a path to a config.json or a model folder. The built-in
+    catalog answers without network; other Hub ids are read from the local HF cache or
+    the Hub. Numbers are for the worst-loaded GPU, in GiB (2^30 bytes).
+    """
+    from zeroplan.api import estimate as run_estimate
+
+    est = run_estimate(model, gpus=gpus, **options)
+    if as_json:
+        click.echo(json.dumps(est.to_json(), indent=2))
+        return
+    from rich.console import Console
+
+    from zeroplan.render import render_estimate
+
+    render_estimate(est, Console(), explain=explain)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def models(as_json: bool) -> None:
+    """The built-in model catalog (usable offline by Hub id or alias)."""
+    from zeroplan.models import catalog_models, load_model
+
+    rows = [(m, (s := load_model(m)).model_type, s.total_params) for m in catalog_models()]
+    if as_json:
+        click.echo(json.dumps([{"name": n, "model_type": t, "total_params": p} for n, t, p in rows], indent=2))
+        return
+    from rich.console import Console
+
+    from zeroplan.render import render_models
+
+    render_models(rows, Console())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def gpus(as_json: bool) -> None:
+    """The GPU catalog behind --gpus (memory, bf16 TFLOP/s, bandwidth, interconnect)."""
+    from dataclasses import asdict
+
+    from zeroplan.hardware import GPU_CATALOG
+
+    catalog = list(GPU_CATALOG.values())
+    if as_json:
+        click.echo(json.dumps([asdict(g) for g in catalog], indent=2))
+        return
+    from rich.console import Console
+
+    from zeroplan.render import render_gpus
+
+    render_gpus(catalog, Console())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user mistakes become one line on stderr and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="zeroplan", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see 'zeroplan {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+        click.echo(f"zeroplan: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except ZeroplanError as exc:
+        click.echo(f"zeroplan: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("zeroplan: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"zeroplan: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

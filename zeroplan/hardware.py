@@ -1,0 +1,651 @@
+"""GPUs, clusters, and how zeroplan learns about them.
+
+Three ways in:
+
+* ``parse_cluster("2x8xH100")`` — a spec typed by a user: ``[NODES x] [GPUS_PER_NODE x] GPU``.
+* ``parse_hostfile(path, gpu)`` — a DeepSpeed hostfile (``hostname slots=N`` per line).
+* ``local_cluster()`` — the GPUs on this machine, read through NVML (``nvidia-ml-py``).
+
+Every number in ``GPU_CATALOG`` carries its source next to it. Conventions:
+
+* ``memory_bytes`` is the total the CUDA driver reports (``nvidia-smi`` "MiB" × 2**20), not the
+  marketing figure: an "80 GB" H100 reports 81559 MiB = 79.6 GiB, and planning against 80 GiB
+  would over-promise by ~0.4 GiB per GPU.
+* ``bf16_tflops`` is the dense (no 2:4 sparsity) BF16 tensor-core peak with FP32 accumulate,
+  which is what mixed-precision training uses. Datasheets quote the sparse figure with an
+  asterisk; we halve it.
+* ``link_bandwidth_gbs`` is per GPU, one direction, to its peers. NVLink datasheets quote the
+  bidirectional total (e.g. 900 GB/s for H100), so we halve it. PCIe is the effective rate of a
+  x16 link after protocol overhead, see ``PCIE_EFFECTIVE_GBS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+from zeroplan.errors import BadClusterSpecError, UnknownGPUError
+
+__all__ = [
+    "GPU",
+    "GPU_CATALOG",
+    "PCIE_EFFECTIVE_GBS",
+    "Cluster",
+    "Interconnect",
+    "get_gpu",
+    "gpu_from_nvml_name",
+    "known_gpu_names",
+    "local_cluster",
+    "parse_cluster",
+    "parse_hostfile",
+]
+
+Interconnect = Literal["nvlink", "pcie"]
+
+MIB = 2**20
+GIB = 2**30
+
+# Effective one-direction bandwidth of a PCIe x16 link, GB/s. Raw rate per direction is
+# lanes × GT/s × 128/130 / 8: gen3 15.8, gen4 31.5, gen5 63.0 GB/s. TLP/DLLP overhead and
+# DMA engine limits leave ~80% in practice (cudaMemcpy / nccl-tests busbw on real boxes),
+# so plan with the derated figure rather than the raw one.
+PCIE_EFFECTIVE_GBS: Mapping[int, float] = MappingProxyType({3: 12.0, 4: 25.0, 5: 50.0})
+
+# Used for GPUs NVML reports that the catalog does not know. Deliberately below every catalog
+# entry (slowest: RTX 3090 at 71 TFLOPS, 768 GB/s A6000) so that time estimates err long rather
+# than promise a speed the card may not have; ``GPU.known`` is False so reports can say so.
+UNKNOWN_GPU_BF16_TFLOPS = 50.0
+UNKNOWN_GPU_MEMORY_BANDWIDTH_GBS = 500.0
+UNKNOWN_GPU_PCIE_GEN = 4
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU model.
+
+    Attributes:
+        name: canonical name, e.g. ``"H100-SXM-80GB"``; also accepted by ``parse_cluster``.
+        memory_bytes: total device memory as the driver reports it (nvidia-smi MiB × 2**20).
+        bf16_tflops: dense BF16 tensor-core peak, FP32 accumulate, no sparsity.
+        memory_bandwidth_gbs: HBM/GDDR bandwidth, GB/s (10**9 bytes/s).
+        interconnect: ``"nvlink"`` when GPUs of a node talk over NVLink/NVSwitch, else ``"pcie"``.
+        p2p: whether CUDA peer-to-peer works between two such GPUs in one node. Without it NCCL
+            stages every transfer through host memory, which planners should treat as a
+            slower link than ``link_bandwidth_gbs`` says.
+        link_bandwidth_gbs: per-GPU one-direction bandwidth to peers in the node, GB/s.
+        pcie_gen: PCIe generation of the host link (bounds CPU offload traffic).
+        known: False for a GPU built from NVML data alone; its speeds are placeholders.
+    """
+
+    name: str
+    memory_bytes: int
+    bf16_tflops: float
+    memory_bandwidth_gbs: float
+    interconnect: Interconnect
+    p2p: bool
+    link_bandwidth_gbs: float
+    pcie_gen: int
+    known: bool = True
+
+    def __post_init__(self) -> None:
+        # A catalog typo (e.g. a bandwidth of 0) would otherwise surface as a division by
+        # zero deep inside a time estimate; these are programming errors, hence ValueError.
+        if not self.name:
+            raise ValueError("GPU.name must not be empty")
+        if self.memory_bytes <= 0:
+            raise ValueError(f"GPU {self.name}: memory_bytes must be positive")
+        for field_name in ("bf16_tflops", "memory_bandwidth_gbs", "link_bandwidth_gbs"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"GPU {self.name}: {field_name} must be positive")
+        if self.interconnect not in ("nvlink", "pcie"):
+            raise ValueError(f"GPU {self.name}: interconnect must be 'nvlink' or 'pcie'")
+
+    @property
+    def memory_gib(self) -> float:
+        """Total memory in GiB (2**30 bytes), the unit PyTorch's memory reports use."""
+        return self.memory_bytes / GIB
+
+
+def _mib(n: int) -> int:
+    return n * MIB
+
+
+_CATALOG_ENTRIES: tuple[GPU, ...] = (
+    GPU(
+        name="RTX-4090",
+        # 24564 MiB: nvidia-smi on a GeForce RTX 4090.
+        memory_bytes=_mib(24564),
+        # Ada whitepaper (AD102), FP16/BF16 tensor with FP32 accumulate: 165.2 dense. GeForce
+        # boards run FP32-accumulate at half the FP16-accumulate rate (330.3).
+        bf16_tflops=165.2,
+        memory_bandwidth_gbs=1008.0,  # datasheet: 384-bit GDDR6X @ 21 Gbps
+        interconnect="pcie",
+        # The driver reports no peer access between GeForce 40-series boards; NCCL falls back
+        # to host-staged copies (accelerate disables NCCL P2P/IB for them for this reason).
+        p2p=False,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="RTX-3090",
+        # 24576 MiB: nvidia-smi on a GeForce RTX 3090 (e.g. github.com/noonghunna/club-3090#178).
+        memory_bytes=_mib(24576),
+        bf16_tflops=71.0,  # Ampere GA102 whitepaper: BF16 tensor, FP32 accumulate, dense
+        memory_bandwidth_gbs=936.0,  # datasheet
+        interconnect="pcie",
+        # No peer access over PCIe with the stock driver (NVIDIA/nccl#1127,
+        # p2pBandwidthLatencyTest "CANNOT Access Peer"). A pair joined by an NVLink bridge
+        # does get P2P, but bridges join only two boards, so a cluster cannot rely on it.
+        p2p=False,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="RTX-A6000",
+        memory_bytes=_mib(49140),  # nvidia-smi on an RTX A6000 (ECC off)
+        bf16_tflops=154.8,  # datasheet: 309.7 TFLOPS tensor with sparsity, halved
+        memory_bandwidth_gbs=768.0,  # datasheet
+        interconnect="pcie",
+        p2p=True,  # professional boards keep PCIe peer access enabled
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="L40S",
+        # 46068 MiB: nvidia-smi on L40S (github.com/modal-labs/modal-client#2797).
+        memory_bytes=_mib(46068),
+        bf16_tflops=362.05,  # datasheet: 362.05 dense / 733 sparse
+        memory_bandwidth_gbs=864.0,  # datasheet
+        interconnect="pcie",  # no NVLink on L40S
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="A100-SXM-40GB",
+        # 40960 MiB: nvidia-smi on A100-SXM4-40GB (modal-labs/modal-client#2797).
+        memory_bytes=_mib(40960),
+        bf16_tflops=312.0,  # A100 datasheet: 312 dense / 624 sparse
+        memory_bandwidth_gbs=1555.0,  # datasheet (HBM2)
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=300.0,  # NVLink 3: 600 GB/s bidirectional per GPU, halved
+        pcie_gen=4,
+    ),
+    GPU(
+        name="A100-SXM-80GB",
+        # 81920 MiB: nvidia-smi on A100-SXM4-80GB (modal-labs/modal-client#2797).
+        memory_bytes=_mib(81920),
+        bf16_tflops=312.0,  # A100 datasheet
+        memory_bandwidth_gbs=2039.0,  # datasheet (HBM2e)
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=300.0,  # NVLink 3: 600 GB/s bidirectional, halved
+        pcie_gen=4,
+    ),
+    # The PCIe A100s are not in the user-facing list but NVML reports them, and mapping them
+    # to the SXM entries would claim NVLink they do not have.
+    GPU(
+        name="A100-PCIE-40GB",
+        # 40960 MiB with current drivers (older ones showed 40536 MiB); local_cluster()
+        # replaces this with what NVML reports anyway.
+        memory_bytes=_mib(40960),
+        bf16_tflops=312.0,  # A100 datasheet
+        memory_bandwidth_gbs=1555.0,  # datasheet
+        interconnect="pcie",  # an NVLink bridge joins pairs only
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="A100-PCIE-80GB",
+        memory_bytes=_mib(81920),  # nvidia-smi on "NVIDIA A100 80GB PCIe"
+        bf16_tflops=312.0,  # A100 datasheet
+        memory_bandwidth_gbs=1935.0,  # datasheet (PCIe variant)
+        interconnect="pcie",
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="H100-SXM-80GB",
+        # 81559 MiB: nvidia-smi on "NVIDIA H100 80GB HBM3" (NVIDIA/nccl#1264,
+        # modal-labs/modal-client#2797).
+        memory_bytes=_mib(81559),
+        bf16_tflops=989.4,  # H100 datasheet: 1979 sparse, halved
+        memory_bandwidth_gbs=3350.0,  # datasheet: 3.35 TB/s
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
+        pcie_gen=5,
+    ),
+    GPU(
+        name="H100-PCIE-80GB",
+        # 81559 MiB: nvidia-smi on "NVIDIA H100 PCIe" (NVIDIA/TensorRT-LLM test reports).
+        memory_bytes=_mib(81559),
+        bf16_tflops=756.5,  # H100 datasheet, PCIe column: 1513 sparse, halved
+        memory_bandwidth_gbs=2000.0,  # datasheet: 2 TB/s (HBM2e)
+        interconnect="pcie",  # NVLink bridge joins pairs only
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
+        pcie_gen=5,
+    ),
+    GPU(
+        name="H200-SXM-141GB",
+        memory_bytes=_mib(143771),  # nvidia-smi on "NVIDIA H200"
+        bf16_tflops=989.4,  # H200 datasheet: same Hopper die as H100 SXM, 1979 sparse
+        memory_bandwidth_gbs=4800.0,  # datasheet: 4.8 TB/s (HBM3e)
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
+        pcie_gen=5,
+    ),
+    GPU(
+        name="B200-SXM-180GB",
+        # 183359 MiB: nvidia-smi on "NVIDIA B200" (NVIDIA/TensorRT-LLM#10278).
+        memory_bytes=_mib(183359),
+        bf16_tflops=2250.0,  # HGX B200 datasheet: 4.5 PFLOPS sparse per GPU, halved
+        # Datasheet says 8 TB/s; the driver reports a 7680-bit bus at 3996 MHz, i.e.
+        # 7680/8 × 3996e6 × 2 = 7.67 TB/s (pytorch/ao#4002). Use the figure the part delivers.
+        memory_bandwidth_gbs=7680.0,
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=900.0,  # NVLink 5: 1.8 TB/s bidirectional, halved
+        pcie_gen=5,
+    ),
+)
+
+GPU_CATALOG: Mapping[str, GPU] = MappingProxyType({g.name: g for g in _CATALOG_ENTRIES})
+"""Canonical name → GPU, in display order (consumer → data-center, oldest → newest)."""
+
+
+def _normalize(name: str) -> str:
+    """Lower-case, drop '-', '_' and whitespace, and drop an 'nvidia'/'geforce' prefix.
+
+    The prefixes go because NVML names carry them ("NVIDIA GeForce RTX 4090") and users
+    sometimes copy those; nothing in the catalog is distinguished by them.
+    """
+    key = re.sub(r"[\s\-_]+", "", name.lower())
+    for prefix in ("nvidia", "geforce"):
+        key = key.removeprefix(prefix)
+    return key
+
+
+# Aliases, as a user would type them; normalised at import. NVML's own product names are
+# included so that gpu_from_nvml_name() needs no separate table. Deliberately absent: names
+# of different parts that share a prefix ("H100 NVL", "H200 NVL", "RTX 4090 D", "L40"), which
+# must not silently inherit another board's speeds.
+_ALIASES: Mapping[str, tuple[str, ...]] = {
+    "RTX-4090": ("4090", "rtx4090", "rtx-4090"),
+    "RTX-3090": ("3090", "rtx3090", "rtx-3090"),
+    "RTX-A6000": ("a6000", "rtx-a6000"),
+    "L40S": ("l40s",),
+    "A100-SXM-40GB": ("a100-40gb", "a100-sxm-40gb", "A100-SXM4-40GB"),
+    "A100-SXM-80GB": ("a100", "a100-80gb", "a100-sxm", "a100-sxm-80gb", "A100-SXM4-80GB"),
+    "A100-PCIE-40GB": ("a100-pcie-40gb",),
+    "A100-PCIE-80GB": ("a100-pcie", "a100-pcie-80gb", "A100 80GB PCIe"),
+    "H100-SXM-80GB": ("h100", "h100-sxm", "h100-80gb", "h100-sxm-80gb", "H100 80GB HBM3"),
+    "H100-PCIE-80GB": ("h100-pcie", "h100-pcie-80gb", "H100 PCIe"),
+    "H200-SXM-141GB": ("h200", "h200-sxm", "h200-141gb", "h200-sxm-141gb"),
+    "B200-SXM-180GB": ("b200", "b200-sxm", "b200-180gb", "b200-sxm-180gb"),
+}
+
+_ALIAS_TO_NAME: Mapping[str, str] = MappingProxyType(
+    {
+        _normalize(alias): canonical
+        for canonical, aliases in _ALIASES.items()
+        for alias in (canonical, *aliases)
+    }
+)
+
+# Short names shown in error messages: the first alias of each catalog entry.
+_SHORT_NAMES: tuple[str, ...] = tuple(aliases[0] for aliases in _ALIASES.values())
+
+_SPEC_HELP = (
+    "write a cluster as [NODES x] [GPUS_PER_NODE x] GPU, e.g. '7x4090', '8xA100-80GB', "
+    "'2x8xH100' or 'H100'"
+)
+
+
+def known_gpu_names() -> tuple[str, ...]:
+    """Canonical names of every catalog GPU, in catalog order."""
+    return tuple(GPU_CATALOG)
+
+
+def _unknown_gpu_message(text: str) -> str:
+    close = difflib.get_close_matches(_normalize(text), list(_ALIAS_TO_NAME), n=1, cutoff=0.75)
+    hint = f" (did you mean {_ALIAS_TO_NAME[close[0]]}?)" if close else ""
+    return (
+        f"unknown GPU {text.strip()!r}{hint}; known GPUs: {', '.join(known_gpu_names())} "
+        f"(short names {', '.join(_SHORT_NAMES)} also work); {_SPEC_HELP}"
+    )
+
+
+def get_gpu(name: str) -> GPU:
+    """Look a GPU up by canonical name or alias (case, '-', '_' and spaces ignored).
+
+    Raises:
+        UnknownGPUError: the name matches no catalog entry; the message lists the known ones.
+    """
+    canonical = _ALIAS_TO_NAME.get(_normalize(name))
+    if canonical is None:
+        raise UnknownGPUError(_unknown_gpu_message(name))
+    return GPU_CATALOG[canonical]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``num_nodes`` identical nodes of ``gpus_per_node`` identical GPUs.
+
+    ``inter_node_gbs`` is the per-GPU one-direction network bandwidth between nodes (GB/s), or
+    None when unknown; it is irrelevant for a single node.
+    """
+
+    gpu: GPU
+    gpus_per_node: int
+    num_nodes: int = 1
+    inter_node_gbs: float | None = None
+
+    def __post_init__(self) -> None:
+        # Counts reach here from user input (specs, hostfiles), so a bad one is a user mistake.
+        if self.gpus_per_node < 1:
+            raise BadClusterSpecError(
+                f"a node needs at least 1 GPU, got {self.gpus_per_node}; {_SPEC_HELP}"
+            )
+        if self.num_nodes < 1:
+            raise BadClusterSpecError(
+                f"a cluster needs at least 1 node, got {self.num_nodes}; {_SPEC_HELP}"
+            )
+        if self.inter_node_gbs is not None and self.inter_node_gbs <= 0:
+            raise BadClusterSpecError(
+                f"inter-node bandwidth must be positive GB/s, got {self.inter_node_gbs}; "
+                "leave it unset if unknown"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Total GPUs (= data-parallel ranks for pure ZeRO/DDP): nodes × GPUs per node."""
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def is_multi_node(self) -> bool:
+        return self.num_nodes > 1
+
+    def describe(self) -> str:
+        """Short form such as ``"7×RTX-4090"`` or ``"2×8×H100-SXM-80GB"``.
+
+        The output parses back with ``parse_cluster`` for catalog GPUs.
+        """
+        counts = (
+            [self.gpus_per_node] if self.num_nodes == 1 else [self.num_nodes, self.gpus_per_node]
+        )
+        return "×".join([*map(str, counts), self.gpu.name])
+
+
+# A leading count and its separator: "7x", "2 × ", "8*". Signs and decimals are matched so
+# that "-1x4090" or "1.5x4090" get a "bad count" message rather than "unknown GPU '-1x4090'".
+_COUNT_PREFIX = re.compile(r"\s*([+-]?\d+(?:\.\d*)?)\s*[x×*]\s*", re.IGNORECASE)
+# "H100x8": the count written after the GPU; caught only to say which order is expected.
+_COUNT_SUFFIX = re.compile(r"(.+?)\s*[x×*]\s*(\d+)\s*", re.IGNORECASE)
+
+
+def parse_cluster(text: str, *, inter_node_gbs: float | None = None) -> Cluster:
+    """Parse ``[NODES x] [GPUS_PER_NODE x] GPU``.
+
+    Examples: ``"H100"`` (1 GPU), ``"7x4090"``, ``"8xA100-80GB"``, ``"2x8xH100"`` (2 nodes of
+    8). Separators ``x``, ``×`` or ``*``, case-insensitive, spaces allowed.
+
+    Raises:
+        BadClusterSpecError: empty spec, more than two counts, or a count that is not a
+            positive whole number.
+        UnknownGPUError: the GPU part names no catalog GPU.
+    """
+    rest = text
+    counts: list[str] = []
+    while (m := _COUNT_PREFIX.match(rest)) is not None:
+        counts.append(m.group(1))
+        rest = rest[m.end() :]
+    gpu_text = rest.strip()
+
+    if not text.strip():
+        raise BadClusterSpecError(f"empty cluster spec; {_SPEC_HELP}")
+    if not gpu_text:
+        raise BadClusterSpecError(f"cluster spec {text.strip()!r} names no GPU; {_SPEC_HELP}")
+    if len(counts) > 2:
+        raise BadClusterSpecError(
+            f"cluster spec {text.strip()!r} has {len(counts)} counts, at most 2 "
+            f"(nodes and GPUs per node) are allowed; {_SPEC_HELP}"
+        )
+    values: list[int] = []
+    for raw in counts:
+        if not re.fullmatch(r"[+-]?\d+", raw) or int(raw) < 1:
+            raise BadClusterSpecError(
+                f"count {raw!r} in cluster spec {text.strip()!r} must be a whole number "
+                f"of at least 1; {_SPEC_HELP}"
+            )
+        values.append(int(raw))
+
+    # "4090x7": the GPU is itself a number, so the prefix loop took it as a count.
+    if (
+        re.fullmatch(r"\d+", gpu_text)
+        and _normalize(gpu_text) not in _ALIAS_TO_NAME
+        and counts
+        and _normalize(counts[-1]) in _ALIAS_TO_NAME
+    ):
+        fixed = "x".join([*counts[:-1], gpu_text, counts[-1]])
+        raise BadClusterSpecError(
+            f"cluster spec {text.strip()!r} puts the count after the GPU; write it first, "
+            f"e.g. '{fixed}'"
+        )
+    suffix = _COUNT_SUFFIX.fullmatch(gpu_text)
+    if (
+        _normalize(gpu_text) not in _ALIAS_TO_NAME
+        and suffix is not None
+        and _normalize(suffix.group(1)) in _ALIAS_TO_NAME
+    ):
+        raise BadClusterSpecError(
+            f"cluster spec {text.strip()!r} puts the count after the GPU; write it first, "
+            f"e.g. '{suffix.group(2)}x{suffix.group(1)}'"
+        )
+    gpu = get_gpu(gpu_text)
+
+    if len(values) == 2:
+        num_nodes, per_node = values
+    elif len(values) == 1:
+        num_nodes, per_node = 1, values[0]
+    else:
+        num_nodes, per_node = 1, 1
+    return Cluster(gpu, gpus_per_node=per_node, num_nodes=num_nodes, inter_node_gbs=inter_node_gbs)
+
+
+# DeepSpeed's launcher (deepspeed/launcher/runner.py, _parse_hostfile) matches
+# r"^(\S+)\s+slots=(\d+)" on each stripped line and skips blank and '#' lines. We accept the
+# same lines, plus a trailing '# comment', and reject anything the launcher would reject.
+_HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)")
+
+
+def parse_hostfile(
+    path: str | os.PathLike[str], gpu: GPU, *, inter_node_gbs: float | None = None
+) -> Cluster:
+    """Read a DeepSpeed hostfile: one ``hostname slots=N`` line per node.
+
+    ``#`` starts a comment; blank lines are skipped. Every host must have the same slot count,
+    because zeroplan plans one per-GPU layout for identical nodes.
+
+    Raises:
+        BadClusterSpecError: missing/unreadable file, a malformed line, a duplicate host,
+            a zero slot count, unequal slot counts, or no hosts at all.
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BadClusterSpecError(
+            f"hostfile {str(p)!r} does not exist; pass a DeepSpeed hostfile with one "
+            "'hostname slots=N' line per node"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadClusterSpecError(
+            f"cannot read hostfile {str(p)!r} ({exc}); pass a readable text file with one "
+            "'hostname slots=N' line per node"
+        ) from None
+
+    slots: dict[str, int] = {}
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOSTFILE_LINE.fullmatch(line)
+        if m is None:
+            raise BadClusterSpecError(
+                f"hostfile {str(p)!r} line {lineno}: {raw.strip()!r} is not "
+                "'hostname slots=N'; fix or comment out that line"
+            )
+        host, n = m.group(1), int(m.group(2))
+        if host in slots:
+            raise BadClusterSpecError(
+                f"hostfile {str(p)!r} line {lineno}: host {host!r} is listed twice; "
+                "list each node once"
+            )
+        if n < 1:
+            raise BadClusterSpecError(
+                f"hostfile {str(p)!r} line {lineno}: host {host!r} has slots={n}; "
+                "each node needs at least 1 GPU slot (drop the line to exclude the host)"
+            )
+        slots[host] = n
+
+    if not slots:
+        raise BadClusterSpecError(
+            f"hostfile {str(p)!r} lists no hosts; add one 'hostname slots=N' line per node"
+        )
+    distinct = sorted(set(slots.values()))
+    if len(distinct) > 1:
+        detail = ", ".join(f"{h}={n}" for h, n in slots.items())
+        raise BadClusterSpecError(
+            f"hostfile {str(p)!r} mixes slot counts ({detail}); zeroplan plans identical "
+            f"nodes, so give every host the same slots (e.g. slots={distinct[0]})"
+        )
+    return Cluster(
+        gpu, gpus_per_node=distinct[0], num_nodes=len(slots), inter_node_gbs=inter_node_gbs
+    )
+
+
+def gpu_from_nvml_name(name: str | bytes, memory_bytes: int) -> GPU:
+    """Map an NVML product name to a catalog GPU with the memory NVML reported.
+
+    Examples: "NVIDIA H100 80GB HBM3" → H100-SXM-80GB, "NVIDIA GeForce RTX 4090" → RTX-4090,
+    "NVIDIA A100-SXM4-80GB" → A100-SXM-80GB, "NVIDIA H200" → H200-SXM-141GB.
+
+    The measured ``memory_bytes`` replaces the catalog's, since it is what allocations actually
+    face (ECC on/off and driver versions shift it by tens of MiB). A name the catalog does not
+    know yields a GPU with ``known=False`` and deliberately pessimistic speeds
+    (``UNKNOWN_GPU_*``, PCIe without P2P), so fit checks stay exact and time estimates err long.
+    """
+    if memory_bytes <= 0:
+        raise ValueError(f"memory_bytes must be positive, got {memory_bytes}")
+    # Old pynvml releases return bytes.
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+    canonical = _ALIAS_TO_NAME.get(_normalize(text))
+    if canonical is not None:
+        return replace(GPU_CATALOG[canonical], memory_bytes=memory_bytes)
+    # "NVIDIA RTX 6000 Ada Generation" → "RTX-6000-Ada-Generation": one token, so that
+    # Cluster.describe() stays readable.
+    label = re.sub(r"^nvidia\s+", "", text.strip(), flags=re.IGNORECASE)
+    label = re.sub(r"\s+", "-", label) or "unknown-GPU"
+    return GPU(
+        name=label,
+        memory_bytes=memory_bytes,
+        bf16_tflops=UNKNOWN_GPU_BF16_TFLOPS,
+        memory_bandwidth_gbs=UNKNOWN_GPU_MEMORY_BANDWIDTH_GBS,
+        interconnect="pcie",
+        p2p=False,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[UNKNOWN_GPU_PCIE_GEN],
+        pcie_gen=UNKNOWN_GPU_PCIE_GEN,
+        known=False,
+    )
+
+
+def _visible_indices(env: str | None, uuids: Sequence[str]) -> list[int]:
+    """NVML indices of the devices a CUDA process would see under ``CUDA_VISIBLE_DEVICES``.
+
+    NVML ignores that variable, but a training job does not, so ``local_cluster`` applies it.
+    Mirrors CUDA: unset → all; "" → none; entries are indices or (prefixes of) "GPU-" UUIDs;
+    the first invalid or repeated entry ends the list. MIG entries ("MIG-...") also end it,
+    because a MIG slice's memory is not the board's and we do not model slices.
+    """
+    if env is None:
+        return list(range(len(uuids)))
+    chosen: list[int] = []
+    for token in (t.strip() for t in env.split(",")):
+        idx: int | None = None
+        if re.fullmatch(r"\d+", token):
+            idx = int(token)
+            if idx >= len(uuids):
+                idx = None
+        elif token.upper().startswith("GPU-"):
+            hits = [i for i, u in enumerate(uuids) if u.lower().startswith(token.lower())]
+            idx = hits[0] if len(hits) == 1 else None
+        if idx is None or idx in chosen:
+            break
+        chosen.append(idx)
+    return chosen
+
+
+def _cluster_from_devices(devices: Sequence[tuple[str | bytes, int]]) -> Cluster | None:
+    """One node holding ``devices`` (NVML name, total bytes), or None if there are none.
+
+    A mixed box is planned as if every GPU were its smallest one: the per-GPU layout has to
+    fit on each rank, so the smallest card sets the limit.
+    """
+    if not devices:
+        return None
+    gpus = [gpu_from_nvml_name(name, total) for name, total in devices]
+    smallest = min(gpus, key=lambda g: (g.memory_bytes, g.bf16_tflops))
+    return Cluster(smallest, gpus_per_node=len(gpus), num_nodes=1)
+
+
+def local_cluster() -> Cluster | None:
+    """The GPUs on this machine (honouring ``CUDA_VISIBLE_DEVICES``), or None.
+
+    None means: ``nvidia-ml-py`` not installed, no NVIDIA driver/library, no GPUs, or none
+    visible. Those are normal on CPU machines, so they never raise.
+    """
+    try:
+        import pynvml  # lazy: the package (and libnvidia-ml) is only needed here
+    except ImportError:
+        return None
+
+    try:
+        pynvml.nvmlInit()
+    except (pynvml.NVMLError, OSError):
+        return None
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        uuids = [_as_str(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+        visible = _visible_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), uuids)
+        devices: list[tuple[str | bytes, int]] = [
+            (
+                pynvml.nvmlDeviceGetName(handles[i]),
+                int(pynvml.nvmlDeviceGetMemoryInfo(handles[i]).total),
+            )
+            for i in visible
+        ]
+    except (pynvml.NVMLError, OSError):
+        return None
+    finally:
+        # Shutting down can itself fail on a half-initialised driver; nothing to do about it.
+        with contextlib.suppress(pynvml.NVMLError, OSError):
+            pynvml.nvmlShutdown()
+    return _cluster_from_devices(devices)
+
+
+def _as_str(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -1,0 +1,148 @@
+"""Activations autograd saves for backward, per decoder layer and per token.
+
+Derived op by op from what each PyTorch / transformers / PEFT operation saves for its
+backward in a Llama-style layer, then checked against measured peaks
+(benchmarks/results/). Symbols: h hidden size, q = heads·head_dim, kv = kv_heads·head_dim,
+i intermediate size, r LoRA rank, H heads, s sequence length, T = b·s tokens.
+
+Regimes: without DeepSpeed the step runs under bf16 autocast (what HF Trainer/accelerate do),
+so PEFT's fp32 adapters see their input cast to fp32 and autocast casts it back to a bf16
+copy that lora_A saves. Under DeepSpeed bf16 everything, adapters included, is bf16 and
+there is no autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zeroplan.models import Linear, ModelSpec
+from zeroplan.trainsetup import TrainSetup, lora_targets
+
+BF16 = 2
+FP32 = 4
+MASK = 1  # dropout keeps a bool mask
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A tensor (family) saved for backward: ``bytes_per_token`` per layer per token."""
+
+    what: str
+    bytes_per_token: float
+
+
+def _lora_input(d: int, r: int, setup: TrainSetup) -> float:
+    """Saved by one adapted linear with input width d.
+
+    autocast:    x.to(fp32) → dropout (mask 1 B·d) → autocast's bf16 copy saved by lora_A (2 B·d)
+    DeepSpeed:   dropout on bf16 x (mask 1 B·d + output 2 B·d), or x itself when p = 0
+    both:        lora_A's output saved by lora_B: 2 B·r
+    """
+    mask = MASK * d if setup.lora_dropout > 0 else 0
+    return mask + BF16 * d + BF16 * r
+
+
+def _norm(h: float, spec: ModelSpec, weight_trained: bool) -> float:
+    """RMSNorm: the fp32 upcast of its input (4 B·h) feeds pow and mul and is saved; the
+    normalised bf16 tensor (2 B·h) is saved for the weight's gradient when it trains.
+    Gemma's norm multiplies in fp32 by (1 + w): 4 B·h more when the weight trains."""
+    extra = (FP32 if spec.gemma_norm else BF16) * h if weight_trained else 0
+    return FP32 * h + extra
+
+
+def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> list[Saved]:
+    """Tensors one decoder layer saves for backward, per token (no checkpointing).
+
+    norms:      per norm 4 B·h (+ 2 B·h full)                               (see _norm)
+    attention:  sdpa / flash: q 2 B·q, k 2 B·kv, v 2 B·kv, output 2 B·q (also o_proj's
+                input), log-sum-exp 4 B·H; eager adds repeated k, v (2 B·q each) and
+                the fp32 softmax + its bf16 copy, 6 B·H·s, per token
+    qk-norm:    4 B·(q + kv) (+ 2 B·(q + kv) full)
+    MLP:        gate output, up output, act(gate): 6 B·i
+    linear inputs: full fine-tuning saves each distinct input once (attn in 2 B·h, MLP in
+                2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
+    MoE (uncalibrated): top_k × (expert MLP 8 B·i_e + gathered input 2 B·h) + router 8 B·E
+    """
+    h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
+    full = setup.method == "full"
+    out: list[Saved] = [Saved("norms", spec.norms_per_layer * _norm(h, spec, full))]
+    if setup.attn == "eager":
+        out.append(Saved("attention q, k, v (repeated)", BF16 * 3 * q))
+        out.append(Saved("attention softmax (fp32 + bf16)", (FP32 + BF16) * heads * setup.seq_len))
+        if full:
+            out.append(Saved("attention output (o_proj input)", BF16 * q))
+    else:
+        out.append(Saved("attention q, k, v", BF16 * (q + 2 * kv)))
+        out.append(Saved("attention output + lse", BF16 * q + FP32 * heads))
+    if spec.qk_norm:
+        out.append(Saved("q/k norms", _norm(q + kv, spec, full)))
+
+    if moe_layer and spec.moe:
+        ie, k, e = spec.moe.expert_intermediate_size, spec.moe.top_k, spec.moe.num_experts
+        out.append(Saved("MoE experts (uncalibrated)", k * (8 * ie + BF16 * h) + 2 * FP32 * e))
+    else:
+        out.append(Saved("MLP gate, up, act", 3 * BF16 * spec.intermediate_size))
+
+    if full:
+        out.append(Saved("linear inputs", BF16 * (2 * h + spec.intermediate_size)))
+    else:
+        groups = ("attn", "router") if moe_layer else ("attn", "mlp")
+        adapted: list[Linear] = [lin for lin, _ in lora_targets(spec, setup) if lin.group in groups]
+        lora = sum(_lora_input(lin.in_features, setup.lora_r, setup) for lin in adapted)
+        out.append(Saved("LoRA inputs", lora))
+    return out
+
+
+def per_layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> float:
+    return sum(s.bytes_per_token for s in layer_saved(spec, setup, moe_layer))
+
+
+def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
+    """Gradients in flight inside one layer's backward: about three i-wide bf16 tensors
+    (grad of the MLP product, of act(gate) and of up) at the MLP's backward: 6 B·i."""
+    width = spec.moe.expert_intermediate_size * spec.moe.top_k if spec.moe else spec.intermediate_size
+    return 3 * BF16 * width
+
+
+def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
+    """Final norm (4 B·h, + 2 B·h full) and, full fine-tuning, lm_head's input 2 B·h."""
+    h = spec.hidden_size
+    full = setup.method == "full"
+    return _norm(h, spec, full) + (BF16 * h if full else 0)
+
+
+def eager_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The eager path materialises one b·s·s causal mask in bf16, shared by all layers."""
+    return BF16 * setup.micro_batch * setup.seq_len**2 if setup.attn == "eager" else 0
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Activation bytes at the moments the peak can fall on (one GPU, one micro-batch)."""
+
+    all_layers: int  # no checkpointing: everything saved by the forward
+    checkpoints: int  # checkpointing: one hidden state per layer
+    one_layer: int  # one layer's saved tensors (recomputed under checkpointing)
+    transient: int  # gradients in flight in one layer's backward
+    head: int  # final norm + lm_head input
+    autocast_weights: int  # bf16 copies of fp32 adapters made by autocast, held to backward
+
+
+def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> ActivationProfile:
+    """Bytes for T = b·s tokens: per-layer bytes × T × layers, etc.
+
+    checkpoints = 2 B·h·T·L (non-reentrant checkpointing keeps each layer's input).
+    """
+    t = setup.tokens
+    dense = spec.num_dense_layers
+    moe_layers = spec.moe.num_moe_layers if spec.moe else 0
+    dense_layer = per_layer_bytes_per_token(spec, setup) * t if dense else 0.0
+    moe_layer = per_layer_bytes_per_token(spec, setup, moe_layer=True) * t if moe_layers else 0.0
+    return ActivationProfile(
+        all_layers=int(dense * dense_layer + moe_layers * moe_layer) + eager_mask_bytes(spec, setup),
+        checkpoints=BF16 * spec.hidden_size * t * spec.num_layers,
+        one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
+        transient=int(backward_transient_per_token(spec, setup) * t),
+        head=int(head_saved_per_token(spec, setup) * t),
+        autocast_weights=BF16 * trainable if setup.is_lora and not setup.deepspeed else 0,
+    )

@@ -1,0 +1,60 @@
+"""Optimizer states (and DeepSpeed's fp32 master weights)."""
+
+from __future__ import annotations
+
+from zeroplan.memory.result import Term
+from zeroplan.memory.weights import BF16, FP32, gib
+from zeroplan.models import ModelSpec
+from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
+
+# bitsandbytes 8-bit optimizers keep 1 byte per state plus one fp32 absmax per block of 256
+# (bitsandbytes.optim.optimizer, blockwise=True); tensors under min_8bit_size = 4096
+# elements keep 32-bit states.
+BNB_8BIT_STATE = 1 + 4 / 256
+BNB_MIN_8BIT_SIZE = 4096
+
+
+def _adam_state_bytes(optim: str, param_bytes: int) -> float:
+    """Bytes of optimizer state per trainable parameter of a large tensor."""
+    if optim == "sgd":
+        return 0.0  # torch SGD without momentum keeps no state
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+        return 2 * BNB_8BIT_STATE
+    if optim == "paged_adamw":
+        return 2 * FP32
+    return 2.0 * param_bytes  # torch AdamW: exp_avg and exp_avg_sq like the parameter
+
+
+def optimizer_states(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
+    """Optimizer states per GPU.
+
+    no DeepSpeed:  torch AdamW 2 × (param bytes) · Ψ_t  (full bf16: 4 B, LoRA fp32: 8 B);
+                   8-bit AdamW 2 × (1 + 4/256) B · Ψ_t; SGD 0
+    DeepSpeed:     fp32 master 4 B · Ψ_t + states (fp32 Adam 8 B, 8-bit 2.03 B) per param,
+                   / N for ZeRO ≥ 1; on CPU with optimizer offload (0 here)
+    paged optimizers put their states in CUDA managed memory: nvidia-smi sees them,
+    ``torch.cuda.max_memory_allocated`` does not.
+    """
+    n_t = trainable_params(spec, setup)
+    paged = setup.optim.startswith("paged")
+    if setup.deepspeed:
+        if setup.offload != "none":
+            return Term("optimizer", 0, f"fp32 master + states of {n_t:,} params on CPU (offload)")
+        per_param = FP32 + _adam_state_bytes(setup.optim, FP32)
+        shard = world if setup.zero and setup.zero >= 1 else 1
+        size = per_param * n_t / shard
+        formula = f"(4 master + {per_param - 4:g} states) B × {n_t:,} / {shard}"
+        return Term("optimizer", int(size), f"{formula} = {gib(size)}", in_allocator=not paged)
+    param_bytes = BF16 if setup.method == "full" else FP32
+    per_param = _adam_state_bytes(setup.optim, param_bytes)
+    size = per_param * n_t
+    if setup.optim in ("adamw_8bit", "paged_adamw_8bit") and setup.is_lora:
+        # LoRA matrices smaller than bitsandbytes' min_8bit_size keep fp32 states.
+        small = sum(
+            n * setup.lora_r * (lin.in_features + lin.out_features)
+            for lin, n in lora_targets(spec, setup)
+            if setup.lora_r * min(lin.in_features, lin.out_features) < BNB_MIN_8BIT_SIZE
+        )
+        size += small * (2 * FP32 - per_param)
+    formula = f"{per_param:g} B × {n_t:,} trainable ({setup.optim})"
+    return Term("optimizer", int(size), f"{formula} = {gib(size)}", in_allocator=not paged)

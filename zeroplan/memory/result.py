@@ -1,0 +1,77 @@
+"""The data an estimate hands to renderers, the planner and the dashboard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Term:
+    """One memory term on one GPU: its size in bytes and the formula that gave it.
+
+    ``formula`` is the docstring formula with this estimate's numbers filled in, for
+    ``zeroplan estimate --explain``. ``in_allocator`` is False for memory PyTorch's caching
+    allocator never sees (bitsandbytes paged optimizer states live in CUDA managed memory):
+    it counts towards what nvidia-smi shows but not towards ``max_memory_allocated``.
+    """
+
+    name: str
+    bytes: int
+    formula: str
+    in_allocator: bool = True
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU memory of one setup on one cluster, for the worst-loaded rank.
+
+    ``terms`` holds each term's full size; ``at_peak`` how much of each is alive at the
+    moment of the peak (``peak_phase``), so that ``sum(at_peak.values())`` is
+    ``peak_allocated_bytes``.
+    """
+
+    model: dict[str, Any]
+    setup: dict[str, Any]
+    cluster: dict[str, Any]
+    terms: dict[str, Term]
+    at_peak: dict[str, int]
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_used_bytes: int
+    gpu_memory_bytes: int
+    cpu_bytes_per_node: int
+    calibrated: bool
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.gpu_memory_bytes - self.device_used_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The estimate contract of DESIGN.md: one JSON object, integer bytes per GPU."""
+        per_gpu: dict[str, Any] = {f"{name}_bytes": term.bytes for name, term in self.terms.items()}
+        per_gpu.update(
+            peak_allocated_bytes=self.peak_allocated_bytes,
+            peak_reserved_bytes=self.peak_reserved_bytes,
+            device_used_bytes=self.device_used_bytes,
+            gpu_memory_bytes=self.gpu_memory_bytes,
+            headroom_bytes=self.headroom_bytes,
+            fits=self.fits,
+            peak_phase=self.peak_phase,
+            at_peak_bytes=dict(self.at_peak),
+        )
+        return {
+            "model": self.model,
+            "setup": self.setup,
+            "cluster": self.cluster,
+            "per_gpu": per_gpu,
+            "cpu_bytes": self.cpu_bytes_per_node,
+            "calibrated": self.calibrated,
+            "notes": list(self.notes),
+        }

@@ -1,0 +1,473 @@
+"""ModelSpec: what the memory model needs to know about a causal LM, read from its config.json.
+
+A spec is resolved from, in this order:
+
+1. a local ``config.json`` file or a model folder holding one;
+2. the local Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``);
+3. the built-in catalog shipped with zeroplan (``zeroplan/catalog``), by Hub id or alias;
+4. the Hub itself, when online (``HF_HUB_OFFLINE`` unset), with ``HF_TOKEN`` for gated repos.
+
+Parameter counts are exact, component by component, for the decoder-only families in
+``_FAMILIES``; they are checked in the tests against ``sum(p.numel())`` of the real
+transformers models built from the same configs. Anything else is refused with a message
+that names what is missing: a silent guess would make every number downstream wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from zeroplan.errors import BadModelConfigError, ModelNotFoundError, UnsupportedModelError
+
+# ---------------------------------------------------------------------------------------
+# Architecture families: the structural facts config.json does not state explicitly.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Family:
+    norms_per_layer: int = 2  # gemma2/3 add post-attention and post-feedforward norms
+    qkv_bias_default: bool = False  # qwen2 hard-codes q/k/v biases, it has no config field
+    qk_norm: bool = False  # qwen3 / gemma3 normalise q and k per head
+    fused_qkv: bool = False  # phi3: one qkv_proj instead of q_proj, k_proj, v_proj
+    fused_gate_up: bool = False  # phi3: one gate_up_proj
+    gemma_norm: bool = False  # RMSNorm computed entirely in fp32 with (1 + w)
+    moe: bool = False
+
+
+_FAMILIES: dict[str, _Family] = {
+    "llama": _Family(),
+    "mistral": _Family(),
+    "qwen2": _Family(qkv_bias_default=True),
+    "qwen3": _Family(qk_norm=True),
+    "gemma": _Family(gemma_norm=True),
+    "gemma2": _Family(norms_per_layer=4, gemma_norm=True),
+    "gemma3_text": _Family(norms_per_layer=4, qk_norm=True, gemma_norm=True),
+    "phi3": _Family(fused_qkv=True, fused_gate_up=True),
+    "mixtral": _Family(moe=True),
+    "qwen3_moe": _Family(qk_norm=True, moe=True),
+}
+
+# Multimodal wrappers: their text tower could be estimated, but the vision tower, the
+# projector and image tokens are not modelled, so we refuse rather than under-count.
+_MULTIMODAL = {"gemma3", "mllama", "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One ``nn.Linear`` (or a bank of experts stored as one) inside a decoder layer.
+
+    ``count`` is how many of them a layer holds (experts), ``group`` says which part of
+    the layer it belongs to ("attn", "mlp" or "expert"); ``name`` is the module name that
+    LoRA ``target_modules`` match against.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    group: str
+    count: int = 1
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class MoE:
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    num_moe_layers: int
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters by component; ``total`` is what ``sum(p.numel())`` reports."""
+
+    embeddings: int
+    attention: int
+    mlp: int  # dense MLPs, or the experts plus router of MoE layers
+    norms: int
+    lm_head: int  # 0 when tied to the embeddings
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + self.attention + self.mlp + self.norms + self.lm_head
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a decoder-only causal LM. Built by ``spec_from_config``; frozen."""
+
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    norms_per_layer: int
+    qk_norm: bool
+    gemma_norm: bool
+    fused_qkv: bool
+    fused_gate_up: bool
+    final_logit_softcapping: float | None = None
+    moe: MoE | None = None
+    source: str = ""  # where the config came from: a path, "catalog", "hf-cache" or "hub"
+    config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - (self.moe.num_moe_layers if self.moe else 0)
+
+    def attention_linears(self) -> tuple[Linear, ...]:
+        h, q, kv = self.hidden_size, self.q_dim, self.kv_dim
+        if self.fused_qkv:
+            qkv = (Linear("qkv_proj", h, q + 2 * kv, self.qkv_bias, "attn"),)
+        else:
+            qkv = (
+                Linear("q_proj", h, q, self.qkv_bias, "attn"),
+                Linear("k_proj", h, kv, self.qkv_bias, "attn"),
+                Linear("v_proj", h, kv, self.qkv_bias, "attn"),
+            )
+        return (*qkv, Linear("o_proj", q, h, self.o_bias, "attn"))
+
+    def dense_mlp_linears(self) -> tuple[Linear, ...]:
+        h, i, b = self.hidden_size, self.intermediate_size, self.mlp_bias
+        if self.fused_gate_up:
+            return (Linear("gate_up_proj", h, 2 * i, b, "mlp"), Linear("down_proj", i, h, b, "mlp"))
+        return (
+            Linear("gate_proj", h, i, b, "mlp"),
+            Linear("up_proj", h, i, b, "mlp"),
+            Linear("down_proj", i, h, b, "mlp"),
+        )
+
+    def moe_linears(self) -> tuple[Linear, ...]:
+        """Router plus expert weights of one MoE layer.
+
+        Experts are named as in the Hub checkpoints (mixtral: w1/w3/w2; qwen3_moe:
+        gate_proj/up_proj/down_proj). Recent transformers store them as 3-D tensors,
+        not ``nn.Linear``, so LoRA cannot target them; only the router is a real Linear.
+        """
+        assert self.moe is not None
+        h, e, i = self.hidden_size, self.moe.num_experts, self.moe.expert_intermediate_size
+        if self.model_type == "mixtral":
+            names = ("w1", "w3", "w2")
+        else:
+            names = ("gate_proj", "up_proj", "down_proj")
+        return (
+            Linear("gate", h, e, False, "router"),
+            Linear(names[0], h, i, False, "expert", count=e),
+            Linear(names[1], h, i, False, "expert", count=e),
+            Linear(names[2], i, h, False, "expert", count=e),
+        )
+
+    def param_counts(self) -> ParamCounts:
+        """Exact parameter counts.
+
+        embeddings = V·h; lm_head = V·h unless tied; per layer: attention projections
+        (+ biases) + q/k norms (2·head_dim when present), dense MLP or router + experts,
+        and ``norms_per_layer``·h norm weights; plus the final norm h.
+        """
+        h = self.hidden_size
+        attn_layer = sum(lin.params for lin in self.attention_linears())
+        if self.qk_norm:
+            attn_layer += 2 * self.head_dim
+        dense_mlp = sum(lin.params for lin in self.dense_mlp_linears())
+        moe_mlp = sum(lin.params for lin in self.moe_linears()) if self.moe else 0
+        n_moe = self.moe.num_moe_layers if self.moe else 0
+        return ParamCounts(
+            embeddings=self.vocab_size * h,
+            attention=self.num_layers * attn_layer,
+            mlp=self.num_dense_layers * dense_mlp + n_moe * moe_mlp,
+            norms=self.num_layers * self.norms_per_layer * h + h,
+            lm_head=0 if self.tie_word_embeddings else self.vocab_size * h,
+        )
+
+    @property
+    def total_params(self) -> int:
+        return self.param_counts().total
+
+    def linears_by_layer_kind(self) -> list[tuple[tuple[Linear, ...], int]]:
+        """``[(linears of one layer, number of such layers), ...]`` for dense and MoE layers."""
+        kinds: list[tuple[tuple[Linear, ...], int]] = []
+        if self.num_dense_layers:
+            kinds.append((self.attention_linears() + self.dense_mlp_linears(), self.num_dense_layers))
+        if self.moe and self.moe.num_moe_layers:
+            kinds.append((self.attention_linears() + self.moe_linears(), self.moe.num_moe_layers))
+        return kinds
+
+    def quantizable_params(self) -> int:
+        """Weights that bitsandbytes quantizes when transformers loads the model in 4 or 8 bit.
+
+        Every ``nn.Linear`` weight inside the decoder layers; ``lm_head`` is kept out by
+        transformers (``modules_to_not_convert``); embeddings, norms and biases stay bf16.
+        MoE models are refused for quantized methods by the estimator, so only dense
+        layers' linears are counted here.
+        """
+        return sum(
+            n_layers * lin.count * lin.in_features * lin.out_features
+            for linears, n_layers in self.linears_by_layer_kind()
+            for lin in linears
+            if lin.group in ("attn", "mlp")
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# config.json -> ModelSpec
+# ---------------------------------------------------------------------------------------
+
+
+def _require(cfg: dict[str, Any], key: str, name: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise BadModelConfigError(
+            f"{name}: config.json has no '{key}'; it is needed to count parameters "
+            "(pass the model's own config.json, or a catalog name from `zeroplan models`)"
+        )
+    return cfg[key]
+
+
+def _positive_int(cfg: dict[str, Any], key: str, name: str) -> int:
+    value = _require(cfg, key, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise BadModelConfigError(f"{name}: config.json field '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "") -> ModelSpec:
+    """Build a ModelSpec from a parsed HF config.json; refuse what is not modelled."""
+    if not isinstance(cfg, dict):
+        raise BadModelConfigError(f"{name}: config.json must hold a JSON object")
+    model_type = cfg.get("model_type")
+    if model_type in _MULTIMODAL or "vision_config" in cfg:
+        raise UnsupportedModelError(
+            f"{name}: '{model_type}' is a vision-language model; zeroplan models text-only decoders "
+            "(use the text-only variant, or pass its text_config as a config.json)"
+        )
+    if model_type not in _FAMILIES:
+        known = ", ".join(sorted(_FAMILIES))
+        raise UnsupportedModelError(
+            f"{name}: architecture '{model_type}' is not modelled (supported: {known}); "
+            "open an issue with its config.json"
+        )
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") not in (None, "bitsandbytes"):
+        raise UnsupportedModelError(
+            f"{name}: pre-quantized checkpoints ({quant.get('quant_method')}) are not modelled; "
+            "estimate the unquantized base model with --method qlora instead"
+        )
+    fam = _FAMILIES[model_type]
+    h = _positive_int(cfg, "hidden_size", name)
+    heads = _positive_int(cfg, "num_attention_heads", name)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or h // heads
+    if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        raise BadModelConfigError(
+            f"{name}: num_key_value_heads={kv_heads!r} must be a positive divisor of num_attention_heads={heads}"
+        )
+    if not cfg.get("head_dim") and h % heads:
+        raise BadModelConfigError(f"{name}: hidden_size {h} is not a multiple of num_attention_heads {heads}")
+    layers = _positive_int(cfg, "num_hidden_layers", name)
+    vocab = _positive_int(cfg, "vocab_size", name)
+    inter = _positive_int(cfg, "intermediate_size", name)
+
+    moe: MoE | None = None
+    if fam.moe:
+        if model_type == "mixtral":
+            experts = _positive_int(cfg, "num_local_experts", name)
+            expert_inter = inter
+            moe_layers = layers
+        else:
+            experts = _positive_int(cfg, "num_experts", name)
+            expert_inter = _positive_int(cfg, "moe_intermediate_size", name)
+            step = cfg.get("decoder_sparse_step", 1) or 1
+            dense_only = set(cfg.get("mlp_only_layers") or [])
+            moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+        moe = MoE(experts, _positive_int(cfg, "num_experts_per_tok", name), expert_inter, moe_layers)
+
+    attention_bias = cfg.get("attention_bias")
+    qkv_bias = fam.qkv_bias_default if attention_bias is None else bool(attention_bias)
+    # qwen2 has biases on q/k/v only; llama-style attention_bias=True puts one on o_proj too.
+    o_bias = bool(attention_bias) if model_type != "qwen2" else False
+    return ModelSpec(
+        name=name,
+        model_type=model_type,
+        vocab_size=vocab,
+        hidden_size=h,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type.startswith("gemma"))),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        norms_per_layer=fam.norms_per_layer,
+        qk_norm=fam.qk_norm,
+        gemma_norm=fam.gemma_norm,
+        fused_qkv=fam.fused_qkv,
+        fused_gate_up=fam.fused_gate_up,
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        moe=moe,
+        source=source,
+        config=cfg,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Resolving a model id
+# ---------------------------------------------------------------------------------------
+
+_CATALOG = "catalog"
+
+
+def _read_json(path: Path, name: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadModelConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadModelConfigError(
+            f"{name}: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            "point at the model's config.json"
+        ) from None
+    if not isinstance(data, dict):
+        raise BadModelConfigError(f"{name}: {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+@cache
+def _catalog_index() -> dict[str, str]:
+    """Lower-cased Hub id or alias -> catalog file name."""
+    root = resources.files("zeroplan") / _CATALOG
+    index: dict[str, str] = {}
+    for entry in (root / "models").iterdir():
+        if entry.name.endswith(".json"):
+            repo = entry.name[: -len(".json")].replace("--", "/")
+            index[repo.lower()] = entry.name
+            index[repo.split("/", 1)[-1].lower()] = entry.name
+    aliases = root / "aliases.json"
+    if aliases.is_file():
+        for alias, repo in json.loads(aliases.read_text(encoding="utf-8")).items():
+            file = repo.replace("/", "--") + ".json"
+            if (root / "models" / file).is_file():
+                index[alias.lower()] = file
+    return index
+
+
+def catalog_models() -> list[str]:
+    """Hub ids of every model in the built-in catalog, sorted."""
+    return sorted({f[: -len(".json")].replace("--", "/") for f in _catalog_index().values()})
+
+
+def _catalog_config(model: str) -> dict[str, Any] | None:
+    file = _catalog_index().get(model.lower())
+    if file is None:
+        return None
+    text = (resources.files("zeroplan") / _CATALOG / "models" / file).read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def _hf_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def _cached_config(model: str) -> Path | None:
+    if model.count("/") != 1:
+        return None
+    folder = "models--" + model.replace("/", "--")
+    for root in _hf_cache_dirs():
+        snapshots = root / folder / "snapshots"
+        if snapshots.is_dir():
+            candidates = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+            if candidates:
+                return candidates[-1]
+    return None
+
+
+def _hub_config(model: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """config.json from the Hub, or None when offline or the repo does not exist."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or model.count("/") != 1:
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    request = urllib.request.Request(f"{endpoint}/{model}/resolve/main/config.json")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ModelNotFoundError(
+                f"{model}: the Hub refused access (HTTP {exc.code}); accept the model's licence and "
+                "set HF_TOKEN, or pass a local config.json"
+            ) from None
+        return None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_model(model: str) -> ModelSpec:
+    """Resolve ``model`` (path, cached or catalog Hub id, alias, or Hub id) to a ModelSpec."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelNotFoundError(f"{model}: folder has no config.json; point at a model folder or its config.json")
+        return spec_from_config(_read_json(config, model), name=path.name, source=str(config))
+    if path.is_file():
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return spec_from_config(_read_json(path, model), name=name or model, source=str(path))
+    if model.endswith(".json") or os.sep in model and not model.count("/") == 1:
+        raise ModelNotFoundError(f"{model}: no such file; give the path of a config.json or a model folder")
+
+    cached = _cached_config(model)
+    if cached is not None:
+        return spec_from_config(_read_json(cached, model), name=model, source="hf-cache")
+    catalog = _catalog_config(model)
+    if catalog is not None:
+        repo = _catalog_index()[model.lower()][: -len(".json")].replace("--", "/")
+        return spec_from_config(catalog, name=repo, source="catalog")
+    hub = _hub_config(model)
+    if hub is not None:
+        return spec_from_config(hub, name=model, source="hub")
+    raise ModelNotFoundError(
+        f"unknown model '{model}': not a local path, not in the Hugging Face cache, not in the built-in "
+        "catalog (`zeroplan models` lists it) and not reachable on the Hub; pass a config.json path"
+    )

@@ -1,0 +1,155 @@
+"""TrainSetup: the knobs of one fine-tuning run, validated, plus what they imply for a model.
+
+The option names follow the estimate contract in DESIGN.md (``--method``, ``--zero``,
+``--offload``, ``--micro-batch``, ``--seq-len``, ``--grad-ckpt``, ``--lora-r``,
+``--lora-targets``, ``--optim``, ``--attn``) so that a TrainSetup, the CLI and the JSON
+``setup`` object are the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from zeroplan.errors import BadSetupError
+from zeroplan.models import Linear, ModelSpec
+
+METHODS = ("lora", "qlora", "full")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
+ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+ALL_LINEAR = "all-linear"
+
+# DeepSpeed's own defaults (deepspeed/runtime/zero/config.py), used when a setup does not
+# name its own; dsconfig writes whatever the setup holds, so estimate and config agree.
+DS_REDUCE_BUCKET_ELEMS = 500_000_000
+DS_ALLGATHER_BUCKET_ELEMS = 500_000_000
+DS_STAGE3_PREFETCH_ELEMS = 50_000_000
+DS_STAGE3_MAX_LIVE_ELEMS = 1_000_000_000
+DS_STAGE3_PERSISTENCE_THRESHOLD = 100_000
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """One training configuration, per GPU. ``zero=None`` means no DeepSpeed (DDP or one GPU)."""
+
+    method: str = "lora"
+    micro_batch: int = 1
+    seq_len: int = 2048
+    zero: int | None = None
+    offload: str = "none"
+    grad_ckpt: bool = False
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    lora_dropout: float = 0.05
+    optim: str = "adamw"
+    attn: str = "sdpa"
+    fused_loss: bool = False
+    # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
+    # launch does not, so this is off unless a user wants to model a run that does.
+    upcast_non_quantized: bool = False
+    reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
+    allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS
+    stage3_prefetch_elems: int = DS_STAGE3_PREFETCH_ELEMS
+    stage3_max_live_elems: int = DS_STAGE3_MAX_LIVE_ELEMS
+    stage3_persistence_threshold: int = DS_STAGE3_PERSISTENCE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        _choice("--method", self.method, METHODS)
+        _choice("--offload", self.offload, OFFLOADS)
+        _choice("--optim", self.optim, OPTIMIZERS)
+        _choice("--attn", self.attn, ATTENTIONS)
+        if self.micro_batch < 1:
+            raise BadSetupError(f"--micro-batch must be at least 1, got {self.micro_batch}")
+        if self.seq_len < 1:
+            raise BadSetupError(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.zero is not None and self.zero not in (0, 1, 2, 3):
+            raise BadSetupError(
+                f"--zero must be 0, 1, 2 or 3 (DeepSpeed ZeRO stage), got {self.zero}; "
+                "leave it out for plain PyTorch/DDP"
+            )
+        if self.offload != "none" and (self.zero is None or self.zero == 0):
+            raise BadSetupError(f"--offload {self.offload} needs DeepSpeed ZeRO: add --zero 2 or --zero 3")
+        if self.offload == "optimizer+params" and self.zero != 3:
+            raise BadSetupError("--offload optimizer+params (ZeRO-Infinity) needs --zero 3")
+        if self.method != "full":
+            if self.lora_r < 1:
+                raise BadSetupError(f"--lora-r must be at least 1, got {self.lora_r}")
+            if not self.lora_targets:
+                raise BadSetupError("--lora-targets is empty: give module names or all-linear")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise BadSetupError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.optim.startswith("paged") and self.zero is not None and self.offload != "none":
+            raise BadSetupError("paged optimizers and DeepSpeed optimizer offload both move states: pick one")
+        for name in ("reduce_bucket_elems", "allgather_bucket_elems", "stage3_prefetch_elems", "stage3_max_live_elems"):
+            if getattr(self, name) < 1:
+                raise BadSetupError(f"{name} must be positive")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-batch on one GPU: b·s."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.zero is not None
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora_targets"] = ",".join(self.lora_targets)
+        return d
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise BadSetupError(f"{option} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'q_proj, v_proj' -> ('q_proj', 'v_proj'); 'all-linear' stays one token."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise BadSetupError("--lora-targets is empty: give module names such as q_proj,v_proj or all-linear")
+    return names
+
+
+def lora_targets(spec: ModelSpec, setup: TrainSetup) -> list[tuple[Linear, int]]:
+    """The linears LoRA adapts, with how many layers hold each: ``[(linear, n_layers)]``.
+
+    ``all-linear`` follows PEFT: every ``nn.Linear`` except the output head. Expert banks of
+    MoE layers are 3-D tensors in current transformers, not ``nn.Linear``, so they are
+    never targets. A name that matches nothing is an error, as PEFT raises one too.
+    """
+    if not setup.is_lora:
+        return []
+    everything = ALL_LINEAR in setup.lora_targets
+    wanted = set(setup.lora_targets) - {ALL_LINEAR}
+    found: list[tuple[Linear, int]] = []
+    seen: set[str] = set()
+    available: set[str] = set()
+    for linears, n_layers in spec.linears_by_layer_kind():
+        for lin in linears:
+            if lin.group == "expert":
+                continue
+            available.add(lin.name)
+            if everything or lin.name in wanted:
+                found.append((lin, n_layers))
+                seen.add(lin.name)
+    missing = wanted - seen
+    if missing:
+        raise BadSetupError(
+            f"--lora-targets {','.join(sorted(missing))} matches no module of {spec.name}; "
+            f"its linear layers are {','.join(sorted(available))} (or use all-linear)"
+        )
+    return found
+
+
+def trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Full: every parameter. LoRA: Σ over adapted linears of r·(in + out) per layer."""
+    if not setup.is_lora:
+        return spec.total_params
+    return sum(n * setup.lora_r * (lin.in_features + lin.out_features) for lin, n in lora_targets(spec, setup))
