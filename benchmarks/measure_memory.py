@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zeroplan.models import load_model  # noqa: E402  (light, imports no torch)
+from zeroplan.models import load_model
 
 GiB = 2**30
 
@@ -49,10 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-targets", default="all-linear")
     p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"])
+    p.add_argument(
+        "--optim", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+    )
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     p.add_argument("--fused-loss", action="store_true", help="Liger fused linear cross-entropy")
-    p.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage (start with torchrun)")
+    p.add_argument(
+        "--zero", type=int, default=None, help="DeepSpeed ZeRO stage (start with torchrun)"
+    )
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON; default: stage defaults")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
@@ -65,7 +69,15 @@ def environment() -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("transformers", "peft", "bitsandbytes", "deepspeed", "trl", "liger_kernel", "accelerate"):
+    for pkg in (
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "deepspeed",
+        "trl",
+        "liger_kernel",
+        "accelerate",
+    ):
         try:
             env[pkg] = __import__(pkg).__version__
         except Exception:
@@ -151,7 +163,9 @@ def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any]
     if args.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        targets: Any = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+        targets: Any = (
+            "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+        )
         lcfg = LoraConfig(
             r=args.lora_r,
             lora_alpha=2 * args.lora_r,
@@ -169,7 +183,12 @@ def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any]
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         _apply_liger_kernel_to_instance(
-            base, rope=False, rms_norm=False, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=True
+            base,
+            rope=False,
+            rms_norm=False,
+            swiglu=False,
+            cross_entropy=False,
+            fused_linear_cross_entropy=True,
         )
     model.train()
     return model
@@ -214,7 +233,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         deepspeed.init_distributed()
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else default_ds_config(args)
+        ds_config = (
+            json.loads(Path(args.ds_config).read_text())
+            if args.ds_config
+            else default_ds_config(args)
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     if args.memory_fraction:
@@ -249,13 +272,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         model = build_model(args, config, ds_config)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        row["trainable_params"] = sum(p.numel() for p in trainable) if not distributed or args.zero != 3 else None
+        row["trainable_params"] = (
+            sum(p.numel() for p in trainable) if not distributed or args.zero != 3 else None
+        )
         optimizer = make_optimizer(args, trainable)
         engine = None
         if distributed:
             import deepspeed
 
-            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config
+            )
             engine.train()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -264,7 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vocab = spec.vocab_size
         gen = torch.Generator(device="cuda").manual_seed(rank)
         for step in range(args.steps):
-            ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), device="cuda", generator=gen)
+            ids = torch.randint(
+                0, vocab, (args.micro_batch, args.seq_len), device="cuda", generator=gen
+            )
             torch.cuda.synchronize()
             start = time.perf_counter()
             if engine is not None:
@@ -303,17 +332,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_reserved_bytes": peak_reserved,
             "nvml_used_before_bytes": nvml_before,
             "nvml_used_bytes": nvml_after,
-            "device_used_bytes": (nvml_after - nvml_before) if nvml_after and nvml_before is not None else None,
+            "device_used_bytes": (nvml_after - nvml_before)
+            if nvml_after and nvml_before is not None
+            else None,
             "step_peaks_bytes": step_peaks,
             "step_seconds": step_times,
-            "tokens_per_s_per_gpu": tokens / (sum(timed) / len(timed)) if timed and not oom else None,
+            "tokens_per_s_per_gpu": tokens / (sum(timed) / len(timed))
+            if timed and not oom
+            else None,
             "wall_seconds": time.time() - t0,
         }
     )
     if distributed:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(
-            gathered, {k: row[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "oom")}
+            gathered,
+            {
+                k: row[k]
+                for k in ("peak_allocated_bytes", "peak_reserved_bytes", "device_used_bytes", "oom")
+            },
         )
         row["per_rank"] = gathered
         row["peak_allocated_bytes"] = max(g["peak_allocated_bytes"] for g in gathered)

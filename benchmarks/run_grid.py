@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-L1, L3, L8 = "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B-Instruct"
+L1, L3, L8 = (
+    "meta-llama/Llama-3.2-1B",
+    "meta-llama/Llama-3.2-3B",
+    "meta-llama/Llama-3.1-8B-Instruct",
+)
 Q05, Q15, Q7 = "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B"
 M7, Q3 = "mistralai/Mistral-7B-v0.3", "Qwen/Qwen3-8B"
 STORY_QLORA = "--lora-targets q_proj,k_proj,v_proj,o_proj --lora-r 16 --lora-dropout 0.05 --optim paged_adamw_8bit"
@@ -100,13 +104,21 @@ def main() -> None:
     for n, row in enumerate(rows, 1):
         cmd = [str(HERE / "measure_memory.py"), *shlex.split(row), "--out", args.out]
         if "--zero" in row:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.gpus}", *cmd]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={args.gpus}",
+                *cmd,
+            ]
         else:
             cmd = [sys.executable, *cmd]
         start = time.time()
         print(f"[{n}/{len(rows)}] {row}", flush=True)
         try:
-            done = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
+            done = subprocess.run(
+                cmd, env=env, timeout=args.timeout, capture_output=True, text=True
+            )
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
             print(f"    rc={done.returncode} {time.time() - start:.0f}s {tail}", flush=True)
         except subprocess.TimeoutExpired:

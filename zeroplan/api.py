@@ -1,8 +1,8 @@
 """The Python API: the same answers as the CLI, for notebooks and other tools.
 
-    >>> from zeroplan import estimate
-    >>> est = estimate("llama-3.1-8b-instruct", gpus="7x4090", method="lora", micro_batch=4, seq_len=2048)
-    >>> est.fits, est.peak_allocated_bytes / 2**30
+>>> from zeroplan import estimate
+>>> est = estimate("llama-3.1-8b-instruct", gpus="7x4090", method="lora", micro_batch=4, seq_len=2048)
+>>> est.fits, est.peak_allocated_bytes / 2**30
 """
 
 from __future__ import annotations

@@ -29,32 +29,85 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--gpus", default=None, metavar="SPEC",
-              help=f"Cluster: 1xH100, 7x4090, 2x8xH100, 8xA100-80GB. Default: the GPUs on this machine, else {DEFAULT_GPUS}.")
-@click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
-              help="lora: bf16 base + LoRA; qlora: NF4 4-bit base + LoRA; full: all weights train.")
-@click.option("--zero", type=int, default=None, metavar="0-3",
-              help="DeepSpeed ZeRO stage. Leave out for plain PyTorch (DDP across GPUs).")
-@click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
-              help="ZeRO-Offload of optimizer states (and parameters, ZeRO-3) to CPU RAM.")
-@click.option("--micro-batch", type=int, default=1, show_default=True, help="Sequences per GPU per step.")
+@click.option(
+    "--gpus",
+    default=None,
+    metavar="SPEC",
+    help=f"Cluster: 1xH100, 7x4090, 2x8xH100, 8xA100-80GB. Default: the GPUs on this machine, else {DEFAULT_GPUS}.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="lora",
+    show_default=True,
+    help="lora: bf16 base + LoRA; qlora: NF4 4-bit base + LoRA; full: all weights train.",
+)
+@click.option(
+    "--zero",
+    type=int,
+    default=None,
+    metavar="0-3",
+    help="DeepSpeed ZeRO stage. Leave out for plain PyTorch (DDP across GPUs).",
+)
+@click.option(
+    "--offload",
+    type=click.Choice(OFFLOADS),
+    default="none",
+    show_default=True,
+    help="ZeRO-Offload of optimizer states (and parameters, ZeRO-3) to CPU RAM.",
+)
+@click.option(
+    "--micro-batch", type=int, default=1, show_default=True, help="Sequences per GPU per step."
+)
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
-@click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True,
-              help="Gradient (activation) checkpointing: keep one hidden state per layer, recompute the rest.")
+@click.option(
+    "--grad-ckpt/--no-grad-ckpt",
+    default=False,
+    show_default=True,
+    help="Gradient (activation) checkpointing: keep one hidden state per layer, recompute the rest.",
+)
 @click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--lora-targets", default="all-linear", show_default=True,
-              help="Comma list of module names (q_proj,v_proj,...) or all-linear.")
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True,
-              help="LoRA dropout; above 0 it keeps a mask per adapted input.")
-@click.option("--optim", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
-              help="adamw (torch, fused), adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd.")
-@click.option("--attn", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True,
-              help="Attention implementation; eager materialises heads × seq² scores per layer.")
-@click.option("--fused-loss/--no-fused-loss", default=False, show_default=True,
-              help="Liger fused linear-cross-entropy: never materialises batch × seq × vocab logits.")
-@click.option("--upcast-non-quantized", is_flag=True,
-              help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract).")
+@click.option(
+    "--lora-targets",
+    default="all-linear",
+    show_default=True,
+    help="Comma list of module names (q_proj,v_proj,...) or all-linear.",
+)
+@click.option(
+    "--lora-dropout",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="LoRA dropout; above 0 it keeps a mask per adapted input.",
+)
+@click.option(
+    "--optim",
+    type=click.Choice(OPTIMIZERS),
+    default="adamw",
+    show_default=True,
+    help="adamw (torch, fused), adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd.",
+)
+@click.option(
+    "--attn",
+    type=click.Choice(ATTENTIONS),
+    default="sdpa",
+    show_default=True,
+    help="Attention implementation; eager materialises heads × seq² scores per layer.",
+)
+@click.option(
+    "--fused-loss/--no-fused-loss",
+    default=False,
+    show_default=True,
+    help="Liger fused linear-cross-entropy: never materialises batch × seq × vocab logits.",
+)
+@click.option(
+    "--upcast-non-quantized",
+    is_flag=True,
+    help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract)."
+)
 @click.option("--explain", is_flag=True, help="Show each term's formula with this run's numbers.")
 def estimate(model: str, gpus: str | None, as_json: bool, explain: bool, **options: Any) -> None:
     """Per-GPU memory of fine-tuning MODEL: every term, the peak, and whether it fits.
@@ -85,7 +138,11 @@ def models(as_json: bool) -> None:
 
     rows = [(m, (s := load_model(m)).model_type, s.total_params) for m in catalog_models()]
     if as_json:
-        click.echo(json.dumps([{"name": n, "model_type": t, "total_params": p} for n, t, p in rows], indent=2))
+        click.echo(
+            json.dumps(
+                [{"name": n, "model_type": t, "total_params": p} for n, t, p in rows], indent=2
+            )
+        )
         return
     from rich.console import Console
 

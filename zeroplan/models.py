@@ -79,7 +79,9 @@ class Linear:
 
     @property
     def params(self) -> int:
-        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+        return self.count * (
+            self.in_features * self.out_features + (self.out_features if self.bias else 0)
+        )
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class ModelSpec:
 
     def attention_linears(self) -> tuple[Linear, ...]:
         h, q, kv = self.hidden_size, self.q_dim, self.kv_dim
+        qkv: tuple[Linear, ...]
         if self.fused_qkv:
             qkv = (Linear("qkv_proj", h, q + 2 * kv, self.qkv_bias, "attn"),)
         else:
@@ -216,7 +219,9 @@ class ModelSpec:
         """``[(linears of one layer, number of such layers), ...]`` for dense and MoE layers."""
         kinds: list[tuple[tuple[Linear, ...], int]] = []
         if self.num_dense_layers:
-            kinds.append((self.attention_linears() + self.dense_mlp_linears(), self.num_dense_layers))
+            kinds.append(
+                (self.attention_linears() + self.dense_mlp_linears(), self.num_dense_layers)
+            )
         if self.moe and self.moe.num_moe_layers:
             kinds.append((self.attention_linears() + self.moe_linears(), self.moe.num_moe_layers))
         return kinds
@@ -254,7 +259,9 @@ def _require(cfg: dict[str, Any], key: str, name: str) -> Any:
 def _positive_int(cfg: dict[str, Any], key: str, name: str) -> int:
     value = _require(cfg, key, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise BadModelConfigError(f"{name}: config.json field '{key}' must be a positive integer, got {value!r}")
+        raise BadModelConfigError(
+            f"{name}: config.json field '{key}' must be a positive integer, got {value!r}"
+        )
     return value
 
 
@@ -290,7 +297,9 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
             f"{name}: num_key_value_heads={kv_heads!r} must be a positive divisor of num_attention_heads={heads}"
         )
     if not cfg.get("head_dim") and h % heads:
-        raise BadModelConfigError(f"{name}: hidden_size {h} is not a multiple of num_attention_heads {heads}")
+        raise BadModelConfigError(
+            f"{name}: hidden_size {h} is not a multiple of num_attention_heads {heads}"
+        )
     layers = _positive_int(cfg, "num_hidden_layers", name)
     vocab = _positive_int(cfg, "vocab_size", name)
     inter = _positive_int(cfg, "intermediate_size", name)
@@ -306,8 +315,12 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
             expert_inter = _positive_int(cfg, "moe_intermediate_size", name)
             step = cfg.get("decoder_sparse_step", 1) or 1
             dense_only = set(cfg.get("mlp_only_layers") or [])
-            moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-        moe = MoE(experts, _positive_int(cfg, "num_experts_per_tok", name), expert_inter, moe_layers)
+            moe_layers = sum(
+                1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0
+            )
+        moe = MoE(
+            experts, _positive_int(cfg, "num_experts_per_tok", name), expert_inter, moe_layers
+        )
 
     attention_bias = cfg.get("attention_bias")
     qkv_bias = fam.qkv_bias_default if attention_bias is None else bool(attention_bias)
@@ -359,7 +372,9 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
             "point at the model's config.json"
         ) from None
     if not isinstance(data, dict):
-        raise BadModelConfigError(f"{name}: {path} must hold a JSON object, not {type(data).__name__}")
+        raise BadModelConfigError(
+            f"{name}: {path} must hold a JSON object, not {type(data).__name__}"
+        )
     return data
 
 
@@ -421,7 +436,10 @@ def _cached_config(model: str) -> Path | None:
 
 def _hub_config(model: str, timeout: float = 5.0) -> dict[str, Any] | None:
     """config.json from the Hub, or None when offline or the repo does not exist."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or model.count("/") != 1:
+    if (
+        os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        or model.count("/") != 1
+    ):
         return None
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     request = urllib.request.Request(f"{endpoint}/{model}/resolve/main/config.json")
@@ -449,13 +467,17 @@ def load_model(model: str) -> ModelSpec:
     if path.is_dir():
         config = path / "config.json"
         if not config.is_file():
-            raise ModelNotFoundError(f"{model}: folder has no config.json; point at a model folder or its config.json")
+            raise ModelNotFoundError(
+                f"{model}: folder has no config.json; point at a model folder or its config.json"
+            )
         return spec_from_config(_read_json(config, model), name=path.name, source=str(config))
     if path.is_file():
         name = path.parent.name if path.name == "config.json" else path.stem
         return spec_from_config(_read_json(path, model), name=name or model, source=str(path))
-    if model.endswith(".json") or os.sep in model and not model.count("/") == 1:
-        raise ModelNotFoundError(f"{model}: no such file; give the path of a config.json or a model folder")
+    if model.endswith(".json") or (os.sep in model and not model.count("/") == 1):
+        raise ModelNotFoundError(
+            f"{model}: no such file; give the path of a config.json or a model folder"
+        )
 
     cached = _cached_config(model)
     if cached is not None:

@@ -52,8 +52,18 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
             row.append(term.formula)
         table.add_row(*row)
     table.add_section()
-    table.add_row("peak allocated", "", _gib(est.peak_allocated_bytes), *([f"at: {est.peak_phase}"] if explain else []))
-    table.add_row("peak reserved", "", _gib(est.peak_reserved_bytes), *(["allocator slack"] if explain else []))
+    table.add_row(
+        "peak allocated",
+        "",
+        _gib(est.peak_allocated_bytes),
+        *([f"at: {est.peak_phase}"] if explain else []),
+    )
+    table.add_row(
+        "peak reserved",
+        "",
+        _gib(est.peak_reserved_bytes),
+        *(["allocator slack"] if explain else []),
+    )
     table.add_row(
         "nvidia-smi used",
         "",
@@ -64,7 +74,9 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
 
     top = max(est.at_peak.items(), key=lambda kv: kv[1])
     share = top[1] / max(1, est.peak_allocated_bytes)
-    console.print(f"Largest at the peak ({est.peak_phase}): {_LABELS.get(top[0], top[0])}, {share:.0%}.")
+    console.print(
+        f"Largest at the peak ({est.peak_phase}): {_LABELS.get(top[0], top[0])}, {share:.0%}."
+    )
     card = f"{_gib(est.gpu_memory_bytes)} GiB {est.cluster['gpu']}"
     if est.fits:
         console.print(f"[green]Fits[/green] a {card} with {_gib(est.headroom_bytes)} GiB to spare.")

@@ -69,7 +69,9 @@ class TrainSetup:
                 "leave it out for plain PyTorch/DDP"
             )
         if self.offload != "none" and (self.zero is None or self.zero == 0):
-            raise BadSetupError(f"--offload {self.offload} needs DeepSpeed ZeRO: add --zero 2 or --zero 3")
+            raise BadSetupError(
+                f"--offload {self.offload} needs DeepSpeed ZeRO: add --zero 2 or --zero 3"
+            )
         if self.offload == "optimizer+params" and self.zero != 3:
             raise BadSetupError("--offload optimizer+params (ZeRO-Infinity) needs --zero 3")
         if self.method != "full":
@@ -80,8 +82,15 @@ class TrainSetup:
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise BadSetupError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.optim.startswith("paged") and self.zero is not None and self.offload != "none":
-            raise BadSetupError("paged optimizers and DeepSpeed optimizer offload both move states: pick one")
-        for name in ("reduce_bucket_elems", "allgather_bucket_elems", "stage3_prefetch_elems", "stage3_max_live_elems"):
+            raise BadSetupError(
+                "paged optimizers and DeepSpeed optimizer offload both move states: pick one"
+            )
+        for name in (
+            "reduce_bucket_elems",
+            "allgather_bucket_elems",
+            "stage3_prefetch_elems",
+            "stage3_max_live_elems",
+        ):
             if getattr(self, name) < 1:
                 raise BadSetupError(f"{name} must be positive")
 
@@ -113,7 +122,9 @@ def parse_targets(text: str) -> tuple[str, ...]:
     """'q_proj, v_proj' -> ('q_proj', 'v_proj'); 'all-linear' stays one token."""
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:
-        raise BadSetupError("--lora-targets is empty: give module names such as q_proj,v_proj or all-linear")
+        raise BadSetupError(
+            "--lora-targets is empty: give module names such as q_proj,v_proj or all-linear"
+        )
     return names
 
 
@@ -152,4 +163,7 @@ def trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
     """Full: every parameter. LoRA: Σ over adapted linears of r·(in + out) per layer."""
     if not setup.is_lora:
         return spec.total_params
-    return sum(n * setup.lora_r * (lin.in_features + lin.out_features) for lin, n in lora_targets(spec, setup))
+    return sum(
+        n * setup.lora_r * (lin.in_features + lin.out_features)
+        for lin, n in lora_targets(spec, setup)
+    )

@@ -100,7 +100,9 @@ def per_layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, moe_layer: boo
 def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     """Gradients in flight inside one layer's backward: about three i-wide bf16 tensors
     (grad of the MLP product, of act(gate) and of up) at the MLP's backward: 6 B·i."""
-    width = spec.moe.expert_intermediate_size * spec.moe.top_k if spec.moe else spec.intermediate_size
+    width = (
+        spec.moe.expert_intermediate_size * spec.moe.top_k if spec.moe else spec.intermediate_size
+    )
     return 3 * BF16 * width
 
 
@@ -139,7 +141,8 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     dense_layer = per_layer_bytes_per_token(spec, setup) * t if dense else 0.0
     moe_layer = per_layer_bytes_per_token(spec, setup, moe_layer=True) * t if moe_layers else 0.0
     return ActivationProfile(
-        all_layers=int(dense * dense_layer + moe_layers * moe_layer) + eager_mask_bytes(spec, setup),
+        all_layers=int(dense * dense_layer + moe_layers * moe_layer)
+        + eager_mask_bytes(spec, setup),
         checkpoints=BF16 * spec.hidden_size * t * spec.num_layers,
         one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
         transient=int(backward_transient_per_token(spec, setup) * t),

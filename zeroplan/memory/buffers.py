@@ -53,5 +53,3 @@ def offload_cpu_bytes(spec: ModelSpec, setup: TrainSetup, world: int, gpus_per_n
     if setup.offload == "optimizer+params":
         per_rank += BF16 * spec.total_params / world
     return int(per_rank * gpus_per_node)
-
-

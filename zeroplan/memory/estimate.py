@@ -43,7 +43,9 @@ def _check_supported(spec: ModelSpec, setup: TrainSetup) -> None:
             "treats fused expert tensors depends on the transformers version); use --method lora"
         )
     if setup.method == "qlora" and setup.zero == 3 and setup.offload == "optimizer+params":
-        raise BadSetupError("--offload optimizer+params cannot offload 4-bit weights: use --offload optimizer")
+        raise BadSetupError(
+            "--offload optimizer+params cannot offload 4-bit weights: use --offload optimizer"
+        )
 
 
 def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEstimate:
@@ -61,7 +63,6 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     act = activation_profile(spec, setup, n_t)
 
     optim_alloc = optim.bytes if optim.in_allocator else 0
-    static = weights.bytes + adapters.bytes + optim_alloc + buffers.bytes
     # DeepSpeed keeps gradient buffers across the step; plain PyTorch frees them (set_to_none).
     resident = grads.bytes if setup.deepspeed else 0
     full = setup.method == "full"
@@ -70,13 +71,19 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
 
     saved = act.checkpoints if setup.grad_ckpt else act.all_layers
     saved += act.head + act.autocast_weights
-    recompute_act = act.checkpoints + act.one_layer + act.transient + act.head + act.autocast_weights
+    recompute_act = (
+        act.checkpoints + act.one_layer + act.transient + act.head + act.autocast_weights
+    )
     # Full fine-tuning with checkpointing: recomputing layer 1 happens with the other
     # layers' gradients already allocated.
     late_grads = grads.bytes - grads.bytes // spec.num_layers if full and not setup.deepspeed else 0
 
     phases: dict[str, dict[str, int]] = {
-        "loss (start of backward)": {"activations": saved, "logits": loss.bytes, "gradients": resident},
+        "loss (start of backward)": {
+            "activations": saved,
+            "logits": loss.bytes,
+            "gradients": resident,
+        },
         "lm_head backward": {
             "activations": saved,
             "logits": logits_grad_bf16,
@@ -96,7 +103,11 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "logits": 0,
             "gradients": resident,
         }
-    base = {"weights": weights.bytes + adapters.bytes, "optimizer": optim_alloc, "buffers": buffers.bytes}
+    base = {
+        "weights": weights.bytes + adapters.bytes,
+        "optimizer": optim_alloc,
+        "buffers": buffers.bytes,
+    }
 
     def total(parts: dict[str, int]) -> int:
         return sum(base.values()) + sum(parts.values())
@@ -114,7 +125,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         _activation_formula(spec, setup, act.checkpoints, act.all_layers, act.one_layer),
     )
     weights_term = Term(
-        "weights", weights.bytes + adapters.bytes, f"{weights.formula}; adapters: {adapters.formula}"
+        "weights",
+        weights.bytes + adapters.bytes,
+        f"{weights.formula}; adapters: {adapters.formula}",
     )
     terms = {
         "weights": weights_term,
@@ -129,7 +142,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     if not calibrated:
         notes.append(f"{spec.model_type} / {setup.attn}: activations not yet calibrated on a GPU")
     if setup.optim.startswith("paged"):
-        notes.append("paged optimizer states live in CUDA managed memory: in nvidia-smi, not in allocated")
+        notes.append(
+            "paged optimizer states live in CUDA managed memory: in nvidia-smi, not in allocated"
+        )
     return MemoryEstimate(
         model={
             "name": spec.name,
@@ -158,7 +173,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     )
 
 
-def _activation_formula(spec: ModelSpec, setup: TrainSetup, ckpts: int, all_layers: int, one: int) -> str:
+def _activation_formula(
+    spec: ModelSpec, setup: TrainSetup, ckpts: int, all_layers: int, one: int
+) -> str:
     t = setup.tokens
     if setup.grad_ckpt:
         return (

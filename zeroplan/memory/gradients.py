@@ -19,6 +19,7 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     """
     n_t = trainable_params(spec, setup)
     offload = setup.offload != "none"
+    size: float
     if not setup.deepspeed:
         width = BF16 if setup.method == "full" else FP32
         size = width * n_t

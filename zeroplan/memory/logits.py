@@ -20,7 +20,7 @@ SOFTCAP_EXTRA_BYTES_PER_LOGIT = FP32
 
 def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
     """Liger's fused linear cross-entropy chunk: next_pow2(ceil(T / ceil(V / h)))."""
-    return 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden)))))
+    return int(2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden))))))
 
 
 def logits(spec: ModelSpec, setup: TrainSetup) -> Term:
@@ -37,7 +37,9 @@ def logits(spec: ModelSpec, setup: TrainSetup) -> Term:
         size = chunk * v * (BF16 + 2 * FP32) + BF16 * t * h
         formula = f"fused: {chunk} × {v:,} × 10 B + 2 B × {t:,} × {h}"
     else:
-        per = UNFUSED_BYTES_PER_LOGIT + (SOFTCAP_EXTRA_BYTES_PER_LOGIT if spec.final_logit_softcapping else 0)
+        per = UNFUSED_BYTES_PER_LOGIT + (
+            SOFTCAP_EXTRA_BYTES_PER_LOGIT if spec.final_logit_softcapping else 0
+        )
         size = per * t * v
         formula = f"{per} B × {t:,} tokens × {v:,} vocab"
     return Term("logits", int(size), f"{formula} = {gib(size)}")

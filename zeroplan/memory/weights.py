@@ -55,7 +55,7 @@ def adapter_weights(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
         return Term("adapters", 0, "no adapters (full fine-tuning)")
     n_t = trainable_params(spec, setup)
     width = BF16 if setup.deepspeed else FP32
-    size = width * n_t
+    size = float(width * n_t)
     formula = f"{width} B × {n_t:,} LoRA params"
     largest = max(setup.lora_r * lin.in_features for lin in spec.attention_linears())
     if setup.zero == 3 and largest >= setup.stage3_persistence_threshold:

@@ -1,0 +1,203 @@
+"""Compare zeroplan's estimate with every measured row in benchmarks/results/memory_*.jsonl.
+
+    python benchmarks/accuracy.py [FILES...] [--markdown] [--json]
+
+For each row that ran, the error of the estimated peak allocated (and reserved, and
+nvidia-smi used) against the measurement; for every row, OOM or not, whether the
+fits/does-not-fit verdict was right. Rows measured under
+``torch.cuda.set_per_process_memory_fraction`` (an imitated smaller card) are judged on the
+allocator's cap: the estimate's reserved peak against fraction × total memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zeroplan.hardware import Cluster, gpu_from_nvml_name
+from zeroplan.memory import MemoryEstimate, estimate
+from zeroplan.models import load_model
+from zeroplan.trainsetup import TrainSetup, parse_targets
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GIB = 2**30
+
+
+def setup_of(row: dict[str, Any]) -> TrainSetup:
+    return TrainSetup(
+        method=row["method"],
+        micro_batch=row["micro_batch"],
+        seq_len=row["seq_len"],
+        zero=row["zero"],
+        grad_ckpt=row["grad_ckpt"],
+        lora_r=row["lora_r"],
+        lora_targets=parse_targets(row["lora_targets"]),
+        lora_dropout=row["lora_dropout"],
+        optim=row["optim"],
+        attn=row["attn"],
+        fused_loss=row["fused_loss"],
+    )
+
+
+def cluster_of(row: dict[str, Any]) -> Cluster:
+    env = row["env"]
+    gpu = gpu_from_nvml_name(env["gpu"], env["gpu_total_bytes"])
+    if row.get("memory_fraction"):
+        gpu = dataclasses.replace(
+            gpu, memory_bytes=int(env["gpu_total_bytes"] * row["memory_fraction"])
+        )
+    return Cluster(gpu=gpu, gpus_per_node=row["world_size"])
+
+
+def verdict_right(row: dict[str, Any], est: MemoryEstimate) -> bool:
+    if row.get("memory_fraction"):
+        # The allocator refuses past fraction × total; the CUDA context is outside that cap.
+        predicted_fit = est.peak_reserved_bytes <= est.gpu_memory_bytes
+    else:
+        predicted_fit = est.fits
+    return predicted_fit == (not row["oom"])
+
+
+def compare(row: dict[str, Any]) -> dict[str, Any]:
+    est = estimate(load_model(row["model"]), cluster_of(row), setup_of(row))
+    out: dict[str, Any] = {
+        "model": row["model"].split("/")[-1],
+        "method": row["method"],
+        "mb": row["micro_batch"],
+        "seq": row["seq_len"],
+        "ckpt": row["grad_ckpt"],
+        "zero": row["zero"],
+        "world": row["world_size"],
+        "extra": " ".join(
+            x
+            for x in (
+                row["optim"] if row["optim"] != "adamw" else "",
+                row["attn"] if row["attn"] != "sdpa" else "",
+                "fused" if row["fused_loss"] else "",
+                row["lora_targets"]
+                if row["lora_targets"] != "all-linear" and row["method"] != "full"
+                else "",
+                row.get("tag") or "",
+            )
+            if x
+        ),
+        "oom": row["oom"],
+        "phase": est.peak_phase,
+        "est_alloc": est.peak_allocated_bytes,
+        "verdict_ok": verdict_right(row, est),
+    }
+    if not row["oom"]:
+        out["meas_alloc"] = row["peak_allocated_bytes"]
+        out["err_alloc"] = est.peak_allocated_bytes / row["peak_allocated_bytes"] - 1
+        out["err_reserved"] = est.peak_reserved_bytes / row["peak_reserved_bytes"] - 1
+        if row.get("device_used_bytes"):
+            out["err_used"] = est.device_used_bytes / row["device_used_bytes"] - 1
+    return out
+
+
+def load_rows(files: list[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for f in files:
+        for line in f.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("error") and not row.get("oom"):
+                    continue  # a crash, not a measurement
+                rows.append(row)
+    return rows
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    errs = [abs(r["err_alloc"]) for r in results if "err_alloc" in r]
+    res = [abs(r["err_reserved"]) for r in results if "err_reserved" in r]
+    used = [abs(r["err_used"]) for r in results if "err_used" in r]
+    return {
+        "rows": len(results),
+        "measured": len(errs),
+        "oom_rows": sum(r["oom"] for r in results),
+        "median_abs_err_alloc": statistics.median(errs) if errs else None,
+        "max_abs_err_alloc": max(errs) if errs else None,
+        "median_abs_err_reserved": statistics.median(res) if res else None,
+        "max_abs_err_reserved": max(res) if res else None,
+        "median_abs_err_used": statistics.median(used) if used else None,
+        "max_abs_err_used": max(used) if used else None,
+        "verdicts_right": sum(r["verdict_ok"] for r in results),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--markdown", action="store_true", help="print a markdown table (for README.md)")
+    p.add_argument("--json", action="store_true", help="print rows and summary as JSON")
+    args = p.parse_args()
+    files = args.files or sorted(RESULTS.glob("memory_*.jsonl"))
+    results = [compare(r) for r in load_rows(files)]
+    summary = summarize(results)
+    if args.json:
+        print(json.dumps({"rows": results, "summary": summary}, indent=1))
+        return
+    head = [
+        "model",
+        "method",
+        "mb",
+        "seq",
+        "ckpt",
+        "zero×N",
+        "extra",
+        "measured GiB",
+        "estimated GiB",
+        "error",
+        "verdict",
+    ]
+    if args.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+    else:
+        print(
+            f"{'model':22} {'method':6} {'mb':>3} {'seq':>5} {'ckpt':5} {'zero':6} {'extra':28} "
+            f"{'meas':>7} {'est':>7} {'err':>7} verdict  phase"
+        )
+    for r in results:
+        meas = f"{r['meas_alloc'] / GIB:.2f}" if "meas_alloc" in r else "OOM"
+        err = f"{r['err_alloc']:+.1%}" if "err_alloc" in r else ""
+        zero = "-" if r["zero"] is None else f"{r['zero']}×{r['world']}"
+        ok = "ok" if r["verdict_ok"] else "WRONG"
+        cells = [
+            r["model"],
+            r["method"],
+            str(r["mb"]),
+            str(r["seq"]),
+            "on" if r["ckpt"] else "off",
+            zero,
+            r["extra"],
+            meas,
+            f"{r['est_alloc'] / GIB:.2f}",
+            err,
+            ok,
+        ]
+        if args.markdown:
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print(
+                f"{cells[0]:22} {cells[1]:6} {cells[2]:>3} {cells[3]:>5} {cells[4]:5} {cells[5]:6} {cells[6]:28} "
+                f"{cells[7]:>7} {cells[8]:>7} {cells[9]:>7} {cells[10]:7}  {r['phase']}"
+            )
+    s = summary
+    if s["measured"]:
+        print(
+            f"\n{s['rows']} rows ({s['oom_rows']} OOM): peak allocated error median {s['median_abs_err_alloc']:.1%}, "
+            f"worst {s['max_abs_err_alloc']:.1%}; reserved median {s['median_abs_err_reserved']:.1%}, "
+            f"worst {s['max_abs_err_reserved']:.1%}; fits/OOM verdict right on {s['verdicts_right']}/{s['rows']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
