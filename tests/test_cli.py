@@ -1,0 +1,297 @@
+"""The ``zeroplan`` command, through click's CliRunner and through real subprocesses.
+
+User mistakes must end as exactly one line on stderr starting ``zeroplan: error:``, exit
+status 2, nothing on stdout and never a traceback; the light core must not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from zeroplan.cli import cli, main
+from zeroplan.hardware import GPU_CATALOG
+from zeroplan.models import catalog_models
+
+pytestmark = pytest.mark.usefixtures("isolated_hf")
+
+CONTRACT = [
+    "estimate",
+    "llama-3.1-8b-instruct",
+    "--gpus",
+    "7x4090",
+    "--method",
+    "lora",
+    "--micro-batch",
+    "4",
+    "--seq-len",
+    "2048",
+]
+# Llama-3.1-8B by hand (see test_memory_terms): Ψ and LoRA r=16 all-linear Ψ_t
+PSI, PSI_T = 8_030_261_248, 41_943_040
+MIB = 2**20
+
+PER_GPU_KEYS = {
+    "weights_bytes",
+    "gradients_bytes",
+    "optimizer_bytes",
+    "activations_bytes",
+    "logits_bytes",
+    "buffers_bytes",
+    "peak_allocated_bytes",
+    "peak_reserved_bytes",
+    "device_used_bytes",
+    "gpu_memory_bytes",
+    "headroom_bytes",
+}
+SETUP_KEYS = {
+    "method",
+    "zero",
+    "offload",
+    "micro_batch",
+    "seq_len",
+    "grad_ckpt",
+    "lora_r",
+    "lora_targets",
+    "optim",
+    "attn",
+}
+
+
+def invoke(args: list[str]) -> Any:
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "250"}, catch_exceptions=False)
+    return result
+
+
+def run(
+    args: list[str], env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zeroplan.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+def check_contract(data: dict[str, Any]) -> None:
+    assert data["model"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert data["model"]["total_params"] == PSI
+    assert data["model"]["trainable_params"] == PSI_T
+    assert set(data["setup"]) >= SETUP_KEYS
+    assert data["setup"]["method"] == "lora" and data["setup"]["micro_batch"] == 4
+    assert data["setup"]["seq_len"] == 2048 and data["setup"]["zero"] is None
+    per_gpu = data["per_gpu"]
+    assert PER_GPU_KEYS | {"fits"} <= set(per_gpu)
+    for key in PER_GPU_KEYS:
+        assert type(per_gpu[key]) is int, key
+    assert type(per_gpu["fits"]) is bool
+    assert type(data["cpu_bytes"]) is int and data["cpu_bytes"] == 0
+    # the numbers, by hand: bf16 base + fp32 adapters, fp32 grads, AdamW 8 B, 12 B/logit
+    assert per_gpu["weights_bytes"] == 2 * PSI + 4 * PSI_T
+    assert per_gpu["gradients_bytes"] == 4 * PSI_T
+    assert per_gpu["optimizer_bytes"] == 8 * PSI_T
+    assert per_gpu["logits_bytes"] == 12 * 4 * 2048 * 128_256
+    assert per_gpu["gpu_memory_bytes"] == 24564 * MIB  # what an RTX 4090's driver reports
+    assert per_gpu["headroom_bytes"] == per_gpu["gpu_memory_bytes"] - per_gpu["device_used_bytes"]
+    assert per_gpu["fits"] is (per_gpu["headroom_bytes"] >= 0) is False
+    assert (
+        per_gpu["peak_allocated_bytes"]
+        <= per_gpu["peak_reserved_bytes"]
+        <= per_gpu["device_used_bytes"]
+    )
+    assert per_gpu["peak_allocated_bytes"] == sum(per_gpu["at_peak_bytes"].values())
+    assert data["cluster"]["world_size"] == 7 and data["cluster"]["gpu"] == "RTX-4090"
+
+
+# ----------------------------------------------------------------------------- CliRunner
+
+
+def test_estimate_json_contract_cli_runner() -> None:
+    result = invoke([*CONTRACT, "--json"])
+    assert result.exit_code == 0, result.output
+    check_contract(json.loads(result.stdout))
+
+
+def test_estimate_table_shows_terms_and_verdict() -> None:
+    result = invoke(CONTRACT)
+    assert result.exit_code == 0
+    out = result.stdout
+    for label in (
+        "weights",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "logits / loss",
+        "comm buffers",
+        "peak allocated",
+        "peak reserved",
+        "nvidia-smi used",
+    ):
+        assert label in out, label
+    assert "Does not fit" in out and "RTX-4090" in out
+    assert "formula" not in out  # only with --explain
+
+    fits = invoke(
+        [
+            "estimate",
+            "llama-3.2-1b",
+            "--gpus",
+            "1xH100",
+            "--method",
+            "qlora",
+            "--grad-ckpt",
+            "--seq-len",
+            "512",
+        ]
+    )
+    assert fits.exit_code == 0
+    assert "Fits" in fits.stdout and "Does not fit" not in fits.stdout
+
+
+def test_estimate_table_largest_term_first() -> None:
+    out = invoke(CONTRACT).stdout
+    # activations (≈63 GiB) > weights (≈15 GiB) > logits (≈12 GiB) > optimizer > gradients
+    positions = [
+        out.index(f"\n {label}")
+        for label in ("activations", "weights", "logits / loss", "optimizer states")
+    ]
+    assert positions == sorted(positions)
+
+
+def test_estimate_explain_shows_formulas() -> None:
+    out = invoke([*CONTRACT, "--explain"]).stdout
+    assert "formula" in out
+    assert "2 B × 8,030,261,248 params (bf16)" in out
+    assert "12 B × 8,192 tokens × 128,256 vocab" in out
+    assert "8 B × 41,943,040 trainable" in out
+
+
+def test_models_lists_the_catalog() -> None:
+    out = invoke(["models"]).stdout
+    for repo in catalog_models():
+        assert repo in out
+    listed = json.loads(invoke(["models", "--json"]).stdout)
+    assert [row["name"] for row in listed] == catalog_models()
+    llama = next(row for row in listed if row["name"] == "meta-llama/Llama-3.1-8B")
+    assert llama == {"name": "meta-llama/Llama-3.1-8B", "model_type": "llama", "total_params": PSI}
+
+
+def test_gpus_lists_the_catalog() -> None:
+    out = invoke(["gpus"]).stdout
+    for name in GPU_CATALOG:
+        assert name in out
+    listed = json.loads(invoke(["gpus", "--json"]).stdout)
+    assert [row["name"] for row in listed] == list(GPU_CATALOG)
+    assert all(type(row["memory_bytes"]) is int for row in listed)
+
+
+@pytest.mark.parametrize("command", [[], ["estimate"], ["models"], ["gpus"]])
+def test_help_exits_zero(command: list[str]) -> None:
+    result = invoke([*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.stdout
+
+
+# ----------------------------------------------------------------------------- main() in-process
+
+
+def test_main_turns_user_mistakes_into_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["estimate", "llama-3.2-1b", "--zero", "5"])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("zeroplan: error: --zero must be 0, 1, 2 or 3")
+    assert captured.err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def test_estimate_json_contract_subprocess(subprocess_env: dict[str, str]) -> None:
+    proc = run([*CONTRACT, "--json"], subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    check_contract(json.loads(proc.stdout))
+
+
+def test_console_script(subprocess_env: dict[str, str]) -> None:
+    script = Path(sys.executable).with_name("zeroplan")
+    if not script.exists():
+        pytest.skip("zeroplan console script not installed next to this interpreter")
+    proc = subprocess.run(
+        [str(script), *CONTRACT, "--json"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    check_contract(json.loads(proc.stdout))
+    help_proc = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, env=subprocess_env, timeout=60
+    )
+    assert help_proc.returncode == 0 and "estimate" in help_proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["estimate", "acme/no-such-model"], "unknown model 'acme/no-such-model'"),
+        (["estimate", "no-such-model"], "unknown model 'no-such-model'"),
+        (["estimate", "llama-3.2-1b", "--gpus", "7x9999"], "unknown GPU"),
+        (["estimate", "llama-3.2-1b", "--micro-batch", "0"], "--micro-batch"),
+        (["estimate", "llama-3.2-1b", "--seq-len", "0"], "--seq-len"),
+        (["estimate", "llama-3.2-1b", "--zero", "5"], "--zero"),
+        (["estimate", "llama-3.2-1b", "--lora-r", "0"], "--lora-r"),
+        (["estimate", "llama-3.2-1b", "--lora-targets", "nonexistent_proj"], "nonexistent_proj"),
+        (["estimate", "llama-3.2-1b", "--offload", "optimizer"], "--zero"),
+        (["estimate", "llama-3.2-1b", "--method", "dora"], "--method"),
+        (["estimate", "llama-3.2-1b", "--micro-batch", "many"], "--micro-batch"),
+        (["estimate", "mistralai/Mixtral-8x7B-v0.1", "--method", "qlora"], "mixture-of-experts"),
+        (["estimate"], "MODEL"),
+        (["no-such-command"], "no-such-command"),
+        (["estimate", "CONFIG_NOT_JSON"], "not valid JSON"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_bad_input_is_one_line_exit_2(
+    args: list[str], needle: str, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    if "CONFIG_NOT_JSON" in args:
+        bad = tmp_path / "config.json"
+        bad.write_text('{"model_type": "llama", "hidden_size": 64,,}', encoding="utf-8")
+        args = [str(bad) if a == "CONFIG_NOT_JSON" else a for a in args]
+    proc = run(args, subprocess_env)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and proc.stderr.endswith("\n"), proc.stderr
+    assert lines[0].startswith("zeroplan: error: ")
+    assert needle in lines[0]
+
+
+def test_estimate_does_not_import_the_heavy_stack(subprocess_env: dict[str, str]) -> None:
+    code = (
+        "import sys, io, contextlib, zeroplan.cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    zeroplan.cli.main(['estimate', 'llama-3.2-1b', '--json'])\n"
+        "assert '\"per_gpu\"' in out.getvalue()\n"
+        "heavy = ('torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes', 'accelerate', 'trl')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
