@@ -224,11 +224,6 @@ def test_family_spec_matches_transformers_model(variant: str, meta_builder: Any)
     }
 
 
-# Known disagreements with transformers 5.x for fields that a config may omit or that a
-# family's modelling code ignores. Strict: they start failing the day the bug is fixed.
-@pytest.mark.xfail(
-    strict=True, reason="zeroplan ignores family defaults / ignored fields (see report)"
-)
 @pytest.mark.parametrize(
     "override",
     [

@@ -144,10 +144,6 @@ def test_full_finetune_bf16_grads_and_states(tied: bool) -> None:
     assert state_bytes(opt) == optimizer_states(spec, setup, 1).bytes == 4 * spec.total_params
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PEFT 'all-linear' also adapts MoE expert banks (target_parameters); see report",
-)
 @pytest.mark.parametrize(
     "moe",
     [

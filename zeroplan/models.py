@@ -41,19 +41,23 @@ class _Family:
     fused_gate_up: bool = False  # phi3: one gate_up_proj
     gemma_norm: bool = False  # RMSNorm computed entirely in fp32 with (1 + w)
     moe: bool = False
+    head_dim_default: int | None = None  # the config class's default when head_dim is absent
+    # Whether the modelling code reads ``attention_bias`` (biases on q, k, v and o). Mistral,
+    # Mixtral and Phi-3 ignore it and have none; Qwen2 ignores it and always biases q, k, v.
+    honours_attention_bias: bool = True
 
 
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family(),
-    "mistral": _Family(),
-    "qwen2": _Family(qkv_bias_default=True),
-    "qwen3": _Family(qk_norm=True),
-    "gemma": _Family(gemma_norm=True),
-    "gemma2": _Family(norms_per_layer=4, gemma_norm=True),
-    "gemma3_text": _Family(norms_per_layer=4, qk_norm=True, gemma_norm=True),
-    "phi3": _Family(fused_qkv=True, fused_gate_up=True),
-    "mixtral": _Family(moe=True),
-    "qwen3_moe": _Family(qk_norm=True, moe=True),
+    "mistral": _Family(honours_attention_bias=False),
+    "qwen2": _Family(qkv_bias_default=True, honours_attention_bias=False),
+    "qwen3": _Family(qk_norm=True, head_dim_default=128),
+    "gemma": _Family(gemma_norm=True, head_dim_default=256),
+    "gemma2": _Family(norms_per_layer=4, gemma_norm=True, head_dim_default=256),
+    "gemma3_text": _Family(norms_per_layer=4, qk_norm=True, gemma_norm=True, head_dim_default=256),
+    "phi3": _Family(fused_qkv=True, fused_gate_up=True, honours_attention_bias=False),
+    "mixtral": _Family(moe=True, honours_attention_bias=False),
+    "qwen3_moe": _Family(qk_norm=True, moe=True, head_dim_default=128),
 }
 
 # Multimodal wrappers: their text tower could be estimated, but the vision tower, the
@@ -76,6 +80,13 @@ class Linear:
     bias: bool
     group: str
     count: int = 1
+    # PEFT's rank multiplier for this module: 2 for a fused expert gate_up bank (observed
+    # with peft 0.21 on transformers 5 MoE models: lora_A is (E·2r, h)), else 1.
+    lora_rank_factor: int = 1
+
+    def lora_params(self, r: int) -> int:
+        """LoRA A and B of this module: count · r · factor · (in + out)."""
+        return self.count * r * self.lora_rank_factor * (self.in_features + self.out_features)
 
     @property
     def params(self) -> int:
@@ -170,23 +181,18 @@ class ModelSpec:
         )
 
     def moe_linears(self) -> tuple[Linear, ...]:
-        """Router plus expert weights of one MoE layer.
+        """Router plus the expert banks of one MoE layer, as transformers 5 stores them.
 
-        Experts are named as in the Hub checkpoints (mixtral: w1/w3/w2; qwen3_moe:
-        gate_proj/up_proj/down_proj). Recent transformers store them as 3-D tensors,
-        not ``nn.Linear``, so LoRA cannot target them; only the router is a real Linear.
+        The experts are two 3-D tensors, ``gate_up_proj`` (E, 2i, h) and ``down_proj``
+        (E, h, i), not ``nn.Linear`` modules: bitsandbytes does not quantize them and LoRA
+        reaches them only through ``all-linear``. The router ``gate`` is an ``nn.Linear``.
         """
         assert self.moe is not None
         h, e, i = self.hidden_size, self.moe.num_experts, self.moe.expert_intermediate_size
-        if self.model_type == "mixtral":
-            names = ("w1", "w3", "w2")
-        else:
-            names = ("gate_proj", "up_proj", "down_proj")
         return (
             Linear("gate", h, e, False, "router"),
-            Linear(names[0], h, i, False, "expert", count=e),
-            Linear(names[1], h, i, False, "expert", count=e),
-            Linear(names[2], i, h, False, "expert", count=e),
+            Linear("gate_up_proj", h, 2 * i, False, "expert", count=e, lora_rank_factor=2),
+            Linear("down_proj", i, h, False, "expert", count=e),
         )
 
     def param_counts(self) -> ParamCounts:
@@ -291,12 +297,12 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
     h = _positive_int(cfg, "hidden_size", name)
     heads = _positive_int(cfg, "num_attention_heads", name)
     kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
+    head_dim = cfg.get("head_dim") or fam.head_dim_default or h // heads
     if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
         raise BadModelConfigError(
             f"{name}: num_key_value_heads={kv_heads!r} must be a positive divisor of num_attention_heads={heads}"
         )
-    if not cfg.get("head_dim") and h % heads:
+    if not cfg.get("head_dim") and not fam.head_dim_default and h % heads:
         raise BadModelConfigError(
             f"{name}: hidden_size {h} is not a multiple of num_attention_heads {heads}"
         )
@@ -322,10 +328,9 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
             experts, _positive_int(cfg, "num_experts_per_tok", name), expert_inter, moe_layers
         )
 
-    attention_bias = cfg.get("attention_bias")
-    qkv_bias = fam.qkv_bias_default if attention_bias is None else bool(attention_bias)
-    # qwen2 has biases on q/k/v only; llama-style attention_bias=True puts one on o_proj too.
-    o_bias = bool(attention_bias) if model_type != "qwen2" else False
+    attention_bias = bool(cfg.get("attention_bias", False)) and fam.honours_attention_bias
+    qkv_bias = fam.qkv_bias_default or attention_bias
+    o_bias = attention_bias
     return ModelSpec(
         name=name,
         model_type=model_type,

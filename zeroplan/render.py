@@ -83,8 +83,7 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
     else:
         console.print(
             f"[red]Does not fit[/red] a {card}: over by {_gib(-est.headroom_bytes)} GiB. "
-            "Try --grad-ckpt, a smaller --micro-batch, --method qlora, --fused-loss or a ZeRO stage "
-            "(`zeroplan plan` searches them)."
+            "Try --grad-ckpt, a smaller --micro-batch, --method qlora, --fused-loss or a ZeRO stage."
         )
     if est.cpu_bytes_per_node:
         console.print(f"CPU RAM per node for offload: {_gib(est.cpu_bytes_per_node)} GiB.")

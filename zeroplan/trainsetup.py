@@ -131,9 +131,9 @@ def parse_targets(text: str) -> tuple[str, ...]:
 def lora_targets(spec: ModelSpec, setup: TrainSetup) -> list[tuple[Linear, int]]:
     """The linears LoRA adapts, with how many layers hold each: ``[(linear, n_layers)]``.
 
-    ``all-linear`` follows PEFT: every ``nn.Linear`` except the output head. Expert banks of
-    MoE layers are 3-D tensors in current transformers, not ``nn.Linear``, so they are
-    never targets. A name that matches nothing is an error, as PEFT raises one too.
+    ``all-linear`` follows PEFT: every ``nn.Linear`` except the output head, and the 3-D
+    expert banks of MoE layers too (PEFT wraps them as parameters). Named targets match
+    ``nn.Linear`` modules only. A name that matches nothing is an error, as in PEFT.
     """
     if not setup.is_lora:
         return []
@@ -145,6 +145,8 @@ def lora_targets(spec: ModelSpec, setup: TrainSetup) -> list[tuple[Linear, int]]
     for linears, n_layers in spec.linears_by_layer_kind():
         for lin in linears:
             if lin.group == "expert":
+                if everything:
+                    found.append((lin, n_layers))
                 continue
             available.add(lin.name)
             if everything or lin.name in wanted:
@@ -163,7 +165,4 @@ def trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
     """Full: every parameter. LoRA: Σ over adapted linears of r·(in + out) per layer."""
     if not setup.is_lora:
         return spec.total_params
-    return sum(
-        n * setup.lora_r * (lin.in_features + lin.out_features)
-        for lin, n in lora_targets(spec, setup)
-    )
+    return sum(n * lin.lora_params(setup.lora_r) for lin, n in lora_targets(spec, setup))

@@ -49,12 +49,14 @@ def optimizer_states(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     per_param = _adam_state_bytes(setup.optim, param_bytes)
     size = per_param * n_t
     if setup.optim in ("adamw_8bit", "paged_adamw_8bit") and setup.is_lora:
-        # LoRA matrices smaller than bitsandbytes' min_8bit_size keep fp32 states.
-        small = sum(
-            n * setup.lora_r * (lin.in_features + lin.out_features)
-            for lin, n in lora_targets(spec, setup)
-            if setup.lora_r * min(lin.in_features, lin.out_features) < BNB_MIN_8BIT_SIZE
-        )
+        # bitsandbytes decides per tensor: a LoRA A (r·f·in) or B (out·r·f) matrix under
+        # min_8bit_size elements keeps fp32 states.
+        small = 0
+        for lin, n in lora_targets(spec, setup):
+            rank = setup.lora_r * lin.lora_rank_factor
+            for width in (lin.in_features, lin.out_features):
+                if rank * width * lin.count < BNB_MIN_8BIT_SIZE:
+                    small += n * rank * width * lin.count
         size += small * (2 * FP32 - per_param)
     formula = f"{per_param:g} B × {n_t:,} trainable ({setup.optim})"
     return Term("optimizer", int(size), f"{formula} = {gib(size)}", in_allocator=not paged)

@@ -27,6 +27,8 @@ def base_weights(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
                   (4 B with ``upcast_non_quantized``, what prepare_model_for_kbit_training does)
     ZeRO-3:       the above / N (parameters are partitioned; qlora needs a bf16
                   quant_storage for that, which packs the same bytes)
+    ZeRO-3 + offload optimizer+params: 0 on the GPU; the partitions live in CPU RAM
+                  (buffers.offload_cpu_bytes) and are gathered into the buffers term
     """
     total = spec.total_params
     if setup.method == "qlora":
@@ -37,6 +39,8 @@ def base_weights(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     else:
         size = BF16 * total
         formula = f"2 B × {total:,} params (bf16)"
+    if setup.zero == 3 and setup.offload == "optimizer+params":
+        return Term("weights", 0, f"({formula}) / {world} GPUs, offloaded to CPU RAM")
     if setup.zero == 3:
         size /= world
         formula = f"({formula}) / {world} GPUs (ZeRO-3)"
