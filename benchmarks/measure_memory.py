@@ -23,6 +23,7 @@ adapters and engine exist. An OOM is a result, recorded as such.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -79,7 +80,7 @@ def environment() -> dict[str, Any]:
         "accelerate",
     ):
         try:
-            env[pkg] = __import__(pkg).__version__
+            env[pkg] = importlib.metadata.version(pkg.replace("_", "-"))
         except Exception:
             env[pkg] = None
     if torch.cuda.is_available():
@@ -261,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "world_size": world,
         "steps": args.steps,
         "memory_fraction": args.memory_fraction,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "tag": args.tag,
         "ds_config": ds_config,
     }

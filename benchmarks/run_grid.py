@@ -70,6 +70,33 @@ GRIDS: dict[str, list[str]] = {
         f"{M7} --method full --micro-batch 1 --seq-len 512 --grad-ckpt --optim adamw_8bit",
         f"{Q3} --method lora --micro-batch 2 --seq-len 2048 --grad-ckpt",
     ],
+    # DeepSpeed on one GPU: no partitioning, but the stages' own buffers and ZeRO-3's hooks.
+    "h100-zero1gpu": [
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3",
+        f"{L1} --method lora --micro-batch 2 --seq-len 2048 --zero 3",
+        f"{L1} --method full --micro-batch 2 --seq-len 2048 --zero 3",
+        f"{Q05} --method lora --micro-batch 4 --seq-len 2048 --zero 3",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 2",
+        f"{L1} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt --zero 2",
+        f"{L1} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt --zero 1",
+    ],
+    # What zeroplan launch runs: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by the
+    # caller), which takes most of the caching allocator's slack away.
+    "h100-expandable": [
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048",
+        f"{L1} --method lora --micro-batch 8 --seq-len 4096 --grad-ckpt",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --grad-ckpt --optim adamw_8bit",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --fused-loss",
+        f"{Q05} --method full --micro-batch 8 --seq-len 4096 --grad-ckpt",
+        f"{Q15} --method full --micro-batch 2 --seq-len 2048 --grad-ckpt",
+        f"{L3} --method full --micro-batch 1 --seq-len 2048 --grad-ckpt",
+        f"{L3} --method qlora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L8} --method qlora --micro-batch 1 --seq-len 768 {STORY_QLORA}",
+        f"{L8} --method qlora --micro-batch 4 --seq-len 2048 --grad-ckpt {STORY_QLORA}",
+        f"{M7} --method lora --micro-batch 8 --seq-len 2048 --grad-ckpt",
+        f"{Q7} --method qlora --micro-batch 2 --seq-len 4096 --grad-ckpt --fused-loss",
+    ],
     "h200x2-zero": [
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",
@@ -93,6 +120,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2, help="processes per row for --zero rows")
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--only", default="", help="run rows whose text contains this")
+    p.add_argument("--tag", default="", help="tag every row (e.g. the allocator setting)")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list or not args.grid:
@@ -103,6 +131,8 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for n, row in enumerate(rows, 1):
         cmd = [str(HERE / "measure_memory.py"), *shlex.split(row), "--out", args.out]
+        if args.tag:
+            cmd += ["--tag", args.tag]
         if "--zero" in row:
             cmd = [
                 sys.executable,
@@ -119,7 +149,10 @@ def main() -> None:
             done = subprocess.run(
                 cmd, env=env, timeout=args.timeout, capture_output=True, text=True
             )
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+            out = (done.stdout + done.stderr).strip().splitlines()
+            # a failing row keeps its traceback in the log, not only its last lines
+            keep = 40 if done.returncode != 0 or any("Traceback" in line for line in out) else 3
+            tail = "\n".join(out[-keep:])
             print(f"    rc={done.returncode} {time.time() - start:.0f}s {tail}", flush=True)
         except subprocess.TimeoutExpired:
             print(f"    TIMEOUT after {args.timeout}s", flush=True)

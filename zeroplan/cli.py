@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -12,6 +14,8 @@ from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
 
 DEFAULT_GPUS = "1xH100"
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,89 +26,109 @@ def cli() -> None:
     \b
     zeroplan estimate llama-3.1-8b-instruct --gpus 7x4090 --method lora --micro-batch 4 --seq-len 2048
     zeroplan estimate Qwen/Qwen2.5-7B --method qlora --grad-ckpt --json
+    zeroplan config llama-3.1-8b-instruct --gpus 8xH100 --zero 3 -o ds_config.json
     zeroplan models          # the built-in catalog (works offline)
     zeroplan gpus            # the GPU catalog
     """
 
 
+# The options that describe a training setup, shared by every command that takes one
+# (estimate, config) so that their names, defaults and help never drift apart.
+_SETUP_OPTIONS: list[Callable[[F], F]] = [
+    click.option(
+        "--gpus",
+        default=None,
+        metavar="SPEC",
+        help=f"Cluster: 1xH100, 7x4090, 2x8xH100, 8xA100-80GB. Default: the GPUs on this machine, else {DEFAULT_GPUS}.",
+    ),
+    click.option(
+        "--method",
+        type=click.Choice(METHODS),
+        default="lora",
+        show_default=True,
+        help="lora: bf16 base + LoRA; qlora: NF4 4-bit base + LoRA; full: all weights train.",
+    ),
+    click.option(
+        "--zero",
+        type=int,
+        default=None,
+        metavar="0-3",
+        help="DeepSpeed ZeRO stage. Leave out for plain PyTorch (DDP across GPUs).",
+    ),
+    click.option(
+        "--offload",
+        type=click.Choice(OFFLOADS),
+        default="none",
+        show_default=True,
+        help="ZeRO-Offload of optimizer states (and parameters, ZeRO-3) to CPU RAM.",
+    ),
+    click.option(
+        "--micro-batch", type=int, default=1, show_default=True, help="Sequences per GPU per step."
+    ),
+    click.option(
+        "--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."
+    ),
+    click.option(
+        "--grad-ckpt/--no-grad-ckpt",
+        default=False,
+        show_default=True,
+        help="Gradient (activation) checkpointing: keep one hidden state per layer, recompute the rest.",
+    ),
+    click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
+    click.option(
+        "--lora-targets",
+        default="all-linear",
+        show_default=True,
+        help="Comma list of module names (q_proj,v_proj,...) or all-linear.",
+    ),
+    click.option(
+        "--lora-dropout",
+        type=float,
+        default=0.05,
+        show_default=True,
+        help="LoRA dropout; above 0 it keeps a mask per adapted input.",
+    ),
+    click.option(
+        "--optim",
+        type=click.Choice(OPTIMIZERS),
+        default="adamw",
+        show_default=True,
+        help="adamw (torch, fused), adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd.",
+    ),
+    click.option(
+        "--attn",
+        type=click.Choice(ATTENTIONS),
+        default="sdpa",
+        show_default=True,
+        help="Attention implementation; eager materialises heads × seq² scores per layer.",
+    ),
+    click.option(
+        "--fused-loss/--no-fused-loss",
+        default=False,
+        show_default=True,
+        help="Liger fused linear-cross-entropy: never materialises batch × seq × vocab logits.",
+    ),
+    click.option(
+        "--upcast-non-quantized",
+        is_flag=True,
+        help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.",
+    ),
+]
+
+
+def setup_options(f: F) -> F:
+    """Decorate a command with the setup options (``--gpus`` ... ``--upcast-non-quantized``).
+
+    Applied last-first so that ``--help`` lists them in the order declared above.
+    """
+    for option in reversed(_SETUP_OPTIONS):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.argument("model")
-@click.option(
-    "--gpus",
-    default=None,
-    metavar="SPEC",
-    help=f"Cluster: 1xH100, 7x4090, 2x8xH100, 8xA100-80GB. Default: the GPUs on this machine, else {DEFAULT_GPUS}.",
-)
-@click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default="lora",
-    show_default=True,
-    help="lora: bf16 base + LoRA; qlora: NF4 4-bit base + LoRA; full: all weights train.",
-)
-@click.option(
-    "--zero",
-    type=int,
-    default=None,
-    metavar="0-3",
-    help="DeepSpeed ZeRO stage. Leave out for plain PyTorch (DDP across GPUs).",
-)
-@click.option(
-    "--offload",
-    type=click.Choice(OFFLOADS),
-    default="none",
-    show_default=True,
-    help="ZeRO-Offload of optimizer states (and parameters, ZeRO-3) to CPU RAM.",
-)
-@click.option(
-    "--micro-batch", type=int, default=1, show_default=True, help="Sequences per GPU per step."
-)
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
-@click.option(
-    "--grad-ckpt/--no-grad-ckpt",
-    default=False,
-    show_default=True,
-    help="Gradient (activation) checkpointing: keep one hidden state per layer, recompute the rest.",
-)
-@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option(
-    "--lora-targets",
-    default="all-linear",
-    show_default=True,
-    help="Comma list of module names (q_proj,v_proj,...) or all-linear.",
-)
-@click.option(
-    "--lora-dropout",
-    type=float,
-    default=0.05,
-    show_default=True,
-    help="LoRA dropout; above 0 it keeps a mask per adapted input.",
-)
-@click.option(
-    "--optim",
-    type=click.Choice(OPTIMIZERS),
-    default="adamw",
-    show_default=True,
-    help="adamw (torch, fused), adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd.",
-)
-@click.option(
-    "--attn",
-    type=click.Choice(ATTENTIONS),
-    default="sdpa",
-    show_default=True,
-    help="Attention implementation; eager materialises heads × seq² scores per layer.",
-)
-@click.option(
-    "--fused-loss/--no-fused-loss",
-    default=False,
-    show_default=True,
-    help="Liger fused linear-cross-entropy: never materialises batch × seq × vocab logits.",
-)
-@click.option(
-    "--upcast-non-quantized",
-    is_flag=True,
-    help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.",
-)
+@setup_options
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract)."
 )
@@ -168,6 +192,74 @@ def gpus(as_json: bool) -> None:
     from zeroplan.render import render_gpus
 
     render_gpus(catalog, Console())
+
+
+@cli.command()
+@click.argument("model")
+@setup_options
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Gradient accumulation steps (micro-batches per optimizer step).",
+)
+@click.option(
+    "--grad-clip",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Clip the global gradient norm to this; 0 turns clipping off.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the config to this file (atomically). Default: print it to stdout.",
+)
+def config(
+    model: str,
+    gpus: str | None,
+    grad_accum: int,
+    grad_clip: float,
+    output: Path | None,
+    **options: Any,
+) -> None:
+    """The DeepSpeed config (JSON) for fine-tuning MODEL with these settings.
+
+    Takes the options of `zeroplan estimate` (--zero is required) and checks the model and
+    setup the same way; a setup the estimate says does not fit still gets its config, with
+    a warning on stderr. train_batch_size = micro batch x accumulation x GPUs. There is no
+    optimizer section: the HF Trainer builds the --optim optimizer.
+    """
+    from zeroplan.api import estimate as run_estimate
+    from zeroplan.api import make_setup, resolve_cluster
+    from zeroplan.dsconfig import ds_config, dumps, quant_storage_dtype, write_config
+    from zeroplan.memory.weights import gib
+
+    setup = make_setup(**options)
+    cluster = resolve_cluster(gpus)
+    cfg = ds_config(setup, cluster.world_size, grad_accum=grad_accum, grad_clip=grad_clip)
+    est = run_estimate(model, gpus=cluster, setup=setup)
+    # output first: if writing fails, its error is the only line on stderr
+    if output is None:
+        click.echo(dumps(cfg), nl=False)
+    else:
+        write_config(cfg, output)
+    if not est.fits:
+        click.echo(
+            f"zeroplan: warning: the estimate says this does not fit: {gib(est.device_used_bytes)}"
+            f" per GPU on a {gib(est.gpu_memory_bytes)} GPU (see zeroplan estimate)",
+            err=True,
+        )
+    storage = quant_storage_dtype(setup)
+    if storage is not None:
+        click.echo(
+            "zeroplan: note: ZeRO-3 shards the 4-bit weights: load the model with "
+            f"BitsAndBytesConfig(bnb_4bit_quant_storage=torch.{storage})",
+            err=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

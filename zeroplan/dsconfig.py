@@ -1,0 +1,224 @@
+"""The DeepSpeed config for a TrainSetup, and the presets in ``ds_configs/``.
+
+Light core: no torch or deepspeed import, only dicts. Every number the memory estimate
+depends on (ZeRO stage, offload, micro batch, reduce / all-gather bucket sizes, ZeRO-3
+prefetch, live-parameter and persistence limits) is written out explicitly from the
+TrainSetup, never left to DeepSpeed's defaults or to HF's ``"auto"``, so that the run
+allocates what the estimate assumed.
+
+There is no ``optimizer`` and no ``scheduler`` section: the HF Trainer (and so
+``zeroplan launch``, which trains through TRL's SFTTrainer) builds the torch optimizer
+named by ``--optim`` and its LR schedule and hands them to ``deepspeed.initialize``. A
+DeepSpeed ``optimizer`` section would replace that optimizer with DeepSpeed's own and
+make ``--optim`` a lie.
+
+    python -m zeroplan.dsconfig --write-presets ds_configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from zeroplan.errors import BadSetupError, ZeroplanError
+from zeroplan.trainsetup import TrainSetup
+
+# Optimizers DeepSpeed's ZeRO wrapper accepts without ``zero_allow_untested_optimizer``
+# (deepspeed/runtime/zero/utils.py ZERO_SUPPORTED_OPTIMIZERS holds torch.optim.AdamW; the
+# bitsandbytes optimizers and torch SGD are not on that list).
+ZERO_TESTED_OPTIMIZERS = ("adamw",)
+
+# The batch and clipping keys the HF Trainer fills from TrainingArguments when they say
+# "auto" (transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig.trainer_config_process).
+HF_AUTO_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
+
+# name -> setup of the presets written to ds_configs/<name>.json; only the DeepSpeed side
+# of each setup matters (method and optimizer only change the JSON in the cases handled
+# below, and the defaults here are adamw, which needs nothing extra).
+PRESETS: dict[str, TrainSetup] = {
+    "zero2": TrainSetup(zero=2),
+    "zero3": TrainSetup(zero=3),
+    "zero3_offload": TrainSetup(zero=3, offload="optimizer+params"),
+    "qlora_zero3": TrainSetup(method="qlora", zero=3),
+}
+
+
+class ConfigWriteError(ZeroplanError):
+    """The config could not be written where the user asked (missing folder, no permission)."""
+
+
+def ds_config(
+    setup: TrainSetup, world_size: int, grad_accum: int = 1, grad_clip: float = 1.0
+) -> dict[str, Any]:
+    """The DeepSpeed JSON (as a dict) for ``setup`` on ``world_size`` data-parallel ranks.
+
+    ``train_batch_size`` is written as micro × accumulation × world: DeepSpeed asserts that
+    identity at start-up, so writing all three keeps a mistake here from surfacing only on
+    the cluster. bf16 is always on: the estimate models bf16 weights and DeepSpeed's fp32
+    master copy. ``overlap_comm`` and ``contiguous_gradients`` are on at every ZeRO stage
+    (DeepSpeed only turns ``overlap_comm`` on by default at stage 3); bucket sizes come
+    from the setup, the same numbers the estimate's buffer term used.
+
+    Stage 0 gets ``{"stage": 0}`` only: without ZeRO DeepSpeed ignores the bucket keys.
+    ``allgather_bucket_size`` is a stage 1-2 setting (stage 3 gathers by prefetch bucket),
+    so it is written for stages 1-2 only. Stage 3 also gets
+    ``stage3_gather_16bit_weights_on_model_save`` so that saving the model (or the LoRA
+    adapter) gathers real weights instead of empty partitions.
+
+    Optimizer offload (``--offload optimizer``) moves the optimizer step to the CPU, and
+    there DeepSpeed only runs its own CPU Adam: HF Accelerate swaps whatever torch
+    optimizer the Trainer built for ``DeepSpeedCPUAdam`` (and DeepSpeed refuses any other
+    unless told not to). An 8-bit or SGD ``--optim`` would silently become fp32 Adam, so
+    offload is accepted with ``--optim adamw`` only.
+    """
+    if setup.zero is None:
+        raise BadSetupError("no DeepSpeed config for a run without --zero; pass --zero 0-3")
+    if world_size < 1:
+        raise BadSetupError(f"world size must be at least 1 GPU, got {world_size}")
+    if grad_accum < 1:
+        raise BadSetupError(f"--grad-accum must be at least 1, got {grad_accum}")
+    if not (math.isfinite(grad_clip) and grad_clip >= 0):
+        raise BadSetupError(
+            f"--grad-clip must be a norm >= 0 (0 turns clipping off), got {grad_clip}"
+        )
+    if setup.offload != "none" and setup.optim not in ZERO_TESTED_OPTIMIZERS:
+        raise BadSetupError(
+            f"--offload {setup.offload} runs the optimizer step on the CPU as DeepSpeed's "
+            f"CPU Adam, so --optim {setup.optim} would silently become fp32 AdamW: "
+            "use --optim adamw, or drop --offload"
+        )
+
+    zero: dict[str, Any] = {"stage": setup.zero}
+    if setup.zero >= 1:
+        zero.update(
+            overlap_comm=True,
+            contiguous_gradients=True,
+            reduce_bucket_size=setup.reduce_bucket_elems,
+        )
+    if setup.zero in (1, 2):
+        zero["allgather_bucket_size"] = setup.allgather_bucket_elems
+    if setup.zero == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=setup.stage3_prefetch_elems,
+            stage3_max_live_parameters=setup.stage3_max_live_elems,
+            stage3_param_persistence_threshold=setup.stage3_persistence_threshold,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if setup.offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if setup.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+
+    cfg: dict[str, Any] = {
+        "train_batch_size": setup.micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": setup.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(grad_clip),
+        "bf16": {"enabled": True},
+        "zero_optimization": zero,
+    }
+    if setup.zero >= 1 and setup.optim not in ZERO_TESTED_OPTIMIZERS:
+        # DeepSpeed asserts at deepspeed.initialize on ZeRO with an optimizer outside its
+        # tested list (bitsandbytes 8-bit, paged, torch SGD). HF's Trainer sets this flag
+        # itself; written here so that the config also works with deepspeed.initialize.
+        cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def quant_storage_dtype(setup: TrainSetup) -> str | None:
+    """``bnb_4bit_quant_storage`` the model must be loaded with: "bfloat16" for QLoRA on ZeRO-3.
+
+    ZeRO-3 flattens and shards every parameter of the model, and all-gathers them layer by
+    layer, in the dtype of the bf16 parameters. bitsandbytes stores NF4 weights packed in
+    uint8 by default, which ZeRO-3 cannot shard next to bf16 parameters. With
+    ``BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16)`` the same packed bytes are
+    stored as a bf16 tensor (same memory: two 4-bit values per byte either way), and
+    sharding works. Stages 0-2 leave parameters whole, so nothing is needed there (None).
+    This is a model-side setting: DeepSpeed's JSON has no key for it.
+    """
+    if setup.method == "qlora" and setup.zero == 3:
+        return "bfloat16"
+    return None
+
+
+def preset_config(setup: TrainSetup) -> dict[str, Any]:
+    """``ds_config`` with the batch and clipping keys set to "auto" for the HF Trainer.
+
+    The Trainer fills those four from TrainingArguments (per-device batch, accumulation,
+    world size, ``max_grad_norm``) and refuses a concrete value that disagrees with them,
+    so a preset cannot know them. Everything the memory estimate depends on stays concrete:
+    HF's "auto" for bucket sizes is derived from hidden_size, not what zeroplan estimated.
+    """
+    cfg = ds_config(setup, world_size=1)
+    for key in HF_AUTO_KEYS:
+        cfg[key] = "auto"
+    return cfg
+
+
+def dumps(cfg: dict[str, Any]) -> str:
+    """The file text: 2-space JSON, keys in the order written, trailing newline."""
+    return json.dumps(cfg, indent=2) + "\n"
+
+
+def write_config(cfg: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``cfg`` to ``path`` atomically and return the path.
+
+    The text goes to a temporary file in the same folder, which then replaces ``path`` in
+    one ``os.replace``: an error or Ctrl-C leaves either the old file or the complete new
+    one, never half a config that a launcher would read. The temporary file is created
+    with mode 0o666 so the result gets the usual umask permissions (mkstemp's 0o600 would
+    make the config unreadable to other users on a shared cluster).
+    """
+    target = Path(path)
+    text = dumps(cfg)  # serialise first: a bad value fails before anything touches the disk
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise ConfigWriteError(f"cannot write {target}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigWriteError(f"cannot write {target}: {exc.strerror}") from exc
+        raise
+    return target
+
+
+def write_presets(directory: str | os.PathLike[str]) -> list[Path]:
+    """Write every preset as ``<directory>/<name>.json``; the folder is created if missing."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_config(preset_config(s), folder / f"{name}.json") for name, s in PRESETS.items()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m zeroplan.dsconfig --write-presets DIR``: regenerate ``ds_configs/``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m zeroplan.dsconfig", description="Write zeroplan's DeepSpeed presets."
+    )
+    parser.add_argument("--write-presets", metavar="DIR", required=True, help="target folder")
+    args = parser.parse_args(argv)
+    for path in write_presets(args.write_presets):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
