@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroplan.hardware import Cluster, gpu_from_nvml_name
 from zeroplan.memory import MemoryEstimate, estimate
+from zeroplan.memory.overhead import PRESSURE_FRACTION
 from zeroplan.models import load_model
 from zeroplan.trainsetup import TrainSetup, parse_targets
 
@@ -31,7 +32,12 @@ GIB = 2**30
 
 
 def setup_of(row: dict[str, Any]) -> TrainSetup:
+    zero_cfg = (row.get("ds_config") or {}).get("zero_optimization", {})
+    # what DeepSpeed did when the row's config left overlap_comm out: on at stage 3 only
+    overlap = zero_cfg.get("overlap_comm", row["zero"] == 3)
     return TrainSetup(
+        grad_accum=row.get("grad_accum", 1),
+        overlap_comm=overlap,
         method=row["method"],
         micro_batch=row["micro_batch"],
         seq_len=row["seq_len"],
@@ -59,7 +65,7 @@ def cluster_of(row: dict[str, Any]) -> Cluster:
 def verdict_right(row: dict[str, Any], est: MemoryEstimate) -> bool:
     if row.get("memory_fraction"):
         # The allocator refuses past fraction × total; the CUDA context is outside that cap.
-        predicted_fit = est.peak_reserved_bytes <= est.gpu_memory_bytes
+        predicted_fit = est.peak_allocated_bytes * (1 + PRESSURE_FRACTION) <= est.gpu_memory_bytes
     else:
         predicted_fit = est.fits
     return predicted_fit == (not row["oom"])
@@ -97,8 +103,9 @@ def compare(row: dict[str, Any]) -> dict[str, Any]:
         out["meas_alloc"] = row["peak_allocated_bytes"]
         out["err_alloc"] = est.peak_allocated_bytes / row["peak_allocated_bytes"] - 1
         out["err_reserved"] = est.peak_reserved_bytes / row["peak_reserved_bytes"] - 1
-        if row.get("device_used_bytes"):
-            out["err_used"] = est.device_used_bytes / row["device_used_bytes"] - 1
+        # nvidia-smi's used bytes with only this process on the GPU
+        if row.get("nvml_used_bytes"):
+            out["err_used"] = est.device_used_bytes / row["nvml_used_bytes"] - 1
     return out
 
 
@@ -195,7 +202,8 @@ def main() -> None:
         print(
             f"\n{s['rows']} rows ({s['oom_rows']} OOM): peak allocated error median {s['median_abs_err_alloc']:.1%}, "
             f"worst {s['max_abs_err_alloc']:.1%}; reserved median {s['median_abs_err_reserved']:.1%}, "
-            f"worst {s['max_abs_err_reserved']:.1%}; fits/OOM verdict right on {s['verdicts_right']}/{s['rows']}"
+            f"worst {s['max_abs_err_reserved']:.1%}; nvidia-smi used median {s['median_abs_err_used']:.1%}, "
+            f"worst {s['max_abs_err_used']:.1%}; fits/OOM verdict right on {s['verdicts_right']}/{s['rows']}"
         )
 
 

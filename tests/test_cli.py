@@ -101,7 +101,10 @@ def check_contract(data: dict[str, Any]) -> None:
     assert per_gpu["optimizer_bytes"] == 8 * PSI_T
     assert per_gpu["logits_bytes"] == 12 * 4 * 2048 * 128_256
     assert per_gpu["gpu_memory_bytes"] == 24564 * MIB  # what an RTX 4090's driver reports
-    assert per_gpu["headroom_bytes"] == per_gpu["gpu_memory_bytes"] - per_gpu["device_used_bytes"]
+    assert per_gpu["headroom_bytes"] == per_gpu["gpu_memory_bytes"] - per_gpu["required_bytes"]
+    assert (
+        per_gpu["peak_allocated_bytes"] < per_gpu["required_bytes"] <= per_gpu["device_used_bytes"]
+    )
     assert per_gpu["fits"] is (per_gpu["headroom_bytes"] >= 0) is False
     assert (
         per_gpu["peak_allocated_bytes"]

@@ -69,6 +69,13 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         "--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."
     ),
     click.option(
+        "--grad-accum",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Gradient accumulation: micro-batches per optimizer step (gradients stay resident between them).",
+    ),
+    click.option(
         "--grad-ckpt/--no-grad-ckpt",
         default=False,
         show_default=True,
@@ -198,13 +205,6 @@ def gpus(as_json: bool) -> None:
 @click.argument("model")
 @setup_options
 @click.option(
-    "--grad-accum",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Gradient accumulation steps (micro-batches per optimizer step).",
-)
-@click.option(
     "--grad-clip",
     type=float,
     default=1.0,
@@ -221,7 +221,6 @@ def gpus(as_json: bool) -> None:
 def config(
     model: str,
     gpus: str | None,
-    grad_accum: int,
     grad_clip: float,
     output: Path | None,
     **options: Any,
@@ -240,7 +239,7 @@ def config(
 
     setup = make_setup(**options)
     cluster = resolve_cluster(gpus)
-    cfg = ds_config(setup, cluster.world_size, grad_accum=grad_accum, grad_clip=grad_clip)
+    cfg = ds_config(setup, cluster.world_size, grad_clip=grad_clip)
     est = run_estimate(model, gpus=cluster, setup=setup)
     # output first: if writing fails, its error is the only line on stderr
     if output is None:

@@ -58,16 +58,15 @@ class ConfigWriteError(ZeroplanError):
     """The config could not be written where the user asked (missing folder, no permission)."""
 
 
-def ds_config(
-    setup: TrainSetup, world_size: int, grad_accum: int = 1, grad_clip: float = 1.0
-) -> dict[str, Any]:
+def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dict[str, Any]:
     """The DeepSpeed JSON (as a dict) for ``setup`` on ``world_size`` data-parallel ranks.
 
     ``train_batch_size`` is written as micro × accumulation × world: DeepSpeed asserts that
     identity at start-up, so writing all three keeps a mistake here from surfacing only on
     the cluster. bf16 is always on: the estimate models bf16 weights and DeepSpeed's fp32
-    master copy. ``overlap_comm`` and ``contiguous_gradients`` are on at every ZeRO stage
-    (DeepSpeed only turns ``overlap_comm`` on by default at stage 3); bucket sizes come
+    master copy. ``contiguous_gradients`` is on at every ZeRO stage and ``overlap_comm`` as
+    the setup says (on unless turned off; DeepSpeed's own default is on at stage 3 only:
+    at stages 1-2 it doubles the reduce buckets, which the estimate counts); bucket sizes come
     from the setup, the same numbers the estimate's buffer term used.
 
     Stage 0 gets ``{"stage": 0}`` only: without ZeRO DeepSpeed ignores the bucket keys.
@@ -86,8 +85,6 @@ def ds_config(
         raise BadSetupError("no DeepSpeed config for a run without --zero; pass --zero 0-3")
     if world_size < 1:
         raise BadSetupError(f"world size must be at least 1 GPU, got {world_size}")
-    if grad_accum < 1:
-        raise BadSetupError(f"--grad-accum must be at least 1, got {grad_accum}")
     if not (math.isfinite(grad_clip) and grad_clip >= 0):
         raise BadSetupError(
             f"--grad-clip must be a norm >= 0 (0 turns clipping off), got {grad_clip}"
@@ -102,7 +99,7 @@ def ds_config(
     zero: dict[str, Any] = {"stage": setup.zero}
     if setup.zero >= 1:
         zero.update(
-            overlap_comm=True,
+            overlap_comm=setup.overlap_comm,
             contiguous_gradients=True,
             reduce_bucket_size=setup.reduce_bucket_elems,
         )
@@ -121,9 +118,9 @@ def ds_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
 
     cfg: dict[str, Any] = {
-        "train_batch_size": setup.micro_batch * grad_accum * world_size,
+        "train_batch_size": setup.micro_batch * setup.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": setup.micro_batch,
-        "gradient_accumulation_steps": grad_accum,
+        "gradient_accumulation_steps": setup.grad_accum,
         "gradient_clipping": float(grad_clip),
         "bf16": {"enabled": True},
         "zero_optimization": zero,

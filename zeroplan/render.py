@@ -70,6 +70,16 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         _gib(est.device_used_bytes),
         *(["reserved + CUDA context (+ NCCL, managed memory)"] if explain else []),
     )
+    table.add_row(
+        "must fit",
+        "",
+        _gib(est.required_bytes),
+        *(
+            ["allocated × 1.03 + context: under pressure the allocator gives its cache back"]
+            if explain
+            else []
+        ),
+    )
     console.print(table)
 
     top = max(est.at_peak.items(), key=lambda kv: kv[1])

@@ -27,6 +27,7 @@ DS_ALLGATHER_BUCKET_ELEMS = 500_000_000
 DS_STAGE3_PREFETCH_ELEMS = 50_000_000
 DS_STAGE3_MAX_LIVE_ELEMS = 1_000_000_000
 DS_STAGE3_PERSISTENCE_THRESHOLD = 100_000
+DS_SUB_GROUP_ELEMS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class TrainSetup:
     method: str = "lora"
     micro_batch: int = 1
     seq_len: int = 2048
+    # micro-batches per optimizer step: from the second on, gradients of the earlier ones
+    # are resident during the forward
+    grad_accum: int = 1
     zero: int | None = None
     offload: str = "none"
     grad_ckpt: bool = False
@@ -53,6 +57,9 @@ class TrainSetup:
     stage3_prefetch_elems: int = DS_STAGE3_PREFETCH_ELEMS
     stage3_max_live_elems: int = DS_STAGE3_MAX_LIVE_ELEMS
     stage3_persistence_threshold: int = DS_STAGE3_PERSISTENCE_THRESHOLD
+    # double reduce buckets for ZeRO-1/2; dsconfig writes it, DeepSpeed's own default is
+    # on at stage 3 only
+    overlap_comm: bool = True
 
     def __post_init__(self) -> None:
         _choice("--method", self.method, METHODS)
@@ -61,6 +68,8 @@ class TrainSetup:
         _choice("--attn", self.attn, ATTENTIONS)
         if self.micro_batch < 1:
             raise BadSetupError(f"--micro-batch must be at least 1, got {self.micro_batch}")
+        if self.grad_accum < 1:
+            raise BadSetupError(f"--grad-accum must be at least 1, got {self.grad_accum}")
         if self.seq_len < 1:
             raise BadSetupError(f"--seq-len must be at least 1, got {self.seq_len}")
         if self.zero is not None and self.zero not in (0, 1, 2, 3):

@@ -21,6 +21,11 @@ from zeroplan.trainsetup import TrainSetup, lora_targets
 BF16 = 2
 FP32 = 4
 MASK = 1  # dropout keeps a bool mask
+# ZeRO-3 swaps F.linear for its own autograd function (deepspeed.runtime.zero.linear), which
+# saves every linear's input, the frozen base layers' under LoRA too. Those inputs are
+# 2 B per element of (2h + q + i) per token; measured is 4.5 B (Llama-3.2-1B 4.53, Qwen2.5-0.5B
+# 4.49, benchmarks/results/memory_h100_zero1gpu.jsonl): the rest is not explained yet.
+ZERO3_LORA_BYTES_PER_INPUT = 4.5
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     linear inputs: full fine-tuning saves each distinct input once (attn in 2 B·h, MLP in
                 2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
     MoE (uncalibrated): top_k × (expert MLP 8 B·i_e + gathered input 2 B·h) + router 8 B·E
+    ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
     """
     h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     full = setup.method == "full"
@@ -90,6 +96,9 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
         adapted: list[Linear] = [lin for lin, _ in lora_targets(spec, setup) if lin.group in groups]
         lora = sum(_lora_input(lin.in_features, setup.lora_r, setup) for lin in adapted)
         out.append(Saved("LoRA inputs", lora))
+        if setup.zero == 3 and setup.method == "lora" and not moe_layer:
+            inputs = 2 * h + q + spec.intermediate_size
+            out.append(Saved("ZeRO-3 base-linear inputs", ZERO3_LORA_BYTES_PER_INPUT * inputs))
     return out
 
 

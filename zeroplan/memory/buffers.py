@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from zeroplan.memory.optimizer import BNB_8BIT_STATE
 from zeroplan.memory.result import Term
 from zeroplan.memory.weights import BF16, FP32, gib
@@ -9,33 +11,64 @@ from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, trainable_params
 
 
-def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
+@dataclass(frozen=True)
+class Buffers:
+    """Buffer bytes by when they exist; ``term`` is their largest sum, for the table."""
+
+    static: int  # allocated once, held throughout
+    backward: int  # from the first gradient of a backward to the end of it
+    gathered: int  # ZeRO-3 parameters gathered around the layer being computed
+    term: Term
+
+
+def _largest_layer_params(spec: ModelSpec) -> int:
+    return max(sum(lin.params for lin in linears) for linears, _ in spec.linears_by_layer_kind())
+
+
+def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
     """Buffers that exist only to communicate.
 
     one GPU, no DeepSpeed:  0
     DDP (N > 1):            a flat copy of the gradients in buckets (gradient_as_bucket_view
-                            is off by default): grad bytes · Ψ_t
-    ZeRO-1/2:               the contiguous reduce bucket: 2 B · min(reduce_bucket_size, Ψ_t)
-    ZeRO-3:                 reduce bucket as above + gathered bf16 parameters:
-                            2 B · min(max_live_parameters + prefetch_bucket, Ψ)
+                            is off by default), held throughout: grad bytes · Ψ_t
+    ZeRO-1/2:               the contiguous reduce buckets, each reduce_bucket_size elements
+                            whatever Ψ_t is, allocated at a backward's first gradient and
+                            freed before the step: (2 with overlap_comm, else 1) ×
+                            (4 B at ZeRO-1, which stages fp32; 2 B at ZeRO-2) × reduce_bucket
+    ZeRO-3:                 one bf16 reduce bucket 2 B · reduce_bucket, held throughout
+                            (measured on one GPU); with N > 1 the gathered bf16 parameters
+                            of the layer at work plus the prefetch bucket:
+                            2 B · (largest layer + min(prefetch, largest layer)), and the
+                            whole lm_head around the loss
     """
     n_t = trainable_params(spec, setup)
     if not setup.deepspeed:
         if world == 1:
-            return Term("buffers", 0, "none (one GPU, no DeepSpeed)")
+            return Buffers(0, 0, 0, Term("buffers", 0, "none (one GPU, no DeepSpeed)"))
         width = BF16 if setup.method == "full" else FP32
         size = width * n_t
-        return Term("buffers", size, f"DDP buckets {width} B × {n_t:,} = {gib(size)}")
+        return Buffers(
+            size, 0, 0, Term("buffers", size, f"DDP buckets {width} B × {n_t:,} = {gib(size)}")
+        )
     if setup.zero == 0:
-        return Term("buffers", 0, "none (ZeRO-0 all-reduces in place)")
-    bucket = BF16 * min(setup.reduce_bucket_elems, n_t)
-    formula = f"reduce bucket 2 B × min({setup.reduce_bucket_elems:,}, {n_t:,})"
-    size = bucket
-    if setup.zero == 3:
-        live = min(setup.stage3_max_live_elems + setup.stage3_prefetch_elems, spec.total_params)
-        size += BF16 * live
-        formula += f" + gathered 2 B × {live:,}"
-    return Term("buffers", size, f"{formula} = {gib(size)}")
+        return Buffers(0, 0, 0, Term("buffers", 0, "none (ZeRO-0 all-reduces in place)"))
+    if setup.zero in (1, 2):
+        count = 2 if setup.overlap_comm else 1
+        width = FP32 if setup.zero == 1 else BF16
+        size = count * width * setup.reduce_bucket_elems
+        formula = (
+            f"{count} reduce buckets × {width} B × {setup.reduce_bucket_elems:,} (backward only)"
+        )
+        return Buffers(0, size, 0, Term("buffers", size, f"{formula} = {gib(size)}"))
+    bucket = BF16 * setup.reduce_bucket_elems
+    formula = f"reduce bucket 2 B × {setup.reduce_bucket_elems:,}"
+    gathered = 0
+    if world > 1:
+        layer = _largest_layer_params(spec)
+        gathered = BF16 * (layer + min(setup.stage3_prefetch_elems, layer))
+        formula += f" + gathered layer and prefetch 2 B × {gathered // BF16:,}"
+    size = bucket + gathered
+    return Buffers(bucket, 0, gathered, Term("buffers", size, f"{formula} = {gib(size)}"))
 
 
 def offload_cpu_bytes(spec: ModelSpec, setup: TrainSetup, world: int, gpus_per_node: int) -> int:

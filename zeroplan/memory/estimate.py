@@ -7,11 +7,13 @@ persistent buffers; from the second step on the optimizer states exist throughou
 
     loss          static + resident grads + saved activations + logits      (start of backward)
     lm_head       static + resident grads + saved activations + lm_head grad + bf16 logits grad
-    recompute     static + resident grads + checkpoints + one layer + its backward transients
-    step          static + all gradients + ZeRO's fp32 gradient partition
+    layer         static + resident grads + saved (or checkpoints + one recomputed layer)
+                  + its backward transients + reduce buckets + ZeRO-3 gathered layer
+    embedding     full fine-tuning without DeepSpeed: static + all gradients (+ 2 V·h tied)
+    step          static + the gradients at the step (gradients.gradients)
 
-"resident grads" are gradients that exist before backward: DeepSpeed's accumulation
-buffers; without DeepSpeed none (``set_to_none``), except that for full fine-tuning
+"resident grads" exist before backward (gradients.resident_gradients): earlier
+micro-batches' under accumulation, DeepSpeed's persistent buffers. For full fine-tuning
 under checkpointing the recompute of the *first* layer happens when every other layer's
 gradient already exists.
 """
@@ -22,10 +24,10 @@ from zeroplan.errors import BadSetupError, UnsupportedModelError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile
 from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
-from zeroplan.memory.gradients import gradients
+from zeroplan.memory.gradients import gradients, resident_gradients
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
-from zeroplan.memory.overhead import device_used, reserved_from_allocated
+from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
 from zeroplan.memory.result import MemoryEstimate, Term
 from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib
 from zeroplan.models import ModelSpec
@@ -63,11 +65,15 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     act = activation_profile(spec, setup, n_t)
 
     optim_alloc = optim.bytes if optim.in_allocator else 0
-    # DeepSpeed keeps gradient buffers across the step; plain PyTorch frees them (set_to_none).
-    resident = grads.bytes if setup.deepspeed else 0
+    resident = resident_gradients(spec, setup, world)
     full = setup.method == "full"
-    lm_head_grad = BF16 * spec.vocab_size * spec.hidden_size if full else 0
+    v_h = spec.vocab_size * spec.hidden_size
+    lm_head_grad = BF16 * v_h if full else 0
     logits_grad_bf16 = BF16 * setup.tokens * spec.vocab_size if not setup.fused_loss else 0
+    # ZeRO-3 on several GPUs gathers the whole lm_head around the loss
+    head_gathered = BF16 * v_h if setup.zero == 3 and world > 1 else 0
+    # the reduce buckets appear with a backward's first gradient: lm_head's when it trains
+    head_buckets = buffers.backward if full else 0
 
     saved = act.checkpoints if setup.grad_ckpt else act.all_layers
     saved += act.head + act.autocast_weights
@@ -83,41 +89,59 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "activations": saved,
             "logits": loss.bytes,
             "gradients": resident,
+            "buffers": head_gathered,
         },
         "lm_head backward": {
             "activations": saved,
             "logits": logits_grad_bf16,
             "gradients": resident + lm_head_grad,
+            "buffers": head_gathered + head_buckets,
         },
-        "optimizer step": {"activations": 0, "logits": 0, "gradients": grads.bytes},
+        "optimizer step": {"activations": 0, "logits": 0, "gradients": grads.bytes, "buffers": 0},
     }
+    in_backward = buffers.backward + buffers.gathered
     if setup.grad_ckpt:
         phases["layer recompute (backward)"] = {
             "activations": recompute_act,
             "logits": 0,
-            "gradients": resident + late_grads,
+            "gradients": max(resident, late_grads),
+            "buffers": in_backward,
         }
     else:
         phases["layer backward"] = {
             "activations": saved + act.transient,
             "logits": 0,
             "gradients": resident,
+            "buffers": in_backward,
+        }
+    if full and not setup.deepspeed:
+        # The end of backward: every gradient exists, and a tied embedding's dense gradient
+        # is computed and summed into lm_head's: two more V·h bf16 tensors (measured,
+        # Llama-3.2-1B/3B); an untied embedding writes its gradient in place.
+        phases["embedding backward (end of backward)"] = {
+            "activations": act.checkpoints if setup.grad_ckpt else 0,
+            "logits": 0,
+            "gradients": grads.bytes + (2 * BF16 * v_h if spec.tie_word_embeddings else 0),
+            "buffers": 0,
         }
     base = {
         "weights": weights.bytes + adapters.bytes,
         "optimizer": optim_alloc,
-        "buffers": buffers.bytes,
     }
+    static_buffers = buffers.static
 
     def total(parts: dict[str, int]) -> int:
-        return sum(base.values()) + sum(parts.values())
+        return sum(base.values()) + static_buffers + sum(parts.values())
 
     phase = max(phases, key=lambda name: total(phases[name]))
     at_peak = base | phases[phase]
+    at_peak["buffers"] += static_buffers
     peak = total(phases[phase])
-    reserved = reserved_from_allocated(peak)
+    reserved = reserved_from_allocated(peak, setup.grad_ckpt)
     outside = 0 if optim.in_allocator else optim.bytes
-    used = device_used(reserved, world, outside)
+    distributed = setup.deepspeed or world > 1
+    used = device_used(reserved, distributed, outside)
+    required = required_bytes(peak, distributed, outside)
 
     activations_term = Term(
         "activations",
@@ -135,7 +159,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         "optimizer": optim,
         "activations": activations_term,
         "logits": loss,
-        "buffers": buffers,
+        "buffers": buffers.term,
     }
     notes: list[str] = []
     calibrated = spec.model_type in CALIBRATED_FAMILIES and setup.attn != "flash_attention_2"
@@ -166,6 +190,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
         device_used_bytes=used,
+        required_bytes=required,
         gpu_memory_bytes=cluster.gpu.memory_bytes,
         cpu_bytes_per_node=offload_cpu_bytes(spec, setup, world, cluster.gpus_per_node),
         calibrated=calibrated,

@@ -1,24 +1,31 @@
-"""Gradients of the trainable parameters."""
+"""Gradients of the trainable parameters: what exists before backward, and at the step."""
 
 from __future__ import annotations
 
 from zeroplan.memory.result import Term
 from zeroplan.memory.weights import BF16, FP32, gib
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, trainable_params
+from zeroplan.trainsetup import DS_SUB_GROUP_ELEMS, TrainSetup, trainable_params
 
 
 def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
-    """Gradient storage once backward is complete.
+    """Gradient bytes at the optimizer step, where they are largest.
 
-    no DeepSpeed:  grads have the parameter's dtype: full 2 B · Ψ (bf16), LoRA 4 B · Ψ_t (fp32)
+    no DeepSpeed:  the parameter's dtype: full 2 B · Ψ (bf16), LoRA 4 B · Ψ_t (fp32)
     ZeRO-0:        bf16 grads 2 B · Ψ_t + fp32 accumulation buffer 4 B · Ψ_t (BF16_Optimizer)
-    ZeRO-1:        bf16 grads 2 B · Ψ_t (all reduced at the boundary) + fp32 partition 4 B · Ψ_t / N
-    ZeRO-2/3:      bf16 partition 2 B · Ψ_t / N + fp32 partition 4 B · Ψ_t / N
-    optimizer offload moves the fp32 partition to CPU.
+    ZeRO-1:        bf16 grads 2 B · Ψ_t + the flattened bf16 partition 2 B · Ψ_t / N + its
+                   fp32 copy for the step 4 B · Ψ_t / N
+    ZeRO-2:        bf16 partition 2 B · Ψ_t / N + flattened copy 2 B · Ψ_t / N + fp32 copy
+                   4 B · Ψ_t / N
+    ZeRO-3:        bf16 partition 2 B · Ψ_t / N (preallocated) + the fp32 copy of one
+                   optimizer sub-group at a time: 4 B · min(Ψ_t / N, sub_group_size)
+    optimizer offload keeps the fp32 copy on the CPU.
+
+    Measured on one H100 (benchmarks/results/memory_h100_zero1gpu.jsonl): ZeRO-1 and
+    ZeRO-2 full fine-tuning of Llama-3.2-1B peak at the step at static + 8 B · Ψ exactly.
     """
     n_t = trainable_params(spec, setup)
-    offload = setup.offload != "none"
+    fp32 = 0 if setup.offload != "none" else FP32
     size: float
     if not setup.deepspeed:
         width = BF16 if setup.method == "full" else FP32
@@ -28,9 +35,37 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
         size = (BF16 + FP32) * n_t
         formula = f"(2 + 4) B × {n_t:,} trainable (bf16 + fp32 accumulation)"
     elif setup.zero == 1:
-        size = BF16 * n_t + (0 if offload else FP32 * n_t / world)
-        formula = f"2 B × {n_t:,} + 4 B × {n_t:,} / {world}" + (" (fp32 on CPU)" if offload else "")
+        size = BF16 * n_t + (BF16 + fp32) * n_t / world
+        formula = f"2 B × {n_t:,} + (2 + {fp32}) B × {n_t:,} / {world}"
+    elif setup.zero == 2:
+        size = (BF16 + BF16 + fp32) * n_t / world
+        formula = f"(2 + 2 + {fp32}) B × {n_t:,} / {world} GPUs"
     else:
-        size = BF16 * n_t / world + (0 if offload else FP32 * n_t / world)
-        formula = f"(2 + {0 if offload else 4}) B × {n_t:,} / {world} GPUs"
+        group = min(n_t / world, DS_SUB_GROUP_ELEMS)
+        size = BF16 * n_t / world + fp32 * group
+        formula = f"2 B × {n_t:,} / {world} + {fp32} B × {group:,.0f} (one sub-group)"
     return Term("gradients", int(size), f"{formula} = {gib(size)}")
+
+
+def resident_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
+    """Gradient bytes that already exist when a micro-batch's forward starts.
+
+    no DeepSpeed:  0 with one micro-batch per step (``zero_grad(set_to_none=True)``);
+                   with accumulation, the earlier micro-batches' gradients (param dtype)
+    ZeRO-0:        (2 + 4) B · Ψ_t (the fp32 accumulation buffer lives throughout)
+    ZeRO-1:        accumulation: the bf16 grads 2 B · Ψ_t, else 0
+    ZeRO-2:        accumulation: the bf16 partition 2 B · Ψ_t / N, else 0
+    ZeRO-3:        the preallocated bf16 partition 2 B · Ψ_t / N
+    """
+    n_t = trainable_params(spec, setup)
+    accumulating = setup.grad_accum > 1
+    if not setup.deepspeed:
+        width = BF16 if setup.method == "full" else FP32
+        return width * n_t if accumulating else 0
+    if setup.zero == 0:
+        return (BF16 + FP32) * n_t
+    if setup.zero == 1:
+        return BF16 * n_t if accumulating else 0
+    if setup.zero == 2:
+        return BF16 * n_t // world if accumulating else 0
+    return BF16 * n_t // world

@@ -28,7 +28,9 @@ class MemoryEstimate:
 
     ``terms`` holds each term's full size; ``at_peak`` how much of each is alive at the
     moment of the peak (``peak_phase``), so that ``sum(at_peak.values())`` is
-    ``peak_allocated_bytes``.
+    ``peak_allocated_bytes``. ``device_used_bytes`` is what nvidia-smi shows on a card with
+    room to spare; ``required_bytes`` what the card must hold (the allocator gives its cache
+    back under pressure), on which ``fits`` is decided.
     """
 
     model: dict[str, Any]
@@ -40,6 +42,7 @@ class MemoryEstimate:
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_used_bytes: int
+    required_bytes: int
     gpu_memory_bytes: int
     cpu_bytes_per_node: int
     calibrated: bool
@@ -47,7 +50,8 @@ class MemoryEstimate:
 
     @property
     def headroom_bytes(self) -> int:
-        return self.gpu_memory_bytes - self.device_used_bytes
+        """Card memory left over ``required_bytes``: negative means it does not fit."""
+        return self.gpu_memory_bytes - self.required_bytes
 
     @property
     def fits(self) -> bool:
@@ -60,6 +64,7 @@ class MemoryEstimate:
             peak_allocated_bytes=self.peak_allocated_bytes,
             peak_reserved_bytes=self.peak_reserved_bytes,
             device_used_bytes=self.device_used_bytes,
+            required_bytes=self.required_bytes,
             gpu_memory_bytes=self.gpu_memory_bytes,
             headroom_bytes=self.headroom_bytes,
             fits=self.fits,
