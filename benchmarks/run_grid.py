@@ -97,6 +97,27 @@ GRIDS: dict[str, list[str]] = {
         f"{M7} --method lora --micro-batch 8 --seq-len 2048 --grad-ckpt",
         f"{Q7} --method qlora --micro-batch 2 --seq-len 4096 --grad-ckpt --fused-loss",
     ],
+    # Speed on one H100 for the planner: the knobs of an 8B LoRA/QLoRA run at seq 2048,
+    # 6 steps each (the first allocates the optimizer states and is not timed).
+    "h100-plan": [
+        f"{L8} --method lora --micro-batch 1 --seq-len 2048",
+        f"{L8} --method lora --micro-batch 2 --seq-len 2048",
+        f"{L8} --method lora --micro-batch 2 --seq-len 2048 --grad-ckpt",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt",
+        f"{L8} --method lora --micro-batch 8 --seq-len 2048 --grad-ckpt",
+        f"{L8} --method lora --micro-batch 16 --seq-len 2048 --grad-ckpt --fused-loss",
+        f"{L8} --method qlora --micro-batch 2 --seq-len 2048",
+        f"{L8} --method qlora --micro-batch 8 --seq-len 2048 --grad-ckpt",
+    ],
+    # The planner's 24 GB verdicts, checked on an H100 capped at 24 GiB (fraction of 80 GiB).
+    "4090-plan": [
+        # 7x4090 story: what it ran (OOM), and the plan's per-GPU choice
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --memory-fraction 0.2941 --tag 4090-story",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --fused-loss --optim adamw_8bit --memory-fraction 0.2941 --tag 4090-plan",
+        # QLoRA story: what it ran, and the plan's choice
+        f"{L8} --method qlora --micro-batch 1 --seq-len 768 {STORY_QLORA} --memory-fraction 0.2941 --tag 4090-story",
+        f"{L8} --method qlora --micro-batch 8 --seq-len 768 --grad-ckpt --lora-targets q_proj,k_proj,v_proj,o_proj --lora-r 16 --memory-fraction 0.2941 --tag 4090-plan",
+    ],
     "h200x2-zero": [
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",
@@ -121,6 +142,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--only", default="", help="run rows whose text contains this")
     p.add_argument("--tag", default="", help="tag every row (e.g. the allocator setting)")
+    p.add_argument("--steps", type=int, default=3, help="training steps per row")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list or not args.grid:
@@ -131,6 +153,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for n, row in enumerate(rows, 1):
         cmd = [str(HERE / "measure_memory.py"), *shlex.split(row), "--out", args.out]
+        cmd += ["--steps", str(args.steps)]
         if args.tag:
             cmd += ["--tag", args.tag]
         if "--zero" in row:

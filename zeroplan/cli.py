@@ -26,6 +26,7 @@ def cli() -> None:
     \b
     zeroplan estimate llama-3.1-8b-instruct --gpus 7x4090 --method lora --micro-batch 4 --seq-len 2048
     zeroplan estimate Qwen/Qwen2.5-7B --method qlora --grad-ckpt --json
+    zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --seq-len 2048 --global-batch 112
     zeroplan config llama-3.1-8b-instruct --gpus 8xH100 --zero 3 -o ds_config.json
     zeroplan models          # the built-in catalog (works offline)
     zeroplan gpus            # the GPU catalog
@@ -259,6 +260,161 @@ def config(
             f"BitsAndBytesConfig(bnb_4bit_quant_storage=torch.{storage})",
             err=True,
         )
+
+
+def _count(text: str | None, option: str) -> int | None:
+    """'50M' -> 50_000_000; '1.5B', '200k', '123456' too."""
+    if text is None:
+        return None
+    units = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+    t = text.strip().lower().replace("_", "")
+    scale = units.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise click.BadParameter(
+            f"'{text}' is not a count such as 50M or 1.2B", param_hint=option
+        ) from None
+    if value < 1 or value != value:
+        raise click.BadParameter(f"'{text}' must be at least 1", param_hint=option)
+    return int(value)
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--gpus",
+    default=None,
+    help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="lora",
+    show_default=True,
+    help="lora may be planned as qlora (4-bit base) unless --no-quantization.",
+)
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option(
+    "--global-batch",
+    type=int,
+    default=None,
+    help="Sequences per optimizer step over all GPUs, kept exactly (micro-batch × accumulation × GPUs).",
+)
+@click.option(
+    "--dataset-tokens",
+    default=None,
+    help="Tokens to train on (50M, 1.2B): prints the time (and cost) to finish.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["time", "cost", "memory"]),
+    default="time",
+    show_default=True,
+    help="time and cost rank alike on one cluster; memory picks the smallest footprint.",
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Fraction of each GPU's memory kept free.",
+)
+@click.option(
+    "--price-per-gpu-hour",
+    type=float,
+    default=None,
+    help="Adds the cost to finish --dataset-tokens.",
+)
+@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option(
+    "--lora-targets",
+    default="all-linear",
+    show_default=True,
+    help="Module names (q_proj,v_proj) or all-linear.",
+)
+@click.option("--no-quantization", is_flag=True, help="Never switch lora to a 4-bit base (qlora).")
+@click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write plan.json, ds_config.json, launch.sh (and a hostfile) into this folder.",
+)
+def plan(
+    model: str,
+    gpus: str | None,
+    method: str,
+    seq_len: int,
+    global_batch: int | None,
+    dataset_tokens: str | None,
+    objective: str,
+    margin: float,
+    price_per_gpu_hour: float | None,
+    lora_r: int,
+    lora_targets: str,
+    no_quantization: bool,
+    top: int,
+    as_json: bool,
+    out: Path | None,
+) -> None:
+    """The fastest setup that fits MODEL on the cluster: ZeRO stage, offload, micro-batch,
+    accumulation, checkpointing, quantization, optimizer and fused loss.
+
+    \b
+    zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --seq-len 2048 --global-batch 112 --dataset-tokens 50M
+    zeroplan plan llama-3.1-8b-instruct --gpus 1x4090 --method qlora --seq-len 768 --global-batch 8
+    zeroplan plan llama-3.1-70b --gpus 8xH100 --method full -o runs/plan70b
+
+    Memory comes from the same estimate as `zeroplan estimate`; speed from FLOPs at an
+    efficiency measured on H100 plus ZeRO's communication over the cluster's links (PCIe
+    without P2P on RTX 4090s). Nothing fits: it says which cluster or change would.
+    """
+    from zeroplan.api import resolve_cluster
+    from zeroplan.models import load_model
+    from zeroplan.planner import PlanRequest, plan_json
+    from zeroplan.planner import plan as make_plan
+    from zeroplan.trainsetup import parse_targets
+
+    if seq_len < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--seq-len")
+    if lora_r < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--lora-r")
+    req = PlanRequest(
+        spec=load_model(model),
+        cluster=resolve_cluster(gpus),
+        method=method,
+        seq_len=seq_len,
+        global_batch=global_batch,
+        dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
+        margin=margin,
+        objective=objective,
+        price_per_gpu_hour=price_per_gpu_hour,
+        lora_r=lora_r,
+        lora_targets=parse_targets(lora_targets),
+        allow_quantization=not no_quantization,
+    )
+    result = make_plan(req)
+    data = plan_json(result, top=top)
+    if out is not None and result.best is not None:
+        from zeroplan.planfiles import write_plan
+
+        written = write_plan(result, out, top=top)
+        if not as_json:
+            click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from rich.console import Console
+
+        from zeroplan.render import render_plan
+
+        render_plan(data, Console())
+    if result.best is None:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

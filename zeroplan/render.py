@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,3 +129,58 @@ def render_gpus(gpus: list[GPU], console: Console) -> None:
             "yes" if g.p2p else "no",
         )
     console.print(table)
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+
+
+def render_plan(data: dict[str, Any], console: Console) -> None:
+    """The plan as a person reads it: the choice, the ranked alternatives, why others lost."""
+    from rich.table import Table
+
+    req = data["request"]
+    console.print(
+        f"[bold]{data['model']}[/bold] · {req['method']} · {data['cluster']} · seq {req['seq_len']}"
+        + (f" · global batch {req['global_batch']}" if req["global_batch"] else "")
+        + f" · margin {req['margin']:.0%} · {data['searched']} setups searched"
+    )
+    best = data["best"]
+    if best is None:
+        console.print("[red]Nothing fits.[/red] " + (data["suggestion"] or ""))
+        return
+    rows = [best, *data["alternatives"]]
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("#", "setup", "must fit GiB", "tokens/s", "step s"):
+        table.add_column(col, justify="left" if col == "setup" else "right")
+    if req["dataset_tokens"]:
+        table.add_column("time", justify="right")
+    if req["price_per_gpu_hour"] is not None and req["dataset_tokens"]:
+        table.add_column("cost", justify="right")
+    for n, c in enumerate(rows, 1):
+        s = c["setup"]
+        label = f"{c['family']}: mb {s['micro_batch']} × ga {s['grad_accum']}" + (
+            ", ckpt" if s["grad_ckpt"] else ""
+        )
+        label += ", fused loss" if s["fused_loss"] else ""
+        label += f", {s['optim']}" if s["optim"] != "adamw" else ""
+        cells = [
+            str(n),
+            label,
+            f"{c['required_bytes'] / 2**30:.1f}",
+            f"{c['tokens_per_s']:,.0f}",
+            f"{c['step_seconds']:.2f}",
+        ]
+        if "hours" in c:
+            cells.append(_duration(c["hours"]))
+        if "cost" in c:
+            cells.append(f"{c['cost']:,.2f}")
+        table.add_row(*cells, style="green" if n == 1 else None)
+    console.print(table)
+    console.print(f"[green]Chosen:[/green] {rows[0]['family']} (row 1).")
+    if data["rejected"]:
+        console.print("[bold]Other families:[/bold]")
+        for fam, why in data["rejected"].items():
+            console.print(f"  {fam}: {why}")
+    for note in data["assumptions"]:
+        console.print(f"[yellow]assumption:[/yellow] {note}")

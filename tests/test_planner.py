@@ -1,0 +1,167 @@
+"""The planner and the speed model: search, constraint, ranking, explanations, files, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from zeroplan.cli import cli
+from zeroplan.errors import BadSetupError
+from zeroplan.hardware import parse_cluster
+from zeroplan.models import load_model
+from zeroplan.planner import PlanRequest, candidate_setups, evaluate, plan, plan_json
+from zeroplan.speed import comm_bytes_per_step, flops_per_token, step_time
+from zeroplan.trainsetup import TrainSetup
+
+ROOT = Path(__file__).resolve().parent.parent
+L8 = load_model("meta-llama/Llama-3.1-8B-Instruct")
+
+
+def story_request(**kw: object) -> PlanRequest:
+    args: dict[str, object] = dict(
+        spec=L8, cluster=parse_cluster("7x4090"), method="lora", seq_len=2048, global_batch=112
+    )
+    args.update(kw)
+    return PlanRequest(**args)  # type: ignore[arg-type]
+
+
+def test_flops_full_is_six_psi_per_token_without_attention() -> None:
+    setup = TrainSetup(method="full", seq_len=1)
+    linear = sum(sum(lin.params for lin in ls) * n for ls, n in L8.linears_by_layer_kind())
+    head = L8.vocab_size * L8.hidden_size
+    attention = 2 * 1 * L8.q_dim * L8.num_layers
+    assert flops_per_token(L8, setup) == 6 * (linear + head) + 3 * attention
+    # LoRA skips the frozen weights' gradients; checkpointing adds a forward of the layers
+    lora = flops_per_token(L8, TrainSetup(method="lora", seq_len=1))
+    assert lora == 4 * (linear + head) + 3 * attention
+    ckpt = flops_per_token(L8, TrainSetup(method="lora", seq_len=1, grad_ckpt=True))
+    assert ckpt - lora == 2 * linear + attention
+
+
+def test_zero3_moves_the_weights_every_micro_batch() -> None:
+    n, psi = 7, L8.total_params
+    z3 = TrainSetup(zero=3, grad_accum=4)
+    nt = comm_bytes_per_step(L8, TrainSetup(zero=2), n) / (2 * 2 * 6 / 7)
+    assert comm_bytes_per_step(L8, z3, n) == pytest.approx(4 * 6 / 7 * (2 * 2 * psi + 2 * nt))
+    assert comm_bytes_per_step(L8, TrainSetup(zero=3), 1) == 0
+    # on PCIe without P2P, ZeRO-3 LoRA at a small micro-batch loses to DDP
+    c = parse_cluster("7x4090")
+    ddp = step_time(L8, TrainSetup(micro_batch=2, grad_ckpt=True, grad_accum=8), c)
+    z3s = step_time(L8, TrainSetup(micro_batch=2, grad_ckpt=True, grad_accum=8, zero=3), c)
+    assert z3s.tokens_per_s < 0.8 * ddp.tokens_per_s
+
+
+def test_seed_story_plan_fits_with_margin_and_beats_the_story_remedy() -> None:
+    req = story_request()
+    p = plan(req)
+    assert p.best is not None
+    best = p.best
+    assert best.setup.micro_batch * best.setup.grad_accum * 7 == 112  # global batch kept
+    assert best.estimate.required_bytes <= 0.95 * best.estimate.gpu_memory_bytes
+    # the story: ZeRO-3, micro-batch 2 (×8 to keep the batch), checkpointing
+    remedy = evaluate(req, TrainSetup(zero=3, micro_batch=2, grad_accum=8, grad_ckpt=True))
+    assert remedy.fits
+    assert best.step.tokens_per_s > 1.3 * remedy.step.tokens_per_s
+    # and what the story ran (micro-batch 4 × 4, no checkpointing) does not fit
+    story = evaluate(req, TrainSetup(micro_batch=4, grad_accum=4))
+    assert not story.fits
+    assert all(c.fits for c in p.ranked)
+    assert p.rejected and all(p.rejected.values())
+
+
+def test_every_candidate_keeps_the_global_batch_and_search_is_fast() -> None:
+    req = story_request()
+    setups = list(candidate_setups(req))
+    assert len(setups) > 500
+    assert all(s.micro_batch * s.grad_accum * 7 == 112 for s in setups)
+    start = time.perf_counter()
+    plan(story_request(global_batch=None))  # every micro-batch: the largest search
+    assert time.perf_counter() - start < 2.0
+
+
+def test_objective_memory_picks_the_smallest_footprint() -> None:
+    p = plan(story_request(objective="memory"))
+    assert p.best is not None
+    assert p.best.estimate.required_bytes == min(c.estimate.required_bytes for c in p.ranked)
+
+
+def test_impossible_request_gets_the_cluster_or_change_that_would_fit() -> None:
+    p = plan(
+        PlanRequest(
+            spec=load_model("llama-3.1-70b"), cluster=parse_cluster("1x4090"), method="full"
+        )
+    )
+    assert p.best is None and p.ranked == []
+    assert p.suggestion is not None and "RTX-4090 would fit" in p.suggestion
+    assert "--method lora" in p.suggestion
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"global_batch": 100}, "multiple of 7"),
+        ({"global_batch": 3}, "smaller than the 7"),
+        ({"margin": 1.5}, "--margin"),
+        ({"objective": "speed"}, "--objective"),
+    ],
+)
+def test_bad_requests(kw: dict[str, object], needle: str) -> None:
+    with pytest.raises(BadSetupError, match=needle):
+        story_request(**kw)
+
+
+def test_cli_plan_json_and_files(tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    args = ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--global-batch", "112"]
+    args += ["--dataset-tokens", "50M", "--price-per-gpu-hour", "0.4", "--json", "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["best"]["hours"] == pytest.approx(50e6 / data["best"]["tokens_per_s"] / 3600)
+    assert data["best"]["cost"] == pytest.approx(data["best"]["hours"] * 7 * 0.4)
+    assert json.loads((out / "plan.json").read_text()) == data
+    assert "zeroplan launch plan.json" in (out / "launch.sh").read_text()
+
+
+def test_cli_plan_writes_a_deepspeed_config_for_zero_plans(tmp_path: Path) -> None:
+    req = story_request(global_batch=None)
+    p = plan(req)
+    assert p.best is not None
+    from zeroplan.planfiles import write_plan
+
+    zero = next(c for c in p.ranked if c.setup.zero == 3)
+    zp = type(p)(req, zero, [zero], {}, 1)
+    files = {f.name for f in write_plan(zp, tmp_path / "z3")}
+    assert files == {"plan.json", "ds_config.json", "launch.sh"}
+    cfg = json.loads((tmp_path / "z3" / "ds_config.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert plan_json(zp)["best"]["setup"]["zero"] == 3
+
+
+def test_cli_plan_nothing_fits_exit_1_and_bad_count_exit_2() -> None:
+    cmd = [sys.executable, "-m", "zeroplan.cli", "plan", "llama-3.1-70b", "--gpus", "1x4090"]
+    done = subprocess.run([*cmd, "--method", "full"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "Nothing fits" in done.stdout
+    bad = subprocess.run(
+        [*cmd, "--dataset-tokens", "lots"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("zeroplan: error:") and "50M" in bad.stderr
+
+
+def test_speed_constants_are_what_the_measured_rows_fit() -> None:
+    """benchmarks/fit_speed.py --check fails when zeroplan/speed.py drifts from the data."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/fit_speed.py", "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "efficiency" in done.stdout

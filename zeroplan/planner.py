@@ -1,0 +1,337 @@
+"""plan(): the fastest setup that fits a cluster, the ranked alternatives, and why the rest lost.
+
+Search space (``candidate_setups``): DeepSpeed off (DDP) or ZeRO 0-3, CPU offload of the
+optimizer (ZeRO 1-3) or of optimizer and parameters (ZeRO-3), micro-batch 1-64, gradient
+accumulation that keeps the global batch, checkpointing on/off, bf16 or 4-bit base
+weights (``lora`` may become ``qlora``), AdamW or 8-bit AdamW (paged without DeepSpeed),
+fused loss on/off. Attention stays sdpa: the only implementation calibrated on a GPU.
+
+Constraint: the estimate's ``required_bytes`` ≤ (1 − margin) × card memory.
+Objective: ``time`` maximises predicted tokens/s (zeroplan.speed); ``cost`` is the same on
+a fixed cluster (price × GPUs × time); ``memory`` minimises required bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroplan.errors import BadSetupError, ZeroplanError
+from zeroplan.hardware import Cluster
+from zeroplan.memory import MemoryEstimate, estimate
+from zeroplan.models import ModelSpec
+from zeroplan.speed import OVERLAP, StepTime, step_time
+from zeroplan.trainsetup import ALL_LINEAR, TrainSetup
+
+OBJECTIVES = ("time", "cost", "memory")
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asked for; everything else is the planner's to choose."""
+
+    spec: ModelSpec
+    cluster: Cluster
+    method: str = "lora"
+    seq_len: int = 2048
+    global_batch: int | None = None  # sequences per optimizer step, all GPUs
+    dataset_tokens: int | None = None
+    margin: float = DEFAULT_MARGIN
+    objective: str = "time"
+    price_per_gpu_hour: float | None = None
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    allow_quantization: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise BadSetupError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+        if not 0 <= self.margin < 1:
+            raise BadSetupError(f"--margin must be in [0, 1), got {self.margin}")
+        if self.global_batch is not None and self.global_batch < self.cluster.world_size:
+            raise BadSetupError(
+                f"--global-batch {self.global_batch} is smaller than the {self.cluster.world_size} "
+                "GPUs: each GPU needs at least one sequence per step"
+            )
+        if self.global_batch is not None and self.global_batch % self.cluster.world_size:
+            raise BadSetupError(
+                f"--global-batch {self.global_batch} does not split over {self.cluster.world_size} "
+                f"GPUs: use a multiple of {self.cluster.world_size}"
+            )
+        if self.dataset_tokens is not None and self.dataset_tokens < 1:
+            raise BadSetupError("--dataset-tokens must be positive")
+        if self.price_per_gpu_hour is not None and self.price_per_gpu_hour < 0:
+            raise BadSetupError("--price-per-gpu-hour must be >= 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    setup: TrainSetup
+    estimate: MemoryEstimate
+    step: StepTime
+    fits: bool  # with the margin
+
+    @property
+    def family(self) -> str:
+        return family_of(self.setup, self.estimate.cluster["world_size"])
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    best: Candidate | None
+    ranked: list[Candidate]  # fitting candidates, best first
+    rejected: dict[str, str]  # family -> why it lost
+    searched: int
+    suggestion: str | None = None
+    assumptions: tuple[str, ...] = field(default=())
+
+
+def family_of(setup: TrainSetup, world: int = 1) -> str:
+    if setup.zero is None:
+        dist = "DDP" if world > 1 else "no DeepSpeed"
+    else:
+        dist = f"ZeRO-{setup.zero}"
+        if setup.offload != "none":
+            dist += f" + offload {setup.offload}"
+    return f"{setup.method} · {dist}"
+
+
+def _methods(req: PlanRequest) -> tuple[str, ...]:
+    if req.method == "lora" and req.allow_quantization:
+        return ("lora", "qlora")
+    return (req.method,)
+
+
+def _distributions(req: PlanRequest, method: str) -> Iterator[tuple[int | None, str]]:
+    yield None, "none"
+    multi = req.cluster.world_size > 1
+    for zero in (0, 1, 2, 3):
+        if multi or zero == 3:  # on one GPU, ZeRO 0-2 without offload only add buffers
+            yield zero, "none"
+    for zero in (1, 2, 3):
+        yield zero, "optimizer"
+    if method != "qlora":  # 4-bit weights cannot be offloaded
+        yield 3, "optimizer+params"
+
+
+def _optimizers(zero: int | None, offload: str) -> tuple[str, ...]:
+    if offload != "none":
+        return ("adamw",)  # DeepSpeed's CPU Adam
+    if zero is None:
+        return ("adamw", "adamw_8bit", "paged_adamw_8bit")
+    return ("adamw", "adamw_8bit")
+
+
+def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
+    world = req.cluster.world_size
+    for method in _methods(req):
+        for zero, offload in _distributions(req, method):
+            for optim in _optimizers(zero, offload):
+                for mb in MICRO_BATCHES:
+                    if req.global_batch is not None:
+                        per_gpu = req.global_batch // world
+                        if per_gpu % mb:
+                            continue
+                        accum = per_gpu // mb
+                    else:
+                        accum = 1
+                    for ckpt in (False, True):
+                        for fused in (False, True):
+                            yield TrainSetup(
+                                method=method,
+                                micro_batch=mb,
+                                seq_len=req.seq_len,
+                                grad_accum=accum,
+                                zero=zero,
+                                offload=offload,
+                                grad_ckpt=ckpt,
+                                lora_r=req.lora_r,
+                                lora_targets=req.lora_targets,
+                                optim=optim,
+                                fused_loss=fused,
+                            )
+
+
+def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
+    est = estimate(req.spec, req.cluster, setup)
+    limit = est.gpu_memory_bytes * (1 - req.margin)
+    return Candidate(
+        setup, est, step_time(req.spec, setup, req.cluster), est.required_bytes <= limit
+    )
+
+
+def complexity(setup: TrainSetup) -> int:
+    """Moving parts a setup adds; among equally fast setups the simplest wins."""
+    dist = 0 if setup.zero is None else 1 + setup.zero
+    offload = {"none": 0, "optimizer": 5, "optimizer+params": 10}[setup.offload]
+    optim = {"adamw": 0, "adamw_8bit": 1}.get(setup.optim, 2)
+    return 10 * (dist + offload) + optim + int(setup.fused_loss)
+
+
+def _score(req: PlanRequest, c: Candidate) -> tuple[float, ...]:
+    if req.objective == "memory":
+        return (c.estimate.required_bytes, -c.step.tokens_per_s)
+    # time and cost rank alike on one cluster; speeds within 1% are a tie, which the
+    # simpler setup wins, then the one with more memory to spare
+    speed_bin = -math.floor(math.log(c.step.tokens_per_s) / math.log(1.01))
+    return (speed_bin, complexity(c.setup), c.estimate.required_bytes)
+
+
+def plan(req: PlanRequest) -> Plan:
+    """Evaluate every candidate, keep those that fit, rank them, explain each family's loss."""
+    results: list[Candidate] = []
+    for setup in candidate_setups(req):
+        try:
+            results.append(evaluate(req, setup))
+        except ZeroplanError:
+            continue  # a combination the estimator refuses (e.g. unsupported for this model)
+    fitting = sorted((c for c in results if c.fits), key=lambda c: _score(req, c))
+    best = fitting[0] if fitting else None
+    rejected: dict[str, str] = {}
+    by_family: dict[str, list[Candidate]] = {}
+    for c in results:
+        by_family.setdefault(c.family, []).append(c)
+    for fam, members in by_family.items():
+        if best is not None and fam == best.family:
+            continue
+        ok = [c for c in members if c.fits]
+        if not ok:
+            least = min(members, key=lambda c: c.estimate.required_bytes)
+            rejected[fam] = (
+                f"does not fit: even {describe(least.setup)} needs "
+                f"{_gib(least.estimate.required_bytes)} GiB of "
+                f"{_gib(least.estimate.gpu_memory_bytes * (1 - req.margin))} usable"
+            )
+        elif best is not None:
+            top = min(ok, key=lambda c: _score(req, c))
+            if req.objective == "memory":
+                more = top.estimate.required_bytes / best.estimate.required_bytes - 1
+                rejected[fam] = f"needs {more:.0%} more memory ({describe(top.setup)})"
+            else:
+                slower = best.step.tokens_per_s / top.step.tokens_per_s - 1
+                if slower < 0.01:
+                    rejected[fam] = f"as fast, but adds moving parts ({describe(top.setup)})"
+                else:
+                    rejected[fam] = f"slower by {slower:.0%} at its best ({describe(top.setup)})"
+    suggestion = None if best else suggest(req)
+    assumptions = (
+        f"communication {OVERLAP:.0%} hidden behind compute and CPU-offload speed are assumptions "
+        "(not yet measured on several GPUs)",
+    )
+    return Plan(req, best, fitting, rejected, len(results), suggestion, assumptions)
+
+
+def describe(setup: TrainSetup) -> str:
+    parts = [f"micro-batch {setup.micro_batch}"]
+    if setup.grad_accum > 1:
+        parts.append(f"× {setup.grad_accum} accumulation")
+    parts.append("checkpointing" if setup.grad_ckpt else "no checkpointing")
+    if setup.fused_loss:
+        parts.append("fused loss")
+    if setup.optim != "adamw":
+        parts.append(setup.optim)
+    return ", ".join(parts)
+
+
+def suggest(req: PlanRequest) -> str:
+    """Nothing fits: the smallest cluster of this GPU that would, and the cheapest change."""
+    lines = []
+    for n in (2, 4, 8, 16, 32, 64, 128, 256):
+        if n <= req.cluster.world_size:
+            continue
+        nodes = max(1, math.ceil(n / 8)) if req.cluster.num_nodes > 1 or n > 8 else 1
+        bigger = dataclasses.replace(req.cluster, gpus_per_node=n // nodes, num_nodes=nodes)
+        # a larger cluster needs a global batch it can split
+        sub = dataclasses.replace(req, cluster=bigger, global_batch=None)
+        if any(c.fits for c in _lean(sub)):
+            lines.append(f"{n}×{req.cluster.gpu.name} would fit it (ZeRO-3, offload as needed)")
+            break
+    else:
+        lines.append(f"no cluster of up to 256 {req.cluster.gpu.name} fits it")
+    if req.method == "full":
+        alt = dataclasses.replace(req, method="lora", global_batch=None)
+        if any(c.fits for c in _lean(alt)):
+            lines.append(f"or --method lora / qlora fits on {req.cluster.describe()}")
+    elif req.seq_len > 512:
+        alt = dataclasses.replace(req, seq_len=req.seq_len // 2, global_batch=None)
+        if any(c.fits for c in _lean(alt)):
+            lines.append(f"or --seq-len {req.seq_len // 2} fits on {req.cluster.describe()}")
+    return "; ".join(lines)
+
+
+def _lean(req: PlanRequest) -> Iterator[Candidate]:
+    """The least-memory setups of each kind: micro-batch 1, checkpointing, fused loss."""
+    for method in _methods(req):
+        for zero, offload in _distributions(req, method):
+            optim = "adamw" if offload != "none" else "adamw_8bit"
+            setup = TrainSetup(
+                method=method,
+                seq_len=req.seq_len,
+                zero=zero,
+                offload=offload,
+                grad_ckpt=True,
+                fused_loss=True,
+                optim=optim,
+                lora_r=req.lora_r,
+                lora_targets=req.lora_targets,
+            )
+            try:
+                yield evaluate(req, setup)
+            except ZeroplanError:
+                continue
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
+    """The plan as one JSON object (``zeroplan plan --json`` and plan.json)."""
+
+    def cand(c: Candidate) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "setup": c.setup.to_dict(),
+            "family": c.family,
+            "required_bytes": c.estimate.required_bytes,
+            "peak_allocated_bytes": c.estimate.peak_allocated_bytes,
+            "device_used_bytes": c.estimate.device_used_bytes,
+            "step_seconds": c.step.total_s,
+            "compute_seconds": c.step.compute_s,
+            "comm_seconds": c.step.comm_s,
+            "offload_seconds": c.step.offload_s,
+            "tokens_per_s": c.step.tokens_per_s,
+        }
+        if p.request.dataset_tokens:
+            hours = p.request.dataset_tokens / c.step.tokens_per_s / 3600
+            out["hours"] = hours
+            if p.request.price_per_gpu_hour is not None:
+                out["cost"] = hours * p.request.cluster.world_size * p.request.price_per_gpu_hour
+        return out
+
+    req = p.request
+    return {
+        "model": req.spec.name,
+        "cluster": req.cluster.describe(),
+        "world_size": req.cluster.world_size,
+        "request": {
+            "method": req.method,
+            "seq_len": req.seq_len,
+            "global_batch": req.global_batch,
+            "dataset_tokens": req.dataset_tokens,
+            "margin": req.margin,
+            "objective": req.objective,
+            "price_per_gpu_hour": req.price_per_gpu_hour,
+        },
+        "best": cand(p.best) if p.best else None,
+        "alternatives": [cand(c) for c in p.ranked[1 : top + 1]],
+        "rejected": p.rejected,
+        "searched": p.searched,
+        "suggestion": p.suggestion,
+        "assumptions": list(p.assumptions),
+    }
