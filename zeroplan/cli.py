@@ -417,6 +417,11 @@ def plan(
         sys.exit(1)
 
 
+# Commands that live in their own modules register here, one line each:
+# from zeroplan.<module> import <command>; cli.add_command(<command>)
+# -- more commands register here --
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2."""
     try:
