@@ -85,7 +85,7 @@ class Candidate:
 class Plan:
     request: PlanRequest
     best: Candidate | None
-    ranked: list[Candidate]  # fitting candidates, best first
+    ranked: list[Candidate]  # fitting candidates, best first, one per distinct shape
     rejected: dict[str, str]  # family -> why it lost
     searched: int
     suggestion: str | None = None
@@ -220,11 +220,31 @@ def plan(req: PlanRequest) -> Plan:
                 else:
                     rejected[fam] = f"slower by {slower:.0%} at its best ({describe(top.setup)})"
     suggestion = None if best else suggest(req)
-    assumptions = (
-        f"communication {OVERLAP:.0%} hidden behind compute and CPU-offload speed are assumptions "
-        "(not yet measured on several GPUs)",
+    assumptions = [
+        f"communication {OVERLAP:.0%} hidden behind compute, ZeRO-3's hook overhead and "
+        "CPU-offload speed are assumptions (not yet measured on several GPUs)"
+    ]
+    if best is not None and best.setup.method != req.method:
+        assumptions.append(
+            f"the plan trains {req.method} on a 4-bit base ({best.setup.method}); "
+            "pass --no-quantization to keep the bf16 base"
+        )
+    return Plan(
+        req, best, distinct(fitting), rejected, len(results), suggestion, tuple(assumptions)
     )
-    return Plan(req, best, fitting, rejected, len(results), suggestion, assumptions)
+
+
+def distinct(ranked: list[Candidate]) -> list[Candidate]:
+    """The best of each (family, micro-batch, accumulation, checkpointing): variants that
+    differ only in optimizer or loss kernel and run as fast would crowd the table."""
+    seen: set[tuple[str, int, int, bool]] = set()
+    out = []
+    for c in ranked:
+        key = (c.family, c.setup.micro_batch, c.setup.grad_accum, c.setup.grad_ckpt)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
 
 
 def describe(setup: TrainSetup) -> str:
