@@ -283,13 +283,22 @@ def test_bad_input_is_one_line_exit_2(
     assert needle in lines[0]
 
 
-def test_estimate_does_not_import_the_heavy_stack(subprocess_env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "key"),
+    [
+        (["estimate", "llama-3.2-1b", "--json"], "per_gpu"),
+        (["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--json"], "best"),
+    ],
+)
+def test_estimate_and_plan_do_not_import_the_heavy_stack(
+    subprocess_env: dict[str, str], argv: list[str], key: str
+) -> None:
     code = (
         "import sys, io, contextlib, zeroplan.cli\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
-        "    zeroplan.cli.main(['estimate', 'llama-3.2-1b', '--json'])\n"
-        "assert '\"per_gpu\"' in out.getvalue()\n"
+        f"    zeroplan.cli.main({argv!r})\n"
+        f"assert '\"{key}\"' in out.getvalue()\n"
         "heavy = ('torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes', 'accelerate', 'trl')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
