@@ -15,6 +15,7 @@ zeroplan/speed.py differ from the fit by more than 5%, and prints predicted vs m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -95,6 +96,22 @@ def fit(data: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     return out
 
 
+def fit_zero3(data: list[dict[str, Any]]) -> float | None:
+    """Seconds per parameter tensor per micro-batch that ZeRO-3 adds: the median over the
+    ZeRO-3 rows of (measured − the model without ZeRO-3) / parameter tensors."""
+    per_tensor = []
+    for r in data:
+        if r["zero"] != 3:
+            continue
+        spec, setup = load_model(r["model"]), setup_of(r)
+        peak = gpu_from_nvml_name(r["env"]["gpu"], r["env"]["gpu_total_bytes"]).bf16_tflops
+        plain = speed.compute_seconds(spec, dataclasses.replace(setup, zero=None), peak)
+        # the last step: ZeRO-3's first steps trace and re-trace the module order
+        extra = r["step_seconds"][-1] - plain
+        per_tensor.append(extra / speed.parameter_tensors(spec, setup))
+    return statistics.median(per_tensor) if per_tensor else None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path)
@@ -110,8 +127,16 @@ def main() -> int:
         )
         bad |= abs(eff / speed.EFFICIENCY[method] - 1) > 0.05
         bad |= abs(over - speed.LAYER_OVERHEAD_S[method]) > 0.05 * max(over, 1e-4)
+    z3 = fit_zero3(data)
+    if z3 is not None:
+        print(
+            f"ZeRO-3 per parameter tensor {z3 * 1e3:.2f} ms (speed.py {speed.ZERO3_SECONDS_PER_TENSOR * 1e3:.2f})"
+        )
+        bad |= abs(z3 / speed.ZERO3_SECONDS_PER_TENSOR - 1) > 0.05
     errs = []
     for r in data:
+        if r["zero"] == 3:
+            continue  # timed by their last step only, above
         spec, setup = load_model(r["model"]), setup_of(r)
         peak = gpu_from_nvml_name(r["env"]["gpu"], r["env"]["gpu_total_bytes"]).bf16_tflops
         pred = speed.compute_seconds(spec, setup, peak)

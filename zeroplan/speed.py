@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from zeroplan.hardware import PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, trainable_params
+from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
 
 # Fraction of the card's dense bf16 peak that the matmuls reach, by method, and a fixed cost
 # per decoder layer per micro-batch (kernel launches, norms, LoRA's small matmuls, bitsandbytes
@@ -19,6 +19,10 @@ from zeroplan.trainsetup import TrainSetup, trainable_params
 EFFICIENCY = {"lora": 0.315, "qlora": 0.359, "full": 0.344}
 LAYER_OVERHEAD_S = {"lora": 0.98e-3, "qlora": 1.64e-3, "full": 2.59e-3}
 H100_TFLOPS = 989.0
+# ZeRO-3's per-parameter hooks (fetch, release, partition bookkeeping) cost this much per
+# parameter tensor per micro-batch on the host, whatever its size: what makes ZeRO-3 slow
+# for LoRA, whose adapters add two small tensors per adapted linear. Fitted on one H100.
+ZERO3_SECONDS_PER_TENSOR = 1.56e-3
 # Fraction of communication hidden behind compute (DeepSpeed overlap_comm, DDP buckets).
 # Not measured yet (no multi-GPU machine): an assumption the planner's output says it uses.
 OVERLAP = 0.5
@@ -72,11 +76,27 @@ def _active_linear_params(spec: ModelSpec) -> float:
     return total
 
 
+def parameter_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
+    """nn.Parameter tensors: per layer its linears' weights and biases, norms (and q/k
+    norms); embeddings, final norm, an untied lm_head; LoRA's A and B per adapted linear."""
+    total = 3 if not spec.tie_word_embeddings else 2
+    for linears, n_layers in spec.linears_by_layer_kind():
+        per_layer = sum(1 + int(lin.bias) for lin in linears) + spec.norms_per_layer
+        per_layer += 2 if spec.qk_norm else 0
+        total += per_layer * n_layers
+    if setup.is_lora:
+        total += 2 * sum(n for _, n in lora_targets(spec, setup))
+    return total
+
+
 def compute_seconds(spec: ModelSpec, setup: TrainSetup, peak_tflops: float) -> float:
-    """One micro-batch: FLOPs·T / (peak · efficiency) + layers · overhead · (H100 / peak)."""
+    """One micro-batch: FLOPs·T / (peak · efficiency) + layers · overhead · (H100 / peak)
+    (+ ZeRO-3: parameter tensors · 1.56 ms)."""
     flops = flops_per_token(spec, setup) * setup.tokens
     scale = H100_TFLOPS / peak_tflops
     overhead = spec.num_layers * LAYER_OVERHEAD_S[setup.method] * scale
+    if setup.zero == 3:
+        overhead += parameter_tensors(spec, setup) * ZERO3_SECONDS_PER_TENSOR
     return flops / (peak_tflops * 1e12 * EFFICIENCY[setup.method]) + overhead
 
 
