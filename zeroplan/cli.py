@@ -419,6 +419,14 @@ def plan(
 
 # Commands that live in their own modules register here, one line each:
 # from zeroplan.<module> import <command>; cli.add_command(<command>)
+from zeroplan.cli_watch import report, watch  # noqa: E402
+
+cli.add_command(watch)
+cli.add_command(report)
+from zeroplan.cli_launch import env, launch  # noqa: E402
+
+cli.add_command(launch)
+cli.add_command(env)
 # -- more commands register here --
 
 

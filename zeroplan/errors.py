@@ -34,3 +34,58 @@ class UnknownGPUError(ZeroplanError):
 
 class BadClusterSpecError(ZeroplanError):
     """A cluster spec such as '7x4090' or a hostfile that cannot be parsed."""
+
+
+class DataNotFoundError(ZeroplanError):
+    """A training data file that does not exist, or a Hub data set that cannot be loaded."""
+
+
+class BadDataError(ZeroplanError):
+    """Training records that cannot be read or lack the fields their format needs."""
+
+
+class ChatTemplateError(ZeroplanError):
+    """A tokenizer without a chat template for chat records, or a template zeroplan cannot mask."""
+
+
+class BadPlanError(ZeroplanError):
+    """A plan.json that is not a plan zeroplan wrote, or one with no setup to run."""
+
+
+class MissingDependencyError(ZeroplanError):
+    """The plan needs a package or a device this machine does not have (bitsandbytes, Liger, CUDA)."""
+
+
+class ResumeError(ZeroplanError):
+    """--resume with no checkpoint in the run folder to resume from."""
+
+
+# -- zeroplan launch: the preflight refuses before anything starts ---------------------------
+
+
+class TokenizerNotFoundError(ZeroplanError):
+    """A local model folder without tokenizer files."""
+
+
+class NoGPUError(ZeroplanError):
+    """No NVIDIA GPU on this machine (NVML sees none) for a run that needs them."""
+
+
+class GPUCountError(ZeroplanError):
+    """The run asks for more GPUs (or other GPU indices) than this machine has."""
+
+
+class PredictedOOMError(ZeroplanError):
+    """The estimate says the setup runs out of memory on the GPUs at hand."""
+
+
+class HostUnreachableError(ZeroplanError):
+    """A hostfile host that ssh cannot reach without a prompt."""
+
+
+class RunDirExistsError(ZeroplanError):
+    """The run folder already holds a run and --resume was not given."""
+
+
+class NoWeightsError(ZeroplanError):
+    """A run folder without the trained weights that merge / generate need."""

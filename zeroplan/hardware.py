@@ -45,6 +45,7 @@ __all__ = [
     "local_cluster",
     "parse_cluster",
     "parse_hostfile",
+    "read_hostfile",
 ]
 
 Interconnect = Literal["nvlink", "pcie"]
@@ -483,6 +484,20 @@ def parse_hostfile(
         BadClusterSpecError: missing/unreadable file, a malformed line, a duplicate host,
             a zero slot count, unequal slot counts, or no hosts at all.
     """
+    slots = read_hostfile(path)
+    return Cluster(
+        gpu,
+        gpus_per_node=next(iter(slots.values())),
+        num_nodes=len(slots),
+        inter_node_gbs=inter_node_gbs,
+    )
+
+
+def read_hostfile(path: str | os.PathLike[str]) -> dict[str, int]:
+    """The hosts of a DeepSpeed hostfile and their slot counts, in file order.
+
+    Checked as ``parse_hostfile`` describes (every host with the same slot count).
+    """
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
@@ -532,9 +547,7 @@ def parse_hostfile(
             f"hostfile {str(p)!r} mixes slot counts ({detail}); zeroplan plans identical "
             f"nodes, so give every host the same slots (e.g. slots={distinct[0]})"
         )
-    return Cluster(
-        gpu, gpus_per_node=distinct[0], num_nodes=len(slots), inter_node_gbs=inter_node_gbs
-    )
+    return slots
 
 
 def gpu_from_nvml_name(name: str | bytes, memory_bytes: int) -> GPU:

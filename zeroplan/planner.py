@@ -337,6 +337,9 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
     req = p.request
     return {
         "model": req.spec.name,
+        # where the config came from: a local config.json path, "catalog", "hf-cache" or "hub";
+        # launch/sft.py loads the weights from that folder when it is a local path
+        "model_source": req.spec.source,
         "cluster": req.cluster.describe(),
         "world_size": req.cluster.world_size,
         "request": {

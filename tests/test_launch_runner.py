@@ -1,0 +1,795 @@
+"""zeroplan launch / zeroplan env: the commands it builds, what it refuses before anything
+starts, and real 2-process runs through torchrun on CPU with a stand-in rank program
+(tests/standin_rank.py: same arguments as zeroplan.launch.sft, a few ms per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from zeroplan.cli import cli
+from zeroplan.errors import (
+    BadClusterSpecError,
+    BadPlanError,
+    GPUCountError,
+    HostUnreachableError,
+    NoGPUError,
+    PredictedOOMError,
+    RunDirExistsError,
+    TokenizerNotFoundError,
+)
+from zeroplan.hardware import parse_cluster
+from zeroplan.launch import procs, progress
+from zeroplan.launch.preflight import preflight
+from zeroplan.launch.runner import (
+    Command,
+    Launch,
+    Node,
+    PlanOptions,
+    TrainOptions,
+    build_launch,
+    default_launcher,
+    find_plan,
+    launch_env,
+    local_model,
+    plan_model,
+    read_plan,
+    resolve_nodes,
+    select_nodes,
+    write_files,
+)
+from zeroplan.launch.supervise import Supervisor
+from zeroplan.trainsetup import TrainSetup
+
+pytestmark = pytest.mark.usefixtures("isolated_hf")
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = Path(__file__).resolve().parent / "standin_rank.py"
+QWEN = "Qwen/Qwen2.5-0.5B"
+H100, RTX4090 = parse_cluster("H100").gpu, parse_cluster("4090").gpu
+
+
+def make_plan(
+    folder: Path, model: str = QWEN, gpus: str = "2xH100", setup: TrainSetup | None = None
+) -> Path:
+    """plan.json as `zeroplan plan -o folder` writes it, with ``setup`` as the choice."""
+    data = plan_model(model, parse_cluster(gpus), PlanOptions(seq_len=256))
+    data["best"]["setup"] = (setup or TrainSetup(method="lora", seq_len=256)).to_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps(data, indent=2))
+    return folder / "plan.json"
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
+    return path
+
+
+def launch_for(
+    tmp_path: Path,
+    data: Path,
+    *,
+    nodes: tuple[Node, ...] | None = None,
+    launcher: str = "torchrun",
+    gpu: Any = H100,
+    setup: TrainSetup | None = None,
+    gpus: str = "2xH100",
+    **kw: Any,
+) -> Launch:
+    plan = read_plan(make_plan(tmp_path / "plan", gpus=gpus, setup=setup))
+    return build_launch(
+        plan,
+        run_dir=tmp_path / "run",
+        data=str(data),
+        nodes=nodes or resolve_nodes(count=plan["world_size"]),
+        launcher=launcher,
+        gpu=gpu,
+        train=kw.pop("train", TrainOptions()),
+        port=kw.pop("port", 29611),
+        inherited={},
+        **kw,
+    )
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def test_torchrun_one_node_command_files_and_passthrough(tmp_path: Path, data_file: Path) -> None:
+    train = TrainOptions(epochs=2.0, max_steps=7, lr=1e-4, eval_fraction=0.1, resume=True)
+    la = launch_for(tmp_path, data_file, train=train, port=None)
+    run = tmp_path.resolve() / "run"
+    (cmd,) = la.commands
+    argv = list(cmd.argv)
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    i = argv.index("--module")
+    opts = argv[3:i]
+    assert opts[: opts.index("--master-port")] == [
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+    ]
+    assert 1024 < la.port < 65536 and opts[opts.index("--master-port") + 1] == str(la.port)
+    assert opts[opts.index("--shutdown-timeout") + 1] == "30"
+    assert argv[i + 1 :] == [
+        "zeroplan.launch.ranklog",
+        str(run / "logs"),
+        "--",
+        "-m",
+        "zeroplan.launch.sft",
+        "--plan",
+        str(run / "plan.json"),
+        "--data",
+        str(data_file.resolve()),
+        "--out",
+        str(run),
+        "--resume",
+        "--epochs",
+        "2.0",
+        "--max-steps",
+        "7",
+        "--lr",
+        "0.0001",
+        "--eval-fraction",
+        "0.1",
+    ]
+    assert set(la.files) == {"plan.json", "launch.json"}  # no ZeRO: no ds_config.json
+    assert json.loads(la.files["launch.json"])["commands"][0]["argv"] == argv
+    written = write_files(la)
+    assert {p.name for p in written} == {"plan.json", "launch.json"} and (run / "logs").is_dir()
+    assert json.loads((run / "plan.json").read_text())["best"] == la.plan["best"]
+
+
+def test_deepspeed_one_node_zero3_writes_its_config(tmp_path: Path, data_file: Path) -> None:
+    zero3 = TrainSetup(method="lora", seq_len=256, zero=3)
+    assert default_launcher(zero3) == "deepspeed" and default_launcher(TrainSetup()) == "torchrun"
+    la = launch_for(tmp_path, data_file, launcher="deepspeed", setup=zero3)
+    argv = list(la.commands[0].argv)
+    assert argv[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert argv[3:9] == ["--num_gpus", "2", "--master_port", "29611", "--no_local_rank", "--module"]
+    assert argv[9:12] == ["zeroplan.launch.ranklog", str(la.log_dir), "--"]
+    cfg = json.loads(la.files["ds_config.json"])
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["train_batch_size"] == 2
+    # --include picks GPUs: passed on exactly (DeepSpeed), or as CUDA_VISIBLE_DEVICES (torchrun)
+    nodes = resolve_nodes(count=2, include="localhost:1,3", present=parse_cluster("4xH100"))
+    assert nodes == (Node("localhost", (1, 3), True),)
+    ds = launch_for(tmp_path, data_file, launcher="deepspeed", nodes=nodes, filtered=True)
+    assert ds.commands[0].argv[3:5] == ("--include", "localhost:1,3")
+    tr = launch_for(tmp_path, data_file, nodes=nodes, filtered=True)
+    assert tr.commands[0].env == {"CUDA_VISIBLE_DEVICES": "1,3"}
+
+
+def test_multi_node_deepspeed_hostfile_and_env_file(tmp_path: Path, data_file: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=8\nnode-b slots=8  # second box\n")
+    nodes = resolve_nodes(count=16, hostfile=hosts)
+    assert [(n.host, len(n.slots), n.local) for n in nodes] == [
+        ("node-a", 8, False),
+        ("node-b", 8, False),
+    ]
+    la = launch_for(
+        tmp_path, data_file, launcher="deepspeed", nodes=nodes, gpu=RTX4090, gpus="2x8x4090"
+    )
+    run = la.run_dir
+    argv = list(la.commands[0].argv)
+    assert argv[3:7] == ["--hostfile", str(run / "hostfile"), "--master_addr", "node-a"]
+    assert la.files["hostfile"] == "node-a slots=8\nnode-b slots=8\n"
+    # several 4090 nodes: no P2P inside a box, but InfiniBand stays on between boxes
+    assert "NCCL_P2P_DISABLE=1\n" in la.files["deepspeed_env"]
+    assert "NCCL_IB_DISABLE" not in la.files["deepspeed_env"]
+    assert la.env["DS_ENV_FILE"] == str(run / "deepspeed_env")
+
+
+def test_multi_node_torchrun_one_command_per_node_over_ssh(tmp_path: Path, data_file: Path) -> None:
+    nodes = (Node("node-a", tuple(range(8)), False), Node("node-b", tuple(range(8)), False))
+    la = launch_for(tmp_path, data_file, nodes=nodes, gpus="2x8xH100")
+    assert [c.host for c in la.commands] == ["node-a", "node-b"]
+    for rank, cmd in enumerate(la.commands):
+        assert cmd.argv[:6] == ("ssh", "-tt", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5")
+        remote = shlex.split(cmd.argv[-1])
+        assert remote[:5] == ["cd", os.getcwd(), "&&", "exec", "env"]
+        i = remote.index("torch.distributed.run")
+        assert remote[i + 1 : i + 11] == [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--nproc-per-node",
+            "8",
+            "--master-addr",
+            "node-a",
+            "--master-port",
+            "29611",
+        ]
+    assert la.files["hostfile"] == "node-a slots=8\nnode-b slots=8\n"
+    uneven = (Node("node-a", (0, 1), False), Node("node-b", (0,), False))
+    with pytest.raises(BadClusterSpecError, match="use --launcher deepspeed"):
+        launch_for(tmp_path, data_file, nodes=uneven)
+
+
+def test_environment_for_4090_and_h100(tmp_path: Path) -> None:
+    one = (Node("localhost", (0, 1), True),)
+    two = (Node("a", (0, 1), False), Node("b", (0, 1), False))
+    base = {"PYTHONUNBUFFERED": "1", "ZEROPLAN_RUN_DIR": str(tmp_path)}
+    alloc = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert launch_env(H100, one, tmp_path, {}) == {**base, **alloc}
+    assert launch_env(RTX4090, one, tmp_path, {}) == {
+        **base,
+        **alloc,
+        "NCCL_P2P_DISABLE": "1",
+        "NCCL_IB_DISABLE": "1",
+    }
+    assert launch_env(RTX4090, two, tmp_path, {}) == {**base, **alloc, "NCCL_P2P_DISABLE": "1"}
+    # one GPU talks to nobody; a variable the user set is theirs
+    assert launch_env(RTX4090, (Node("localhost", (0,), True),), tmp_path, {}) == {**base, **alloc}
+    mine = {"NCCL_P2P_DISABLE": "0", "PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+    assert launch_env(RTX4090, one, tmp_path, mine) == {**base, "NCCL_IB_DISABLE": "1"}
+
+
+def test_include_exclude_follow_deepspeed() -> None:
+    pool = {"a": 4, "b": 4}
+    assert select_nodes(pool, include="a:0,2@b") == (
+        Node("a", (0, 2), False),
+        Node("b", (0, 1, 2, 3), False),
+    )
+    assert select_nodes(pool, exclude="a@b:3") == (Node("b", (0, 1, 2), False),)
+    for bad, needle in [
+        (dict(include="c"), "not in a, b"),
+        (dict(include="a:7"), "GPU 7 on a"),
+        (dict(include="a:x"), "host\\[:gpu"),
+        (dict(include="a", exclude="b"), "cannot be used together"),
+        (dict(exclude="a@b"), "leaves no GPU"),
+    ]:
+        with pytest.raises(BadClusterSpecError, match=needle):
+            select_nodes(pool, **bad)  # type: ignore[arg-type]
+
+
+def test_plan_files_and_model_folders_are_told_apart(tmp_path: Path) -> None:
+    plan = make_plan(tmp_path / "p")
+    assert find_plan(str(tmp_path / "p")) == plan and find_plan(str(plan)) == plan
+    model = tmp_path / "tiny"
+    model.mkdir()
+    config = ROOT / "zeroplan/catalog/models/Qwen--Qwen2.5-0.5B.json"
+    shutil.copy(config, model / "config.json")
+    assert find_plan(str(model)) is None and find_plan(str(model / "config.json")) is None
+    assert find_plan(QWEN) is None
+    assert local_model(str(model / "config.json")) == str(model.resolve())
+    assert local_model("tiny", near=tmp_path) == str(model.resolve())
+    assert local_model(QWEN) is None
+    (tmp_path / "empty.json").write_text(json.dumps({"model": "x", "best": None}))
+    (tmp_path / "none.json").write_text(
+        json.dumps({"model": "x", "cluster": "1xH100", "world_size": 1, "best": None})
+    )
+    with pytest.raises(BadPlanError, match="not a plan zeroplan wrote"):
+        read_plan(tmp_path / "empty.json")
+    with pytest.raises(BadPlanError, match="nothing to launch"):
+        read_plan(tmp_path / "none.json")
+
+
+# -- dry run --------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_everything_and_starts_nothing(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("zeroplan.hardware.local_cluster", lambda: parse_cluster("2x4090"))
+    plan = make_plan(tmp_path / "p")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli,
+        ["launch", str(plan.parent), "--data", str(data_file), "-o", str(run), "--dry-run"],
+        catch_exceptions=False,
+    )
+    out = result.output
+    assert result.exit_code == 0, out
+    assert not run.exists()  # nothing written
+    assert "nothing is started" in out and "ranks      2 with torchrun (localhost: GPUs 0,1)" in out
+    assert "this host  2×RTX-4090" in out
+    for line in (
+        "  NCCL_P2P_DISABLE=1",
+        "  NCCL_IB_DISABLE=1",
+        "  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+    ):
+        assert line in out.splitlines()
+    assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 2" in out
+    assert f"-m zeroplan.launch.sft --plan {run.resolve()}/plan.json" in out
+    for name in ("plan.json", "launch.json", "logs/launcher.log", "metrics.jsonl"):
+        assert f"{run.resolve()}/{name}" in out
+    assert "made for 2×H100-SXM-80GB" in out
+    assert "preflight" in out and "estimate: " in out and "fits" in out
+    assert "note: the plan was made for H100-SXM-80GB, this machine has RTX-4090" in out
+
+
+def test_launch_plans_a_model_id_on_the_gpus_given(tmp_path: Path, data_file: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "launch",
+            QWEN,
+            "--gpus",
+            "4xH100",
+            "--seq-len",
+            "512",
+            "--data",
+            str(data_file),
+            "-o",
+            str(tmp_path / "r"),
+            "--dry-run",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "made for 4×H100-SXM-80GB" in result.output and "--nproc-per-node 4" in result.output
+    # planning options with a plan are a mistake, not silently ignored
+    plan = make_plan(tmp_path / "p")
+    bad = CliRunner().invoke(
+        cli, ["launch", str(plan), "--data", str(data_file), "--method", "full", "--dry-run"]
+    )
+    assert bad.exit_code == 2 and "--method plan a model" in bad.output
+
+
+# -- preflight: one line each, before anything starts ---------------------------------------
+
+
+def run_cli(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zeroplan.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        **kw,
+    )
+
+
+@pytest.fixture
+def launch_env_vars(subprocess_env: dict[str, str]) -> dict[str, str]:
+    """No GPU visible whatever the machine, and fast stand-in steps."""
+    return {**subprocess_env, "CUDA_VISIBLE_DEVICES": "", "STANDIN_STEP_S": "0.05"}
+
+
+def test_missing_data_is_one_line_and_nothing_starts(
+    tmp_path: Path, launch_env_vars: dict[str, str]
+) -> None:
+    plan = make_plan(tmp_path / "p")
+    run = tmp_path / "run"
+    proc = run_cli(
+        ["launch", str(plan), "--data", str(tmp_path / "nope.jsonl"), "-o", str(run), "--force"],
+        launch_env_vars,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"zeroplan: error: data file {tmp_path}/nope.jsonl does not exist"
+    )
+    assert not run.exists()
+
+
+def test_no_gpu_is_refused_unless_forced(tmp_path: Path, data_file: Path) -> None:
+    la = launch_for(tmp_path, data_file)
+    (err,) = preflight(la, None).errors
+    assert isinstance(err, NoGPUError) and "--force" in str(err)
+    forced = preflight(la, None, force=True)
+    assert forced.ok and "on CPU" in forced.notes[0]
+
+
+def test_model_folder_without_tokenizer(tmp_path: Path, data_file: Path) -> None:
+    model = tmp_path / "my-model"
+    model.mkdir()
+    shutil.copy(ROOT / "zeroplan/catalog/models/Qwen--Qwen2.5-0.5B.json", model / "config.json")
+    plan = read_plan(make_plan(tmp_path / "p", model=str(model)))
+    assert plan["model"] == "my-model"  # the plan keeps a name; launch needs the folder
+    source = local_model("my-model", near=tmp_path)
+    assert source == str(model.resolve())
+    la = build_launch(
+        plan,
+        run_dir=tmp_path / "run",
+        data=str(data_file),
+        nodes=resolve_nodes(count=2),
+        launcher="torchrun",
+        gpu=H100,
+        train=TrainOptions(),
+        model=source,
+    )
+    assert la.plan["model"] == source and la.plan["model_name"] == "my-model"
+    assert la.plan["model_source"] == source  # what zeroplan.launch.sft loads first
+    (err,) = preflight(la, parse_cluster("2xH100")).errors
+    assert isinstance(err, TokenizerNotFoundError)
+    assert str(err).startswith(f"model folder {model.resolve()} has no tokenizer")
+    (model / "tokenizer.json").write_text("{}")
+    assert preflight(la, parse_cluster("2xH100")).ok
+
+
+def test_more_gpus_than_present(tmp_path: Path, data_file: Path) -> None:
+    la = launch_for(tmp_path, data_file, nodes=resolve_nodes(count=4), gpus="4xH100")
+    (err,) = preflight(la, parse_cluster("2x4090"), force=True).errors
+    assert isinstance(err, GPUCountError)
+    assert str(err).startswith("this run needs 4 GPUs on this machine, which has 2 (2×RTX-4090)")
+    picked = launch_for(tmp_path, data_file, nodes=(Node("localhost", (0, 5), True),))
+    (err,) = preflight(picked, parse_cluster("2x4090")).errors
+    assert "GPU 5 does not exist" in str(err)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs an ssh client")
+def test_unreachable_host(tmp_path: Path, data_file: Path) -> None:
+    nodes = (Node("localhost", (0, 1), True), Node("nonexistent-host.invalid", (0, 1), False))
+    la = launch_for(tmp_path, data_file, nodes=nodes, gpus="2x2xH100")
+    t0 = time.monotonic()
+    (err,) = preflight(la, parse_cluster("2xH100")).errors
+    assert isinstance(err, HostUnreachableError) and time.monotonic() - t0 < 20
+    assert "\n" not in str(err)
+    assert str(err).startswith("host not reachable over ssh (nonexistent-host.invalid: ")
+    assert preflight(la, parse_cluster("2xH100"), hosts=False).ok  # the dry run does not try
+
+
+def test_predicted_oom_is_refused_with_the_planners_fix_and_forced(
+    tmp_path: Path, data_file: Path
+) -> None:
+    # what the story ran: LoRA of Llama-3.1-8B, micro-batch 4, no checkpointing, on 24 GB
+    story = TrainSetup(method="lora", micro_batch=4, seq_len=2048, grad_accum=4)
+    plan = plan_model("llama-3.1-8b-instruct", parse_cluster("7xH100"), PlanOptions())
+    planned = build_launch(
+        plan,
+        run_dir=tmp_path / "run",
+        data=str(data_file),
+        nodes=resolve_nodes(count=7),
+        launcher="torchrun",
+        gpu=RTX4090,
+        train=TrainOptions(),
+    )
+    plan["best"]["setup"] = story.to_dict()
+    la = build_launch(
+        plan,
+        run_dir=tmp_path / "run",
+        data=str(data_file),
+        nodes=resolve_nodes(count=7),
+        launcher="torchrun",
+        gpu=RTX4090,
+        train=TrainOptions(),
+    )
+    (err,) = preflight(la, parse_cluster("7x4090")).errors
+    assert isinstance(err, PredictedOOMError)
+    msg = str(err)
+    assert msg.startswith("predicted out of memory on 7×RTX-4090: micro-batch 4, × 4 accumulation")
+    assert "the planner's choice for 7×RTX-4090 is" in msg
+    assert "zeroplan plan meta-llama/Llama-3.1-8B-Instruct --gpus 7xRTX-4090" in msg
+    assert msg.endswith("--force starts it anyway") and "\n" not in msg
+    forced = preflight(la, parse_cluster("7x4090"), force=True)
+    assert forced.ok and forced.estimate is not None and not forced.estimate.fits
+    assert any("predicted out of memory" in n for n in forced.notes)
+    # the planner's own choice, on the H100s it was made for, fits
+    on_h100 = preflight(planned, parse_cluster("7xH100"))
+    assert on_h100.estimate is not None and on_h100.estimate.fits
+    assert not [e for e in on_h100.errors if isinstance(e, PredictedOOMError)]
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tmp_path: Path, data_file: Path) -> None:
+    la = launch_for(tmp_path, data_file)
+    la.run_dir.mkdir()
+    (la.run_dir / "metrics.jsonl").write_text("")
+    (err,) = preflight(la, None, force=True).errors
+    assert isinstance(err, RunDirExistsError) and "--resume continues it" in str(err)
+    resumed = launch_for(tmp_path, data_file, train=TrainOptions(resume=True))
+    assert preflight(resumed, None, force=True).ok
+
+
+# -- progress lines and the dashboard fallback ----------------------------------------------
+
+
+def test_progress_lines_from_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    rec = {"rank": 0, "step": 3, "total_steps": 10, "loss": 1.25, "tokens_per_s": 900.0}
+    path.write_text(
+        json.dumps(rec) + "\n" + json.dumps({**rec, "rank": 1, "loss": 9.0}) + '\n{"rank": 0, "st'
+    )
+    tail, prog = progress.MetricsTail(path), progress.Progress()
+    prog.add(tail.read())
+    assert prog.line() == "step 3/10 · loss 1.2500 · 1,800 tokens/s"
+    assert prog.line() is None  # the step has not moved
+    with path.open("a") as f:  # the half-written line completes
+        f.write('ep": 4, "total_steps": 10, "loss": 1.0, "tokens_per_s": 1000.0}\n')
+    prog.add(tail.read())
+    assert prog.line() == "step 4/10 · loss 1.0000 · 1,900 tokens/s"
+
+
+def test_a_failing_dashboard_falls_back_to_plain_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(run_dir: Path, stop: threading.Event) -> None:
+        raise RuntimeError("no terminal")
+
+    monkeypatch.setattr(progress, "find_dashboard", lambda: broken)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"rank": 0, "step": 1, "total_steps": 2, "loss": 0.5}) + "\n")
+    said: list[str] = []
+    out = io.StringIO()
+    stop = threading.Event()
+    thread = progress.start_display(
+        tmp_path,
+        stop,
+        progress.MetricsTail(path),
+        progress.Progress(),
+        dashboard=True,
+        every_s=0.05,
+        out=out,
+        say=said.append,
+    )
+    deadline = time.monotonic() + 5
+    while not out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(timeout=5)
+    assert said == [
+        "the dashboard failed (RuntimeError('no terminal')): plain progress lines follow"
+    ]
+    assert out.getvalue().splitlines()[0].endswith("step 1/2 · loss 0.5000")
+
+
+# -- real runs: torchrun, two CPU processes -------------------------------------------------
+
+
+def launch_args(
+    plan: Path,
+    data: Path,
+    run: Path,
+    *extra: str,
+    launcher: str = "torchrun",
+    dashboard: bool = False,
+) -> list[str]:
+    """`zeroplan launch` with the stand-in; ``dashboard``: the monitor side's dashboard (in
+    its plain mode: stdout is a pipe) rather than zeroplan's own plain progress lines."""
+    return [
+        "launch",
+        str(plan),
+        "--data",
+        str(data),
+        "-o",
+        str(run),
+        "--force",
+        "--launcher",
+        launcher,
+        "--rank-program",
+        str(STANDIN),
+        "--progress-every",
+        "0.2",
+        *([] if dashboard else ["--no-dashboard"]),
+        *extra,
+    ]
+
+
+def ours(run: Path) -> list[int]:
+    """Processes still running (not zombies) whose command line names the run folder."""
+    left = []
+    for pid, p in procs.process_table().items():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(run).encode() in cmdline and not p.zombie:
+            left.append(pid)
+    return left
+
+
+def test_real_two_rank_run_finishes_with_per_rank_logs(
+    tmp_path: Path, data_file: Path, launch_env_vars: dict[str, str]
+) -> None:
+    plan, run = make_plan(tmp_path / "p"), tmp_path / "run"
+    env = {**launch_env_vars, "STANDIN_PG": "1"}  # gloo process group from torchrun's env
+    proc = run_cli(launch_args(plan, data_file, run, "--max-steps", "4", dashboard=True), env)
+    assert proc.returncode == 0, proc.stderr
+    assert "starting 2 ranks with torchrun" in proc.stderr
+    assert "done: all 2 ranks finished" in proc.stderr
+    assert "step 4/4 · loss 0.5000 · 2,000 tokens/s" in proc.stdout  # the last step, at the end
+    for rank in (0, 1):
+        log = (run / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}/2 starts" in log and f"rank {rank} step 4/4" in log
+        assert json.loads((run / "logs" / f"rank{rank}.exit.json").read_text())["returncode"] == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["rank"], r["step"]) for r in records if r["event"] == "train"} == {
+        (r, s) for r in (0, 1) for s in range(1, 5)
+    }
+    record = json.loads((run / "launch.json").read_text())
+    assert record["result"] == {
+        "exit_code": 0,
+        "reason": "done",
+        "failed_rank": None,
+        "ranks": {"0": 0, "1": 0},
+    }
+    assert json.loads((run / "plan.json").read_text())["model"] == QWEN
+    assert not ours(run)
+
+
+def test_a_crashing_rank_stops_the_other_and_is_named(
+    tmp_path: Path, data_file: Path, launch_env_vars: dict[str, str]
+) -> None:
+    plan, run = make_plan(tmp_path / "p"), tmp_path / "run"
+    env = {**launch_env_vars, "STANDIN_CRASH_RANK": "1", "STANDIN_CRASH_STEP": "3"}
+    t0 = time.monotonic()
+    proc = run_cli(launch_args(plan, data_file, run, "--max-steps", "400"), env)
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - t0 < 15  # rank 0 alone would run 400 × 0.05 s
+    msg = proc.stderr[proc.stderr.index("rank 1 failed") :]
+    assert msg.startswith("rank 1 failed (exit status 1) on localhost; the other rank was stopped.")
+    assert f"Last lines of {run.resolve()}/logs/rank1.log:" in msg
+    assert "RuntimeError: stand-in crash on rank 1 at step 3" in msg
+    rank0 = (run / "logs" / "rank0.log").read_text()
+    assert "rank 0 done" not in rank0 and "signals received: 1" in rank0
+    assert json.loads((run / "launch.json").read_text())["result"]["failed_rank"] == 1
+    assert not ours(run)
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "torchrun",
+        pytest.param(
+            "deepspeed",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"
+            ),
+        ),
+    ],
+)
+def test_ctrl_c_stops_every_rank_once_and_keeps_the_checkpoint(
+    tmp_path: Path, data_file: Path, launch_env_vars: dict[str, str], launcher: str
+) -> None:
+    """torchrun puts each rank in a session of its own and forwards SIGTERM to it; DeepSpeed's
+    launch.py signals each rank's process tree: either way each rank gets exactly one."""
+    plan, run = make_plan(tmp_path / "p"), tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "zeroplan.cli",
+            *launch_args(plan, data_file, run, "--max-steps", "5000", launcher=launcher),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=launch_env_vars,
+        start_new_session=True,
+    )
+    try:
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        ranks: set[int] = set()
+        while ranks != {0, 1} and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if metrics.exists():
+                ranks = {json.loads(line)["rank"] for line in metrics.read_text().splitlines()}
+        assert ranks == {0, 1}, "the ranks never logged"
+        rank_pids = {json.loads(line)["pid"] for line in metrics.read_text().splitlines()}
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "SIGINT received: stopping the ranks" in err
+    assert "stopped by SIGINT: every rank was stopped; --resume continues" in err
+    for rank in (0, 1):
+        marker = json.loads((run / f"checkpoint-rank{rank}.json").read_text())
+        assert marker["rank"] == rank and marker["step"] >= 1
+        assert "signals received: 1" in (run / "logs" / f"rank{rank}.log").read_text()
+    table = procs.process_table()
+    assert not [pid for pid in rank_pids if pid in table], "a rank (or its zombie) is left"
+    assert not ours(run)
+    assert json.loads((run / "launch.json").read_text())["result"]["reason"] == "interrupted"
+
+
+def test_what_ignores_sigterm_is_killed_and_reaped_orphans_too(
+    tmp_path: Path, data_file: Path
+) -> None:
+    """A launcher that ignores SIGTERM and a 'rank' in a session of its own (as torchrun
+    starts them) that does too: SIGKILL after the grace period, nothing left, no zombie."""
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)'],"
+        " start_new_session=True)\n"
+        "time.sleep(60)\n"
+    )
+    la = dataclasses.replace(
+        launch_for(tmp_path, data_file),
+        commands=(Command("localhost", (sys.executable, "-c", script)),),
+    )
+    write_files(la)
+    sup = Supervisor(la, grace_s=0.3, kill_margin_s=0.2, say=lambda s: None)
+    subreaper = procs.set_subreaper(True)
+    try:
+        assert sup._start() is None
+        deadline = time.monotonic() + 20
+        while len(sup.known) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            sup._refresh()
+        seen = dict(sup.known)
+        assert len(seen) == 1
+        (launcher,) = sup.popens
+        assert next(iter(seen.values())).pgid != launcher.pid  # its own session
+        assert sup._terminate("test") == 2
+    finally:
+        if subreaper:
+            procs.set_subreaper(False)
+    table = procs.process_table()
+    assert launcher.returncode == -signal.SIGKILL
+    assert not [pid for pid in seen if pid in table and table[pid].start == seen[pid].start]
+
+
+# -- zeroplan env ---------------------------------------------------------------------------
+
+
+def test_env_prints_versions_and_problems(subprocess_env: dict[str, str]) -> None:
+    from importlib.metadata import version
+
+    t0 = time.monotonic()
+    proc = run_cli(["env"], subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 10
+    lines = proc.stdout.splitlines()
+    assert any(line.split() == ["torch", version("torch")] for line in lines)
+    assert any(line.split()[:2] == ["transformers", version("transformers")] for line in lines)
+    for name in ("deepspeed", "bitsandbytes", "flash-attn", "peft", "trl"):
+        assert any(line.startswith(name) for line in lines), name
+    as_json = json.loads(run_cli(["env", "--json"], subprocess_env).stdout)
+    assert as_json["packages"]["torch"] == version("torch")
+    if as_json["torch_cuda"] is None and as_json["torch_rocm"] is None:
+        assert any("CPU-only build" in p for p in as_json["problems"])
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from zeroplan.launch.envcheck import collect; collect(); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=60,
+    )
+    assert check.stdout.strip() == "[]"
+
+
+def test_env_problems_are_told_from_versions_alone() -> None:
+    from zeroplan.launch.envcheck import GPUInfo, problems_and_notes
+
+    packages = {"torch": "2.5.1+cu124", "bitsandbytes": "0.45.0", "transformers": "4.40.0"}
+    gpus = (GPUInfo(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, True),)
+    problems, _ = problems_and_notes(
+        {**packages, "nvidia-ml-py": "12.0", "deepspeed": "0.16.0"},
+        gpus,
+        None,
+        "11.8",
+        (True, "12.4", None),
+        (),
+        {"transformers": "4.46"},
+        {"ninja": False, "c++": True},
+    )
+    assert problems == [
+        "transformers 4.40.0 is older than zeroplan needs (>= 4.46)",
+        "the driver supports CUDA up to 11.8, torch was built for CUDA 12.4: update the NVIDIA "
+        "driver or install a torch built for CUDA 11.8",
+        "DeepSpeed's ops are not pre-built and cannot be compiled here (no ninja): ZeRO-Offload "
+        "(CPU Adam) will fail; ZeRO without offload works",
+    ]

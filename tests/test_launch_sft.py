@@ -1,0 +1,433 @@
+"""The per-rank program without training: plan → applied options, and every early refusal.
+
+What a plan chose must be what the Trainer gets (DESIGN.md: whatever the estimate assumes,
+launch must do); what this machine cannot run, or bad input, is refused with one line
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+
+import tinyllm
+
+from zeroplan.dsconfig import ds_config
+from zeroplan.errors import (
+    BadPlanError,
+    BadSetupError,
+    ChatTemplateError,
+    DataNotFoundError,
+    MissingDependencyError,
+    ResumeError,
+    ZeroplanError,
+)
+from zeroplan.launch import sft
+from zeroplan.trainsetup import TrainSetup
+
+# third-party noise: something DeepSpeed or bitsandbytes imports uses torch.jit.script_method
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinyllm.build_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def opts(tmp_path: Path, *extra: str, data: str | None = None) -> sft.Options:
+    plan = tmp_path / "run" / "plan.json"
+    return sft.parse_args(
+        [
+            "--plan",
+            str(plan),
+            "--data",
+            data or str(tmp_path / "d.jsonl"),
+            "--out",
+            str(plan.parent),
+            *extra,
+        ]
+    )
+
+
+def one_line(exc: pytest.ExceptionInfo[Any]) -> str:
+    assert isinstance(exc.value, ZeroplanError)
+    text = str(exc.value)
+    assert text and "\n" not in text
+    return text
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_read_plan_gives_back_the_chosen_setup(tmp_path: Path, model_dir: Path) -> None:
+    setup = {"micro_batch": 2, "grad_accum": 3, "grad_ckpt": True, "lora_r": 4}
+    setup["lora_targets"] = ("q_proj", "v_proj")
+    path = tinyllm.write_plan(tmp_path, model_dir, **setup)
+    planned = sft.read_plan(path)
+    assert planned.setup == TrainSetup(seq_len=64, **setup)
+    assert planned.world_size == 1
+    # the plan was made from a local config.json: its folder is the model to load
+    assert planned.model == str(model_dir.resolve())
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (None, "no plan file"),
+        ("{", "is not JSON"),
+        ('{"x": 1}', "is not a zeroplan plan"),
+        ('{"model": "m", "best": null}', "found no setup that fits"),
+        ('{"model": "m", "best": {"setup": {"method": "dora"}}}', "--method must be one of"),
+    ],
+)
+def test_bad_plans(tmp_path: Path, text: str | None, needle: str) -> None:
+    path = tmp_path / "plan.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises((BadPlanError, BadSetupError)) as exc:
+        sft.read_plan(path)
+    assert needle in one_line(exc)
+
+
+# --------------------------------------------------------------------------- applied options
+
+
+def test_training_arguments_follow_the_setup(tmp_path: Path) -> None:
+    setup = TrainSetup(micro_batch=4, grad_accum=8, grad_ckpt=True, optim="paged_adamw_8bit")
+    kw = sft.training_kwargs(setup, opts(tmp_path), cuda=True, ds_path=None, has_eval=False)
+    assert kw["per_device_train_batch_size"] == 4
+    assert kw["gradient_accumulation_steps"] == 8
+    assert kw["activation_checkpointing"] is True
+    assert kw["activation_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert kw["optim"] == "paged_adamw_8bit"
+    assert (kw["bf16"], kw["use_cpu"], kw["deepspeed"]) == (True, False, None)
+    assert kw["learning_rate"] == 2e-4 and kw["max_steps"] == -1
+    assert kw["dataset_kwargs"] == {"skip_prepare_dataset": True} and kw["packing"] is False
+    assert kw["eval_strategy"] == "no" and kw["prediction_loss_only"] is True
+    assert kw["save_strategy"] == "epoch" and kw["report_to"] == "none"
+    cpu = sft.training_kwargs(
+        TrainSetup(method="full"), opts(tmp_path, "--max-steps", "7"), False, None, True
+    )
+    assert (cpu["bf16"], cpu["use_cpu"], cpu["optim"]) == (False, True, "adamw_torch")
+    assert (
+        cpu["activation_checkpointing"] is False and cpu["activation_checkpointing_kwargs"] is None
+    )
+    assert (
+        cpu["learning_rate"] == 2e-5 and cpu["max_steps"] == 7 and cpu["eval_strategy"] == "epoch"
+    )
+    gpu = sft.training_kwargs(TrainSetup(), opts(tmp_path, "--save-steps", "5"), True, None, False)
+    assert gpu["optim"] == "adamw_torch_fused" and gpu["save_strategy"] == "steps"
+    old = sft.training_kwargs(TrainSetup(grad_ckpt=True), opts(tmp_path), True, None, False, False)
+    assert old["gradient_checkpointing"] is True and "activation_checkpointing" not in old
+
+
+@pytest.mark.parametrize(
+    ("optim", "hf"),
+    [("adamw_8bit", "adamw_bnb_8bit"), ("paged_adamw", "paged_adamw_32bit"), ("sgd", "sgd")],
+)
+def test_optimizer_names(optim: str, hf: str) -> None:
+    from transformers.training_args import OptimizerNames
+
+    assert sft.HF_OPTIM[optim] == hf
+    assert OptimizerNames(hf)  # a name the installed transformers knows
+
+
+def test_every_optim_name_is_known_to_transformers() -> None:
+    from transformers.training_args import OptimizerNames
+
+    for hf in [*sft.HF_OPTIM.values(), "adamw_torch_fused"]:
+        OptimizerNames(hf)
+
+
+def test_lora_and_quantization(tmp_path: Path) -> None:
+    lora = sft.lora_kwargs(TrainSetup(lora_r=16, lora_dropout=0.05))
+    assert lora == {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "target_modules": "all-linear",
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    named = sft.lora_kwargs(TrainSetup(lora_targets=("q_proj", "k_proj")), alpha=8)
+    assert named is not None and named["target_modules"] == ["q_proj", "k_proj"]
+    assert named["lora_alpha"] == 8
+    assert sft.lora_kwargs(TrainSetup(method="full")) is None
+    assert sft.quantization_kwargs(TrainSetup()) is None
+    q = sft.quantization_kwargs(TrainSetup(method="qlora"))
+    assert q == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+    }
+    q3 = sft.quantization_kwargs(TrainSetup(method="qlora", zero=3))
+    assert q3 is not None and q3["bnb_4bit_quant_storage"] == "bfloat16"
+    import torch
+
+    cfg = sft.bnb_config(TrainSetup(method="qlora", zero=3))
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert cfg.bnb_4bit_compute_dtype == torch.bfloat16
+    assert cfg.bnb_4bit_quant_storage == torch.bfloat16
+    assert sft.bnb_config(TrainSetup()) is None
+
+
+def test_model_loading_arguments() -> None:
+    assert sft.model_kwargs(TrainSetup(), cuda=False, local_rank=0) == {
+        "dtype": "float32",
+        "attn_implementation": "sdpa",
+    }
+    gpu = sft.model_kwargs(TrainSetup(attn="eager"), cuda=True, local_rank=3)
+    assert gpu == {"dtype": "bfloat16", "attn_implementation": "eager", "device_map": {"": 3}}
+    # DeepSpeed places (ZeRO-3: partitions) the weights itself
+    assert "device_map" not in sft.model_kwargs(TrainSetup(zero=3), True, 0)
+    assert "device_map" not in sft.model_kwargs(TrainSetup(method="qlora", zero=3), True, 0)
+    assert sft.model_kwargs(TrainSetup(method="qlora", zero=2), True, 1)["device_map"] == {"": 1}
+
+
+def test_zero_plans_get_their_deepspeed_config(tmp_path: Path) -> None:
+    setup = TrainSetup(zero=3, grad_ckpt=True, micro_batch=2, grad_accum=4)
+    ds = tmp_path / "ds_config.json"
+    kw = sft.training_kwargs(setup, opts(tmp_path), cuda=True, ds_path=ds, has_eval=False)
+    assert kw["deepspeed"] == str(ds)
+    # PEFT under ZeRO-3: TRL forces reentrant checkpointing, so it is asked for openly
+    assert kw["activation_checkpointing_kwargs"] == {"use_reentrant": True}
+    # the Trainer refuses a config whose batch keys disagree with its arguments
+    cfg = ds_config(setup, world_size=8)
+    assert cfg["train_micro_batch_size_per_gpu"] == kw["per_device_train_batch_size"]
+    assert cfg["gradient_accumulation_steps"] == kw["gradient_accumulation_steps"]
+    assert cfg["gradient_clipping"] == kw["max_grad_norm"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        (TrainSetup(method="qlora"), "--method qlora needs a CUDA GPU"),
+        (TrainSetup(optim="adamw_8bit"), "needs a CUDA GPU"),
+        (TrainSetup(zero=2), "DeepSpeed ZeRO runs on CUDA GPUs"),
+        (TrainSetup(attn="flash_attention_2"), "flash_attention_2 needs a CUDA GPU"),
+        (TrainSetup(fused_loss=True), "fused loss"),
+    ],
+)
+def test_preflight_on_a_cpu(setup: TrainSetup, needle: str) -> None:
+    with pytest.raises(MissingDependencyError) as exc:
+        sft.preflight(setup, cuda=False)
+    assert needle in one_line(exc)
+
+
+def test_fused_loss_without_liger_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name)
+    )
+    with pytest.raises(MissingDependencyError) as exc:
+        sft.preflight(TrainSetup(fused_loss=True), cuda=True)
+    assert one_line(exc) == (
+        "the plan uses the fused loss (Liger fused linear cross-entropy), but liger-kernel is not "
+        "installed: pip install liger-kernel, or plan again without it"
+    )
+    sft.preflight(TrainSetup(), cuda=True)  # a plain LoRA plan needs nothing extra
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--max-steps", "0"], "--max-steps must be at least 1"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--save-steps", "-2"], "--save-steps must be at least 1"),
+    ],
+)
+def test_bad_options(tmp_path: Path, argv: list[str], needle: str) -> None:
+    with pytest.raises(BadSetupError) as exc:
+        opts(tmp_path, *argv)
+    assert needle in one_line(exc)
+
+
+# --------------------------------------------------------------------------- early refusals
+
+
+def test_missing_data_file_exits_2_with_one_line(
+    tmp_path: Path, model_dir: Path, subprocess_env: dict[str, str]
+) -> None:
+    plan = tinyllm.write_plan(tmp_path / "run", model_dir)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zeroplan.launch.sft",
+            "--plan",
+            str(plan),
+            "--data",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(plan.parent),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"zeroplan: error: no data file {tmp_path / 'missing.jsonl'}\n"
+    assert not (plan.parent / "applied.json").exists()
+
+
+def test_no_chat_template_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = tinyllm.build_model_dir(tmp_path / "bare", template=None)
+    tinyllm.write_plan(tmp_path / "run", bare)
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
+    monkeypatch.setattr(sft, "_load_model", _must_not_load)
+    with pytest.raises(ChatTemplateError) as exc:
+        sft.run(opts(tmp_path), sft.StopFlag(), [])
+    assert "has no chat template, and alpaca records are rendered with one" in one_line(exc)
+
+
+def test_bad_records_are_refused_before_the_model_loads(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tinyllm.write_plan(tmp_path / "run", model_dir)
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "input": "i"}])
+    monkeypatch.setattr(sft, "_load_model", _must_not_load)
+    with pytest.raises(ZeroplanError) as exc:
+        sft.run(opts(tmp_path), sft.StopFlag(), [])
+    assert one_line(exc).startswith(
+        "record 0 looks like alpaca but has fields [input, instruction]"
+    )
+
+
+def test_resume_needs_a_checkpoint_and_a_new_run_needs_none(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    tinyllm.write_plan(tmp_path / "run", model_dir)
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
+    with pytest.raises(ResumeError) as exc:
+        sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), [])
+    assert "no checkpoint in" in one_line(exc)
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "checkpoint-9").mkdir()  # unfinished: no trainer_state
+    assert sft.last_checkpoint(tmp_path / "run") is None
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert sft.last_checkpoint(tmp_path / "run") == ckpt
+    with pytest.raises(ResumeError) as exc:
+        sft.run(opts(tmp_path), sft.StopFlag(), [])
+    assert "pass --resume" in one_line(exc)
+
+
+def test_missing_data_before_torch(tmp_path: Path, model_dir: Path) -> None:
+    tinyllm.write_plan(tmp_path / "run", model_dir)
+    with pytest.raises(DataNotFoundError):
+        sft.run(opts(tmp_path, data=str(tmp_path / "x.json")), sft.StopFlag(), [])
+
+
+def _must_not_load(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def test_stop_on_signal_saves_and_stops() -> None:
+    from zeroplan.launch.callbacks import StopOnSignal
+
+    flag = sft.StopFlag()
+    cb = StopOnSignal(flag)
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    cb.on_step_end(None, None, control)
+    assert (control.should_save, control.should_training_stop) == (False, False)
+    flag.signum = 15
+    cb.on_step_end(None, None, control)
+    assert (control.should_save, control.should_training_stop) == (True, True)
+
+
+def test_metrics_lines(tmp_path: Path) -> None:
+    from zeroplan.launch.callbacks import MetricsWriter
+
+    counter = sft.Counter()
+    path = tmp_path / "metrics.jsonl"
+    cb = MetricsWriter(path, counter)
+    args = SimpleNamespace(process_index=3)
+    state = SimpleNamespace(global_step=0, max_steps=10)
+    cb.on_train_begin(args, state, None)
+    counter.add(500)
+    state.global_step = 5
+    cb.on_log(args, state, None, logs={"loss": 1.5, "learning_rate": 1e-4, "grad_norm": 0.5})
+    cb.on_log(args, state, None, logs={"eval_loss": 1.7, "eval_runtime": 0.1})
+    cb.on_log(args, state, None, logs={"train_loss": 1.6, "train_runtime": 3.0})
+    cb.on_train_end(args, state, None)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["event"] for x in lines] == ["train", "eval", "end"]
+    train, ev, end = lines
+    assert {k: train[k] for k in ("rank", "step", "total_steps", "loss", "lr", "grad_norm")} == {
+        "rank": 3,
+        "step": 5,
+        "total_steps": 10,
+        "loss": 1.5,
+        "lr": 1e-4,
+        "grad_norm": 0.5,
+    }
+    assert train["tokens_per_s"] > 0
+    assert (ev["loss"], ev["lr"], ev["tokens_per_s"]) == (1.7, None, None)
+    assert end["loss"] == 1.6
+    assert train["mem_allocated_bytes"] is None  # no GPU here
+
+
+def test_model_named_by_the_launcher_wins(tmp_path: Path, model_dir: Path) -> None:
+    """`zeroplan launch --model` rewrites plan.json's model and keeps the planned name."""
+    path = tinyllm.write_plan(tmp_path, model_dir)
+    data = json.loads(path.read_text())
+    data.update(model_name=data["model"], model="someone/other-model")
+    path.write_text(json.dumps(data))
+    assert sft.read_plan(path).model == "someone/other-model"
+    data.update(model=str(tmp_path))
+    path.write_text(json.dumps(data))
+    assert sft.read_plan(path).model == str(tmp_path.resolve())
+
+
+# --------------------------------------------------------------------------- inference input
+
+
+def test_inference_refusals(tmp_path: Path, model_dir: Path) -> None:
+    from zeroplan.errors import NoWeightsError
+    from zeroplan.launch import infer
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(NoWeightsError) as exc:
+        infer.weights_dir(run)
+    assert "newest checkpoint is" in one_line(exc) and "checkpoint-5" in str(exc.value)
+    with pytest.raises(NoWeightsError) as exc:
+        infer.merge_adapter(model_dir, tmp_path / "merged")  # full weights: nothing to merge
+    assert "not a LoRA adapter" in one_line(exc)
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(BadSetupError):
+            infer.generate(model_dir, "hi", **bad)
+    with pytest.raises(BadSetupError, match="either a prompt or messages"):
+        infer.chat_messages({}, None, None)
+    msgs = infer.chat_messages({"system_prompt": "be brief"}, "hi", None)
+    assert msgs == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def test_chat_template_file_replaces_the_tokenizers(tmp_path: Path, model_dir: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text(tinyllm.TEMPLATE_NO_MARKERS)
+    tok = sft._load_tokenizer(str(model_dir), opts(tmp_path, "--chat-template", str(template)))
+    assert tok.chat_template == tinyllm.TEMPLATE_NO_MARKERS

@@ -1,0 +1,113 @@
+"""`zeroplan report RUN`: the predicted-vs-measured table and the picture, from the recorded
+8×RTX 4090 run in tests/data/watch_run (GPU 5 peaked at 23.2 GiB against 19.9 predicted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from zeroplan.cli import cli, main
+from zeroplan.report import load_run, peaks_kept, summarize
+
+RECORDED = Path(__file__).parent / "data" / "watch_run"
+GIB = 2**30
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(RECORDED, run)
+    return run
+
+
+def test_summary_compares_each_gpu_and_rank_with_the_plan() -> None:
+    s = summarize(load_run(RECORDED))
+    assert [g.gpu for g in s.gpus] == list(range(8))
+    predicted = json.loads((RECORDED / "plan.json").read_text())["best"]["device_used_bytes"]
+    g5 = s.gpus[5]
+    assert g5.predicted_bytes == predicted and g5.measured_peak_bytes == int(23.2 * GIB)
+    assert g5.error == pytest.approx(23.2 * GIB / predicted - 1) and g5.within_error is False
+    assert all(g.within_error for g in s.gpus if g.gpu != 5)
+    assert s.gpus[0].measured_peak_bytes == int(20.12 * GIB)  # the later, higher sample
+    assert len(s.ranks) == 8 and s.ranks[0].measured_allocated_bytes == int(15.2 * GIB)
+    assert s.ranks[0].error == pytest.approx(15.2 / 15.644 - 1, abs=1e-3)
+    assert (s.last_step, s.total_steps) == (40, 400)
+    # rank 3 fell silent after step 10: 30 of the 40 steps had 7 ranks' tokens
+    assert s.tokens_per_s_median == pytest.approx(sum(1100 + r for r in range(8) if r != 3))
+    assert s.predicted_tokens_per_s == pytest.approx(10034.29, abs=0.01)
+
+
+def test_report_writes_png_and_html_and_prints_the_table(run_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "Peak memory per GPU: predicted vs measured" in out
+    row5 = next(line for line in out.splitlines() if line.strip().startswith("5 "))
+    assert "19.92" in row5 and "23.20" in row5 and "+16.5%" in row5 and "NO" in row5
+    assert "steps 40/400 · final loss" in out and "(plan 10,034)" in out
+    png, html = run_dir / "report.png", run_dir / "report.html"
+    assert f"wrote {png}, {html}" in out
+
+    from matplotlib.image import imread
+
+    pixels = imread(png)
+    assert pixels.shape[:2] == (1250, 1100)
+    assert len({tuple(p) for p in pixels[::10, ::10].reshape(-1, pixels.shape[2])}) > 50
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == 1 and "<td>+16.5%</td>" in page
+
+
+def test_report_json_and_a_chosen_png_path(run_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "pics" / "run.png"
+    result = CliRunner().invoke(
+        cli, ["report", str(run_dir), "--json", "--no-html", "-o", str(target)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert [g["within_error"] for g in data["gpus"]].count(False) == 1
+    assert data["estimator_error"] == 0.15
+    assert target.exists() and not target.with_suffix(".html").exists()
+
+
+def test_report_without_a_plan_or_samples(run_dir: Path) -> None:
+    (run_dir / "plan.json").unlink()
+    (run_dir / "gpu_samples.jsonl").unlink()
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert data["gpus"] == [] and data["ranks"][0]["predicted_allocated_bytes"] is None
+    assert (run_dir / "report.png").exists()
+
+
+def test_report_with_nothing_recorded_is_a_user_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroplan: error: nothing to report in") and err.count("\n") == 1
+
+
+def test_report_without_matplotlib_names_the_extra(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir)])
+    assert exit_info.value.code == 2
+    assert "pip install 'zeroplan[report]'" in capsys.readouterr().err
+
+
+def test_long_runs_are_thinned_for_the_picture_keeping_the_peaks() -> None:
+    points = [(float(i), 1.0) for i in range(10_000)]
+    points[4321] = (4321.0, 9.0)
+    kept = peaks_kept(points, 3000)
+    assert len(kept) <= 3000 and (4321.0, 9.0) in kept
+    assert peaks_kept(points[:10], 3000) == points[:10]

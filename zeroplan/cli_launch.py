@@ -1,0 +1,452 @@
+"""``zeroplan launch`` and ``zeroplan env``: parse, call ``zeroplan.launch``, render."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from zeroplan.launch.runner import LAUNCHERS
+from zeroplan.trainsetup import METHODS
+
+if TYPE_CHECKING:
+    from zeroplan.hardware import Cluster
+    from zeroplan.launch.preflight import Preflight
+    from zeroplan.launch.runner import Launch, Node
+
+GIB = 2**30
+_PLANNING = ("method", "seq_len", "global_batch", "no_quantization")
+
+
+def _say(text: str) -> None:
+    click.echo(f"zeroplan: {text}", err=True)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", name.rstrip("/").split("/")[-1].lower()).strip("-") or "run"
+
+
+@click.command()
+@click.argument("model_or_plan", metavar="MODEL_OR_PLAN")
+@click.option(
+    "--data",
+    required=True,
+    metavar="PATH",
+    help="Training records: .json / .jsonl / .parquet (alpaca, chat messages, ShareGPT, text).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder: plan, logs, metrics, checkpoints. Default: runs/MODEL-DATE-TIME "
+    "(with --resume and a run folder as MODEL_OR_PLAN: that folder).",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    metavar="N|SPEC",
+    help="GPUs on this machine to use (4) or, to plan a model, a cluster (4x4090). "
+    "Default: the plan's count; for a model, this machine's GPUs.",
+)
+@click.option(
+    "--hostfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Several nodes: a DeepSpeed hostfile, one 'host slots=N' line per node.",
+)
+@click.option(
+    "--include",
+    default=None,
+    metavar="HOSTS",
+    help="Only these GPUs, DeepSpeed's syntax: localhost:0,1 or node0@node1:0,1.",
+)
+@click.option("--exclude", default=None, metavar="HOSTS", help="All but these GPUs (same syntax).")
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default=None,
+    help="Default: deepspeed when the plan uses ZeRO and DeepSpeed is installed, else torchrun.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the commands, environment, files and checks; start nothing.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start even if the estimate predicts out of memory (or there is no GPU).",
+)
+@click.option(
+    "--no-dashboard",
+    is_flag=True,
+    help="zeroplan's plain progress lines instead of the dashboard (which also records GPU samples).",
+)
+@click.option(
+    "--epochs",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Passes over the data.",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many optimizer steps.",
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."
+)
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=None,
+    help="Share of the records held out for evaluation.",
+)
+@click.option(
+    "--model",
+    "weights",
+    default=None,
+    metavar="PATH_OR_ID",
+    help="Where the ranks load the model from, when not where the plan says (a plan made from a config.json).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="lora",
+    show_default=True,
+    help="Planning a model: lora, qlora or full.",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Planning a model: tokens per sequence.",
+)
+@click.option(
+    "--global-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Planning a model: sequences per optimizer step.",
+)
+@click.option(
+    "--no-quantization", is_flag=True, help="Planning a model: never switch lora to a 4-bit base."
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds the ranks get after SIGTERM to save and exit before SIGKILL.",
+)
+@click.option(
+    "--progress-every",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between plain progress lines.",
+)
+@click.option(
+    "--rank-program", type=click.Path(exists=True, dir_okay=False), default=None, hidden=True
+)
+def launch(
+    model_or_plan: str,
+    data: str,
+    run_dir: Path | None,
+    gpus: str | None,
+    hostfile: Path | None,
+    include: str | None,
+    exclude: str | None,
+    launcher: str | None,
+    resume: bool,
+    dry_run: bool,
+    force: bool,
+    no_dashboard: bool,
+    epochs: float | None,
+    max_steps: int | None,
+    lr: float | None,
+    eval_fraction: float | None,
+    weights: str | None,
+    grace: float,
+    progress_every: float,
+    rank_program: str | None,
+    **planning: Any,
+) -> None:
+    """Start fine-tuning on every GPU, supervised: per-rank logs, Ctrl-C stops every rank.
+
+    \b
+    zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --seq-len 2048 -o runs/plan
+    zeroplan launch runs/plan --data train.jsonl -o runs/r1 --dry-run   # show, start nothing
+    zeroplan launch runs/plan --data train.jsonl -o runs/r1
+    zeroplan launch runs/r1 --data train.jsonl --resume                  # after Ctrl-C
+    zeroplan launch Qwen/Qwen2.5-7B --data train.jsonl --method qlora    # plan here, then run
+    zeroplan launch runs/plan70b --data train.jsonl --hostfile hosts --launcher deepspeed
+
+    MODEL_OR_PLAN is a plan.json, a folder holding one (`zeroplan plan -o DIR`), or a model
+    (then it is planned on --gpus, else on this machine's GPUs). Before anything starts, it
+    checks the data file, the model folder's tokenizer, the packages, the GPUs present and
+    the estimate on them (a predicted out-of-memory is refused with the planner's fix unless
+    --force), and that ssh reaches every hostfile host.
+
+    Every rank runs `python -m zeroplan.launch.sft` through torchrun or the deepspeed
+    launcher and writes RUN_DIR/logs/rank{N}.log and RUN_DIR/metrics.jsonl. Ctrl-C or
+    SIGTERM: SIGTERM to every rank, --grace seconds to save, then SIGKILL. Exit status:
+    0 done, 1 a rank failed (named, with its last log lines), 130 Ctrl-C, 143 SIGTERM.
+    """
+    from zeroplan.launch.preflight import preflight
+    from zeroplan.launch.runner import (
+        TrainOptions,
+        build_launch,
+        default_launcher,
+        find_plan,
+        setup_of,
+    )
+
+    ctx = click.get_current_context()
+    plan_path = find_plan(model_or_plan)
+    if plan_path is not None:
+        given = [
+            "--" + p.replace("_", "-")
+            for p in _PLANNING
+            if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.BadParameter(
+                f"{', '.join(given)} plan a model; {plan_path} is already a plan "
+                "(make another with zeroplan plan)",
+                param_hint="MODEL_OR_PLAN",
+            )
+    plan, model, nodes, present = _plan_and_nodes(
+        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, planning
+    )
+    if run_dir is None:
+        if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
+            run_dir = plan_path.parent
+        else:
+            run_dir = Path("runs") / f"{_slug(str(plan['model']))}-{time.strftime('%Y%m%d-%H%M%S')}"
+    gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
+    if gpu is None:
+        from zeroplan.launch.runner import plan_cluster
+
+        planned = plan_cluster(plan)
+        gpu = planned.gpu if planned is not None else None
+    the_launch = build_launch(
+        plan,
+        run_dir=run_dir,
+        data=data,
+        nodes=nodes,
+        launcher=launcher or default_launcher(setup_of(plan)),
+        gpu=gpu,
+        train=TrainOptions(epochs, max_steps, lr, eval_fraction, resume),
+        model=model,
+        program=rank_program,
+        filtered=bool(include or exclude),
+        grace_s=grace,
+    )
+    checks = preflight(the_launch, present, force=force, hosts=not dry_run)
+    if dry_run:
+        _render_dry_run(the_launch, checks, present)
+        return
+    checks.raise_first()
+    for note in (*the_launch.notes, *checks.notes):
+        _say(f"note: {note}")
+
+    from zeroplan.launch.supervise import run_launch
+
+    result = run_launch(
+        the_launch,
+        grace_s=grace,
+        dashboard=not no_dashboard,
+        progress_every_s=progress_every,
+        say=_say,
+    )
+    if result.exit_code == 0:
+        _say(f"done: {result.message} in {result.seconds:.0f} s; run folder {the_launch.run_dir}")
+    else:
+        _say(result.message)
+    sys.exit(result.exit_code)  # (ctx.exit's status is dropped by main's standalone_mode=False)
+
+
+def _plan_and_nodes(
+    model_or_plan: str,
+    plan_path: Path | None,
+    gpus: str | None,
+    hostfile: Path | None,
+    include: str | None,
+    exclude: str | None,
+    weights: str | None,
+    planning: dict[str, Any],
+) -> tuple[dict[str, Any], str, tuple[Node, ...], Cluster | None]:
+    """The plan (read, or made here for a model), where the ranks load the model, the nodes,
+    and this machine's GPUs."""
+    from zeroplan.api import DEFAULT_GPUS
+    from zeroplan.errors import BadClusterSpecError
+    from zeroplan.hardware import Cluster, local_cluster, parse_cluster
+    from zeroplan.launch.runner import (
+        PlanOptions,
+        gpu_count,
+        local_model,
+        plan_cluster,
+        plan_model,
+        read_plan,
+        resolve_nodes,
+    )
+
+    present = local_cluster()
+    if plan_path is not None:
+        plan = read_plan(plan_path)
+        planned = plan_cluster(plan)
+        if gpus is not None:
+            count = gpu_count(gpus)
+        elif hostfile is None and planned is not None and planned.is_multi_node:
+            raise BadClusterSpecError(
+                f"the plan is for {planned.describe()}: pass --hostfile with one "
+                "'host slots=N' line per node"
+            )
+        else:
+            count = int(plan["world_size"])
+        nodes = resolve_nodes(
+            count=count, hostfile=hostfile, include=include, exclude=exclude, present=present
+        )
+        name = weights or str(plan["model"])
+        return plan, local_model(name, plan_path.parent) or name, nodes, present
+
+    spec_gpu = None
+    if gpus is not None and not gpus.strip().isdigit():
+        spec_gpu = parse_cluster(gpus).gpu
+    count = gpu_count(gpus) if gpus else (present.gpus_per_node if present else 1)
+    nodes = resolve_nodes(
+        count=count, hostfile=hostfile, include=include, exclude=exclude, present=present
+    )
+    per_node = {len(n.slots) for n in nodes}
+    if len(per_node) > 1:
+        raise BadClusterSpecError(
+            "zeroplan plans identical nodes: give every host the same GPUs, or plan with "
+            "zeroplan plan and launch the plan"
+        )
+    gpu = spec_gpu or (present.gpu if present else parse_cluster(DEFAULT_GPUS).gpu)
+    cluster = Cluster(gpu, gpus_per_node=per_node.pop(), num_nodes=len(nodes))
+    options = PlanOptions(
+        method=planning["method"],
+        seq_len=planning["seq_len"],
+        global_batch=planning["global_batch"],
+        allow_quantization=not planning["no_quantization"],
+    )
+    plan = plan_model(model_or_plan, cluster, options)
+    name = weights or model_or_plan
+    return plan, local_model(name) or weights or str(plan["model"]), nodes, present
+
+
+def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> None:
+    """Everything the launch would do, as text (computed elsewhere; printed here)."""
+    from zeroplan.launch.runner import describe_files, describe_nodes
+    from zeroplan.planner import describe
+
+    echo = click.echo
+    best = la.plan["best"]
+    echo("zeroplan launch --dry-run: nothing is started, nothing is written\n")
+    echo(f"plan       {la.plan['model']}: {best['family']}, {describe(la.setup)}")
+    echo(
+        f"           made for {la.plan['cluster']}: {best['required_bytes'] / GIB:.1f} GiB per "
+        f"GPU, {best['tokens_per_s']:,.0f} tokens/s predicted"
+    )
+    echo(f"this host  {present.describe() if present is not None else 'no NVIDIA GPU'}")
+    echo(
+        f"ranks      {la.world_size} with {la.launcher} ({describe_nodes(la.nodes)}), "
+        f"master port {la.port}"
+    )
+    echo(f"run dir    {la.run_dir}")
+    for note in la.notes:
+        echo(f"note       {note}")
+    echo("\nenvironment (for every rank, on top of yours)")
+    for k, v in la.env.items():
+        echo(f"  {k}={v}")
+    echo("\ncommands")
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in la.env.items())
+    for cmd in la.commands:
+        local = cmd.argv[0] != "ssh"  # a remote command carries its environment inside
+        echo(f"  [{cmd.host}] " + (f"{env} {cmd.shell()}" if local and env else cmd.shell()))
+    echo("\neach rank runs")
+    wrapper = [sys.executable, "-u", "-m", "zeroplan.launch.ranklog", str(la.log_dir), "--"]
+    echo(f"  {shlex.join(wrapper)} \\")
+    echo(f"    {shlex.join([sys.executable, '-u', *la.rank_argv])}")
+    echo("\nfiles")
+    for path, what in describe_files(la):
+        echo(f"  {path}\n      {what}")
+    echo("\npreflight")
+    for err in checks.errors:
+        echo(f"  refuses: {err}")
+    for note in checks.notes:
+        echo(f"  note: {note}")
+    if checks.estimate is not None:
+        est = checks.estimate
+        verdict = "fits" if est.fits else "does not fit"
+        echo(
+            f"  estimate: {est.required_bytes / GIB:.1f} GiB of "
+            f"{est.gpu_memory_bytes / GIB:.1f} GiB per GPU: {verdict}"
+        )
+    if not checks.errors:
+        remote = not all(n.local for n in la.nodes)
+        echo("  ok" + (" (ssh to the nodes is not tried in a dry run)" if remote else ""))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for bug reports).")
+def env(as_json: bool) -> None:
+    """This machine as a training run sees it: GPUs, driver, CUDA, and the versions of torch,
+    DeepSpeed, bitsandbytes, flash-attn, transformers, PEFT and TRL, read without importing
+    them, then the incompatibilities that can be told cheaply (a CPU-only torch, a driver
+    older than torch's CUDA, bitsandbytes without CUDA, DeepSpeed ops that cannot compile).
+
+    \b
+    zeroplan env
+    zeroplan env --json > env.json     # attach to a bug report
+    """
+    from zeroplan.launch.envcheck import collect
+
+    report = collect()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    echo = click.echo
+    mem = f" · {report.memory_bytes / GIB:.1f} GiB RAM" if report.memory_bytes else ""
+    echo(
+        f"{'host':<14}{report.host} · {report.platform} · Python {report.python} · {report.cpus} CPUs{mem}"
+    )
+    if report.gpus:
+        first, *rest = [f"{g.index}: {g.name}, {g.memory_bytes / GIB:.1f} GiB" for g in report.gpus]
+        echo(f"{'GPUs':<14}{first}")
+        for line in rest:
+            echo(f"{'':<14}{line}")
+    else:
+        echo(f"{'GPUs':<14}none" + (f" ({report.nvml})" if report.nvml else ""))
+    if report.cuda_visible_devices is not None:
+        echo(f"{'':<14}CUDA_VISIBLE_DEVICES={report.cuda_visible_devices}")
+    echo(f"{'driver':<14}{report.driver or '-'}")
+    torch_cuda = report.torch_cuda or (
+        f"ROCm {report.torch_rocm}" if report.torch_rocm else "none (CPU-only)"
+    )
+    echo(f"{'CUDA':<14}driver supports {report.cuda_driver or '-'}; torch built for {torch_cuda}")
+    for dist, version in report.packages.items():
+        extra = ""
+        if dist == "deepspeed" and version and report.deepspeed_ops is not None:
+            extra = f" (pre-built ops: {', '.join(report.deepspeed_ops) or 'none'})"
+        echo(f"{dist:<14}{version or 'not installed'}{extra}")
+    for note in report.notes:
+        echo(f"note: {note}")
+    if report.problems:
+        echo("problems:")
+        for problem in report.problems:
+            echo(f"  - {problem}")
+    else:
+        echo("no known incompatibility found")

@@ -1,0 +1,146 @@
+"""The Trainer callbacks of a zeroplan run: the metrics lines and the stop on a signal.
+
+Imported by ``zeroplan.launch.sft`` once it has decided to train (this module imports
+transformers and torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from zeroplan.launch.sft import Counter, StopFlag
+
+
+class StopOnSignal(TrainerCallback):
+    """At each optimizer-step boundary: if any rank got a signal, save and stop (all ranks).
+
+    The flag is max-reduced over the ranks each step (one integer), so that every rank saves
+    the same step: a rank that left for the checkpoint while another ran one more step would
+    hang in the collectives.
+    """
+
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if any_rank(self.flag.signalled):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def any_rank(value: bool) -> bool:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends one JSON line per logging step per rank to RUN/metrics.jsonl.
+
+    Keys (the dashboard's contract): ``t`` (unix seconds), ``rank``, ``step``,
+    ``total_steps``, ``loss`` (train: mean over the logging interval, all ranks; eval: the
+    eval loss), ``lr``, ``grad_norm``, ``tokens_per_s`` (this rank's non-padding tokens per
+    second since its previous train line), ``mem_allocated_bytes`` / ``mem_reserved_bytes``
+    (``torch.cuda.memory_allocated`` / ``memory_reserved`` now, null on the CPU), ``event``
+    (``train`` | ``eval`` | ``end``). Two more: ``peak_allocated_bytes`` /
+    ``peak_reserved_bytes``, the allocator's peaks since the previous line (what the plan's
+    ``peak_allocated_bytes`` predicts). Each line is one ``write`` to a file opened with
+    O_APPEND, so the ranks of one machine never interleave within a line.
+    """
+
+    def __init__(self, path: Path, tokens: Counter) -> None:
+        self.path = path
+        self.tokens = tokens
+        self.fd: int | None = None
+        self.last_t = time.time()
+        self.last_tokens = 0
+        self.train_loss: float | None = None
+
+    def _write(self, args: Any, state: Any, event: str, **values: Any) -> None:
+        if self.fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = {
+            "t": time.time(),
+            "rank": int(args.process_index),
+            "step": int(state.global_step),
+            "total_steps": int(state.max_steps),
+            "loss": values.get("loss"),
+            "lr": values.get("lr"),
+            "grad_norm": values.get("grad_norm"),
+            "tokens_per_s": values.get("tokens_per_s"),
+            **_memory(),
+            "event": event,
+        }
+        os.write(self.fd, (json.dumps(line) + "\n").encode("utf-8"))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.last_t = time.time()
+        self.last_tokens = self.tokens.read()
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            now, tokens = time.time(), self.tokens.read()
+            rate = (tokens - self.last_tokens) / (now - self.last_t) if now > self.last_t else None
+            self.last_t, self.last_tokens = now, tokens
+            self._write(
+                args,
+                state,
+                "train",
+                loss=_num(logs.get("loss")),
+                lr=_num(logs.get("learning_rate")),
+                grad_norm=_num(logs.get("grad_norm")),
+                tokens_per_s=rate,
+            )
+        elif "eval_loss" in logs:
+            self._write(args, state, "eval", loss=_num(logs.get("eval_loss")))
+        elif "train_loss" in logs:
+            self.train_loss = _num(logs.get("train_loss"))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(args, state, "end", loss=self.train_loss)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _memory() -> dict[str, int | None]:
+    if not torch.cuda.is_available():
+        return {
+            "mem_allocated_bytes": None,
+            "mem_reserved_bytes": None,
+            "peak_allocated_bytes": None,
+            "peak_reserved_bytes": None,
+        }
+    out: dict[str, int | None] = {
+        "mem_allocated_bytes": int(torch.cuda.memory_allocated()),
+        "mem_reserved_bytes": int(torch.cuda.memory_reserved()),
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+    }
+    torch.cuda.reset_peak_memory_stats()
+    return out

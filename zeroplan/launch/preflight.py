@@ -1,0 +1,339 @@
+"""What ``zeroplan launch`` checks before anything starts.
+
+Each failure is one ZeroplanError (one line in the CLI, exit status 2):
+
+* the run folder already holds a run and --resume was not given (RunDirExistsError);
+* the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks);
+* a local model folder has no tokenizer files (TokenizerNotFoundError);
+* a package the plan or the launcher needs is missing (MissingDependencyError);
+* no GPU on this machine (NoGPUError; ``--force`` runs the ranks anyway, on CPU);
+* more GPUs, or other GPU indices, than this machine has (GPUCountError);
+* the estimate on the GPUs actually present says out of memory (PredictedOOMError, with
+  the planner's choice for this machine; ``--force`` starts anyway);
+* a hostfile host ssh cannot reach without a prompt (HostUnreachableError).
+
+``preflight`` collects every finding, so that ``--dry-run`` can show them all; the real
+launch raises the first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from zeroplan.errors import (
+    DataNotFoundError,
+    GPUCountError,
+    HostUnreachableError,
+    MissingDependencyError,
+    NoGPUError,
+    PredictedOOMError,
+    RunDirExistsError,
+    TokenizerNotFoundError,
+    ZeroplanError,
+)
+from zeroplan.hardware import Cluster
+from zeroplan.launch.runner import (
+    LOG_DIR,
+    METRICS_FILE,
+    SSH_OPTIONS,
+    Launch,
+    Node,
+    plan_cluster,
+)
+from zeroplan.memory import MemoryEstimate
+from zeroplan.models import ModelSpec
+from zeroplan.trainsetup import TrainSetup
+
+# Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+SSH_WAIT_S = 15.0
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Preflight:
+    errors: tuple[ZeroplanError, ...]
+    notes: tuple[str, ...]
+    estimate: MemoryEstimate | None  # the setup on the GPUs at hand, when it could be made
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume or not run_dir.is_dir():
+        return
+    held = [name for name in (METRICS_FILE, LOG_DIR) if (run_dir / name).exists()] + sorted(
+        p.name for p in run_dir.glob("checkpoint*")
+    )[:1]
+    if held:
+        raise RunDirExistsError(
+            f"{run_dir} already holds a run ({', '.join(held)}): --resume continues it, "
+            "-o NEW_DIR starts another"
+        )
+
+
+def check_data(data: str) -> str | None:
+    """None when ``data`` is a file; a note when it is a Hub data set id (not checked here)."""
+    from zeroplan.launch.data import data_exists, looks_like_hub_id
+
+    if data_exists(data):
+        return None
+    if Path(data).expanduser().is_dir():
+        raise DataNotFoundError(f"--data {data} is a folder: give a .json, .jsonl or .parquet file")
+    if looks_like_hub_id(data):
+        return f"--data {data} is not a file here: the ranks will load it as a Hub data set"
+    raise DataNotFoundError(
+        f"data file {data} does not exist; pass --data a .json, .jsonl or .parquet file "
+        "(or a Hub data set id)"
+    )
+
+
+def check_tokenizer(model: str) -> None:
+    folder = Path(model)
+    if not folder.is_dir():
+        return  # a Hub id: the ranks download config, weights and tokenizer together
+    if any((folder / f).is_file() for f in TOKENIZER_FILES) or any(folder.glob("*.tiktoken")):
+        return
+    raise TokenizerNotFoundError(
+        f"model folder {folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}): copy "
+        "the base model's tokenizer files next to its config.json"
+    )
+
+
+def needed_packages(setup: TrainSetup, launcher: str) -> dict[str, str]:
+    """module -> why the run needs it."""
+    need = {"torch": "every rank runs PyTorch"}
+    if launcher == "deepspeed" or setup.zero is not None:
+        need["deepspeed"] = (
+            "the deepspeed launcher" if launcher == "deepspeed" else f"ZeRO-{setup.zero}"
+        )
+    if setup.method == "qlora":
+        need["bitsandbytes"] = "the 4-bit (qlora) base"
+    elif "8bit" in setup.optim:
+        need["bitsandbytes"] = f"the {setup.optim} optimizer"
+    if setup.fused_loss:
+        need["liger_kernel"] = "the fused loss (Liger)"
+    return need
+
+
+def check_packages(setup: TrainSetup, launcher: str, nodes: tuple[Node, ...]) -> None:
+    for module, why in needed_packages(setup, launcher).items():
+        if importlib.util.find_spec(module) is None:
+            package = module.replace("_", "-")
+            raise MissingDependencyError(
+                f"{why} needs {package}, which is not installed here: pip install 'zeroplan[train]'"
+                + (f" {package}" if module == "liger_kernel" else "")
+            )
+    remote = [n for n in nodes if not n.local]
+    if remote and shutil.which("ssh") is None:
+        raise MissingDependencyError("ssh is not installed: other nodes are started over ssh")
+    if remote and launcher == "deepspeed" and shutil.which("pdsh") is None:
+        raise MissingDependencyError(
+            "the deepspeed launcher starts other nodes with pdsh, which is not installed: "
+            "install pdsh, or use --launcher torchrun (plain ssh)"
+        )
+
+
+def check_gpu_count(nodes: tuple[Node, ...], present: Cluster) -> None:
+    for node in nodes:
+        if not node.local:
+            continue
+        have = present.gpus_per_node
+        if len(node.slots) > have:
+            raise GPUCountError(
+                f"this run needs {len(node.slots)} GPUs on this machine, which has {have} "
+                f"({present.describe()}): launch with --gpus {have} (the planner re-checks "
+                f"the memory) or on a machine with {len(node.slots)}"
+            )
+        if max(node.slots) >= have:
+            raise GPUCountError(
+                f"GPU {max(node.slots)} does not exist on this machine, which has GPUs "
+                f"0-{have - 1} ({present.describe()}); fix --include / --exclude"
+            )
+
+
+def unreachable_hosts(hosts: list[str], timeout_s: float = SSH_WAIT_S) -> dict[str, str]:
+    """host -> why ``ssh -o BatchMode=yes -o ConnectTimeout=5 HOST true`` failed (in parallel)."""
+    procs = {
+        h: subprocess.Popen(
+            ["ssh", *SSH_OPTIONS, h, "true"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for h in hosts
+    }
+    bad = {}
+    for host, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            bad[host] = f"no answer in {timeout_s:.0f} s"
+            continue
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+            bad[host] = lines[-1] if lines else f"ssh exit status {proc.returncode}"
+    return bad
+
+
+def check_hosts(nodes: tuple[Node, ...]) -> None:
+    bad = unreachable_hosts([n.host for n in nodes if not n.local])
+    if bad:
+        which = "; ".join(f"{h}: {why}" for h, why in bad.items())
+        raise HostUnreachableError(
+            f"{'host' if len(bad) == 1 else 'hosts'} not reachable over ssh ({which}); fix the "
+            "hostfile or set up key-based ssh so that `ssh HOST true` needs no prompt"
+        )
+
+
+def _spec_text(cluster: Cluster) -> str:
+    nodes = f"{cluster.num_nodes}x" if cluster.is_multi_node else ""
+    return f"{nodes}{cluster.gpus_per_node}x{cluster.gpu.name}"
+
+
+def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainSetup) -> str:
+    """What the planner would run on ``cluster`` instead, as a sentence."""
+    from zeroplan.planner import PlanRequest, describe, plan
+
+    request = launch.plan.get("request") or {}
+    global_batch = request.get("global_batch")
+    if global_batch is not None and global_batch % cluster.world_size:
+        global_batch = None
+    method = request.get("method") or ("lora" if setup.method == "qlora" else setup.method)
+    try:
+        result = plan(
+            PlanRequest(
+                spec=spec,
+                cluster=cluster,
+                method=method,
+                seq_len=setup.seq_len,
+                global_batch=global_batch,
+                lora_r=setup.lora_r,
+                lora_targets=setup.lora_targets,
+            )
+        )
+    except ZeroplanError as exc:
+        return f"the planner cannot suggest a fix ({exc})"
+    if result.best is None:
+        return f"nothing fits on {cluster.describe()}: {result.suggestion}"
+    best = result.best
+    return (
+        f"the planner's choice for {cluster.describe()} is {best.family}, {describe(best.setup)} "
+        f"({best.estimate.required_bytes / GIB:.1f} GiB): zeroplan plan {launch.plan['model']} "
+        f"--gpus {_spec_text(cluster)} -o DIR, then zeroplan launch DIR"
+    )
+
+
+def check_memory(
+    launch: Launch, cluster: Cluster, force: bool
+) -> tuple[MemoryEstimate, str | None]:
+    """The estimate on ``cluster``; raises PredictedOOMError unless it fits or ``force``."""
+    from zeroplan.memory import estimate
+    from zeroplan.models import load_model
+    from zeroplan.planner import describe
+
+    spec = load_model(str(launch.plan["model"]))
+    setup = launch.setup
+    est = estimate(spec, cluster, setup)
+    if est.fits:
+        return est, None
+    what = (
+        f"predicted out of memory on {cluster.describe()}: {describe(setup)} needs "
+        f"{est.required_bytes / GIB:.1f} GiB per GPU, the card has {est.gpu_memory_bytes / GIB:.1f} GiB"
+    )
+    if force:
+        return est, f"{what}; --force starts it anyway"
+    raise PredictedOOMError(
+        f"{what}; {planner_fix(spec, cluster, launch, setup)}; --force starts it anyway"
+    )
+
+
+def preflight(
+    launch: Launch,
+    present: Cluster | None,
+    *,
+    force: bool = False,
+    hosts: bool = True,
+) -> Preflight:
+    """Every check, in order; ``present``: this machine's GPUs (``local_cluster()``)."""
+    errors: list[ZeroplanError] = []
+    notes: list[str] = []
+    est: MemoryEstimate | None = None
+
+    def attempt(check: Callable[[], str | None]) -> None:
+        try:
+            note = check()
+        except ZeroplanError as exc:
+            errors.append(exc)
+            return
+        if note:
+            notes.append(note)
+
+    attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
+    attempt(lambda: check_data(launch.data))
+    attempt(lambda: check_tokenizer(str(launch.plan["model"])))
+    attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))
+
+    local = [n for n in launch.nodes if n.local]
+    gpu_cluster: Cluster | None = None
+    per_node = max(len(n.slots) for n in launch.nodes)
+    if local and present is None:
+        if force:
+            notes.append(
+                f"no NVIDIA GPU on this machine (NVML sees none): --force starts the "
+                f"{launch.world_size} ranks anyway, on CPU; the memory check is skipped"
+            )
+        else:
+            errors.append(
+                NoGPUError(
+                    "no NVIDIA GPU on this machine (NVML sees none, or the driver or "
+                    "nvidia-ml-py is missing): run on a GPU machine; --dry-run shows the "
+                    "commands, --force starts the ranks anyway (on CPU)"
+                )
+            )
+    elif local and present is not None:
+        before = len(errors)
+        attempt(lambda: check_gpu_count(launch.nodes, present))
+        if len(errors) == before:
+            gpu_cluster = Cluster(present.gpu, per_node, len(launch.nodes))
+            planned = plan_cluster(launch.plan)
+            if planned is not None and planned.gpu.name != present.gpu.name:
+                notes.append(
+                    f"the plan was made for {planned.gpu.name}, this machine has "
+                    f"{present.gpu.name}: the memory check uses {present.gpu.name}"
+                )
+    else:
+        planned = plan_cluster(launch.plan)
+        if planned is not None:
+            gpu_cluster = Cluster(planned.gpu, per_node, len(launch.nodes))
+            notes.append(
+                f"the nodes' GPUs cannot be seen from here: the memory check assumes the "
+                f"plan's {planned.gpu.name}"
+            )
+
+    if gpu_cluster is not None:
+        try:
+            est, note = check_memory(launch, gpu_cluster, force)
+        except ZeroplanError as exc:
+            errors.append(exc)
+        else:
+            if note:
+                notes.append(note)
+
+    if hosts and any(not n.local for n in launch.nodes):
+        attempt(lambda: check_hosts(launch.nodes))
+    return Preflight(tuple(errors), tuple(notes), est)

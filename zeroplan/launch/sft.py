@@ -1,0 +1,878 @@
+"""The per-rank training program: apply a plan's chosen setup and run TRL's SFTTrainer.
+
+    python -m zeroplan.launch.sft --plan RUN/plan.json --data DATA --out RUN [options]
+
+torchrun or the deepspeed launcher start it on every rank (it reads RANK, LOCAL_RANK and
+WORLD_SIZE); it also runs as one plain process, on a GPU or (fp32, for tests) on the CPU.
+
+What the plan chose is what runs (DESIGN.md: whatever the estimate assumes, launch must do):
+
+- ``method``: ``lora`` / ``qlora`` put a PEFT LoRA (r, alpha = 2·r unless ``--lora-alpha``,
+  dropout, targets incl. ``all-linear``) on a bf16 base, or on a 4-bit NF4 base with double
+  quantization and bf16 compute (``qlora``; under ZeRO-3 stored as bf16,
+  ``dsconfig.quant_storage_dtype``); ``full`` trains every weight.
+  ``peft.prepare_model_for_kbit_training`` is never called: it would upcast embeddings,
+  lm_head and norms to fp32 (+2 GB on a 128k-vocab 8B model), which the estimate does not
+  count. LoRA weights stay fp32 without DeepSpeed (PEFT's default, the estimate's 4 B/param);
+  TRL casts them to bf16 on a 4-bit base, so they are put back.
+- ``micro_batch``, ``grad_accum``, ``grad_ckpt`` (non-reentrant; TRL forces reentrant for
+  PEFT under ZeRO-3, and applied.json says so), ``optim`` (HF ``optim`` names), ``attn``.
+- The loss is the model's own causal-LM loss, the lean step the estimate measured: TRL's
+  ``compute_loss`` (a chunked LM head that also computes per-token entropy and token
+  accuracy for logging) is bypassed. ``fused_loss`` applies Liger's fused linear
+  cross-entropy to the model, as the calibration runs did.
+- ``zero``: the DeepSpeed config from ``dsconfig.ds_config`` for the actual world size is
+  written to RUN/ds_config.json and handed to the Trainer.
+
+The run folder gets ``applied.json`` (every option used, library versions, the data
+summary), ``metrics.jsonl`` (one line per logging step per rank, see ``MetricsWriter``),
+``checkpoints/checkpoint-N`` (the Trainer's), ``final/`` (the adapter or the full weights,
+the tokenizer with its chat template, ``zeroplan.json``) and ``result.json``.
+
+SIGTERM / SIGINT: the run stops at the next optimizer-step boundary, saves a checkpoint and
+exits with 128 + the signal number; a second signal ends it at once. ``--resume`` continues
+from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from zeroplan.dsconfig import ds_config, quant_storage_dtype, write_config
+from zeroplan.errors import (
+    BadPlanError,
+    BadSetupError,
+    DataNotFoundError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    ResumeError,
+    ZeroplanError,
+)
+from zeroplan.launch import data as zdata
+from zeroplan.trainsetup import ALL_LINEAR, TrainSetup, parse_targets
+
+# TrainSetup.optim -> TrainingArguments.optim (transformers.training_args.OptimizerNames).
+# On a GPU "adamw" is torch's fused AdamW, as in the calibration runs (same memory).
+HF_OPTIM = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "paged_adamw": "paged_adamw_32bit",
+    "sgd": "sgd",
+}
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+METRICS = "metrics.jsonl"
+APPLIED = "applied.json"
+RESULT = "result.json"
+DS_CONFIG = "ds_config.json"
+RUN_INFO = "zeroplan.json"  # in final/: what inference needs to rebuild the run's model
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """What plan.json holds that the run needs."""
+
+    path: Path
+    model: str  # the Hub id, or a local folder when the plan was made from one
+    setup: TrainSetup
+    world_size: int
+
+
+@dataclass(frozen=True)
+class Options:
+    plan: Path
+    data: str
+    out: Path
+    model: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float | None = None
+    eval_fraction: float = 0.0
+    eval_steps: int | None = None
+    resume: bool = False
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    seed: int = 42
+    format: str = "auto"
+    system_prompt: str | None = None
+    overlong: str = "drop"
+    chat_template: Path | None = None
+    lora_alpha: int | None = None
+    split: str = "train"
+
+
+# --------------------------------------------------------------------------- plan, options
+
+
+def read_plan(path: str | os.PathLike[str]) -> PlannedRun:
+    """The model and the chosen TrainSetup of a plan.json written by ``zeroplan plan``."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadPlanError(f"no plan file {p}: run `zeroplan plan ... -o RUN_DIR` first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadPlanError(f"cannot read {p}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise BadPlanError(f"{p} is not JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict) or "best" not in data or "model" not in data:
+        raise BadPlanError(f"{p} is not a zeroplan plan (no 'model' and 'best')")
+    best = data["best"]
+    if best is None:
+        raise BadPlanError(f"{p}: the plan found no setup that fits, so there is nothing to run")
+    raw = best.get("setup") if isinstance(best, dict) else None
+    if not isinstance(raw, dict):
+        raise BadPlanError(f"{p}: 'best' has no 'setup'")
+    known = {f.name for f in dataclasses.fields(TrainSetup)}
+    values = {k: v for k, v in raw.items() if k in known}
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = parse_targets(values["lora_targets"])
+    elif isinstance(values.get("lora_targets"), list):
+        values["lora_targets"] = tuple(values["lora_targets"])
+    try:
+        setup = TrainSetup(**values)
+    except TypeError as exc:
+        raise BadPlanError(f"{p}: bad setup ({exc})") from None
+    # "model" is what to load: a Hub id, a local folder, or (written by `zeroplan launch
+    # --model`, which keeps the planned name as "model_name") whatever the user pointed at.
+    # A plan made from a local config.json names the model by its folder's name only; its
+    # "model_source" says where that folder is.
+    model = str(data["model"])
+    source = data.get("model_source")
+    if (
+        "model_name" not in data
+        and not Path(model).expanduser().exists()
+        and isinstance(source, str)
+        and source not in ("", "catalog", "hf-cache", "hub")
+    ):
+        local = Path(source).expanduser()
+        folder = local.parent if local.name == "config.json" else local
+        if folder.is_dir():
+            model = str(folder.resolve())
+    elif Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    world = data.get("world_size", 1)
+    return PlannedRun(p, model, setup, int(world) if isinstance(world, int) else 1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    ap = argparse.ArgumentParser(
+        prog="python -m zeroplan.launch.sft",
+        description="Train the setup a zeroplan plan chose (one process per GPU).",
+    )
+    ap.add_argument("--plan", required=True, type=Path, help="plan.json from `zeroplan plan -o`")
+    ap.add_argument(
+        "--data", required=True, help=".json / .jsonl / .parquet file, or a Hub data set id"
+    )
+    ap.add_argument(
+        "--out", required=True, type=Path, help="run folder (checkpoints, metrics, final)"
+    )
+    ap.add_argument("--model", help="model folder or Hub id (default: the plan's model)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    ap.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    ap.add_argument("--lr", type=float, help="learning rate (default 2e-4 LoRA/QLoRA, 2e-5 full)")
+    ap.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share (default 0)")
+    ap.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: each epoch)")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ap.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: each epoch)")
+    ap.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    ap.add_argument("--logging-steps", type=int, default=10, help="metrics line every N steps")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--format", default="auto", choices=("auto", *zdata.FORMATS))
+    ap.add_argument("--system-prompt", help="system message added to records that have none")
+    ap.add_argument("--overlong", default="drop", choices=zdata.OVERLONG,
+                    help="samples longer than the plan's --seq-len: drop (default) or truncate")  # fmt: skip
+    ap.add_argument("--chat-template", type=Path, help="a .jinja chat template for the tokenizer")
+    ap.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 × the plan's r)")
+    ap.add_argument("--split", default="train", help="split of a Hub data set (default train)")
+    a = ap.parse_args(argv)
+    for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise BadSetupError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not (math.isfinite(a.epochs) and a.epochs > 0):
+        raise BadSetupError(f"--epochs must be positive, got {a.epochs}")
+    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
+        raise BadSetupError(f"--lr must be positive, got {a.lr}")
+    if a.lora_alpha is not None and a.lora_alpha < 1:
+        raise BadSetupError(f"--lora-alpha must be at least 1, got {a.lora_alpha}")
+    return Options(
+        plan=a.plan,
+        data=a.data,
+        out=a.out,
+        model=a.model,
+        epochs=a.epochs,
+        max_steps=a.max_steps,
+        lr=a.lr,
+        eval_fraction=a.eval_fraction,
+        eval_steps=a.eval_steps,
+        resume=a.resume,
+        save_steps=a.save_steps,
+        save_total_limit=a.save_total_limit,
+        logging_steps=a.logging_steps,
+        seed=a.seed,
+        format=a.format,
+        system_prompt=a.system_prompt,
+        overlong=a.overlong,
+        chat_template=a.chat_template,
+        lora_alpha=a.lora_alpha,
+        split=a.split,
+    )
+
+
+# --------------------------------------------------------------------------- what is applied
+
+
+def lora_kwargs(setup: TrainSetup, alpha: int | None = None) -> dict[str, Any] | None:
+    """``peft.LoraConfig`` arguments for the setup; None for full fine-tuning."""
+    if not setup.is_lora:
+        return None
+    targets: str | list[str] = (
+        ALL_LINEAR if ALL_LINEAR in setup.lora_targets else list(setup.lora_targets)
+    )
+    return {
+        "r": setup.lora_r,
+        "lora_alpha": alpha if alpha is not None else 2 * setup.lora_r,
+        "lora_dropout": setup.lora_dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def quantization_kwargs(setup: TrainSetup) -> dict[str, Any] | None:
+    """``BitsAndBytesConfig`` arguments (dtypes by name) for QLoRA; None otherwise."""
+    if setup.method != "qlora":
+        return None
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": quant_storage_dtype(setup) or "uint8",
+    }
+
+
+def reentrant_checkpointing(setup: TrainSetup) -> bool:
+    """Non-reentrant, except for PEFT under ZeRO-3 where TRL forces reentrant (trl#2514)."""
+    return setup.is_lora and setup.zero == 3
+
+
+def training_kwargs(
+    setup: TrainSetup,
+    opts: Options,
+    cuda: bool,
+    ds_path: Path | None,
+    has_eval: bool,
+    new_ckpt_names: bool = True,
+) -> dict[str, Any]:
+    """The SFTConfig (TrainingArguments) of the run: every knob written out, none left default."""
+    lr = opts.lr if opts.lr is not None else (2e-4 if setup.is_lora else 2e-5)
+    ckpt = "activation_checkpointing" if new_ckpt_names else "gradient_checkpointing"
+    kw: dict[str, Any] = {
+        "output_dir": str(opts.out / CHECKPOINTS),
+        "per_device_train_batch_size": setup.micro_batch,
+        "per_device_eval_batch_size": setup.micro_batch,
+        "gradient_accumulation_steps": setup.grad_accum,
+        ckpt: setup.grad_ckpt,
+        f"{ckpt}_kwargs": (
+            {"use_reentrant": reentrant_checkpointing(setup)} if setup.grad_ckpt else None
+        ),
+        "optim": HF_OPTIM[setup.optim],
+        "learning_rate": lr,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,  # = dsconfig's gradient_clipping
+        "num_train_epochs": opts.epochs,
+        "max_steps": opts.max_steps if opts.max_steps is not None else -1,
+        "bf16": cuda,
+        "fp16": False,
+        "use_cpu": not cuda,
+        "logging_strategy": "steps",
+        "logging_steps": opts.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if opts.save_steps else "epoch",
+        "save_steps": opts.save_steps or 500,
+        "save_total_limit": opts.save_total_limit,
+        "save_only_model": False,  # optimizer, scheduler and RNG too: --resume continues exactly
+        "eval_strategy": ("steps" if opts.eval_steps else "epoch") if has_eval else "no",
+        "eval_steps": opts.eval_steps,
+        "prediction_loss_only": True,  # no logits kept across evaluation batches
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": opts.seed,
+        "data_seed": opts.seed,
+        "deepspeed": str(ds_path) if ds_path is not None else None,
+        "ddp_find_unused_parameters": False,
+        "use_liger_kernel": False,  # Liger's FLCE is applied to the model itself (fused_loss)
+        # the data are tokenized and masked by zeroplan.launch.data: TRL must not re-tokenize,
+        # truncate or pack them
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "max_length": setup.seq_len,
+        "packing": False,
+        "padding_free": False,
+    }
+    if cuda and setup.optim == "adamw" and setup.offload == "none":
+        kw["optim"] = "adamw_torch_fused"
+    return kw
+
+
+def model_kwargs(setup: TrainSetup, cuda: bool, local_rank: int) -> dict[str, Any]:
+    """``from_pretrained`` arguments (dtypes by name): bf16 on a GPU, fp32 on the CPU."""
+    kw: dict[str, Any] = {
+        "dtype": "bfloat16" if cuda else "float32",
+        "attn_implementation": setup.attn,
+    }
+    quant = quantization_kwargs(setup)
+    if quant is not None:
+        kw["quantization_config"] = quant
+    # without DeepSpeed the weights go straight to this rank's GPU; DeepSpeed places them
+    # itself (ZeRO-3 partitions them while loading), except 4-bit weights, which bitsandbytes
+    # quantizes on the GPU they load to
+    if cuda and (setup.zero is None or (quant is not None and setup.zero != 3)):
+        kw["device_map"] = {"": local_rank}
+    return kw
+
+
+def preflight(setup: TrainSetup, cuda: bool) -> None:
+    """Refuse, before any model work, what this machine cannot run as planned."""
+    if setup.method == "qlora":
+        if not cuda:
+            raise MissingDependencyError(
+                "--method qlora needs a CUDA GPU: bitsandbytes quantizes to 4-bit on the GPU only"
+            )
+        _need("bitsandbytes", "--method qlora (4-bit NF4 base)", "bitsandbytes")
+    if setup.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw"):
+        if not cuda:
+            raise MissingDependencyError(f"--optim {setup.optim} (bitsandbytes) needs a CUDA GPU")
+        _need("bitsandbytes", f"--optim {setup.optim}", "bitsandbytes")
+    if setup.fused_loss:
+        _need("liger_kernel", "the fused loss (Liger fused linear cross-entropy)", "liger-kernel")
+        if not cuda:
+            raise MissingDependencyError("the fused loss (Liger, Triton kernels) needs a CUDA GPU")
+    if setup.attn == "flash_attention_2":
+        if not cuda:
+            raise MissingDependencyError("--attn flash_attention_2 needs a CUDA GPU")
+        _need("flash_attn", "--attn flash_attention_2", "flash-attn")
+    if setup.zero is not None:
+        if not cuda:
+            raise MissingDependencyError(
+                f"--zero {setup.zero}: DeepSpeed ZeRO runs on CUDA GPUs; plan without --zero to "
+                "run on the CPU"
+            )
+        _need("deepspeed", f"--zero {setup.zero}", "deepspeed")
+
+
+def _need(module: str, what: str, package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(
+            f"the plan uses {what}, but {package} is not installed: pip install {package}, "
+            "or plan again without it"
+        )
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest ``checkpoints/checkpoint-N`` that holds a finished save, or None."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir()
+        and p.name.startswith("checkpoint-")
+        and p.name[len("checkpoint-") :].isdigit()
+        and (p / "trainer_state.json").is_file()  # written last by Trainer._save_checkpoint
+    ]
+    return max(done, key=lambda p: int(p.name[len("checkpoint-") :]), default=None)
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in (
+        "zeroplan",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "deepspeed",
+        "bitsandbytes",
+        "liger-kernel",
+        "flash-attn",
+    ):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the training loop reads it at each optimizer-step boundary.
+
+    A second signal restores the default handler and re-sends itself: the process ends at
+    once (the last complete checkpoint is still on disk).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(
+            f"zeroplan: {signal.Signals(signum).name}: stopping after this step and saving a "
+            "checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @property
+    def signalled(self) -> bool:
+        return self.signum is not None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Counter:
+    """Non-padding tokens this rank trained on, kept on the device (read once per log line)."""
+
+    value: Any = 0
+
+    def add(self, n: Any) -> None:
+        self.value = self.value + n
+
+    def read(self) -> int:
+        v = self.value
+        return int(v.item()) if hasattr(v, "item") else int(v)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flag = StopFlag()
+    flag.install()
+    try:
+        opts = parse_args(argv)
+        return run(opts, flag, list(sys.argv if argv is None else argv))
+    except ZeroplanError as exc:
+        print(f"zeroplan: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
+    started = time.time()
+    planned = read_plan(opts.plan)
+    setup = planned.setup
+    # absolute paths in every file the run leaves: merge / generate run from elsewhere
+    opts = dataclasses.replace(opts, out=opts.out.expanduser().resolve())
+    if opts.model is not None and Path(opts.model).expanduser().exists():
+        opts = dataclasses.replace(opts, model=str(Path(opts.model).expanduser().resolve()))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_id = opts.model or planned.model
+
+    # ---- everything that can be refused without torch
+    if not zdata.data_exists(opts.data) and not zdata.looks_like_hub_id(opts.data):
+        raise DataNotFoundError(f"no data file {opts.data}")
+    if opts.chat_template is not None and not opts.chat_template.is_file():
+        raise DataNotFoundError(f"no chat template file {opts.chat_template}")
+    resume_from = last_checkpoint(opts.out)
+    if opts.resume and resume_from is None:
+        raise ResumeError(f"--resume: no checkpoint in {opts.out / CHECKPOINTS} to continue from")
+    if not opts.resume and resume_from is not None:
+        raise ResumeError(
+            f"{opts.out} already holds checkpoints ({resume_from.name}): pass --resume to "
+            "continue that run, or give a new --out"
+        )
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    preflight(setup, cuda)
+    if cuda:
+        torch.cuda.set_device(local_rank)
+
+    # ---- tokenizer and data (clear errors before the model is loaded)
+    tokenizer = _load_tokenizer(model_id, opts)
+    prepared = zdata.prepare(
+        opts.data,
+        tokenizer,
+        max_seq_len=setup.seq_len,
+        fmt=opts.format,
+        system=opts.system_prompt,
+        overlong=opts.overlong,
+        eval_fraction=opts.eval_fraction,
+        seed=opts.seed,
+        split=opts.split,
+    )
+    summary = prepared.summary
+    notes: list[str] = []
+    if world != planned.world_size:
+        notes.append(
+            f"planned for {_gpus(planned.world_size)}, running on {world} processes: the global "
+            "batch and the per-GPU memory of ZeRO differ from the plan"
+        )
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _say(
+            f"data: {summary.records} {summary.format} records -> {summary.train_examples} train"
+            f" / {summary.eval_examples} eval; {summary.dropped_too_long} dropped and "
+            f"{summary.truncated} truncated (longer than {summary.max_seq_len} tokens), "
+            f"{summary.dropped_no_target} without an assistant token"
+        )
+        for note in notes:
+            _say(note)
+
+    # ---- DeepSpeed config, then the TrainingArguments (before the model: ZeRO-3 partitions
+    # the weights while from_pretrained loads them)
+    # Every rank writes it (atomically, the same text): no rank waits for another's file, and
+    # nodes that do not share RUN_DIR each get their copy.
+    ds_path: Path | None = None
+    if setup.zero is not None:
+        ds_path = write_config(ds_config(setup, world), opts.out / DS_CONFIG)
+
+    from datasets import Dataset
+    from trl.trainer.sft_config import SFTConfig
+
+    new_names = any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig))
+    targs = SFTConfig(**training_kwargs(setup, opts, cuda, ds_path, bool(prepared.eval), new_names))
+
+    model, dtype_name = _load_model(model_id, setup, cuda, local_rank)
+    if setup.fused_loss:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model=model,
+            rope=False,
+            rms_norm=False,
+            swiglu=False,
+            cross_entropy=False,
+            fused_linear_cross_entropy=True,
+        )
+
+    peft_config = None
+    lkw = lora_kwargs(setup, opts.lora_alpha)
+    if lkw is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**lkw)
+
+    from zeroplan.launch.callbacks import MetricsWriter, StopOnSignal, any_rank
+
+    counter = Counter()
+    callbacks = [MetricsWriter(opts.out / METRICS, counter), StopOnSignal(flag)]
+    trainer_cls = lean_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=targs,
+        train_dataset=Dataset.from_list(prepared.train),
+        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    trainer.zp_tokens = counter
+    adapter_dtype = _restore_adapter_dtype(trainer.model, setup)
+    ckpt_kwargs = targs.gradient_checkpointing_kwargs
+    reentrant = isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant")
+    if setup.grad_ckpt and reentrant:
+        notes.append("reentrant checkpointing: TRL requires it for PEFT under DeepSpeed ZeRO-3")
+
+    if rank == 0:
+        applied = _applied(
+            planned, opts, targs, trainer, summary, dtype_name, adapter_dtype, lkw, world, cuda
+        )
+        applied.update(
+            argv=argv,
+            started=_iso(started),
+            resumed_from=str(resume_from) if opts.resume else None,
+            notes=notes,
+        )
+        (opts.out / APPLIED).write_text(json.dumps(applied, indent=2) + "\n")
+
+    if any_rank(flag.signalled):  # stopped while loading: nothing trained, nothing to save
+        return _finish(opts, trainer, rank, "interrupted", flag, None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if opts.resume else None)
+    if trainer.state.global_step < trainer.state.max_steps:
+        # StopOnSignal ended it: the checkpoint of this step is saved, final/ is not written
+        return _finish(opts, trainer, rank, "interrupted", flag, None)
+
+    # final/ is complete once result.json says "completed"
+    final = opts.out / FINAL
+    trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the weights collectively
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final))
+        info = {
+            "base_model": model_id,
+            "method": setup.method,
+            "format": summary.format,
+            "system_prompt": summary.system_prompt,
+            "seq_len": setup.seq_len,
+            "dtype": dtype_name,
+        }
+        (final / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return _finish(opts, trainer, rank, "completed", flag, final)
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _say(text: str) -> None:
+    print(f"zeroplan: {text}", file=sys.stderr, flush=True)
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).isoformat()
+
+
+def _load_tokenizer(model_id: str, opts: Options) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load the tokenizer of '{model_id}': {zdata._first_line(exc)}; "
+            "pass --model with a local model folder or a Hub id"
+        ) from None
+    if opts.chat_template is not None:
+        tok.chat_template = opts.chat_template.read_text(encoding="utf-8")
+    return tok
+
+
+def bnb_config(setup: TrainSetup) -> Any:
+    """The ``transformers.BitsAndBytesConfig`` of a QLoRA setup (None otherwise)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = quantization_kwargs(setup)
+    if q is None:
+        return None
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        q[key] = getattr(torch, q[key])
+    return BitsAndBytesConfig(**q)  # type: ignore[no-untyped-call]
+
+
+def _load_model(model_id: str, setup: TrainSetup, cuda: bool, local_rank: int) -> tuple[Any, str]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = model_kwargs(setup, cuda, local_rank)
+    dtype_name = kw["dtype"]
+    kw["dtype"] = getattr(torch, dtype_name)
+    if "quantization_config" in kw:
+        kw["quantization_config"] = bnb_config(setup)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kw)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"cannot load the weights of '{model_id}': {zdata._first_line(exc)}; "
+            "pass --model with a local model folder or a Hub id"
+        ) from None
+    model.config.use_cache = False
+    return model, dtype_name
+
+
+def _restore_adapter_dtype(model: Any, setup: TrainSetup) -> str | None:
+    """LoRA weights back to fp32 where TRL cast them to bf16 (4-bit base, no DeepSpeed).
+
+    PEFT keeps adapters in fp32 (the estimate's 4 B weight + 4 B gradient + 8 B Adam per
+    LoRA parameter); TRL 1.x casts them to bf16 on a quantized base. DeepSpeed casts the
+    whole module to bf16 itself, so under ZeRO nothing is changed here.
+    """
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not setup.is_lora or not trainable:
+        return None
+    if setup.zero is None:
+        for p in trainable:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    return str(trainable[0].dtype).removeprefix("torch.")
+
+
+def _applied(
+    planned: PlannedRun,
+    opts: Options,
+    targs: Any,
+    trainer: Any,
+    summary: zdata.DataSummary,
+    dtype_name: str,
+    adapter_dtype: str | None,
+    lkw: dict[str, Any] | None,
+    world: int,
+    cuda: bool,
+) -> dict[str, Any]:
+    setup = planned.setup
+    params = list(trainer.model.parameters())
+
+    def numel(p: Any) -> int:
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    keys = (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "optim",
+        "learning_rate",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "num_train_epochs",
+        "max_steps",
+        "bf16",
+        "fp16",
+        "seed",
+        "logging_steps",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "eval_strategy",
+        "eval_steps",
+        "deepspeed",
+        "output_dir",
+    )
+    training = {k: _plain(getattr(targs, k, None)) for k in keys}
+    return {
+        "plan": str(planned.path.resolve()),
+        "model": opts.model or planned.model,
+        "planned_setup": setup.to_dict(),
+        "planned_world_size": planned.world_size,
+        "world_size": world,
+        "global_batch": setup.micro_batch * setup.grad_accum * world,
+        "device": "cuda" if cuda else "cpu",
+        "dtype": dtype_name,
+        "attn_implementation": setup.attn,
+        "method": setup.method,
+        "quantization": quantization_kwargs(setup),
+        "prepare_model_for_kbit_training": False,
+        "lora": lkw,
+        "adapter_dtype": adapter_dtype,
+        "trainable_params": sum(numel(p) for p in params if p.requires_grad),
+        "total_params": sum(numel(p) for p in params),
+        "loss": (
+            "Liger fused linear cross-entropy"
+            if setup.fused_loss
+            else "the model's causal-LM loss (full logits)"
+        ),
+        "trl_logging_extras": "off (per-token entropy and token accuracy are not computed)",
+        "training": training,
+        "data": summary.to_dict(),
+        "versions": library_versions(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if hasattr(value, "value"):  # enums
+        return _plain(value.value)
+    return str(value)
+
+
+def _finish(
+    opts: Options, trainer: Any, rank: int, status: str, flag: StopFlag, final: Path | None
+) -> int:
+    if rank == 0:
+        ckpt = last_checkpoint(opts.out)
+        result = {
+            "status": status,
+            "global_step": int(trainer.state.global_step),
+            "max_steps": int(trainer.state.max_steps),
+            "last_checkpoint": str(ckpt) if ckpt else None,
+            "final": str(final) if final else None,
+            "signal": signal.Signals(flag.signum).name if flag.signum is not None else None,
+            "finished": _iso(time.time()),
+        }
+        (opts.out / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+        _say(
+            f"{status} at step {result['global_step']}" + (f"; weights in {final}" if final else "")
+        )
+    if status == "interrupted":
+        # a rank stopped because another one got the signal reports it too: every rank of a
+        # stopped run exits non-zero, as the launcher expects of a stopped run
+        return 128 + (flag.signum if flag.signum is not None else signal.SIGTERM)
+    return 0
+
+
+# --------------------------------------------------------------------------- trainer pieces
+
+
+def lean_trainer_class() -> Any:
+    """SFTTrainer whose loss is the model's own (the lean step the estimate measures).
+
+    TRL's ``compute_loss`` runs a chunked LM head that also computes per-token entropy and
+    token accuracy for its logs; ``Trainer.compute_loss`` is the plain forward with labels
+    (Liger's fused loss when applied to the model). The non-padding tokens of each
+    micro-batch are counted on the device for ``tokens_per_s``.
+    """
+    from transformers import Trainer
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        zp_tokens: Counter | None = None
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if self.zp_tokens is not None and model.training and "attention_mask" in inputs:
+                self.zp_tokens.add(inputs["attention_mask"].sum().detach())
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+    return LeanSFTTrainer
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
