@@ -355,3 +355,24 @@ def test_two_ranks_stop_together_when_one_gets_sigterm(work: dict[str, Path]) ->
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "interrupted" and result["global_step"] == step
     assert (run / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_generate_merge_and_chat_use_the_training_template(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from zeroplan.cli import cli
+
+    runner = CliRunner()
+    greedy = ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "20"]
+    out = runner.invoke(cli, ["generate", str(trained["run"]), "-p", "Say hello.", *greedy])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.strip().splitlines()[-1] == "hello world"
+    merged = tmp_path / "merged"
+    out = runner.invoke(cli, ["merge", str(trained["run"]), "-o", str(merged)])
+    assert out.exit_code == 0, out.output
+    assert (merged / "config.json").exists()
+    talk = runner.invoke(cli, ["chat", str(merged), *greedy], input="Say hello.\n\n")
+    assert talk.exit_code == 0, talk.output
+    assert "model> hello world" in talk.stdout

@@ -165,3 +165,14 @@ def test_speed_constants_are_what_the_measured_rows_fit() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "efficiency" in done.stdout
+
+
+def test_no_fused_loss_keeps_liger_out_of_every_candidate() -> None:
+    req = story_request(allow_fused_loss=False)
+    assert not any(s.fused_loss for s in candidate_setups(req))
+    p = plan(req)
+    assert p.best is not None and not p.best.setup.fused_loss
+    assert not any("Liger" in a for a in p.assumptions)
+    fused = plan(story_request())
+    assert fused.best is not None and fused.best.setup.fused_loss
+    assert any("zeroplan[fused]" in a for a in fused.assumptions)

@@ -335,6 +335,11 @@ def _count(text: str | None, option: str) -> int | None:
     help="Module names (q_proj,v_proj) or all-linear.",
 )
 @click.option("--no-quantization", is_flag=True, help="Never switch lora to a 4-bit base (qlora).")
+@click.option(
+    "--no-fused-loss",
+    is_flag=True,
+    help="Leave out Liger's fused loss (launching it needs pip install 'zeroplan[fused]').",
+)
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option(
@@ -357,6 +362,7 @@ def plan(
     lora_r: int,
     lora_targets: str,
     no_quantization: bool,
+    no_fused_loss: bool,
     top: int,
     as_json: bool,
     out: Path | None,
@@ -396,6 +402,7 @@ def plan(
         lora_r=lora_r,
         lora_targets=parse_targets(lora_targets),
         allow_quantization=not no_quantization,
+        allow_fused_loss=not no_fused_loss,
     )
     result = make_plan(req)
     data = plan_json(result, top=top)
@@ -427,6 +434,11 @@ from zeroplan.cli_launch import env, launch  # noqa: E402
 
 cli.add_command(launch)
 cli.add_command(env)
+from zeroplan.cli_infer import chat, generate, merge  # noqa: E402
+
+cli.add_command(merge)
+cli.add_command(generate)
+cli.add_command(chat)
 # -- more commands register here --
 
 

@@ -47,6 +47,7 @@ class PlanRequest:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     allow_quantization: bool = True
+    allow_fused_loss: bool = True  # Liger's kernel (zeroplan[fused]) on the training machine
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -142,7 +143,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                     else:
                         accum = 1
                     for ckpt in (False, True):
-                        for fused in (False, True):
+                        for fused in (False, True) if req.allow_fused_loss else (False,):
                             yield TrainSetup(
                                 method=method,
                                 micro_batch=mb,
@@ -229,6 +230,11 @@ def plan(req: PlanRequest) -> Plan:
             f"the plan trains {req.method} on a 4-bit base ({best.setup.method}); "
             "pass --no-quantization to keep the bf16 base"
         )
+    if best is not None and best.setup.fused_loss:
+        assumptions.append(
+            "the fused loss runs Liger's kernel: pip install 'zeroplan[fused]' where you train, "
+            "or plan with --no-fused-loss"
+        )
     return Plan(
         req, best, distinct(fitting), rejected, len(results), suggestion, tuple(assumptions)
     )
@@ -296,7 +302,7 @@ def _lean(req: PlanRequest) -> Iterator[Candidate]:
                 zero=zero,
                 offload=offload,
                 grad_ckpt=True,
-                fused_loss=True,
+                fused_loss=req.allow_fused_loss,
                 optim=optim,
                 lora_r=req.lora_r,
                 lora_targets=req.lora_targets,

@@ -131,9 +131,13 @@ def check_packages(setup: TrainSetup, launcher: str, nodes: tuple[Node, ...]) ->
     for module, why in needed_packages(setup, launcher).items():
         if importlib.util.find_spec(module) is None:
             package = module.replace("_", "-")
+            if module == "liger_kernel":
+                raise MissingDependencyError(
+                    f"{why} needs liger-kernel, which is not installed here: "
+                    "pip install 'zeroplan[fused]', or re-plan with zeroplan plan --no-fused-loss"
+                )
             raise MissingDependencyError(
                 f"{why} needs {package}, which is not installed here: pip install 'zeroplan[train]'"
-                + (f" {package}" if module == "liger_kernel" else "")
             )
     remote = [n for n in nodes if not n.local]
     if remote and shutil.which("ssh") is None:
