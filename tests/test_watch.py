@@ -832,3 +832,10 @@ def test_run_dashboard_survives_a_bad_plan_and_a_missing_folder(tmp_path: Path) 
     stop.set()
     assert run_dashboard(gone, stop, mode="plain", stream=io.StringIO(), fake_gpus=1) == 0
     assert not gone.exists()
+
+
+def test_multi_line_commands_stay_on_one_row() -> None:
+    from zeroplan.dashboard import short_command
+
+    cmd = "/usr/bin/python3 -c \nimport torch\nx = 1\n"
+    assert short_command(cmd) == "python3 -c import torch x = 1"

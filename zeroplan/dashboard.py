@@ -91,10 +91,12 @@ def short_name(name: str, narrow: bool = False) -> str:
 
 
 def short_command(command: str | None) -> str:
-    """'/usr/bin/python3 -u x.py' -> 'python3 -u x.py': the program's path says little."""
+    """'/usr/bin/python3 -u x.py' -> 'python3 -u x.py': the program's path says little.
+
+    One line: a ``python -c`` program's newlines would break the table (seen on an H100)."""
     if not command:
         return "?"
-    program, _, rest = command.partition(" ")
+    program, _, rest = " ".join(command.split()).partition(" ")
     return program.rsplit("/", 1)[-1] + (f" {rest}" if rest else "")
 
 

@@ -30,6 +30,7 @@ working directory on every node, and RUN_DIR on a filesystem they share.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -434,9 +435,13 @@ def _torchrun(
             master,
             "--master-port",
             str(port),
-            # SIGTERM to the ranks, then this long before torchrun's SIGKILL (default 30 s)
-            "--shutdown-timeout",
-            str(max(1, round(grace_s))),
+            *(
+                # SIGTERM to the ranks, then this long before torchrun's SIGKILL (default
+                # 30 s); torchrun of torch 2.11 does not know the option
+                ["--shutdown-timeout", str(max(1, round(grace_s)))]
+                if torchrun_knows("--shutdown-timeout")
+                else []
+            ),
             "--module",
             *wrapped,
         ]
@@ -629,3 +634,16 @@ def describe_files(launch: Launch) -> list[tuple[str, str]]:
         (str(launch.run_dir / METRICS_FILE), "one JSON line per logged step, from every rank"),
     ]
     return out
+
+
+@functools.cache
+def torchrun_knows(option: str) -> bool:
+    """Whether this torch's torchrun accepts ``option``: its source is read, not imported."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    source = Path(spec.origin).parent / "distributed" / "run.py"
+    try:
+        return f'"{option}"' in source.read_text(encoding="utf-8")
+    except OSError:
+        return False
