@@ -24,10 +24,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from accuracy import setup_of  # the same row → TrainSetup as the memory comparison
+
 from zeroplan import speed
 from zeroplan.hardware import gpu_from_nvml_name
 from zeroplan.models import load_model
-from zeroplan.trainsetup import TrainSetup, parse_targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,21 +46,6 @@ def rows(files: list[Path]) -> list[dict[str, Any]]:
                 continue
             out.append(r)
     return out
-
-
-def setup_of(r: dict[str, Any]) -> TrainSetup:
-    return TrainSetup(
-        method=r["method"],
-        micro_batch=r["micro_batch"],
-        seq_len=r["seq_len"],
-        zero=r["zero"],
-        grad_ckpt=r["grad_ckpt"],
-        lora_r=r["lora_r"],
-        lora_targets=parse_targets(r["lora_targets"]),
-        optim=r["optim"],
-        attn=r["attn"],
-        fused_loss=r["fused_loss"],
-    )
 
 
 def measured_seconds(r: dict[str, Any]) -> float:
