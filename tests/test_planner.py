@@ -176,3 +176,22 @@ def test_no_fused_loss_keeps_liger_out_of_every_candidate() -> None:
     fused = plan(story_request())
     assert fused.best is not None and fused.best.setup.fused_loss
     assert any("zeroplan[fused]" in a for a in fused.assumptions)
+
+
+def test_offload_plans_must_fit_the_hosts_ram_when_given() -> None:
+    big = dict(spec=load_model("llama-3.1-70b"), cluster=parse_cluster("2x8xH100"), method="full")
+    free = plan(PlanRequest(**big))  # type: ignore[arg-type]
+    assert free.best is not None and free.best.setup.offload != "none"
+    assert any("CPU RAM per node" in a for a in free.assumptions)
+    need = free.best.estimate.cpu_bytes_per_node
+    capped = plan(PlanRequest(**big, cpu_ram_per_node=need // 2))  # type: ignore[arg-type]
+    assert capped.best is not None
+    assert capped.best.estimate.cpu_bytes_per_node <= need // 2 * 0.95
+    assert any("does not fit the host" in why for why in capped.rejected.values())
+
+
+def test_plan_text_keeps_square_brackets() -> None:
+    """rich markup must not eat 'zeroplan[fused]' from the notes."""
+    result = CliRunner().invoke(cli, ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090"])
+    assert result.exit_code == 0, result.output
+    assert "zeroplan[fused]" in " ".join(result.output.split())

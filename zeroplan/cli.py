@@ -334,6 +334,13 @@ def _count(text: str | None, option: str) -> int | None:
     show_default=True,
     help="Module names (q_proj,v_proj) or all-linear.",
 )
+@click.option(
+    "--cpu-ram-per-node",
+    type=float,
+    default=None,
+    metavar="GIB",
+    help="Host RAM per node (GiB): CPU-offload plans must fit in it too.",
+)
 @click.option("--no-quantization", is_flag=True, help="Never switch lora to a 4-bit base (qlora).")
 @click.option(
     "--no-fused-loss",
@@ -361,6 +368,7 @@ def plan(
     price_per_gpu_hour: float | None,
     lora_r: int,
     lora_targets: str,
+    cpu_ram_per_node: float | None,
     no_quantization: bool,
     no_fused_loss: bool,
     top: int,
@@ -403,6 +411,7 @@ def plan(
         lora_targets=parse_targets(lora_targets),
         allow_quantization=not no_quantization,
         allow_fused_loss=not no_fused_loss,
+        cpu_ram_per_node=int(cpu_ram_per_node * 2**30) if cpu_ram_per_node is not None else None,
     )
     result = make_plan(req)
     data = plan_json(result, top=top)

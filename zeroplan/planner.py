@@ -48,6 +48,8 @@ class PlanRequest:
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     allow_quantization: bool = True
     allow_fused_loss: bool = True  # Liger's kernel (zeroplan[fused]) on the training machine
+    # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
+    cpu_ram_per_node: int | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -66,6 +68,8 @@ class PlanRequest:
             )
         if self.dataset_tokens is not None and self.dataset_tokens < 1:
             raise BadSetupError("--dataset-tokens must be positive")
+        if self.cpu_ram_per_node is not None and self.cpu_ram_per_node <= 0:
+            raise BadSetupError("--cpu-ram-per-node must be positive")
         if self.price_per_gpu_hour is not None and self.price_per_gpu_hour < 0:
             raise BadSetupError("--price-per-gpu-hour must be >= 0")
 
@@ -162,9 +166,10 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
 def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
     est = estimate(req.spec, req.cluster, setup)
     limit = est.gpu_memory_bytes * (1 - req.margin)
-    return Candidate(
-        setup, est, step_time(req.spec, setup, req.cluster), est.required_bytes <= limit
-    )
+    fits = est.required_bytes <= limit
+    if req.cpu_ram_per_node is not None:
+        fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
+    return Candidate(setup, est, step_time(req.spec, setup, req.cluster), fits)
 
 
 def complexity(setup: TrainSetup) -> int:
@@ -204,11 +209,17 @@ def plan(req: PlanRequest) -> Plan:
         ok = [c for c in members if c.fits]
         if not ok:
             least = min(members, key=lambda c: c.estimate.required_bytes)
-            rejected[fam] = (
-                f"does not fit: even {describe(least.setup)} needs "
-                f"{_gib(least.estimate.required_bytes)} GiB of "
-                f"{_gib(least.estimate.gpu_memory_bytes * (1 - req.margin))} usable"
-            )
+            gpu_limit = least.estimate.gpu_memory_bytes * (1 - req.margin)
+            if least.estimate.required_bytes <= gpu_limit and req.cpu_ram_per_node:
+                rejected[fam] = (
+                    f"does not fit the host: needs {_gib(least.estimate.cpu_bytes_per_node)} GiB "
+                    f"of CPU RAM per node, {_gib(req.cpu_ram_per_node * (1 - req.margin))} usable"
+                )
+            else:
+                rejected[fam] = (
+                    f"does not fit: even {describe(least.setup)} needs "
+                    f"{_gib(least.estimate.required_bytes)} GiB of {_gib(gpu_limit)} usable"
+                )
         elif best is not None:
             top = min(ok, key=lambda c: _score(req, c))
             if req.objective == "memory":
@@ -229,6 +240,11 @@ def plan(req: PlanRequest) -> Plan:
         assumptions.append(
             f"the plan trains {req.method} on a 4-bit base ({best.setup.method}); "
             "pass --no-quantization to keep the bf16 base"
+        )
+    if best is not None and best.estimate.cpu_bytes_per_node and req.cpu_ram_per_node is None:
+        assumptions.append(
+            f"the offload needs {_gib(best.estimate.cpu_bytes_per_node)} GiB of CPU RAM per node; "
+            "give --cpu-ram-per-node to plan within what the hosts have"
         )
     if best is not None and best.setup.fused_loss:
         assumptions.append(
@@ -327,6 +343,7 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "required_bytes": c.estimate.required_bytes,
             "peak_allocated_bytes": c.estimate.peak_allocated_bytes,
             "device_used_bytes": c.estimate.device_used_bytes,
+            "cpu_bytes_per_node": c.estimate.cpu_bytes_per_node,
             "step_seconds": c.step.total_s,
             "compute_seconds": c.step.compute_s,
             "comm_seconds": c.step.comm_s,
@@ -356,6 +373,7 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "margin": req.margin,
             "objective": req.objective,
             "price_per_gpu_hour": req.price_per_gpu_hour,
+            "cpu_ram_per_node": req.cpu_ram_per_node,
         },
         "best": cand(p.best) if p.best else None,
         "alternatives": [cand(c) for c in p.ranked[1 : top + 1]],

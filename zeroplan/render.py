@@ -28,6 +28,7 @@ def _gib(n: int) -> str:
 
 def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False) -> None:
     """The estimate as a table, largest term first, then the verdict."""
+    from rich.markup import escape
     from rich.table import Table
 
     setup = est.setup
@@ -93,12 +94,22 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
     else:
         console.print(
             f"[red]Does not fit[/red] a {card}: over by {_gib(-est.headroom_bytes)} GiB. "
-            "Try --grad-ckpt, a smaller --micro-batch, --method qlora, --fused-loss or a ZeRO stage."
+            "Try --grad-ckpt, a smaller --micro-batch, --method qlora, --fused-loss or a ZeRO "
+            f"stage, or let zeroplan plan {est.model['name']} --gpus {_cluster_spec(est.cluster)} "
+            "pick."
         )
     if est.cpu_bytes_per_node:
         console.print(f"CPU RAM per node for offload: {_gib(est.cpu_bytes_per_node)} GiB.")
     for note in est.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+
+
+def _cluster_spec(cluster: dict[str, Any]) -> str:
+    """The --gpus spelling of an estimate's cluster: 7xRTX-4090, 2x8xH100-SXM-80GB."""
+    counts = [cluster["gpus_per_node"]]
+    if cluster["num_nodes"] > 1:
+        counts.insert(0, cluster["num_nodes"])
+    return "x".join([*map(str, counts), cluster["gpu"]])
 
 
 def render_models(rows: list[tuple[str, str, int]], console: Console) -> None:
@@ -137,6 +148,7 @@ def _duration(hours: float) -> str:
 
 def render_plan(data: dict[str, Any], console: Console) -> None:
     """The plan as a person reads it: the choice, the ranked alternatives, why others lost."""
+    from rich.markup import escape
     from rich.table import Table
 
     req = data["request"]
@@ -147,7 +159,7 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
     )
     best = data["best"]
     if best is None:
-        console.print("[red]Nothing fits.[/red] " + (data["suggestion"] or ""))
+        console.print("[red]Nothing fits.[/red] " + escape(data["suggestion"] or ""))
         return
     rows = [best, *data["alternatives"]]
     table = Table(show_edge=False, header_style="bold")
@@ -181,6 +193,6 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
     if data["rejected"]:
         console.print("[bold]Other families:[/bold]")
         for fam, why in data["rejected"].items():
-            console.print(f"  {fam}: {why}")
+            console.print(f"  {escape(fam)}: {escape(why)}")
     for note in data["assumptions"]:
-        console.print(f"[yellow]assumption:[/yellow] {note}")
+        console.print(f"[yellow]assumption:[/yellow] {escape(note)}")
