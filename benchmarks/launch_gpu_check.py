@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import random
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
+from gpu_fixtures import build_model, records  # noqa: E402
 
 from zeroplan.hardware import local_cluster  # noqa: E402
 from zeroplan.models import load_model  # noqa: E402
@@ -50,36 +50,6 @@ RUNS = {
     ),
     "lora": dict(method="lora", micro_batch=4, seq_len=768, grad_ckpt=True),
 }
-
-
-def build_model(path: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = tinyllm.build_tokenizer()
-    tok.save_pretrained(path)
-    arch = json.loads((ROOT / "zeroplan/catalog/models/meta-llama--Llama-3.2-1B.json").read_text())
-    arch.update(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    arch.pop("torch_dtype", None)
-    cfg = AutoConfig.for_model(**arch)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    return path
-
-
-def records(n: int) -> list[dict[str, str]]:
-    rng = random.Random(0)
-    words = " ".join(tinyllm.CORPUS).split()
-    out = []
-    for _ in range(n):
-        answer = " ".join(rng.choice(words) for _ in range(rng.randint(120, 260)))
-        out.append({"instruction": "Write a long answer.", "input": "", "output": answer})
-    return out
 
 
 def write_plan(run: Path, model: Path, setup: dict[str, object]) -> tuple[Path, dict[str, int]]:
