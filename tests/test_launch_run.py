@@ -376,3 +376,28 @@ def test_cli_generate_merge_and_chat_use_the_training_template(
     talk = runner.invoke(cli, ["chat", str(merged), *greedy], input="Say hello.\n\n")
     assert talk.exit_code == 0, talk.output
     assert "model> hello world" in talk.stdout
+
+
+def test_zeroplan_launch_trains_the_real_program_end_to_end(work: dict[str, Path]) -> None:
+    """`zeroplan launch plan.json --data ...` (torchrun, one CPU rank, --force: no GPU here)
+    trains the real zeroplan.launch.sft; the adapter then answers through `zeroplan generate`."""
+    plans = work["root"] / "plans"
+    plan = tinyllm.write_plan(plans, work["model"], micro_batch=4, lora_r=8)
+    run = work["root"] / "launched"
+    cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(work["data"])]
+    cmd += ["-o", str(run), "--force", "--no-dashboard", "--max-steps", "40", "--lr", "1e-2"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=offline_env(work["home"]), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "logs" / "rank0.log").exists()
+    assert json.loads((run / "launch.json").read_text())["result"]["exit_code"] == 0
+    lines = read_metrics(run)
+    assert lines[-1]["event"] == "end" and lines[-1]["step"] == 40
+    gen = [sys.executable, "-m", "zeroplan.cli", "generate", str(run), "-p", "Say hello."]
+    gen += ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "20"]
+    answer = subprocess.run(
+        gen, capture_output=True, text=True, env=offline_env(work["home"]), timeout=120
+    )
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.strip() == "hello world"
