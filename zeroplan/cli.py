@@ -28,6 +28,11 @@ def cli() -> None:
     zeroplan estimate Qwen/Qwen2.5-7B --method qlora --grad-ckpt --json
     zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --seq-len 2048 --global-batch 112
     zeroplan config llama-3.1-8b-instruct --gpus 8xH100 --zero 3 -o ds_config.json
+    zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --global-batch 112 -o runs/plan
+    zeroplan launch runs/plan --data train.jsonl -o runs/r1   # every GPU, supervised
+    zeroplan watch runs/r1   # live GPUs + training vs the plan; zeroplan report runs/r1
+    zeroplan generate runs/r1 -p "Hello"   # the training chat template; also chat, merge
+    zeroplan env             # GPUs, driver, library versions, known problems
     zeroplan models          # the built-in catalog (works offline)
     zeroplan gpus            # the GPU catalog
     """
