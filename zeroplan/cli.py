@@ -26,7 +26,6 @@ def cli() -> None:
     \b
     zeroplan estimate llama-3.1-8b-instruct --gpus 7x4090 --method lora --micro-batch 4 --seq-len 2048
     zeroplan estimate Qwen/Qwen2.5-7B --method qlora --grad-ckpt --json
-    zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --seq-len 2048 --global-batch 112
     zeroplan config llama-3.1-8b-instruct --gpus 8xH100 --zero 3 -o ds_config.json
     zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --global-batch 112 -o runs/plan
     zeroplan launch runs/plan --data train.jsonl -o runs/r1   # every GPU, supervised
