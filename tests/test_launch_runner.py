@@ -114,7 +114,18 @@ def launch_for(
 
 
 def test_torchrun_one_node_command_files_and_passthrough(tmp_path: Path, data_file: Path) -> None:
-    train = TrainOptions(epochs=2.0, max_steps=7, lr=1e-4, eval_fraction=0.1, resume=True)
+    train = TrainOptions(
+        epochs=2.0,
+        max_steps=7,
+        lr=1e-4,
+        eval_fraction=0.1,
+        resume=True,
+        overlong="truncate",
+        data_format="alpaca",
+        system_prompt="Be brief.",
+        save_steps=5,
+        logging_steps=2,
+    )
     la = launch_for(tmp_path, data_file, train=train, port=None)
     run = tmp_path.resolve() / "run"
     (cmd,) = la.commands
@@ -156,6 +167,16 @@ def test_torchrun_one_node_command_files_and_passthrough(tmp_path: Path, data_fi
         "0.0001",
         "--eval-fraction",
         "0.1",
+        "--overlong",
+        "truncate",
+        "--format",
+        "alpaca",
+        "--system-prompt",
+        "Be brief.",
+        "--save-steps",
+        "5",
+        "--logging-steps",
+        "2",
     ]
     assert set(la.files) == {"plan.json", "launch.json"}  # no ZeRO: no ds_config.json
     assert json.loads(la.files["launch.json"])["commands"][0]["argv"] == argv

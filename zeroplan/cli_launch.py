@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from zeroplan.launch.data import FORMATS, OVERLONG
 from zeroplan.launch.runner import LAUNCHERS
 from zeroplan.trainsetup import METHODS
 
@@ -113,6 +114,29 @@ def _slug(name: str) -> str:
     help="Share of the records held out for evaluation.",
 )
 @click.option(
+    "--overlong",
+    type=click.Choice(OVERLONG),
+    default=None,
+    help="Records longer than the plan's --seq-len: drop them (default) or truncate them.",
+)
+@click.option(
+    "--format",
+    "data_format",
+    type=click.Choice(("auto", *FORMATS)),
+    default=None,
+    help="Record format (default: detected; a record that does not match is an error).",
+)
+@click.option("--system-prompt", default=None, help="System message for records without one.")
+@click.option(
+    "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."
+)
+@click.option(
+    "--logging-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="A metrics line every N steps (default 10).",
+)
+@click.option(
     "--model",
     "weights",
     default=None,
@@ -176,6 +200,11 @@ def launch(
     max_steps: int | None,
     lr: float | None,
     eval_fraction: float | None,
+    overlong: str | None,
+    data_format: str | None,
+    system_prompt: str | None,
+    save_steps: int | None,
+    logging_steps: int | None,
     weights: str | None,
     grace: float,
     progress_every: float,
@@ -247,7 +276,18 @@ def launch(
         nodes=nodes,
         launcher=launcher or default_launcher(setup_of(plan)),
         gpu=gpu,
-        train=TrainOptions(epochs, max_steps, lr, eval_fraction, resume),
+        train=TrainOptions(
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            eval_fraction=eval_fraction,
+            resume=resume,
+            overlong=overlong,
+            data_format=data_format,
+            system_prompt=system_prompt,
+            save_steps=save_steps,
+            logging_steps=logging_steps,
+        ),
         model=model,
         program=rank_program,
         filtered=bool(include or exclude),

@@ -289,6 +289,11 @@ class TrainOptions:
     lr: float | None = None
     eval_fraction: float | None = None
     resume: bool = False
+    overlong: str | None = None  # drop | truncate
+    data_format: str | None = None  # auto | messages | sharegpt | alpaca | text
+    system_prompt: str | None = None
+    save_steps: int | None = None
+    logging_steps: int | None = None
 
     def argv(self) -> list[str]:
         out = ["--resume"] if self.resume else []
@@ -297,6 +302,11 @@ class TrainOptions:
             ("--max-steps", self.max_steps),
             ("--lr", self.lr),
             ("--eval-fraction", self.eval_fraction),
+            ("--overlong", self.overlong),
+            ("--format", self.data_format),
+            ("--system-prompt", self.system_prompt),
+            ("--save-steps", self.save_steps),
+            ("--logging-steps", self.logging_steps),
         ):
             if value is not None:
                 out += [flag, str(value)]
