@@ -818,3 +818,18 @@ def test_env_problems_are_told_from_versions_alone() -> None:
         "DeepSpeed's ops are not pre-built and cannot be compiled here (no ninja): ZeRO-Offload "
         "(CPU Adam) will fail; ZeRO without offload works",
     ]
+
+
+def test_a_model_planned_for_this_machine_uses_only_kernels_it_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Planning for launch here must not choose Liger's fused loss when it is not installed:
+    preflight would then refuse the plan it just made."""
+    from zeroplan.launch import runner
+
+    monkeypatch.setattr(runner, "fused_loss_installed", lambda: False)
+    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"), PlanOptions())
+    assert data["best"]["setup"]["fused_loss"] is False
+    monkeypatch.setattr(runner, "fused_loss_installed", lambda: True)
+    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"), PlanOptions())
+    assert data["best"]["setup"]["fused_loss"] is True

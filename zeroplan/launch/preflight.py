@@ -43,6 +43,7 @@ from zeroplan.launch.runner import (
     SSH_OPTIONS,
     Launch,
     Node,
+    fused_loss_installed,
     plan_cluster,
 )
 from zeroplan.memory import MemoryEstimate
@@ -228,6 +229,7 @@ def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainS
                 global_batch=global_batch,
                 lora_r=setup.lora_r,
                 lora_targets=setup.lora_targets,
+                allow_fused_loss=fused_loss_installed(),
             )
         )
     except ZeroplanError as exc:

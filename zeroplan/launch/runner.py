@@ -139,6 +139,12 @@ class PlanOptions:
     allow_quantization: bool = True
 
 
+def fused_loss_installed() -> bool:
+    """Whether Liger's kernel is importable here: a plan made for this machine may only
+    choose the fused loss if the ranks can run it (preflight refuses it otherwise)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def plan_model(model: str, cluster: Cluster, options: PlanOptions) -> dict[str, Any]:
     """Plan ``model`` on ``cluster`` and return the plan JSON object (as plan.json holds it)."""
     from zeroplan.models import load_model
@@ -155,6 +161,7 @@ def plan_model(model: str, cluster: Cluster, options: PlanOptions) -> dict[str, 
             lora_r=options.lora_r,
             lora_targets=parse_targets(options.lora_targets),
             allow_quantization=options.allow_quantization,
+            allow_fused_loss=fused_loss_installed(),
         )
     )
     if result.best is None:
