@@ -25,16 +25,20 @@ def isolated_hf(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     return home
 
 
-@pytest.fixture
-def subprocess_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The environment for a ``zeroplan`` subprocess: offline, empty HOME and HF caches."""
-    home = tmp_path_factory.mktemp("subhome")
+def offline_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without HF settings, offline, HOME and HF caches in ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
     env.update(
         HOME=str(home),
         HF_HUB_OFFLINE="1",
         HF_HUB_CACHE=str(home / "hub-cache"),
         HF_HOME=str(home / "hf-home"),
-        COLUMNS="200",
+        **extra,
     )
     return env
+
+
+@pytest.fixture
+def subprocess_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment for a ``zeroplan`` subprocess: offline, empty HOME and HF caches."""
+    return offline_env(tmp_path_factory.mktemp("subhome"), COLUMNS="200")

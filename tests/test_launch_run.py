@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
+import conftest  # noqa: E402
 import tinyllm  # noqa: E402
 
 from zeroplan.errors import BadSetupError  # noqa: E402
@@ -57,16 +58,7 @@ QA = {
 
 
 def offline_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    env.update(
-        HOME=str(home),
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(home / "hub-cache"),
-        HF_HOME=str(home / "hf-home"),
-        OMP_NUM_THREADS="2",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
+    return conftest.offline_env(home, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
 
 
 def sft_cmd(plan: Path, data: Path, out: Path, *extra: str) -> list[str]:
