@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroplan.hardware import PCIE_EFFECTIVE_GBS, Cluster
+from zeroplan.memory.weights import trainable_bytes
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
 
@@ -116,8 +117,7 @@ def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float
     ring = (world - 1) / world
     n_t = trainable_params(spec, setup)
     if not setup.deepspeed or setup.zero == 0:
-        width = 4 if (setup.is_lora and not setup.deepspeed) else 2
-        return 2 * ring * width * n_t
+        return 2 * ring * trainable_bytes(setup) * n_t
     if setup.zero in (1, 2):
         return 2 * ring * 2 * n_t
     gathers = 3 if setup.grad_ckpt else 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from zeroplan.memory.optimizer import BNB_8BIT_STATE
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import BF16, FP32, gib
+from zeroplan.memory.weights import BF16, FP32, gib, trainable_bytes
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, trainable_params
 
@@ -45,7 +45,7 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
     if not setup.deepspeed:
         if world == 1:
             return Buffers(0, 0, 0, Term("buffers", 0, "none (one GPU, no DeepSpeed)"))
-        width = BF16 if setup.method == "full" else FP32
+        width = trainable_bytes(setup)
         size = width * n_t
         return Buffers(
             size, 0, 0, Term("buffers", size, f"DDP buckets {width} B × {n_t:,} = {gib(size)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import BF16, FP32, gib
+from zeroplan.memory.weights import BF16, FP32, gib, trainable_bytes
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import DS_SUB_GROUP_ELEMS, TrainSetup, trainable_params
 
@@ -28,7 +28,7 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     fp32 = 0 if setup.offload != "none" else FP32
     size: float
     if not setup.deepspeed:
-        width = BF16 if setup.method == "full" else FP32
+        width = trainable_bytes(setup)
         size = width * n_t
         formula = f"{width} B × {n_t:,} trainable"
     elif setup.zero == 0:
@@ -60,7 +60,7 @@ def resident_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
     n_t = trainable_params(spec, setup)
     accumulating = setup.grad_accum > 1
     if not setup.deepspeed:
-        width = BF16 if setup.method == "full" else FP32
+        width = trainable_bytes(setup)
         return width * n_t if accumulating else 0
     if setup.zero == 0:
         return (BF16 + FP32) * n_t

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import BF16, FP32, gib
+from zeroplan.memory.weights import FP32, gib, trainable_bytes
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
 
@@ -45,7 +45,7 @@ def optimizer_states(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
         size = per_param * n_t / shard
         formula = f"(4 master + {per_param - 4:g} states) B × {n_t:,} / {shard}"
         return Term("optimizer", int(size), f"{formula} = {gib(size)}", in_allocator=not paged)
-    param_bytes = BF16 if setup.method == "full" else FP32
+    param_bytes = trainable_bytes(setup)
     per_param = _adam_state_bytes(setup.optim, param_bytes)
     size = per_param * n_t
     if setup.optim in ("adamw_8bit", "paged_adamw_8bit") and setup.is_lora:

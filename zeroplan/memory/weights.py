@@ -14,6 +14,15 @@ FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
+def trainable_bytes(setup: TrainSetup) -> int:
+    """Bytes per trainable parameter, and per element of its gradient.
+
+    DeepSpeed bf16 casts the whole module: 2. Without it, full fine-tuning trains the bf16
+    weights (2) and PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``).
+    """
+    return BF16 if setup.deepspeed or setup.method == "full" else FP32
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -58,7 +67,7 @@ def adapter_weights(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     if not setup.is_lora:
         return Term("adapters", 0, "no adapters (full fine-tuning)")
     n_t = trainable_params(spec, setup)
-    width = BF16 if setup.deepspeed else FP32
+    width = trainable_bytes(setup)
     size = float(width * n_t)
     formula = f"{width} B × {n_t:,} LoRA params"
     largest = max(setup.lora_r * lin.in_features for lin in spec.attention_linears())
