@@ -15,8 +15,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
 
+# the training stack whose versions every GPU result records
+PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+
 
 def build_model(path: Path, catalog: str = "meta-llama--Llama-3.2-1B") -> Path:
+    """Random bf16 weights of the catalog architecture, initialised on the GPU when there is
+    one (an 8B model's random init on the CPU takes minutes), saved with its tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -31,8 +36,12 @@ def build_model(path: Path, catalog: str = "meta-llama--Llama-3.2-1B") -> Path:
     )
     arch.pop("torch_dtype", None)
     cfg = AutoConfig.for_model(**arch)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return path
 
 

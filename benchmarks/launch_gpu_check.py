@@ -1,37 +1,42 @@
 """zeroplan launch on a real GPU: the QLoRA story's setup, trained through the real stack.
 
-    python benchmarks/launch_gpu_check.py --work /tmp/lc --out $OUT/launch_h100.jsonl [--steps 20]
+    python benchmarks/launch_gpu_check.py --work /tmp/lc --out $OUT/launch_h100.jsonl \
+        [--arch meta-llama--Meta-Llama-3-8B-Instruct] [--runs baseline,story,planned] [--steps 20]
 
-Builds a random-weight model with the Llama-3.2-1B architecture (the vocabulary of a small
-tokenizer built in code: no network on the GPU machine), writes synthetic alpaca records
-long enough to fill the sequence, and launches, through ``zeroplan launch`` (torchrun,
-per-rank logs, the dashboard recording NVML samples):
+Builds a random-weight model of a catalog architecture (default Llama-3.2-1B) with the
+vocabulary of a small tokenizer built in code (no network on the GPU machine), writes
+synthetic alpaca records long enough to fill most of the sequence, and runs, in order:
 
-    story   qlora, NF4 + double quant, r=16 on q/k/v/o, micro-batch 1 × accumulation 8,
-            seq 768, paged AdamW 8-bit (the QLoRA story's configuration)
-    lora    lora all-linear, micro-batch 4, seq 768, checkpointing
+    baseline  the story's own TRL script (benchmarks/story_qlora_baseline.py), for tokens/s
+    story     through ``zeroplan launch``: qlora, NF4 + double quant, r=16 on q/k/v/o,
+              micro-batch 1 × accumulation 8, seq 768, paged AdamW 8-bit (the story's setup)
+    planned   the same job (qlora r=16 q/k/v/o, seq 768, 8 sequences per step) as
+              ``zeroplan plan`` chooses it for this GPU, then ``zeroplan launch``
+    lora      lora all-linear, micro-batch 4, seq 768, checkpointing
 
-For each: the estimate's peak allocated for the same config.json against the peak the
-ranks measured (metrics.jsonl), tokens/s, exit code, and the run folder's report PNG.
-One JSON line per run, with the environment.
+For each launched run: the estimate's peak allocated against the peak the ranks measured
+(metrics.jsonl), tokens/s after the first 3 steps against the plan's prediction, the loss
+curve, exit code, and the run folder's report PNG. One JSON line per run, with versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
-from gpu_fixtures import build_model, records  # noqa: E402
+from gpu_fixtures import PACKAGES, build_model, records  # noqa: E402
 
 from zeroplan.hardware import local_cluster  # noqa: E402
 from zeroplan.models import load_model  # noqa: E402
@@ -39,6 +44,7 @@ from zeroplan.planner import Plan, PlanRequest, evaluate, plan_json  # noqa: E40
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+WARMUP_STEPS = 3  # as in story_qlora_baseline.py: not timed
 RUNS = {
     "story": dict(
         method="qlora",
@@ -50,9 +56,21 @@ RUNS = {
     ),
     "lora": dict(method="lora", micro_batch=4, seq_len=768, grad_ckpt=True),
 }
+# the story's job, left for the planner to set up: `zeroplan plan` arguments
+PLANNED = [
+    "--method",
+    "qlora",
+    "--seq-len",
+    "768",
+    "--global-batch",
+    "8",
+    "--lora-targets",
+    ",".join(QKVO),
+]
 
 
-def write_plan(run: Path, model: Path, setup: dict[str, object]) -> tuple[Path, dict[str, int]]:
+def write_plan(run: Path, model: Path, setup: dict[str, object]) -> Path:
+    """plan.json for a fixed setup on this machine's GPUs (the estimate of exactly that)."""
     spec = load_model(str(model / "config.json"))
     cluster = local_cluster()
     assert cluster is not None, "no GPU"
@@ -65,14 +83,98 @@ def write_plan(run: Path, model: Path, setup: dict[str, object]) -> tuple[Path, 
         lora_targets=chosen.lora_targets,
     )
     best = evaluate(req, chosen)
-    run.mkdir(parents=True, exist_ok=True)
     path = run.parent / f"{run.name}-plan.json"
     path.write_text(json.dumps(plan_json(Plan(req, best, [best], {}, 1)), indent=2) + "\n")
-    est = best.estimate
-    return path, {
-        "peak_allocated_bytes": est.peak_allocated_bytes,
-        "device_used_bytes": est.device_used_bytes,
-        "required_bytes": est.required_bytes,
+    return path
+
+
+def planner_plan(run: Path, model: Path) -> Path:
+    """plan.json as ``zeroplan plan`` writes it for the story's job on this machine."""
+    folder = run.parent / f"{run.name}-plan"
+    cmd = [sys.executable, "-m", "zeroplan.cli", "plan", str(model / "config.json"), *PLANNED]
+    done = subprocess.run([*cmd, "-o", str(folder)], capture_output=True, text=True, cwd=ROOT)
+    print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
+    done.check_returncode()
+    return folder / "plan.json"
+
+
+def steady_tokens_per_s(metrics: list[dict[str, Any]]) -> float | None:
+    """All ranks' non-padding tokens per second over the steps after WARMUP_STEPS.
+
+    Each train line holds its rank's rate since that rank's previous line; rate × interval
+    gives the tokens of the interval.
+    """
+    total_tokens = 0.0
+    spans: list[tuple[float, float]] = []
+    for rank in sorted({m["rank"] for m in metrics}):
+        lines = [m for m in metrics if m["rank"] == rank and m["event"] == "train"]
+        for prev, cur in itertools.pairwise(lines):
+            if prev["step"] >= WARMUP_STEPS and cur.get("tokens_per_s"):
+                total_tokens += cur["tokens_per_s"] * (cur["t"] - prev["t"])
+                spans.append((prev["t"], cur["t"]))
+    if not spans:
+        return None
+    seconds = max(e for _, e in spans) - min(s for s, _ in spans)
+    return total_tokens / seconds if seconds > 0 else None
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for pkg in (*PACKAGES, "deepspeed", "liger-kernel"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(data)]
+    cmd += ["-o", str(run), "--max-steps", str(args.steps), "--model", str(model)]
+    cmd += ["--logging-steps", "1"]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    wall = time.time() - start
+    metrics = []
+    mfile = run / "metrics.jsonl"
+    if mfile.exists():
+        metrics = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
+    peaks = [m.get("peak_allocated_bytes") or 0 for m in metrics]
+    report = subprocess.run(
+        [sys.executable, "-m", "zeroplan.cli", "report", str(run)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    best = json.loads(plan.read_text())["best"]
+    predicted = {
+        k: best[k]
+        for k in ("peak_allocated_bytes", "device_used_bytes", "required_bytes", "tokens_per_s")
+    }
+    measured_tps = steady_tokens_per_s(metrics)
+    applied = run / "applied.json"
+    return {
+        "run": name,
+        "setup": best["setup"],
+        "returncode": done.returncode,
+        "wall_s": wall,
+        "predicted": predicted,
+        "measured_peak_allocated_bytes": max(peaks) if peaks else None,
+        "error": (predicted["peak_allocated_bytes"] / max(peaks) - 1)
+        if peaks and max(peaks)
+        else None,
+        "tokens_per_s": measured_tps,
+        "timed_from_step": WARMUP_STEPS,
+        "losses": [
+            {"step": m["step"], "loss": m["loss"]}
+            for m in metrics
+            if m["event"] == "train" and m["rank"] == 0
+        ],
+        "metric_lines": len(metrics),
+        "applied": json.loads(applied.read_text()) if applied.exists() else None,
+        "report_rc": report.returncode,
+        "report_out": (report.stdout + report.stderr)[-500:],
+        "stderr_tail": done.stderr[-2000:],
     }
 
 
@@ -80,72 +182,36 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--arch", default="meta-llama--Llama-3.2-1B", help="catalog file name")
+    p.add_argument("--runs", default="story,lora", help="baseline,story,planned,lora")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--records", type=int, default=400)
+    p.add_argument("--timeout", type=int, default=400, help="seconds per run")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     model = args.work / "model"
     if not (model / "config.json").exists():
-        build_model(model)
-    data = tinyllm.write_jsonl(args.work / "data.jsonl", records(400))
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "deepspeed", "accelerate"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    for name, setup in RUNS.items():
+        t = time.time()
+        build_model(model, args.arch)
+        print(f"built {args.arch} in {time.time() - t:.0f}s", flush=True)
+    data = tinyllm.write_jsonl(args.work / "data.jsonl", records(args.records))
+    env = {"arch": args.arch, "versions": versions()}
+    for name in args.runs.split(","):
+        if name == "baseline":
+            script = ROOT / "benchmarks" / "story_qlora_baseline.py"
+            cmd = [sys.executable, str(script), "--model", str(model), "--data", str(data)]
+            cmd += ["--steps", str(args.steps), "--out", str(args.out), "--tag", args.arch]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            print(f"baseline rc={done.returncode}", done.stdout[-1500:], done.stderr[-3000:])
+            continue
         run = args.work / name
-        plan, predicted = write_plan(run, model, setup)
-        cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(data)]
-        cmd += ["-o", str(run), "--max-steps", str(args.steps), "--model", str(model)]
-        start = time.time()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
-        wall = time.time() - start
-        metrics = []
-        mfile = run / "metrics.jsonl"
-        if mfile.exists():
-            metrics = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
-        peaks = [m.get("peak_allocated_bytes") or 0 for m in metrics]
-        tps = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
-        report = subprocess.run(
-            [sys.executable, "-m", "zeroplan.cli", "report", str(run)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        row = {
-            "run": name,
-            "setup": setup,
-            "returncode": done.returncode,
-            "wall_s": wall,
-            "predicted": predicted,
-            "measured_peak_allocated_bytes": max(peaks) if peaks else None,
-            "error": (predicted["peak_allocated_bytes"] / max(peaks) - 1)
-            if peaks and max(peaks)
-            else None,
-            "tokens_per_s_last": tps[-1] if tps else None,
-            "metric_lines": len(metrics),
-            "report_rc": report.returncode,
-            "report_out": (report.stdout + report.stderr)[-500:],
-            "stderr_tail": done.stderr[-2000:],
-            "versions": versions,
-        }
-        print(
-            json.dumps(
-                {
-                    k: row[k]
-                    for k in (
-                        "run",
-                        "returncode",
-                        "measured_peak_allocated_bytes",
-                        "predicted",
-                        "error",
-                        "tokens_per_s_last",
-                    )
-                }
-            ),
-            flush=True,
-        )
+        plan = planner_plan(run, model) if name == "planned" else write_plan(run, model, RUNS[name])
+        row = launch(name, plan, model, data, run, args) | env
+        keys = ("run", "returncode", "measured_peak_allocated_bytes", "predicted", "error")
+        print(json.dumps({k: row[k] for k in (*keys, "tokens_per_s")}), flush=True)
+        if row["returncode"] != 0:
+            print(row["stderr_tail"], flush=True)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -19,9 +19,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_fixtures import PACKAGES
 
 WARMUP_STEPS = 3
 
@@ -32,6 +37,7 @@ def main() -> None:
     p.add_argument("--data", required=True, type=Path, help="alpaca records, .json or .jsonl")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--tag", default="", help="recorded in the row (e.g. the architecture)")
     args = p.parse_args()
 
     import torch
@@ -126,16 +132,18 @@ def main() -> None:
     # the Trainer shuffles; the mean length stands for the records a step drew
     tokens = len(timed) * 8 * (sum(lengths) / len(lengths))
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
+    for pkg in PACKAGES:
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     row = {
-        "run": "story-baseline",
+        "run": "baseline",
+        "tag": args.tag,
         "steps": args.steps,
         "timed_steps": len(timed),
         "tokens_per_s": tokens / seconds if seconds else None,
+        "timed_from_step": WARMUP_STEPS,
         "step_seconds": [e - s for s, e in zip(clock.starts, clock.ends, strict=True)],
         "losses": clock.losses,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),

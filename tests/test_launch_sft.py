@@ -332,6 +332,30 @@ def test_resume_needs_a_checkpoint_and_a_new_run_needs_none(
     assert "pass --resume" in one_line(exc)
 
 
+def test_resuming_a_completed_run_trains_nothing_unless_asked_for_more_steps(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # seen on a real run: a Ctrl-C that lands after the last step, then --resume, trained a
+    # step past --max-steps (transformers resumes a checkpoint at its last step that way)
+    tinyllm.write_plan(tmp_path / "run", model_dir)
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-12"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    result = {"status": "completed", "global_step": 12, "max_steps": 12}
+    (tmp_path / "run" / "result.json").write_text(json.dumps(result))
+    monkeypatch.setattr(sft, "_load_model", _must_not_load)
+    assert sft.run(opts(tmp_path, "--resume", "--max-steps", "12"), sft.StopFlag(), []) == 0
+    assert sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), []) == 0
+    assert "nothing to resume: the run completed at step 12" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        sft.run(opts(tmp_path, "--resume", "--max-steps", "20"), sft.StopFlag(), [])
+    result["status"] = "interrupted"
+    (tmp_path / "run" / "result.json").write_text(json.dumps(result))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), [])
+
+
 def test_missing_data_before_torch(tmp_path: Path, model_dir: Path) -> None:
     tinyllm.write_plan(tmp_path / "run", model_dir)
     with pytest.raises(DataNotFoundError):

@@ -406,6 +406,23 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len("checkpoint-") :]), default=None)
 
 
+def completed_step(out: Path, max_steps: int | None) -> int | None:
+    """The step a completed run ended at, if ``--resume`` would have nothing left to train.
+
+    Nothing is left when result.json says ``completed`` and no larger ``--max-steps`` asks
+    for more. (transformers, resumed from a checkpoint at its last step, trains one step
+    beyond it, so this is decided here, before the Trainer.)
+    """
+    try:
+        result = json.loads((out / RESULT).read_text(encoding="utf-8"))
+        done = int(result["global_step"]) if result.get("status") == "completed" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if done is None or (max_steps is not None and max_steps > done):
+        return None
+    return done
+
+
 def library_versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -519,6 +536,14 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
             f"{opts.out} already holds checkpoints ({resume_from.name}): pass --resume to "
             "continue that run, or give a new --out"
         )
+    done = completed_step(opts.out, opts.max_steps) if opts.resume else None
+    if done is not None:
+        if rank == 0:
+            _say(
+                f"nothing to resume: the run completed at step {done} (weights in "
+                f"{opts.out / FINAL}); pass a larger --max-steps to train on"
+            )
+        return 0
 
     import torch
 
