@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2, help="processes per row for --zero rows")
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--only", default="", help="run rows whose text contains this")
+    p.add_argument("--start", type=int, default=1, help="first row to run (1-based)")
     p.add_argument("--tag", default="", help="tag every row (e.g. the allocator setting)")
     p.add_argument("--steps", type=int, default=3, help="training steps per row")
     p.add_argument("--list", action="store_true")
@@ -149,7 +150,7 @@ def main() -> None:
         for name, rows in GRIDS.items():
             print(f"{name}: {len(rows)} rows")
         return
-    rows = [r for r in GRIDS[args.grid] if args.only in r]
+    rows = [r for r in GRIDS[args.grid] if args.only in r][args.start - 1 :]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for n, row in enumerate(rows, 1):
         cmd = [str(HERE / "measure_memory.py"), *shlex.split(row), "--out", args.out]
