@@ -128,6 +128,7 @@ def test_run_leaves_what_it_promised(trained: dict[str, Any], work: dict[str, Pa
     assert applied["lora"]["r"] == 8 and applied["lora"]["target_modules"] == "all-linear"
     assert applied["adapter_dtype"] == "float32"
     assert applied["prepare_model_for_kbit_training"] is False
+    assert applied["gpu_memory_after_load"] is None  # CPU: no allocator to read
     t = applied["training"]
     assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (4, 1)
     assert t["gradient_checkpointing"] is True

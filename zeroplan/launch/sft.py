@@ -823,6 +823,20 @@ def _applied(
         "training": training,
         "data": summary.to_dict(),
         "versions": library_versions(),
+        "gpu_memory_after_load": _loaded_memory() if cuda else None,
+    }
+
+
+def _loaded_memory() -> dict[str, int]:
+    """This rank's allocator once the model is loaded (and, under ZeRO-3, partitioned),
+    before the first step: ``peak`` above the training peak means loading, not training,
+    sets the run's high-water mark."""
+    import torch
+
+    return {
+        "allocated_bytes": int(torch.cuda.memory_allocated()),
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "reserved_bytes": int(torch.cuda.memory_reserved()),
     }
 
 
