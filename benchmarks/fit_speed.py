@@ -103,7 +103,7 @@ def main() -> int:
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
-    data = rows(args.files or sorted(RESULTS.glob("*.jsonl")))
+    data = rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")))
     fitted = fit(data)
     bad = False
     for method, (eff, over) in fitted.items():

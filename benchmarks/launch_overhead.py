@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -68,7 +70,7 @@ def lean(model: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def rank_direct(model: Path, data: Path, work: Path, profile_path: Path) -> dict[str, Any]:
+def rank_direct(model: Path, data: Path, work: Path, profile_path: Path | None) -> dict[str, Any]:
     """The rank program in this process (world size 1), profiled."""
     from zeroplan.launch import sft
 
@@ -87,7 +89,8 @@ def rank_direct(model: Path, data: Path, work: Path, profile_path: Path) -> dict
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("tottime").print_stats(45)
     stats.sort_stats("cumulative").print_stats(60)
-    profile_path.write_text(text.getvalue())
+    if profile_path is not None:
+        profile_path.write_text(text.getvalue())
     lines = [m for m in metrics(run) if m["event"] == "train"]
     steps = [(b["t"] - a["t"]) for a, b in itertools.pairwise(lines)]
     return {
@@ -100,17 +103,31 @@ def rank_direct(model: Path, data: Path, work: Path, profile_path: Path) -> dict
     }
 
 
-def zero3(model: Path, data: Path, work: Path) -> dict[str, Any]:
-    plan = work / "zero3-plan.json"
-    predicted = write_plan(plan, model, TrainSetup(**SETUP, zero=3), None)["best"]  # type: ignore[arg-type]
-    run = work / "zero3"
+def zero3(model: Path, data: Path, work: Path, max_live: int | None, steps: int) -> dict[str, Any]:
+    name = "zero3" if max_live is None else f"zero3-live{max_live:.0e}"
+    plan = work / f"{name}-plan.json"
+    setup = TrainSetup(**SETUP, zero=3)  # type: ignore[arg-type]
+    if max_live is not None:
+        setup = dataclasses.replace(setup, stage3_max_live_elems=max_live)
+    predicted = write_plan(plan, model, setup, None)["best"]
+    run = work / name
     cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(data)]
-    cmd += ["-o", str(run), "--model", str(model), "--max-steps", "8", "--logging-steps", "1"]
+    cmd += [
+        "-o",
+        str(run),
+        "--model",
+        str(model),
+        "--max-steps",
+        str(steps),
+        "--logging-steps",
+        "1",
+    ]
     cmd += ["--no-dashboard"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     applied = run / "applied.json"
     return {
-        "part": "zero3",
+        "part": name,
+        "stage3_max_live_elems": setup.stage3_max_live_elems,
         "rc": done.returncode,
         "tail": (done.stdout + done.stderr)[-1500:],
         "predicted_peak_allocated_bytes": predicted["peak_allocated_bytes"],
@@ -131,8 +148,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--profile", type=Path, required=True)
+    p.add_argument("--profile", type=Path, default=None)
     p.add_argument("--zero3", action="store_true")
+    p.add_argument(
+        "--max-live",
+        default="",
+        help="ZeRO-3 only, for each stage3_max_live_parameters (comma-separated; 'd' default)",
+    )
+    p.add_argument("--steps", type=int, default=8, help="ZeRO-3 steps")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / "model"
@@ -140,9 +163,13 @@ def main() -> None:
         build_model(model)
     data = tinyllm.write_jsonl(args.work / "data.jsonl", records(400))
     # ZeRO-3 first: the profiled rank below keeps its CUDA context on GPU 0 until the end
-    parts = [lambda: zero3(model, data, args.work)] if args.zero3 else []
-    parts.append(lambda: lean(model, args.work))
-    parts.append(lambda: rank_direct(model, data, args.work, args.profile))
+    parts = [lambda: zero3(model, data, args.work, None, args.steps)] if args.zero3 else []
+    if args.max_live:
+        lives = [None if v == "d" else int(float(v)) for v in args.max_live.split(",")]
+        parts = [functools.partial(zero3, model, data, args.work, v, args.steps) for v in lives]
+    else:
+        parts.append(lambda: lean(model, args.work))
+        parts.append(lambda: rank_direct(model, data, args.work, args.profile))
     env = {"versions": versions()}
     for part in parts:
         os.environ.pop("RANK", None)

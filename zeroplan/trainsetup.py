@@ -116,6 +116,12 @@ class TrainSetup:
     def is_lora(self) -> bool:
         return self.method in ("lora", "qlora")
 
+    @property
+    def reentrant_checkpointing(self) -> bool:
+        """Checkpointing is reentrant (else non-reentrant): TRL requires reentrant for PEFT
+        under DeepSpeed ZeRO-3 (trl#2514), and the memory model follows what runs."""
+        return self.grad_ckpt and self.is_lora and self.zero == 3
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora_targets"] = ",".join(self.lora_targets)

@@ -269,11 +269,6 @@ def quantization_kwargs(setup: TrainSetup) -> dict[str, Any] | None:
     }
 
 
-def reentrant_checkpointing(setup: TrainSetup) -> bool:
-    """Non-reentrant, except for PEFT under ZeRO-3 where TRL forces reentrant (trl#2514)."""
-    return setup.is_lora and setup.zero == 3
-
-
 def training_kwargs(
     setup: TrainSetup,
     opts: Options,
@@ -292,7 +287,7 @@ def training_kwargs(
         "gradient_accumulation_steps": setup.grad_accum,
         ckpt: setup.grad_ckpt,
         f"{ckpt}_kwargs": (
-            {"use_reentrant": reentrant_checkpointing(setup)} if setup.grad_ckpt else None
+            {"use_reentrant": setup.reentrant_checkpointing} if setup.grad_ckpt else None
         ),
         "optim": HF_OPTIM[setup.optim],
         "learning_rate": lr,

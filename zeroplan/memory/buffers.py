@@ -39,7 +39,15 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
                             (measured on one GPU); with N > 1 the gathered bf16 parameters
                             of the layer at work plus the prefetch bucket:
                             2 B · (largest layer + min(prefetch, largest layer)), and the
-                            whole lm_head around the loss
+                            whole lm_head around the loss; LoRA under reentrant checkpointing
+                            (TrainSetup.reentrant_checkpointing) also holds, through the
+                            backward, the other ranks' shares of the frozen bf16 base:
+                            + 2 B · Ψ · (N − 1) / N
+    The last term is one measurement's reading, not a mechanism traced in DeepSpeed: a
+    Llama-3.2-1B LoRA launched on 2×H100 (ZeRO-3, reentrant, DeepSpeed 0.19.8) peaked at
+    4.22-4.44 GiB per GPU against 3.07 GiB without the term, and the peak did not move with
+    stage3_max_live_parameters 1e7 (benchmarks/results/launch_zero3_live_2xh100.jsonl); the
+    same model under non-reentrant checkpointing matched without it.
     """
     n_t = trainable_params(spec, setup)
     if not setup.deepspeed:
@@ -67,6 +75,10 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
         layer = _largest_layer_params(spec)
         gathered = BF16 * (layer + min(setup.stage3_prefetch_elems, layer))
         formula += f" + gathered layer and prefetch 2 B × {gathered // BF16:,}"
+        if setup.reentrant_checkpointing and setup.method == "lora":
+            held = BF16 * spec.total_params * (world - 1) // world
+            gathered += held
+            formula += f" + frozen base held under reentrant checkpointing {gib(held)}"
     size = bucket + gathered
     return Buffers(bucket, 0, gathered, Term("buffers", size, f"{formula} = {gib(size)}"))
 

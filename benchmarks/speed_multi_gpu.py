@@ -1,0 +1,85 @@
+"""The planner's step-time model against the measured multi-GPU rows (world size > 1).
+
+    python benchmarks/speed_multi_gpu.py [FILES...]
+
+For each row of benchmarks/results/memory_*.jsonl that ran on several GPUs without OOM:
+zeroplan.speed.step_time (compute + ZeRO's communication over the row's GPUs and links)
+against the measured step: the median after the first, and for ZeRO-3 the last (its first
+steps record the module order for prefetching and run slower; as in fit_speed.py); then, per model and method, whether
+the ZeRO stages rank in the measured order (what the planner's choice rests on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from accuracy import cluster_of, setup_of
+
+from zeroplan import speed
+from zeroplan.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rows(files: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for f in files:
+        for line in f.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("world_size", 1) > 1 and not r.get("oom") and len(r["step_seconds"]) >= 2:
+                out.append(r)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path)
+    args = p.parse_args()
+    data = rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")))
+    if not data:
+        print("no multi-GPU rows")
+        return 1
+    errs = []
+    groups: dict[tuple[str, str, int, bool], list[tuple[int, float, float]]] = defaultdict(list)
+    for r in data:
+        spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+        pred = speed.step_time(spec, setup, cluster)
+        steps = r["step_seconds"]
+        meas = float(steps[-1] if r["zero"] == 3 else statistics.median(steps[1:]))
+        errs.append(abs(pred.total_s / meas - 1))
+        groups[(r["model"], r["method"], r["micro_batch"], r["grad_ckpt"])].append(
+            (r["zero"], meas, pred.total_s)
+        )
+        print(
+            f"{r['model'].split('/')[-1]:22} {r['method']:5} mb{r['micro_batch']} "
+            f"ckpt={int(r['grad_ckpt'])} zero={r['zero']}×{r['world_size']}  measured "
+            f"{meas:.3f}s predicted {pred.total_s:.3f}s (compute {pred.compute_s:.3f}, "
+            f"comm {pred.comm_s:.3f}) {pred.total_s / meas - 1:+.0%}"
+        )
+    print(
+        f"{len(errs)} rows: step time error median {statistics.median(errs):.0%}, worst {max(errs):.0%}"
+    )
+    agree = 0
+    for key, stages in groups.items():
+        if len(stages) < 2:
+            continue
+        by_meas = [z for z, _, _ in sorted(stages, key=lambda s: s[1])]
+        by_pred = [z for z, _, _ in sorted(stages, key=lambda s: s[2])]
+        agree += by_meas[0] == by_pred[0]
+        print(
+            f"{key[0].split('/')[-1]} {key[1]} mb{key[2]}: fastest stage measured {by_meas} "
+            f"predicted {by_pred}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
