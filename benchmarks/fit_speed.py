@@ -33,7 +33,9 @@ from zeroplan.models import load_model
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def rows(files: list[Path]) -> list[dict[str, Any]]:
+def timed_rows(files: list[Path], several_gpus: bool = False) -> list[dict[str, Any]]:
+    """Rows that ran two or more steps at full speed (no OOM, no error, no memory cap), on
+    one GPU or, with ``several_gpus``, on more than one."""
     out = []
     for f in files:
         for line in f.read_text().splitlines():
@@ -42,7 +44,7 @@ def rows(files: list[Path]) -> list[dict[str, Any]]:
             r = json.loads(line)
             if r.get("oom") or r.get("error") or len(r.get("step_seconds") or []) < 2:
                 continue
-            if r.get("world_size", 1) != 1 or r.get("memory_fraction"):
+            if (r.get("world_size", 1) > 1) != several_gpus or r.get("memory_fraction"):
                 continue
             out.append(r)
     return out
@@ -103,7 +105,7 @@ def main() -> int:
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
-    data = rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")))
+    data = timed_rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")))
     fitted = fit(data)
     bad = False
     for method, (eff, over) in fitted.items():

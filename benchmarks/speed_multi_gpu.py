@@ -12,38 +12,25 @@ the ZeRO stages rank in the measured order (what the planner's choice rests on).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accuracy import cluster_of, setup_of
+from fit_speed import RESULTS, timed_rows
 
 from zeroplan import speed
 from zeroplan.models import load_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def rows(files: list[Path]) -> list[dict[str, Any]]:
-    out = []
-    for f in files:
-        for line in f.read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("world_size", 1) > 1 and not r.get("oom") and len(r["step_seconds"]) >= 2:
-                out.append(r)
-    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path)
     args = p.parse_args()
-    data = rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")))
+    data = timed_rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")), several_gpus=True)
     if not data:
         print("no multi-GPU rows")
         return 1
@@ -67,17 +54,20 @@ def main() -> int:
     print(
         f"{len(errs)} rows: step time error median {statistics.median(errs):.0%}, worst {max(errs):.0%}"
     )
-    agree = 0
+    agree = compared = slow = 0
     for key, stages in groups.items():
         if len(stages) < 2:
             continue
         by_meas = [z for z, _, _ in sorted(stages, key=lambda s: s[1])]
         by_pred = [z for z, _, _ in sorted(stages, key=lambda s: s[2])]
+        slow += by_meas[-1] == by_pred[-1]
         agree += by_meas[0] == by_pred[0]
+        compared += 1
         print(
             f"{key[0].split('/')[-1]} {key[1]} mb{key[2]}: fastest stage measured {by_meas} "
             f"predicted {by_pred}"
         )
+    print(f"slowest stage right in {slow} of {compared} groups, fastest in {agree} of {compared}")
     return 0
 
 

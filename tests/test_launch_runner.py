@@ -762,6 +762,19 @@ def test_what_ignores_sigterm_is_killed_and_reaped_orphans_too(
     assert not [pid for pid in seen if pid in table and table[pid].start == seen[pid].start]
 
 
+def test_ranks_stopped_on_request_are_not_reported_gone(tmp_path: Path, data_file: Path) -> None:
+    la = launch_for(tmp_path, data_file)
+    write_files(la)
+    sup = Supervisor(la, say=lambda s: None)
+    exit0 = la.log_dir / "rank0.exit.json"
+    exit0.write_text(json.dumps({"rank": 0, "returncode": 143, "signal": None, "t": 1.0}))
+    assert sup.rank_exit_codes() == {0: 143, 1: None}  # before any stop: rank 0 is gone
+    sup.signals.append(signal.SIGINT)
+    assert sup.rank_exit_codes() == {0: None, 1: None}  # stopped on request: not gone
+    exit0.write_text(json.dumps({"rank": 0, "returncode": 1, "signal": None, "t": 1.0}))
+    assert sup.rank_exit_codes() == {0: 1, 1: None}  # a crash while stopping still shows
+
+
 # -- zeroplan env ---------------------------------------------------------------------------
 
 

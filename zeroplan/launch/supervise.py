@@ -83,6 +83,14 @@ def read_exits(log_dir: Path) -> dict[int, RankExit]:
     return exits
 
 
+def _ended_on_stop(e: RankExit) -> bool:
+    """Killed by, or exited as (128 + signal), one of the signals a stop sends to ranks."""
+    sent = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL}
+    if e.signal is not None:
+        return e.signal in {s.name for s in sent}
+    return e.returncode in {128 + s for s in sent}
+
+
 def tail_lines(path: Path, n: int = TAIL_LINES) -> list[str]:
     """The last ``n`` lines of a text file (empty if it cannot be read)."""
     try:
@@ -128,10 +136,16 @@ class Supervisor:
     # -- what the dashboard asks ------------------------------------------------------
 
     def rank_exit_codes(self) -> dict[int, int | None]:
+        """rank -> exit status, None while it runs. Once the user has stopped the run, a rank
+        that ended on the stop signal reads as None too: it did what it was asked, and the
+        dashboard must not call it gone (seen on 2×H100: a CRIT alert after every Ctrl-C)."""
         exits = read_exits(self.launch.log_dir)
-        return {
-            r: (exits[r].returncode if r in exits else None) for r in range(self.launch.world_size)
-        }
+        codes: dict[int, int | None] = {}
+        for r in range(self.launch.world_size):
+            e = exits.get(r)
+            stopped = e is not None and bool(self.signals) and _ended_on_stop(e)
+            codes[r] = None if e is None or stopped else e.returncode
+        return codes
 
     def host_of(self, rank: int) -> str:
         first = 0
