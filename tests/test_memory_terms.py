@@ -359,6 +359,17 @@ def test_comm_buffers() -> None:
     # a prefetch bucket larger than a layer prefetches one layer
     big = lora(zero=3, stage3_prefetch_elems=10**10)
     assert bufs(big) == (2 * 500_000_000, 0, 2 * 2 * layer)
+    # LoRA under reentrant checkpointing (zeroplan launch, TRL) also holds the other ranks'
+    # share of the frozen bf16 base through backward; not on one GPU, not for QLoRA or full
+    held = 2 * LLAMA_8B.total_params * (N - 1) // N
+    assert bufs(lora(zero=3, grad_ckpt=True)) == (
+        2 * 500_000_000,
+        0,
+        2 * (layer + 50_000_000) + held,
+    )
+    assert bufs(lora(zero=3, grad_ckpt=True), 1) == (2 * 500_000_000, 0, 0)
+    assert bufs(TrainSetup(method="qlora", zero=3, grad_ckpt=True))[2] == 2 * (layer + 50_000_000)
+    assert bufs(TrainSetup(method="full", zero=3, grad_ckpt=True), 2)[2] == 2 * (layer + 50_000_000)
 
 
 # ----------------------------------------------------------------------------- logits
