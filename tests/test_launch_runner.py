@@ -41,7 +41,6 @@ from zeroplan.launch.runner import (
     Command,
     Launch,
     Node,
-    PlanOptions,
     TrainOptions,
     build_launch,
     default_launcher,
@@ -70,7 +69,7 @@ def make_plan(
     folder: Path, model: str = QWEN, gpus: str = "2xH100", setup: TrainSetup | None = None
 ) -> Path:
     """plan.json as `zeroplan plan -o folder` writes it, with ``setup`` as the choice."""
-    data = plan_model(model, parse_cluster(gpus), PlanOptions(seq_len=256))
+    data = plan_model(model, parse_cluster(gpus), {"seq_len": 256})
     data["best"]["setup"] = (setup or TrainSetup(method="lora", seq_len=256)).to_dict()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plan.json").write_text(json.dumps(data, indent=2))
@@ -355,6 +354,10 @@ def test_launch_plans_a_model_id_on_the_gpus_given(tmp_path: Path, data_file: Pa
             "4xH100",
             "--seq-len",
             "512",
+            "--lora-r",
+            "8",
+            "--lora-targets",
+            "q_proj,v_proj",
             "--data",
             str(data_file),
             "-o",
@@ -365,6 +368,8 @@ def test_launch_plans_a_model_id_on_the_gpus_given(tmp_path: Path, data_file: Pa
     )
     assert result.exit_code == 0, result.output
     assert "made for 4×H100-SXM-80GB" in result.output and "--nproc-per-node 4" in result.output
+    # the job options are zeroplan plan's: the adapter planned is the one asked for
+    assert "adapter    LoRA r=8 on q_proj, v_proj, 512 tokens a sequence" in result.output
     # planning options with a plan are a mistake, not silently ignored
     plan = make_plan(tmp_path / "p")
     bad = CliRunner().invoke(
@@ -472,7 +477,7 @@ def test_predicted_oom_is_refused_with_the_planners_fix_and_forced(
 ) -> None:
     # what the story ran: LoRA of Llama-3.1-8B, micro-batch 4, no checkpointing, on 24 GB
     story = TrainSetup(method="lora", micro_batch=4, seq_len=2048, grad_accum=4)
-    plan = plan_model("llama-3.1-8b-instruct", parse_cluster("7xH100"), PlanOptions())
+    plan = plan_model("llama-3.1-8b-instruct", parse_cluster("7xH100"))
     planned = build_launch(
         plan,
         run_dir=tmp_path / "run",
@@ -841,8 +846,8 @@ def test_a_model_planned_for_this_machine_uses_only_kernels_it_has(
     from zeroplan.launch import runner
 
     monkeypatch.setattr(runner, "fused_loss_installed", lambda: False)
-    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"), PlanOptions())
+    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"))
     assert data["best"]["setup"]["fused_loss"] is False
     monkeypatch.setattr(runner, "fused_loss_installed", lambda: True)
-    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"), PlanOptions())
+    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"))
     assert data["best"]["setup"]["fused_loss"] is True

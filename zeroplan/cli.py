@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
+from zeroplan.cli_job import job_options, job_request
 from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
 
@@ -292,20 +293,7 @@ def _count(text: str | None, option: str) -> int | None:
     default=None,
     help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
 )
-@click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default="lora",
-    show_default=True,
-    help="lora may be planned as qlora (4-bit base) unless --no-quantization.",
-)
-@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
-@click.option(
-    "--global-batch",
-    type=int,
-    default=None,
-    help="Sequences per optimizer step over all GPUs, kept exactly (micro-batch × accumulation × GPUs).",
-)
+@job_options
 @click.option(
     "--dataset-tokens",
     default=None,
@@ -331,13 +319,6 @@ def _count(text: str | None, option: str) -> int | None:
     default=None,
     help="Adds the cost to finish --dataset-tokens.",
 )
-@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option(
-    "--lora-targets",
-    default="all-linear",
-    show_default=True,
-    help="Module names (q_proj,v_proj) or all-linear.",
-)
 @click.option(
     "--cpu-ram-per-node",
     type=float,
@@ -345,7 +326,6 @@ def _count(text: str | None, option: str) -> int | None:
     metavar="GIB",
     help="Host RAM per node (GiB): CPU-offload plans must fit in it too.",
 )
-@click.option("--no-quantization", is_flag=True, help="Never switch lora to a 4-bit base (qlora).")
 @click.option(
     "--no-fused-loss",
     is_flag=True,
@@ -363,21 +343,16 @@ def _count(text: str | None, option: str) -> int | None:
 def plan(
     model: str,
     gpus: str | None,
-    method: str,
-    seq_len: int,
-    global_batch: int | None,
     dataset_tokens: str | None,
     objective: str,
     margin: float,
     price_per_gpu_hour: float | None,
-    lora_r: int,
-    lora_targets: str,
     cpu_ram_per_node: float | None,
-    no_quantization: bool,
     no_fused_loss: bool,
     top: int,
     as_json: bool,
     out: Path | None,
+    **job: Any,
 ) -> None:
     """The fastest setup that fits MODEL on the cluster: ZeRO stage, offload, micro-batch,
     accumulation, checkpointing, quantization, optimizer and fused loss.
@@ -395,25 +370,15 @@ def plan(
     from zeroplan.models import load_model
     from zeroplan.planner import PlanRequest, plan_json
     from zeroplan.planner import plan as make_plan
-    from zeroplan.trainsetup import parse_targets
 
-    if seq_len < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--seq-len")
-    if lora_r < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--lora-r")
     req = PlanRequest(
         spec=load_model(model),
         cluster=resolve_cluster(gpus),
-        method=method,
-        seq_len=seq_len,
-        global_batch=global_batch,
+        **job_request(**job),
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,
         objective=objective,
         price_per_gpu_hour=price_per_gpu_hour,
-        lora_r=lora_r,
-        lora_targets=parse_targets(lora_targets),
-        allow_quantization=not no_quantization,
         allow_fused_loss=not no_fused_loss,
         cpu_ram_per_node=int(cpu_ram_per_node * 2**30) if cpu_ram_per_node is not None else None,
     )

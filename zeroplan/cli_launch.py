@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from zeroplan.cli_job import JOB_OPTIONS, job_options, job_request
 from zeroplan.launch.data import FORMATS, OVERLONG
 from zeroplan.launch.runner import LAUNCHERS
-from zeroplan.trainsetup import METHODS
 
 if TYPE_CHECKING:
     from zeroplan.hardware import Cluster
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from zeroplan.launch.runner import Launch, Node
 
 GIB = 2**30
-_PLANNING = ("method", "seq_len", "global_batch", "no_quantization")
 
 
 def _say(text: str) -> None:
@@ -143,29 +142,7 @@ def _slug(name: str) -> str:
     metavar="PATH_OR_ID",
     help="Where the ranks load the model from, when not where the plan says (a plan made from a config.json).",
 )
-@click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default="lora",
-    show_default=True,
-    help="Planning a model: lora, qlora or full.",
-)
-@click.option(
-    "--seq-len",
-    type=click.IntRange(min=1),
-    default=2048,
-    show_default=True,
-    help="Planning a model: tokens per sequence.",
-)
-@click.option(
-    "--global-batch",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Planning a model: sequences per optimizer step.",
-)
-@click.option(
-    "--no-quantization", is_flag=True, help="Planning a model: never switch lora to a 4-bit base."
-)
+@job_options
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
@@ -209,7 +186,7 @@ def launch(
     grace: float,
     progress_every: float,
     rank_program: str | None,
-    **planning: Any,
+    **job: Any,
 ) -> None:
     """Start fine-tuning on every GPU, supervised: per-rank logs, Ctrl-C stops every rank.
 
@@ -222,7 +199,9 @@ def launch(
     zeroplan launch runs/plan70b --data train.jsonl --hostfile hosts --launcher deepspeed
 
     MODEL_OR_PLAN is a plan.json, a folder holding one (`zeroplan plan -o DIR`), or a model
-    (then it is planned on --gpus, else on this machine's GPUs). Before anything starts, it
+    (then it is planned on --gpus, else on this machine's GPUs, for the job that --method,
+    --seq-len, --global-batch, --lora-r, --lora-targets and --no-quantization describe, as
+    `zeroplan plan` does). Before anything starts, it
     checks the data file, the model folder's tokenizer, the packages, the GPUs present and
     the estimate on them (a predicted out-of-memory is refused with the planner's fix unless
     --force), and that ssh reaches every hostfile host.
@@ -246,7 +225,7 @@ def launch(
     if plan_path is not None:
         given = [
             "--" + p.replace("_", "-")
-            for p in _PLANNING
+            for p in JOB_OPTIONS
             if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
         ]
         if given:
@@ -256,7 +235,7 @@ def launch(
                 param_hint="MODEL_OR_PLAN",
             )
     plan, model, nodes, present = _plan_and_nodes(
-        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, planning
+        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job
     )
     if run_dir is None:
         if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
@@ -325,7 +304,7 @@ def _plan_and_nodes(
     include: str | None,
     exclude: str | None,
     weights: str | None,
-    planning: dict[str, Any],
+    job: dict[str, Any],
 ) -> tuple[dict[str, Any], str, tuple[Node, ...], Cluster | None]:
     """The plan (read, or made here for a model), where the ranks load the model, the nodes,
     and this machine's GPUs."""
@@ -333,7 +312,6 @@ def _plan_and_nodes(
     from zeroplan.errors import BadClusterSpecError
     from zeroplan.hardware import Cluster, local_cluster, parse_cluster
     from zeroplan.launch.runner import (
-        PlanOptions,
         gpu_count,
         local_model,
         plan_cluster,
@@ -376,13 +354,7 @@ def _plan_and_nodes(
         )
     gpu = spec_gpu or (present.gpu if present else parse_cluster(DEFAULT_GPUS).gpu)
     cluster = Cluster(gpu, gpus_per_node=per_node.pop(), num_nodes=len(nodes))
-    options = PlanOptions(
-        method=planning["method"],
-        seq_len=planning["seq_len"],
-        global_batch=planning["global_batch"],
-        allow_quantization=not planning["no_quantization"],
-    )
-    plan = plan_model(model_or_plan, cluster, options)
+    plan = plan_model(model_or_plan, cluster, job_request(**job))
     name = weights or model_or_plan
     return plan, local_model(name) or weights or str(plan["model"]), nodes, present
 
@@ -400,6 +372,11 @@ def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> N
         f"           made for {la.plan['cluster']}: {best['required_bytes'] / GIB:.1f} GiB per "
         f"GPU, {best['tokens_per_s']:,.0f} tokens/s predicted"
     )
+    if la.setup.is_lora:
+        targets = ", ".join(la.setup.lora_targets)
+        echo(
+            f"adapter    LoRA r={la.setup.lora_r} on {targets}, {la.setup.seq_len} tokens a sequence"
+        )
     echo(f"this host  {present.describe() if present is not None else 'no NVIDIA GPU'}")
     echo(
         f"ranks      {la.world_size} with {la.launcher} ({describe_nodes(la.nodes)}), "

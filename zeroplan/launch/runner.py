@@ -127,40 +127,26 @@ def plan_cluster(plan: Mapping[str, Any]) -> Cluster | None:
         return None
 
 
-@dataclass(frozen=True)
-class PlanOptions:
-    """What ``zeroplan launch MODEL`` asks the planner (the rest it chooses)."""
-
-    method: str = "lora"
-    seq_len: int = 2048
-    global_batch: int | None = None
-    lora_r: int = 16
-    lora_targets: str = "all-linear"
-    allow_quantization: bool = True
-
-
 def fused_loss_installed() -> bool:
     """Whether Liger's kernel is importable here: a plan made for this machine may only
     choose the fused loss if the ranks can run it (preflight refuses it otherwise)."""
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def plan_model(model: str, cluster: Cluster, options: PlanOptions) -> dict[str, Any]:
-    """Plan ``model`` on ``cluster`` and return the plan JSON object (as plan.json holds it)."""
+def plan_model(
+    model: str, cluster: Cluster, job: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Plan ``model`` on ``cluster`` for ``job`` (``PlanRequest`` fields: method, seq_len,
+    ...; the request's defaults for the rest) and return the plan JSON (as plan.json holds
+    it). The fused loss is chosen only when it is installed here."""
     from zeroplan.models import load_model
     from zeroplan.planner import PlanRequest, plan, plan_json
-    from zeroplan.trainsetup import parse_targets
 
     result = plan(
         PlanRequest(
             spec=load_model(model),
             cluster=cluster,
-            method=options.method,
-            seq_len=options.seq_len,
-            global_batch=options.global_batch,
-            lora_r=options.lora_r,
-            lora_targets=parse_targets(options.lora_targets),
-            allow_quantization=options.allow_quantization,
+            **dict(job or {}),
             allow_fused_loss=fused_loss_installed(),
         )
     )
