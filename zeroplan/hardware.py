@@ -379,15 +379,16 @@ class Cluster:
     def is_multi_node(self) -> bool:
         return self.num_nodes > 1
 
-    def describe(self) -> str:
-        """Short form such as ``"7×RTX-4090"`` or ``"2×8×H100-SXM-80GB"``.
+    def describe(self, times: str = "×") -> str:
+        """Short form such as ``"7×RTX-4090"`` or ``"2×8×H100-SXM-80GB"``; with ``times="x"``
+        the ``--gpus`` spelling a user types (``7xRTX-4090``).
 
         The output parses back with ``parse_cluster`` for catalog GPUs.
         """
         counts = (
             [self.gpus_per_node] if self.num_nodes == 1 else [self.num_nodes, self.gpus_per_node]
         )
-        return "×".join([*map(str, counts), self.gpu.name])
+        return times.join([*map(str, counts), self.gpu.name])
 
 
 # A leading count and its separator: "7x", "2 × ", "8*". Signs and decimals are matched so

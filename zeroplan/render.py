@@ -95,21 +95,13 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         console.print(
             f"[red]Does not fit[/red] a {card}: over by {_gib(-est.headroom_bytes)} GiB. "
             "Try --grad-ckpt, a smaller --micro-batch, --method qlora, --fused-loss or a ZeRO "
-            f"stage, or let zeroplan plan {est.model['name']} --gpus {_cluster_spec(est.cluster)} "
+            f"stage, or let zeroplan plan {est.model['name']} --gpus {est.cluster['spec']} "
             "pick."
         )
     if est.cpu_bytes_per_node:
         console.print(f"CPU RAM per node for offload: {_gib(est.cpu_bytes_per_node)} GiB.")
     for note in est.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
-
-
-def _cluster_spec(cluster: dict[str, Any]) -> str:
-    """The --gpus spelling of an estimate's cluster: 7xRTX-4090, 2x8xH100-SXM-80GB."""
-    counts = [cluster["gpus_per_node"]]
-    if cluster["num_nodes"] > 1:
-        counts.insert(0, cluster["num_nodes"])
-    return "x".join([*map(str, counts), cluster["gpu"]])
 
 
 def render_models(rows: list[tuple[str, str, int]], console: Console) -> None:

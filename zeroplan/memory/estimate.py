@@ -188,6 +188,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "gpus_per_node": cluster.gpus_per_node,
             "num_nodes": cluster.num_nodes,
             "world_size": world,
+            "spec": cluster.describe(times="x"),  # as --gpus takes it
         },
         terms=terms,
         at_peak=at_peak,
