@@ -37,7 +37,6 @@ from zeroplan.cli import cli, main
 from zeroplan.dsconfig import (
     HF_AUTO_KEYS,
     PRESETS,
-    ConfigWriteError,
     ds_config,
     dumps,
     preset_config,
@@ -45,7 +44,7 @@ from zeroplan.dsconfig import (
     write_config,
     write_presets,
 )
-from zeroplan.errors import BadSetupError, ZeroplanError
+from zeroplan.errors import BadSetupError, ConfigWriteError, ZeroplanError
 from zeroplan.trainsetup import METHODS, OFFLOADS, OPTIMIZERS, TrainSetup
 
 # third-party noise: DeepSpeed's imports and ZeRO-3 collectives use torch APIs torch deprecates

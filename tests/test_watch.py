@@ -40,19 +40,19 @@ from zeroplan.dashboard import (
     sparkline,
     view_json,
 )
+from zeroplan.errors import BadPlanError
 from zeroplan.monitor import (
     FakeBackend,
     FakeGPU,
+    GPUDataUnavailable,
     GPUSample,
     HostSample,
-    NoGPUError,
     NvmlBackend,
     Snapshot,
     open_backend,
     throttle_names,
 )
 from zeroplan.runlog import (
-    BadPlanFileError,
     JsonlTail,
     MetricRecord,
     Prediction,
@@ -157,10 +157,10 @@ def test_throttle_names_from_the_nvml_mask() -> None:
 
 
 def test_no_nvidia_driver_gives_a_clear_line() -> None:
-    """On this CPU machine the real pynvml raises NVMLError: NoGPUError with a line to show."""
+    """On this CPU machine the real pynvml raises NVMLError: GPUDataUnavailable with a line to show."""
     try:
         backend = NvmlBackend()
-    except NoGPUError as exc:
+    except GPUDataUnavailable as exc:
         message = str(exc)
     else:  # a GPU machine: nothing to check here
         backend.close()
@@ -240,7 +240,7 @@ def test_nvml_backend_reads_every_field_and_survives_missing_ones(
     backend.close()
     assert fake.calls == ["init", "shutdown"]  # type: ignore[attr-defined]
     assert NvmlBackend([1]).sample()[0].index == 1
-    with pytest.raises(NoGPUError, match="GPUs 0-1 only"):
+    with pytest.raises(GPUDataUnavailable, match="GPUs 0-1 only"):
         NvmlBackend([5])
 
 
@@ -336,10 +336,10 @@ def test_read_prediction_follows_plan_json(tmp_path: Path) -> None:
     (tmp_path / "plan.json").write_text(json.dumps({"best": None, "world_size": 8}))
     assert read_prediction(tmp_path) is None  # nothing fitted
     (tmp_path / "plan.json").write_text("{not json")
-    with pytest.raises(BadPlanFileError, match="cannot be read as JSON"):
+    with pytest.raises(BadPlanError, match="cannot be read as JSON"):
         read_prediction(tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps({"best": {"required_bytes": 1}}))
-    with pytest.raises(BadPlanFileError, match="device_used_bytes"):
+    with pytest.raises(BadPlanError, match="device_used_bytes"):
         read_prediction(tmp_path)
 
 

@@ -14,14 +14,10 @@ from pathlib import Path
 
 import click
 
-from zeroplan.errors import ZeroplanError
+from zeroplan.errors import BadWatchOptionError
 
 MIN_INTERVAL_S = 0.1
 MAX_INTERVAL_S = 3600.0
-
-
-class BadWatchOptionError(ZeroplanError):
-    """An out-of-range --interval / --hang-after, or a --gpus list that is not indices."""
 
 
 def _gpu_indices(text: str | None) -> list[int] | None:

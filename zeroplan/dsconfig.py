@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from zeroplan.errors import BadSetupError, ZeroplanError
+from zeroplan.errors import BadSetupError, ConfigWriteError
 from zeroplan.trainsetup import TrainSetup
 
 # Optimizers DeepSpeed's ZeRO wrapper accepts without ``zero_allow_untested_optimizer``
@@ -52,10 +52,6 @@ PRESETS: dict[str, TrainSetup] = {
     "zero3_offload": TrainSetup(zero=3, offload="optimizer+params"),
     "qlora_zero3": TrainSetup(method="qlora", zero=3),
 }
-
-
-class ConfigWriteError(ZeroplanError):
-    """The config could not be written where the user asked (missing folder, no permission)."""
 
 
 def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dict[str, Any]:

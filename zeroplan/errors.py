@@ -83,6 +83,27 @@ class HostUnreachableError(ZeroplanError):
     """A hostfile host that ssh cannot reach without a prompt."""
 
 
+class ConfigWriteError(ZeroplanError):
+    """A config or plan could not be written where the user asked (missing folder, no
+    permission), or there is no plan to write."""
+
+
+class RunDirNotFoundError(ZeroplanError):
+    """The run folder given to watch / report does not exist or is not a folder."""
+
+
+class NothingRecordedError(ZeroplanError):
+    """The run folder has neither GPU samples nor metrics to report on."""
+
+
+class MissingExtraError(ZeroplanError):
+    """An optional dependency that this command needs is not installed."""
+
+
+class BadWatchOptionError(ZeroplanError):
+    """An out-of-range --interval / --hang-after, or a --gpus list that is not indices."""
+
+
 class RunDirExistsError(ZeroplanError):
     """The run folder already holds a run and --resume was not given."""
 

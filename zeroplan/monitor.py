@@ -138,7 +138,7 @@ class GPUBackend(Protocol):
         ...
 
 
-class NoGPUError(Exception):
+class GPUDataUnavailable(Exception):
     """NVML cannot be used here; the message is the line the dashboard shows."""
 
 
@@ -194,7 +194,7 @@ def _describe_pid(pid: int) -> tuple[str | None, str | None]:
 class NvmlBackend:
     """The GPUs this machine's NVIDIA driver reports, in NVML index order.
 
-    Opening it raises :class:`NoGPUError` with a line for the user when nvidia-ml-py or the
+    Opening it raises :class:`GPUDataUnavailable` with a line for the user when nvidia-ml-py or the
     driver's libnvidia-ml is missing, the driver does not answer, or there are no GPUs.
     """
 
@@ -202,24 +202,24 @@ class NvmlBackend:
         try:
             import pynvml
         except ImportError as exc:
-            raise NoGPUError(
+            raise GPUDataUnavailable(
                 "No GPU data: nvidia-ml-py is not installed (pip install nvidia-ml-py)"
             ) from exc
         self._nvml = pynvml
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
-            raise NoGPUError(
+            raise GPUDataUnavailable(
                 f"No NVIDIA GPU data: NVML says '{exc}' (no NVIDIA driver here?)"
             ) from exc
         except OSError as exc:  # a broken libnvidia-ml
-            raise NoGPUError(f"No NVIDIA GPU data: cannot load NVML ({exc})") from exc
+            raise GPUDataUnavailable(f"No NVIDIA GPU data: cannot load NVML ({exc})") from exc
         self._open = True
         try:
             count = int(pynvml.nvmlDeviceGetCount())
             wanted = list(range(count)) if indices is None else [i for i in indices if i < count]
             if not wanted:
-                raise NoGPUError(
+                raise GPUDataUnavailable(
                     "No NVIDIA GPU data: the driver reports no GPUs"
                     if count == 0
                     else f"No NVIDIA GPU data: this machine has GPUs 0-{count - 1} only"
@@ -228,8 +228,8 @@ class NvmlBackend:
             self._static = {i: self._static_fields(h) for i, h in self._handles}
         except pynvml.NVMLError as exc:
             self.close()
-            raise NoGPUError(f"No NVIDIA GPU data: NVML says '{exc}'") from exc
-        except NoGPUError:
+            raise GPUDataUnavailable(f"No NVIDIA GPU data: NVML says '{exc}'") from exc
+        except GPUDataUnavailable:
             self.close()
             raise
         self._memory_v2: bool | None = None  # unknown until the first call
@@ -429,7 +429,7 @@ def open_backend(
         return FakeBackend(len(wanted), indices=wanted), None
     try:
         return NvmlBackend(indices), None
-    except NoGPUError as exc:
+    except GPUDataUnavailable as exc:
         return None, str(exc)
 
 

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from zeroplan.dsconfig import ConfigWriteError, ds_config
+from zeroplan.dsconfig import ds_config
+from zeroplan.errors import ConfigWriteError
 from zeroplan.planner import Plan, plan_json
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.alerts import ESTIMATOR_ERROR
-from zeroplan.errors import ZeroplanError
+from zeroplan.errors import MissingExtraError, NothingRecordedError
 from zeroplan.runlog import (
     GPU_SAMPLES_FILE,
     METRICS_FILE,
@@ -35,14 +35,6 @@ if TYPE_CHECKING:
 
 GIB = 2**30
 PLOT_POINTS = 3000  # per GPU line: more than the figure has pixels across
-
-
-class NothingRecordedError(ZeroplanError):
-    """The run folder has neither GPU samples nor metrics to report on."""
-
-
-class MissingExtraError(ZeroplanError):
-    """An optional dependency that this command needs is not installed."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from zeroplan.errors import ZeroplanError
+from zeroplan.errors import BadPlanError, RunDirNotFoundError
 from zeroplan.monitor import Snapshot
 
 PLAN_FILE = "plan.json"
@@ -35,14 +35,6 @@ LOCK_FILE = ".watch.lock"
 # Longest command line kept per GPU process in gpu_samples.jsonl: a line is then ~550
 # bytes, so 8 GPUs sampled at 1 Hz write ~16 MB per hour of run.
 COMMAND_CHARS = 120
-
-
-class RunDirNotFoundError(ZeroplanError):
-    """The run folder given to watch / report does not exist or is not a folder."""
-
-
-class BadPlanFileError(ZeroplanError):
-    """plan.json exists but is not a plan written by `zeroplan plan`."""
 
 
 # -- the prediction -----------------------------------------------------------------------
@@ -74,16 +66,16 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 def read_prediction(run_dir: str | os.PathLike[str]) -> Prediction | None:
     """The prediction in ``run_dir/plan.json``; None when there is no plan.json or its plan
-    found nothing that fits. A plan.json that is not a plan raises BadPlanFileError."""
+    found nothing that fits. A plan.json that is not a plan raises BadPlanError."""
     path = Path(run_dir) / PLAN_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadPlanFileError(f"{path} cannot be read as JSON: {exc}") from exc
+        raise BadPlanError(f"{path} cannot be read as JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise BadPlanFileError(f"{path} is not a plan (expected a JSON object)")
+        raise BadPlanError(f"{path} is not a plan (expected a JSON object)")
     best = data.get("best")
     if best is None:
         return None
@@ -98,7 +90,7 @@ def read_prediction(run_dir: str | os.PathLike[str]) -> Prediction | None:
             cluster=data.get("cluster"),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise BadPlanFileError(
+        raise BadPlanError(
             f"{path} is not a plan from `zeroplan plan` (best.{exc} missing or wrong)"
         ) from exc
 

@@ -41,10 +41,10 @@ from typing import IO, Literal
 
 from zeroplan.alerts import DEFAULT_HANG_AFTER_S, all_alerts
 from zeroplan.dashboard import DashboardView, plain_lines, render, view_json
+from zeroplan.errors import BadPlanError
 from zeroplan.monitor import GPUBackend, HostSampler, Snapshot, open_backend
 from zeroplan.runlog import (
     METRICS_FILE,
-    BadPlanFileError,
     Prediction,
     SampleRecorder,
     TrainingLog,
@@ -159,7 +159,7 @@ def open_collector(
 ) -> Collector:
     """A Collector for ``run_dir`` with the real NVML backend (or ``backend`` / fake GPUs).
 
-    ``strict_plan``: a plan.json that is not a plan raises BadPlanFileError; otherwise it
+    ``strict_plan``: a plan.json that is not a plan raises BadPlanError; otherwise it
     becomes a note and the dashboard runs without a prediction.
     """
     notes = []
@@ -167,7 +167,7 @@ def open_collector(
     if run_dir is not None:
         try:
             prediction = read_prediction(run_dir)
-        except BadPlanFileError as exc:
+        except BadPlanError as exc:
             if strict_plan:
                 raise
             notes.append(f"no prediction: {exc}")
