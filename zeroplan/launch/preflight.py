@@ -205,11 +205,6 @@ def check_hosts(nodes: tuple[Node, ...]) -> None:
         )
 
 
-def _spec_text(cluster: Cluster) -> str:
-    nodes = f"{cluster.num_nodes}x" if cluster.is_multi_node else ""
-    return f"{nodes}{cluster.gpus_per_node}x{cluster.gpu.name}"
-
-
 def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainSetup) -> str:
     """What the planner would run on ``cluster`` instead, as a sentence."""
     from zeroplan.planner import PlanRequest, describe, plan
@@ -240,7 +235,7 @@ def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainS
     return (
         f"the planner's choice for {cluster.describe()} is {best.family}, {describe(best.setup)} "
         f"({best.estimate.required_bytes / GIB:.1f} GiB): zeroplan plan {launch.plan['model']} "
-        f"--gpus {_spec_text(cluster)} -o DIR, then zeroplan launch DIR"
+        f"--gpus {cluster.describe(times='x')} -o DIR, then zeroplan launch DIR"
     )
 
 
