@@ -12,7 +12,9 @@ rank 0 writes the row, with every rank's peaks.
 What is measured is the *lean step* that zeroplan estimates and ``zeroplan launch`` runs:
 random-weight model built from the config.json (bf16, or NF4 + double quantization for
 qlora, quantized as bitsandbytes does on load), PEFT LoRA (adapter weights in fp32, as PEFT
-keeps them), gradient checkpointing non-reentrant, forward with the model's own causal-LM
+keeps them), gradient checkpointing non-reentrant (``zeroplan launch`` runs LoRA under
+ZeRO-3 reentrant, as TRL requires: that case was measured through launch_overhead.py and
+launch_multi_gpu_check.py, not here), forward with the model's own causal-LM
 loss under bf16 autocast (what HF Trainer does without DeepSpeed) or DeepSpeed bf16, backward,
 gradient clipping at 1.0, optimizer step, ``zero_grad(set_to_none=True)``. The peak is taken
 over ``--steps`` full steps (the optimizer allocates its states in the first), counted from
