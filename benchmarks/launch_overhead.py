@@ -12,6 +12,8 @@ gpu_fixtures.py), LoRA all-linear, micro-batch 4, seq 768, checkpointing:
     rank     the per-rank program ``python -m zeroplan.launch.sft`` run directly (no
              launcher) under cProfile on the synthetic alpaca records: seconds per step
              from its metrics, and the functions that took the time
+    rank-unpadded  the same on 400 copies of one record: batches without padding (no
+             attention mask), to tell the padded attention path from the Trainer's cost
     zero3    (--zero3, 2 GPUs) ``zeroplan launch`` of the same setup under ZeRO-3 for a few
              steps: every metrics line's peak (since the line before), and applied.json's
              memory once the model is loaded, to tell a load-time peak from a training one
@@ -70,13 +72,15 @@ def lean(model: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def rank_direct(model: Path, data: Path, work: Path, profile_path: Path | None) -> dict[str, Any]:
+def rank_direct(
+    model: Path, data: Path, work: Path, profile_path: Path | None, name: str = "rank"
+) -> dict[str, Any]:
     """The rank program in this process (world size 1), profiled."""
     from zeroplan.launch import sft
 
-    plan = work / "direct-plan.json"
+    plan = work / f"{name}-plan.json"
     write_plan(plan, model, TrainSetup(**SETUP), None)  # type: ignore[arg-type]
-    run = work / "direct"
+    run = work / name
     argv = ["--plan", str(plan), "--data", str(data), "--out", str(run), "--model", str(model)]
     argv += ["--max-steps", "20", "--logging-steps", "1"]
     prof = cProfile.Profile()
@@ -94,7 +98,7 @@ def rank_direct(model: Path, data: Path, work: Path, profile_path: Path | None) 
     lines = [m for m in metrics(run) if m["event"] == "train"]
     steps = [(b["t"] - a["t"]) for a, b in itertools.pairwise(lines)]
     return {
-        "part": "rank",
+        "part": name,
         "rc": rc,
         "wall_s": wall,
         "step_seconds": steps,
@@ -170,6 +174,10 @@ def main() -> None:
     else:
         parts.append(lambda: lean(model, args.work))
         parts.append(lambda: rank_direct(model, data, args.work, args.profile))
+        # every record alike: no padding, so no attention mask (causal SDPA, as in the lean
+        # loop); tells the cost of padded batches from the Trainer's own
+        alike = tinyllm.write_jsonl(args.work / "alike.jsonl", records(1) * 400)
+        parts.append(lambda: rank_direct(model, alike, args.work, None, "rank-unpadded"))
     env = {"versions": versions()}
     for part in parts:
         os.environ.pop("RANK", None)
