@@ -342,14 +342,23 @@ def test_resuming_a_completed_run_trains_nothing_unless_asked_for_more_steps(
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-12"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    result = {"status": "completed", "global_step": 12, "max_steps": 12}
+    result: dict[str, Any] = {"status": "completed", "global_step": 12, "max_steps": 12}
+    result |= {"epochs": 1.0, "max_steps_given": 12}
     (tmp_path / "run" / "result.json").write_text(json.dumps(result))
     monkeypatch.setattr(sft, "_load_model", _must_not_load)
     assert sft.run(opts(tmp_path, "--resume", "--max-steps", "12"), sft.StopFlag(), []) == 0
-    assert sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), []) == 0
     assert "nothing to resume: the run completed at step 12" in capsys.readouterr().err
     with pytest.raises(AssertionError, match="the model was loaded"):
         sft.run(opts(tmp_path, "--resume", "--max-steps", "20"), sft.StopFlag(), [])
+    # no --max-steps after a run cut short by one: the rest of the epoch is asked for
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), [])
+    # an epoch-long run: the same --epochs is done, more epochs are more to train
+    result["max_steps_given"] = None
+    (tmp_path / "run" / "result.json").write_text(json.dumps(result))
+    assert sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), []) == 0
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        sft.run(opts(tmp_path, "--resume", "--epochs", "2"), sft.StopFlag(), [])
     result["status"] = "interrupted"
     (tmp_path / "run" / "result.json").write_text(json.dumps(result))
     with pytest.raises(AssertionError, match="the model was loaded"):

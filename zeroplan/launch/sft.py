@@ -401,19 +401,25 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len("checkpoint-") :]), default=None)
 
 
-def completed_step(out: Path, max_steps: int | None) -> int | None:
+def completed_step(out: Path, max_steps: int | None, epochs: float) -> int | None:
     """The step a completed run ended at, if ``--resume`` would have nothing left to train.
 
-    Nothing is left when result.json says ``completed`` and no larger ``--max-steps`` asks
-    for more. (transformers, resumed from a checkpoint at its last step, trains one step
-    beyond it, so this is decided here, before the Trainer.)
+    Something is left when result.json does not say ``completed``, when ``--max-steps`` asks
+    for more steps than were run, or, without ``--max-steps``, when ``--epochs`` asks for
+    more passes than the completed run made or that run was cut short by its own
+    ``--max-steps``. (transformers, resumed from a checkpoint at its last step, trains one
+    step beyond it, so this is decided here, before the Trainer.)
     """
     try:
         result = json.loads((out / RESULT).read_text(encoding="utf-8"))
         done = int(result["global_step"]) if result.get("status") == "completed" else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if done is None or (max_steps is not None and max_steps > done):
+    if done is None:
+        return None
+    if max_steps is not None:
+        return done if max_steps <= done else None
+    if epochs > float(result.get("epochs", epochs)) or result.get("max_steps_given") is not None:
         return None
     return done
 
@@ -531,12 +537,12 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
             f"{opts.out} already holds checkpoints ({resume_from.name}): pass --resume to "
             "continue that run, or give a new --out"
         )
-    done = completed_step(opts.out, opts.max_steps) if opts.resume else None
+    done = completed_step(opts.out, opts.max_steps, opts.epochs) if opts.resume else None
     if done is not None:
         if rank == 0:
             _say(
                 f"nothing to resume: the run completed at step {done} (weights in "
-                f"{opts.out / FINAL}); pass a larger --max-steps to train on"
+                f"{opts.out / FINAL}); pass a larger --max-steps or --epochs to train on"
             )
         return 0
 
@@ -854,6 +860,9 @@ def _finish(
             "status": status,
             "global_step": int(trainer.state.global_step),
             "max_steps": int(trainer.state.max_steps),
+            # what was asked, for a later --resume to tell whether more is asked now
+            "epochs": opts.epochs,
+            "max_steps_given": opts.max_steps,
             "last_checkpoint": str(ckpt) if ckpt else None,
             "final": str(final) if final else None,
             "signal": signal.Signals(flag.signum).name if flag.signum is not None else None,
