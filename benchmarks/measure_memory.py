@@ -7,7 +7,8 @@ every measurement starts from an empty caching allocator:
         --micro-batch 4 --seq-len 2048 --grad-ckpt --out benchmarks/results/memory.jsonl
 
 Under DeepSpeed, start it with a launcher (``torchrun --nproc-per-node 2 ... --zero 2``);
-rank 0 writes the row, with every rank's peaks.
+``--ddp`` (also under torchrun) is PyTorch DDP without DeepSpeed, what zeroplan plans as
+"DDP". Rank 0 writes the row, with every rank's peaks.
 
 What is measured is the *lean step* that zeroplan estimates and ``zeroplan launch`` runs:
 random-weight model built from the config.json (bf16, or NF4 + double quantization for
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--zero", type=int, default=None, help="DeepSpeed ZeRO stage (start with torchrun)"
     )
+    p.add_argument("--ddp", action="store_true", help="PyTorch DDP (start with torchrun)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON; default: stage defaults")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
@@ -228,10 +230,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = load_model(args.model)
     config = AutoConfig.for_model(**spec.config)
-    distributed = args.zero is not None
+    if args.ddp and args.zero is not None:
+        raise SystemExit("--ddp and --zero exclude each other")
+    distributed = args.zero is not None or args.ddp
     rank, world = 0, 1
     ds_config = None
-    if distributed:
+    if args.ddp:
+        torch.distributed.init_process_group("nccl")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    elif distributed:
         import deepspeed
 
         deepspeed.init_distributed()
@@ -261,6 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "attn": args.attn,
         "fused_loss": args.fused_loss,
         "zero": args.zero,
+        "ddp": args.ddp,
         "world_size": world,
         "steps": args.steps,
         "memory_fraction": args.memory_fraction,
@@ -281,7 +289,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         optimizer = make_optimizer(args, trainable)
         engine = None
-        if distributed:
+        if args.ddp:
+            # zeroplan's DDP term: buckets are a flat copy of the gradients
+            # (gradient_as_bucket_view off, PyTorch's default)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[torch.cuda.current_device()]
+            )
+        elif distributed:
             import deepspeed
 
             engine, optimizer, _, _ = deepspeed.initialize(
@@ -378,7 +392,7 @@ def main() -> None:
             f"reserved={row['peak_reserved_bytes'] / GiB:.2f} GiB {state}",
             flush=True,
         )
-    if args.zero is not None:
+    if args.zero is not None or args.ddp:
         import torch
 
         torch.distributed.destroy_process_group()

@@ -118,6 +118,20 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method qlora --micro-batch 1 --seq-len 768 {STORY_QLORA} --memory-fraction 0.2941 --tag 4090-story",
         f"{L8} --method qlora --micro-batch 8 --seq-len 768 --grad-ckpt --lora-targets q_proj,k_proj,v_proj,o_proj --lora-r 16 --memory-fraction 0.2941 --tag 4090-plan",
     ],
+    # The planner on two GPUs (issue 4's check, not run yet; run with --steps 6): for
+    # `zeroplan plan llama-3.1-8b-instruct --gpus 2xH100 --seq-len 2048 --global-batch 16`
+    # the plan's choice (first row: QLoRA, DDP, micro-batch 4, no checkpointing, fused loss;
+    # × 2 accumulation, timed per micro-batch) against what else it weighed.
+    "2gpu-plan": [
+        f"{L8} --method qlora --micro-batch 4 --seq-len 2048 --fused-loss --ddp",
+        f"{L8} --method qlora --micro-batch 2 --seq-len 2048 --ddp",
+        f"{L8} --method qlora --micro-batch 8 --seq-len 2048 --grad-ckpt --fused-loss --ddp",
+        f"{L8} --method lora --micro-batch 2 --seq-len 2048 --ddp",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --fused-loss --ddp",
+        f"{L8} --method lora --micro-batch 8 --seq-len 2048 --grad-ckpt --ddp",
+        f"{L8} --method lora --micro-batch 2 --seq-len 2048 --zero 2",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3",
+    ],
     "h200x2-zero": [
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",
@@ -138,7 +152,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("grid", nargs="?", choices=sorted(GRIDS))
     p.add_argument("--out", default=str(HERE / "results" / "memory.jsonl"))
-    p.add_argument("--gpus", type=int, default=2, help="processes per row for --zero rows")
+    p.add_argument("--gpus", type=int, default=2, help="processes per row for --zero / --ddp rows")
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--only", default="", help="run rows whose text contains this")
     p.add_argument("--start", type=int, default=1, help="first row to run (1-based)")
@@ -157,7 +171,7 @@ def main() -> None:
         cmd += ["--steps", str(args.steps)]
         if args.tag:
             cmd += ["--tag", args.tag]
-        if "--zero" in row:
+        if "--zero" in row or "--ddp" in row:
             cmd = [
                 sys.executable,
                 "-m",
