@@ -400,7 +400,7 @@ def test_metrics_lines(tmp_path: Path) -> None:
     args = SimpleNamespace(process_index=3)
     state = SimpleNamespace(global_step=0, max_steps=10)
     cb.on_train_begin(args, state, None)
-    counter.add(500)
+    counter.add(500, 800)  # 500 real tokens in batches of 800 positions
     state.global_step = 5
     cb.on_log(args, state, None, logs={"loss": 1.5, "learning_rate": 1e-4, "grad_norm": 0.5})
     cb.on_log(args, state, None, logs={"eval_loss": 1.7, "eval_runtime": 0.1})
@@ -418,6 +418,7 @@ def test_metrics_lines(tmp_path: Path) -> None:
         "grad_norm": 0.5,
     }
     assert train["tokens_per_s"] > 0
+    assert train["padding"] == pytest.approx(0.375)
     assert (ev["loss"], ev["lr"], ev["tokens_per_s"]) == (1.7, None, None)
     assert end["loss"] == 1.6
     assert train["mem_allocated_bytes"] is None  # no GPU here

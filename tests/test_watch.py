@@ -496,6 +496,22 @@ def test_recorded_run_at_200_columns() -> None:
     assert "1 unreadable metrics lines skipped" in text
 
 
+def test_padding_share_is_shown_next_to_tokens_per_s() -> None:
+    # the plan counts full-length sequences; the ranks count real tokens: the padding share
+    # says how much of the gap is padding
+    assert parse_record('{"t": 1, "rank": 0, "step": 1, "padding": 0.25}') == (
+        MetricRecord(t=1.0, rank=0, step=1, padding=0.25)
+    )
+    log = TrainingLog(os.devnull)
+    log.add(MetricRecord(t=1.0, rank=0, step=1, tokens_per_s=900.0, padding=0.25))
+    log.add(MetricRecord(t=1.0, rank=1, step=1, tokens_per_s=800.0, padding=0.4))
+    tr = log.view()
+    assert tr is not None and tr.padding == 0.25  # the lead rank's
+    view = recorded_view()
+    text = screen(DashboardView(view.snapshot, tr, view.prediction, ()), 200)
+    assert "tokens/s 1,700 (plan 10,034) · 25% padding" in text
+
+
 def test_recorded_run_at_80_columns_keeps_the_essentials() -> None:
     text = screen(recorded_view(), 80)
     lines = text.splitlines()

@@ -7,7 +7,8 @@ metrics.jsonl is appended by every rank, one JSON object per line (the launch co
 "mem_allocated_bytes", "mem_reserved_bytes", "event"}`` with event ``train`` / ``eval`` /
 ``end``; ``tokens_per_s`` is the rank's own throughput (the dashboard adds the ranks up).
 Optional: ``peak_allocated_bytes`` / ``peak_reserved_bytes`` (the allocator's peaks since the
-rank's previous line, compared with the plan's peak), ``pid`` and ``host`` (to tell a rank
+rank's previous line, compared with the plan's peak), ``padding`` (the share of the batches'
+token positions since the previous line that were padding), ``pid`` and ``host`` (to tell a rank
 that died from one that is slow). Unknown keys are ignored; a line that is not (yet) complete JSON is skipped.
 """
 
@@ -117,6 +118,7 @@ class MetricRecord:
     host: str | None = None
     peak_allocated_bytes: int | None = None  # allocator peak since the rank's previous line
     peak_reserved_bytes: int | None = None
+    padding: float | None = None  # share of token positions that were padding, same interval
 
 
 def _num(value: Any, kind: type[int] | type[float]) -> Any:
@@ -157,6 +159,7 @@ def parse_record(line: str) -> MetricRecord | None:
         host=obj.get("host") if isinstance(obj.get("host"), str) else None,
         peak_allocated_bytes=_num(obj.get("peak_allocated_bytes"), int),
         peak_reserved_bytes=_num(obj.get("peak_reserved_bytes"), int),
+        padding=_num(obj.get("padding"), float),
     )
 
 
@@ -247,6 +250,7 @@ class TrainingView:
     eta_s: float | None
     finished: bool
     bad_lines: int
+    padding: float | None = None  # the lead rank's latest share of padded positions
 
 
 class TrainingLog:
@@ -354,6 +358,7 @@ class TrainingLog:
             grad_norm=lead.grad_norm,
             eval_loss=self._eval_loss,
             tokens_per_s=self._tokens_per_s(),
+            padding=lead.padding,
             loss_history=tuple(self._loss),
             tokens_history=tuple(self._tokens),
             seconds_per_step=sps,

@@ -52,7 +52,9 @@ class MetricsWriter(TrainerCallback):
     Keys (the dashboard's contract): ``t`` (unix seconds), ``rank``, ``step``,
     ``total_steps``, ``loss`` (train: mean over the logging interval, all ranks; eval: the
     eval loss), ``lr``, ``grad_norm``, ``tokens_per_s`` (this rank's non-padding tokens per
-    second since its previous train line), ``mem_allocated_bytes`` / ``mem_reserved_bytes``
+    second since its previous train line), ``padding`` (the share of the token positions of
+    its batches since then that were padding: work the tokens/s does not count),
+    ``mem_allocated_bytes`` / ``mem_reserved_bytes``
     (``torch.cuda.memory_allocated`` / ``memory_reserved`` now, null on the CPU), ``event``
     (``train`` | ``eval`` | ``end``). Two more: ``peak_allocated_bytes`` /
     ``peak_reserved_bytes``, the allocator's peaks since the previous line (what the plan's
@@ -66,6 +68,7 @@ class MetricsWriter(TrainerCallback):
         self.fd: int | None = None
         self.last_t = time.time()
         self.last_tokens = 0
+        self.last_slots = 0
         self.train_loss: float | None = None
 
     def _write(self, args: Any, state: Any, event: str, **values: Any) -> None:
@@ -81,6 +84,7 @@ class MetricsWriter(TrainerCallback):
             "lr": values.get("lr"),
             "grad_norm": values.get("grad_norm"),
             "tokens_per_s": values.get("tokens_per_s"),
+            "padding": values.get("padding"),
             **_memory(),
             "event": event,
         }
@@ -89,15 +93,18 @@ class MetricsWriter(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.last_t = time.time()
         self.last_tokens = self.tokens.read()
+        self.last_slots = self.tokens.slots
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:
         logs = logs or {}
         if "loss" in logs:
-            now, tokens = time.time(), self.tokens.read()
+            now, tokens, slots = time.time(), self.tokens.read(), self.tokens.slots
             rate = (tokens - self.last_tokens) / (now - self.last_t) if now > self.last_t else None
-            self.last_t, self.last_tokens = now, tokens
+            spans = slots - self.last_slots
+            padding = 1 - (tokens - self.last_tokens) / spans if spans > 0 else None
+            self.last_t, self.last_tokens, self.last_slots = now, tokens, slots
             self._write(
                 args,
                 state,
@@ -106,6 +113,7 @@ class MetricsWriter(TrainerCallback):
                 lr=_num(logs.get("learning_rate")),
                 grad_norm=_num(logs.get("grad_norm")),
                 tokens_per_s=rate,
+                padding=padding,
             )
         elif "eval_loss" in logs:
             self._write(args, state, "eval", loss=_num(logs.get("eval_loss")))

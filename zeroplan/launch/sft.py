@@ -488,12 +488,15 @@ class StopFlag:
 
 @dataclass
 class Counter:
-    """Non-padding tokens this rank trained on, kept on the device (read once per log line)."""
+    """Non-padding tokens this rank trained on, kept on the device (read once per log line),
+    and the token positions its batches had, padding included (a host integer)."""
 
     value: Any = 0
+    slots: int = 0
 
-    def add(self, n: Any) -> None:
+    def add(self, n: Any, slots: int = 0) -> None:
         self.value = self.value + n
+        self.slots += slots
 
     def read(self) -> int:
         v = self.value
@@ -904,7 +907,8 @@ def lean_trainer_class() -> Any:
             num_items_in_batch: Any = None,
         ) -> Any:
             if self.zp_tokens is not None and model.training and "attention_mask" in inputs:
-                self.zp_tokens.add(inputs["attention_mask"].sum().detach())
+                mask = inputs["attention_mask"]
+                self.zp_tokens.add(mask.sum().detach(), mask.numel())
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(
                 self,
