@@ -21,6 +21,12 @@ class Buffers:
     term: Term
 
 
+def frozen_base_held(setup: TrainSetup, world: int) -> bool:
+    """Whether the ZeRO-3 term for LoRA under reentrant checkpointing applies (see
+    comm_buffers): a bf16 LoRA base, reentrant checkpointing, several ranks."""
+    return setup.reentrant_checkpointing and setup.method == "lora" and world > 1
+
+
 def _largest_layer_params(spec: ModelSpec) -> int:
     return max(sum(lin.params for lin in linears) for linears, _ in spec.linears_by_layer_kind())
 
@@ -45,7 +51,7 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
                             + 2 B · Ψ · (N − 1) / N
     The last term is one measurement's reading, not a mechanism traced in DeepSpeed: a
     Llama-3.2-1B LoRA launched on 2×H100 (ZeRO-3, reentrant, DeepSpeed 0.19.8) peaked at
-    4.22-4.44 GiB per GPU against 3.07 GiB without the term, and the peak did not move with
+    4.22-4.49 GiB per GPU (three runs) against 3.07 GiB without the term, and the peak did not move with
     stage3_max_live_parameters 1e7 (benchmarks/results/launch_zero3_live_2xh100.jsonl); the
     same model under non-reentrant checkpointing matched without it.
     """
@@ -75,7 +81,7 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
         layer = _largest_layer_params(spec)
         gathered = BF16 * (layer + min(setup.stage3_prefetch_elems, layer))
         formula += f" + gathered layer and prefetch 2 B × {gathered // BF16:,}"
-        if setup.reentrant_checkpointing and setup.method == "lora":
+        if frozen_base_held(setup, world):
             held = BF16 * spec.total_params * (world - 1) // world
             gathered += held
             formula += f" + frozen base held under reentrant checkpointing {gib(held)}"

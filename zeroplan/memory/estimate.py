@@ -23,7 +23,7 @@ from __future__ import annotations
 from zeroplan.errors import BadSetupError, UnsupportedModelError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile
-from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
+from zeroplan.memory.buffers import comm_buffers, frozen_base_held, offload_cpu_bytes
 from zeroplan.memory.gradients import gradients, resident_gradients
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
@@ -165,7 +165,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     calibrated = spec.model_type in CALIBRATED_FAMILIES and setup.attn != "flash_attention_2"
     if not calibrated:
         notes.append(f"{spec.model_type} / {setup.attn}: activations not yet calibrated on a GPU")
-    if setup.reentrant_checkpointing and setup.method == "lora" and world > 1:
+    if frozen_base_held(setup, world):
         notes.append(
             "LoRA under ZeRO-3 with (reentrant) checkpointing: measured on one 2-GPU "
             "configuration only, where this estimate was 6-11% low"
