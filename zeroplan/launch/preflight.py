@@ -43,8 +43,8 @@ from zeroplan.launch.runner import (
     SSH_OPTIONS,
     Launch,
     Node,
-    fused_loss_installed,
     plan_cluster,
+    plan_here,
 )
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
@@ -207,7 +207,7 @@ def check_hosts(nodes: tuple[Node, ...]) -> None:
 
 def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainSetup) -> str:
     """What the planner would run on ``cluster`` instead, as a sentence."""
-    from zeroplan.planner import PlanRequest, describe, plan
+    from zeroplan.planner import describe
 
     request = launch.plan.get("request") or {}
     global_batch = request.get("global_batch")
@@ -215,18 +215,14 @@ def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainS
         global_batch = None
     method = request.get("method") or ("lora" if setup.method == "qlora" else setup.method)
     try:
-        result = plan(
-            PlanRequest(
-                spec=spec,
-                cluster=cluster,
-                method=method,
-                seq_len=setup.seq_len,
-                global_batch=global_batch,
-                lora_r=setup.lora_r,
-                lora_targets=setup.lora_targets,
-                allow_fused_loss=fused_loss_installed(),
-            )
-        )
+        job = {
+            "method": method,
+            "seq_len": setup.seq_len,
+            "global_batch": global_batch,
+            "lora_r": setup.lora_r,
+            "lora_targets": setup.lora_targets,
+        }
+        result = plan_here(spec, cluster, job)
     except ZeroplanError as exc:
         return f"the planner cannot suggest a fix ({exc})"
     if result.best is None:

@@ -41,12 +41,16 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zeroplan.errors import BadClusterSpecError, BadPlanError, PredictedOOMError, ZeroplanError
 from zeroplan.hardware import GPU, Cluster, parse_cluster, read_hostfile
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
 from zeroplan.trainsetup import TrainSetup
+
+if TYPE_CHECKING:
+    from zeroplan.models import ModelSpec
+    from zeroplan.planner import Plan
 
 LAUNCHERS = ("torchrun", "deepspeed")
 SFT_PROGRAM = ("-m", "zeroplan.launch.sft")
@@ -133,23 +137,28 @@ def fused_loss_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def plan_here(spec: ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None = None) -> Plan:
+    """The planner's answer for ``job`` (``PlanRequest`` fields: method, seq_len, ...; the
+    request's defaults for the rest) on ``cluster``, for ranks started from this machine:
+    the fused loss is chosen only when it is installed here."""
+    from zeroplan.planner import PlanRequest, plan
+
+    return plan(
+        PlanRequest(
+            spec=spec, cluster=cluster, **dict(job or {}), allow_fused_loss=fused_loss_installed()
+        )
+    )
+
+
 def plan_model(
     model: str, cluster: Cluster, job: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Plan ``model`` on ``cluster`` for ``job`` (``PlanRequest`` fields: method, seq_len,
-    ...; the request's defaults for the rest) and return the plan JSON (as plan.json holds
-    it). The fused loss is chosen only when it is installed here."""
+    """Plan ``model`` on ``cluster`` for ``job`` (as :func:`plan_here`) and return the plan
+    JSON (as plan.json holds it); nothing fitting is an error."""
     from zeroplan.models import load_model
-    from zeroplan.planner import PlanRequest, plan, plan_json
+    from zeroplan.planner import plan_json
 
-    result = plan(
-        PlanRequest(
-            spec=load_model(model),
-            cluster=cluster,
-            **dict(job or {}),
-            allow_fused_loss=fused_loss_installed(),
-        )
-    )
+    result = plan_here(load_model(model), cluster, job)
     if result.best is None:
         raise PredictedOOMError(
             f"nothing fits {result.request.spec.name} on {cluster.describe()}: {result.suggestion}"
