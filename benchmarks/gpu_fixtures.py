@@ -1,22 +1,31 @@
-"""What the GPU benchmarks train on when the GPU machine has no network: a random-weight
-model of a real architecture with the vocabulary of a tokenizer built in code
-(tests/tinyllm.py), and synthetic alpaca records of 120-260 words (at most ~700 tokens).
+"""What the GPU benchmarks share. What they train on when the GPU machine has no network:
+a random-weight model of a real architecture with the vocabulary of a tokenizer built in
+code (tests/tinyllm.py), and synthetic alpaca records of 120-260 words (at most ~700
+tokens). And how they read a run: the plan of a fixed setup, metrics.jsonl, tokens/s
+after the warm-up steps, the package versions.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
 import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
 
+from zeroplan.hardware import local_cluster, parse_cluster  # noqa: E402
+from zeroplan.trainsetup import TrainSetup  # noqa: E402
+
 # the training stack whose versions every GPU result records
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+WARMUP_STEPS = 3  # as in story_qlora_baseline.py: not timed
 
 
 def build_model(path: Path, catalog: str = "meta-llama--Llama-3.2-1B") -> Path:
@@ -52,4 +61,53 @@ def records(n: int) -> list[dict[str, str]]:
     for _ in range(n):
         answer = " ".join(rng.choice(words) for _ in range(rng.randint(120, 260)))
         out.append({"instruction": "Write a long answer.", "input": "", "output": answer})
+    return out
+
+
+def write_plan(path: Path, model: Path, setup: TrainSetup, gpus: int | None) -> dict[str, Any]:
+    """plan.json of exactly ``setup`` on this machine's GPUs (or ``gpus`` × H100 on the
+    CPU): the estimate of that setup, as ``zeroplan launch`` reads it. Returns the JSON."""
+    cluster = local_cluster() if gpus is None else parse_cluster(f"{gpus}xH100")
+    assert cluster is not None, "no GPU here: pass gpus to plan for H100s"
+    data = tinyllm.plan_for(model, setup, cluster)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    """The run folder's metrics.jsonl lines (none yet: an empty list)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def steady_tokens_per_s(lines: list[dict[str, Any]]) -> float | None:
+    """All ranks' non-padding tokens per second over the steps after WARMUP_STEPS.
+
+    Each train line holds its rank's rate since that rank's previous line; rate × interval
+    gives the tokens of the interval.
+    """
+    total_tokens = 0.0
+    spans: list[tuple[float, float]] = []
+    for rank in sorted({m["rank"] for m in lines}):
+        mine = [m for m in lines if m["rank"] == rank and m["event"] == "train"]
+        for prev, cur in itertools.pairwise(mine):
+            if prev["step"] >= WARMUP_STEPS and cur.get("tokens_per_s"):
+                total_tokens += cur["tokens_per_s"] * (cur["t"] - prev["t"])
+                spans.append((prev["t"], cur["t"]))
+    if not spans:
+        return None
+    seconds = max(e for _, e in spans) - min(s for s, _ in spans)
+    return total_tokens / seconds if seconds > 0 else None
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the training stack, DeepSpeed and Liger (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for pkg in (*PACKAGES, "deepspeed", "liger-kernel"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
     return out

@@ -22,8 +22,6 @@ curve, exit code, and the run folder's report PNG. One JSON line per run, with v
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import itertools
 import json
 import subprocess
 import sys
@@ -36,17 +34,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
-from gpu_fixtures import PACKAGES, build_model, records  # noqa: E402
+from gpu_fixtures import (  # noqa: E402
+    WARMUP_STEPS,
+    build_model,
+    metrics,
+    records,
+    steady_tokens_per_s,
+    versions,
+    write_plan,
+)
 
-from zeroplan.hardware import local_cluster  # noqa: E402
-from zeroplan.models import load_model  # noqa: E402
-from zeroplan.planner import Plan, PlanRequest, evaluate, plan_json  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-WARMUP_STEPS = 3  # as in story_qlora_baseline.py: not timed
 RUNS = {
-    "story": dict(
+    "story": TrainSetup(
         method="qlora",
         micro_batch=1,
         grad_accum=8,
@@ -54,7 +56,7 @@ RUNS = {
         lora_targets=QKVO,
         optim="paged_adamw_8bit",
     ),
-    "lora": dict(method="lora", micro_batch=4, seq_len=768, grad_ckpt=True),
+    "lora": TrainSetup(method="lora", micro_batch=4, seq_len=768, grad_ckpt=True),
 }
 # the story's job, left for the planner to set up: `zeroplan plan` arguments
 PLANNED = [
@@ -69,25 +71,6 @@ PLANNED = [
 ]
 
 
-def write_plan(run: Path, model: Path, setup: dict[str, object]) -> Path:
-    """plan.json for a fixed setup on this machine's GPUs (the estimate of exactly that)."""
-    spec = load_model(str(model / "config.json"))
-    cluster = local_cluster()
-    assert cluster is not None, "no GPU"
-    chosen = TrainSetup(**setup)  # type: ignore[arg-type]
-    req = PlanRequest(
-        spec=spec,
-        cluster=cluster,
-        method=chosen.method,
-        seq_len=chosen.seq_len,
-        lora_targets=chosen.lora_targets,
-    )
-    best = evaluate(req, chosen)
-    path = run.parent / f"{run.name}-plan.json"
-    path.write_text(json.dumps(plan_json(Plan(req, best, [best], {}, 1)), indent=2) + "\n")
-    return path
-
-
 def planner_plan(run: Path, model: Path) -> Path:
     """plan.json as ``zeroplan plan`` writes it for the story's job on this machine."""
     folder = run.parent / f"{run.name}-plan"
@@ -98,36 +81,6 @@ def planner_plan(run: Path, model: Path) -> Path:
     return folder / "plan.json"
 
 
-def steady_tokens_per_s(metrics: list[dict[str, Any]]) -> float | None:
-    """All ranks' non-padding tokens per second over the steps after WARMUP_STEPS.
-
-    Each train line holds its rank's rate since that rank's previous line; rate × interval
-    gives the tokens of the interval.
-    """
-    total_tokens = 0.0
-    spans: list[tuple[float, float]] = []
-    for rank in sorted({m["rank"] for m in metrics}):
-        lines = [m for m in metrics if m["rank"] == rank and m["event"] == "train"]
-        for prev, cur in itertools.pairwise(lines):
-            if prev["step"] >= WARMUP_STEPS and cur.get("tokens_per_s"):
-                total_tokens += cur["tokens_per_s"] * (cur["t"] - prev["t"])
-                spans.append((prev["t"], cur["t"]))
-    if not spans:
-        return None
-    seconds = max(e for _, e in spans) - min(s for s, _ in spans)
-    return total_tokens / seconds if seconds > 0 else None
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for pkg in (*PACKAGES, "deepspeed", "liger-kernel"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(data)]
     cmd += ["-o", str(run), "--max-steps", str(args.steps), "--model", str(model)]
@@ -135,11 +88,8 @@ def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any)
     start = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
     wall = time.time() - start
-    metrics = []
-    mfile = run / "metrics.jsonl"
-    if mfile.exists():
-        metrics = [json.loads(line) for line in mfile.read_text().splitlines() if line.strip()]
-    peaks = [m.get("peak_allocated_bytes") or 0 for m in metrics]
+    lines = metrics(run)
+    peaks = [m.get("peak_allocated_bytes") or 0 for m in lines]
     report = subprocess.run(
         [sys.executable, "-m", "zeroplan.cli", "report", str(run)],
         capture_output=True,
@@ -151,7 +101,7 @@ def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any)
         k: best[k]
         for k in ("peak_allocated_bytes", "device_used_bytes", "required_bytes", "tokens_per_s")
     }
-    measured_tps = steady_tokens_per_s(metrics)
+    measured_tps = steady_tokens_per_s(lines)
     applied = run / "applied.json"
     return {
         "run": name,
@@ -167,10 +117,10 @@ def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any)
         "timed_from_step": WARMUP_STEPS,
         "losses": [
             {"step": m["step"], "loss": m["loss"]}
-            for m in metrics
+            for m in lines
             if m["event"] == "train" and m["rank"] == 0
         ],
-        "metric_lines": len(metrics),
+        "metric_lines": len(lines),
         "applied": json.loads(applied.read_text()) if applied.exists() else None,
         "report_rc": report.returncode,
         "report_out": (report.stdout + report.stderr)[-500:],
@@ -206,7 +156,11 @@ def main() -> None:
             print(f"baseline rc={done.returncode}", done.stdout[-1500:], done.stderr[-3000:])
             continue
         run = args.work / name
-        plan = planner_plan(run, model) if name == "planned" else write_plan(run, model, RUNS[name])
+        if name == "planned":
+            plan = planner_plan(run, model)
+        else:
+            plan = run.parent / f"{run.name}-plan.json"
+            write_plan(plan, model, RUNS[name], None)
         row = launch(name, plan, model, data, run, args) | env
         keys = ("run", "returncode", "measured_peak_allocated_bytes", "predicted", "error")
         print(json.dumps({k: row[k] for k in (*keys, "tokens_per_s")}), flush=True)

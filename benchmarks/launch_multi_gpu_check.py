@@ -36,39 +36,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
-from gpu_fixtures import build_model, records  # noqa: E402
-from launch_gpu_check import steady_tokens_per_s, versions  # noqa: E402
+from gpu_fixtures import (  # noqa: E402
+    build_model,
+    metrics,
+    records,
+    steady_tokens_per_s,
+    versions,
+    write_plan,
+)
 
-from zeroplan.hardware import local_cluster, parse_cluster  # noqa: E402
-from zeroplan.models import load_model  # noqa: E402
-from zeroplan.planner import Plan, PlanRequest, evaluate, plan_json  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
 ZP = [sys.executable, "-m", "zeroplan.cli"]
-
-
-def write_plan(path: Path, model: Path, setup: TrainSetup, gpus: int | None) -> dict[str, Any]:
-    """plan.json of exactly ``setup`` on this machine's GPUs (or ``gpus`` × H100 on the CPU)."""
-    cluster = local_cluster() if gpus is None else parse_cluster(f"{gpus}xH100")
-    assert cluster is not None, "no GPU: use --tiny on the CPU"
-    req = PlanRequest(
-        spec=load_model(str(model / "config.json")),
-        cluster=cluster,
-        method=setup.method,
-        seq_len=setup.seq_len,
-        lora_targets=setup.lora_targets,
-    )
-    best = evaluate(req, setup)
-    data = plan_json(Plan(req, best, [best], {}, 1))
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return data
-
-
-def metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def rank_processes() -> list[str]:

@@ -44,9 +44,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
-from gpu_fixtures import build_model, records  # noqa: E402
-from launch_gpu_check import steady_tokens_per_s, versions  # noqa: E402
-from launch_multi_gpu_check import metrics, write_plan  # noqa: E402
+from gpu_fixtures import (  # noqa: E402
+    build_model,
+    metrics,
+    records,
+    steady_tokens_per_s,
+    versions,
+    write_plan,
+)
 
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 

@@ -3,7 +3,8 @@
 The tokenizer is a byte-level BPE trained on a few sentences (any text tokenizes), with
 chat special tokens and a chat template that has ``{% generation %}`` markers; the model
 is a 2-layer Llama of hidden size 32 saved with ``save_pretrained``. ``write_plan`` writes
-the plan.json of a real ``Plan`` for that model via ``zeroplan.planner.plan_json``.
+the plan.json of a real ``Plan`` for that model via ``zeroplan.planner.plan_json``
+(``plan_for`` builds it, for any cluster).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zeroplan.hardware import parse_cluster
+from zeroplan.hardware import Cluster, parse_cluster
 from zeroplan.models import load_model
 from zeroplan.planner import Plan, PlanRequest, evaluate, plan_json
 from zeroplan.trainsetup import TrainSetup
@@ -95,23 +96,28 @@ def build_model_dir(path: Path, template: str | None = TEMPLATE) -> Path:
     return path
 
 
+def plan_for(model_dir: Path, setup: TrainSetup, cluster: Cluster) -> dict[str, Any]:
+    """The plan JSON (as ``zeroplan plan -o`` writes it) of a plan that chooses exactly
+    ``setup`` for the model in ``model_dir`` on ``cluster``."""
+    req = PlanRequest(
+        spec=load_model(str(model_dir / "config.json")),
+        cluster=cluster,
+        method=setup.method,
+        seq_len=setup.seq_len,
+        lora_r=setup.lora_r,
+        lora_targets=setup.lora_targets,
+    )
+    best = evaluate(req, setup)
+    return plan_json(Plan(request=req, best=best, ranked=[best], rejected={}, searched=1))
+
+
 def write_plan(run_dir: Path, model_dir: Path, **setup: Any) -> Path:
     """plan.json (as ``zeroplan plan -o`` writes it) of a one-GPU plan choosing ``setup``."""
-    spec = load_model(str(model_dir / "config.json"))
     chosen = TrainSetup(**{"seq_len": 64, "optim": "adamw", **setup})
-    req = PlanRequest(
-        spec=spec,
-        cluster=parse_cluster("1xH100"),
-        method=chosen.method,
-        seq_len=chosen.seq_len,
-        lora_r=chosen.lora_r,
-        lora_targets=chosen.lora_targets,
-    )
-    best = evaluate(req, chosen)
-    plan = Plan(request=req, best=best, ranked=[best], rejected={}, searched=1)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "plan.json"
-    path.write_text(json.dumps(plan_json(plan), indent=2) + "\n")
+    plan = plan_for(model_dir, chosen, parse_cluster("1xH100"))
+    path.write_text(json.dumps(plan, indent=2) + "\n")
     return path
 
 
