@@ -51,7 +51,11 @@ def timed_rows(files: list[Path], several_gpus: bool = False) -> list[dict[str, 
 
 
 def measured_seconds(r: dict[str, Any]) -> float:
-    return float(statistics.median(r["step_seconds"][1:]))
+    """A row's step time: the median after the first step (which allocates the optimizer
+    states); under ZeRO-3 the last step, since its first steps trace and re-trace the
+    module order for prefetching."""
+    steps = r["step_seconds"]
+    return float(steps[-1] if r["zero"] == 3 else statistics.median(steps[1:]))
 
 
 def fit(data: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
@@ -94,8 +98,7 @@ def fit_zero3(data: list[dict[str, Any]]) -> float | None:
         spec, setup = load_model(r["model"]), setup_of(r)
         peak = gpu_from_nvml_name(r["env"]["gpu"], r["env"]["gpu_total_bytes"]).bf16_tflops
         plain = speed.compute_seconds(spec, dataclasses.replace(setup, zero=None), peak)
-        # the last step: ZeRO-3's first steps trace and re-trace the module order
-        extra = r["step_seconds"][-1] - plain
+        extra = measured_seconds(r) - plain
         per_tensor.append(extra / speed.parameter_tensors(spec, setup))
     return statistics.median(per_tensor) if per_tensor else None
 

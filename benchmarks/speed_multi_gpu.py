@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accuracy import cluster_of, setup_of
-from fit_speed import RESULTS, timed_rows
+from fit_speed import RESULTS, measured_seconds, timed_rows
 
 from zeroplan import speed
 from zeroplan.models import load_model
@@ -39,8 +39,7 @@ def main() -> int:
     for r in data:
         spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
         pred = speed.step_time(spec, setup, cluster)
-        steps = r["step_seconds"]
-        meas = float(steps[-1] if r["zero"] == 3 else statistics.median(steps[1:]))
+        meas = measured_seconds(r)
         errs.append(abs(pred.total_s / meas - 1))
         groups[(r["model"], r["method"], r["micro_batch"], r["grad_ckpt"])].append(
             (r["zero"], meas, pred.total_s)

@@ -17,7 +17,6 @@ timed steps, the first 3 steps excluded), the loss curve, peak memory and versio
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import sys
 import time
@@ -26,9 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_fixtures import PACKAGES
-
-WARMUP_STEPS = 3
+from gpu_fixtures import WARMUP_STEPS, versions
 
 
 def main() -> None:
@@ -131,12 +128,6 @@ def main() -> None:
     seconds = sum(e - s for s, e in timed)
     # the Trainer shuffles; the mean length stands for the records a step drew
     tokens = len(timed) * 8 * (sum(lengths) / len(lengths))
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
     row = {
         "run": "baseline",
         "tag": args.tag,
@@ -148,7 +139,7 @@ def main() -> None:
         "losses": clock.losses,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
         "gpu": torch.cuda.get_device_name(0),
-        "versions": versions,
+        "versions": versions(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
