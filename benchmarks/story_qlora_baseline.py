@@ -1,12 +1,19 @@
 """The QLoRA story's own TRL script (shared/seeds), as its author ran it, timed: the baseline
-that ``zeroplan launch`` must beat by 1.5× in tokens/s on the same GPU (issue 5).
+``zeroplan launch`` is compared with on the same GPU — and, with ``--mode trl-packing``, the
+same job as a TRL user would tune it with TRL's own packing.
 
     python benchmarks/story_qlora_baseline.py --model DIR --data records.jsonl \
-        --steps 30 --out benchmarks/results/story_baseline_h100.jsonl
+        --steps 30 --out benchmarks/results/story_baseline_h100.jsonl [--mode trl-packing]
 
 The story's settings: 4-bit NF4 with double quantization and bf16 compute; LoRA r=16,
 alpha 32, dropout 0.05, bias none, on q/k/v/o; per-device batch 1, accumulation 8, lr 2e-4,
-bf16, paged_adamw_8bit, max_seq_length 768, packing off. One deliberate change: the story
+bf16, paged_adamw_8bit, max_seq_length 768, packing off. The story passed a transformers
+``TrainingArguments`` (gradient checkpointing off by default) to SFTTrainer; TRL converts
+it to an SFTConfig from ``args.to_dict()``, which keeps checkpointing off — so this script
+builds TrainingArguments and converts them the same way (an SFTConfig built directly would
+turn checkpointing on: TRL's default, not the story's). ``trl-packing``: the same model and
+adapter, micro-batch 8 × accumulation 1, ``packing=True`` (best-fit decreasing,
+padding-free), no checkpointing. One deliberate change: the story
 trained on ``dataset_text_field="instruction"`` (the question only, a bug); here each
 record's instruction, input and output are joined into the text field, so that both runs
 process the same tokens. ``prepare_model_for_kbit_training`` is called, as TRL does for a
@@ -35,6 +42,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--tag", default="", help="recorded in the row (e.g. the architecture)")
+    p.add_argument("--mode", default="story", choices=("story", "trl-packing"))
     args = p.parse_args()
 
     import torch
@@ -45,6 +53,7 @@ def main() -> None:
         AutoTokenizer,
         BitsAndBytesConfig,
         TrainerCallback,
+        TrainingArguments,
     )
     from trl import SFTConfig, SFTTrainer
 
@@ -97,22 +106,37 @@ def main() -> None:
                 self.losses.append({"step": state.global_step, "loss": float(logs["loss"])})
 
     clock = Clock()
-    cfg = SFTConfig(
-        output_dir=str(args.out.parent / "story_baseline_run"),
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=8,
+    packing = args.mode == "trl-packing"
+    story_args = TrainingArguments(
+        output_dir=str(args.out.parent / f"{args.mode}_baseline_run"),
+        per_device_train_batch_size=8 if packing else 1,
+        gradient_accumulation_steps=1 if packing else 8,
         learning_rate=2e-4,
         max_steps=args.steps,
         logging_steps=1,
         save_strategy="no",
         bf16=True,
         optim="paged_adamw_8bit",
-        max_length=768,
-        packing=False,
-        dataset_text_field="text",
         report_to=[],
     )
-    trainer = SFTTrainer(
+    # what SFTTrainer does with a TrainingArguments (trl.SFTTrainer.__init__), plus the SFT
+    # options the story passed to SFTTrainer itself
+    converted = story_args.to_dict()
+    converted["hub_token"] = story_args.hub_token
+    converted.pop("push_to_hub_token", None)
+    converted.update(max_length=768, packing=packing, dataset_text_field="text")
+    if packing:
+        converted.update(packing_strategy="bfd", padding_free=True)
+    cfg = SFTConfig(**converted)
+    counted = [0]
+
+    class Counting(SFTTrainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+            mask = inputs.get("attention_mask")
+            counted[0] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().compute_loss(model, inputs, *a, **k)
+
+    trainer = Counting(
         model=model,
         args=cfg,
         train_dataset=Dataset.from_dict({"text": texts}),
@@ -120,16 +144,22 @@ def main() -> None:
         peft_config=lora,
         callbacks=[clock],
     )
-    # non-padding tokens each optimizer step consumes, in order: 8 records of one per step
-    lengths = [min(768, len(tok(t)["input_ids"])) for t in texts]
     torch.cuda.reset_peak_memory_stats()
+    marks: list[int] = []
+
+    class Marks(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            marks.append(counted[0])
+
+    trainer.add_callback(Marks())
     trainer.train()
     timed = list(zip(clock.starts, clock.ends, strict=True))[WARMUP_STEPS:]
     seconds = sum(e - s for s, e in timed)
-    # the Trainer shuffles; the mean length stands for the records a step drew
-    tokens = len(timed) * 8 * (sum(lengths) / len(lengths))
+    # real tokens the timed steps trained on (non-padding, counted per micro-batch)
+    tokens = marks[-1] - marks[WARMUP_STEPS - 1] if len(marks) > WARMUP_STEPS else 0
     row = {
-        "run": "baseline",
+        "run": args.mode,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "tag": args.tag,
         "steps": args.steps,
         "timed_steps": len(timed),

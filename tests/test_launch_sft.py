@@ -129,7 +129,7 @@ def test_training_arguments_follow_the_setup(tmp_path: Path) -> None:
     )
     gpu = sft.training_kwargs(TrainSetup(), opts(tmp_path, "--save-steps", "5"), True, None, False)
     assert gpu["optim"] == "adamw_torch_fused" and gpu["save_strategy"] == "steps"
-    old = sft.training_kwargs(TrainSetup(grad_ckpt=True), opts(tmp_path), True, None, False, False)
+    old = sft.training_kwargs(TrainSetup(grad_ckpt=True), opts(tmp_path), True, None, False, set())
     assert old["gradient_checkpointing"] is True and "activation_checkpointing" not in old
 
 

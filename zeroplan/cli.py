@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from zeroplan.cli_job import job_options, job_request
+from zeroplan.cli_job import data_options, job_options, job_request, with_data
 from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
 
@@ -267,6 +267,10 @@ def config(
         )
 
 
+def _progress(text: str) -> None:
+    click.echo(f"zeroplan: {text}", err=True)
+
+
 def _count(text: str | None, option: str) -> int | None:
     """'50M' -> 50_000_000; '1.5B', '200k', '123456' too."""
     if text is None:
@@ -294,6 +298,7 @@ def _count(text: str | None, option: str) -> int | None:
     help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
 )
 @job_options
+@data_options
 @click.option(
     "--dataset-tokens",
     default=None,
@@ -352,15 +357,28 @@ def plan(
     top: int,
     as_json: bool,
     out: Path | None,
+    data: str | None,
+    tokenizer: str | None,
+    chat_template: str | None,
+    data_format: str | None,
+    system_prompt: str | None,
+    overlong: str | None,
+    epochs: float | None,
     **job: Any,
 ) -> None:
     """The fastest setup that fits MODEL on the cluster: ZeRO stage, offload, micro-batch,
     accumulation, checkpointing, quantization, optimizer and fused loss.
 
     \b
+    zeroplan plan ./my-model --data train.jsonl --gpus 1x4090 --epochs 3   # from the data
     zeroplan plan llama-3.1-8b-instruct --gpus 7x4090 --seq-len 2048 --global-batch 112 --dataset-tokens 50M
     zeroplan plan llama-3.1-8b-instruct --gpus 1x4090 --method qlora --seq-len 768 --global-batch 8
     zeroplan plan llama-3.1-70b --gpus 8xH100 --method full -o runs/plan70b
+
+    With --data the records are rendered with the model's chat template and tokenized
+    (no GPU, no torch; cached), the sequence length is the longest record's (or --seq-len
+    pNN), samples are packed into rows of that length as `zeroplan launch` packs them, and
+    tokens/s, steps and time count the data's real tokens.
 
     Memory comes from the same estimate as `zeroplan estimate`; speed from FLOPs at an
     efficiency measured on H100 plus ZeRO's communication over the cluster's links (PCIe
@@ -371,10 +389,15 @@ def plan(
     from zeroplan.planner import PlanRequest, plan_json
     from zeroplan.planner import plan as make_plan
 
+    spec = load_model(model)
+    fields = with_data(
+        spec, job_request(**job), data, tokenizer, chat_template, data_format, system_prompt,
+        overlong, epochs, progress=None if as_json else _progress,
+    )  # fmt: skip
     req = PlanRequest(
-        spec=load_model(model),
+        spec=spec,
         cluster=resolve_cluster(gpus),
-        **job_request(**job),
+        **fields,
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,
         objective=objective,
@@ -383,7 +406,11 @@ def plan(
         cpu_ram_per_node=int(cpu_ram_per_node * 2**30) if cpu_ram_per_node is not None else None,
     )
     result = make_plan(req)
-    data = plan_json(result, top=top)
+    answer = plan_json(result, top=top)
+    if req.data is not None:
+        from zeroplan.datatokens import save_packs
+
+        save_packs(req.data.profile)
     if out is not None and result.best is not None:
         from zeroplan.planfiles import write_plan
 
@@ -391,13 +418,13 @@ def plan(
         if not as_json:
             click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(answer, indent=2))
     else:
         from rich.console import Console
 
         from zeroplan.render import render_plan
 
-        render_plan(data, Console())
+        render_plan(answer, Console())
     if result.best is None:
         sys.exit(1)
 

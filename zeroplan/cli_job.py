@@ -8,12 +8,25 @@ from typing import Any, TypeVar
 
 import click
 
+from zeroplan.errors import BadSetupError
+from zeroplan.models import ModelSpec
+from zeroplan.records import FORMATS
 from zeroplan.trainsetup import METHODS, parse_targets
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # the keyword arguments job_options adds to a command
 JOB_OPTIONS = ("method", "seq_len", "global_batch", "lora_r", "lora_targets", "no_quantization")
+# and data_options
+DATA_OPTIONS = (
+    "data",
+    "tokenizer",
+    "chat_template",
+    "data_format",
+    "system_prompt",
+    "overlong",
+    "epochs",
+)
 
 
 def job_options(fn: F) -> F:
@@ -28,10 +41,10 @@ def job_options(fn: F) -> F:
         ),
         click.option(
             "--seq-len",
-            type=click.IntRange(min=1),
-            default=2048,
-            show_default=True,
-            help="Tokens per sequence.",
+            default=None,
+            metavar="N|auto|pNN",
+            help="Tokens per sequence (default 2048). With --data: auto (default: the longest "
+            "record), a percentile such as p99 (longer records follow --overlong), or N.",
         ),
         click.option(
             "--global-batch",
@@ -58,15 +71,63 @@ def job_options(fn: F) -> F:
     return fn
 
 
+def data_options(fn: F) -> F:
+    """--data, --tokenizer, --chat-template, --format, --system-prompt, --overlong, --epochs:
+    plan from the data's own token lengths."""
+    options = [
+        click.option(
+            "--data",
+            default=None,
+            metavar="PATH",
+            help="Training records (.json / .jsonl / .parquet): plan from their token lengths, "
+            "rendered with the model's chat template as training renders them.",
+        ),
+        click.option(
+            "--tokenizer",
+            default=None,
+            metavar="DIR",
+            help="Folder with tokenizer.json (default: the model's folder, the HF cache, the Hub).",
+        ),
+        click.option(
+            "--chat-template", default=None, metavar="FILE", help="A .jinja chat template to use."
+        ),
+        click.option(
+            "--format",
+            "data_format",
+            type=click.Choice(("auto", *FORMATS)),
+            default=None,
+            help="Record format (default: detected).",
+        ),
+        click.option(
+            "--system-prompt", default=None, help="System message for records without one."
+        ),
+        click.option(
+            "--overlong",
+            type=click.Choice(("drop", "truncate")),
+            default=None,
+            help="Records longer than --seq-len: drop (default) or truncate.",
+        ),
+        click.option(
+            "--epochs",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Passes over --data for the time and cost (default 1).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def job_request(
     method: str,
-    seq_len: int,
+    seq_len: str | None,
     global_batch: int | None,
     lora_r: int,
     lora_targets: str,
     no_quantization: bool,
 ) -> dict[str, Any]:
-    """The job options as ``PlanRequest`` fields."""
+    """The job options as ``PlanRequest`` fields (``seq_len`` as typed: see ``with_data``)."""
     return {
         "method": method,
         "seq_len": seq_len,
@@ -75,3 +136,58 @@ def job_request(
         "lora_targets": parse_targets(lora_targets),
         "allow_quantization": not no_quantization,
     }
+
+
+DEFAULT_SEQ_LEN = 2048
+
+
+def with_data(
+    spec: ModelSpec,
+    request: dict[str, Any],
+    data: str | None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+    fmt: str | None = None,
+    system: str | None = None,
+    overlong: str | None = None,
+    epochs: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``request`` with its sequence length resolved: a number as given (2048 by default);
+    with a data file, from the data's token lengths (``auto``: the longest record; ``pNN``),
+    and the data's fit at that length (``data``) and ``epochs`` added."""
+    raw = request.get("seq_len")
+    out = dict(request)
+    if data is None:
+        if raw is not None and not str(raw).strip().isdigit():
+            raise BadSetupError(
+                f"--seq-len {raw}: auto and percentiles need --data; give a number of tokens"
+            )
+        out["seq_len"] = check_seq_len(int(raw) if raw is not None else DEFAULT_SEQ_LEN)
+        return out
+    from zeroplan.datatokens import profile_data
+    from zeroplan.lengths import fit_to_cap, resolve_cap
+
+    profile, _ = profile_data(
+        data,
+        spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name,
+        spec.name,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        fmt=fmt or "auto",
+        system=system,
+        progress=progress,
+    )
+    window = getattr(spec, "max_position_embeddings", None)  # the context window, when known
+    cap = check_seq_len(resolve_cap(profile, raw, window))
+    out["seq_len"] = cap
+    out["data"] = fit_to_cap(profile, cap, overlong or "drop")
+    if epochs is not None:
+        out["epochs"] = epochs
+    return out
+
+
+def check_seq_len(n: int) -> int:
+    if n < 1:
+        raise BadSetupError(f"--seq-len must be at least 1, got {n}")
+    return n

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from zeroplan.cli_job import JOB_OPTIONS, job_options, job_request
+from zeroplan.cli_job import JOB_OPTIONS, job_options, job_request, with_data
 from zeroplan.launch.data import FORMATS, OVERLONG
 from zeroplan.launch.runner import LAUNCHERS
 
@@ -127,6 +127,27 @@ def _slug(name: str) -> str:
 )
 @click.option("--system-prompt", default=None, help="System message for records without one.")
 @click.option(
+    "--tokenizer",
+    default=None,
+    metavar="DIR",
+    help="Planning a model from --data: the folder with its tokenizer.json (default: the "
+    "model's folder, the HF cache, the Hub).",
+)
+@click.option(
+    "--batching",
+    type=click.Choice(("packed", "padded", "grouped")),
+    default=None,
+    help="packed (default): samples packed into micro-batches of the plan's shape, attention "
+    "kept inside each sample; padded: padded to the longest of each micro-batch; grouped: "
+    "padded, similar lengths together.",
+)
+@click.option(
+    "--packed-attention",
+    type=click.Choice(("auto", "varlen", "mask")),
+    default=None,
+    help="packed: varlen flash attention (auto on a GPU with torch >= 2.9) or an SDPA mask.",
+)
+@click.option(
     "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."
 )
 @click.option(
@@ -180,6 +201,9 @@ def launch(
     overlong: str | None,
     data_format: str | None,
     system_prompt: str | None,
+    tokenizer: str | None,
+    batching: str | None,
+    packed_attention: str | None,
     save_steps: int | None,
     logging_steps: int | None,
     weights: str | None,
@@ -234,8 +258,16 @@ def launch(
                 "(make another with zeroplan plan)",
                 param_hint="MODEL_OR_PLAN",
             )
+    data_job = {
+        "data": data,
+        "tokenizer": tokenizer,
+        "fmt": data_format,
+        "system": system_prompt,
+        "overlong": overlong,
+        "epochs": epochs,
+    }
     plan, model, nodes, present = _plan_and_nodes(
-        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job
+        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job
     )
     if run_dir is None:
         if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
@@ -266,6 +298,8 @@ def launch(
             system_prompt=system_prompt,
             save_steps=save_steps,
             logging_steps=logging_steps,
+            batching=batching,
+            packed_attention=packed_attention,
         ),
         model=model,
         program=rank_program,
@@ -305,6 +339,7 @@ def _plan_and_nodes(
     exclude: str | None,
     weights: str | None,
     job: dict[str, Any],
+    data_job: dict[str, Any],
 ) -> tuple[dict[str, Any], str, tuple[Node, ...], Cluster | None]:
     """The plan (read, or made here for a model), where the ranks load the model, the nodes,
     and this machine's GPUs."""
@@ -354,7 +389,34 @@ def _plan_and_nodes(
         )
     gpu = spec_gpu or (present.gpu if present else parse_cluster(DEFAULT_GPUS).gpu)
     cluster = Cluster(gpu, gpus_per_node=per_node.pop(), num_nodes=len(nodes))
-    plan = plan_model(model_or_plan, cluster, job_request(**job))
+    from zeroplan.errors import TokenizerNotFoundError
+    from zeroplan.launch.data import data_exists
+    from zeroplan.models import load_model
+
+    spec = load_model(model_or_plan)
+    # a local data file: plan from its token lengths, as zeroplan plan --data does
+    data = data_job["data"] if data_exists(data_job["data"]) else None
+    request = job_request(**job)
+    try:
+        fields = with_data(
+            spec,
+            request,
+            data,
+            data_job["tokenizer"],
+            None,
+            data_job["fmt"],
+            data_job["system"],
+            data_job["overlong"],
+            data_job["epochs"],
+            progress=_say,
+        )
+    except TokenizerNotFoundError as exc:
+        if not str(request["seq_len"] or "").strip().isdigit():
+            raise
+        # a length was given: plan full-length sequences of it, as without data
+        _say(f"note: planning {request['seq_len']}-token sequences, not the data's lengths: {exc}")
+        fields = with_data(spec, request, None)
+    plan = plan_model(spec, cluster, fields)
     name = weights or model_or_plan
     return plan, local_model(name) or weights or str(plan["model"]), nodes, present
 

@@ -21,8 +21,10 @@ from typing import Any
 
 from zeroplan.errors import BadSetupError, ZeroplanError
 from zeroplan.hardware import Cluster
+from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.models import ModelSpec
+from zeroplan.packing import steps_per_epoch
 from zeroplan.speed import OVERLAP, StepTime, step_time
 from zeroplan.trainsetup import ALL_LINEAR, TrainSetup
 
@@ -50,6 +52,10 @@ class PlanRequest:
     allow_fused_loss: bool = True  # Liger's kernel (zeroplan[fused]) on the training machine
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
     cpu_ram_per_node: int | None = None
+    # the data's lengths at seq_len, packed into rows (plan --data): speed counts real
+    # tokens, time covers the data's tokens × epochs, --global-batch counts rows
+    data: DataFit | None = None
+    epochs: float = 1.0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -72,6 +78,29 @@ class PlanRequest:
             raise BadSetupError("--cpu-ram-per-node must be positive")
         if self.price_per_gpu_hour is not None and self.price_per_gpu_hour < 0:
             raise BadSetupError("--price-per-gpu-hour must be >= 0")
+        if not self.epochs > 0:
+            raise BadSetupError(f"--epochs must be positive, got {self.epochs}")
+        if self.data is not None and self.data.cap != self.seq_len:
+            raise BadSetupError(
+                f"the data were fitted to {self.data.cap} tokens, the plan asks for {self.seq_len}"
+            )
+
+    def fill(self, micro_batch: int) -> float:
+        """Real tokens per token position of a micro-batch: the data packed into a budget of
+        micro-batch × seq_len tokens (what the launch trains with varlen attention); 1 for
+        full-length sequences."""
+        if self.data is None:
+            return 1.0
+        return self.data.pack_at(micro_batch * self.seq_len).fill
+
+    @property
+    def tokens_to_train(self) -> int | None:
+        """--dataset-tokens, else the data's real tokens × epochs."""
+        if self.dataset_tokens is not None:
+            return self.dataset_tokens
+        if self.data is not None:
+            return round(self.data.train_tokens * self.epochs)
+        return None
 
 
 @dataclass(frozen=True)
@@ -169,7 +198,8 @@ def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
     fits = est.required_bytes <= limit
     if req.cpu_ram_per_node is not None:
         fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
-    return Candidate(setup, est, step_time(req.spec, setup, req.cluster), fits)
+    fill = req.fill(setup.micro_batch)
+    return Candidate(setup, est, step_time(req.spec, setup, req.cluster, fill), fits)
 
 
 def complexity(setup: TrainSetup) -> int:
@@ -350,8 +380,14 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "offload_seconds": c.step.offload_s,
             "tokens_per_s": c.step.tokens_per_s,
         }
-        if p.request.dataset_tokens:
-            hours = p.request.dataset_tokens / c.step.tokens_per_s / 3600
+        if p.request.data is not None:
+            packed = p.request.data.pack_at(c.setup.micro_batch * p.request.seq_len)
+            per_step = c.setup.grad_accum * p.request.cluster.world_size
+            out["steps_per_epoch"] = steps_per_epoch(packed.rows, per_step)
+            out["fill"] = packed.fill
+        tokens = p.request.tokens_to_train
+        if tokens:
+            hours = tokens / c.step.tokens_per_s / 3600
             out["hours"] = hours
             if p.request.price_per_gpu_hour is not None:
                 out["cost"] = hours * p.request.cluster.world_size * p.request.price_per_gpu_hour
@@ -374,7 +410,11 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "objective": req.objective,
             "price_per_gpu_hour": req.price_per_gpu_hour,
             "cpu_ram_per_node": req.cpu_ram_per_node,
+            "epochs": req.epochs,
+            "tokens_to_train": req.tokens_to_train,
         },
+        # tokens_per_s counts real tokens: the token positions of every step × this fill
+        "data": req.data.to_json() if req.data is not None else None,
         "best": cand(p.best) if p.best else None,
         "alternatives": [cand(c) for c in p.ranked[1 : top + 1]],
         "rejected": p.rejected,

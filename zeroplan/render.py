@@ -138,6 +138,33 @@ def _duration(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
 
 
+def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
+    """The data section of a plan: counts, percentiles, the cap, packing, a histogram."""
+    from rich.markup import escape
+
+    pct = d["percentiles"]
+    console.print(
+        f"[bold]data[/bold] {escape(d['source'])}: {d['records']:,} {d['format']} records, "
+        f"{d['tokens_total']:,} tokens; mean {d['mean_tokens']:,.0f}, p50 {pct['p50']:,}, "
+        f"p90 {pct['p90']:,}, p99 {pct['p99']:,}, longest {d['longest_tokens']:,}"
+    )
+    lost = (
+        f"{d['dropped']:,} longer records dropped"
+        if d["dropped"]
+        else f"{d['truncated']:,} truncated"
+        if d["truncated"]
+        else "none longer"
+    )
+    console.print(
+        f"     seq {d['seq_len']:,} ({lost}); packed into micro-batches of micro-batch × "
+        f"{d['seq_len']:,} tokens (fill below); in rows of {d['seq_len']:,}: {d['fill']:.1%}"
+    )
+    top = max((c for _, _, c in d["histogram"]), default=0)
+    for low, high, count in d["histogram"]:
+        bar = "█" * (round(width * count / top) if top else 0)
+        console.print(f"     {low:>6,}–{high:<6,} {bar} {count:,}", highlight=False)
+
+
 def render_plan(data: dict[str, Any], console: Console) -> None:
     """The plan as a person reads it: the choice, the ranked alternatives, why others lost."""
     from rich.markup import escape
@@ -149,17 +176,24 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
         + (f" · global batch {req['global_batch']}" if req["global_batch"] else "")
         + f" · margin {req['margin']:.0%} · {data['searched']} setups searched"
     )
+    if data.get("data"):
+        render_data(data["data"], console)
     best = data["best"]
     if best is None:
         console.print("[red]Nothing fits.[/red] " + escape(data["suggestion"] or ""))
         return
     rows = [best, *data["alternatives"]]
+    tokens = req.get("tokens_to_train", req["dataset_tokens"])
     table = Table(show_edge=False, header_style="bold")
-    for col in ("#", "setup", "must fit GiB", "tokens/s", "step s"):
+    speed = "real tokens/s" if data.get("data") else "tokens/s"
+    for col in ("#", "setup", "must fit GiB", speed, "step s"):
         table.add_column(col, justify="left" if col == "setup" else "right")
-    if req["dataset_tokens"]:
+    if "steps_per_epoch" in best:
+        table.add_column("fill", justify="right")
+        table.add_column("steps/epoch", justify="right")
+    if tokens:
         table.add_column("time", justify="right")
-    if req["price_per_gpu_hour"] is not None and req["dataset_tokens"]:
+    if req["price_per_gpu_hour"] is not None and tokens:
         table.add_column("cost", justify="right")
     for n, c in enumerate(rows, 1):
         s = c["setup"]
@@ -175,6 +209,9 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
             f"{c['tokens_per_s']:,.0f}",
             f"{c['step_seconds']:.2f}",
         ]
+        if "steps_per_epoch" in c:
+            cells.append(f"{c['fill']:.0%}")
+            cells.append(f"{c['steps_per_epoch']:,}")
         if "hours" in c:
             cells.append(_duration(c["hours"]))
         if "cost" in c:

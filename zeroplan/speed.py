@@ -139,8 +139,12 @@ def link_gbs(cluster: Cluster) -> float:
     return bw
 
 
-def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster) -> StepTime:
-    """compute·grad_accum + (1 − overlap)·comm + offloaded optimizer step."""
+def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster, fill: float = 1.0) -> StepTime:
+    """compute·grad_accum + (1 − overlap)·comm + offloaded optimizer step.
+
+    ``fill``: the share of token positions that hold real tokens (packed rows of real data,
+    ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
+    """
     world = cluster.world_size
     compute = compute_seconds(spec, setup, cluster.gpu.bf16_tflops) * setup.grad_accum
     comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster) * 1e9)
@@ -153,5 +157,5 @@ def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster) -> StepTime:
         if setup.offload == "optimizer+params":
             offload += 2 * 2 * spec.total_params / world * setup.grad_accum / (pcie * 1e9)
     total = compute + (1 - OVERLAP) * comm + offload
-    tokens = setup.tokens * setup.grad_accum * world
+    tokens = setup.tokens * setup.grad_accum * world * fill
     return StepTime(compute, comm, offload, total, tokens / total)

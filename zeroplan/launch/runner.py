@@ -151,14 +151,15 @@ def plan_here(spec: ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None =
 
 
 def plan_model(
-    model: str, cluster: Cluster, job: Mapping[str, Any] | None = None
+    model: str | ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Plan ``model`` on ``cluster`` for ``job`` (as :func:`plan_here`) and return the plan
     JSON (as plan.json holds it); nothing fitting is an error."""
     from zeroplan.models import load_model
     from zeroplan.planner import plan_json
 
-    result = plan_here(load_model(model), cluster, job)
+    spec = load_model(model) if isinstance(model, str) else model
+    result = plan_here(spec, cluster, job)
     if result.best is None:
         raise PredictedOOMError(
             f"nothing fits {result.request.spec.name} on {cluster.describe()}: {result.suggestion}"
@@ -296,6 +297,8 @@ class TrainOptions:
     system_prompt: str | None = None
     save_steps: int | None = None
     logging_steps: int | None = None
+    batching: str | None = None  # packed | padded | grouped
+    packed_attention: str | None = None  # auto | varlen | mask
 
     def argv(self) -> list[str]:
         out = ["--resume"] if self.resume else []
@@ -309,6 +312,8 @@ class TrainOptions:
             ("--system-prompt", self.system_prompt),
             ("--save-steps", self.save_steps),
             ("--logging-steps", self.logging_steps),
+            ("--batching", self.batching),
+            ("--packed-attention", self.packed_attention),
         ):
             if value is not None:
                 out += [flag, str(value)]

@@ -62,6 +62,7 @@ from zeroplan.errors import (
     ResumeError,
     ZeroplanError,
 )
+from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
 from zeroplan.trainsetup import ALL_LINEAR, TrainSetup, parse_targets
 
@@ -115,6 +116,8 @@ class Options:
     chat_template: Path | None = None
     lora_alpha: int | None = None
     split: str = "train"
+    batching: str = "packed"
+    packed_attention: str = "auto"
 
 
 # --------------------------------------------------------------------------- plan, options
@@ -201,6 +204,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     ap.add_argument("--chat-template", type=Path, help="a .jinja chat template for the tokenizer")
     ap.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 × the plan's r)")
     ap.add_argument("--split", default="train", help="split of a Hub data set (default train)")
+    ap.add_argument("--batching", default="packed", choices=zbatch.BATCHING,
+                    help="packed rows of --seq-len tokens (default), padded samples, or padded "
+                    "samples grouped by length")  # fmt: skip
+    ap.add_argument("--packed-attention", default="auto", choices=zbatch.PACKED_ATTENTION,
+                    help="packed rows: varlen flash attention (auto on a GPU) or an SDPA "
+                    "block-diagonal mask")  # fmt: skip
     a = ap.parse_args(argv)
     for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
         value = getattr(a, name)
@@ -233,6 +242,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         chat_template=a.chat_template,
         lora_alpha=a.lora_alpha,
         split=a.split,
+        batching=a.batching,
+        packed_attention=a.packed_attention,
     )
 
 
@@ -275,11 +286,16 @@ def training_kwargs(
     cuda: bool,
     ds_path: Path | None,
     has_eval: bool,
-    new_ckpt_names: bool = True,
+    fields: set[str] | None = None,
 ) -> dict[str, Any]:
-    """The SFTConfig (TrainingArguments) of the run: every knob written out, none left default."""
+    """The SFTConfig (TrainingArguments) of the run: every knob written out, none left default.
+
+    ``fields``: the names SFTConfig has here (transformers renamed some: checkpointing,
+    length-grouped sampling); None means the newest names.
+    """
     lr = opts.lr if opts.lr is not None else (2e-4 if setup.is_lora else 2e-5)
-    ckpt = "activation_checkpointing" if new_ckpt_names else "gradient_checkpointing"
+    new_names = fields is None or "activation_checkpointing" in fields
+    ckpt = "activation_checkpointing" if new_names else "gradient_checkpointing"
     kw: dict[str, Any] = {
         "output_dir": str(opts.out / CHECKPOINTS),
         "per_device_train_batch_size": setup.micro_batch,
@@ -323,7 +339,14 @@ def training_kwargs(
         "max_length": setup.seq_len,
         "packing": False,
         "padding_free": False,
+        # packed rows carry position_ids, which TRL would otherwise drop as an unknown column
+        "remove_unused_columns": opts.batching != "packed",
     }
+    if opts.batching == "grouped":
+        if fields is None or "train_sampling_strategy" in fields:
+            kw["train_sampling_strategy"] = "group_by_length"
+        else:
+            kw["group_by_length"] = True
     if cuda and setup.optim == "adamw" and setup.offload == "none":
         kw["optim"] = "adamw_torch_fused"
     return kw
@@ -598,10 +621,18 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     from datasets import Dataset
     from trl.trainer.sft_config import SFTConfig
 
-    new_names = any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig))
-    targs = SFTConfig(**training_kwargs(setup, opts, cuda, ds_path, bool(prepared.eval), new_names))
+    # ---- batches: packed micro-batches of the plan's shape, or padded samples
+    batching = _batching(opts, setup, prepared, tokenizer, cuda)
+    if rank == 0:
+        _say(batching.describe())
 
-    model, dtype_name = _load_model(model_id, setup, cuda, local_rank)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    tkw = training_kwargs(setup, opts, cuda, ds_path, bool(prepared.eval), fields)
+    # varlen packs a whole micro-batch into one row of micro_batch × seq_len tokens
+    tkw["per_device_train_batch_size"] = tkw["per_device_eval_batch_size"] = batching.per_device
+    targs = SFTConfig(**tkw)
+
+    model, dtype_name = _load_model(model_id, setup, cuda, local_rank, batching.attn_impl)
     if setup.fused_loss:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -629,9 +660,10 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     trainer = trainer_cls(
         model=model,
         args=targs,
-        train_dataset=Dataset.from_list(prepared.train),
-        eval_dataset=Dataset.from_list(prepared.eval) if prepared.eval else None,
+        train_dataset=Dataset.from_list(batching.train),
+        eval_dataset=Dataset.from_list(batching.eval) if batching.eval else None,
         processing_class=tokenizer,
+        data_collator=batching.collator,
         peft_config=peft_config,
         callbacks=callbacks,
     )
@@ -646,6 +678,9 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         applied = _applied(
             planned, opts, targs, trainer, summary, dtype_name, adapter_dtype, lkw, world, cuda
         )
+        applied["batching"] = batching.to_dict()
+        if batching.attn_impl != setup.attn:
+            applied["attn_implementation"] = batching.attn_impl
         applied.update(
             argv=argv,
             started=_iso(started),
@@ -697,7 +732,7 @@ def _load_tokenizer(model_id: str, opts: Options) -> Any:
         tok = AutoTokenizer.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
-            f"cannot load the tokenizer of '{model_id}': {zdata._first_line(exc)}; "
+            f"cannot load the tokenizer of '{model_id}': {zdata.first_line(exc)}; "
             "pass --model with a local model folder or a Hub id"
         ) from None
     if opts.chat_template is not None:
@@ -718,11 +753,15 @@ def bnb_config(setup: TrainSetup) -> Any:
     return BitsAndBytesConfig(**q)  # type: ignore[no-untyped-call]
 
 
-def _load_model(model_id: str, setup: TrainSetup, cuda: bool, local_rank: int) -> tuple[Any, str]:
+def _load_model(
+    model_id: str, setup: TrainSetup, cuda: bool, local_rank: int, attn_impl: str | None = None
+) -> tuple[Any, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
     kw = model_kwargs(setup, cuda, local_rank)
+    if attn_impl is not None:
+        kw["attn_implementation"] = attn_impl
     dtype_name = kw["dtype"]
     kw["dtype"] = getattr(torch, dtype_name)
     if "quantization_config" in kw:
@@ -731,7 +770,7 @@ def _load_model(model_id: str, setup: TrainSetup, cuda: bool, local_rank: int) -
         model = AutoModelForCausalLM.from_pretrained(model_id, **kw)
     except OSError as exc:
         raise ModelNotFoundError(
-            f"cannot load the weights of '{model_id}': {zdata._first_line(exc)}; "
+            f"cannot load the weights of '{model_id}': {zdata.first_line(exc)}; "
             "pass --model with a local model folder or a Hub id"
         ) from None
     model.config.use_cache = False
@@ -882,6 +921,74 @@ def _finish(
     return 0
 
 
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What the Trainer gets: its data sets, the collator, the attention implementation."""
+
+    mode: str  # packed | padded | grouped
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    collator: Any  # None: TRL's padding collator
+    attn_impl: str | None  # None: the plan's (sdpa)
+    packed_attention: str | None  # varlen | mask (packed mode)
+    capacity: int  # tokens a packed row holds
+    per_device: int  # rows per micro-batch (the Trainer's per-device batch size)
+    samples: int
+    rows: int
+    fill: float | None  # real tokens / token positions of the packed rows
+
+    def describe(self) -> str:
+        if self.mode != "packed":
+            how = "grouped by length, " if self.mode == "grouped" else ""
+            return f"batches: {self.samples} samples padded to the longest of each micro-batch ({how}{self.mode})"
+        kernel = (
+            "varlen flash attention" if self.packed_attention == "varlen" else "SDPA block mask"
+        )
+        return (
+            f"batches: {self.samples} samples packed into {self.rows} rows of {self.capacity} "
+            f"tokens, {self.per_device} a micro-batch ({self.fill:.1%} real tokens), attention "
+            f"inside each sample ({kernel})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "packed_attention": self.packed_attention,
+            "attn_implementation": self.attn_impl,
+            "row_tokens": self.capacity,
+            "rows_per_micro_batch": self.per_device,
+            "samples": self.samples,
+            "rows": self.rows,
+            "fill": self.fill,
+        }
+
+
+def _batching(
+    opts: Options, setup: TrainSetup, prepared: zdata.PreparedData, tokenizer: Any, cuda: bool
+) -> Batching:
+    n = len(prepared.train)
+    if opts.batching != "packed":
+        return Batching(opts.batching, prepared.train, prepared.eval, None, None, None,
+                        setup.seq_len, setup.micro_batch, n, n, None)  # fmt: skip
+    kernel = zbatch.choose_packed_attention(opts.packed_attention, cuda)
+    attn_impl = zbatch.register_varlen() if kernel == "varlen" else setup.attn
+    # varlen: one flat row holds the micro-batch's token budget (micro_batch × seq_len);
+    # the mask: micro_batch rows of seq_len (a mask over a longer row would cost its square)
+    capacity, per_device = setup.seq_len, setup.micro_batch
+    if kernel == "varlen":
+        capacity, per_device = setup.seq_len * setup.micro_batch, 1
+    train = zbatch.pack_examples(prepared.train, capacity, seed=opts.seed)
+    evals = zbatch.pack_examples(prepared.eval, capacity, seed=opts.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layout = "flat" if kernel == "varlen" else "rows"
+    collator = zbatch.PackedCollator(int(pad or 0), capacity, layout)
+    return Batching("packed", train.rows, evals.rows, collator, attn_impl, kernel,
+                    capacity, per_device, n, len(train.rows), train.fill)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- trainer pieces
 
 
@@ -906,9 +1013,14 @@ def lean_trainer_class() -> Any:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            if self.zp_tokens is not None and model.training and "attention_mask" in inputs:
-                mask = inputs["attention_mask"]
-                self.zp_tokens.add(mask.sum().detach(), mask.numel())
+            real = inputs.pop("zp_real_tokens", None)
+            slots = inputs.pop("zp_slots", None)
+            if self.zp_tokens is not None and model.training:
+                if real is not None:
+                    self.zp_tokens.add(int(real), int(slots or 0))
+                elif "attention_mask" in inputs:
+                    mask = inputs["attention_mask"]
+                    self.zp_tokens.add(mask.sum().detach(), mask.numel())
             inputs = {**inputs, "use_cache": False}
             return Trainer.compute_loss(
                 self,

@@ -1,0 +1,384 @@
+"""Token lengths of a data set without torch or transformers (``pip install 'zeroplan[data]'``).
+
+Records are read and turned into conversations by ``zeroplan.records`` — the functions the
+training side uses — then rendered with the model's chat template the way transformers'
+``apply_chat_template`` renders it (a sandboxed Jinja environment with ``trim_blocks`` and
+``lstrip_blocks``, the loop-control extension, ``{% generation %}`` blocks, ``tojson``,
+``raise_exception``, ``strftime_now`` and the tokenizer's special tokens as variables) and
+tokenized by the Rust ``tokenizers`` library from the model's ``tokenizer.json`` (what a fast
+transformers tokenizer wraps). Chat records are tokenized without added special tokens (the
+template writes them); ``text`` records with them, plus EOS, as ``launch/data.py`` does. A
+test holds the lengths equal to ``zeroplan.launch.data.prepare``'s.
+
+Where the tokenizer comes from: ``--tokenizer`` (a folder or a tokenizer.json), the model's
+own folder, the Hugging Face cache, or (online) the Hub's ``tokenizer.json`` and
+``tokenizer_config.json``, kept in zeroplan's cache. The lengths are cached too, keyed by the
+data file's bytes, the tokenizer, the template, the format and the system prompt, so
+re-planning the same data is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zeroplan.errors import (
+    BadDataError,
+    ChatTemplateError,
+    MissingExtraError,
+    TokenizerNotFoundError,
+)
+from zeroplan.lengths import LengthProfile
+from zeroplan.records import detect_format, read_records, text_of, to_messages
+
+CACHE_VERSION = 1  # bump when the rendering changes what a cached length means
+_SPECIAL = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def cache_dir() -> Path:
+    """``$ZEROPLAN_CACHE``, else ``$XDG_CACHE_HOME/zeroplan``, else ``~/.cache/zeroplan``."""
+    if os.environ.get("ZEROPLAN_CACHE"):
+        return Path(os.environ["ZEROPLAN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zeroplan"
+
+
+# --------------------------------------------------------------------------- the tokenizer
+
+
+def _hf_cache_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def find_tokenizer(model: str, hub_id: str | None, tokenizer: str | None = None) -> Path:
+    """The folder holding ``tokenizer.json`` for ``model``; TokenizerNotFoundError naming
+    every place looked in."""
+    looked: list[str] = []
+    if tokenizer is not None:
+        path = Path(tokenizer).expanduser()
+        folder = path.parent if path.name == "tokenizer.json" else path
+        if (folder / "tokenizer.json").is_file():
+            return folder
+        raise TokenizerNotFoundError(
+            f"--tokenizer {tokenizer}: no tokenizer.json there; give a model folder or a "
+            "tokenizer.json file"
+        )
+    path = Path(model).expanduser()
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        if (folder / "tokenizer.json").is_file():
+            return folder
+        looked.append(str(folder))
+    repo = hub_id if hub_id and hub_id.count("/") == 1 else None
+    if repo is not None:
+        name = "models--" + repo.replace("/", "--")
+        for root in _hf_cache_dirs():
+            snaps = sorted((root / name / "snapshots").glob("*/tokenizer.json"))
+            if snaps:
+                return snaps[-1].parent
+        looked.append(f"the Hugging Face cache ({_hf_cache_dirs()[0]})")
+        ours = cache_dir() / "tokenizers" / repo.replace("/", "--")
+        if (ours / "tokenizer.json").is_file():
+            return ours
+        if not _offline() and _download_tokenizer(repo, ours):
+            return ours
+        looked.append("the Hub (offline)" if _offline() else "the Hub (unreachable or gated)")
+    raise TokenizerNotFoundError(
+        f"no tokenizer for {model}: looked in {', '.join(looked) or 'nothing'}; pass "
+        "--tokenizer DIR (a folder with tokenizer.json), or a model folder as MODEL"
+    )
+
+
+def _download_tokenizer(repo: str, dest: Path, timeout: float = 10.0) -> bool:
+    """tokenizer.json, tokenizer_config.json (and chat_template.jinja if there) from the Hub."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    got: dict[str, bytes] = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        req = urllib.request.Request(f"{endpoint}/{repo}/resolve/main/{name}")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                got[name] = resp.read()
+        except (urllib.error.URLError, OSError, ValueError):
+            if name == "tokenizer.json":
+                return False
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, body in got.items():
+        tmp = dest / f".{name}.tmp"
+        tmp.write_bytes(body)
+        tmp.replace(dest / name)
+    return True
+
+
+@dataclass(frozen=True)
+class LightTokenizer:
+    """A fast tokenizer and its chat template, loaded without transformers."""
+
+    folder: Path
+    template: str | None
+    special: dict[str, str]  # bos_token, eos_token, … as the template sees them
+    # texts, add_special → (length, last token id) of each
+    encode_batch: Callable[[list[str], bool], list[tuple[int, int]]]
+    eos_id: int | None
+    fingerprint: str  # hash of tokenizer.json, tokenizer_config.json and the template
+
+
+def load_tokenizer(folder: Path, chat_template: str | None = None) -> LightTokenizer:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MissingExtraError(
+            "planning from a data file needs the tokenizers package: pip install 'zeroplan[data]'"
+        ) from None
+    tok_file = folder / "tokenizer.json"
+    try:
+        tok = Tokenizer.from_file(str(tok_file))
+    except Exception as exc:  # the Rust library raises its own exception type
+        raise TokenizerNotFoundError(f"{tok_file}: not a readable tokenizer ({exc})") from None
+    config: dict[str, Any] = {}
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TokenizerNotFoundError(f"{cfg_file}: not JSON ({exc})") from None
+    template = chat_template
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None:
+        raw = config.get("chat_template")
+        if isinstance(raw, list):  # named templates: the default one trains
+            raw = next((t.get("template") for t in raw if t.get("name") == "default"), None)
+        template = raw if isinstance(raw, str) else None
+    special = {}
+    for key in _SPECIAL:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            special[key] = value
+    eos = special.get("eos_token")
+    eos_id = tok.token_to_id(eos) if eos else None
+
+    def encode_batch(texts: list[str], add_special: bool) -> list[tuple[int, int]]:
+        out = []
+        for e in tok.encode_batch(texts, add_special_tokens=add_special):
+            ids = e.ids
+            out.append((len(ids), ids[-1] if ids else -1))
+        return out
+
+    digest = hashlib.sha256(tok_file.read_bytes())
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    digest.update((template or "").encode())
+    return LightTokenizer(folder, template, special, encode_batch, eos_id, digest.hexdigest())
+
+
+def compile_template(template: str) -> Any:
+    """A Jinja template compiled as transformers compiles chat templates."""
+    try:
+        import jinja2
+        from jinja2 import nodes
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise MissingExtraError(
+            "rendering chat templates needs jinja2: pip install 'zeroplan[data]'"
+        ) from None
+
+    class Generation(Extension):
+        """``{% generation %}…{% endgeneration %}`` renders its body (transformers marks
+        the assistant's tokens with it; the text is the same)."""
+
+        tags = {"generation"}  # noqa: RUF012 (jinja2 declares it a class-level set)
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return time.strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(template)
+
+
+# --------------------------------------------------------------------------- the lengths
+
+
+def _data_digest(source: str) -> str | None:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return None  # a Hub data set: not cached (its files are in datasets' own cache)
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_lengths(
+    source: str,
+    tokenizer: LightTokenizer,
+    fmt: str = "auto",
+    system: str | None = None,
+    split: str = "train",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[LengthProfile, bool]:
+    """The profile of ``source`` and whether it came from the cache."""
+    digest = _data_digest(source)
+    key = None
+    if digest is not None:
+        parts = [str(CACHE_VERSION), digest, tokenizer.fingerprint, fmt, system or "", split]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+        cached = cache_dir() / "lengths" / f"{key}.json"
+        if cached.is_file():
+            try:
+                data = json.loads(cached.read_text(encoding="utf-8"))
+                profile = LengthProfile(
+                    source,
+                    data["format"],
+                    str(tokenizer.folder),
+                    tuple(data["lengths"]),
+                    packs=dict(data.get("packs", {})),
+                )
+                _CACHE_FILES[id(profile)] = cached
+                return profile, True
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a broken cache entry is recomputed
+    records = read_records(source, split)
+    fmt = detect_format(records[0]) if fmt == "auto" else fmt
+    if progress is not None:
+        progress(f"tokenizing {len(records):,} {fmt} records of {source}")
+    if fmt == "text":
+        texts = [text_of(r, i) for i, r in enumerate(records)]
+        # launch/data.py appends EOS unless the tokenizer already ended with it
+        eos = tokenizer.eos_id
+        lengths = [
+            n + int(eos is not None and last != eos)
+            for n, last in tokenizer.encode_batch(texts, True)
+        ]
+    else:
+        if not tokenizer.template:
+            raise ChatTemplateError(
+                f"the tokenizer in {tokenizer.folder} has no chat template, and {fmt} records are "
+                "rendered with one: use an instruct model's tokenizer, pass --chat-template "
+                "FILE.jinja, or give plain text records"
+            )
+        compiled = compile_template(tokenizer.template)
+        texts = []
+        for i, rec in enumerate(records):
+            messages = to_messages(rec, fmt, i, system)
+            try:
+                texts.append(
+                    compiled.render(
+                        messages=messages, add_generation_prompt=False, **tokenizer.special
+                    )
+                )
+            except Exception as exc:  # jinja2's TemplateError ("roles must alternate") and kin
+                raise BadDataError(f"record {i}: the chat template refused it: {exc}") from None
+        lengths = [n for n, _ in tokenizer.encode_batch(texts, False)]
+    profile = LengthProfile(source, fmt, str(tokenizer.folder), tuple(lengths))
+    if key is not None:
+        folder = cache_dir() / "lengths"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{key}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({"format": fmt, "lengths": lengths}))
+            tmp.replace(folder / f"{key}.json")
+            _CACHE_FILES[id(profile)] = folder / f"{key}.json"
+        except OSError:
+            pass  # no cache: the next plan tokenizes again
+    return profile, False
+
+
+_CACHE_FILES: dict[int, Path] = {}  # id(profile) -> its cache file, for save_packs
+
+
+def save_packs(profile: LengthProfile) -> None:
+    """Keep the packings a plan computed beside the profile's cached lengths."""
+    path = _CACHE_FILES.get(id(profile))
+    if path is None or not profile.packs:
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("packs") == profile.packs:
+            return
+        data["packs"] = profile.packs
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except (OSError, ValueError):
+        pass
+
+
+def profile_data(
+    source: str,
+    model: str,
+    hub_id: str | None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+    fmt: str = "auto",
+    system: str | None = None,
+    split: str = "train",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[LengthProfile, bool]:
+    """Find the model's tokenizer, then the token lengths of ``source`` (cached)."""
+    template = None
+    if chat_template is not None:
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise BadDataError(f"no chat template file {chat_template}")
+        template = path.read_text(encoding="utf-8")
+    folder = find_tokenizer(model, hub_id, tokenizer)
+    return token_lengths(source, load_tokenizer(folder, template), fmt, system, split, progress)

@@ -1,0 +1,266 @@
+"""How training examples become micro-batches: packed rows (the default) or padded samples.
+
+``packed``: the examples are packed best-fit-decreasing (``zeroplan.packing``, the function
+the plan counts with) into rows of ``seq_len`` tokens; a micro-batch is ``micro_batch``
+rows, so every step has the shape the plan estimated and does the work it counted. Each
+sample keeps its own positions (0, 1, … restarting per sample) and attends only to itself:
+
+- ``varlen`` (CUDA, torch ≥ 2.9 with ``torch.nn.attention.varlen``): the micro-batch is one
+  flat row of ``micro_batch · seq_len`` tokens with the samples' boundaries as cumulative
+  lengths; flash attention skips everything between samples. Registered in transformers as
+  the attention implementation ``zeroplan_varlen``.
+- ``mask``: ``micro_batch`` rows of ``seq_len``; transformers finds the samples from the
+  restarting position ids and builds a block-diagonal causal mask for SDPA.
+
+The labels of each sample's first token are -100 (nothing before it in its row may predict
+it), so each sample's loss is what it is unpacked. The rest of a row is a padding segment of
+its own (labels -100, positions restarting), counted as padding.
+
+``padded``: ``micro_batch`` samples padded to the longest of them (TRL's collator), the
+attention mask keeping padding out; ``grouped`` sorts samples of similar length together
+first (fewer padding tokens, still variable shapes).
+
+Imports torch only in the functions that build tensors; the attention function is
+registered with transformers only when asked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zeroplan.packing import pack_best_fit
+
+BATCHING = ("packed", "padded", "grouped")
+PACKED_ATTENTION = ("auto", "varlen", "mask")
+VARLEN_IMPL = "zeroplan_varlen"  # the attention implementation name registered in transformers
+IGNORE_INDEX = -100
+
+Example = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Examples packed into rows: what the Trainer's data set holds in packed mode."""
+
+    rows: list[Example]  # input_ids, labels, position_ids, each at most capacity long
+    capacity: int
+    samples: int
+    tokens: int
+
+    @property
+    def fill(self) -> float:
+        return self.tokens / (len(self.rows) * self.capacity) if self.rows else 0.0
+
+
+def pack_examples(examples: Sequence[Example], capacity: int, seed: int = 0) -> PackedRows:
+    """Rows of concatenated examples (best fit decreasing), in a seeded random order.
+
+    Every example's first label becomes -100: in a row it follows another example's last
+    token, which must not predict it. (Unpacked, a first token is never predicted either.)
+    """
+    lengths = [len(e["input_ids"]) for e in examples]
+    bins = pack_best_fit(lengths, capacity)
+    rows: list[Example] = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in sorted(members):
+            ex = examples[i]
+            ids.extend(ex["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(ex["labels"][1:])
+            positions.extend(range(len(ex["input_ids"])))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    random.Random(seed).shuffle(rows)
+    return PackedRows(rows, capacity, len(examples), sum(lengths))
+
+
+def segment_lengths(positions: Sequence[int]) -> list[int]:
+    """Lengths of the samples in a row from its restarting position ids: [0,1,2,0,1] → [3,2]."""
+    out: list[int] = []
+    for p in positions:
+        if p == 0 or not out:
+            out.append(1)
+        else:
+            out[-1] += 1
+    return out
+
+
+class PackedCollator:
+    """Rows → one micro-batch of fixed shape.
+
+    ``layout="rows"``: input_ids / labels / position_ids of shape (rows, capacity), every row
+    padded with a segment of its own. ``layout="flat"``: the same rows laid end to end in
+    one row of rows·capacity tokens, plus ``cu_seq_lens_q/k`` (int32 boundaries of every
+    segment, padding segments included) and ``max_length_q/k`` for varlen attention.
+    Both add ``zp_real_tokens`` and ``zp_slots`` (popped before the forward) for tokens/s.
+    """
+
+    def __init__(self, pad_id: int, capacity: int, layout: str = "rows") -> None:
+        if layout not in ("rows", "flat"):
+            raise ValueError(f"layout must be rows or flat, got {layout}")
+        self.pad_id = pad_id
+        self.capacity = capacity
+        self.layout = layout
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids: list[list[int]] = []
+        labels: list[list[int]] = []
+        positions: list[list[int]] = []
+        real = 0
+        for f in features:
+            n = len(f["input_ids"])
+            pad = self.capacity - n
+            if pad < 0:
+                raise ValueError(f"a packed row has {n} tokens, more than {self.capacity}")
+            real += n
+            ids.append(list(f["input_ids"]) + [self.pad_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            positions.append(list(f["position_ids"]) + list(range(pad)))
+        batch: dict[str, Any] = {}
+        if self.layout == "rows":
+            batch["input_ids"] = torch.tensor(ids, dtype=torch.long)
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+            batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+        else:
+            flat_pos = [p for row in positions for p in row]
+            seqs = segment_lengths(flat_pos)
+            cu = [0]
+            for n in seqs:
+                cu.append(cu[-1] + n)
+            batch["input_ids"] = torch.tensor([[t for row in ids for t in row]], dtype=torch.long)
+            batch["labels"] = torch.tensor([[t for row in labels for t in row]], dtype=torch.long)
+            batch["position_ids"] = torch.tensor([flat_pos], dtype=torch.long)
+            cu_t = torch.tensor(cu, dtype=torch.int32)
+            batch["cu_seq_lens_q"] = cu_t
+            batch["cu_seq_lens_k"] = cu_t
+            batch["max_length_q"] = max(seqs)
+            batch["max_length_k"] = max(seqs)
+        batch["zp_real_tokens"] = real
+        batch["zp_slots"] = len(features) * self.capacity
+        return batch
+
+
+# --------------------------------------------------------------------------- varlen attention
+
+
+def varlen_available() -> bool:
+    """torch's flash varlen attention exists here and a GPU can run it."""
+    try:
+        import torch
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _segments_sdpa(q: Any, k: Any, v: Any, cu: list[int], scale: float | None) -> Any:
+    """The reference: causal SDPA on each segment of (T, H, D) tensors (CPU, tests)."""
+    import torch
+    import torch.nn.functional as F
+
+    outs = []
+    for a, b in itertools.pairwise(cu):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def varlen_attention_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers attention function: (1, H, T, D) tensors of one flat row → (1, T, H, D).
+
+    Uses ``cu_seq_lens_q`` / ``max_length_q`` from the batch (``PackedCollator(layout="flat")``).
+    On CUDA torch's flash varlen kernel; elsewhere causal SDPA per segment (same result).
+    """
+    import torch
+
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None or max_len is None or query.shape[0] != 1:
+        raise RuntimeError(
+            "zeroplan_varlen attention needs one flat row with cu_seq_lens_q and max_length_q "
+            "(zeroplan.launch.batching.PackedCollator(layout='flat'))"
+        )
+    q = query[0].transpose(0, 1)  # (T, Hq, D)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    groups = q.shape[1] // k.shape[1]
+    if query.is_cuda:
+        out = _flash_varlen(
+            q, k, v, cu.to(query.device, torch.int32), int(max_len), scaling, groups
+        )
+    else:
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = _segments_sdpa(q, k, v, [int(x) for x in cu.tolist()], scaling)
+    return out.unsqueeze(0), None
+
+
+def _flash_varlen(
+    q: Any, k: Any, v: Any, cu: Any, max_len: int, scaling: float | None, groups: int
+) -> Any:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kw: dict[str, Any] = {}
+    if "window_size" in params:  # torch ≥ 2.12: causal is a window of (-1, 0)
+        kw["window_size"] = (-1, 0)
+    else:
+        kw["is_causal"] = True
+    if groups > 1:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+    if scaling is not None:
+        if "scale" in params:
+            kw["scale"] = scaling
+        else:  # older signature: 1/sqrt(D) only; fold the model's scale into q
+            q = q * (scaling * q.shape[-1] ** 0.5)
+    return varlen_attn(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **kw
+    )
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The varlen kernel needs no mask: the boundaries travel as cu_seq_lens."""
+    return None
+
+
+def register_varlen() -> str:
+    """Register ``zeroplan_varlen`` with transformers (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_IMPL, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_IMPL, _no_mask)
+    return VARLEN_IMPL
+
+
+def choose_packed_attention(requested: str, cuda: bool) -> str:
+    """``varlen`` where it can run (measured faster on H200, benchmarks/realdata_speed.py),
+    else the SDPA block mask; an explicit choice is kept (varlen on a CPU runs the reference)."""
+    if requested not in PACKED_ATTENTION:
+        raise ValueError(f"packed attention must be one of {', '.join(PACKED_ATTENTION)}")
+    if requested != "auto":
+        return requested
+    return "varlen" if cuda and varlen_available() else "mask"

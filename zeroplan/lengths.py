@@ -1,0 +1,201 @@
+"""A data set's token lengths, and what they mean for a plan (pure functions, no I/O).
+
+``LengthProfile`` holds the length of every record as training renders it (chat template,
+tokenizer: ``zeroplan.datatokens`` makes it). ``fit_to_cap`` applies the sequence cap and
+the over-long rule exactly as ``zeroplan.launch.data.prepare`` will, then packs what is
+kept into rows of ``cap`` tokens with the launch's own packing function: the rows, their
+fill, and the real tokens per epoch are what the planner turns into steps, time and cost.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroplan.errors import BadDataError
+from zeroplan.packing import PackStats, pack_stats
+
+PERCENTILES = (50, 90, 95, 99)
+CAP_MULTIPLE = 64  # an automatic cap is rounded up to this: aligned shapes, a little room
+_PERCENTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
+
+
+@dataclass(frozen=True)
+class LengthProfile:
+    """Tokens per record, rendered and tokenized as the training run will see them."""
+
+    source: str
+    format: str
+    tokenizer: str  # where the tokenizer came from
+    lengths: tuple[int, ...]
+    # packings already computed, "cap/overlong/capacity" -> [rows, tokens]; kept with the
+    # cached lengths (zeroplan.datatokens.save_packs) so that re-planning packs nothing
+    packs: dict[str, list[int]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def records(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens_total(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths) if self.lengths else 0
+
+    @property
+    def mean(self) -> float:
+        return self.tokens_total / self.records if self.records else 0.0
+
+    def percentile(self, q: float) -> int:
+        """The smallest length at or above which lies no more than (100 − q)% of records
+        (nearest rank: sorted[⌈q/100 · n⌉ − 1])."""
+        if not self.lengths:
+            return 0
+        ordered = sorted(self.lengths)
+        rank = max(1, math.ceil(q / 100 * len(ordered)))
+        return ordered[rank - 1]
+
+    def histogram(self, bins: int = 8, top: int | None = None) -> list[tuple[int, int, int]]:
+        """(low, high, records) for ``bins`` equal-width bins from 0 to ``top`` (the longest)."""
+        top = top or self.longest
+        if not self.lengths or top < 1:
+            return []
+        width = max(1, math.ceil(top / bins))
+        counts = [0] * bins
+        for n in self.lengths:
+            counts[min(bins - 1, (n - 1) // width)] += 1
+        return [(i * width + 1, min(top, (i + 1) * width), c) for i, c in enumerate(counts)]
+
+
+def resolve_cap(profile: LengthProfile, seq_len: str | int | None, window: int | None) -> int:
+    """The sequence cap: a number as given; ``pNN`` the NN-th percentile of the lengths;
+    ``auto`` / None the longest record. Percentile and auto are rounded up to a multiple of
+    64 and held to the model's context ``window``."""
+    if isinstance(seq_len, int):
+        return seq_len
+    text = (seq_len or "auto").strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text == "auto":
+        raw = profile.longest
+    else:
+        m = _PERCENTILE.fullmatch(text)
+        if m is None or not 0 < float(m.group(1)) <= 100:
+            raise BadDataError(
+                f"--seq-len {seq_len}: give a number of tokens, auto (the longest record) or a "
+                "percentile of the data's lengths such as p99"
+            )
+        raw = profile.percentile(float(m.group(1)))
+    cap = max(CAP_MULTIPLE, math.ceil(raw / CAP_MULTIPLE) * CAP_MULTIPLE)
+    if window is not None:
+        cap = min(cap, window)
+    return cap
+
+
+@dataclass(frozen=True)
+class DataFit:
+    """The data at a sequence cap: what is kept, and how it packs into rows of ``cap``."""
+
+    profile: LengthProfile
+    cap: int
+    overlong: str  # drop | truncate
+    dropped: int
+    truncated: int
+    pack: PackStats
+
+    def pack_at(self, capacity: int) -> PackStats:
+        """The kept samples packed into rows of ``capacity`` tokens (a micro-batch's token
+        budget: micro-batch × cap when the launch packs one flat row per micro-batch)."""
+        if capacity == self.cap:
+            return self.pack
+        key = f"{self.cap}/{self.overlong}/{capacity}"
+        hit = self.profile.packs.get(key)
+        if hit is not None:
+            return PackStats(capacity, self.pack.samples, hit[0], hit[1])
+        stats = pack_stats(self._kept_lengths(), capacity)
+        self.profile.packs[key] = [stats.rows, stats.tokens]
+        return stats
+
+    def _kept_lengths(self) -> list[int]:
+        if self.overlong == "drop":
+            return [n for n in self.profile.lengths if n <= self.cap]
+        return [min(n, self.cap) for n in self.profile.lengths]
+
+    @property
+    def kept(self) -> int:
+        return self.pack.samples
+
+    @property
+    def train_tokens(self) -> int:
+        """Real tokens of one epoch (after dropping or truncating)."""
+        return self.pack.tokens
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.profile
+        return {
+            "source": p.source,
+            "format": p.format,
+            "tokenizer": p.tokenizer,
+            "records": p.records,
+            "tokens_total": p.tokens_total,
+            "longest_tokens": p.longest,
+            "mean_tokens": round(p.mean, 1),
+            "percentiles": {f"p{q}": p.percentile(q) for q in PERCENTILES},
+            "histogram": [list(b) for b in p.histogram()],
+            "seq_len": self.cap,
+            "overlong": self.overlong,
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+            "kept": self.kept,
+            "train_tokens": self.train_tokens,
+            "batching": "packed",
+            "rows": self.pack.rows,
+            "fill": round(self.pack.fill, 4),
+            "samples_per_row": round(self.pack.samples_per_row, 2),
+        }
+
+
+def fit_to_cap(profile: LengthProfile, cap: int, overlong: str = "drop") -> DataFit:
+    """Drop (or truncate to ``cap``) the records longer than ``cap``, then pack the rest.
+
+    All records over the cap is a BadDataError naming their count, the longest, and the
+    options that would keep them.
+    """
+    if overlong not in ("drop", "truncate"):
+        raise BadDataError(f"--overlong must be drop or truncate, got '{overlong}'")
+    if cap < 1:
+        raise BadDataError(f"--seq-len must be at least 1, got {cap}")
+    over = [n for n in profile.lengths if n > cap]
+    if overlong == "drop":
+        kept: Sequence[int] = [n for n in profile.lengths if n <= cap]
+    else:
+        kept = [min(n, cap) for n in profile.lengths]
+    key = f"{cap}/{overlong}/{cap}"
+    if not kept:
+        raise BadDataError(
+            f"all {profile.records} records of {profile.source} are longer than --seq-len {cap} "
+            f"tokens (the longest has {profile.longest}): use --seq-len {profile.longest} "
+            "(or auto), or --overlong truncate"
+        )
+    return DataFit(
+        profile=profile,
+        cap=cap,
+        overlong=overlong,
+        dropped=len(over) if overlong == "drop" else 0,
+        truncated=len(over) if overlong == "truncate" else 0,
+        pack=_packed(profile, key, kept, cap),
+    )
+
+
+def _packed(profile: LengthProfile, key: str, kept: Sequence[int], capacity: int) -> PackStats:
+    hit = profile.packs.get(key)
+    if hit is not None:
+        return PackStats(capacity, len(kept), hit[0], hit[1])
+    stats = pack_stats(kept, capacity)
+    profile.packs[key] = [stats.rows, stats.tokens]
+    return stats
