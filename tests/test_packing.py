@@ -202,3 +202,29 @@ def test_first_label_of_every_packed_sample_is_ignored() -> None:
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8]
     assert batch["max_length_q"] == 3
     assert batch["labels"][0, 5:].tolist() == [-100] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
+def test_flash_varlen_matches_per_sample_sdpa_on_gpu() -> None:
+    """The CUDA kernel against the reference (causal SDPA per sample), GQA, bf16."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens = [37, 120, 5, 300, 50]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    t = cu[-1]
+    q = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 2, t, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 2, t, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    out, _ = batching.varlen_attention_forward(
+        None, q, k, v, None, scaling=64**-0.5, cu_seq_lens_q=cu_t, max_length_q=max(lens)
+    )
+    ref = batching._segments_sdpa(
+        q[0].transpose(0, 1),
+        k[0].transpose(0, 1).repeat_interleave(4, dim=1),
+        v[0].transpose(0, 1).repeat_interleave(4, dim=1),
+        cu,
+        64**-0.5,
+    )
+    torch.testing.assert_close(out[0], ref, rtol=2e-2, atol=2e-2)
