@@ -179,6 +179,10 @@ def launch(name: str, plan: Path, model: Path, data: Path, work: Path, args: Any
         "predicted_tokens_per_s": per_slot * fill if fill else None,
         "predicted_peak_allocated_bytes": best["peak_allocated_bytes"],
         "measured_peak_allocated_bytes": max(peaks) if peaks else None,
+        # the first line's peak covers loading the model too: the steps alone, after it
+        "measured_peak_after_first_line": max(peaks[1:]) if len(peaks) > 1 else None,
+        "peaks": peaks,
+        "memory_after_load": applied.get("gpu_memory_after_load"),
         "losses": [
             {"step": m["step"], "loss": m["loss"]}
             for m in lines
