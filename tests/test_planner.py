@@ -195,3 +195,27 @@ def test_plan_text_keeps_square_brackets() -> None:
     result = CliRunner().invoke(cli, ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090"])
     assert result.exit_code == 0, result.output
     assert "zeroplan[fused]" in " ".join(result.output.split())
+
+
+def test_a_card_without_bf16_is_flagged_in_estimate_and_plan() -> None:
+    """T4 / V100 resolve, but what is estimated is bf16 mixed precision, and the output says so."""
+    cluster = parse_cluster("1xT4")
+    setup = TrainSetup(method="qlora", micro_batch=1, seq_len=512, grad_ckpt=True)
+    est = evaluate(PlanRequest(spec=L8, cluster=cluster, seq_len=512), setup).estimate
+    assert est.calibrated is False
+    assert any("T4 has no bf16" in note for note in est.notes)
+    p = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=cluster, seq_len=512))
+    assert p.best is not None
+    assert any("T4 has no bf16" in a and "fp16 peak (65" in a for a in p.assumptions)
+    # a card with bf16 gets no such line
+    h100 = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=parse_cluster("1xH100")))
+    assert not any("no bf16" in a for a in h100.assumptions)
+
+
+def test_cli_estimate_on_a_v100_prints_the_bf16_note() -> None:
+    args = ["estimate", "llama-3.2-1b", "--gpus", "8xV100", "--method", "lora"]
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "V100-SXM2-16GB has no bf16" in result.output
+    data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    assert data["calibrated"] is False and data["cluster"]["gpu"] == "V100-SXM2-16GB"

@@ -191,7 +191,7 @@ def models(as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def gpus(as_json: bool) -> None:
-    """The GPU catalog behind --gpus (memory, bf16 TFLOP/s, bandwidth, interconnect)."""
+    """The GPU catalog behind --gpus (memory, bf16/fp16 TFLOP/s, bandwidth, interconnect)."""
     from dataclasses import asdict
 
     from zeroplan.hardware import GPU_CATALOG

@@ -22,6 +22,7 @@ from typing import Any
 from zeroplan.errors import BadSetupError, ZeroplanError
 from zeroplan.hardware import Cluster
 from zeroplan.memory import MemoryEstimate, estimate
+from zeroplan.memory.estimate import no_bf16_note
 from zeroplan.models import ModelSpec
 from zeroplan.speed import OVERLAP, StepTime, step_time
 from zeroplan.trainsetup import ALL_LINEAR, TrainSetup
@@ -236,6 +237,12 @@ def plan(req: PlanRequest) -> Plan:
         f"communication {OVERLAP:.0%} hidden behind compute, ZeRO-3's hook overhead and "
         "CPU-offload speed are assumptions (not yet measured on several GPUs)"
     ]
+    if not req.cluster.gpu.bf16:
+        assumptions.append(
+            no_bf16_note(req.cluster)
+            + f"; speeds use its fp16 peak ({req.cluster.gpu.fp16_tflops:g} "
+            "TFLOP/s)"
+        )
     if best is not None and best.setup.method != req.method:
         assumptions.append(
             f"the plan trains {req.method} on a 4-bit base ({best.setup.method}); "

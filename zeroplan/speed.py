@@ -142,7 +142,7 @@ def link_gbs(cluster: Cluster) -> float:
 def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster) -> StepTime:
     """compute·grad_accum + (1 − overlap)·comm + offloaded optimizer step."""
     world = cluster.world_size
-    compute = compute_seconds(spec, setup, cluster.gpu.bf16_tflops) * setup.grad_accum
+    compute = compute_seconds(spec, setup, cluster.gpu.tensor_tflops) * setup.grad_accum
     comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster) * 1e9)
     offload = 0.0
     if setup.offload != "none":
