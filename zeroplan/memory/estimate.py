@@ -165,6 +165,12 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     calibrated = spec.model_type in CALIBRATED_FAMILIES and setup.attn != "flash_attention_2"
     if not calibrated:
         notes.append(f"{spec.model_type} / {setup.attn}: activations not yet calibrated on a GPU")
+    if spec.vision_params:
+        notes.append(
+            f"includes the checkpoint's vision tower + projector ({spec.vision_params / 1e9:.2f} B "
+            "params, which AutoModelForCausalLM loads) as bf16 weights; not counted: LoRA "
+            "adapters that all-linear also puts on it, 4-bit quantization of its linears"
+        )
     if not cluster.gpu.bf16:
         calibrated = False
         notes.append(no_bf16_note(cluster))
