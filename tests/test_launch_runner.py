@@ -344,6 +344,25 @@ def test_dry_run_prints_everything_and_starts_nothing(
     assert "note: the plan was made for H100-SXM-80GB, this machine has RTX-4090" in out
 
 
+def test_launch_refuses_a_seq_len_past_the_context_window(
+    tmp_path: Path, data_file: Path, subprocess_env: dict[str, str]
+) -> None:
+    args = ["launch", "meta-llama/Meta-Llama-3-8B-Instruct", "--gpus", "1xH100"]
+    args += ["--seq-len", "16384", "--data", str(data_file), "-o", str(tmp_path / "r")]
+    done = subprocess.run(
+        [sys.executable, "-m", "zeroplan.cli", *args, "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("zeroplan: error: --seq-len 16,384 is longer")
+    assert "context window of 8,192 tokens" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+    assert not (tmp_path / "r").exists()
+
+
 def test_launch_plans_a_model_id_on_the_gpus_given(tmp_path: Path, data_file: Path) -> None:
     result = CliRunner().invoke(
         cli,

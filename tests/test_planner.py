@@ -219,3 +219,15 @@ def test_cli_estimate_on_a_v100_prints_the_bf16_note() -> None:
     assert "V100-SXM2-16GB has no bf16" in result.output
     data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
     assert data["calibrated"] is False and data["cluster"]["gpu"] == "V100-SXM2-16GB"
+
+
+def test_seq_len_within_the_window_is_planned_and_past_it_refused() -> None:
+    from zeroplan.errors import ContextWindowError
+
+    phi4 = load_model("phi-4")
+    assert phi4.max_position_embeddings == 16_384
+    assert plan(PlanRequest(spec=phi4, cluster=parse_cluster("8xH100"), seq_len=16_384)).best
+    with pytest.raises(ContextWindowError, match="use --seq-len 16384 or less"):
+        PlanRequest(spec=phi4, cluster=parse_cluster("8xH100"), seq_len=16_385)
+    with pytest.raises(ContextWindowError):
+        evaluate(story_request(), TrainSetup(seq_len=200_000))

@@ -35,7 +35,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zeroplan.errors import BadModelConfigError, ModelNotFoundError, UnsupportedModelError
+from zeroplan.errors import (
+    BadModelConfigError,
+    ContextWindowError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 
 # ---------------------------------------------------------------------------------------
 # Architecture families: the structural facts config.json does not state explicitly.
@@ -268,6 +273,20 @@ class ModelSpec:
         if self.moe and self.moe.num_moe_layers:
             kinds.append((self.attention_linears() + self.moe_linears(), self.moe.num_moe_layers))
         return kinds
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse a sequence longer than the context window the config states.
+
+        Past ``max_position_embeddings`` the model has no trained positions: training there
+        needs a rope-scaling change to the config, which zeroplan has no option for, so the
+        request is refused rather than estimated.
+        """
+        window = self.max_position_embeddings
+        if window is not None and seq_len > window:
+            raise ContextWindowError(
+                f"--seq-len {seq_len:,} is longer than {self.name}'s context window of "
+                f"{window:,} tokens (max_position_embeddings); use --seq-len {window} or less"
+            )
 
     def quantizable_params(self) -> int:
         """Weights that bitsandbytes quantizes when transformers loads the model in 4 or 8 bit.

@@ -53,6 +53,7 @@ class PlanRequest:
     cpu_ram_per_node: int | None = None
 
     def __post_init__(self) -> None:
+        self.spec.check_seq_len(self.seq_len)
         if self.objective not in OBJECTIVES:
             raise BadSetupError(f"--objective must be one of {', '.join(OBJECTIVES)}")
         if not 0 <= self.margin < 1:

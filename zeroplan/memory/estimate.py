@@ -39,6 +39,7 @@ CALIBRATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 def _check_supported(spec: ModelSpec, setup: TrainSetup) -> None:
+    spec.check_seq_len(setup.seq_len)
     if spec.moe and setup.method == "qlora":
         raise UnsupportedModelError(
             f"{spec.name}: QLoRA of mixture-of-experts models is not modelled (how bitsandbytes "
