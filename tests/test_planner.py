@@ -231,3 +231,39 @@ def test_seq_len_within_the_window_is_planned_and_past_it_refused() -> None:
         PlanRequest(spec=phi4, cluster=parse_cluster("8xH100"), seq_len=16_385)
     with pytest.raises(ContextWindowError):
         evaluate(story_request(), TrainSetup(seq_len=200_000))
+
+
+def test_cost_uses_the_dated_typical_price_unless_given(tmp_path: Path) -> None:
+    from zeroplan.prices import TYPICAL_PRICE_PER_GPU_HOUR
+
+    args = ["plan", "llama-3.2-1b", "--gpus", "4xL4", "--dataset-tokens", "10M"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    price = TYPICAL_PRICE_PER_GPU_HOUR["L4"]
+    assert data["request"]["price_per_gpu_hour"] == price
+    assert data["request"]["price_source"] == "typical on-demand price, dated 2026-11"
+    assert data["best"]["cost"] == pytest.approx(data["best"]["hours"] * 4 * price)
+    text = CliRunner().invoke(cli, args, env={"COLUMNS": "200"}).output
+    assert "cost" in text and "typical on-demand price, dated 2026-11" in text
+    # the user's price wins, and is named as theirs
+    mine = json.loads(
+        CliRunner().invoke(cli, [*args, "--price-per-gpu-hour", "0.1", "--json"]).output
+    )
+    assert mine["request"]["price_source"] == "--price-per-gpu-hour"
+    assert mine["best"]["cost"] == pytest.approx(mine["best"]["hours"] * 4 * 0.1)
+    # no tokens, no cost; a GPU without a table price, no cost
+    assert "cost" not in json.loads(CliRunner().invoke(cli, [*args[:4], "--json"]).output)["best"]
+    no_price = ["plan", "llama-3.2-1b", "--gpus", "1x4080", "--dataset-tokens", "10M", "--json"]
+    assert "cost" not in json.loads(CliRunner().invoke(cli, no_price).output)["best"]
+
+
+def test_price_table_covers_the_cloud_gpus() -> None:
+    from zeroplan.hardware import GPU_CATALOG
+    from zeroplan.prices import TYPICAL_PRICE_PER_GPU_HOUR
+
+    assert set(TYPICAL_PRICE_PER_GPU_HOUR) <= set(GPU_CATALOG)
+    for gpu in ("H100-SXM-80GB", "H200-SXM-141GB", "A100-SXM-80GB", "A100-SXM-40GB", "L4"):
+        assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0
+    for gpu in ("A10G", "T4", "L40S", "V100-SXM2-16GB", "B200-SXM-180GB"):
+        assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0

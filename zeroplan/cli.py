@@ -317,7 +317,8 @@ def _count(text: str | None, option: str) -> int | None:
     "--price-per-gpu-hour",
     type=float,
     default=None,
-    help="Adds the cost to finish --dataset-tokens.",
+    help="Price of one GPU-hour for the cost to finish --dataset-tokens "
+    "(default: a typical on-demand price, dated, where zeroplan has one for the GPU).",
 )
 @click.option(
     "--cpu-ram-per-node",

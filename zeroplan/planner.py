@@ -24,6 +24,7 @@ from zeroplan.hardware import Cluster
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.memory.estimate import no_bf16_note
 from zeroplan.models import ModelSpec
+from zeroplan.prices import GPUPrice, typical_price
 from zeroplan.speed import OVERLAP, StepTime, step_time
 from zeroplan.trainsetup import ALL_LINEAR, TrainSetup
 
@@ -74,6 +75,12 @@ class PlanRequest:
             raise BadSetupError("--cpu-ram-per-node must be positive")
         if self.price_per_gpu_hour is not None and self.price_per_gpu_hour < 0:
             raise BadSetupError("--price-per-gpu-hour must be >= 0")
+
+    def price(self) -> GPUPrice | None:
+        """The price a cost is computed at: the user's, else the dated table's (or None)."""
+        if self.price_per_gpu_hour is not None:
+            return GPUPrice(self.price_per_gpu_hour, "--price-per-gpu-hour")
+        return typical_price(self.cluster.gpu.name)
 
 
 @dataclass(frozen=True)
@@ -361,11 +368,13 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
         if p.request.dataset_tokens:
             hours = p.request.dataset_tokens / c.step.tokens_per_s / 3600
             out["hours"] = hours
-            if p.request.price_per_gpu_hour is not None:
-                out["cost"] = hours * p.request.cluster.world_size * p.request.price_per_gpu_hour
+            if price is not None:
+                out["cost"] = hours * p.request.cluster.world_size * price.per_gpu_hour
         return out
 
     req = p.request
+    # a cost needs the tokens to train on; then the user's price, else the dated table's
+    price = req.price() if req.dataset_tokens else None
     return {
         "model": req.spec.name,
         # where the config came from: a local config.json path, "catalog", "hf-cache" or "hub";
@@ -380,7 +389,8 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "dataset_tokens": req.dataset_tokens,
             "margin": req.margin,
             "objective": req.objective,
-            "price_per_gpu_hour": req.price_per_gpu_hour,
+            "price_per_gpu_hour": price.per_gpu_hour if price else req.price_per_gpu_hour,
+            "price_source": price.source if price else None,
             "cpu_ram_per_node": req.cpu_ram_per_node,
         },
         "best": cand(p.best) if p.best else None,

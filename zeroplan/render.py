@@ -183,6 +183,11 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
             cells.append(f"{c['cost']:,.2f}")
         table.add_row(*cells, style="green" if n == 1 else None)
     console.print(table)
+    if "cost" in rows[0]:
+        source = req.get("price_source") or "--price-per-gpu-hour"
+        line = f"cost at ${req['price_per_gpu_hour']:,.2f} per GPU-hour ({source}"
+        line += "; --price-per-gpu-hour to use yours)" if source != "--price-per-gpu-hour" else ")"
+        console.print(escape(line))
     console.print(f"[green]Chosen:[/green] {rows[0]['family']} (row 1).")
     if data["rejected"]:
         console.print("[bold]Other families:[/bold]")
