@@ -855,3 +855,96 @@ def test_multi_line_commands_stay_on_one_row() -> None:
 
     cmd = "/usr/bin/python3 -c \nimport torch\nx = 1\n"
     assert short_command(cmd) == "python3 -c import torch x = 1"
+
+
+# -- a finished run is read-only; one recorder for a live one; no lock left behind -----------
+
+
+def _end_every_rank(run_dir: Path, t: float = 1767000300.0) -> None:
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write("\n")  # the recording ends in a cut line
+        for rank in range(8):
+            f.write(json.dumps({"t": t, "rank": rank, "step": 41, "event": "end"}) + "\n")
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.parametrize("how", ["end events", "launch result"])
+def test_watching_a_finished_run_writes_nothing_into_it(run_dir: Path, how: str) -> None:
+    if how == "end events":
+        _end_every_rank(run_dir)
+    else:
+        (run_dir / "launch.json").write_text(json.dumps({"result": {"exit_code": 0}}))
+    before = _snapshot(run_dir)
+    result = CliRunner().invoke(
+        cli, ["watch", str(run_dir), "--once", "--json", "--fake-gpus", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert "not recording: the run has finished (read-only)" in data["notes"]
+    assert _snapshot(run_dir) == before  # no samples appended, no .watch.lock
+    # a dashboard left running on it does not record either
+    out = io.StringIO()
+    stop, thread, _ = _run_in_thread(
+        run_dir=run_dir, interval=0.02, mode="plain", stream=out, plain_every_s=0.0, fake_gpus=2
+    )
+    time.sleep(0.2)
+    stop.set()
+    thread.join(timeout=10)
+    assert _snapshot(run_dir) == before
+
+
+def test_a_live_run_is_recorded_by_one_dashboard_and_its_lock_removed(run_dir: Path) -> None:
+    view = watch_once(run_dir, fake_gpus=2, record=True)
+    assert any(note.startswith("recording to") for note in view.notes)
+    assert (run_dir / "gpu_samples.jsonl").read_text().count("\n") == 16 + 2
+    assert not (run_dir / ".watch.lock").exists()  # removed at exit
+    first = SampleRecorder(run_dir)
+    second = SampleRecorder(run_dir)
+    assert first.active and not second.active
+    assert (run_dir / ".watch.lock").read_text() == str(os.getpid())
+    first.close()
+    second.close()
+    assert not (run_dir / ".watch.lock").exists()
+
+
+def test_the_lock_of_a_dead_dashboard_is_taken_over(run_dir: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (run_dir / ".watch.lock").write_text(dead.stdout.strip())  # its flock died with it
+    recorder = SampleRecorder(run_dir)
+    try:
+        assert recorder.active and recorder.holder is None
+        assert (run_dir / ".watch.lock").read_text() == str(os.getpid())
+    finally:
+        recorder.close()
+    assert not (run_dir / ".watch.lock").exists()
+
+
+def test_a_resumed_run_is_not_finished_while_it_starts(run_dir: Path) -> None:
+    from zeroplan.runlog import run_state
+
+    _end_every_rank(run_dir, t=time.time() - 60)  # the first session ended a minute ago
+    assert run_state(run_dir).finished
+    (run_dir / "launch.json").write_text(json.dumps({"commands": []}))  # --resume started
+    state = run_state(run_dir)
+    assert not state.finished and state.session_start is not None
+    view = watch_once(run_dir, fake_gpus=1, record=False)
+    assert view.training is not None and not view.training.finished
+    # the launcher's own dashboard never reads the old end lines as this session's
+    stop, thread, _ = _run_in_thread(
+        run_dir=run_dir,
+        interval=0.02,
+        mode="json",
+        stream=(out := io.StringIO()),
+        fake_gpus=1,
+        rank_exit_codes=lambda: dict.fromkeys(range(8)),
+    )
+    _wait_for(lambda: out.getvalue().count("\n") >= 1)
+    stop.set()
+    thread.join(timeout=10)
+    first = json.loads(out.getvalue().splitlines()[0])
+    assert first["training"]["finished"] is False

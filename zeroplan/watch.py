@@ -50,6 +50,7 @@ from zeroplan.runlog import (
     TrainingLog,
     TrainingView,
     read_prediction,
+    run_state,
 )
 
 logger = logging.getLogger("zeroplan.watch")
@@ -85,9 +86,24 @@ class Collector:
         self.hang_after_s = hang_after_s
         self.rank_exit_codes = rank_exit_codes
         self.host = HostSampler()
-        self.training = TrainingLog(self.run_dir / METRICS_FILE) if self.run_dir else None
-        self.recorder = SampleRecorder(self.run_dir) if self.run_dir and record else None
         self.notes = list(notes)
+        # The launcher's own dashboard (it passes rank_exit_codes) watches a live run by
+        # definition, from the moment it starts; anyone else first asks the folder.
+        launcher = rank_exit_codes is not None
+        state = run_state(self.run_dir) if self.run_dir and not launcher else None
+        if launcher:
+            session_start: float | None = time.time()
+        else:
+            session_start = state.session_start if state else None
+        self.training = (
+            TrainingLog(self.run_dir / METRICS_FILE, session_start=session_start)
+            if self.run_dir
+            else None
+        )
+        if state is not None and state.finished and record:
+            record = False
+            self.notes.append("not recording: the run has finished (read-only)")
+        self.recorder = SampleRecorder(self.run_dir) if self.run_dir and record else None
         if self.recorder is not None:
             self.notes.append(
                 f"recording to {self.run_dir}/gpu_samples.jsonl"
