@@ -365,12 +365,46 @@ def test_card_full_alert_above_95_percent() -> None:
 
 def test_throttle_alert_power_is_a_warning_heat_is_critical() -> None:
     assert al.throttling(sample(throttle_reasons=("gpu_idle", "sync_boost"))) == []
-    (power,) = al.throttling(sample(throttle_reasons=("sw_power_cap",)))
-    assert (
-        power.level == "warn" and "sw_power_cap" in power.message and "650/700 W" in power.message
-    )
+    capped = sample(throttle_reasons=("sw_power_cap",), sm_clock_mhz=1500)
+    (power,) = al.throttling(capped, low_clock_samples=3)
+    assert power.level == "warn" and "sw_power_cap" in power.message
+    assert "650/700 W" in power.message
+    assert "SM 1500/1980 MHz, 24% below max for 3 samples" in power.message
     (heat,) = al.throttling(sample(throttle_reasons=("sw_power_cap", "hw_thermal_slowdown")))
     assert heat.level == "crit" and "60°C" in heat.message
+
+
+def test_power_capping_at_full_clock_or_briefly_is_no_alert() -> None:
+    """NVML reports sw_power_cap at 99% of the max clock: that costs nothing."""
+    at_99 = sample(throttle_reasons=("sw_power_cap",), sm_clock_mhz=1960)
+    assert not al.clock_is_low(at_99)
+    assert al.throttling(at_99, low_clock_samples=0) == []
+    assert al.all_alerts([at_99], None, None, now=0.0) == []
+    dip = sample(throttle_reasons=("sw_power_cap",), sm_clock_mhz=1700)
+    assert al.clock_is_low(dip)
+    assert al.throttling(dip, low_clock_samples=2) == []  # two samples: not yet
+    (alert,) = al.all_alerts([dip], None, None, now=0.0, low_clock_samples={0: 5})
+    assert "14% below max for 5 samples" in alert.message
+
+
+def test_the_dashboard_counts_low_clock_samples_in_a_row(run_dir: Path) -> None:
+    from zeroplan.watch import Collector
+
+    # a power-capped fake GPU runs at 1410 of 1980 MHz (29% below max) on every sample
+    collector = Collector(run_dir, FakeBackend([FakeGPU(throttle_mask=0x4)]), record=False)
+    try:
+        views = [collector.collect() for _ in range(4)]
+    finally:
+        collector.close()
+    throttled = [[a for a in v.alerts if a.kind == "throttle"] for v in views]
+    assert [bool(t) for t in throttled] == [False, False, True, True]
+    assert "29% below max for 4 samples" in throttled[-1][0].message
+
+
+def test_a_finished_run_is_never_hung() -> None:
+    training = _training({0: (0.0, "train"), 1: (0.0, "train")})
+    assert any(a.kind == "hang" for a in al.all_alerts([], PRED, training, now=1e6))
+    assert al.all_alerts([], PRED, training, now=1e6, run_finished=True) == []
 
 
 def _training(ranks: dict[int, tuple[float, str]], sps: float | None = None) -> Any:
@@ -464,7 +498,7 @@ def test_recorded_run_at_200_columns() -> None:
     alerts = text[text.index("alerts") : text.index("GPU  name")]
     assert "CRIT GPU 5: 97% of the card in use (23.2/24.0 GiB)" in alerts
     assert (
-        "CRIT GPU 6: throttled: sw_power_cap, hw_thermal_slowdown (87°C, 450/450 W, SM 1875/3120 MHz)"
+        "CRIT GPU 6: throttled: sw_power_cap, hw_thermal_slowdown (87°C, 450/450 W, SM 1875/3120 MHz, 40% below max)"
         in alerts
     )
     assert "CRIT rank 3: no metric for 182 s (step 10; limit 120 s): hung?" in alerts

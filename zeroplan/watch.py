@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
-from zeroplan.alerts import DEFAULT_HANG_AFTER_S, all_alerts
+from zeroplan.alerts import DEFAULT_HANG_AFTER_S, all_alerts, clock_is_low
 from zeroplan.dashboard import DashboardView, plain_lines, render, view_json
 from zeroplan.errors import BadPlanError
 from zeroplan.monitor import GPUBackend, HostSampler, Snapshot, open_backend
@@ -100,6 +100,8 @@ class Collector:
             if self.run_dir
             else None
         )
+        self.run_finished = state is not None and state.finished
+        self._low_clock: dict[int, int] = {}  # GPU index -> consecutive low-clock samples
         if state is not None and state.finished and record:
             record = False
             self.notes.append("not recording: the run has finished (read-only)")
@@ -125,6 +127,8 @@ class Collector:
             training = self.training.view()
         exit_codes = self.rank_exit_codes() if self.rank_exit_codes else None
         alive = _alive_pids(training) if exit_codes is None else None
+        for g in snap.gpus:
+            self._low_clock[g.index] = self._low_clock.get(g.index, 0) + 1 if clock_is_low(g) else 0
         alerts = all_alerts(
             snap.gpus,
             self.prediction,
@@ -134,6 +138,8 @@ class Collector:
             exit_codes=exit_codes,
             alive_pids=alive,
             this_host=self._hostname,
+            low_clock_samples=self._low_clock,
+            run_finished=self.run_finished,
         )
         return DashboardView(
             snapshot=snap,
