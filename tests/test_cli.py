@@ -263,6 +263,8 @@ def test_console_script(subprocess_env: dict[str, str]) -> None:
         (["estimate"], "MODEL"),
         (["no-such-command"], "no-such-command"),
         (["estimate", "CONFIG_NOT_JSON"], "not valid JSON"),
+        (["estimate", "phi-4", "--seq-len", "32768"], "phi-4's context window of 16,384"),
+        (["plan", "qwen3-8b", "--seq-len", "65536"], "context window of 40,960 tokens"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

@@ -13,6 +13,7 @@ from zeroplan.errors import BadClusterSpecError, UnknownGPUError, ZeroplanError
 from zeroplan.hardware import (
     GPU_CATALOG,
     MIB,
+    PCIE_EFFECTIVE_GBS,
     Cluster,
     _cluster_from_devices,
     _visible_indices,
@@ -40,6 +41,11 @@ from zeroplan.hardware import (
         ("H100-PCIE-80GB", 81559),
         ("H200-SXM-141GB", 143771),
         ("B200-SXM-180GB", 183359),
+        ("L4", 23034),
+        ("T4", 15360),
+        ("V100-SXM2-16GB", 16160),
+        ("RTX-5090", 32607),
+        ("H100-NVL", 95830),
     ],
 )
 def test_catalog_memory_is_driver_reported_total(name: str, mib: int) -> None:
@@ -51,13 +57,41 @@ def test_catalog_entries_are_consistent() -> None:
     for name, gpu in GPU_CATALOG.items():
         assert gpu.name == name
         assert gpu.known
-        assert gpu.bf16_tflops > 0 and gpu.memory_bandwidth_gbs > 0
+        assert gpu.fp16_tflops > 0 and gpu.memory_bandwidth_gbs > 0
+        # Every card with bf16 runs fp16 at the same tensor rate; without it, bf16 is 0.
+        assert gpu.bf16_tflops == (gpu.fp16_tflops if gpu.bf16 else 0.0)
+        assert gpu.tensor_tflops == gpu.fp16_tflops
         # NVLink parts must advertise more peer bandwidth than any PCIe link could give.
         if gpu.interconnect == "nvlink":
             assert gpu.p2p and gpu.link_bandwidth_gbs > 64
         else:
             assert gpu.link_bandwidth_gbs <= 64
-        assert gpu.pcie_gen in (4, 5)
+            assert gpu.link_bandwidth_gbs == PCIE_EFFECTIVE_GBS[gpu.pcie_gen]
+        assert gpu.pcie_gen in (3, 4, 5)
+        # GeForce boards have no peer access; data-center and professional boards do.
+        assert gpu.p2p == (not gpu.name.startswith("RTX-") or "6000" in gpu.name)
+
+
+def test_issue_13_gpus_are_in_the_catalog() -> None:
+    for name in (
+        "L4", "A10G", "A10", "T4", "V100-SXM2-16GB", "V100-SXM2-32GB", "A40", "L40",
+        "RTX-3080", "RTX-4080", "RTX-5090", "RTX-6000-Ada", "RTX-PRO-6000", "H20",
+        "H100-NVL", "GH200-96GB", "B200-SXM-180GB",
+    ):  # fmt: skip
+        assert name in GPU_CATALOG
+
+
+@pytest.mark.parametrize("name", ["T4", "V100-SXM2-16GB", "V100-SXM2-32GB"])
+def test_cards_without_bf16_say_so(name: str) -> None:
+    gpu = GPU_CATALOG[name]
+    assert gpu.bf16 is False and gpu.bf16_tflops == 0.0
+    assert gpu.tensor_tflops == gpu.fp16_tflops > 0
+    assert all(GPU_CATALOG[n].bf16 for n in ("L4", "A10G", "RTX-3080", "H20"))
+
+
+def test_a_card_without_bf16_cannot_claim_bf16_speed() -> None:
+    with pytest.raises(ValueError, match="bf16_tflops must be 0"):
+        dataclasses.replace(GPU_CATALOG["T4"], bf16_tflops=65.0)
 
 
 def test_dense_bf16_not_sparse_figures() -> None:
@@ -65,6 +99,11 @@ def test_dense_bf16_not_sparse_figures() -> None:
     assert GPU_CATALOG["H100-SXM-80GB"].bf16_tflops == pytest.approx(989.4)
     assert GPU_CATALOG["A100-SXM-80GB"].bf16_tflops == pytest.approx(312.0)
     assert GPU_CATALOG["B200-SXM-180GB"].bf16_tflops == pytest.approx(2250.0)
+    assert GPU_CATALOG["L4"].bf16_tflops == pytest.approx(121.0)
+    assert GPU_CATALOG["L40"].bf16_tflops == pytest.approx(181.05)
+    assert GPU_CATALOG["H100-NVL"].bf16_tflops == pytest.approx(835.5)
+    # GeForce: the FP32-accumulate column, half the FP16-accumulate one
+    assert GPU_CATALOG["RTX-5090"].bf16_tflops == pytest.approx(209.5)
 
 
 def test_consumer_cards_have_no_p2p() -> None:
@@ -105,6 +144,25 @@ def test_gpu_is_frozen_and_validated() -> None:
         ("h200", "H200-SXM-141GB"),
         ("b200", "B200-SXM-180GB"),
         ("NVIDIA GeForce RTX 4090", "RTX-4090"),
+        ("l4", "L4"),
+        ("a10g", "A10G"),
+        ("a10", "A10"),
+        ("t4", "T4"),
+        ("Tesla T4", "T4"),
+        ("v100", "V100-SXM2-16GB"),
+        ("v100-32gb", "V100-SXM2-32GB"),
+        ("a40", "A40"),
+        ("l40", "L40"),
+        ("3080", "RTX-3080"),
+        ("4080", "RTX-4080"),
+        ("5090", "RTX-5090"),
+        ("rtx 5090", "RTX-5090"),
+        ("rtx-6000-ada", "RTX-6000-Ada"),
+        ("rtx-pro-6000", "RTX-PRO-6000"),
+        ("pro6000", "RTX-PRO-6000"),
+        ("h20", "H20"),
+        ("h100-nvl", "H100-NVL"),
+        ("gh200", "GH200-96GB"),
     ],
 )
 def test_aliases(alias: str, canonical: str) -> None:
@@ -199,7 +257,7 @@ def test_parse_cluster_malformed(spec: str, needle: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["7x4091", "8x7", "2x8xH300", "V100", "tpu", "8xH100 NVL", "a100-90gb"]
+    "spec", ["7x4091", "8x7", "2x8xH300", "P100", "tpu", "8xH200 NVL", "a100-90gb", "4090D"]
 )
 def test_parse_cluster_unknown_gpu(spec: str) -> None:
     with pytest.raises(UnknownGPUError) as info:
@@ -314,6 +372,22 @@ def test_hostfile_is_directory(tmp_path: Path) -> None:
         ("NVIDIA A100-PCIE-40GB", "A100-PCIE-40GB"),
         ("NVIDIA A100 80GB PCIe", "A100-PCIE-80GB"),
         ("NVIDIA B200", "B200-SXM-180GB"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA A10G", "A10G"),
+        ("NVIDIA A10", "A10"),
+        ("Tesla T4", "T4"),
+        ("Tesla V100-SXM2-16GB", "V100-SXM2-16GB"),
+        ("Tesla V100-SXM2-32GB", "V100-SXM2-32GB"),
+        ("NVIDIA A40", "A40"),
+        ("NVIDIA L40", "L40"),
+        ("NVIDIA GeForce RTX 3080", "RTX-3080"),
+        ("NVIDIA GeForce RTX 4080", "RTX-4080"),
+        ("NVIDIA GeForce RTX 5090", "RTX-5090"),
+        ("NVIDIA RTX 6000 Ada Generation", "RTX-6000-Ada"),
+        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTX-PRO-6000"),
+        ("NVIDIA H20", "H20"),
+        ("NVIDIA H100 NVL", "H100-NVL"),
+        ("NVIDIA GH200 480GB", "GH200-96GB"),
     ],
 )
 def test_gpu_from_nvml_name_known(nvml_name: str, canonical: str) -> None:
@@ -333,11 +407,13 @@ def test_gpu_from_nvml_name_accepts_bytes() -> None:
 @pytest.mark.parametrize(
     ("nvml_name", "label"),
     [
-        ("NVIDIA H100 NVL", "H100-NVL"),  # 94 GB PCIe part: must not inherit SXM speeds
-        ("NVIDIA H200 NVL", "H200-NVL"),
+        ("NVIDIA H200 NVL", "H200-NVL"),  # PCIe part: must not inherit SXM speeds
         ("NVIDIA GeForce RTX 4090 D", "GeForce-RTX-4090-D"),
-        ("NVIDIA RTX 6000 Ada Generation", "RTX-6000-Ada-Generation"),
-        ("Tesla T4", "Tesla-T4"),
+        (
+            "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition",
+            "RTX-PRO-6000-Blackwell-Max-Q-Workstation-Edition",
+        ),
+        ("Tesla V100-PCIE-16GB", "Tesla-V100-PCIE-16GB"),  # no NVLink: not the SXM2 entry
         ("   ", "unknown-GPU"),
     ],
 )
@@ -347,7 +423,7 @@ def test_gpu_from_nvml_name_unknown(nvml_name: str, label: str) -> None:
     assert gpu.known is False
     assert gpu.memory_bytes == 16 * 2**30
     # Pessimistic: slower than anything in the catalog, and no peer access.
-    assert gpu.bf16_tflops < min(g.bf16_tflops for g in GPU_CATALOG.values())
+    assert gpu.tensor_tflops < min(g.tensor_tflops for g in GPU_CATALOG.values())
     assert gpu.memory_bandwidth_gbs < min(g.memory_bandwidth_gbs for g in GPU_CATALOG.values())
     assert gpu.interconnect == "pcie" and gpu.p2p is False
 
@@ -476,10 +552,10 @@ def test_local_cluster_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_cluster_unknown_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setitem(
-        sys.modules, "pynvml", _fake_pynvml([("NVIDIA RTX PRO 6000", 97_000 * MIB)] * 2)
+        sys.modules, "pynvml", _fake_pynvml([("NVIDIA RTX PRO 4500", 32_000 * MIB)] * 2)
     )
     cluster = local_cluster()
     assert cluster is not None
     assert cluster.gpu.known is False
-    assert cluster.gpu.memory_bytes == 97_000 * MIB
-    assert cluster.describe() == "2×RTX-PRO-6000"
+    assert cluster.gpu.memory_bytes == 32_000 * MIB
+    assert cluster.describe() == "2×RTX-PRO-4500"

@@ -344,7 +344,56 @@ def test_dry_run_prints_everything_and_starts_nothing(
     assert "note: the plan was made for H100-SXM-80GB, this machine has RTX-4090" in out
 
 
-def test_launch_plans_a_model_id_on_the_gpus_given(tmp_path: Path, data_file: Path) -> None:
+def test_a_dry_run_that_would_be_refused_prints_everything_and_exits_2(
+    tmp_path: Path, data_file: Path, subprocess_env: dict[str, str]
+) -> None:
+    """No GPU here: the dry run shows the commands, files and checks, then exits 2."""
+    if importlib.util.find_spec("pynvml") is not None:
+        from zeroplan.hardware import local_cluster
+
+        if local_cluster() is not None:
+            pytest.skip("this machine has NVIDIA GPUs")
+    plan = make_plan(tmp_path / "p")
+    run = tmp_path / "run"
+    args = ["launch", str(plan.parent), "--data", str(data_file), "-o", str(run), "--dry-run"]
+    done = subprocess.run(
+        [sys.executable, "-m", "zeroplan.cli", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "nothing is started" in done.stdout and "\ncommands\n" in done.stdout
+    assert "refuses: no NVIDIA GPU" in done.stdout and "\nfiles\n" in done.stdout
+    assert done.stderr.startswith("zeroplan: error: no NVIDIA GPU")
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not run.exists()
+
+
+def test_launch_refuses_a_seq_len_past_the_context_window(
+    tmp_path: Path, data_file: Path, subprocess_env: dict[str, str]
+) -> None:
+    args = ["launch", "meta-llama/Meta-Llama-3-8B-Instruct", "--gpus", "1xH100"]
+    args += ["--seq-len", "16384", "--data", str(data_file), "-o", str(tmp_path / "r")]
+    done = subprocess.run(
+        [sys.executable, "-m", "zeroplan.cli", *args, "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("zeroplan: error: --seq-len 16,384 is longer")
+    assert "context window of 8,192 tokens" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+    assert not (tmp_path / "r").exists()
+
+
+def test_launch_plans_a_model_id_on_the_gpus_given(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("zeroplan.hardware.local_cluster", lambda: parse_cluster("4xH100"))
     result = CliRunner().invoke(
         cli,
         [

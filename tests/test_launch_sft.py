@@ -350,9 +350,12 @@ def test_resuming_a_completed_run_trains_nothing_unless_asked_for_more_steps(
     assert "nothing to resume: the run completed at step 12" in capsys.readouterr().err
     with pytest.raises(AssertionError, match="the model was loaded"):
         sft.run(opts(tmp_path, "--resume", "--max-steps", "20"), sft.StopFlag(), [])
-    # no --max-steps after a run cut short by one: the rest of the epoch is asked for
+    # --resume alone keeps the limits the run was started with (--max-steps 12): done
+    assert sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), []) == 0
+    assert "nothing to resume: the run completed at step 12" in capsys.readouterr().err
+    # new limits given with --resume hold instead: the rest of the epoch is asked for
     with pytest.raises(AssertionError, match="the model was loaded"):
-        sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), [])
+        sft.run(opts(tmp_path, "--resume", "--epochs", "1"), sft.StopFlag(), [])
     # an epoch-long run: the same --epochs is done, more epochs are more to train
     result["max_steps_given"] = None
     (tmp_path / "run" / "result.json").write_text(json.dumps(result))
@@ -363,6 +366,32 @@ def test_resuming_a_completed_run_trains_nothing_unless_asked_for_more_steps(
     (tmp_path / "run" / "result.json").write_text(json.dumps(result))
     with pytest.raises(AssertionError, match="the model was loaded"):
         sft.run(opts(tmp_path, "--resume"), sft.StopFlag(), [])
+
+
+def test_resume_keeps_the_limits_the_run_was_started_with(tmp_path: Path) -> None:
+    """Started with --max-steps 120, stopped at step 48: --resume alone still means 120."""
+    run = tmp_path / "run"
+    run.mkdir()
+    base = ["--plan", str(run / "plan.json"), "--data", "d.jsonl", "--out", str(run)]
+    # nothing recorded: the defaults
+    assert (sft.parse_args([*base, "--resume"]).max_steps, sft.parse_args([*base]).epochs) == (
+        None,
+        1.0,
+    )
+    # a session killed before its result: applied.json's argv says what was asked
+    (run / "applied.json").write_text(json.dumps({"argv": [*base, "--max-steps", "120"]}))
+    assert sft.parse_args([*base, "--resume"]).max_steps == 120
+    # the interrupted session's result.json
+    result = {"status": "interrupted", "global_step": 48, "max_steps": 120}
+    (run / "result.json").write_text(json.dumps({**result, "epochs": 2.0, "max_steps_given": 120}))
+    resumed = sft.parse_args([*base, "--resume"])
+    assert (resumed.max_steps, resumed.epochs) == (120, 2.0)
+    # limits given now hold instead (either one replaces both)
+    assert sft.parse_args([*base, "--resume", "--max-steps", "200"]).max_steps == 200
+    more = sft.parse_args([*base, "--resume", "--epochs", "3"])
+    assert (more.max_steps, more.epochs) == (None, 3.0)
+    # without --resume nothing is carried over
+    assert sft.parse_args(base).max_steps is None
 
 
 def test_missing_data_before_torch(tmp_path: Path, model_dir: Path) -> None:

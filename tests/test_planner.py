@@ -195,3 +195,75 @@ def test_plan_text_keeps_square_brackets() -> None:
     result = CliRunner().invoke(cli, ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090"])
     assert result.exit_code == 0, result.output
     assert "zeroplan[fused]" in " ".join(result.output.split())
+
+
+def test_a_card_without_bf16_is_flagged_in_estimate_and_plan() -> None:
+    """T4 / V100 resolve, but what is estimated is bf16 mixed precision, and the output says so."""
+    cluster = parse_cluster("1xT4")
+    setup = TrainSetup(method="qlora", micro_batch=1, seq_len=512, grad_ckpt=True)
+    est = evaluate(PlanRequest(spec=L8, cluster=cluster, seq_len=512), setup).estimate
+    assert est.calibrated is False
+    assert any("T4 has no bf16" in note for note in est.notes)
+    p = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=cluster, seq_len=512))
+    assert p.best is not None
+    assert any("T4 has no bf16" in a and "fp16 peak (65" in a for a in p.assumptions)
+    # a card with bf16 gets no such line
+    h100 = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=parse_cluster("1xH100")))
+    assert not any("no bf16" in a for a in h100.assumptions)
+
+
+def test_cli_estimate_on_a_v100_prints_the_bf16_note() -> None:
+    args = ["estimate", "llama-3.2-1b", "--gpus", "8xV100", "--method", "lora"]
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "V100-SXM2-16GB has no bf16" in result.output
+    data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
+    assert data["calibrated"] is False and data["cluster"]["gpu"] == "V100-SXM2-16GB"
+
+
+def test_seq_len_within_the_window_is_planned_and_past_it_refused() -> None:
+    from zeroplan.errors import ContextWindowError
+
+    phi4 = load_model("phi-4")
+    assert phi4.max_position_embeddings == 16_384
+    assert plan(PlanRequest(spec=phi4, cluster=parse_cluster("8xH100"), seq_len=16_384)).best
+    with pytest.raises(ContextWindowError, match="use --seq-len 16384 or less"):
+        PlanRequest(spec=phi4, cluster=parse_cluster("8xH100"), seq_len=16_385)
+    with pytest.raises(ContextWindowError):
+        evaluate(story_request(), TrainSetup(seq_len=200_000))
+
+
+def test_cost_uses_the_dated_typical_price_unless_given(tmp_path: Path) -> None:
+    from zeroplan.prices import TYPICAL_PRICE_PER_GPU_HOUR
+
+    args = ["plan", "llama-3.2-1b", "--gpus", "4xL4", "--dataset-tokens", "10M"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    price = TYPICAL_PRICE_PER_GPU_HOUR["L4"]
+    assert data["request"]["price_per_gpu_hour"] == price
+    assert data["request"]["price_source"] == "typical on-demand price, dated 2026-11"
+    assert data["best"]["cost"] == pytest.approx(data["best"]["hours"] * 4 * price)
+    text = CliRunner().invoke(cli, args, env={"COLUMNS": "200"}).output
+    assert "cost" in text and "typical on-demand price, dated 2026-11" in text
+    # the user's price wins, and is named as theirs
+    mine = json.loads(
+        CliRunner().invoke(cli, [*args, "--price-per-gpu-hour", "0.1", "--json"]).output
+    )
+    assert mine["request"]["price_source"] == "--price-per-gpu-hour"
+    assert mine["best"]["cost"] == pytest.approx(mine["best"]["hours"] * 4 * 0.1)
+    # no tokens, no cost; a GPU without a table price, no cost
+    assert "cost" not in json.loads(CliRunner().invoke(cli, [*args[:4], "--json"]).output)["best"]
+    no_price = ["plan", "llama-3.2-1b", "--gpus", "1x4080", "--dataset-tokens", "10M", "--json"]
+    assert "cost" not in json.loads(CliRunner().invoke(cli, no_price).output)["best"]
+
+
+def test_price_table_covers_the_cloud_gpus() -> None:
+    from zeroplan.hardware import GPU_CATALOG
+    from zeroplan.prices import TYPICAL_PRICE_PER_GPU_HOUR
+
+    assert set(TYPICAL_PRICE_PER_GPU_HOUR) <= set(GPU_CATALOG)
+    for gpu in ("H100-SXM-80GB", "H200-SXM-141GB", "A100-SXM-80GB", "A100-SXM-40GB", "L4"):
+        assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0
+    for gpu in ("A10G", "T4", "L40S", "V100-SXM2-16GB", "B200-SXM-180GB"):
+        assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0

@@ -365,12 +365,46 @@ def test_card_full_alert_above_95_percent() -> None:
 
 def test_throttle_alert_power_is_a_warning_heat_is_critical() -> None:
     assert al.throttling(sample(throttle_reasons=("gpu_idle", "sync_boost"))) == []
-    (power,) = al.throttling(sample(throttle_reasons=("sw_power_cap",)))
-    assert (
-        power.level == "warn" and "sw_power_cap" in power.message and "650/700 W" in power.message
-    )
+    capped = sample(throttle_reasons=("sw_power_cap",), sm_clock_mhz=1500)
+    (power,) = al.throttling(capped, low_clock_samples=3)
+    assert power.level == "warn" and "sw_power_cap" in power.message
+    assert "650/700 W" in power.message
+    assert "SM 1500/1980 MHz, 24% below max for 3 samples" in power.message
     (heat,) = al.throttling(sample(throttle_reasons=("sw_power_cap", "hw_thermal_slowdown")))
     assert heat.level == "crit" and "60°C" in heat.message
+
+
+def test_power_capping_at_full_clock_or_briefly_is_no_alert() -> None:
+    """NVML reports sw_power_cap at 99% of the max clock: that costs nothing."""
+    at_99 = sample(throttle_reasons=("sw_power_cap",), sm_clock_mhz=1960)
+    assert not al.clock_is_low(at_99)
+    assert al.throttling(at_99, low_clock_samples=0) == []
+    assert al.all_alerts([at_99], None, None, now=0.0) == []
+    dip = sample(throttle_reasons=("sw_power_cap",), sm_clock_mhz=1700)
+    assert al.clock_is_low(dip)
+    assert al.throttling(dip, low_clock_samples=2) == []  # two samples: not yet
+    (alert,) = al.all_alerts([dip], None, None, now=0.0, low_clock_samples={0: 5})
+    assert "14% below max for 5 samples" in alert.message
+
+
+def test_the_dashboard_counts_low_clock_samples_in_a_row(run_dir: Path) -> None:
+    from zeroplan.watch import Collector
+
+    # a power-capped fake GPU runs at 1410 of 1980 MHz (29% below max) on every sample
+    collector = Collector(run_dir, FakeBackend([FakeGPU(throttle_mask=0x4)]), record=False)
+    try:
+        views = [collector.collect() for _ in range(4)]
+    finally:
+        collector.close()
+    throttled = [[a for a in v.alerts if a.kind == "throttle"] for v in views]
+    assert [bool(t) for t in throttled] == [False, False, True, True]
+    assert "29% below max for 4 samples" in throttled[-1][0].message
+
+
+def test_a_finished_run_is_never_hung() -> None:
+    training = _training({0: (0.0, "train"), 1: (0.0, "train")})
+    assert any(a.kind == "hang" for a in al.all_alerts([], PRED, training, now=1e6))
+    assert al.all_alerts([], PRED, training, now=1e6, run_finished=True) == []
 
 
 def _training(ranks: dict[int, tuple[float, str]], sps: float | None = None) -> Any:
@@ -464,7 +498,7 @@ def test_recorded_run_at_200_columns() -> None:
     alerts = text[text.index("alerts") : text.index("GPU  name")]
     assert "CRIT GPU 5: 97% of the card in use (23.2/24.0 GiB)" in alerts
     assert (
-        "CRIT GPU 6: throttled: sw_power_cap, hw_thermal_slowdown (87°C, 450/450 W, SM 1875/3120 MHz)"
+        "CRIT GPU 6: throttled: sw_power_cap, hw_thermal_slowdown (87°C, 450/450 W, SM 1875/3120 MHz, 40% below max)"
         in alerts
     )
     assert "CRIT rank 3: no metric for 182 s (step 10; limit 120 s): hung?" in alerts
@@ -855,3 +889,96 @@ def test_multi_line_commands_stay_on_one_row() -> None:
 
     cmd = "/usr/bin/python3 -c \nimport torch\nx = 1\n"
     assert short_command(cmd) == "python3 -c import torch x = 1"
+
+
+# -- a finished run is read-only; one recorder for a live one; no lock left behind -----------
+
+
+def _end_every_rank(run_dir: Path, t: float = 1767000300.0) -> None:
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write("\n")  # the recording ends in a cut line
+        for rank in range(8):
+            f.write(json.dumps({"t": t, "rank": rank, "step": 41, "event": "end"}) + "\n")
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+@pytest.mark.parametrize("how", ["end events", "launch result"])
+def test_watching_a_finished_run_writes_nothing_into_it(run_dir: Path, how: str) -> None:
+    if how == "end events":
+        _end_every_rank(run_dir)
+    else:
+        (run_dir / "launch.json").write_text(json.dumps({"result": {"exit_code": 0}}))
+    before = _snapshot(run_dir)
+    result = CliRunner().invoke(
+        cli, ["watch", str(run_dir), "--once", "--json", "--fake-gpus", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert "not recording: the run has finished (read-only)" in data["notes"]
+    assert _snapshot(run_dir) == before  # no samples appended, no .watch.lock
+    # a dashboard left running on it does not record either
+    out = io.StringIO()
+    stop, thread, _ = _run_in_thread(
+        run_dir=run_dir, interval=0.02, mode="plain", stream=out, plain_every_s=0.0, fake_gpus=2
+    )
+    time.sleep(0.2)
+    stop.set()
+    thread.join(timeout=10)
+    assert _snapshot(run_dir) == before
+
+
+def test_a_live_run_is_recorded_by_one_dashboard_and_its_lock_removed(run_dir: Path) -> None:
+    view = watch_once(run_dir, fake_gpus=2, record=True)
+    assert any(note.startswith("recording to") for note in view.notes)
+    assert (run_dir / "gpu_samples.jsonl").read_text().count("\n") == 16 + 2
+    assert not (run_dir / ".watch.lock").exists()  # removed at exit
+    first = SampleRecorder(run_dir)
+    second = SampleRecorder(run_dir)
+    assert first.active and not second.active
+    assert (run_dir / ".watch.lock").read_text() == str(os.getpid())
+    first.close()
+    second.close()
+    assert not (run_dir / ".watch.lock").exists()
+
+
+def test_the_lock_of_a_dead_dashboard_is_taken_over(run_dir: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (run_dir / ".watch.lock").write_text(dead.stdout.strip())  # its flock died with it
+    recorder = SampleRecorder(run_dir)
+    try:
+        assert recorder.active and recorder.holder is None
+        assert (run_dir / ".watch.lock").read_text() == str(os.getpid())
+    finally:
+        recorder.close()
+    assert not (run_dir / ".watch.lock").exists()
+
+
+def test_a_resumed_run_is_not_finished_while_it_starts(run_dir: Path) -> None:
+    from zeroplan.runlog import run_state
+
+    _end_every_rank(run_dir, t=time.time() - 60)  # the first session ended a minute ago
+    assert run_state(run_dir).finished
+    (run_dir / "launch.json").write_text(json.dumps({"commands": []}))  # --resume started
+    state = run_state(run_dir)
+    assert not state.finished and state.session_start is not None
+    view = watch_once(run_dir, fake_gpus=1, record=False)
+    assert view.training is not None and not view.training.finished
+    # the launcher's own dashboard never reads the old end lines as this session's
+    stop, thread, _ = _run_in_thread(
+        run_dir=run_dir,
+        interval=0.02,
+        mode="json",
+        stream=(out := io.StringIO()),
+        fake_gpus=1,
+        rank_exit_codes=lambda: dict.fromkeys(range(8)),
+    )
+    _wait_for(lambda: out.getvalue().count("\n") >= 1)
+    stop.set()
+    thread.join(timeout=10)
+    first = json.loads(out.getvalue().splitlines()[0])
+    assert first["training"]["finished"] is False

@@ -34,6 +34,13 @@ THROTTLE_LEVELS: dict[str, str] = {
     "hw_power_brake_slowdown": "crit",
 }
 
+# Power capping is only a problem when it costs clock: NVML sets sw_power_cap whenever the
+# board sits at its power limit, also with the SM clock at 99% of its maximum. It is
+# reported when the SM clock is below this fraction of its maximum for this many samples
+# in a row (at 1 Hz: seconds), and the alert says by how much.
+CLOCK_LOW_FRACTION = 0.90
+CLOCK_LOW_SAMPLES = 3
+
 GIB = 2**30
 
 
@@ -96,19 +103,40 @@ def card_full(gpu: GPUSample) -> list[Alert]:
     ]
 
 
-def throttling(gpu: GPUSample) -> list[Alert]:
-    """Clocks held down by power or temperature (THROTTLE_LEVELS); the worst level wins."""
+def clock_is_low(gpu: GPUSample) -> bool:
+    """The SM clock below CLOCK_LOW_FRACTION of its maximum (False when either is unknown)."""
+    if gpu.sm_clock_mhz is None or not gpu.sm_clock_max_mhz:
+        return False
+    return gpu.sm_clock_mhz < CLOCK_LOW_FRACTION * gpu.sm_clock_max_mhz
+
+
+def throttling(gpu: GPUSample, low_clock_samples: int = 0) -> list[Alert]:
+    """Clocks held down by power or temperature (THROTTLE_LEVELS); the worst level wins.
+
+    Thermal and hardware slowdowns are critical at once. Power capping alone warns only
+    when it costs clock: ``low_clock_samples`` (the caller's count of consecutive samples,
+    this one included, with the SM clock below CLOCK_LOW_FRACTION of its maximum) has
+    reached CLOCK_LOW_SAMPLES.
+    """
     bad = [r for r in gpu.throttle_reasons if r in THROTTLE_LEVELS]
     if not bad:
         return []
     level = "crit" if any(THROTTLE_LEVELS[r] == "crit" for r in bad) else "warn"
+    if level == "warn" and low_clock_samples < CLOCK_LOW_SAMPLES:
+        return []
     detail = []
     if gpu.temperature_c is not None:
         detail.append(f"{gpu.temperature_c:.0f}°C")
     if gpu.power_w is not None and gpu.power_limit_w:
         detail.append(f"{gpu.power_w:.0f}/{gpu.power_limit_w:.0f} W")
     if gpu.sm_clock_mhz is not None and gpu.sm_clock_max_mhz:
-        detail.append(f"SM {gpu.sm_clock_mhz}/{gpu.sm_clock_max_mhz} MHz")
+        clock = f"SM {gpu.sm_clock_mhz}/{gpu.sm_clock_max_mhz} MHz"
+        if clock_is_low(gpu):
+            drop = 1 - gpu.sm_clock_mhz / gpu.sm_clock_max_mhz
+            clock += f", {drop:.0%} below max"
+            if low_clock_samples > 1:
+                clock += f" for {low_clock_samples} samples"
+        detail.append(clock)
     extra = f" ({', '.join(detail)})" if detail else ""
     return [
         Alert(
@@ -211,14 +239,24 @@ def all_alerts(
     exit_codes: Mapping[int, int | None] | None = None,
     alive_pids: Iterable[int] | None = None,
     this_host: str | None = None,
+    low_clock_samples: Mapping[int, int] | None = None,
+    run_finished: bool = False,
 ) -> list[Alert]:
-    """Every alert, critical first, then by GPU / rank order of discovery."""
+    """Every alert, critical first, then by GPU / rank order of discovery.
+
+    ``low_clock_samples``: per GPU index, consecutive samples with a low SM clock (see
+    :func:`throttling`). ``run_finished``: the run folder says the run is over, so no rank
+    is hung, missing or gone.
+    """
     alerts: list[Alert] = []
+    streaks = low_clock_samples or {}
     for g in gpus:
-        alerts += card_full(g) + over_prediction(g, prediction) + throttling(g)
+        alerts += card_full(g) + over_prediction(g, prediction)
+        alerts += throttling(g, streaks.get(g.index, int(clock_is_low(g))))
     world = prediction.world_size if prediction else None
-    alerts += silent_ranks(training, now, hang_after_s, world)
-    alerts += gone_ranks(training, exit_codes, alive_pids, this_host)
+    if not run_finished:
+        alerts += silent_ranks(training, now, hang_after_s, world)
+        alerts += gone_ranks(training, exit_codes, alive_pids, this_host)
     return sorted(alerts, key=lambda a: a.level != "crit")
 
 

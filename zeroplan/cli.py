@@ -191,7 +191,7 @@ def models(as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def gpus(as_json: bool) -> None:
-    """The GPU catalog behind --gpus (memory, bf16 TFLOP/s, bandwidth, interconnect)."""
+    """The GPU catalog behind --gpus (memory, bf16/fp16 TFLOP/s, bandwidth, interconnect)."""
     from dataclasses import asdict
 
     from zeroplan.hardware import GPU_CATALOG
@@ -322,7 +322,8 @@ def _count(text: str | None, option: str) -> int | None:
     "--price-per-gpu-hour",
     type=float,
     default=None,
-    help="Adds the cost to finish --dataset-tokens.",
+    help="Price of one GPU-hour for the cost to finish --dataset-tokens "
+    "(default: a typical on-demand price, dated, where zeroplan has one for the GPU).",
 )
 @click.option(
     "--cpu-ram-per-node",

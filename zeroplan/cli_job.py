@@ -158,6 +158,8 @@ def with_data(
     and the data's fit at that length (``data``) and ``epochs`` added."""
     raw = request.get("seq_len")
     out = dict(request)
+    if raw is not None and str(raw).strip().isdigit():
+        spec.check_seq_len(int(raw))  # before any tokenizing: past the window is refused
     if data is None:
         if raw is not None and not str(raw).strip().isdigit():
             raise BadSetupError(
@@ -178,8 +180,7 @@ def with_data(
         system=system,
         progress=progress,
     )
-    window = getattr(spec, "max_position_embeddings", None)  # the context window, when known
-    cap = check_seq_len(resolve_cap(profile, raw, window))
+    cap = check_seq_len(resolve_cap(profile, raw, spec.max_position_embeddings))
     out["seq_len"] = cap
     out["data"] = fit_to_cap(profile, cap, overlong or "drop")
     if epochs is not None:

@@ -309,6 +309,8 @@ def launch(
     checks = preflight(the_launch, present, force=force, hosts=not dry_run)
     if dry_run:
         _render_dry_run(the_launch, checks, present)
+        if checks.errors:  # everything was shown; the status says a real launch would stop
+            raise checks.errors[0]
         return
     checks.raise_first()
     for note in (*the_launch.notes, *checks.notes):

@@ -40,6 +40,7 @@ from zeroplan.lengths import LengthProfile
 from zeroplan.records import detect_format, read_records, text_of, to_messages
 
 CACHE_VERSION = 1  # bump when the rendering changes what a cached length means
+PROGRESS_FROM = 5000  # records: fewer tokenize in well under a second, without a word
 _SPECIAL = (
     "bos_token",
     "eos_token",
@@ -298,8 +299,8 @@ def token_lengths(
                 pass  # a broken cache entry is recomputed
     records = read_records(source, split)
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
-    if progress is not None:
-        progress(f"tokenizing {len(records):,} {fmt} records of {source}")
+    if progress is not None and len(records) >= PROGRESS_FROM:
+        progress(f"tokenizing {len(records):,} {fmt} records of {source} (cached afterwards)")
     if fmt == "text":
         texts = [text_of(r, i) for i, r in enumerate(records)]
         # launch/data.py appends EOS unless the tokenizer already ended with it

@@ -24,6 +24,10 @@ class UnsupportedModelError(ZeroplanError):
     """An architecture (or part of one) whose memory zeroplan does not model."""
 
 
+class ContextWindowError(ZeroplanError):
+    """--seq-len longer than the model's context window (max_position_embeddings)."""
+
+
 class BadSetupError(ZeroplanError):
     """A training option that is out of range or contradicts another option."""
 

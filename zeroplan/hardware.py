@@ -13,7 +13,13 @@ Every number in ``GPU_CATALOG`` carries its source next to it. Conventions:
   would over-promise by ~0.4 GiB per GPU.
 * ``bf16_tflops`` is the dense (no 2:4 sparsity) BF16 tensor-core peak with FP32 accumulate,
   which is what mixed-precision training uses. Datasheets quote the sparse figure with an
-  asterisk; we halve it.
+  asterisk; we halve it. ``fp16_tflops`` is the same for FP16 inputs (FP32 accumulate); on
+  every card with BF16 the two are equal. Cards before Ampere (T4, V100, RTX 20xx) have no
+  BF16 at all: ``bf16`` is False and ``bf16_tflops`` is 0. zeroplan models bf16 mixed
+  precision only, so its figures for those cards are flagged, not modelled (fp16 needs fp32
+  master weights and loss scaling, which the memory terms do not include).
+* GeForce boards (RTX 30xx/40xx/50xx) run FP32-accumulate at half their FP16-accumulate
+  rate; the whitepapers list both, we take the FP32-accumulate column.
 * ``link_bandwidth_gbs`` is per GPU, one direction, to its peers. NVLink datasheets quote the
   bidirectional total (e.g. 900 GB/s for H100), so we halve it. PCIe is the effective rate of a
   x16 link after protocol overhead, see ``PCIE_EFFECTIVE_GBS``.
@@ -60,10 +66,11 @@ GIB = 2**30
 PCIE_EFFECTIVE_GBS: Mapping[int, float] = MappingProxyType({3: 12.0, 4: 25.0, 5: 50.0})
 
 # Used for GPUs NVML reports that the catalog does not know. Deliberately below every catalog
-# entry (slowest: RTX 3090 at 71 TFLOPS, 768 GB/s A6000) so that time estimates err long rather
-# than promise a speed the card may not have; ``GPU.known`` is False so reports can say so.
+# entry (slowest: RTX 3080 at 59.5 TFLOPS, L4 at 300 GB/s) so that time estimates err long
+# rather than promise a speed the card may not have; ``GPU.known`` is False so reports can say
+# so.
 UNKNOWN_GPU_BF16_TFLOPS = 50.0
-UNKNOWN_GPU_MEMORY_BANDWIDTH_GBS = 500.0
+UNKNOWN_GPU_MEMORY_BANDWIDTH_GBS = 250.0
 UNKNOWN_GPU_PCIE_GEN = 4
 
 
@@ -74,7 +81,9 @@ class GPU:
     Attributes:
         name: canonical name, e.g. ``"H100-SXM-80GB"``; also accepted by ``parse_cluster``.
         memory_bytes: total device memory as the driver reports it (nvidia-smi MiB × 2**20).
-        bf16_tflops: dense BF16 tensor-core peak, FP32 accumulate, no sparsity.
+        bf16_tflops: dense BF16 tensor-core peak, FP32 accumulate, no sparsity; 0 when the
+            card has no BF16 (``bf16`` False).
+        fp16_tflops: dense FP16 tensor-core peak, FP32 accumulate, no sparsity.
         memory_bandwidth_gbs: HBM/GDDR bandwidth, GB/s (10**9 bytes/s).
         interconnect: ``"nvlink"`` when GPUs of a node talk over NVLink/NVSwitch, else ``"pcie"``.
         p2p: whether CUDA peer-to-peer works between two such GPUs in one node. Without it NCCL
@@ -83,17 +92,21 @@ class GPU:
         link_bandwidth_gbs: per-GPU one-direction bandwidth to peers in the node, GB/s.
         pcie_gen: PCIe generation of the host link (bounds CPU offload traffic).
         known: False for a GPU built from NVML data alone; its speeds are placeholders.
+        bf16: whether the card computes in BF16 (Ampere and later). Without it training runs
+            fp16 mixed precision, which zeroplan does not model: estimates say so.
     """
 
     name: str
     memory_bytes: int
     bf16_tflops: float
+    fp16_tflops: float
     memory_bandwidth_gbs: float
     interconnect: Interconnect
     p2p: bool
     link_bandwidth_gbs: float
     pcie_gen: int
     known: bool = True
+    bf16: bool = True
 
     def __post_init__(self) -> None:
         # A catalog typo (e.g. a bandwidth of 0) would otherwise surface as a division by
@@ -102,11 +115,24 @@ class GPU:
             raise ValueError("GPU.name must not be empty")
         if self.memory_bytes <= 0:
             raise ValueError(f"GPU {self.name}: memory_bytes must be positive")
-        for field_name in ("bf16_tflops", "memory_bandwidth_gbs", "link_bandwidth_gbs"):
+        for field_name in ("fp16_tflops", "memory_bandwidth_gbs", "link_bandwidth_gbs"):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"GPU {self.name}: {field_name} must be positive")
+        if self.bf16 and self.bf16_tflops <= 0:
+            raise ValueError(f"GPU {self.name}: bf16_tflops must be positive")
+        if not self.bf16 and self.bf16_tflops != 0:
+            raise ValueError(f"GPU {self.name}: bf16_tflops must be 0 for a card without BF16")
         if self.interconnect not in ("nvlink", "pcie"):
             raise ValueError(f"GPU {self.name}: interconnect must be 'nvlink' or 'pcie'")
+
+    @property
+    def tensor_tflops(self) -> float:
+        """The peak the speed model divides by: BF16's, or FP16's on a card without BF16.
+
+        For those cards it is a stand-in: the step they run is fp16 mixed precision, which
+        zeroplan does not model (its estimate carries a note saying so).
+        """
+        return self.bf16_tflops if self.bf16 else self.fp16_tflops
 
     @property
     def memory_gib(self) -> float:
@@ -120,17 +146,17 @@ def _mib(n: int) -> int:
 
 _CATALOG_ENTRIES: tuple[GPU, ...] = (
     GPU(
-        name="RTX-4090",
-        # 24564 MiB: nvidia-smi on a GeForce RTX 4090.
-        memory_bytes=_mib(24564),
-        # Ada whitepaper (AD102), FP16/BF16 tensor with FP32 accumulate: 165.2 dense. GeForce
-        # boards run FP32-accumulate at half the FP16-accumulate rate (330.3).
-        bf16_tflops=165.2,
-        memory_bandwidth_gbs=1008.0,  # datasheet: 384-bit GDDR6X @ 21 Gbps
+        name="RTX-3080",
+        # 10240 MiB: nvidia-smi on a GeForce RTX 3080 (10 GB board; the 12 GB board is not
+        # this entry, local_cluster() takes NVML's figure anyway).
+        memory_bytes=_mib(10240),
+        # Ampere GA102 whitepaper, RTX 3080 column: FP16 tensor with FP32 accumulate 59.5
+        # dense (119 with FP16 accumulate); BF16 runs at the same rate.
+        bf16_tflops=59.5,
+        fp16_tflops=59.5,
+        memory_bandwidth_gbs=760.0,  # datasheet: 320-bit GDDR6X @ 19 Gbps
         interconnect="pcie",
-        # The driver reports no peer access between GeForce 40-series boards; NCCL falls back
-        # to host-staged copies (accelerate disables NCCL P2P/IB for them for this reason).
-        p2p=False,
+        p2p=False,  # GeForce: no peer access over PCIe (as RTX 3090)
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
     ),
@@ -139,6 +165,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # 24576 MiB: nvidia-smi on a GeForce RTX 3090 (e.g. github.com/noonghunna/club-3090#178).
         memory_bytes=_mib(24576),
         bf16_tflops=71.0,  # Ampere GA102 whitepaper: BF16 tensor, FP32 accumulate, dense
+        fp16_tflops=71.0,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=936.0,  # datasheet
         interconnect="pcie",
         # No peer access over PCIe with the stock driver (NVIDIA/nccl#1127,
@@ -149,12 +176,180 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         pcie_gen=4,
     ),
     GPU(
+        name="RTX-4080",
+        # 16376 MiB: nvidia-smi on a GeForce RTX 4080 (16 GB GDDR6X).
+        memory_bytes=_mib(16376),
+        # Ada whitepaper (AD103), RTX 4080 column: FP16/BF16 tensor with FP32 accumulate 97.5
+        # dense (194.9 with FP16 accumulate).
+        bf16_tflops=97.5,
+        fp16_tflops=97.5,
+        memory_bandwidth_gbs=716.8,  # datasheet: 256-bit GDDR6X @ 22.4 Gbps
+        interconnect="pcie",
+        p2p=False,  # GeForce 40-series: no peer access (as RTX 4090)
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="RTX-4090",
+        # 24564 MiB: nvidia-smi on a GeForce RTX 4090.
+        memory_bytes=_mib(24564),
+        # Ada whitepaper (AD102), FP16/BF16 tensor with FP32 accumulate: 165.2 dense. GeForce
+        # boards run FP32-accumulate at half the FP16-accumulate rate (330.3).
+        bf16_tflops=165.2,
+        fp16_tflops=165.2,  # same tensor rate for FP16 inputs
+        memory_bandwidth_gbs=1008.0,  # datasheet: 384-bit GDDR6X @ 21 Gbps
+        interconnect="pcie",
+        # The driver reports no peer access between GeForce 40-series boards; NCCL falls back
+        # to host-staged copies (accelerate disables NCCL P2P/IB for them for this reason).
+        p2p=False,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="RTX-5090",
+        # 32607 MiB: nvidia-smi on a GeForce RTX 5090 (32 GB GDDR7).
+        memory_bytes=_mib(32607),
+        # Blackwell GB202 whitepaper, RTX 5090 column: FP16/BF16 tensor with FP32 accumulate
+        # 209.5 dense (419 with FP16 accumulate; 3352 "AI TOPS" is FP4 with sparsity).
+        bf16_tflops=209.5,
+        fp16_tflops=209.5,
+        memory_bandwidth_gbs=1792.0,  # datasheet: 512-bit GDDR7 @ 28 Gbps
+        interconnect="pcie",
+        p2p=False,  # GeForce: no peer access with the stock driver
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
+        pcie_gen=5,
+    ),
+    GPU(
         name="RTX-A6000",
         memory_bytes=_mib(49140),  # nvidia-smi on an RTX A6000 (ECC off)
         bf16_tflops=154.8,  # datasheet: 309.7 TFLOPS tensor with sparsity, halved
+        fp16_tflops=154.8,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=768.0,  # datasheet
         interconnect="pcie",
         p2p=True,  # professional boards keep PCIe peer access enabled
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="RTX-6000-Ada",
+        memory_bytes=_mib(49140),  # nvidia-smi on "NVIDIA RTX 6000 Ada Generation" (ECC off)
+        # RTX 6000 Ada datasheet: 1457 TFLOPS FP8 tensor with sparsity; FP16/BF16 runs at half
+        # the FP8 rate and dense at half the sparse one: 364.25 (professional boards
+        # accumulate in FP32 at the full rate).
+        bf16_tflops=364.25,
+        fp16_tflops=364.25,
+        memory_bandwidth_gbs=960.0,  # datasheet
+        interconnect="pcie",  # no NVLink on Ada boards
+        p2p=True,  # professional boards keep PCIe peer access enabled
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="RTX-PRO-6000",
+        # 97887 MiB: nvidia-smi on "NVIDIA RTX PRO 6000 Blackwell Server Edition" (96 GB
+        # GDDR7); the 300 W Max-Q workstation board clocks lower and is not this entry.
+        memory_bytes=_mib(97887),
+        # RTX PRO 6000 Blackwell datasheet: 4 PFLOPS FP4 with sparsity; FP16/BF16 with FP32
+        # accumulate is 1/8 of it, dense: 4000 / 2 (sparsity) / 4 (FP4 -> FP16) = 500.
+        bf16_tflops=500.0,
+        fp16_tflops=500.0,
+        memory_bandwidth_gbs=1792.0,  # datasheet: 512-bit GDDR7
+        interconnect="pcie",  # no NVLink
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
+        pcie_gen=5,
+    ),
+    GPU(
+        name="T4",
+        memory_bytes=_mib(15360),  # nvidia-smi on "Tesla T4" (16 GB GDDR6, ECC on)
+        bf16_tflops=0.0,  # Turing has no BF16
+        fp16_tflops=65.0,  # T4 datasheet: mixed precision (FP16/FP32) 65 TFLOPS, dense
+        memory_bandwidth_gbs=320.0,  # datasheet
+        interconnect="pcie",
+        p2p=True,  # data-center board: PCIe peer access enabled
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[3],
+        pcie_gen=3,
+        bf16=False,
+    ),
+    GPU(
+        name="V100-SXM2-16GB",
+        memory_bytes=_mib(16160),  # nvidia-smi on "Tesla V100-SXM2-16GB" (AWS p3)
+        bf16_tflops=0.0,  # Volta has no BF16
+        fp16_tflops=125.0,  # V100 datasheet, SXM2: tensor performance 125 TFLOPS
+        memory_bandwidth_gbs=900.0,  # datasheet (HBM2)
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=150.0,  # NVLink 2: 300 GB/s bidirectional per GPU, halved
+        pcie_gen=3,
+        bf16=False,
+    ),
+    GPU(
+        name="V100-SXM2-32GB",
+        memory_bytes=_mib(32510),  # nvidia-smi on "Tesla V100-SXM2-32GB" (AWS p3dn)
+        bf16_tflops=0.0,  # Volta has no BF16
+        fp16_tflops=125.0,  # V100 datasheet, SXM2: tensor performance 125 TFLOPS
+        memory_bandwidth_gbs=900.0,  # datasheet (HBM2)
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=150.0,  # NVLink 2: 300 GB/s bidirectional per GPU, halved
+        pcie_gen=3,
+        bf16=False,
+    ),
+    GPU(
+        name="A10",
+        memory_bytes=_mib(23028),  # nvidia-smi on "NVIDIA A10" (24 GB GDDR6, ECC on)
+        bf16_tflops=125.0,  # A10 datasheet: BF16 tensor 125 dense / 250 sparse
+        fp16_tflops=125.0,  # A10 datasheet: FP16 tensor 125 dense / 250 sparse
+        memory_bandwidth_gbs=600.0,  # datasheet
+        interconnect="pcie",  # no NVLink
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="A10G",
+        memory_bytes=_mib(23028),  # nvidia-smi on "NVIDIA A10G" (AWS g5, 24 GB GDDR6)
+        # AWS-only variant of the A10 with no public NVIDIA datasheet. AWS's G5 page gives no
+        # dense tensor figure; third-party comparisons of A10 and A10G (e.g. Baseten's) list
+        # 70 TFLOPS FP16/BF16 tensor for the A10G. Treat as approximate.
+        bf16_tflops=70.0,
+        fp16_tflops=70.0,
+        memory_bandwidth_gbs=600.0,  # AWS G5 documentation: 600 GB/s
+        interconnect="pcie",  # g5 instances have no NVLink
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="A40",
+        memory_bytes=_mib(46068),  # nvidia-smi on "NVIDIA A40" (48 GB GDDR6, ECC on)
+        bf16_tflops=149.7,  # A40 datasheet: BF16 tensor 149.7 dense / 299.4 sparse
+        fp16_tflops=149.7,  # A40 datasheet: FP16 tensor 149.7 dense / 299.4 sparse
+        memory_bandwidth_gbs=696.0,  # datasheet
+        interconnect="pcie",  # an NVLink bridge joins pairs only
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="L4",
+        memory_bytes=_mib(23034),  # nvidia-smi on "NVIDIA L4" (24 GB GDDR6, ECC on)
+        bf16_tflops=121.0,  # L4 datasheet: BF16 tensor 242 with sparsity, halved
+        fp16_tflops=121.0,  # L4 datasheet: FP16 tensor 242 with sparsity, halved
+        memory_bandwidth_gbs=300.0,  # datasheet
+        interconnect="pcie",  # no NVLink
+        p2p=True,  # data-center board; some cloud VMs do not expose peer access
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
+        pcie_gen=4,
+    ),
+    GPU(
+        name="L40",
+        memory_bytes=_mib(46068),  # nvidia-smi on "NVIDIA L40" (48 GB GDDR6, ECC on)
+        bf16_tflops=181.05,  # L40 datasheet: BF16 tensor 362.1 with sparsity, halved
+        fp16_tflops=181.05,  # L40 datasheet: FP16 tensor 362.1 with sparsity, halved
+        memory_bandwidth_gbs=864.0,  # datasheet
+        interconnect="pcie",  # no NVLink on L40
+        p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
     ),
@@ -163,6 +358,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # 46068 MiB: nvidia-smi on L40S (github.com/modal-labs/modal-client#2797).
         memory_bytes=_mib(46068),
         bf16_tflops=362.05,  # datasheet: 362.05 dense / 733 sparse
+        fp16_tflops=362.05,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=864.0,  # datasheet
         interconnect="pcie",  # no NVLink on L40S
         p2p=True,
@@ -174,6 +370,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # 40960 MiB: nvidia-smi on A100-SXM4-40GB (modal-labs/modal-client#2797).
         memory_bytes=_mib(40960),
         bf16_tflops=312.0,  # A100 datasheet: 312 dense / 624 sparse
+        fp16_tflops=312.0,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=1555.0,  # datasheet (HBM2)
         interconnect="nvlink",
         p2p=True,
@@ -185,6 +382,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # 81920 MiB: nvidia-smi on A100-SXM4-80GB (modal-labs/modal-client#2797).
         memory_bytes=_mib(81920),
         bf16_tflops=312.0,  # A100 datasheet
+        fp16_tflops=312.0,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=2039.0,  # datasheet (HBM2e)
         interconnect="nvlink",
         p2p=True,
@@ -199,6 +397,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # replaces this with what NVML reports anyway.
         memory_bytes=_mib(40960),
         bf16_tflops=312.0,  # A100 datasheet
+        fp16_tflops=312.0,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=1555.0,  # datasheet
         interconnect="pcie",  # an NVLink bridge joins pairs only
         p2p=True,
@@ -209,6 +408,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         name="A100-PCIE-80GB",
         memory_bytes=_mib(81920),  # nvidia-smi on "NVIDIA A100 80GB PCIe"
         bf16_tflops=312.0,  # A100 datasheet
+        fp16_tflops=312.0,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=1935.0,  # datasheet (PCIe variant)
         interconnect="pcie",
         p2p=True,
@@ -216,11 +416,23 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         pcie_gen=4,
     ),
     GPU(
+        name="H20",
+        memory_bytes=_mib(97871),  # nvidia-smi on "NVIDIA H20" (96 GB HBM3)
+        bf16_tflops=148.0,  # H20 datasheet: FP16/BF16 tensor 148 dense
+        fp16_tflops=148.0,
+        memory_bandwidth_gbs=4000.0,  # datasheet: 4.0 TB/s
+        interconnect="nvlink",
+        p2p=True,
+        link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
+        pcie_gen=5,
+    ),
+    GPU(
         name="H100-SXM-80GB",
         # 81559 MiB: nvidia-smi on "NVIDIA H100 80GB HBM3" (NVIDIA/nccl#1264,
         # modal-labs/modal-client#2797).
         memory_bytes=_mib(81559),
         bf16_tflops=989.4,  # H100 datasheet: 1979 sparse, halved
+        fp16_tflops=989.4,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=3350.0,  # datasheet: 3.35 TB/s
         interconnect="nvlink",
         p2p=True,
@@ -232,6 +444,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # 81559 MiB: nvidia-smi on "NVIDIA H100 PCIe" (NVIDIA/TensorRT-LLM test reports).
         memory_bytes=_mib(81559),
         bf16_tflops=756.5,  # H100 datasheet, PCIe column: 1513 sparse, halved
+        fp16_tflops=756.5,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=2000.0,  # datasheet: 2 TB/s (HBM2e)
         interconnect="pcie",  # NVLink bridge joins pairs only
         p2p=True,
@@ -239,9 +452,38 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         pcie_gen=5,
     ),
     GPU(
+        name="H100-NVL",
+        memory_bytes=_mib(95830),  # nvidia-smi on "NVIDIA H100 NVL" (94 GB HBM3)
+        bf16_tflops=835.5,  # H100 datasheet, NVL column: 1671 sparse, halved
+        fp16_tflops=835.5,
+        memory_bandwidth_gbs=3900.0,  # datasheet: 3.9 TB/s
+        # NVLink bridges join pairs of boards only (600 GB/s), so a node of them is planned
+        # over PCIe, as the PCIe A100/H100 are.
+        interconnect="pcie",
+        p2p=True,
+        link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
+        pcie_gen=5,
+    ),
+    GPU(
+        name="GH200-96GB",
+        # 97871 MiB: nvidia-smi on "NVIDIA GH200 480GB" (96 GB HBM3 + 480 GB LPDDR5X on the
+        # Grace side). The 144 GB HBM3e variant is not this entry.
+        memory_bytes=_mib(97871),
+        bf16_tflops=989.4,  # GH200 datasheet: same Hopper GPU as H100 SXM, 1979 sparse
+        fp16_tflops=989.4,
+        memory_bandwidth_gbs=4000.0,  # datasheet: 4 TB/s (HBM3)
+        interconnect="nvlink",  # several GH200s of a system join over NVLink 4
+        p2p=True,
+        link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
+        # The CPU link is NVLink-C2C (450 GB/s each way), far above PCIe; CPU offload is
+        # planned at PCIe gen5 speed, which errs long.
+        pcie_gen=5,
+    ),
+    GPU(
         name="H200-SXM-141GB",
         memory_bytes=_mib(143771),  # nvidia-smi on "NVIDIA H200"
         bf16_tflops=989.4,  # H200 datasheet: same Hopper die as H100 SXM, 1979 sparse
+        fp16_tflops=989.4,  # same tensor rate for FP16 inputs
         memory_bandwidth_gbs=4800.0,  # datasheet: 4.8 TB/s (HBM3e)
         interconnect="nvlink",
         p2p=True,
@@ -253,6 +495,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # 183359 MiB: nvidia-smi on "NVIDIA B200" (NVIDIA/TensorRT-LLM#10278).
         memory_bytes=_mib(183359),
         bf16_tflops=2250.0,  # HGX B200 datasheet: 4.5 PFLOPS sparse per GPU, halved
+        fp16_tflops=2250.0,  # same tensor rate for FP16 inputs
         # Datasheet says 8 TB/s; the driver reports a 7680-bit bus at 3996 MHz, i.e.
         # 7680/8 × 3996e6 × 2 = 7.67 TB/s (pytorch/ao#4002). Use the figure the part delivers.
         memory_bandwidth_gbs=7680.0,
@@ -268,32 +511,55 @@ GPU_CATALOG: Mapping[str, GPU] = MappingProxyType({g.name: g for g in _CATALOG_E
 
 
 def _normalize(name: str) -> str:
-    """Lower-case, drop '-', '_' and whitespace, and drop an 'nvidia'/'geforce' prefix.
+    """Lower-case, drop '-', '_' and whitespace, and drop an 'nvidia'/'geforce'/'tesla' prefix.
 
-    The prefixes go because NVML names carry them ("NVIDIA GeForce RTX 4090") and users
-    sometimes copy those; nothing in the catalog is distinguished by them.
+    The prefixes go because NVML names carry them ("NVIDIA GeForce RTX 4090", "Tesla T4")
+    and users sometimes copy those; nothing in the catalog is distinguished by them.
     """
     key = re.sub(r"[\s\-_]+", "", name.lower())
-    for prefix in ("nvidia", "geforce"):
+    for prefix in ("nvidia", "geforce", "tesla"):
         key = key.removeprefix(prefix)
     return key
 
 
 # Aliases, as a user would type them; normalised at import. NVML's own product names are
 # included so that gpu_from_nvml_name() needs no separate table. Deliberately absent: names
-# of different parts that share a prefix ("H100 NVL", "H200 NVL", "RTX 4090 D", "L40"), which
-# must not silently inherit another board's speeds.
+# of different parts that share a prefix ("H200 NVL", "RTX 4090 D", "RTX 3080 12GB", "RTX PRO
+# 6000 Blackwell Max-Q", "GH200 144G"), which must not silently inherit another board's speeds.
 _ALIASES: Mapping[str, tuple[str, ...]] = {
-    "RTX-4090": ("4090", "rtx4090", "rtx-4090"),
+    "RTX-3080": ("3080", "rtx3080", "rtx-3080"),
     "RTX-3090": ("3090", "rtx3090", "rtx-3090"),
+    "RTX-4080": ("4080", "rtx4080", "rtx-4080"),
+    "RTX-4090": ("4090", "rtx4090", "rtx-4090"),
+    "RTX-5090": ("5090", "rtx5090", "rtx-5090"),
     "RTX-A6000": ("a6000", "rtx-a6000"),
+    "RTX-6000-Ada": ("6000ada", "rtx6000ada", "rtx-6000-ada", "RTX 6000 Ada Generation"),
+    "RTX-PRO-6000": (
+        "pro6000",
+        "rtxpro6000",
+        "rtx-pro-6000",
+        "rtx-pro-6000-blackwell",
+        "RTX PRO 6000 Blackwell Server Edition",
+        "RTX PRO 6000 Blackwell Workstation Edition",
+    ),
+    "T4": ("t4", "tesla-t4"),
+    "V100-SXM2-16GB": ("v100", "v100-16gb", "v100-sxm2", "v100-sxm2-16gb"),
+    "V100-SXM2-32GB": ("v100-32gb", "v100-sxm2-32gb"),
+    "A10": ("a10",),
+    "A10G": ("a10g",),
+    "A40": ("a40",),
+    "L4": ("l4",),
+    "L40": ("l40",),
     "L40S": ("l40s",),
     "A100-SXM-40GB": ("a100-40gb", "a100-sxm-40gb", "A100-SXM4-40GB"),
     "A100-SXM-80GB": ("a100", "a100-80gb", "a100-sxm", "a100-sxm-80gb", "A100-SXM4-80GB"),
     "A100-PCIE-40GB": ("a100-pcie-40gb",),
     "A100-PCIE-80GB": ("a100-pcie", "a100-pcie-80gb", "A100 80GB PCIe"),
+    "H20": ("h20",),
     "H100-SXM-80GB": ("h100", "h100-sxm", "h100-80gb", "h100-sxm-80gb", "H100 80GB HBM3"),
     "H100-PCIE-80GB": ("h100-pcie", "h100-pcie-80gb", "H100 PCIe"),
+    "H100-NVL": ("h100-nvl", "h100nvl", "h100-94gb"),
+    "GH200-96GB": ("gh200", "gh200-96gb", "GH200 480GB"),
     "H200-SXM-141GB": ("h200", "h200-sxm", "h200-141gb", "h200-sxm-141gb"),
     "B200-SXM-180GB": ("b200", "b200-sxm", "b200-180gb", "b200-sxm-180gb"),
 }
@@ -577,6 +843,7 @@ def gpu_from_nvml_name(name: str | bytes, memory_bytes: int) -> GPU:
         name=label,
         memory_bytes=memory_bytes,
         bf16_tflops=UNKNOWN_GPU_BF16_TFLOPS,
+        fp16_tflops=UNKNOWN_GPU_BF16_TFLOPS,
         memory_bandwidth_gbs=UNKNOWN_GPU_MEMORY_BANDWIDTH_GBS,
         interconnect="pcie",
         p2p=False,

@@ -11,6 +11,15 @@ Parameter counts are exact, component by component, for the decoder-only familie
 ``_FAMILIES``; they are checked in the tests against ``sum(p.numel())`` of the real
 transformers models built from the same configs. Anything else is refused with a message
 that names what is missing: a silent guess would make every number downstream wrong.
+
+One multimodal checkpoint is counted: Gemma 3 (4B, 12B, 27B), whose config.json is a
+``gemma3`` wrapper of a ``text_config`` and a SigLIP ``vision_config``.
+``AutoModelForCausalLM`` loads it as ``Gemma3ForConditionalGeneration``, vision tower
+included, even for text-only SFT, so the spec is its text decoder plus ``vision_params``
+(tower + projector, exact): they are weights on the GPU (and trained under full
+fine-tuning) but see no activations on text batches. Not modelled and said so by the
+estimate: LoRA adapters that ``all-linear`` also puts on the tower's linears, and how
+bitsandbytes treats those linears in 4 bit (counted bf16).
 """
 
 from __future__ import annotations
@@ -19,13 +28,19 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from zeroplan.errors import BadModelConfigError, ModelNotFoundError, UnsupportedModelError
+from zeroplan.errors import (
+    BadModelConfigError,
+    ContextWindowError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 
 # ---------------------------------------------------------------------------------------
 # Architecture families: the structural facts config.json does not state explicitly.
@@ -45,7 +60,22 @@ class _Family:
     # Whether the modelling code reads ``attention_bias`` (biases on q, k, v and o). Mistral,
     # Mixtral and Phi-3 ignore it and have none; Qwen2 ignores it and always biases q, k, v.
     honours_attention_bias: bool = True
+    # The config class's defaults for fields a published config.json leaves out (Gemma 3's
+    # text_config states only what differs from Gemma3TextConfig).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
+
+# transformers' Gemma3TextConfig() defaults (checked in the tests against the installed class).
+GEMMA3_TEXT_DEFAULTS: Mapping[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131_072,
+}
 
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family(),
@@ -54,7 +84,13 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3": _Family(qk_norm=True, head_dim_default=128),
     "gemma": _Family(gemma_norm=True, head_dim_default=256),
     "gemma2": _Family(norms_per_layer=4, gemma_norm=True, head_dim_default=256),
-    "gemma3_text": _Family(norms_per_layer=4, qk_norm=True, gemma_norm=True, head_dim_default=256),
+    "gemma3_text": _Family(
+        norms_per_layer=4,
+        qk_norm=True,
+        gemma_norm=True,
+        head_dim_default=256,
+        defaults=GEMMA3_TEXT_DEFAULTS,
+    ),
     "phi3": _Family(fused_qkv=True, fused_gate_up=True, honours_attention_bias=False),
     "mixtral": _Family(moe=True, honours_attention_bias=False),
     "qwen3_moe": _Family(qk_norm=True, moe=True, head_dim_default=128),
@@ -112,10 +148,11 @@ class ParamCounts:
     mlp: int  # dense MLPs, or the experts plus router of MoE layers
     norms: int
     lm_head: int  # 0 when tied to the embeddings
+    vision: int = 0  # a multimodal checkpoint's vision tower and projector (Gemma 3)
 
     @property
     def total(self) -> int:
-        return self.embeddings + self.attention + self.mlp + self.norms + self.lm_head
+        return self.embeddings + self.attention + self.mlp + self.norms + self.lm_head + self.vision
 
 
 @dataclass(frozen=True)
@@ -142,6 +179,10 @@ class ModelSpec:
     fused_gate_up: bool
     final_logit_softcapping: float | None = None
     moe: MoE | None = None
+    # Vision tower + projector that the checkpoint loads with the decoder (Gemma 3): frozen
+    # or trained weights, no activations on text. 0 for text-only models.
+    vision_params: int = 0
+    max_position_embeddings: int | None = None  # the context window; None when not stated
     source: str = ""  # where the config came from: a path, "catalog", "hf-cache" or "hub"
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
@@ -215,6 +256,7 @@ class ModelSpec:
             mlp=self.num_dense_layers * dense_mlp + n_moe * moe_mlp,
             norms=self.num_layers * self.norms_per_layer * h + h,
             lm_head=0 if self.tie_word_embeddings else self.vocab_size * h,
+            vision=self.vision_params,
         )
 
     @property
@@ -231,6 +273,20 @@ class ModelSpec:
         if self.moe and self.moe.num_moe_layers:
             kinds.append((self.attention_linears() + self.moe_linears(), self.moe.num_moe_layers))
         return kinds
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse a sequence longer than the context window the config states.
+
+        Past ``max_position_embeddings`` the model has no trained positions: training there
+        needs a rope-scaling change to the config, which zeroplan has no option for, so the
+        request is refused rather than estimated.
+        """
+        window = self.max_position_embeddings
+        if window is not None and seq_len > window:
+            raise ContextWindowError(
+                f"--seq-len {seq_len:,} is longer than {self.name}'s context window of "
+                f"{window:,} tokens (max_position_embeddings); use --seq-len {window} or less"
+            )
 
     def quantizable_params(self) -> int:
         """Weights that bitsandbytes quantizes when transformers loads the model in 4 or 8 bit.
@@ -276,6 +332,14 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
     if not isinstance(cfg, dict):
         raise BadModelConfigError(f"{name}: config.json must hold a JSON object")
     model_type = cfg.get("model_type")
+    if (
+        model_type == "gemma3"
+        and isinstance(cfg.get("text_config"), dict)
+        and isinstance(cfg.get("vision_config"), dict)
+    ):
+        text = spec_from_config({"model_type": "gemma3_text", **cfg["text_config"]}, name, source)
+        vision = _siglip_params(cfg["vision_config"], text.hidden_size, name)
+        return replace(text, model_type="gemma3", vision_params=vision, config=cfg)
     if model_type in _MULTIMODAL or "vision_config" in cfg:
         raise UnsupportedModelError(
             f"{name}: '{model_type}' is a vision-language model; zeroplan models text-only decoders "
@@ -294,6 +358,11 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
             "estimate the unquantized base model with --method qlora instead"
         )
     fam = _FAMILIES[model_type]
+    cfg_in = cfg
+    cfg = {
+        **fam.defaults,
+        **{k: v for k, v in cfg.items() if v is not None or k not in fam.defaults},
+    }
     h = _positive_int(cfg, "hidden_size", name)
     heads = _positive_int(cfg, "num_attention_heads", name)
     kv_heads = cfg.get("num_key_value_heads") or heads
@@ -352,9 +421,44 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
         fused_gate_up=fam.fused_gate_up,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
         moe=moe,
+        max_position_embeddings=_context_window(cfg, name),
         source=source,
-        config=cfg,
+        config=cfg_in,
     )
+
+
+def _context_window(cfg: dict[str, Any], name: str) -> int | None:
+    value = cfg.get("max_position_embeddings")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise BadModelConfigError(
+            f"{name}: config.json field 'max_position_embeddings' must be a positive integer, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _siglip_params(vision: dict[str, Any], text_hidden: int, name: str) -> int:
+    """Gemma 3's SigLIP vision tower (no pooling head) and its projector, exactly.
+
+    tower:  patch conv 3·p²·d + d, position embeddings (image/p)²·d,
+            per layer q/k/v/out 4·(d² + d) + fc1 d·i + i + fc2 i·d + d + two LayerNorms 4·d,
+            post LayerNorm 2·d
+    projector: d × h_text matrix + an RMSNorm of d
+    """
+    d = _positive_int(vision, "hidden_size", name)
+    i = _positive_int(vision, "intermediate_size", name)
+    layers = _positive_int(vision, "num_hidden_layers", name)
+    patch = _positive_int(vision, "patch_size", name)
+    image = _positive_int(vision, "image_size", name)
+    if vision.get("vision_use_head", False):
+        raise UnsupportedModelError(
+            f"{name}: a vision tower with a pooling head is not modelled; open an issue with its config.json"
+        )
+    per_layer = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 4 * d
+    tower = 3 * patch * patch * d + d + (image // patch) ** 2 * d + layers * per_layer + 2 * d
+    return tower + d * text_hidden + d
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from zeroplan.errors import BadSetupError, ZeroplanError
 from zeroplan.hardware import Cluster
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
+from zeroplan.memory.estimate import no_bf16_note
 from zeroplan.models import ModelSpec
 from zeroplan.packing import steps_per_epoch
+from zeroplan.prices import GPUPrice, typical_price
 from zeroplan.speed import OVERLAP, StepTime, step_time
 from zeroplan.trainsetup import ALL_LINEAR, TrainSetup
 
@@ -58,6 +60,7 @@ class PlanRequest:
     epochs: float = 1.0
 
     def __post_init__(self) -> None:
+        self.spec.check_seq_len(self.seq_len)
         if self.objective not in OBJECTIVES:
             raise BadSetupError(f"--objective must be one of {', '.join(OBJECTIVES)}")
         if not 0 <= self.margin < 1:
@@ -101,6 +104,12 @@ class PlanRequest:
         if self.data is not None:
             return round(self.data.train_tokens * self.epochs)
         return None
+
+    def price(self) -> GPUPrice | None:
+        """The price a cost is computed at: the user's, else the dated table's (or None)."""
+        if self.price_per_gpu_hour is not None:
+            return GPUPrice(self.price_per_gpu_hour, "--price-per-gpu-hour")
+        return typical_price(self.cluster.gpu.name)
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,12 @@ def plan(req: PlanRequest) -> Plan:
         f"communication {OVERLAP:.0%} hidden behind compute, ZeRO-3's hook overhead and "
         "CPU-offload speed are assumptions (not yet measured on several GPUs)"
     ]
+    if not req.cluster.gpu.bf16:
+        assumptions.append(
+            no_bf16_note(req.cluster)
+            + f"; speeds use its fp16 peak ({req.cluster.gpu.fp16_tflops:g} "
+            "TFLOP/s)"
+        )
     if best is not None and best.setup.method != req.method:
         assumptions.append(
             f"the plan trains {req.method} on a 4-bit base ({best.setup.method}); "
@@ -389,11 +404,13 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
         if tokens:
             hours = tokens / c.step.tokens_per_s / 3600
             out["hours"] = hours
-            if p.request.price_per_gpu_hour is not None:
-                out["cost"] = hours * p.request.cluster.world_size * p.request.price_per_gpu_hour
+            if price is not None:
+                out["cost"] = hours * p.request.cluster.world_size * price.per_gpu_hour
         return out
 
     req = p.request
+    # a cost needs the tokens to train on; then the user's price, else the dated table's
+    price = req.price() if req.tokens_to_train else None
     return {
         "model": req.spec.name,
         # where the config came from: a local config.json path, "catalog", "hf-cache" or "hub";
@@ -408,7 +425,8 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "dataset_tokens": req.dataset_tokens,
             "margin": req.margin,
             "objective": req.objective,
-            "price_per_gpu_hour": req.price_per_gpu_hour,
+            "price_per_gpu_hour": price.per_gpu_hour if price else req.price_per_gpu_hour,
+            "price_source": price.source if price else None,
             "cpu_ram_per_node": req.cpu_ram_per_node,
             "epochs": req.epochs,
             "tokens_to_train": req.tokens_to_train,

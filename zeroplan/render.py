@@ -120,13 +120,15 @@ def render_gpus(gpus: list[GPU], console: Console) -> None:
     from rich.table import Table
 
     table = Table(show_edge=False)
-    for col in ("GPU", "memory GiB", "bf16 TFLOP/s", "bandwidth GB/s", "link", "P2P"):
-        table.add_column(col, justify="left" if col == "GPU" else "right")
+    cols = ("GPU", "memory GiB", "bf16 TFLOP/s", "fp16 TFLOP/s", "bandwidth GB/s", "link", "P2P")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=col == "GPU")
     for g in gpus:
         table.add_row(
             g.name,
             f"{g.memory_gib:.1f}",
-            f"{g.bf16_tflops:g}",
+            f"{g.bf16_tflops:g}" if g.bf16 else "no bf16",
+            f"{g.fp16_tflops:g}",
             f"{g.memory_bandwidth_gbs:g}",
             f"{g.interconnect} {g.link_bandwidth_gbs:g} GB/s",
             "yes" if g.p2p else "no",
@@ -218,6 +220,11 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
             cells.append(f"{c['cost']:,.2f}")
         table.add_row(*cells, style="green" if n == 1 else None)
     console.print(table)
+    if "cost" in rows[0]:
+        source = req.get("price_source") or "--price-per-gpu-hour"
+        line = f"cost at ${req['price_per_gpu_hour']:,.2f} per GPU-hour ({source}"
+        line += "; --price-per-gpu-hour to use yours)" if source != "--price-per-gpu-hour" else ")"
+        console.print(escape(line))
     console.print(f"[green]Chosen:[/green] {rows[0]['family']} (row 1).")
     if data["rejected"]:
         console.print("[bold]Other families:[/bold]")

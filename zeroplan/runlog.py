@@ -32,6 +32,7 @@ METRICS_FILE = "metrics.jsonl"
 GPU_SAMPLES_FILE = "gpu_samples.jsonl"
 HOST_SAMPLES_FILE = "host_samples.jsonl"
 LOCK_FILE = ".watch.lock"
+LAUNCH_FILE = "launch.json"  # zeroplan launch's record; "result" is added when it ends
 
 # Longest command line kept per GPU process in gpu_samples.jsonl: a line is then ~550
 # bytes, so 8 GPUs sampled at 1 Hz write ~16 MB per hour of run.
@@ -257,7 +258,16 @@ class TrainingLog:
     """Everything metrics.jsonl has said so far, kept small: the latest record per rank
     and the last ``history`` losses and throughputs."""
 
-    def __init__(self, path: str | os.PathLike[str], history: int = 240) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        history: int = 240,
+        *,
+        session_start: float | None = None,
+    ) -> None:
+        # ``session_start``: when the current launch began (a resumed run's metrics.jsonl
+        # holds the earlier session's ``end`` lines; those must not read as "finished")
+        self.session_start = session_start
         self._tail = JsonlTail(path)
         self._latest: dict[int, MetricRecord] = {}
         self._peak: dict[int, int] = {}
@@ -288,7 +298,10 @@ class TrainingLog:
             if value is not None and value > self._peak.get(rec.rank, -1):
                 self._peak[rec.rank] = value
         if rec.event == "end":
-            self._ended.add(rec.rank)
+            if self.session_start is None or rec.t >= self.session_start:
+                self._ended.add(rec.rank)
+        else:  # a rank that logs again after its end is running again (a resume)
+            self._ended.discard(rec.rank)
         if rec.rank != min(self._latest):
             return
         if rec.event == "eval":
@@ -368,6 +381,42 @@ class TrainingLog:
         )
 
 
+# -- has the run ended? ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the run folder says about the run's life.
+
+    ``finished``: the run is over, so watching it must not write into it. True when
+    ``zeroplan launch`` recorded its result in launch.json, or when every rank logged
+    ``end`` after the current launch began (a launcher killed without writing its result).
+    ``session_start``: when a launch that has not ended began (launch.json's time), which
+    the training view uses to ignore an earlier session's ``end`` lines; None otherwise.
+    """
+
+    finished: bool
+    session_start: float | None = None
+
+
+def run_state(run_dir: str | os.PathLike[str]) -> RunState:
+    """Read launch.json and metrics.jsonl once; see :class:`RunState`."""
+    run = Path(run_dir)
+    launch = run / LAUNCH_FILE
+    session_start = None
+    try:
+        record = json.loads(launch.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and record.get("result") is not None:
+            return RunState(finished=True)
+        session_start = launch.stat().st_mtime
+    except (OSError, ValueError):
+        pass
+    log = TrainingLog(run / METRICS_FILE, history=1, session_start=session_start)
+    log.poll()
+    view = log.view()
+    return RunState(finished=view is not None and view.finished, session_start=session_start)
+
+
 # -- recording samples --------------------------------------------------------------------
 
 
@@ -378,7 +427,9 @@ class SampleRecorder:
     Only one dashboard records a run: the first takes an exclusive lock on
     ``RUN_DIR/.watch.lock``; another ``zeroplan watch`` on the same folder shows the run
     without recording (``active`` False, ``holder`` says who records). A folder this user
-    cannot write is watched without recording too (``why_not`` says so).
+    cannot write is watched without recording too (``why_not`` says so). The lock is an
+    ``flock``: the kernel drops it when its process dies, so the lock file of a dead
+    dashboard is simply taken over (its pid overwritten); ``close`` removes the file.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
@@ -408,13 +459,27 @@ class SampleRecorder:
         except ImportError:  # pragma: no cover - not POSIX: record without a lock
             self.active = True
             return
-        lock = (self.run_dir / LOCK_FILE).open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            self.holder = f"pid {lock.read().strip() or '?'}"
+        path = self.run_dir / LOCK_FILE
+        for _ in range(5):
+            lock = path.open("a+", encoding="utf-8")
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                self.holder = f"pid {lock.read().strip() or '?'}"
+                lock.close()
+                return
+            # the holder we waited on may have removed the file as it let go: then this
+            # lock is on a file nobody else can see; open the path again
+            try:
+                same = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             lock.close()
+        else:  # pragma: no cover - the file keeps vanishing: someone else is busy with it
+            self.holder = "pid ?"
             return
         lock.truncate(0)
         lock.write(str(os.getpid()))
@@ -447,6 +512,10 @@ class SampleRecorder:
             f.close()
         self._files = []
         if self._lock is not None:
+            # removed while still held, so that no one can take the lock on this file
+            # between the release and the removal
+            with contextlib.suppress(OSError):
+                (self.run_dir / LOCK_FILE).unlink()
             self._lock.close()  # releases the flock
             self._lock = None
         self.active = False

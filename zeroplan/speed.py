@@ -146,7 +146,7 @@ def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster, fill: float 
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
     """
     world = cluster.world_size
-    compute = compute_seconds(spec, setup, cluster.gpu.bf16_tflops) * setup.grad_accum
+    compute = compute_seconds(spec, setup, cluster.gpu.tensor_tflops) * setup.grad_accum
     comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster) * 1e9)
     offload = 0.0
     if setup.offload != "none":

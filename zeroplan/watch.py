@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
-from zeroplan.alerts import DEFAULT_HANG_AFTER_S, all_alerts
+from zeroplan.alerts import DEFAULT_HANG_AFTER_S, all_alerts, clock_is_low
 from zeroplan.dashboard import DashboardView, plain_lines, render, view_json
 from zeroplan.errors import BadPlanError
 from zeroplan.monitor import GPUBackend, HostSampler, Snapshot, open_backend
@@ -50,6 +50,7 @@ from zeroplan.runlog import (
     TrainingLog,
     TrainingView,
     read_prediction,
+    run_state,
 )
 
 logger = logging.getLogger("zeroplan.watch")
@@ -85,9 +86,26 @@ class Collector:
         self.hang_after_s = hang_after_s
         self.rank_exit_codes = rank_exit_codes
         self.host = HostSampler()
-        self.training = TrainingLog(self.run_dir / METRICS_FILE) if self.run_dir else None
-        self.recorder = SampleRecorder(self.run_dir) if self.run_dir and record else None
         self.notes = list(notes)
+        # The launcher's own dashboard (it passes rank_exit_codes) watches a live run by
+        # definition, from the moment it starts; anyone else first asks the folder.
+        launcher = rank_exit_codes is not None
+        state = run_state(self.run_dir) if self.run_dir and not launcher else None
+        if launcher:
+            session_start: float | None = time.time()
+        else:
+            session_start = state.session_start if state else None
+        self.training = (
+            TrainingLog(self.run_dir / METRICS_FILE, session_start=session_start)
+            if self.run_dir
+            else None
+        )
+        self.run_finished = state is not None and state.finished
+        self._low_clock: dict[int, int] = {}  # GPU index -> consecutive low-clock samples
+        if state is not None and state.finished and record:
+            record = False
+            self.notes.append("not recording: the run has finished (read-only)")
+        self.recorder = SampleRecorder(self.run_dir) if self.run_dir and record else None
         if self.recorder is not None:
             self.notes.append(
                 f"recording to {self.run_dir}/gpu_samples.jsonl"
@@ -109,6 +127,8 @@ class Collector:
             training = self.training.view()
         exit_codes = self.rank_exit_codes() if self.rank_exit_codes else None
         alive = _alive_pids(training) if exit_codes is None else None
+        for g in snap.gpus:
+            self._low_clock[g.index] = self._low_clock.get(g.index, 0) + 1 if clock_is_low(g) else 0
         alerts = all_alerts(
             snap.gpus,
             self.prediction,
@@ -118,6 +138,8 @@ class Collector:
             exit_codes=exit_codes,
             alive_pids=alive,
             this_host=self._hostname,
+            low_clock_samples=self._low_clock,
+            run_finished=self.run_finished,
         )
         return DashboardView(
             snapshot=snap,

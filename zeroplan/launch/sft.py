@@ -187,7 +187,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--out", required=True, type=Path, help="run folder (checkpoints, metrics, final)"
     )
     ap.add_argument("--model", help="model folder or Hub id (default: the plan's model)")
-    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    ap.add_argument(
+        "--epochs",
+        type=float,
+        help="passes over the data (default 1; with --resume and neither this nor "
+        "--max-steps: the limits the run was started with)",
+    )
     ap.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     ap.add_argument("--lr", type=float, help="learning rate (default 2e-4 LoRA/QLoRA, 2e-5 full)")
     ap.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share (default 0)")
@@ -211,6 +216,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     help="packed rows: varlen flash attention (auto on a GPU) or an SDPA "
                     "block-diagonal mask")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.resume and a.epochs is None and a.max_steps is None:
+        a.epochs, a.max_steps = original_limits(a.out)
+    a.epochs = 1.0 if a.epochs is None else a.epochs
     for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
         value = getattr(a, name)
         if value is not None and value < 1:
@@ -406,6 +414,34 @@ def _need(module: str, what: str, package: str) -> None:
             f"the plan uses {what}, but {package} is not installed: pip install {package}, "
             "or plan again without it"
         )
+
+
+def original_limits(out: Path) -> tuple[float | None, int | None]:
+    """``(--epochs, --max-steps)`` the run in ``out`` was started with, for a ``--resume``
+    that gives neither: the job continues as it was started.
+
+    From result.json (written when a session ends, also on a signal), else from the argv
+    that applied.json keeps (a session killed before it could write its result), else
+    ``(None, None)``: the defaults.
+    """
+    try:
+        result = json.loads((out / RESULT).read_text(encoding="utf-8"))
+        epochs, steps = result.get("epochs"), result.get("max_steps_given")
+        return (
+            float(epochs) if isinstance(epochs, (int, float)) else None,
+            steps if isinstance(steps, int) else None,
+        )
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        argv = json.loads((out / APPLIED).read_text(encoding="utf-8"))["argv"]
+        ap = argparse.ArgumentParser(add_help=False)
+        ap.add_argument("--epochs", type=float)
+        ap.add_argument("--max-steps", type=int)
+        known, _ = ap.parse_known_args([str(x) for x in argv])
+        return known.epochs, known.max_steps
+    except (OSError, ValueError, KeyError, TypeError, SystemExit):
+        return None, None
 
 
 def last_checkpoint(out: Path) -> Path | None:

@@ -39,6 +39,7 @@ CALIBRATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
 def _check_supported(spec: ModelSpec, setup: TrainSetup) -> None:
+    spec.check_seq_len(setup.seq_len)
     if spec.moe and setup.method == "qlora":
         raise UnsupportedModelError(
             f"{spec.name}: QLoRA of mixture-of-experts models is not modelled (how bitsandbytes "
@@ -165,6 +166,15 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     calibrated = spec.model_type in CALIBRATED_FAMILIES and setup.attn != "flash_attention_2"
     if not calibrated:
         notes.append(f"{spec.model_type} / {setup.attn}: activations not yet calibrated on a GPU")
+    if spec.vision_params:
+        notes.append(
+            f"includes the checkpoint's vision tower + projector ({spec.vision_params / 1e9:.2f} B "
+            "params, which AutoModelForCausalLM loads) as bf16 weights; not counted: LoRA "
+            "adapters that all-linear also puts on it, 4-bit quantization of its linears"
+        )
+    if not cluster.gpu.bf16:
+        calibrated = False
+        notes.append(no_bf16_note(cluster))
     if frozen_base_held(setup, world):
         notes.append(
             "LoRA under ZeRO-3 with (reentrant) checkpointing: measured on one 2-GPU "
@@ -201,6 +211,15 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         cpu_bytes_per_node=offload_cpu_bytes(spec, setup, world, cluster.gpus_per_node),
         calibrated=calibrated,
         notes=tuple(notes),
+    )
+
+
+def no_bf16_note(cluster: Cluster) -> str:
+    """The one line that says a card without BF16 is estimated as if it had it."""
+    return (
+        f"{cluster.gpu.name} has no bf16: these are bf16 mixed-precision figures, not the fp16 "
+        "mixed precision (fp32 master weights, loss scaling) this card would run, which "
+        "zeroplan does not model"
     )
 
 
