@@ -101,8 +101,10 @@ def test_second_profile_comes_from_the_cache(model_dirs: dict[str, Path], tmp_pa
 def test_cap_percentiles_and_the_overlong_rule() -> None:
     p = LengthProfile("d", "alpaca", "t", tuple(range(1, 101)))
     assert (p.longest, p.percentile(50), p.percentile(99), p.mean) == (100, 50, 99, 50.5)
-    assert resolve_cap(p, None, None) == 128 and resolve_cap(p, "auto", 100) == 100
-    assert resolve_cap(p, "p50", None) == 64 and resolve_cap(p, "90", None) == 90
+    assert resolve_cap(p, None, None) == (128, "the longest record")
+    assert resolve_cap(p, "auto", 100) == (100, "the model's context window")
+    assert resolve_cap(p, "p50", None) == (64, "the 50th percentile")
+    assert resolve_cap(p, "90", None) == (90, "given")
     dropped = fit_to_cap(p, 64)
     assert (dropped.dropped, dropped.kept, dropped.train_tokens) == (36, 64, sum(range(1, 65)))
     cut = fit_to_cap(p, 64, "truncate")
@@ -199,3 +201,22 @@ def test_plan_with_data_reports_the_data(model_dirs: dict[str, Path], tmp_path: 
     assert json.loads(over.stdout)["data"]["dropped"] == sum(n > 64 for n in lengths.lengths) > 0
     short = _plan([*args, "--seq-len", "8"], env, tmp_path)
     assert short.returncode == 2 and "--overlong truncate" in short.stderr
+
+
+def test_estimate_with_data_takes_the_longest_record(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    _config(model_dirs["tiny"])
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", RECORDS["alpaca"] * 5)
+    env = offline_env(tmp_path / "home")
+    base = [sys.executable, "-m", "zeroplan.cli", "estimate", str(model_dirs["tiny"])]
+    base += ["--data", str(data), "--micro-batch", "4", "--json"]
+    done = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    est = json.loads(done.stdout)
+    longest = est["data"]["longest_tokens"]
+    assert est["setup"]["seq_len"] == -(-longest // 64) * 64 == est["data"]["seq_len"]
+    assert est["data"]["seq_len_from"] == "the longest record"
+    assert 0 < est["data"]["micro_batch_fill"] <= 1
+    given = subprocess.run([*base, "--seq-len", "32"], capture_output=True, text=True, env=env)
+    assert json.loads(given.stdout)["setup"]["seq_len"] == 32

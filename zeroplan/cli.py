@@ -10,7 +10,13 @@ from typing import Any, TypeVar
 
 import click
 
-from zeroplan.cli_job import data_options, job_options, job_request, with_data
+from zeroplan.cli_job import (
+    data_options,
+    estimate_data_options,
+    job_options,
+    job_request,
+    with_data,
+)
 from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
 
@@ -146,7 +152,20 @@ def setup_options(f: F) -> F:
     "--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract)."
 )
 @click.option("--explain", is_flag=True, help="Show each term's formula with this run's numbers.")
-def estimate(model: str, gpus: str | None, as_json: bool, explain: bool, **options: Any) -> None:
+@estimate_data_options
+def estimate(
+    model: str,
+    gpus: str | None,
+    as_json: bool,
+    explain: bool,
+    data: str | None,
+    tokenizer: str | None,
+    chat_template: str | None,
+    data_format: str | None,
+    system_prompt: str | None,
+    overlong: str | None,
+    **options: Any,
+) -> None:
     """Per-GPU memory of fine-tuning MODEL: every term, the peak, and whether it fits.
 
     MODEL is a Hub id (meta-llama/Llama-3.1-8B-Instruct), an alias from `zeroplan models`
@@ -155,16 +174,38 @@ def estimate(model: str, gpus: str | None, as_json: bool, explain: bool, **optio
     the Hub. Numbers are for the worst-loaded GPU, in GiB (2^30 bytes).
     """
     from zeroplan.api import estimate as run_estimate
+    from zeroplan.models import load_model
 
-    est = run_estimate(model, gpus=gpus, **options)
+    spec = load_model(model)
+    fit = None
+    if data is not None:
+        # the sequence length is the data's longest record unless --seq-len is given; a
+        # micro-batch is micro-batch × seq-len tokens of packed records, as launch trains
+        given = click.get_current_context().get_parameter_source("seq_len")
+        explicit = given is not click.core.ParameterSource.DEFAULT
+        fields = with_data(
+            spec, {"seq_len": str(options["seq_len"]) if explicit else None}, data, tokenizer,
+            chat_template, data_format, system_prompt, overlong,
+            progress=None if as_json else _progress,
+        )  # fmt: skip
+        options["seq_len"] = fields["seq_len"]
+        fit = fields["data"]
+    est = run_estimate(spec, gpus=gpus, **options)
+    answer = est.to_json()
+    if fit is not None:
+        answer["data"] = fit.to_json()
+        answer["data"]["micro_batch_fill"] = fit.pack_at(options["micro_batch"] * fit.cap).fill
     if as_json:
-        click.echo(json.dumps(est.to_json(), indent=2))
+        click.echo(json.dumps(answer, indent=2))
         return
     from rich.console import Console
 
-    from zeroplan.render import render_estimate
+    from zeroplan.render import render_data, render_estimate
 
-    render_estimate(est, Console(), explain=explain)
+    console = Console()
+    if fit is not None:
+        render_data(answer["data"], console)
+    render_estimate(est, console, explain=explain)
 
 
 @cli.command()

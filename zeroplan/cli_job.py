@@ -74,6 +74,15 @@ def job_options(fn: F) -> F:
 def data_options(fn: F) -> F:
     """--data, --tokenizer, --chat-template, --format, --system-prompt, --overlong, --epochs:
     plan from the data's own token lengths."""
+    return _data_options(fn, epochs=True)
+
+
+def estimate_data_options(fn: F) -> F:
+    """The data options of ``zeroplan estimate``: all but --epochs (an estimate has no time)."""
+    return _data_options(fn, epochs=False)
+
+
+def _data_options(fn: F, epochs: bool) -> F:
     options = [
         click.option(
             "--data",
@@ -107,13 +116,16 @@ def data_options(fn: F) -> F:
             default=None,
             help="Records longer than --seq-len: drop (default) or truncate.",
         ),
-        click.option(
-            "--epochs",
-            type=click.FloatRange(min=0, min_open=True),
-            default=None,
-            help="Passes over --data for the time and cost (default 1).",
-        ),
     ]
+    if epochs:
+        options.append(
+            click.option(
+                "--epochs",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="Passes over --data for the time and cost (default 1).",
+            )
+        )
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -180,9 +192,9 @@ def with_data(
         system=system,
         progress=progress,
     )
-    cap = check_seq_len(resolve_cap(profile, raw, spec.max_position_embeddings))
-    out["seq_len"] = cap
-    out["data"] = fit_to_cap(profile, cap, overlong or "drop")
+    cap, reason = resolve_cap(profile, raw, spec.max_position_embeddings)
+    out["seq_len"] = check_seq_len(cap)
+    out["data"] = fit_to_cap(profile, cap, overlong or "drop", reason)
     if epochs is not None:
         out["epochs"] = epochs
     return out

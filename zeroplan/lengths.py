@@ -72,15 +72,18 @@ class LengthProfile:
         return [(i * width + 1, min(top, (i + 1) * width), c) for i, c in enumerate(counts)]
 
 
-def resolve_cap(profile: LengthProfile, seq_len: str | int | None, window: int | None) -> int:
-    """The sequence cap: a number as given; ``pNN`` the NN-th percentile of the lengths;
-    ``auto`` / None the longest record. Percentile and auto are rounded up to a multiple of
-    64 and held to the model's context ``window``."""
+def resolve_cap(
+    profile: LengthProfile, seq_len: str | int | None, window: int | None
+) -> tuple[int, str]:
+    """The sequence cap and why: a number as given; ``pNN`` the NN-th percentile of the
+    lengths; ``auto`` / None the longest record. Percentile and auto are rounded up to a
+    multiple of 64 and held to the model's context ``window``."""
     if isinstance(seq_len, int):
-        return seq_len
+        return seq_len, "given"
     text = (seq_len or "auto").strip().lower()
     if text.isdigit():
-        return int(text)
+        return int(text), "given"
+    reason = "the longest record"
     if text == "auto":
         raw = profile.longest
     else:
@@ -91,10 +94,11 @@ def resolve_cap(profile: LengthProfile, seq_len: str | int | None, window: int |
                 "percentile of the data's lengths such as p99"
             )
         raw = profile.percentile(float(m.group(1)))
+        reason = f"the {m.group(1)}th percentile"
     cap = max(CAP_MULTIPLE, math.ceil(raw / CAP_MULTIPLE) * CAP_MULTIPLE)
-    if window is not None:
-        cap = min(cap, window)
-    return cap
+    if window is not None and cap > window:
+        return window, "the model's context window"
+    return cap, reason
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class DataFit:
     dropped: int
     truncated: int
     pack: PackStats
+    cap_reason: str = (
+        "given"  # given | the longest record | the NNth percentile | the model's context window
+    )
 
     def pack_at(self, capacity: int) -> PackStats:
         """The kept samples packed into rows of ``capacity`` tokens (a micro-batch's token
@@ -148,6 +155,7 @@ class DataFit:
             "percentiles": {f"p{q}": p.percentile(q) for q in PERCENTILES},
             "histogram": [list(b) for b in p.histogram()],
             "seq_len": self.cap,
+            "seq_len_from": self.cap_reason,
             "overlong": self.overlong,
             "dropped": self.dropped,
             "truncated": self.truncated,
@@ -160,7 +168,9 @@ class DataFit:
         }
 
 
-def fit_to_cap(profile: LengthProfile, cap: int, overlong: str = "drop") -> DataFit:
+def fit_to_cap(
+    profile: LengthProfile, cap: int, overlong: str = "drop", cap_reason: str = "given"
+) -> DataFit:
     """Drop (or truncate to ``cap``) the records longer than ``cap``, then pack the rest.
 
     All records over the cap is a BadDataError naming their count, the longest, and the
@@ -189,6 +199,7 @@ def fit_to_cap(profile: LengthProfile, cap: int, overlong: str = "drop") -> Data
         dropped=len(over) if overlong == "drop" else 0,
         truncated=len(over) if overlong == "truncate" else 0,
         pack=_packed(profile, key, kept, cap),
+        cap_reason=cap_reason,
     )
 
 

@@ -157,8 +157,10 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
         if d["truncated"]
         else "none longer"
     )
+    why = d.get("seq_len_from", "given")
     console.print(
-        f"     seq {d['seq_len']:,} ({lost}); packed into micro-batches of micro-batch × "
+        f"     seq {d['seq_len']:,} ({why if why != 'given' else '--seq-len'}; {lost}); "
+        "packed into micro-batches of micro-batch × "
         f"{d['seq_len']:,} tokens (fill below); in rows of {d['seq_len']:,}: {d['fill']:.1%}"
     )
     top = max((c for _, _, c in d["histogram"]), default=0)
