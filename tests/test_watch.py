@@ -544,6 +544,12 @@ def test_padding_share_is_shown_next_to_tokens_per_s() -> None:
     view = recorded_view()
     text = screen(DashboardView(view.snapshot, tr, view.prediction, ()), 200)
     assert "tokens/s 1,700 (plan 10,034) · 25% padding" in text
+    # how the ranks make their batches (applied.json's choice) is shown beside it
+    line = '{"t": 2, "rank": 0, "step": 2, "padding": 0.02, "batching": "packed, varlen attention"}'
+    log.add(parse_record(line) or MetricRecord(t=0, rank=0, step=0))
+    tr = log.view()
+    text = screen(DashboardView(view.snapshot, tr, view.prediction, ()), 200)
+    assert "· 2% padding · packed, varlen attention" in text
 
 
 def test_recorded_run_at_80_columns_keeps_the_essentials() -> None:

@@ -282,8 +282,10 @@ def _training(view: DashboardView, width: int) -> Any:
     if view.prediction and view.prediction.tokens_per_s:
         tok.append(f" (plan {view.prediction.tokens_per_s:,.0f})")
     if tr.padding is not None:
-        # the plan counts full-length sequences; padding is work the tokens/s leaves out
+        # tokens/s counts real tokens; padding is work it leaves out
         tok.append(f" · {tr.padding:.0%} padding")
+    if tr.batching:
+        tok.append(f" · {tr.batching}")
     tok.append(" ")
     # from zero: a throughput that dips by 2% should not look like a collapse
     tok.append(sparkline(tr.tokens_history, max(10, min(40, width - 40)), floor=0.0), style="cyan")

@@ -120,6 +120,7 @@ class MetricRecord:
     peak_allocated_bytes: int | None = None  # allocator peak since the rank's previous line
     peak_reserved_bytes: int | None = None
     padding: float | None = None  # share of token positions that were padding, same interval
+    batching: str | None = None  # how the rank makes its batches ("packed, varlen attention")
 
 
 def _num(value: Any, kind: type[int] | type[float]) -> Any:
@@ -161,6 +162,7 @@ def parse_record(line: str) -> MetricRecord | None:
         peak_allocated_bytes=_num(obj.get("peak_allocated_bytes"), int),
         peak_reserved_bytes=_num(obj.get("peak_reserved_bytes"), int),
         padding=_num(obj.get("padding"), float),
+        batching=obj.get("batching") if isinstance(obj.get("batching"), str) else None,
     )
 
 
@@ -252,6 +254,7 @@ class TrainingView:
     finished: bool
     bad_lines: int
     padding: float | None = None  # the lead rank's latest share of padded positions
+    batching: str | None = None  # the lead rank's batching
 
 
 class TrainingLog:
@@ -372,6 +375,7 @@ class TrainingLog:
             eval_loss=self._eval_loss,
             tokens_per_s=self._tokens_per_s(),
             padding=lead.padding,
+            batching=lead.batching,
             loss_history=tuple(self._loss),
             tokens_history=tuple(self._tokens),
             seconds_per_step=sps,

@@ -62,9 +62,10 @@ class MetricsWriter(TrainerCallback):
     O_APPEND, so the ranks of one machine never interleave within a line.
     """
 
-    def __init__(self, path: Path, tokens: Counter) -> None:
+    def __init__(self, path: Path, tokens: Counter, batching: str | None = None) -> None:
         self.path = path
         self.tokens = tokens
+        self.batching = batching  # how batches are made, e.g. "packed, varlen attention"
         self.fd: int | None = None
         self.last_t = time.time()
         self.last_tokens = 0
@@ -85,6 +86,7 @@ class MetricsWriter(TrainerCallback):
             "grad_norm": values.get("grad_norm"),
             "tokens_per_s": values.get("tokens_per_s"),
             "padding": values.get("padding"),
+            "batching": self.batching,
             **_memory(),
             "event": event,
         }

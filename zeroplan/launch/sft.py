@@ -691,7 +691,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     from zeroplan.launch.callbacks import MetricsWriter, StopOnSignal, any_rank
 
     counter = Counter()
-    callbacks = [MetricsWriter(opts.out / METRICS, counter), StopOnSignal(flag)]
+    callbacks = [MetricsWriter(opts.out / METRICS, counter, batching.label), StopOnSignal(flag)]
     trainer_cls = lean_trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -975,6 +975,14 @@ class Batching:
     samples: int
     rows: int
     fill: float | None  # real tokens / token positions of the packed rows
+
+    @property
+    def label(self) -> str:
+        """A few words for the dashboard: how batches are made."""
+        if self.mode != "packed":
+            return self.mode
+        kernel = "varlen attention" if self.packed_attention == "varlen" else "SDPA mask"
+        return f"packed, {kernel}"
 
     def describe(self) -> str:
         if self.mode != "packed":
