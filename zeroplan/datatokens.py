@@ -40,6 +40,7 @@ from zeroplan.lengths import LengthProfile
 from zeroplan.records import detect_format, read_records, text_of, to_messages
 
 CACHE_VERSION = 1  # bump when the rendering changes what a cached length means
+ENCODE_CHUNK = 4096  # texts per call to the tokenizer
 PROGRESS_FROM = 5000  # records: fewer tokenize in well under a second, without a word
 _SPECIAL = (
     "bos_token",
@@ -191,9 +192,13 @@ def load_tokenizer(folder: Path, chat_template: str | None = None) -> LightToken
 
     def encode_batch(texts: list[str], add_special: bool) -> list[tuple[int, int]]:
         out = []
-        for e in tok.encode_batch(texts, add_special_tokens=add_special):
-            ids = e.ids
-            out.append((len(ids), ids[-1] if ids else -1))
+        # in chunks: a whole data set's Encoding objects (ids, offsets, masks) at once take
+        # gigabytes; the library parallelises within each chunk
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[start : start + ENCODE_CHUNK]
+            for e in tok.encode_batch(chunk, add_special_tokens=add_special):
+                ids = e.ids
+                out.append((len(ids), ids[-1] if ids else -1))
         return out
 
     digest = hashlib.sha256(tok_file.read_bytes())

@@ -9,6 +9,7 @@ fill, and the real tokens per epoch are what the planner turns into steps, time 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -56,9 +57,13 @@ class LengthProfile:
         (nearest rank: sorted[⌈q/100 · n⌉ − 1])."""
         if not self.lengths:
             return 0
-        ordered = sorted(self.lengths)
+        ordered = self._ordered
         rank = max(1, math.ceil(q / 100 * len(ordered)))
         return ordered[rank - 1]
+
+    @functools.cached_property
+    def _ordered(self) -> list[int]:
+        return sorted(self.lengths)
 
     def histogram(self, bins: int = 8, top: int | None = None) -> list[tuple[int, int, int]]:
         """(low, high, records) for ``bins`` equal-width bins from 0 to ``top`` (the longest)."""
