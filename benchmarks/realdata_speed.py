@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -55,9 +56,12 @@ from gpu_fixtures import (  # noqa: E402
     versions,
 )
 
+# the launcher sets expandable segments unless the variable is set: this turns them off
+NO_EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
 LAUNCHED = {
     # name: (data set, extra launch options)
     "full": ("full", []),
+    "alpaca-noexp": ("alpaca", ["--batching", "packed"]),
     "alpaca": ("alpaca", ["--batching", "packed"]),
     "alpaca-mask": ("alpaca", ["--batching", "packed", "--packed-attention", "mask"]),
     "alpaca-padded": ("alpaca", ["--batching", "padded"]),
@@ -98,13 +102,16 @@ def full_records(n: int, n_words: int, seed: int = 2) -> list[dict[str, str]]:
     ]
 
 
-def zeroplan(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+def zeroplan(
+    *args: str, timeout: float | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "zeroplan.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -146,6 +153,7 @@ def launch(name: str, plan: Path, model: Path, data: Path, work: Path, args: Any
         "launch", str(plan), "--data", str(data), "-o", str(run), "--model", str(model),
         "--max-steps", str(args.steps), "--logging-steps", "1", "--no-dashboard", *extra,
         *(["--force"] if args.arch == "tiny" else []), timeout=args.timeout,
+        env=NO_EXPANDABLE if name.endswith("-noexp") else None,
     )  # fmt: skip
     wall = time.time() - start
     lines = metrics(run)
