@@ -975,6 +975,7 @@ class Batching:
     samples: int
     rows: int
     fill: float | None  # real tokens / token positions of the packed rows
+    gqa_native: bool | None = None  # varlen: keys/values not repeated to every query head
 
     @property
     def label(self) -> str:
@@ -1004,6 +1005,7 @@ class Batching:
             "attn_implementation": self.attn_impl,
             "row_tokens": self.capacity,
             "rows_per_micro_batch": self.per_device,
+            "gqa_native": self.gqa_native,
             "samples": self.samples,
             "rows": self.rows,
             "fill": self.fill,
@@ -1029,8 +1031,9 @@ def _batching(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     layout = "flat" if kernel == "varlen" else "rows"
     collator = zbatch.PackedCollator(int(pad or 0), capacity, layout)
+    gqa = zbatch.gqa_native() if kernel == "varlen" and cuda else None
     return Batching("packed", train.rows, evals.rows, collator, attn_impl, kernel,
-                    capacity, per_device, n, len(train.rows), train.fill)  # fmt: skip
+                    capacity, per_device, n, len(train.rows), train.fill, gqa)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- trainer pieces
