@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from accuracy import setup_of  # the same row → TrainSetup as the memory comparison
+from accuracy import known_model, setup_of  # the same row → TrainSetup as the memory comparison
 
 from zeroplan import speed
 from zeroplan.hardware import gpu_from_nvml_name
@@ -45,6 +45,9 @@ def timed_rows(files: list[Path], several_gpus: bool = False) -> list[dict[str, 
             if r.get("oom") or r.get("error") or len(r.get("step_seconds") or []) < 2:
                 continue
             if (r.get("world_size", 1) > 1) != several_gpus or r.get("memory_fraction"):
+                continue
+            if not known_model(r):
+                print(f"skipped a row of {f.name}: model {r['model']!r} has no config here")
                 continue
             out.append(r)
     return out
