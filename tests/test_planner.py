@@ -267,3 +267,37 @@ def test_price_table_covers_the_cloud_gpus() -> None:
         assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0
     for gpu in ("A10G", "T4", "L40S", "V100-SXM2-16GB", "B200-SXM-180GB"):
         assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0
+
+
+def test_estimate_reports_the_speed_of_any_setup() -> None:
+    """estimate --json carries the step time of the setup asked for, not only the plan's
+    winner; the plan's best setup estimated on its own predicts the same tokens/s."""
+    from zeroplan import estimate
+
+    best = plan(story_request()).best
+    assert best is not None
+    s = best.setup
+    args = ["estimate", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--method", s.method]
+    args += ["--micro-batch", str(s.micro_batch), "--grad-accum", str(s.grad_accum)]
+    args += ["--optim", s.optim, "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
+    args += ["--fused-loss" if s.fused_loss else "--no-fused-loss"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    speed = json.loads(result.output)["speed"]
+    assert speed["tokens_per_s"] == pytest.approx(best.step.tokens_per_s)
+    assert speed["tokens_per_s_per_gpu"] == pytest.approx(speed["tokens_per_s"] / 7)
+    assert speed["step_seconds"] == pytest.approx(
+        speed["compute_seconds"]
+        + (1 - speed["comm_hidden_fraction"]) * speed["comm_seconds"]
+        + speed["offload_seconds"]
+    )
+    assert speed["tokens_per_s"] * speed["step_seconds"] == pytest.approx(
+        s.tokens * s.grad_accum * 7
+    )
+    assert speed["link_gbs"] == 12.5  # a 4090's PCIe 4.0 link, halved without P2P
+    text = CliRunner().invoke(cli, args, env={"COLUMNS": "250"}).output
+    assert f"Predicted speed: {speed['tokens_per_s']:,.0f} tokens/s on 7 GPUs" in text
+    # the Python API's result carries it too
+    est = estimate(L8, gpus="7x4090", setup=s)
+    assert est.speed == step_time(L8, s, parse_cluster("7x4090"))
+    assert est.to_json()["speed"] == speed

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from zeroplan.hardware import Cluster, local_cluster, parse_cluster
 from zeroplan.memory import MemoryEstimate
 from zeroplan.memory import estimate as _estimate
 from zeroplan.models import ModelSpec, load_model
+from zeroplan.speed import link_gbs, step_time
 from zeroplan.trainsetup import TrainSetup, parse_targets
 
 DEFAULT_GPUS = "1xH100"
@@ -43,7 +45,12 @@ def estimate(
     setup: TrainSetup | None = None,
     **options: Any,
 ) -> MemoryEstimate:
-    """Estimate per-GPU memory; ``options`` are TrainSetup fields (method, micro_batch, ...)."""
+    """Estimate per-GPU memory and the predicted speed (``.speed``, a ``StepTime``);
+    ``options`` are TrainSetup fields (method, micro_batch, ...)."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = resolve_cluster(gpus)
-    return _estimate(spec, cluster, setup if setup is not None else make_setup(**options))
+    chosen = setup if setup is not None else make_setup(**options)
+    est = _estimate(spec, cluster, chosen)
+    return dataclasses.replace(
+        est, speed=step_time(spec, chosen, cluster), link_gbs=link_gbs(cluster)
+    )

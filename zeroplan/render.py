@@ -100,6 +100,22 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         )
     if est.cpu_bytes_per_node:
         console.print(f"CPU RAM per node for offload: {_gib(est.cpu_bytes_per_node)} GiB.")
+    speed = est.speed_json()
+    if speed is not None:
+        world = est.cluster["world_size"]
+        console.print(
+            f"Predicted speed: {speed['tokens_per_s']:,.0f} tokens/s"
+            + (
+                f" on {world} GPUs, {speed['tokens_per_s_per_gpu']:,.0f} per GPU"
+                if world > 1
+                else ""
+            )
+            + f"; {speed['step_seconds']:.3f} s per optimizer step (compute "
+            f"{speed['compute_seconds']:.3f} s, communication {speed['comm_seconds']:.3f} s "
+            f"at {speed['link_gbs']:g} GB/s per GPU, {speed['comm_hidden_fraction']:.0%} of it "
+            f"hidden behind compute, offload "
+            f"{speed['offload_seconds']:.3f} s). A lean step: a launched run is slower."
+        )
     for note in est.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
