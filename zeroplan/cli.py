@@ -368,7 +368,10 @@ def plan(
     **job: Any,
 ) -> None:
     """The fastest setup that fits MODEL on the cluster: ZeRO stage, offload, micro-batch,
-    accumulation, checkpointing, quantization, optimizer and fused loss.
+    accumulation, checkpointing, optimizer and fused loss.
+
+    The method stays the one asked for: lora keeps the bf16 base when any bf16 setup fits
+    and prints the fastest 4-bit setup beside it; --method auto picks lora or qlora.
 
     \b
     zeroplan plan ./my-model --data train.jsonl --gpus 1x4090 --epochs 3   # from the data

@@ -34,10 +34,11 @@ def job_options(fn: F) -> F:
     options = [
         click.option(
             "--method",
-            type=click.Choice(METHODS),
+            type=click.Choice((*METHODS, "auto")),
             default="lora",
             show_default=True,
-            help="lora may be planned as qlora (4-bit base) unless --no-quantization.",
+            help="lora keeps the bf16 base when it fits (else a 4-bit base, said so); auto: "
+            "lora or qlora, whichever is predicted faster.",
         ),
         click.option(
             "--seq-len",
@@ -63,7 +64,9 @@ def job_options(fn: F) -> F:
             help="Module names (q_proj,v_proj) or all-linear.",
         ),
         click.option(
-            "--no-quantization", is_flag=True, help="Never switch lora to a 4-bit base (qlora)."
+            "--no-quantization",
+            is_flag=True,
+            help="Never a 4-bit base for lora, not even when the bf16 base does not fit.",
         ),
     ]
     for option in reversed(options):
