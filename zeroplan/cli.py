@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from zeroplan.cli_job import data_options, job_options, job_request, with_data
+from zeroplan.cli_job import data_options, job_options, job_request, link_options, with_data
 from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
 
@@ -142,11 +142,20 @@ def setup_options(f: F) -> F:
 @cli.command()
 @click.argument("model")
 @setup_options
+@link_options
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract)."
 )
 @click.option("--explain", is_flag=True, help="Show each term's formula with this run's numbers.")
-def estimate(model: str, gpus: str | None, as_json: bool, explain: bool, **options: Any) -> None:
+def estimate(
+    model: str,
+    gpus: str | None,
+    p2p: bool | None,
+    inter_node_gbs: float | None,
+    as_json: bool,
+    explain: bool,
+    **options: Any,
+) -> None:
     """Per-GPU memory of fine-tuning MODEL: every term, the peak, and whether it fits.
 
     MODEL is a Hub id (meta-llama/Llama-3.1-8B-Instruct), an alias from `zeroplan models`
@@ -156,7 +165,7 @@ def estimate(model: str, gpus: str | None, as_json: bool, explain: bool, **optio
     """
     from zeroplan.api import estimate as run_estimate
 
-    est = run_estimate(model, gpus=gpus, **options)
+    est = run_estimate(model, gpus=gpus, p2p=p2p, inter_node_gbs=inter_node_gbs, **options)
     if as_json:
         click.echo(json.dumps(est.to_json(), indent=2))
         return
@@ -298,6 +307,7 @@ def _count(text: str | None, option: str) -> int | None:
     help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
 )
 @job_options
+@link_options
 @data_options
 @click.option(
     "--dataset-tokens",
@@ -349,6 +359,8 @@ def _count(text: str | None, option: str) -> int | None:
 def plan(
     model: str,
     gpus: str | None,
+    p2p: bool | None,
+    inter_node_gbs: float | None,
     dataset_tokens: str | None,
     objective: str,
     margin: float,
@@ -400,7 +412,7 @@ def plan(
     )  # fmt: skip
     req = PlanRequest(
         spec=spec,
-        cluster=resolve_cluster(gpus),
+        cluster=resolve_cluster(gpus, p2p, inter_node_gbs),
         **fields,
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,

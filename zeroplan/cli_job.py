@@ -74,6 +74,35 @@ def job_options(fn: F) -> F:
     return fn
 
 
+# the keyword arguments link_options adds to a command
+LINK_OPTIONS = ("p2p", "inter_node_gbs")
+
+
+def link_options(fn: F) -> F:
+    """--p2p/--no-p2p and --inter-node-gbs: what the cluster's links are, for the speed
+    model (estimate, plan, launch MODEL)."""
+    options = [
+        click.option(
+            "--p2p/--no-p2p",
+            default=None,
+            help="Whether the GPUs of a node reach each other peer-to-peer (without it NCCL "
+            "goes through host memory at half the link's bandwidth). Default: what NVML reads "
+            "for this machine's GPUs, else the GPU catalog's (zeroplan gpus).",
+        ),
+        click.option(
+            "--inter-node-gbs",
+            type=float,
+            default=None,
+            metavar="GB/S",
+            help="Network bandwidth between nodes per GPU, GB/s (default 12.5: 100 Gb/s "
+            "Ethernet per GPU).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def data_options(fn: F) -> F:
     """--data, --tokenizer, --chat-template, --format, --system-prompt, --overlong, --epochs:
     plan from the data's own token lengths."""

@@ -308,6 +308,7 @@ def plan(req: PlanRequest) -> Plan:
         f"communication {OVERLAP:.0%} hidden behind compute, ZeRO-3's hook overhead and "
         "CPU-offload speed are assumptions (not yet measured on several GPUs)"
     ]
+    assumptions.extend(req.cluster.notes)
     if not req.cluster.gpu.bf16:
         assumptions.append(
             no_bf16_note(req.cluster)
