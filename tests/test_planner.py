@@ -165,6 +165,10 @@ def test_speed_constants_are_what_the_measured_rows_fit() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "efficiency" in done.stdout
+    # and reports the error on rows each refit did not see
+    for line in ("leave one model family out", "Qwen2.5 held out", "seq 4096 held out"):
+        assert line in done.stdout
+    assert "two H100s with NVLink" in done.stdout
 
 
 def test_no_fused_loss_keeps_liger_out_of_every_candidate() -> None:
