@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from zeroplan.errors import ModelNotFoundError
 from zeroplan.hardware import Cluster, gpu_from_nvml_name
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.memory.overhead import PRESSURE_FRACTION
@@ -109,6 +110,17 @@ def compare(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def known_model(row: dict[str, Any]) -> bool:
+    """Whether the row's model resolves to a config here. A row measured on a local folder
+    (``"model": "model"``, a catalog architecture with a tokenizer's small vocabulary, as
+    realdata_speed.py builds it) does not record its config and cannot be estimated."""
+    try:
+        load_model(row["model"])
+    except ModelNotFoundError:
+        return False
+    return True
+
+
 def load_rows(files: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for f in files:
@@ -117,6 +129,9 @@ def load_rows(files: list[Path]) -> list[dict[str, Any]]:
                 row = json.loads(line)
                 if row.get("error") and not row.get("oom"):
                     continue  # a crash, not a measurement
+                if not known_model(row):
+                    print(f"skipped a row of {f.name}: model {row['model']!r} has no config here")
+                    continue
                 rows.append(row)
     return rows
 

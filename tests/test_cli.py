@@ -265,6 +265,11 @@ def test_console_script(subprocess_env: dict[str, str]) -> None:
         (["estimate", "CONFIG_NOT_JSON"], "not valid JSON"),
         (["estimate", "phi-4", "--seq-len", "32768"], "phi-4's context window of 16,384"),
         (["plan", "qwen3-8b", "--seq-len", "65536"], "context window of 40,960 tokens"),
+        (["estimate", "llama-3.2-1b", "--gpus", "1xH100", "--no-p2p"], "--no-p2p describes"),
+        (["plan", "llama-3.2-1b", "--gpus", "1x4090", "--p2p"], "one GPU per node"),
+        (["plan", "llama-3.2-1b", "--gpus", "2x8xH100", "--inter-node-gbs", "0"], "got 0"),
+        (["estimate", "llama-3.2-1b", "--gpus", "2x8xH100", "--inter-node-gbs", "-5"], "GB/s"),
+        (["plan", "llama-3.2-1b", "--method", "auto", "--no-quantization"], "--method lora"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

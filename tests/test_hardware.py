@@ -5,11 +5,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from zeroplan.errors import BadClusterSpecError, UnknownGPUError, ZeroplanError
+from zeroplan.errors import (
+    BadClusterSpecError,
+    BadLinkOptionError,
+    UnknownGPUError,
+    ZeroplanError,
+)
 from zeroplan.hardware import (
     GPU_CATALOG,
     MIB,
@@ -23,6 +29,7 @@ from zeroplan.hardware import (
     local_cluster,
     parse_cluster,
     parse_hostfile,
+    with_links,
 )
 
 # --------------------------------------------------------------------------- catalog
@@ -559,3 +566,113 @@ def test_local_cluster_unknown_model(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cluster.gpu.known is False
     assert cluster.gpu.memory_bytes == 32_000 * MIB
     assert cluster.describe() == "2×RTX-PRO-4500"
+
+
+# --------------------------------------------------------------------------- links
+
+
+def _with_p2p(mod: types.ModuleType, status: Callable[[int, int], int] | None) -> types.ModuleType:
+    """The fake pynvml with nvmlDeviceGetP2PStatus (0 = OK) or, with None, one that raises."""
+    mod.NVML_P2P_CAPS_INDEX_READ = 0  # type: ignore[attr-defined]
+    mod.NVML_P2P_STATUS_OK = 0  # type: ignore[attr-defined]
+
+    def get(a: int, b: int, cap: int) -> int:
+        if status is None:
+            raise _FakeNVMLError("Not Supported")
+        assert cap == 0
+        return status(a, b)
+
+    mod.nvmlDeviceGetP2PStatus = get  # type: ignore[attr-defined]
+    return mod
+
+
+def test_local_cluster_reads_p2p_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # the catalog says a 4090 has no P2P; NVML, asked about this machine, says it has
+    devices = [("NVIDIA GeForce RTX 4090", 24_564 * MIB)] * 4
+    monkeypatch.setitem(sys.modules, "pynvml", _with_p2p(_fake_pynvml(devices), lambda a, b: 0))
+    cluster = local_cluster()
+    assert cluster is not None and cluster.gpu.p2p is True and cluster.notes == ()
+    # one pair without it: the node has none (a ring runs over every pair)
+    h100 = [("NVIDIA H100 80GB HBM3", 85_520_809_984)] * 4
+    no_pair = _with_p2p(_fake_pynvml(h100), lambda a, b: 2 if (a, b) == (1, 3) else 0)
+    monkeypatch.setitem(sys.modules, "pynvml", no_pair)
+    cluster = local_cluster()
+    assert cluster is not None and cluster.gpu.p2p is False
+
+
+def test_local_cluster_falls_back_to_the_catalog_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from zeroplan.api import estimate
+    from zeroplan.models import load_model
+    from zeroplan.planner import PlanRequest, plan
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    devices = [("NVIDIA GeForce RTX 4090", 24_564 * MIB)] * 2
+    for fake in (_fake_pynvml(devices), _with_p2p(_fake_pynvml(devices), None)):
+        monkeypatch.setitem(sys.modules, "pynvml", fake)  # no such call; a call that raises
+        cluster = local_cluster()
+        assert cluster is not None and cluster.gpu.p2p is False  # the catalog's
+        assert len(cluster.notes) == 1 and "NVML could not read" in cluster.notes[0]
+        assert "catalog's for RTX-4090 (no)" in cluster.notes[0]
+    est = estimate("llama-3.2-1b", micro_batch=1)  # on this machine's GPUs
+    assert est.cluster["world_size"] == 2 and any("NVML could not read" in n for n in est.notes)
+    p = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=cluster))
+    assert any("NVML could not read" in a for a in p.assumptions)
+    # the user's word replaces the fallback, and its note
+    told = estimate("llama-3.2-1b", micro_batch=1, p2p=True)
+    assert told.cluster["p2p"] is True and not any("NVML" in n for n in told.notes)
+    # one GPU: P2P does not matter, no note
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(devices[:1]))
+    single = local_cluster()
+    assert single is not None and single.notes == ()
+
+
+def test_links_set_the_speed_models_bandwidth() -> None:
+    from zeroplan.speed import DEFAULT_INTER_NODE_GBS, link_gbs
+
+    pcie = parse_cluster("7x4090")
+    assert link_gbs(pcie) == 25.0 / 2  # no P2P: NCCL stages through host memory
+    assert link_gbs(with_links(pcie, p2p=True)) == 25.0
+    nvl = parse_cluster("8xH100")
+    assert link_gbs(with_links(nvl, p2p=False)) == nvl.gpu.link_bandwidth_gbs / 2
+    two = parse_cluster("2x8xH100")
+    assert link_gbs(two) == DEFAULT_INTER_NODE_GBS
+    assert link_gbs(with_links(two, inter_node_gbs=50)) == 50.0
+    assert link_gbs(with_links(two, inter_node_gbs=1e4)) == nvl.gpu.link_bandwidth_gbs
+    assert with_links(pcie) == pcie
+    for bad in (
+        lambda: with_links(parse_cluster("1xH100"), p2p=False),
+        lambda: with_links(parse_cluster("2x1xH100"), p2p=True),
+        lambda: with_links(two, inter_node_gbs=0),
+        lambda: with_links(two, inter_node_gbs=-1.0),
+    ):
+        with pytest.raises(BadLinkOptionError):
+            bad()
+
+
+def test_cli_links_change_the_predicted_speed() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from zeroplan.cli import cli
+
+    def speed(*extra: str) -> dict[str, float]:
+        args = ["estimate", "llama-3.1-8b-instruct", "--zero", "3", "--json", *extra]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["speed"]  # type: ignore[no-any-return]
+
+    assert speed("--gpus", "7x4090")["link_gbs"] == 12.5
+    fast = speed("--gpus", "7x4090", "--p2p")
+    assert fast["link_gbs"] == 25.0
+    assert fast["comm_seconds"] == pytest.approx(speed("--gpus", "7x4090")["comm_seconds"] / 2)
+    assert speed("--gpus", "2x8xH100", "--inter-node-gbs", "50")["link_gbs"] == 50.0
+    # plan: the same setup's communication over a link twice as fast
+    args = ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--method", "full", "--json"]
+    slow = json.loads(CliRunner().invoke(cli, args).output)["best"]
+    fast_plan = json.loads(CliRunner().invoke(cli, [*args, "--p2p"]).output)["best"]
+    assert slow["setup"] == fast_plan["setup"]
+    assert fast_plan["comm_seconds"] == pytest.approx(slow["comm_seconds"] / 2)

@@ -165,6 +165,10 @@ def test_speed_constants_are_what_the_measured_rows_fit() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "efficiency" in done.stdout
+    # and reports the error on rows each refit did not see
+    for line in ("leave one model family out", "Qwen2.5 held out", "seq 4096 held out"):
+        assert line in done.stdout
+    assert "two H100s with NVLink" in done.stdout
 
 
 def test_no_fused_loss_keeps_liger_out_of_every_candidate() -> None:
@@ -267,3 +271,92 @@ def test_price_table_covers_the_cloud_gpus() -> None:
         assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0
     for gpu in ("A10G", "T4", "L40S", "V100-SXM2-16GB", "B200-SXM-180GB"):
         assert TYPICAL_PRICE_PER_GPU_HOUR[gpu] > 0
+
+
+def test_estimate_reports_the_speed_of_any_setup() -> None:
+    """estimate --json carries the step time of the setup asked for, not only the plan's
+    winner; the plan's best setup estimated on its own predicts the same tokens/s."""
+    from zeroplan import estimate
+
+    best = plan(story_request()).best
+    assert best is not None
+    s = best.setup
+    args = ["estimate", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--method", s.method]
+    args += ["--micro-batch", str(s.micro_batch), "--grad-accum", str(s.grad_accum)]
+    args += ["--optim", s.optim, "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
+    args += ["--fused-loss" if s.fused_loss else "--no-fused-loss"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    speed = json.loads(result.output)["speed"]
+    assert speed["tokens_per_s"] == pytest.approx(best.step.tokens_per_s)
+    assert speed["tokens_per_s_per_gpu"] == pytest.approx(speed["tokens_per_s"] / 7)
+    assert speed["step_seconds"] == pytest.approx(
+        speed["compute_seconds"]
+        + (1 - speed["comm_hidden_fraction"]) * speed["comm_seconds"]
+        + speed["offload_seconds"]
+    )
+    assert speed["tokens_per_s"] * speed["step_seconds"] == pytest.approx(
+        s.tokens * s.grad_accum * 7
+    )
+    assert speed["link_gbs"] == 12.5  # a 4090's PCIe 4.0 link, halved without P2P
+    text = CliRunner().invoke(cli, args, env={"COLUMNS": "250"}).output
+    assert f"Predicted speed: {speed['tokens_per_s']:,.0f} tokens/s on 7 GPUs" in text
+    # the Python API's result carries it too
+    est = estimate(L8, gpus="7x4090", setup=s)
+    assert est.speed == step_time(L8, s, parse_cluster("7x4090"))
+    assert est.to_json()["speed"] == speed
+
+
+def test_lora_keeps_the_bf16_base_and_shows_the_4bit_one_aside() -> None:
+    """--method lora is planned on the bf16 base whenever one fits, even where a 4-bit base
+    is predicted faster; that one is a line of its own with its speed and what it changes."""
+    p = plan(story_request())
+    assert p.best is not None and p.best.setup.method == "lora"
+    assert all(c.setup.method == "lora" for c in p.ranked)
+    assert not any(fam.startswith("qlora") for fam in p.rejected)
+    alt = p.quantized_alternative
+    assert alt is not None and alt.setup.method == "qlora" and alt.fits
+    data = plan_json(p)
+    q = data["quantized_alternative"]
+    assert q["tokens_per_s"] == pytest.approx(alt.step.tokens_per_s)
+    assert q["speedup"] == pytest.approx(alt.step.tokens_per_s / p.best.step.tokens_per_s - 1)
+    assert "4-bit NF4" in q["changes"] and "--method auto" in q["changes"]
+    text = " ".join(
+        CliRunner()
+        .invoke(cli, ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--global-batch", "112"])
+        .output.split()
+    )
+    assert "4-bit base, not chosen: qlora · DDP" in text and f"{q['speedup']:+.0%}" in text
+    # --no-quantization (the old opt-out, still accepted): no 4-bit setup at all
+    plain = plan(story_request(allow_quantization=False))
+    assert plain.quantized_alternative is None and plain.best is not None
+    assert plain.best.setup == p.best.setup
+    assert plan_json(plain)["quantized_alternative"] is None
+
+
+def test_method_auto_takes_the_faster_base_and_says_so() -> None:
+    auto = plan(story_request(method="auto"))
+    lora = plan(story_request())
+    assert auto.best is not None and lora.best is not None and lora.quantized_alternative
+    assert auto.best.setup.method == "qlora"  # predicted faster on the 4090s
+    assert auto.best.step.tokens_per_s == pytest.approx(
+        lora.quantized_alternative.step.tokens_per_s
+    )
+    assert auto.quantized_alternative is None
+    assert any("--method auto: qlora is predicted fastest" in a for a in auto.assumptions)
+    with pytest.raises(BadSetupError, match="--no-quantization"):
+        story_request(method="auto", allow_quantization=False)
+    with pytest.raises(BadSetupError, match="--method must be one of"):
+        story_request(method="qlora4")
+
+
+def test_lora_falls_back_to_a_4bit_base_only_when_bf16_does_not_fit() -> None:
+    big = dict(spec=load_model("llama-3.1-70b"), cluster=parse_cluster("2xH100"), method="lora")
+    p = plan(PlanRequest(**big))  # type: ignore[arg-type]
+    assert p.best is not None and p.best.setup.method == "qlora"
+    assert any("no setup with the bf16 base fits" in a for a in p.assumptions)
+    assert all(
+        why.startswith("does not fit") for f, why in p.rejected.items() if f.startswith("lora")
+    )
+    refused = plan(PlanRequest(**big, allow_quantization=False))  # type: ignore[arg-type]
+    assert refused.best is None

@@ -7,24 +7,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from zeroplan.hardware import Cluster, local_cluster, parse_cluster
+from zeroplan.hardware import Cluster, local_cluster, parse_cluster, with_links
 from zeroplan.memory import MemoryEstimate
 from zeroplan.memory import estimate as _estimate
 from zeroplan.models import ModelSpec, load_model
+from zeroplan.speed import link_gbs, step_time
 from zeroplan.trainsetup import TrainSetup, parse_targets
 
 DEFAULT_GPUS = "1xH100"
 
 
-def resolve_cluster(gpus: str | Cluster | None) -> Cluster:
-    """A Cluster from a spec string; None means this machine's GPUs, else 1×H100."""
+def resolve_cluster(
+    gpus: str | Cluster | None, p2p: bool | None = None, inter_node_gbs: float | None = None
+) -> Cluster:
+    """A Cluster from a spec string; None means this machine's GPUs (peer-to-peer as NVML
+    reads it), else 1×H100. ``p2p`` and ``inter_node_gbs`` (GB/s per GPU) say what the
+    links are, over the catalog's (``hardware.with_links``)."""
     if isinstance(gpus, Cluster):
-        return gpus
-    if gpus is None:
-        return local_cluster() or parse_cluster(DEFAULT_GPUS)
-    return parse_cluster(gpus)
+        cluster = gpus
+    elif gpus is None:
+        cluster = local_cluster() or parse_cluster(DEFAULT_GPUS)
+    else:
+        cluster = parse_cluster(gpus)
+    return with_links(cluster, p2p, inter_node_gbs)
 
 
 def make_setup(**options: Any) -> TrainSetup:
@@ -41,9 +49,19 @@ def estimate(
     model: str | ModelSpec,
     gpus: str | Cluster | None = None,
     setup: TrainSetup | None = None,
+    p2p: bool | None = None,
+    inter_node_gbs: float | None = None,
+    fill: float = 1.0,
     **options: Any,
 ) -> MemoryEstimate:
-    """Estimate per-GPU memory; ``options`` are TrainSetup fields (method, micro_batch, ...)."""
+    """Estimate per-GPU memory and the predicted speed (``.speed``, a ``StepTime``);
+    ``options`` are TrainSetup fields (method, micro_batch, ...); ``p2p`` and
+    ``inter_node_gbs`` as ``resolve_cluster`` takes them; ``fill``: the share of real tokens
+    in a micro-batch (packed real data), which the speed's tokens/s counts."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
-    cluster = resolve_cluster(gpus)
-    return _estimate(spec, cluster, setup if setup is not None else make_setup(**options))
+    cluster = resolve_cluster(gpus, p2p, inter_node_gbs)
+    chosen = setup if setup is not None else make_setup(**options)
+    est = _estimate(spec, cluster, chosen)
+    return dataclasses.replace(
+        est, speed=step_time(spec, chosen, cluster, fill), link_gbs=link_gbs(cluster)
+    )

@@ -15,6 +15,7 @@ from zeroplan.cli_job import (
     estimate_data_options,
     job_options,
     job_request,
+    link_options,
     with_data,
 )
 from zeroplan.errors import ZeroplanError
@@ -148,6 +149,7 @@ def setup_options(f: F) -> F:
 @cli.command()
 @click.argument("model")
 @setup_options
+@link_options
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object (the estimate contract)."
 )
@@ -156,6 +158,8 @@ def setup_options(f: F) -> F:
 def estimate(
     model: str,
     gpus: str | None,
+    p2p: bool | None,
+    inter_node_gbs: float | None,
     as_json: bool,
     explain: bool,
     data: str | None,
@@ -190,11 +194,15 @@ def estimate(
         )  # fmt: skip
         options["seq_len"] = fields["seq_len"]
         fit = fields["data"]
-    est = run_estimate(spec, gpus=gpus, **options)
+    # packed real data: the speed counts real tokens, the micro-batch's fill of them
+    fill = fit.pack_at(options["micro_batch"] * fit.cap).fill if fit is not None else 1.0
+    est = run_estimate(
+        spec, gpus=gpus, p2p=p2p, inter_node_gbs=inter_node_gbs, fill=fill, **options
+    )
     answer = est.to_json()
     if fit is not None:
         answer["data"] = fit.to_json()
-        answer["data"]["micro_batch_fill"] = fit.pack_at(options["micro_batch"] * fit.cap).fill
+        answer["data"]["micro_batch_fill"] = fill
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
@@ -339,6 +347,7 @@ def _count(text: str | None, option: str) -> int | None:
     help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
 )
 @job_options
+@link_options
 @data_options
 @click.option(
     "--dataset-tokens",
@@ -390,6 +399,8 @@ def _count(text: str | None, option: str) -> int | None:
 def plan(
     model: str,
     gpus: str | None,
+    p2p: bool | None,
+    inter_node_gbs: float | None,
     dataset_tokens: str | None,
     objective: str,
     margin: float,
@@ -409,7 +420,10 @@ def plan(
     **job: Any,
 ) -> None:
     """The fastest setup that fits MODEL on the cluster: ZeRO stage, offload, micro-batch,
-    accumulation, checkpointing, quantization, optimizer and fused loss.
+    accumulation, checkpointing, optimizer and fused loss.
+
+    The method stays the one asked for: lora keeps the bf16 base when any bf16 setup fits
+    and prints the fastest 4-bit setup beside it; --method auto picks lora or qlora.
 
     \b
     zeroplan plan ./my-model --data train.jsonl --gpus 1x4090 --epochs 3   # from the data
@@ -438,7 +452,7 @@ def plan(
     )  # fmt: skip
     req = PlanRequest(
         spec=spec,
-        cluster=resolve_cluster(gpus),
+        cluster=resolve_cluster(gpus, p2p, inter_node_gbs),
         **fields,
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,

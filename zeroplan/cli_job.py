@@ -34,10 +34,11 @@ def job_options(fn: F) -> F:
     options = [
         click.option(
             "--method",
-            type=click.Choice(METHODS),
+            type=click.Choice((*METHODS, "auto")),
             default="lora",
             show_default=True,
-            help="lora may be planned as qlora (4-bit base) unless --no-quantization.",
+            help="lora keeps the bf16 base when it fits (else a 4-bit base, said so); auto: "
+            "lora or qlora, whichever is predicted faster.",
         ),
         click.option(
             "--seq-len",
@@ -63,7 +64,38 @@ def job_options(fn: F) -> F:
             help="Module names (q_proj,v_proj) or all-linear.",
         ),
         click.option(
-            "--no-quantization", is_flag=True, help="Never switch lora to a 4-bit base (qlora)."
+            "--no-quantization",
+            is_flag=True,
+            help="Never a 4-bit base for lora, not even when the bf16 base does not fit.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+# the keyword arguments link_options adds to a command
+LINK_OPTIONS = ("p2p", "inter_node_gbs")
+
+
+def link_options(fn: F) -> F:
+    """--p2p/--no-p2p and --inter-node-gbs: what the cluster's links are, for the speed
+    model (estimate, plan, launch MODEL)."""
+    options = [
+        click.option(
+            "--p2p/--no-p2p",
+            default=None,
+            help="Whether the GPUs of a node reach each other peer-to-peer (without it NCCL "
+            "goes through host memory at half the link's bandwidth). Default: what NVML reads "
+            "for this machine's GPUs, else the GPU catalog's (zeroplan gpus).",
+        ),
+        click.option(
+            "--inter-node-gbs",
+            type=float,
+            default=None,
+            metavar="GB/S",
+            help="Network bandwidth between nodes per GPU, GB/s (default 12.5: 100 Gb/s "
+            "Ethernet per GPU).",
         ),
     ]
     for option in reversed(options):

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from zeroplan.cli_job import JOB_OPTIONS, job_options, job_request, with_data
+from zeroplan.cli_job import (
+    JOB_OPTIONS,
+    LINK_OPTIONS,
+    job_options,
+    job_request,
+    link_options,
+    with_data,
+)
 from zeroplan.launch.data import FORMATS, OVERLONG
 from zeroplan.launch.runner import LAUNCHERS
 
@@ -164,6 +171,7 @@ def _slug(name: str) -> str:
     help="Where the ranks load the model from, when not where the plan says (a plan made from a config.json).",
 )
 @job_options
+@link_options
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
@@ -210,6 +218,8 @@ def launch(
     grace: float,
     progress_every: float,
     rank_program: str | None,
+    p2p: bool | None,
+    inter_node_gbs: float | None,
     **job: Any,
 ) -> None:
     """Start fine-tuning on every GPU, supervised: per-rank logs, Ctrl-C stops every rank.
@@ -248,8 +258,8 @@ def launch(
     plan_path = find_plan(model_or_plan)
     if plan_path is not None:
         given = [
-            "--" + p.replace("_", "-")
-            for p in JOB_OPTIONS
+            ("--p2p/--no-p2p" if p == "p2p" else "--" + p.replace("_", "-"))
+            for p in (*JOB_OPTIONS, *LINK_OPTIONS)
             if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
         ]
         if given:
@@ -267,8 +277,9 @@ def launch(
         "epochs": epochs,
     }
     plan, model, nodes, present = _plan_and_nodes(
-        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job
-    )
+        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
+        links={"p2p": p2p, "inter_node_gbs": inter_node_gbs},
+    )  # fmt: skip
     if run_dir is None:
         if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
             run_dir = plan_path.parent
@@ -342,12 +353,13 @@ def _plan_and_nodes(
     weights: str | None,
     job: dict[str, Any],
     data_job: dict[str, Any],
+    links: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str, tuple[Node, ...], Cluster | None]:
     """The plan (read, or made here for a model), where the ranks load the model, the nodes,
     and this machine's GPUs."""
     from zeroplan.api import DEFAULT_GPUS
     from zeroplan.errors import BadClusterSpecError
-    from zeroplan.hardware import Cluster, local_cluster, parse_cluster
+    from zeroplan.hardware import Cluster, local_cluster, parse_cluster, with_links
     from zeroplan.launch.runner import (
         gpu_count,
         local_model,
@@ -390,7 +402,16 @@ def _plan_and_nodes(
             "zeroplan plan and launch the plan"
         )
     gpu = spec_gpu or (present.gpu if present else parse_cluster(DEFAULT_GPUS).gpu)
-    cluster = Cluster(gpu, gpus_per_node=per_node.pop(), num_nodes=len(nodes))
+    cluster = with_links(
+        Cluster(
+            gpu,
+            gpus_per_node=per_node.pop(),
+            num_nodes=len(nodes),
+            # NVML's note on this machine's P2P, when its GPUs are the ones planned on
+            notes=present.notes if present is not None and gpu is present.gpu else (),
+        ),
+        **(links or {}),
+    )
     from zeroplan.errors import TokenizerNotFoundError
     from zeroplan.launch.data import data_exists
     from zeroplan.models import load_model

@@ -32,6 +32,10 @@ class BadSetupError(ZeroplanError):
     """A training option that is out of range or contradicts another option."""
 
 
+class BadLinkOptionError(ZeroplanError):
+    """--p2p / --no-p2p for a single GPU, or an --inter-node-gbs that is not a positive number."""
+
+
 class UnknownGPUError(ZeroplanError):
     """A GPU name that is not in the catalog."""
 

@@ -35,9 +35,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
-from zeroplan.errors import BadClusterSpecError, UnknownGPUError
+from zeroplan.errors import BadClusterSpecError, BadLinkOptionError, UnknownGPUError
 
 __all__ = [
     "GPU",
@@ -52,6 +52,7 @@ __all__ = [
     "parse_cluster",
     "parse_hostfile",
     "read_hostfile",
+    "with_links",
 ]
 
 Interconnect = Literal["nvlink", "pcie"]
@@ -612,13 +613,16 @@ class Cluster:
     """``num_nodes`` identical nodes of ``gpus_per_node`` identical GPUs.
 
     ``inter_node_gbs`` is the per-GPU one-direction network bandwidth between nodes (GB/s), or
-    None when unknown; it is irrelevant for a single node.
+    None when unknown; it is irrelevant for a single node. Whether the GPUs of a node reach
+    each other peer-to-peer is ``gpu.p2p`` (the catalog's, NVML's for this machine, or the
+    user's: ``with_links``). ``notes`` say where a figure is a fallback.
     """
 
     gpu: GPU
     gpus_per_node: int
     num_nodes: int = 1
     inter_node_gbs: float | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Counts reach here from user input (specs, hostfiles), so a bad one is a user mistake.
@@ -879,17 +883,77 @@ def _visible_indices(env: str | None, uuids: Sequence[str]) -> list[int]:
     return chosen
 
 
-def _cluster_from_devices(devices: Sequence[tuple[str | bytes, int]]) -> Cluster | None:
+def with_links(
+    cluster: Cluster, p2p: bool | None = None, inter_node_gbs: float | None = None
+) -> Cluster:
+    """``cluster`` with what the user says about its links: peer-to-peer between the GPUs of
+    a node (``--p2p`` / ``--no-p2p``; None keeps the catalog's or NVML's) and the per-GPU
+    bandwidth between nodes in GB/s (``--inter-node-gbs``; None keeps the cluster's).
+
+    Raises:
+        BadLinkOptionError: p2p given for a single GPU, or a bandwidth that is not positive.
+    """
+    if p2p is not None and cluster.gpus_per_node == 1:
+        flag = "--p2p" if p2p else "--no-p2p"
+        raise BadLinkOptionError(
+            f"{flag} describes the link between the GPUs of a node; {cluster.describe()} has "
+            "one GPU per node: leave it out"
+        )
+    if inter_node_gbs is not None and not inter_node_gbs > 0:
+        raise BadLinkOptionError(
+            f"--inter-node-gbs must be a positive bandwidth per GPU in GB/s (12.5 for 100 Gb/s "
+            f"Ethernet), got {inter_node_gbs:g}"
+        )
+    if p2p is not None:
+        # the user's word replaces the catalog's and any note about where it came from
+        cluster = replace(cluster, gpu=replace(cluster.gpu, p2p=p2p), notes=())
+    if inter_node_gbs is not None:
+        cluster = replace(cluster, inter_node_gbs=inter_node_gbs)
+    return cluster
+
+
+def _cluster_from_devices(
+    devices: Sequence[tuple[str | bytes, int]], p2p: bool | None = None
+) -> Cluster | None:
     """One node holding ``devices`` (NVML name, total bytes), or None if there are none.
 
     A mixed box is planned as if every GPU were its smallest one: the per-GPU layout has to
-    fit on each rank, so the smallest card sets the limit.
+    fit on each rank, so the smallest card sets the limit. ``p2p``: whether every pair of
+    them reaches the other peer-to-peer, as NVML read it; None (unread) keeps the catalog's
+    and says so in a note when there are several GPUs.
     """
     if not devices:
         return None
     gpus = [gpu_from_nvml_name(name, total) for name, total in devices]
     smallest = min(gpus, key=lambda g: (g.memory_bytes, g.bf16_tflops))
-    return Cluster(smallest, gpus_per_node=len(gpus), num_nodes=1)
+    notes: tuple[str, ...] = ()
+    if p2p is not None:
+        smallest = replace(smallest, p2p=p2p)
+    elif len(gpus) > 1:
+        notes = (
+            "NVML could not read the peer-to-peer topology of this machine's GPUs: P2P is "
+            f"the catalog's for {smallest.name} ({'yes' if smallest.p2p else 'no'}); "
+            "--p2p / --no-p2p to say",
+        )
+    return Cluster(smallest, gpus_per_node=len(gpus), num_nodes=1, notes=notes)
+
+
+def _p2p_from_nvml(pynvml: Any, handles: Sequence[Any]) -> bool | None:
+    """Whether every pair of ``handles`` can read each other's memory peer-to-peer
+    (``nvmlDeviceGetP2PStatus`` with the READ capability: OK for all pairs), or None when
+    NVML cannot tell (an old nvidia-ml-py without the call, a driver that refuses it)."""
+    if len(handles) < 2:
+        return None
+    read = getattr(pynvml, "NVML_P2P_CAPS_INDEX_READ", 0)
+    ok = getattr(pynvml, "NVML_P2P_STATUS_OK", 0)
+    try:
+        for i, a in enumerate(handles):
+            for b in handles[i + 1 :]:
+                if pynvml.nvmlDeviceGetP2PStatus(a, b, read) != ok:
+                    return False
+    except (pynvml.NVMLError, AttributeError, OSError):
+        return None
+    return True
 
 
 def local_cluster() -> Cluster | None:
@@ -919,13 +983,14 @@ def local_cluster() -> Cluster | None:
             )
             for i in visible
         ]
+        p2p = _p2p_from_nvml(pynvml, [handles[i] for i in visible])
     except (pynvml.NVMLError, OSError):
         return None
     finally:
         # Shutting down can itself fail on a half-initialised driver; nothing to do about it.
         with contextlib.suppress(pynvml.NVMLError, OSError):
             pynvml.nvmlShutdown()
-    return _cluster_from_devices(devices)
+    return _cluster_from_devices(devices, p2p)
 
 
 def _as_str(value: str | bytes) -> str:

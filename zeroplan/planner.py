@@ -2,9 +2,17 @@
 
 Search space (``candidate_setups``): DeepSpeed off (DDP) or ZeRO 0-3, CPU offload of the
 optimizer (ZeRO 1-3) or of optimizer and parameters (ZeRO-3), micro-batch 1-64, gradient
-accumulation that keeps the global batch, checkpointing on/off, bf16 or 4-bit base
-weights (``lora`` may become ``qlora``), AdamW or 8-bit AdamW (paged without DeepSpeed),
-fused loss on/off. Attention stays sdpa: the only implementation calibrated on a GPU.
+accumulation that keeps the global batch, checkpointing on/off, AdamW or 8-bit AdamW
+(paged without DeepSpeed), fused loss on/off. Attention stays sdpa: the only implementation
+calibrated on a GPU.
+
+The base weights stay what the user asked for. ``lora`` keeps the bf16 base whenever a bf16
+setup fits; only when none does is LoRA planned on a 4-bit base (``qlora``), and the plan
+says so (``allow_quantization=False``, ``--no-quantization``, refuses even that). Otherwise
+the fastest fitting 4-bit setup is reported beside the plan (``quantized_alternative``),
+not chosen: a quantized base is a different model to train, and measured QLoRA steps have
+not been faster than bf16 LoRA as reliably as predicted. ``auto`` lets the planner take
+whichever of ``lora`` and ``qlora`` is predicted faster.
 
 Constraint: the estimate's ``required_bytes`` ≤ (1 − margin) × card memory.
 Objective: ``time`` maximises predicted tokens/s (zeroplan.speed); ``cost`` is the same on
@@ -28,9 +36,11 @@ from zeroplan.models import ModelSpec
 from zeroplan.packing import steps_per_epoch
 from zeroplan.prices import GPUPrice, typical_price
 from zeroplan.speed import OVERLAP, StepTime, step_time
-from zeroplan.trainsetup import ALL_LINEAR, TrainSetup
+from zeroplan.trainsetup import ALL_LINEAR, METHODS, TrainSetup
 
 OBJECTIVES = ("time", "cost", "memory")
+# what a plan may be asked for: a method, or auto (lora or qlora, whichever is faster)
+PLAN_METHODS = (*METHODS, "auto")
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_MARGIN = 0.05
 
@@ -50,6 +60,8 @@ class PlanRequest:
     price_per_gpu_hour: float | None = None
     lora_r: int = 16
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    # lora: may fall back to a 4-bit base when no bf16 setup fits (and shows the fastest
+    # 4-bit setup beside the plan); False: never a 4-bit base
     allow_quantization: bool = True
     allow_fused_loss: bool = True  # Liger's kernel (zeroplan[fused]) on the training machine
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
@@ -61,6 +73,13 @@ class PlanRequest:
 
     def __post_init__(self) -> None:
         self.spec.check_seq_len(self.seq_len)
+        if self.method not in PLAN_METHODS:
+            raise BadSetupError(f"--method must be one of {', '.join(PLAN_METHODS)}")
+        if self.method == "auto" and not self.allow_quantization:
+            raise BadSetupError(
+                "--method auto chooses between a bf16 and a 4-bit base; with --no-quantization "
+                "use --method lora"
+            )
         if self.objective not in OBJECTIVES:
             raise BadSetupError(f"--objective must be one of {', '.join(OBJECTIVES)}")
         if not 0 <= self.margin < 1:
@@ -133,6 +152,8 @@ class Plan:
     searched: int
     suggestion: str | None = None
     assumptions: tuple[str, ...] = field(default=())
+    # --method lora with a bf16 plan: the fastest fitting 4-bit setup, shown, not chosen
+    quantized_alternative: Candidate | None = None
 
 
 def family_of(setup: TrainSetup, world: int = 1) -> str:
@@ -146,7 +167,7 @@ def family_of(setup: TrainSetup, world: int = 1) -> str:
 
 
 def _methods(req: PlanRequest) -> tuple[str, ...]:
-    if req.method == "lora" and req.allow_quantization:
+    if req.method == "auto" or (req.method == "lora" and req.allow_quantization):
         return ("lora", "qlora")
     return (req.method,)
 
@@ -237,10 +258,22 @@ def plan(req: PlanRequest) -> Plan:
         except ZeroplanError:
             continue  # a combination the estimator refuses (e.g. unsupported for this model)
     fitting = sorted((c for c in results if c.fits), key=lambda c: _score(req, c))
+    # --method lora keeps the bf16 base when any bf16 setup fits; the 4-bit one is shown aside
+    alternative = None
+    fell_back = False
+    if req.method == "lora":
+        bf16 = [c for c in fitting if c.setup.method == "lora"]
+        four_bit = [c for c in fitting if c.setup.method == "qlora"]
+        if bf16:
+            fitting, alternative = bf16, (four_bit[0] if four_bit else None)
+        else:
+            fell_back = bool(four_bit)
     best = fitting[0] if fitting else None
     rejected: dict[str, str] = {}
     by_family: dict[str, list[Candidate]] = {}
     for c in results:
+        if alternative is not None and c.setup.method == "qlora":
+            continue  # one line of its own (quantized_alternative), not a family that lost
         by_family.setdefault(c.family, []).append(c)
     for fam, members in by_family.items():
         if best is not None and fam == best.family:
@@ -275,16 +308,26 @@ def plan(req: PlanRequest) -> Plan:
         f"communication {OVERLAP:.0%} hidden behind compute, ZeRO-3's hook overhead and "
         "CPU-offload speed are assumptions (not yet measured on several GPUs)"
     ]
+    assumptions.extend(req.cluster.notes)
     if not req.cluster.gpu.bf16:
         assumptions.append(
             no_bf16_note(req.cluster)
             + f"; speeds use its fp16 peak ({req.cluster.gpu.fp16_tflops:g} "
             "TFLOP/s)"
         )
-    if best is not None and best.setup.method != req.method:
+    if best is not None and fell_back:
         assumptions.append(
-            f"the plan trains {req.method} on a 4-bit base ({best.setup.method}); "
-            "pass --no-quantization to keep the bf16 base"
+            "no setup with the bf16 base fits: the plan trains LoRA on a 4-bit (NF4) base "
+            "(qlora), which quantizes the frozen weights; --no-quantization refuses that"
+        )
+    elif best is not None and req.method == "auto":
+        assumptions.append(
+            f"--method auto: {best.setup.method} is predicted fastest"
+            + (
+                " (the frozen weights quantized to 4-bit NF4)"
+                if best.setup.method == "qlora"
+                else ""
+            )
         )
     if best is not None and best.estimate.cpu_bytes_per_node and req.cpu_ram_per_node is None:
         assumptions.append(
@@ -297,7 +340,14 @@ def plan(req: PlanRequest) -> Plan:
             "or plan with --no-fused-loss"
         )
     return Plan(
-        req, best, distinct(fitting), rejected, len(results), suggestion, tuple(assumptions)
+        req,
+        best,
+        distinct(fitting),
+        rejected,
+        len(results),
+        suggestion,
+        tuple(assumptions),
+        alternative,
     )
 
 
@@ -408,6 +458,17 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
                 out["cost"] = hours * p.request.cluster.world_size * price.per_gpu_hour
         return out
 
+    def quantized(c: Candidate | None) -> dict[str, Any] | None:
+        if c is None or p.best is None:
+            return None
+        out = cand(c)
+        out["speedup"] = c.step.tokens_per_s / p.best.step.tokens_per_s - 1
+        out["changes"] = (
+            "the frozen base weights are quantized to 4-bit NF4 (bitsandbytes): a different "
+            "model in every forward pass; --method auto lets the plan choose it"
+        )
+        return out
+
     req = p.request
     # a cost needs the tokens to train on; then the user's price, else the dated table's
     price = req.price() if req.tokens_to_train else None
@@ -435,6 +496,8 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
         "data": req.data.to_json() if req.data is not None else None,
         "best": cand(p.best) if p.best else None,
         "alternatives": [cand(c) for c in p.ranked[1 : top + 1]],
+        # --method lora, bf16 plan: the fastest 4-bit setup, not chosen (--method auto may)
+        "quantized_alternative": quantized(p.quantized_alternative) if p.best else None,
         "rejected": p.rejected,
         "searched": p.searched,
         "suggestion": p.suggestion,

@@ -100,6 +100,22 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         )
     if est.cpu_bytes_per_node:
         console.print(f"CPU RAM per node for offload: {_gib(est.cpu_bytes_per_node)} GiB.")
+    speed = est.speed_json()
+    if speed is not None:
+        world = est.cluster["world_size"]
+        console.print(
+            f"Predicted speed: {speed['tokens_per_s']:,.0f} tokens/s"
+            + (
+                f" on {world} GPUs, {speed['tokens_per_s_per_gpu']:,.0f} per GPU"
+                if world > 1
+                else ""
+            )
+            + f"; {speed['step_seconds']:.3f} s per optimizer step (compute "
+            f"{speed['compute_seconds']:.3f} s, communication {speed['comm_seconds']:.3f} s "
+            f"at {speed['link_gbs']:g} GB/s per GPU, {speed['comm_hidden_fraction']:.0%} of it "
+            f"hidden behind compute, offload "
+            f"{speed['offload_seconds']:.3f} s). A lean step: a launched run is slower."
+        )
     for note in est.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
@@ -169,6 +185,16 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
         console.print(f"     {low:>6,}–{high:<6,} {bar} {count:,}", highlight=False)
 
 
+def _label(c: dict[str, Any]) -> str:
+    """A plan row's setup in a few words: family, micro-batch × accumulation, the extras."""
+    s = c["setup"]
+    label = f"{c['family']}: mb {s['micro_batch']} × ga {s['grad_accum']}"
+    label += ", ckpt" if s["grad_ckpt"] else ""
+    label += ", fused loss" if s["fused_loss"] else ""
+    label += f", {s['optim']}" if s["optim"] != "adamw" else ""
+    return label
+
+
 def render_plan(data: dict[str, Any], console: Console) -> None:
     """The plan as a person reads it: the choice, the ranked alternatives, why others lost."""
     from rich.markup import escape
@@ -200,15 +226,9 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
     if req["price_per_gpu_hour"] is not None and tokens:
         table.add_column("cost", justify="right")
     for n, c in enumerate(rows, 1):
-        s = c["setup"]
-        label = f"{c['family']}: mb {s['micro_batch']} × ga {s['grad_accum']}" + (
-            ", ckpt" if s["grad_ckpt"] else ""
-        )
-        label += ", fused loss" if s["fused_loss"] else ""
-        label += f", {s['optim']}" if s["optim"] != "adamw" else ""
         cells = [
             str(n),
-            label,
+            _label(c),
             f"{c['required_bytes'] / 2**30:.1f}",
             f"{c['tokens_per_s']:,.0f}",
             f"{c['step_seconds']:.2f}",
@@ -228,6 +248,13 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
         line += "; --price-per-gpu-hour to use yours)" if source != "--price-per-gpu-hour" else ")"
         console.print(escape(line))
     console.print(f"[green]Chosen:[/green] {rows[0]['family']} (row 1).")
+    alt = data.get("quantized_alternative")
+    if alt:
+        console.print(
+            f"[bold]4-bit base, not chosen:[/bold] {escape(_label(alt))}: "
+            f"{alt['required_bytes'] / 2**30:.1f} GiB, {alt['tokens_per_s']:,.0f} tokens/s "
+            f"predicted ({alt['speedup']:+.0%}). It changes: {escape(alt['changes'])}."
+        )
     if data["rejected"]:
         console.print("[bold]Other families:[/bold]")
         for fam, why in data["rejected"].items():

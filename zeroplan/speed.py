@@ -131,7 +131,10 @@ DEFAULT_INTER_NODE_GBS = 12.5
 
 def link_gbs(cluster: Cluster) -> float:
     """Per-GPU bandwidth for collectives: the node's link, halved without P2P (NCCL stages
-    through host memory); across nodes the slower of that and the network."""
+    through host memory); across nodes the slower of that and the network.
+
+    P2P is ``cluster.gpu.p2p`` (the catalog's, NVML's for this machine, or ``--p2p`` /
+    ``--no-p2p``); the network is ``--inter-node-gbs``, else 12.5 GB/s per GPU."""
     gpu = cluster.gpu
     bw = gpu.link_bandwidth_gbs if gpu.p2p else gpu.link_bandwidth_gbs / 2
     if cluster.num_nodes > 1:

@@ -180,6 +180,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "LoRA under ZeRO-3 with (reentrant) checkpointing: measured on one 2-GPU "
             "configuration only, where this estimate was 6-11% low"
         )
+    notes.extend(cluster.notes)
     if setup.optim.startswith("paged"):
         notes.append(
             "paged optimizer states live in CUDA managed memory: in nvidia-smi, not in allocated"
@@ -199,6 +200,8 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "num_nodes": cluster.num_nodes,
             "world_size": world,
             "spec": cluster.describe(times="x"),  # as --gpus takes it
+            "p2p": cluster.gpu.p2p,
+            "inter_node_gbs": cluster.inter_node_gbs,
         },
         terms=terms,
         at_peak=at_peak,

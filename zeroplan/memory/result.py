@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zeroplan.speed import StepTime
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class MemoryEstimate:
     ``peak_allocated_bytes``. ``device_used_bytes`` is what nvidia-smi shows on a card with
     room to spare; ``required_bytes`` what the card must hold (the allocator gives its cache
     back under pressure), on which ``fits`` is decided.
+
+    ``speed`` is the predicted step time of the same setup on the same cluster
+    (``zeroplan.speed.step_time``: one optimizer step, all micro-batches), when the caller
+    asked for it (``zeroplan.api.estimate`` does); ``link_gbs`` the per-GPU bandwidth its
+    communication term used.
     """
 
     model: dict[str, Any]
@@ -47,6 +55,8 @@ class MemoryEstimate:
     cpu_bytes_per_node: int
     calibrated: bool
     notes: tuple[str, ...] = field(default=())
+    speed: StepTime | None = None
+    link_gbs: float | None = None
 
     @property
     def headroom_bytes(self) -> int:
@@ -71,7 +81,7 @@ class MemoryEstimate:
             peak_phase=self.peak_phase,
             at_peak_bytes=dict(self.at_peak),
         )
-        return {
+        out = {
             "model": self.model,
             "setup": self.setup,
             "cluster": self.cluster,
@@ -79,4 +89,27 @@ class MemoryEstimate:
             "cpu_bytes": self.cpu_bytes_per_node,
             "calibrated": self.calibrated,
             "notes": list(self.notes),
+        }
+        if self.speed is not None:
+            out["speed"] = self.speed_json()
+        return out
+
+    def speed_json(self) -> dict[str, Any] | None:
+        """The predicted speed: seconds per optimizer step (compute + (1 − hidden) ·
+        communication + offload), its split, and tokens/s of the whole cluster and per GPU
+        (full-length sequences, every position counted)."""
+        if self.speed is None:
+            return None
+        from zeroplan.speed import OVERLAP  # here: zeroplan.speed imports zeroplan.memory
+
+        world = int(self.cluster["world_size"])
+        return {
+            "step_seconds": self.speed.total_s,
+            "tokens_per_s": self.speed.tokens_per_s,
+            "tokens_per_s_per_gpu": self.speed.tokens_per_s / world,
+            "compute_seconds": self.speed.compute_s,
+            "comm_seconds": self.speed.comm_s,
+            "offload_seconds": self.speed.offload_s,
+            "comm_hidden_fraction": OVERLAP,
+            "link_gbs": self.link_gbs,
         }
