@@ -37,6 +37,7 @@ from zeroplan.errors import (
     TokenizerNotFoundError,
 )
 from zeroplan.lengths import LengthProfile
+from zeroplan.models import cached_file, hf_cache_dirs, hub_offline, hub_request
 from zeroplan.records import detect_format, read_records, text_of, to_messages
 
 CACHE_VERSION = 1  # bump when the rendering changes what a cached length means
@@ -64,20 +65,6 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- the tokenizer
 
 
-def _hf_cache_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
-    return dirs
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 def find_tokenizer(model: str, hub_id: str | None, tokenizer: str | None = None) -> Path:
     """The folder holding ``tokenizer.json`` for ``model``; TokenizerNotFoundError naming
     every place looked in."""
@@ -99,18 +86,16 @@ def find_tokenizer(model: str, hub_id: str | None, tokenizer: str | None = None)
         looked.append(str(folder))
     repo = hub_id if hub_id and hub_id.count("/") == 1 else None
     if repo is not None:
-        name = "models--" + repo.replace("/", "--")
-        for root in _hf_cache_dirs():
-            snaps = sorted((root / name / "snapshots").glob("*/tokenizer.json"))
-            if snaps:
-                return snaps[-1].parent
-        looked.append(f"the Hugging Face cache ({_hf_cache_dirs()[0]})")
+        cached = cached_file(repo, "tokenizer.json")
+        if cached is not None:
+            return cached.parent
+        looked.append(f"the Hugging Face cache ({hf_cache_dirs()[0]})")
         ours = cache_dir() / "tokenizers" / repo.replace("/", "--")
         if (ours / "tokenizer.json").is_file():
             return ours
-        if not _offline() and _download_tokenizer(repo, ours):
+        if not hub_offline() and _download_tokenizer(repo, ours):
             return ours
-        looked.append("the Hub (offline)" if _offline() else "the Hub (unreachable or gated)")
+        looked.append("the Hub (offline)" if hub_offline() else "the Hub (unreachable or gated)")
     raise TokenizerNotFoundError(
         f"no tokenizer for {model}: looked in {', '.join(looked) or 'nothing'}; pass "
         "--tokenizer DIR (a folder with tokenizer.json), or a model folder as MODEL"
@@ -119,15 +104,10 @@ def find_tokenizer(model: str, hub_id: str | None, tokenizer: str | None = None)
 
 def _download_tokenizer(repo: str, dest: Path, timeout: float = 10.0) -> bool:
     """tokenizer.json, tokenizer_config.json (and chat_template.jinja if there) from the Hub."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     got: dict[str, bytes] = {}
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        req = urllib.request.Request(f"{endpoint}/{repo}/resolve/main/{name}")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(hub_request(repo, name), timeout=timeout) as resp:
                 got[name] = resp.read()
         except (urllib.error.URLError, OSError, ValueError):
             if name == "tokenizer.json":

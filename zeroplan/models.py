@@ -520,7 +520,8 @@ def _catalog_config(model: str) -> dict[str, Any] | None:
     return data
 
 
-def _hf_cache_dirs() -> list[Path]:
+def hf_cache_dirs() -> list[Path]:
+    """Where the Hugging Face cache may be: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, the default."""
     dirs = []
     if os.environ.get("HF_HUB_CACHE"):
         dirs.append(Path(os.environ["HF_HUB_CACHE"]))
@@ -530,31 +531,40 @@ def _hf_cache_dirs() -> list[Path]:
     return dirs
 
 
-def _cached_config(model: str) -> Path | None:
-    if model.count("/") != 1:
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: nothing is fetched from the Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def cached_file(repo: str, name: str) -> Path | None:
+    """``name`` (config.json, tokenizer.json) of the newest cached snapshot of ``repo``."""
+    if repo.count("/") != 1:
         return None
-    folder = "models--" + model.replace("/", "--")
-    for root in _hf_cache_dirs():
+    folder = "models--" + repo.replace("/", "--")
+    for root in hf_cache_dirs():
         snapshots = root / folder / "snapshots"
         if snapshots.is_dir():
-            candidates = sorted(snapshots.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+            candidates = sorted(snapshots.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
             if candidates:
                 return candidates[-1]
     return None
 
 
-def _hub_config(model: str, timeout: float = 5.0) -> dict[str, Any] | None:
-    """config.json from the Hub, or None when offline or the repo does not exist."""
-    if (
-        os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        or model.count("/") != 1
-    ):
-        return None
+def hub_request(repo: str, name: str) -> urllib.request.Request:
+    """The request for ``name`` of ``repo`` on the Hub (``$HF_ENDPOINT``), with ``$HF_TOKEN``."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    request = urllib.request.Request(f"{endpoint}/{model}/resolve/main/config.json")
+    request = urllib.request.Request(f"{endpoint}/{repo}/resolve/main/{name}")
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    return request
+
+
+def _hub_config(model: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """config.json from the Hub, or None when offline or the repo does not exist."""
+    if hub_offline() or model.count("/") != 1:
+        return None
+    request = hub_request(model, "config.json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = json.loads(response.read().decode("utf-8"))
@@ -588,7 +598,7 @@ def load_model(model: str) -> ModelSpec:
             f"{model}: no such file; give the path of a config.json or a model folder"
         )
 
-    cached = _cached_config(model)
+    cached = cached_file(model, "config.json")
     if cached is not None:
         return spec_from_config(_read_json(cached, model), name=model, source="hf-cache")
     catalog = _catalog_config(model)
