@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from zeroplan.launch.sft import Counter, StopFlag
+from zeroplan.launch.runstate import Counter, StopFlag
 
 
 class StopOnSignal(TrainerCallback):

@@ -49,7 +49,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from zeroplan.dsconfig import ds_config, quant_storage_dtype, write_config
@@ -64,6 +63,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
+from zeroplan.launch.runstate import Counter, StopFlag
 from zeroplan.trainsetup import ALL_LINEAR, TrainSetup, parse_targets
 
 # TrainSetup.optim -> TrainingArguments.optim (transformers.training_args.OptimizerNames).
@@ -507,59 +507,7 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-# --------------------------------------------------------------------------- signals
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGINT; the training loop reads it at each optimizer-step boundary.
-
-    A second signal restores the default handler and re-sends itself: the process ends at
-    once (the last complete checkpoint is still on disk).
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum
-        print(
-            f"zeroplan: {signal.Signals(signum).name}: stopping after this step and saving a "
-            "checkpoint (send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    @property
-    def signalled(self) -> bool:
-        return self.signum is not None
-
-
 # --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Counter:
-    """Non-padding tokens this rank trained on, kept on the device (read once per log line),
-    and the token positions its batches had, padding included (a host integer)."""
-
-    value: Any = 0
-    slots: int = 0
-
-    def add(self, n: Any, slots: int = 0) -> None:
-        self.value = self.value + n
-        self.slots += slots
-
-    def read(self) -> int:
-        v = self.value
-        return int(v.item()) if hasattr(v, "item") else int(v)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
