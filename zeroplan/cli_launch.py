@@ -446,7 +446,7 @@ def _plan_and_nodes(
         plan = read_plan(plan_path)
         planned = plan_cluster(plan)
         if rdv is not None:
-            node_gpus = check_node_count(planned, int(plan["world_size"]), rdv.nnodes, "--nnodes")
+            node_gpus = check_node_count(planned, int(plan["world_size"]), rdv.nnodes, rdv.option)
             count = gpu_count(gpus) if gpus is not None else node_gpus
         elif gpus is not None:
             count = gpu_count(gpus)
@@ -537,11 +537,9 @@ def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> N
         f"master port {la.port}"
     )
     if la.rendezvous is not None:
-        here = len(la.nodes[0].slots)
-        echo(
-            f"this node  {la.rendezvous.host}: {la.rendezvous.describe()}; global ranks "
-            f"{la.first_rank}-{la.first_rank + here - 1}"
-        )
+        last = la.first_rank + len(la.nodes[0].slots) - 1
+        ranks = f"rank {last}" if last == la.first_rank else f"ranks {la.first_rank}-{last}"
+        echo(f"this node  {la.rendezvous.host}: {la.rendezvous.describe()}; global {ranks}")
     echo(f"run dir    {la.run_dir}")
     for note in la.notes:
         echo(f"note       {note}")

@@ -175,6 +175,11 @@ class Rendezvous:
             return self.hosts[node_rank]
         return self.host if node_rank == self.node_rank else f"node rank {node_rank}"
 
+    @property
+    def option(self) -> str:
+        """Where the node count came from, as the user wrote it."""
+        return "--nnodes" if self.source == "flags" else "SLURM's node list"
+
     def describe(self) -> str:
         where = f"SLURM job {self.job_id}" if self.source == "slurm" else "--nnodes"
         return (

@@ -457,9 +457,11 @@ def run_launch(
         )
     else:
         first, last = launch.first_rank, launch.first_rank + len(launch.nodes[0].slots) - 1
+        ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        logs = f"rank{first}.log" + (f" … rank{last}.log" if last > first else "")
         say(
-            f"starting ranks {first}-{last} of {world} with {launch.launcher} on {rdv.host} "
-            f"({rdv.describe()}); logs: {launch.log_dir}/rank{first}.log … rank{last}.log"
+            f"starting {ranks} of {world} with {launch.launcher} on {rdv.host} "
+            f"({rdv.describe()}); logs: {launch.log_dir}/{logs}"
         )
     stop = threading.Event()
     started = time.time()
