@@ -242,8 +242,9 @@ class Supervisor:
                 )
             failed = self._first_failure()
             if failed is not None:
+                what = "stopped" if self._stopped_elsewhere(failed) else "failed"
                 killed = self._terminate(
-                    why=f"rank {failed.rank} failed", let_launcher_s=LET_LAUNCHER_S
+                    why=f"rank {failed.rank} {what}", let_launcher_s=LET_LAUNCHER_S
                 )
                 return self._failure(failed, killed)
             codes = [p.poll() for p in self.popens]
@@ -292,8 +293,12 @@ class Supervisor:
         failed = [e for e in read_exits(self.launch.log_dir).values() if e.returncode != 0]
         return min(failed, key=lambda e: e.t) if failed else None
 
+    def _stopped_elsewhere(self, failed: RankExit) -> bool:
+        """Several nodes: a rank ended on a stop signal that this node did not get."""
+        return self.launch.rendezvous is not None and _ended_on_stop(failed) and not self.signals
+
     def _failure(self, failed: RankExit, killed: int) -> RunResult:
-        if self.launch.rendezvous is not None and _ended_on_stop(failed) and not self.signals:
+        if self._stopped_elsewhere(failed):
             # several nodes: another node was stopped (Ctrl-C, SIGTERM) and its ranks told
             # every rank to save and stop; that is not this node's failure
             code = failed.returncode if 128 < failed.returncode < 160 else 128 + signal.SIGTERM
