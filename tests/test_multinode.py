@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from zeroplan.launch.runner import (
     read_plan,
     write_files,
 )
+from zeroplan.models import load_model
 from zeroplan.trainsetup import TrainSetup
 
 pytestmark = pytest.mark.usefixtures("isolated_hf")
@@ -495,3 +497,31 @@ def test_bad_multi_node_input_is_one_line_exit_2_nothing_started(
     assert proc.stderr.count("\n") == 1 and proc.stdout == "", proc.stderr
     assert proc.stderr.startswith("zeroplan: error: ") and text in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_plan_for_several_nodes_writes_a_slurm_batch_script(tmp_path: Path) -> None:
+    from zeroplan.planfiles import write_plan
+    from zeroplan.planner import PlanRequest, plan
+
+    out = tmp_path / "plan"
+    req = PlanRequest(spec=load_model("llama-3.1-8b-instruct"), cluster=parse_cluster("2x8xH100"))
+    names = {p.name for p in write_plan(plan(req), out)}
+    assert names >= {"plan.json", "launch.sh", "hostfile", "launch.sbatch"}
+    text = (out / "launch.sbatch").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8"):
+        assert line in lines
+    assert lines[-1] == (
+        f'srun --nodes=2 --ntasks-per-node=1 zeroplan launch {out.resolve()}/plan.json --data "$DATA" "$@"'
+    )
+    assert "must be on a filesystem every node shares" in text
+    if shutil.which("bash"):
+        assert subprocess.run(["bash", "-n", str(out / "launch.sbatch")]).returncode == 0
+    one = {
+        p.name
+        for p in write_plan(
+            plan(PlanRequest(spec=req.spec, cluster=parse_cluster("8xH100"))), tmp_path / "one"
+        )
+    }
+    assert "launch.sbatch" not in one and "hostfile" not in one
