@@ -525,3 +525,36 @@ def test_plan_for_several_nodes_writes_a_slurm_batch_script(tmp_path: Path) -> N
         )
     }
     assert "launch.sbatch" not in one and "hostfile" not in one
+
+
+def test_a_node_stops_waiting_for_torchrun_once_every_rank_of_every_node_finished(
+    tmp_path: Path, data_file: Path
+) -> None:
+    """torchrun's exit barrier waits minutes for the other nodes' agents when one was stopped
+    after its ranks had finished (seen with two launches as two nodes): every rank's exit
+    file saying 0 is enough."""
+    from zeroplan.launch.supervise import Supervisor
+
+    plan = two_node_plan(tmp_path / "plan", gpus="2x1xH100")
+    la = build_launch(
+        plan,
+        run_dir=tmp_path / "run",
+        data=str(data_file),
+        nodes=(Node("localhost", (0,), True),),
+        launcher="torchrun",
+        gpu=None,
+        train=TrainOptions(),
+        inherited={},
+        rendezvous=from_flags(2, 0, "127.0.0.1", 29400),
+    )
+    write_files(la)
+    sup = Supervisor(la, say=lambda s: None)
+    old = time.time() - 60
+    (la.log_dir / "rank0.exit.json").write_text(json.dumps({"rank": 0, "returncode": 0, "t": old}))
+    assert not sup._all_ranks_done([None])  # rank 1 has not ended
+    (la.log_dir / "rank1.exit.json").write_text(json.dumps({"rank": 1, "returncode": 0, "t": old}))
+    assert sup._all_ranks_done([None]) and not sup._all_ranks_done([0])
+    (la.log_dir / "rank1.exit.json").write_text(
+        json.dumps({"rank": 1, "returncode": 0, "t": time.time()})
+    )
+    assert not sup._all_ranks_done([None])  # the launcher gets a few seconds first

@@ -363,6 +363,8 @@ def check_rendezvous(rdv: Rendezvous) -> None:
                 f"({socket.gethostname()}): run node rank 0 on {addr}, or give it as --master-addr"
             ) from None
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as torchrun's store binds: connections of the run before, in TIME_WAIT, do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:

@@ -248,6 +248,17 @@ class Supervisor:
                 )
                 return self._failure(failed, killed)
             codes = [p.poll() for p in self.popens]
+            if self._all_ranks_done(codes):
+                # several nodes: torchrun waits at its exit barrier for every node's agent,
+                # minutes when another node's was stopped after its ranks had finished
+                killed = self._terminate(why="every rank finished", quiet=True)
+                return RunResult(
+                    0,
+                    "done",
+                    f"all {self.launch.world_size} ranks finished",
+                    exits=read_exits(self.launch.log_dir),
+                    killed=killed,
+                )
             if all(c is not None for c in codes):
                 failed = self._first_failure()
                 killed = self._terminate(why="the launcher ended", quiet=True)
@@ -292,6 +303,16 @@ class Supervisor:
     def _first_failure(self) -> RankExit | None:
         failed = [e for e in read_exits(self.launch.log_dir).values() if e.returncode != 0]
         return min(failed, key=lambda e: e.t) if failed else None
+
+    def _all_ranks_done(self, codes: list[int | None]) -> bool:
+        """Several nodes: every rank of every node exited 0 and this node's launcher has
+        had LET_LAUNCHER_S to end by itself."""
+        if self.launch.rendezvous is None or all(c is not None for c in codes):
+            return False
+        exits = read_exits(self.launch.log_dir)
+        if len(exits) < self.launch.world_size or any(e.returncode for e in exits.values()):
+            return False
+        return time.time() - max(e.t for e in exits.values()) > LET_LAUNCHER_S
 
     def _stopped_elsewhere(self, failed: RankExit) -> bool:
         """Several nodes: a rank ended on a stop signal that this node did not get."""
