@@ -394,7 +394,8 @@ def _count(text: str | None, option: str) -> int | None:
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write plan.json, ds_config.json, launch.sh (and a hostfile) into this folder.",
+    help="Write plan.json, ds_config.json, launch.sh (and for several nodes a hostfile and "
+    "launch.sbatch for SLURM) into this folder.",
 )
 def plan(
     model: str,

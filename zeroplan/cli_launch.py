@@ -25,6 +25,7 @@ from zeroplan.launch.runner import LAUNCHERS
 
 if TYPE_CHECKING:
     from zeroplan.hardware import Cluster
+    from zeroplan.launch.multinode import Rendezvous
     from zeroplan.launch.preflight import Preflight
     from zeroplan.launch.runner import Launch, Node
 
@@ -76,6 +77,35 @@ def _slug(name: str) -> str:
     help="Only these GPUs, DeepSpeed's syntax: localhost:0,1 or node0@node1:0,1.",
 )
 @click.option("--exclude", default=None, metavar="HOSTS", help="All but these GPUs (same syntax).")
+@click.option(
+    "--nnodes",
+    type=int,
+    default=None,
+    help="Several nodes without a hostfile: run the same command on every node, each with its "
+    "own --node-rank (as torchrun). Under SLURM (srun --ntasks-per-node 1) it is read from "
+    "SLURM_JOB_NODELIST / SLURM_NODEID. RUN_DIR must be on a filesystem all nodes share.",
+)
+@click.option("--node-rank", type=int, default=None, help="This node's rank, 0 to --nnodes - 1.")
+@click.option(
+    "--master-addr",
+    default=None,
+    metavar="HOST",
+    help="Node rank 0's host name or address (the rendezvous; SLURM: the first host).",
+)
+@click.option(
+    "--master-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Rendezvous port (default 29500; SLURM: derived from the job id).",
+)
+@click.option(
+    "--join-timeout",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Several nodes: seconds to wait for the others to join in RUN_DIR and for the "
+    "rendezvous to open.",
+)
 @click.option(
     "--launcher",
     type=click.Choice(LAUNCHERS),
@@ -197,6 +227,11 @@ def launch(
     hostfile: Path | None,
     include: str | None,
     exclude: str | None,
+    nnodes: int | None,
+    node_rank: int | None,
+    master_addr: str | None,
+    master_port: int | None,
+    join_timeout: float,
     launcher: str | None,
     resume: bool,
     dry_run: bool,
@@ -231,6 +266,9 @@ def launch(
     zeroplan launch runs/r1 --data train.jsonl --resume                  # after Ctrl-C
     zeroplan launch Qwen/Qwen2.5-7B --data train.jsonl --method qlora    # plan here, then run
     zeroplan launch runs/plan70b --data train.jsonl --hostfile hosts --launcher deepspeed
+    zeroplan launch runs/plan --data train.jsonl -o /shared/r1 --nnodes 2 --node-rank 0 \\
+        --master-addr node0                # and --node-rank 1 on the other node
+    srun --nodes 2 --ntasks-per-node 1 zeroplan launch runs/plan --data train.jsonl
 
     MODEL_OR_PLAN is a plan.json, a folder holding one (`zeroplan plan -o DIR`), or a model
     (then it is planned on --gpus, else on this machine's GPUs, for the job that --method,
@@ -238,13 +276,19 @@ def launch(
     `zeroplan plan` does). Before anything starts, it
     checks the data file, the model folder's tokenizer, the packages, the GPUs present and
     the estimate on them (a predicted out-of-memory is refused with the planner's fix unless
-    --force), and that ssh reaches every hostfile host.
+    --force), and that ssh reaches every hostfile host and sees RUN_DIR there.
+
+    Several nodes (--hostfile, --nnodes or SLURM) need the same Python environment and
+    working directory on each, and RUN_DIR on a filesystem they all share: with --nnodes
+    and SLURM the nodes meet there before any rank starts, and a node that cannot see
+    node 0's files stops with one line after --join-timeout.
 
     Every rank runs `python -m zeroplan.launch.sft` through torchrun or the deepspeed
     launcher and writes RUN_DIR/logs/rank{N}.log and RUN_DIR/metrics.jsonl. Ctrl-C or
     SIGTERM: SIGTERM to every rank, --grace seconds to save, then SIGKILL. Exit status:
     0 done, 1 a rank failed (named, with its last log lines), 130 Ctrl-C, 143 SIGTERM.
     """
+    from zeroplan.launch import multinode
     from zeroplan.launch.preflight import preflight
     from zeroplan.launch.runner import (
         TrainOptions,
@@ -255,6 +299,20 @@ def launch(
     )
 
     ctx = click.get_current_context()
+    if hostfile is not None and nnodes is not None:
+        from zeroplan.errors import BadRendezvousError
+
+        raise BadRendezvousError(
+            "--hostfile starts every node from here; --nnodes is the same command run on "
+            "every node: pick one"
+        )
+    # a hostfile launch from inside a SLURM job reaches the nodes itself: SLURM's variables
+    # do not apply to it
+    rdv = (
+        None
+        if hostfile is not None
+        else multinode.resolve(nnodes, node_rank, master_addr, master_port)
+    )
     plan_path = find_plan(model_or_plan)
     if plan_path is not None:
         given = [
@@ -278,11 +336,20 @@ def launch(
     }
     plan, model, nodes, present = _plan_and_nodes(
         model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
-        links={"p2p": p2p, "inter_node_gbs": inter_node_gbs},
+        links={"p2p": p2p, "inter_node_gbs": inter_node_gbs}, rdv=rdv,
     )  # fmt: skip
     if run_dir is None:
         if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
             run_dir = plan_path.parent
+        elif rdv is not None and rdv.source == "slurm":
+            run_dir = Path("runs") / f"{_slug(str(plan['model']))}-slurm{rdv.job_id}"
+        elif rdv is not None:
+            from zeroplan.errors import BadRendezvousError
+
+            raise BadRendezvousError(
+                "--nnodes needs -o RUN_DIR, the same folder on every node, on a filesystem "
+                "they all share"
+            )
         else:
             run_dir = Path("runs") / f"{_slug(str(plan['model']))}-{time.strftime('%Y%m%d-%H%M%S')}"
     gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
@@ -296,7 +363,7 @@ def launch(
         run_dir=run_dir,
         data=data,
         nodes=nodes,
-        launcher=launcher or default_launcher(setup_of(plan)),
+        launcher=launcher or ("torchrun" if rdv is not None else default_launcher(setup_of(plan))),
         gpu=gpu,
         train=TrainOptions(
             epochs=epochs,
@@ -316,6 +383,7 @@ def launch(
         program=rank_program,
         filtered=bool(include or exclude),
         grace_s=grace,
+        rendezvous=rdv,
     )
     checks = preflight(the_launch, present, force=force, hosts=not dry_run)
     if dry_run:
@@ -329,13 +397,27 @@ def launch(
 
     from zeroplan.launch.supervise import run_launch
 
-    result = run_launch(
-        the_launch,
-        grace_s=grace,
-        dashboard=not no_dashboard,
-        progress_every_s=progress_every,
-        say=_say,
-    )
+    if rdv is not None:
+        _say(f"{rdv.describe()}: meeting the other nodes in {the_launch.run_dir}")
+        try:
+            multinode.join(the_launch.run_dir, rdv, timeout_s=join_timeout, say=_say)
+        except BaseException:
+            multinode.leave(the_launch.run_dir, rdv)
+            raise
+        if rdv.node_rank > 0 and not no_dashboard:
+            _say("note: the dashboard runs on node rank 0; plain progress lines here")
+            no_dashboard = True
+    try:
+        result = run_launch(
+            the_launch,
+            grace_s=grace,
+            dashboard=not no_dashboard,
+            progress_every_s=progress_every,
+            say=_say,
+        )
+    finally:
+        if rdv is not None:
+            multinode.leave(the_launch.run_dir, rdv)
     if result.exit_code == 0:
         _say(f"done: {result.message} in {result.seconds:.0f} s; run folder {the_launch.run_dir}")
     else:
@@ -354,12 +436,14 @@ def _plan_and_nodes(
     job: dict[str, Any],
     data_job: dict[str, Any],
     links: dict[str, Any] | None = None,
+    rdv: Rendezvous | None = None,
 ) -> tuple[dict[str, Any], str, tuple[Node, ...], Cluster | None]:
-    """The plan (read, or made here for a model), where the ranks load the model, the nodes,
-    and this machine's GPUs."""
+    """The plan (read, or made here for a model), where the ranks load the model, the nodes
+    (with ``rdv``: this node only), and this machine's GPUs."""
     from zeroplan.api import DEFAULT_GPUS
     from zeroplan.errors import BadClusterSpecError
     from zeroplan.hardware import Cluster, local_cluster, parse_cluster, with_links
+    from zeroplan.launch.multinode import check_node_count
     from zeroplan.launch.runner import (
         gpu_count,
         local_model,
@@ -373,7 +457,10 @@ def _plan_and_nodes(
     if plan_path is not None:
         plan = read_plan(plan_path)
         planned = plan_cluster(plan)
-        if gpus is not None:
+        if rdv is not None:
+            node_gpus = check_node_count(planned, int(plan["world_size"]), rdv.nnodes, rdv.option)
+            count = gpu_count(gpus) if gpus is not None else node_gpus
+        elif gpus is not None:
             count = gpu_count(gpus)
         elif hostfile is None and planned is not None and planned.is_multi_node:
             raise BadClusterSpecError(
@@ -385,6 +472,8 @@ def _plan_and_nodes(
         nodes = resolve_nodes(
             count=count, hostfile=hostfile, include=include, exclude=exclude, present=present
         )
+        if hostfile is not None:
+            check_node_count(planned, int(plan["world_size"]), len(nodes), "the hostfile")
         name = weights or str(plan["model"])
         return plan, local_model(name, plan_path.parent) or name, nodes, present
 
@@ -406,7 +495,7 @@ def _plan_and_nodes(
         Cluster(
             gpu,
             gpus_per_node=per_node.pop(),
-            num_nodes=len(nodes),
+            num_nodes=rdv.nnodes if rdv is not None else len(nodes),
             # NVML's note on this machine's P2P, when its GPUs are the ones planned on
             notes=present.notes if present is not None and gpu is present.gpu else (),
         ),
@@ -467,6 +556,10 @@ def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> N
         f"ranks      {la.world_size} with {la.launcher} ({describe_nodes(la.nodes)}), "
         f"master port {la.port}"
     )
+    if la.rendezvous is not None:
+        last = la.first_rank + len(la.nodes[0].slots) - 1
+        ranks = f"rank {last}" if last == la.first_rank else f"ranks {la.first_rank}-{last}"
+        echo(f"this node  {la.rendezvous.host}: {la.rendezvous.describe()}; global {ranks}")
     echo(f"run dir    {la.run_dir}")
     for note in la.notes:
         echo(f"note       {note}")

@@ -118,3 +118,31 @@ class RunDirExistsError(ZeroplanError):
 
 class NoWeightsError(ZeroplanError):
     """A run folder without the trained weights that merge / generate need."""
+
+
+# -- zeroplan launch on several nodes (--nnodes, SLURM) ------------------------------------
+
+
+class BadRendezvousError(ZeroplanError):
+    """--nnodes / --node-rank / --master-addr that do not describe a node of a run (a rank
+    out of range, a missing flag), or a SLURM step with several tasks per node."""
+
+
+class BadNodeListError(ZeroplanError):
+    """A SLURM node list (SLURM_JOB_NODELIST) that does not parse or contradicts SLURM_NNODES."""
+
+
+class NodeCountError(ZeroplanError):
+    """The run's node count differs from the plan's."""
+
+
+class RendezvousUnreachableError(ZeroplanError):
+    """The rendezvous host does not resolve, is not node 0's machine, or cannot be reached."""
+
+
+class RunDirNotSharedError(ZeroplanError):
+    """The run folder is not on a filesystem the nodes share (a node cannot see node 0's files)."""
+
+
+class NodeJoinError(ZeroplanError):
+    """A node of a multi-node run did not join in time, or gave up."""

@@ -1,4 +1,5 @@
-"""The files a plan leaves for ``zeroplan launch``: plan.json, ds_config.json, launch.sh, hostfile.
+"""The files a plan leaves for ``zeroplan launch``: plan.json, ds_config.json, launch.sh, and
+for several nodes a hostfile and launch.sbatch.
 
 Written into a fresh temporary folder beside the target and renamed into place, so that an
 error or Ctrl-C leaves either the old folder's files or the complete new set, never half.
@@ -33,6 +34,33 @@ def hostfile_text(p: Plan) -> str:
     return "".join(f"node{i} slots={c.gpus_per_node}\n" for i in range(c.num_nodes))
 
 
+def sbatch_text(p: Plan, plan_path: Path) -> str:
+    """A SLURM batch script that runs ``zeroplan launch`` once per node through srun; each
+    node reads its rank and the rendezvous from SLURM's variables (``zeroplan.launch.multinode``)."""
+    c = p.request.cluster
+    launch = ["zeroplan", "launch", str(plan_path), "--data"]
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"# zeroplan plan for {c.describe(times='x')}: sbatch launch.sbatch DATA.jsonl [launch options]",
+            "# One zeroplan per node (srun --ntasks-per-node 1); each starts torchrun for its",
+            "# GPUs with its SLURM_NODEID as node rank and the first host as the rendezvous.",
+            "# The run folder (default runs/MODEL-slurmJOBID under the submit folder, or -o)",
+            "# must be on a filesystem every node shares.",
+            "#SBATCH --job-name=zeroplan",
+            f"#SBATCH --nodes={c.num_nodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --gpus-per-node={c.gpus_per_node}",
+            "#SBATCH --exclusive",
+            "set -euo pipefail",
+            "DATA=${1:?usage: sbatch launch.sbatch DATA.jsonl [zeroplan launch options]}",
+            "shift",
+            f'srun --nodes={c.num_nodes} --ntasks-per-node=1 {shlex.join(launch)} "$DATA" "$@"',
+            "",
+        ]
+    )
+
+
 def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list[Path]:
     """Write the plan's files into ``directory`` (created if missing); return their paths."""
     if p.best is None:
@@ -48,6 +76,7 @@ def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list
         )
     if p.request.cluster.num_nodes > 1:
         files["hostfile"] = hostfile_text(p)
+        files["launch.sbatch"] = sbatch_text(p, target.resolve() / "plan.json")
     files["launch.sh"] = "#!/bin/sh\n" + shlex.join(launch_command(p)) + ' "$@"\n'
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +84,8 @@ def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list
         for name, text in files.items():
             (tmp / name).write_text(text)
         (tmp / "launch.sh").chmod(0o755)
+        if "launch.sbatch" in files:
+            (tmp / "launch.sbatch").chmod(0o755)
         if target.exists():
             for name in files:
                 os.replace(tmp / name, target / name)

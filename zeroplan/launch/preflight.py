@@ -10,7 +10,10 @@ Each failure is one ZeroplanError (one line in the CLI, exit status 2):
 * more GPUs, or other GPU indices, than this machine has (GPUCountError);
 * the estimate on the GPUs actually present says out of memory (PredictedOOMError, with
   the planner's choice for this machine; ``--force`` starts anyway);
-* a hostfile host ssh cannot reach without a prompt (HostUnreachableError).
+* a hostfile host ssh cannot reach without a prompt (HostUnreachableError), or one that
+  cannot see RUN_DIR (RunDirNotSharedError: the nodes need a shared filesystem);
+* several nodes through --nnodes or SLURM: a rendezvous host that does not resolve, is not
+  node rank 0's machine, or whose port is taken there (RendezvousUnreachableError).
 
 ``preflight`` collects every finding, so that ``--dry-run`` can show them all; the real
 launch raises the first.
@@ -18,7 +21,10 @@ launch raises the first.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import secrets
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -33,10 +39,12 @@ from zeroplan.errors import (
     NoGPUError,
     PredictedOOMError,
     RunDirExistsError,
+    RunDirNotSharedError,
     TokenizerNotFoundError,
     ZeroplanError,
 )
 from zeroplan.hardware import Cluster
+from zeroplan.launch.multinode import check_rendezvous
 from zeroplan.launch.runner import (
     LOG_DIR,
     METRICS_FILE,
@@ -168,11 +176,19 @@ def check_gpu_count(nodes: tuple[Node, ...], present: Cluster) -> None:
             )
 
 
-def unreachable_hosts(hosts: list[str], timeout_s: float = SSH_WAIT_S) -> dict[str, str]:
-    """host -> why ``ssh -o BatchMode=yes -o ConnectTimeout=5 HOST true`` failed (in parallel)."""
+NOT_SHARED = "cannot see the run folder"
+
+
+def unreachable_hosts(
+    hosts: list[str], timeout_s: float = SSH_WAIT_S, marker: Path | None = None
+) -> dict[str, str]:
+    """host -> why ``ssh -o BatchMode=yes -o ConnectTimeout=5 HOST true`` failed (in parallel).
+    With ``marker``, each host runs ``test -e MARKER`` instead; a host where it is missing
+    gets NOT_SHARED."""
+    remote = "true" if marker is None else f"test -e {shlex.quote(str(marker))}"
     procs = {
         h: subprocess.Popen(
-            ["ssh", *SSH_OPTIONS, h, "true"],
+            ["ssh", *SSH_OPTIONS, h, remote],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -189,14 +205,41 @@ def unreachable_hosts(hosts: list[str], timeout_s: float = SSH_WAIT_S) -> dict[s
             proc.communicate()
             bad[host] = f"no answer in {timeout_s:.0f} s"
             continue
-        if proc.returncode != 0:
+        if proc.returncode == 1 and marker is not None:
+            bad[host] = NOT_SHARED
+        elif proc.returncode != 0:
             lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
             bad[host] = lines[-1] if lines else f"ssh exit status {proc.returncode}"
     return bad
 
 
-def check_hosts(nodes: tuple[Node, ...]) -> None:
-    bad = unreachable_hosts([n.host for n in nodes if not n.local])
+def check_hosts(nodes: tuple[Node, ...], run_dir: Path | None = None) -> None:
+    """ssh reaches every remote node; with ``run_dir``, each of them also sees a file
+    written there now (RUN_DIR must be on a filesystem the nodes share)."""
+    hosts = [n.host for n in nodes if not n.local]
+    marker, made = None, False
+    if run_dir is not None:
+        made = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker = run_dir / f".zeroplan-shared-{secrets.token_hex(4)}"
+            marker.write_text("written by zeroplan launch to check that the nodes see it\n")
+        except OSError:
+            marker = None  # writing RUN_DIR fails later, with its own message
+    try:
+        bad = unreachable_hosts(hosts, marker=marker)
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # type: ignore[union-attr]
+    blind = sorted(h for h, why in bad.items() if why == NOT_SHARED)
+    if blind:
+        raise RunDirNotSharedError(
+            f"{', '.join(blind)} cannot see the run folder {run_dir} (a file written there "
+            "now is missing on that node): RUN_DIR must be on a filesystem every node shares"
+        )
     if bad:
         which = "; ".join(f"{h}: {why}" for h, why in bad.items())
         raise HostUnreachableError(
@@ -280,7 +323,8 @@ def preflight(
         if note:
             notes.append(note)
 
-    attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
+    if launch.first_rank == 0:  # a node rank > 0 writes into node 0's fresh run folder
+        attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
     attempt(lambda: check_data(launch.data))
     attempt(lambda: check_tokenizer(str(launch.plan["model"])))
     attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))
@@ -306,7 +350,7 @@ def preflight(
         before = len(errors)
         attempt(lambda: check_gpu_count(launch.nodes, present))
         if len(errors) == before:
-            gpu_cluster = Cluster(present.gpu, per_node, len(launch.nodes))
+            gpu_cluster = Cluster(present.gpu, per_node, launch.num_nodes)
             planned = plan_cluster(launch.plan)
             if planned is not None and planned.gpu.name != present.gpu.name:
                 notes.append(
@@ -316,7 +360,7 @@ def preflight(
     else:
         planned = plan_cluster(launch.plan)
         if planned is not None:
-            gpu_cluster = Cluster(planned.gpu, per_node, len(launch.nodes))
+            gpu_cluster = Cluster(planned.gpu, per_node, launch.num_nodes)
             notes.append(
                 f"the nodes' GPUs cannot be seen from here: the memory check assumes the "
                 f"plan's {planned.gpu.name}"
@@ -331,6 +375,9 @@ def preflight(
             if note:
                 notes.append(note)
 
+    if launch.rendezvous is not None:
+        rdv = launch.rendezvous
+        attempt(lambda: check_rendezvous(rdv))
     if hosts and any(not n.local for n in launch.nodes):
-        attempt(lambda: check_hosts(launch.nodes))
+        attempt(lambda: check_hosts(launch.nodes, launch.run_dir))
     return Preflight(tuple(errors), tuple(notes), est)

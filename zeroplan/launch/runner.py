@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from zeroplan.errors import BadClusterSpecError, BadPlanError, PredictedOOMError, ZeroplanError
 from zeroplan.hardware import GPU, Cluster, parse_cluster, read_hostfile
+from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
 from zeroplan.trainsetup import TrainSetup
 
@@ -325,6 +326,7 @@ def launch_env(
     nodes: tuple[Node, ...],
     run_dir: Path,
     inherited: Mapping[str, str] | None = None,
+    num_nodes: int | None = None,
 ) -> dict[str, str]:
     """The variables zeroplan sets for the ranks (a variable already set is left alone).
 
@@ -339,15 +341,18 @@ def launch_env(
     * ``NCCL_NVLS_ENABLE`` is not touched: nothing measured here justifies turning NVLink
       SHARP off.
     * ``PYTHONUNBUFFERED=1`` so the rank logs are current; ``ZEROPLAN_RUN_DIR``.
+
+    ``num_nodes``: the run's node count when ``nodes`` is only this one (--nnodes, SLURM).
     """
     inherited = os.environ if inherited is None else inherited
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1", "ZEROPLAN_RUN_DIR": str(run_dir)}
     if "PYTORCH_CUDA_ALLOC_CONF" not in inherited and "PYTORCH_ALLOC_CONF" not in inherited:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    world = sum(len(n.slots) for n in nodes)
+    count = len(nodes) if num_nodes is None else num_nodes
+    world = sum(len(n.slots) for n in nodes) * (count // len(nodes))
     if gpu is not None and not gpu.p2p and world > 1:
         env["NCCL_P2P_DISABLE"] = "1"
-        if len(nodes) == 1:
+        if count == 1:
             env["NCCL_IB_DISABLE"] = "1"
     return {k: v for k, v in env.items() if k not in inherited}
 
@@ -395,10 +400,41 @@ class Launch:
     resume: bool
     port: int
     notes: tuple[str, ...] = ()
+    rendezvous: Rendezvous | None = None  # this node's place in a run of several (--nnodes, SLURM)
 
     @property
     def world_size(self) -> int:
-        return sum(len(n.slots) for n in self.nodes)
+        here = sum(len(n.slots) for n in self.nodes)
+        return here * self.rendezvous.nnodes if self.rendezvous is not None else here
+
+    @property
+    def num_nodes(self) -> int:
+        return self.rendezvous.nnodes if self.rendezvous is not None else len(self.nodes)
+
+    @property
+    def first_rank(self) -> int:
+        """The global rank of this launch's first rank (0 unless a node rank > 0)."""
+        if self.rendezvous is None:
+            return 0
+        return self.rendezvous.node_rank * sum(len(n.slots) for n in self.nodes)
+
+    @property
+    def record_name(self) -> str:
+        """launch.json, or launch.node{R}.json for a node rank R > 0 (node 0 writes the rest)."""
+        rdv = self.rendezvous
+        return LAUNCH_RECORD if rdv is None or rdv.node_rank == 0 else node_record(rdv.node_rank)
+
+    def host_of(self, rank: int) -> str:
+        """The host that runs global rank ``rank``."""
+        per = len(self.nodes[0].slots)
+        if self.rendezvous is not None:
+            return self.rendezvous.node_host(rank // per) if per else "?"
+        first = 0
+        for node in self.nodes:
+            if rank < first + len(node.slots):
+                return node.host
+            first += len(node.slots)
+        return "?"
 
     @property
     def setup(self) -> TrainSetup:
@@ -410,6 +446,10 @@ class Launch:
 
     def rank_log(self, rank: int) -> Path:
         return self.log_dir / LOG_NAME.format(rank=rank)
+
+
+def node_record(node_rank: int) -> str:
+    return f"launch.node{node_rank}.json"
 
 
 def _range_text(slots: tuple[int, ...]) -> str:
@@ -432,7 +472,9 @@ def _torchrun(
     env: Mapping[str, str],
     filtered: bool,
     grace_s: float,
+    rdv: Rendezvous | None = None,
 ) -> tuple[Command, ...]:
+    """One torchrun per node; with ``rdv``, only this node's (``nodes`` is this node)."""
     per_node = {len(n.slots) for n in nodes}
     if len(per_node) > 1:
         raise BadClusterSpecError(
@@ -440,10 +482,13 @@ def _torchrun(
             f"({describe_nodes(nodes)}); use --launcher deepspeed or even the nodes out"
         )
     master = "127.0.0.1" if len(nodes) == 1 and nodes[0].local else nodes[0].host
+    nnodes, first = len(nodes), 0
+    if rdv is not None:
+        master, port, nnodes, first = rdv.master_addr, rdv.master_port, rdv.nnodes, rdv.node_rank
     commands = []
-    for rank, node in enumerate(nodes):
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes))]
-        if len(nodes) > 1:
+    for rank, node in enumerate(nodes, start=first):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes)]
+        if nnodes > 1:
             argv += ["--node-rank", str(rank)]
         argv += [
             "--nproc-per-node",
@@ -516,16 +561,29 @@ def build_launch(
     port: int | None = None,
     inherited: Mapping[str, str] | None = None,
     grace_s: float = DEFAULT_GRACE_S,
+    rendezvous: Rendezvous | None = None,
 ) -> Launch:
     """The launcher command(s), the ranks' environment and RUN_DIR's files; starts nothing.
 
     ``model``: where the ranks load the model from (written as plan.json's ``model``; the
     name the plan had stays as ``model_name``). ``program``: a Python script to run on
     every rank instead of ``-m zeroplan.launch.sft`` (same arguments). ``filtered``: the
-    GPU slots came from --include/--exclude and must be passed on exactly.
+    GPU slots came from --include/--exclude and must be passed on exactly. ``rendezvous``:
+    this node's place in a run of several (--nnodes, SLURM); ``nodes`` is then this node
+    only, one torchrun is built for it, and a node rank > 0 writes only its own record
+    (node 0 writes plan.json and the rest into the shared RUN_DIR).
     """
     if launcher not in LAUNCHERS:
         raise BadClusterSpecError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
+    if rendezvous is not None and (launcher != "torchrun" or len(nodes) != 1):
+        from zeroplan.errors import BadRendezvousError
+
+        raise BadRendezvousError(
+            "--nnodes and SLURM runs start torchrun on each node for its own GPUs; DeepSpeed's "
+            "launcher reaches the nodes itself: use --hostfile with --launcher deepspeed"
+            if launcher != "torchrun"
+            else "--nnodes and SLURM runs take this node's GPUs only, not a --hostfile"
+        )
     run_dir = run_dir.resolve()
     port = free_port() if port is None else port
     plan_out = copy.deepcopy(dict(plan))  # the Launch owns its plan
@@ -550,10 +608,14 @@ def build_launch(
         *train.argv(),
     )
     wrapped = ["zeroplan.launch.ranklog", str(run_dir / LOG_DIR), "--", *rank_argv]
-    env = launch_env(gpu, nodes, run_dir, inherited)
+    num_nodes = rendezvous.nnodes if rendezvous is not None else len(nodes)
+    world = sum(len(n.slots) for n in nodes) * (num_nodes // len(nodes))
+    if rendezvous is not None:
+        port = rendezvous.master_port
+    env = launch_env(gpu, nodes, run_dir, inherited, num_nodes=num_nodes)
     remote = any(not n.local for n in nodes)
     if launcher == "torchrun":
-        commands = _torchrun(nodes, port, wrapped, env, filtered, grace_s)
+        commands = _torchrun(nodes, port, wrapped, env, filtered, grace_s, rendezvous)
     else:
         commands = (_deepspeed(nodes, port, wrapped, run_dir, filtered),)
 
@@ -561,7 +623,6 @@ def build_launch(
     if setup.zero is not None:
         from zeroplan.dsconfig import ds_config
 
-        world = sum(len(n.slots) for n in nodes)
         files[DS_CONFIG] = json.dumps(ds_config(setup, world), indent=2) + "\n"
     if remote:
         files[HOSTFILE] = "".join(f"{n.host} slots={len(n.slots)}\n" for n in nodes)
@@ -569,8 +630,9 @@ def build_launch(
         files[DS_ENV_FILE] = "".join(f"{k}={v}\n" for k, v in env.items())
         env = {**env, "DS_ENV_FILE": str(run_dir / DS_ENV_FILE)}
 
+    if rendezvous is not None and rendezvous.node_rank > 0:
+        files = {}  # node 0 writes them into the shared RUN_DIR
     notes = []
-    world = sum(len(n.slots) for n in nodes)
     if world != plan.get("world_size"):
         global_batch = setup.micro_batch * setup.grad_accum * world
         notes.append(
@@ -591,6 +653,7 @@ def build_launch(
         resume=train.resume,
         port=port,
         notes=tuple(notes),
+        rendezvous=rendezvous,
     )
     return _with_record(launch)
 
@@ -612,7 +675,9 @@ def _with_record(launch: Launch) -> Launch:
         "cwd": os.getcwd(),
         "python": sys.executable,
     }
-    files = {**launch.files, LAUNCH_RECORD: json.dumps(record, indent=2) + "\n"}
+    if launch.rendezvous is not None:
+        record["rendezvous"] = launch.rendezvous.to_json()
+    files = {**launch.files, launch.record_name: json.dumps(record, indent=2) + "\n"}
     return replace(launch, files=files)
 
 
@@ -620,8 +685,9 @@ def write_files(launch: Launch) -> list[Path]:
     """Write RUN_DIR's files (each atomically), make RUN_DIR/logs, and clear the exit files
     of an earlier run so that they cannot be mistaken for this one's."""
     launch.log_dir.mkdir(parents=True, exist_ok=True)
-    for old in launch.log_dir.glob(EXIT_NAME.format(rank="*")):
-        old.unlink(missing_ok=True)
+    if launch.first_rank == 0:  # node 0 clears every node's (before any node starts ranks)
+        for old in launch.log_dir.glob(EXIT_NAME.format(rank="*")):
+            old.unlink(missing_ok=True)
     written = []
     for name, text in launch.files.items():
         path = launch.run_dir / name
@@ -641,6 +707,8 @@ def describe_files(launch: Launch) -> list[tuple[str, str]]:
         HOSTFILE: "one 'host slots=N' line per node",
         DS_ENV_FILE: "zeroplan's variables, for DeepSpeed's remote nodes",
     }
+    if launch.record_name != LAUNCH_RECORD:
+        what[launch.record_name] = "this node's commands and environment; its result at the end"
     out = [(str(launch.run_dir / name), what.get(name, "")) for name in launch.files]
     last = launch.world_size - 1
     ranks = "rank0.log" + (f" … rank{last}.log" if last else "")

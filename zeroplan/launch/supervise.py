@@ -33,12 +33,11 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from zeroplan.launch import procs
+from zeroplan.launch import multinode, procs
 from zeroplan.launch.progress import MetricsTail, Progress, print_line, start_display
 from zeroplan.launch.ranklog import EXIT_NAME
 from zeroplan.launch.runner import (
     DEFAULT_GRACE_S,
-    LAUNCH_RECORD,
     LAUNCHER_LOG,
     METRICS_FILE,
     Launch,
@@ -132,6 +131,7 @@ class Supervisor:
         self.known: dict[int, procs.Proc] = {}
         self.signals: list[int] = []
         self._before: set[int] = set()
+        self._nodes_checked = 0.0
 
     # -- what the dashboard asks ------------------------------------------------------
 
@@ -148,12 +148,7 @@ class Supervisor:
         return codes
 
     def host_of(self, rank: int) -> str:
-        first = 0
-        for node in self.launch.nodes:
-            if rank < first + len(node.slots):
-                return node.host
-            first += len(node.slots)
-        return "?"
+        return self.launch.host_of(rank)
 
     # -- the run ----------------------------------------------------------------------
 
@@ -235,13 +230,35 @@ class Supervisor:
                     exits=exits,
                     killed=killed,
                 )
+            gone = self._failed_node()
+            if gone is not None:
+                killed = self._terminate(why=f"node rank {gone[0]} gave up")
+                return RunResult(
+                    1,
+                    "node failed",
+                    f"node rank {gone[0]} ({gone[1]}) gave up, so the ranks here were stopped",
+                    exits=read_exits(self.launch.log_dir),
+                    killed=killed,
+                )
             failed = self._first_failure()
             if failed is not None:
+                what = "stopped" if self._stopped_elsewhere(failed) else "failed"
                 killed = self._terminate(
-                    why=f"rank {failed.rank} failed", let_launcher_s=LET_LAUNCHER_S
+                    why=f"rank {failed.rank} {what}", let_launcher_s=LET_LAUNCHER_S
                 )
                 return self._failure(failed, killed)
             codes = [p.poll() for p in self.popens]
+            if self._all_ranks_done(codes):
+                # several nodes: torchrun waits at its exit barrier for every node's agent,
+                # minutes when another node's was stopped after its ranks had finished
+                killed = self._terminate(why="every rank finished", quiet=True)
+                return RunResult(
+                    0,
+                    "done",
+                    f"all {self.launch.world_size} ranks finished",
+                    exits=read_exits(self.launch.log_dir),
+                    killed=killed,
+                )
             if all(c is not None for c in codes):
                 failed = self._first_failure()
                 killed = self._terminate(why="the launcher ended", quiet=True)
@@ -272,11 +289,50 @@ class Supervisor:
                 last_refresh = now
             time.sleep(self.poll_s)
 
+    def _failed_node(self) -> tuple[int, str] | None:
+        """Several nodes: one that gave up joining (its marker in RUN_DIR/.nodes says why)."""
+        if self.launch.rendezvous is None:
+            return None
+        now = time.monotonic()
+        if now - self._nodes_checked < 1.0:
+            return None
+        self._nodes_checked = now
+        failed = multinode.failed_nodes(self.launch.run_dir)
+        return min(failed.items()) if failed else None
+
     def _first_failure(self) -> RankExit | None:
         failed = [e for e in read_exits(self.launch.log_dir).values() if e.returncode != 0]
         return min(failed, key=lambda e: e.t) if failed else None
 
+    def _all_ranks_done(self, codes: list[int | None]) -> bool:
+        """Several nodes: every rank of every node exited 0 and this node's launcher has
+        had LET_LAUNCHER_S to end by itself."""
+        if self.launch.rendezvous is None or all(c is not None for c in codes):
+            return False
+        exits = read_exits(self.launch.log_dir)
+        if len(exits) < self.launch.world_size or any(e.returncode for e in exits.values()):
+            return False
+        return time.time() - max(e.t for e in exits.values()) > LET_LAUNCHER_S
+
+    def _stopped_elsewhere(self, failed: RankExit) -> bool:
+        """Several nodes: a rank ended on a stop signal that this node did not get."""
+        return self.launch.rendezvous is not None and _ended_on_stop(failed) and not self.signals
+
     def _failure(self, failed: RankExit, killed: int) -> RunResult:
+        if self._stopped_elsewhere(failed):
+            # several nodes: another node was stopped (Ctrl-C, SIGTERM) and its ranks told
+            # every rank to save and stop; that is not this node's failure
+            code = failed.returncode if 128 < failed.returncode < 160 else 128 + signal.SIGTERM
+            return RunResult(
+                code,
+                "interrupted",
+                f"stopped: rank {failed.rank} on {self.host_of(failed.rank)} ended on a stop "
+                f"signal ({failed.status()}), so every rank saved and stopped; --resume "
+                "continues from the last checkpoint",
+                failed_rank=failed.rank,
+                exits=read_exits(self.launch.log_dir),
+                killed=killed,
+            )
         log = self.launch.rank_log(failed.rank)
         lines = "\n".join("    " + ln for ln in tail_lines(log))
         others = self.launch.world_size - 1
@@ -382,7 +438,7 @@ class Supervisor:
 
 
 def _update_record(launch: Launch, result: RunResult, started: float) -> None:
-    path = launch.run_dir / LAUNCH_RECORD
+    path = launch.run_dir / launch.record_name
     try:
         record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -418,11 +474,21 @@ def run_launch(
     metrics, progress = MetricsTail(metrics_path, offset), Progress()
     supervisor = Supervisor(launch, grace_s=grace_s, say=say)
     world = launch.world_size
-    say(
-        f"starting {world} rank{'s' if world > 1 else ''} with {launch.launcher} "
-        f"({describe_nodes(launch.nodes)}); logs: {launch.log_dir}/rank0.log"
-        + (f" … rank{world - 1}.log" if world > 1 else "")
-    )
+    rdv = launch.rendezvous
+    if rdv is None:
+        say(
+            f"starting {world} rank{'s' if world > 1 else ''} with {launch.launcher} "
+            f"({describe_nodes(launch.nodes)}); logs: {launch.log_dir}/rank0.log"
+            + (f" … rank{world - 1}.log" if world > 1 else "")
+        )
+    else:
+        first, last = launch.first_rank, launch.first_rank + len(launch.nodes[0].slots) - 1
+        ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
+        logs = f"rank{first}.log" + (f" … rank{last}.log" if last > first else "")
+        say(
+            f"starting {ranks} of {world} with {launch.launcher} on {rdv.host} "
+            f"({rdv.describe()}); logs: {launch.log_dir}/{logs}"
+        )
     stop = threading.Event()
     started = time.time()
     display = start_display(

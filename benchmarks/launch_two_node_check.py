@@ -1,0 +1,162 @@
+"""Two "nodes" on one two-GPU machine: one ``zeroplan launch`` per GPU, NCCL between them.
+
+    python benchmarks/launch_two_node_check.py --work /tmp/2n --out $OUT/launch_two_node.jsonl \
+        [--via flags,slurm] [--steps 30]
+
+Each "node" is a ``zeroplan launch`` of its own with ``CUDA_VISIBLE_DEVICES`` set to one
+GPU, meeting the other through the flags (``--nnodes 2 --node-rank R --master-addr
+127.0.0.1``) or through SLURM's variables as srun sets them (``SLURM_JOB_NODELIST=
+localhost,localhost``, ``SLURM_NODEID``, ``SLURM_JOB_ID``), in a run folder both see. The
+model is the Llama-3.2-1B architecture with random weights (gpu_fixtures.build_model: no
+network), LoRA, micro-batch 4, seq 768. For each way: train; after a checkpoint and a few
+more steps, SIGINT to node rank 1's zeroplan (a terminal's Ctrl-C); record both exit
+statuses (130 and 143 expected), whether any rank process is left, the last checkpoint;
+then ``--resume`` on both to the end; each rank's peak allocated against the plan's.
+
+This is the two-GPU run that the CPU tests (tests/test_multinode_run.py, gloo) cannot be:
+NCCL across two torchrun agents. Not run yet; its rows go to benchmarks/results/.
+``--tiny`` runs the same sequence on the CPU (gloo, --force) to check this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import tinyllm  # noqa: E402
+from gpu_fixtures import build_model, metrics, records, versions  # noqa: E402
+
+from zeroplan.hardware import parse_cluster  # noqa: E402
+from zeroplan.trainsetup import TrainSetup  # noqa: E402
+
+ZP = [sys.executable, "-m", "zeroplan.cli", "launch"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def node_env(via: str, rank: int, job: str, tiny: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["CUDA_VISIBLE_DEVICES"] = "" if tiny else str(rank)
+    if via == "slurm":
+        env |= {
+            "SLURM_JOB_ID": job,
+            "SLURM_JOB_NODELIST": "localhost,localhost",
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": str(rank),
+            "SLURM_NTASKS": "2",
+        }
+    return env
+
+
+def start(via: str, rank: int, args: argparse.Namespace, run: Path, extra: list[str]) -> Any:
+    cmd = [*ZP, str(args.work / "plan.json"), "--data", str(args.work / "data.jsonl")]
+    cmd += ["-o", str(run), "--logging-steps", "1", "--no-dashboard", *extra]
+    if via == "flags":
+        cmd += ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+        cmd += ["--master-port", str(args.port)]
+    if args.tiny:
+        cmd.append("--force")
+    log = (args.work / f"{run.name}-node{rank}.log").open("a")
+    return subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=node_env(via, rank, args.job, args.tiny),
+        start_new_session=True,
+    )
+
+
+def ranks_left(run: Path) -> list[int]:
+    left = []
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(run).encode() in entry.read_bytes():
+                left.append(int(entry.parent.name))
+        except OSError:
+            continue
+    return left
+
+
+def one_way(via: str, args: argparse.Namespace) -> dict[str, Any]:
+    run = args.work / via
+    row: dict[str, Any] = {"via": via}
+    steps = ["--max-steps", str(args.steps), "--save-steps", str(args.save_steps)]
+    nodes = [start(via, r, args, run, steps) for r in (0, 1)]
+    t0 = time.time()
+    while all(p.poll() is None for p in nodes) and time.time() - t0 < args.timeout:
+        done = [m["step"] for m in metrics(run) if m["event"] == "train"]
+        if done and max(done) >= args.save_steps + 3:
+            nodes[1].send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    row["interrupt_rc"] = [p.wait(timeout=args.grace) for p in nodes]
+    row["left_after_interrupt"] = ranks_left(run)
+    ends = {m["rank"]: m["step"] for m in metrics(run) if m["event"] == "end"}
+    row["interrupted_at_step"] = ends
+    row["checkpoints"] = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    nodes = [start(via, r, args, run, ["--resume", *steps]) for r in (0, 1)]
+    row["resume_rc"] = [p.wait(timeout=args.timeout) for p in nodes]
+    lines = metrics(run)
+    row["last_step"] = max((m["step"] for m in lines if m["event"] == "train"), default=None)
+    row["ranks_logged"] = sorted({m["rank"] for m in lines})
+    peaks: dict[int, int] = {}
+    for m in lines:
+        if m.get("peak_allocated_bytes"):
+            peaks[m["rank"]] = max(peaks.get(m["rank"], 0), m["peak_allocated_bytes"])
+    row["measured_peak_allocated_bytes"] = peaks
+    plan = json.loads((args.work / "plan.json").read_text())
+    row["predicted_peak_allocated_bytes"] = plan["best"]["peak_allocated_bytes"]
+    row["left_at_end"] = ranks_left(run)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--via", default="flags,slurm")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--save-steps", type=int, default=10)
+    p.add_argument("--grace", type=float, default=120.0)
+    p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--tiny", action="store_true", help="CPU check of this script")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model = args.work / "model"
+    if not (model / "config.json").exists():
+        (tinyllm.build_model_dir if args.tiny else build_model)(model)
+    rows = tinyllm.alpaca_records(60) if args.tiny else records(800)
+    tinyllm.write_jsonl(args.work / "data.jsonl", rows)
+    seq = 64 if args.tiny else 768
+    setup = TrainSetup(method="lora", micro_batch=4, seq_len=seq, grad_ckpt=True, optim="adamw")
+    plan = tinyllm.plan_for(model, setup, parse_cluster("2x1xH100"))
+    (args.work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    for via in args.via.split(","):
+        args.port, args.job = free_port(), str(int(time.time()) % 10**6)
+        row = one_way(via, args) | {"versions": versions()}
+        print(json.dumps({k: v for k, v in row.items() if k != "versions"}), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
