@@ -432,6 +432,29 @@ def test_hang_alert_after_n_silent_seconds_or_three_steps() -> None:
     assert al.hang_threshold(120, 60.0) == 180 and al.hang_threshold(120, None) == 120
 
 
+def test_several_nodes_every_rank_shown_with_its_node_and_a_silent_node_named() -> None:
+    log = TrainingLog(os.devnull)
+    for rank, host, t in ((0, "gpu07", 1000.0), (1, "gpu07", 1000.0), (2, "gpu08", 800.0),
+                          (3, "gpu08", 790.0)):  # fmt: skip
+        log.add(MetricRecord(t=t, rank=rank, step=7, host=host, tokens_per_s=100.0))
+    tr = log.view()
+    assert tr is not None
+    found = al.silent_ranks(tr, now=1000.0, hang_after_s=120)
+    assert {a.subject for a in found if a.kind == "hang"} == {"rank 2 on gpu08", "rank 3 on gpu08"}
+    (node,) = [a for a in found if a.kind == "node_silent"]
+    assert node.subject == "node gpu08" and "ranks 2, 3" in node.message
+    view = recorded_view()
+    text = screen(DashboardView(view.snapshot, tr, view.prediction, ()), 200)
+    assert "2 nodes (gpu07, gpu08): the GPU table above is this machine's" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("3  gpu08"))
+    assert " 7 " in row
+    # one node: no node column, no note
+    one = TrainingLog(os.devnull)
+    one.add(MetricRecord(t=1000.0, rank=0, step=7, host="gpu07"))
+    text = screen(DashboardView(view.snapshot, one.view(), view.prediction, ()), 200)
+    assert "nodes (" not in text
+
+
 def test_ranks_that_never_report_are_named() -> None:
     tr = _training({0: (1000.0, "train"), 1: (1000.0, "train")})
     assert al.silent_ranks(tr, now=1000.0, world_size=4) == []  # too early to say

@@ -49,7 +49,7 @@ class Alert:
     """One thing a person should look at. level: ``warn`` or ``crit``."""
 
     level: str
-    kind: str  # over_prediction, card_full, throttle, hang, not_reporting, rank_gone
+    kind: str  # over_prediction, card_full, throttle, hang, node_silent, not_reporting, rank_gone
     subject: str  # "GPU 3", "rank 2"
     message: str
     severity: float = 0.0  # orders alerts of one kind, worst first (bytes, seconds, ...)
@@ -163,18 +163,36 @@ def silent_ranks(
         return []
     limit = hang_threshold(hang_after_s, training.seconds_per_step)
     alerts = []
+    hosts = {r.host for r in training.ranks if r.host}
+    silent_by_host: dict[str, list[int]] = {}
     for r in training.ranks:
         silent = now - r.last_t
         if r.event != "end" and silent > limit:
+            where = f" on {r.host}" if r.host and len(hosts) > 1 else ""
             alerts.append(
                 Alert(
                     "crit",
                     "hang",
-                    f"rank {r.rank}",
+                    f"rank {r.rank}{where}",
                     f"no metric for {silent:.0f} s (step {r.step}; limit {limit:.0f} s): hung?",
                     silent,
                 )
             )
+            if r.host:
+                silent_by_host.setdefault(r.host, []).append(r.rank)
+    if len(hosts) > 1:
+        # every rank of a node silent: the node (or its link) more likely than a rank
+        for host, ranks in sorted(silent_by_host.items()):
+            if len(ranks) == sum(1 for r in training.ranks if r.host == host):
+                alerts.append(
+                    Alert(
+                        "crit",
+                        "node_silent",
+                        f"node {host}",
+                        f"all its ranks ({_ranks(sorted(ranks))}) silent: the node or its "
+                        "network is down?",
+                    )
+                )
     first = min(r.last_t for r in training.ranks)
     if world_size and now - first > limit:
         seen = {r.rank for r in training.ranks}

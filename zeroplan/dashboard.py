@@ -294,6 +294,17 @@ def _training(view: DashboardView, width: int) -> Any:
         lines.append(Text(f"{tr.bad_lines} unreadable metrics lines skipped", style="dim"))
     pred_alloc = view.prediction.peak_allocated_bytes if view.prediction else None
     alloc_head = "peak alloc / pred GiB" if pred_alloc else "peak alloc GiB"
+    hosts = sorted({r.host for r in tr.ranks if r.host})
+    several = len(hosts) > 1
+    if several:
+        # NVML sees this machine's GPUs only; the other nodes' ranks come from their metrics
+        lines.append(
+            Text(
+                f"{len(hosts)} nodes ({', '.join(hosts)}): the GPU table above is this "
+                "machine's; every node's ranks are below, from the shared metrics.jsonl",
+                style="dim",
+            )
+        )
     rows: list[list[str | Text]] = []
     for r in tr.ranks:
         age = "ended" if r.event == "end" else f"{duration(now - r.last_t)} ago"
@@ -301,6 +312,7 @@ def _training(view: DashboardView, width: int) -> Any:
         rows.append(
             [
                 str(r.rank),
+                *([r.host or "?"] if several else []),
                 str(r.step),
                 age,
                 alloc,
@@ -308,8 +320,9 @@ def _training(view: DashboardView, width: int) -> Any:
                 _num(r.tokens_per_s, ",.0f"),
             ]
         )
-    header = ["rank", "step", "last metric", alloc_head, "reserved GiB", "tokens/s"]
-    lines.append(grid(header, rows, "rrrrrr"))
+    header = ["rank", *(["node"] if several else []), "step", "last metric", alloc_head]
+    header += ["reserved GiB", "tokens/s"]
+    lines.append(grid(header, rows, "r" + ("l" if several else "") + "rrrrr"))
     return Group(*lines)
 
 
