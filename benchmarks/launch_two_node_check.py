@@ -21,6 +21,7 @@ NCCL across two torchrun agents. Not run yet; its rows go to benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -37,7 +38,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
-from gpu_fixtures import build_model, metrics, records, versions  # noqa: E402
+from gpu_fixtures import (  # noqa: E402
+    build_model,
+    metrics,
+    records,
+    steady_tokens_per_s,
+    versions,
+)
 
 from zeroplan.hardware import parse_cluster  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
@@ -65,8 +72,10 @@ def node_env(via: str, rank: int, job: str, tiny: bool) -> dict[str, str]:
     return env
 
 
-def start(via: str, rank: int, args: argparse.Namespace, run: Path, extra: list[str]) -> Any:
-    cmd = [*ZP, str(args.work / "plan.json"), "--data", str(args.work / "data.jsonl")]
+def start(
+    via: str, rank: int, args: argparse.Namespace, run: Path, extra: list[str], plan: str = "plan"
+) -> Any:
+    cmd = [*ZP, str(args.work / f"{plan}.json"), "--data", str(args.work / "data.jsonl")]
     cmd += ["-o", str(run), "--logging-steps", "1", "--no-dashboard", *extra]
     if via == "flags":
         cmd += ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
@@ -128,6 +137,54 @@ def one_way(via: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def speed(args: argparse.Namespace, setup: TrainSetup, model: Path) -> list[dict[str, Any]]:
+    """Tokens/s of ``setup`` as two one-GPU nodes against one node of the same two GPUs."""
+    rows = []
+    name = "ddp" if setup.zero is None else f"zero{setup.zero}"
+    for layout, spec in (("one node", "2xH100"), ("two nodes", "2x1xH100")):
+        plan_name = f"plan-{name}-{spec}"
+        plan = tinyllm.plan_for(model, setup, parse_cluster(spec))
+        (args.work / f"{plan_name}.json").write_text(json.dumps(plan, indent=2) + "\n")
+        run = args.work / f"speed-{name}-{spec}"
+        steps = ["--max-steps", str(args.speed_steps)]
+        if layout == "one node":
+            cmd = [
+                *ZP,
+                str(args.work / f"{plan_name}.json"),
+                "--data",
+                str(args.work / "data.jsonl"),
+            ]
+            cmd += ["-o", str(run), "--logging-steps", "1", "--no-dashboard", *steps]
+            cmd += ["--launcher", "torchrun"] + (["--force"] if args.tiny else [])
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+            if args.tiny:
+                env["CUDA_VISIBLE_DEVICES"] = ""
+            rcs = [
+                subprocess.run(
+                    cmd, cwd=ROOT, env=env, capture_output=True, timeout=args.timeout
+                ).returncode
+            ]
+        else:
+            args.port, args.job = free_port(), str(int(time.time()) % 10**6)
+            nodes = [start("flags", r, args, run, steps, plan_name) for r in (0, 1)]
+            rcs = [p.wait(timeout=args.timeout) for p in nodes]
+        lines = metrics(run)
+        rows.append(
+            {
+                "speed": name,
+                "layout": layout,
+                "returncode": rcs,
+                "tokens_per_s": steady_tokens_per_s(lines),
+                "last_step": max((m["step"] for m in lines if m["event"] == "train"), default=None),
+                "measured_peak_allocated_bytes": max(
+                    (m.get("peak_allocated_bytes") or 0 for m in lines), default=None
+                ),
+                "predicted_peak_allocated_bytes": plan["best"]["peak_allocated_bytes"],
+            }
+        )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True)
@@ -138,6 +195,13 @@ def main() -> None:
     p.add_argument("--grace", type=float, default=120.0)
     p.add_argument("--timeout", type=int, default=420)
     p.add_argument("--tiny", action="store_true", help="CPU check of this script")
+    p.add_argument(
+        "--speed",
+        default="",
+        help="ddp,zero2: tokens/s as two one-GPU nodes against one node of both GPUs, instead "
+        "of the stop-and-resume check",
+    )
+    p.add_argument("--speed-steps", type=int, default=12)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +214,15 @@ def main() -> None:
     setup = TrainSetup(method="lora", micro_batch=4, seq_len=seq, grad_ckpt=True, optim="adamw")
     plan = tinyllm.plan_for(model, setup, parse_cluster("2x1xH100"))
     (args.work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    if args.speed:
+        for name in args.speed.split(","):
+            zero = None if name == "ddp" else int(name.removeprefix("zero"))
+            for row in speed(args, dataclasses.replace(setup, zero=zero), model):
+                row["versions"] = versions()
+                print(json.dumps({k: v for k, v in row.items() if k != "versions"}), flush=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        return
     for via in args.via.split(","):
         args.port, args.job = free_port(), str(int(time.time()) % 10**6)
         row = one_way(via, args) | {"versions": versions()}
