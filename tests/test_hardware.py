@@ -572,13 +572,19 @@ def test_local_cluster_unknown_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _with_p2p(mod: types.ModuleType, status: Callable[[int, int], int] | None) -> types.ModuleType:
-    """The fake pynvml with nvmlDeviceGetP2PStatus (0 = OK) or, with None, one that raises."""
-    mod.NVML_P2P_CAPS_INDEX_READ = 0  # type: ignore[attr-defined]
+    """The fake pynvml with nvmlDeviceGetP2PStatus (0 = OK) or, with None, one that raises.
+
+    As in nvidia-ml-py 12/13, the capability constant is a one-element tuple (a trailing
+    comma in its source), and the call, like ctypes, refuses anything but an int: on a
+    2×H200 machine passing the constant as it is raised ctypes.ArgumentError."""
+    mod.NVML_P2P_CAPS_INDEX_READ = (0,)  # type: ignore[attr-defined]
     mod.NVML_P2P_STATUS_OK = 0  # type: ignore[attr-defined]
 
     def get(a: int, b: int, cap: int) -> int:
         if status is None:
             raise _FakeNVMLError("Not Supported")
+        if type(cap) is not int:
+            raise TypeError("argument 3: Don't know how to convert parameter 3")
         assert cap == 0
         return status(a, b)
 

@@ -944,16 +944,24 @@ def _p2p_from_nvml(pynvml: Any, handles: Sequence[Any]) -> bool | None:
     NVML cannot tell (an old nvidia-ml-py without the call, a driver that refuses it)."""
     if len(handles) < 2:
         return None
-    read = getattr(pynvml, "NVML_P2P_CAPS_INDEX_READ", 0)
-    ok = getattr(pynvml, "NVML_P2P_STATUS_OK", 0)
+    read = _enum(getattr(pynvml, "NVML_P2P_CAPS_INDEX_READ", 0))
+    ok = _enum(getattr(pynvml, "NVML_P2P_STATUS_OK", 0))
     try:
         for i, a in enumerate(handles):
             for b in handles[i + 1 :]:
                 if pynvml.nvmlDeviceGetP2PStatus(a, b, read) != ok:
                     return False
-    except (pynvml.NVMLError, AttributeError, OSError):
+    except Exception:  # NVMLError, ctypes' ArgumentError, a missing symbol: NVML cannot tell
         return None
     return True
+
+
+def _enum(value: Any) -> int:
+    """An NVML constant as an int: nvidia-ml-py 12/13 define some with a trailing comma
+    (``NVML_P2P_CAPS_INDEX_READ = 0,``, a tuple), which ctypes then refuses."""
+    if isinstance(value, tuple):
+        value = value[0] if value else 0
+    return int(value)
 
 
 def local_cluster() -> Cluster | None:
