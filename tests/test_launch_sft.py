@@ -212,6 +212,25 @@ def test_zero_plans_get_their_deepspeed_config(tmp_path: Path) -> None:
     assert cfg["gradient_clipping"] == kw["max_grad_norm"]
 
 
+@pytest.mark.parametrize("kernel", ["varlen", "mask"])
+def test_packed_batches_and_the_deepspeed_config_agree(tmp_path: Path, kernel: str) -> None:
+    """Under varlen one Trainer row holds the whole planned micro-batch: DeepSpeed's
+    micro-batch must be that row (on 2xH200 a ZeRO-2 launch said 4 against the Trainer's 1)."""
+    from zeroplan.launch import data as zdata
+
+    setup = TrainSetup(zero=2, micro_batch=4, grad_accum=2, seq_len=64)
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(12))
+    tok = tinyllm.build_tokenizer()
+    prepared = zdata.prepare(str(data), tok, 64)
+    o = opts(tmp_path, "--packed-attention", kernel)
+    batching = sft._batching(o, setup, prepared, tok, cuda=False)
+    assert batching.per_device == (1 if kernel == "varlen" else 4)
+    assert batching.capacity == (256 if kernel == "varlen" else 64)
+    cfg = ds_config(batching.rows_setup(setup), world_size=2)
+    assert cfg["train_micro_batch_size_per_gpu"] == batching.per_device
+    assert cfg["train_batch_size"] == batching.per_device * 2 * 2
+
+
 @pytest.mark.parametrize(
     ("setup", "needle"),
     [

@@ -598,17 +598,17 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     # the weights while from_pretrained loads them)
     # Every rank writes it (atomically, the same text): no rank waits for another's file, and
     # nodes that do not share RUN_DIR each get their copy.
-    ds_path: Path | None = None
-    if setup.zero is not None:
-        ds_path = write_config(ds_config(setup, world), opts.out / DS_CONFIG)
-
-    from datasets import Dataset
-    from trl.trainer.sft_config import SFTConfig
-
-    # ---- batches: packed micro-batches of the plan's shape, or padded samples
+    # ---- batches first: packed micro-batches of the plan's shape, or padded samples
     batching = _batching(opts, setup, prepared, tokenizer, cuda)
     if rank == 0:
         _say(batching.describe())
+
+    ds_path: Path | None = None
+    if setup.zero is not None:
+        ds_path = write_config(ds_config(batching.rows_setup(setup), world), opts.out / DS_CONFIG)
+
+    from datasets import Dataset
+    from trl.trainer.sft_config import SFTConfig
 
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     tkw = training_kwargs(setup, opts, cuda, ds_path, bool(prepared.eval), fields)
@@ -924,6 +924,12 @@ class Batching:
     rows: int
     fill: float | None  # real tokens / token positions of the packed rows
     gqa_native: bool | None = None  # varlen: keys/values not repeated to every query head
+
+    def rows_setup(self, setup: TrainSetup) -> TrainSetup:
+        """``setup`` as the Trainer (and so DeepSpeed, which refuses a micro-batch other than
+        the Trainer's) counts its batch: in rows — under varlen one row holds the planned
+        micro-batch of micro_batch × seq_len tokens."""
+        return dataclasses.replace(setup, micro_batch=self.per_device)
 
     @property
     def label(self) -> str:
