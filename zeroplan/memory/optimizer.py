@@ -69,7 +69,9 @@ def adamw_step_temporaries(spec: ModelSpec, setup: TrainSetup, world: int) -> Te
     decay) updates exp_avg, exp_avg_sq and the weight decay in place, then allocates
     ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)``, one tensor like every parameter,
     in the states' dtype (= the parameter's), for the whole list of one param group on one
-    device and dtype, and frees it at the end of the group. So the step peaks at
+    device and dtype. The list is dropped only when the next dtype's replaces it, so with
+    two dtypes both exist at once (counted on the CPU, tests/test_loop_cpu.py). So the step
+    peaks at
 
         static + gradients + (param bytes) · Ψ_group
 
