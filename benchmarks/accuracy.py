@@ -50,6 +50,10 @@ def setup_of(row: dict[str, Any]) -> TrainSetup:
         optim=row["optim"],
         attn=row["attn"],
         fused_loss=row["fused_loss"],
+        # rows from before the loop switches measured the trainer loop
+        loop=row.get("loop", "trainer"),
+        autocast=row.get("autocast"),
+        keep_outputs=row.get("keep_outputs"),
     )
 
 
@@ -85,7 +89,12 @@ def compare(row: dict[str, Any]) -> dict[str, Any]:
         "extra": " ".join(
             x
             for x in (
-                row["optim"] if row["optim"] != "adamw" else "",
+                row["optim"] if row["optim"] not in ("adamw", "adamw_torch_fused") else "",
+                "plain loop" if row.get("loop") == "plain" else "",
+                "no-autocast"
+                if row.get("loop") != "plain" and row.get("autocast") is False
+                else "",
+                "keep" if row.get("loop") != "plain" and row.get("keep_outputs") else "",
                 row["attn"] if row["attn"] != "sdpa" else "",
                 "fused" if row["fused_loss"] else "",
                 row["lora_targets"]

@@ -17,7 +17,15 @@ keeps them), gradient checkpointing non-reentrant (``zeroplan launch`` runs LoRA
 ZeRO-3 reentrant, as TRL requires: that case was measured through launch_overhead.py and
 launch_multi_gpu_check.py, not here), forward with the model's own causal-LM
 loss under bf16 autocast (what HF Trainer does without DeepSpeed) or DeepSpeed bf16, backward,
-gradient clipping at 1.0, optimizer step, ``zero_grad(set_to_none=True)``. The peak is taken
+gradient clipping at 1.0, optimizer step, ``zero_grad(set_to_none=True)``.
+
+``--loop plain`` measures instead the hand-written loop of the transformers docs on a bf16
+model (zeroplan's ``--loop plain``): ``torch.optim.AdamW(params)`` with PyTorch's defaults
+(foreach), no autocast, and ``out = model(input_ids=..., labels=...); out.loss.backward()``
+with ``out`` kept until the next step's forward returns, and the model config's
+``use_cache`` left as it is (a kept output holds its KV cache). ``--optim``,
+``--autocast/--no-autocast`` and ``--keep-outputs/--no-keep-outputs`` override the loop's
+choice one at a time, as zeroplan's switches do; the row records the resolved values. The peak is taken
 over ``--steps`` full steps (the optimizer allocates its states in the first), counted from
 after model set-up: ``torch.cuda.reset_peak_memory_stats()`` is called once the model,
 adapters and engine exist. An OOM is a result, recorded as such.
@@ -39,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroplan.models import load_model
+from zeroplan.trainsetup import LOOPS, OPTIM_ALIASES, OPTIMIZERS, TrainSetup
 
 GiB = 2**30
 
@@ -54,8 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default="all-linear")
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument(
-        "--optim", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+        "--loop", default="trainer", choices=list(LOOPS), help="preset of the three below"
     )
+    p.add_argument(
+        "--optim",
+        default=None,
+        choices=[*OPTIMIZERS, *OPTIM_ALIASES],
+        help="default: the loop's (adamw = adamw_torch_fused)",
+    )
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
     p.add_argument("--fused-loss", action="store_true", help="Liger fused linear cross-entropy")
     p.add_argument(
@@ -67,7 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="benchmarks/results/memory.jsonl")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the loop's choices resolved as zeroplan resolves them (DeepSpeed: no autocast)
+    loop = TrainSetup(
+        loop=args.loop,
+        optim=args.optim or "",
+        autocast=args.autocast,
+        keep_outputs=args.keep_outputs,
+        zero=args.zero,
+    )
+    args.optim, args.autocast, args.keep_outputs = loop.optim, loop.autocast, loop.keep_outputs
+    return args
 
 
 def environment() -> dict[str, Any]:
@@ -161,7 +188,10 @@ def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any]
     else:
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
-    model.config.use_cache = False
+    # the trainer loop drops the output (and its cache) at once: no cache, as before; a kept
+    # output holds whatever the config's use_cache builds (off under checkpointing)
+    if not args.keep_outputs:
+        model.config.use_cache = False
     if args.method == "qlora":
         quantize_linears_nf4(model)
         torch.cuda.empty_cache()
@@ -202,14 +232,18 @@ def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any]
 def make_optimizer(args: argparse.Namespace, params: list[Any]) -> Any:
     import torch
 
-    if args.optim == "adamw":
+    if args.optim == "adamw_torch_fused":
         return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if args.optim == "adamw_torch":
+        return torch.optim.AdamW(params, lr=1e-5)  # PyTorch's default: foreach on a GPU
     if args.optim == "sgd":
         return torch.optim.SGD(params, lr=1e-5)
     import bitsandbytes as bnb
 
     if args.optim == "adamw_8bit":
         return bnb.optim.AdamW8bit(params, lr=1e-5)
+    if args.optim == "paged_adamw_32bit":
+        return bnb.optim.PagedAdamW32bit(params, lr=1e-5)
     return bnb.optim.PagedAdamW8bit(params, lr=1e-5)
 
 
@@ -265,6 +299,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lora_targets": args.lora_targets,
         "lora_dropout": args.lora_dropout,
         "optim": args.optim,
+        "loop": args.loop,
+        "autocast": args.autocast,
+        "keep_outputs": args.keep_outputs,
         "attn": args.attn,
         "fused_loss": args.fused_loss,
         "zero": args.zero,
@@ -305,9 +342,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         row["setup_allocated_bytes"] = torch.cuda.memory_allocated()
+        # whether a kept output holds a KV cache (transformers turns it off under checkpointing)
+        row["use_cache"] = bool(
+            args.keep_outputs and getattr(config, "use_cache", False) and not args.grad_ckpt
+        )
         torch.cuda.reset_peak_memory_stats()
         vocab = spec.vocab_size
         gen = torch.Generator(device="cuda").manual_seed(rank)
+        out = None  # a kept output lives until the next forward returns, as in a plain loop
         for step in range(args.steps):
             ids = torch.randint(
                 0, vocab, (args.micro_batch, args.seq_len), device="cuda", generator=gen
@@ -315,12 +357,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
             start = time.perf_counter()
             if engine is not None:
-                loss = engine(input_ids=ids, labels=ids).loss
+                out = engine(input_ids=ids, labels=ids)
+                loss = out.loss
+                if not args.keep_outputs:
+                    out = None
                 engine.backward(loss)
                 engine.step()
             else:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(input_ids=ids, labels=ids).loss
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.autocast):
+                    out = model(input_ids=ids, labels=ids)
+                loss = out.loss
+                if not args.keep_outputs:
+                    out = None
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
@@ -388,7 +436,8 @@ def main() -> None:
         state = "OOM" if row["oom"] else ("ERROR " + row["error"] if row["error"] else "ok")
         print(
             f"{row['model']} {args.method} mb={args.micro_batch} s={args.seq_len} ckpt={args.grad_ckpt} "
-            f"zero={args.zero}: peak_alloc={row['peak_allocated_bytes'] / GiB:.2f} GiB "
+            f"zero={args.zero} {args.loop} {args.optim} autocast={args.autocast} "
+            f"keep={args.keep_outputs}: peak_alloc={row['peak_allocated_bytes'] / GiB:.2f} GiB "
             f"reserved={row['peak_reserved_bytes'] / GiB:.2f} GiB {state}",
             flush=True,
         )

@@ -132,6 +132,24 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method lora --micro-batch 2 --seq-len 2048 --zero 2",
         f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3",
     ],
+    # Issue 12: the plain loop (foreach AdamW, no autocast, output kept through backward)
+    # against its trainer-loop twin on the same GPU, and each switch alone. One H200, about
+    # 4 minutes: python benchmarks/run_grid.py h200-loops --out $OUT/memory_h200_loops.jsonl
+    "h200-loops": [
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --loop plain",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --no-autocast",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --keep-outputs",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --loop plain",
+        # a short checkpointed step peaks at the optimizer step: foreach's temporaries show
+        f"{L1} --method full --micro-batch 1 --seq-len 512 --grad-ckpt",
+        f"{L1} --method full --micro-batch 1 --seq-len 512 --grad-ckpt --optim adamw_torch",
+        f"{Q05} --method lora --micro-batch 4 --seq-len 2048",
+        f"{Q05} --method lora --micro-batch 4 --seq-len 2048 --loop plain",
+        f"{Q05} --method full --micro-batch 4 --seq-len 1024",
+        f"{Q05} --method full --micro-batch 4 --seq-len 1024 --loop plain",
+    ],
     "h200x2-zero": [
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",

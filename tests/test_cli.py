@@ -270,6 +270,22 @@ def test_console_script(subprocess_env: dict[str, str]) -> None:
         (["plan", "llama-3.2-1b", "--gpus", "2x8xH100", "--inter-node-gbs", "0"], "got 0"),
         (["estimate", "llama-3.2-1b", "--gpus", "2x8xH100", "--inter-node-gbs", "-5"], "GB/s"),
         (["plan", "llama-3.2-1b", "--method", "auto", "--no-quantization"], "--method lora"),
+        (["estimate", "llama-3.2-1b", "--optim", "adafactor"], "adamw_torch_fused, adamw_torch"),
+        (["estimate", "llama-3.2-1b", "--loop", "accelerate"], "'trainer', 'plain'"),
+        (
+            [
+                "estimate",
+                "llama-3.2-1b",
+                "--zero",
+                "2",
+                "--offload",
+                "optimizer",
+                "--optim",
+                "paged_adamw_8bit",
+            ],
+            "runs DeepSpeed's own CPU Adam",
+        ),
+        (["estimate", "llama-3.2-1b", "--zero", "2", "--autocast"], "--autocast with DeepSpeed"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

@@ -151,7 +151,9 @@ def assert_parsed(
     assert parsed.bfloat16_config.enabled is True
     assert parsed.float16_config.enabled is False
     assert parsed.optimizer_name is None and parsed.scheduler_name is None
-    assert parsed.zero_allow_untested_optimizer is (setup.zero != 0 and setup.optim != "adamw")
+    assert parsed.zero_allow_untested_optimizer is (
+        setup.zero != 0 and setup.optim not in ("adamw_torch_fused", "adamw_torch")
+    )
 
     zc = parsed.zero_config
     assert parsed.zero_optimization_stage == setup.zero
@@ -261,7 +263,8 @@ def test_deepspeed_engine_steps_with_the_config(
 def valid_setups(draw: st.DrawFn) -> TrainSetup:
     stage = draw(st.integers(0, 3))
     offload = draw(st.sampled_from(OFFLOADS_BY_STAGE[stage]))
-    optim = "adamw" if offload != "none" else draw(st.sampled_from(OPTIMIZERS))
+    torch_adamw = st.sampled_from(("adamw", "adamw_torch_fused", "adamw_torch"))
+    optim = draw(torch_adamw) if offload != "none" else draw(st.sampled_from(OPTIMIZERS))
     bucket = st.integers(1, 2_000_000_000)
     return TrainSetup(
         method=draw(st.sampled_from(METHODS)),

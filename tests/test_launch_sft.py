@@ -144,6 +144,53 @@ def test_optimizer_names(optim: str, hf: str) -> None:
     assert OptimizerNames(hf)  # a name the installed transformers knows
 
 
+def test_optimizer_names_follow_the_plan(tmp_path: Path) -> None:
+    """HF's names pass through; an old plan's "adamw" is fused AdamW, as before; fused only
+    on a GPU and without CPU offload (where DeepSpeed's CPU Adam steps)."""
+
+    def hf(setup: TrainSetup, cuda: bool = True) -> str:
+        return str(sft.training_kwargs(setup, opts(tmp_path), cuda, None, False)["optim"])
+
+    assert hf(TrainSetup(optim="adamw")) == hf(TrainSetup()) == "adamw_torch_fused"
+    assert hf(TrainSetup(optim="adamw_torch")) == hf(TrainSetup(loop="plain")) == "adamw_torch"
+    assert hf(TrainSetup(optim="adamw_torch_fused"), cuda=False) == "adamw_torch"
+    assert hf(TrainSetup(zero=2, offload="optimizer")) == "adamw_torch"
+    assert hf(TrainSetup(optim="paged_adamw_32bit")) == "paged_adamw_32bit"
+
+
+def test_autocast_follows_the_plan(tmp_path: Path) -> None:
+    def bf16(setup: TrainSetup) -> bool:
+        return bool(sft.training_kwargs(setup, opts(tmp_path), True, None, False)["bf16"])
+
+    assert bf16(TrainSetup()) is True
+    # a bf16 model without the Trainer's autocast: PEFT's fp32 adapters see fp32 inputs
+    assert bf16(TrainSetup(autocast=False)) is False
+    assert bf16(TrainSetup(zero=2)) is True  # DeepSpeed bf16, no autocast
+
+
+def test_an_old_plan_still_loads_and_launches_fused_adamw(tmp_path: Path, model_dir: Path) -> None:
+    """A plan.json written before the loop switches: optim "adamw", no loop keys."""
+    path = tinyllm.write_plan(tmp_path, model_dir)
+    data = json.loads(path.read_text())
+    setup = data["best"]["setup"]
+    for key in ("loop", "autocast", "keep_outputs"):
+        del setup[key]
+    setup["optim"] = "adamw"
+    path.write_text(json.dumps(data))
+    planned = sft.read_plan(path)
+    assert planned.setup == TrainSetup(seq_len=64)
+    kw = sft.training_kwargs(planned.setup, opts(tmp_path), True, None, False)
+    assert (kw["optim"], kw["bf16"]) == ("adamw_torch_fused", True)
+
+
+def test_a_plan_that_keeps_outputs_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    """The Trainer drops the model's output before backward: launch cannot run such a plan."""
+    path = tinyllm.write_plan(tmp_path, model_dir, keep_outputs=True)
+    with pytest.raises(BadPlanError) as exc:
+        sft.read_plan(path)
+    assert "zeroplan launch runs the HF Trainer loop" in one_line(exc)
+
+
 def test_every_optim_name_is_known_to_transformers() -> None:
     from transformers.training_args import OptimizerNames
 

@@ -604,10 +604,18 @@ def setups(
         lora_targets=targets,
         lora_dropout=draw(st.sampled_from([0.0, 0.05])),
         optim=draw(
-            st.sampled_from(["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd"])
+            st.sampled_from(
+                [
+                    *("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd"),
+                    *("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", ""),
+                ]
+            )
         ),
         attn=draw(st.sampled_from(["sdpa", "flash_attention_2", "eager"])),
         fused_loss=draw(st.booleans()),
+        loop=draw(st.sampled_from(["trainer", "plain"])),
+        autocast=draw(st.sampled_from([None, True, False])),
+        keep_outputs=draw(st.sampled_from([None, True, False])),
     )
     try:
         setup = TrainSetup(**kw)  # type: ignore[arg-type]

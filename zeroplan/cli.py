@@ -19,7 +19,7 @@ from zeroplan.cli_job import (
     with_data,
 )
 from zeroplan.errors import ZeroplanError
-from zeroplan.trainsetup import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS
+from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS
 
 DEFAULT_GPUS = "1xH100"
 
@@ -109,11 +109,33 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         help="LoRA dropout; above 0 it keeps a mask per adapted input.",
     ),
     click.option(
-        "--optim",
-        type=click.Choice(OPTIMIZERS),
-        default="adamw",
+        "--loop",
+        type=click.Choice(tuple(LOOPS)),
+        default="trainer",
         show_default=True,
-        help="adamw (torch, fused), adamw_8bit / paged_adamw_8bit (bitsandbytes), sgd.",
+        help="The training loop: trainer (HF Trainer, TRL, zeroplan launch: fused AdamW, "
+        "autocast, outputs dropped) or plain (out = model(...); out.loss.backward(); "
+        "torch AdamW with defaults; no autocast). The switches below override it.",
+    ),
+    click.option(
+        "--optim",
+        default=None,
+        metavar="NAME",
+        help="HF Trainer's names: adamw_torch_fused (alias adamw), adamw_torch (foreach: "
+        "parameter-sized temporaries at the step), adamw_8bit, paged_adamw_8bit, "
+        "paged_adamw_32bit, sgd. Default: the --loop's.",
+    ),
+    click.option(
+        "--autocast/--no-autocast",
+        default=None,
+        help="Whether the forward runs under bf16 autocast (HF Trainer: yes; a plain loop on "
+        "a bf16 model and DeepSpeed: no). Default: the --loop's.",
+    ),
+    click.option(
+        "--keep-outputs/--drop-outputs",
+        default=None,
+        help="Whether the model's output (its batch × seq × vocab logits) stays alive through "
+        "backward, as in out = model(...); out.loss.backward(). Default: the --loop's.",
     ),
     click.option(
         "--attn",

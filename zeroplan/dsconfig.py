@@ -31,8 +31,9 @@ from zeroplan.trainsetup import TrainSetup
 
 # Optimizers DeepSpeed's ZeRO wrapper accepts without ``zero_allow_untested_optimizer``
 # (deepspeed/runtime/zero/utils.py ZERO_SUPPORTED_OPTIMIZERS holds torch.optim.AdamW; the
-# bitsandbytes optimizers and torch SGD are not on that list).
-ZERO_TESTED_OPTIMIZERS = ("adamw",)
+# bitsandbytes optimizers and torch SGD are not on that list); fused or foreach, both are
+# torch.optim.AdamW.
+ZERO_TESTED_OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 
 # The batch and clipping keys the HF Trainer fills from TrainingArguments when they say
 # "auto" (transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig.trainer_config_process).
@@ -75,7 +76,8 @@ def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dic
     there DeepSpeed only runs its own CPU Adam: HF Accelerate swaps whatever torch
     optimizer the Trainer built for ``DeepSpeedCPUAdam`` (and DeepSpeed refuses any other
     unless told not to). An 8-bit or SGD ``--optim`` would silently become fp32 Adam, so
-    offload is accepted with ``--optim adamw`` only.
+    offload is accepted with torch AdamW only (``adamw_torch_fused``, alias ``adamw``, or
+    ``adamw_torch``); TrainSetup already refuses the bitsandbytes ones.
     """
     if setup.zero is None:
         raise BadSetupError("no DeepSpeed config for a run without --zero; pass --zero 0-3")
@@ -89,7 +91,7 @@ def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dic
         raise BadSetupError(
             f"--offload {setup.offload} runs the optimizer step on the CPU as DeepSpeed's "
             f"CPU Adam, so --optim {setup.optim} would silently become fp32 AdamW: "
-            "use --optim adamw, or drop --offload"
+            "use --optim adamw_torch_fused, or drop --offload"
         )
 
     zero: dict[str, Any] = {"stage": setup.zero}

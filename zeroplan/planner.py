@@ -186,10 +186,10 @@ def _distributions(req: PlanRequest, method: str) -> Iterator[tuple[int | None, 
 
 def _optimizers(zero: int | None, offload: str) -> tuple[str, ...]:
     if offload != "none":
-        return ("adamw",)  # DeepSpeed's CPU Adam
+        return ("adamw_torch_fused",)  # DeepSpeed's CPU Adam
     if zero is None:
-        return ("adamw", "adamw_8bit", "paged_adamw_8bit")
-    return ("adamw", "adamw_8bit")
+        return ("adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit")
+    return ("adamw_torch_fused", "adamw_8bit")
 
 
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
@@ -236,7 +236,7 @@ def complexity(setup: TrainSetup) -> int:
     """Moving parts a setup adds; among equally fast setups the simplest wins."""
     dist = 0 if setup.zero is None else 1 + setup.zero
     offload = {"none": 0, "optimizer": 5, "optimizer+params": 10}[setup.offload]
-    optim = {"adamw": 0, "adamw_8bit": 1}.get(setup.optim, 2)
+    optim = {"adamw_torch_fused": 0, "adamw_8bit": 1}.get(setup.optim, 2)
     return 10 * (dist + offload) + optim + int(setup.fused_loss)
 
 
@@ -371,7 +371,7 @@ def describe(setup: TrainSetup) -> str:
     parts.append("checkpointing" if setup.grad_ckpt else "no checkpointing")
     if setup.fused_loss:
         parts.append("fused loss")
-    if setup.optim != "adamw":
+    if setup.optim != "adamw_torch_fused":
         parts.append(setup.optim)
     return ", ".join(parts)
 
@@ -406,7 +406,7 @@ def _lean(req: PlanRequest) -> Iterator[Candidate]:
     """The least-memory setups of each kind: micro-batch 1, checkpointing, fused loss."""
     for method in _methods(req):
         for zero, offload in _distributions(req, method):
-            optim = "adamw" if offload != "none" else "adamw_8bit"
+            optim = "adamw_torch_fused" if offload != "none" else "adamw_8bit"
             setup = TrainSetup(
                 method=method,
                 seq_len=req.seq_len,

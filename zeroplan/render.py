@@ -19,7 +19,11 @@ _LABELS = {
     "activations": "activations",
     "logits": "logits / loss",
     "buffers": "comm buffers",
+    "kept_output": "kept output",
+    "optimizer_temporaries": "optimizer step temporaries",
 }
+# terms that only some loops have: no row when they are 0
+_LOOP_TERMS = ("kept_output", "optimizer_temporaries")
 
 
 def _gib(n: int) -> str:
@@ -40,6 +44,8 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         f"micro-batch {setup['micro_batch']} × seq {setup['seq_len']} · "
         f"grad-ckpt {'on' if setup['grad_ckpt'] else 'off'} · {setup['optim']} · {setup['attn']}"
         + (" · fused loss" if setup["fused_loss"] else "")
+        + f"\n{setup['loop']} loop · autocast {'on' if setup['autocast'] else 'off'} · "
+        + f"outputs {'kept' if setup['keep_outputs'] else 'dropped'} in backward"
     )
     table = Table(title=title, title_justify="left", show_edge=False)
     table.add_column("per GPU", style="bold")
@@ -48,6 +54,8 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
     if explain:
         table.add_column("formula", overflow="fold")
     for name, term in sorted(est.terms.items(), key=lambda kv: -kv[1].bytes):
+        if name in _LOOP_TERMS and term.bytes == 0:
+            continue
         row = [_LABELS.get(name, name), _gib(term.bytes), _gib(est.at_peak.get(name, 0))]
         if explain:
             row.append(term.formula)
@@ -191,7 +199,7 @@ def _label(c: dict[str, Any]) -> str:
     label = f"{c['family']}: mb {s['micro_batch']} × ga {s['grad_accum']}"
     label += ", ckpt" if s["grad_ckpt"] else ""
     label += ", fused loss" if s["fused_loss"] else ""
-    label += f", {s['optim']}" if s["optim"] != "adamw" else ""
+    label += f", {s['optim']}" if s["optim"] not in ("adamw", "adamw_torch_fused") else ""
     return label
 
 

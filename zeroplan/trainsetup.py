@@ -2,8 +2,17 @@
 
 The option names follow the estimate contract in DESIGN.md (``--method``, ``--zero``,
 ``--offload``, ``--micro-batch``, ``--seq-len``, ``--grad-ckpt``, ``--lora-r``,
-``--lora-targets``, ``--optim``, ``--attn``) so that a TrainSetup, the CLI and the JSON
-``setup`` object are the same thing.
+``--lora-targets``, ``--optim``, ``--attn``, ``--loop``, ``--autocast``, ``--keep-outputs``)
+so that a TrainSetup, the CLI and the JSON ``setup`` object are the same thing.
+
+The training loop matters as much as the knobs (DESIGN.md, "Which training loop the estimate
+describes"). ``loop`` names a preset for three things a loop decides: the optimizer, whether
+the forward runs under bf16 autocast, and whether the model's output object is still alive
+during backward. ``trainer`` is the HF Trainer's loop (what ``zeroplan launch``, TRL,
+axolotl and LLaMA-Factory run): fused AdamW, autocast, outputs dropped. ``plain`` is the
+hand-written loop of the transformers docs on a bf16 model: ``torch.optim.AdamW(params)``
+(foreach), no autocast, ``out = model(...); out.loss.backward()``. Explicit ``optim``,
+``autocast`` and ``keep_outputs`` override the preset; the resolved values are stored.
 """
 
 from __future__ import annotations
@@ -16,7 +25,44 @@ from zeroplan.models import Linear, ModelSpec
 
 METHODS = ("lora", "qlora", "full")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
+# HF Trainer's names (transformers.training_args.OptimizerNames) for the optimizers zeroplan
+# models. adamw_torch is torch.optim.AdamW with PyTorch's defaults (foreach on a GPU),
+# adamw_torch_fused the same with fused=True (HF Trainer's default on torch >= 2.8).
+OPTIMIZERS = (
+    "adamw_torch_fused",
+    "adamw_torch",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "sgd",
+)
+# Other names accepted for the same optimizers: zeroplan's earlier ones (old plan.json files
+# hold them) and HF's second name for bitsandbytes 8-bit AdamW.
+OPTIM_ALIASES = {
+    "adamw": "adamw_torch_fused",
+    "paged_adamw": "paged_adamw_32bit",
+    "adamw_bnb_8bit": "adamw_8bit",
+}
+TORCH_ADAMW = ("adamw_torch_fused", "adamw_torch")
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+@dataclass(frozen=True)
+class LoopPreset:
+    """What a training loop decides: its optimizer, autocast, and whether it keeps outputs."""
+
+    optim: str
+    autocast: bool
+    keep_outputs: bool
+
+
+LOOPS = {
+    # HF Trainer / accelerate: fused AdamW, bf16 autocast (none under DeepSpeed, which casts
+    # the whole model), compute_loss returns the loss only.
+    "trainer": LoopPreset(optim="adamw_torch_fused", autocast=True, keep_outputs=False),
+    # out = model(input_ids=..., labels=...); out.loss.backward(); torch.optim.AdamW(params)
+    "plain": LoopPreset(optim="adamw_torch", autocast=False, keep_outputs=True),
+}
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 ALL_LINEAR = "all-linear"
 
@@ -46,7 +92,8 @@ class TrainSetup:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     lora_dropout: float = 0.05
-    optim: str = "adamw"
+    # "" (or None): the loop's (LOOPS); resolved in __post_init__, aliases to their HF names
+    optim: str = ""
     attn: str = "sdpa"
     fused_loss: bool = False
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
@@ -60,11 +107,31 @@ class TrainSetup:
     # double reduce buckets for ZeRO-1/2; dsconfig writes it, DeepSpeed's own default is
     # on at stage 3 only
     overlap_comm: bool = True
+    # the training loop (LOOPS) and the two things it decides besides the optimizer;
+    # None: the loop's. Under DeepSpeed autocast is always off (bf16 casts the whole model).
+    loop: str = "trainer"
+    autocast: bool | None = None
+    keep_outputs: bool | None = None
 
     def __post_init__(self) -> None:
         _choice("--method", self.method, METHODS)
         _choice("--offload", self.offload, OFFLOADS)
-        _choice("--optim", self.optim, OPTIMIZERS)
+        _choice("--loop", self.loop, tuple(LOOPS))
+        preset = LOOPS[self.loop]
+        optim = preset.optim if not self.optim else OPTIM_ALIASES.get(self.optim, self.optim)
+        _choice("--optim", optim, OPTIMIZERS + tuple(OPTIM_ALIASES))
+        if self.autocast and self.zero is not None:
+            raise BadSetupError(
+                "--autocast with DeepSpeed: DeepSpeed bf16 casts the whole model and runs "
+                "without autocast; drop --autocast"
+            )
+        autocast = self.autocast
+        if autocast is None:
+            autocast = preset.autocast and self.zero is None
+        keep = preset.keep_outputs if self.keep_outputs is None else self.keep_outputs
+        object.__setattr__(self, "optim", optim)
+        object.__setattr__(self, "autocast", autocast)
+        object.__setattr__(self, "keep_outputs", keep)
         _choice("--attn", self.attn, ATTENTIONS)
         if self.micro_batch < 1:
             raise BadSetupError(f"--micro-batch must be at least 1, got {self.micro_batch}")
@@ -90,9 +157,11 @@ class TrainSetup:
                 raise BadSetupError("--lora-targets is empty: give module names or all-linear")
             if not 0.0 <= self.lora_dropout < 1.0:
                 raise BadSetupError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.optim.startswith("paged") and self.zero is not None and self.offload != "none":
+        if optim in BNB_OPTIMIZERS and self.offload != "none":
             raise BadSetupError(
-                "paged optimizers and DeepSpeed optimizer offload both move states: pick one"
+                f"--optim {optim} is a bitsandbytes optimizer, but --offload {self.offload} "
+                "runs DeepSpeed's own CPU Adam in its place: use --optim adamw_torch_fused, "
+                "or drop --offload"
             )
         for name in (
             "reduce_bucket_elems",
@@ -126,6 +195,12 @@ class TrainSetup:
         d = asdict(self)
         d["lora_targets"] = ",".join(self.lora_targets)
         return d
+
+    @property
+    def foreach_adamw(self) -> bool:
+        """torch AdamW with PyTorch's default implementation (foreach on a GPU), whose step
+        allocates parameter-sized temporaries; under CPU offload DeepSpeed's CPU Adam steps."""
+        return self.optim == "adamw_torch" and self.offload == "none"
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -111,10 +111,20 @@ def read_plan(path: Path) -> dict[str, Any]:
             + (f" ({data['suggestion']})" if data.get("suggestion") else "")
         )
     try:
-        setup_of(data)
+        setup = setup_of(data)
     except (TypeError, KeyError, ZeroplanError) as exc:
         raise BadPlanError(f"{path}: the plan's setup is not valid ({exc})") from None
+    if setup.keep_outputs:
+        raise BadPlanError(f"{path}: {KEEP_OUTPUTS_REFUSAL}")
     return data
+
+
+# zeroplan launch trains through the HF Trainer, whose compute_loss drops the model's
+# output before backward: a plan that keeps it describes a loop launch does not run.
+KEEP_OUTPUTS_REFUSAL = (
+    "the plan keeps the model's output through backward (--keep-outputs / --loop plain), "
+    "but zeroplan launch runs the HF Trainer loop, which drops it; plan without it"
+)
 
 
 def setup_of(plan: Mapping[str, Any]) -> TrainSetup:

@@ -64,16 +64,21 @@ from zeroplan.errors import (
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
 from zeroplan.launch.runstate import Counter, StopFlag
-from zeroplan.trainsetup import ALL_LINEAR, TrainSetup, parse_targets
+from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, TrainSetup, parse_targets
 
 # TrainSetup.optim -> TrainingArguments.optim (transformers.training_args.OptimizerNames).
-# On a GPU "adamw" is torch's fused AdamW, as in the calibration runs (same memory).
+# TrainSetup already holds HF's names (an old plan's "adamw" loads as adamw_torch_fused);
+# the old names stay here for anything that bypasses TrainSetup. Fused AdamW runs on a GPU
+# only: on the CPU, and under CPU offload (DeepSpeed's CPU Adam steps), adamw_torch.
 HF_OPTIM = {
-    "adamw": "adamw_torch",
+    "adamw_torch_fused": "adamw_torch_fused",
+    "adamw_torch": "adamw_torch",
     "adamw_8bit": "adamw_bnb_8bit",
     "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw": "paged_adamw_32bit",
+    "paged_adamw_32bit": "paged_adamw_32bit",
     "sgd": "sgd",
+    "adamw": "adamw_torch_fused",
+    "paged_adamw": "paged_adamw_32bit",
 }
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -152,6 +157,10 @@ def read_plan(path: str | os.PathLike[str]) -> PlannedRun:
         setup = TrainSetup(**values)
     except TypeError as exc:
         raise BadPlanError(f"{p}: bad setup ({exc})") from None
+    if setup.keep_outputs:
+        from zeroplan.launch.runner import KEEP_OUTPUTS_REFUSAL
+
+        raise BadPlanError(f"{p}: {KEEP_OUTPUTS_REFUSAL}")
     # "model" is what to load: a Hub id, a local folder, or (written by `zeroplan launch
     # --model`, which keeps the planned name as "model_name") whatever the user pointed at.
     # A plan made from a local config.json names the model by its folder's name only; its
@@ -321,7 +330,8 @@ def training_kwargs(
         "max_grad_norm": 1.0,  # = dsconfig's gradient_clipping
         "num_train_epochs": opts.epochs,
         "max_steps": opts.max_steps if opts.max_steps is not None else -1,
-        "bf16": cuda,
+        # bf16 autocast (the plan's --autocast); under DeepSpeed it means DeepSpeed bf16
+        "bf16": cuda and (setup.deepspeed or bool(setup.autocast)),
         "fp16": False,
         "use_cpu": not cuda,
         "logging_strategy": "steps",
@@ -355,8 +365,8 @@ def training_kwargs(
             kw["train_sampling_strategy"] = "group_by_length"
         else:
             kw["group_by_length"] = True
-    if cuda and setup.optim == "adamw" and setup.offload == "none":
-        kw["optim"] = "adamw_torch_fused"
+    if kw["optim"] == "adamw_torch_fused" and (not cuda or setup.offload != "none"):
+        kw["optim"] = "adamw_torch"
     return kw
 
 
@@ -385,7 +395,7 @@ def preflight(setup: TrainSetup, cuda: bool) -> None:
                 "--method qlora needs a CUDA GPU: bitsandbytes quantizes to 4-bit on the GPU only"
             )
         _need("bitsandbytes", "--method qlora (4-bit NF4 base)", "bitsandbytes")
-    if setup.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw"):
+    if setup.optim in BNB_OPTIMIZERS:
         if not cuda:
             raise MissingDependencyError(f"--optim {setup.optim} (bitsandbytes) needs a CUDA GPU")
         _need("bitsandbytes", f"--optim {setup.optim}", "bitsandbytes")

@@ -5,10 +5,12 @@ backward in a Llama-style layer, then checked against measured peaks
 (benchmarks/results/). Symbols: h hidden size, q = heads·head_dim, kv = kv_heads·head_dim,
 i intermediate size, r LoRA rank, H heads, s sequence length, T = b·s tokens.
 
-Regimes: without DeepSpeed the step runs under bf16 autocast (what HF Trainer/accelerate do),
-so PEFT's fp32 adapters see their input cast to fp32 and autocast casts it back to a bf16
-copy that lora_A saves. Under DeepSpeed bf16 everything, adapters included, is bf16 and
-there is no autocast.
+Regimes: without DeepSpeed the trainer loop runs the step under bf16 autocast (what HF
+Trainer/accelerate do), so PEFT's fp32 adapters see their input cast to fp32 and autocast
+casts it back to a bf16 copy that lora_A saves. A plain loop on a bf16 model runs without
+autocast (``setup.autocast`` False): the adapters then compute in fp32 and save fp32
+tensors. Under DeepSpeed bf16 everything, adapters included, is bf16 and there is no
+autocast.
 """
 
 from __future__ import annotations
@@ -39,12 +41,24 @@ class Saved:
 def _lora_input(d: int, r: int, setup: TrainSetup) -> float:
     """Saved by one adapted linear with input width d.
 
-    autocast:    x.to(fp32) → dropout (mask 1 B·d) → autocast's bf16 copy saved by lora_A (2 B·d)
-    DeepSpeed:   dropout on bf16 x (mask 1 B·d + output 2 B·d), or x itself when p = 0
-    both:        lora_A's output saved by lora_B: 2 B·r
+    autocast:    x.to(fp32) → dropout (mask 1 B·d) → autocast's bf16 copy saved by lora_A (2 B·d);
+                 lora_A's bf16 output saved by lora_B: 2 B·r
+    DeepSpeed:   dropout on bf16 x (mask 1 B·d + output 2 B·d), or x itself when p = 0;
+                 lora_A's output 2 B·r
+    no autocast, fp32 adapters (a plain loop on a bf16 model; PEFT casts x to the adapter's
+                 dtype, ``_cast_input_dtype``, bitsandbytes layers too when autocast is off):
+                 dropout on the fp32 copy (mask 1 B·d), its fp32 output saved by lora_A
+                 (4 B·d), lora_A's fp32 output saved by lora_B (4 B·r). Not yet calibrated
+                 on a GPU.
     """
     mask = MASK * d if setup.lora_dropout > 0 else 0
-    return mask + BF16 * d + BF16 * r
+    width = FP32 if fp32_adapter_inputs(setup) else BF16
+    return mask + width * d + width * r
+
+
+def fp32_adapter_inputs(setup: TrainSetup) -> bool:
+    """LoRA adapters that compute in fp32: PEFT's fp32 adapters (no DeepSpeed) without autocast."""
+    return setup.is_lora and not setup.deepspeed and not setup.autocast
 
 
 def _norm(h: float, spec: ModelSpec, weight_trained: bool) -> float:
@@ -156,5 +170,8 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
         one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
         transient=int(backward_transient_per_token(spec, setup) * t),
         head=int(head_saved_per_token(spec, setup) * t),
-        autocast_weights=BF16 * trainable if setup.is_lora and not setup.deepspeed else 0,
+        # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
+        autocast_weights=BF16 * trainable
+        if setup.is_lora and not setup.deepspeed and setup.autocast
+        else 0,
     )

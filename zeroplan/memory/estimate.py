@@ -11,6 +11,14 @@ persistent buffers; from the second step on the optimizer states exist throughou
                   + its backward transients + reduce buckets + ZeRO-3 gathered layer
     embedding     full fine-tuning without DeepSpeed: static + all gradients (+ 2 V·h tied)
     step          static + the gradients at the step (gradients.gradients)
+                  + foreach AdamW's temporaries (optimizer.adamw_step_temporaries)
+
+A loop that keeps the model's output (logits.kept_output) holds its bf16 logits through
+every backward moment, and the whole output (logits + KV cache) through the step and the
+next forward, until ``out`` is reassigned; that adds one moment:
+
+    forward end   static + resident grads + saved activations + the loss inside
+                  cross-entropy (logits.loss_forward_bytes) + the previous step's output
 
 "resident grads" exist before backward (gradients.resident_gradients): earlier
 micro-batches' under accumulation, DeepSpeed's persistent buffers. For full fine-tuning
@@ -22,11 +30,11 @@ from __future__ import annotations
 
 from zeroplan.errors import BadSetupError, UnsupportedModelError
 from zeroplan.hardware import Cluster
-from zeroplan.memory.activations import activation_profile
+from zeroplan.memory.activations import activation_profile, fp32_adapter_inputs
 from zeroplan.memory.buffers import comm_buffers, frozen_base_held, offload_cpu_bytes
 from zeroplan.memory.gradients import gradients, resident_gradients
-from zeroplan.memory.logits import logits
-from zeroplan.memory.optimizer import optimizer_states
+from zeroplan.memory.logits import kept_logits_bytes, kept_output, logits, loss_forward_bytes
+from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
 from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
 from zeroplan.memory.result import MemoryEstimate, Term
 from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib
@@ -64,6 +72,11 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     buffers = comm_buffers(spec, setup, world)
     loss = logits(spec, setup)
     act = activation_profile(spec, setup, n_t)
+    temps = adamw_step_temporaries(spec, setup, world)
+    kept = kept_output(spec, setup)
+    # while backward runs, a kept output adds its logits; its cache is the keys and values
+    # attention saved anyway
+    kept_in_backward = kept_logits_bytes(spec, setup)
 
     optim_alloc = optim.bytes if optim.in_allocator else 0
     resident = resident_gradients(spec, setup, world)
@@ -91,15 +104,32 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "logits": loss.bytes,
             "gradients": resident,
             "buffers": head_gathered,
+            "kept_output": kept_in_backward,
         },
         "lm_head backward": {
             "activations": saved,
             "logits": logits_grad_bf16,
             "gradients": resident + lm_head_grad,
             "buffers": head_gathered + head_buckets,
+            "kept_output": kept_in_backward,
         },
-        "optimizer step": {"activations": 0, "logits": 0, "gradients": grads.bytes, "buffers": 0},
+        "optimizer step": {
+            "activations": 0,
+            "logits": 0,
+            "gradients": grads.bytes,
+            "buffers": 0,
+            "kept_output": kept.bytes,
+            "optimizer_temporaries": temps.bytes,
+        },
     }
+    if kept.bytes:
+        phases["forward end (previous output alive)"] = {
+            "activations": saved,
+            "logits": loss_forward_bytes(spec, setup),
+            "gradients": resident,
+            "buffers": head_gathered,
+            "kept_output": kept.bytes,
+        }
     in_backward = buffers.backward + buffers.gathered
     if setup.grad_ckpt:
         phases["layer recompute (backward)"] = {
@@ -107,6 +137,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "logits": 0,
             "gradients": max(resident, late_grads),
             "buffers": in_backward,
+            "kept_output": kept_in_backward,
         }
     else:
         phases["layer backward"] = {
@@ -114,6 +145,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "logits": 0,
             "gradients": resident,
             "buffers": in_backward,
+            "kept_output": kept_in_backward,
         }
     if full and not setup.deepspeed:
         # The end of backward: every gradient exists, and a tied embedding's dense gradient
@@ -124,6 +156,8 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "logits": 0,
             "gradients": grads.bytes + (2 * BF16 * v_h if spec.tie_word_embeddings else 0),
             "buffers": 0,
+            # the saved keys and values are gone from the graph, the output's cache holds them
+            "kept_output": kept.bytes,
         }
     base = {
         "weights": weights.bytes + adapters.bytes,
@@ -134,6 +168,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     def total(parts: dict[str, int]) -> int:
         return sum(base.values()) + static_buffers + sum(parts.values())
 
+    for parts in phases.values():
+        parts.setdefault("kept_output", 0)
+        parts.setdefault("optimizer_temporaries", 0)
     phase = max(phases, key=lambda name: total(phases[name]))
     at_peak = base | phases[phase]
     at_peak["buffers"] += static_buffers
@@ -161,6 +198,8 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         "activations": activations_term,
         "logits": loss,
         "buffers": buffers.term,
+        "kept_output": kept,
+        "optimizer_temporaries": temps,
     }
     notes: list[str] = []
     calibrated = spec.model_type in CALIBRATED_FAMILIES and setup.attn != "flash_attention_2"
@@ -181,6 +220,10 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "configuration only, where this estimate was 6-11% low"
         )
     notes.extend(cluster.notes)
+    loop_notes = _loop_notes(setup, kept.bytes, temps.bytes)
+    if loop_notes:
+        calibrated = False
+        notes.extend(loop_notes)
     if setup.optim.startswith("paged"):
         notes.append(
             "paged optimizer states live in CUDA managed memory: in nvidia-smi, not in allocated"
@@ -215,6 +258,28 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         calibrated=calibrated,
         notes=tuple(notes),
     )
+
+
+def _loop_notes(setup: TrainSetup, kept: int, temps: int) -> list[str]:
+    """One note per loop term this estimate uses that no GPU measurement has checked yet."""
+    out = []
+    if temps:
+        out.append(
+            "foreach AdamW (--optim adamw_torch): its step's parameter-sized temporaries are "
+            "derived from torch's source, not yet calibrated on a GPU"
+        )
+    if kept:
+        out.append(
+            "output kept through backward (--keep-outputs): its logits and KV cache are "
+            "derived, not yet calibrated on a GPU"
+        )
+    if fp32_adapter_inputs(setup):
+        out.append(
+            "LoRA without autocast (--no-autocast): the adapters' fp32 saved inputs are "
+            "derived, not yet calibrated on a GPU (their fp32 gradients in backward are not "
+            "modelled)"
+        )
+    return out
 
 
 def no_bf16_note(cluster: Cluster) -> str:

@@ -43,3 +43,54 @@ def logits(spec: ModelSpec, setup: TrainSetup) -> Term:
         size = per * t * v
         formula = f"{per} B × {t:,} tokens × {v:,} vocab"
     return Term("logits", int(size), f"{formula} = {gib(size)}")
+
+
+def kept_output(spec: ModelSpec, setup: TrainSetup) -> Term:
+    """The model's output object, alive through backward when the loop keeps it
+    (``out = model(input_ids=..., labels=...); out.loss.backward()``).
+
+    logits:  2 B · T · V  (the bf16 lm_head output; 0 under the fused loss, which returns
+             no logits in training). The loss's fp32 upcast (``ForCausalLMLoss``:
+             ``logits.float()``) is not kept: cross-entropy saves its log-softmax output,
+             not its input, so the upcast dies when the loss function returns.
+    cache:   without checkpointing transformers builds a DynamicCache when the config says
+             ``use_cache`` (most do; checkpointing turns it off), and the output holds it:
+             keys and values of every layer, 2 · 2 B · kv · T · L. While backward runs these
+             are the tensors attention saved anyway; they stay after it, through the
+             optimizer step and the next forward, until ``out`` is reassigned.
+    Sliding-window caches are counted at the full sequence. Not yet calibrated on a GPU.
+    """
+    if not setup.keep_outputs:
+        return Term("kept output", 0, "outputs dropped before backward")
+    t = setup.tokens
+    kept_logits = 0 if setup.fused_loss else BF16 * t * spec.vocab_size
+    cache = (
+        2 * BF16 * spec.kv_dim * t * spec.num_layers
+        if not setup.grad_ckpt and spec.config.get("use_cache", True)
+        else 0
+    )
+    formula = f"logits 2 B × {t:,} × {spec.vocab_size:,} = {gib(kept_logits)}"
+    formula += f"; cache 4 B × {spec.kv_dim} × {t:,} × {spec.num_layers} = {gib(cache)}"
+    return Term("kept output", kept_logits + cache, formula)
+
+
+def kept_logits_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The logits part of ``kept_output``: 2 B · T · V, else 0."""
+    if not setup.keep_outputs or setup.fused_loss:
+        return 0
+    return BF16 * setup.tokens * spec.vocab_size
+
+
+def loss_forward_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The loss at the end of the forward, inside cross-entropy (unfused):
+
+        bf16 logits 2 B + their fp32 upcast 4 B + log-softmax output 4 B = 10 B · T · V
+
+    below the 12 B at the start of backward, so the forward's end only becomes the peak
+    when a kept output of the previous step is alive beside it (``kept_output``).
+    The fused loss: its backward-start figure (``logits``), computed in the forward.
+    """
+    if setup.fused_loss:
+        return logits(spec, setup).bytes
+    per = BF16 + 2 * FP32 + (SOFTCAP_EXTRA_BYTES_PER_LOGIT if spec.final_logit_softcapping else 0)
+    return per * setup.tokens * spec.vocab_size

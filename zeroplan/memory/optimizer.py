@@ -5,7 +5,7 @@ from __future__ import annotations
 from zeroplan.memory.result import Term
 from zeroplan.memory.weights import FP32, gib, trainable_bytes
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
+from zeroplan.trainsetup import DS_SUB_GROUP_ELEMS, TrainSetup, lora_targets, trainable_params
 
 # bitsandbytes 8-bit optimizers keep 1 byte per state plus one fp32 absmax per block of 256
 # (bitsandbytes.optim.optimizer, blockwise=True); tensors under min_8bit_size = 4096
@@ -20,7 +20,7 @@ def _adam_state_bytes(optim: str, param_bytes: int) -> float:
         return 0.0  # torch SGD without momentum keeps no state
     if optim in ("adamw_8bit", "paged_adamw_8bit"):
         return 2 * BNB_8BIT_STATE
-    if optim == "paged_adamw":
+    if optim == "paged_adamw_32bit":
         return 2 * FP32
     return 2.0 * param_bytes  # torch AdamW: exp_avg and exp_avg_sq like the parameter
 
@@ -60,3 +60,43 @@ def optimizer_states(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
         size += small * (2 * FP32 - per_param)
     formula = f"{per_param:g} B × {n_t:,} trainable ({setup.optim})"
     return Term("optimizer", int(size), f"{formula} = {gib(size)}", in_allocator=not paged)
+
+
+def adamw_step_temporaries(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
+    """Parameter-sized temporaries of torch AdamW's default (foreach) step, at its peak.
+
+    torch.optim.adam._multi_tensor_adam (torch 2.13; AdamW calls it with decoupled weight
+    decay) updates exp_avg, exp_avg_sq and the weight decay in place, then allocates
+    ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)``, one tensor like every parameter,
+    in the states' dtype (= the parameter's), for the whole list of one param group on one
+    device and dtype. The list is dropped only when the next dtype's replaces it, so with
+    two dtypes both exist at once (counted on the CPU, tests/test_loop_cpu.py). So the step
+    peaks at
+
+        static + gradients + (param bytes) · Ψ_group
+
+    one temporary per element, not per tensor. A loop's ``AdamW(model.parameters())`` is
+    one group: Ψ_group = Ψ_t (HF Trainer's adamw_torch puts biases and norms in a second,
+    small group; counted as one here). Without DeepSpeed: full bf16 2 B · Ψ_t, LoRA fp32
+    4 B · Ψ_t. Under DeepSpeed the optimizer steps the fp32 master partition:
+    4 B · Ψ_t / N for ZeRO ≥ 1 (Ψ_t for ZeRO-0), ZeRO-3 one sub-group at a time
+    (4 B · min(Ψ_t / N, sub_group_size)). Fused AdamW (``fused=True``), bitsandbytes and
+    SGD without momentum allocate none; under CPU offload DeepSpeed's CPU Adam steps.
+    Derived from the source; not yet calibrated on a GPU.
+    """
+    if not setup.foreach_adamw:
+        return Term("optimizer step temporaries", 0, f"none ({setup.optim})")
+    n_t = trainable_params(spec, setup)
+    if setup.deepspeed:
+        shard = world if setup.zero and setup.zero >= 1 else 1
+        group = n_t / shard
+        formula = f"4 B × {n_t:,} / {shard} (fp32 master partition)"
+        if setup.zero == 3:
+            group = min(group, DS_SUB_GROUP_ELEMS)
+            formula = f"4 B × min({n_t:,} / {shard}, {DS_SUB_GROUP_ELEMS:,}) (one sub-group)"
+        size = FP32 * group
+    else:
+        width = trainable_bytes(setup)
+        size = width * n_t
+        formula = f"{width} B × {n_t:,} trainable (foreach sqrt of exp_avg_sq)"
+    return Term("optimizer step temporaries", int(size), f"{formula} = {gib(size)}")
