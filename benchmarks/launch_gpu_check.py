@@ -74,7 +74,7 @@ PLANNED = [
 def planner_plan(run: Path, model: Path) -> Path:
     """plan.json as ``zeroplan plan`` writes it for the story's job on this machine."""
     folder = run.parent / f"{run.name}-plan"
-    cmd = [sys.executable, "-m", "zeroplan.cli", "plan", str(model / "config.json"), *PLANNED]
+    cmd = [sys.executable, "-m", "zeroplan", "plan", str(model / "config.json"), *PLANNED]
     done = subprocess.run([*cmd, "-o", str(folder)], capture_output=True, text=True, cwd=ROOT)
     print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
     done.check_returncode()
@@ -82,7 +82,7 @@ def planner_plan(run: Path, model: Path) -> Path:
 
 
 def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(data)]
+    cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(data)]
     cmd += ["-o", str(run), "--max-steps", str(args.steps), "--model", str(model)]
     cmd += ["--logging-steps", "1"]
     start = time.time()
@@ -91,7 +91,7 @@ def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any)
     lines = metrics(run)
     peaks = [m.get("peak_allocated_bytes") or 0 for m in lines]
     report = subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", "report", str(run)],
+        [sys.executable, "-m", "zeroplan", "report", str(run)],
         capture_output=True,
         text=True,
         cwd=ROOT,

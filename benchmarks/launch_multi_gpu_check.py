@@ -47,7 +47,7 @@ from gpu_fixtures import (  # noqa: E402
 
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
-ZP = [sys.executable, "-m", "zeroplan.cli"]
+ZP = [sys.executable, "-m", "zeroplan"]
 
 
 def rank_processes() -> list[str]:

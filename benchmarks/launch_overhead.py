@@ -120,7 +120,7 @@ def zero3(model: Path, data: Path, work: Path, max_live: int | None, steps: int)
         setup = dataclasses.replace(setup, stage3_max_live_elems=max_live)
     predicted = write_plan(plan, model, setup, None)["best"]
     run = work / name
-    cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(data)]
+    cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(data)]
     cmd += [
         "-o",
         str(run),

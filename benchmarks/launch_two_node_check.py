@@ -49,7 +49,7 @@ from gpu_fixtures import (  # noqa: E402
 from zeroplan.hardware import parse_cluster  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
-ZP = [sys.executable, "-m", "zeroplan.cli", "launch"]
+ZP = [sys.executable, "-m", "zeroplan", "launch"]
 
 
 def free_port() -> int:

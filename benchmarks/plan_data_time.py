@@ -50,7 +50,7 @@ def main() -> None:
     model = tinyllm.build_model_dir(work / "model")
     data = tinyllm.write_jsonl(work / "data.jsonl", lognormal_records(args.records, 700, seed=3))
     env = {**os.environ, "ZEROPLAN_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "zeroplan.cli", "plan", str(model), "--data", str(data)]
+    cmd = [sys.executable, "-m", "zeroplan", "plan", str(model), "--data", str(data)]
     cmd += ["--gpus", "1xH100", "--seq-len", "p99", "--json"]
     runs = []
     for _ in ("first", "cached"):

@@ -106,7 +106,7 @@ def zeroplan(
     *args: str, timeout: float | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", *args],
+        [sys.executable, "-m", "zeroplan", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

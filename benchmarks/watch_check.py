@@ -8,15 +8,15 @@
     python benchmarks/watch_check.py --fake-gpus 8 --cpu-seconds 60 \\
         --out benchmarks/results/watch_cpu.jsonl
 
-Agreement: each round samples through zeroplan.monitor, runs ``nvidia-smi --query-gpu``,
-and samples through zeroplan.monitor again; a field agrees when nvidia-smi's value lies
+Agreement: each round samples through zeroplan.watch.monitor, runs ``nvidia-smi --query-gpu``,
+and samples through zeroplan.watch.monitor again; a field agrees when nvidia-smi's value lies
 within the two zeroplan samples (widened by a tolerance of the field's resolution), so
 numbers that move between the calls are still judged fairly. Processes are compared with
 ``nvidia-smi --query-compute-apps``. ``--load`` runs a matmul loop with a 4 GiB tensor on
 every GPU in child processes (needs torch) so that utilization, power, clocks, memory and
 processes are not all idle values.
 
-CPU cost: the dashboard loop (zeroplan.watch.run_dashboard: sample, record to a run
+CPU cost: the dashboard loop (zeroplan.watch.loop.run_dashboard: sample, record to a run
 folder, read metrics.jsonl, alerts, draw) runs at ``--interval`` for ``--cpu-seconds``
 beside a child process that appends a metrics line per rank per second, and the
 process's CPU time (user + system, all threads) is divided by the wall time. It is done
@@ -46,9 +46,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zeroplan.dashboard import render
-from zeroplan.monitor import GPUBackend, GPUSample, NvmlBackend, open_backend
-from zeroplan.watch import open_collector, run_dashboard, watch_once
+from zeroplan.watch.dashboard import render
+from zeroplan.watch.loop import open_collector, run_dashboard, watch_once
+from zeroplan.watch.monitor import GPUBackend, GPUSample, NvmlBackend, open_backend
 
 MIB = 2**20
 GIB = 2**30

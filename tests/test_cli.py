@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from zeroplan.cli import cli, main
+from zeroplan.commands.cli import cli, main
 from zeroplan.hardware import GPU_CATALOG
 from zeroplan.models import catalog_models
 
@@ -73,7 +73,7 @@ def run(
     args: list[str], env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", *args],
+        [sys.executable, "-m", "zeroplan", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -317,10 +317,10 @@ def test_estimate_and_plan_do_not_import_the_heavy_stack(
     subprocess_env: dict[str, str], argv: list[str], key: str
 ) -> None:
     code = (
-        "import sys, io, contextlib, zeroplan.cli\n"
+        "import sys, io, contextlib, zeroplan.commands.cli\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
-        f"    zeroplan.cli.main({argv!r})\n"
+        f"    zeroplan.commands.cli.main({argv!r})\n"
         f"assert '\"{key}\"' in out.getvalue()\n"
         "heavy = ('torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes', 'accelerate', 'trl')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"

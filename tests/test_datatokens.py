@@ -146,7 +146,7 @@ def _config(folder: Path) -> None:
 
 def _plan(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", "plan", *args],
+        [sys.executable, "-m", "zeroplan", "plan", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -209,7 +209,7 @@ def test_estimate_with_data_takes_the_longest_record(
     _config(model_dirs["tiny"])
     data = tinyllm.write_jsonl(tmp_path / "d.jsonl", RECORDS["alpaca"] * 5)
     env = offline_env(tmp_path / "home")
-    base = [sys.executable, "-m", "zeroplan.cli", "estimate", str(model_dirs["tiny"])]
+    base = [sys.executable, "-m", "zeroplan", "estimate", str(model_dirs["tiny"])]
     base += ["--data", str(data), "--micro-batch", "4", "--json"]
     done = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zeroplan.api import resolve_cluster
-from zeroplan.cli import cli, main
+from zeroplan.commands.cli import cli, main
 from zeroplan.dsconfig import (
     HF_AUTO_KEYS,
     PRESETS,
@@ -627,10 +627,10 @@ def test_config_and_estimate_share_the_setup_options() -> None:
 
 def test_config_does_not_import_the_heavy_stack(subprocess_env: dict[str, str]) -> None:
     code = (
-        "import sys, io, contextlib, json, zeroplan.cli\n"
+        "import sys, io, contextlib, json, zeroplan.commands.cli\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
-        "    zeroplan.cli.main(['config', 'llama-3.2-1b', '--gpus', '1xH100', '--zero', '3'])\n"
+        "    zeroplan.commands.cli.main(['config', 'llama-3.2-1b', '--gpus', '1xH100', '--zero', '3'])\n"
         "assert json.loads(out.getvalue())['zero_optimization']['stage'] == 3\n"
         "heavy = ('torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes', 'accelerate')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"

@@ -663,7 +663,7 @@ def test_cli_links_change_the_predicted_speed() -> None:
 
     from click.testing import CliRunner
 
-    from zeroplan.cli import cli
+    from zeroplan.commands.cli import cli
 
     def speed(*extra: str) -> dict[str, float]:
         args = ["estimate", "llama-3.1-8b-instruct", "--zero", "3", "--json", *extra]

@@ -357,7 +357,7 @@ def test_cli_generate_merge_and_chat_use_the_training_template(
 ) -> None:
     from click.testing import CliRunner
 
-    from zeroplan.cli import cli
+    from zeroplan.commands.cli import cli
 
     runner = CliRunner()
     greedy = ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "20"]
@@ -379,7 +379,7 @@ def test_zeroplan_launch_trains_the_real_program_end_to_end(work: dict[str, Path
     plans = work["root"] / "plans"
     plan = tinyllm.write_plan(plans, work["model"], micro_batch=4, lora_r=8)
     run = work["root"] / "launched"
-    cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(plan), "--data", str(work["data"])]
+    cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(work["data"])]
     cmd += ["-o", str(run), "--force", "--no-dashboard", "--max-steps", "40", "--lr", "1e-2"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=offline_env(work["home"]), timeout=300
@@ -389,7 +389,7 @@ def test_zeroplan_launch_trains_the_real_program_end_to_end(work: dict[str, Path
     assert json.loads((run / "launch.json").read_text())["result"]["exit_code"] == 0
     lines = read_metrics(run)
     assert lines[-1]["event"] == "end" and lines[-1]["step"] == 40
-    gen = [sys.executable, "-m", "zeroplan.cli", "generate", str(run), "-p", "Say hello."]
+    gen = [sys.executable, "-m", "zeroplan", "generate", str(run), "-p", "Say hello."]
     gen += ["--temperature", "0", "--repetition-penalty", "1.0", "--max-new-tokens", "20"]
     answer = subprocess.run(
         gen, capture_output=True, text=True, env=offline_env(work["home"]), timeout=120

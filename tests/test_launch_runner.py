@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from zeroplan.cli import cli
+from zeroplan.commands.cli import cli
 from zeroplan.errors import (
     BadClusterSpecError,
     BadPlanError,
@@ -357,7 +357,7 @@ def test_a_dry_run_that_would_be_refused_prints_everything_and_exits_2(
     run = tmp_path / "run"
     args = ["launch", str(plan.parent), "--data", str(data_file), "-o", str(run), "--dry-run"]
     done = subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", *args],
+        [sys.executable, "-m", "zeroplan", *args],
         capture_output=True,
         text=True,
         env=subprocess_env,
@@ -377,7 +377,7 @@ def test_launch_refuses_a_seq_len_past_the_context_window(
     args = ["launch", "meta-llama/Meta-Llama-3-8B-Instruct", "--gpus", "1xH100"]
     args += ["--seq-len", "16384", "--data", str(data_file), "-o", str(tmp_path / "r")]
     done = subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", *args, "--dry-run"],
+        [sys.executable, "-m", "zeroplan", *args, "--dry-run"],
         capture_output=True,
         text=True,
         env=subprocess_env,
@@ -432,7 +432,7 @@ def test_launch_plans_a_model_id_on_the_gpus_given(
 
 def run_cli(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", *args],
+        [sys.executable, "-m", "zeroplan", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -739,7 +739,7 @@ def test_ctrl_c_stops_every_rank_once_and_keeps_the_checkpoint(
         [
             sys.executable,
             "-m",
-            "zeroplan.cli",
+            "zeroplan.commands.cli",
             *launch_args(plan, data_file, run, "--max-steps", "5000", launcher=launcher),
         ],
         stdout=subprocess.PIPE,

@@ -283,7 +283,7 @@ def test_cli_setup_shows_the_resolved_loop() -> None:
 
     from click.testing import CliRunner
 
-    from zeroplan.cli import cli
+    from zeroplan.commands.cli import cli
 
     def setup_of(*args: str) -> dict[str, object]:
         result = CliRunner().invoke(cli, ["estimate", "llama-3.2-1b", "--json", *args])

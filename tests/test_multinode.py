@@ -410,7 +410,7 @@ def cli(
     args: list[str], env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "zeroplan.cli", *args],
+        [sys.executable, "-m", "zeroplan", *args],
         capture_output=True,
         text=True,
         env=env,

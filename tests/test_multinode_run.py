@@ -62,7 +62,7 @@ def env_for(work: dict[str, Path], **extra: str) -> dict[str, str]:
 
 
 def start(work: dict[str, Path], args: list[str], env: dict[str, str], cwd: Path) -> Any:
-    cmd = [sys.executable, "-m", "zeroplan.cli", "launch", str(work["plan"])]
+    cmd = [sys.executable, "-m", "zeroplan", "launch", str(work["plan"])]
     cmd += ["--data", str(work["data"]), "--force", "--no-dashboard", "--progress-every", "1"]
     cmd += ["--join-timeout", "120", "--logging-steps", "1", *args]
     return subprocess.Popen(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from zeroplan.cli import cli
+from zeroplan.commands.cli import cli
 from zeroplan.errors import BadSetupError
 from zeroplan.hardware import parse_cluster
 from zeroplan.models import load_model
@@ -145,7 +145,7 @@ def test_cli_plan_writes_a_deepspeed_config_for_zero_plans(tmp_path: Path) -> No
 
 
 def test_cli_plan_nothing_fits_exit_1_and_bad_count_exit_2() -> None:
-    cmd = [sys.executable, "-m", "zeroplan.cli", "plan", "llama-3.1-70b", "--gpus", "1x4090"]
+    cmd = [sys.executable, "-m", "zeroplan", "plan", "llama-3.1-70b", "--gpus", "1x4090"]
     done = subprocess.run([*cmd, "--method", "full"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and "Nothing fits" in done.stdout
     bad = subprocess.run(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from zeroplan.cli import cli, main
-from zeroplan.report import load_run, peaks_kept, summarize
+from zeroplan.commands.cli import cli, main
+from zeroplan.watch.report import load_run, peaks_kept, summarize
 
 RECORDED = Path(__file__).parent / "data" / "watch_run"
 GIB = 2**30

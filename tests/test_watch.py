@@ -27,10 +27,11 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from zeroplan import alerts as al
-from zeroplan.alerts import Alert
-from zeroplan.cli import cli, main
-from zeroplan.dashboard import (
+from zeroplan.commands.cli import cli, main
+from zeroplan.errors import BadPlanError
+from zeroplan.watch import alerts as al
+from zeroplan.watch.alerts import Alert
+from zeroplan.watch.dashboard import (
     DashboardView,
     bar_cells,
     duration,
@@ -40,8 +41,8 @@ from zeroplan.dashboard import (
     sparkline,
     view_json,
 )
-from zeroplan.errors import BadPlanError
-from zeroplan.monitor import (
+from zeroplan.watch.loop import run_dashboard, watch_once
+from zeroplan.watch.monitor import (
     FakeBackend,
     FakeGPU,
     GPUDataUnavailable,
@@ -52,7 +53,7 @@ from zeroplan.monitor import (
     open_backend,
     throttle_names,
 )
-from zeroplan.runlog import (
+from zeroplan.watch.runlog import (
     JsonlTail,
     MetricRecord,
     Prediction,
@@ -62,7 +63,6 @@ from zeroplan.runlog import (
     read_jsonl,
     read_prediction,
 )
-from zeroplan.watch import run_dashboard, watch_once
 
 RECORDED = Path(__file__).parent / "data" / "watch_run"
 GIB = 2**30
@@ -388,7 +388,7 @@ def test_power_capping_at_full_clock_or_briefly_is_no_alert() -> None:
 
 
 def test_the_dashboard_counts_low_clock_samples_in_a_row(run_dir: Path) -> None:
-    from zeroplan.watch import Collector
+    from zeroplan.watch.loop import Collector
 
     # a power-capped fake GPU runs at 1410 of 1980 MHz (29% below max) on every sample
     collector = Collector(run_dir, FakeBackend([FakeGPU(throttle_mask=0x4)]), record=False)
@@ -728,7 +728,7 @@ def test_ctrl_c_in_watch_exits_130_without_a_traceback(run_dir: Path) -> None:
         [
             sys.executable,
             "-m",
-            "zeroplan.cli",
+            "zeroplan.commands.cli",
             "watch",
             str(run_dir),
             "--fake-gpus",
@@ -754,9 +754,9 @@ def test_ctrl_c_in_watch_exits_130_without_a_traceback(run_dir: Path) -> None:
 def test_watch_is_imported_lazily() -> None:
     """`zeroplan estimate` / `plan` must not pay for NVML, psutil, matplotlib or rich.live."""
     code = (
-        "import sys, zeroplan.cli; "
-        "bad = [m for m in ('matplotlib', 'psutil', 'pynvml', 'rich.live', 'zeroplan.monitor', "
-        "'zeroplan.watch', 'zeroplan.report', 'torch') if m in sys.modules]; print(bad)"
+        "import sys, zeroplan.commands.cli; "
+        "bad = [m for m in ('matplotlib', 'psutil', 'pynvml', 'rich.live', 'zeroplan.watch.monitor', "
+        "'zeroplan.watch.loop', 'zeroplan.watch.report', 'torch') if m in sys.modules]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -859,7 +859,7 @@ def test_a_failing_sampler_never_stops_the_loop(run_dir: Path) -> None:
 def test_a_broken_live_screen_falls_back_to_plain_lines(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import zeroplan.watch as watch_module
+    import zeroplan.watch.loop as watch_module
 
     def broken(view: DashboardView, width: int) -> Any:
         raise KeyError("bad layout")
@@ -914,7 +914,7 @@ def test_run_dashboard_survives_a_bad_plan_and_a_missing_folder(tmp_path: Path) 
 
 
 def test_multi_line_commands_stay_on_one_row() -> None:
-    from zeroplan.dashboard import short_command
+    from zeroplan.watch.dashboard import short_command
 
     cmd = "/usr/bin/python3 -c \nimport torch\nx = 1\n"
     assert short_command(cmd) == "python3 -c import torch x = 1"
@@ -988,7 +988,7 @@ def test_the_lock_of_a_dead_dashboard_is_taken_over(run_dir: Path) -> None:
 
 
 def test_a_resumed_run_is_not_finished_while_it_starts(run_dir: Path) -> None:
-    from zeroplan.runlog import run_state
+    from zeroplan.watch.runlog import run_state
 
     _end_every_rank(run_dir, t=time.time() - 60)  # the first session ended a minute ago
     assert run_state(run_dir).finished

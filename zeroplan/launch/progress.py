@@ -1,7 +1,7 @@
 """What the terminal shows while the ranks train: the dashboard, or plain lines.
 
-The dashboard (``run_dashboard(run_dir, stop_event)`` of the monitor side: ``zeroplan.watch``,
-or ``zeroplan.dashboard`` if it moves there) is imported only when the run starts. It picks
+The dashboard (``run_dashboard(run_dir, stop_event)`` of the monitor side: ``zeroplan.watch.loop``,
+or ``zeroplan.watch.dashboard`` if it moves there) is imported only when the run starts. It picks
 its own face: the live screen on an interactive terminal, plain lines every 30 s when
 stdout is not a terminal or ``CI`` is set, and it records the GPU samples that ``zeroplan
 report`` draws, so it runs off a terminal too. If it is missing, raises, or returns before
@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-DASHBOARD_MODULES = ("zeroplan.dashboard", "zeroplan.watch")
+DASHBOARD_MODULES = ("zeroplan.watch.dashboard", "zeroplan.watch.loop")
 
 Say = Callable[[str], None]
 ExitCodes = Callable[[], Mapping[int, "int | None"]]

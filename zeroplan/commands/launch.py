@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from zeroplan.cli_job import (
+from zeroplan.commands.job import (
     JOB_OPTIONS,
     LINK_OPTIONS,
     job_options,

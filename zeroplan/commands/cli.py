@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from zeroplan.cli_job import (
+from zeroplan.commands.job import (
     data_options,
     estimate_data_options,
     job_options,
@@ -230,7 +230,7 @@ def estimate(
         return
     from rich.console import Console
 
-    from zeroplan.render import render_data, render_estimate
+    from zeroplan.commands.render import render_data, render_estimate
 
     console = Console()
     if fit is not None:
@@ -254,7 +254,7 @@ def models(as_json: bool) -> None:
         return
     from rich.console import Console
 
-    from zeroplan.render import render_models
+    from zeroplan.commands.render import render_models
 
     render_models(rows, Console())
 
@@ -273,7 +273,7 @@ def gpus(as_json: bool) -> None:
         return
     from rich.console import Console
 
-    from zeroplan.render import render_gpus
+    from zeroplan.commands.render import render_gpus
 
     render_gpus(catalog, Console())
 
@@ -501,7 +501,7 @@ def plan(
     else:
         from rich.console import Console
 
-        from zeroplan.render import render_plan
+        from zeroplan.commands.render import render_plan
 
         render_plan(answer, Console())
     if result.best is None:
@@ -510,15 +510,15 @@ def plan(
 
 # Commands that live in their own modules register here, one line each:
 # from zeroplan.<module> import <command>; cli.add_command(<command>)
-from zeroplan.cli_watch import report, watch  # noqa: E402
+from zeroplan.commands.watch import report, watch  # noqa: E402
 
 cli.add_command(watch)
 cli.add_command(report)
-from zeroplan.cli_launch import env, launch  # noqa: E402
+from zeroplan.commands.launch import env, launch  # noqa: E402
 
 cli.add_command(launch)
 cli.add_command(env)
-from zeroplan.cli_infer import chat, generate, merge  # noqa: E402
+from zeroplan.commands.infer import chat, generate, merge  # noqa: E402
 
 cli.add_command(merge)
 cli.add_command(generate)

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from zeroplan.alerts import Alert, merged_lines
-from zeroplan.monitor import GPUSample, HostSample, Snapshot
-from zeroplan.runlog import Prediction, TrainingView
+from zeroplan.watch.alerts import Alert, merged_lines
+from zeroplan.watch.monitor import GPUSample, HostSample, Snapshot
+from zeroplan.watch.runlog import Prediction, TrainingView
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

@@ -4,7 +4,7 @@ ranks logged, judge (alerts), show — once per interval.
 ``zeroplan launch`` runs it beside training in the launcher process::
 
     import threading
-    from zeroplan.watch import run_dashboard
+    from zeroplan.watch.loop import run_dashboard
 
     stop = threading.Event()
     dash = threading.Thread(
@@ -18,7 +18,7 @@ ranks logged, judge (alerts), show — once per interval.
     stop.set(); dash.join(timeout=5)
 
 :func:`run_dashboard` never raises an ``Exception``: a failure to sample, read or render
-is logged (logger ``zeroplan.watch`` and ``RUN_DIR/watch_errors.log``), a broken live
+is logged (logger ``zeroplan.watch.loop`` and ``RUN_DIR/watch_errors.log``), a broken live
 screen falls back to plain lines, and the loop goes on until ``stop_event`` is set. On a
 terminal it draws the live screen; when its stream is not a terminal, TERM is ``dumb`` or
 ``CI`` is set it prints plain lines every ``plain_every_s`` (and at once when the alerts
@@ -39,11 +39,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Literal
 
-from zeroplan.alerts import DEFAULT_HANG_AFTER_S, all_alerts, clock_is_low
-from zeroplan.dashboard import DashboardView, plain_lines, render, view_json
 from zeroplan.errors import BadPlanError
-from zeroplan.monitor import GPUBackend, HostSampler, Snapshot, open_backend
-from zeroplan.runlog import (
+from zeroplan.watch.alerts import DEFAULT_HANG_AFTER_S, all_alerts, clock_is_low
+from zeroplan.watch.dashboard import DashboardView, plain_lines, render, view_json
+from zeroplan.watch.monitor import GPUBackend, HostSampler, Snapshot, open_backend
+from zeroplan.watch.runlog import (
     METRICS_FILE,
     Prediction,
     SampleRecorder,
@@ -53,7 +53,7 @@ from zeroplan.runlog import (
     run_state,
 )
 
-logger = logging.getLogger("zeroplan.watch")
+logger = logging.getLogger("zeroplan.watch.loop")
 
 DEFAULT_INTERVAL_S = 1.0
 PLAIN_EVERY_S = 30.0  # plain lines in logs: often enough to follow, rare enough to read

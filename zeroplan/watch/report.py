@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zeroplan.alerts import ESTIMATOR_ERROR
 from zeroplan.errors import MissingExtraError, NothingRecordedError
-from zeroplan.runlog import (
+from zeroplan.watch.alerts import ESTIMATOR_ERROR
+from zeroplan.watch.runlog import (
     GPU_SAMPLES_FILE,
     METRICS_FILE,
     MetricRecord,

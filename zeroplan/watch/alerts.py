@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from zeroplan.monitor import GPUSample
-from zeroplan.runlog import Prediction, TrainingView
+from zeroplan.watch.monitor import GPUSample
+from zeroplan.watch.runlog import Prediction, TrainingView
 
 # The estimator's stated error for what nvidia-smi shows: the caching allocator's slack
 # varies between runs of the same shape, so measured nvidia-smi "used" falls up to ~15%

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from zeroplan.errors import BadPlanError, RunDirNotFoundError
-from zeroplan.monitor import Snapshot
+from zeroplan.watch.monitor import Snapshot
 
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"

@@ -1,6 +1,6 @@
 """``zeroplan watch`` and ``zeroplan report``: parse, call, render.
 
-Imported by zeroplan.cli at start-up, so only click is imported here at module level;
+Imported by zeroplan.commands.cli at start-up, so only click is imported here at module level;
 NVML, psutil, rich's live screen and matplotlib are imported when a command runs.
 """
 
@@ -89,8 +89,8 @@ def watch(
     95% of the card, a rank silent too long (hung) or gone, thermal or power throttling.
     Without an NVIDIA driver the GPU panel says so and the training panel still works.
     """
-    from zeroplan.alerts import DEFAULT_HANG_AFTER_S
-    from zeroplan.runlog import check_run_dir
+    from zeroplan.watch.alerts import DEFAULT_HANG_AFTER_S
+    from zeroplan.watch.runlog import check_run_dir
 
     if not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S:
         raise BadWatchOptionError(
@@ -104,8 +104,8 @@ def watch(
         check_run_dir(run_dir)
 
     if once:
-        from zeroplan.dashboard import view_json
-        from zeroplan.watch import watch_once
+        from zeroplan.watch.dashboard import view_json
+        from zeroplan.watch.loop import watch_once
 
         view = watch_once(
             run_dir,
@@ -117,19 +117,19 @@ def watch(
         if as_json:
             click.echo(json.dumps(view_json(view), indent=2, allow_nan=False))
         elif plain:
-            from zeroplan.dashboard import plain_lines
+            from zeroplan.watch.dashboard import plain_lines
 
             click.echo("\n".join(plain_lines(view)))
         else:
             from rich.console import Console
 
-            from zeroplan.dashboard import render
+            from zeroplan.watch.dashboard import render
 
             console = Console()
             console.print(render(view, console.width))
         return
 
-    from zeroplan.watch import Mode, run_dashboard
+    from zeroplan.watch.loop import Mode, run_dashboard
 
     mode: Mode = "json" if as_json else "plain" if plain else "auto"
     run_dashboard(
@@ -179,7 +179,7 @@ def report(run_dir: Path, out: Path | None, html: bool, as_json: bool) -> None:
     Reads RUN_DIR/plan.json, metrics.jsonl and gpu_samples.jsonl (recorded by `zeroplan
     watch` or `zeroplan launch`). Needs matplotlib: pip install 'zeroplan[report]'.
     """
-    from zeroplan.report import load_run, render_summary, summarize, write_html, write_png
+    from zeroplan.watch.report import load_run, render_summary, summarize, write_html, write_png
 
     data = load_run(run_dir)
     summary = summarize(data)
