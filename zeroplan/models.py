@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # urllib is imported where the Hub is asked: it costs 45 ms at start-up
+    import urllib.request
 
 from zeroplan.errors import (
     BadModelConfigError,
@@ -552,6 +553,8 @@ def cached_file(repo: str, name: str) -> Path | None:
 
 def hub_request(repo: str, name: str) -> urllib.request.Request:
     """The request for ``name`` of ``repo`` on the Hub (``$HF_ENDPOINT``), with ``$HF_TOKEN``."""
+    import urllib.request
+
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     request = urllib.request.Request(f"{endpoint}/{repo}/resolve/main/{name}")
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
@@ -564,6 +567,9 @@ def _hub_config(model: str, timeout: float = 5.0) -> dict[str, Any] | None:
     """config.json from the Hub, or None when offline or the repo does not exist."""
     if hub_offline() or model.count("/") != 1:
         return None
+    import urllib.error
+    import urllib.request
+
     request = hub_request(model, "config.json")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
