@@ -23,6 +23,7 @@ from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
 from zeroplan.memory.gradients import gradients, resident_gradients
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
+from zeroplan.memory.precision import amp_weight_copies, loss_scaler_bytes
 from zeroplan.memory.weights import adapter_weights, base_weights
 from zeroplan.models import ModelSpec, spec_from_config
 from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
@@ -704,3 +705,87 @@ def test_param_offload_moves_weight_partition_off_the_gpu() -> None:
     params_too = base_weights(LLAMA_8B, lora(zero=3, offload="optimizer+params"), N).bytes
     assert opt_only == 2 * PSI // N
     assert params_too < opt_only
+
+
+# ----------------------------------------------------------------------------- fp16
+
+
+def test_precision_resolves_to_the_card() -> None:
+    setup = lora()
+    assert setup.precision == ""
+    assert estimate(LLAMA_1B, parse_cluster("1xH100"), setup).setup["precision"] == "bf16"
+    assert estimate(LLAMA_1B, parse_cluster("1xT4"), setup).setup["precision"] == "fp16"
+    fp16_h100 = estimate(LLAMA_1B, parse_cluster("1xH100"), lora(precision="fp16"))
+    assert fp16_h100.setup["precision"] == "fp16"
+    assert any("fp16 mixed precision" in n and "not yet calibrated" in n for n in fp16_h100.notes)
+    with pytest.raises(BadSetupError, match="T4 has no bf16"):
+        estimate(LLAMA_1B, parse_cluster("1xT4"), lora(precision="bf16"))
+    with pytest.raises(BadSetupError, match="--precision must be one of"):
+        lora(precision="fp8")
+    # fp16 without DeepSpeed is AMP: a loop without autocast is refused
+    with pytest.raises(BadSetupError, match="AMP"):
+        TrainSetup(precision="fp16", loop="plain")
+    assert TrainSetup(precision="fp16", loop="plain", zero=2).autocast is False
+
+
+def test_full_fp16_without_deepspeed_is_amp_on_an_fp32_model() -> None:
+    """AMP: fp32 weights 4 B + fp32 grads 4 B + torch AdamW in fp32 8 B per param."""
+    setup = TrainSetup(method="full", precision="fp16")
+    assert base_weights(LLAMA_8B, setup, 1).bytes == 4 * PSI == 32_121_044_992
+    assert gradients(LLAMA_8B, setup, 1).bytes == 4 * PSI
+    assert optimizer_states(LLAMA_8B, setup, 1).bytes == 8 * PSI
+    # autocast's cached fp16 copies of every linear weight, lm_head included: 2 B·(Ψ_lin + V·h)
+    assert amp_weight_copies(LLAMA_8B, setup) == 2 * (PSI_LIN + V * H) == 15_009_316_864
+    assert amp_weight_copies(LLAMA_8B, TrainSetup(method="full")) == 0
+    assert amp_weight_copies(LLAMA_8B, TrainSetup(method="lora", precision="fp16")) == 0
+    assert amp_weight_copies(LLAMA_8B, TrainSetup(method="full", precision="fp16", zero=1)) == 0
+    # checkpoints of the fp32 residual stream: 4 B·h per token per layer
+    ckpt = dataclasses.replace(setup, grad_ckpt=True, micro_batch=1, seq_len=2048)
+    assert activation_profile(LLAMA_8B, ckpt, PSI).checkpoints == 4 * H * 2048 * L
+    assert activation_profile(LLAMA_8B, ckpt, PSI).autocast_weights == 2 * (PSI_LIN + V * H)
+
+
+def test_fp16_loss_scaler_state() -> None:
+    assert loss_scaler_bytes(lora()) == 0
+    assert loss_scaler_bytes(lora(precision="bf16")) == 0
+    assert loss_scaler_bytes(lora(precision="fp16")) == 3 * 512  # GradScaler: scale, tracker, inf
+    assert loss_scaler_bytes(lora(precision="fp16", zero=2)) == 512  # DeepSpeed's overflow flag
+
+
+def test_fp16_lora_and_deepspeed_equal_bf16_plus_the_scaler() -> None:
+    """LoRA on an fp16 base and any DeepSpeed fp16 setup: the bf16 bytes + the loss scaler."""
+    h100 = parse_cluster("2xH100")
+    for setup in (
+        lora(micro_batch=2, seq_len=1024),
+        TrainSetup(method="qlora", grad_ckpt=True),
+        TrainSetup(method="full", zero=2),
+        lora(zero=3, grad_ckpt=True),
+    ):
+        bf16 = estimate(LLAMA_1B, h100, dataclasses.replace(setup, precision="bf16"))
+        fp16 = estimate(LLAMA_1B, h100, dataclasses.replace(setup, precision="fp16"))
+        scaler = 512 if setup.deepspeed else 3 * 512
+        assert fp16.peak_allocated_bytes == bf16.peak_allocated_bytes + scaler
+        assert fp16.peak_phase == bf16.peak_phase
+
+
+def test_full_fp16_peak_by_hand() -> None:
+    """Llama-3.2-1B (tied), full, AMP, checkpointing, 1 × 2048 on one H100: the peak is the
+    recompute of layer 1, with fp32 weights 4 B·Ψ, fp32 Adam 8 B·Ψ, the GradScaler's 3 blocks,
+    every other layer's fp32 gradient 4 B·(Ψ − Ψ/L), fp32 checkpoints 4 B·h·T·L, autocast's
+    fp16 weight copies 2 B·(Ψ_lin + V·h), and one layer's recompute (as in bf16)."""
+    setup = TrainSetup(method="full", micro_batch=1, seq_len=2048, grad_ckpt=True, precision="fp16")
+    est = estimate(LLAMA_1B, parse_cluster("1xH100"), setup)
+    assert est.peak_phase == "layer recompute (backward)"
+    psi, v_h, lin, t = LLAMA_1B.total_params, V1 * H1, LLAMA_1B.quantizable_params(), 2048
+    act = activation_profile(LLAMA_1B, setup, psi)
+    layer = act.one_layer + act.transient + act.head  # the bf16 model's, unchanged
+    expected = (
+        4 * psi
+        + 8 * psi
+        + 3 * 512
+        + (4 * psi - 4 * psi // L1)
+        + 4 * H1 * t * L1
+        + 2 * (lin + v_h)
+        + layer
+    )
+    assert est.peak_allocated_bytes == expected

@@ -201,28 +201,41 @@ def test_plan_text_keeps_square_brackets() -> None:
     assert "zeroplan[fused]" in " ".join(result.output.split())
 
 
-def test_a_card_without_bf16_is_flagged_in_estimate_and_plan() -> None:
-    """T4 / V100 resolve, but what is estimated is bf16 mixed precision, and the output says so."""
+def test_a_card_without_bf16_plans_fp16_and_says_it_is_uncalibrated() -> None:
+    """T4 / V100: the setup resolves to fp16 mixed precision, flagged as not yet measured."""
     cluster = parse_cluster("1xT4")
     setup = TrainSetup(method="qlora", micro_batch=1, seq_len=512, grad_ckpt=True)
-    est = evaluate(PlanRequest(spec=L8, cluster=cluster, seq_len=512), setup).estimate
-    assert est.calibrated is False
-    assert any("T4 has no bf16" in note for note in est.notes)
+    cand = evaluate(PlanRequest(spec=L8, cluster=cluster, seq_len=512), setup)
+    assert cand.setup.precision == "fp16" and cand.estimate.setup["precision"] == "fp16"
+    assert cand.estimate.calibrated is False
+    assert any("fp16 mixed precision" in note for note in cand.estimate.notes)
     p = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=cluster, seq_len=512))
-    assert p.best is not None
+    assert p.best is not None and p.best.setup.precision == "fp16"
+    assert all(c.setup.precision == "fp16" for c in p.ranked)
     assert any("T4 has no bf16" in a and "fp16 peak (65" in a for a in p.assumptions)
-    # a card with bf16 gets no such line
+    # a card with bf16 plans bf16 and gets no such line, unless fp16 is asked for
     h100 = plan(PlanRequest(spec=load_model("llama-3.2-1b"), cluster=parse_cluster("1xH100")))
-    assert not any("no bf16" in a for a in h100.assumptions)
+    assert h100.best is not None and h100.best.setup.precision == "bf16"
+    assert not any("fp16" in a for a in h100.assumptions)
+    h100_fp16 = PlanRequest(
+        spec=load_model("llama-3.2-1b"), cluster=parse_cluster("1xH100"), precision="fp16"
+    )
+    assert any("fp16 peak (989.4" in a for a in plan(h100_fp16).assumptions)
 
 
-def test_cli_estimate_on_a_v100_prints_the_bf16_note() -> None:
+def test_bf16_asked_on_a_card_without_it_is_refused() -> None:
+    with pytest.raises(BadSetupError, match="T4 has no bf16"):
+        PlanRequest(spec=L8, cluster=parse_cluster("1xT4"), precision="bf16")
+
+
+def test_cli_estimate_on_a_v100_is_fp16() -> None:
     args = ["estimate", "llama-3.2-1b", "--gpus", "8xV100", "--method", "lora"]
     result = CliRunner().invoke(cli, args, env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert "V100-SXM2-16GB has no bf16" in result.output
+    assert "fp16 mixed precision" in result.output
     data = json.loads(CliRunner().invoke(cli, [*args, "--json"]).output)
     assert data["calibrated"] is False and data["cluster"]["gpu"] == "V100-SXM2-16GB"
+    assert data["setup"]["precision"] == "fp16"
 
 
 def test_seq_len_within_the_window_is_planned_and_past_it_refused() -> None:

@@ -15,9 +15,8 @@ Every number in ``GPU_CATALOG`` carries its source next to it. Conventions:
   which is what mixed-precision training uses. Datasheets quote the sparse figure with an
   asterisk; we halve it. ``fp16_tflops`` is the same for FP16 inputs (FP32 accumulate); on
   every card with BF16 the two are equal. Cards before Ampere (T4, V100, RTX 20xx) have no
-  BF16 at all: ``bf16`` is False and ``bf16_tflops`` is 0. zeroplan models bf16 mixed
-  precision only, so its figures for those cards are flagged, not modelled (fp16 needs fp32
-  master weights and loss scaling, which the memory terms do not include).
+  BF16 at all: ``bf16`` is False and ``bf16_tflops`` is 0; a setup there defaults to fp16
+  mixed precision (``TrainSetup.precision``; memory in ``memory/precision.py``).
 * GeForce boards (RTX 30xx/40xx/50xx) run FP32-accumulate at half their FP16-accumulate
   rate; the whitepapers list both, we take the FP32-accumulate column.
 * ``link_bandwidth_gbs`` is per GPU, one direction, to its peers. NVLink datasheets quote the
@@ -94,7 +93,7 @@ class GPU:
         pcie_gen: PCIe generation of the host link (bounds CPU offload traffic).
         known: False for a GPU built from NVML data alone; its speeds are placeholders.
         bf16: whether the card computes in BF16 (Ampere and later). Without it training runs
-            fp16 mixed precision, which zeroplan does not model: estimates say so.
+            fp16 mixed precision (the default precision there; bf16 is refused).
     """
 
     name: str
@@ -128,11 +127,9 @@ class GPU:
 
     @property
     def tensor_tflops(self) -> float:
-        """The peak the speed model divides by: BF16's, or FP16's on a card without BF16.
-
-        For those cards it is a stand-in: the step they run is fp16 mixed precision, which
-        zeroplan does not model (its estimate carries a note saying so).
-        """
+        """The peak of the card's default precision: BF16's, or FP16's on a card without
+        BF16, where training runs fp16 mixed precision (``speed.peak_tflops`` picks by the
+        setup's precision)."""
         return self.bf16_tflops if self.bf16 else self.fp16_tflops
 
     @property

@@ -31,12 +31,11 @@ from zeroplan.errors import BadSetupError, ZeroplanError
 from zeroplan.hardware import Cluster
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
-from zeroplan.memory.estimate import no_bf16_note
 from zeroplan.models import ModelSpec
 from zeroplan.packing import steps_per_epoch
 from zeroplan.prices import GPUPrice, typical_price
 from zeroplan.speed import OVERLAP, StepTime, step_time
-from zeroplan.trainsetup import ALL_LINEAR, METHODS, TrainSetup
+from zeroplan.trainsetup import ALL_LINEAR, METHODS, TrainSetup, resolve_precision
 
 OBJECTIVES = ("time", "cost", "memory")
 # what a plan may be asked for: a method, or auto (lora or qlora, whichever is faster)
@@ -70,9 +69,19 @@ class PlanRequest:
     # tokens, time covers the data's tokens × epochs, --global-batch counts rows
     data: DataFit | None = None
     epochs: float = 1.0
+    # "bf16", "fp16", or "": the card's (bf16 where it has it, else fp16)
+    precision: str = ""
 
     def __post_init__(self) -> None:
         self.spec.check_seq_len(self.seq_len)
+        # every candidate holds the resolved precision, so the plan's setup (and the config
+        # and launch made from it) says what the estimate assumed
+        probe = resolve_precision(
+            TrainSetup(precision=self.precision, zero=0),
+            self.cluster.gpu.bf16,
+            self.cluster.gpu.name,
+        )
+        object.__setattr__(self, "precision", probe.precision)
         if self.method not in PLAN_METHODS:
             raise BadSetupError(f"--method must be one of {', '.join(PLAN_METHODS)}")
         if self.method == "auto" and not self.allow_quantization:
@@ -219,10 +228,12 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 lora_targets=req.lora_targets,
                                 optim=optim,
                                 fused_loss=fused,
+                                precision=req.precision,
                             )
 
 
 def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
+    setup = resolve_precision(setup, req.cluster.gpu.bf16, req.cluster.gpu.name)
     est = estimate(req.spec, req.cluster, setup)
     limit = est.gpu_memory_bytes * (1 - req.margin)
     fits = est.required_bytes <= limit
@@ -309,11 +320,11 @@ def plan(req: PlanRequest) -> Plan:
         "CPU-offload speed are assumptions (not yet measured on several GPUs)"
     ]
     assumptions.extend(req.cluster.notes)
-    if not req.cluster.gpu.bf16:
+    if req.precision == "fp16":
         assumptions.append(
-            no_bf16_note(req.cluster)
-            + f"; speeds use its fp16 peak ({req.cluster.gpu.fp16_tflops:g} "
-            "TFLOP/s)"
+            f"fp16 mixed precision{'' if req.cluster.gpu.bf16 else f' ({req.cluster.gpu.name} has no bf16)'}: "
+            "memory derived, not yet calibrated on a GPU; speeds use the fp16 peak "
+            f"({req.cluster.gpu.fp16_tflops:g} TFLOP/s)"
         )
     if best is not None and fell_back:
         assumptions.append(
@@ -417,6 +428,7 @@ def _lean(req: PlanRequest) -> Iterator[Candidate]:
                 optim=optim,
                 lora_r=req.lora_r,
                 lora_targets=req.lora_targets,
+                precision=req.precision,
             )
             try:
                 yield evaluate(req, setup)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from zeroplan.hardware import PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.memory.weights import trainable_bytes
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
+from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_precision, trainable_params
 
 # Fraction of the card's dense bf16 peak that the matmuls reach, by method, and a fixed cost
 # per decoder layer per micro-batch (kernel launches, norms, LoRA's small matmuls, bitsandbytes
@@ -142,6 +142,15 @@ def link_gbs(cluster: Cluster) -> float:
     return bw
 
 
+def peak_tflops(setup: TrainSetup, cluster: Cluster) -> float:
+    """The tensor-core peak of the setup's precision: the card's fp16 TFLOP/s for an fp16
+    setup, else its bf16 (an unresolved setup: bf16 where the card has it, else fp16, as
+    ``GPU.tensor_tflops``). The efficiencies were fitted on bf16 steps and are used for
+    fp16 as they are (the same tensor cores at the same rate on every card that has both)."""
+    setup = resolve_precision(setup, cluster.gpu.bf16, cluster.gpu.name)
+    return cluster.gpu.fp16_tflops if setup.fp16 else cluster.gpu.bf16_tflops
+
+
 def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster, fill: float = 1.0) -> StepTime:
     """compute·grad_accum + (1 − overlap)·comm + offloaded optimizer step.
 
@@ -149,7 +158,7 @@ def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster, fill: float 
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
     """
     world = cluster.world_size
-    compute = compute_seconds(spec, setup, cluster.gpu.tensor_tflops) * setup.grad_accum
+    compute = compute_seconds(spec, setup, peak_tflops(setup, cluster)) * setup.grad_accum
     comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster) * 1e9)
     offload = 0.0
     if setup.offload != "none":

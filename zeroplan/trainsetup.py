@@ -17,7 +17,7 @@ hand-written loop of the transformers docs on a bf16 model: ``torch.optim.AdamW(
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from zeroplan.errors import BadSetupError
@@ -64,6 +64,9 @@ LOOPS = {
     "plain": LoopPreset(optim="adamw_torch", autocast=False, keep_outputs=True),
 }
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+# Mixed precision: bf16 where the card has it, fp16 (with loss scaling) where it does not
+# (T4, V100, RTX 20xx). "" in a TrainSetup means "the card's": resolve_precision fills it.
+PRECISIONS = ("bf16", "fp16")
 ALL_LINEAR = "all-linear"
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py), used when a setup does not
@@ -112,6 +115,10 @@ class TrainSetup:
     loop: str = "trainer"
     autocast: bool | None = None
     keep_outputs: bool | None = None
+    # "bf16" or "fp16"; "" (or None): the card's, bf16 where it has it, else fp16, filled in
+    # by resolve_precision wherever a setup meets its cluster (estimate, plan, config), so
+    # the plan's setup, and the launch that reads it, hold the resolved value.
+    precision: str = ""
 
     def __post_init__(self) -> None:
         _choice("--method", self.method, METHODS)
@@ -133,6 +140,15 @@ class TrainSetup:
         object.__setattr__(self, "autocast", autocast)
         object.__setattr__(self, "keep_outputs", keep)
         _choice("--attn", self.attn, ATTENTIONS)
+        precision = self.precision or ""
+        object.__setattr__(self, "precision", precision)
+        if precision:
+            _choice("--precision", precision, PRECISIONS)
+        if precision == "fp16" and self.zero is None and not autocast:
+            raise BadSetupError(
+                "fp16 without DeepSpeed runs as PyTorch AMP (autocast + GradScaler), which "
+                "--no-autocast / --loop plain turns off: drop it, or use --zero"
+            )
         if self.micro_batch < 1:
             raise BadSetupError(f"--micro-batch must be at least 1, got {self.micro_batch}")
         if self.grad_accum < 1:
@@ -182,6 +198,11 @@ class TrainSetup:
         return self.zero is not None
 
     @property
+    def fp16(self) -> bool:
+        """fp16 mixed precision (an unresolved precision counts as bf16)."""
+        return self.precision == "fp16"
+
+    @property
     def is_lora(self) -> bool:
         return self.method in ("lora", "qlora")
 
@@ -201,6 +222,21 @@ class TrainSetup:
         """torch AdamW with PyTorch's default implementation (foreach on a GPU), whose step
         allocates parameter-sized temporaries; under CPU offload DeepSpeed's CPU Adam steps."""
         return self.optim == "adamw_torch" and self.offload == "none"
+
+
+def resolve_precision(setup: TrainSetup, gpu_bf16: bool, gpu_name: str = "this GPU") -> TrainSetup:
+    """``setup`` with its precision for a card that has bf16 (``gpu_bf16``) or not.
+
+    "" becomes bf16 where the card has it, else fp16; bf16 asked for on a card without it
+    is refused (the card cannot run it). Idempotent, so every caller may apply it.
+    """
+    if setup.precision == "bf16" and not gpu_bf16:
+        raise BadSetupError(
+            f"--precision bf16: {gpu_name} has no bf16; use --precision fp16 (its default)"
+        )
+    if setup.precision:
+        return setup
+    return replace(setup, precision="bf16" if gpu_bf16 else "fp16")
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -6,6 +6,7 @@ optimizer.py    optimizer states and DeepSpeed fp32 master weights
 activations.py  tensors saved for backward, per layer and per token
 logits.py       the loss over the vocabulary
 buffers.py      DDP / DeepSpeed communication buckets, ZeRO-3 gathers, CPU offload
+precision.py    what fp16 mixed precision adds (AMP's fp32 model, loss scaler)
 overhead.py     allocator slack and CUDA context (reserved, nvidia-smi)
 estimate.py     where the peak falls, and the MemoryEstimate
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zeroplan.memory.precision import amp_weight_copies, residual_bytes
 from zeroplan.models import Linear, ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets
 
@@ -156,7 +157,10 @@ class ActivationProfile:
 def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> ActivationProfile:
     """Bytes for T = b·s tokens: per-layer bytes × T × layers, etc.
 
-    checkpoints = 2 B·h·T·L (non-reentrant checkpointing keeps each layer's input).
+    checkpoints = 2 B·h·T·L (non-reentrant checkpointing keeps each layer's input); 4 B·h·T·L
+    for AMP on an fp32 model (precision.residual_bytes). Other saved tensors are counted as
+    in bf16 under fp16 too (the same sizes for fp16 tensors; an fp32 model's fp32 norm
+    outputs are not modelled yet).
     """
     t = setup.tokens
     dense = spec.num_dense_layers
@@ -166,12 +170,13 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
         + eager_mask_bytes(spec, setup),
-        checkpoints=BF16 * spec.hidden_size * t * spec.num_layers,
+        checkpoints=residual_bytes(setup) * spec.hidden_size * t * spec.num_layers,
         one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
         transient=int(backward_transient_per_token(spec, setup) * t),
         head=int(head_saved_per_token(spec, setup) * t),
         # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
+        # (fp16 on an fp16 setup), or AMP's fp16 copies of an fp32 model's weights
         autocast_weights=BF16 * trainable
         if setup.is_lora and not setup.deepspeed and setup.autocast
-        else 0,
+        else amp_weight_copies(spec, setup),
     )

@@ -36,10 +36,11 @@ from zeroplan.memory.gradients import gradients, resident_gradients
 from zeroplan.memory.logits import kept_logits_bytes, kept_output, logits, loss_forward_bytes
 from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
 from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
+from zeroplan.memory.precision import loss_scaler_bytes
 from zeroplan.memory.result import MemoryEstimate, Term
-from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib
+from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib, trainable_bytes
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, trainable_params
+from zeroplan.trainsetup import TrainSetup, resolve_precision, trainable_params
 
 # Families whose activations were measured on a GPU (benchmarks/results/); others are
 # estimated from the same op-level model and flagged as not calibrated.
@@ -60,7 +61,12 @@ def _check_supported(spec: ModelSpec, setup: TrainSetup) -> None:
 
 
 def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEstimate:
-    """Per-GPU memory of ``setup`` for ``spec`` on ``cluster`` (worst-loaded rank)."""
+    """Per-GPU memory of ``setup`` for ``spec`` on ``cluster`` (worst-loaded rank).
+
+    The setup's precision is resolved against the cluster's GPU first (bf16 where it has
+    it, else fp16; trainsetup.resolve_precision), and the result's ``setup`` holds it.
+    """
+    setup = resolve_precision(setup, cluster.gpu.bf16, cluster.gpu.name)
     _check_supported(spec, setup)
     world = cluster.world_size
     n_t = trainable_params(spec, setup)
@@ -82,7 +88,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     resident = resident_gradients(spec, setup, world)
     full = setup.method == "full"
     v_h = spec.vocab_size * spec.hidden_size
-    lm_head_grad = BF16 * v_h if full else 0
+    # a full fine-tuning gradient has its weight's width: 4 B for AMP's fp32 model
+    grad_width = trainable_bytes(setup)
+    lm_head_grad = grad_width * v_h if full else 0
     logits_grad_bf16 = BF16 * setup.tokens * spec.vocab_size if not setup.fused_loss else 0
     # ZeRO-3 on several GPUs gathers the whole lm_head around the loss
     head_gathered = BF16 * v_h if setup.zero == 3 and world > 1 else 0
@@ -154,7 +162,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         phases["embedding backward (end of backward)"] = {
             "activations": act.checkpoints if setup.grad_ckpt else 0,
             "logits": 0,
-            "gradients": grads.bytes + (2 * BF16 * v_h if spec.tie_word_embeddings else 0),
+            "gradients": grads.bytes + (2 * grad_width * v_h if spec.tie_word_embeddings else 0),
             "buffers": 0,
             # the saved keys and values are gone from the graph, the output's cache holds them
             "kept_output": kept.bytes,
@@ -163,7 +171,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         "weights": weights.bytes + adapters.bytes,
         "optimizer": optim_alloc,
     }
-    static_buffers = buffers.static
+    static_buffers = buffers.static + loss_scaler_bytes(setup)
 
     def total(parts: dict[str, int]) -> int:
         return sum(base.values()) + static_buffers + sum(parts.values())
@@ -211,9 +219,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "params, which AutoModelForCausalLM loads) as bf16 weights; not counted: LoRA "
             "adapters that all-linear also puts on it, 4-bit quantization of its linears"
         )
-    if not cluster.gpu.bf16:
+    if setup.fp16:
         calibrated = False
-        notes.append(no_bf16_note(cluster))
+        notes.append(fp16_note(setup))
     if frozen_base_held(setup, world):
         notes.append(
             "LoRA under ZeRO-3 with (reentrant) checkpointing: measured on one 2-GPU "
@@ -282,13 +290,15 @@ def _loop_notes(setup: TrainSetup, kept: int, temps: int) -> list[str]:
     return out
 
 
-def no_bf16_note(cluster: Cluster) -> str:
-    """The one line that says a card without BF16 is estimated as if it had it."""
-    return (
-        f"{cluster.gpu.name} has no bf16: these are bf16 mixed-precision figures, not the fp16 "
-        "mixed precision (fp32 master weights, loss scaling) this card would run, which "
-        "zeroplan does not model"
-    )
+def fp16_note(setup: TrainSetup) -> str:
+    """The one line that says the fp16 mixed-precision figures are not measured yet."""
+    if setup.method == "full" and not setup.deepspeed:
+        how = "AMP on an fp32 model: fp32 weights, grads and Adam + autocast's fp16 copies"
+    elif setup.deepspeed:
+        how = "DeepSpeed fp16: as bf16, plus its loss scaler"
+    else:
+        how = "fp16 base, fp32 adapters, GradScaler: as bf16 LoRA"
+    return f"fp16 mixed precision ({how}): derived, not yet calibrated on a GPU"
 
 
 def _activation_formula(

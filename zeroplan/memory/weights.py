@@ -17,10 +17,15 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 def trainable_bytes(setup: TrainSetup) -> int:
     """Bytes per trainable parameter, and per element of its gradient.
 
-    DeepSpeed bf16 casts the whole module: 2. Without it, full fine-tuning trains the bf16
-    weights (2) and PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``).
+    DeepSpeed bf16 / fp16 casts the whole module: 2. Without it, full fine-tuning trains the
+    bf16 weights (2), or under fp16 an fp32 model (4: AMP, precision.amp_fp32_model), and
+    PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``) in either.
     """
-    return BF16 if setup.deepspeed or setup.method == "full" else FP32
+    if setup.deepspeed:
+        return BF16
+    if setup.method == "full":
+        return FP32 if setup.fp16 else BF16
+    return FP32
 
 
 def gib(n: float) -> str:
@@ -30,9 +35,10 @@ def gib(n: float) -> str:
 def base_weights(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     """Frozen or trained base-model weights.
 
-    lora / full:  2 B · Ψ (bf16)
+    lora / full:  2 B · Ψ (bf16, or fp16 on an fp16 setup)
+    full, fp16, no DeepSpeed: 4 B · Ψ (AMP trains an fp32 model, precision.amp_fp32_model)
     qlora:        NF4_BYTES_PER_PARAM · Ψ_lin + 2 B · (Ψ − Ψ_lin), Ψ_lin = the decoder's
-                  linear weights; embeddings, lm_head, norms and biases stay bf16
+                  linear weights; embeddings, lm_head, norms and biases stay bf16 (fp16)
                   (4 B with ``upcast_non_quantized``, what prepare_model_for_kbit_training does)
     ZeRO-3:       the above / N (parameters are partitioned; qlora needs a bf16
                   quant_storage for that, which packs the same bytes)
@@ -40,14 +46,18 @@ def base_weights(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
                   (buffers.offload_cpu_bytes) and are gathered into the buffers term
     """
     total = spec.total_params
+    dtype = "fp16" if setup.fp16 else "bf16"
     if setup.method == "qlora":
         quant = spec.quantizable_params()
         other_bytes = FP32 if setup.upcast_non_quantized else BF16
         size = quant * NF4_BYTES_PER_PARAM + (total - quant) * other_bytes
-        formula = f"{NF4_BYTES_PER_PARAM:.4f} B × {quant:,} NF4 + {other_bytes} B × {total - quant:,} bf16"
+        formula = f"{NF4_BYTES_PER_PARAM:.4f} B × {quant:,} NF4 + {other_bytes} B × {total - quant:,} {dtype}"
+    elif setup.fp16 and setup.method == "full" and not setup.deepspeed:
+        size = FP32 * total
+        formula = f"4 B × {total:,} params (fp32, AMP)"
     else:
         size = BF16 * total
-        formula = f"2 B × {total:,} params (bf16)"
+        formula = f"2 B × {total:,} params ({dtype})"
     if setup.zero == 3 and setup.offload == "optimizer+params":
         return Term("weights", 0, f"({formula}) / {world} GPUs, offloaded to CPU RAM")
     if setup.zero == 3:
