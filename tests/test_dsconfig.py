@@ -139,6 +139,7 @@ def assert_parsed(
         c.GRADIENT_ACCUMULATION_STEPS,
         c.GRADIENT_CLIPPING,
         c.BFLOAT16,
+        c.FP16,
         c.ZERO_ALLOW_UNTESTED_OPTIMIZER,
         ZERO_OPTIMIZATION,
     }
@@ -148,8 +149,13 @@ def assert_parsed(
     assert parsed.gradient_accumulation_steps == accum
     assert parsed.train_batch_size == setup.micro_batch * accum * world
     assert parsed.gradient_clipping == clip
-    assert parsed.bfloat16_config.enabled is True
-    assert parsed.float16_config.enabled is False
+    assert parsed.bfloat16_config.enabled is not setup.fp16
+    assert parsed.float16_config.enabled is setup.fp16
+    if setup.fp16:
+        fp16 = parsed.float16_config
+        assert fp16.loss_scale == 0  # dynamic
+        assert fp16.initial_scale_power == 16 and fp16.loss_scale_window == 1000
+        assert fp16.hysteresis == 2 and fp16.min_loss_scale == 1
     assert parsed.optimizer_name is None and parsed.scheduler_name is None
     assert parsed.zero_allow_untested_optimizer is (
         setup.zero != 0 and setup.optim not in ("adamw_torch_fused", "adamw_torch")
@@ -192,10 +198,15 @@ EXAMPLES = [
     TrainSetup(zero=3, offload="optimizer", stage3_prefetch_elems=10_000_000),
     TrainSetup(zero=3, offload="optimizer+params", method="full", micro_batch=2),
     TrainSetup(zero=3, optim="paged_adamw_8bit"),
+    TrainSetup(zero=0, precision="fp16"),
+    TrainSetup(zero=2, method="full", precision="fp16"),
+    TrainSetup(zero=3, method="qlora", offload="optimizer", precision="fp16"),
 ]
 
 
-@pytest.mark.parametrize("setup", EXAMPLES, ids=lambda s: f"z{s.zero}-{s.offload}-{s.optim}")
+@pytest.mark.parametrize(
+    "setup", EXAMPLES, ids=lambda s: f"z{s.zero}-{s.offload}-{s.optim}-{s.precision or 'bf16'}"
+)
 def test_deepspeed_parses_what_we_emit(ds_parser: Any, setup: TrainSetup) -> None:
     cfg = ds_config(dataclasses.replace(setup, grad_accum=4), world_size=8, grad_clip=0.5)
     assert_parsed(parse(ds_parser, cfg, 8), cfg, setup, world=8, accum=4, clip=0.5)
@@ -277,6 +288,7 @@ def valid_setups(draw: st.DrawFn) -> TrainSetup:
         stage3_prefetch_elems=draw(bucket),
         stage3_max_live_elems=draw(bucket),
         stage3_persistence_threshold=draw(st.integers(0, 10_000_000)),
+        precision=draw(st.sampled_from(("", "bf16", "fp16"))),
     )
 
 
@@ -484,7 +496,7 @@ def test_presets_parse_once_auto_is_filled(ds_parser: Any, name: str) -> None:
     assert_parsed(parse(ds_parser, filled, 4), filled, expected, world=4, accum=8, clip=0.3)
 
 
-def _hf_fill(preset: dict[str, Any], *, bf16: bool) -> dict[str, Any]:
+def _hf_fill(preset: dict[str, Any], *, bf16: bool, fp16: bool = False) -> dict[str, Any]:
     """The HF Trainer's own "auto" filling (HfTrainerDeepSpeedConfig), for 4 ranks."""
     hf_ds = pytest.importorskip("transformers.integrations.deepspeed")
     pytest.importorskip("accelerate")
@@ -499,7 +511,7 @@ def _hf_fill(preset: dict[str, Any], *, bf16: bool) -> dict[str, Any]:
         adam_epsilon=1e-8,
         weight_decay=0.0,
         save_on_each_node=False,
-        fp16=False,
+        fp16=fp16,
         fp16_full_eval=False,
         bf16=bf16,
         bf16_full_eval=False,
@@ -520,6 +532,19 @@ def test_presets_through_the_hf_trainer_fill(ds_parser: Any, name: str) -> None:
     cfg = json.loads((PRESET_DIR / f"{name}.json").read_text(encoding="utf-8"))
     filled = _hf_fill(cfg, bf16=True)
     setup = dataclasses.replace(PRESETS[name], micro_batch=2)
+    assert_parsed(parse(ds_parser, filled, 4), filled, setup, world=4, accum=8, clip=0.3)
+
+
+def test_fp16_config_through_the_hf_trainer_fill(ds_parser: Any) -> None:
+    """An fp16 config asks the Trainer for fp16=True, which launch passes (and refuses bf16)."""
+    cfg = ds_config(TrainSetup(zero=2, precision="fp16", micro_batch=2), world_size=4)
+    for key in HF_AUTO_KEYS:
+        cfg[key] = "auto"
+    with pytest.raises(ValueError, match=r"ds fp16\.enabled=True vs hf fp16"):
+        _hf_fill(cfg, bf16=False)
+    filled = _hf_fill(cfg, bf16=False, fp16=True)
+    assert "bf16" not in filled and filled["fp16"]["enabled"] is True
+    setup = TrainSetup(zero=2, precision="fp16", micro_batch=2)
     assert_parsed(parse(ds_parser, filled, 4), filled, setup, world=4, accum=8, clip=0.3)
 
 

@@ -125,6 +125,7 @@ def test_run_leaves_what_it_promised(trained: dict[str, Any], work: dict[str, Pa
     run: Path = trained["run"]
     applied = json.loads((run / "applied.json").read_text())
     assert applied["method"] == "lora" and applied["device"] == "cpu"
+    assert applied["precision"] == "fp32"  # the CPU computes in fp32 whatever the plan says
     assert applied["lora"]["r"] == 8 and applied["lora"]["target_modules"] == "all-linear"
     assert applied["adapter_dtype"] == "float32"
     assert applied["prepare_model_for_kbit_training"] is False

@@ -76,7 +76,7 @@ def test_read_plan_gives_back_the_chosen_setup(tmp_path: Path, model_dir: Path) 
     setup["lora_targets"] = ("q_proj", "v_proj")
     path = tinyllm.write_plan(tmp_path, model_dir, **setup)
     planned = sft.read_plan(path)
-    assert planned.setup == TrainSetup(seq_len=64, **setup)
+    assert planned.setup == TrainSetup(seq_len=64, precision="bf16", **setup)  # the H100's
     assert planned.world_size == 1
     # the plan was made from a local config.json: its folder is the model to load
     assert planned.model == str(model_dir.resolve())
@@ -168,6 +168,30 @@ def test_autocast_follows_the_plan(tmp_path: Path) -> None:
     assert bf16(TrainSetup(zero=2)) is True  # DeepSpeed bf16, no autocast
 
 
+def test_fp16_setups_train_in_fp16_as_the_estimate_assumes(tmp_path: Path) -> None:
+    """fp16: the Trainer's fp16 (AMP + GradScaler, or DeepSpeed fp16), never bf16; the model
+    loads fp16, full fine-tuning without DeepSpeed fp32 (AMP); QLoRA computes in fp16."""
+
+    def flags(setup: TrainSetup, cuda: bool = True) -> tuple[bool, bool]:
+        kw = sft.training_kwargs(setup, opts(tmp_path), cuda, None, False)
+        return kw["fp16"], kw["bf16"]
+
+    def dtype(setup: TrainSetup) -> str:
+        return str(sft.model_kwargs(setup, cuda=True, local_rank=0)["dtype"])
+
+    assert flags(TrainSetup(precision="fp16")) == (True, False)
+    assert flags(TrainSetup(precision="fp16", zero=2)) == (True, False)
+    assert flags(TrainSetup(precision="fp16"), cuda=False) == (False, False)
+    assert flags(TrainSetup(precision="bf16")) == flags(TrainSetup()) == (False, True)
+    assert dtype(TrainSetup(precision="fp16")) == "float16"
+    assert dtype(TrainSetup(precision="fp16", method="full", zero=3)) == "float16"
+    assert dtype(TrainSetup(precision="fp16", method="full")) == "float32"
+    assert dtype(TrainSetup(method="full")) == "bfloat16"
+    q = sft.quantization_kwargs(TrainSetup(method="qlora", precision="fp16", zero=3))
+    assert q is not None
+    assert (q["bnb_4bit_compute_dtype"], q["bnb_4bit_quant_storage"]) == ("float16", "float16")
+
+
 def test_an_old_plan_still_loads_and_launches_fused_adamw(tmp_path: Path, model_dir: Path) -> None:
     """A plan.json written before the loop switches: optim "adamw", no loop keys."""
     path = tinyllm.write_plan(tmp_path, model_dir)
@@ -178,7 +202,7 @@ def test_an_old_plan_still_loads_and_launches_fused_adamw(tmp_path: Path, model_
     setup["optim"] = "adamw"
     path.write_text(json.dumps(data))
     planned = sft.read_plan(path)
-    assert planned.setup == TrainSetup(seq_len=64)
+    assert planned.setup == TrainSetup(seq_len=64, precision="bf16")
     kw = sft.training_kwargs(planned.setup, opts(tmp_path), True, None, False)
     assert (kw["optim"], kw["bf16"]) == ("adamw_torch_fused", True)
 

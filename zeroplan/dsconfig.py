@@ -44,6 +44,18 @@ HF_AUTO_KEYS = (
     "gradient_clipping",
 )
 
+# DeepSpeed fp16 with a dynamic loss scale (loss_scale 0): start at 2**16, halve on an
+# overflow after `hysteresis` overflowing steps in a row, double after `loss_scale_window`
+# clean steps, never below `min_loss_scale`. These are DeepSpeed's own defaults
+# (deepspeed/runtime/fp16 config), written out so that the run does what the config says.
+FP16_LOSS_SCALING = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
 # name -> setup of the presets written to ds_configs/<name>.json; only the DeepSpeed side
 # of each setup matters (method and optimizer only change the JSON in the cases handled
 # below, and the defaults here are adamw, which needs nothing extra).
@@ -60,8 +72,11 @@ def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dic
 
     ``train_batch_size`` is written as micro × accumulation × world: DeepSpeed asserts that
     identity at start-up, so writing all three keeps a mistake here from surfacing only on
-    the cluster. bf16 is always on: the estimate models bf16 weights and DeepSpeed's fp32
-    master copy. ``contiguous_gradients`` is on at every ZeRO stage and ``overlap_comm`` as
+    the cluster. The precision section is the setup's: ``bf16`` (an unresolved precision
+    counts as bf16), or for an fp16 setup ``fp16`` with dynamic loss scaling
+    (FP16_LOSS_SCALING) and no ``bf16``; either way the estimate models 16-bit weights and
+    DeepSpeed's fp32 master copy. Callers resolve the precision against the GPU first
+    (trainsetup.resolve_precision), as the plan and ``zeroplan config`` do. ``contiguous_gradients`` is on at every ZeRO stage and ``overlap_comm`` as
     the setup says (on unless turned off; DeepSpeed's own default is on at stage 3 only:
     at stages 1-2 it doubles the reduce buckets, which the estimate counts); bucket sizes come
     from the setup, the same numbers the estimate's buffer term used.
@@ -120,7 +135,7 @@ def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dic
         "train_micro_batch_size_per_gpu": setup.micro_batch,
         "gradient_accumulation_steps": setup.grad_accum,
         "gradient_clipping": float(grad_clip),
-        "bf16": {"enabled": True},
+        **precision_section(setup),
         "zero_optimization": zero,
     }
     if setup.zero >= 1 and setup.optim not in ZERO_TESTED_OPTIMIZERS:
@@ -131,8 +146,16 @@ def ds_config(setup: TrainSetup, world_size: int, grad_clip: float = 1.0) -> dic
     return cfg
 
 
+def precision_section(setup: TrainSetup) -> dict[str, Any]:
+    """``{"fp16": {...}}`` with dynamic loss scaling for an fp16 setup, else ``{"bf16": ...}``."""
+    if setup.fp16:
+        return {"fp16": {"enabled": True, **FP16_LOSS_SCALING}}
+    return {"bf16": {"enabled": True}}
+
+
 def quant_storage_dtype(setup: TrainSetup) -> str | None:
-    """``bnb_4bit_quant_storage`` the model must be loaded with: "bfloat16" for QLoRA on ZeRO-3.
+    """``bnb_4bit_quant_storage`` the model must be loaded with: the 16-bit dtype ("bfloat16",
+    "float16" for an fp16 setup) for QLoRA on ZeRO-3.
 
     ZeRO-3 flattens and shards every parameter of the model, and all-gathers them layer by
     layer, in the dtype of the bf16 parameters. bitsandbytes stores NF4 weights packed in
@@ -143,7 +166,7 @@ def quant_storage_dtype(setup: TrainSetup) -> str | None:
     This is a model-side setting: DeepSpeed's JSON has no key for it.
     """
     if setup.method == "qlora" and setup.zero == 3:
-        return "bfloat16"
+        return "float16" if setup.fp16 else "bfloat16"
     return None
 
 

@@ -292,7 +292,7 @@ def quantization_kwargs(setup: TrainSetup) -> dict[str, Any] | None:
         "load_in_4bit": True,
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_compute_dtype": "float16" if setup.fp16 else "bfloat16",
         "bnb_4bit_quant_storage": quant_storage_dtype(setup) or "uint8",
     }
 
@@ -330,9 +330,10 @@ def training_kwargs(
         "max_grad_norm": 1.0,  # = dsconfig's gradient_clipping
         "num_train_epochs": opts.epochs,
         "max_steps": opts.max_steps if opts.max_steps is not None else -1,
-        # bf16 autocast (the plan's --autocast); under DeepSpeed it means DeepSpeed bf16
-        "bf16": cuda and (setup.deepspeed or bool(setup.autocast)),
-        "fp16": False,
+        # bf16 / fp16 autocast (the plan's --autocast and --precision; fp16 adds the Trainer's
+        # GradScaler); under DeepSpeed it means DeepSpeed bf16 / fp16 (the config's section)
+        "bf16": cuda and not setup.fp16 and (setup.deepspeed or bool(setup.autocast)),
+        "fp16": cuda and setup.fp16 and (setup.deepspeed or bool(setup.autocast)),
         "use_cpu": not cuda,
         "logging_strategy": "steps",
         "logging_steps": opts.logging_steps,
@@ -371,9 +372,18 @@ def training_kwargs(
 
 
 def model_kwargs(setup: TrainSetup, cuda: bool, local_rank: int) -> dict[str, Any]:
-    """``from_pretrained`` arguments (dtypes by name): bf16 on a GPU, fp32 on the CPU."""
+    """``from_pretrained`` arguments (dtypes by name): bf16 on a GPU, fp32 on the CPU.
+
+    fp16 setups load fp16, except full fine-tuning without DeepSpeed: AMP trains an fp32
+    model (GradScaler refuses fp16 gradients), as memory/precision.py assumes.
+    """
+    dtype = "float32"
+    if cuda:
+        dtype = "float16" if setup.fp16 else "bfloat16"
+        if setup.fp16 and setup.method == "full" and not setup.deepspeed:
+            dtype = "float32"
     kw: dict[str, Any] = {
-        "dtype": "bfloat16" if cuda else "float32",
+        "dtype": dtype,
         "attn_implementation": setup.attn,
     }
     quant = quantization_kwargs(setup)
@@ -843,6 +853,8 @@ def _applied(
         "global_batch": setup.micro_batch * setup.grad_accum * world,
         "device": "cuda" if cuda else "cpu",
         "dtype": dtype_name,
+        # the mixed precision the run trains in (the CPU computes in fp32)
+        "precision": (setup.precision or "bf16") if cuda else "fp32",
         "attn_implementation": setup.attn,
         "method": setup.method,
         "quantization": quantization_kwargs(setup),
