@@ -330,3 +330,33 @@ def test_estimate_and_plan_do_not_import_the_heavy_stack(
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_precision_on_estimate_config_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """fp16 is the default on a card without bf16, may be asked for anywhere, and bf16 on
+    such a card is one line and exit 2."""
+    runner = CliRunner()
+
+    def js(*args: str) -> Any:
+        result = runner.invoke(cli, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    assert js("estimate", "llama-3.2-1b", "--gpus", "1xT4")["setup"]["precision"] == "fp16"
+    assert js("estimate", "llama-3.2-1b", "--gpus", "1xH100")["setup"]["precision"] == "bf16"
+    h100_fp16 = js("estimate", "llama-3.2-1b", "--gpus", "1xH100", "--precision", "fp16")
+    assert h100_fp16["setup"]["precision"] == "fp16"
+    assert js("plan", "llama-3.2-1b", "--gpus", "1xT4")["best"]["setup"]["precision"] == "fp16"
+    cfg = runner.invoke(cli, ["config", "llama-3.2-1b", "--gpus", "2xV100", "--zero", "2"])
+    assert cfg.exit_code == 0, cfg.output
+    assert "bf16" not in json.loads(cfg.stdout) and json.loads(cfg.stdout)["fp16"]["enabled"]
+    for command in ("estimate", "plan", "config"):
+        args = [command, "llama-3.2-1b", "--gpus", "1xT4", "--precision", "bf16"]
+        if command == "config":
+            args += ["--zero", "2"]
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2, command
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+        assert captured.err.startswith("zeroplan: error: --precision bf16: T4 has no bf16")

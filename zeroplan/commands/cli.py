@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from zeroplan.commands.job import (
+    PRECISION_HELP,
     data_options,
     estimate_data_options,
     job_options,
@@ -19,7 +20,7 @@ from zeroplan.commands.job import (
     with_data,
 )
 from zeroplan.errors import ZeroplanError
-from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS
+from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS
 
 DEFAULT_GPUS = "1xH100"
 
@@ -128,14 +129,20 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
     click.option(
         "--autocast/--no-autocast",
         default=None,
-        help="Whether the forward runs under bf16 autocast (HF Trainer: yes; a plain loop on "
-        "a bf16 model and DeepSpeed: no). Default: the --loop's.",
+        help="Whether the forward runs under bf16 / fp16 autocast (HF Trainer: yes; a plain "
+        "loop on a bf16 model and DeepSpeed: no). Default: the --loop's.",
     ),
     click.option(
         "--keep-outputs/--drop-outputs",
         default=None,
         help="Whether the model's output (its batch × seq × vocab logits) stays alive through "
         "backward, as in out = model(...); out.loss.backward(). Default: the --loop's.",
+    ),
+    click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        default=None,
+        help=PRECISION_HELP,
     ),
     click.option(
         "--attn",
@@ -313,9 +320,10 @@ def config(
     from zeroplan.api import make_setup, resolve_cluster
     from zeroplan.dsconfig import ds_config, dumps, quant_storage_dtype, write_config
     from zeroplan.memory.weights import gib
+    from zeroplan.trainsetup import resolve_precision
 
-    setup = make_setup(**options)
     cluster = resolve_cluster(gpus)
+    setup = resolve_precision(make_setup(**options), cluster.gpu.bf16, cluster.gpu.name)
     cfg = ds_config(setup, cluster.world_size, grad_clip=grad_clip)
     est = run_estimate(model, gpus=cluster, setup=setup)
     # output first: if writing fails, its error is the only line on stderr

@@ -11,12 +11,24 @@ import click
 from zeroplan.errors import BadSetupError
 from zeroplan.models import ModelSpec
 from zeroplan.records import FORMATS
-from zeroplan.trainsetup import METHODS, parse_targets
+from zeroplan.trainsetup import METHODS, PRECISIONS, parse_targets
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # the keyword arguments job_options adds to a command
-JOB_OPTIONS = ("method", "seq_len", "global_batch", "lora_r", "lora_targets", "no_quantization")
+JOB_OPTIONS = (
+    "method",
+    "seq_len",
+    "global_batch",
+    "lora_r",
+    "lora_targets",
+    "no_quantization",
+    "precision",
+)
+PRECISION_HELP = (
+    "Mixed precision: bf16, or fp16 (with loss scaling). Default: bf16 where the GPU has it, "
+    "fp16 on cards without (T4, V100, RTX 20xx)."
+)
 # and data_options
 DATA_OPTIONS = (
     "data",
@@ -30,7 +42,8 @@ DATA_OPTIONS = (
 
 
 def job_options(fn: F) -> F:
-    """--method, --seq-len, --global-batch, --lora-r, --lora-targets, --no-quantization."""
+    """--method, --seq-len, --global-batch, --lora-r, --lora-targets, --no-quantization,
+    --precision."""
     options = [
         click.option(
             "--method",
@@ -67,6 +80,9 @@ def job_options(fn: F) -> F:
             "--no-quantization",
             is_flag=True,
             help="Never a 4-bit base for lora, not even when the bf16 base does not fit.",
+        ),
+        click.option(
+            "--precision", type=click.Choice(PRECISIONS), default=None, help=PRECISION_HELP
         ),
     ]
     for option in reversed(options):
@@ -170,6 +186,7 @@ def job_request(
     lora_r: int,
     lora_targets: str,
     no_quantization: bool,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """The job options as ``PlanRequest`` fields (``seq_len`` as typed: see ``with_data``)."""
     return {
@@ -179,6 +196,7 @@ def job_request(
         "lora_r": lora_r,
         "lora_targets": parse_targets(lora_targets),
         "allow_quantization": not no_quantization,
+        "precision": precision or "",
     }
 
 
