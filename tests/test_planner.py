@@ -16,7 +16,7 @@ from zeroplan.errors import BadSetupError
 from zeroplan.hardware import parse_cluster
 from zeroplan.models import load_model
 from zeroplan.planner import PlanRequest, candidate_setups, evaluate, plan, plan_json
-from zeroplan.speed import comm_bytes_per_step, flops_per_token, step_time
+from zeroplan.speed import comm_bytes_per_step, flops_per_token, peak_tflops, step_time
 from zeroplan.trainsetup import TrainSetup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -373,3 +373,12 @@ def test_lora_falls_back_to_a_4bit_base_only_when_bf16_does_not_fit() -> None:
     )
     refused = plan(PlanRequest(**big, allow_quantization=False))  # type: ignore[arg-type]
     assert refused.best is None
+
+
+def test_speed_uses_the_peak_of_the_setups_precision() -> None:
+    t4, h100 = parse_cluster("1xT4"), parse_cluster("1xH100")
+    assert peak_tflops(TrainSetup(), t4) == peak_tflops(TrainSetup(precision="fp16"), t4) == 65.0
+    assert peak_tflops(TrainSetup(), h100) == h100.gpu.bf16_tflops
+    assert peak_tflops(TrainSetup(precision="fp16"), h100) == h100.gpu.fp16_tflops
+    with pytest.raises(BadSetupError, match="no bf16"):
+        peak_tflops(TrainSetup(precision="bf16"), t4)
