@@ -19,6 +19,7 @@ re-planning the same data is instant.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -277,8 +278,8 @@ def token_lengths(
                     str(tokenizer.folder),
                     tuple(data["lengths"]),
                     packs=dict(data.get("packs", {})),
+                    cache_file=str(cached),
                 )
-                _CACHE_FILES[id(profile)] = cached
                 return profile, True
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # a broken cache entry is recomputed
@@ -322,20 +323,17 @@ def token_lengths(
             tmp = folder / f".{key}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps({"format": fmt, "lengths": lengths}))
             tmp.replace(folder / f"{key}.json")
-            _CACHE_FILES[id(profile)] = folder / f"{key}.json"
+            profile = dataclasses.replace(profile, cache_file=str(folder / f"{key}.json"))
         except OSError:
             pass  # no cache: the next plan tokenizes again
     return profile, False
 
 
-_CACHE_FILES: dict[int, Path] = {}  # id(profile) -> its cache file, for save_packs
-
-
 def save_packs(profile: LengthProfile) -> None:
     """Keep the packings a plan computed beside the profile's cached lengths."""
-    path = _CACHE_FILES.get(id(profile))
-    if path is None or not profile.packs:
+    if profile.cache_file is None or not profile.packs:
         return
+    path = Path(profile.cache_file)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("packs") == profile.packs:

@@ -35,6 +35,7 @@ class LengthProfile:
     # packings already computed, "cap/overlong/capacity" -> [rows, tokens]; kept with the
     # cached lengths (zeroplan.datatokens.save_packs) so that re-planning packs nothing
     packs: dict[str, list[int]] = field(default_factory=dict, compare=False, repr=False)
+    cache_file: str | None = field(default=None, compare=False, repr=False)  # where it is kept
 
     @property
     def records(self) -> int:
