@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,18 +125,7 @@ class DataFit:
         budget: micro-batch × cap when the launch packs one flat row per micro-batch)."""
         if capacity == self.cap:
             return self.pack
-        key = f"{self.cap}/{self.overlong}/{capacity}"
-        hit = self.profile.packs.get(key)
-        if hit is not None:
-            return PackStats(capacity, self.pack.samples, hit[0], hit[1])
-        stats = pack_stats(self._kept_lengths(), capacity)
-        self.profile.packs[key] = [stats.rows, stats.tokens]
-        return stats
-
-    def _kept_lengths(self) -> list[int]:
-        if self.overlong == "drop":
-            return [n for n in self.profile.lengths if n <= self.cap]
-        return [min(n, self.cap) for n in self.profile.lengths]
+        return _packed(self.profile, self.cap, self.overlong, capacity, self.pack.samples)
 
     @property
     def kept(self) -> int:
@@ -186,12 +174,8 @@ def fit_to_cap(
         raise BadDataError(f"--overlong must be drop or truncate, got '{overlong}'")
     if cap < 1:
         raise BadDataError(f"--seq-len must be at least 1, got {cap}")
-    over = [n for n in profile.lengths if n > cap]
-    if overlong == "drop":
-        kept: Sequence[int] = [n for n in profile.lengths if n <= cap]
-    else:
-        kept = [min(n, cap) for n in profile.lengths]
-    key = f"{cap}/{overlong}/{cap}"
+    over = sum(1 for n in profile.lengths if n > cap)
+    kept = profile.records - over if overlong == "drop" else profile.records
     if not kept:
         raise BadDataError(
             f"all {profile.records} records of {profile.source} are longer than --seq-len {cap} "
@@ -202,17 +186,29 @@ def fit_to_cap(
         profile=profile,
         cap=cap,
         overlong=overlong,
-        dropped=len(over) if overlong == "drop" else 0,
-        truncated=len(over) if overlong == "truncate" else 0,
-        pack=_packed(profile, key, kept, cap),
+        dropped=over if overlong == "drop" else 0,
+        truncated=over if overlong == "truncate" else 0,
+        pack=_packed(profile, cap, overlong, cap, kept),
         cap_reason=cap_reason,
     )
 
 
-def _packed(profile: LengthProfile, key: str, kept: Sequence[int], capacity: int) -> PackStats:
+def kept_lengths(profile: LengthProfile, cap: int, overlong: str) -> list[int]:
+    """The lengths training keeps at ``cap``: the longer ones dropped, or cut to ``cap``."""
+    if overlong == "drop":
+        return [n for n in profile.lengths if n <= cap]
+    return [min(n, cap) for n in profile.lengths]
+
+
+def _packed(
+    profile: LengthProfile, cap: int, overlong: str, capacity: int, samples: int
+) -> PackStats:
+    """The ``samples`` kept lengths packed into ``capacity``, from the profile's packings
+    when known (the planner asks once per candidate: no pass over the lengths then)."""
+    key = f"{cap}/{overlong}/{capacity}"
     hit = profile.packs.get(key)
     if hit is not None:
-        return PackStats(capacity, len(kept), hit[0], hit[1])
-    stats = pack_stats(kept, capacity)
+        return PackStats(capacity, samples, hit[0], hit[1])
+    stats = pack_stats(kept_lengths(profile, cap, overlong), capacity)
     profile.packs[key] = [stats.rows, stats.tokens]
     return stats
