@@ -17,6 +17,7 @@ from zeroplan.commands.job import (
     job_options,
     job_request,
     link_options,
+    say,
     with_data,
 )
 from zeroplan.errors import ZeroplanError
@@ -219,7 +220,7 @@ def estimate(
         fields = with_data(
             spec, {"seq_len": str(options["seq_len"]) if explicit else None}, data, tokenizer,
             chat_template, data_format, system_prompt, overlong,
-            progress=None if as_json else _progress,
+            progress=None if as_json else say,
         )  # fmt: skip
         options["seq_len"] = fields["seq_len"]
         fit = fields["data"]
@@ -344,10 +345,6 @@ def config(
             f"BitsAndBytesConfig(bnb_4bit_quant_storage=torch.{storage})",
             err=True,
         )
-
-
-def _progress(text: str) -> None:
-    click.echo(f"zeroplan: {text}", err=True)
 
 
 def _count(text: str | None, option: str) -> int | None:
@@ -479,7 +476,7 @@ def plan(
     spec = load_model(model)
     fields = with_data(
         spec, job_request(**job), data, tokenizer, chat_template, data_format, system_prompt,
-        overlong, epochs, progress=None if as_json else _progress,
+        overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
     req = PlanRequest(
         spec=spec,

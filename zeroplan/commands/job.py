@@ -203,6 +203,11 @@ def job_request(
 DEFAULT_SEQ_LEN = 2048
 
 
+def say(text: str) -> None:
+    """A ``zeroplan: …`` line on stderr: progress and notes, kept off a --json answer."""
+    click.echo(f"zeroplan: {text}", err=True)
+
+
 def with_data(
     spec: ModelSpec,
     request: dict[str, Any],

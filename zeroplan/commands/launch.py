@@ -20,6 +20,7 @@ from zeroplan.commands.job import (
     link_options,
     with_data,
 )
+from zeroplan.commands.job import say as _say
 from zeroplan.launch.data import FORMATS, OVERLONG
 from zeroplan.launch.runner import LAUNCHERS
 
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
     from zeroplan.launch.runner import Launch, Node
 
 GIB = 2**30
-
-
-def _say(text: str) -> None:
-    click.echo(f"zeroplan: {text}", err=True)
 
 
 def _slug(name: str) -> str:
@@ -326,6 +323,7 @@ def launch(
                 "(make another with zeroplan plan)",
                 param_hint="MODEL_OR_PLAN",
             )
+    # with_data's keyword arguments
     data_job = {
         "data": data,
         "tokenizer": tokenizer,
@@ -510,18 +508,7 @@ def _plan_and_nodes(
     data = data_job["data"] if data_exists(data_job["data"]) else None
     request = job_request(**job)
     try:
-        fields = with_data(
-            spec,
-            request,
-            data,
-            data_job["tokenizer"],
-            None,
-            data_job["fmt"],
-            data_job["system"],
-            data_job["overlong"],
-            data_job["epochs"],
-            progress=_say,
-        )
+        fields = with_data(spec, request, **{**data_job, "data": data}, progress=_say)
     except TokenizerNotFoundError as exc:
         if not str(request["seq_len"] or "").strip().isdigit():
             raise
