@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zeroplan.packing import pack_best_fit
+from zeroplan.packing import PackStats, pack_best_fit
 
 BATCHING = ("packed", "padded", "grouped")
 PACKED_ATTENTION = ("auto", "varlen", "mask")
@@ -49,13 +49,11 @@ class PackedRows:
     """Examples packed into rows: what the Trainer's data set holds in packed mode."""
 
     rows: list[Example]  # input_ids, labels, position_ids, each at most capacity long
-    capacity: int
-    samples: int
-    tokens: int
+    stats: PackStats  # capacity, samples, rows, real tokens: what the plan counted
 
     @property
     def fill(self) -> float:
-        return self.tokens / (len(self.rows) * self.capacity) if self.rows else 0.0
+        return self.stats.fill
 
 
 def pack_examples(examples: Sequence[Example], capacity: int, seed: int = 0) -> PackedRows:
@@ -79,7 +77,7 @@ def pack_examples(examples: Sequence[Example], capacity: int, seed: int = 0) -> 
             positions.extend(range(len(ex["input_ids"])))
         rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     random.Random(seed).shuffle(rows)
-    return PackedRows(rows, capacity, len(examples), sum(lengths))
+    return PackedRows(rows, PackStats(capacity, len(examples), len(rows), sum(lengths)))
 
 
 def segment_lengths(positions: Sequence[int]) -> list[int]:
