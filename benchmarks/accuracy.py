@@ -54,6 +54,7 @@ def setup_of(row: dict[str, Any]) -> TrainSetup:
         loop=row.get("loop", "trainer"),
         autocast=row.get("autocast"),
         keep_outputs=row.get("keep_outputs"),
+        precision=row.get("precision", ""),
     )
 
 

@@ -55,10 +55,21 @@ GiB = 2**30
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="catalog name, Hub id or config.json path")
-    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--fused-loss", action="store_true", help="Liger fused linear cross-entropy")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
+    p.add_argument("--out", default="benchmarks/results/memory.jsonl")
+    add_setup_options(p)
+    return resolve_loop(p.parse_args(argv))
+
+
+def add_setup_options(p: argparse.ArgumentParser) -> None:
+    """What the model, its adapters, the loop and the parallelism are (shared with
+    speed_grid.py, which sweeps the shapes itself)."""
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-targets", default="all-linear")
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -73,18 +84,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp16"],
+        help="fp16: the fp16 mixed precision of a card without bf16, forced (GradScaler, or "
+        "DeepSpeed's fp16 section)",
+    )
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
-    p.add_argument("--fused-loss", action="store_true", help="Liger fused linear cross-entropy")
     p.add_argument(
         "--zero", type=int, default=None, help="DeepSpeed ZeRO stage (start with torchrun)"
     )
     p.add_argument("--ddp", action="store_true", help="PyTorch DDP (start with torchrun)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON; default: stage defaults")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
     p.add_argument("--tag", default="")
-    p.add_argument("--out", default="benchmarks/results/memory.jsonl")
-    args = p.parse_args(argv)
+
+
+def resolve_loop(args: argparse.Namespace) -> argparse.Namespace:
     # the loop's choices resolved as zeroplan resolves them (DeepSpeed: no autocast)
     loop = TrainSetup(
         loop=args.loop,
@@ -140,7 +156,7 @@ def nvml_used_bytes(index: int) -> int | None:
         return None
 
 
-def quantize_linears_nf4(model: Any) -> None:
+def quantize_linears_nf4(model: Any, dtype: Any = None) -> None:
     """Swap every nn.Linear inside the decoder layers for a bitsandbytes NF4 Linear4bit.
 
     The same modules transformers quantizes on ``from_pretrained(quantization_config=...)``
@@ -150,6 +166,7 @@ def quantize_linears_nf4(model: Any) -> None:
     import bitsandbytes as bnb
     import torch
 
+    dtype = dtype or torch.bfloat16
     for layer in model.model.layers:
         for name, module in list(layer.named_modules()):
             if not isinstance(module, torch.nn.Linear):
@@ -160,7 +177,7 @@ def quantize_linears_nf4(model: Any) -> None:
                 module.in_features,
                 module.out_features,
                 bias=module.bias is not None,
-                compute_dtype=torch.bfloat16,
+                compute_dtype=dtype,
                 compress_statistics=True,
                 quant_type="nf4",
                 device="meta",
@@ -175,25 +192,40 @@ def quantize_linears_nf4(model: Any) -> None:
     model.is_loaded_in_4bit = True
 
 
+def half(args: argparse.Namespace) -> Any:
+    import torch
+
+    return torch.float16 if getattr(args, "precision", "bf16") == "fp16" else torch.bfloat16
+
+
+def model_dtype(args: argparse.Namespace) -> Any:
+    """The dtype the model is built in: the half type, except fp16 full fine-tuning without
+    DeepSpeed, which AMP trains as an fp32 model (zeroplan.memory.precision)."""
+    import torch
+
+    amp_fp32 = args.precision == "fp16" and args.method == "full" and args.zero is None
+    return torch.float32 if amp_fp32 else half(args)
+
+
 def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any] | None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.bfloat16, "attn_implementation": args.attn}
+    kwargs = {"dtype": model_dtype(args), "attn_implementation": args.attn}
     if ds_config is not None and args.zero == 3:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        with torch.device("cuda"):
+        with torch.device(getattr(args, "device", "cuda")):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     # the trainer loop drops the output (and its cache) at once: no cache, as before; a kept
     # output holds whatever the config's use_cache builds (off under checkpointing)
     if not args.keep_outputs:
         model.config.use_cache = False
     if args.method == "qlora":
-        quantize_linears_nf4(model)
+        quantize_linears_nf4(model, half(args))
         torch.cuda.empty_cache()
     if args.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
@@ -252,7 +284,8 @@ def default_ds_config(args: argparse.Namespace) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": True},
+        "bf16": {"enabled": args.precision != "fp16"},
+        "fp16": {"enabled": args.precision == "fp16"},
         "zero_optimization": {"stage": args.zero},
         "steps_per_print": 10**9,
     }
@@ -303,6 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "autocast": args.autocast,
         "keep_outputs": args.keep_outputs,
         "attn": args.attn,
+        "precision": args.precision,
         "fused_loss": args.fused_loss,
         "zero": args.zero,
         "ddp": args.ddp,
@@ -346,6 +380,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["use_cache"] = bool(
             args.keep_outputs and getattr(config, "use_cache", False) and not args.grad_ckpt
         )
+        scaler = (
+            torch.amp.GradScaler("cuda")
+            if args.precision == "fp16" and engine is None and args.autocast
+            else None
+        )
         torch.cuda.reset_peak_memory_stats()
         vocab = spec.vocab_size
         gen = torch.Generator(device="cuda").manual_seed(rank)
@@ -364,14 +403,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine.backward(loss)
                 engine.step()
             else:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.autocast):
+                with torch.autocast("cuda", dtype=half(args), enabled=args.autocast):
                     out = model(input_ids=ids, labels=ids)
                 loss = out.loss
                 if not args.keep_outputs:
                     out = None
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
+                if scaler is not None:  # fp16: what the HF Trainer's accelerate does
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             del loss, ids
             torch.cuda.synchronize()

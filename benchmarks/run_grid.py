@@ -150,6 +150,18 @@ GRIDS: dict[str, list[str]] = {
         f"{Q05} --method full --micro-batch 4 --seq-len 1024",
         f"{Q05} --method full --micro-batch 4 --seq-len 1024 --loop plain",
     ],
+    # Issue 13: fp16 mixed precision forced on a bf16 card (what T4 / V100 users run): AMP on
+    # an fp32 model for full fine-tuning, fp16 base + fp32 adapters for LoRA, DeepSpeed's fp16
+    # section. One GPU (run with --gpus 1): python benchmarks/run_grid.py h200-fp16 --gpus 1
+    "h200-fp16": [
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --precision fp16",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --precision fp16",
+        f"{L1} --method full --micro-batch 1 --seq-len 512 --grad-ckpt --precision fp16",
+        f"{L1} --method qlora --micro-batch 4 --seq-len 1024 --precision fp16",
+        f"{Q05} --method full --micro-batch 4 --seq-len 1024 --precision fp16",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --zero 2 --precision fp16",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 2 --precision fp16",
+    ],
     "h200x2-zero": [
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",
