@@ -47,7 +47,9 @@ def setup_of(row: dict[str, Any]) -> TrainSetup:
         lora_r=row["lora_r"],
         lora_targets=parse_targets(row["lora_targets"]),
         lora_dropout=row["lora_dropout"],
-        optim=row["optim"],
+        # DeepSpeed's own CPU Adam (speed_grid.py --ds-adam) is what --offload brings
+        optim="adamw" if row["optim"] == "deepspeed_cpu_adam" else row["optim"],
+        offload=row.get("offload", "none"),
         attn=row["attn"],
         fused_loss=row["fused_loss"],
         # rows from before the loop switches measured the trainer loop

@@ -1,23 +1,30 @@
-"""Fit zeroplan.speed's compute constants on the measured steps in benchmarks/results/.
+"""Fit zeroplan.speed's constants on the measured steps in benchmarks/results/.
 
-    python benchmarks/fit_speed.py [FILES...] [--check]
+    python benchmarks/fit_speed.py [FILES...] [--check] [--markdown] [--rows]
 
-Per method, a least-squares fit (relative error) of the measured seconds per micro-batch
+The fitted constants (``speed.SpeedConstants``: efficiency by method, LoRA's traffic,
+the host's per-layer / per-adapter / per-4-bit-linear costs, ZeRO-3's per-tensor hooks)
+minimise the squared log-ratio of predicted to measured step time over the one-GPU rows
+without offload (Nelder-Mead in log space, from a fixed start: the same rows give the same
+constants). A row's measured time is the median of its timed steps (speed_grid.py rows:
+every step after the warm-up; older measure_memory.py rows: the steps after the first,
+which allocates the optimizer states; ZeRO-3 there: the last step). Its predicted time is
+``speed.step_time(..., launched=False)``: the lean step.
 
-    t = FLOPs·T / (peak · efficiency) + layers · overhead            (+ ZeRO-3 hooks)
+Three constants are measured, not fitted, each on named rows:
+* ``host_staged_gbs``: a ZeRO-2 shape run with and without ``NCCL_P2P_DISABLE=1`` on two
+  GPUs of one host: the extra seconds are the gradients' and parameters' traffic at the
+  host-staged bandwidth;
+* ``cpu_adam_params_per_s``: optimizer-offload rows with DeepSpeed's CPU Adam, less the
+  predicted step without offload and the PCIe trips;
+* ``launch_step_s``: the launched runs of realdata_speed.py against the lean step of the
+  same shape (realdata_h200_lean.jsonl).
 
-over the single-GPU rows that ran without OOM (those timed over 6+ steps when a method has
-2 or more), taking the median of the steps after the first (which allocates the optimizer
-states). ``--check`` exits 1 when the constants in
-zeroplan/speed.py differ from the fit by more than 5%, and prints predicted vs measured.
-
-Then the error on rows the constants were NOT fitted on (``holdout_report``; ``--markdown``
-prints it as a table for README.md): the same fit made without one model family (Llama,
-Qwen2, Qwen3, Mistral: leave-one-family-out), without one sequence length, and without one
-micro-batch size, each predicting the rows it left out; and the two-GPU rows, which no fit
-uses, with speed.py's constants. The error is that of predicted tokens/s against measured
-(tokens per step over the measured step time), on single-GPU rows without ZeRO-3 (ZeRO-3's
-own constant is fitted on all its rows; there are too few to hold out).
+``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
+any constant (a test runs it). Then the error that counts: predicted tokens/s against
+measured on rows each refit did NOT see (leave one model family out, one GPU out, one
+sequence length out, one micro-batch size out), and on the rows no fit uses (two GPUs,
+with and without P2P; offload). ``--markdown`` prints that table for README.md.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import (  # the same row → TrainSetup as the memory comparison
     cluster_of,
@@ -39,169 +49,442 @@ from accuracy import (  # the same row → TrainSetup as the memory comparison
 )
 
 from zeroplan import speed
-from zeroplan.hardware import gpu_from_nvml_name
 from zeroplan.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FITTED_FIELDS = (
+    "efficiency_lora",
+    "efficiency_qlora",
+    "efficiency_full",
+    "act_bytes",
+    "lora_bytes",
+    "logits_bytes",
+    "overlap_p",
+    "host_layer_s",
+    "host_adapter_s",
+    "host_4bit_s",
+    "optimizer_8bit_bytes",
+)
+MEASURED_FIELDS = ("zero3_tensor_s", "host_staged_gbs", "cpu_adam_params_per_s", "launch_step_s")
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2.5", "qwen3": "Qwen3", "mistral": "Mistral"}
 
 
-def timed_rows(files: list[Path], several_gpus: bool = False) -> list[dict[str, Any]]:
-    """Rows that ran two or more steps at full speed (no OOM, no error, no memory cap), on
-    one GPU or, with ``several_gpus``, on more than one."""
+def default_files() -> list[Path]:
+    return sorted([*RESULTS.glob("memory_*.jsonl"), *RESULTS.glob("speed_*.jsonl")])
+
+
+# Single steps vary by 50% on these machines: rows timed over fewer steps (the 3-step
+# memory rows time 2) are memory measurements, not speed ones.
+MIN_TIMED = 5
+
+
+def timed_rows(files: list[Path]) -> list[dict[str, Any]]:
+    """Rows that ran MIN_TIMED or more timed steps at full speed (no OOM, no error, no
+    memory cap, a model with a config here)."""
     out = []
     for f in files:
         for line in f.read_text().splitlines():
             if not line.strip():
                 continue
             r = json.loads(line)
-            if r.get("oom") or r.get("error") or len(r.get("step_seconds") or []) < 2:
+            steps = r.get("step_seconds") or []
+            timed = len(steps) if "warmup_steps" in r else len(steps) - 1
+            if r.get("oom") or r.get("error") or timed < MIN_TIMED or r.get("memory_fraction"):
                 continue
-            if (r.get("world_size", 1) > 1) != several_gpus or r.get("memory_fraction"):
-                continue
+            if r.get("precision") == "fp16":
+                continue  # forced fp16 on a bf16 card: memory rows, not a speed anyone runs
             if not known_model(r):
-                print(f"skipped a row of {f.name}: model {r['model']!r} has no config here")
                 continue
+            r["_file"] = f.name
             out.append(r)
     return out
 
 
 def measured_seconds(r: dict[str, Any]) -> float:
-    """A row's step time: the median after the first step (which allocates the optimizer
-    states); under ZeRO-3 the last step, since its first steps trace and re-trace the
-    module order for prefetching."""
     steps = r["step_seconds"]
+    if "warmup_steps" in r:  # speed_grid.py: every kept step is a timed one
+        return float(statistics.median(steps))
     return float(steps[-1] if r["zero"] == 3 else statistics.median(steps[1:]))
 
 
-_FEATURES: dict[int, tuple[float, float]] = {}
+def gpu_label(r: dict[str, Any]) -> str:
+    name = r["env"]["gpu"].replace("NVIDIA ", "").replace(" 80GB HBM3", "")
+    return name
 
 
-def features(r: dict[str, Any]) -> tuple[float, float]:
-    """(a, b) of a row, such that its predicted seconds per micro-batch are a·k + b·c with
-    k = 1/efficiency and c = overhead per layer: a = FLOPs·T / peak, b = layers·H100/peak."""
+def is_fit_row(r: dict[str, Any]) -> bool:
+    return r.get("world_size", 1) == 1 and r.get("offload", "none") == "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """What a one-GPU row's lean step is made of, the constants left out:
+    seconds = accum · (smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes + c, layers·hL + adapters·hA + q·hQ)
+    + tensors·z3) + opt (speed.step_time, written out so that a fit costs microseconds)."""
+
+    method: str
+    a: float
+    b: float
+    e: float
+    v: float
+    c: float
+    layers: int
+    adapters: int
+    q: int
+    tensors: int
+    accum: int
+    opt: float  # optimizer seconds per byte per parameter
+    opt_8bit: bool
+
+    def seconds(self, k: speed.SpeedConstants) -> float:
+        gpu = self.a / k.efficiency(self.method) + self.b * k.lora_bytes + self.e * k.act_bytes
+        gpu += self.v * k.logits_bytes + self.c
+        host = (
+            self.layers * k.host_layer_s + self.adapters * k.host_adapter_s + self.q * k.host_4bit_s
+        )
+        per_param = k.optimizer_8bit_bytes if self.opt_8bit else speed.ADAMW_BYTES
+        micro = speed.smooth_max(gpu, host, k.overlap_p)
+        return self.accum * (micro + self.tensors * k.zero3_tensor_s) + self.opt * per_param
+
+
+_FEATURES: dict[int, Features] = {}
+# optimizer_seconds at one byte per parameter: the fit scales it by the fitted bytes
+ONE_BYTE = dataclasses.replace(speed.FITTED, optimizer_8bit_bytes=1.0)
+
+
+def features(r: dict[str, Any]) -> Features:
     key = id(r)
     if key not in _FEATURES:
-        spec, setup = load_model(r["model"]), setup_of(r)
-        peak = gpu_from_nvml_name(r["env"]["gpu"], r["env"]["gpu_total_bytes"]).bf16_tflops
-        a = speed.flops_per_token(spec, setup) * setup.tokens / (peak * 1e12)
-        b = spec.num_layers * speed.H100_TFLOPS / peak
-        _FEATURES[key] = (a, b)
+        spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+        gpu = cluster.gpu
+        bw = gpu.memory_bandwidth_gbs * 1e9
+        dequant = 0.0
+        recompute = 1 + int(setup.grad_ckpt) / 3
+        if setup.method == "qlora":
+            dequant = speed.DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+        _FEATURES[key] = Features(
+            method=setup.method,
+            a=speed.flops_per_token(spec, setup)
+            * setup.tokens
+            / (speed.peak_tflops(setup, gpu) * 1e12),
+            b=setup.tokens * speed.adapted_features(spec, setup) / bw * recompute,
+            e=setup.tokens * speed.activation_features(spec) / bw * recompute,
+            v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
+            c=dequant / bw,
+            layers=spec.num_layers,
+            adapters=speed.adapters(spec, setup),
+            q=speed.quantized_linears(spec, setup),
+            tensors=speed.parameter_tensors(spec, setup) if setup.zero == 3 else 0,
+            accum=setup.grad_accum,
+            opt=speed.optimizer_seconds(spec, setup, gpu, cluster.world_size, ONE_BYTE)
+            / (1.0 if setup.optim.endswith("8bit") else speed.ADAMW_BYTES),
+            opt_8bit=setup.optim.endswith("8bit"),
+        )
     return _FEATURES[key]
 
 
-def predicted_seconds(r: dict[str, Any], constants: tuple[float, float]) -> float:
-    """A row's seconds per micro-batch with (efficiency, overhead per layer) = constants."""
-    a, b = features(r)
-    eff, over = constants
-    return a / eff + b * over
+def with_fitted(values: list[float], base: speed.SpeedConstants) -> speed.SpeedConstants:
+    return dataclasses.replace(base, **dict(zip(FITTED_FIELDS, values, strict=True)))
 
 
-def fit(data: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """{method: (efficiency, overhead per layer)} from rows without ZeRO-3."""
-    out = {}
-    for method in ("lora", "qlora", "full"):
-        xs = []
-        mine = [r for r in data if r["method"] == method and r["zero"] != 3]
-        # rows timed over 5+ steps when there are enough (3-step rows time one or two steps)
-        long = [r for r in mine if len(r["step_seconds"]) >= 6]
-        for r in long if len(long) >= 2 else mine:
-            t = measured_seconds(r)
-            a, b = features(r)
-            xs.append((a / t, b / t))  # relative least squares: (a·k + b·c)/t ≈ 1
-        if len(xs) < 2:
+def loss(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float:
+    return sum(math.log(features(r).seconds(k) / measured_seconds(r)) ** 2 for r in rows)
+
+
+def nelder_mead(
+    f: Callable[[list[float]], float], x0: list[float], iters: int = 4000
+) -> list[float]:
+    """Minimise f from x0 (the textbook simplex: reflect, expand, contract, shrink)."""
+    n = len(x0)
+    simplex = [list(x0)]
+    for i in range(n):
+        x = list(x0)
+        x[i] += 0.5
+        simplex.append(x)
+    values = [f(x) for x in simplex]
+    for _ in range(iters):
+        order = sorted(range(n + 1), key=lambda i: values[i])
+        simplex = [simplex[i] for i in order]
+        values = [values[i] for i in order]
+        if values[-1] - values[0] < 1e-12:
+            break
+        centroid = [sum(x[j] for x in simplex[:-1]) / n for j in range(n)]
+        worst = simplex[-1]
+        reflected = [c + (c - w) for c, w in zip(centroid, worst, strict=True)]
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = [c + 2 * (c - w) for c, w in zip(centroid, worst, strict=True)]
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = [c + 0.5 * (w - c) for c, w in zip(centroid, worst, strict=True)]
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:
+                best = simplex[0]
+                simplex = [best] + [
+                    [b + 0.5 * (x - b) for b, x in zip(best, s, strict=True)] for s in simplex[1:]
+                ]
+                values = [values[0]] + [f(x) for x in simplex[1:]]
+    return simplex[min(range(n + 1), key=lambda i: values[i])]
+
+
+START = [0.35, 0.35, 0.35, 20.0, 20.0, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 16.0]
+
+
+def fit(
+    rows: list[dict[str, Any]], base: speed.SpeedConstants = speed.FITTED
+) -> speed.SpeedConstants:
+    """The fitted constants (FITTED_FIELDS) for these one-GPU rows; a constant that no row
+    can show (no ZeRO-3 row, no QLoRA row, ...) keeps its start value."""
+    rows = [r for r in rows if is_fit_row(r)]
+
+    free = [i for i, name in enumerate(FITTED_FIELDS) if any(shown(name, r) for r in rows)]
+    start = [
+        math.log(v / (MAX_EFFICIENCY - v)) if i < 3 else math.log(v) for i, v in enumerate(START)
+    ]
+
+    def full(x: list[float]) -> list[float]:
+        out = list(start)
+        for i, v in zip(free, x, strict=True):
+            out[i] = v
+        return out
+
+    def f(x: list[float]) -> float:
+        return loss(rows, with_fitted(values(full(x)), base))
+
+    x = [start[i] for i in free]
+    for _ in range(3):  # restarts: the simplex collapses before the max() kinks settle
+        x = nelder_mead(f, x)
+    return with_fitted(values(full(x)), base)
+
+
+def shown(name: str, r: dict[str, Any]) -> bool:
+    """Whether row r's time depends on the constant: a constant no fitted row shows (a
+    method, or an optimizer, held out with its only family) keeps its START value rather
+    than drifting where nothing pins it."""
+    method, optim = r["method"], r["optim"]
+    return {
+        "efficiency_lora": method == "lora",
+        "efficiency_qlora": method == "qlora",
+        "efficiency_full": method == "full",
+        "lora_bytes": method != "full",
+        "host_adapter_s": method != "full",
+        "host_4bit_s": method == "qlora",
+        "optimizer_8bit_bytes": method == "full" and optim.endswith("8bit"),
+    }.get(name, True)
+
+
+# The best a matmul reaches: 790 of 989 TFLOP/s for 8192³ bf16 on an H200 (the device
+# notes); the efficiencies are fitted inside (0, MAX_EFFICIENCY), the rest in log space.
+MAX_EFFICIENCY = 0.8
+
+
+def values(x: list[float]) -> list[float]:
+    return [MAX_EFFICIENCY / (1 + math.exp(-v)) if i < 3 else math.exp(v) for i, v in enumerate(x)]
+
+
+# --- the measured constants ----------------------------------------------------------
+
+
+def host_staged_gbs(rows: list[dict[str, Any]]) -> float | None:
+    """bytes / (t_without_P2P − t_with_P2P + bytes / link) over ZeRO-2 pairs of the same
+    shape (ZeRO-2 without overlap_comm reduces after the backward: all of it shows)."""
+    by_shape: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("world_size", 1) > 1 and r["zero"] == 2 and r.get("offload", "none") == "none":
+            key = (
+                r["model"],
+                r["method"],
+                r["micro_batch"],
+                r["seq_len"],
+                r["grad_ckpt"],
+                r.get("grad_accum", 1),
+            )
+            by_shape.setdefault(key, {})[bool(r.get("p2p", True))] = r
+    out = []
+    for pair in by_shape.values():
+        if True in pair and False in pair:
+            r = pair[False]
+            spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+            nbytes = speed.comm_bytes_per_step(spec, setup, cluster.world_size)
+            extra = measured_seconds(r) - measured_seconds(pair[True])
+            out.append(nbytes / (extra + nbytes / (cluster.gpu.link_bandwidth_gbs * 1e9)) / 1e9)
+    return statistics.median(out) if out else None
+
+
+def cpu_adam_params_per_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
+    """Ψ_t/N / (t − the step without offload − PCIe trips) over the rows that ran
+    DeepSpeed's CPU Adam."""
+    out = []
+    for r in rows:
+        if r.get("optim") != "deepspeed_cpu_adam":
             continue
-        # normal equations for [k, c], k = 1/efficiency
-        saa = sum(a * a for a, _ in xs)
-        sab = sum(a * b for a, b in xs)
-        sbb = sum(b * b for _, b in xs)
-        sa, sb = sum(a for a, _ in xs), sum(b for _, b in xs)
-        det = saa * sbb - sab * sab
-        k = (sa * sbb - sb * sab) / det
-        c = (saa * sb - sab * sa) / det
-        out[method] = (1 / k, max(c, 0.0))
-    return out
+        spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+        plain = speed.step_time(
+            spec, dataclasses.replace(setup, offload="none"), cluster, launched=False, k=k
+        )
+        no_adam = dataclasses.replace(k, cpu_adam_params_per_s=math.inf)
+        pcie = speed.offload_seconds(spec, setup, cluster, no_adam)
+        n = speed.trainable_params(spec, setup) / cluster.world_size
+        out.append(n / (measured_seconds(r) - plain.total_s - pcie))
+    return statistics.median(out) if out else None
 
 
-def fit_zero3(data: list[dict[str, Any]]) -> float | None:
-    """Seconds per parameter tensor per micro-batch that ZeRO-3 adds: the median over the
-    ZeRO-3 rows of (measured − the model without ZeRO-3) / parameter tensors."""
-    per_tensor = []
-    for r in data:
-        if r["zero"] != 3:
-            continue
-        spec, setup = load_model(r["model"]), setup_of(r)
-        peak = gpu_from_nvml_name(r["env"]["gpu"], r["env"]["gpu_total_bytes"]).bf16_tflops
-        plain = speed.compute_seconds(spec, dataclasses.replace(setup, zero=None), peak)
-        extra = measured_seconds(r) - plain
-        per_tensor.append(extra / speed.parameter_tensors(spec, setup))
-    return statistics.median(per_tensor) if per_tensor else None
+def launch_step_s() -> float | None:
+    """Launched step − lean step at the same shape: realdata_speed.py's full-length runs
+    (positions per second = real tokens per second / fill) against realdata_h200_lean.jsonl."""
+    lean_file = RESULTS / "realdata_h200_lean.jsonl"
+    if not lean_file.exists():
+        return None
+    lean = {}
+    for line in lean_file.read_text().splitlines():
+        r = json.loads(line)
+        lean[r["method"]] = (
+            r["micro_batch"] * r["seq_len"],
+            statistics.median(r["step_seconds"][1:]),
+        )
+    out = []
+    for name in ("realdata_h200_8b_gqa.jsonl", "realdata_h200_1b_gqa.jsonl"):
+        for line in (RESULTS / name).read_text().splitlines():
+            r = json.loads(line)
+            if r["data"] != "full" or r["method"] not in lean:
+                continue
+            positions, lean_s = lean[r["method"]]
+            out.append(positions / (r["tokens_per_s"] / r["fill"]) - lean_s)
+    return statistics.median(out) if out else None
 
 
-FAMILIES = {"llama": "Llama", "qwen2": "Qwen2.5", "qwen3": "Qwen3", "mistral": "Mistral"}
+def zero3_tensor_s(rows: list[dict[str, Any]]) -> float | None:
+    """(t_ZeRO-3 − t_DDP) / (accumulation · parameter tensors) over ZeRO-3 rows with a DDP
+    twin of the same shape on the same machine (the hooks are what ZeRO-3 adds when its
+    gathers hide behind compute, as they did: the same time with and without P2P)."""
+    ddp = {}
+    for r in rows:
+        if r.get("ddp") and r.get("world_size", 1) > 1:
+            ddp[_shape(r)] = r
+    out = []
+    for r in rows:
+        if r["zero"] == 3 and r.get("world_size", 1) > 1 and _shape(r) in ddp:
+            spec, setup = load_model(r["model"]), setup_of(r)
+            extra = measured_seconds(r) - measured_seconds(ddp[_shape(r)])
+            out.append(extra / (setup.grad_accum * speed.parameter_tensors(spec, setup)))
+    return statistics.median(out) if out else None
+
+
+def _shape(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        r["model"],
+        r["method"],
+        r["micro_batch"],
+        r["seq_len"],
+        r["grad_ckpt"],
+        r.get("grad_accum", 1),
+        r.get("p2p", True),
+        r["env"]["gpu"],
+    )
+
+
+def measured_constants(
+    rows: list[dict[str, Any]], k: speed.SpeedConstants
+) -> dict[str, float | None]:
+    staged = host_staged_gbs(rows)
+    k2 = dataclasses.replace(k, host_staged_gbs=staged or k.host_staged_gbs)
+    return {
+        "zero3_tensor_s": zero3_tensor_s(rows),
+        "host_staged_gbs": staged,
+        "cpu_adam_params_per_s": cpu_adam_params_per_s(rows, k2),
+        "launch_step_s": launch_step_s(),
+    }
+
+
+# --- error on rows not fitted on ------------------------------------------------------
+
+
+def error(r: dict[str, Any], k: speed.SpeedConstants) -> float:
+    """predicted/measured tokens/s − 1 (= measured/predicted seconds − 1): + is too fast."""
+    spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+    return (
+        measured_seconds(r) / speed.step_time(spec, setup, cluster, launched=False, k=k).total_s - 1
+    )
 
 
 def holdout_errors(
-    data: list[dict[str, Any]], key: Any
-) -> tuple[dict[Any, list[float]], list[dict[str, Any]]]:
-    """For each value g of key(row): fit on the rows whose key differs, predict those whose
-    key is g. Returns {g: [predicted/measured tokens/s − 1, ...]} and the rows that could not
-    be predicted (their method had fewer than two rows left to fit on)."""
+    rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], base: speed.SpeedConstants
+) -> dict[Any, list[float]]:
+    """For each value g of key(row): fit on the one-GPU rows whose key differs, predict
+    the one-GPU rows whose key is g."""
+    fit_rows = [r for r in rows if is_fit_row(r)]
     errs: dict[Any, list[float]] = {}
-    unpredicted = []
-    for g in sorted({key(r) for r in data}, key=lambda v: (isinstance(v, str), v)):
-        constants = fit([r for r in data if key(r) != g])
-        for r in data:
-            if key(r) != g or r["zero"] == 3:
-                continue
-            if r["method"] not in constants:
-                unpredicted.append(r)
-                continue
-            # tokens/s = tokens / seconds: predicted/measured − 1 = t_measured/t_predicted − 1
-            err = measured_seconds(r) / predicted_seconds(r, constants[r["method"]]) - 1
-            errs.setdefault(g, []).append(err)
-    return errs, unpredicted
+    for g in sorted({key(r) for r in fit_rows}, key=lambda v: (isinstance(v, str), v)):
+        k = fit([r for r in fit_rows if key(r) != g], base)
+        errs[g] = [error(r, k) for r in fit_rows if key(r) == g]
+    return errs
 
 
-def _line(label: str, errs: list[float], skipped: int = 0) -> list[str]:
+def _line(label: str, errs: list[float]) -> list[str]:
     a = [abs(e) for e in errs]
     worst = max(errs, key=abs)
     return [
         label,
-        str(len(errs)) + (f" ({skipped} not predictable)" if skipped else ""),
+        str(len(errs)),
         f"{statistics.median(a):.0%}",
         f"{worst:+.0%}",
         f"{sum(x <= 0.20 for x in a)} / {len(a)}",
     ]
 
 
-def holdout_report(data: list[dict[str, Any]], multi: list[dict[str, Any]]) -> list[list[str]]:
-    """The error of predicted tokens/s on rows the constants were not fitted on: one line per
-    scheme and, under it, one per group held out."""
-    table = []
-    fitted = fit(data)
-    insample = [
-        measured_seconds(r) / predicted_seconds(r, fitted[r["method"]]) - 1
-        for r in data
-        if r["zero"] != 3 and r["method"] in fitted
+def multi_label(r: dict[str, Any]) -> str:
+    what = (
+        "offload, CPU Adam"
+        if r.get("offload", "none") != "none"
+        else ("P2P" if r.get("p2p", True) else "no P2P")
+    )
+    if r.get("offload", "none") == "none":
+        what = "NVLink" if r.get("p2p", True) else "NCCL_P2P_DISABLE=1"
+    return f"{r['world_size']}×{gpu_label(r)}, {what}"
+
+
+def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[list[str]]:
+    """One line per scheme and, under it, one per group held out; then the rows no fit
+    uses, by machine."""
+    fit_rows = [r for r in rows if is_fit_row(r)]
+    table = [
+        _line(
+            "none: speed.py's own fit, in-sample, for comparison", [error(r, k) for r in fit_rows]
+        )
     ]
-    table.append(_line("none: speed.py's own fit, in-sample, for comparison", insample))
     schemes = (
         ("leave one model family out", lambda r: r["model_type"], lambda g: FAMILIES.get(g, g)),
+        ("leave one GPU out", gpu_label, lambda g: f"{g}"),
         ("leave one sequence length out", lambda r: r["seq_len"], lambda g: f"seq {g}"),
         ("leave one micro-batch size out", lambda r: r["micro_batch"], lambda g: f"mb {g}"),
     )
+    everything: list[float] = []
     for name, key, label in schemes:
-        errs, unpredicted = holdout_errors(data, key)
-        table.append(_line(f"**{name}**", [e for v in errs.values() for e in v], len(unpredicted)))
+        errs = holdout_errors(rows, key, k)
+        flat = [e for v in errs.values() for e in v]
+        everything += flat
+        table.append(_line(f"**{name}**", flat))
         for g, v in errs.items():
-            skipped = sum(key(r) == g for r in unpredicted)
-            table.append(_line(f"  {label(g)} held out", v, skipped))
-    if multi:
-        errs = []
-        for r in multi:
-            spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
-            errs.append(measured_seconds(r) / speed.step_time(spec, setup, cluster).total_s - 1)
-        table.append(_line("two H100s with NVLink, ZeRO 0-3 (never fitted on)", errs))
+            table.append(_line(f"  {label(g)} held out", v))
+    table.append(_line("**all held-out predictions above**", everything))
+    multi = [r for r in rows if not is_fit_row(r)]
+    groups: dict[str, list[float]] = {}
+    for r in multi:
+        groups.setdefault(multi_label(r), []).append(error(r, k))
+    if groups:
+        table.append(
+            _line(
+                "**several GPUs and offload (no fit uses them)**",
+                [e for v in groups.values() for e in v],
+            )
+        )
+        for g, v in sorted(groups.items()):
+            table.append(_line(f"  {g}", v))
     return table
 
 
@@ -213,9 +496,13 @@ def print_table(table: list[list[str]], markdown: bool) -> None:
         for row in table:
             print("| " + " | ".join(c.replace("  ", "· ", 1) for c in row) + " |")
         return
-    print(f"{head[0]:52} {head[1]:>22} {head[2]:>17} {head[3]:>29} {head[4]:>11}")
+    print(f"{head[0]:52} {head[1]:>5} {head[2]:>17} {head[3]:>29} {head[4]:>11}")
     for row in table:
-        print(f"{row[0].replace('**', ''):52} {row[1]:>22} {row[2]:>17} {row[3]:>29} {row[4]:>11}")
+        print(f"{row[0].replace('**', ''):52} {row[1]:>5} {row[2]:>17} {row[3]:>29} {row[4]:>11}")
+
+
+def _fmt(name: str, v: float) -> str:
+    return f"{v:.4g}"
 
 
 def main() -> int:
@@ -223,46 +510,39 @@ def main() -> int:
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--check", action="store_true")
     p.add_argument("--markdown", action="store_true", help="the held-out table as markdown")
+    p.add_argument("--rows", action="store_true", help="every row, predicted against measured")
     args = p.parse_args()
-    files = args.files or sorted(RESULTS.glob("memory_*.jsonl"))
-    data = timed_rows(files)
-    fitted = fit(data)
+    rows = timed_rows(args.files or default_files())
+    fitted = fit(rows)
+    fitted = dataclasses.replace(
+        fitted, **{n: v for n, v in measured_constants(rows, fitted).items() if v is not None}
+    )
     bad = False
-    for method, (eff, over) in fitted.items():
+    print(
+        f"{sum(is_fit_row(r) for r in rows)} one-GPU rows fitted on, {sum(not is_fit_row(r) for r in rows)} others"
+    )
+    for name in (*FITTED_FIELDS, *MEASURED_FIELDS):
+        mine, theirs = getattr(fitted, name), getattr(speed.FITTED, name)
+        off = abs(mine / theirs - 1) > 0.05 if theirs else mine != 0
+        bad |= off
+        kind = "fitted" if name in FITTED_FIELDS else "measured"
         print(
-            f"{method:6} efficiency {eff:.3f} (speed.py {speed.EFFICIENCY[method]:.3f})  "
-            f"overhead/layer {over * 1e3:.2f} ms (speed.py {speed.LAYER_OVERHEAD_S[method] * 1e3:.2f})"
+            f"  {name:22} {kind:8} {_fmt(name, mine):>10}   speed.py {_fmt(name, theirs):>10}{'   DRIFTED' if off else ''}"
         )
-        bad |= abs(eff / speed.EFFICIENCY[method] - 1) > 0.05
-        bad |= abs(over - speed.LAYER_OVERHEAD_S[method]) > 0.05 * max(over, 1e-4)
-    z3 = fit_zero3(data)
-    if z3 is not None:
+    if args.check and bad:
         print(
-            f"ZeRO-3 per parameter tensor {z3 * 1e3:.2f} ms (speed.py {speed.ZERO3_SECONDS_PER_TENSOR * 1e3:.2f})"
+            "zeroplan/speed.py's FITTED differs from the fit by more than 5%: paste the values above"
         )
-        bad |= abs(z3 / speed.ZERO3_SECONDS_PER_TENSOR - 1) > 0.05
-    errs = []
-    for r in data:
-        if r["zero"] == 3:
-            continue  # timed by their last step only, above
-        spec, setup = load_model(r["model"]), setup_of(r)
-        peak = gpu_from_nvml_name(r["env"]["gpu"], r["env"]["gpu_total_bytes"]).bf16_tflops
-        pred = speed.compute_seconds(spec, setup, peak)
-        meas = measured_seconds(r)
-        errs.append(abs(pred / meas - 1))
-        if args.check:
+    if args.rows:
+        for r in rows:
+            e = error(r, speed.FITTED)
             print(
-                f"  {r['model'].split('/')[-1]:22} {r['method']:5} mb{r['micro_batch']} s{r['seq_len']} "
-                f"ckpt={int(r['grad_ckpt'])} zero={r['zero']}  measured {meas:.3f}s predicted {pred:.3f}s "
-                f"({pred / meas - 1:+.0%})"
+                f"  {r['model'].split('/')[-1]:18} {r['method']:5} {gpu_label(r):5} w{r.get('world_size', 1)} "
+                f"z={r['zero']} mb{r['micro_batch']} s{r['seq_len']} c={int(r['grad_ckpt'])} a={r.get('grad_accum', 1)}"
+                f" measured {measured_seconds(r):.3f}s  tokens/s error {e:+.0%}"
             )
-    if errs:
-        print(
-            f"{len(errs)} rows: step time error median {statistics.median(errs):.0%}, worst {max(errs):.0%}"
-            " (in-sample: these rows fitted the constants)"
-        )
     print("\npredicted tokens/s against measured on rows NOT fitted on (refit without them):")
-    print_table(holdout_report(data, timed_rows(files, several_gpus=True)), args.markdown)
+    print_table(holdout_report(rows, speed.FITTED), args.markdown)
     return 1 if args.check and bad else 0
 
 

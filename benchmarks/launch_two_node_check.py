@@ -217,7 +217,9 @@ def main() -> None:
     if args.speed:
         for name in args.speed.split(","):
             zero = None if name == "ddp" else int(name.removeprefix("zero"))
-            for row in speed(args, dataclasses.replace(setup, zero=zero), model):
+            # autocast=None: the loop's choice again, which DeepSpeed turns off
+            one = dataclasses.replace(setup, zero=zero, autocast=None)
+            for row in speed(args, one, model):
                 row["versions"] = versions()
                 print(json.dumps({k: v for k, v in row.items() if k != "versions"}), flush=True)
                 with args.out.open("a") as f:

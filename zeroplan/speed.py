@@ -1,44 +1,138 @@
-"""Predicted step time: compute (FLOPs at a calibrated efficiency) plus communication.
+"""Predicted step time: what the GPU does, what the host does, and what the links carry.
 
-All pure functions. The compute efficiency and the per-layer overhead are fitted on the
-measured steps in benchmarks/results/ by ``benchmarks/fit_speed.py`` (the constants below
-are its output; a test re-runs the fit and checks them).
+One micro-batch takes the longer of two clocks, because the host queues kernels ahead of
+the GPU and only the slower of the two sets the pace:
+
+* the GPU's: the matmul FLOPs at a fitted fraction of the card's peak, plus the memory
+  traffic that does no matmul work (LoRA's input casts and dropout, 4-bit dequantization)
+  at the card's memory bandwidth;
+* the host's: Python, autograd and kernel launches, a fixed cost per decoder layer, per
+  LoRA adapter and per 4-bit linear, whatever the batch. This is what makes micro-batch 1
+  slow: measured on one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at
+  4,096 alike.
+
+ZeRO-3 adds its per-tensor hooks (fetch, release) to every micro-batch; the optimizer step
+streams the trainable state once per step; communication is hidden behind the backward
+where the runtime overlaps it (DDP's buckets, DeepSpeed's ``overlap_comm``) and exposed
+where it does not; optimizer offload adds the PCIe round trip and DeepSpeed's CPU Adam.
+
+All pure functions. The constants are ``FITTED``: the fitted ones are the output of
+``benchmarks/fit_speed.py`` on the measured steps in benchmarks/results/ (a test re-runs
+the fit and fails when they drift), the measured ones are read off named rows there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroplan.hardware import PCIE_EFFECTIVE_GBS, Cluster
+from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.memory.weights import trainable_bytes
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_precision, trainable_params
 
-# Fraction of the card's dense bf16 peak that the matmuls reach, by method, and a fixed cost
-# per decoder layer per micro-batch (kernel launches, norms, LoRA's small matmuls, bitsandbytes
-# dequantization), in seconds, scaled by the H100's peak for other cards.
-EFFICIENCY = {"lora": 0.315, "qlora": 0.359, "full": 0.344}
-LAYER_OVERHEAD_S = {"lora": 0.98e-3, "qlora": 1.64e-3, "full": 2.59e-3}
-H100_TFLOPS = 989.0
-# ZeRO-3's per-parameter hooks (fetch, release, partition bookkeeping) cost this much per
-# parameter tensor per micro-batch on the host, whatever its size: what makes ZeRO-3 slow
-# for LoRA, whose adapters add two small tensors per adapted linear. Fitted on one H100.
-ZERO3_SECONDS_PER_TENSOR = 1.56e-3
-# Fraction of communication hidden behind compute (DeepSpeed overlap_comm, DDP buckets).
-# Not measured yet (no multi-GPU machine): an assumption the planner's output says it uses.
-OVERLAP = 0.5
-# CPU Adam (DeepSpeed's optimizer offload) updates about this many parameters per second per
-# rank; not measured yet.
-CPU_ADAM_PARAMS_PER_S = 1.0e9
+
+@dataclass(frozen=True)
+class SpeedConstants:
+    """The step-time model's constants.
+
+    Fitted by least squares on relative error (``benchmarks/fit_speed.py``):
+        efficiency_*: fraction of the card's dense peak the matmuls reach, by method.
+        act_bytes: bytes moved per token per activation feature (every linear's output:
+            what norms, activations and residual adds read and write around it).
+        logits_bytes: bytes moved per logit (token × vocabulary) by the loss outside its
+            matmul: bf16 logits, their fp32 upcast, log-softmax and its gradient. The
+            fused loss (Liger) never materialises them: 0 there.
+        overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
+            ∞ would be the longer of the two; the fit says how much the queue hides.
+        lora_bytes: bytes moved per token per adapted feature (a linear's in + out) by
+            LoRA's elementwise work: PEFT casts the input to the fp32 adapter's dtype,
+            drops it out, autocast casts it back, and the backward retraces each.
+        host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
+            decoder layer, per LoRA adapter, per 4-bit linear.
+        zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch.
+        optimizer_8bit_bytes: what bitsandbytes' 8-bit AdamW step costs per trainable
+            parameter, as bytes at the card's bandwidth (block-wise (de)quantization of
+            both moments makes it slower than its 8-bit states say; AdamW: ADAMW_BYTES).
+    Measured on named rows (``benchmarks/fit_speed.py`` reads them again):
+        zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch, from
+            ZeRO-3 rows against their DDP twins on two GPUs.
+        host_staged_gbs: NCCL's per-GPU bandwidth without P2P (``NCCL_P2P_DISABLE=1``:
+            transfers staged through host memory), from ZeRO-2's exposed traffic on two
+            H200s.
+        cpu_adam_params_per_s: DeepSpeed's compiled CPU Adam, parameters per second per
+            rank (16 cores per rank), from optimizer offload on two H200s.
+        launch_step_s: what a launched step (HF Trainer, its callbacks and logging) adds
+            to the lean step, from the same shapes run both ways on one H200.
+    """
+
+    efficiency_lora: float
+    efficiency_qlora: float
+    efficiency_full: float
+    act_bytes: float
+    lora_bytes: float
+    logits_bytes: float
+    overlap_p: float
+    host_layer_s: float
+    host_adapter_s: float
+    host_4bit_s: float
+    optimizer_8bit_bytes: float
+    zero3_tensor_s: float
+    host_staged_gbs: float
+    cpu_adam_params_per_s: float
+    launch_step_s: float
+
+    def efficiency(self, method: str) -> float:
+        return {
+            "lora": self.efficiency_lora,
+            "qlora": self.efficiency_qlora,
+            "full": self.efficiency_full,
+        }[method]
+
+
+FITTED = SpeedConstants(
+    efficiency_lora=0.5925,
+    efficiency_qlora=0.7443,
+    efficiency_full=0.7999,
+    act_bytes=81.93,
+    lora_bytes=31.37,
+    logits_bytes=117.9,
+    overlap_p=5.436,
+    host_layer_s=3.32e-3,
+    host_adapter_s=0.4136e-3,
+    host_4bit_s=0.3947e-3,
+    optimizer_8bit_bytes=171.6,
+    zero3_tensor_s=0.9735e-3,
+    host_staged_gbs=12.77,
+    cpu_adam_params_per_s=0.3078e9,
+    launch_step_s=0.03035,
+)
+
+# The AdamW step (fused or foreach) streams each trainable parameter's state once: it reads
+# and writes the parameter and both moments and reads the gradient (bf16: 2·2 + 2·2·2 + 2),
+# and gradient clipping reads the gradient again: 16 B per parameter.
+ADAMW_BYTES = 16.0
+# Bytes a 4-bit weight costs each time it is used: bitsandbytes reads 0.5 B (+ its
+# double-quantized statistics, ~0.03 B) and writes a 2 B bf16 copy for the matmul.
+DEQUANT_BYTES = 2.5
+# Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
+DEFAULT_INTER_NODE_GBS = 12.5
 
 
 @dataclass(frozen=True)
 class StepTime:
-    """Seconds for one optimizer step (all micro-batches) on every rank."""
+    """Seconds for one optimizer step (all micro-batches) on every rank.
+
+    ``compute_s``: the micro-batches and the optimizer step; ``comm_s``: the collectives'
+    time on the link, of which ``comm_exposed_s`` is not hidden behind compute;
+    ``offload_s``: optimizer offload's PCIe traffic and CPU Adam; ``launch_s``: the
+    launched trainer's own per-step cost (0 for the lean step).
+    """
 
     compute_s: float
     comm_s: float
+    comm_exposed_s: float
     offload_s: float
+    launch_s: float
     total_s: float
     tokens_per_s: float  # whole cluster
 
@@ -90,15 +184,119 @@ def parameter_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
     return total
 
 
-def compute_seconds(spec: ModelSpec, setup: TrainSetup, peak_tflops: float) -> float:
-    """One micro-batch: FLOPs·T / (peak · efficiency) + layers · overhead · (H100 / peak)
-    (+ ZeRO-3: parameter tensors · 1.56 ms)."""
+def adapters(spec: ModelSpec, setup: TrainSetup) -> int:
+    """LoRA adapters (one A·B pair per adapted linear and layer); 0 without LoRA."""
+    return sum(lin.count * n for lin, n in lora_targets(spec, setup))
+
+
+def adapted_features(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Σ over adapted linears and layers of in + out features: the elements per token that
+    LoRA's elementwise work touches (an input it casts and drops out, an output it adds to)."""
+    return sum(
+        lin.count * (lin.in_features + lin.out_features) * n for lin, n in lora_targets(spec, setup)
+    )
+
+
+def activation_features(spec: ModelSpec) -> float:
+    """Σ over layers of every linear's out features (MoE: the top-k experts a token meets):
+    the activation elements per token that the elementwise work between matmuls (norms,
+    rotary, SiLU·mul, residual adds, casts) reads and writes."""
+    total = 0.0
+    for linears, n_layers in spec.linears_by_layer_kind():
+        per_layer = 0.0
+        for lin in linears:
+            if lin.group == "expert" and spec.moe:
+                per_layer += lin.out_features * spec.moe.top_k
+            else:
+                per_layer += lin.count * lin.out_features
+        total += per_layer * n_layers
+    return total
+
+
+def quantized_linears(spec: ModelSpec, setup: TrainSetup) -> int:
+    """4-bit linears a QLoRA micro-batch dequantizes (every decoder linear); else 0."""
+    if setup.method != "qlora":
+        return 0
+    return sum(len(linears) * n for linears, n in spec.linears_by_layer_kind())
+
+
+def peak_tflops(setup: TrainSetup, gpu: GPU) -> float:
+    """The tensor-core peak of the setup's precision: the card's fp16 TFLOP/s for an fp16
+    setup, else its bf16 (an unresolved setup: bf16 where the card has it, else fp16, as
+    ``GPU.tensor_tflops``). The efficiencies were fitted on bf16 steps and are used for
+    fp16 as they are (the same tensor cores at the same rate on every card that has both)."""
+    setup = resolve_precision(setup, gpu.bf16, gpu.name)
+    return gpu.fp16_tflops if setup.fp16 else gpu.bf16_tflops
+
+
+def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants = FITTED) -> float:
+    """The GPU's time for one micro-batch of T = b·s tokens:
+
+    FLOPs/token · T / (peak · efficiency)
+      + (T · (act_bytes · A + lora_bytes · Σ(in + out)) · (1 + ⅓·checkpointing)
+         + T · V · logits_bytes (0 with the fused loss)
+         + DEQUANT_BYTES · Ψ_4bit · (2 + checkpointing)) / bandwidth
+
+    A = activation_features, Σ(in + out) = adapted_features. The elementwise work is a
+    third forward, two thirds backward: checkpointing's recompute adds a third; a 4-bit
+    weight is dequantized for the forward, the backward, and the recompute."""
     flops = flops_per_token(spec, setup) * setup.tokens
-    scale = H100_TFLOPS / peak_tflops
-    overhead = spec.num_layers * LAYER_OVERHEAD_S[setup.method] * scale
+    matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
+    per_token = k.act_bytes * activation_features(spec) + k.lora_bytes * adapted_features(
+        spec, setup
+    )
+    traffic = setup.tokens * per_token * (1 + int(setup.grad_ckpt) / 3)
+    if not setup.fused_loss:
+        traffic += setup.tokens * spec.vocab_size * k.logits_bytes
+    if setup.method == "qlora":
+        traffic += DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+    return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9)
+
+
+def host_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
+    """The host's time for one micro-batch, whatever its size:
+    layers · host_layer_s + adapters · host_adapter_s + 4-bit linears · host_4bit_s.
+
+    Seconds of the machine the constants were measured on (Xeon hosts of H100 and H200
+    nodes); not scaled by the GPU, since it is the CPU's clock."""
+    return (
+        spec.num_layers * k.host_layer_s
+        + adapters(spec, setup) * k.host_adapter_s
+        + quantized_linears(spec, setup) * k.host_4bit_s
+    )
+
+
+def smooth_max(a: float, b: float, p: float) -> float:
+    """(a^p + b^p)^(1/p), computed without overflow: max · (1 + (min/max)^p)^(1/p)."""
+    hi, lo = max(a, b), min(a, b)
+    if hi == 0.0:
+        return 0.0
+    return float(hi * (1 + (lo / hi) ** p) ** (1 / p))
+
+
+def micro_batch_seconds(
+    spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants = FITTED
+) -> float:
+    """(GPU^p + host^p)^(1/p) for one micro-batch (about the longer of the two: the host
+    queues kernels ahead, and the shorter clock shows only where they are close), + ZeRO-3's
+    hooks: parameter tensors · zero3_tensor_s (they wait on their fetches: they add)."""
+    t = smooth_max(gpu_seconds(spec, setup, gpu, k), host_seconds(spec, setup, k), k.overlap_p)
     if setup.zero == 3:
-        overhead += parameter_tensors(spec, setup) * ZERO3_SECONDS_PER_TENSOR
-    return flops / (peak_tflops * 1e12 * EFFICIENCY[setup.method]) + overhead
+        t += parameter_tensors(spec, setup) * k.zero3_tensor_s
+    return t
+
+
+def optimizer_seconds(
+    spec: ModelSpec, setup: TrainSetup, gpu: GPU, world: int, k: SpeedConstants = FITTED
+) -> float:
+    """The optimizer step on the GPU: bytes per parameter · Ψ_t / bandwidth (ADAMW_BYTES,
+    or the fitted 8-bit rate for bitsandbytes' 8-bit AdamW), Ψ_t divided among the ranks
+    under ZeRO 1-3; 0 when the optimizer is offloaded (offload_seconds)."""
+    if setup.offload != "none":
+        return 0.0
+    shards = world if (setup.deepspeed and (setup.zero or 0) >= 1) else 1
+    per_param = k.optimizer_8bit_bytes if setup.optim.endswith("8bit") else ADAMW_BYTES
+    return per_param * trainable_params(spec, setup) / shards / (gpu.memory_bandwidth_gbs * 1e9)
 
 
 def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float:
@@ -125,49 +323,75 @@ def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float
     return per_micro * setup.grad_accum
 
 
-# Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
-DEFAULT_INTER_NODE_GBS = 12.5
-
-
-def link_gbs(cluster: Cluster) -> float:
-    """Per-GPU bandwidth for collectives: the node's link, halved without P2P (NCCL stages
-    through host memory); across nodes the slower of that and the network.
+def link_gbs(cluster: Cluster, k: SpeedConstants = FITTED) -> float:
+    """Per-GPU bandwidth for collectives: the node's link with P2P; without it NCCL stages
+    through host memory, measured at ``host_staged_gbs`` (or the link, if slower); across
+    nodes the slower of that and the network.
 
     P2P is ``cluster.gpu.p2p`` (the catalog's, NVML's for this machine, or ``--p2p`` /
     ``--no-p2p``); the network is ``--inter-node-gbs``, else 12.5 GB/s per GPU."""
     gpu = cluster.gpu
-    bw = gpu.link_bandwidth_gbs if gpu.p2p else gpu.link_bandwidth_gbs / 2
+    bw = gpu.link_bandwidth_gbs if gpu.p2p else min(gpu.link_bandwidth_gbs, k.host_staged_gbs)
     if cluster.num_nodes > 1:
         bw = min(bw, cluster.inter_node_gbs or DEFAULT_INTER_NODE_GBS)
     return bw
 
 
-def peak_tflops(setup: TrainSetup, cluster: Cluster) -> float:
-    """The tensor-core peak of the setup's precision: the card's fp16 TFLOP/s for an fp16
-    setup, else its bf16 (an unresolved setup: bf16 where the card has it, else fp16, as
-    ``GPU.tensor_tflops``). The efficiencies were fitted on bf16 steps and are used for
-    fp16 as they are (the same tensor cores at the same rate on every card that has both)."""
-    setup = resolve_precision(setup, cluster.gpu.bf16, cluster.gpu.name)
-    return cluster.gpu.fp16_tflops if setup.fp16 else cluster.gpu.bf16_tflops
+def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -> float:
+    """The part of the step's communication that compute does not hide.
+
+    DDP, and DeepSpeed with ``overlap_comm``: gradients are reduced in buckets while the
+    last micro-batch's backward runs, about half of its GPU time: max(0, comm − ½·micro).
+    ZeRO-3 prefetches each layer's parameters during the previous one's compute:
+    max(0, comm − accumulation · micro). DeepSpeed ZeRO 0-2 without ``overlap_comm``
+    reduces after the backward: all of it."""
+    if comm_s == 0.0:
+        return 0.0
+    if setup.zero == 3:
+        return max(0.0, comm_s - setup.grad_accum * micro_gpu_s)
+    if not setup.deepspeed or setup.overlap_comm:
+        return max(0.0, comm_s - 0.5 * micro_gpu_s)
+    return comm_s
 
 
-def step_time(spec: ModelSpec, setup: TrainSetup, cluster: Cluster, fill: float = 1.0) -> StepTime:
-    """compute·grad_accum + (1 − overlap)·comm + offloaded optimizer step.
+def offload_seconds(
+    spec: ModelSpec, setup: TrainSetup, cluster: Cluster, k: SpeedConstants = FITTED
+) -> float:
+    """Optimizer offload per step: bf16 gradients down and bf16 parameters up over PCIe,
+    2·2 B·Ψ_t/N / PCIe, plus CPU Adam over the rank's partition, Ψ_t/N / cpu_adam rate;
+    parameter offload adds the parameters' trip per micro-batch, 2·2 B·Ψ/N · accumulation."""
+    if setup.offload == "none":
+        return 0.0
+    world = cluster.world_size
+    n_t = trainable_params(spec, setup) / world
+    pcie = PCIE_EFFECTIVE_GBS.get(cluster.gpu.pcie_gen, 25.0)
+    t = 2 * 2 * n_t / (pcie * 1e9) + n_t / k.cpu_adam_params_per_s
+    if setup.offload == "optimizer+params":
+        t += 2 * 2 * spec.total_params / world * setup.grad_accum / (pcie * 1e9)
+    return t
+
+
+def step_time(
+    spec: ModelSpec,
+    setup: TrainSetup,
+    cluster: Cluster,
+    fill: float = 1.0,
+    launched: bool = True,
+    k: SpeedConstants = FITTED,
+) -> StepTime:
+    """accumulation · micro-batch + optimizer + exposed communication + offload (+ the
+    launched trainer's per-step cost; ``launched=False``: the lean step of the benchmarks).
 
     ``fill``: the share of token positions that hold real tokens (packed rows of real data,
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
     """
-    world = cluster.world_size
-    compute = compute_seconds(spec, setup, peak_tflops(setup, cluster)) * setup.grad_accum
-    comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster) * 1e9)
-    offload = 0.0
-    if setup.offload != "none":
-        n_t = trainable_params(spec, setup) / world
-        pcie = PCIE_EFFECTIVE_GBS.get(cluster.gpu.pcie_gen, 25.0)
-        # bf16 gradients down, bf16 parameters up, CPU Adam over the partition
-        offload = 2 * 2 * n_t / (pcie * 1e9) + n_t / CPU_ADAM_PARAMS_PER_S
-        if setup.offload == "optimizer+params":
-            offload += 2 * 2 * spec.total_params / world * setup.grad_accum / (pcie * 1e9)
-    total = compute + (1 - OVERLAP) * comm + offload
+    world, gpu = cluster.world_size, cluster.gpu
+    micro = micro_batch_seconds(spec, setup, gpu, k)
+    compute = micro * setup.grad_accum + optimizer_seconds(spec, setup, gpu, world, k)
+    comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster, k) * 1e9)
+    exposed = exposed_comm_seconds(comm, gpu_seconds(spec, setup, gpu, k), setup)
+    offload = offload_seconds(spec, setup, cluster, k)
+    launch = k.launch_step_s if launched else 0.0
+    total = compute + exposed + offload + launch
     tokens = setup.tokens * setup.grad_accum * world * fill
-    return StepTime(compute, comm, offload, total, tokens / total)
+    return StepTime(compute, comm, exposed, offload, launch, total, tokens / total)

@@ -120,9 +120,9 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
             )
             + f"; {speed['step_seconds']:.3f} s per optimizer step (compute "
             f"{speed['compute_seconds']:.3f} s, communication {speed['comm_seconds']:.3f} s "
-            f"at {speed['link_gbs']:g} GB/s per GPU, {speed['comm_hidden_fraction']:.0%} of it "
-            f"hidden behind compute, offload "
-            f"{speed['offload_seconds']:.3f} s). A lean step: a launched run is slower."
+            f"at {speed['link_gbs']:g} GB/s per GPU of which {speed['comm_exposed_seconds']:.3f} s "
+            f"not hidden behind compute, offload {speed['offload_seconds']:.3f} s, the "
+            f"launched trainer {speed['launch_seconds']:.3f} s)."
         )
     for note in est.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -95,13 +95,11 @@ class MemoryEstimate:
         return out
 
     def speed_json(self) -> dict[str, Any] | None:
-        """The predicted speed: seconds per optimizer step (compute + (1 − hidden) ·
-        communication + offload), its split, and tokens/s of the whole cluster and per GPU
-        (full-length sequences, every position counted)."""
+        """The predicted speed: seconds per optimizer step (compute + exposed communication
+        + offload + the launched trainer's own cost), its split, and tokens/s of the whole
+        cluster and per GPU (full-length sequences, every position counted)."""
         if self.speed is None:
             return None
-        from zeroplan.speed import OVERLAP  # here: zeroplan.speed imports zeroplan.memory
-
         world = int(self.cluster["world_size"])
         return {
             "step_seconds": self.speed.total_s,
@@ -109,7 +107,8 @@ class MemoryEstimate:
             "tokens_per_s_per_gpu": self.speed.tokens_per_s / world,
             "compute_seconds": self.speed.compute_s,
             "comm_seconds": self.speed.comm_s,
+            "comm_exposed_seconds": self.speed.comm_exposed_s,
             "offload_seconds": self.speed.offload_s,
-            "comm_hidden_fraction": OVERLAP,
+            "launch_seconds": self.speed.launch_s,
             "link_gbs": self.link_gbs,
         }
