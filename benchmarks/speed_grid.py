@@ -104,6 +104,16 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method lora --ddp --shapes 4x2048a4",
         f"{L1} --method full --zero 3 --shapes 8x2048a2",
     ],
+    # The plans' own choices for issue 11's three 2-GPU jobs (zeroplan plan ... --gpus
+    # 2xH200 --seq-len 2048, with --p2p and --no-p2p: fused loss, DDP) beside their
+    # neighbours, to put the choice against the measured best. Not run yet.
+    "h200x2-plan": [
+        f"{L8} --method lora --ddp --shapes 4x2048a4,2x2048fa8,4x2048fa4",
+        f"{L1} --method full --ddp --shapes 8x2048a2,4x2048fa4,16x2048f",
+        f"{L8} --method qlora --ddp --shapes 2x2048a4,4x2048fa2,8x2048cf",
+        f"{L8} --method lora --zero 2 --shapes 4x2048a4,2x2048fa8",
+        f"{L1} --method full --zero 2 --shapes 8x2048a2,4x2048fa4",
+    ],
     # CPU optimizer offload, DeepSpeed's compiled CPU Adam against PyTorch's AdamW on the CPU.
     "h200x2-offload": [
         f"{L1} --method full --zero 2 --offload optimizer --ds-adam --shapes 4x2048a4,8x2048a2",
