@@ -29,9 +29,15 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"
 WARMUP_STEPS = 3  # as in story_qlora_baseline.py: not timed
 
 
-def build_model(path: Path, catalog: str = "meta-llama--Llama-3.2-1B") -> Path:
+def build_model(
+    path: Path, catalog: str = "meta-llama--Llama-3.2-1B", full_vocab: bool = False
+) -> Path:
     """Random bf16 weights of the catalog architecture, initialised on the GPU when there is
-    one (an 8B model's random init on the CPU takes minutes), saved with its tokenizer."""
+    one (an 8B model's random init on the CPU takes minutes), saved with its tokenizer.
+
+    The vocabulary is the small tokenizer's, or with ``full_vocab`` the architecture's own
+    (128k rows for Llama 3): the tokenizer then uses the first few hundred ids, and the
+    logits, the loss and the plan's choice of the fused loss are those of the real model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,7 +45,7 @@ def build_model(path: Path, catalog: str = "meta-llama--Llama-3.2-1B") -> Path:
     tok.save_pretrained(path)
     arch = json.loads((ROOT / "zeroplan/catalog/models" / f"{catalog}.json").read_text())
     arch.update(
-        vocab_size=len(tok),
+        vocab_size=arch["vocab_size"] if full_vocab else len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

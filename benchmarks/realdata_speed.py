@@ -232,6 +232,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=14)
     p.add_argument("--records", type=int, default=600)
     p.add_argument("--timeout", type=int, default=400, help="seconds per run")
+    p.add_argument(
+        "--full-vocab",
+        action="store_true",
+        help="the architecture's own vocabulary (the tokenizer uses its first ids): the real "
+        "logits, so the plan weighs the fused loss as for the real model",
+    )
+    p.add_argument("--plan-args", default="", help="more options for zeroplan plan, one string")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +249,7 @@ def main() -> None:
         if args.arch == "tiny":  # a rehearsal on the CPU
             tinyllm.build_model_dir(model)
         else:
-            build_model(model, args.arch)
+            build_model(model, args.arch, full_vocab=args.full_vocab)
     print(f"model ready in {time.time() - t0:.0f} s", flush=True)
     sets = {"alpaca": args.work / "alpaca.jsonl", "lognormal": args.work / "lognormal.jsonl"}
     tinyllm.write_jsonl(sets["alpaca"], records(args.records))
@@ -252,6 +259,7 @@ def main() -> None:
     plan_args = ["plan", str(model), "--data", str(sets["alpaca"]), "--method", args.method]
     plan_args += ["--global-batch", str(args.global_batch), "--lora-targets", args.lora_targets]
     plan_args += ["-o", str(plan_dir)] + (["--gpus", args.gpus] if args.gpus else [])
+    plan_args += args.plan_args.split()
     if args.method == "lora":
         plan_args.append("--no-quantization")
     t = time.time()
