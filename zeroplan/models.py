@@ -28,7 +28,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -266,6 +266,11 @@ class ModelSpec:
 
     def linears_by_layer_kind(self) -> list[tuple[tuple[Linear, ...], int]]:
         """``[(linears of one layer, number of such layers), ...]`` for dense and MoE layers."""
+        return list(self._layer_kinds)
+
+    @cached_property
+    def _layer_kinds(self) -> tuple[tuple[tuple[Linear, ...], int], ...]:
+        # computed once per spec: the planner asks for it thousands of times per plan
         kinds: list[tuple[tuple[Linear, ...], int]] = []
         if self.num_dense_layers:
             kinds.append(
@@ -273,7 +278,7 @@ class ModelSpec:
             )
         if self.moe and self.moe.num_moe_layers:
             kinds.append((self.attention_linears() + self.moe_linears(), self.moe.num_moe_layers))
-        return kinds
+        return tuple(kinds)
 
     def check_seq_len(self, seq_len: int) -> None:
         """Refuse a sequence longer than the context window the config states.
