@@ -280,12 +280,14 @@ def test_each_node_runs_its_own_torchrun_with_rank_and_rendezvous(
         )
 
 
-def test_node_rank_1_does_not_refuse_node_0s_fresh_run_folder(
+def test_every_node_refuses_a_run_folder_that_holds_an_earlier_run(
     tmp_path: Path, data_file: Path
 ) -> None:
+    """The same command on every node, into a folder a finished run left: every node refuses
+    it alike (node rank 1 used to skip the check and wait for node 0, which had refused)."""
     plan = two_node_plan(tmp_path / "plan")
 
-    def node(rank: int) -> object:
+    def node(rank: int, resume: bool = False) -> object:
         return build_launch(
             plan,
             run_dir=tmp_path / "run",
@@ -293,17 +295,21 @@ def test_node_rank_1_does_not_refuse_node_0s_fresh_run_folder(
             nodes=(Node("localhost", (0, 1, 2, 3), True),),
             launcher="torchrun",
             gpu=parse_cluster("H100").gpu,
-            train=TrainOptions(),
+            train=TrainOptions(resume=resume),
             inherited={},
             rendezvous=from_flags(2, rank, "127.0.0.1", free_port()),
         )
 
-    zero, one = node(0), node(1)
-    write_files(zero)  # type: ignore[arg-type]
-    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
-    assert preflight(one, parse_cluster("4xH100")).ok  # type: ignore[arg-type]
-    errors = preflight(zero, parse_cluster("4xH100")).errors  # type: ignore[arg-type]
-    assert [type(e).__name__ for e in errors] == ["RunDirExistsError"]
+    # nothing of a session is in RUN_DIR before every node has joined (node 0 writes its
+    # files after the join, and each node checks before it joins): a fresh folder passes
+    assert preflight(node(1), parse_cluster("4xH100")).ok  # type: ignore[arg-type]
+    write_files(node(0))  # type: ignore[arg-type]
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # the earlier run
+    for rank in (0, 1):
+        errors = preflight(node(rank), parse_cluster("4xH100")).errors  # type: ignore[arg-type]
+        assert [type(e).__name__ for e in errors] == ["RunDirExistsError"], rank
+        assert "--resume continues it, -o NEW_DIR starts another" in str(errors[0])
+        assert preflight(node(rank, resume=True), parse_cluster("4xH100")).ok  # type: ignore[arg-type]
 
 
 # -- the checks before anything starts ------------------------------------------------------
@@ -497,6 +503,65 @@ def test_bad_multi_node_input_is_one_line_exit_2_nothing_started(
     assert proc.stderr.count("\n") == 1 and proc.stdout == "", proc.stderr
     assert proc.stderr.startswith("zeroplan: error: ") and text in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def start_node(
+    tmp_path: Path, data_file: Path, env: dict[str, str], rank: int, port: int, *extra: str
+) -> subprocess.Popen[str]:
+    """One node's ``zeroplan launch`` of a two-node run (one GPU each) into tmp_path/run."""
+    args = [sys.executable, "-m", "zeroplan", "launch", str(tmp_path / "plan")]
+    args += ["--data", str(data_file), "-o", str(tmp_path / "run"), "--force", "--no-dashboard"]
+    args += ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+    args += ["--master-port", str(port), *extra]
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+
+
+def ended(*procs: subprocess.Popen[str], timeout: float = 60) -> list[tuple[int, str]]:
+    """(exit status, stderr) of each; any still running after ``timeout`` is killed."""
+    out = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            out.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def test_every_node_refuses_an_earlier_run_at_once_instead_of_waiting_for_the_others(
+    tmp_path: Path, data_file: Path, env: dict[str, str]
+) -> None:
+    """The two-node benchmark run twice into the same folders: node 0 refused the finished
+    run (exit 2) while node 1 went on to wait for it for the whole --join-timeout."""
+    two_node_plan(tmp_path / "plan", gpus="2x1xH100")
+    run, port = tmp_path / "run", free_port()
+    (run / "logs").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"event": "end"}\n')  # what a finished run leaves
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    t0 = time.monotonic()
+    one = start_node(tmp_path, data_file, env, 1, port, "--join-timeout", "120")
+    zero = start_node(tmp_path, data_file, env, 0, port, "--join-timeout", "120")
+    (code0, err0), (code1, err1) = ended(zero, one, timeout=45)  # not the --join-timeout
+    assert time.monotonic() - t0 < 45
+    line = (
+        f"zeroplan: error: {run} already holds a run (metrics.jsonl, logs): --resume continues it"
+    )
+    for code, err in ((code0, err0), (code1, err1)):
+        assert code == 2, err
+        assert err.splitlines()[-1].startswith(line), err
+        assert "meeting the other nodes" not in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
 
 
 def test_plan_for_several_nodes_writes_a_slurm_batch_script(tmp_path: Path) -> None:
