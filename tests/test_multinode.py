@@ -783,6 +783,28 @@ def test_a_stop_signal_ends_the_wait_here_and_on_the_nodes_waiting_with_it(
     )
 
 
+def test_the_two_node_benchmark_refuses_a_work_folder_an_earlier_run_left(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Run again with the same --work, the benchmark measured the earlier run's metrics
+    (and its nodes were refused): it now stops before building anything."""
+    root = Path(__file__).resolve().parent.parent
+    old = tmp_path / "speed-ddp-2x1xH100"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"event": "end"}\n')
+    args = [sys.executable, str(root / "benchmarks" / "launch_two_node_check.py")]
+    args += ["--work", str(tmp_path), "--out", str(tmp_path / "out.jsonl"), "--tiny"]
+    proc = subprocess.run(
+        [*args, "--speed", "ddp"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == (
+        f"launch_two_node_check: {old} already exists (an earlier run, whose metrics would "
+        "be read as this one's): give another --work, or --clean to delete them first\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed-ddp-2x1xH100"]
+
+
 def test_plan_for_several_nodes_writes_a_slurm_batch_script(tmp_path: Path) -> None:
     from zeroplan.planfiles import write_plan
     from zeroplan.planner import PlanRequest, plan
