@@ -398,6 +398,17 @@ def test_a_node_waiting_for_node_0_says_so_and_names_it_after_the_bounded_wait(
     assert "RUN_DIR is not on a filesystem every node shares" in msg
     assert "\n" not in msg
     assert not (tmp_path / "run").exists()  # a node rank > 0 creates nothing
+    # and node 0, waiting for node 1
+    zero = from_flags(2, 0, "127.0.0.1", port)
+    assert zero is not None
+    said.clear()
+    with pytest.raises(NodeJoinError, match=r"^node rank 1 did not show up in "):
+        multinode.join(
+            tmp_path / "run", zero, timeout_s=0.3, poll_s=0.05, say=said.append, every_s=0.1
+        )
+    assert said[0].startswith(
+        f"waiting for 1 of 2 nodes at 127.0.0.1:{port} (node rank 1) to join in {tmp_path}/run: "
+    )
 
 
 def test_unreachable_rendezvous_names_host_and_port_and_node_0_hears_of_it(tmp_path: Path) -> None:

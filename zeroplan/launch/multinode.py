@@ -564,9 +564,9 @@ def join(
 
 
 def _ranks(ranks: list[int], rdv: Rendezvous) -> str:
-    return f"node rank{'s' if len(ranks) > 1 else ''} " + ", ".join(
-        f"{r} ({rdv.node_host(r)})" for r in ranks
-    )
+    """'node ranks 1 (gpu08), 2 (gpu09)'; without a host list (--nnodes), 'node rank 1'."""
+    named = [f"{r} ({rdv.node_host(r)})" if rdv.hosts else str(r) for r in ranks]
+    return f"node rank{'s' if len(ranks) > 1 else ''} {', '.join(named)}"
 
 
 def _host(
