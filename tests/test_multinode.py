@@ -546,6 +546,17 @@ def test_a_refusal_creates_no_folder_and_leaves_a_finished_run_alone(tmp_path: P
     assert json.loads((tmp_path / "done" / ".nodes" / "node0.json").read_text())["status"] == (
         "refused"
     )
+    # a second copy of node 1's command, while the run it belongs to goes on, does not
+    # stop that run (node 0's supervisor reads node 1's file)
+    run = tmp_path / "running"
+    (run / ".nodes").mkdir(parents=True)
+    (run / ".nodes" / "node0.json").write_text(json.dumps({"token": "t", "status": "started"}))
+    (run / ".nodes" / "node1.json").write_text(json.dumps({"token": "t"}))
+    one = from_flags(2, 1, "127.0.0.1", free_port())
+    assert one is not None
+    multinode.refuse(run, one, "holds a run", finished_run=True)
+    assert json.loads((run / ".nodes" / "node1.json").read_text()) == {"token": "t"}
+    assert not multinode.failed_nodes(run)
 
 
 # -- the command line -----------------------------------------------------------------------

@@ -530,8 +530,12 @@ def refuse(run_dir: Path, rdv: Rendezvous, why: str, *, finished_run: bool = Fal
     Only into a RUN_DIR that exists (nothing is created for a refusal; the others then give
     up after their bounded wait). ``finished_run``: refused because RUN_DIR holds an earlier
     run, which every node given the same command refuses alike: that folder is left as it
-    is unless a meeting is under way in it (another node waits there)."""
+    is unless a meeting is under way in it (another node waits there). Nor does a node
+    rank > 0 write once node 0 has started: its run goes on without this node (a second
+    copy of a node's command, refused) and must not be stopped for it."""
     if not run_dir.is_dir() or (finished_run and not roll_dir(run_dir).is_dir()):
+        return
+    if rdv.node_rank > 0 and (_read(_marker(run_dir, 0)) or {}).get("status") == "started":
         return
     _record_end(run_dir, rdv, "refused", why)
 
