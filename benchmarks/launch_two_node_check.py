@@ -16,6 +16,12 @@ then ``--resume`` on both to the end; each rank's peak allocated against the pla
 This is the two-GPU run that the CPU tests (tests/test_multinode_run.py, gloo) cannot be:
 NCCL across two torchrun agents. Not run yet; its rows go to benchmarks/results/.
 ``--tiny`` runs the same sequence on the CPU (gloo, --force) to check this script.
+
+Every run starts in a fresh folder under --work: a folder an earlier invocation left is
+refused (``zeroplan launch`` would refuse it too, and its metrics would be read as this
+run's) unless ``--clean`` deletes it first. A node still running after --timeout is stopped
+(SIGINT, then SIGKILL after --grace), never left behind; a row whose nodes did not all exit
+0 carries their last log line instead of a speed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,15 +89,71 @@ def start(
         cmd += ["--master-port", str(args.port)]
     if args.tiny:
         cmd.append("--force")
-    log = (args.work / f"{run.name}-node{rank}.log").open("a")
-    return subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env=node_env(via, rank, args.job, args.tiny),
-        start_new_session=True,
-    )
+    with node_log(args, run, rank).open("a") as log:  # (the child holds its own copy)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=node_env(via, rank, args.job, args.tiny),
+            start_new_session=True,
+        )
+
+
+def node_log(args: argparse.Namespace, run: Path, rank: int | None = None) -> Path:
+    return args.work / (f"{run.name}.log" if rank is None else f"{run.name}-node{rank}.log")
+
+
+def run_dirs(args: argparse.Namespace) -> list[Path]:
+    """The run folders this invocation writes, each of which must start empty."""
+    if args.speed:
+        names = args.speed.split(",")
+        return [args.work / f"speed-{n}-{spec}" for n in names for spec in ("2xH100", "2x1xH100")]
+    return [args.work / via for via in args.via.split(",")]
+
+
+def fresh_run_dirs(args: argparse.Namespace) -> None:
+    """Refuse (exit 2) run folders an earlier invocation left, or delete them with --clean;
+    their node logs go either way."""
+    used = [d for d in run_dirs(args) if d.exists()]
+    if used and not args.clean:
+        print(
+            f"launch_two_node_check: {', '.join(map(str, used))} already "
+            f"exist{'s' if len(used) == 1 else ''} (an earlier run, whose metrics would be "
+            "read as this one's): give another --work, or --clean to delete them first",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    for run in used:
+        shutil.rmtree(run)
+    for run in run_dirs(args):
+        for log in (node_log(args, run), *args.work.glob(f"{run.name}-node*.log")):
+            log.unlink(missing_ok=True)
+
+
+def wait_nodes(nodes: list[Any], timeout: float, grace: float) -> list[int | None]:
+    """Each process's exit status; those still running after ``timeout`` (all together)
+    get SIGINT (a terminal's Ctrl-C: zeroplan stops its ranks), SIGKILL after ``grace``,
+    and read None."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    late = [p for p in nodes if p.poll() is None]
+    for p in late:
+        os.killpg(p.pid, signal.SIGINT)  # each leads its own session (start_new_session)
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in late) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in late:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    return [None if p in late else p.returncode for p in nodes]
+
+
+def last_line(path: Path) -> str | None:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else None
 
 
 def ranks_left(run: Path) -> list[int]:
@@ -116,13 +179,13 @@ def one_way(via: str, args: argparse.Namespace) -> dict[str, Any]:
             nodes[1].send_signal(signal.SIGINT)
             break
         time.sleep(0.5)
-    row["interrupt_rc"] = [p.wait(timeout=args.grace) for p in nodes]
+    row["interrupt_rc"] = wait_nodes(nodes, args.grace, args.grace)
     row["left_after_interrupt"] = ranks_left(run)
     ends = {m["rank"]: m["step"] for m in metrics(run) if m["event"] == "end"}
     row["interrupted_at_step"] = ends
     row["checkpoints"] = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
     nodes = [start(via, r, args, run, ["--resume", *steps]) for r in (0, 1)]
-    row["resume_rc"] = [p.wait(timeout=args.timeout) for p in nodes]
+    row["resume_rc"] = wait_nodes(nodes, args.timeout, args.grace)
     lines = metrics(run)
     row["last_step"] = max((m["step"] for m in lines if m["event"] == "train"), default=None)
     row["ranks_logged"] = sorted({m["rank"] for m in lines})
@@ -159,22 +222,32 @@ def speed(args: argparse.Namespace, setup: TrainSetup, model: Path) -> list[dict
             env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
             if args.tiny:
                 env["CUDA_VISIBLE_DEVICES"] = ""
-            rcs = [
-                subprocess.run(
-                    cmd, cwd=ROOT, env=env, capture_output=True, timeout=args.timeout
-                ).returncode
-            ]
+            with node_log(args, run).open("a") as log:
+                one = subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            rcs = wait_nodes([one], args.timeout, args.grace)
+            logs = [node_log(args, run)]
         else:
             args.port, args.job = free_port(), str(int(time.time()) % 10**6)
             nodes = [start("flags", r, args, run, steps, plan_name) for r in (0, 1)]
-            rcs = [p.wait(timeout=args.timeout) for p in nodes]
+            rcs = wait_nodes(nodes, args.timeout, args.grace)
+            logs = [node_log(args, run, r) for r in (0, 1)]
         lines = metrics(run)
+        ok = all(rc == 0 for rc in rcs)
         rows.append(
             {
                 "speed": name,
                 "layout": layout,
                 "returncode": rcs,
-                "tokens_per_s": steady_tokens_per_s(lines),
+                # a failed run's metrics (none, or some steps) are no speed
+                "error": None if ok else [last_line(log) for log in logs],
+                "tokens_per_s": steady_tokens_per_s(lines) if ok else None,
                 "last_step": max((m["step"] for m in lines if m["event"] == "train"), default=None),
                 "measured_peak_allocated_bytes": max(
                     (m.get("peak_allocated_bytes") or 0 for m in lines), default=None
@@ -202,8 +275,15 @@ def main() -> None:
         "of the stop-and-resume check",
     )
     p.add_argument("--speed-steps", type=int, default=12)
+    p.add_argument(
+        "--clean",
+        action="store_true",
+        help="delete the run folders an earlier invocation left under --work (else refused)",
+    )
     args = p.parse_args()
+    args.work = args.work.resolve()  # the nodes run in the repository, not here
     args.work.mkdir(parents=True, exist_ok=True)
+    fresh_run_dirs(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model = args.work / "model"
     if not (model / "config.json").exists():

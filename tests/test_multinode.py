@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +26,6 @@ from zeroplan.errors import (
     NodeCountError,
     NodeJoinError,
     RendezvousUnreachableError,
-    RunDirNotSharedError,
 )
 from zeroplan.hardware import parse_cluster
 from zeroplan.launch import multinode
@@ -280,12 +281,14 @@ def test_each_node_runs_its_own_torchrun_with_rank_and_rendezvous(
         )
 
 
-def test_node_rank_1_does_not_refuse_node_0s_fresh_run_folder(
+def test_every_node_refuses_a_run_folder_that_holds_an_earlier_run(
     tmp_path: Path, data_file: Path
 ) -> None:
+    """The same command on every node, into a folder a finished run left: every node refuses
+    it alike (node rank 1 used to skip the check and wait for node 0, which had refused)."""
     plan = two_node_plan(tmp_path / "plan")
 
-    def node(rank: int) -> object:
+    def node(rank: int, resume: bool = False) -> object:
         return build_launch(
             plan,
             run_dir=tmp_path / "run",
@@ -293,17 +296,21 @@ def test_node_rank_1_does_not_refuse_node_0s_fresh_run_folder(
             nodes=(Node("localhost", (0, 1, 2, 3), True),),
             launcher="torchrun",
             gpu=parse_cluster("H100").gpu,
-            train=TrainOptions(),
+            train=TrainOptions(resume=resume),
             inherited={},
             rendezvous=from_flags(2, rank, "127.0.0.1", free_port()),
         )
 
-    zero, one = node(0), node(1)
-    write_files(zero)  # type: ignore[arg-type]
-    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
-    assert preflight(one, parse_cluster("4xH100")).ok  # type: ignore[arg-type]
-    errors = preflight(zero, parse_cluster("4xH100")).errors  # type: ignore[arg-type]
-    assert [type(e).__name__ for e in errors] == ["RunDirExistsError"]
+    # nothing of a session is in RUN_DIR before every node has joined (node 0 writes its
+    # files after the join, and each node checks before it joins): a fresh folder passes
+    assert preflight(node(1), parse_cluster("4xH100")).ok  # type: ignore[arg-type]
+    write_files(node(0))  # type: ignore[arg-type]
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # the earlier run
+    for rank in (0, 1):
+        errors = preflight(node(rank), parse_cluster("4xH100")).errors  # type: ignore[arg-type]
+        assert [type(e).__name__ for e in errors] == ["RunDirExistsError"], rank
+        assert "--resume continues it, -o NEW_DIR starts another" in str(errors[0])
+        assert preflight(node(rank, resume=True), parse_cluster("4xH100")).ok  # type: ignore[arg-type]
 
 
 # -- the checks before anything starts ------------------------------------------------------
@@ -366,15 +373,42 @@ def test_two_nodes_meet_and_a_stale_marker_is_not_taken_for_a_new_session(tmp_pa
     assert not (run / ".nodes").exists()
 
 
-def test_a_run_folder_node_0_cannot_share_is_one_line_after_the_wait(tmp_path: Path) -> None:
-    one = from_flags(2, 1, "127.0.0.1", free_port())
+def test_a_node_waiting_for_node_0_says_so_and_names_it_after_the_bounded_wait(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    one = from_flags(2, 1, "127.0.0.1", port)
     assert one is not None
+    said: list[str] = []
     t0 = time.monotonic()
-    with pytest.raises(RunDirNotSharedError) as err:
-        multinode.join(tmp_path / "run", one, timeout_s=0.5, poll_s=0.05)
+    with pytest.raises(NodeJoinError) as err:
+        multinode.join(
+            tmp_path / "run", one, timeout_s=0.5, poll_s=0.05, say=said.append, every_s=0.2
+        )
     assert 0.5 <= time.monotonic() - t0 < 5
-    assert "RUN_DIR must be on a filesystem every node shares" in str(err.value)
-    assert "\n" not in str(err.value)
+    assert said and said[0].startswith(
+        f"waiting for node rank 0 at 127.0.0.1:{port} (no {tmp_path}/run/.nodes/node0.json yet): "
+    )
+    assert said[0].endswith(" s of --join-timeout 0 s")
+    msg = str(err.value)
+    assert msg.startswith(f"node rank 0 (127.0.0.1) did not join at 127.0.0.1:{port} within 0 s")
+    # what the user can do: it was not started, it refused (its own output says why), or
+    # the folder is not shared
+    assert "start it with the same -o RUN_DIR" in msg and "'zeroplan: error:' line" in msg
+    assert "RUN_DIR is not on a filesystem every node shares" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "run").exists()  # a node rank > 0 creates nothing
+    # and node 0, waiting for node 1
+    zero = from_flags(2, 0, "127.0.0.1", port)
+    assert zero is not None
+    said.clear()
+    with pytest.raises(NodeJoinError, match=r"^node rank 1 did not show up in "):
+        multinode.join(
+            tmp_path / "run", zero, timeout_s=0.3, poll_s=0.05, say=said.append, every_s=0.1
+        )
+    assert said[0].startswith(
+        f"waiting for 1 of 2 nodes at 127.0.0.1:{port} (node rank 1) to join in {tmp_path}/run: "
+    )
 
 
 def test_unreachable_rendezvous_names_host_and_port_and_node_0_hears_of_it(tmp_path: Path) -> None:
@@ -395,12 +429,134 @@ def test_unreachable_rendezvous_names_host_and_port_and_node_0_hears_of_it(tmp_p
 def test_node_0_names_the_node_that_never_came(tmp_path: Path) -> None:
     zero = from_slurm(slurm(SLURM_NODEID="0", SLURM_JOB_NODELIST="gpu[07-09]", SLURM_NNODES="3"))
     assert zero is not None
+    said: list[str] = []
     with pytest.raises(NodeJoinError) as err:
-        multinode.join(tmp_path / "run", zero, timeout_s=0.3, poll_s=0.05)
+        multinode.join(
+            tmp_path / "run", zero, timeout_s=0.3, poll_s=0.05, say=said.append, every_s=0.1
+        )
+    assert said and said[0].startswith(
+        "waiting for 2 of 3 nodes at gpu07:19242 (node ranks 1 (gpu08), 2 (gpu09)) to join in "
+        f"{tmp_path}/run: "
+    )
     assert str(err.value).startswith(
         f"node ranks 1 (gpu08), 2 (gpu09) did not show up in {tmp_path}/run within 0 s"
     )
     assert "srun --ntasks-per-node 1" in str(err.value)
+    # a node that comes later hears of it at once
+    node0 = json.loads((tmp_path / "run" / ".nodes" / "node0.json").read_text())
+    assert node0["status"] == "gave up" and node0["missing"] == [1, 2]
+
+
+def in_thread(target: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run ``target`` in a thread; the list gets what it raised."""
+    raised: list[Any] = []
+
+    def run() -> None:
+        try:
+            target(*args, **kwargs)
+        except BaseException as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, raised
+
+
+def test_a_node_that_refuses_stops_the_nodes_waiting_for_it_at_once(tmp_path: Path) -> None:
+    run, port = tmp_path / "run", free_port()
+    run.mkdir()  # an earlier attempt's, or made by a node that already waits
+    zero, one = from_flags(2, 0, "127.0.0.1", port), from_flags(2, 1, "127.0.0.1", port)
+    assert zero is not None and one is not None
+    busy = f"the rendezvous port {port} is in use on this machine (127.0.0.1): pick another"
+
+    # node 0 refuses while node 1 waits for it
+    t, raised = in_thread(multinode.join, run, one, timeout_s=30, poll_s=0.02)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    multinode.refuse(run, zero, busy)
+    t.join(timeout=10)
+    assert time.monotonic() - t0 < 5
+    (err,) = raised
+    assert isinstance(err, NodeJoinError)
+    assert (
+        str(err)
+        == f"node rank 0 ({socket.gethostname()}) refused to start: {busy} (no rank was started)"
+    )
+
+    # node 1 refuses while node 0 waits for it; node 0 says why in its marker
+    t, raised = in_thread(multinode.join, run, zero, timeout_s=30, poll_s=0.02)
+    time.sleep(0.2)
+    multinode.refuse(run, one, "data file x.jsonl does not exist")
+    t.join(timeout=10)
+    (err,) = raised
+    assert str(err) == (
+        f"node rank 1 ({socket.gethostname()}) refused to start: data file x.jsonl does not "
+        "exist (no rank was started)"
+    )
+    node0 = json.loads((run / ".nodes" / "node0.json").read_text())
+    assert node0["status"] == "stopped" and "because node rank 1" in node0["why"]
+    # a refusal that came first is heard too (node 0 arriving after it)
+    with pytest.raises(NodeJoinError, match=r"node rank 1 .* refused to start: data file"):
+        multinode.join(run, zero, timeout_s=30, poll_s=0.02)
+
+
+def test_an_earlier_attempts_ending_is_a_note_and_a_new_attempt_clears_its_own(
+    tmp_path: Path,
+) -> None:
+    run, port = tmp_path / "run", free_port()
+    run.mkdir()
+    zero, one = from_flags(2, 0, "127.0.0.1", port), from_flags(2, 1, "127.0.0.1", port)
+    assert zero is not None and one is not None
+    multinode.refuse(run, zero, "some refusal")
+    said: list[str] = []
+    with pytest.raises(NodeJoinError) as err:  # started a minute after that refusal
+        multinode.join(
+            run, one, timeout_s=0.3, poll_s=0.05, say=said.append, since=time.time() + 60
+        )
+    assert said[0].startswith("note: node rank 0's last attempt, 60 s before this node started, ")
+    assert said[0].endswith("refused to start: some refusal; waiting for it to start again")
+    assert "did not join" in str(err.value)
+    assert "its last attempt refused to start: some refusal" in str(err.value)
+    assert not (run / ".nodes" / "node1.json").exists()  # no meeting to tell of it
+    # both start again: what their last attempts said (node 1 refused too, just now) no
+    # longer speaks for them, so neither stops on the other's
+    multinode.refuse(run, one, "another refusal")
+    multinode.arrive(run, zero)
+    multinode.arrive(run, one)
+    assert not list((run / ".nodes").glob("node*.json"))
+    t, raised = in_thread(multinode.join, run, zero, timeout_s=10, poll_s=0.02)
+    with socket.socket() as server:  # what torchrun's store would open on node 0
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        multinode.join(run, one, timeout_s=10, poll_s=0.02)
+    t.join(timeout=10)
+    assert not raised
+
+
+def test_a_refusal_creates_no_folder_and_leaves_a_finished_run_alone(tmp_path: Path) -> None:
+    zero = from_flags(2, 0, "127.0.0.1", free_port())
+    assert zero is not None
+    multinode.refuse(tmp_path / "typo", zero, "why")
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "done").mkdir()
+    multinode.refuse(tmp_path / "done", zero, "holds a run", finished_run=True)
+    assert not (tmp_path / "done" / ".nodes").exists()  # every node refuses it alike
+    (tmp_path / "done" / ".nodes").mkdir()  # ... but another node waits in it
+    multinode.refuse(tmp_path / "done", zero, "holds a run", finished_run=True)
+    assert json.loads((tmp_path / "done" / ".nodes" / "node0.json").read_text())["status"] == (
+        "refused"
+    )
+    # a second copy of node 1's command, while the run it belongs to goes on, does not
+    # stop that run (node 0's supervisor reads node 1's file)
+    run = tmp_path / "running"
+    (run / ".nodes").mkdir(parents=True)
+    (run / ".nodes" / "node0.json").write_text(json.dumps({"token": "t", "status": "started"}))
+    (run / ".nodes" / "node1.json").write_text(json.dumps({"token": "t"}))
+    one = from_flags(2, 1, "127.0.0.1", free_port())
+    assert one is not None
+    multinode.refuse(run, one, "holds a run", finished_run=True)
+    assert json.loads((run / ".nodes" / "node1.json").read_text()) == {"token": "t"}
+    assert not multinode.failed_nodes(run)
 
 
 # -- the command line -----------------------------------------------------------------------
@@ -497,6 +653,178 @@ def test_bad_multi_node_input_is_one_line_exit_2_nothing_started(
     assert proc.stderr.count("\n") == 1 and proc.stdout == "", proc.stderr
     assert proc.stderr.startswith("zeroplan: error: ") and text in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def start_node(
+    tmp_path: Path,
+    data_file: Path,
+    env: dict[str, str],
+    rank: int,
+    port: int,
+    *extra: str,
+    run: str = "run",
+    nnodes: int = 2,
+) -> subprocess.Popen[str]:
+    """One node's ``zeroplan launch`` of tmp_path/plan (one GPU a node) into tmp_path/RUN."""
+    args = [sys.executable, "-m", "zeroplan", "launch", str(tmp_path / "plan")]
+    args += ["--data", str(data_file), "-o", str(tmp_path / run), "--force", "--no-dashboard"]
+    args += ["--nnodes", str(nnodes), "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+    args += ["--master-port", str(port), "--join-timeout", "120", *extra]
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+
+
+def ended(*procs: subprocess.Popen[str], timeout: float = 60) -> list[tuple[int, str]]:
+    """(exit status, stderr) of each; any still running after ``timeout`` is killed."""
+    out = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            out.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def test_every_node_refuses_an_earlier_run_at_once_instead_of_waiting_for_the_others(
+    tmp_path: Path, data_file: Path, env: dict[str, str]
+) -> None:
+    """The two-node benchmark run twice into the same folders: node 0 refused the finished
+    run (exit 2) while node 1 went on to wait for it for the whole --join-timeout."""
+    two_node_plan(tmp_path / "plan", gpus="2x1xH100")
+    run, port = tmp_path / "run", free_port()
+    (run / "logs").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"event": "end"}\n')  # what a finished run leaves
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    t0 = time.monotonic()
+    one = start_node(tmp_path, data_file, env, 1, port)
+    zero = start_node(tmp_path, data_file, env, 0, port)
+    (code0, err0), (code1, err1) = ended(zero, one, timeout=45)  # not the --join-timeout
+    assert time.monotonic() - t0 < 45
+    line = (
+        f"zeroplan: error: {run} already holds a run (metrics.jsonl, logs): --resume continues it"
+    )
+    for code, err in ((code0, err0), (code1, err1)):
+        assert code == 2, err
+        assert err.splitlines()[-1].startswith(line), err
+        assert "meeting the other nodes" not in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
+
+
+def marker(run: Path, rank: int) -> dict[str, object]:
+    path = run / ".nodes" / f"node{rank}.json"
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for(what: Any, procs: tuple[subprocess.Popen[str], ...], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_node_that_refuses_to_start_stops_the_node_waiting_for_it(
+    tmp_path: Path, data_file: Path, env: dict[str, str]
+) -> None:
+    """Each node has its own reasons to refuse (a port taken on node 0, a data file missing
+    on node 1): the other one stops at once, naming it, instead of after --join-timeout."""
+    two_node_plan(tmp_path / "plan", gpus="2x1xH100")
+    host = socket.gethostname()
+    (tmp_path / "run").mkdir()  # an earlier attempt's
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        one = start_node(tmp_path, data_file, env, 1, port)  # waits for node 0
+        time.sleep(0.5)
+        zero = start_node(tmp_path, data_file, env, 0, port)  # its port is taken
+        (code0, err0), (code1, err1) = ended(zero, one, timeout=45)
+    why = f"the rendezvous port {port} is in use on this machine (127.0.0.1)"
+    assert code0 == 2 and err0.splitlines()[-1].startswith(f"zeroplan: error: {why}"), err0
+    assert code1 == 2, err1
+    last = err1.splitlines()[-1]
+    assert last.startswith(f"zeroplan: error: node rank 0 ({host}) refused to start: {why}")
+    assert last.endswith("(no rank was started)")
+
+    port = free_port()
+    zero = start_node(tmp_path, data_file, env, 0, port)
+    wait_for(lambda: marker(tmp_path / "run", 0).get("status") == "waiting", (zero,))
+    one = start_node(tmp_path, data_file, env, 1, port, "--data", str(tmp_path / "gone.jsonl"))
+    (code0, err0), (code1, err1) = ended(zero, one, timeout=45)
+    assert code1 == 2 and "data file" in err1.splitlines()[-1], err1
+    assert code0 == 2, err0
+    assert err0.splitlines()[-1].startswith(
+        f"zeroplan: error: node rank 1 ({host}) refused to start: data file "
+        f"{tmp_path}/gone.jsonl does not exist"
+    )
+    assert not (tmp_path / "run" / "logs").exists()  # no rank was started
+
+
+@pytest.mark.parametrize(("stopped", "sig", "code"), [(1, "SIGINT", 130), (0, "SIGTERM", 143)])
+def test_a_stop_signal_ends_the_wait_here_and_on_the_nodes_waiting_with_it(
+    tmp_path: Path, data_file: Path, env: dict[str, str], stopped: int, sig: str, code: int
+) -> None:
+    """Node ranks 0 and 1 of three wait for node rank 2; Ctrl-C (or SIGTERM) to one of them
+    ends its wait cleanly, and the other hears of it through RUN_DIR."""
+    two_node_plan(tmp_path / "plan", gpus="3x1xH100")
+    run, port, host = tmp_path / "run", free_port(), socket.gethostname()
+    nodes = tuple(start_node(tmp_path, data_file, env, r, port, nnodes=3) for r in (0, 1))
+
+    def both_waiting() -> bool:
+        token = marker(run, 0).get("token")
+        return token is not None and marker(run, 1).get("token") == token
+
+    wait_for(both_waiting, nodes)
+    nodes[stopped].send_signal(getattr(signal, sig))
+    t0 = time.monotonic()
+    results = ended(*nodes, timeout=45)
+    assert time.monotonic() - t0 < 30
+    (code_here, err_here), (code_other, err_other) = results[stopped], results[1 - stopped]
+    assert code_here == code, err_here
+    assert err_here.splitlines()[-1] == (
+        f"zeroplan: stopped by {sig} while waiting for the other nodes: no rank was started"
+    )
+    assert code_other == 2, err_other
+    assert err_other.splitlines()[-1] == (
+        f"zeroplan: error: node rank {stopped} ({host}) was stopped by {sig} while waiting "
+        "for the other nodes (no rank was started)"
+    )
+
+
+def test_the_two_node_benchmark_refuses_a_work_folder_an_earlier_run_left(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Run again with the same --work, the benchmark measured the earlier run's metrics
+    (and its nodes were refused): it now stops before building anything."""
+    root = Path(__file__).resolve().parent.parent
+    old = tmp_path / "speed-ddp-2x1xH100"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"event": "end"}\n')
+    args = [sys.executable, str(root / "benchmarks" / "launch_two_node_check.py")]
+    args += ["--work", str(tmp_path), "--out", str(tmp_path / "out.jsonl"), "--tiny"]
+    proc = subprocess.run(
+        [*args, "--speed", "ddp"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr == (
+        f"launch_two_node_check: {old} already exists (an earlier run, whose metrics would "
+        "be read as this one's): give another --work, or --clean to delete them first\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed-ddp-2x1xH100"]
 
 
 def test_plan_for_several_nodes_writes_a_slurm_batch_script(tmp_path: Path) -> None:

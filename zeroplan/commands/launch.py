@@ -101,7 +101,7 @@ def _slug(name: str) -> str:
     default=300.0,
     show_default=True,
     help="Several nodes: seconds to wait for the others to join in RUN_DIR and for the "
-    "rendezvous to open.",
+    "rendezvous to open; then one line naming the nodes that did not join, exit status 2.",
 )
 @click.option(
     "--launcher",
@@ -277,14 +277,18 @@ def launch(
 
     Several nodes (--hostfile, --nnodes or SLURM) need the same Python environment and
     working directory on each, and RUN_DIR on a filesystem they all share: with --nnodes
-    and SLURM the nodes meet there before any rank starts, and a node that cannot see
-    node 0's files stops with one line after --join-timeout.
+    and SLURM the nodes meet there before any rank starts. A node that refuses to start
+    (one line, exit status 2) says so there, and the nodes waiting for it stop at once,
+    naming it; a waiting node says what it waits for every --progress-every seconds and
+    gives up after --join-timeout, naming the nodes that did not join. Ctrl-C stops the
+    wait, here and, through RUN_DIR, on the other nodes.
 
     Every rank runs `python -m zeroplan.launch.sft` through torchrun or the deepspeed
     launcher and writes RUN_DIR/logs/rank{N}.log and RUN_DIR/metrics.jsonl. Ctrl-C or
     SIGTERM: SIGTERM to every rank, --grace seconds to save, then SIGKILL. Exit status:
     0 done, 1 a rank failed (named, with its last log lines), 130 Ctrl-C, 143 SIGTERM.
     """
+    from zeroplan.errors import RunDirExistsError, ZeroplanError
     from zeroplan.launch import multinode
     from zeroplan.launch.preflight import preflight
     from zeroplan.launch.runner import (
@@ -295,6 +299,7 @@ def launch(
         setup_of,
     )
 
+    began = time.time()  # this node's start, to tell its session's markers from older ones
     ctx = click.get_current_context()
     if hostfile is not None and nnodes is not None:
         from zeroplan.errors import BadRendezvousError
@@ -310,86 +315,99 @@ def launch(
         if hostfile is not None
         else multinode.resolve(nnodes, node_rank, master_addr, master_port)
     )
-    plan_path = find_plan(model_or_plan)
-    if plan_path is not None:
-        given = [
-            ("--p2p/--no-p2p" if p == "p2p" else "--" + p.replace("_", "-"))
-            for p in (*JOB_OPTIONS, *LINK_OPTIONS)
-            if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
-        ]
-        if given:
-            raise click.BadParameter(
-                f"{', '.join(given)} plan a model; {plan_path} is already a plan "
-                "(make another with zeroplan plan)",
-                param_hint="MODEL_OR_PLAN",
-            )
-    # with_data's keyword arguments
-    data_job = {
-        "data": data,
-        "tokenizer": tokenizer,
-        "fmt": data_format,
-        "system": system_prompt,
-        "overlong": overlong,
-        "epochs": epochs,
-    }
-    plan, model, nodes, present = _plan_and_nodes(
-        model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
-        links={"p2p": p2p, "inter_node_gbs": inter_node_gbs}, rdv=rdv,
-    )  # fmt: skip
-    if run_dir is None:
-        if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
-            run_dir = plan_path.parent
-        elif rdv is not None and rdv.source == "slurm":
-            run_dir = Path("runs") / f"{_slug(str(plan['model']))}-slurm{rdv.job_id}"
-        elif rdv is not None:
-            from zeroplan.errors import BadRendezvousError
+    if rdv is not None and run_dir is not None and not dry_run:
+        multinode.arrive(run_dir, rdv)  # what an earlier attempt of this node said is over
+    try:
+        plan_path = find_plan(model_or_plan)
+        if plan_path is not None:
+            given = [
+                ("--p2p/--no-p2p" if p == "p2p" else "--" + p.replace("_", "-"))
+                for p in (*JOB_OPTIONS, *LINK_OPTIONS)
+                if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
+            ]
+            if given:
+                raise click.BadParameter(
+                    f"{', '.join(given)} plan a model; {plan_path} is already a plan "
+                    "(make another with zeroplan plan)",
+                    param_hint="MODEL_OR_PLAN",
+                )
+        # with_data's keyword arguments
+        data_job = {
+            "data": data,
+            "tokenizer": tokenizer,
+            "fmt": data_format,
+            "system": system_prompt,
+            "overlong": overlong,
+            "epochs": epochs,
+        }
+        plan, model, nodes, present = _plan_and_nodes(
+            model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
+            links={"p2p": p2p, "inter_node_gbs": inter_node_gbs}, rdv=rdv,
+        )  # fmt: skip
+        if run_dir is None:
+            if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
+                run_dir = plan_path.parent
+            elif rdv is not None and rdv.source == "slurm":
+                run_dir = Path("runs") / f"{_slug(str(plan['model']))}-slurm{rdv.job_id}"
+            elif rdv is not None:
+                from zeroplan.errors import BadRendezvousError
 
-            raise BadRendezvousError(
-                "--nnodes needs -o RUN_DIR, the same folder on every node, on a filesystem "
-                "they all share"
-            )
-        else:
-            run_dir = Path("runs") / f"{_slug(str(plan['model']))}-{time.strftime('%Y%m%d-%H%M%S')}"
-    gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
-    if gpu is None:
-        from zeroplan.launch.runner import plan_cluster
+                raise BadRendezvousError(
+                    "--nnodes needs -o RUN_DIR, the same folder on every node, on a filesystem "
+                    "they all share"
+                )
+            else:
+                run_dir = (
+                    Path("runs") / f"{_slug(str(plan['model']))}-{time.strftime('%Y%m%d-%H%M%S')}"
+                )
+        gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
+        if gpu is None:
+            from zeroplan.launch.runner import plan_cluster
 
-        planned = plan_cluster(plan)
-        gpu = planned.gpu if planned is not None else None
-    the_launch = build_launch(
-        plan,
-        run_dir=run_dir,
-        data=data,
-        nodes=nodes,
-        launcher=launcher or ("torchrun" if rdv is not None else default_launcher(setup_of(plan))),
-        gpu=gpu,
-        train=TrainOptions(
-            epochs=epochs,
-            max_steps=max_steps,
-            lr=lr,
-            eval_fraction=eval_fraction,
-            resume=resume,
-            overlong=overlong,
-            data_format=data_format,
-            system_prompt=system_prompt,
-            save_steps=save_steps,
-            logging_steps=logging_steps,
-            batching=batching,
-            packed_attention=packed_attention,
-        ),
-        model=model,
-        program=rank_program,
-        filtered=bool(include or exclude),
-        grace_s=grace,
-        rendezvous=rdv,
-    )
-    checks = preflight(the_launch, present, force=force, hosts=not dry_run)
-    if dry_run:
-        _render_dry_run(the_launch, checks, present)
-        if checks.errors:  # everything was shown; the status says a real launch would stop
-            raise checks.errors[0]
-        return
-    checks.raise_first()
+            planned = plan_cluster(plan)
+            gpu = planned.gpu if planned is not None else None
+        the_launch = build_launch(
+            plan,
+            run_dir=run_dir,
+            data=data,
+            nodes=nodes,
+            launcher=launcher
+            or ("torchrun" if rdv is not None else default_launcher(setup_of(plan))),
+            gpu=gpu,
+            train=TrainOptions(
+                epochs=epochs,
+                max_steps=max_steps,
+                lr=lr,
+                eval_fraction=eval_fraction,
+                resume=resume,
+                overlong=overlong,
+                data_format=data_format,
+                system_prompt=system_prompt,
+                save_steps=save_steps,
+                logging_steps=logging_steps,
+                batching=batching,
+                packed_attention=packed_attention,
+            ),
+            model=model,
+            program=rank_program,
+            filtered=bool(include or exclude),
+            grace_s=grace,
+            rendezvous=rdv,
+        )
+        checks = preflight(the_launch, present, force=force, hosts=not dry_run)
+        if dry_run:
+            _render_dry_run(the_launch, checks, present)
+            if checks.errors:  # everything was shown; the status says a real launch would stop
+                raise checks.errors[0]
+            return
+        checks.raise_first()
+    except ZeroplanError as exc:
+        # the nodes waiting for this one stop at once, naming it, instead of at the end
+        # of their --join-timeout
+        if rdv is not None and run_dir is not None and not dry_run:
+            finished = isinstance(exc, RunDirExistsError)
+            multinode.refuse(run_dir, rdv, str(exc), finished_run=finished)
+        raise
     for note in (*the_launch.notes, *checks.notes):
         _say(f"note: {note}")
 
@@ -397,11 +415,21 @@ def launch(
 
     if rdv is not None:
         _say(f"{rdv.describe()}: meeting the other nodes in {the_launch.run_dir}")
+        # a failed join leaves this node's ending in RUN_DIR/.nodes for the others to read
         try:
-            multinode.join(the_launch.run_dir, rdv, timeout_s=join_timeout, say=_say)
-        except BaseException:
-            multinode.leave(the_launch.run_dir, rdv)
-            raise
+            with multinode.stop_signals_interrupt():
+                multinode.join(
+                    the_launch.run_dir,
+                    rdv,
+                    timeout_s=join_timeout,
+                    say=_say,
+                    since=began,
+                    every_s=progress_every,
+                )
+        except KeyboardInterrupt as exc:
+            sig = multinode.signal_of(exc)
+            _say(f"stopped by {sig.name} while waiting for the other nodes: no rank was started")
+            sys.exit(128 + sig)
         if rdv.node_rank > 0 and not no_dashboard:
             _say("note: the dashboard runs on node rank 0; plain progress lines here")
             no_dashboard = True

@@ -16,11 +16,18 @@ Each node then starts torchrun for its own GPUs with ``--nnodes --node-rank --ma
 
 Before any rank starts, the nodes meet in RUN_DIR, which must be on a filesystem they all
 share (:func:`join`): node 0 writes ``RUN_DIR/.nodes/node0.json`` with a fresh token; every
-other node waits a bounded time for it (not seen: RUN_DIR is not shared, or node 0 was never
-started), answers with ``node{R}.json`` echoing the token, and then waits for the
-rendezvous port to open; node 0 starts torchrun once every node has answered. A node that
-gives up writes why into its file, which node 0's supervisor reads (:func:`failed_nodes`)
-to stop the run and name the node.
+other node waits a bounded time for it, answers with ``node{R}.json`` echoing the token, and
+then waits for the rendezvous port to open; node 0 starts torchrun once every node has
+answered. A waiting node says what it waits for every few seconds, and after --join-timeout
+stops with one line naming the nodes that did not join.
+
+No node may be left waiting for one that has ended: a node that refuses to start
+(:func:`refuse`, its one-line error), gives up, or is stopped by Ctrl-C / SIGTERM
+(:func:`stop_signals_interrupt`) writes that ending and why into its file, and the nodes
+waiting for it stop at once, naming it; node 0's supervisor reads the same files while the
+run goes (:func:`failed_nodes`). Every file carries the time it was written, so that an
+ending left by an earlier attempt is told from this one's (``JOIN_CLOCK_SKEW_S``), and a
+node starting again removes its own (:func:`arrive`).
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.errors import (
@@ -43,7 +52,7 @@ from zeroplan.errors import (
     NodeCountError,
     NodeJoinError,
     RendezvousUnreachableError,
-    RunDirNotSharedError,
+    ZeroplanError,
 )
 
 if TYPE_CHECKING:
@@ -385,6 +394,45 @@ def port_open(host: str, port: int, timeout_s: float = 1.0) -> str | None:
 
 # -- the nodes meet in RUN_DIR -----------------------------------------------------------------
 
+JOIN_PROGRESS_S = 10.0  # seconds between "waiting for ..." lines
+# A marker saying that its node ended (refused, gave up, was stopped) speaks for this
+# session when it was written at most this long before this node started: node ranks
+# started together (srun, two terminals, a script) reach ``zeroplan launch`` within a few
+# seconds of each other, and NTP keeps a cluster's clocks far closer than that. An older
+# one is an earlier attempt's: a note, and the wait goes on.
+JOIN_CLOCK_SKEW_S = 5.0
+# how each ending reads after "node rank R (host) "
+ENDINGS = {"refused": "refused to start: ", "gave up": "gave up: ", "stopped": "was stopped "}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) while this node waits for the others."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_of(exc: KeyboardInterrupt) -> signal.Signals:
+    return signal.Signals(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While it lasts, SIGINT, SIGTERM and SIGHUP raise Interrupted (main thread only):
+    Python's default SIGTERM would end the process before it could tell the other nodes."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
 
 def roll_dir(run_dir: Path) -> Path:
     return run_dir / ROLL_DIR
@@ -395,8 +443,9 @@ def _marker(run_dir: Path, node_rank: int) -> Path:
 
 
 def _write(path: Path, data: Mapping[str, Any]) -> None:
+    """``data`` and the time it was written (``t``), atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dict(data)) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps({**data, "t": time.time()}) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -406,6 +455,48 @@ def _read(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _end_of(marker: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(ending, why) when a node's marker says that it ended before the run: one of
+    ENDINGS' keys, and the reason."""
+    if marker and marker.get("status") in ENDINGS:
+        return str(marker["status"]), str(marker.get("why") or "")
+    return None
+
+
+def _ending(marker: Mapping[str, Any]) -> str:
+    """A marker's ending as words: 'refused to start: ...', 'was stopped by SIGINT ...'."""
+    ending, why = _end_of(marker) or ("gave up", "")
+    return f"{ENDINGS[ending]}{why}"
+
+
+def _ended(node_rank: int, marker: Mapping[str, Any], rdv: Rendezvous | None) -> str:
+    """That node's ending, named: 'node rank 1 (gpu08) refused to start: ...'."""
+    host = marker.get("host") or (rdv.node_host(node_rank) if rdv is not None else "?")
+    return f"node rank {node_rank} ({host}) {_ending(marker)}"
+
+
+def _this_session(marker: Mapping[str, Any], since: float) -> bool:
+    """Written after this node started, give or take JOIN_CLOCK_SKEW_S."""
+    t = marker.get("t")
+    return isinstance(t, (int, float)) and t >= since - JOIN_CLOCK_SKEW_S
+
+
+def _record_end(
+    run_dir: Path, rdv: Rendezvous, ending: str, why: str, token: str | None = None, **extra: Any
+) -> None:
+    """This node's marker says that it ended and why (best effort; RUN_DIR is not created)."""
+    with contextlib.suppress(OSError):
+        roll_dir(run_dir).mkdir(exist_ok=True)
+        mine = {"token": token, "status": ending, "why": why, "host": rdv.host, "pid": os.getpid()}
+        _write(_marker(run_dir, rdv.node_rank), {**mine, **extra})
+
+
+def _stopped_by(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return f"by {signal_of(exc).name} while waiting for the other nodes"
+    return f"by an error while waiting for the other nodes ({type(exc).__name__}: {exc})"
 
 
 def _node0(run_dir: Path, rdv: Rendezvous, token: str, status: str, **extra: Any) -> None:
@@ -423,6 +514,32 @@ def _node0(run_dir: Path, rdv: Rendezvous, token: str, status: str, **extra: Any
     )
 
 
+def arrive(run_dir: Path, rdv: Rendezvous) -> None:
+    """This node starts (again): an ending its marker holds from an earlier attempt no
+    longer speaks for it, so that a node waiting for this one does not stop on it."""
+    path = _marker(run_dir, rdv.node_rank)
+    if _end_of(_read(path)) is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def refuse(run_dir: Path, rdv: Rendezvous, why: str, *, finished_run: bool = False) -> None:
+    """This node refused to start (``why``: the one-line error): tell the nodes waiting for
+    it, which then stop at once rather than at the end of their --join-timeout.
+
+    Only into a RUN_DIR that exists (nothing is created for a refusal; the others then give
+    up after their bounded wait). ``finished_run``: refused because RUN_DIR holds an earlier
+    run, which every node given the same command refuses alike: that folder is left as it
+    is unless a meeting is under way in it (another node waits there). Nor does a node
+    rank > 0 write once node 0 has started: its run goes on without this node (a second
+    copy of a node's command, refused) and must not be stopped for it."""
+    if not run_dir.is_dir() or (finished_run and not roll_dir(run_dir).is_dir()):
+        return
+    if rdv.node_rank > 0 and (_read(_marker(run_dir, 0)) or {}).get("status") == "started":
+        return
+    _record_end(run_dir, rdv, "refused", why)
+
+
 def join(
     run_dir: Path,
     rdv: Rendezvous,
@@ -430,102 +547,221 @@ def join(
     timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
     poll_s: float = 0.2,
     say: Say | None = None,
+    since: float | None = None,
+    every_s: float = JOIN_PROGRESS_S,
 ) -> None:
     """Meet the other nodes in RUN_DIR before any rank starts; returns when this node may
-    start torchrun. Raises (one line each): RunDirNotSharedError, NodeJoinError,
-    RendezvousUnreachableError."""
-    roll = roll_dir(run_dir)
-    deadline = time.monotonic() + timeout_s
+    start torchrun. ``since``: when this node started (``time.time()``; default now), to
+    tell this session's markers from an earlier attempt's. ``say`` gets a "waiting for ..."
+    line every ``every_s`` seconds.
+
+    Raises (one line each) NodeJoinError when a node does not join within ``timeout_s``
+    or another node refused, gave up or was stopped, naming it; RendezvousUnreachableError
+    when node 0 started but its port cannot be reached. Whatever ends the wait (those, or
+    Ctrl-C: KeyboardInterrupt / Interrupted) is written into this node's marker first, so
+    that the nodes still waiting stop too."""
+    since = time.time() if since is None else since
     if rdv.node_rank == 0:
-        token = secrets.token_hex(8)
-        roll.mkdir(parents=True, exist_ok=True)
-        for old in roll.glob("node*.json"):
+        _host(run_dir, rdv, timeout_s, poll_s, say, since, every_s)
+    else:
+        _follow(run_dir, rdv, timeout_s, poll_s, say, since, every_s)
+
+
+def _ranks(ranks: list[int], rdv: Rendezvous) -> str:
+    """'node ranks 1 (gpu08), 2 (gpu09)'; without a host list (--nnodes), 'node rank 1'."""
+    named = [f"{r} ({rdv.node_host(r)})" if rdv.hosts else str(r) for r in ranks]
+    return f"node rank{'s' if len(ranks) > 1 else ''} {', '.join(named)}"
+
+
+def _host(
+    run_dir: Path,
+    rdv: Rendezvous,
+    timeout_s: float,
+    poll_s: float,
+    say: Say | None,
+    since: float,
+    every_s: float,
+) -> None:
+    """Node 0: wait until every other node echoed this session's token."""
+    roll = roll_dir(run_dir)
+    began = time.monotonic()
+    token = secrets.token_hex(8)
+    roll.mkdir(parents=True, exist_ok=True)
+    for old in roll.glob("node*.json"):
+        marker = _read(old)
+        if _end_of(marker) is None or not _this_session(marker or {}, since):
             old.unlink(missing_ok=True)  # an earlier session's
-        _node0(run_dir, rdv, token, "waiting")
-        others = set(range(1, rdv.nnodes))
-        told, began = False, time.monotonic()
+    _node0(run_dir, rdv, token, "waiting")
+    others = range(1, rdv.nnodes)
+    next_say = every_s / 2
+    try:
         while True:
-            answered = {
-                r for r in others if (_read(_marker(run_dir, r)) or {}).get("token") == token
-            }
-            for r in sorted(answered):
-                why = (_read(_marker(run_dir, r)) or {}).get("failed")
-                if why:
-                    raise NodeJoinError(f"node rank {r} ({rdv.node_host(r)}) gave up: {why}")
-            missing = sorted(others - answered)
+            seen = {r: _read(_marker(run_dir, r)) or {} for r in others}
+            for r, marker in seen.items():
+                if _end_of(marker) and (
+                    marker.get("token") == token or _this_session(marker, since)
+                ):
+                    why = _ended(r, marker, rdv)
+                    _node0(run_dir, rdv, token, "stopped", why=f"because {why}")
+                    raise NodeJoinError(f"{why} (no rank was started)")
+            missing = [r for r in others if seen[r].get("token") != token]
             if not missing:
                 _node0(run_dir, rdv, token, "started")
                 return
-            if time.monotonic() > deadline:
-                _node0(run_dir, rdv, token, "gave up", missing=missing)
-                names = ", ".join(f"{r} ({rdv.node_host(r)})" for r in missing)
-                raise NodeJoinError(
-                    f"node rank{'s' if len(missing) > 1 else ''} {names} did not show up in "
-                    f"{run_dir} within {timeout_s:.0f} s: start the same zeroplan launch on "
-                    "every node (under SLURM: srun --ntasks-per-node 1 zeroplan launch ...), "
-                    "with RUN_DIR on a filesystem they all share"
+            waited = time.monotonic() - began
+            if waited > timeout_s:
+                names = _ranks(missing, rdv)
+                _node0(
+                    run_dir,
+                    rdv,
+                    token,
+                    "gave up",
+                    why=f"{names} did not join within {timeout_s:.0f} s",
+                    missing=missing,
                 )
-            if say is not None and not told and time.monotonic() - began > 5:
-                say(f"waiting for node rank {', '.join(map(str, missing))} to join in {run_dir}")
-                told = True
+                raise NodeJoinError(
+                    f"{names} did not show up in {run_dir} within {timeout_s:.0f} s: start "
+                    "the same zeroplan launch on every node (under SLURM: srun "
+                    "--ntasks-per-node 1 zeroplan launch ...), with RUN_DIR on a filesystem "
+                    "they all share; a node that refused to start says why in its own output"
+                )
+            if say is not None and waited >= next_say:
+                say(
+                    f"waiting for {len(missing)} of {rdv.nnodes} nodes at {rdv.master_addr}:"
+                    f"{rdv.master_port} ({_ranks(missing, rdv)}) to join in {run_dir}: "
+                    f"{waited:.0f} s of --join-timeout {timeout_s:.0f} s"
+                )
+                next_say = waited + every_s
             time.sleep(poll_s)
+    except ZeroplanError:
+        raise  # its ending is written
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            _node0(run_dir, rdv, token, "stopped", why=_stopped_by(exc))
+        raise
 
+
+def _follow(
+    run_dir: Path,
+    rdv: Rendezvous,
+    timeout_s: float,
+    poll_s: float,
+    say: Say | None,
+    since: float,
+    every_s: float,
+) -> None:
+    """A node rank > 0: echo node 0's token, then wait for its rendezvous port to open."""
     mine = _marker(run_dir, rdv.node_rank)
+    began = time.monotonic()
+    next_say = every_s / 2
     echoed: str | None = None
-    seen: dict[str, Any] | None = None
+    seen: dict[str, Any] | None = None  # node 0's marker of this session, last read
+    earlier: dict[str, Any] | None = None  # an earlier attempt's ending of node 0
+    missing: list[int] = [0]
     why = "nothing tried yet"
-    while True:
-        head = _read(_marker(run_dir, 0))
-        if head is not None:
-            seen = head
-            if head.get("token") != echoed:
-                echoed = str(head.get("token"))
-                _write(mine, {"token": echoed, "host": rdv.host, "pid": os.getpid()})
-            if head.get("status") == "gave up":
-                raise NodeJoinError(
-                    f"node rank 0 ({head.get('host')}) gave up waiting for node rank "
-                    f"{', '.join(map(str, head.get('missing') or []))}"
-                )
-            if head.get("status") == "started":
-                why = port_open(rdv.master_addr, rdv.master_port) or ""
-                if not why:
-                    return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(poll_s)
+    try:
+        while True:
+            head = _read(_marker(run_dir, 0))
+            if head is not None and _end_of(head) is not None:
+                if (echoed is not None and head.get("token") == echoed) or _this_session(
+                    head, since
+                ):
+                    raise NodeJoinError(f"{_ended(0, head, rdv)} (no rank was started)")
+                if earlier is None and say is not None:
+                    ago = since - float(head.get("t") or since)
+                    say(
+                        f"note: node rank 0's last attempt, {ago:.0f} s before this node "
+                        f"started, {_ending(head)}; waiting for it to start again"
+                    )
+                earlier, head = head, None
+            if head is not None:
+                seen = head
+                if head.get("token") != echoed:
+                    echoed = str(head.get("token"))
+                    _write(mine, {"token": echoed, "host": rdv.host, "pid": os.getpid()})
+                missing = [
+                    r
+                    for r in range(1, rdv.nnodes)
+                    if r != rdv.node_rank
+                    and (_read(_marker(run_dir, r)) or {}).get("token") != echoed
+                ]
+                if head.get("status") == "started":
+                    why = port_open(rdv.master_addr, rdv.master_port) or ""
+                    if not why:
+                        return
+            waited = time.monotonic() - began
+            if waited > timeout_s:
+                break
+            if say is not None and waited >= next_say:
+                what = _following(run_dir, rdv, seen, missing, why)
+                say(f"{what}: {waited:.0f} s of --join-timeout {timeout_s:.0f} s")
+                next_say = waited + every_s
+            time.sleep(poll_s)
+    except ZeroplanError:
+        raise
+    except BaseException as exc:
+        _record_end(run_dir, rdv, "stopped", _stopped_by(exc), token=echoed)
+        raise
+    where = f"{rdv.master_addr}:{rdv.master_port}"
+    head_host = rdv.hosts[0] if rdv.hosts else rdv.master_addr
     if seen is None:
-        raise RunDirNotSharedError(
-            f"node rank 0's marker {_marker(run_dir, 0)} did not appear within {timeout_s:.0f} s: "
-            f"RUN_DIR must be on a filesystem every node shares (this is {rdv.host}), and "
-            "node rank 0 must be started with the same -o RUN_DIR"
+        last = ""
+        if earlier is not None:
+            last = f"; its last attempt {_ending(earlier)}"
+        raise NodeJoinError(
+            f"node rank 0 ({head_host}) did not join at {where} within {timeout_s:.0f} s "
+            f"({_marker(run_dir, 0)} never appeared{last}): start it with the same -o "
+            "RUN_DIR; if it was started, it stopped before joining (its output ends in a "
+            "'zeroplan: error:' line), or RUN_DIR is not on a filesystem every node shares "
+            f"(this is {rdv.host})"
         )
     if seen.get("status") != "started":
-        _give_up(mine, echoed, rdv, "node rank 0 never started")
+        waiting = f"for {_ranks(missing, rdv)}" if missing else "for the other nodes"
+        never = f"node rank 0 never started (after {timeout_s:.0f} s)"
+        _record_end(run_dir, rdv, "gave up", never, token=echoed)
         raise NodeJoinError(
-            f"node rank 0 ({seen.get('host')}) did not start within {timeout_s:.0f} s "
-            "(it waits for every node to join)"
+            f"node rank 0 ({seen.get('host')}) did not start within {timeout_s:.0f} s: it "
+            f"was still waiting {waiting} to join in {run_dir}"
         )
-    reason = f"cannot reach the rendezvous at {rdv.master_addr}:{rdv.master_port} from {rdv.host}"
-    _give_up(mine, echoed, rdv, reason)
+    reason = f"cannot reach the rendezvous at {where} from {rdv.host}"
+    _record_end(run_dir, rdv, "gave up", reason, token=echoed)
     raise RendezvousUnreachableError(
         f"{reason} within {timeout_s:.0f} s ({why}): check that {rdv.master_addr} is node "
         "rank 0 and that the port is open between the nodes, or pick another with --master-port"
     )
 
 
-def _give_up(mine: Path, token: str | None, rdv: Rendezvous, why: str) -> None:
-    with contextlib.suppress(OSError):
-        _write(mine, {"token": token, "host": rdv.host, "pid": os.getpid(), "failed": why})
+def _following(
+    run_dir: Path,
+    rdv: Rendezvous,
+    head: Mapping[str, Any] | None,
+    missing: list[int],
+    why: str,
+) -> str:
+    """What a node rank > 0 waits for, as the start of a progress line."""
+    where = f"{rdv.master_addr}:{rdv.master_port}"
+    if head is None:
+        return f"waiting for node rank 0 at {where} (no {_marker(run_dir, 0)} yet)"
+    if head.get("status") == "started":
+        return f"waiting for the rendezvous at {where} to open ({why})"
+    return (
+        f"waiting for {len(missing) + 1} of {rdv.nnodes} nodes at {where} "
+        f"(node rank 0, which waits for {_ranks(missing, rdv)})"
+        if missing
+        else f"waiting for node rank 0 at {where} to start"
+    )
 
 
 def failed_nodes(run_dir: Path) -> dict[int, str]:
-    """node rank -> why, for every node that gave up joining (node 0 reads this while the
-    run goes)."""
+    """node rank -> what ended it ("node rank 1 (gpu08) gave up: ..."), for every node
+    rank > 0 that gave up joining or was stopped after node 0 started (node 0's supervisor
+    reads this while the run goes)."""
     out = {}
     for path in roll_dir(run_dir).glob("node*.json"):
-        data = _read(path) or {}
-        if data.get("failed") and path.stem[4:].isdigit():
-            out[int(path.stem[4:])] = f"{data.get('host', '?')}: {data['failed']}"
+        rank = path.stem[4:]
+        marker = _read(path)
+        if rank.isdigit() and int(rank) > 0 and marker and _end_of(marker) is not None:
+            out[int(rank)] = _ended(int(rank), marker, None)
     return out
 
 

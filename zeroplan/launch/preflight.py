@@ -2,7 +2,8 @@
 
 Each failure is one ZeroplanError (one line in the CLI, exit status 2):
 
-* the run folder already holds a run and --resume was not given (RunDirExistsError);
+* the run folder already holds a run and --resume was not given (RunDirExistsError; on
+  every node of a run of several, so that they all refuse it alike);
 * the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks);
 * a local model folder has no tokenizer files (TokenizerNotFoundError);
 * a package the plan or the launcher needs is missing (MissingDependencyError);
@@ -323,8 +324,10 @@ def preflight(
         if note:
             notes.append(note)
 
-    if launch.first_rank == 0:  # a node rank > 0 writes into node 0's fresh run folder
-        attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
+    # every node, so that all of them refuse an earlier run alike (one that went on alone
+    # would wait for the others): none of this session's ranks has written anything yet,
+    # since node 0 writes RUN_DIR's files only after every node joined, after this check
+    attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
     attempt(lambda: check_data(launch.data))
     attempt(lambda: check_tokenizer(str(launch.plan["model"])))
     attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))

@@ -232,11 +232,11 @@ class Supervisor:
                 )
             gone = self._failed_node()
             if gone is not None:
-                killed = self._terminate(why=f"node rank {gone[0]} gave up")
+                killed = self._terminate(why=gone[1])
                 return RunResult(
                     1,
                     "node failed",
-                    f"node rank {gone[0]} ({gone[1]}) gave up, so the ranks here were stopped",
+                    f"{gone[1]}, so the ranks here were stopped",
                     exits=read_exits(self.launch.log_dir),
                     killed=killed,
                 )
@@ -290,7 +290,8 @@ class Supervisor:
             time.sleep(self.poll_s)
 
     def _failed_node(self) -> tuple[int, str] | None:
-        """Several nodes: one that gave up joining (its marker in RUN_DIR/.nodes says why)."""
+        """Several nodes: one that gave up joining or was stopped (its marker in
+        RUN_DIR/.nodes says why): (node rank, what ended it)."""
         if self.launch.rendezvous is None:
             return None
         now = time.monotonic()
