@@ -67,6 +67,8 @@ def cluster_of(row: dict[str, Any]) -> Cluster:
         gpu = dataclasses.replace(
             gpu, memory_bytes=int(env["gpu_total_bytes"] * row["memory_fraction"])
         )
+    if row.get("p2p") is False:  # run with NCCL_P2P_DISABLE=1 (speed_grid.py records it)
+        gpu = dataclasses.replace(gpu, p2p=False)
     return Cluster(gpu=gpu, gpus_per_node=row["world_size"])
 
 

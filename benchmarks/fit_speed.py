@@ -167,7 +167,11 @@ def features(r: dict[str, Any]) -> Features:
             a=speed.flops_per_token(spec, setup)
             * setup.tokens
             / (speed.peak_tflops(setup, gpu) * 1e12),
-            b=setup.tokens * speed.adapted_features(spec, setup) / bw * recompute,
+            b=setup.tokens
+            * speed.adapted_features(spec, setup)
+            / bw
+            * recompute
+            * (speed.DEEPSPEED_LORA_SHARE if setup.deepspeed else 1.0),
             e=setup.tokens * speed.activation_features(spec) / bw * recompute,
             v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
             c=dequant / bw,
@@ -358,10 +362,12 @@ def launch_step_s() -> float | None:
     return statistics.median(out) if out else None
 
 
-def zero3_tensor_s(rows: list[dict[str, Any]]) -> float | None:
-    """(t_ZeRO-3 − t_DDP) / (accumulation · parameter tensors) over ZeRO-3 rows with a DDP
-    twin of the same shape on the same machine (the hooks are what ZeRO-3 adds when its
-    gathers hide behind compute, as they did: the same time with and without P2P)."""
+def zero3_tensor_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
+    """(t_ZeRO-3 − t_DDP · r) / (accumulation · parameter tensors) over ZeRO-3 rows with a
+    DDP twin of the same shape on the same machine, r the model's ratio of the two steps
+    without the hooks (DeepSpeed's bf16 LoRA moves less: DEEPSPEED_LORA_SHARE). The hooks are
+    what ZeRO-3 adds when its gathers hide behind compute, as they did: the same time with
+    and without P2P."""
     ddp = {}
     for r in rows:
         if r.get("ddp") and r.get("world_size", 1) > 1:
@@ -369,8 +375,14 @@ def zero3_tensor_s(rows: list[dict[str, Any]]) -> float | None:
     out = []
     for r in rows:
         if r["zero"] == 3 and r.get("world_size", 1) > 1 and _shape(r) in ddp:
-            spec, setup = load_model(r["model"]), setup_of(r)
-            extra = measured_seconds(r) - measured_seconds(ddp[_shape(r)])
+            spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+            twin = ddp[_shape(r)]
+            no_hooks = dataclasses.replace(k, zero3_tensor_s=0.0)
+            ratio = (
+                speed.step_time(spec, setup, cluster, launched=False, k=no_hooks).total_s
+                / speed.step_time(spec, setup_of(twin), cluster, launched=False, k=no_hooks).total_s
+            )
+            extra = measured_seconds(r) - measured_seconds(twin) * ratio
             out.append(extra / (setup.grad_accum * speed.parameter_tensors(spec, setup)))
     return statistics.median(out) if out else None
 
@@ -394,7 +406,7 @@ def measured_constants(
     staged = host_staged_gbs(rows)
     k2 = dataclasses.replace(k, host_staged_gbs=staged or k.host_staged_gbs)
     return {
-        "zero3_tensor_s": zero3_tensor_s(rows),
+        "zero3_tensor_s": zero3_tensor_s(rows, k),
         "host_staged_gbs": staged,
         "cpu_adam_params_per_s": cpu_adam_params_per_s(rows, k2),
         "launch_step_s": launch_step_s(),

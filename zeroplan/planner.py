@@ -251,13 +251,28 @@ def complexity(setup: TrainSetup) -> int:
     return 10 * (dist + offload) + optim + int(setup.fused_loss)
 
 
-def _score(req: PlanRequest, c: Candidate) -> tuple[float, ...]:
+# Predicted speeds this close to the fastest are a tie, which the simpler setup wins (then
+# the one with more memory to spare): the speed model's held-out error is 5-10% at the
+# median, so a 2% edge is not a reason to add DeepSpeed or offload to a run.
+TIE = 0.03
+
+
+def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
     if req.objective == "memory":
         return (c.estimate.required_bytes, -c.step.tokens_per_s)
-    # time and cost rank alike on one cluster; speeds within 1% are a tie, which the
-    # simpler setup wins, then the one with more memory to spare
-    speed_bin = -math.floor(math.log(c.step.tokens_per_s) / math.log(1.01))
-    return (speed_bin, complexity(c.setup), c.estimate.required_bytes)
+    # time and cost rank alike on one cluster
+    tied = c.step.tokens_per_s >= (1 - TIE) * fastest
+    if tied:
+        return (0, complexity(c.setup), c.estimate.required_bytes, -c.step.tokens_per_s)
+    return (1, -c.step.tokens_per_s, complexity(c.setup), c.estimate.required_bytes)
+
+
+def _rank(req: PlanRequest, cands: list[Candidate]) -> list[Candidate]:
+    """Fastest first, speeds within TIE of the fastest ranked by simplicity."""
+    if not cands:
+        return []
+    fastest = max(c.step.tokens_per_s for c in cands)
+    return sorted(cands, key=lambda c: _score(req, c, fastest))
 
 
 def plan(req: PlanRequest) -> Plan:
@@ -268,7 +283,7 @@ def plan(req: PlanRequest) -> Plan:
             results.append(evaluate(req, setup))
         except ZeroplanError:
             continue  # a combination the estimator refuses (e.g. unsupported for this model)
-    fitting = sorted((c for c in results if c.fits), key=lambda c: _score(req, c))
+    fitting = _rank(req, [c for c in results if c.fits])
     # --method lora keeps the bf16 base when any bf16 setup fits; the 4-bit one is shown aside
     alternative = None
     fell_back = False
@@ -276,7 +291,7 @@ def plan(req: PlanRequest) -> Plan:
         bf16 = [c for c in fitting if c.setup.method == "lora"]
         four_bit = [c for c in fitting if c.setup.method == "qlora"]
         if bf16:
-            fitting, alternative = bf16, (four_bit[0] if four_bit else None)
+            fitting, alternative = _rank(req, bf16), (four_bit[0] if four_bit else None)
         else:
             fell_back = bool(four_bit)
     best = fitting[0] if fitting else None
@@ -304,14 +319,19 @@ def plan(req: PlanRequest) -> Plan:
                     f"{_gib(least.estimate.required_bytes)} GiB of {_gib(gpu_limit)} usable"
                 )
         elif best is not None:
-            top = min(ok, key=lambda c: _score(req, c))
+            top = _rank(req, ok)[0]
             if req.objective == "memory":
                 more = top.estimate.required_bytes / best.estimate.required_bytes - 1
                 rejected[fam] = f"needs {more:.0%} more memory ({describe(top.setup)})"
             else:
                 slower = best.step.tokens_per_s / top.step.tokens_per_s - 1
                 if slower < 0.01:
-                    rejected[fam] = f"as fast, but adds moving parts ({describe(top.setup)})"
+                    # a tie: within TIE of the chosen one, faster or slower
+                    edge = top.step.tokens_per_s / best.step.tokens_per_s - 1
+                    rejected[fam] = (
+                        f"as fast (predicted {edge:+.0%}, a tie within {TIE:.0%}), but adds "
+                        f"moving parts ({describe(top.setup)})"
+                    )
                 else:
                     rejected[fam] = f"slower by {slower:.0%} at its best ({describe(top.setup)})"
     suggestion = None if best else suggest(req)
