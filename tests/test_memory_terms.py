@@ -20,7 +20,7 @@ from zeroplan.hardware import Cluster, get_gpu, parse_cluster
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.memory.activations import activation_profile, per_layer_bytes_per_token
 from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
-from zeroplan.memory.gradients import gradients, resident_gradients
+from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
 from zeroplan.memory.precision import amp_weight_copies, loss_scaler_bytes
@@ -743,6 +743,17 @@ def test_full_fp16_without_deepspeed_is_amp_on_an_fp32_model() -> None:
     ckpt = dataclasses.replace(setup, grad_ckpt=True, micro_batch=1, seq_len=2048)
     assert activation_profile(LLAMA_8B, ckpt, PSI).checkpoints == 4 * H * 2048 * L
     assert activation_profile(LLAMA_8B, ckpt, PSI).autocast_weights == 2 * (PSI_LIN + V * H)
+
+
+def test_tied_embedding_backward_bf16_and_amp() -> None:
+    """bf16: lm_head's gradient is a view, summed with the embedding's out of place (2 · 2 B·V·h);
+    AMP: it comes out of the fp32 cast's backward and is summed in place (1 · 4 B·V·h)."""
+    v_h = V1 * H1
+    assert tied_embedding_backward(LLAMA_1B, TrainSetup(method="full")) == 2 * 2 * v_h
+    assert tied_embedding_backward(LLAMA_1B, TrainSetup(method="full", precision="fp16")) == 4 * v_h
+    assert tied_embedding_backward(LLAMA_8B, TrainSetup(method="full", precision="fp16")) == 0
+    assert tied_embedding_backward(LLAMA_1B, TrainSetup(method="full", zero=2)) == 0
+    assert tied_embedding_backward(LLAMA_1B, lora()) == 0
 
 
 def test_fp16_loss_scaler_state() -> None:

@@ -9,7 +9,8 @@ persistent buffers; from the second step on the optimizer states exist throughou
     lm_head       static + resident grads + saved activations + lm_head grad + bf16 logits grad
     layer         static + resident grads + saved (or checkpoints + one recomputed layer)
                   + its backward transients + reduce buckets + ZeRO-3 gathered layer
-    embedding     full fine-tuning without DeepSpeed: static + all gradients (+ 2 V·h tied)
+    embedding     full fine-tuning without DeepSpeed: static + all gradients
+                  + the tied embedding's sum (gradients.tied_embedding_backward)
     step          static + the gradients at the step (gradients.gradients)
                   + foreach AdamW's temporaries (optimizer.adamw_step_temporaries)
 
@@ -32,7 +33,7 @@ from zeroplan.errors import BadSetupError, UnsupportedModelError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile, fp32_adapter_inputs
 from zeroplan.memory.buffers import comm_buffers, frozen_base_held, offload_cpu_bytes
-from zeroplan.memory.gradients import gradients, resident_gradients
+from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import kept_logits_bytes, kept_output, logits, loss_forward_bytes
 from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
 from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
@@ -157,12 +158,11 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         }
     if full and not setup.deepspeed:
         # The end of backward: every gradient exists, and a tied embedding's dense gradient
-        # is computed and summed into lm_head's: two more V·h bf16 tensors (measured,
-        # Llama-3.2-1B/3B); an untied embedding writes its gradient in place.
+        # is computed and summed with lm_head's.
         phases["embedding backward (end of backward)"] = {
             "activations": act.checkpoints if setup.grad_ckpt else 0,
             "logits": 0,
-            "gradients": grads.bytes + (2 * grad_width * v_h if spec.tie_word_embeddings else 0),
+            "gradients": grads.bytes + tied_embedding_backward(spec, setup),
             "buffers": 0,
             # the saved keys and values are gone from the graph, the output's cache holds them
             "kept_output": kept.bytes,
