@@ -23,7 +23,12 @@ from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
 from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
-from zeroplan.memory.precision import amp_weight_copies, loss_scaler_bytes
+from zeroplan.memory.precision import (
+    amp_input_casts_per_token,
+    amp_norm_extra_per_token,
+    amp_weight_copies,
+    loss_scaler_bytes,
+)
 from zeroplan.memory.weights import adapter_weights, base_weights
 from zeroplan.models import ModelSpec, spec_from_config
 from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
@@ -743,6 +748,30 @@ def test_full_fp16_without_deepspeed_is_amp_on_an_fp32_model() -> None:
     ckpt = dataclasses.replace(setup, grad_ckpt=True, micro_batch=1, seq_len=2048)
     assert activation_profile(LLAMA_8B, ckpt, PSI).checkpoints == 4 * H * 2048 * L
     assert activation_profile(LLAMA_8B, ckpt, PSI).autocast_weights == 2 * (PSI_LIN + V * H)
+
+
+def test_amp_saves_fp32_norm_outputs_and_one_input_cast_per_linear() -> None:
+    """AMP: each pre-norm saves its fp32 output (4 B·h, bf16 2 B·h) and q, k, v, gate and up
+    each save their own fp16 cast of it (bf16: one input per norm): 2·2h + (2 + 1)·2h = 10 B·h
+    more per token per layer, 2 B·h more at the final norm."""
+    amp = TrainSetup(method="full", precision="fp16")
+    bf16 = TrainSetup(method="full", precision="bf16")
+    assert amp_norm_extra_per_token(LLAMA_8B, amp) == 2 * H
+    assert amp_input_casts_per_token(LLAMA_8B, amp) == 2 * H * (2 + 1)
+    assert (
+        amp_norm_extra_per_token(LLAMA_8B, bf16) == amp_input_casts_per_token(LLAMA_8B, bf16) == 0
+    )
+    gain = per_layer_bytes_per_token(LLAMA_8B, amp) - per_layer_bytes_per_token(LLAMA_8B, bf16)
+    assert gain == 10 * H
+    t = 2048
+    amp_prof = activation_profile(LLAMA_8B, dataclasses.replace(amp, seq_len=t), PSI)
+    bf16_prof = activation_profile(LLAMA_8B, dataclasses.replace(bf16, seq_len=t), PSI)
+    assert amp_prof.head - bf16_prof.head == 2 * H * t
+    # fused projections (Phi-3) make one cast per norm, as bf16 does; Gemma's norm is fp32
+    phi3 = spec_from_config({**LLAMA_8B.config, "model_type": "phi3"}, name="phi3-like")
+    assert amp_input_casts_per_token(phi3, amp) == 0
+    gemma = spec_from_config({**LLAMA_8B.config, "model_type": "gemma"}, name="gemma-like")
+    assert amp_norm_extra_per_token(gemma, amp) == 0
 
 
 def test_tied_embedding_backward_bf16_and_amp() -> None:

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroplan.memory.precision import amp_weight_copies, residual_bytes
+from zeroplan.memory.precision import (
+    amp_input_casts_per_token,
+    amp_norm_extra_per_token,
+    amp_weight_copies,
+    residual_bytes,
+)
 from zeroplan.models import Linear, ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets
 
@@ -83,6 +88,10 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
                 2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
     MoE (uncalibrated): top_k × (expert MLP 8 B·i_e + gathered input 2 B·h) + router 8 B·E
     ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
+    AMP on an fp32 model (full fp16 without DeepSpeed): the two pre-norms' fp32 outputs
+                (precision.amp_norm_extra_per_token) and one fp16 input per linear
+                reading them (precision.amp_input_casts_per_token); the other tensors have
+                bf16's sizes in fp16
     """
     h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     full = setup.method == "full"
@@ -97,6 +106,12 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
         out.append(Saved("attention output + lse", BF16 * q + FP32 * heads))
     if spec.qk_norm:
         out.append(Saved("q/k norms", _norm(q + kv, spec, full)))
+
+    amp = 2 * amp_norm_extra_per_token(spec, setup) + amp_input_casts_per_token(
+        spec, setup, moe_layer
+    )
+    if amp:
+        out.append(Saved("AMP: fp32 norm outputs, per-linear fp16 inputs", amp))
 
     if moe_layer and spec.moe:
         ie, k, e = spec.moe.expert_intermediate_size, spec.moe.top_k, spec.moe.num_experts
@@ -131,10 +146,11 @@ def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
 
 
 def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
-    """Final norm (4 B·h, + 2 B·h full) and, full fine-tuning, lm_head's input 2 B·h."""
+    """Final norm (4 B·h, + 2 B·h full; AMP + precision.amp_norm_extra_per_token) and, full
+    fine-tuning, lm_head's input 2 B·h."""
     h = spec.hidden_size
     full = setup.method == "full"
-    return _norm(h, spec, full) + (BF16 * h if full else 0)
+    return _norm(h, spec, full) + (BF16 * h if full else 0) + amp_norm_extra_per_token(spec, setup)
 
 
 def eager_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -159,8 +175,8 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
 
     checkpoints = 2 B·h·T·L (non-reentrant checkpointing keeps each layer's input); 4 B·h·T·L
     for AMP on an fp32 model (precision.residual_bytes). Other saved tensors are counted as
-    in bf16 under fp16 too (the same sizes for fp16 tensors; an fp32 model's fp32 norm
-    outputs are not modelled yet).
+    in bf16 under fp16 too (the same sizes for fp16 tensors), plus AMP's fp32 norm outputs
+    and per-linear input casts (layer_saved).
     """
     t = setup.tokens
     dense = spec.num_dense_layers

@@ -13,8 +13,10 @@ Full fine-tuning without DeepSpeed is where fp16 differs: PyTorch AMP (what the 
 runs with ``fp16=True``) trains an fp32 model under fp16 autocast, because fp16 weights
 cannot take small updates and GradScaler refuses to unscale fp16 gradients. So weights,
 gradients and Adam states are fp32 (weights.trainable_bytes: 4 B, and 2 × 4 B of Adam),
-autocast caches fp16 copies of the weights it casts (amp_weight_copies), and the residual
-stream between layers is fp32 (residual_bytes).
+autocast caches fp16 copies of the weights it casts (amp_weight_copies), the residual
+stream between layers is fp32 (residual_bytes), so the norms save fp32 outputs
+(amp_norm_extra_per_token) and every linear reading one saves its own fp16 cast of it
+(amp_input_casts_per_token).
 
 Derived from the PyTorch / transformers / DeepSpeed sources named in each docstring; not
 yet calibrated on a GPU (the estimate says so).
@@ -56,6 +58,48 @@ def amp_weight_copies(spec: ModelSpec, setup: TrainSetup) -> int:
     if not amp_fp32_model(setup):
         return 0
     return FP16 * (spec.quantizable_params() + spec.vocab_size * spec.hidden_size)
+
+
+def amp_norm_extra_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes per token one norm on the fp32 residual saves beyond its bf16 figure, under AMP.
+
+    transformers' RMSNorm is ``weight * (x.float() * rsqrt(mean(x²) + ε)).to(input_dtype)``.
+    bf16 model: x.float() is a new fp32 tensor (4 B·h, saved by pow and mul) and the weight's
+    gradient needs the normalised tensor cast back to bf16 (2 B·h). AMP: x is the fp32
+    residual itself (4 B·h, the same bytes), ``.to(fp32)`` returns the normalised tensor
+    unchanged, and ``weight * n`` saves it in fp32: 4 B·h instead of 2, so 2 B·h more. A
+    layer's two pre-norms and the final norm read the residual; Gemma's norm multiplies in
+    fp32 under bf16 too (activations._norm): 0. Measured (memory_2xh200_fp16.jsonl, traced):
+    33 fp32 norm outputs of b·s·h in Llama-3.2-1B (2 per layer + the final norm).
+
+    Example: h = 2,048 → 4,096 B per token.
+    """
+    if not amp_fp32_model(setup) or spec.gemma_norm:
+        return 0
+    return (FP32 - FP16) * spec.hidden_size
+
+
+def amp_input_casts_per_token(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> int:
+    """Bytes per token a layer saves beyond bf16 because autocast casts every linear's input.
+
+    A norm's output is fp32 under AMP (amp_norm_extra_per_token) and autocast casts it to
+    fp16 once per linear that reads it: a cast of a non-leaf tensor is not cached
+    (autocast_mode.cpp, ``cached_cast``), and each matmul saves its own copy. Under bf16 the
+    one bf16 norm output is every such linear's saved input. So q, k and v save 3 copies of
+    2 B·h where bf16 saves one, gate and up 2: 2 B·h · ((n_qkv − 1) + (n_gate_up − 1)) more;
+    0 for a fused qkv_proj / gate_up_proj (Phi-3). MoE layers: the attention's only (the
+    router and experts are not modelled here). Measured (memory_2xh200_fp16.jsonl, traced):
+    5 fp16 b·s·h inputs per Llama-3.2-1B layer from q, k, v, gate and up.
+
+    Example: Llama (q, k, v; gate, up), h = 2,048 → 2 × 2,048 × (2 + 1) = 12,288 B per token.
+    """
+    if not amp_fp32_model(setup):
+        return 0
+    # every attention linear but o_proj reads the norm, every MLP linear but down_proj
+    extra = sum(1 for lin in spec.attention_linears() if lin.name != "o_proj") - 1
+    if not (moe_layer and spec.moe):
+        extra += sum(1 for lin in spec.dense_mlp_linears() if lin.name != "down_proj") - 1
+    return FP16 * spec.hidden_size * extra
 
 
 def residual_bytes(setup: TrainSetup) -> int:
