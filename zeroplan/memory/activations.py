@@ -18,8 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroplan.memory.precision import (
+    amp_copies_at_backward,
     amp_input_casts_per_token,
     amp_norm_extra_per_token,
+    amp_recompute_copies,
     amp_weight_copies,
     residual_bytes,
 )
@@ -167,7 +169,11 @@ class ActivationProfile:
     one_layer: int  # one layer's saved tensors (recomputed under checkpointing)
     transient: int  # gradients in flight in one layer's backward
     head: int  # final norm + lm_head input
-    autocast_weights: int  # bf16 copies of fp32 adapters made by autocast, held to backward
+    # Copies autocast makes of fp32 weights: LoRA's adapters (bf16, or fp16 on an fp16
+    # setup), AMP's fp32 model (precision.amp_*). Alive when backward starts:
+    autocast_weights: int
+    forward_weights: int  # ... alive at the end of the forward (autocast's cache)
+    recompute_weights: int  # ... alive while a checkpointed layer is recomputed
 
 
 def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> ActivationProfile:
@@ -177,12 +183,18 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     for AMP on an fp32 model (precision.residual_bytes). Other saved tensors are counted as
     in bf16 under fp16 too (the same sizes for fp16 tensors), plus AMP's fp32 norm outputs
     and per-linear input casts (layer_saved).
+
+    autocast's weight copies: LoRA's adapter copies 2 B·Ψ_t at every moment (counted held
+    throughout, as measured); AMP's per moment: amp_weight_copies at the forward's end,
+    amp_copies_at_backward at its start, amp_recompute_copies in a recomputed layer.
     """
     t = setup.tokens
     dense = spec.num_dense_layers
     moe_layers = spec.moe.num_moe_layers if spec.moe else 0
     dense_layer = per_layer_bytes_per_token(spec, setup) * t if dense else 0.0
     moe_layer = per_layer_bytes_per_token(spec, setup, moe_layer=True) * t if moe_layers else 0.0
+    # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
+    adapters = BF16 * trainable if setup.is_lora and not setup.deepspeed and setup.autocast else 0
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
         + eager_mask_bytes(spec, setup),
@@ -190,9 +202,7 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
         one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
         transient=int(backward_transient_per_token(spec, setup) * t),
         head=int(head_saved_per_token(spec, setup) * t),
-        # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
-        # (fp16 on an fp16 setup), or AMP's fp16 copies of an fp32 model's weights
-        autocast_weights=BF16 * trainable
-        if setup.is_lora and not setup.deepspeed and setup.autocast
-        else amp_weight_copies(spec, setup),
+        autocast_weights=adapters or amp_copies_at_backward(spec, setup),
+        forward_weights=adapters or amp_weight_copies(spec, setup),
+        recompute_weights=adapters or amp_recompute_copies(spec, setup),
     )

@@ -16,10 +16,13 @@ persistent buffers; from the second step on the optimizer states exist throughou
 
 A loop that keeps the model's output (logits.kept_output) holds its bf16 logits through
 every backward moment, and the whole output (logits + KV cache) through the step and the
-next forward, until ``out`` is reassigned; that adds one moment:
+next forward, until ``out`` is reassigned; and AMP under checkpointing holds every fp16
+weight copy in autocast's cache to the forward's end, not beyond (precision.amp_*). Either
+adds one moment:
 
-    forward end   static + resident grads + saved activations + the loss inside
-                  cross-entropy (logits.loss_forward_bytes) + the previous step's output
+    forward end   static + resident grads + saved activations (with the forward's weight
+                  copies) + the loss inside cross-entropy (logits.loss_forward_bytes)
+                  + the previous step's output
 
 "resident grads" exist before backward (gradients.resident_gradients): earlier
 micro-batches' under accumulation, DeepSpeed's persistent buffers. For full fine-tuning
@@ -101,8 +104,10 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     saved = act.checkpoints if setup.grad_ckpt else act.all_layers
     saved += act.head + act.autocast_weights
     recompute_act = (
-        act.checkpoints + act.one_layer + act.transient + act.head + act.autocast_weights
+        act.checkpoints + act.one_layer + act.transient + act.head + act.recompute_weights
     )
+    # at the forward's end autocast's cache still holds every weight copy it made
+    forward_saved = saved - act.autocast_weights + act.forward_weights
     # Full fine-tuning with checkpointing: recomputing layer 1 happens with the other
     # layers' gradients already allocated.
     late_grads = grads.bytes - grads.bytes // spec.num_layers if full and not setup.deepspeed else 0
@@ -131,9 +136,10 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "optimizer_temporaries": temps.bytes,
         },
     }
-    if kept.bytes:
-        phases["forward end (previous output alive)"] = {
-            "activations": saved,
+    if kept.bytes or forward_saved > saved:
+        why = "previous output alive" if kept.bytes else "autocast's weight copies alive"
+        phases[f"forward end ({why})"] = {
+            "activations": forward_saved,
             "logits": loss_forward_bytes(spec, setup),
             "gradients": resident,
             "buffers": head_gathered,

@@ -13,13 +13,14 @@ Full fine-tuning without DeepSpeed is where fp16 differs: PyTorch AMP (what the 
 runs with ``fp16=True``) trains an fp32 model under fp16 autocast, because fp16 weights
 cannot take small updates and GradScaler refuses to unscale fp16 gradients. So weights,
 gradients and Adam states are fp32 (weights.trainable_bytes: 4 B, and 2 × 4 B of Adam),
-autocast caches fp16 copies of the weights it casts (amp_weight_copies), the residual
-stream between layers is fp32 (residual_bytes), so the norms save fp32 outputs
-(amp_norm_extra_per_token) and every linear reading one saves its own fp16 cast of it
-(amp_input_casts_per_token).
+autocast caches fp16 copies of the weights it casts (amp_weight_copies; how many outlive
+the forward: amp_copies_at_backward, amp_recompute_copies), the residual stream between
+layers is fp32 (residual_bytes), so the norms save fp32 outputs (amp_norm_extra_per_token)
+and every linear reading one saves its own fp16 cast of it (amp_input_casts_per_token).
 
-Derived from the PyTorch / transformers / DeepSpeed sources named in each docstring; not
-yet calibrated on a GPU (the estimate says so).
+Derived from the PyTorch / transformers / DeepSpeed sources named in each docstring. The
+AMP terms were checked on one H200 (benchmarks/results/memory_2xh200_fp16.jsonl: three full
+fine-tuning rows, traced allocation by allocation); the estimate still calls fp16 derived.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ FP32 = 4
 # PyTorch's caching allocator rounds every allocation up to a 512-byte block
 # (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize).
 ALLOCATOR_BLOCK = 512
+# The layers' linears autocast casts (ModelSpec.quantizable_params counts the same ones).
+GROUPS = ("attn", "mlp")
 
 
 def amp_fp32_model(setup: TrainSetup) -> bool:
@@ -40,24 +43,69 @@ def amp_fp32_model(setup: TrainSetup) -> bool:
 
 
 def amp_weight_copies(spec: ModelSpec, setup: TrainSetup) -> int:
-    """fp16 copies of the fp32 weights that autocast makes in the forward, held to backward.
+    """fp16 copies of the fp32 weights that autocast makes in the forward: all alive at its end.
 
     AMP on an fp32 model: autocast casts each linear's fp32 weight to fp16 and caches the
-    copy for the rest of the forward (torch/csrc/autograd/autocast_mode.cpp, ``cached_cast``:
-    leaf tensors that require grad); the matmul saves it for backward, so every copy lives
-    until its layer's backward: 2 B · (Ψ_lin + V·h), Ψ_lin the decoder's linear weights,
-    V·h lm_head (embeddings, norms and biases are not cast: embedding is not an autocast
-    op, and a bias is added in the matmul's dtype). Counted as held through backward: exact
-    without checkpointing; with it an upper bound (the layers' copies die with the forward's
-    autocast cache, recompute makes one layer's again). 0 in every other setup (bf16, LoRA's
-    fp32 adapters are activations.ActivationProfile.autocast_weights, DeepSpeed casts the
-    model itself).
+    copy until the outermost autocast context exits, at the end of the forward
+    (torch/csrc/autograd/autocast_mode.cpp, ``cached_cast``: leaf tensors that require
+    grad; torch/amp/autocast_mode.py, ``__exit__`` clears the cache at nesting 0):
+    2 B · (Ψ_lin + V·h), Ψ_lin the decoder's linear weights, V·h lm_head (embeddings, norms
+    and biases are not cast: embedding is not an autocast op, biases are small). 0 in every
+    other setup (bf16; LoRA's fp32 adapters are activations.ActivationProfile.autocast_weights;
+    DeepSpeed casts the model itself). Which of them outlive the forward:
+    amp_copies_at_backward; which a checkpointed layer makes again: amp_recompute_copies.
+
+    Measured (benchmarks/results/memory_2xh200_fp16.jsonl, Llama-3.2-1B checkpointed, traced
+    with torch.cuda.memory._record_memory_history on an H200): allocated falls by
+    2 B · Ψ_lin = 1.81 GiB when the forward's autocast exits.
 
     Example: Ψ_lin = 1,000, V·h = 200 → 2 × 1,200 = 2,400 B.
     """
     if not amp_fp32_model(setup):
         return 0
     return FP16 * (spec.quantizable_params() + spec.vocab_size * spec.hidden_size)
+
+
+def amp_copies_at_backward(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The fp16 weight copies still alive when backward starts.
+
+    Each copy is saved for backward by the matmul that used it (its input gradient needs
+    the weight). Without checkpointing that holds every copy to its layer's backward: all of
+    amp_weight_copies, 2 B · (Ψ_lin + V·h). Non-reentrant checkpointing drops what the
+    layers save, so the autocast cache was their copies' only holder and they die when the
+    forward's autocast exits; lm_head is not checkpointed and keeps its copy: 2 B · V·h.
+
+    Example: Ψ_lin = 1,000, V·h = 200 → 2,400 B; checkpointed 400 B.
+    """
+    if not amp_fp32_model(setup):
+        return 0
+    if setup.grad_ckpt:
+        return FP16 * spec.vocab_size * spec.hidden_size
+    return amp_weight_copies(spec, setup)
+
+
+def amp_recompute_copies(spec: ModelSpec, setup: TrainSetup) -> int:
+    """fp16 weight copies alive while a checkpointed layer is recomputed and back-propagated.
+
+    Non-reentrant checkpointing recomputes a layer under the autocast state recorded at its
+    forward (torch/utils/checkpoint.py, ``recompute_fn``: ``torch.amp.autocast(**
+    device_autocast_kwargs)``). In the backward thread that context is the outermost, so its
+    cache is cleared when the recompute ends, but the recomputed matmuls have saved their
+    copies: one layer's, 2 B · Ψ_layer (the largest layer's linear weights, counted as in
+    amp_weight_copies), until that layer's backward. lm_head's copy died with lm_head's backward, before any layer's.
+    0 without checkpointing (amp_copies_at_backward holds them all) and outside AMP.
+
+    Example: a layer of 4 × 16 × 16 linear weights → 2 × 1,024 = 2,048 B.
+    """
+    if not amp_fp32_model(setup) or not setup.grad_ckpt:
+        return 0
+    largest = max(
+        sum(
+            lin.count * lin.in_features * lin.out_features for lin in linears if lin.group in GROUPS
+        )
+        for linears, _ in spec.linears_by_layer_kind()
+    )
+    return FP16 * largest
 
 
 def amp_norm_extra_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
