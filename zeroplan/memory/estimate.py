@@ -40,7 +40,7 @@ from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedd
 from zeroplan.memory.logits import kept_logits_bytes, kept_output, logits, loss_forward_bytes
 from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
 from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
-from zeroplan.memory.precision import loss_scaler_bytes
+from zeroplan.memory.precision import loss_scaler_bytes, residual_bytes
 from zeroplan.memory.result import MemoryEstimate, Term
 from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib, trainable_bytes
 from zeroplan.models import ModelSpec
@@ -313,7 +313,8 @@ def _activation_formula(
     t = setup.tokens
     if setup.grad_ckpt:
         return (
-            f"checkpoints 2 B × {spec.hidden_size} × {t:,} tokens × {spec.num_layers} layers = {gib(ckpts)}"
+            f"checkpoints {residual_bytes(setup)} B × {spec.hidden_size} × {t:,} tokens"
+            f" × {spec.num_layers} layers = {gib(ckpts)}"
             f" + one recomputed layer {gib(one)}"
         )
     per_tok = all_layers / max(1, t * spec.num_layers)
