@@ -85,8 +85,8 @@ def tied_embedding_backward(spec: ModelSpec, setup: TrainSetup) -> int:
            Llama-3.2-1B/3B, benchmarks/results/memory_h100.jsonl)
     AMP:   lm_head's gradient comes out of the backward of autocast's fp16 → fp32 cast, a
            fresh fp32 tensor, and is summed in place: the dense gradient only, 1 · 4 B · V·h
-           (measured, Llama-3.2-1B fp16 checkpointed, memory_2xh200_fp16.jsonl: two fp32
-           V·h tensors live at the peak, lm_head's and the embedding's)
+           (measured, Llama-3.2-1B fp16 checkpointed, memory_2xh200_fp16.jsonl; its trace,
+           memory_2xh200_fp16_trace.txt: two fp32 V·h tensors alive at the peak)
     untied: the embedding's gradient is its weight's only one and is kept as is: 0.
 
     Example: V·h = 1,000 → bf16 4,000 B, AMP 4,000 B.

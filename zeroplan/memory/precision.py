@@ -19,8 +19,9 @@ layers is fp32 (residual_bytes), so the norms save fp32 outputs (amp_norm_extra_
 and every linear reading one saves its own fp16 cast of it (amp_input_casts_per_token).
 
 Derived from the PyTorch / transformers / DeepSpeed sources named in each docstring. The
-AMP terms were checked on one H200 (benchmarks/results/memory_2xh200_fp16.jsonl: three full
-fine-tuning rows, traced allocation by allocation); the estimate still calls fp16 derived.
+AMP terms were checked on one H200 (benchmarks/results/memory_2xh200_fp16.jsonl, three full
+fine-tuning rows, and memory_2xh200_fp16_trace.txt, what is alive at their peaks); the
+estimate still calls fp16 derived.
 """
 
 from __future__ import annotations
@@ -55,9 +56,8 @@ def amp_weight_copies(spec: ModelSpec, setup: TrainSetup) -> int:
     DeepSpeed casts the model itself). Which of them outlive the forward:
     amp_copies_at_backward; which a checkpointed layer makes again: amp_recompute_copies.
 
-    Measured (benchmarks/results/memory_2xh200_fp16.jsonl, Llama-3.2-1B checkpointed, traced
-    with torch.cuda.memory._record_memory_history on an H200): allocated falls by
-    2 B · Ψ_lin = 1.81 GiB when the forward's autocast exits.
+    Measured (benchmarks/results/memory_2xh200_fp16_trace.txt, Llama-3.2-1B checkpointed, one
+    H200): allocated falls by 2 B · Ψ_lin = 1.81 GiB when the forward's autocast exits.
 
     Example: Ψ_lin = 1,000, V·h = 200 → 2 × 1,200 = 2,400 B.
     """
@@ -92,8 +92,9 @@ def amp_recompute_copies(spec: ModelSpec, setup: TrainSetup) -> int:
     device_autocast_kwargs)``). In the backward thread that context is the outermost, so its
     cache is cleared when the recompute ends, but the recomputed matmuls have saved their
     copies: one layer's, 2 B · Ψ_layer (the largest layer's linear weights, counted as in
-    amp_weight_copies), until that layer's backward. lm_head's copy died with lm_head's backward, before any layer's.
-    0 without checkpointing (amp_copies_at_backward holds them all) and outside AMP.
+    amp_weight_copies), until that layer's backward. lm_head's copy died with lm_head's
+    backward, before any layer's. 0 without checkpointing (amp_copies_at_backward holds
+    them all) and outside AMP.
 
     Example: a layer of 4 × 16 × 16 linear weights → 2 × 1,024 = 2,048 B.
     """
@@ -117,8 +118,8 @@ def amp_norm_extra_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     residual itself (4 B·h, the same bytes), ``.to(fp32)`` returns the normalised tensor
     unchanged, and ``weight * n`` saves it in fp32: 4 B·h instead of 2, so 2 B·h more. A
     layer's two pre-norms and the final norm read the residual; Gemma's norm multiplies in
-    fp32 under bf16 too (activations._norm): 0. Measured (memory_2xh200_fp16.jsonl, traced):
-    33 fp32 norm outputs of b·s·h in Llama-3.2-1B (2 per layer + the final norm).
+    fp32 under bf16 too (activations._norm): 0. Measured (memory_2xh200_fp16_trace.txt):
+    33 fp32 norm outputs of b·s·h alive in Llama-3.2-1B (2 per layer + the final norm).
 
     Example: h = 2,048 → 4,096 B per token.
     """
@@ -136,8 +137,8 @@ def amp_input_casts_per_token(spec: ModelSpec, setup: TrainSetup, moe_layer: boo
     one bf16 norm output is every such linear's saved input. So q, k and v save 3 copies of
     2 B·h where bf16 saves one, gate and up 2: 2 B·h · ((n_qkv − 1) + (n_gate_up − 1)) more;
     0 for a fused qkv_proj / gate_up_proj (Phi-3). MoE layers: the attention's only (the
-    router and experts are not modelled here). Measured (memory_2xh200_fp16.jsonl, traced):
-    5 fp16 b·s·h inputs per Llama-3.2-1B layer from q, k, v, gate and up.
+    router and experts are not modelled here). Measured (memory_2xh200_fp16_trace.txt): 5
+    fp16 b·s·h inputs per Llama-3.2-1B layer, from q, k, v, gate and up.
 
     Example: Llama (q, k, v; gate, up), h = 2,048 → 2 × 2,048 × (2 + 1) = 12,288 B per token.
     """
