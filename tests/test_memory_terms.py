@@ -20,10 +20,17 @@ from zeroplan.hardware import Cluster, get_gpu, parse_cluster
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.memory.activations import activation_profile, per_layer_bytes_per_token
 from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
-from zeroplan.memory.gradients import gradients, resident_gradients
+from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
-from zeroplan.memory.precision import amp_weight_copies, loss_scaler_bytes
+from zeroplan.memory.precision import (
+    amp_copies_at_backward,
+    amp_input_casts_per_token,
+    amp_norm_extra_per_token,
+    amp_recompute_copies,
+    amp_weight_copies,
+    loss_scaler_bytes,
+)
 from zeroplan.memory.weights import adapter_weights, base_weights
 from zeroplan.models import ModelSpec, spec_from_config
 from zeroplan.trainsetup import TrainSetup, lora_targets, trainable_params
@@ -742,7 +749,68 @@ def test_full_fp16_without_deepspeed_is_amp_on_an_fp32_model() -> None:
     # checkpoints of the fp32 residual stream: 4 B·h per token per layer
     ckpt = dataclasses.replace(setup, grad_ckpt=True, micro_batch=1, seq_len=2048)
     assert activation_profile(LLAMA_8B, ckpt, PSI).checkpoints == 4 * H * 2048 * L
-    assert activation_profile(LLAMA_8B, ckpt, PSI).autocast_weights == 2 * (PSI_LIN + V * H)
+
+
+def test_amp_weight_copies_by_moment() -> None:
+    """Without checkpointing every matmul saves its fp16 weight copy to backward; with it the
+    layers' copies live only in autocast's cache, cleared when the forward's autocast exits:
+    lm_head's copy reaches backward, and a recomputed layer makes its own again."""
+    amp = TrainSetup(method="full", precision="fp16")
+    ckpt = dataclasses.replace(amp, grad_ckpt=True)
+    every = 2 * (PSI_LIN + V * H)
+    assert amp_copies_at_backward(LLAMA_8B, amp) == every
+    assert amp_copies_at_backward(LLAMA_8B, ckpt) == 2 * V * H
+    assert amp_weight_copies(LLAMA_8B, ckpt) == every  # the forward's end, either way
+    assert amp_recompute_copies(LLAMA_8B, ckpt) == 2 * (ATTN_W + MLP_W)
+    assert amp_recompute_copies(LLAMA_8B, amp) == 0
+    for other in (TrainSetup(method="full", grad_ckpt=True), lora(precision="fp16")):
+        assert amp_copies_at_backward(LLAMA_8B, other) == 0
+        assert amp_recompute_copies(LLAMA_8B, other) == 0
+    prof = activation_profile(LLAMA_8B, ckpt, PSI)
+    assert (prof.forward_weights, prof.autocast_weights, prof.recompute_weights) == (
+        every,
+        2 * V * H,
+        2 * (ATTN_W + MLP_W),
+    )
+    # LoRA's adapter copies are counted alike at every moment, as measured under bf16
+    lora_prof = activation_profile(LLAMA_8B, lora(grad_ckpt=True), LORA_ALL)
+    assert lora_prof.forward_weights == lora_prof.autocast_weights == 2 * LORA_ALL
+    assert lora_prof.recompute_weights == 2 * LORA_ALL
+
+
+def test_amp_saves_fp32_norm_outputs_and_one_input_cast_per_linear() -> None:
+    """AMP: each pre-norm saves its fp32 output (4 B·h, bf16 2 B·h) and q, k, v, gate and up
+    each save their own fp16 cast of it (bf16: one input per norm): 2·2h + (2 + 1)·2h = 10 B·h
+    more per token per layer, 2 B·h more at the final norm."""
+    amp = TrainSetup(method="full", precision="fp16")
+    bf16 = TrainSetup(method="full", precision="bf16")
+    assert amp_norm_extra_per_token(LLAMA_8B, amp) == 2 * H
+    assert amp_input_casts_per_token(LLAMA_8B, amp) == 2 * H * (2 + 1)
+    assert (
+        amp_norm_extra_per_token(LLAMA_8B, bf16) == amp_input_casts_per_token(LLAMA_8B, bf16) == 0
+    )
+    gain = per_layer_bytes_per_token(LLAMA_8B, amp) - per_layer_bytes_per_token(LLAMA_8B, bf16)
+    assert gain == 10 * H
+    t = 2048
+    amp_prof = activation_profile(LLAMA_8B, dataclasses.replace(amp, seq_len=t), PSI)
+    bf16_prof = activation_profile(LLAMA_8B, dataclasses.replace(bf16, seq_len=t), PSI)
+    assert amp_prof.head - bf16_prof.head == 2 * H * t
+    # fused projections (Phi-3) make one cast per norm, as bf16 does; Gemma's norm is fp32
+    phi3 = spec_from_config({**LLAMA_8B.config, "model_type": "phi3"}, name="phi3-like")
+    assert amp_input_casts_per_token(phi3, amp) == 0
+    gemma = spec_from_config({**LLAMA_8B.config, "model_type": "gemma"}, name="gemma-like")
+    assert amp_norm_extra_per_token(gemma, amp) == 0
+
+
+def test_tied_embedding_backward_bf16_and_amp() -> None:
+    """bf16: lm_head's gradient is a view, summed with the embedding's out of place (2 · 2 B·V·h);
+    AMP: it comes out of the fp32 cast's backward and is summed in place (1 · 4 B·V·h)."""
+    v_h = V1 * H1
+    assert tied_embedding_backward(LLAMA_1B, TrainSetup(method="full")) == 2 * 2 * v_h
+    assert tied_embedding_backward(LLAMA_1B, TrainSetup(method="full", precision="fp16")) == 4 * v_h
+    assert tied_embedding_backward(LLAMA_8B, TrainSetup(method="full", precision="fp16")) == 0
+    assert tied_embedding_backward(LLAMA_1B, TrainSetup(method="full", zero=2)) == 0
+    assert tied_embedding_backward(LLAMA_1B, lora()) == 0
 
 
 def test_fp16_loss_scaler_state() -> None:
@@ -770,22 +838,49 @@ def test_fp16_lora_and_deepspeed_equal_bf16_plus_the_scaler() -> None:
 
 def test_full_fp16_peak_by_hand() -> None:
     """Llama-3.2-1B (tied), full, AMP, checkpointing, 1 × 2048 on one H100: the peak is the
-    recompute of layer 1, with fp32 weights 4 B·Ψ, fp32 Adam 8 B·Ψ, the GradScaler's 3 blocks,
-    every other layer's fp32 gradient 4 B·(Ψ − Ψ/L), fp32 checkpoints 4 B·h·T·L, autocast's
-    fp16 weight copies 2 B·(Ψ_lin + V·h), and one layer's recompute (as in bf16)."""
+    end of backward, with fp32 weights 4 B·Ψ, fp32 Adam 8 B·Ψ, the GradScaler's 3 blocks,
+    every fp32 gradient 4 B·Ψ, the embedding's dense fp32 gradient 4 B·V·h and the fp32
+    checkpoints 4 B·h·T·L. The recompute of layer 1 holds one layer's fp16 weight copies
+    2 B·Ψ_layer, not every layer's (they die with the forward's autocast cache)."""
     setup = TrainSetup(method="full", micro_batch=1, seq_len=2048, grad_ckpt=True, precision="fp16")
     est = estimate(LLAMA_1B, parse_cluster("1xH100"), setup)
-    assert est.peak_phase == "layer recompute (backward)"
-    psi, v_h, lin, t = LLAMA_1B.total_params, V1 * H1, LLAMA_1B.quantizable_params(), 2048
+    assert est.peak_phase == "embedding backward (end of backward)"
+    psi, v_h, t = LLAMA_1B.total_params, V1 * H1, 2048
+    static = 4 * psi + 8 * psi + 3 * 512
+    assert est.peak_allocated_bytes == static + 4 * psi + 4 * v_h + 4 * H1 * t * L1
     act = activation_profile(LLAMA_1B, setup, psi)
-    layer = act.one_layer + act.transient + act.head  # the bf16 model's, unchanged
-    expected = (
-        4 * psi
-        + 8 * psi
-        + 3 * 512
-        + (4 * psi - 4 * psi // L1)
-        + 4 * H1 * t * L1
-        + 2 * (lin + v_h)
-        + layer
+    layer_lin = 2 * H1 * H1 + 2 * H1 * KV1 + 3 * H1 * I1  # q, o; k, v; gate, up, down
+    assert act.recompute_weights == 2 * layer_lin
+
+
+def test_full_fp16_matches_the_h200_measurements() -> None:
+    """Llama-3.2-1B full AMP on one H200 (benchmarks/results/memory_2xh200_fp16.jsonl, peak
+    allocated): checkpointed 1 × 512 measured 20,895,089,664 B at the end of backward; without
+    checkpointing 2 × 1024 measured 24,796,345,344 B at the start of backward (the estimate
+    misses ~64 MiB of cuBLAS workspaces and optimizer step counters in both)."""
+    h200 = parse_cluster("1xH200")
+    amp = TrainSetup(method="full", precision="fp16")
+    ckpt = estimate(
+        LLAMA_1B, h200, dataclasses.replace(amp, micro_batch=1, seq_len=512, grad_ckpt=True)
     )
-    assert est.peak_allocated_bytes == expected
+    assert ckpt.peak_phase == "embedding backward (end of backward)"
+    assert abs(ckpt.peak_allocated_bytes / 20_895_089_664 - 1) < 0.005
+    plain = estimate(LLAMA_1B, h200, dataclasses.replace(amp, micro_batch=2, seq_len=1024))
+    assert plain.peak_phase == "loss (start of backward)"
+    assert abs(plain.peak_allocated_bytes / 24_796_345_344 - 1) < 0.005
+
+
+def test_amp_forward_end_holds_every_weight_copy() -> None:
+    """Checkpointed AMP with accumulation: the second micro-batch's forward ends with the first's
+    fp32 gradients 4 B·Ψ, every fp16 weight copy in autocast's cache 2 B·(Ψ_lin + V·h), the
+    loss inside cross-entropy 10 B·T·V, the checkpoints and the head: the step's peak."""
+    t = 512
+    setup = TrainSetup(
+        method="full", precision="fp16", micro_batch=1, seq_len=t, grad_ckpt=True, grad_accum=4
+    )
+    est = estimate(LLAMA_1B, parse_cluster("1xH200"), setup)
+    assert est.peak_phase == "forward end (autocast's weight copies alive)"
+    psi, lin, v_h = LLAMA_1B.total_params, LLAMA_1B.quantizable_params(), V1 * H1
+    head = activation_profile(LLAMA_1B, setup, psi).head
+    expected = 12 * psi + 3 * 512 + 4 * psi + 4 * H1 * t * L1 + head + 2 * (lin + v_h)
+    assert est.peak_allocated_bytes == expected + 10 * t * V1

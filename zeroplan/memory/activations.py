@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroplan.memory.precision import amp_weight_copies, residual_bytes
+from zeroplan.memory.precision import (
+    amp_copies_at_backward,
+    amp_input_casts_per_token,
+    amp_norm_extra_per_token,
+    amp_recompute_copies,
+    amp_weight_copies,
+    residual_bytes,
+)
 from zeroplan.models import Linear, ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets
 
@@ -83,6 +90,10 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
                 2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
     MoE (uncalibrated): top_k × (expert MLP 8 B·i_e + gathered input 2 B·h) + router 8 B·E
     ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
+    AMP on an fp32 model (full fp16 without DeepSpeed): the two pre-norms' fp32 outputs
+                (precision.amp_norm_extra_per_token) and one fp16 input per linear
+                reading them (precision.amp_input_casts_per_token); the other tensors have
+                bf16's sizes in fp16
     """
     h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     full = setup.method == "full"
@@ -97,6 +108,12 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
         out.append(Saved("attention output + lse", BF16 * q + FP32 * heads))
     if spec.qk_norm:
         out.append(Saved("q/k norms", _norm(q + kv, spec, full)))
+
+    amp = 2 * amp_norm_extra_per_token(spec, setup) + amp_input_casts_per_token(
+        spec, setup, moe_layer
+    )
+    if amp:
+        out.append(Saved("AMP: fp32 norm outputs, per-linear fp16 inputs", amp))
 
     if moe_layer and spec.moe:
         ie, k, e = spec.moe.expert_intermediate_size, spec.moe.top_k, spec.moe.num_experts
@@ -131,10 +148,11 @@ def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
 
 
 def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
-    """Final norm (4 B·h, + 2 B·h full) and, full fine-tuning, lm_head's input 2 B·h."""
+    """Final norm (4 B·h, + 2 B·h full; AMP + precision.amp_norm_extra_per_token) and, full
+    fine-tuning, lm_head's input 2 B·h."""
     h = spec.hidden_size
     full = setup.method == "full"
-    return _norm(h, spec, full) + (BF16 * h if full else 0)
+    return _norm(h, spec, full) + (BF16 * h if full else 0) + amp_norm_extra_per_token(spec, setup)
 
 
 def eager_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -151,7 +169,11 @@ class ActivationProfile:
     one_layer: int  # one layer's saved tensors (recomputed under checkpointing)
     transient: int  # gradients in flight in one layer's backward
     head: int  # final norm + lm_head input
-    autocast_weights: int  # bf16 copies of fp32 adapters made by autocast, held to backward
+    # Copies autocast makes of fp32 weights: LoRA's adapters (bf16, or fp16 on an fp16
+    # setup), AMP's fp32 model (precision.amp_*). Alive when backward starts:
+    autocast_weights: int
+    forward_weights: int  # ... alive at the end of the forward (autocast's cache)
+    recompute_weights: int  # ... alive while a checkpointed layer is recomputed
 
 
 def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> ActivationProfile:
@@ -159,14 +181,20 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
 
     checkpoints = 2 B·h·T·L (non-reentrant checkpointing keeps each layer's input); 4 B·h·T·L
     for AMP on an fp32 model (precision.residual_bytes). Other saved tensors are counted as
-    in bf16 under fp16 too (the same sizes for fp16 tensors; an fp32 model's fp32 norm
-    outputs are not modelled yet).
+    in bf16 under fp16 too (the same sizes for fp16 tensors), plus AMP's fp32 norm outputs
+    and per-linear input casts (layer_saved).
+
+    autocast's weight copies: LoRA's adapter copies 2 B·Ψ_t at every moment (counted held
+    throughout, as measured); AMP's per moment: amp_weight_copies at the forward's end,
+    amp_copies_at_backward at its start, amp_recompute_copies in a recomputed layer.
     """
     t = setup.tokens
     dense = spec.num_dense_layers
     moe_layers = spec.moe.num_moe_layers if spec.moe else 0
     dense_layer = per_layer_bytes_per_token(spec, setup) * t if dense else 0.0
     moe_layer = per_layer_bytes_per_token(spec, setup, moe_layer=True) * t if moe_layers else 0.0
+    # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
+    adapters = BF16 * trainable if setup.is_lora and not setup.deepspeed and setup.autocast else 0
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
         + eager_mask_bytes(spec, setup),
@@ -174,9 +202,7 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
         one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
         transient=int(backward_transient_per_token(spec, setup) * t),
         head=int(head_saved_per_token(spec, setup) * t),
-        # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
-        # (fp16 on an fp16 setup), or AMP's fp16 copies of an fp32 model's weights
-        autocast_weights=BF16 * trainable
-        if setup.is_lora and not setup.deepspeed and setup.autocast
-        else amp_weight_copies(spec, setup),
+        autocast_weights=adapters or amp_copies_at_backward(spec, setup),
+        forward_weights=adapters or amp_weight_copies(spec, setup),
+        recompute_weights=adapters or amp_recompute_copies(spec, setup),
     )

@@ -9,16 +9,20 @@ persistent buffers; from the second step on the optimizer states exist throughou
     lm_head       static + resident grads + saved activations + lm_head grad + bf16 logits grad
     layer         static + resident grads + saved (or checkpoints + one recomputed layer)
                   + its backward transients + reduce buckets + ZeRO-3 gathered layer
-    embedding     full fine-tuning without DeepSpeed: static + all gradients (+ 2 V·h tied)
+    embedding     full fine-tuning without DeepSpeed: static + all gradients
+                  + the tied embedding's sum (gradients.tied_embedding_backward)
     step          static + the gradients at the step (gradients.gradients)
                   + foreach AdamW's temporaries (optimizer.adamw_step_temporaries)
 
 A loop that keeps the model's output (logits.kept_output) holds its bf16 logits through
 every backward moment, and the whole output (logits + KV cache) through the step and the
-next forward, until ``out`` is reassigned; that adds one moment:
+next forward, until ``out`` is reassigned; and AMP under checkpointing holds every fp16
+weight copy in autocast's cache to the forward's end, not beyond (precision.amp_*). Either
+adds one moment:
 
-    forward end   static + resident grads + saved activations + the loss inside
-                  cross-entropy (logits.loss_forward_bytes) + the previous step's output
+    forward end   static + resident grads + saved activations (with the forward's weight
+                  copies) + the loss inside cross-entropy (logits.loss_forward_bytes)
+                  + the previous step's output
 
 "resident grads" exist before backward (gradients.resident_gradients): earlier
 micro-batches' under accumulation, DeepSpeed's persistent buffers. For full fine-tuning
@@ -32,11 +36,11 @@ from zeroplan.errors import BadSetupError, UnsupportedModelError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile, fp32_adapter_inputs
 from zeroplan.memory.buffers import comm_buffers, frozen_base_held, offload_cpu_bytes
-from zeroplan.memory.gradients import gradients, resident_gradients
+from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import kept_logits_bytes, kept_output, logits, loss_forward_bytes
 from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
 from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
-from zeroplan.memory.precision import loss_scaler_bytes
+from zeroplan.memory.precision import loss_scaler_bytes, residual_bytes
 from zeroplan.memory.result import MemoryEstimate, Term
 from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib, trainable_bytes
 from zeroplan.models import ModelSpec
@@ -100,8 +104,10 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     saved = act.checkpoints if setup.grad_ckpt else act.all_layers
     saved += act.head + act.autocast_weights
     recompute_act = (
-        act.checkpoints + act.one_layer + act.transient + act.head + act.autocast_weights
+        act.checkpoints + act.one_layer + act.transient + act.head + act.recompute_weights
     )
+    # at the forward's end autocast's cache still holds every weight copy it made
+    forward_saved = saved - act.autocast_weights + act.forward_weights
     # Full fine-tuning with checkpointing: recomputing layer 1 happens with the other
     # layers' gradients already allocated.
     late_grads = grads.bytes - grads.bytes // spec.num_layers if full and not setup.deepspeed else 0
@@ -130,9 +136,10 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "optimizer_temporaries": temps.bytes,
         },
     }
-    if kept.bytes:
-        phases["forward end (previous output alive)"] = {
-            "activations": saved,
+    if kept.bytes or forward_saved > saved:
+        why = "previous output alive" if kept.bytes else "autocast's weight copies alive"
+        phases[f"forward end ({why})"] = {
+            "activations": forward_saved,
             "logits": loss_forward_bytes(spec, setup),
             "gradients": resident,
             "buffers": head_gathered,
@@ -157,12 +164,11 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         }
     if full and not setup.deepspeed:
         # The end of backward: every gradient exists, and a tied embedding's dense gradient
-        # is computed and summed into lm_head's: two more V·h bf16 tensors (measured,
-        # Llama-3.2-1B/3B); an untied embedding writes its gradient in place.
+        # is computed and summed with lm_head's.
         phases["embedding backward (end of backward)"] = {
             "activations": act.checkpoints if setup.grad_ckpt else 0,
             "logits": 0,
-            "gradients": grads.bytes + (2 * grad_width * v_h if spec.tie_word_embeddings else 0),
+            "gradients": grads.bytes + tied_embedding_backward(spec, setup),
             "buffers": 0,
             # the saved keys and values are gone from the graph, the output's cache holds them
             "kept_output": kept.bytes,
@@ -307,7 +313,8 @@ def _activation_formula(
     t = setup.tokens
     if setup.grad_ckpt:
         return (
-            f"checkpoints 2 B × {spec.hidden_size} × {t:,} tokens × {spec.num_layers} layers = {gib(ckpts)}"
+            f"checkpoints {residual_bytes(setup)} B × {spec.hidden_size} × {t:,} tokens"
+            f" × {spec.num_layers} layers = {gib(ckpts)}"
             f" + one recomputed layer {gib(one)}"
         )
     per_tok = all_layers / max(1, t * spec.num_layers)

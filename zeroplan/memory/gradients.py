@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zeroplan.memory.precision import amp_fp32_model
 from zeroplan.memory.result import Term
 from zeroplan.memory.weights import BF16, FP32, gib, trainable_bytes
 from zeroplan.models import ModelSpec
@@ -69,3 +70,28 @@ def resident_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
     if setup.zero == 2:
         return BF16 * n_t // world if accumulating else 0
     return BF16 * n_t // world
+
+
+def tied_embedding_backward(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes beyond the gradients while a tied embedding's backward ends (full, no DeepSpeed).
+
+    The embedding's backward makes a dense V·h gradient (aten embedding_dense_backward:
+    ``at::zeros({V, h})`` in the gradient's dtype) that autograd sums with lm_head's, waiting
+    in the shared weight's input buffer (torch/csrc/autograd/input_buffer.cpp, ``accumulate``:
+    in place only into a tensor that holds its storage alone).
+
+    bf16:  lm_head's gradient is a view (the transpose of its matmul's output), so the sum
+           is made out of place: the dense gradient and the sum, 2 · 2 B · V·h (measured,
+           Llama-3.2-1B/3B, benchmarks/results/memory_h100.jsonl)
+    AMP:   lm_head's gradient comes out of the backward of autocast's fp16 → fp32 cast, a
+           fresh fp32 tensor, and is summed in place: the dense gradient only, 1 · 4 B · V·h
+           (measured, Llama-3.2-1B fp16 checkpointed, memory_2xh200_fp16.jsonl; its trace,
+           memory_2xh200_fp16_trace.txt: two fp32 V·h tensors alive at the peak)
+    untied: the embedding's gradient is its weight's only one and is kept as is: 0.
+
+    Example: V·h = 1,000 → bf16 4,000 B, AMP 4,000 B.
+    """
+    if not spec.tie_word_embeddings or setup.method != "full" or setup.deepspeed:
+        return 0
+    copies = 1 if amp_fp32_model(setup) else 2
+    return copies * trainable_bytes(setup) * spec.vocab_size * spec.hidden_size
