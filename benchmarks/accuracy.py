@@ -228,11 +228,16 @@ def main() -> None:
             )
     s = summary
     if s["measured"]:
+        used = (
+            f"nvidia-smi used median {s['median_abs_err_used']:.1%}, worst {s['max_abs_err_used']:.1%}"
+            if s["median_abs_err_used"] is not None
+            else "no nvidia-smi reading"
+        )
         print(
             f"\n{s['rows']} rows ({s['oom_rows']} OOM): peak allocated error median {s['median_abs_err_alloc']:.1%}, "
             f"worst {s['max_abs_err_alloc']:.1%}; reserved median {s['median_abs_err_reserved']:.1%}, "
-            f"worst {s['max_abs_err_reserved']:.1%}; nvidia-smi used median {s['median_abs_err_used']:.1%}, "
-            f"worst {s['max_abs_err_used']:.1%}; fits/OOM verdict right on {s['verdicts_right']}/{s['rows']}"
+            f"worst {s['max_abs_err_reserved']:.1%}; {used}; fits/OOM verdict right on "
+            f"{s['verdicts_right']}/{s['rows']}"
         )
 
 

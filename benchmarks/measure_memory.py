@@ -146,6 +146,11 @@ def environment() -> dict[str, Any]:
 
 
 def nvml_used_bytes(index: int) -> int | None:
+    """nvidia-smi's used memory of the CUDA device ``index`` (NVML counts physical GPUs:
+    the index goes through CUDA_VISIBLE_DEVICES first)."""
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible and all(v.strip().isdigit() for v in visible):
+        index = int(visible[index])
     try:
         import pynvml
 

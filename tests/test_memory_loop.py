@@ -179,8 +179,9 @@ def test_foreach_temporaries_raise_the_step_peak_by_exactly_their_size() -> None
     assert foreach.peak_phase == "optimizer step"
     assert foreach.peak_allocated_bytes == 10 * PSI
     assert foreach.at_peak["optimizer_temporaries"] == 2 * PSI
-    assert not foreach.calibrated
-    assert any("foreach AdamW" in n and "not yet calibrated" in n for n in foreach.notes)
+    # measured on an H200 (memory_2xh200_loops.jsonl): no longer flagged
+    assert foreach.calibrated
+    assert not any("not yet calibrated" in n for n in foreach.notes)
 
 
 # ----------------------------------------------------------------------------- kept output
@@ -265,8 +266,8 @@ def test_plain_loop_lora_against_the_trainer_loop_by_hand() -> None:
     )
     assert plain.terms["optimizer_temporaries"].bytes == 4 * NT
     assert plain.setup["optim"] == "adamw_torch" and plain.setup["autocast"] is False
-    assert not plain.calibrated
-    assert sum("not yet calibrated" in n for n in plain.notes) == 3
+    assert plain.calibrated  # the plain loop's terms were measured on an H200
+    assert not any("not yet calibrated" in n for n in plain.notes)
 
 
 def test_every_optimizer_name_estimates() -> None:

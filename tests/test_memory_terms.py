@@ -724,7 +724,8 @@ def test_precision_resolves_to_the_card() -> None:
     assert estimate(LLAMA_1B, parse_cluster("1xT4"), setup).setup["precision"] == "fp16"
     fp16_h100 = estimate(LLAMA_1B, parse_cluster("1xH100"), lora(precision="fp16"))
     assert fp16_h100.setup["precision"] == "fp16"
-    assert any("fp16 mixed precision" in n and "not yet calibrated" in n for n in fp16_h100.notes)
+    assert any("fp16 mixed precision" in n and "H200" in n for n in fp16_h100.notes)
+    assert fp16_h100.calibrated
     with pytest.raises(BadSetupError, match="T4 has no bf16"):
         estimate(LLAMA_1B, parse_cluster("1xT4"), lora(precision="bf16"))
     with pytest.raises(BadSetupError, match="--precision must be one of"):

@@ -343,7 +343,7 @@ def plan(req: PlanRequest) -> Plan:
     if req.precision == "fp16":
         assumptions.append(
             f"fp16 mixed precision{'' if req.cluster.gpu.bf16 else f' ({req.cluster.gpu.name} has no bf16)'}: "
-            "memory derived, not yet calibrated on a GPU; speeds use the fp16 peak "
+            "memory measured with fp16 forced on an H200; speeds use the fp16 peak "
             f"({req.cluster.gpu.fp16_tflops:g} TFLOP/s)"
         )
     if best is not None and fell_back:
