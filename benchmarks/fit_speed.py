@@ -491,7 +491,7 @@ def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[
     if groups:
         table.append(
             _line(
-                "**several GPUs and offload (no fit uses them)**",
+                "**several GPUs and offload (not fitted; 5 of them gave the measured constants)**",
                 [e for v in groups.values() for e in v],
             )
         )
