@@ -14,7 +14,7 @@ statuses (130 and 143 expected), whether any rank process is left, the last chec
 then ``--resume`` on both to the end; each rank's peak allocated against the plan's.
 
 This is the two-GPU run that the CPU tests (tests/test_multinode_run.py, gloo) cannot be:
-NCCL across two torchrun agents. Not run yet; its rows go to benchmarks/results/.
+NCCL across two torchrun agents; its rows are in benchmarks/results/launch_two_node_*.jsonl.
 ``--tiny`` runs the same sequence on the CPU (gloo, --force) to check this script.
 
 Every run starts in a fresh folder under --work: a folder an earlier invocation left is
