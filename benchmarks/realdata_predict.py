@@ -56,7 +56,7 @@ def main() -> None:
             config.write_text(json.dumps(arch))
             spec = load_model(str(config))
             rows = [json.loads(x) for x in (RESULTS / runs_file).read_text().splitlines()]
-            ran = rows[0]["setup"] if "setup" in rows[0] else None
+            ran = rows[0].get("setup")
             mb = ran["micro_batch"] if ran else global_batch
             setup = TrainSetup(method=method, micro_batch=mb, seq_len=704, lora_targets=targets)
             lean_s = speed.step_time(spec, setup, cluster, launched=False).total_s
