@@ -300,15 +300,7 @@ def host_staged_gbs(rows: list[dict[str, Any]]) -> float | None:
     by_shape: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
     for r in rows:
         if r.get("world_size", 1) > 1 and r["zero"] == 2 and r.get("offload", "none") == "none":
-            key = (
-                r["model"],
-                r["method"],
-                r["micro_batch"],
-                r["seq_len"],
-                r["grad_ckpt"],
-                r.get("grad_accum", 1),
-            )
-            by_shape.setdefault(key, {})[bool(r.get("p2p", True))] = r
+            by_shape.setdefault(_shape(r, with_p2p=False), {})[bool(r.get("p2p", True))] = r
     out = []
     for pair in by_shape.values():
         if True in pair and False in pair:
@@ -387,7 +379,8 @@ def zero3_tensor_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float
     return statistics.median(out) if out else None
 
 
-def _shape(r: dict[str, Any]) -> tuple[Any, ...]:
+def _shape(r: dict[str, Any], with_p2p: bool = True) -> tuple[Any, ...]:
+    """What makes two rows the same run but for their parallelism (and P2P, unless told)."""
     return (
         r["model"],
         r["method"],
@@ -395,7 +388,7 @@ def _shape(r: dict[str, Any]) -> tuple[Any, ...]:
         r["seq_len"],
         r["grad_ckpt"],
         r.get("grad_accum", 1),
-        r.get("p2p", True),
+        r.get("p2p", True) if with_p2p else None,
         r["env"]["gpu"],
     )
 

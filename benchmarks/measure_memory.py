@@ -251,19 +251,24 @@ def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any]
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fused_loss:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        _apply_liger_kernel_to_instance(
-            base,
-            rope=False,
-            rms_norm=False,
-            swiglu=False,
-            cross_entropy=False,
-            fused_linear_cross_entropy=True,
-        )
+        apply_fused_loss(model)
     model.train()
     return model
+
+
+def apply_fused_loss(model: Any) -> None:
+    """Liger's fused linear cross-entropy on the transformers model (under PEFT's wrapper)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(
+        base,
+        rope=False,
+        rms_norm=False,
+        swiglu=False,
+        cross_entropy=False,
+        fused_linear_cross_entropy=True,
+    )
 
 
 def make_optimizer(args: argparse.Namespace, params: list[Any]) -> Any:

@@ -178,6 +178,14 @@ GRIDS: dict[str, list[str]] = {
 }
 
 
+def process(cmd: list[str], line: str, gpus: int) -> list[str]:
+    """The command that runs a grid line: under torchrun with ``gpus`` processes when the
+    line asks for DeepSpeed (``--zero``) or DDP, else one Python process."""
+    if "--zero" in line or "--ddp" in line:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", *cmd]
+    return [sys.executable, *cmd]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("grid", nargs="?", choices=sorted(GRIDS))
@@ -201,16 +209,7 @@ def main() -> None:
         cmd += ["--steps", str(args.steps)]
         if args.tag:
             cmd += ["--tag", args.tag]
-        if "--zero" in row or "--ddp" in row:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc-per-node={args.gpus}",
-                *cmd,
-            ]
-        else:
-            cmd = [sys.executable, *cmd]
+        cmd = process(cmd, row, args.gpus)
         start = time.time()
         print(f"[{n}/{len(rows)}] {row}", flush=True)
         try:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import measure_memory as mm  # noqa: E402  (the lean step's pieces)
+from run_grid import process  # noqa: E402  (how a grid line becomes a process)
 
 from zeroplan.models import load_model  # noqa: E402
 
@@ -267,21 +268,6 @@ def set_checkpointing(model: Any, on: bool) -> None:
         inner.gradient_checkpointing_disable()
 
 
-def apply_fused_loss(model: Any) -> None:
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-    base = hf_model(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    _apply_liger_kernel_to_instance(
-        base,
-        rope=False,
-        rms_norm=False,
-        swiglu=False,
-        cross_entropy=False,
-        fused_linear_cross_entropy=True,
-    )
-
-
 def sweep(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig
@@ -363,7 +349,7 @@ def sweep(args: argparse.Namespace) -> None:
             "grad_accum": shape.grad_accum,
         }
         if shape.fused_loss:
-            apply_fused_loss(model)
+            mm.apply_fused_loss(hf_model(model))
         set_checkpointing(model, shape.grad_ckpt)
         if engine is not None:
             engine.set_train_micro_batch_size(shape.micro_batch)
@@ -442,16 +428,7 @@ def run_grid(args: argparse.Namespace) -> None:
         ]
         if args.tag:
             cmd += ["--tag", args.tag]
-        if "--zero" in line or "--ddp" in line:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc-per-node={args.gpus}",
-                *cmd,
-            ]
-        else:
-            cmd = [sys.executable, *cmd]
+        cmd = process(cmd, line, args.gpus)
         print(f"[{args.grid} {args.shard} {i}/{len(lines)}] {line}", flush=True)
         t = time.time()
         proc = subprocess.run(cmd, env=env)
