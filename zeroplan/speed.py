@@ -1,11 +1,12 @@
 """Predicted step time: what the GPU does, what the host does, and what the links carry.
 
-One micro-batch takes the longer of two clocks, because the host queues kernels ahead of
-the GPU and only the slower of the two sets the pace:
+One micro-batch takes about the longer of two clocks, because the host queues kernels ahead
+of the GPU and mostly the slower of the two sets the pace ((gpu^p + host^p)^(1/p), p fitted):
 
 * the GPU's: the matmul FLOPs at a fitted fraction of the card's peak, plus the memory
-  traffic that does no matmul work (LoRA's input casts and dropout, 4-bit dequantization)
-  at the card's memory bandwidth;
+  traffic that does no matmul work (the elementwise ops around every linear, LoRA's input
+  casts and dropout, the loss's fp32 logits unless it is fused, 4-bit dequantization) at
+  the card's memory bandwidth;
 * the host's: Python, autograd and kernel launches, a fixed cost per decoder layer, per
   LoRA adapter and per 4-bit linear, whatever the batch. This is what makes micro-batch 1
   slow: measured on one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at
@@ -49,13 +50,12 @@ class SpeedConstants:
             drops it out, autocast casts it back, and the backward retraces each.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
             decoder layer, per LoRA adapter, per 4-bit linear.
-        zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch.
         optimizer_8bit_bytes: what bitsandbytes' 8-bit AdamW step costs per trainable
             parameter, as bytes at the card's bandwidth (block-wise (de)quantization of
             both moments makes it slower than its 8-bit states say; AdamW: ADAMW_BYTES).
     Measured on named rows (``benchmarks/fit_speed.py`` reads them again):
         zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch, from
-            ZeRO-3 rows against their DDP twins on two GPUs.
+            ZeRO-3 rows against their DDP twins on two H200s.
         host_staged_gbs: NCCL's per-GPU bandwidth without P2P (``NCCL_P2P_DISABLE=1``:
             transfers staged through host memory), from ZeRO-2's exposed traffic on two
             H200s.
