@@ -78,8 +78,8 @@ def default_files() -> list[Path]:
 MIN_TIMED = 5
 
 
-def timed_rows(files: list[Path]) -> list[dict[str, Any]]:
-    """Rows that ran MIN_TIMED or more timed steps at full speed (no OOM, no error, no
+def timed_rows(files: list[Path], min_timed: int = MIN_TIMED) -> list[dict[str, Any]]:
+    """Rows that ran ``min_timed`` or more timed steps at full speed (no OOM, no error, no
     memory cap, a model with a config here)."""
     out = []
     for f in files:
@@ -89,7 +89,7 @@ def timed_rows(files: list[Path]) -> list[dict[str, Any]]:
             r = json.loads(line)
             steps = r.get("step_seconds") or []
             timed = len(steps) if "warmup_steps" in r else len(steps) - 1
-            if r.get("oom") or r.get("error") or timed < MIN_TIMED or r.get("memory_fraction"):
+            if r.get("oom") or r.get("error") or timed < min_timed or r.get("memory_fraction"):
                 continue
             if r.get("precision") == "fp16":
                 continue  # forced fp16 on a bf16 card: memory rows, not a speed anyone runs

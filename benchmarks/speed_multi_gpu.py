@@ -2,7 +2,8 @@
 
     python benchmarks/speed_multi_gpu.py [FILES...]
 
-For each row of benchmarks/results/memory_*.jsonl that ran on several GPUs without OOM:
+For each row of benchmarks/results/ (memory_*.jsonl, speed_*.jsonl) that ran on several
+GPUs without OOM:
 zeroplan.speed.step_time (compute + ZeRO's communication over the row's GPUs and links)
 against the measured step: the median after the first, and for ZeRO-3 the last (its first
 steps record the module order for prefetching and run slower; as in fit_speed.py); then, per model and method, whether
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accuracy import cluster_of, setup_of
-from fit_speed import RESULTS, measured_seconds, timed_rows
+from fit_speed import default_files, measured_seconds, timed_rows
 
 from zeroplan import speed
 from zeroplan.models import load_model
@@ -30,7 +31,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path)
     args = p.parse_args()
-    data = timed_rows(args.files or sorted(RESULTS.glob("memory_*.jsonl")), several_gpus=True)
+    # every multi-GPU row, also those timed over 2 steps (fit_speed.py's table keeps 5+)
+    rows = timed_rows(args.files or default_files(), min_timed=2)
+    data = [r for r in rows if r.get("world_size", 1) > 1]
     if not data:
         print("no multi-GPU rows")
         return 1
@@ -38,7 +41,7 @@ def main() -> int:
     groups: dict[tuple[str, str, int, bool], list[tuple[int, float, float]]] = defaultdict(list)
     for r in data:
         spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
-        pred = speed.step_time(spec, setup, cluster)
+        pred = speed.step_time(spec, setup, cluster, launched=False)  # the lean step
         meas = measured_seconds(r)
         errs.append(abs(pred.total_s / meas - 1))
         groups[(r["model"], r["method"], r["micro_batch"], r["grad_ckpt"])].append(
