@@ -22,6 +22,9 @@ PERCENTILES = (50, 90, 95, 99)
 CAP_MULTIPLE = 64  # an automatic cap is rounded up to this: aligned shapes, a little room
 _PERCENTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
 
+# What to do with a record longer than the cap (fit_to_cap; launch's --overlong).
+OVERLONG = ("drop", "truncate")
+
 
 @dataclass(frozen=True)
 class LengthProfile:

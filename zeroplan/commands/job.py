@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from zeroplan.errors import BadSetupError
+from zeroplan.lengths import OVERLONG
 from zeroplan.models import ModelSpec
 from zeroplan.records import FORMATS
 from zeroplan.trainsetup import METHODS, PRECISIONS, parse_targets
@@ -139,44 +140,60 @@ def _data_options(fn: F, epochs: bool) -> F:
             help="Training records (.json / .jsonl / .parquet): plan from their token lengths, "
             "rendered with the model's chat template as training renders them.",
         ),
-        click.option(
-            "--tokenizer",
-            default=None,
-            metavar="DIR",
-            help="Folder with tokenizer.json (default: the model's folder, the HF cache, the Hub).",
+        tokenizer_option(
+            "Folder with tokenizer.json (default: the model's folder, the HF cache, the Hub)."
         ),
         click.option(
             "--chat-template", default=None, metavar="FILE", help="A .jinja chat template to use."
         ),
-        click.option(
-            "--format",
-            "data_format",
-            type=click.Choice(("auto", *FORMATS)),
-            default=None,
-            help="Record format (default: detected).",
-        ),
-        click.option(
-            "--system-prompt", default=None, help="System message for records without one."
-        ),
-        click.option(
-            "--overlong",
-            type=click.Choice(("drop", "truncate")),
-            default=None,
-            help="Records longer than --seq-len: drop (default) or truncate.",
-        ),
+        format_option(),
+        system_prompt_option(),
+        overlong_option(),
     ]
     if epochs:
-        options.append(
-            click.option(
-                "--epochs",
-                type=click.FloatRange(min=0, min_open=True),
-                default=None,
-                help="Passes over --data for the time and cost (default 1).",
-            )
-        )
+        options.append(epochs_option("Passes over --data for the time and cost (default 1)."))
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+# The record options that plan, estimate and launch share, one definition each (launch
+# words --tokenizer and --epochs for what they do there).
+
+
+def tokenizer_option(help: str) -> Callable[[F], F]:
+    return click.option("--tokenizer", default=None, metavar="DIR", help=help)
+
+
+def format_option() -> Callable[[F], F]:
+    return click.option(
+        "--format",
+        "data_format",
+        type=click.Choice(("auto", *FORMATS)),
+        default=None,
+        help="Record format (default: detected; a record that does not match is an error).",
+    )
+
+
+def system_prompt_option() -> Callable[[F], F]:
+    return click.option(
+        "--system-prompt", default=None, help="System message for records without one."
+    )
+
+
+def overlong_option() -> Callable[[F], F]:
+    return click.option(
+        "--overlong",
+        type=click.Choice(OVERLONG),
+        default=None,
+        help="Records longer than --seq-len: drop them (default) or truncate them.",
+    )
+
+
+def epochs_option(help: str) -> Callable[[F], F]:
+    return click.option(
+        "--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help=help
+    )
 
 
 def job_request(

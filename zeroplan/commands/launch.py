@@ -15,13 +15,17 @@ import click
 from zeroplan.commands.job import (
     JOB_OPTIONS,
     LINK_OPTIONS,
+    epochs_option,
+    format_option,
     job_options,
     job_request,
     link_options,
+    overlong_option,
+    system_prompt_option,
+    tokenizer_option,
     with_data,
 )
 from zeroplan.commands.job import say as _say
-from zeroplan.launch.data import FORMATS, OVERLONG
 from zeroplan.launch.runner import LAUNCHERS
 
 if TYPE_CHECKING:
@@ -125,12 +129,7 @@ def _slug(name: str) -> str:
     is_flag=True,
     help="zeroplan's plain progress lines instead of the dashboard (which also records GPU samples).",
 )
-@click.option(
-    "--epochs",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Passes over the data.",
-)
+@epochs_option("Passes over the data.")
 @click.option(
     "--max-steps",
     type=click.IntRange(min=1),
@@ -146,26 +145,12 @@ def _slug(name: str) -> str:
     default=None,
     help="Share of the records held out for evaluation.",
 )
-@click.option(
-    "--overlong",
-    type=click.Choice(OVERLONG),
-    default=None,
-    help="Records longer than the plan's --seq-len: drop them (default) or truncate them.",
-)
-@click.option(
-    "--format",
-    "data_format",
-    type=click.Choice(("auto", *FORMATS)),
-    default=None,
-    help="Record format (default: detected; a record that does not match is an error).",
-)
-@click.option("--system-prompt", default=None, help="System message for records without one.")
-@click.option(
-    "--tokenizer",
-    default=None,
-    metavar="DIR",
-    help="Planning a model from --data: the folder with its tokenizer.json (default: the "
-    "model's folder, the HF cache, the Hub).",
+@overlong_option()
+@format_option()
+@system_prompt_option()
+@tokenizer_option(
+    "Planning a model from --data: the folder with its tokenizer.json (default: the "
+    "model's folder, the HF cache, the Hub)."
 )
 @click.option(
     "--batching",

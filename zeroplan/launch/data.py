@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zeroplan.errors import BadDataError, ChatTemplateError
+from zeroplan.lengths import OVERLONG
 from zeroplan.records import (
     FILE_SUFFIXES,
     FORMATS,
@@ -42,7 +43,6 @@ from zeroplan.records import (
     to_messages,
 )
 
-OVERLONG = ("drop", "truncate")
 IGNORE_INDEX = -100  # what transformers' causal-LM loss skips
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
