@@ -409,12 +409,15 @@ def measured_constants(
 # --- error on rows not fitted on ------------------------------------------------------
 
 
+def lean_seconds(r: dict[str, Any], k: speed.SpeedConstants = speed.FITTED) -> float:
+    """speed.step_time's lean step for row r."""
+    spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+    return speed.step_time(spec, setup, cluster, launched=False, k=k).total_s
+
+
 def error(r: dict[str, Any], k: speed.SpeedConstants) -> float:
     """predicted/measured tokens/s − 1 (= measured/predicted seconds − 1): + is too fast."""
-    spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
-    return (
-        measured_seconds(r) / speed.step_time(spec, setup, cluster, launched=False, k=k).total_s - 1
-    )
+    return measured_seconds(r) / lean_seconds(r, k) - 1
 
 
 def holdout_errors(
@@ -522,7 +525,13 @@ def main() -> int:
     fitted = dataclasses.replace(
         fitted, **{n: v for n, v in measured_constants(rows, fitted).items() if v is not None}
     )
-    bad = False
+    # the fit's written-out step (Features) must be speed.step_time's, row for row
+    twin = max(
+        abs(features(r).seconds(speed.FITTED) / lean_seconds(r) - 1) for r in rows if is_fit_row(r)
+    )
+    bad = twin > 1e-9
+    if bad:
+        print(f"fit_speed.Features differs from speed.step_time by up to {twin:.2e}: make them one")
     print(
         f"{sum(is_fit_row(r) for r in rows)} one-GPU rows fitted on, {sum(not is_fit_row(r) for r in rows)} others"
     )

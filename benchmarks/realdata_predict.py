@@ -15,6 +15,7 @@ and the launched real tokens/s at each run's packing fill. It also prints what
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -45,7 +46,7 @@ def main() -> None:
     lean = {}
     for line in (RESULTS / "realdata_h200_lean.jsonl").read_text().splitlines():
         r = json.loads(line)
-        lean[r["method"]] = sorted(r["step_seconds"][1:])[len(r["step_seconds"][1:]) // 2]
+        lean[r["method"]] = statistics.median(r["step_seconds"][1:])
     cluster = parse_cluster("1xH200")
     with tempfile.TemporaryDirectory() as tmp:
         for catalog, method, runs_file, targets, global_batch in RUNS:

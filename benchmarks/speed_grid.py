@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,7 @@ class Stepper:
             return
         for i, ids in enumerate(batches):
             last = i == len(batches) - 1
-            sync = self.model.no_sync() if (self.args.ddp and not last) else _nothing()
+            sync = self.model.no_sync() if (self.args.ddp and not last) else nullcontext()
             with sync:
                 with torch.autocast(
                     self.args.device, dtype=mm.half(self.args), enabled=bool(self.args.autocast)
@@ -243,14 +244,6 @@ class Stepper:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def hf_model(model: Any) -> Any:

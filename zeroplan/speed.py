@@ -283,12 +283,13 @@ def smooth_max(a: float, b: float, p: float) -> float:
 
 
 def micro_batch_seconds(
-    spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants = FITTED
+    spec: ModelSpec, setup: TrainSetup, gpu_s: float, k: SpeedConstants = FITTED
 ) -> float:
-    """(GPU^p + host^p)^(1/p) for one micro-batch (about the longer of the two: the host
-    queues kernels ahead, and the shorter clock shows only where they are close), + ZeRO-3's
-    hooks: parameter tensors · zero3_tensor_s (they wait on their fetches: they add)."""
-    t = smooth_max(gpu_seconds(spec, setup, gpu, k), host_seconds(spec, setup, k), k.overlap_p)
+    """(GPU^p + host^p)^(1/p) for one micro-batch, GPU = ``gpu_s`` (gpu_seconds) (about the
+    longer of the two: the host queues kernels ahead, and the shorter clock shows only where
+    they are close), + ZeRO-3's hooks: parameter tensors · zero3_tensor_s (they wait on
+    their fetches: they add)."""
+    t = smooth_max(gpu_s, host_seconds(spec, setup, k), k.overlap_p)
     if setup.zero == 3:
         t += parameter_tensors(spec, setup) * k.zero3_tensor_s
     return t
@@ -394,10 +395,11 @@ def step_time(
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
     """
     world, gpu = cluster.world_size, cluster.gpu
-    micro = micro_batch_seconds(spec, setup, gpu, k)
+    gpu_s = gpu_seconds(spec, setup, gpu, k)  # the micro-batch's GPU clock, used twice below
+    micro = micro_batch_seconds(spec, setup, gpu_s, k)
     compute = micro * setup.grad_accum + optimizer_seconds(spec, setup, gpu, world, k)
     comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster, k) * 1e9)
-    exposed = exposed_comm_seconds(comm, gpu_seconds(spec, setup, gpu, k), setup)
+    exposed = exposed_comm_seconds(comm, gpu_s, setup)
     offload = offload_seconds(spec, setup, cluster, k)
     launch = k.launch_step_s if launched else 0.0
     total = compute + exposed + offload + launch
