@@ -12,6 +12,11 @@ network), LoRA, micro-batch 4, seq 768. For each way: train; after a checkpoint 
 more steps, SIGINT to node rank 1's zeroplan (a terminal's Ctrl-C); record both exit
 statuses (130 and 143 expected), whether any rank process is left, the last checkpoint;
 then ``--resume`` on both to the end; each rank's peak allocated against the plan's.
+``--zero 2`` runs the same under DeepSpeed ZeRO-2 (default: DDP).
+
+``--network-path`` sets ``NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1`` for the two "nodes" (not
+for the one-node run beside them in ``--speed``), so that NCCL between them takes the
+network (socket) transport, as between two machines, instead of NVLink or host shared memory.
 
 This is the two-GPU run that the CPU tests (tests/test_multinode_run.py, gloo) cannot be:
 NCCL across two torchrun agents; its rows are in benchmarks/results/launch_two_node_*.jsonl.
@@ -65,9 +70,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def node_env(via: str, rank: int, job: str, tiny: bool) -> dict[str, str]:
+NETWORK_PATH = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
+
+
+def node_env(via: str, rank: int, job: str, tiny: bool, network: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     env["CUDA_VISIBLE_DEVICES"] = "" if tiny else str(rank)
+    if network:
+        env |= NETWORK_PATH
     if via == "slurm":
         env |= {
             "SLURM_JOB_ID": job,
@@ -95,7 +105,7 @@ def start(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env=node_env(via, rank, args.job, args.tiny),
+            env=node_env(via, rank, args.job, args.tiny, args.network_path),
             start_new_session=True,
         )
 
@@ -169,7 +179,11 @@ def ranks_left(run: Path) -> list[int]:
 
 def one_way(via: str, args: argparse.Namespace) -> dict[str, Any]:
     run = args.work / via
-    row: dict[str, Any] = {"via": via}
+    row: dict[str, Any] = {
+        "via": via,
+        "setup": "ddp" if args.zero is None else f"zero{args.zero}",
+        "network_path": args.network_path,
+    }
     steps = ["--max-steps", str(args.steps), "--save-steps", str(args.save_steps)]
     nodes = [start(via, r, args, run, steps) for r in (0, 1)]
     t0 = time.time()
@@ -244,6 +258,7 @@ def speed(args: argparse.Namespace, setup: TrainSetup, model: Path) -> list[dict
             {
                 "speed": name,
                 "layout": layout,
+                "network_path": args.network_path and layout == "two nodes",
                 "returncode": rcs,
                 # a failed run's metrics (none, or some steps) are no speed
                 "error": None if ok else [last_line(log) for log in logs],
@@ -275,6 +290,12 @@ def main() -> None:
         "of the stop-and-resume check",
     )
     p.add_argument("--speed-steps", type=int, default=12)
+    p.add_argument("--zero", type=int, choices=[2, 3], help="stop/resume under ZeRO-N, not DDP")
+    p.add_argument(
+        "--network-path",
+        action="store_true",
+        help="NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 for the two nodes (NCCL over sockets)",
+    )
     p.add_argument(
         "--clean",
         action="store_true",
@@ -292,6 +313,8 @@ def main() -> None:
     tinyllm.write_jsonl(args.work / "data.jsonl", rows)
     seq = 64 if args.tiny else 768
     setup = TrainSetup(method="lora", micro_batch=4, seq_len=seq, grad_ckpt=True, optim="adamw")
+    if args.zero is not None:
+        setup = dataclasses.replace(setup, zero=args.zero, autocast=None)
     plan = tinyllm.plan_for(model, setup, parse_cluster("2x1xH100"))
     (args.work / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     if args.speed:

@@ -13,9 +13,8 @@ Under DeepSpeed, start it with a launcher (``torchrun --nproc-per-node 2 ... --z
 What is measured is the *lean step* that zeroplan estimates and ``zeroplan launch`` runs:
 random-weight model built from the config.json (bf16, or NF4 + double quantization for
 qlora, quantized as bitsandbytes does on load), PEFT LoRA (adapter weights in fp32, as PEFT
-keeps them), gradient checkpointing non-reentrant (``zeroplan launch`` runs LoRA under
-ZeRO-3 reentrant, as TRL requires: that case was measured through launch_overhead.py and
-launch_multi_gpu_check.py, not here), forward with the model's own causal-LM
+keeps them), gradient checkpointing non-reentrant (``--reentrant``: reentrant, which is what
+``zeroplan launch`` runs for LoRA under ZeRO-3, as TRL requires), forward with the model's own causal-LM
 loss under bf16 autocast (what HF Trainer does without DeepSpeed) or DeepSpeed bf16, backward,
 gradient clipping at 1.0, optimizer step, ``zero_grad(set_to_none=True)``.
 
@@ -58,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument(
+        "--reentrant",
+        action="store_true",
+        help="reentrant checkpointing (TRL's choice for PEFT under ZeRO-3); default non-reentrant",
+    )
     p.add_argument("--fused-loss", action="store_true", help="Liger fused linear cross-entropy")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--memory-fraction", type=float, default=None, help="imitate a smaller card")
@@ -249,7 +253,15 @@ def build_model(args: argparse.Namespace, config: Any, ds_config: dict[str, Any]
     else:
         model.requires_grad_(True)
     if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reentrant = getattr(args, "reentrant", False)  # (speed_grid.py has no such switch)
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+        if reentrant:
+            # reentrant checkpointing backpropagates into a layer only when its input needs a
+            # gradient: with a frozen embedding that takes this hook (PEFT sets it too; twice
+            # is harmless), as TRL and HF Trainer do
+            model.enable_input_require_grads()
     if args.fused_loss:
         apply_fused_loss(model)
     model.train()
@@ -338,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "micro_batch": args.micro_batch,
         "seq_len": args.seq_len,
         "grad_ckpt": args.grad_ckpt,
+        "reentrant": args.reentrant and args.grad_ckpt,
         "lora_r": args.lora_r,
         "lora_targets": args.lora_targets,
         "lora_dropout": args.lora_dropout,

@@ -162,6 +162,25 @@ GRIDS: dict[str, list[str]] = {
         f"{L1} --method full --micro-batch 2 --seq-len 1024 --zero 2 --precision fp16",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 2 --precision fp16",
     ],
+    # Issue 12 on two H200s: LoRA under ZeRO-3 with reentrant (what zeroplan launch and TRL
+    # run), non-reentrant (what a hand-written loop gets from use_reentrant=False) and no
+    # checkpointing; full fine-tuning under ZeRO-0/1/2 without checkpointing. Most telling first:
+    # python benchmarks/run_grid.py h200x2-zero-loops --budget-s 330 --out $OUT/memory.jsonl
+    "h200x2-zero-loops": [
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3 --reentrant",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 3",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --zero 0",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --zero 1",
+        f"{L1} --method full --micro-batch 2 --seq-len 1024 --zero 2",
+        f"{Q05} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3 --reentrant",
+        f"{Q05} --method lora --micro-batch 4 --seq-len 2048 --zero 3",
+        f"{Q05} --method full --micro-batch 4 --seq-len 1024 --zero 0",
+        f"{Q15} --method full --micro-batch 2 --seq-len 1024 --zero 2",
+        f"{L8} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 3 --reentrant",
+        f"{L8} --method lora --micro-batch 2 --seq-len 2048 --zero 3",
+        f"{L1} --method lora --micro-batch 4 --seq-len 2048 --grad-ckpt --zero 2 --reentrant",
+    ],
     "h200x2-zero": [
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 0",
         f"{L1} --method lora --micro-batch 4 --seq-len 2048 --zero 1",
@@ -196,6 +215,7 @@ def main() -> None:
     p.add_argument("--start", type=int, default=1, help="first row to run (1-based)")
     p.add_argument("--tag", default="", help="tag every row (e.g. the allocator setting)")
     p.add_argument("--steps", type=int, default=3, help="training steps per row")
+    p.add_argument("--budget-s", type=float, default=0.0, help="start no row after this (0: all)")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list or not args.grid:
@@ -204,7 +224,11 @@ def main() -> None:
         return
     rows = [r for r in GRIDS[args.grid] if args.only in r][args.start - 1 :]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    began = time.time()
     for n, row in enumerate(rows, 1):
+        if args.budget_s and time.time() - began > args.budget_s:
+            print(f"budget of {args.budget_s:.0f}s spent: rows {n}-{len(rows)} not run", flush=True)
+            break
         cmd = [str(HERE / "measure_memory.py"), *shlex.split(row), "--out", args.out]
         cmd += ["--steps", str(args.steps)]
         if args.tag:

@@ -106,15 +106,28 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method lora --ddp --shapes 4x2048a4",
         f"{L1} --method full --zero 3 --shapes 8x2048a2",
     ],
-    # The plans' own choices for issue 11's three 2-GPU jobs (zeroplan plan ... --gpus
-    # 2xH200 --seq-len 2048, with --p2p and --no-p2p: fused loss, DDP) beside their
-    # neighbours, to put the choice against the measured best. Not run yet.
+    # Issue 11's plan check: each of the three 2-GPU jobs (zeroplan plan MODEL --gpus 2xH200
+    # --seq-len 2048: 8B LoRA global 32, 1B full global 32, 8B QLoRA global 16) timed at the
+    # plan's choice and at the setups it weighed against it (DDP, ZeRO 0-2, micro-batch,
+    # fused loss). Run once with NVLink and once with NCCL_P2P_DISABLE=1. Most telling first.
     "h200x2-plan": [
-        f"{L8} --method lora --ddp --shapes 4x2048a4,2x2048fa8,4x2048fa4",
-        f"{L1} --method full --ddp --shapes 8x2048a2,4x2048fa4,16x2048f",
-        f"{L8} --method qlora --ddp --shapes 2x2048a4,4x2048fa2,8x2048cf",
-        f"{L8} --method lora --zero 2 --shapes 4x2048a4,2x2048fa8",
-        f"{L1} --method full --zero 2 --shapes 8x2048a2,4x2048fa4",
+        f"{L8} --method lora --zero 0 --shapes 2x2048fa8,4x2048fa4,4x2048a4",
+        f"{L8} --method lora --ddp --shapes 2x2048fa8,4x2048fa4",
+        f"{L1} --method full --ddp --shapes 4x2048fa4,16x2048f,8x2048a2",
+        f"{L1} --method full --zero 1 --shapes 4x2048fa4,16x2048f",
+        f"{L8} --method qlora --zero 0 --shapes 4x2048fa2,2x2048fa4",
+        f"{L8} --method qlora --ddp --shapes 4x2048fa2,8x2048cf",
+        f"{L8} --method lora --zero 2 --shapes 2x2048fa8",
+        f"{L1} --method full --zero 2 --shapes 16x2048f",
+    ],
+    # Without P2P the gradient traffic is what changes: 1B full (2.5 GB per all-reduce) in
+    # full, and the 8B LoRA choice against DDP (its 84 MB of adapter gradients should not).
+    "h200x2-plan-nop2p": [
+        f"{L1} --method full --ddp --shapes 16x2048f,4x2048fa4",
+        f"{L1} --method full --zero 1 --shapes 16x2048f,4x2048fa4",
+        f"{L1} --method full --zero 2 --shapes 16x2048f",
+        f"{L8} --method lora --zero 0 --shapes 2x2048fa8",
+        f"{L8} --method lora --ddp --shapes 2x2048fa8",
     ],
     # CPU optimizer offload, DeepSpeed's compiled CPU Adam against PyTorch's AdamW on the CPU.
     "h200x2-offload": [
