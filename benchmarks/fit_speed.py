@@ -57,15 +57,21 @@ FITTED_FIELDS = (
     "efficiency_qlora",
     "efficiency_full",
     "act_bytes",
-    "lora_bytes",
     "logits_bytes",
     "overlap_p",
     "host_layer_s",
     "host_adapter_s",
     "host_4bit_s",
     "optimizer_8bit_bytes",
+    "fused_chunk_s",
 )
-MEASURED_FIELDS = ("zero3_tensor_s", "host_staged_gbs", "cpu_adam_params_per_s", "launch_step_s")
+MEASURED_FIELDS = (
+    "lora_bytes",
+    "zero3_tensor_s",
+    "host_staged_gbs",
+    "cpu_adam_params_per_s",
+    "launch_step_s",
+)
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2.5", "qwen3": "Qwen3", "mistral": "Mistral"}
 
 
@@ -119,14 +125,16 @@ def is_fit_row(r: dict[str, Any]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
-    seconds = accum · (smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes + c, layers·hL + adapters·hA + q·hQ)
-    + tensors·z3) + opt (speed.step_time, written out so that a fit costs microseconds)."""
+    seconds = accum · (smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
+    + chunks·fused_chunk_s + c, layers·hL + adapters·hA + q·hQ) + tensors·z3) + opt
+    (speed.step_time, written out so that a fit costs microseconds)."""
 
     method: str
     a: float
     b: float
     e: float
     v: float
+    chunks: int
     c: float
     layers: int
     adapters: int
@@ -139,6 +147,7 @@ class Features:
     def seconds(self, k: speed.SpeedConstants) -> float:
         gpu = self.a / k.efficiency(self.method) + self.b * k.lora_bytes + self.e * k.act_bytes
         gpu += self.v * k.logits_bytes + self.c
+        gpu += self.chunks * k.fused_chunk_s
         host = (
             self.layers * k.host_layer_s + self.adapters * k.host_adapter_s + self.q * k.host_4bit_s
         )
@@ -158,10 +167,16 @@ def features(r: dict[str, Any]) -> Features:
         spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
         gpu = cluster.gpu
         bw = gpu.memory_bandwidth_gbs * 1e9
-        dequant = 0.0
+        fixed = 0.0  # the bytes no constant scales: 4-bit dequantization, the fused head's gradient
         recompute = 1 + int(setup.grad_ckpt) / 3
         if setup.method == "qlora":
-            dequant = speed.DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+            fixed = speed.DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+        chunks = 0
+        if setup.fused_loss:
+            chunks = speed.liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+            if setup.method == "full":
+                head = spec.vocab_size * spec.hidden_size
+                fixed += chunks * 2 * speed.trainable_bytes(setup) * head
         _FEATURES[key] = Features(
             method=setup.method,
             a=speed.flops_per_token(spec, setup)
@@ -171,10 +186,11 @@ def features(r: dict[str, Any]) -> Features:
             * speed.adapted_features(spec, setup)
             / bw
             * recompute
-            * (speed.DEEPSPEED_LORA_SHARE if setup.deepspeed else 1.0),
+            * speed.lora_share(setup),
             e=setup.tokens * speed.activation_features(spec) / bw * recompute,
             v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
-            c=dequant / bw,
+            chunks=chunks,
+            c=fixed / bw,
             layers=spec.num_layers,
             adapters=speed.adapters(spec, setup),
             q=speed.quantized_linears(spec, setup),
@@ -236,20 +252,20 @@ def nelder_mead(
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-START = [0.35, 0.35, 0.35, 20.0, 20.0, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 16.0]
+START = [0.35, 0.35, 0.35, 20.0, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 16.0, 3e-4]
 
 
 def fit(
-    rows: list[dict[str, Any]], base: speed.SpeedConstants = speed.FITTED
+    rows: list[dict[str, Any]], base: speed.SpeedConstants = speed.FITTED, warm: bool = True
 ) -> speed.SpeedConstants:
     """The fitted constants (FITTED_FIELDS) for these one-GPU rows; a constant that no row
-    can show (no ZeRO-3 row, no QLoRA row, ...) keeps its start value."""
+    can show (no ZeRO-3 row, no QLoRA row, ...) keeps its start value. ``warm``: also start
+    from ``base``'s values (a held-out fit does not: they were fitted on the rows it holds
+    out)."""
     rows = [r for r in rows if is_fit_row(r)]
 
     free = [i for i, name in enumerate(FITTED_FIELDS) if any(shown(name, r) for r in rows)]
-    start = [
-        math.log(v / (MAX_EFFICIENCY - v)) if i < 3 else math.log(v) for i, v in enumerate(START)
-    ]
+    start = [to_x(v, i) for i, v in enumerate(START)]
 
     def full(x: list[float]) -> list[float]:
         out = list(start)
@@ -260,10 +276,18 @@ def fit(
     def f(x: list[float]) -> float:
         return loss(rows, with_fitted(values(full(x)), base))
 
-    x = [start[i] for i in free]
-    for _ in range(3):  # restarts: the simplex collapses before the max() kinks settle
-        x = nelder_mead(f, x)
-    return with_fitted(values(full(x)), base)
+    # from the generic start and from speed.py's own constants (so that one more row or
+    # constant cannot lose a minimum found before): the better of the two
+    current = [getattr(base, name) for name in FITTED_FIELDS]
+    best: list[float] | None = None
+    for origin in (START, current) if warm else (START,):
+        x = [to_x(v, i) for i, v in enumerate(origin) if i in free]
+        for _ in range(3):  # restarts: the simplex collapses before the max() kinks settle
+            x = nelder_mead(f, x)
+        if best is None or f(x) < f(best):
+            best = x
+    assert best is not None
+    return with_fitted(values(full(best)), base)
 
 
 def shown(name: str, r: dict[str, Any]) -> bool:
@@ -275,16 +299,26 @@ def shown(name: str, r: dict[str, Any]) -> bool:
         "efficiency_lora": method == "lora",
         "efficiency_qlora": method == "qlora",
         "efficiency_full": method == "full",
-        "lora_bytes": method != "full",
         "host_adapter_s": method != "full",
         "host_4bit_s": method == "qlora",
         "optimizer_8bit_bytes": method == "full" and optim.endswith("8bit"),
+        "logits_bytes": not r["fused_loss"],
+        "fused_chunk_s": r["fused_loss"],
     }.get(name, True)
 
 
 # The best a matmul reaches: 790 of 989 TFLOP/s for 8192³ bf16 on an H200 (the device
 # notes); the efficiencies are fitted inside (0, MAX_EFFICIENCY), the rest in log space.
 MAX_EFFICIENCY = 0.8
+
+
+def to_x(v: float, i: int) -> float:
+    """The fit's coordinate of constant i's value v (values() inverts it); an efficiency at
+    the cap is taken just below it."""
+    if i < 3:
+        v = min(v, MAX_EFFICIENCY * (1 - 1e-6))
+        return math.log(v / (MAX_EFFICIENCY - v))
+    return math.log(max(v, 1e-300))
 
 
 def values(x: list[float]) -> list[float]:
@@ -354,10 +388,35 @@ def launch_step_s() -> float | None:
     return statistics.median(out) if out else None
 
 
+def lora_bytes(rows: list[dict[str, Any]]) -> float | None:
+    """Δ / ((1 − BF16_LORA_SHARE) · T · Σ(in + out) · (1 + ckpt/3) · accumulation / bandwidth)
+    over bf16 LoRA steps under DDP with a DeepSpeed ZeRO 0-2 twin of the same shape, Δ the
+    DDP step's extra seconds: the adapters' fp32 input casts, which DeepSpeed's bf16 adapters
+    skip (the two steps differ in little else for LoRA: its gradients are a few MB). Measured
+    here rather than fitted: on one GPU it trades against the efficiency and act_bytes."""
+    ddp = {_shape(r): r for r in rows if r.get("ddp") and r["method"] == "lora"}
+    out = []
+    for r in rows:
+        twin = ddp.get(_shape(r))
+        if twin is None or r["zero"] not in (0, 1, 2) or r.get("offload", "none") != "none":
+            continue
+        spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
+        per_byte = (
+            (1 - speed.BF16_LORA_SHARE)
+            * setup.tokens
+            * speed.adapted_features(spec, setup)
+            * (1 + int(setup.grad_ckpt) / 3)
+            * setup.grad_accum
+            / (cluster.gpu.memory_bandwidth_gbs * 1e9)
+        )
+        out.append((measured_seconds(twin) - measured_seconds(r)) / per_byte)
+    return statistics.median(out) if out else None
+
+
 def zero3_tensor_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
     """(t_ZeRO-3 − t_DDP · r) / (accumulation · parameter tensors) over ZeRO-3 rows with a
     DDP twin of the same shape on the same machine, r the model's ratio of the two steps
-    without the hooks (DeepSpeed's bf16 LoRA moves less: DEEPSPEED_LORA_SHARE). The hooks are
+    without the hooks (DeepSpeed's bf16 LoRA moves less: speed.lora_share). The hooks are
     what ZeRO-3 adds when its gathers hide behind compute, as they did: the same time with
     and without P2P."""
     ddp = {}
@@ -387,6 +446,7 @@ def _shape(r: dict[str, Any], with_p2p: bool = True) -> tuple[Any, ...]:
         r["micro_batch"],
         r["seq_len"],
         r["grad_ckpt"],
+        r["fused_loss"],
         r.get("grad_accum", 1),
         r.get("p2p", True) if with_p2p else None,
         r["env"]["gpu"],
@@ -399,6 +459,7 @@ def measured_constants(
     staged = host_staged_gbs(rows)
     k2 = dataclasses.replace(k, host_staged_gbs=staged or k.host_staged_gbs)
     return {
+        "lora_bytes": lora_bytes(rows),
         "zero3_tensor_s": zero3_tensor_s(rows, k),
         "host_staged_gbs": staged,
         "cpu_adam_params_per_s": cpu_adam_params_per_s(rows, k2),
@@ -428,7 +489,7 @@ def holdout_errors(
     fit_rows = [r for r in rows if is_fit_row(r)]
     errs: dict[Any, list[float]] = {}
     for g in sorted({key(r) for r in fit_rows}, key=lambda v: (isinstance(v, str), v)):
-        k = fit([r for r in fit_rows if key(r) != g], base)
+        k = fit([r for r in fit_rows if key(r) != g], base, warm=False)
         errs[g] = [error(r, k) for r in fit_rows if key(r) == g]
     return errs
 
@@ -487,7 +548,7 @@ def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[
     if groups:
         table.append(
             _line(
-                "**several GPUs and offload (not fitted; 5 of them gave the measured constants)**",
+                "**several GPUs and offload (not fitted; the measured constants were read off some)**",
                 [e for v in groups.values() for e in v],
             )
         )
@@ -521,7 +582,11 @@ def main() -> int:
     p.add_argument("--rows", action="store_true", help="every row, predicted against measured")
     args = p.parse_args()
     rows = timed_rows(args.files or default_files())
-    fitted = fit(rows)
+    # lora_bytes is measured before the fit, which then works around it
+    pinned = lora_bytes(rows)
+    fitted = fit(
+        rows, dataclasses.replace(speed.FITTED, lora_bytes=pinned or speed.FITTED.lora_bytes)
+    )
     fitted = dataclasses.replace(
         fitted, **{n: v for n, v in measured_constants(rows, fitted).items() if v is not None}
     )

@@ -666,6 +666,7 @@ def test_cli_links_change_the_predicted_speed() -> None:
     from click.testing import CliRunner
 
     from zeroplan.commands.cli import cli
+    from zeroplan.speed import FITTED
 
     def speed(*extra: str) -> dict[str, float]:
         args = ["estimate", "llama-3.1-8b-instruct", "--zero", "3", "--json", *extra]
@@ -673,9 +674,8 @@ def test_cli_links_change_the_predicted_speed() -> None:
         assert result.exit_code == 0, result.output
         return json.loads(result.output)["speed"]  # type: ignore[no-any-return]
 
-    assert (
-        speed("--gpus", "7x4090")["link_gbs"] == 12.77
-    )  # no P2P: the host-staged rate measured on two H200s
+    # no P2P: the host-staged rate measured on two H200s
+    assert speed("--gpus", "7x4090")["link_gbs"] == FITTED.host_staged_gbs
     fast = speed("--gpus", "7x4090", "--p2p")
     assert fast["link_gbs"] == 25.0
     slow = speed("--gpus", "7x4090")

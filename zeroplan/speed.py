@@ -5,8 +5,8 @@ of the GPU and mostly the slower of the two sets the pace ((gpu^p + host^p)^(1/p
 
 * the GPU's: the matmul FLOPs at a fitted fraction of the card's peak, plus the memory
   traffic that does no matmul work (the elementwise ops around every linear, LoRA's input
-  casts and dropout, the loss's fp32 logits unless it is fused, 4-bit dequantization) at
-  the card's memory bandwidth;
+  casts and dropout, the loss's fp32 logits or the fused loss's chunks, 4-bit
+  dequantization) at the card's memory bandwidth;
 * the host's: Python, autograd and kernel launches, a fixed cost per decoder layer, per
   LoRA adapter and per 4-bit linear, whatever the batch. This is what makes micro-batch 1
   slow: measured on one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at
@@ -41,8 +41,12 @@ class SpeedConstants:
         act_bytes: bytes moved per token per activation feature (every linear's output:
             what norms, activations and residual adds read and write around it).
         logits_bytes: bytes moved per logit (token × vocabulary) by the loss outside its
-            matmul: bf16 logits, their fp32 upcast, log-softmax and its gradient. The
-            fused loss (Liger) never materialises them: 0 there.
+            matmul: bf16 logits, their fp32 upcast, log-softmax and its gradient.
+        fused_chunk_s: what the fused loss (Liger) costs instead, per chunk: it never
+            holds all the logits but computes them chunk by chunk, each chunk's softmax and
+            gradient in one kernel, and there are about V/h chunks whatever the micro-batch
+            (liger_chunks): the fused loss costs more per token at small micro-batches.
+            (A per-logit byte cost beside it fitted to 0.)
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
         lora_bytes: bytes moved per token per adapted feature (a linear's in + out) by
@@ -71,6 +75,7 @@ class SpeedConstants:
     act_bytes: float
     lora_bytes: float
     logits_bytes: float
+    fused_chunk_s: float
     overlap_p: float
     host_layer_s: float
     host_adapter_s: float
@@ -90,20 +95,21 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.5925,
-    efficiency_qlora=0.7443,
-    efficiency_full=0.7999,
-    act_bytes=81.93,
-    lora_bytes=31.37,
-    logits_bytes=117.9,
-    overlap_p=5.436,
-    host_layer_s=3.32e-3,
-    host_adapter_s=0.4136e-3,
-    host_4bit_s=0.3947e-3,
-    optimizer_8bit_bytes=171.6,
-    zero3_tensor_s=1.35e-3,
-    host_staged_gbs=12.77,
-    cpu_adam_params_per_s=0.3078e9,
+    efficiency_lora=0.4779,
+    efficiency_qlora=0.5744,
+    efficiency_full=0.6874,
+    act_bytes=42.12,
+    lora_bytes=26.21,
+    logits_bytes=186.5,
+    fused_chunk_s=0.001565,
+    overlap_p=5.424,
+    host_layer_s=0.003309,
+    host_adapter_s=0.0004159,
+    host_4bit_s=0.0003945,
+    optimizer_8bit_bytes=172.1,
+    zero3_tensor_s=0.001284,
+    host_staged_gbs=20.63,
+    cpu_adam_params_per_s=2.985e08,
     launch_step_s=0.03035,
 )
 
@@ -114,9 +120,9 @@ ADAMW_BYTES = 16.0
 # Under DeepSpeed bf16 the adapters are bf16 and nothing is autocast: PEFT's input no longer
 # goes bf16 → fp32 (read 2, write 4), through dropout in fp32 (4 + 4 + mask) and back to
 # bf16 for the matmul (4 + 2), 21 B per element, but only through dropout in bf16 (2 + 2 +
-# mask), 5 B: about a quarter of the traffic. Measured: an 8B LoRA step under ZeRO-2 ran 12%
-# faster than DDP's autocast step at the same shape on two H200s.
-DEEPSPEED_LORA_SHARE = 0.25
+# mask), 5 B: about a quarter of the traffic (lora_share). Measured on two H200s: an 8B
+# LoRA step under ZeRO-0 and ZeRO-2 ran 10-12% faster than DDP's autocast step.
+BF16_LORA_SHARE = 0.25
 # Bytes a 4-bit weight costs each time it is used: bitsandbytes reads 0.5 B (+ its
 # double-quantized statistics, ~0.03 B) and writes a 2 B bf16 copy for the matmul.
 DEQUANT_BYTES = 2.5
@@ -235,30 +241,63 @@ def peak_tflops(setup: TrainSetup, gpu: GPU) -> float:
     return gpu.fp16_tflops if setup.fp16 else gpu.bf16_tflops
 
 
+def lora_share(setup: TrainSetup) -> float:
+    """The share of lora_bytes a micro-batch moves: BF16_LORA_SHARE for bf16 LoRA under
+    DeepSpeed (bf16 adapters: PEFT has nothing to cast), else 1: bf16 LoRA with fp32
+    adapters casts every adapter's input, and QLoRA's 4-bit layer does its own elementwise
+    work (a defensive copy of each output, the casts around it) with or without DeepSpeed:
+    measured on two H200s, an 8B QLoRA step ran at the same speed under ZeRO-0 and DDP."""
+    return BF16_LORA_SHARE if setup.deepspeed and setup.method == "lora" else 1.0
+
+
+def liger_chunks(tokens: int, vocab: int, hidden: int) -> int:
+    """The chunks Liger's fused linear cross-entropy computes a micro-batch's T tokens in:
+    it aims at chunks of T / ⌈V/h⌉ tokens (a chunk's logits no bigger than the input),
+    rounded up to a power of two, so ⌈T / 2^⌈log2(T / ⌈V/h⌉)⌉⌉ chunks: about V/h (32 for
+    Llama-3 at h = 4096, 32-63 at h = 2048) whatever the micro-batch."""
+    aim = -(-tokens // -(-vocab // hidden))
+    chunk = 1 << max(0, (aim - 1).bit_length())
+    return -(-tokens // chunk)
+
+
+def loss_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants) -> float:
+    """The loss's time outside its matmuls (whose FLOPs flops_per_token counts either way):
+
+    unfused:  T · V · logits_bytes / bandwidth
+    fused:    chunks · fused_chunk_s
+              + chunks · 2 · g · V·h / bandwidth when the output head trains (full
+              fine-tuning: each chunk adds its share into the head's g-byte gradient, reading
+              and writing all of it)"""
+    bw = gpu.memory_bandwidth_gbs * 1e9
+    if not setup.fused_loss:
+        return setup.tokens * spec.vocab_size * k.logits_bytes / bw
+    chunks = liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+    t = chunks * k.fused_chunk_s
+    if setup.method == "full":
+        t += chunks * 2 * trainable_bytes(setup) * spec.vocab_size * spec.hidden_size / bw
+    return t
+
+
 def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants = FITTED) -> float:
     """The GPU's time for one micro-batch of T = b·s tokens:
 
     FLOPs/token · T / (peak · efficiency)
-      + (T · (act_bytes · A + lora_bytes · Σ(in + out) [· ¼ under DeepSpeed])
+      + (T · (act_bytes · A + lora_bytes · Σ(in + out) · lora_share)
            · (1 + ⅓·checkpointing)
-         + T · V · logits_bytes (0 with the fused loss)
          + DEQUANT_BYTES · Ψ_4bit · (2 + checkpointing)) / bandwidth
+      + loss_seconds
 
     A = activation_features, Σ(in + out) = adapted_features. The elementwise work is a
     third forward, two thirds backward: checkpointing's recompute adds a third; a 4-bit
     weight is dequantized for the forward, the backward, and the recompute."""
     flops = flops_per_token(spec, setup) * setup.tokens
     matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
-    lora = k.lora_bytes * adapted_features(spec, setup)
-    if setup.deepspeed:
-        lora *= DEEPSPEED_LORA_SHARE
+    lora = k.lora_bytes * adapted_features(spec, setup) * lora_share(setup)
     per_token = k.act_bytes * activation_features(spec) + lora
     traffic = setup.tokens * per_token * (1 + int(setup.grad_ckpt) / 3)
-    if not setup.fused_loss:
-        traffic += setup.tokens * spec.vocab_size * k.logits_bytes
     if setup.method == "qlora":
         traffic += DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
-    return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9)
+    return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
 
 
 def host_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
@@ -313,8 +352,10 @@ def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float
 
     DDP / ZeRO-0:  all-reduce of the gradients, 2·(N−1)/N · g·Ψ_t (g = 4 B LoRA fp32 without
                    DeepSpeed, else 2 B)
-    ZeRO-1/2:      reduce-scatter of bf16 gradients + all-gather of bf16 parameters:
-                   2·(N−1)/N · 2 B·Ψ_t
+    ZeRO-1:        reduce-scatter of bf16 gradients at the accumulation boundary +
+                   all-gather of bf16 parameters: 2·(N−1)/N · 2 B·Ψ_t
+    ZeRO-2:        the same, but the gradients are reduce-scattered after every micro-batch
+                   (DeepSpeed partitions them as they come): (accumulation + 1)·(N−1)/N · 2 B·Ψ_t
     ZeRO-3:        per micro-batch: parameters gathered for forward and backward (and the
                    recompute under checkpointing), 2 B·Ψ each, plus the gradients'
                    reduce-scatter 2 B·Ψ_t: (N−1)/N of each
@@ -325,8 +366,10 @@ def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float
     n_t = trainable_params(spec, setup)
     if not setup.deepspeed or setup.zero == 0:
         return 2 * ring * trainable_bytes(setup) * n_t
-    if setup.zero in (1, 2):
+    if setup.zero == 1:
         return 2 * ring * 2 * n_t
+    if setup.zero == 2:
+        return (setup.grad_accum + 1) * ring * 2 * n_t
     gathers = 3 if setup.grad_ckpt else 2
     per_micro = ring * (gathers * 2 * spec.total_params + 2 * n_t)
     return per_micro * setup.grad_accum
@@ -350,7 +393,8 @@ def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -
     """The part of the step's communication that compute does not hide.
 
     DDP, and DeepSpeed with ``overlap_comm``: gradients are reduced in buckets while the
-    last micro-batch's backward runs, about half of its GPU time: max(0, comm − ½·micro).
+    last micro-batch's backward runs, about half of its GPU time: max(0, comm − ½·micro)
+    (ZeRO-2 reduces behind every micro-batch's backward: max(0, comm − accumulation·½·micro)).
     ZeRO-3 prefetches each layer's parameters during the previous one's compute:
     max(0, comm − accumulation · micro). DeepSpeed ZeRO 0-2 without ``overlap_comm``
     reduces after the backward: all of it."""
@@ -359,7 +403,8 @@ def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -
     if setup.zero == 3:
         return max(0.0, comm_s - setup.grad_accum * micro_gpu_s)
     if not setup.deepspeed or setup.overlap_comm:
-        return max(0.0, comm_s - 0.5 * micro_gpu_s)
+        behind = setup.grad_accum if setup.zero == 2 else 1
+        return max(0.0, comm_s - behind * 0.5 * micro_gpu_s)
     return comm_s
 
 
