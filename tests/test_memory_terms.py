@@ -19,7 +19,7 @@ from zeroplan.errors import BadSetupError, UnsupportedModelError, ZeroplanError
 from zeroplan.hardware import Cluster, get_gpu, parse_cluster
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.memory.activations import activation_profile, per_layer_bytes_per_token
-from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes
+from zeroplan.memory.buffers import comm_buffers, offload_cpu_bytes, zero3_embedding_held
 from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
@@ -158,6 +158,16 @@ def test_adapters_fp32_without_deepspeed_bf16_with() -> None:
     assert adapter_weights(LLAMA_8B, TrainSetup(method="full"), 1).bytes == 0
 
 
+def test_zero3_holds_vocabulary_copies_on_several_gpus() -> None:
+    # Llama-3.1-8B: untied, V·h = 128,256 × 4,096 = 525,336,576 → one bf16 copy
+    assert zero3_embedding_held(LLAMA_8B, lora(zero=3), 2) == 2 * 525_336_576
+    # Llama-3.2-1B: tied, V·h = 128,256 × 2,048 = 262,668,288 → three bf16 copies
+    assert zero3_embedding_held(LLAMA_1B, lora(zero=3), 2) == 6 * 262_668_288
+    # one GPU gathers nothing; other stages hold whole weights anyway
+    assert zero3_embedding_held(LLAMA_1B, lora(zero=3), 1) == 0
+    assert zero3_embedding_held(LLAMA_1B, lora(zero=2), 2) == 0
+
+
 def test_zero3_adapters_split_only_above_persistence_threshold() -> None:
     # r=16: largest LoRA A of the attention is 16·4096 = 65,536 < 100,000 elements: kept whole
     assert adapter_weights(LLAMA_8B, lora(zero=3), 8).bytes == 2 * LORA_ALL
@@ -176,7 +186,7 @@ NT = LORA_ALL
     [
         # no DeepSpeed: fp32 LoRA grads 4 B, AdamW 2 × 4 B
         (None, "none", 4 * NT, 8 * NT, 0),
-        # ZeRO-0: bf16 grads + fp32 accumulation; fp32 master + Adam (4 + 8) unsharded
+        # ZeRO-0: bf16 grads + the step's flattened fp32 copy; fp32 master + Adam unsharded
         (0, "none", (2 + 4) * NT, (4 + 8) * NT, 0),
         # ZeRO-1 at the step: bf16 grads whole + flattened bf16 partition + its fp32 copy;
         # optimizer sharded
@@ -297,7 +307,10 @@ def test_resident_gradients_follow_accumulation_and_stage() -> None:
     assert resident_gradients(LLAMA_8B, four, 1) == 4 * NT  # fp32 LoRA grads between micro-batches
     full4 = TrainSetup(method="full", grad_accum=4)
     assert resident_gradients(LLAMA_8B, full4, 1) == 2 * PSI
-    assert resident_gradients(LLAMA_8B, lora(zero=0), N) == 6 * NT
+    # ZeRO-0: nothing before the forward (the step's fp32 copy goes with it), bf16 grads
+    # between micro-batches
+    assert resident_gradients(LLAMA_8B, lora(zero=0), N) == 0
+    assert resident_gradients(LLAMA_8B, lora(zero=0, grad_accum=2), N) == 2 * NT
     assert resident_gradients(LLAMA_8B, lora(zero=1), N) == 0
     assert resident_gradients(LLAMA_8B, lora(zero=1, grad_accum=2), N) == 2 * NT
     assert resident_gradients(LLAMA_8B, lora(zero=2, grad_accum=2), N) == 2 * NT // N
@@ -360,24 +373,27 @@ def test_comm_buffers() -> None:
     assert bufs(lora(zero=2, overlap_comm=False)) == (0, 2 * 500_000_000, 0)
     assert bufs(TrainSetup(method="full", zero=1)) == (0, 2 * 4 * 500_000_000, 0)
     # ZeRO-3: one bf16 reduce bucket held throughout; on several GPUs the largest layer
-    # gathered plus the prefetch bucket
+    # gathered plus the prefetch bucket, and the untied input embedding's copy (2 B · V·h)
     layer = ATTN_W + MLP_W
+    vocab = 2 * V * H
     assert bufs(lora(zero=3), 1) == (2 * 500_000_000, 0, 0)
-    assert bufs(lora(zero=3)) == (2 * 500_000_000, 0, 2 * (layer + 50_000_000))
+    assert bufs(lora(zero=3)) == (2 * 500_000_000, 0, 2 * (layer + 50_000_000) + vocab)
     # a prefetch bucket larger than a layer prefetches one layer
     big = lora(zero=3, stage3_prefetch_elems=10**10)
-    assert bufs(big) == (2 * 500_000_000, 0, 2 * 2 * layer)
+    assert bufs(big) == (2 * 500_000_000, 0, 2 * 2 * layer + vocab)
     # LoRA under reentrant checkpointing (zeroplan launch, TRL) also holds the other ranks'
     # share of the frozen bf16 base through backward; not on one GPU, not for QLoRA or full
     held = 2 * LLAMA_8B.total_params * (N - 1) // N
     assert bufs(lora(zero=3, grad_ckpt=True)) == (
         2 * 500_000_000,
         0,
-        2 * (layer + 50_000_000) + held,
+        2 * (layer + 50_000_000) + vocab + held,
     )
     assert bufs(lora(zero=3, grad_ckpt=True), 1) == (2 * 500_000_000, 0, 0)
-    assert bufs(TrainSetup(method="qlora", zero=3, grad_ckpt=True))[2] == 2 * (layer + 50_000_000)
-    assert bufs(TrainSetup(method="full", zero=3, grad_ckpt=True), 2)[2] == 2 * (layer + 50_000_000)
+    qlora3 = TrainSetup(method="qlora", zero=3, grad_ckpt=True)
+    assert bufs(qlora3)[2] == 2 * (layer + 50_000_000) + vocab
+    full3 = TrainSetup(method="full", zero=3, grad_ckpt=True)
+    assert bufs(full3, 2)[2] == 2 * (layer + 50_000_000) + vocab
 
 
 # ----------------------------------------------------------------------------- logits

@@ -27,6 +27,29 @@ def frozen_base_held(setup: TrainSetup, world: int) -> bool:
     return setup.reentrant_checkpointing and setup.method == "lora" and world > 1
 
 
+def zero3_embedding_held(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
+    """What ZeRO-3 on several GPUs holds of the vocabulary matrices beyond the lm_head it
+    gathers around the loss, from the forward through the backward:
+
+    untied:  2 B · V·h   (one more gathered bf16 copy: the input embedding's)
+    tied:    6 B · V·h   (three: the one weight serves two modules)
+
+    Read off measurements, not traced in DeepSpeed: on two H200s
+    (memory_2xh200_zero_loops.jsonl), LoRA under ZeRO-3 with and without checkpointing
+    peaked 1.54 and 1.50 GiB (Llama-3.2-1B, tied, 2 B · V·h = 0.49 GiB), 0.75 and 0.79 GiB
+    (Qwen2.5-0.5B, tied, 0.25 GiB) and 1.36 GiB (Llama-3.1-8B, untied, 0.98 GiB) above
+    the estimate without this term; fitted on those LoRA rows, it took the full
+    fine-tuning rows (two H100s, memory_2xh100_zero.jsonl) from −8.0% to −0.2% (1B) and
+    −2.0% to −0.5% (8B). One GPU gathers nothing: 0 there.
+
+    Example: V·h = 1,000: untied 2,000 B, tied 6,000 B.
+    """
+    if setup.zero != 3 or world == 1:
+        return 0
+    copies = 3 if spec.tie_word_embeddings else 1
+    return copies * BF16 * spec.vocab_size * spec.hidden_size
+
+
 def _largest_layer_params(spec: ModelSpec) -> int:
     return max(sum(lin.params for lin in linears) for linears, _ in spec.linears_by_layer_kind())
 
@@ -45,7 +68,8 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
                             (measured on one GPU); with N > 1 the gathered bf16 parameters
                             of the layer at work plus the prefetch bucket:
                             2 B · (largest layer + min(prefetch, largest layer)), and the
-                            whole lm_head around the loss; LoRA under reentrant checkpointing
+                            whole lm_head around the loss, and copies of the vocabulary
+                            matrices (zero3_embedding_held); LoRA under reentrant checkpointing
                             (TrainSetup.reentrant_checkpointing) also holds, through the
                             backward, the other ranks' shares of the frozen bf16 base:
                             + 2 B · Ψ · (N − 1) / N
@@ -81,6 +105,9 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
         layer = _largest_layer_params(spec)
         gathered = BF16 * (layer + min(setup.stage3_prefetch_elems, layer))
         formula += f" + gathered layer and prefetch 2 B × {gathered // BF16:,}"
+        held_vocab = zero3_embedding_held(spec, setup, world)
+        gathered += held_vocab
+        formula += f" + vocabulary copies held {gib(held_vocab)}"
         if frozen_base_held(setup, world):
             held = BF16 * spec.total_params * (world - 1) // world
             gathered += held

@@ -35,7 +35,12 @@ from __future__ import annotations
 from zeroplan.errors import BadSetupError, UnsupportedModelError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile
-from zeroplan.memory.buffers import comm_buffers, frozen_base_held, offload_cpu_bytes
+from zeroplan.memory.buffers import (
+    comm_buffers,
+    frozen_base_held,
+    offload_cpu_bytes,
+    zero3_embedding_held,
+)
 from zeroplan.memory.gradients import gradients, resident_gradients, tied_embedding_backward
 from zeroplan.memory.logits import kept_logits_bytes, kept_output, logits, loss_forward_bytes
 from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
@@ -96,8 +101,10 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     grad_width = trainable_bytes(setup)
     lm_head_grad = grad_width * v_h if full else 0
     logits_grad_bf16 = BF16 * setup.tokens * spec.vocab_size if not setup.fused_loss else 0
-    # ZeRO-3 on several GPUs gathers the whole lm_head around the loss
+    # ZeRO-3 on several GPUs gathers the whole lm_head around the loss, and holds copies
+    # of the vocabulary matrices throughout
     head_gathered = BF16 * v_h if setup.zero == 3 and world > 1 else 0
+    head_gathered += zero3_embedding_held(spec, setup, world)
     # the reduce buckets appear with a backward's first gradient: lm_head's when it trains
     head_buckets = buffers.backward if full else 0
 

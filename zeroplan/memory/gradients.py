@@ -13,7 +13,9 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     """Gradient bytes at the optimizer step, where they are largest.
 
     no DeepSpeed:  the parameter's dtype: full 2 B · Ψ (bf16), LoRA 4 B · Ψ_t (fp32)
-    ZeRO-0:        bf16 grads 2 B · Ψ_t + fp32 accumulation buffer 4 B · Ψ_t (BF16_Optimizer)
+    ZeRO-0:        bf16 grads 2 B · Ψ_t + their flattened fp32 copy for the step 4 B · Ψ_t
+                   (bf16 at stage 0 with DeepSpeed's default bf16 gradient accumulation runs
+                   the fused mixed-precision optimizer, which builds that copy in step())
     ZeRO-1:        bf16 grads 2 B · Ψ_t + the flattened bf16 partition 2 B · Ψ_t / N + its
                    fp32 copy for the step 4 B · Ψ_t / N
     ZeRO-2:        bf16 partition 2 B · Ψ_t / N + flattened copy 2 B · Ψ_t / N + fp32 copy
@@ -23,7 +25,8 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     optimizer offload keeps the fp32 copy on the CPU.
 
     Measured on one H100 (benchmarks/results/memory_h100_zero1gpu.jsonl): ZeRO-1 and
-    ZeRO-2 full fine-tuning of Llama-3.2-1B peak at the step at static + 8 B · Ψ exactly.
+    ZeRO-2 full fine-tuning of Llama-3.2-1B peak at the step at static + 8 B · Ψ exactly;
+    on two H200s (memory_2xh200_zero_loops.jsonl) ZeRO-0 at static (14 B · Ψ) + 6.05 B · Ψ.
     """
     n_t = trainable_params(spec, setup)
     fp32 = 0 if setup.offload != "none" else FP32
@@ -34,7 +37,7 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
         formula = f"{width} B × {n_t:,} trainable"
     elif setup.zero == 0:
         size = (BF16 + FP32) * n_t
-        formula = f"(2 + 4) B × {n_t:,} trainable (bf16 + fp32 accumulation)"
+        formula = f"(2 + 4) B × {n_t:,} trainable (bf16 + the step's fp32 copy)"
     elif setup.zero == 1:
         size = BF16 * n_t + (BF16 + fp32) * n_t / world
         formula = f"2 B × {n_t:,} + (2 + {fp32}) B × {n_t:,} / {world}"
@@ -53,7 +56,9 @@ def resident_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
 
     no DeepSpeed:  0 with one micro-batch per step (``zero_grad(set_to_none=True)``);
                    with accumulation, the earlier micro-batches' gradients (param dtype)
-    ZeRO-0:        (2 + 4) B · Ψ_t (the fp32 accumulation buffer lives throughout)
+    ZeRO-0:        accumulation: the bf16 grads 2 B · Ψ_t, else 0 (the step's fp32 copy is
+                   freed with it; measured on two H200s: a full fine-tuning step's forward
+                   starts at 14 B · Ψ, no gradient)
     ZeRO-1:        accumulation: the bf16 grads 2 B · Ψ_t, else 0
     ZeRO-2:        accumulation: the bf16 partition 2 B · Ψ_t / N, else 0
     ZeRO-3:        the preallocated bf16 partition 2 B · Ψ_t / N
@@ -63,9 +68,7 @@ def resident_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
     if not setup.deepspeed:
         width = trainable_bytes(setup)
         return width * n_t if accumulating else 0
-    if setup.zero == 0:
-        return (BF16 + FP32) * n_t
-    if setup.zero == 1:
+    if setup.zero in (0, 1):
         return BF16 * n_t if accumulating else 0
     if setup.zero == 2:
         return BF16 * n_t // world if accumulating else 0
