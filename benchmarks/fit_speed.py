@@ -57,7 +57,6 @@ FITTED_FIELDS = (
     "efficiency_qlora",
     "efficiency_full",
     "act_bytes",
-    "logits_bytes",
     "overlap_p",
     "host_layer_s",
     "host_adapter_s",
@@ -252,7 +251,7 @@ def nelder_mead(
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-START = [0.35, 0.35, 0.35, 20.0, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 16.0, 3e-4]
+START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 16.0, 3e-4]
 
 
 def fit(
@@ -302,7 +301,6 @@ def shown(name: str, r: dict[str, Any]) -> bool:
         "host_adapter_s": method != "full",
         "host_4bit_s": method == "qlora",
         "optimizer_8bit_bytes": method == "full" and optim.endswith("8bit"),
-        "logits_bytes": not r["fused_loss"],
         "fused_chunk_s": r["fused_loss"],
     }.get(name, True)
 

@@ -40,8 +40,6 @@ class SpeedConstants:
         efficiency_*: fraction of the card's dense peak the matmuls reach, by method.
         act_bytes: bytes moved per token per activation feature (every linear's output:
             what norms, activations and residual adds read and write around it).
-        logits_bytes: bytes moved per logit (token × vocabulary) by the loss outside its
-            matmul: bf16 logits, their fp32 upcast, log-softmax and its gradient.
         fused_chunk_s: what the fused loss (Liger) costs instead, per chunk: it never
             holds all the logits but computes them chunk by chunk, each chunk's softmax and
             gradient in one kernel, and there are about V/h chunks whatever the micro-batch
@@ -57,6 +55,14 @@ class SpeedConstants:
         optimizer_8bit_bytes: what bitsandbytes' 8-bit AdamW step costs per trainable
             parameter, as bytes at the card's bandwidth (block-wise (de)quantization of
             both moments makes it slower than its 8-bit states say; AdamW: ADAMW_BYTES).
+    Counted, not fitted:
+        logits_bytes: bytes moved per logit (token × vocabulary) by the unfused loss
+            outside its matmul: the bf16 logits written (2), their fp32 upcast (read 2,
+            write 4), log-softmax (two reads and a write of 4 B), then backward the NLL's
+            dense gradient (4), log-softmax's backward (three reads and a write of 4 B),
+            the cast back to bf16 (read 4, write 2): 2 + 6 + 12 + 4 + 16 + 6 = 46 B. On
+            one GPU with 128k-152k vocabularies a fitted value traded against act_bytes
+            (118-189 B came out) and mispredicted a 320-token vocabulary by 17-22%.
     Measured on named rows (``benchmarks/fit_speed.py`` reads them again):
         zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch, from
             ZeRO-3 rows against their DDP twins on two H200s.
@@ -95,21 +101,21 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.4779,
-    efficiency_qlora=0.5744,
-    efficiency_full=0.6874,
-    act_bytes=42.12,
+    efficiency_lora=0.633,
+    efficiency_qlora=0.8,
+    efficiency_full=0.8,
+    act_bytes=108.6,
     lora_bytes=26.21,
-    logits_bytes=186.5,
-    fused_chunk_s=0.001565,
-    overlap_p=5.424,
-    host_layer_s=0.003309,
-    host_adapter_s=0.0004159,
-    host_4bit_s=0.0003945,
-    optimizer_8bit_bytes=172.1,
-    zero3_tensor_s=0.001284,
+    logits_bytes=46.0,
+    fused_chunk_s=0.0004939,
+    overlap_p=4.756,
+    host_layer_s=0.003315,
+    host_adapter_s=0.0004138,
+    host_4bit_s=0.0003899,
+    optimizer_8bit_bytes=163.9,
+    zero3_tensor_s=0.001289,
     host_staged_gbs=20.63,
-    cpu_adam_params_per_s=2.985e08,
+    cpu_adam_params_per_s=2.978e08,
     launch_step_s=0.03035,
 )
 
