@@ -894,9 +894,11 @@ def test_a_model_planned_for_this_machine_uses_only_kernels_it_has(
     preflight would then refuse the plan it just made."""
     from zeroplan.launch import runner
 
+    # a job whose plan takes the fused loss where it may: seq 4096 on one 24 GB card
+    job = {"seq_len": 4096, "global_batch": 8}
     monkeypatch.setattr(runner, "fused_loss_installed", lambda: False)
-    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"))
+    data = plan_model("llama-3.1-8b-instruct", parse_cluster("1x4090"), job)
     assert data["best"]["setup"]["fused_loss"] is False
     monkeypatch.setattr(runner, "fused_loss_installed", lambda: True)
-    data = plan_model("llama-3.1-8b-instruct", parse_cluster("7x4090"))
+    data = plan_model("llama-3.1-8b-instruct", parse_cluster("1x4090"), job)
     assert data["best"]["setup"]["fused_loss"] is True

@@ -713,7 +713,7 @@ def describe_files(launch: Launch) -> list[tuple[str, str]]:
     what = {
         PLAN_FILE: f"the plan every rank trains with (model: {launch.plan.get('model')})",
         LAUNCH_RECORD: "the commands and environment; the result is added at the end",
-        DS_CONFIG: f"the DeepSpeed config for {launch.world_size} GPUs",
+        DS_CONFIG: f"the DeepSpeed config for {launch.world_size} GPU{'' if launch.world_size == 1 else 's'}",
         HOSTFILE: "one 'host slots=N' line per node",
         DS_ENV_FILE: "zeroplan's variables, for DeepSpeed's remote nodes",
     }
