@@ -40,16 +40,13 @@ class SpeedConstants:
         efficiency_*: fraction of the card's dense peak the matmuls reach, by method.
         act_bytes: bytes moved per token per activation feature (every linear's output:
             what norms, activations and residual adds read and write around it).
-        fused_chunk_s: what the fused loss (Liger) costs instead, per chunk: it never
-            holds all the logits but computes them chunk by chunk, each chunk's softmax and
-            gradient in one kernel, and there are about V/h chunks whatever the micro-batch
-            (liger_chunks): the fused loss costs more per token at small micro-batches.
-            (A per-logit byte cost beside it fitted to 0.)
+        fused_chunk_s: what the fused loss (Liger) costs instead of logits_bytes, per
+            chunk: it never holds all the logits but computes them chunk by chunk, each
+            chunk's softmax and gradient in one kernel, and there are about V/h chunks
+            whatever the micro-batch (liger_chunks): the fused loss costs more per token
+            at small micro-batches. (A per-logit byte cost beside it fitted to 0.)
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
-        lora_bytes: bytes moved per token per adapted feature (a linear's in + out) by
-            LoRA's elementwise work: PEFT casts the input to the fp32 adapter's dtype,
-            drops it out, autocast casts it back, and the backward retraces each.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
             decoder layer, per LoRA adapter, per 4-bit linear.
         optimizer_8bit_bytes: what bitsandbytes' 8-bit AdamW step costs per trainable
@@ -64,6 +61,11 @@ class SpeedConstants:
             one GPU with 128k-152k vocabularies a fitted value traded against act_bytes
             (118-189 B came out) and mispredicted a 320-token vocabulary by 17-22%.
     Measured on named rows (``benchmarks/fit_speed.py`` reads them again):
+        lora_bytes: bytes moved per token per adapted feature (a linear's in + out) by
+            LoRA's elementwise work: PEFT casts the input to the fp32 adapter's dtype,
+            drops it out, autocast casts it back, and the backward retraces each; from
+            DDP steps against their DeepSpeed twins (bf16 adapters: lora_share) on two
+            H200s, because on one GPU it trades against the efficiencies.
         zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch, from
             ZeRO-3 rows against their DDP twins on two H200s.
         host_staged_gbs: NCCL's per-GPU bandwidth without P2P (``NCCL_P2P_DISABLE=1``:
