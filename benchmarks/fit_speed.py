@@ -166,16 +166,10 @@ def features(r: dict[str, Any]) -> Features:
         spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
         gpu = cluster.gpu
         bw = gpu.memory_bandwidth_gbs * 1e9
-        fixed = 0.0  # the bytes no constant scales: 4-bit dequantization, the fused head's gradient
-        recompute = 1 + int(setup.grad_ckpt) / 3
-        if setup.method == "qlora":
-            fixed = speed.DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+        passes = speed.elementwise_passes(setup)
         chunks = 0
         if setup.fused_loss:
             chunks = speed.liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
-            if setup.method == "full":
-                head = spec.vocab_size * spec.hidden_size
-                fixed += chunks * 2 * speed.trainable_bytes(setup) * head
         _FEATURES[key] = Features(
             method=setup.method,
             a=speed.flops_per_token(spec, setup)
@@ -184,12 +178,12 @@ def features(r: dict[str, Any]) -> Features:
             b=setup.tokens
             * speed.adapted_features(spec, setup)
             / bw
-            * recompute
+            * passes
             * speed.lora_share(setup),
-            e=setup.tokens * speed.activation_features(spec) / bw * recompute,
+            e=setup.tokens * speed.activation_features(spec) / bw * passes,
             v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
             chunks=chunks,
-            c=fixed / bw,
+            c=speed.fixed_bytes(spec, setup) / bw,
             layers=spec.num_layers,
             adapters=speed.adapters(spec, setup),
             q=speed.quantized_linears(spec, setup),
@@ -403,7 +397,7 @@ def lora_bytes(rows: list[dict[str, Any]]) -> float | None:
             (1 - speed.BF16_LORA_SHARE)
             * setup.tokens
             * speed.adapted_features(spec, setup)
-            * (1 + int(setup.grad_ckpt) / 3)
+            * speed.elementwise_passes(setup)
             * setup.grad_accum
             / (cluster.gpu.memory_bandwidth_gbs * 1e9)
         )
@@ -456,8 +450,8 @@ def measured_constants(
 ) -> dict[str, float | None]:
     staged = host_staged_gbs(rows)
     k2 = dataclasses.replace(k, host_staged_gbs=staged or k.host_staged_gbs)
+    # (lora_bytes is measured before the fit: main)
     return {
-        "lora_bytes": lora_bytes(rows),
         "zero3_tensor_s": zero3_tensor_s(rows, k),
         "host_staged_gbs": staged,
         "cpu_adam_params_per_s": cpu_adam_params_per_s(rows, k2),

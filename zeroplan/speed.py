@@ -272,39 +272,48 @@ def loss_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants
     """The loss's time outside its matmuls (whose FLOPs flops_per_token counts either way):
 
     unfused:  T · V · logits_bytes / bandwidth
-    fused:    chunks · fused_chunk_s
-              + chunks · 2 · g · V·h / bandwidth when the output head trains (full
-              fine-tuning: each chunk adds its share into the head's g-byte gradient, reading
-              and writing all of it)"""
-    bw = gpu.memory_bandwidth_gbs * 1e9
+    fused:    chunks · fused_chunk_s (and the head gradient's passes in fixed_bytes)"""
     if not setup.fused_loss:
-        return setup.tokens * spec.vocab_size * k.logits_bytes / bw
-    chunks = liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
-    t = chunks * k.fused_chunk_s
-    if setup.method == "full":
-        t += chunks * 2 * trainable_bytes(setup) * spec.vocab_size * spec.hidden_size / bw
-    return t
+        return setup.tokens * spec.vocab_size * k.logits_bytes / (gpu.memory_bandwidth_gbs * 1e9)
+    return liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size) * k.fused_chunk_s
+
+
+def elementwise_passes(setup: TrainSetup) -> float:
+    """1 + ⅓ · checkpointing: the elementwise work is a third forward, two thirds backward,
+    and checkpointing's recompute adds a forward."""
+    return 1 + int(setup.grad_ckpt) / 3
+
+
+def fixed_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
+    """A micro-batch's memory traffic that no constant scales:
+
+    QLoRA:                  DEQUANT_BYTES · Ψ_4bit · (2 + checkpointing) (a 4-bit weight is
+                            dequantized for the forward, the backward and the recompute)
+    fused loss, full:       chunks · 2 · g · V·h (each chunk adds its share into the output
+                            head's g-byte gradient, reading and writing all of it)"""
+    total = 0.0
+    if setup.method == "qlora":
+        total += DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+    if setup.fused_loss and setup.method == "full":
+        chunks = liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+        total += chunks * 2 * trainable_bytes(setup) * spec.vocab_size * spec.hidden_size
+    return total
 
 
 def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants = FITTED) -> float:
     """The GPU's time for one micro-batch of T = b·s tokens:
 
     FLOPs/token · T / (peak · efficiency)
-      + (T · (act_bytes · A + lora_bytes · Σ(in + out) · lora_share)
-           · (1 + ⅓·checkpointing)
-         + DEQUANT_BYTES · Ψ_4bit · (2 + checkpointing)) / bandwidth
+      + (T · (act_bytes · A + lora_bytes · Σ(in + out) · lora_share) · elementwise_passes
+         + fixed_bytes) / bandwidth
       + loss_seconds
 
-    A = activation_features, Σ(in + out) = adapted_features. The elementwise work is a
-    third forward, two thirds backward: checkpointing's recompute adds a third; a 4-bit
-    weight is dequantized for the forward, the backward, and the recompute."""
+    A = activation_features, Σ(in + out) = adapted_features."""
     flops = flops_per_token(spec, setup) * setup.tokens
     matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
     lora = k.lora_bytes * adapted_features(spec, setup) * lora_share(setup)
     per_token = k.act_bytes * activation_features(spec) + lora
-    traffic = setup.tokens * per_token * (1 + int(setup.grad_ckpt) / 3)
-    if setup.method == "qlora":
-        traffic += DEQUANT_BYTES * spec.quantizable_params() * (2 + int(setup.grad_ckpt))
+    traffic = setup.tokens * per_token * elementwise_passes(setup) + fixed_bytes(spec, setup)
     return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
 
 

@@ -236,8 +236,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
         notes.append(fp16_note(setup))
     if frozen_base_held(setup, world):
         notes.append(
-            "LoRA under ZeRO-3 with (reentrant) checkpointing: measured on one 2-GPU "
-            "configuration only, where this estimate was 6-11% low"
+            "LoRA under ZeRO-3 with checkpointing: the frozen base held through the backward "
+            "is read off measurements on two H100s and two H200s (within 5% there), not a "
+            "mechanism traced in DeepSpeed"
         )
     notes.extend(cluster.notes)
     if setup.optim.startswith("paged"):
