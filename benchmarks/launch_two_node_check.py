@@ -89,25 +89,29 @@ def node_env(via: str, rank: int, job: str, tiny: bool, network: bool) -> dict[s
     return env
 
 
+def launch_cmd(args: argparse.Namespace, run: Path, plan: str, extra: list[str]) -> list[str]:
+    """``zeroplan launch`` of the plan into ``run`` on the check's records, logging each step."""
+    cmd = [*ZP, str(args.work / f"{plan}.json"), "--data", str(args.work / "data.jsonl")]
+    cmd += ["-o", str(run), "--logging-steps", "1", "--no-dashboard", *extra]
+    return cmd + (["--force"] if args.tiny else [])
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str]) -> Any:
+    """Start ``cmd`` in the repository as the leader of its own session, output to ``log``."""
+    with log.open("a") as out:  # (the child holds its own copy)
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+        )
+
+
 def start(
     via: str, rank: int, args: argparse.Namespace, run: Path, extra: list[str], plan: str = "plan"
 ) -> Any:
-    cmd = [*ZP, str(args.work / f"{plan}.json"), "--data", str(args.work / "data.jsonl")]
-    cmd += ["-o", str(run), "--logging-steps", "1", "--no-dashboard", *extra]
     if via == "flags":
-        cmd += ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
-        cmd += ["--master-port", str(args.port)]
-    if args.tiny:
-        cmd.append("--force")
-    with node_log(args, run, rank).open("a") as log:  # (the child holds its own copy)
-        return subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=node_env(via, rank, args.job, args.tiny, args.network_path),
-            start_new_session=True,
-        )
+        extra = [*extra, "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+        extra += ["--master-port", str(args.port)]
+    env = node_env(via, rank, args.job, args.tiny, args.network_path)
+    return spawn(launch_cmd(args, run, plan, extra), node_log(args, run, rank), env)
 
 
 def node_log(args: argparse.Namespace, run: Path, rank: int | None = None) -> Path:
@@ -225,26 +229,11 @@ def speed(args: argparse.Namespace, setup: TrainSetup, model: Path) -> list[dict
         run = args.work / f"speed-{name}-{spec}"
         steps = ["--max-steps", str(args.speed_steps)]
         if layout == "one node":
-            cmd = [
-                *ZP,
-                str(args.work / f"{plan_name}.json"),
-                "--data",
-                str(args.work / "data.jsonl"),
-            ]
-            cmd += ["-o", str(run), "--logging-steps", "1", "--no-dashboard", *steps]
-            cmd += ["--launcher", "torchrun"] + (["--force"] if args.tiny else [])
+            cmd = launch_cmd(args, run, plan_name, [*steps, "--launcher", "torchrun"])
             env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
             if args.tiny:
                 env["CUDA_VISIBLE_DEVICES"] = ""
-            with node_log(args, run).open("a") as log:
-                one = subprocess.Popen(
-                    cmd,
-                    cwd=ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            one = spawn(cmd, node_log(args, run), env)
             rcs = wait_nodes([one], args.timeout, args.grace)
             logs = [node_log(args, run)]
         else:
