@@ -356,12 +356,12 @@ def cpu_adam_params_per_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -
     return statistics.median(out) if out else None
 
 
-def launch_step_s() -> float | None:
-    """Launched step − lean step at the same shape: realdata_speed.py's full-length runs
-    (positions per second = real tokens per second / fill) against realdata_h200_lean.jsonl."""
+def realdata_lean() -> dict[str, tuple[int, float]]:
+    """realdata_h200_lean.jsonl by method: (token positions per step, the median step after
+    the first); empty without the file."""
     lean_file = RESULTS / "realdata_h200_lean.jsonl"
     if not lean_file.exists():
-        return None
+        return {}
     lean = {}
     for line in lean_file.read_text().splitlines():
         r = json.loads(line)
@@ -369,6 +369,15 @@ def launch_step_s() -> float | None:
             r["micro_batch"] * r["seq_len"],
             statistics.median(r["step_seconds"][1:]),
         )
+    return lean
+
+
+def launch_step_s() -> float | None:
+    """Launched step − lean step at the same shape: realdata_speed.py's full-length runs
+    (positions per second = real tokens per second / fill) against realdata_h200_lean.jsonl."""
+    lean = realdata_lean()
+    if not lean:
+        return None
     out = []
     for name in ("realdata_h200_8b_gqa.jsonl", "realdata_h200_1b_gqa.jsonl"):
         for line in (RESULTS / name).read_text().splitlines():

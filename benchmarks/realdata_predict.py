@@ -15,7 +15,6 @@ and the launched real tokens/s at each run's packing fill. It also prints what
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
+from fit_speed import realdata_lean  # noqa: E402  (the same lean steps the fit reads)
 
 from zeroplan import speed  # noqa: E402
 from zeroplan.hardware import parse_cluster  # noqa: E402
@@ -43,10 +43,7 @@ RUNS = (
 
 def main() -> None:
     vocab = len(tinyllm.build_tokenizer())
-    lean = {}
-    for line in (RESULTS / "realdata_h200_lean.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        lean[r["method"]] = statistics.median(r["step_seconds"][1:])
+    lean = {method: seconds for method, (_, seconds) in realdata_lean().items()}
     cluster = parse_cluster("1xH200")
     with tempfile.TemporaryDirectory() as tmp:
         for catalog, method, runs_file, targets, global_batch in RUNS:
