@@ -144,6 +144,46 @@ GRIDS: dict[str, list[str]] = {
         f"{M7} --method full --optim adamw_8bit --shapes 1x1024c,2x2048c",
         f"{Q3} --method full --optim adamw_8bit --shapes 1x1024c",
     ],
+    # One GPU, nothing else running (the "h200" grid ran as two shards at once, and the
+    # host-bound shapes of one shard moved by up to a third with what the other did): the
+    # host-bound shapes again, the small one after a larger one, and once more at the end.
+    "h200-host": [
+        f"{L3} --method lora --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{Q05} --method lora --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{Q05} --method full --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{Q3} --method lora --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{L8} --method lora --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{M7} --method qlora --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{L1} --method qlora --shapes 4x512,1x512,1x2048,2x512,1x512",
+        f"{L1} --method lora --shapes 4x512,1x512,1x2048,2x512,1x512",
+    ],
+    # One GPU: DeepSpeed ZeRO-0 against the plain loop for bf16 LoRA (the planner picks
+    # ZeRO-0 there: DeepSpeed keeps bf16 adapters, PEFT's plain loop fp32 ones), and CPU
+    # optimizer offload with DeepSpeed's CPU Adam on a one-GPU host (16 cores).
+    "h200-zero0": [
+        f"{L1} --method lora --zero 0 --shapes 4x2048,1x512,16x1024f",
+        f"{L1} --method lora --shapes 4x2048,1x512,16x1024f",
+        f"{L8} --method lora --zero 0 --shapes 4x2048,1x2048",
+        f"{L1} --method full --zero 2 --offload optimizer --ds-adam --shapes 4x2048a4",
+    ],
+    # One GPU: what a DeepSpeed optimizer step costs the host beyond the plain loop's (the
+    # twins, with accumulation spreading it over micro-batches), LoRA and full.
+    "h200-ds-step": [
+        f"{L1} --method lora --zero 0 --shapes 1x512a4,4x2048a2,1x1024",
+        f"{L1} --method lora --shapes 1x512a4,4x2048a2,1x1024",
+        f"{L1} --method full --zero 0 --shapes 1x512,4x2048,1x512a4",
+        f"{L1} --method full --shapes 1x512,4x2048,1x512a4",
+    ],
+    # One GPU: shapes that the held-out fits lacked (fit_speed.py holds out a sequence
+    # length, a micro-batch size or a family at a time): checkpointing and the 8-bit
+    # optimizer away from seq 2048, QLoRA at micro-batch 2 and 8.
+    "h200-spread": [
+        f"{Q05} --method full --shapes 2x512c,1x1024c,4x1024c",
+        f"{L1} --method lora --shapes 1x512c,2x1024c,1x4096c",
+        f"{Q05} --method full --optim adamw_8bit --shapes 1x512,2x4096,1x1024c",
+        f"{L3} --method qlora --shapes 2x2048,8x768,1x1024c",
+        f"{M7} --method qlora --shapes 2x768,1x1024",
+    ],
     # CPU optimizer offload, DeepSpeed's compiled CPU Adam against PyTorch's AdamW on the CPU.
     "h200x2-offload": [
         f"{L1} --method full --zero 2 --offload optimizer --ds-adam --shapes 4x2048a4,8x2048a2",
@@ -354,6 +394,8 @@ def sweep(args: argparse.Namespace) -> None:
         "ds_config": cfg,
         "tag": args.tag,
         "env": (mm.environment() if cuda else {}) | cpu_info(),
+        # what CPU Adam spreads over (torchrun sets 1 for several processes unless told)
+        "omp_threads": torch.get_num_threads(),
     }
     gen = torch.Generator(device=args.device).manual_seed(rank)
     for text in args.shapes.split(","):
