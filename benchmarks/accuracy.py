@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroplan.errors import ModelNotFoundError
-from zeroplan.hardware import Cluster, gpu_from_nvml_name
+from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU, Cluster, gpu_from_nvml_name
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.memory.overhead import PRESSURE_FRACTION
 from zeroplan.models import load_model
@@ -69,7 +69,28 @@ def cluster_of(row: dict[str, Any]) -> Cluster:
         )
     if row.get("p2p") is False:  # run with NCCL_P2P_DISABLE=1 (speed_grid.py records it)
         gpu = dataclasses.replace(gpu, p2p=False)
-    return Cluster(gpu=gpu, gpus_per_node=row["world_size"])
+    world = row["world_size"]
+    return Cluster(gpu=gpu, gpus_per_node=world, cpu_cores_per_node=omp_threads(row) * world)
+
+
+def omp_threads_set(row: dict[str, Any]) -> int | None:
+    """The OpenMP threads a row recorded: speed_grid.py's ``omp_threads``, or a tag ``ompN``
+    (a run under ``OMP_NUM_THREADS=N``); None for older rows."""
+    if row.get("omp_threads"):
+        return int(row["omp_threads"])
+    tag = row.get("tag") or ""
+    return int(tag[3:]) if tag.startswith("omp") and tag[3:].isdigit() else None
+
+
+def omp_threads(row: dict[str, Any]) -> int:
+    """The OpenMP threads each rank of a row ran with (what CPU Adam spreads over): recorded
+    (omp_threads_set), else torchrun's default for several processes (1), else the cores
+    the process could use."""
+    if (threads := omp_threads_set(row)) is not None:
+        return threads
+    if row.get("world_size", 1) > 1:
+        return 1
+    return int(row.get("env", {}).get("cpu_usable") or DEFAULT_CPU_CORES_PER_GPU)
 
 
 def verdict_right(row: dict[str, Any], est: MemoryEstimate) -> bool:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (  # the same row → TrainSetup as the memory comparison
     cluster_of,
     known_model,
+    omp_threads_set,
     setup_of,
 )
 
@@ -61,6 +62,7 @@ FITTED_FIELDS = (
     "host_layer_s",
     "host_adapter_s",
     "host_4bit_s",
+    "host_recompute",
     "optimizer_8bit_bytes",
     "fused_chunk_s",
 )
@@ -68,7 +70,9 @@ MEASURED_FIELDS = (
     "lora_bytes",
     "zero3_tensor_s",
     "host_staged_gbs",
-    "cpu_adam_params_per_s",
+    "deepspeed_step_s",
+    "cpu_adam_serial_s",
+    "cpu_adam_thread_s",
     "launch_step_s",
 )
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2.5", "qwen3": "Qwen3", "mistral": "Mistral"}
@@ -118,14 +122,16 @@ def gpu_label(r: dict[str, Any]) -> str:
 
 
 def is_fit_row(r: dict[str, Any]) -> bool:
-    return r.get("world_size", 1) == 1 and r.get("offload", "none") == "none"
+    """One GPU, no DeepSpeed: the rows the fitted constants come from (DeepSpeed's own
+    costs are measured constants, read off one-GPU twins)."""
+    return r.get("world_size", 1) == 1 and r.get("zero") is None
 
 
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
     seconds = accum · (smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
-    + chunks·fused_chunk_s + c, layers·hL + adapters·hA + q·hQ) + tensors·z3) + opt
+    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(layers·hL + adapters·hA + q·hQ)) + tensors·z3) + opt
     (speed.step_time, written out so that a fit costs microseconds)."""
 
     method: str
@@ -139,6 +145,7 @@ class Features:
     adapters: int
     q: int
     tensors: int
+    ckpt: int
     accum: int
     opt: float  # optimizer seconds per byte per parameter
     opt_8bit: bool
@@ -147,7 +154,7 @@ class Features:
         gpu = self.a / k.efficiency(self.method) + self.b * k.lora_bytes + self.e * k.act_bytes
         gpu += self.v * k.logits_bytes + self.c
         gpu += self.chunks * k.fused_chunk_s
-        host = (
+        host = (1 + self.ckpt * k.host_recompute) * (
             self.layers * k.host_layer_s + self.adapters * k.host_adapter_s + self.q * k.host_4bit_s
         )
         per_param = k.optimizer_8bit_bytes if self.opt_8bit else speed.ADAMW_BYTES
@@ -188,6 +195,7 @@ def features(r: dict[str, Any]) -> Features:
             adapters=speed.adapters(spec, setup),
             q=speed.quantized_linears(spec, setup),
             tensors=speed.parameter_tensors(spec, setup) if setup.zero == 3 else 0,
+            ckpt=int(setup.grad_ckpt),
             accum=setup.grad_accum,
             opt=speed.optimizer_seconds(spec, setup, gpu, cluster.world_size, ONE_BYTE)
             / (1.0 if setup.optim.endswith("8bit") else speed.ADAMW_BYTES),
@@ -245,7 +253,7 @@ def nelder_mead(
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 16.0, 3e-4]
+START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 0.5, 16.0, 3e-4]
 
 
 def fit(
@@ -294,6 +302,7 @@ def shown(name: str, r: dict[str, Any]) -> bool:
         "efficiency_full": method == "full",
         "host_adapter_s": method != "full",
         "host_4bit_s": method == "qlora",
+        "host_recompute": bool(r["grad_ckpt"]),
         "optimizer_8bit_bytes": method == "full" and optim.endswith("8bit"),
         "fused_chunk_s": r["fused_loss"],
     }.get(name, True)
@@ -313,8 +322,16 @@ def to_x(v: float, i: int) -> float:
     return math.log(max(v, 1e-300))
 
 
+# Below this a fitted cost is nothing (a nanosecond, a nanobyte): the fit may push a term
+# the rows do not show toward 0, and --check compares values by ratio.
+FLOOR = 1e-9
+
+
 def values(x: list[float]) -> list[float]:
-    return [MAX_EFFICIENCY / (1 + math.exp(-v)) if i < 3 else math.exp(v) for i, v in enumerate(x)]
+    return [
+        MAX_EFFICIENCY / (1 + math.exp(-v)) if i < 3 else max(FLOOR, math.exp(v))
+        for i, v in enumerate(x)
+    ]
 
 
 # --- the measured constants ----------------------------------------------------------
@@ -338,21 +355,53 @@ def host_staged_gbs(rows: list[dict[str, Any]]) -> float | None:
     return statistics.median(out) if out else None
 
 
-def cpu_adam_params_per_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
-    """Ψ_t/N / (t − the step without offload − PCIe trips) over the rows that ran
-    DeepSpeed's CPU Adam."""
-    out = []
+def cpu_adam_seconds_per_param(
+    rows: list[dict[str, Any]], k: speed.SpeedConstants
+) -> tuple[float, float] | None:
+    """(serial_s, thread_s): the least-squares line y = serial_s + thread_s / threads through
+    y = (t − the step without offload − PCIe trips) / (Ψ_t/N) over the rows that ran
+    DeepSpeed's CPU Adam at a set thread count (one H200's host at 1-16 threads)."""
+    xs, ys = [], []
     for r in rows:
-        if r.get("optim") != "deepspeed_cpu_adam":
+        # the sweep of one host at set thread counts; the rest (torchrun's default of one
+        # thread per rank on another host) are a check
+        if r.get("optim") != "deepspeed_cpu_adam" or not omp_threads_set(r):
             continue
         spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
         plain = speed.step_time(
             spec, dataclasses.replace(setup, offload="none"), cluster, launched=False, k=k
         )
-        no_adam = dataclasses.replace(k, cpu_adam_params_per_s=math.inf)
+        no_adam = dataclasses.replace(k, cpu_adam_serial_s=0.0, cpu_adam_thread_s=0.0)
         pcie = speed.offload_seconds(spec, setup, cluster, no_adam)
         n = speed.trainable_params(spec, setup) / cluster.world_size
-        out.append(n / (measured_seconds(r) - plain.total_s - pcie))
+        xs.append(1 / cluster.cpu_threads_per_rank)
+        ys.append((measured_seconds(r) - plain.total_s - pcie) / n)
+    if len(set(xs)) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return my - slope * mx, slope
+
+
+def deepspeed_step_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
+    """(t_DeepSpeed − t_plain) − (their predicted difference without the engine's cost),
+    median over one-GPU DeepSpeed rows with a plain twin of the same shape in the same file
+    (the same process start, the same host): what DeepSpeed's engine adds to a step."""
+    plain = {
+        (r["_file"], _shape(r)): r
+        for r in rows
+        if r.get("world_size", 1) == 1 and r["zero"] is None
+    }
+    no_engine = dataclasses.replace(k, deepspeed_step_s=0.0)
+    out = []
+    for r in rows:
+        twin = plain.get((r["_file"], _shape(r)))
+        if twin is None or r["zero"] is None or r.get("offload", "none") != "none":
+            continue
+        predicted = lean_seconds(r, no_engine) - lean_seconds(twin, no_engine)
+        out.append(measured_seconds(r) - measured_seconds(twin) - predicted)
     return statistics.median(out) if out else None
 
 
@@ -389,12 +438,14 @@ def launch_step_s() -> float | None:
     return statistics.median(out) if out else None
 
 
-def lora_bytes(rows: list[dict[str, Any]]) -> float | None:
-    """Δ / ((1 − BF16_LORA_SHARE) · T · Σ(in + out) · (1 + ckpt/3) · accumulation / bandwidth)
-    over bf16 LoRA steps under DDP with a DeepSpeed ZeRO 0-2 twin of the same shape, Δ the
-    DDP step's extra seconds: the adapters' fp32 input casts, which DeepSpeed's bf16 adapters
-    skip (the two steps differ in little else for LoRA: its gradients are a few MB). Measured
-    here rather than fitted: on one GPU it trades against the efficiency and act_bytes."""
+def lora_bytes(rows: list[dict[str, Any]], engine_s: float) -> float | None:
+    """(Δ + engine_s) / ((1 − BF16_LORA_SHARE) · T · Σ(in + out) · (1 + ckpt/3) ·
+    accumulation / bandwidth) over bf16 LoRA steps under DDP with a DeepSpeed ZeRO 0-2 twin
+    of the same shape, Δ the DDP step's extra seconds: the adapters' fp32 input casts, which
+    DeepSpeed's bf16 adapters skip (the two steps differ in little else for LoRA: its
+    gradients are a few MB), less what DeepSpeed's engine adds to its step (engine_s:
+    deepspeed_step_s). Measured here rather than fitted: on one GPU it trades against the
+    efficiency and act_bytes."""
     ddp = {_shape(r): r for r in rows if r.get("ddp") and r["method"] == "lora"}
     out = []
     for r in rows:
@@ -410,7 +461,7 @@ def lora_bytes(rows: list[dict[str, Any]]) -> float | None:
             * setup.grad_accum
             / (cluster.gpu.memory_bandwidth_gbs * 1e9)
         )
-        out.append((measured_seconds(twin) - measured_seconds(r)) / per_byte)
+        out.append((measured_seconds(twin) - measured_seconds(r) + engine_s) / per_byte)
     return statistics.median(out) if out else None
 
 
@@ -458,12 +509,20 @@ def measured_constants(
     rows: list[dict[str, Any]], k: speed.SpeedConstants
 ) -> dict[str, float | None]:
     staged = host_staged_gbs(rows)
-    k2 = dataclasses.replace(k, host_staged_gbs=staged or k.host_staged_gbs)
+    engine = deepspeed_step_s(rows, k)
+    k2 = dataclasses.replace(
+        k,
+        host_staged_gbs=staged or k.host_staged_gbs,
+        deepspeed_step_s=k.deepspeed_step_s if engine is None else engine,
+    )
+    adam = cpu_adam_seconds_per_param(rows, k2)
     # (lora_bytes is measured before the fit: main)
     return {
-        "zero3_tensor_s": zero3_tensor_s(rows, k),
+        "zero3_tensor_s": zero3_tensor_s(rows, k2),
         "host_staged_gbs": staged,
-        "cpu_adam_params_per_s": cpu_adam_params_per_s(rows, k2),
+        "deepspeed_step_s": engine,
+        "cpu_adam_serial_s": adam[0] if adam else None,
+        "cpu_adam_thread_s": adam[1] if adam else None,
         "launch_step_s": launch_step_s(),
     }
 
@@ -482,15 +541,25 @@ def error(r: dict[str, Any], k: speed.SpeedConstants) -> float:
     return measured_seconds(r) / lean_seconds(r, k) - 1
 
 
+# A held-out fit needs this many rows per fitted constant, or it is not a fit: with the H200
+# rows held out, 9 H100 rows (one model, one sequence length) are left for 11 constants.
+MIN_ROWS_PER_CONSTANT = 2
+
+
 def holdout_errors(
     rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], base: speed.SpeedConstants
-) -> dict[Any, list[float]]:
+) -> dict[Any, list[float] | int]:
     """For each value g of key(row): fit on the one-GPU rows whose key differs, predict
-    the one-GPU rows whose key is g."""
+    the one-GPU rows whose key is g; where fewer than MIN_ROWS_PER_CONSTANT rows per
+    constant are left, no fit: the number of rows left instead of the errors."""
     fit_rows = [r for r in rows if is_fit_row(r)]
-    errs: dict[Any, list[float]] = {}
+    errs: dict[Any, list[float] | int] = {}
     for g in sorted({key(r) for r in fit_rows}, key=lambda v: (isinstance(v, str), v)):
-        k = fit([r for r in fit_rows if key(r) != g], base, warm=False)
+        train = [r for r in fit_rows if key(r) != g]
+        if len(train) < MIN_ROWS_PER_CONSTANT * len(FITTED_FIELDS):
+            errs[g] = len(train)
+            continue
+        k = fit(train, base, warm=False)
         errs[g] = [error(r, k) for r in fit_rows if key(r) == g]
     return errs
 
@@ -515,6 +584,8 @@ def multi_label(r: dict[str, Any]) -> str:
     )
     if r.get("offload", "none") == "none":
         what = "NVLink" if r.get("p2p", True) else "NCCL_P2P_DISABLE=1"
+        if r.get("world_size", 1) == 1:
+            what = f"DeepSpeed ZeRO-{r['zero']}"
     return f"{r['world_size']}×{gpu_label(r)}, {what}"
 
 
@@ -536,11 +607,23 @@ def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[
     everything: list[float] = []
     for name, key, label in schemes:
         errs = holdout_errors(rows, key, k)
-        flat = [e for v in errs.values() for e in v]
+        flat = [e for v in errs.values() if isinstance(v, list) for e in v]
         everything += flat
         table.append(_line(f"**{name}**", flat))
         for g, v in errs.items():
-            table.append(_line(f"  {label(g)} held out", v))
+            if isinstance(v, list):
+                table.append(_line(f"  {label(g)} held out", v))
+            else:
+                held = sum(key(r) == g for r in fit_rows)
+                table.append(
+                    [
+                        f"  {label(g)} held out",
+                        str(held),
+                        "no fit",
+                        f"{v} rows left for {len(FITTED_FIELDS)} constants",
+                        "—",
+                    ]
+                )
     table.append(_line("**all held-out predictions above**", everything))
     multi = [r for r in rows if not is_fit_row(r)]
     groups: dict[str, list[float]] = {}
@@ -583,8 +666,9 @@ def main() -> int:
     p.add_argument("--rows", action="store_true", help="every row, predicted against measured")
     args = p.parse_args()
     rows = timed_rows(args.files or default_files())
-    # lora_bytes is measured before the fit, which then works around it
-    pinned = lora_bytes(rows)
+    # lora_bytes is measured before the fit, which then works around it (with DeepSpeed's
+    # engine cost as speed.py has it: a fixed point once speed.py holds these values)
+    pinned = lora_bytes(rows, speed.FITTED.deepspeed_step_s)
     fitted = fit(
         rows, dataclasses.replace(speed.FITTED, lora_bytes=pinned or speed.FITTED.lora_bytes)
     )

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from zeroplan.errors import BadClusterSpecError, BadLinkOptionError, UnknownGPUError
 
 __all__ = [
+    "DEFAULT_CPU_CORES_PER_GPU",
     "GPU",
     "GPU_CATALOG",
     "PCIE_EFFECTIVE_GBS",
@@ -51,6 +52,7 @@ __all__ = [
     "parse_cluster",
     "parse_hostfile",
     "read_hostfile",
+    "usable_cpu_cores",
     "with_links",
 ]
 
@@ -605,6 +607,20 @@ def get_gpu(name: str) -> GPU:
     return GPU_CATALOG[canonical]
 
 
+# CPU cores per GPU assumed when a node's are unknown (a catalog cluster): the low end of
+# what GPU hosts have (8-32 per GPU in the clouds); --cpu-cores-per-node says what yours has.
+DEFAULT_CPU_CORES_PER_GPU = 8
+
+
+def usable_cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what a container or
+    ``taskset`` allows, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Cluster:
     """``num_nodes`` identical nodes of ``gpus_per_node`` identical GPUs.
@@ -612,7 +628,9 @@ class Cluster:
     ``inter_node_gbs`` is the per-GPU one-direction network bandwidth between nodes (GB/s), or
     None when unknown; it is irrelevant for a single node. Whether the GPUs of a node reach
     each other peer-to-peer is ``gpu.p2p`` (the catalog's, NVML's for this machine, or the
-    user's: ``with_links``). ``notes`` say where a figure is a fallback.
+    user's: ``with_links``). ``cpu_cores_per_node``: the CPU cores a node's ranks share (this
+    machine's, the user's, or None: unknown), which sets how fast a CPU-offloaded optimizer
+    steps. ``notes`` say where a figure is a fallback.
     """
 
     gpu: GPU
@@ -620,6 +638,7 @@ class Cluster:
     num_nodes: int = 1
     inter_node_gbs: float | None = None
     notes: tuple[str, ...] = ()
+    cpu_cores_per_node: int | None = None
 
     def __post_init__(self) -> None:
         # Counts reach here from user input (specs, hostfiles), so a bad one is a user mistake.
@@ -636,6 +655,11 @@ class Cluster:
                 f"inter-node bandwidth must be positive GB/s, got {self.inter_node_gbs}; "
                 "leave it unset if unknown"
             )
+        if self.cpu_cores_per_node is not None and self.cpu_cores_per_node < 1:
+            raise BadClusterSpecError(
+                f"a node needs at least 1 CPU core, got {self.cpu_cores_per_node}; "
+                "leave it unset if unknown"
+            )
 
     @property
     def world_size(self) -> int:
@@ -645,6 +669,15 @@ class Cluster:
     @property
     def is_multi_node(self) -> bool:
         return self.num_nodes > 1
+
+    @property
+    def cpu_threads_per_rank(self) -> int:
+        """CPU threads each rank gets: the node's cores shared among its GPUs, ⌊cores /
+        GPUs per node⌋ (at least 1), as ``zeroplan launch`` sets ``OMP_NUM_THREADS``;
+        DEFAULT_CPU_CORES_PER_GPU when the node's cores are unknown."""
+        if self.cpu_cores_per_node is None:
+            return DEFAULT_CPU_CORES_PER_GPU
+        return max(1, self.cpu_cores_per_node // self.gpus_per_node)
 
     def describe(self, times: str = "×") -> str:
         """Short form such as ``"7×RTX-4090"`` or ``"2×8×H100-SXM-80GB"``; with ``times="x"``
@@ -881,14 +914,20 @@ def _visible_indices(env: str | None, uuids: Sequence[str]) -> list[int]:
 
 
 def with_links(
-    cluster: Cluster, p2p: bool | None = None, inter_node_gbs: float | None = None
+    cluster: Cluster,
+    p2p: bool | None = None,
+    inter_node_gbs: float | None = None,
+    cpu_cores_per_node: int | None = None,
 ) -> Cluster:
-    """``cluster`` with what the user says about its links: peer-to-peer between the GPUs of
-    a node (``--p2p`` / ``--no-p2p``; None keeps the catalog's or NVML's) and the per-GPU
-    bandwidth between nodes in GB/s (``--inter-node-gbs``; None keeps the cluster's).
+    """``cluster`` with what the user says about its links and hosts: peer-to-peer between
+    the GPUs of a node (``--p2p`` / ``--no-p2p``; None keeps the catalog's or NVML's), the
+    per-GPU bandwidth between nodes in GB/s (``--inter-node-gbs``; None keeps the
+    cluster's) and the CPU cores of a node (``--cpu-cores-per-node``; None keeps this
+    machine's or leaves them unknown).
 
     Raises:
-        BadLinkOptionError: p2p given for a single GPU, or a bandwidth that is not positive.
+        BadLinkOptionError: p2p given for a single GPU, a bandwidth that is not positive, a
+            core count below 1.
     """
     if p2p is not None and cluster.gpus_per_node == 1:
         flag = "--p2p" if p2p else "--no-p2p"
@@ -901,11 +940,18 @@ def with_links(
             f"--inter-node-gbs must be a positive bandwidth per GPU in GB/s (12.5 for 100 Gb/s "
             f"Ethernet), got {inter_node_gbs:g}"
         )
+    if cpu_cores_per_node is not None and cpu_cores_per_node < 1:
+        raise BadLinkOptionError(
+            f"--cpu-cores-per-node must be at least 1, got {cpu_cores_per_node}: the CPU cores "
+            "one node's GPUs share (nproc on it)"
+        )
     if p2p is not None:
         # the user's word replaces the catalog's and any note about where it came from
         cluster = replace(cluster, gpu=replace(cluster.gpu, p2p=p2p), notes=())
     if inter_node_gbs is not None:
         cluster = replace(cluster, inter_node_gbs=inter_node_gbs)
+    if cpu_cores_per_node is not None:
+        cluster = replace(cluster, cpu_cores_per_node=cpu_cores_per_node)
     return cluster
 
 
@@ -932,7 +978,13 @@ def _cluster_from_devices(
             f"the catalog's for {smallest.name} ({'yes' if smallest.p2p else 'no'}); "
             "--p2p / --no-p2p to say",
         )
-    return Cluster(smallest, gpus_per_node=len(gpus), num_nodes=1, notes=notes)
+    return Cluster(
+        smallest,
+        gpus_per_node=len(gpus),
+        num_nodes=1,
+        notes=notes,
+        cpu_cores_per_node=usable_cpu_cores(),
+    )
 
 
 def _p2p_from_nvml(pynvml: Any, handles: Sequence[Any]) -> bool | None:

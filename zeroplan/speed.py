@@ -49,6 +49,10 @@ class SpeedConstants:
             ∞ would be the longer of the two; the fit says how much the queue hides.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
             decoder layer, per LoRA adapter, per 4-bit linear.
+        host_recompute: what gradient checkpointing adds to them, as a share: the
+            recompute runs every layer's forward again (its Python modules and hooks, the
+            larger part of the host's step: the backward's autograd runs in C++), and the
+            checkpoint wrapper stashes and restores the RNG state per layer.
         optimizer_8bit_bytes: what bitsandbytes' 8-bit AdamW step costs per trainable
             parameter, as bytes at the card's bandwidth (block-wise (de)quantization of
             both moments makes it slower than its 8-bit states say; AdamW: ADAMW_BYTES).
@@ -71,8 +75,15 @@ class SpeedConstants:
         host_staged_gbs: NCCL's per-GPU bandwidth without P2P (``NCCL_P2P_DISABLE=1``:
             transfers staged through host memory), from ZeRO-2's exposed traffic on two
             H200s.
-        cpu_adam_params_per_s: DeepSpeed's compiled CPU Adam, parameters per second per
-            rank (16 cores per rank), from optimizer offload on two H200s.
+        deepspeed_step_s: what DeepSpeed's engine adds to an optimizer step beyond the
+            plain loop's (its bf16 optimizer's flat fp32 buffers, the overflow and norm
+            checks that wait on the GPU), from one-GPU ZeRO-0 steps against their plain
+            twins on one H200, LoRA and full fine-tuning, with and without accumulation.
+        cpu_adam_serial_s / cpu_adam_thread_s: DeepSpeed's compiled CPU Adam, seconds per
+            parameter of the rank's partition: serial_s + thread_s / threads (the part
+            that OpenMP spreads over the rank's threads and the part it does not), from
+            optimizer offload on one H200 at 1-16 threads (OMP_NUM_THREADS) and on two
+            H200s at 1 thread per rank (torchrun's default).
         launch_step_s: what a launched step (HF Trainer, its callbacks and logging) adds
             to the lean step, from the same shapes run both ways on one H200.
     """
@@ -88,10 +99,13 @@ class SpeedConstants:
     host_layer_s: float
     host_adapter_s: float
     host_4bit_s: float
+    host_recompute: float
     optimizer_8bit_bytes: float
     zero3_tensor_s: float
     host_staged_gbs: float
-    cpu_adam_params_per_s: float
+    deepspeed_step_s: float
+    cpu_adam_serial_s: float
+    cpu_adam_thread_s: float
     launch_step_s: float
 
     def efficiency(self, method: str) -> float:
@@ -103,21 +117,24 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.633,
+    efficiency_lora=0.6447,
     efficiency_qlora=0.8,
-    efficiency_full=0.8,
-    act_bytes=108.6,
-    lora_bytes=26.21,
+    efficiency_full=0.7497,
+    act_bytes=103.2,
+    lora_bytes=28.21,
     logits_bytes=46.0,
-    fused_chunk_s=0.0004939,
-    overlap_p=4.756,
-    host_layer_s=0.003315,
-    host_adapter_s=0.0004138,
-    host_4bit_s=0.0003899,
-    optimizer_8bit_bytes=163.9,
-    zero3_tensor_s=0.001289,
+    fused_chunk_s=1e-09,
+    overlap_p=4.56,
+    host_layer_s=0.003221,
+    host_adapter_s=0.0004358,
+    host_4bit_s=0.0003271,
+    host_recompute=1.337,
+    optimizer_8bit_bytes=144,
+    zero3_tensor_s=0.001294,
     host_staged_gbs=20.63,
-    cpu_adam_params_per_s=2.978e08,
+    deepspeed_step_s=0.0359,
+    cpu_adam_serial_s=2.626e-10,
+    cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
 )
 
@@ -319,11 +336,12 @@ def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants 
 
 def host_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
     """The host's time for one micro-batch, whatever its size:
-    layers · host_layer_s + adapters · host_adapter_s + 4-bit linears · host_4bit_s.
+    (1 + checkpointing · host_recompute) ·
+        (layers · host_layer_s + adapters · host_adapter_s + 4-bit linears · host_4bit_s).
 
     Seconds of the machine the constants were measured on (Xeon hosts of H100 and H200
     nodes); not scaled by the GPU, since it is the CPU's clock."""
-    return (
+    return (1 + int(setup.grad_ckpt) * k.host_recompute) * (
         spec.num_layers * k.host_layer_s
         + adapters(spec, setup) * k.host_adapter_s
         + quantized_linears(spec, setup) * k.host_4bit_s
@@ -425,18 +443,30 @@ def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -
     return comm_s
 
 
+def cpu_adam_seconds(params: float, threads: int, k: SpeedConstants = FITTED) -> float:
+    """DeepSpeed's CPU Adam over ``params`` parameters with ``threads`` OpenMP threads:
+    params · (cpu_adam_serial_s + cpu_adam_thread_s / threads) (measured on one H200's host
+    at 1-16 threads: 4.0 s at 1 thread for Llama-3.2-1B's 1.24 B, 0.5 s at 16)."""
+    return params * (k.cpu_adam_serial_s + k.cpu_adam_thread_s / threads)
+
+
 def offload_seconds(
     spec: ModelSpec, setup: TrainSetup, cluster: Cluster, k: SpeedConstants = FITTED
 ) -> float:
-    """Optimizer offload per step: bf16 gradients down and bf16 parameters up over PCIe,
-    2·2 B·Ψ_t/N / PCIe, plus CPU Adam over the rank's partition, Ψ_t/N / cpu_adam rate;
-    parameter offload adds the parameters' trip per micro-batch, 2·2 B·Ψ/N · accumulation."""
+    """Optimizer offload per step: bf16 gradients down over PCIe, after every micro-batch
+    under ZeRO 2-3 (they are partitioned as they come, as ZeRO-2 reduce-scatters) and once
+    under ZeRO-1, and bf16 parameters up once, (trips + 1)·2 B·Ψ_t/N / PCIe; plus CPU Adam
+    over the rank's partition Ψ_t/N at the rank's threads (``cpu_adam_seconds``,
+    ``Cluster.cpu_threads_per_rank``); parameter offload adds the parameters' trip per
+    micro-batch, 2·2 B·Ψ/N · accumulation."""
     if setup.offload == "none":
         return 0.0
     world = cluster.world_size
     n_t = trainable_params(spec, setup) / world
     pcie = PCIE_EFFECTIVE_GBS.get(cluster.gpu.pcie_gen, 25.0)
-    t = 2 * 2 * n_t / (pcie * 1e9) + n_t / k.cpu_adam_params_per_s
+    trips = setup.grad_accum if (setup.zero or 0) >= 2 else 1
+    t = (trips + 1) * 2 * n_t / (pcie * 1e9)
+    t += cpu_adam_seconds(n_t, cluster.cpu_threads_per_rank, k)
     if setup.offload == "optimizer+params":
         t += 2 * 2 * spec.total_params / world * setup.grad_accum / (pcie * 1e9)
     return t
@@ -450,8 +480,9 @@ def step_time(
     launched: bool = True,
     k: SpeedConstants = FITTED,
 ) -> StepTime:
-    """accumulation · micro-batch + optimizer + exposed communication + offload (+ the
-    launched trainer's per-step cost; ``launched=False``: the lean step of the benchmarks).
+    """accumulation · micro-batch + optimizer (+ DeepSpeed's engine: deepspeed_step_s) +
+    exposed communication + offload (+ the launched trainer's per-step cost;
+    ``launched=False``: the lean step of the benchmarks).
 
     ``fill``: the share of token positions that hold real tokens (packed rows of real data,
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
@@ -460,6 +491,8 @@ def step_time(
     gpu_s = gpu_seconds(spec, setup, gpu, k)  # the micro-batch's GPU clock, used twice below
     micro = micro_batch_seconds(spec, setup, gpu_s, k)
     compute = micro * setup.grad_accum + optimizer_seconds(spec, setup, gpu, world, k)
+    if setup.deepspeed:
+        compute += k.deepspeed_step_s
     comm = comm_bytes_per_step(spec, setup, world) / (link_gbs(cluster, k) * 1e9)
     exposed = exposed_comm_seconds(comm, gpu_s, setup)
     offload = offload_seconds(spec, setup, cluster, k)
