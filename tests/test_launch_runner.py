@@ -34,7 +34,7 @@ from zeroplan.errors import (
     RunDirExistsError,
     TokenizerNotFoundError,
 )
-from zeroplan.hardware import parse_cluster
+from zeroplan.hardware import GPU, parse_cluster
 from zeroplan.launch import procs, progress
 from zeroplan.launch.preflight import preflight
 from zeroplan.launch.runner import (
@@ -256,18 +256,41 @@ def test_environment_for_4090_and_h100(tmp_path: Path) -> None:
     two = (Node("a", (0, 1), False), Node("b", (0, 1), False))
     base = {"PYTHONUNBUFFERED": "1", "ZEROPLAN_RUN_DIR": str(tmp_path)}
     alloc = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    assert launch_env(H100, one, tmp_path, {}) == {**base, **alloc}
-    assert launch_env(RTX4090, one, tmp_path, {}) == {
+    omp = {"OMP_NUM_THREADS": "8"}  # 16 cores, 2 ranks per node
+
+    def env(gpu: GPU, nodes: tuple[Node, ...], inherited: dict[str, str]) -> dict[str, str]:
+        return launch_env(gpu, nodes, tmp_path, inherited, cpu_cores=16)
+
+    assert env(H100, one, {}) == {**base, **omp, **alloc}
+    assert env(RTX4090, one, {}) == {
         **base,
+        **omp,
         **alloc,
         "NCCL_P2P_DISABLE": "1",
         "NCCL_IB_DISABLE": "1",
     }
-    assert launch_env(RTX4090, two, tmp_path, {}) == {**base, **alloc, "NCCL_P2P_DISABLE": "1"}
-    # one GPU talks to nobody; a variable the user set is theirs
-    assert launch_env(RTX4090, (Node("localhost", (0,), True),), tmp_path, {}) == {**base, **alloc}
-    mine = {"NCCL_P2P_DISABLE": "0", "PYTORCH_ALLOC_CONF": "expandable_segments:False"}
-    assert launch_env(RTX4090, one, tmp_path, mine) == {**base, "NCCL_IB_DISABLE": "1"}
+    assert env(RTX4090, two, {}) == {**base, **omp, **alloc, "NCCL_P2P_DISABLE": "1"}
+    # one GPU talks to nobody and has every core; a variable the user set is theirs
+    assert env(RTX4090, (Node("localhost", (0,), True),), {}) == {
+        **base,
+        "OMP_NUM_THREADS": "16",
+        **alloc,
+    }
+    mine = {
+        "NCCL_P2P_DISABLE": "0",
+        "PYTORCH_ALLOC_CONF": "expandable_segments:False",
+        "OMP_NUM_THREADS": "3",
+    }
+    assert env(RTX4090, one, mine) == {**base, "NCCL_IB_DISABLE": "1"}
+
+
+def test_omp_threads_share_the_cores_among_a_nodes_ranks(tmp_path: Path) -> None:
+    """torchrun would give each of several ranks 1 thread (CPU Adam on one core)."""
+    eight = (Node("localhost", tuple(range(8)), True),)
+    assert launch_env(H100, eight, tmp_path, {}, cpu_cores=64)["OMP_NUM_THREADS"] == "8"
+    assert launch_env(H100, eight, tmp_path, {}, cpu_cores=6)["OMP_NUM_THREADS"] == "1"
+    uneven = (Node("a", (0, 1, 2, 3), False), Node("b", (0, 1), False))
+    assert launch_env(H100, uneven, tmp_path, {}, cpu_cores=32)["OMP_NUM_THREADS"] == "8"
 
 
 def test_include_exclude_follow_deepspeed() -> None:
