@@ -640,10 +640,12 @@ def test_config_and_estimate_share_the_setup_options() -> None:
             if p.name not in own
         }
 
-    # the links (--p2p, --inter-node-gbs) only change the predicted speed, which config lacks;
-    # --data and its companions choose the sequence length from records, which config takes
+    # the links and hosts (--p2p, --inter-node-gbs, --cpu-cores-per-node) only change the
+    # predicted speed, which config lacks; --data and its companions choose the sequence
+    # length from records, which config takes
     data = {"data", "tokenizer", "chat_template", "data_format", "system_prompt", "overlong"}
-    estimate_opts = options("estimate", {"as_json", "explain", "p2p", "inter_node_gbs", *data})
+    links = {"p2p", "inter_node_gbs", "cpu_cores_per_node"}
+    estimate_opts = options("estimate", {"as_json", "explain", *links, *data})
     assert estimate_opts == options("config", {"grad_clip", "output"})
     assert {"gpus", "zero", "offload", "micro_batch", "lora_dropout", "fused_loss"} <= set(
         estimate_opts

@@ -660,6 +660,31 @@ def test_links_set_the_speed_models_bandwidth() -> None:
             bad()
 
 
+def test_cpu_cores_set_the_threads_each_rank_gets() -> None:
+    from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
+
+    seven = parse_cluster("7x4090")
+    assert seven.cpu_cores_per_node is None  # a catalog cluster: unknown
+    assert seven.cpu_threads_per_rank == DEFAULT_CPU_CORES_PER_GPU
+    assert with_links(seven, cpu_cores_per_node=32).cpu_threads_per_rank == 4  # ⌊32 / 7⌋
+    assert with_links(seven, cpu_cores_per_node=3).cpu_threads_per_rank == 1
+    assert with_links(parse_cluster("1xH200"), cpu_cores_per_node=16).cpu_threads_per_rank == 16
+    for cores in (0, -4):
+        with pytest.raises(BadLinkOptionError, match="--cpu-cores-per-node"):
+            with_links(seven, cpu_cores_per_node=cores)
+
+
+def test_this_machines_cluster_has_its_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroplan import hardware
+
+    devices = [("NVIDIA H100 80GB HBM3", 85_520_809_984)] * 2
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(devices))
+    monkeypatch.setattr(hardware, "usable_cpu_cores", lambda: 24)
+    here = local_cluster()
+    assert here is not None and here.cpu_cores_per_node == 24
+    assert here.cpu_threads_per_rank == 12
+
+
 def test_cli_links_change_the_predicted_speed() -> None:
     import json
 
@@ -681,6 +706,14 @@ def test_cli_links_change_the_predicted_speed() -> None:
     slow = speed("--gpus", "7x4090")
     assert fast["comm_seconds"] == pytest.approx(slow["comm_seconds"] * slow["link_gbs"] / 25.0)
     assert speed("--gpus", "2x8xH100", "--inter-node-gbs", "50")["link_gbs"] == 50.0
+    # a CPU-offloaded optimizer steps faster on more cores per GPU
+    off = ("--gpus", "2xH100", "--method", "full", "--offload", "optimizer")
+    few = speed(*off, "--cpu-cores-per-node", "4")["offload_seconds"]
+    many = speed(*off, "--cpu-cores-per-node", "64")["offload_seconds"]
+    assert few > 2 * many > 0
+    bad = CliRunner().invoke(cli, ["estimate", "llama-3.2-1b", "--cpu-cores-per-node", "0"])
+    assert isinstance(bad.exception, BadLinkOptionError)  # main() prints it, exit status 2
+    assert "--cpu-cores-per-node must be at least 1" in str(bad.exception)
     # plan: the same setup's communication over the faster link (25 GB/s with P2P against
     # the host-staged rate without)
     args = ["plan", "llama-3.1-8b-instruct", "--gpus", "7x4090", "--method", "full", "--json"]

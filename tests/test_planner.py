@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from zeroplan import speed as speed_model
 from zeroplan.commands.cli import cli
 from zeroplan.errors import BadSetupError
-from zeroplan.hardware import parse_cluster
+from zeroplan.hardware import parse_cluster, with_links
 from zeroplan.models import load_model
 from zeroplan.planner import PlanRequest, candidate_setups, evaluate, plan, plan_json
 from zeroplan.speed import comm_bytes_per_step, flops_per_token, peak_tflops, step_time
@@ -56,6 +56,49 @@ def test_zero3_moves_the_weights_every_micro_batch() -> None:
     ddp = step_time(L8, TrainSetup(micro_batch=2, grad_ckpt=True, grad_accum=8), c)
     z3s = step_time(L8, TrainSetup(micro_batch=2, grad_ckpt=True, grad_accum=8, zero=3), c)
     assert z3s.tokens_per_s < 0.85 * ddp.tokens_per_s
+
+
+def test_deepspeed_adds_its_engine_step_once_per_optimizer_step() -> None:
+    from zeroplan.speed import FITTED
+
+    one = parse_cluster("1xH200")
+    for accum in (1, 4):
+        plain = step_time(L8, TrainSetup(method="full", micro_batch=1, grad_accum=accum), one)
+        z0 = step_time(L8, TrainSetup(method="full", micro_batch=1, grad_accum=accum, zero=0), one)
+        # full fine-tuning: nothing else differs between the plain loop and ZeRO-0 on one GPU
+        assert z0.total_s - plain.total_s == pytest.approx(FITTED.deepspeed_step_s)
+
+
+def test_checkpointing_adds_the_recompute_to_the_hosts_clock() -> None:
+    from zeroplan.speed import FITTED, host_seconds
+
+    plain = host_seconds(L8, TrainSetup(method="lora"))
+    ckpt = host_seconds(L8, TrainSetup(method="lora", grad_ckpt=True))
+    assert ckpt == pytest.approx(plain * (1 + FITTED.host_recompute))
+
+
+def test_cpu_adam_runs_on_the_ranks_threads_and_zero2_sends_gradients_every_micro_batch() -> None:
+    from zeroplan.hardware import PCIE_EFFECTIVE_GBS
+    from zeroplan.speed import FITTED, cpu_adam_seconds, offload_seconds, trainable_params
+
+    n = 1.24e9
+    # serial + per-thread seconds per parameter: 1 thread is several times 16
+    assert cpu_adam_seconds(n, 1) > 4 * cpu_adam_seconds(n, 16)
+    assert cpu_adam_seconds(n, 4) == pytest.approx(
+        n * (FITTED.cpu_adam_serial_s + FITTED.cpu_adam_thread_s / 4)
+    )
+    two = parse_cluster("2xH100")
+    z2 = TrainSetup(method="full", zero=2, offload="optimizer", grad_accum=4)
+    z1 = TrainSetup(method="full", zero=1, offload="optimizer", grad_accum=4)
+    psi_rank = trainable_params(L8, z2) / 2
+    pcie = PCIE_EFFECTIVE_GBS[two.gpu.pcie_gen] * 1e9
+    adam = cpu_adam_seconds(psi_rank, two.cpu_threads_per_rank)
+    # ZeRO-2: the gradients go down after each of the 4 micro-batches, the parameters up once
+    assert offload_seconds(L8, z2, two) == pytest.approx((4 + 1) * 2 * psi_rank / pcie + adam)
+    assert offload_seconds(L8, z1, two) == pytest.approx((1 + 1) * 2 * psi_rank / pcie + adam)
+    # more cores per node, a faster offloaded step
+    rich = with_links(two, cpu_cores_per_node=64)
+    assert offload_seconds(L8, z2, rich) < offload_seconds(L8, z2, two)
 
 
 def test_seed_story_plan_fits_with_margin_and_beats_the_story_remedy() -> None:
@@ -195,6 +238,11 @@ def test_offload_plans_must_fit_the_hosts_ram_when_given() -> None:
     free = plan(PlanRequest(**big))  # type: ignore[arg-type]
     assert free.best is not None and free.best.setup.offload != "none"
     assert any("CPU RAM per node" in a for a in free.assumptions)
+    # the CPU Adam's speed rests on the hosts' cores: assumed, and said so, unless given
+    assert any("--cpu-cores-per-node" in a for a in free.assumptions)
+    cores = dict(big, cluster=with_links(big["cluster"], cpu_cores_per_node=96))  # type: ignore[arg-type]
+    told = plan(PlanRequest(**cores))  # type: ignore[arg-type]
+    assert not any("--cpu-cores-per-node" in a for a in told.assumptions)
     need = free.best.estimate.cpu_bytes_per_node
     capped = plan(PlanRequest(**big, cpu_ram_per_node=need // 2))  # type: ignore[arg-type]
     assert capped.best is not None

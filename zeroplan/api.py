@@ -21,18 +21,22 @@ DEFAULT_GPUS = "1xH100"
 
 
 def resolve_cluster(
-    gpus: str | Cluster | None, p2p: bool | None = None, inter_node_gbs: float | None = None
+    gpus: str | Cluster | None,
+    p2p: bool | None = None,
+    inter_node_gbs: float | None = None,
+    cpu_cores_per_node: int | None = None,
 ) -> Cluster:
     """A Cluster from a spec string; None means this machine's GPUs (peer-to-peer as NVML
-    reads it), else 1×H100. ``p2p`` and ``inter_node_gbs`` (GB/s per GPU) say what the
-    links are, over the catalog's (``hardware.with_links``)."""
+    reads it, its usable CPU cores), else 1×H100. ``p2p``, ``inter_node_gbs`` (GB/s per
+    GPU) and ``cpu_cores_per_node`` say what the links and hosts are, over the catalog's
+    (``hardware.with_links``)."""
     if isinstance(gpus, Cluster):
         cluster = gpus
     elif gpus is None:
         cluster = local_cluster() or parse_cluster(DEFAULT_GPUS)
     else:
         cluster = parse_cluster(gpus)
-    return with_links(cluster, p2p, inter_node_gbs)
+    return with_links(cluster, p2p, inter_node_gbs, cpu_cores_per_node)
 
 
 def make_setup(**options: Any) -> TrainSetup:
@@ -52,14 +56,15 @@ def estimate(
     p2p: bool | None = None,
     inter_node_gbs: float | None = None,
     fill: float = 1.0,
+    cpu_cores_per_node: int | None = None,
     **options: Any,
 ) -> MemoryEstimate:
     """Estimate per-GPU memory and the predicted speed (``.speed``, a ``StepTime``);
-    ``options`` are TrainSetup fields (method, micro_batch, ...); ``p2p`` and
-    ``inter_node_gbs`` as ``resolve_cluster`` takes them; ``fill``: the share of real tokens
+    ``options`` are TrainSetup fields (method, micro_batch, ...); ``p2p``,
+    ``inter_node_gbs`` and ``cpu_cores_per_node`` as ``resolve_cluster`` takes them; ``fill``: the share of real tokens
     in a micro-batch (packed real data), which the speed's tokens/s counts."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
-    cluster = resolve_cluster(gpus, p2p, inter_node_gbs)
+    cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
     chosen = setup if setup is not None else make_setup(**options)
     est = _estimate(spec, cluster, chosen)
     return dataclasses.replace(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroplan.errors import BadSetupError, ZeroplanError
-from zeroplan.hardware import Cluster
+from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU, Cluster
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.models import ModelSpec
@@ -375,6 +375,12 @@ def plan(req: PlanRequest) -> Plan:
         assumptions.append(
             f"the offload needs {_gib(best.estimate.cpu_bytes_per_node)} GiB of CPU RAM per node; "
             "give --cpu-ram-per-node to plan within what the hosts have"
+        )
+    if best is not None and best.setup.offload != "none" and req.cluster.cpu_cores_per_node is None:
+        assumptions.append(
+            f"the offloaded optimizer steps on the CPU at {req.cluster.cpu_threads_per_rank} "
+            f"threads per GPU ({DEFAULT_CPU_CORES_PER_GPU} cores per GPU assumed): give "
+            "--cpu-cores-per-node for your hosts' count"
         )
     if best is not None and best.setup.fused_loss:
         assumptions.append(

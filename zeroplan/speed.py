@@ -8,14 +8,15 @@ of the GPU and mostly the slower of the two sets the pace ((gpu^p + host^p)^(1/p
   casts and dropout, the loss's fp32 logits or the fused loss's chunks, 4-bit
   dequantization) at the card's memory bandwidth;
 * the host's: Python, autograd and kernel launches, a fixed cost per decoder layer, per
-  LoRA adapter and per 4-bit linear, whatever the batch. This is what makes micro-batch 1
-  slow: measured on one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at
-  4,096 alike.
+  LoRA adapter and per 4-bit linear, whatever the batch (more under checkpointing, whose
+  recompute runs the forward again). This is what makes micro-batch 1 slow: measured on
+  one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at 4,096 alike.
 
 ZeRO-3 adds its per-tensor hooks (fetch, release) to every micro-batch; the optimizer step
-streams the trainable state once per step; communication is hidden behind the backward
-where the runtime overlaps it (DDP's buckets, DeepSpeed's ``overlap_comm``) and exposed
-where it does not; optimizer offload adds the PCIe round trip and DeepSpeed's CPU Adam.
+streams the trainable state once per step, and DeepSpeed's engine adds a fixed cost to it;
+communication is hidden behind the backward where the runtime overlaps it (DDP's buckets,
+DeepSpeed's ``overlap_comm``) and exposed where it does not; optimizer offload adds the
+PCIe trips and DeepSpeed's CPU Adam at the rank's CPU threads.
 
 All pure functions. The constants are ``FITTED``: the fitted ones are the output of
 ``benchmarks/fit_speed.py`` on the measured steps in benchmarks/results/ (a test re-runs
@@ -43,8 +44,11 @@ class SpeedConstants:
         fused_chunk_s: what the fused loss (Liger) costs instead of logits_bytes, per
             chunk: it never holds all the logits but computes them chunk by chunk, each
             chunk's softmax and gradient in one kernel, and there are about V/h chunks
-            whatever the micro-batch (liger_chunks): the fused loss costs more per token
-            at small micro-batches. (A per-logit byte cost beside it fitted to 0.)
+            whatever the micro-batch (liger_chunks), so at small micro-batches it would
+            cost more per token. (A per-logit byte cost beside it fitted to 0; since
+            checkpointing's recompute is on the host's clock, this one fits to the fit's
+            floor too, from 0.5 ms before: the fused loss costs its matmuls and, for full
+            fine-tuning, the head gradient's passes in fixed_bytes.)
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per

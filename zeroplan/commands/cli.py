@@ -190,6 +190,7 @@ def estimate(
     gpus: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
+    cpu_cores_per_node: int | None,
     as_json: bool,
     explain: bool,
     data: str | None,
@@ -227,7 +228,13 @@ def estimate(
     # packed real data: the speed counts real tokens, the micro-batch's fill of them
     fill = fit.pack_at(options["micro_batch"] * fit.cap).fill if fit is not None else 1.0
     est = run_estimate(
-        spec, gpus=gpus, p2p=p2p, inter_node_gbs=inter_node_gbs, fill=fill, **options
+        spec,
+        gpus=gpus,
+        p2p=p2p,
+        inter_node_gbs=inter_node_gbs,
+        cpu_cores_per_node=cpu_cores_per_node,
+        fill=fill,
+        **options,
     )
     answer = est.to_json()
     if fit is not None:
@@ -429,6 +436,7 @@ def plan(
     gpus: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
+    cpu_cores_per_node: int | None,
     dataset_tokens: str | None,
     objective: str,
     margin: float,
@@ -464,9 +472,11 @@ def plan(
     pNN), samples are packed into rows of that length as `zeroplan launch` packs them, and
     tokens/s, steps and time count the data's real tokens.
 
-    Memory comes from the same estimate as `zeroplan estimate`; speed from FLOPs at an
-    efficiency measured on H100 plus ZeRO's communication over the cluster's links (PCIe
-    without P2P on RTX 4090s). Nothing fits: it says which cluster or change would.
+    Memory comes from the same estimate as `zeroplan estimate`; speed from zeroplan.speed,
+    fitted on measured H100 and H200 steps: the GPU's FLOPs and memory traffic, the host's
+    per-layer costs, ZeRO's communication over the cluster's links (PCIe without P2P on RTX
+    4090s) and a CPU-offloaded optimizer at the node's cores. Nothing fits: it says which
+    cluster or change would.
     """
     from zeroplan.api import resolve_cluster
     from zeroplan.models import load_model
@@ -480,7 +490,7 @@ def plan(
     )  # fmt: skip
     req = PlanRequest(
         spec=spec,
-        cluster=resolve_cluster(gpus, p2p, inter_node_gbs),
+        cluster=resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node),
         **fields,
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,

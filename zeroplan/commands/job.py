@@ -96,8 +96,8 @@ LINK_OPTIONS = ("p2p", "inter_node_gbs")
 
 
 def link_options(fn: F) -> F:
-    """--p2p/--no-p2p and --inter-node-gbs: what the cluster's links are, for the speed
-    model (estimate, plan, launch MODEL)."""
+    """--p2p/--no-p2p, --inter-node-gbs and --cpu-cores-per-node: what the cluster's links
+    and hosts are, for the speed model (estimate, plan, launch MODEL)."""
     options = [
         click.option(
             "--p2p/--no-p2p",
@@ -113,6 +113,15 @@ def link_options(fn: F) -> F:
             metavar="GB/S",
             help="Network bandwidth between nodes per GPU, GB/s (default 12.5: 100 Gb/s "
             "Ethernet per GPU).",
+        ),
+        click.option(
+            "--cpu-cores-per-node",
+            type=int,
+            default=None,
+            metavar="N",
+            help="CPU cores of a node, shared by its GPUs' ranks: how fast a CPU-offloaded "
+            "optimizer steps (zeroplan launch gives each rank cores / GPUs threads). "
+            "Default: this machine's for its own GPUs, else 8 per GPU.",
         ),
     ]
     for option in reversed(options):

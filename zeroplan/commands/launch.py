@@ -237,6 +237,7 @@ def launch(
     rank_program: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
+    cpu_cores_per_node: int | None,
     **job: Any,
 ) -> None:
     """Start fine-tuning on every GPU, supervised: per-rank logs, Ctrl-C stops every rank.
@@ -327,7 +328,8 @@ def launch(
         }
         plan, model, nodes, present = _plan_and_nodes(
             model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
-            links={"p2p": p2p, "inter_node_gbs": inter_node_gbs}, rdv=rdv,
+            links={"p2p": p2p, "inter_node_gbs": inter_node_gbs, "cpu_cores_per_node": cpu_cores_per_node},
+            rdv=rdv,
         )  # fmt: skip
         if run_dir is None:
             if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
@@ -453,7 +455,13 @@ def _plan_and_nodes(
     (with ``rdv``: this node only), and this machine's GPUs."""
     from zeroplan.api import DEFAULT_GPUS
     from zeroplan.errors import BadClusterSpecError
-    from zeroplan.hardware import Cluster, local_cluster, parse_cluster, with_links
+    from zeroplan.hardware import (
+        Cluster,
+        local_cluster,
+        parse_cluster,
+        usable_cpu_cores,
+        with_links,
+    )
     from zeroplan.launch.multinode import check_node_count
     from zeroplan.launch.runner import (
         gpu_count,
@@ -509,6 +517,8 @@ def _plan_and_nodes(
             num_nodes=rdv.nnodes if rdv is not None else len(nodes),
             # NVML's note on this machine's P2P, when its GPUs are the ones planned on
             notes=present.notes if present is not None and gpu is present.gpu else (),
+            # the ranks run here (or on nodes like this one), with launch_env's threads
+            cpu_cores_per_node=usable_cpu_cores(),
         ),
         **(links or {}),
     )
