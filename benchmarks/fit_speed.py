@@ -2,29 +2,35 @@
 
     python benchmarks/fit_speed.py [FILES...] [--check] [--markdown] [--rows]
 
-The fitted constants (``speed.SpeedConstants``: efficiency by method, LoRA's traffic,
-the host's per-layer / per-adapter / per-4-bit-linear costs, ZeRO-3's per-tensor hooks)
-minimise the squared log-ratio of predicted to measured step time over the one-GPU rows
-without offload (Nelder-Mead in log space, from a fixed start: the same rows give the same
-constants). A row's measured time is the median of its timed steps (speed_grid.py rows:
-every step after the warm-up; older measure_memory.py rows: the steps after the first,
-which allocates the optimizer states; ZeRO-3 there: the last step). Its predicted time is
-``speed.step_time(..., launched=False)``: the lean step.
+The fitted constants (``speed.SpeedConstants``: efficiency by method, the elementwise
+traffic, the host's per-layer / per-adapter / per-4-bit-linear costs and checkpointing's
+share of them, the 8-bit optimizer, the fused loss) minimise the squared log-ratio of
+predicted to measured step time over the one-GPU rows without DeepSpeed (Nelder-Mead in log
+space, from a fixed start: the same rows give the same constants). A row's measured time
+is the median of its timed steps (speed_grid.py rows: every step after the warm-up; older
+measure_memory.py rows: the steps after the first, which allocates the optimizer states;
+ZeRO-3 there: the last step). Its predicted time is ``speed.step_time(..., launched=False)``:
+the lean step.
 
-Three constants are measured, not fitted, each on named rows:
+Seven constants are measured, not fitted, each on named rows:
+* ``lora_bytes``: bf16 LoRA under DDP against its DeepSpeed twins on two H200s;
+* ``zero3_tensor_s``: ZeRO-3 rows against their DDP twins;
 * ``host_staged_gbs``: a ZeRO-2 shape run with and without ``NCCL_P2P_DISABLE=1`` on two
   GPUs of one host: the extra seconds are the gradients' and parameters' traffic at the
   host-staged bandwidth;
-* ``cpu_adam_params_per_s``: optimizer-offload rows with DeepSpeed's CPU Adam, less the
-  predicted step without offload and the PCIe trips;
+* ``deepspeed_step_s``: one-GPU ZeRO-0 rows against plain twins of the same file;
+* ``cpu_adam_serial_s`` / ``cpu_adam_thread_s``: optimizer-offload rows with DeepSpeed's
+  CPU Adam at set OpenMP thread counts, less the predicted step without offload and the
+  PCIe trips, as a line in 1 / threads;
 * ``launch_step_s``: the launched runs of realdata_speed.py against the lean step of the
   same shape (realdata_h200_lean.jsonl).
 
 ``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
 any constant (a test runs it). Then the error that counts: predicted tokens/s against
 measured on rows each refit did NOT see (leave one model family out, one GPU out, one
-sequence length out, one micro-batch size out), and on the rows no fit uses (two GPUs,
-with and without P2P; offload). ``--markdown`` prints that table for README.md.
+sequence length out, one micro-batch size out; a fold that leaves fewer than two rows per
+constant is no fit, and says so), and on the rows no fit uses (DeepSpeed on one GPU, two
+GPUs with and without P2P, offload). ``--markdown`` prints that table for README.md.
 """
 
 from __future__ import annotations
@@ -641,6 +647,16 @@ def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[
     return table
 
 
+def repeat_spread(rows: list[dict[str, Any]]) -> list[float]:
+    """max/min − 1 of the measured step over each one-GPU shape measured more than once (in
+    separate processes): how far a held-out prediction can expect to get."""
+    seen: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        if is_fit_row(r):
+            seen.setdefault((*_shape(r), r["optim"]), []).append(measured_seconds(r))
+    return [max(v) / min(v) - 1 for v in seen.values() if len(v) > 1]
+
+
 def print_table(table: list[list[str]], markdown: bool) -> None:
     head = ["held out", "rows", "median abs. error", "worst (+: predicted too fast)", "within 20%"]
     if markdown:
@@ -707,6 +723,12 @@ def main() -> int:
             )
     print("\npredicted tokens/s against measured on rows NOT fitted on (refit without them):")
     print_table(holdout_report(rows, speed.FITTED), args.markdown)
+    spread = repeat_spread(rows)
+    if spread:
+        print(
+            f"\nthe same one-GPU shape measured again, in another process: {len(spread)} shapes, "
+            f"max/min − 1 median {statistics.median(spread):.0%}, worst {max(spread):.0%}"
+        )
     return 1 if args.check and bad else 0
 
 

@@ -38,6 +38,8 @@ RUNS = (
     ("meta-llama--Meta-Llama-3-8B-Instruct", "qlora", "realdata_h200_8b_gqa.jsonl",
      ("q_proj", "k_proj", "v_proj", "o_proj"), 8),
     ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", ("all-linear",), 16),
+    # the same job as planned this session (DeepSpeed ZeRO-0 on one GPU)
+    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_zero0.jsonl", ("all-linear",), 16),
 )  # fmt: skip
 
 
@@ -50,17 +52,25 @@ def main() -> None:
             arch = json.loads((ROOT / "zeroplan/catalog/models" / f"{catalog}.json").read_text())
             arch["vocab_size"] = vocab
             config = Path(tmp) / catalog / "config.json"
-            config.parent.mkdir()
+            config.parent.mkdir(exist_ok=True)
             config.write_text(json.dumps(arch))
             spec = load_model(str(config))
             rows = [json.loads(x) for x in (RESULTS / runs_file).read_text().splitlines()]
-            ran = rows[0].get("setup")
-            mb = ran["micro_batch"] if ran else global_batch
-            setup = TrainSetup(method=method, micro_batch=mb, seq_len=704, lora_targets=targets)
+            ran = rows[0].get("setup") or {}
+            mb = ran.get("micro_batch", global_batch)
+            setup = TrainSetup(
+                method=method, micro_batch=mb, seq_len=704, lora_targets=targets,
+                grad_accum=ran.get("grad_accum", 1), zero=ran.get("zero"),
+                grad_ckpt=ran.get("grad_ckpt", False), fused_loss=ran.get("fused_loss", False),
+            )  # fmt: skip
             lean_s = speed.step_time(spec, setup, cluster, launched=False).total_s
             step = speed.step_time(spec, setup, cluster)
-            print(f"{catalog} {method}, micro-batch {mb} x 704 on one H200 (vocabulary {vocab}):")
-            if method in lean:
+            how = "plain loop" if setup.zero is None else f"DeepSpeed ZeRO-{setup.zero}"
+            print(
+                f"{catalog} {method}, {how}, micro-batch {mb} x 704 on one H200 "
+                f"(vocabulary {vocab}, {runs_file}):"
+            )
+            if method in lean and setup.zero is None:
                 print(
                     f"  lean step: predicted {lean_s:.3f} s, measured {lean[method]:.3f} s "
                     f"(tokens/s {lean[method] / lean_s - 1:+.1%})"
