@@ -711,6 +711,13 @@ def test_cli_links_change_the_predicted_speed() -> None:
     few = speed(*off, "--cpu-cores-per-node", "4")["offload_seconds"]
     many = speed(*off, "--cpu-cores-per-node", "64")["offload_seconds"]
     assert few > 2 * many > 0
+    args = ["estimate", "llama-3.2-1b", "--zero", "2", *off, "--cpu-cores-per-node", "64"]
+    shown = CliRunner().invoke(cli, [*args, "--json"])
+    told = json.loads(shown.output)["cluster"]
+    assert told["cpu_cores_per_node"] == 64 and told["cpu_threads_per_rank"] == 32
+    assert "CPU Adam on 32 threads per GPU" in " ".join(
+        CliRunner().invoke(cli, args).output.split()
+    )
     bad = CliRunner().invoke(cli, ["estimate", "llama-3.2-1b", "--cpu-cores-per-node", "0"])
     assert isinstance(bad.exception, BadLinkOptionError)  # main() prints it, exit status 2
     assert "--cpu-cores-per-node must be at least 1" in str(bad.exception)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -121,8 +123,18 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
             + f"; {speed['step_seconds']:.3f} s per optimizer step (compute "
             f"{speed['compute_seconds']:.3f} s, communication {speed['comm_seconds']:.3f} s "
             f"at {speed['link_gbs']:g} GB/s per GPU of which {speed['comm_exposed_seconds']:.3f} s "
-            f"not hidden behind compute, offload {speed['offload_seconds']:.3f} s, the "
-            f"launched trainer {speed['launch_seconds']:.3f} s)."
+            f"not hidden behind compute, offload {speed['offload_seconds']:.3f} s"
+            + (
+                f" with CPU Adam on {est.cluster['cpu_threads_per_rank']} threads per GPU"
+                + (
+                    ""
+                    if est.cluster["cpu_cores_per_node"]
+                    else f" ({DEFAULT_CPU_CORES_PER_GPU} cores per GPU assumed)"
+                )
+                if est.setup["offload"] != "none"
+                else ""
+            )
+            + f", the launched trainer {speed['launch_seconds']:.3f} s)."
         )
     for note in est.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")

@@ -262,6 +262,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "spec": cluster.describe(times="x"),  # as --gpus takes it
             "p2p": cluster.gpu.p2p,
             "inter_node_gbs": cluster.inter_node_gbs,
+            # None: unknown (the speed model then assumes DEFAULT_CPU_CORES_PER_GPU)
+            "cpu_cores_per_node": cluster.cpu_cores_per_node,
+            "cpu_threads_per_rank": cluster.cpu_threads_per_rank,
         },
         terms=terms,
         at_peak=at_peak,
