@@ -445,3 +445,20 @@ def test_speed_uses_the_peak_of_the_setups_precision() -> None:
     assert peak_tflops(TrainSetup(precision="fp16"), h100.gpu) == h100.gpu.fp16_tflops
     with pytest.raises(BadSetupError, match="no bf16"):
         peak_tflops(TrainSetup(precision="bf16"), t4.gpu)
+
+
+def test_a_family_tied_on_speed_says_what_it_lost_on() -> None:
+    from zeroplan.planner import _tie_lost_on
+
+    ddp = TrainSetup(micro_batch=4, grad_accum=2)
+    assert _tie_lost_on(TrainSetup(micro_batch=4, grad_accum=2, zero=0), ddp) == "adds moving parts"
+    assert _tie_lost_on(TrainSetup(micro_batch=2, grad_accum=4), ddp) == (
+        "takes more micro-batches per step"
+    )
+    # without checkpointing, as simple and as many micro-batches: it holds more memory
+    ckpt = TrainSetup(micro_batch=4, grad_accum=2, grad_ckpt=True)
+    assert _tie_lost_on(ddp, ckpt) == "leaves less memory to spare"
+    # the story's plan: ZeRO-1 and ZeRO-2 tie with the chosen ZeRO-0, and say why they lost
+    p = plan(story_request())
+    assert p.best is not None and p.best.setup.zero == 0
+    assert "a tie within 3%), but adds moving parts" in p.rejected["lora · ZeRO-1"]

@@ -286,6 +286,15 @@ def _rank(req: PlanRequest, cands: list[Candidate]) -> list[Candidate]:
     return sorted(cands, key=lambda c: _score(req, c, fastest))
 
 
+def _tie_lost_on(loser: TrainSetup, winner: TrainSetup) -> str:
+    """Why a setup tied on speed ranks below the chosen one, in _score's order."""
+    if complexity(loser) > complexity(winner):
+        return "adds moving parts"
+    if loser.grad_accum > winner.grad_accum:
+        return "takes more micro-batches per step"
+    return "leaves less memory to spare"
+
+
 def plan(req: PlanRequest) -> Plan:
     """Evaluate every candidate, keep those that fit, rank them, explain each family's loss."""
     results: list[Candidate] = []
@@ -335,15 +344,16 @@ def plan(req: PlanRequest) -> Plan:
                 more = top.estimate.required_bytes / best.estimate.required_bytes - 1
                 rejected[fam] = f"needs {more:.0%} more memory ({describe(top.setup)})"
             else:
-                slower = best.step.tokens_per_s / top.step.tokens_per_s - 1
-                if slower < 0.01:
-                    # a tie: within TIE of the chosen one, faster or slower
+                fastest = max(c.step.tokens_per_s for c in fitting)
+                if top.step.tokens_per_s >= (1 - TIE) * fastest:
+                    # a tie as the ranking has it (_score): lost on what breaks ties
                     edge = top.step.tokens_per_s / best.step.tokens_per_s - 1
                     rejected[fam] = (
-                        f"as fast (predicted {edge:+.0%}, a tie within {TIE:.0%}), but adds "
-                        f"moving parts ({describe(top.setup)})"
+                        f"as fast (predicted {edge:+.0%}, a tie within {TIE:.0%}), but "
+                        f"{_tie_lost_on(top.setup, best.setup)} ({describe(top.setup)})"
                     )
                 else:
+                    slower = best.step.tokens_per_s / top.step.tokens_per_s - 1
                     rejected[fam] = f"slower by {slower:.0%} at its best ({describe(top.setup)})"
     suggestion = None if best else suggest(req)
     assumptions = [
