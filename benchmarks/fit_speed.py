@@ -98,10 +98,14 @@ def timed_rows(files: list[Path], min_timed: int = MIN_TIMED) -> list[dict[str, 
     memory cap, a model with a config here)."""
     out = []
     for f in files:
+        process = None
         for line in f.read_text().splitlines():
             if not line.strip():
                 continue
             r = json.loads(line)
+            # the first shape of a process (speed_grid.py: one model build per line)
+            this = (r["model"], r["method"], r.get("zero"), r.get("build_seconds"))
+            first, process = this != process, this
             steps = r.get("step_seconds") or []
             timed = len(steps) if "warmup_steps" in r else len(steps) - 1
             if r.get("oom") or r.get("error") or timed < min_timed or r.get("memory_fraction"):
@@ -110,7 +114,7 @@ def timed_rows(files: list[Path], min_timed: int = MIN_TIMED) -> list[dict[str, 
                 continue  # forced fp16 on a bf16 card: memory rows, not a speed anyone runs
             if not known_model(r):
                 continue
-            r["_file"] = f.name
+            r["_file"], r["_first"] = f.name, first and "build_seconds" in r
             out.append(r)
     return out
 
@@ -723,6 +727,15 @@ def main() -> int:
             )
     print("\npredicted tokens/s against measured on rows NOT fitted on (refit without them):")
     print_table(holdout_report(rows, speed.FITTED), args.markdown)
+    firsts = [error(r, speed.FITTED) for r in rows if is_fit_row(r) and r["_first"]]
+    others = [error(r, speed.FITTED) for r in rows if is_fit_row(r) and not r["_first"]]
+    if firsts and others:
+        print(
+            f"\nthe first shape of a speed_grid.py process ({len(firsts)} rows) against the rest: "
+            f"median error {statistics.median(firsts):+.1%} against {statistics.median(others):+.1%}, "
+            f"median abs. {statistics.median(map(abs, firsts)):.0%} against "
+            f"{statistics.median(map(abs, others)):.0%}"
+        )
     spread = repeat_spread(rows)
     if spread:
         print(
