@@ -328,7 +328,11 @@ def launch(
         }
         plan, model, nodes, present = _plan_and_nodes(
             model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
-            links={"p2p": p2p, "inter_node_gbs": inter_node_gbs, "cpu_cores_per_node": cpu_cores_per_node},
+            links={
+                "p2p": p2p,
+                "inter_node_gbs": inter_node_gbs,
+                "cpu_cores_per_node": cpu_cores_per_node,
+            },
             rdv=rdv,
         )  # fmt: skip
         if run_dir is None:
