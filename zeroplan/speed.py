@@ -85,9 +85,10 @@ class SpeedConstants:
             twins on one H200, LoRA and full fine-tuning, with and without accumulation.
         cpu_adam_serial_s / cpu_adam_thread_s: DeepSpeed's compiled CPU Adam, seconds per
             parameter of the rank's partition: serial_s + thread_s / threads (the part
-            that OpenMP spreads over the rank's threads and the part it does not), from
-            optimizer offload on one H200 at 1-16 threads (OMP_NUM_THREADS) and on two
-            H200s at 1 thread per rank (torchrun's default).
+            OpenMP does not spread over the rank's threads, and the part it does), from
+            optimizer offload on one H200's 16-core host at 1-16 threads
+            (OMP_NUM_THREADS); the two-H200 offload rows, at torchrun's 1 thread per rank
+            on another host, are the check.
         launch_step_s: what a launched step (HF Trainer, its callbacks and logging) adds
             to the lean step, from the same shapes run both ways on one H200.
     """
@@ -450,7 +451,7 @@ def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -
 def cpu_adam_seconds(params: float, threads: int, k: SpeedConstants = FITTED) -> float:
     """DeepSpeed's CPU Adam over ``params`` parameters with ``threads`` OpenMP threads:
     params · (cpu_adam_serial_s + cpu_adam_thread_s / threads) (measured on one H200's host
-    at 1-16 threads: 4.0 s at 1 thread for Llama-3.2-1B's 1.24 B, 0.5 s at 16)."""
+    at 1-16 threads: about 3.1 s at 1 thread for Llama-3.2-1B's 1.24 B, 0.5 s at 16)."""
     return params * (k.cpu_adam_serial_s + k.cpu_adam_thread_s / threads)
 
 
