@@ -740,6 +740,9 @@ def test_ctrl_c_in_watch_exits_130_without_a_traceback(run_dir: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal delivers it, even when this test runs as a background job
+        # (a shell without job control starts those with SIGINT ignored, which a child keeps)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()  # the dashboard is running
