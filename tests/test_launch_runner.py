@@ -448,6 +448,11 @@ def test_launch_plans_a_model_id_on_the_gpus_given(
         cli, ["launch", str(plan), "--data", str(data_file), "--method", "full", "--dry-run"]
     )
     assert bad.exit_code == 2 and "--method plan a model" in bad.output
+    cores = CliRunner().invoke(
+        cli,
+        ["launch", str(plan), "--data", str(data_file), "--cpu-cores-per-node", "8", "--dry-run"],
+    )
+    assert cores.exit_code == 2 and "--cpu-cores-per-node plan a model" in cores.output
 
 
 # -- preflight: one line each, before anything starts ---------------------------------------

@@ -92,7 +92,7 @@ def job_options(fn: F) -> F:
 
 
 # the keyword arguments link_options adds to a command
-LINK_OPTIONS = ("p2p", "inter_node_gbs")
+LINK_OPTIONS = ("p2p", "inter_node_gbs", "cpu_cores_per_node")
 
 
 def link_options(fn: F) -> F:
