@@ -62,7 +62,8 @@ def estimate(
     """Estimate per-GPU memory and the predicted speed (``.speed``, a ``StepTime``);
     ``options`` are TrainSetup fields (method, micro_batch, ...); ``p2p``,
     ``inter_node_gbs`` and ``cpu_cores_per_node`` as ``resolve_cluster`` takes them;
-    ``fill``: the share of real tokens in a micro-batch (packed real data), which the speed's tokens/s counts."""
+    ``fill``: the share of real tokens in a micro-batch (packed real data), which the
+    speed's tokens/s counts."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
     chosen = setup if setup is not None else make_setup(**options)

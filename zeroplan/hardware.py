@@ -52,6 +52,7 @@ __all__ = [
     "parse_cluster",
     "parse_hostfile",
     "read_hostfile",
+    "threads_per_rank",
     "usable_cpu_cores",
     "with_links",
 ]
@@ -621,6 +622,12 @@ def usable_cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def threads_per_rank(cores: int, ranks: int) -> int:
+    """CPU threads each of a node's ranks gets: ⌊cores / ranks⌋, at least 1 (what
+    ``zeroplan launch`` sets ``OMP_NUM_THREADS`` to, and what the speed model plans with)."""
+    return max(1, cores // ranks)
+
+
 @dataclass(frozen=True)
 class Cluster:
     """``num_nodes`` identical nodes of ``gpus_per_node`` identical GPUs.
@@ -672,12 +679,11 @@ class Cluster:
 
     @property
     def cpu_threads_per_rank(self) -> int:
-        """CPU threads each rank gets: the node's cores shared among its GPUs, ⌊cores /
-        GPUs per node⌋ (at least 1), as ``zeroplan launch`` sets ``OMP_NUM_THREADS``;
-        DEFAULT_CPU_CORES_PER_GPU when the node's cores are unknown."""
+        """CPU threads each rank gets: the node's cores shared among its GPUs
+        (``threads_per_rank``); DEFAULT_CPU_CORES_PER_GPU when the node's cores are unknown."""
         if self.cpu_cores_per_node is None:
             return DEFAULT_CPU_CORES_PER_GPU
-        return max(1, self.cpu_cores_per_node // self.gpus_per_node)
+        return threads_per_rank(self.cpu_cores_per_node, self.gpus_per_node)
 
     def describe(self, times: str = "×") -> str:
         """Short form such as ``"7×RTX-4090"`` or ``"2×8×H100-SXM-80GB"``; with ``times="x"``

@@ -186,7 +186,8 @@ def _distributions(req: PlanRequest, method: str) -> Iterator[tuple[int | None, 
     multi = req.cluster.world_size > 1
     for zero in (0, 1, 2, 3):
         # on one GPU, ZeRO 1-2 without offload only add buffers; ZeRO-0 is there for bf16
-        # LoRA, whose adapters DeepSpeed makes bf16 (speed.lora_share: measured 10-12% faster)
+        # LoRA, whose adapters DeepSpeed makes bf16 (speed.lora_share), which pays for its
+        # engine's per-step cost (speed: deepspeed_step_s) at large micro-batches
         if multi or zero == 3 or (zero == 0 and method == "lora"):
             yield zero, "none"
     for zero in (1, 2, 3):
@@ -262,12 +263,16 @@ def complexity(setup: TrainSetup) -> int:
 TIE = 0.03
 
 
+def _tied(c: Candidate, fastest: float) -> bool:
+    """Whether c's predicted speed is within TIE of the fastest: a tie."""
+    return c.step.tokens_per_s >= (1 - TIE) * fastest
+
+
 def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
     if req.objective == "memory":
         return (c.estimate.required_bytes, -c.step.tokens_per_s)
     # time and cost rank alike on one cluster
-    tied = c.step.tokens_per_s >= (1 - TIE) * fastest
-    if tied:
+    if _tied(c, fastest):
         return (
             0,
             complexity(c.setup),
@@ -321,6 +326,7 @@ def plan(req: PlanRequest) -> Plan:
         if alternative is not None and c.setup.method == "qlora":
             continue  # one line of its own (quantized_alternative), not a family that lost
         by_family.setdefault(c.family, []).append(c)
+    fastest = max((c.step.tokens_per_s for c in fitting), default=0.0)
     for fam, members in by_family.items():
         if best is not None and fam == best.family:
             continue
@@ -344,8 +350,7 @@ def plan(req: PlanRequest) -> Plan:
                 more = top.estimate.required_bytes / best.estimate.required_bytes - 1
                 rejected[fam] = f"needs {more:.0%} more memory ({describe(top.setup)})"
             else:
-                fastest = max(c.step.tokens_per_s for c in fitting)
-                if top.step.tokens_per_s >= (1 - TIE) * fastest:
+                if _tied(top, fastest):
                     # a tie as the ranking has it (_score): lost on what breaks ties
                     edge = top.step.tokens_per_s / best.step.tokens_per_s - 1
                     rejected[fam] = (

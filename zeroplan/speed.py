@@ -387,6 +387,13 @@ def optimizer_seconds(
     return per_param * trainable_params(spec, setup) / shards / (gpu.memory_bandwidth_gbs * 1e9)
 
 
+def gradient_trips(setup: TrainSetup) -> int:
+    """How often a step's gradients leave the GPU they were computed on: after every
+    micro-batch under ZeRO 2-3 (DeepSpeed partitions them as they come), once at the
+    accumulation boundary otherwise."""
+    return setup.grad_accum if setup.deepspeed and (setup.zero or 0) >= 2 else 1
+
+
 def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float:
     """Bytes each rank sends per optimizer step (ring collectives: (N−1)/N of the buffer).
 
@@ -409,7 +416,7 @@ def comm_bytes_per_step(spec: ModelSpec, setup: TrainSetup, world: int) -> float
     if setup.zero == 1:
         return 2 * ring * 2 * n_t
     if setup.zero == 2:
-        return (setup.grad_accum + 1) * ring * 2 * n_t
+        return (gradient_trips(setup) + 1) * ring * 2 * n_t
     gathers = 3 if setup.grad_ckpt else 2
     per_micro = ring * (gathers * 2 * spec.total_params + 2 * n_t)
     return per_micro * setup.grad_accum
@@ -443,8 +450,7 @@ def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -
     if setup.zero == 3:
         return max(0.0, comm_s - setup.grad_accum * micro_gpu_s)
     if not setup.deepspeed or setup.overlap_comm:
-        behind = setup.grad_accum if setup.zero == 2 else 1
-        return max(0.0, comm_s - behind * 0.5 * micro_gpu_s)
+        return max(0.0, comm_s - gradient_trips(setup) * 0.5 * micro_gpu_s)
     return comm_s
 
 
@@ -459,8 +465,8 @@ def offload_seconds(
     spec: ModelSpec, setup: TrainSetup, cluster: Cluster, k: SpeedConstants = FITTED
 ) -> float:
     """Optimizer offload per step: bf16 gradients down over PCIe, after every micro-batch
-    under ZeRO 2-3 (they are partitioned as they come, as ZeRO-2 reduce-scatters) and once
-    under ZeRO-1, and bf16 parameters up once, (trips + 1)·2 B·Ψ_t/N / PCIe; plus CPU Adam
+    under ZeRO 2-3 and once under ZeRO-1 (gradient_trips), and bf16 parameters up once,
+    (trips + 1)·2 B·Ψ_t/N / PCIe; plus CPU Adam
     over the rank's partition Ψ_t/N at the rank's threads (``cpu_adam_seconds``,
     ``Cluster.cpu_threads_per_rank``); parameter offload adds the parameters' trip per
     micro-batch, 2·2 B·Ψ/N · accumulation."""
@@ -469,8 +475,7 @@ def offload_seconds(
     world = cluster.world_size
     n_t = trainable_params(spec, setup) / world
     pcie = PCIE_EFFECTIVE_GBS.get(cluster.gpu.pcie_gen, 25.0)
-    trips = setup.grad_accum if (setup.zero or 0) >= 2 else 1
-    t = (trips + 1) * 2 * n_t / (pcie * 1e9)
+    t = (gradient_trips(setup) + 1) * 2 * n_t / (pcie * 1e9)
     t += cpu_adam_seconds(n_t, cluster.cpu_threads_per_rank, k)
     if setup.offload == "optimizer+params":
         t += 2 * 2 * spec.total_params / world * setup.grad_accum / (pcie * 1e9)

@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.errors import BadClusterSpecError, BadPlanError, PredictedOOMError, ZeroplanError
-from zeroplan.hardware import GPU, Cluster, parse_cluster, read_hostfile, usable_cpu_cores
+from zeroplan.hardware import (
+    GPU,
+    Cluster,
+    parse_cluster,
+    read_hostfile,
+    threads_per_rank,
+    usable_cpu_cores,
+)
 from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
 from zeroplan.trainsetup import TrainSetup
@@ -352,11 +359,12 @@ def launch_env(
     * ``NCCL_NVLS_ENABLE`` is not touched: nothing measured here justifies turning NVLink
       SHARP off.
     * ``OMP_NUM_THREADS``: this machine's usable cores (``cpu_cores``, default
-      ``hardware.usable_cpu_cores``) shared among a node's ranks, at least 1. torchrun sets
+      ``hardware.usable_cpu_cores``) shared among a node's ranks (``threads_per_rank``; the
+      most ranks any node runs). torchrun sets
       1 for several processes, which leaves a CPU-offloaded optimizer (DeepSpeed's CPU Adam
       spreads over OpenMP threads) on one core: measured on one H200's host, Llama-3.2-1B's
       CPU Adam step took 3.1 s on 1 thread and 0.5 s on 16. The speed model plans with the
-      same count (``Cluster.cpu_threads_per_rank``).
+      same rule (``Cluster.cpu_threads_per_rank``).
     * ``PYTHONUNBUFFERED=1`` so the rank logs are current; ``ZEROPLAN_RUN_DIR``.
 
     ``num_nodes``: the run's node count when ``nodes`` is only this one (--nnodes, SLURM).
@@ -364,7 +372,7 @@ def launch_env(
     inherited = os.environ if inherited is None else inherited
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1", "ZEROPLAN_RUN_DIR": str(run_dir)}
     cores = usable_cpu_cores() if cpu_cores is None else cpu_cores
-    env["OMP_NUM_THREADS"] = str(max(1, cores // max(len(n.slots) for n in nodes)))
+    env["OMP_NUM_THREADS"] = str(threads_per_rank(cores, max(len(n.slots) for n in nodes)))
     if "PYTORCH_CUDA_ALLOC_CONF" not in inherited and "PYTORCH_ALLOC_CONF" not in inherited:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     count = len(nodes) if num_nodes is None else num_nodes
