@@ -18,6 +18,8 @@ that one plan.json on each record set:
     alpaca-mask    the same, packed, SDPA block-diagonal mask
     alpaca-padded  the same, padded to the longest of each micro-batch (zeroplan before)
     lognormal      the long-tail chat records, packed, varlen
+    alpaca-omp1    alpaca with OMP_NUM_THREADS=1 (torchrun's default for several ranks: a
+                   CPU-offloaded optimizer's threads before zeroplan launch set them)
     story          benchmarks/story_qlora_baseline.py: the story's script as written
                    (TrainingArguments converted the way TRL converts them)
     trl-packing    the same job with TRL's own packing (bfd, padding-free), micro-batch 8
@@ -67,6 +69,14 @@ LAUNCHED = {
     "alpaca-padded": ("alpaca", ["--batching", "padded"]),
     "lognormal": ("lognormal", ["--batching", "packed"]),
     "lognormal-padded": ("lognormal", ["--batching", "padded"]),
+    "alpaca-omp1": ("alpaca", ["--batching", "packed"]),
+}
+# runs that differ from another only in their environment
+RUN_ENV = {
+    "alpaca-noexp": NO_EXPANDABLE,
+    # torchrun's one OpenMP thread per rank (what a CPU-offloaded optimizer stepped on
+    # before zeroplan launch set OMP_NUM_THREADS): the same launch, the old way
+    "alpaca-omp1": {"OMP_NUM_THREADS": "1"},
 }
 BASELINES = ("story", "trl-packing")
 
@@ -153,7 +163,7 @@ def launch(name: str, plan: Path, model: Path, data: Path, work: Path, args: Any
         "launch", str(plan), "--data", str(data), "-o", str(run), "--model", str(model),
         "--max-steps", str(args.steps), "--logging-steps", "1", "--no-dashboard", *extra,
         *(["--force"] if args.arch == "tiny" else []), timeout=args.timeout,
-        env=NO_EXPANDABLE if name.endswith("-noexp") else None,
+        env=RUN_ENV.get(name),
     )  # fmt: skip
     wall = time.time() - start
     lines = metrics(run)
@@ -172,6 +182,7 @@ def launch(name: str, plan: Path, model: Path, data: Path, work: Path, args: Any
     return {
         "run": name,
         "data": LAUNCHED[name][0],
+        "env_overrides": RUN_ENV.get(name, {}),
         "returncode": done.returncode,
         "wall_s": round(wall, 1),
         "setup": best["setup"],
@@ -287,6 +298,7 @@ def main() -> None:
             for k, v in lengths.items()
         },
         "gpu": _gpu_name(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
         "versions": versions(),
     }
     for name in args.runs.split(","):
