@@ -70,6 +70,7 @@ LAUNCHED = {
     "lognormal": ("lognormal", ["--batching", "packed"]),
     "lognormal-padded": ("lognormal", ["--batching", "padded"]),
     "alpaca-omp1": ("alpaca", ["--batching", "packed"]),
+    "alpaca-omp8": ("alpaca", ["--batching", "packed"]),
 }
 # runs that differ from another only in their environment
 RUN_ENV = {
@@ -77,6 +78,7 @@ RUN_ENV = {
     # torchrun's one OpenMP thread per rank (what a CPU-offloaded optimizer stepped on
     # before zeroplan launch set OMP_NUM_THREADS): the same launch, the old way
     "alpaca-omp1": {"OMP_NUM_THREADS": "1"},
+    "alpaca-omp8": {"OMP_NUM_THREADS": "8"},  # a point between, for the model's thread term
 }
 BASELINES = ("story", "trl-packing")
 
