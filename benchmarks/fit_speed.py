@@ -120,6 +120,8 @@ def timed_rows(files: list[Path], min_timed: int = MIN_TIMED) -> list[dict[str, 
 
 
 def measured_seconds(r: dict[str, Any]) -> float:
+    if "_median_seconds" in r:  # a shape measured in several processes (shape_medians)
+        return float(r["_median_seconds"])
     steps = r["step_seconds"]
     if "warmup_steps" in r:  # speed_grid.py: every kept step is a timed one
         return float(statistics.median(steps))
@@ -369,13 +371,17 @@ def cpu_adam_seconds_per_param(
     rows: list[dict[str, Any]], k: speed.SpeedConstants
 ) -> tuple[float, float] | None:
     """(serial_s, thread_s): the least-squares line y = serial_s + thread_s / threads through
-    y = (t − the step without offload − PCIe trips) / (Ψ_t/N) over the rows that ran
-    DeepSpeed's CPU Adam at a set thread count (one H200's host at 1-16 threads)."""
+    y = (t − the step without offload − PCIe trips) / (Ψ_t/N) over the one-rank rows that
+    ran DeepSpeed's CPU Adam at a set thread count (one H200's host at 1-16 threads). With
+    several ranks on a node the serial part counts once per rank (speed.cpu_adam_seconds):
+    those rows, and the launched runs, are the check."""
     xs, ys = [], []
     for r in rows:
         # the sweep of one host at set thread counts; the rest (torchrun's default of one
         # thread per rank on another host) are a check
         if r.get("optim") != "deepspeed_cpu_adam" or not omp_threads_set(r):
+            continue
+        if r.get("world_size", 1) > 1:
             continue
         spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
         plain = speed.step_time(
@@ -651,13 +657,41 @@ def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[
     return table
 
 
+def _repeat_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (*_shape(r), r["optim"])
+
+
+def shape_medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per one-GPU shape (model, method, micro-batch, sequence length, switches,
+    GPU, optimizer), its step the median over every process that measured it; the other
+    rows as they are. The same shape measured in separate processes differs by a median
+    12-20% and up to 60-70% where the host sets the pace: one reading is a draw from that
+    spread, the median of three a measurement the fit and its held-out check can stand on."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        if not is_fit_row(r):
+            out.append(r)
+            continue
+        key = _repeat_key(r)
+        if key not in groups:
+            groups[key] = []
+            out.append(r)  # the first reading stands for the shape, in its place
+        groups[key].append(r)
+    for i, r in enumerate(out):
+        if is_fit_row(r) and len(group := groups[_repeat_key(r)]) > 1:
+            seconds = statistics.median(measured_seconds(x) for x in group)
+            out[i] = {**r, "_median_seconds": seconds, "_readings": len(group)}
+    return out
+
+
 def repeat_spread(rows: list[dict[str, Any]]) -> list[float]:
     """max/min − 1 of the measured step over each one-GPU shape measured more than once (in
     separate processes): how far a held-out prediction can expect to get."""
     seen: dict[tuple[Any, ...], list[float]] = {}
     for r in rows:
         if is_fit_row(r):
-            seen.setdefault((*_shape(r), r["optim"]), []).append(measured_seconds(r))
+            seen.setdefault(_repeat_key(r), []).append(measured_seconds(r))
     return [max(v) / min(v) - 1 for v in seen.values() if len(v) > 1]
 
 
@@ -685,15 +719,16 @@ def main() -> int:
     p.add_argument("--markdown", action="store_true", help="the held-out table as markdown")
     p.add_argument("--rows", action="store_true", help="every row, predicted against measured")
     args = p.parse_args()
-    rows = timed_rows(args.files or default_files())
+    raw = timed_rows(args.files or default_files())
+    rows = shape_medians(raw)
     # lora_bytes is measured before the fit, which then works around it (with DeepSpeed's
     # engine cost as speed.py has it: a fixed point once speed.py holds these values)
-    pinned = lora_bytes(rows, speed.FITTED.deepspeed_step_s)
+    pinned = lora_bytes(raw, speed.FITTED.deepspeed_step_s)
     fitted = fit(
         rows, dataclasses.replace(speed.FITTED, lora_bytes=pinned or speed.FITTED.lora_bytes)
     )
     fitted = dataclasses.replace(
-        fitted, **{n: v for n, v in measured_constants(rows, fitted).items() if v is not None}
+        fitted, **{n: v for n, v in measured_constants(raw, fitted).items() if v is not None}
     )
     # the fit's written-out step (Features) must be speed.step_time's, row for row
     twin = max(
@@ -703,7 +738,8 @@ def main() -> int:
     if bad:
         print(f"fit_speed.Features differs from speed.step_time by up to {twin:.2e}: make them one")
     print(
-        f"{sum(is_fit_row(r) for r in rows)} one-GPU rows fitted on, {sum(not is_fit_row(r) for r in rows)} others"
+        f"{sum(is_fit_row(r) for r in rows)} one-GPU shapes fitted on (the median of "
+        f"{sum(is_fit_row(r) for r in raw)} readings), {sum(not is_fit_row(r) for r in rows)} others"
     )
     for name in (*FITTED_FIELDS, *MEASURED_FIELDS):
         mine, theirs = getattr(fitted, name), getattr(speed.FITTED, name)
@@ -727,8 +763,8 @@ def main() -> int:
             )
     print("\npredicted tokens/s against measured on rows NOT fitted on (refit without them):")
     print_table(holdout_report(rows, speed.FITTED), args.markdown)
-    firsts = [error(r, speed.FITTED) for r in rows if is_fit_row(r) and r["_first"]]
-    others = [error(r, speed.FITTED) for r in rows if is_fit_row(r) and not r["_first"]]
+    firsts = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and r["_first"]]
+    others = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and not r["_first"]]
     if firsts and others:
         print(
             f"\nthe first shape of a speed_grid.py process ({len(firsts)} rows) against the rest: "
@@ -736,7 +772,7 @@ def main() -> int:
             f"median abs. {statistics.median(map(abs, firsts)):.0%} against "
             f"{statistics.median(map(abs, others)):.0%}"
         )
-    spread = repeat_spread(rows)
+    spread = repeat_spread(raw)
     if spread:
         print(
             f"\nthe same one-GPU shape measured again, in another process: {len(spread)} shapes, "

@@ -27,28 +27,38 @@ import tinyllm  # noqa: E402
 from fit_speed import realdata_lean  # noqa: E402  (the same lean steps the fit reads)
 
 from zeroplan import speed  # noqa: E402
-from zeroplan.hardware import parse_cluster  # noqa: E402
+from zeroplan.hardware import parse_cluster, with_links  # noqa: E402
 from zeroplan.models import load_model  # noqa: E402
 from zeroplan.planner import PlanRequest, plan  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = (
-    # (catalog file, method, runs file, the adapters, global batch)
+    # (catalog file, method, runs file, the adapters, global batch, cluster, CPU cores,
+    #  the memory kept free when it was planned)
     ("meta-llama--Meta-Llama-3-8B-Instruct", "qlora", "realdata_h200_8b_gqa.jsonl",
-     ("q_proj", "k_proj", "v_proj", "o_proj"), 8),
-    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", ("all-linear",), 16),
-    # the same job as planned this session (DeepSpeed ZeRO-0 on one GPU)
-    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_zero0.jsonl", ("all-linear",), 16),
+     ("q_proj", "k_proj", "v_proj", "o_proj"), 8, "1xH200", 16, 0.05),
+    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", ("all-linear",), 16,
+     "1xH200", 16, 0.05),
+    # the same job as planned in another session (DeepSpeed ZeRO-0 on one GPU)
+    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_zero0.jsonl", ("all-linear",), 16,
+     "1xH200", 16, 0.05),
+    # full fine-tuning on two H200s, planned with 93% and 95% of the memory kept free:
+    # ZeRO-3 with 8-bit AdamW, and ZeRO-2 with the optimizer offloaded to CPU Adam at the
+    # launch's threads per rank (and at OMP_NUM_THREADS=1 and 8)
+    ("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_zero3.jsonl", ("all-linear",), 16,
+     "2xH200", 32, 0.93),
+    ("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_offload.jsonl", ("all-linear",),
+     16, "2xH200", 32, 0.95),
 )  # fmt: skip
 
 
 def main() -> None:
     vocab = len(tinyllm.build_tokenizer())
     lean = {method: seconds for method, (_, seconds) in realdata_lean().items()}
-    cluster = parse_cluster("1xH200")
     with tempfile.TemporaryDirectory() as tmp:
-        for catalog, method, runs_file, targets, global_batch in RUNS:
+        for catalog, method, runs_file, targets, global_batch, gpus, cores, margin in RUNS:
+            cluster = with_links(parse_cluster(gpus), cpu_cores_per_node=cores)
             arch = json.loads((ROOT / "zeroplan/catalog/models" / f"{catalog}.json").read_text())
             arch["vocab_size"] = vocab
             config = Path(tmp) / catalog / "config.json"
@@ -62,12 +72,15 @@ def main() -> None:
                 method=method, micro_batch=mb, seq_len=704, lora_targets=targets,
                 grad_accum=ran.get("grad_accum", 1), zero=ran.get("zero"),
                 grad_ckpt=ran.get("grad_ckpt", False), fused_loss=ran.get("fused_loss", False),
+                offload=ran.get("offload", "none"), optim=ran.get("optim", "adamw_torch_fused"),
             )  # fmt: skip
             lean_s = speed.step_time(spec, setup, cluster, launched=False).total_s
             step = speed.step_time(spec, setup, cluster)
             how = "plain loop" if setup.zero is None else f"DeepSpeed ZeRO-{setup.zero}"
+            if setup.offload != "none":
+                how += f" + offload {setup.offload}"
             print(
-                f"{catalog} {method}, {how}, micro-batch {mb} x 704 on one H200 "
+                f"{catalog} {method}, {how}, micro-batch {mb} x 704, {setup.optim}, on {gpus} "
                 f"(vocabulary {vocab}, {runs_file}):"
             )
             if method in lean and setup.zero is None:
@@ -77,15 +90,22 @@ def main() -> None:
                 )
             for r in rows:
                 measured = r["tokens_per_s"]
-                predicted = step.tokens_per_s * r["fill"]
+                threads = (r.get("env_overrides") or {}).get("OMP_NUM_THREADS")
+                run_step = step
+                if threads:  # the run set its own threads per rank
+                    ranks = cluster.gpus_per_node
+                    at = with_links(cluster, cpu_cores_per_node=int(threads) * ranks)
+                    run_step = speed.step_time(spec, setup, at)
+                predicted = run_step.tokens_per_s * r["fill"]
+                label = r["data"] + (f", {threads} thread(s)/rank" if threads else "")
                 print(
-                    f"  launched on {r['data']:9}: predicted {predicted:9,.0f} real tokens/s, "
+                    f"  launched on {label:9}: predicted {predicted:9,.0f} real tokens/s, "
                     f"measured {measured:9,.0f} ({predicted / measured - 1:+.1%}, fill {r['fill']:.3f})"
                 )
             today = plan(
                 PlanRequest(
                     spec=spec, cluster=cluster, method=method, seq_len=704,
-                    global_batch=global_batch, lora_targets=targets,
+                    global_batch=global_batch, lora_targets=targets, margin=margin,
                 )
             )  # fmt: skip
             if today.best is not None:

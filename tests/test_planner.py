@@ -92,7 +92,9 @@ def test_cpu_adam_runs_on_the_ranks_threads_and_zero2_sends_gradients_every_micr
     z1 = TrainSetup(method="full", zero=1, offload="optimizer", grad_accum=4)
     psi_rank = trainable_params(L8, z2) / 2
     pcie = PCIE_EFFECTIVE_GBS[two.gpu.pcie_gen] * 1e9
-    adam = cpu_adam_seconds(psi_rank, two.cpu_threads_per_rank)
+    adam = cpu_adam_seconds(psi_rank, two.cpu_threads_per_rank, ranks=2)
+    # the node's two ranks share its memory traffic: each steps slower than one rank alone
+    assert adam > cpu_adam_seconds(psi_rank, two.cpu_threads_per_rank, ranks=1)
     # ZeRO-2: the gradients go down after each of the 4 micro-batches, the parameters up once
     assert offload_seconds(L8, z2, two) == pytest.approx((4 + 1) * 2 * psi_rank / pcie + adam)
     assert offload_seconds(L8, z1, two) == pytest.approx((1 + 1) * 2 * psi_rank / pcie + adam)
@@ -214,6 +216,32 @@ def test_speed_constants_are_what_the_measured_rows_fit() -> None:
         assert line in done.stdout
     for line in ("leave one GPU out", "2×H200, NCCL_P2P_DISABLE=1", "CPU Adam"):
         assert line in done.stdout
+    assert "one-GPU shapes fitted on (the median of" in done.stdout
+
+
+def test_fit_speed_reads_a_shape_measured_in_several_processes_as_their_median() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fit_speed
+
+    def row(seconds: float, micro_batch: int = 1, world: int = 1) -> dict[str, object]:
+        return {
+            "model": "meta-llama/Llama-3.2-1B", "method": "lora", "micro_batch": micro_batch,
+            "seq_len": 512, "grad_ckpt": False, "fused_loss": False, "grad_accum": 1,
+            "optim": "adamw_torch_fused", "zero": None if world == 1 else 2,
+            "world_size": world, "env": {"gpu": "NVIDIA H200"}, "warmup_steps": 2,
+            "step_seconds": [seconds] * 8,
+        }  # fmt: skip
+
+    rows = [row(0.1), row(0.1, micro_batch=2), row(0.5), row(0.1, world=2), row(0.2)]
+    merged = fit_speed.shape_medians(rows)
+    # one point per one-GPU shape, where its first reading was; other rows as they were
+    assert [r["micro_batch"] for r in merged] == [1, 2, 1]
+    assert fit_speed.measured_seconds(merged[0]) == pytest.approx(0.2)
+    assert merged[0]["_readings"] == 3 and "_readings" not in merged[1]
+    assert fit_speed.measured_seconds(merged[1]) == pytest.approx(0.1)
+    assert merged[2]["world_size"] == 2
+    # the spread between processes is still read from every reading
+    assert fit_speed.repeat_spread(rows) == [pytest.approx(4.0)]
 
 
 def test_no_fused_loss_keeps_liger_out_of_every_candidate() -> None:

@@ -37,7 +37,8 @@ from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_precision, tra
 class SpeedConstants:
     """The step-time model's constants.
 
-    Fitted by least squares on relative error (``benchmarks/fit_speed.py``):
+    Fitted by least squares on relative error (``benchmarks/fit_speed.py``), one point per
+    one-GPU shape, the median of the processes that measured it:
         efficiency_*: fraction of the card's dense peak the matmuls reach, by method.
         act_bytes: bytes moved per token per activation feature (every linear's output:
             what norms, activations and residual adds read and write around it).
@@ -45,10 +46,11 @@ class SpeedConstants:
             chunk: it never holds all the logits but computes them chunk by chunk, each
             chunk's softmax and gradient in one kernel, and there are about V/h chunks
             whatever the micro-batch (liger_chunks), so at small micro-batches it would
-            cost more per token. (A per-logit byte cost beside it fitted to 0; since
-            checkpointing's recompute is on the host's clock, this one fits to the fit's
-            floor too, from 0.5 ms before: the fused loss costs its matmuls and, for full
-            fine-tuning, the head gradient's passes in fixed_bytes.)
+            cost more per token. (A per-logit byte cost beside it fitted to 0. This one is
+            poorly determined: 0.5 ms, then the fit's floor once checkpointing's recompute
+            went on the host's clock, then 0.2 ms on the shapes' medians; the fused loss
+            mostly costs its matmuls and, for full fine-tuning, the head gradient's passes
+            in fixed_bytes.)
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
@@ -87,8 +89,9 @@ class SpeedConstants:
             parameter of the rank's partition: serial_s + thread_s / threads (the part
             OpenMP does not spread over the rank's threads, and the part it does), from
             optimizer offload on one H200's 16-core host at 1-16 threads
-            (OMP_NUM_THREADS); the two-H200 offload rows, at torchrun's 1 thread per rank
-            on another host, are the check.
+            (OMP_NUM_THREADS); the two-H200 offload rows (torchrun's 1 thread per rank)
+            and launched two-H200 offload runs at 1, 8 and 16 threads are the check, with
+            the node's ranks sharing the serial part (cpu_adam_seconds).
         launch_step_s: what a launched step (HF Trainer, its callbacks and logging) adds
             to the lean step, from the same shapes run both ways on one H200.
     """
@@ -122,23 +125,23 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.6447,
-    efficiency_qlora=0.8,
-    efficiency_full=0.7497,
-    act_bytes=103.2,
-    lora_bytes=28.21,
+    efficiency_lora=0.6176,
+    efficiency_qlora=0.7744,
+    efficiency_full=0.7224,
+    act_bytes=96.93,
+    lora_bytes=28.18,
     logits_bytes=46.0,
-    fused_chunk_s=1e-09,
-    overlap_p=4.56,
-    host_layer_s=0.003221,
-    host_adapter_s=0.0004358,
-    host_4bit_s=0.0003271,
-    host_recompute=1.337,
-    optimizer_8bit_bytes=144,
-    zero3_tensor_s=0.001294,
+    fused_chunk_s=0.0002175,
+    overlap_p=4.565,
+    host_layer_s=0.003337,
+    host_adapter_s=0.0004438,
+    host_4bit_s=0.0002542,
+    host_recompute=1.15,
+    optimizer_8bit_bytes=147.8,
+    zero3_tensor_s=0.001292,
     host_staged_gbs=20.63,
-    deepspeed_step_s=0.0359,
-    cpu_adam_serial_s=2.626e-10,
+    deepspeed_step_s=0.03561,
+    cpu_adam_serial_s=2.654e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
 )
@@ -454,11 +457,20 @@ def exposed_comm_seconds(comm_s: float, micro_gpu_s: float, setup: TrainSetup) -
     return comm_s
 
 
-def cpu_adam_seconds(params: float, threads: int, k: SpeedConstants = FITTED) -> float:
-    """DeepSpeed's CPU Adam over ``params`` parameters with ``threads`` OpenMP threads:
-    params · (cpu_adam_serial_s + cpu_adam_thread_s / threads) (measured on one H200's host
-    at 1-16 threads: about 3.1 s at 1 thread for Llama-3.2-1B's 1.24 B, 0.5 s at 16)."""
-    return params * (k.cpu_adam_serial_s + k.cpu_adam_thread_s / threads)
+def cpu_adam_seconds(
+    params: float, threads: int, ranks: int = 1, k: SpeedConstants = FITTED
+) -> float:
+    """DeepSpeed's CPU Adam over a rank's ``params`` parameters with ``threads`` OpenMP
+    threads, while ``ranks`` ranks of the node step theirs at the same time:
+    params · (ranks · cpu_adam_serial_s + cpu_adam_thread_s / threads).
+
+    The part more threads do not shorten is the host's memory traffic (Adam streams every
+    parameter's fp32 weights, moments and gradient through DRAM): the node's ranks share
+    that memory, so it takes as long as streaming the node's partitions one after another.
+    Measured on one H200's host at 1-16 threads (about 3.1 s at 1 thread for
+    Llama-3.2-1B's 1.24 B, 0.5 s at 16); two ranks on a two-H200 host ran 0.16 s slower
+    per step than one rank's rate at 1, 8 and 16 threads alike (realdata_2xh200_1b_offload)."""
+    return params * (ranks * k.cpu_adam_serial_s + k.cpu_adam_thread_s / threads)
 
 
 def offload_seconds(
@@ -466,8 +478,8 @@ def offload_seconds(
 ) -> float:
     """Optimizer offload per step: bf16 gradients down over PCIe, after every micro-batch
     under ZeRO 2-3 and once under ZeRO-1 (gradient_trips), and bf16 parameters up once,
-    (trips + 1)·2 B·Ψ_t/N / PCIe; plus CPU Adam
-    over the rank's partition Ψ_t/N at the rank's threads (``cpu_adam_seconds``,
+    (trips + 1)·2 B·Ψ_t/N / PCIe; plus CPU Adam over the rank's partition Ψ_t/N at the
+    rank's threads, the node's ranks sharing its memory (``cpu_adam_seconds``,
     ``Cluster.cpu_threads_per_rank``); parameter offload adds the parameters' trip per
     micro-batch, 2·2 B·Ψ/N · accumulation."""
     if setup.offload == "none":
@@ -476,7 +488,7 @@ def offload_seconds(
     n_t = trainable_params(spec, setup) / world
     pcie = PCIE_EFFECTIVE_GBS.get(cluster.gpu.pcie_gen, 25.0)
     t = (gradient_trips(setup) + 1) * 2 * n_t / (pcie * 1e9)
-    t += cpu_adam_seconds(n_t, cluster.cpu_threads_per_rank, k)
+    t += cpu_adam_seconds(n_t, cluster.cpu_threads_per_rank, cluster.gpus_per_node, k)
     if setup.offload == "optimizer+params":
         t += 2 * 2 * spec.total_params / world * setup.grad_accum / (pcie * 1e9)
     return t
