@@ -407,6 +407,22 @@ def test_estimate_reports_the_speed_of_any_setup() -> None:
     assert est.to_json()["speed"] == speed
 
 
+def test_estimate_says_when_the_host_sets_the_pace() -> None:
+    """A micro-batch whose host clock (Python, launches) is longer than its GPU clock is
+    host-bound: estimate says so, with both clocks, and a GPU-bound one does not."""
+    small = ["estimate", "llama-3.2-1b", "--gpus", "1xH200", "--micro-batch", "1"]
+    small += ["--seq-len", "512"]
+    speed = json.loads(CliRunner().invoke(cli, [*small, "--json"]).output)["speed"]
+    assert speed["host_bound"]
+    assert speed["host_seconds_per_micro_batch"] > 3 * speed["gpu_seconds_per_micro_batch"]
+    text = CliRunner().invoke(cli, small, env={"COLUMNS": "250"}).output
+    assert "The host sets this step's pace" in text
+    large = ["estimate", "llama-3.1-8b", "--gpus", "1xH200", "--micro-batch", "4"]
+    speed = json.loads(CliRunner().invoke(cli, [*large, "--json"]).output)["speed"]
+    assert not speed["host_bound"]
+    assert "host sets" not in CliRunner().invoke(cli, large, env={"COLUMNS": "250"}).output
+
+
 def test_lora_keeps_the_bf16_base_and_shows_the_4bit_one_aside() -> None:
     """--method lora is planned on the bf16 base whenever one fits, even where a 4-bit base
     is predicted faster; that one is a line of its own with its speed and what it changes."""

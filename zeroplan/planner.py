@@ -510,6 +510,7 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "offload_seconds": c.step.offload_s,
             "launch_seconds": c.step.launch_s,
             "tokens_per_s": c.step.tokens_per_s,
+            "host_bound": c.step.host_bound,
         }
         if p.request.data is not None:
             packed = p.request.data.pack_at(c.setup.micro_batch * p.request.seq_len)

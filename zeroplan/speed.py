@@ -170,7 +170,9 @@ class StepTime:
     ``compute_s``: the micro-batches and the optimizer step; ``comm_s``: the collectives'
     time on the link, of which ``comm_exposed_s`` is not hidden behind compute;
     ``offload_s``: optimizer offload's PCIe traffic and CPU Adam; ``launch_s``: the
-    launched trainer's own per-step cost (0 for the lean step).
+    launched trainer's own per-step cost (0 for the lean step). ``gpu_micro_s`` and
+    ``host_micro_s``: one micro-batch's two clocks (gpu_seconds, host_seconds), the longer
+    of which sets its pace.
     """
 
     compute_s: float
@@ -180,6 +182,15 @@ class StepTime:
     launch_s: float
     total_s: float
     tokens_per_s: float  # whole cluster
+    gpu_micro_s: float = 0.0
+    host_micro_s: float = 0.0
+
+    @property
+    def host_bound(self) -> bool:
+        """The host's clock (Python, autograd, kernel launches) is the longer: a larger
+        micro-batch costs little more, and the step repeats least exactly (measured: the
+        same host-bound shape up to 1.7x apart between processes)."""
+        return self.host_micro_s > self.gpu_micro_s
 
 
 def flops_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
@@ -510,7 +521,7 @@ def step_time(
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
     """
     world, gpu = cluster.world_size, cluster.gpu
-    gpu_s = gpu_seconds(spec, setup, gpu, k)  # the micro-batch's GPU clock, used twice below
+    gpu_s = gpu_seconds(spec, setup, gpu, k)  # the micro-batch's GPU clock, used below
     micro = micro_batch_seconds(spec, setup, gpu_s, k)
     compute = micro * setup.grad_accum + optimizer_seconds(spec, setup, gpu, world, k)
     if setup.deepspeed:
@@ -521,4 +532,5 @@ def step_time(
     launch = k.launch_step_s if launched else 0.0
     total = compute + exposed + offload + launch
     tokens = setup.tokens * setup.grad_accum * world * fill
-    return StepTime(compute, comm, exposed, offload, launch, total, tokens / total)
+    host = host_seconds(spec, setup, k)
+    return StepTime(compute, comm, exposed, offload, launch, total, tokens / total, gpu_s, host)

@@ -111,4 +111,7 @@ class MemoryEstimate:
             "offload_seconds": self.speed.offload_s,
             "launch_seconds": self.speed.launch_s,
             "link_gbs": self.link_gbs,
+            "gpu_seconds_per_micro_batch": self.speed.gpu_micro_s,
+            "host_seconds_per_micro_batch": self.speed.host_micro_s,
+            "host_bound": self.speed.host_bound,
         }
