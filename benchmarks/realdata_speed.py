@@ -20,6 +20,7 @@ that one plan.json on each record set:
     lognormal      the long-tail chat records, packed, varlen
     alpaca-omp1    alpaca with OMP_NUM_THREADS=1 (torchrun's default for several ranks: a
                    CPU-offloaded optimizer's threads before zeroplan launch set them)
+    alpaca-omp8    alpaca with OMP_NUM_THREADS=8 (a point between, for CPU Adam's model)
     story          benchmarks/story_qlora_baseline.py: the story's script as written
                    (TrainingArguments converted the way TRL converts them)
     trl-packing    the same job with TRL's own packing (bfd, padding-free), micro-batch 8

@@ -238,6 +238,16 @@ def repeat_lines(groups: list[tuple[str, str, str, str]]) -> list[str]:
 
 
 GRIDS["h200-repeat"] = repeat_lines(REPEAT_GROUPS)
+# One GPU: 8-bit AdamW on small models of another family than Qwen2.5. Its step costs more
+# than its bytes on a 0.5 B model (about 0.1 ms per parameter tensor, by Qwen2.5-0.5B's and
+# -1.5B's rows against the 7-8 B models'), and with Qwen2.5 held out only 7-8 B models are
+# left to tell a per-tensor cost from a per-byte one. Each line twice, in separate processes.
+GRIDS["h200-8bit-small"] = repeat_lines(
+    [
+        (L1, "full", "adamw_8bit", "1x512,4x1024,2x2048c,1x1024"),
+        (L3, "full", "adamw_8bit", "1x512,4x1024,2x2048c"),
+    ]
+)
 
 # Extra untimed steps for the first shape of each process (see sweep).
 FIRST_SHAPE_EXTRA_WARMUP = 3
