@@ -42,6 +42,21 @@ def test_summary_compares_each_gpu_and_rank_with_the_plan() -> None:
     assert s.predicted_tokens_per_s == pytest.approx(10034.29, abs=0.01)
 
 
+def test_report_says_when_the_plans_step_is_host_bound(run_dir: Path) -> None:
+    """A plan whose step the host sets (plan.json best.host_bound) is named so beside its
+    speed: those steps repeat least exactly; a plan.json without the key (older plans)
+    reads as not host-bound."""
+    assert summarize(load_run(run_dir)).predicted_host_bound is False
+    plan_file = run_dir / "plan.json"
+    plan_json = json.loads(plan_file.read_text())
+    plan_json["best"]["host_bound"] = True
+    plan_file.write_text(json.dumps(plan_json))
+    assert summarize(load_run(run_dir)).to_json()["predicted_host_bound"] is True
+    result = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "(plan 10,034); the plan's step is host-bound" in result.output
+
+
 def test_report_writes_png_and_html_and_prints_the_table(run_dir: Path) -> None:
     result = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output

@@ -10,6 +10,7 @@ GPU 6 thermally throttled.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -548,6 +549,13 @@ def test_recorded_run_at_200_columns() -> None:
     assert "▁" in loss_line and "█" in loss_line and "eval 1.6100" in loss_line
     assert "lr 2.00e-04" in loss_line
     assert "tokens/s 8,828 (plan 10,034)" in text
+    # a plan whose step the host sets says so beside its speed
+    bound = recorded_view()
+    assert bound.prediction is not None
+    bound = dataclasses.replace(
+        bound, prediction=dataclasses.replace(bound.prediction, host_bound=True)
+    )
+    assert "tokens/s 8,828 (plan 10,034, host-bound)" in screen(bound, 200)
     rank3 = next(line for line in lines if line.strip().startswith("3    10"))
     assert "3m02s ago" in rank3 and "15.2 / 15.6" in rank3
     assert "1 unreadable metrics lines skipped" in text

@@ -88,6 +88,7 @@ class RunSummary:
     final_loss: float | None
     tokens_per_s_median: float | None  # all ranks together, median over steps
     predicted_tokens_per_s: float | None
+    predicted_host_bound: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """``zeroplan report --json``."""
@@ -112,6 +113,7 @@ class RunSummary:
             "final_loss": self.final_loss,
             "tokens_per_s_median": self.tokens_per_s_median,
             "predicted_tokens_per_s": self.predicted_tokens_per_s,
+            "predicted_host_bound": self.predicted_host_bound,
             "estimator_error": ESTIMATOR_ERROR,
         }
 
@@ -215,6 +217,7 @@ def summarize(data: RunData) -> RunSummary:
         final_loss=losses[-1] if losses else None,
         tokens_per_s_median=statistics.median(tps) if tps else None,
         predicted_tokens_per_s=pred.tokens_per_s if pred else None,
+        predicted_host_bound=pred.host_bound if pred else False,
     )
 
 
@@ -286,6 +289,11 @@ def render_summary(summary: RunSummary, console: Console) -> None:
     tps = f"{summary.tokens_per_s_median:,.0f}" if summary.tokens_per_s_median else "-"
     if summary.predicted_tokens_per_s:
         tps += f" (plan {summary.predicted_tokens_per_s:,.0f})"
+        if summary.predicted_host_bound:
+            tps += (
+                "; the plan's step is host-bound (Python and kernel launches set its pace), "
+                "and such steps have run up to 1.7x slower in one process than in another"
+            )
     console.print(f"steps {steps} · final loss {loss} · tokens/s median {tps}")
 
 

@@ -53,6 +53,9 @@ class Prediction:
     tokens_per_s: float | None = None  # all GPUs together
     model: str | None = None
     cluster: str | None = None
+    # the host's clock sets the step's pace (speed.StepTime.host_bound): a measured speed
+    # far from tokens_per_s may be the run's process rather than the model
+    host_bound: bool = False
 
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -90,6 +93,7 @@ def read_prediction(run_dir: str | os.PathLike[str]) -> Prediction | None:
             tokens_per_s=float(best["tokens_per_s"]) if best.get("tokens_per_s") else None,
             model=data.get("model"),
             cluster=data.get("cluster"),
+            host_bound=bool(best.get("host_bound", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadPlanError(
