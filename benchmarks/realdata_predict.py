@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,23 +34,35 @@ from zeroplan.planner import PlanRequest, plan  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Launched:
+    """One realdata_speed.py job: what was planned and where it ran."""
+
+    catalog: str  # the catalog file of the architecture
+    method: str
+    runs_file: str
+    global_batch: int
+    targets: tuple[str, ...] = ("all-linear",)
+    gpus: str = "1xH200"
+    cpu_cores: int = 16  # of the node
+    margin: float = 0.05  # the memory kept free when it was planned
+
+
 RUNS = (
-    # (catalog file, method, runs file, the adapters, global batch, cluster, CPU cores,
-    #  the memory kept free when it was planned)
-    ("meta-llama--Meta-Llama-3-8B-Instruct", "qlora", "realdata_h200_8b_gqa.jsonl",
-     ("q_proj", "k_proj", "v_proj", "o_proj"), 8, "1xH200", 16, 0.05),
-    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", ("all-linear",), 16,
-     "1xH200", 16, 0.05),
+    Launched("meta-llama--Meta-Llama-3-8B-Instruct", "qlora", "realdata_h200_8b_gqa.jsonl", 8,
+             ("q_proj", "k_proj", "v_proj", "o_proj")),
+    Launched("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", 16),
     # the same job as planned in another session (DeepSpeed ZeRO-0 on one GPU)
-    ("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_zero0.jsonl", ("all-linear",), 16,
-     "1xH200", 16, 0.05),
+    Launched("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_zero0.jsonl", 16),
     # full fine-tuning on two H200s, planned with 93% and 95% of the memory kept free:
     # ZeRO-3 with 8-bit AdamW, and ZeRO-2 with the optimizer offloaded to CPU Adam at the
     # launch's threads per rank (and at OMP_NUM_THREADS=1 and 8)
-    ("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_zero3.jsonl", ("all-linear",), 16,
-     "2xH200", 32, 0.93),
-    ("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_offload.jsonl", ("all-linear",),
-     16, "2xH200", 32, 0.95),
+    Launched("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_zero3.jsonl", 16,
+             gpus="2xH200", cpu_cores=32, margin=0.93),
+    Launched("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_offload.jsonl", 16,
+             gpus="2xH200", cpu_cores=32, margin=0.95),
 )  # fmt: skip
 
 
@@ -57,8 +70,15 @@ def main() -> None:
     vocab = len(tinyllm.build_tokenizer())
     lean = {method: seconds for method, (_, seconds) in realdata_lean().items()}
     with tempfile.TemporaryDirectory() as tmp:
-        for catalog, method, runs_file, targets, global_batch, gpus, cores, margin in RUNS:
-            cluster = with_links(parse_cluster(gpus), cpu_cores_per_node=cores)
+        for job in RUNS:
+            catalog, method, runs_file, targets = (
+                job.catalog,
+                job.method,
+                job.runs_file,
+                job.targets,
+            )
+            gpus, global_batch = job.gpus, job.global_batch
+            cluster = with_links(parse_cluster(gpus), cpu_cores_per_node=job.cpu_cores)
             arch = json.loads((ROOT / "zeroplan/catalog/models" / f"{catalog}.json").read_text())
             arch["vocab_size"] = vocab
             config = Path(tmp) / catalog / "config.json"
@@ -105,7 +125,7 @@ def main() -> None:
             today = plan(
                 PlanRequest(
                     spec=spec, cluster=cluster, method=method, seq_len=704,
-                    global_batch=global_batch, lora_targets=targets, margin=margin,
+                    global_batch=global_batch, lora_targets=targets, margin=job.margin,
                 )
             )  # fmt: skip
             if today.best is not None:
