@@ -778,6 +778,11 @@ def main() -> int:
             f"\nthe same one-GPU shape measured again, in another process: {len(spread)} shapes, "
             f"max/min − 1 median {statistics.median(spread):.0%}, worst {max(spread):.0%}"
         )
+        # what estimate and report tell users about host-bound steps
+        quoted = speed.HOST_BOUND_REPEAT_SPREAD
+        if abs((1 + max(spread)) / quoted - 1) > 0.05:
+            print(f"speed.HOST_BOUND_REPEAT_SPREAD is {quoted}, the rows say {1 + max(spread):.3g}")
+            bad = True
     return 1 if args.check and bad else 0
 
 

@@ -159,6 +159,10 @@ BF16_LORA_SHARE = 0.25
 # Bytes a 4-bit weight costs each time it is used: bitsandbytes reads 0.5 B (+ its
 # double-quantized statistics, ~0.03 B) and writes a 2 B bf16 copy for the matmul.
 DEQUANT_BYTES = 2.5
+# How far apart the same host-bound shape has measured in separate processes (the slowest
+# reading over the fastest, one GPU of an H200 host, nothing else running: fit_speed.py
+# prints it as the repeat spread). A host-bound prediction cannot be held closer than this.
+HOST_BOUND_REPEAT_SPREAD = 1.74
 # Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
 DEFAULT_INTER_NODE_GBS = 12.5
 
@@ -188,8 +192,8 @@ class StepTime:
     @property
     def host_bound(self) -> bool:
         """The host's clock (Python, autograd, kernel launches) is the longer: a larger
-        micro-batch costs little more, and the step repeats least exactly (measured: the
-        same host-bound shape up to 1.7x apart between processes)."""
+        micro-batch costs little more, and the step repeats least exactly (the same
+        host-bound shape up to HOST_BOUND_REPEAT_SPREAD apart between processes)."""
         return self.host_micro_s > self.gpu_micro_s
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
+from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -142,7 +143,8 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
                 f"{speed['host_seconds_per_micro_batch']:.3f} s per micro-batch against the "
                 f"GPU's {speed['gpu_seconds_per_micro_batch']:.3f} s, so a larger micro-batch "
                 "costs little more per step. Such steps repeat least exactly: the same shape "
-                "has run up to 1.7x slower in one process than in another on the H200 hosts measured."
+                f"has run up to {HOST_BOUND_REPEAT_SPREAD:.1f}x slower in one process than in "
+                "another on the H200 hosts measured."
             )
     for note in est.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")

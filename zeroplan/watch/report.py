@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.errors import MissingExtraError, NothingRecordedError
+from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
 from zeroplan.watch.alerts import ESTIMATOR_ERROR
 from zeroplan.watch.runlog import (
     GPU_SAMPLES_FILE,
@@ -292,7 +293,8 @@ def render_summary(summary: RunSummary, console: Console) -> None:
         if summary.predicted_host_bound:
             tps += (
                 "; the plan's step is host-bound (Python and kernel launches set its pace), "
-                "and such steps have run up to 1.7x slower in one process than in another"
+                f"and such steps have run up to {HOST_BOUND_REPEAT_SPREAD:.1f}x slower in one "
+                "process than in another"
             )
     console.print(f"steps {steps} · final loss {loss} · tokens/s median {tps}")
 
