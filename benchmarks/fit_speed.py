@@ -661,38 +661,47 @@ def _repeat_key(r: dict[str, Any]) -> tuple[Any, ...]:
     return (*_shape(r), r["optim"])
 
 
-def shape_medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per one-GPU shape (model, method, micro-batch, sequence length, switches,
-    GPU, optimizer), its step the median over every process that measured it; the other
-    rows as they are. The same shape measured in separate processes differs by a median
-    12-20% and up to 60-70% where the host sets the pace: one reading is a draw from that
-    spread, the median of three a measurement the fit and its held-out check can stand on."""
+def shape_readings(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """The one-GPU rows by shape (model, method, micro-batch, sequence length, switches,
+    GPU, optimizer), in their order: each a reading of its shape by one process."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        if is_fit_row(r):
+            groups.setdefault(_repeat_key(r), []).append(r)
+    return groups
+
+
+def shape_medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per one-GPU shape, its step the median over every process that measured it
+    (shape_readings), in its first reading's place; the other rows as they are. The same
+    shape measured in separate processes differs by a median 12-20% and up to 60-70% where
+    the host sets the pace: one reading is a draw from that spread, the median of three a
+    measurement the fit and its held-out check can stand on."""
+    groups = shape_readings(rows)
     out: list[dict[str, Any]] = []
     for r in rows:
         if not is_fit_row(r):
             out.append(r)
             continue
-        key = _repeat_key(r)
-        if key not in groups:
-            groups[key] = []
-            out.append(r)  # the first reading stands for the shape, in its place
-        groups[key].append(r)
-    for i, r in enumerate(out):
-        if is_fit_row(r) and len(group := groups[_repeat_key(r)]) > 1:
+        group = groups[_repeat_key(r)]
+        if r is not group[0]:
+            continue  # a later reading of a shape already placed
+        if len(group) > 1:
             seconds = statistics.median(measured_seconds(x) for x in group)
-            out[i] = {**r, "_median_seconds": seconds, "_readings": len(group)}
+            r = {**r, "_median_seconds": seconds, "_readings": len(group)}
+        out.append(r)
     return out
 
 
 def repeat_spread(rows: list[dict[str, Any]]) -> list[float]:
     """max/min − 1 of the measured step over each one-GPU shape measured more than once (in
     separate processes): how far a held-out prediction can expect to get."""
-    seen: dict[tuple[Any, ...], list[float]] = {}
-    for r in rows:
-        if is_fit_row(r):
-            seen.setdefault(_repeat_key(r), []).append(measured_seconds(r))
-    return [max(v) / min(v) - 1 for v in seen.values() if len(v) > 1]
+    out = []
+    for group in shape_readings(rows).values():
+        if len(group) > 1:
+            seconds = [measured_seconds(r) for r in group]
+            out.append(max(seconds) / min(seconds) - 1)
+    return out
 
 
 def print_table(table: list[list[str]], markdown: bool) -> None:

@@ -59,6 +59,8 @@ from gpu_fixtures import (  # noqa: E402
     versions,
 )
 
+from zeroplan.hardware import usable_cpu_cores  # noqa: E402
+
 # the launcher sets expandable segments unless the variable is set: this turns them off
 NO_EXPANDABLE = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
 LAUNCHED = {
@@ -301,7 +303,7 @@ def main() -> None:
             for k, v in lengths.items()
         },
         "gpu": _gpu_name(),
-        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cpu_cores": usable_cpu_cores(),
         "versions": versions(),
     }
     for name in args.runs.split(","):

@@ -380,13 +380,13 @@ def smooth_max(a: float, b: float, p: float) -> float:
 
 
 def micro_batch_seconds(
-    spec: ModelSpec, setup: TrainSetup, gpu_s: float, k: SpeedConstants = FITTED
+    spec: ModelSpec, setup: TrainSetup, gpu_s: float, host_s: float, k: SpeedConstants = FITTED
 ) -> float:
-    """(GPU^p + host^p)^(1/p) for one micro-batch, GPU = ``gpu_s`` (gpu_seconds) (about the
-    longer of the two: the host queues kernels ahead, and the shorter clock shows only where
-    they are close), + ZeRO-3's hooks: parameter tensors · zero3_tensor_s (they wait on
-    their fetches: they add)."""
-    t = smooth_max(gpu_s, host_seconds(spec, setup, k), k.overlap_p)
+    """(GPU^p + host^p)^(1/p) for one micro-batch, GPU = ``gpu_s`` (gpu_seconds), host =
+    ``host_s`` (host_seconds) (about the longer of the two: the host queues kernels ahead,
+    and the shorter clock shows only where they are close), + ZeRO-3's hooks: parameter
+    tensors · zero3_tensor_s (they wait on their fetches: they add)."""
+    t = smooth_max(gpu_s, host_s, k.overlap_p)
     if setup.zero == 3:
         t += parameter_tensors(spec, setup) * k.zero3_tensor_s
     return t
@@ -483,8 +483,9 @@ def cpu_adam_seconds(
     parameter's fp32 weights, moments and gradient through DRAM): the node's ranks share
     that memory, so it takes as long as streaming the node's partitions one after another.
     Measured on one H200's host at 1-16 threads (about 3.1 s at 1 thread for
-    Llama-3.2-1B's 1.24 B, 0.5 s at 16); two ranks on a two-H200 host ran 0.16 s slower
-    per step than one rank's rate at 1, 8 and 16 threads alike (realdata_2xh200_1b_offload)."""
+    Llama-3.2-1B's 1.24 B, 0.5 s at 16); two ranks on a two-H200 host ran 0.16-0.19 s per
+    step slower than that one-rank sweep predicts, at 1, 8 and 16 threads alike
+    (realdata_2xh200_1b_offload)."""
     return params * (ranks * k.cpu_adam_serial_s + k.cpu_adam_thread_s / threads)
 
 
@@ -525,8 +526,9 @@ def step_time(
     ``zeroplan.packing``); tokens/s counts real tokens, b·s·accum·N·fill per step.
     """
     world, gpu = cluster.world_size, cluster.gpu
-    gpu_s = gpu_seconds(spec, setup, gpu, k)  # the micro-batch's GPU clock, used below
-    micro = micro_batch_seconds(spec, setup, gpu_s, k)
+    # the micro-batch's two clocks, used below and reported
+    gpu_s, host_s = gpu_seconds(spec, setup, gpu, k), host_seconds(spec, setup, k)
+    micro = micro_batch_seconds(spec, setup, gpu_s, host_s, k)
     compute = micro * setup.grad_accum + optimizer_seconds(spec, setup, gpu, world, k)
     if setup.deepspeed:
         compute += k.deepspeed_step_s
@@ -536,5 +538,4 @@ def step_time(
     launch = k.launch_step_s if launched else 0.0
     total = compute + exposed + offload + launch
     tokens = setup.tokens * setup.grad_accum * world * fill
-    host = host_seconds(spec, setup, k)
-    return StepTime(compute, comm, exposed, offload, launch, total, tokens / total, gpu_s, host)
+    return StepTime(compute, comm, exposed, offload, launch, total, tokens / total, gpu_s, host_s)
