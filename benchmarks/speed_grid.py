@@ -238,6 +238,25 @@ def repeat_lines(groups: list[tuple[str, str, str, str]]) -> list[str]:
 
 
 GRIDS["h200-repeat"] = repeat_lines(REPEAT_GROUPS)
+# Five readings where three or four disagree: every one-GPU fit shape whose readings (after
+# h200-repeat) differed by more than 40% (max/min - 1), chosen by that rule, not by the
+# model's error. Processes run all their shapes slow or fast together (per-process factors
+# 0.8-1.4), so the median of three can still sit 20-30% from a shape's typical step.
+GRIDS["h200-repeat5"] = [
+    *repeat_lines(
+        [
+            (Q05, "full", "", "4x512,1x2048,1x512"),
+            (L3, "qlora", "", "1x1024c"),
+            (L8, "qlora", "", "1x768,1x2048"),
+            (Q05, "lora", "", "2x512"),
+            (L8, "lora", "", "2x512"),
+        ]
+    ),
+    # Four readings each already: one more.
+    f"{L1} --method qlora --shapes 1x2048,4x512,1x512",
+    f"{M7} --method qlora --shapes 1x2048",
+    f"{L1} --method full --shapes 1x512",
+]
 # One GPU: 8-bit AdamW on small models of another family than Qwen2.5. Its step costs more
 # than its bytes on a 0.5 B model (about 0.1 ms per parameter tensor, by Qwen2.5-0.5B's and
 # -1.5B's rows against the 7-8 B models'), and with Qwen2.5 held out only 7-8 B models are
