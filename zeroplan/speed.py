@@ -48,9 +48,9 @@ class SpeedConstants:
             whatever the micro-batch (liger_chunks), so at small micro-batches it would
             cost more per token. (A per-logit byte cost beside it fitted to 0. This one is
             poorly determined: 0.5 ms, then the fit's floor once checkpointing's recompute
-            went on the host's clock, then 0.2 ms on the shapes' medians; the fused loss
-            mostly costs its matmuls and, for full fine-tuning, the head gradient's passes
-            in fixed_bytes.)
+            went on the host's clock, then 0.2-0.35 ms on the shapes' medians as readings
+            were added; the fused loss mostly costs its matmuls and, for full fine-tuning,
+            the head gradient's passes in fixed_bytes.)
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
@@ -125,23 +125,23 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.6176,
-    efficiency_qlora=0.7744,
-    efficiency_full=0.7224,
-    act_bytes=96.93,
-    lora_bytes=28.18,
+    efficiency_lora=0.5831,
+    efficiency_qlora=0.7268,
+    efficiency_full=0.678,
+    act_bytes=86.15,
+    lora_bytes=28.16,
     logits_bytes=46.0,
-    fused_chunk_s=0.0002175,
-    overlap_p=4.565,
-    host_layer_s=0.003337,
-    host_adapter_s=0.0004438,
-    host_4bit_s=0.0002542,
-    host_recompute=1.15,
-    optimizer_8bit_bytes=147.8,
-    zero3_tensor_s=0.001292,
+    fused_chunk_s=0.000346,
+    overlap_p=4.128,
+    host_layer_s=0.003502,
+    host_adapter_s=0.0004495,
+    host_4bit_s=0.0002454,
+    host_recompute=1.065,
+    optimizer_8bit_bytes=146.2,
+    zero3_tensor_s=0.001291,
     host_staged_gbs=20.63,
-    deepspeed_step_s=0.03561,
-    cpu_adam_serial_s=2.654e-10,
+    deepspeed_step_s=0.0353,
+    cpu_adam_serial_s=2.69e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
 )
