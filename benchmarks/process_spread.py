@@ -7,8 +7,10 @@ the GPU's SM clock, power and utilization and the host's CPU clock sampled while
 
 Each row is speed_grid.py's row for one shape of one process, plus ``process`` (its index),
 ``pinned`` (the cores, or null) and ``samples`` (median and range of what was sampled over
-the process's life). If pinned processes agree where free ones do not, the spread is the
-host's scheduling; if the GPU's clock moves with the step time, it is the GPU's.
+the process's life: the SM clock also while the GPU is busy, and the share of CPU time the
+hypervisor stole for other guests). If pinned processes agree where free ones do not, the
+spread is the host's scheduling; if the GPU's clock or the steal moves with the step time,
+it is the GPU's or the neighbours'.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
         self.values: dict[str, list[float]] = {
             "sm_mhz": [],
+            "sm_mhz_busy": [],
             "power_w": [],
             "gpu_util": [],
             "cpu_mhz": [],
         }
+        self.cpu_start = cpu_times()
+        self.cpu_end: list[int] = []
 
     def run(self) -> None:
         import pynvml
@@ -50,7 +55,10 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             self.values["sm_mhz"].append(pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
             self.values["power_w"].append(pynvml.nvmlDeviceGetPowerUsage(h) / 1000)
-            self.values["gpu_util"].append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+            self.values["gpu_util"].append(util)
+            if util > 0:  # the clock while the GPU works, not while the model is built
+                self.values["sm_mhz_busy"].append(self.values["sm_mhz"][-1])
             mhz = [
                 float(x.split(":")[1])
                 for x in Path("/proc/cpuinfo").read_text().splitlines()
@@ -59,13 +67,26 @@ class Sampler(threading.Thread):
             if mhz:
                 self.values["cpu_mhz"].append(statistics.mean(mhz))
             time.sleep(self.interval_s)
+        self.cpu_end = cpu_times()
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
             for k, v in self.values.items()
             if v
         }
+        # the share of the host's CPU time the hypervisor gave to others (steal): a noisy
+        # neighbour on a shared host shows here and nowhere else inside the VM
+        delta = [b - a for a, b in zip(self.cpu_start, self.cpu_end, strict=True)]
+        if sum(delta):
+            out["steal_share"] = delta[7] / sum(delta)
+            out["busy_share"] = 1 - (delta[3] + delta[4]) / sum(delta)
+        return out
+
+
+def cpu_times() -> list[int]:
+    """The first line of /proc/stat: user nice system idle iowait irq softirq steal ... (ticks)."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
 
 
 def main() -> None:
@@ -76,11 +97,15 @@ def main() -> None:
     p.add_argument(
         "--processes", type=int, default=12, help="processes in all, half of them pinned"
     )
-    p.add_argument("--pin", default="2-5", help="the cores pinned processes run on (taskset -c)")
+    p.add_argument(
+        "--pin",
+        default="2-5",
+        help="the cores every other process runs on (taskset -c); '' pins none",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
     for i in range(args.processes):
-        pinned = args.pin if i % 2 else None
+        pinned = args.pin if args.pin and i % 2 else None
         with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as tmp:
             rows_file = tmp.name
         cmd = [
@@ -109,10 +134,12 @@ def main() -> None:
             for r in rows
             if r.get("step_seconds")
         )
-        sm = samples.get("sm_mhz", {}).get("median")
+        sm = samples.get("sm_mhz_busy", {}).get("median")
+        steal = samples.get("steal_share", 0.0)
         print(
             f"process {i} {'pinned ' + pinned if pinned else 'free'}: {med} "
-            f"(SM {sm} MHz, {time.time() - t:.0f} s, exit {proc.returncode})",
+            f"(SM {sm} MHz while busy, steal {steal:.1%}, {time.time() - t:.0f} s, "
+            f"exit {proc.returncode})",
             flush=True,
         )
         if proc.returncode:
