@@ -506,3 +506,23 @@ def test_a_family_tied_on_speed_says_what_it_lost_on() -> None:
     p = plan(story_request())
     assert p.best is not None and p.best.setup.zero == 0
     assert "a tie within 3%), but adds moving parts" in p.rejected["lora · ZeRO-1"]
+
+
+def test_every_speed_grid_line_parses_before_it_costs_device_time() -> None:
+    """A typo in a grid line (an option, a shape, a model) would surface only on the GPU
+    machine, after its start: each line of every named grid parses here, with its shapes and
+    its model."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import shlex
+
+    import speed_grid
+
+    for name, lines in speed_grid.GRIDS.items():
+        for line in lines:
+            args = speed_grid.parse_args(shlex.split(line))
+            assert args.model, (name, line)
+            load_model(args.model)
+            for text in args.shapes.split(","):
+                speed_grid.Shape.parse(text)
+    with pytest.raises(SystemExit, match="bad shape"):
+        speed_grid.Shape.parse("4x")
