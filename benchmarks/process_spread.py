@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 
 
 class Sampler(threading.Thread):
-    """Polls NVML (GPU 0 of this process's view) and /proc/cpuinfo until stopped."""
+    """Polls NVML (GPU 0 of this process's view) and /proc/cpuinfo until stopped; reads
+    /proc/stat's CPU times at its start and stop."""
 
     def __init__(self, interval_s: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -125,6 +126,7 @@ def main() -> None:
         sampler.join()
         samples = sampler.summary()
         rows = [json.loads(x) for x in Path(rows_file).read_text().splitlines() if x.strip()]
+        Path(rows_file).unlink()
         with open(args.out, "a", encoding="utf-8") as f:
             for r in rows:
                 r.update(process=i, pinned=pinned, samples=samples)
