@@ -503,14 +503,7 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             "peak_allocated_bytes": c.estimate.peak_allocated_bytes,
             "device_used_bytes": c.estimate.device_used_bytes,
             "cpu_bytes_per_node": c.estimate.cpu_bytes_per_node,
-            "step_seconds": c.step.total_s,
-            "compute_seconds": c.step.compute_s,
-            "comm_seconds": c.step.comm_s,
-            "comm_exposed_seconds": c.step.comm_exposed_s,
-            "offload_seconds": c.step.offload_s,
-            "launch_seconds": c.step.launch_s,
-            "tokens_per_s": c.step.tokens_per_s,
-            "host_bound": c.step.host_bound,
+            **c.step.to_json(),
         }
         if p.request.data is not None:
             packed = p.request.data.pack_at(c.setup.micro_batch * p.request.seq_len)

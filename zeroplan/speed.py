@@ -26,6 +26,7 @@ the fit and fails when they drift), the measured ones are read off named rows th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.memory.weights import trainable_bytes
@@ -195,6 +196,19 @@ class StepTime:
         micro-batch costs little more, and the step repeats least exactly (the same
         host-bound shape up to HOST_BOUND_REPEAT_SPREAD apart between processes)."""
         return self.host_micro_s > self.gpu_micro_s
+
+    def to_json(self) -> dict[str, Any]:
+        """The step's JSON keys, as ``zeroplan estimate --json`` and plan.json name them."""
+        return {
+            "step_seconds": self.total_s,
+            "compute_seconds": self.compute_s,
+            "comm_seconds": self.comm_s,
+            "comm_exposed_seconds": self.comm_exposed_s,
+            "offload_seconds": self.offload_s,
+            "launch_seconds": self.launch_s,
+            "tokens_per_s": self.tokens_per_s,
+            "host_bound": self.host_bound,
+        }
 
 
 def flops_per_token(spec: ModelSpec, setup: TrainSetup) -> float:

@@ -102,16 +102,9 @@ class MemoryEstimate:
             return None
         world = int(self.cluster["world_size"])
         return {
-            "step_seconds": self.speed.total_s,
-            "tokens_per_s": self.speed.tokens_per_s,
+            **self.speed.to_json(),
             "tokens_per_s_per_gpu": self.speed.tokens_per_s / world,
-            "compute_seconds": self.speed.compute_s,
-            "comm_seconds": self.speed.comm_s,
-            "comm_exposed_seconds": self.speed.comm_exposed_s,
-            "offload_seconds": self.speed.offload_s,
-            "launch_seconds": self.speed.launch_s,
             "link_gbs": self.link_gbs,
             "gpu_seconds_per_micro_batch": self.speed.gpu_micro_s,
             "host_seconds_per_micro_batch": self.speed.host_micro_s,
-            "host_bound": self.speed.host_bound,
         }
