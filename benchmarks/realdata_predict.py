@@ -71,25 +71,20 @@ def main() -> None:
     lean = {method: seconds for method, (_, seconds) in realdata_lean().items()}
     with tempfile.TemporaryDirectory() as tmp:
         for job in RUNS:
-            catalog, method, runs_file, targets = (
-                job.catalog,
-                job.method,
-                job.runs_file,
-                job.targets,
+            cluster = with_links(parse_cluster(job.gpus), cpu_cores_per_node=job.cpu_cores)
+            arch = json.loads(
+                (ROOT / "zeroplan/catalog/models" / f"{job.catalog}.json").read_text()
             )
-            gpus, global_batch = job.gpus, job.global_batch
-            cluster = with_links(parse_cluster(gpus), cpu_cores_per_node=job.cpu_cores)
-            arch = json.loads((ROOT / "zeroplan/catalog/models" / f"{catalog}.json").read_text())
             arch["vocab_size"] = vocab
-            config = Path(tmp) / catalog / "config.json"
+            config = Path(tmp) / job.catalog / "config.json"
             config.parent.mkdir(exist_ok=True)
             config.write_text(json.dumps(arch))
             spec = load_model(str(config))
-            rows = [json.loads(x) for x in (RESULTS / runs_file).read_text().splitlines()]
+            rows = [json.loads(x) for x in (RESULTS / job.runs_file).read_text().splitlines()]
             ran = rows[0].get("setup") or {}
-            mb = ran.get("micro_batch", global_batch)
+            mb = ran.get("micro_batch", job.global_batch)
             setup = TrainSetup(
-                method=method, micro_batch=mb, seq_len=704, lora_targets=targets,
+                method=job.method, micro_batch=mb, seq_len=704, lora_targets=job.targets,
                 grad_accum=ran.get("grad_accum", 1), zero=ran.get("zero"),
                 grad_ckpt=ran.get("grad_ckpt", False), fused_loss=ran.get("fused_loss", False),
                 offload=ran.get("offload", "none"), optim=ran.get("optim", "adamw_torch_fused"),
@@ -100,13 +95,13 @@ def main() -> None:
             if setup.offload != "none":
                 how += f" + offload {setup.offload}"
             print(
-                f"{catalog} {method}, {how}, micro-batch {mb} x 704, {setup.optim}, on {gpus} "
-                f"(vocabulary {vocab}, {runs_file}):"
+                f"{job.catalog} {job.method}, {how}, micro-batch {mb} x 704, {setup.optim}, on {job.gpus} "
+                f"(vocabulary {vocab}, {job.runs_file}):"
             )
-            if method in lean and setup.zero is None:
+            if job.method in lean and setup.zero is None:
                 print(
-                    f"  lean step: predicted {lean_s:.3f} s, measured {lean[method]:.3f} s "
-                    f"(tokens/s {lean[method] / lean_s - 1:+.1%})"
+                    f"  lean step: predicted {lean_s:.3f} s, measured {lean[job.method]:.3f} s "
+                    f"(tokens/s {lean[job.method] / lean_s - 1:+.1%})"
                 )
             for r in rows:
                 measured = r["tokens_per_s"]
@@ -124,8 +119,8 @@ def main() -> None:
                 )
             today = plan(
                 PlanRequest(
-                    spec=spec, cluster=cluster, method=method, seq_len=704,
-                    global_batch=global_batch, lora_targets=targets, margin=job.margin,
+                    spec=spec, cluster=cluster, method=job.method, seq_len=704,
+                    global_batch=job.global_batch, lora_targets=job.targets, margin=job.margin,
                 )
             )  # fmt: skip
             if today.best is not None:
