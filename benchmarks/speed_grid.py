@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE.parent))
 import measure_memory as mm  # noqa: E402  (the lean step's pieces)
 from run_grid import process  # noqa: E402  (how a grid line becomes a process)
 
+from zeroplan.dsconfig import ZERO_TESTED_OPTIMIZERS  # noqa: E402
 from zeroplan.models import load_model  # noqa: E402
 
 L1, L3, L8 = "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B"
@@ -136,6 +137,14 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method qlora --ddp --shapes 4x2048a2,4x2048fa2",
         f"{L8} --method qlora --zero 0 --shapes 4x2048fa2",
     ],
+    # The 1B full job's plan after the 8-bit per-tensor term went in: DDP 16 x 1 without the
+    # fused loss (untimed), beside the fused twin that was the measured best; run with NVLink
+    # and again under NCCL_P2P_DISABLE=1.
+    "h200x2-plan-unfused": [f"{L1} --method full --ddp --shapes 16x2048,16x2048f"],
+    # ZeRO-3 handing bitsandbytes' 8-bit AdamW its flat partitions: the launched 1B run of
+    # realdata_2xh200_1b_zero3.jsonl at its planned shape, which the model rates 19-23% too
+    # fast and no grid row had.
+    "h200x2-zero3-8bit": [f"{L1} --method full --zero 3 --optim adamw_8bit --shapes 8x2048c"],
     # 8-bit AdamW on other families than Llama (whose 8B full rows are the only ones): with
     # Llama held out the fit has no row for the 8-bit optimizer's cost. Not run yet.
     "h200-8bit": [
@@ -263,7 +272,7 @@ GRIDS["h200-repeat5"] = [
 # them (the micro-batch-1 fold), host_4bit_s halves and two of them come out 41-43% too fast,
 # while with it held at the full fit's value no held-out prediction passes 35%. Each model's
 # methods alternate over three processes (the host-bound spread between processes is
-# 20-40%), the middle round in reverse order. Not run yet.
+# 20-40%), the middle round in reverse order.
 _HOST_TWIN = "1x128,2x128,1x128c"
 
 
@@ -279,6 +288,22 @@ def host_twin_lines(models: list[tuple[str, tuple[str, ...]]]) -> list[str]:
 
 GRIDS["h200-host-twins"] = host_twin_lines(
     [(L1, ("qlora", "lora", "full")), (L3, ("qlora", "lora", "full")), (L8, ("qlora", "lora"))]
+)
+# The rule of h200-repeat5 applied again after it and h200-host-twins: every one-GPU fit
+# shape whose readings still differ by more than 40% gets two more, one process in each
+# order (13 of the 14 are the repeat5 shapes; the fourteenth is a twin with three).
+GRIDS["h200-repeat7"] = repeat_lines(
+    [
+        (Q05, "full", "", "4x512,1x2048,1x512"),
+        (L8, "qlora", "", "1x768,1x2048"),
+        (L1, "qlora", "", "1x2048,4x512,1x512"),
+        (L3, "qlora", "", "1x1024c"),
+        (M7, "qlora", "", "1x2048"),
+        (Q05, "lora", "", "2x512"),
+        (L8, "lora", "", "2x512"),
+        (L1, "full", "", "1x512"),
+        (L1, "lora", "", "2x128"),
+    ]
 )
 # One GPU: 8-bit AdamW on small models of another family than Qwen2.5. Its step costs more
 # than its bytes on a 0.5 B model (about 0.1 ms per parameter tensor, by Qwen2.5-0.5B's and
@@ -359,6 +384,8 @@ def ds_config(args: argparse.Namespace, world: int) -> dict[str, Any]:
             cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0}}
         else:
             cfg["zero_force_ds_cpu_optimizer"] = False
+    if args.zero >= 1 and args.optim not in ZERO_TESTED_OPTIMIZERS:
+        cfg["zero_allow_untested_optimizer"] = True  # as zeroplan's own configs say it
     cfg["train_batch_size"] = args.micro_batch * world
     return cfg
 
