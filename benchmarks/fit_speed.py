@@ -70,10 +70,11 @@ FITTED_FIELDS = (
     "host_4bit_s",
     "host_recompute",
     "optimizer_8bit_bytes",
-    "fused_chunk_s",
+    "optimizer_8bit_tensor_s",
 )
 MEASURED_FIELDS = (
     "lora_bytes",
+    "fused_chunk_s",
     "zero3_tensor_s",
     "host_staged_gbs",
     "deepspeed_step_s",
@@ -143,7 +144,8 @@ def is_fit_row(r: dict[str, Any]) -> bool:
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
     seconds = accum · (smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
-    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(layers·hL + adapters·hA + q·hQ)) + tensors·z3) + opt
+    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(layers·hL + adapters·hA + q·hQ)) + tensors·z3)
+    + opt·bytes per parameter + opt_tensors·optimizer_8bit_tensor_s
     (speed.step_time, written out so that a fit costs microseconds)."""
 
     method: str
@@ -161,6 +163,7 @@ class Features:
     accum: int
     opt: float  # optimizer seconds per byte per parameter
     opt_8bit: bool
+    opt_tensors: int  # tensors the 8-bit optimizer steps one by one
 
     def seconds(self, k: speed.SpeedConstants) -> float:
         gpu = self.a / k.efficiency(self.method) + self.b * k.lora_bytes + self.e * k.act_bytes
@@ -171,12 +174,13 @@ class Features:
         )
         per_param = k.optimizer_8bit_bytes if self.opt_8bit else speed.ADAMW_BYTES
         micro = speed.smooth_max(gpu, host, k.overlap_p)
-        return self.accum * (micro + self.tensors * k.zero3_tensor_s) + self.opt * per_param
+        opt = self.opt * per_param + self.opt_tensors * k.optimizer_8bit_tensor_s
+        return self.accum * (micro + self.tensors * k.zero3_tensor_s) + opt
 
 
 _FEATURES: dict[int, Features] = {}
 # optimizer_seconds at one byte per parameter: the fit scales it by the fitted bytes
-ONE_BYTE = dataclasses.replace(speed.FITTED, optimizer_8bit_bytes=1.0)
+ONE_BYTE = dataclasses.replace(speed.FITTED, optimizer_8bit_bytes=1.0, optimizer_8bit_tensor_s=0.0)
 
 
 def features(r: dict[str, Any]) -> Features:
@@ -212,6 +216,9 @@ def features(r: dict[str, Any]) -> Features:
             opt=speed.optimizer_seconds(spec, setup, gpu, cluster.world_size, ONE_BYTE)
             / (1.0 if setup.optim.endswith("8bit") else speed.ADAMW_BYTES),
             opt_8bit=setup.optim.endswith("8bit"),
+            opt_tensors=speed.trainable_tensors(spec, setup)
+            if setup.optim.endswith("8bit") and not setup.zero
+            else 0,
         )
     return _FEATURES[key]
 
@@ -265,7 +272,7 @@ def nelder_mead(
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 0.5, 16.0, 3e-4]
+START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 0.5, 16.0, 5e-5]
 
 
 def fit(
@@ -316,7 +323,7 @@ def shown(name: str, r: dict[str, Any]) -> bool:
         "host_4bit_s": method == "qlora",
         "host_recompute": bool(r["grad_ckpt"]),
         "optimizer_8bit_bytes": method == "full" and optim.endswith("8bit"),
-        "fused_chunk_s": r["fused_loss"],
+        "optimizer_8bit_tensor_s": method == "full" and optim.endswith("8bit"),
     }.get(name, True)
 
 
@@ -419,6 +426,32 @@ def deepspeed_step_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> flo
         predicted = lean_seconds(r, no_engine) - lean_seconds(twin, no_engine)
         out.append(measured_seconds(r) - measured_seconds(twin) - predicted)
     return statistics.median(out) if out else None
+
+
+def fused_chunk_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
+    """((t_fused − t_unfused) − their predicted difference without the chunks' cost) /
+    (chunks · accumulation), median over twins that differ only in the fused loss, timed in
+    the same process (one or two GPUs): what a fused-loss chunk costs beyond its matmul.
+    Fitted on the shapes' medians it wandered (0.2-0.5 ms) with each refit, and a 3% swing
+    in the fused loss's predicted gain flips a plan (the 1B full job on two H200s); in one
+    process the host's and the machine's share cancels."""
+    builds: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
+    for r in rows:
+        run = (r["_file"], r.get("build_seconds"), r["zero"], r.get("ddp"), r.get("world_size", 1))
+        key = (*run, r.get("offload", "none"), r["optim"], *_shape(r)[:5], *_shape(r)[6:])
+        builds.setdefault(key, {})[r["fused_loss"]] = r
+    no_chunks = dataclasses.replace(k, fused_chunk_s=0.0)
+    out = []
+    for twins in builds.values():
+        if len(twins) < 2 or twins[True].get("build_seconds") is None:
+            continue
+        fused, plain = twins[True], twins[False]
+        spec, setup = load_model(fused["model"]), setup_of(fused)
+        chunks = speed.liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+        predicted = lean_seconds(fused, no_chunks) - lean_seconds(plain, no_chunks)
+        gap = measured_seconds(fused) - measured_seconds(plain) - predicted
+        out.append(gap / (chunks * setup.grad_accum))
+    return max(FLOOR, statistics.median(out)) if out else None
 
 
 def realdata_lean() -> dict[str, tuple[int, float]]:
@@ -534,6 +567,7 @@ def measured_constants(
     adam = cpu_adam_seconds_per_param(rows, k2)
     # (lora_bytes is measured before the fit: main)
     return {
+        "fused_chunk_s": fused_chunk_s(rows, k2),
         "zero3_tensor_s": zero3_tensor_s(rows, k2),
         "host_staged_gbs": staged,
         "deepspeed_step_s": engine,

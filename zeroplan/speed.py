@@ -43,15 +43,6 @@ class SpeedConstants:
         efficiency_*: fraction of the card's dense peak the matmuls reach, by method.
         act_bytes: bytes moved per token per activation feature (every linear's output:
             what norms, activations and residual adds read and write around it).
-        fused_chunk_s: what the fused loss (Liger) costs instead of logits_bytes, per
-            chunk: it never holds all the logits but computes them chunk by chunk, each
-            chunk's softmax and gradient in one kernel, and there are about V/h chunks
-            whatever the micro-batch (liger_chunks), so at small micro-batches it would
-            cost more per token. (A per-logit byte cost beside it fitted to 0. This one is
-            poorly determined: 0.5 ms, then the fit's floor once checkpointing's recompute
-            went on the host's clock, then 0.2-0.35 ms on the shapes' medians as readings
-            were added; the fused loss mostly costs its matmuls and, for full fine-tuning,
-            the head gradient's passes in fixed_bytes.)
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
         host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
@@ -63,6 +54,10 @@ class SpeedConstants:
         optimizer_8bit_bytes: what bitsandbytes' 8-bit AdamW step costs per trainable
             parameter, as bytes at the card's bandwidth (block-wise (de)quantization of
             both moments makes it slower than its 8-bit states say; AdamW: ADAMW_BYTES).
+        optimizer_8bit_tensor_s: what it costs per parameter tensor besides: bitsandbytes
+            steps one tensor at a time from Python (its 8-bit kernels, and the 32-bit one
+            the Trainer gives embeddings), where fused AdamW steps them in groups; a
+            0.5B model with 24 layers of biased attention pays it for ~290 tensors.
     Counted, not fitted:
         logits_bytes: bytes moved per logit (token × vocabulary) by the unfused loss
             outside its matmul: the bf16 logits written (2), their fp32 upcast (read 2,
@@ -77,6 +72,13 @@ class SpeedConstants:
             drops it out, autocast casts it back, and the backward retraces each; from
             DDP steps against their DeepSpeed twins (bf16 adapters: lora_share) on two
             H200s, because on one GPU it trades against the efficiencies.
+        fused_chunk_s: what the fused loss (Liger) costs instead of logits_bytes, per
+            chunk beyond its matmul: it never holds all the logits but computes them chunk
+            by chunk, each chunk's softmax and gradient in one kernel, and there are about
+            V/h chunks whatever the micro-batch (liger_chunks), so at small micro-batches
+            it would cost more per token. From twins that differ only in the fused loss,
+            timed in the same process (one and two H200s): fitted on the shapes' medians
+            it wandered between 0.2 and 0.5 ms with each refit, enough to flip a plan.
         zero3_tensor_s: ZeRO-3's hooks, seconds per parameter tensor per micro-batch, from
             ZeRO-3 rows against their DDP twins on two H200s.
         host_staged_gbs: NCCL's per-GPU bandwidth without P2P (``NCCL_P2P_DISABLE=1``:
@@ -110,6 +112,7 @@ class SpeedConstants:
     host_4bit_s: float
     host_recompute: float
     optimizer_8bit_bytes: float
+    optimizer_8bit_tensor_s: float
     zero3_tensor_s: float
     host_staged_gbs: float
     deepspeed_step_s: float
@@ -126,23 +129,24 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.5831,
-    efficiency_qlora=0.7268,
-    efficiency_full=0.678,
-    act_bytes=86.15,
+    efficiency_lora=0.5498,
+    efficiency_qlora=0.684,
+    efficiency_full=0.6483,
+    act_bytes=75.29,
     lora_bytes=28.16,
     logits_bytes=46.0,
-    fused_chunk_s=0.000346,
-    overlap_p=4.128,
-    host_layer_s=0.003502,
-    host_adapter_s=0.0004495,
-    host_4bit_s=0.0002454,
-    host_recompute=1.065,
-    optimizer_8bit_bytes=146.2,
-    zero3_tensor_s=0.001291,
+    fused_chunk_s=0.0001775,
+    overlap_p=3.498,
+    host_layer_s=0.003257,
+    host_adapter_s=0.0004454,
+    host_4bit_s=0.0002382,
+    host_recompute=1.033,
+    optimizer_8bit_bytes=118.4,
+    optimizer_8bit_tensor_s=8.91e-05,
+    zero3_tensor_s=0.001288,
     host_staged_gbs=20.63,
     deepspeed_step_s=0.0353,
-    cpu_adam_serial_s=2.69e-10,
+    cpu_adam_serial_s=2.773e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
 )
@@ -163,7 +167,7 @@ DEQUANT_BYTES = 2.5
 # How far apart the same host-bound shape has measured in separate processes (the slowest
 # reading over the fastest, one GPU of an H200 host, nothing else running: fit_speed.py
 # prints it as the repeat spread). A host-bound prediction cannot be held closer than this.
-HOST_BOUND_REPEAT_SPREAD = 1.74
+HOST_BOUND_REPEAT_SPREAD = 2.03
 # Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
 DEFAULT_INTER_NODE_GBS = 12.5
 
@@ -256,6 +260,12 @@ def parameter_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
     if setup.is_lora:
         total += 2 * sum(n for _, n in lora_targets(spec, setup))
     return total
+
+
+def trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Trainable nn.Parameter tensors: LoRA's A and B per adapter, or every tensor of full
+    fine-tuning (parameter_tensors)."""
+    return 2 * adapters(spec, setup) if setup.is_lora else parameter_tensors(spec, setup)
 
 
 def adapters(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -410,13 +420,18 @@ def optimizer_seconds(
     spec: ModelSpec, setup: TrainSetup, gpu: GPU, world: int, k: SpeedConstants = FITTED
 ) -> float:
     """The optimizer step on the GPU: bytes per parameter · Ψ_t / bandwidth (ADAMW_BYTES,
-    or the fitted 8-bit rate for bitsandbytes' 8-bit AdamW), Ψ_t divided among the ranks
-    under ZeRO 1-3; 0 when the optimizer is offloaded (offload_seconds)."""
+    or the fitted 8-bit rate for bitsandbytes' 8-bit AdamW, which also pays
+    optimizer_8bit_tensor_s per trainable tensor outside ZeRO), Ψ_t divided among the
+    ranks under ZeRO 1-3; 0 when the optimizer is offloaded (offload_seconds)."""
     if setup.offload != "none":
         return 0.0
     shards = world if (setup.deepspeed and (setup.zero or 0) >= 1) else 1
-    per_param = k.optimizer_8bit_bytes if setup.optim.endswith("8bit") else ADAMW_BYTES
-    return per_param * trainable_params(spec, setup) / shards / (gpu.memory_bandwidth_gbs * 1e9)
+    params, bandwidth = trainable_params(spec, setup) / shards, gpu.memory_bandwidth_gbs * 1e9
+    if not setup.optim.endswith("8bit"):
+        return ADAMW_BYTES * params / bandwidth
+    # ZeRO 1-3 hand the optimizer one flat partition per parameter group, not the tensors
+    tensors = trainable_tensors(spec, setup) if shards == 1 and not setup.zero else 0
+    return k.optimizer_8bit_bytes * params / bandwidth + tensors * k.optimizer_8bit_tensor_s
 
 
 def gradient_trips(setup: TrainSetup) -> int:
