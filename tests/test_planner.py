@@ -69,6 +69,23 @@ def test_deepspeed_adds_its_engine_step_once_per_optimizer_step() -> None:
         assert z0.total_s - plain.total_s == pytest.approx(FITTED.deepspeed_step_s)
 
 
+def test_8bit_adamw_steps_each_tensor_outside_zero_and_flat_partitions_inside() -> None:
+    from zeroplan.speed import FITTED, optimizer_seconds, parameter_tensors, trainable_tensors
+
+    q05, h200 = load_model("Qwen/Qwen2.5-0.5B"), parse_cluster("1xH200").gpu
+    full = TrainSetup(method="full", optim="adamw_8bit")
+    # Qwen2.5's attention has biases: 12 tensors a layer, embeddings tied, final norm
+    assert trainable_tensors(q05, full) == parameter_tensors(q05, full) == 24 * 12 + 2
+    plain = optimizer_seconds(q05, full, h200, 1)
+    fused = optimizer_seconds(q05, TrainSetup(method="full", optim="adamw_torch_fused"), h200, 1)
+    assert plain - fused > 290 * FITTED.optimizer_8bit_tensor_s  # and its bytes on top
+    # ZeRO hands bitsandbytes one flat partition: the per-tensor cost goes
+    zero = optimizer_seconds(q05, TrainSetup(method="full", optim="adamw_8bit", zero=1), h200, 1)
+    assert plain - zero == pytest.approx(290 * FITTED.optimizer_8bit_tensor_s)
+    lora = TrainSetup(method="lora", optim="adamw_8bit")
+    assert trainable_tensors(q05, lora) == 2 * 24 * 7  # A and B of every adapted linear
+
+
 def test_checkpointing_adds_the_recompute_to_the_hosts_clock() -> None:
     from zeroplan.speed import FITTED, host_seconds
 
