@@ -143,8 +143,8 @@ def is_fit_row(r: dict[str, Any]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
-    seconds = accum · (smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
-    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(layers·hL + adapters·hA + q·hQ)) + tensors·z3)
+    seconds = accum · smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
+    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(layers·hL + adapters·hA + q·hQ + tensors·z3))
     + opt·bytes per parameter + opt_tensors·optimizer_8bit_tensor_s
     (speed.step_time, written out so that a fit costs microseconds)."""
 
@@ -170,12 +170,15 @@ class Features:
         gpu += self.v * k.logits_bytes + self.c
         gpu += self.chunks * k.fused_chunk_s
         host = (1 + self.ckpt * k.host_recompute) * (
-            self.layers * k.host_layer_s + self.adapters * k.host_adapter_s + self.q * k.host_4bit_s
+            self.layers * k.host_layer_s
+            + self.adapters * k.host_adapter_s
+            + self.q * k.host_4bit_s
+            + self.tensors * k.zero3_tensor_s
         )
         per_param = k.optimizer_8bit_bytes if self.opt_8bit else speed.ADAMW_BYTES
         micro = speed.smooth_max(gpu, host, k.overlap_p)
         opt = self.opt * per_param + self.opt_tensors * k.optimizer_8bit_tensor_s
-        return self.accum * (micro + self.tensors * k.zero3_tensor_s) + opt
+        return self.accum * micro + opt
 
 
 _FEATURES: dict[int, Features] = {}
@@ -515,27 +518,27 @@ def lora_bytes(rows: list[dict[str, Any]], engine_s: float) -> float | None:
 
 
 def zero3_tensor_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float | None:
-    """(t_ZeRO-3 − t_DDP · r) / (accumulation · parameter tensors) over ZeRO-3 rows with a
-    DDP twin of the same shape on the same machine, r the model's ratio of the two steps
-    without the hooks (DeepSpeed's bf16 LoRA moves less: speed.lora_share). The hooks are
-    what ZeRO-3 adds when its gathers hide behind compute, as they did: the same time with
-    and without P2P."""
-    ddp = {}
+    """The hooks' cost per parameter tensor that predicts a ZeRO-3 step exactly (found by
+    bisection: the step grows with it), median over the ZeRO-3 shapes of several GPUs
+    without offload (a shape read twice: the median of its two). The hooks sit on the
+    host's clock (speed.host_seconds), so a row whose GPU work outlasts them cannot show
+    them and is left out."""
+    by_shape: dict[tuple[Any, ...], list[float]] = {}
     for r in rows:
-        if r.get("ddp") and r.get("world_size", 1) > 1:
-            ddp[_shape(r)] = r
-    out = []
-    for r in rows:
-        if r["zero"] == 3 and r.get("world_size", 1) > 1 and _shape(r) in ddp:
-            spec, setup, cluster = load_model(r["model"]), setup_of(r), cluster_of(r)
-            twin = ddp[_shape(r)]
-            no_hooks = dataclasses.replace(k, zero3_tensor_s=0.0)
-            ratio = (
-                speed.step_time(spec, setup, cluster, launched=False, k=no_hooks).total_s
-                / speed.step_time(spec, setup_of(twin), cluster, launched=False, k=no_hooks).total_s
-            )
-            extra = measured_seconds(r) - measured_seconds(twin) * ratio
-            out.append(extra / (setup.grad_accum * speed.parameter_tensors(spec, setup)))
+        if r["zero"] != 3 or r.get("world_size", 1) < 2 or r.get("offload", "none") != "none":
+            continue
+        seconds = measured_seconds(r)
+        lo, hi = 0.0, 0.05
+        if lean_seconds(r, dataclasses.replace(k, zero3_tensor_s=lo)) >= seconds:
+            continue
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if lean_seconds(r, dataclasses.replace(k, zero3_tensor_s=mid)) < seconds:
+                lo = mid
+            else:
+                hi = mid
+        by_shape.setdefault((_shape(r), r["optim"]), []).append((lo + hi) / 2)
+    out = [statistics.median(v) for v in by_shape.values()]
     return statistics.median(out) if out else None
 
 

@@ -145,6 +145,17 @@ GRIDS: dict[str, list[str]] = {
     # realdata_2xh200_1b_zero3.jsonl at its planned shape, which the model rates 19-23% too
     # fast and no grid row had.
     "h200x2-zero3-8bit": [f"{L1} --method full --zero 3 --optim adamw_8bit --shapes 8x2048c"],
+    # What ZeRO-3's hooks cost as the tokens per micro-batch change: its constant is read
+    # off one 8B LoRA shape (8 x 2048, checkpointing, accumulation 2), where it adds to the
+    # GPU's time; the 1B full 8-bit row above runs 17% faster than that predicts and the
+    # launched 1B job at 8 x 704 22-25% slower. Each ZeRO-3 line beside its DDP twin.
+    "h200x2-zero3-shape": [
+        f"{L1} --method full --zero 3 --shapes 8x512c,8x2048c,8x2048",
+        f"{L1} --method full --ddp --shapes 8x512c,8x2048c,8x2048",
+        f"{L1} --method full --zero 3 --optim adamw_8bit --shapes 8x512c",
+        f"{L8} --method lora --zero 3 --shapes 1x2048c,4x2048c",
+        f"{L8} --method lora --ddp --shapes 1x2048c,4x2048c",
+    ],
     # 8-bit AdamW on other families than Llama (whose 8B full rows are the only ones): with
     # Llama held out the fit has no row for the 8-bit optimizer's cost. Not run yet.
     "h200-8bit": [

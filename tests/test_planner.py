@@ -55,7 +55,21 @@ def test_zero3_moves_the_weights_every_micro_batch() -> None:
     c = parse_cluster("7x4090")
     ddp = step_time(L8, TrainSetup(micro_batch=2, grad_ckpt=True, grad_accum=8), c)
     z3s = step_time(L8, TrainSetup(micro_batch=2, grad_ckpt=True, grad_accum=8, zero=3), c)
-    assert z3s.tokens_per_s < 0.85 * ddp.tokens_per_s
+    assert z3s.tokens_per_s < ddp.tokens_per_s
+
+
+def test_zero3_hooks_set_a_floor_on_the_hosts_clock() -> None:
+    # speed_2xh200_zero3_shape.jsonl: Llama-3.1-8B LoRA with checkpointing on two H200s took
+    # 2.78 s a micro-batch at 1 x 2048 and 2.90 s at 4 x 2048 under ZeRO-3 (DDP: 0.56, 1.14)
+    two = parse_cluster("2xH200")
+    l8 = load_model("meta-llama/Llama-3.1-8B")
+    one, four = (
+        step_time(l8, TrainSetup(micro_batch=b, grad_ckpt=True, zero=3), two, launched=False)
+        for b in (1, 4)
+    )
+    assert one.host_bound and four.total_s < 1.2 * one.total_s
+    ddp = step_time(l8, TrainSetup(micro_batch=1, grad_ckpt=True), two, launched=False)
+    assert one.total_s > 3 * ddp.total_s
 
 
 def test_deepspeed_adds_its_engine_step_once_per_optimizer_step() -> None:
@@ -130,7 +144,9 @@ def test_seed_story_plan_fits_with_margin_and_beats_the_story_remedy() -> None:
     # the story: ZeRO-3, micro-batch 2 (×8 to keep the batch), checkpointing
     remedy = evaluate(req, TrainSetup(zero=3, micro_batch=2, grad_accum=8, grad_ckpt=True))
     assert remedy.fits
-    assert best.step.tokens_per_s > 1.3 * remedy.step.tokens_per_s
+    # ZeRO-3's hooks are host time a 4090's long micro-batch mostly hides, and its weight
+    # gathers are prefetched behind compute: the remedy loses by less than its traffic says
+    assert best.step.tokens_per_s > 1.1 * remedy.step.tokens_per_s
     # and what the story ran (micro-batch 4 × 4, no checkpointing) does not fit
     story = evaluate(req, TrainSetup(micro_batch=4, grad_accum=4))
     assert not story.fits
