@@ -142,7 +142,7 @@ GRIDS: dict[str, list[str]] = {
     # and again under NCCL_P2P_DISABLE=1.
     "h200x2-plan-unfused": [f"{L1} --method full --ddp --shapes 16x2048,16x2048f"],
     # ZeRO-3 handing bitsandbytes' 8-bit AdamW its flat partitions: the launched 1B run of
-    # realdata_2xh200_1b_zero3.jsonl at its planned shape, which the model rates 19-23% too
+    # realdata_2xh200_1b_zero3.jsonl at its planned shape, which the model then rated 19-23% too
     # fast and no grid row had.
     "h200x2-zero3-8bit": [f"{L1} --method full --zero 3 --optim adamw_8bit --shapes 8x2048c"],
     # What ZeRO-3's hooks cost as the tokens per micro-batch change: its constant is read

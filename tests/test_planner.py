@@ -541,6 +541,18 @@ def test_a_family_tied_on_speed_says_what_it_lost_on() -> None:
     assert "a tie within 3%), but adds moving parts" in p.rejected["lora · ZeRO-1"]
 
 
+def test_noise_floor_scores_a_perfect_model_against_the_fits_readings() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "noise_floor.py"), "--draws", "50"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "host-bound:" in out and "GPU-bound:" in out
+    worst = out.split("worst |error| median ")[1].split("%")[0]
+    assert 0 < int(worst) < 100  # the readings' own spread, not 0: a model cannot beat it
+
+
 def test_every_speed_grid_line_parses_before_it_costs_device_time() -> None:
     """A typo in a grid line (an option, a shape, a model) would surface only on the GPU
     machine, after its start: each line of every named grid parses here, with its shapes and
