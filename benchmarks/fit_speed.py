@@ -642,9 +642,14 @@ def multi_label(r: dict[str, Any]) -> str:
     return f"{r['world_size']}×{gpu_label(r)}, {what}"
 
 
-def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[list[str]]:
+def holdout_report(
+    rows: list[dict[str, Any]],
+    k: speed.SpeedConstants,
+    unseen: tuple[dict[str, Any], ...] = (),
+) -> list[list[str]]:
     """One line per scheme and, under it, one per group held out; then the rows no fit
-    uses, by machine."""
+    uses, by machine; then ``unseen``: rows of models no results file the fit reads has
+    (check_*.jsonl), by model."""
     fit_rows = [r for r in rows if is_fit_row(r)]
     table = [
         _line(
@@ -690,6 +695,18 @@ def holdout_report(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> list[
             )
         )
         for g, v in sorted(groups.items()):
+            table.append(_line(f"  {g}", v))
+    by_model: dict[str, list[float]] = {}
+    for r in unseen:
+        by_model.setdefault(r["model"].split("/")[-1], []).append(error(r, k))
+    if by_model:
+        table.append(
+            _line(
+                "**models no fit has seen (check_*.jsonl, one H200)**",
+                [e for v in by_model.values() for e in v],
+            )
+        )
+        for g, v in sorted(by_model.items()):
             table.append(_line(f"  {g}", v))
     return table
 
@@ -808,7 +825,8 @@ def main() -> int:
                 f" measured {measured_seconds(r):.3f}s  tokens/s error {e:+.0%}"
             )
     print("\npredicted tokens/s against measured on rows NOT fitted on (refit without them):")
-    print_table(holdout_report(rows, speed.FITTED), args.markdown)
+    unseen = () if args.files else tuple(timed_rows(sorted(RESULTS.glob("check_*.jsonl"))))
+    print_table(holdout_report(rows, speed.FITTED, unseen), args.markdown)
     firsts = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and r["_first"]]
     others = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and not r["_first"]]
     if firsts and others:

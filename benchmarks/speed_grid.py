@@ -156,6 +156,14 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method lora --zero 3 --shapes 1x2048c,4x2048c",
         f"{L8} --method lora --ddp --shapes 1x2048c,4x2048c",
     ],
+    # Never fitted: models the speed rows have never held (Gemma 3, and Qwen3 below 8B), as a
+    # check of speed.py on families and sizes it has not seen; written to check_*.jsonl so
+    # that fit_speed.py does not read them (it reads speed_*.jsonl).
+    "h200-unseen": [
+        "google/gemma-3-1b-it --method lora --shapes 1x512,4x1024",
+        "Qwen/Qwen3-1.7B --method full --optim adamw_8bit --shapes 4x1024",
+        "Qwen/Qwen3-1.7B --method full --shapes 4x1024",
+    ],
     # 8-bit AdamW on other families than Llama (whose 8B full rows are the only ones): with
     # Llama held out the fit has no row for the 8-bit optimizer's cost. Not run yet.
     "h200-8bit": [
