@@ -131,7 +131,7 @@ GRIDS: dict[str, list[str]] = {
         f"{L8} --method lora --ddp --shapes 2x2048fa8",
     ],
     # What the first no-P2P run left (its budget): the 8B LoRA DDP line again, and the QLoRA
-    # job's choice against its neighbour. Not run yet.
+    # job's choice against its neighbour.
     "h200x2-plan-nop2p-rest": [
         f"{L8} --method lora --ddp --shapes 2x2048fa8,4x2048a4",
         f"{L8} --method qlora --ddp --shapes 4x2048a2,4x2048fa2",
@@ -165,7 +165,7 @@ GRIDS: dict[str, list[str]] = {
         "Qwen/Qwen3-1.7B --method full --shapes 4x1024",
     ],
     # 8-bit AdamW on other families than Llama (whose 8B full rows are the only ones): with
-    # Llama held out the fit has no row for the 8-bit optimizer's cost. Not run yet.
+    # Llama held out the fit has no row for the 8-bit optimizer's cost.
     "h200-8bit": [
         f"{Q05} --method full --optim adamw_8bit --shapes 4x1024,2x2048c",
         f"{Q15} --method full --optim adamw_8bit --shapes 2x2048c,4x1024",
