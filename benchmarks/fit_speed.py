@@ -440,8 +440,9 @@ def fused_chunk_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float 
     process the host's and the machine's share cancels."""
     builds: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
     for r in rows:
-        run = (r["_file"], r.get("build_seconds"), r["zero"], r.get("ddp"), r.get("world_size", 1))
-        key = (*run, r.get("offload", "none"), r["optim"], *_shape(r)[:5], *_shape(r)[6:])
+        process = (r["_file"], r.get("build_seconds"), r["zero"], r.get("ddp"))
+        parallel = (r.get("world_size", 1), r.get("offload", "none"), r["optim"])
+        key = (*process, *parallel, *_shape(r, with_fused=False))
         builds.setdefault(key, {})[r["fused_loss"]] = r
     no_chunks = dataclasses.replace(k, fused_chunk_s=0.0)
     out = []
@@ -542,15 +543,16 @@ def zero3_tensor_s(rows: list[dict[str, Any]], k: speed.SpeedConstants) -> float
     return statistics.median(out) if out else None
 
 
-def _shape(r: dict[str, Any], with_p2p: bool = True) -> tuple[Any, ...]:
-    """What makes two rows the same run but for their parallelism (and P2P, unless told)."""
+def _shape(r: dict[str, Any], with_p2p: bool = True, with_fused: bool = True) -> tuple[Any, ...]:
+    """What makes two rows the same run but for their parallelism (and P2P, or the fused
+    loss, unless told)."""
     return (
         r["model"],
         r["method"],
         r["micro_batch"],
         r["seq_len"],
         r["grad_ckpt"],
-        r["fused_loss"],
+        r["fused_loss"] if with_fused else None,
         r.get("grad_accum", 1),
         r.get("p2p", True) if with_p2p else None,
         r["env"]["gpu"],
