@@ -685,32 +685,35 @@ def holdout_report(
                     ]
                 )
     table.append(_line("**all held-out predictions above**", everything))
-    multi = [r for r in rows if not is_fit_row(r)]
-    groups: dict[str, list[float]] = {}
-    for r in multi:
-        groups.setdefault(multi_label(r), []).append(error(r, k))
-    if groups:
-        table.append(
-            _line(
-                "**several GPUs and offload (not fitted; the measured constants were read off some)**",
-                [e for v in groups.values() for e in v],
-            )
-        )
-        for g, v in sorted(groups.items()):
-            table.append(_line(f"  {g}", v))
-    by_model: dict[str, list[float]] = {}
-    for r in unseen:
-        by_model.setdefault(r["model"].split("/")[-1], []).append(error(r, k))
-    if by_model:
-        table.append(
-            _line(
-                "**models no fit has seen (check_*.jsonl, one H200)**",
-                [e for v in by_model.values() for e in v],
-            )
-        )
-        for g, v in sorted(by_model.items()):
-            table.append(_line(f"  {g}", v))
+    table += _grouped(
+        "**several GPUs and offload (not fitted; the measured constants were read off some)**",
+        [r for r in rows if not is_fit_row(r)],
+        multi_label,
+        k,
+    )
+    table += _grouped(
+        "**models no fit has seen (check_*.jsonl, one H200)**",
+        list(unseen),
+        lambda r: r["model"].split("/")[-1],
+        k,
+    )
     return table
+
+
+def _grouped(
+    title: str,
+    rows: list[dict[str, Any]],
+    label: Callable[[dict[str, Any]], str],
+    k: speed.SpeedConstants,
+) -> list[list[str]]:
+    """A line for all of ``rows`` under ``title``, then one per label (none without rows)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(label(r), []).append(error(r, k))
+    if not groups:
+        return []
+    lines = [_line(title, [e for v in groups.values() for e in v])]
+    return lines + [_line(f"  {g}", v) for g, v in sorted(groups.items())]
 
 
 def _repeat_key(r: dict[str, Any]) -> tuple[Any, ...]:
