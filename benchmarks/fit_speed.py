@@ -219,9 +219,7 @@ def features(r: dict[str, Any]) -> Features:
             opt=speed.optimizer_seconds(spec, setup, gpu, cluster.world_size, ONE_BYTE)
             / (1.0 if setup.optim.endswith("8bit") else speed.ADAMW_BYTES),
             opt_8bit=setup.optim.endswith("8bit"),
-            opt_tensors=speed.trainable_tensors(spec, setup)
-            if setup.optim.endswith("8bit") and not setup.zero
-            else 0,
+            opt_tensors=speed.optimizer_tensors(spec, setup),
         )
     return _FEATURES[key]
 

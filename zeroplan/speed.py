@@ -431,9 +431,17 @@ def optimizer_seconds(
     params, bandwidth = trainable_params(spec, setup) / shards, gpu.memory_bandwidth_gbs * 1e9
     if not setup.optim.endswith("8bit"):
         return ADAMW_BYTES * params / bandwidth
-    # ZeRO 1-3 hand the optimizer one flat partition per parameter group, not the tensors
-    tensors = trainable_tensors(spec, setup) if shards == 1 and not setup.zero else 0
-    return k.optimizer_8bit_bytes * params / bandwidth + tensors * k.optimizer_8bit_tensor_s
+    per_tensor = optimizer_tensors(spec, setup) * k.optimizer_8bit_tensor_s
+    return k.optimizer_8bit_bytes * params / bandwidth + per_tensor
+
+
+def optimizer_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The tensors bitsandbytes' 8-bit AdamW steps one at a time: every trainable one in the
+    plain loop and DDP; none under DeepSpeed, whose mixed-precision and ZeRO optimizers
+    hand it flat fp32 partitions, one per parameter group."""
+    if not setup.optim.endswith("8bit") or setup.deepspeed:
+        return 0
+    return trainable_tensors(spec, setup)
 
 
 def gradient_trips(setup: TrainSetup) -> int:
