@@ -815,6 +815,12 @@ def main() -> int:
         print(
             f"  {name:22} {kind:8} {_fmt(name, mine):>10}   speed.py {_fmt(name, theirs):>10}{'   DRIFTED' if off else ''}"
         )
+    families = {r["model_type"] for r in rows if is_fit_row(r)}
+    if families != set(speed.FITTED_FAMILIES):
+        bad = True
+        print(
+            f"speed.FITTED_FAMILIES is {speed.FITTED_FAMILIES}, the fitted rows' are {sorted(families)}"
+        )
     if args.check and bad:
         print(
             "zeroplan/speed.py's FITTED differs from the fit by more than 5%: paste the values above"

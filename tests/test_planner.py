@@ -555,6 +555,19 @@ def test_noise_floor_scores_a_perfect_model_against_the_fits_readings() -> None:
     assert 0 < int(worst) < 100  # the readings' own spread, not 0: a model cannot beat it
 
 
+def test_an_architecture_the_speed_model_never_saw_is_said_in_estimate_and_plan() -> None:
+    from zeroplan.api import estimate
+
+    gemma = load_model("google/gemma-3-1b-it")
+    est = estimate(gemma, "1xH200", method="lora", micro_batch=1, seq_len=512)
+    assert any("gemma3_text is not among the architectures" in n for n in est.notes)
+    p = plan(PlanRequest(spec=gemma, cluster=parse_cluster("1xH200"), seq_len=512, global_batch=8))
+    assert any("gemma3_text" in a for a in p.assumptions)
+    # a fitted family, or a model built on one (a Llama distill), says nothing
+    for name in ("meta-llama/Llama-3.2-1B", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"):
+        assert not any("speed:" in n for n in estimate(name, "1xH200").notes)
+
+
 def test_every_speed_grid_line_parses_before_it_costs_device_time() -> None:
     """A typo in a grid line (an option, a shape, a model) would surface only on the GPU
     machine, after its start: each line of every named grid parses here, with its shapes and

@@ -34,7 +34,7 @@ from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.models import ModelSpec
 from zeroplan.packing import steps_per_epoch
 from zeroplan.prices import GPUPrice, typical_price
-from zeroplan.speed import StepTime, step_time
+from zeroplan.speed import StepTime, family_note, step_time
 from zeroplan.trainsetup import ALL_LINEAR, METHODS, TrainSetup, resolve_precision
 
 OBJECTIVES = ("time", "cost", "memory")
@@ -366,6 +366,9 @@ def plan(req: PlanRequest) -> Plan:
         "README); the host's per-layer cost was measured on Xeon hosts"
     ]
     assumptions.extend(req.cluster.notes)
+    unfitted = family_note(req.spec)
+    if unfitted:
+        assumptions.append(unfitted)
     if req.precision == "fp16":
         assumptions.append(
             f"fp16 mixed precision{'' if req.cluster.gpu.bf16 else f' ({req.cluster.gpu.name} has no bf16)'}: "
