@@ -439,7 +439,7 @@ def optimizer_seconds(
 ) -> float:
     """The optimizer step on the GPU: bytes per parameter · Ψ_t / bandwidth (ADAMW_BYTES,
     or the fitted 8-bit rate for bitsandbytes' 8-bit AdamW, which also pays
-    optimizer_8bit_tensor_s per trainable tensor outside ZeRO), Ψ_t divided among the
+    optimizer_8bit_tensor_s per tensor it steps alone: optimizer_tensors), Ψ_t divided among the
     ranks under ZeRO 1-3; 0 when the optimizer is offloaded (offload_seconds)."""
     if setup.offload != "none":
         return 0.0
