@@ -34,7 +34,7 @@ from zeroplan.models import load_model  # noqa: E402
 
 def host_bound(r: dict[str, object]) -> bool:
     spec, setup, cluster = load_model(str(r["model"])), fs.setup_of(r), fs.cluster_of(r)
-    return speed.host_seconds(spec, setup) > speed.gpu_seconds(spec, setup, cluster.gpu)
+    return speed.step_time(spec, setup, cluster, launched=False).host_bound
 
 
 def quantile(values: list[float], q: float) -> float:
