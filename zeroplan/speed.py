@@ -170,11 +170,11 @@ DEQUANT_BYTES = 2.5
 # reading over the fastest, one GPU of an H200 host, nothing else running: fit_speed.py
 # prints it as the repeat spread). A host-bound prediction cannot be held closer than this.
 HOST_BOUND_REPEAT_SPREAD = 2.03
-# The architectures (config model_type) whose steps the constants were fitted on;
-# fit_speed.py --check fails when its rows' families differ. Outside them there is only the
+# The architectures (config model_type → the name users know) whose steps the constants
+# were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them there is only the
 # check of benchmarks/results/check_*.jsonl: Gemma 3 1B LoRA ran 41-56% slower than
 # predicted, host-bound (its layers do more Python than the host's per-layer cost knows).
-FITTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FITTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2.5", "qwen3": "Qwen3"}
 # Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
 DEFAULT_INTER_NODE_GBS = 12.5
 
@@ -228,8 +228,8 @@ def family_note(spec: ModelSpec) -> str | None:
         return None
     return (
         f"speed: {spec.model_type} is not among the architectures the speed model was fitted "
-        "on (Llama, Mistral, Qwen2.5, Qwen3); where the host sets the pace its steps can run "
-        "well slower than predicted (Gemma 3 1B LoRA, checked on one H200: 41-56%)"
+        f"on ({', '.join(FITTED_FAMILIES.values())}); where the host sets the pace its steps "
+        "can run well slower than predicted (Gemma 3 1B LoRA, checked on one H200: 41-56%)"
     )
 
 
