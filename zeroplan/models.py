@@ -97,6 +97,13 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3_moe": _Family(qk_norm=True, moe=True, head_dim_default=128),
 }
 
+
+def supported_architectures() -> tuple[str, ...]:
+    """The config ``model_type`` values zeroplan models (text decoders; ``gemma3``
+    multimodal checkpoints are read through their ``gemma3_text`` tower)."""
+    return tuple(_FAMILIES)
+
+
 # Multimodal wrappers: their text tower could be estimated, but the vision tower, the
 # projector and image tokens are not modelled, so we refuse rather than under-count.
 _MULTIMODAL = {"gemma3", "mllama", "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"}

@@ -1,0 +1,227 @@
+"""Count the work a training step asks of the host, per decoder layer and per LoRA adapter,
+for every architecture zeroplan models: zeroplan/catalog/host_ops.json, which
+zeroplan.speed's host clock reads.
+
+A step whose GPU work is short waits on the host: Python, autograd and the dispatch of
+every kernel. What it costs grows with the tensor operations the modelling code runs, and
+those differ by architecture more than the layer count says (Gemma 3 runs six RMSNorms a
+layer, each in float32 around a (1 + weight) scale; Llama runs two). This script builds
+each family's decoder from a catalog config, shrunk to a width where a CPU counts it in a
+second (the operations a layer dispatches do not depend on its width), runs forward and
+backward on a short sequence under a TorchDispatchMode, and counts the ATen calls that
+produce a new tensor; views and aliases (view, t, transpose, slice, detach, ...) only
+rewrite metadata and are not counted. Per layer is the count with two layers minus the
+count with one:
+
+- ``layer_frozen``: a frozen layer that gradients flow through (LoRA's and QLoRA's base);
+- ``layer_full``: a layer whose weights train (full fine-tuning);
+- ``adapter`` (``adapter_no_dropout``): one PEFT LoRA adapter, all-linear targets, with
+  dropout 0.05 (none): (adapted layer − frozen layer) / adapters per layer.
+
+    python benchmarks/count_host_ops.py            # writes zeroplan/catalog/host_ops.json
+    python benchmarks/count_host_ops.py --check    # exit 1 when the file differs from a recount
+
+Needs torch, transformers and peft (the [train] extra); runs on CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from zeroplan import models  # noqa: E402
+
+OUT = HERE.parent / "zeroplan" / "catalog" / "host_ops.json"
+
+# The catalog config each family is counted on (any member does: the shrink below keeps
+# only the architecture); "gemma" has no catalog entry and uses GemmaConfig's defaults.
+REPRESENTATIVE = {
+    "llama": "meta-llama/Llama-3.2-1B",
+    "mistral": "mistralai/Mistral-7B-v0.3",
+    "qwen2": "Qwen/Qwen2.5-0.5B",
+    "qwen3": "Qwen/Qwen3-0.6B",
+    "gemma": None,
+    "gemma2": "google/gemma-2-9b",
+    "gemma3_text": "google/gemma-3-1b-it",
+    "phi3": "microsoft/Phi-3-mini-4k-instruct",
+    "mixtral": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen3_moe": "Qwen/Qwen3-30B-A3B",
+}
+
+# Small enough to count fast, every head and expert setting kept valid.
+SHRINK = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+# Tokens per counted step: enough that top-k routing reaches every expert of the MoE
+# families (the expert loop runs per expert hit, and a real micro-batch hits them all).
+TOKENS = 512
+LORA_DROPOUT = 0.05
+
+
+def config_for(model_type: str, layers: int) -> Any:
+    from transformers import AutoConfig
+
+    name = REPRESENTATIVE[model_type]
+    cfg = {"model_type": model_type} if name is None else dict(models.load_model(name).config)
+    cfg.update(SHRINK, num_hidden_layers=layers)
+    if isinstance(cfg.get("layer_types"), list):
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    for key in ("max_window_layers", "sliding_window"):
+        cfg.pop(key, None)
+    return AutoConfig.for_model(**cfg)
+
+
+def count(model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT) -> int:
+    """ATen calls that return a new tensor in one forward and backward of a ``layers``-layer
+    model: mode "frozen", "full" or "lora" (all-linear, ``dropout``)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            returns = func._schema.returns
+            # an alias of an input (view, t, detach, ...) launches nothing
+            if not (returns and returns[0].alias_info is not None):
+                self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    config = config_for(model_type, layers)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16, attn_implementation=attention(model_type)
+    )
+    model.config.use_cache = False
+    model.train()
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
+        model = get_peft_model(model, lcfg)
+    elif mode == "frozen":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    else:
+        model.requires_grad_(True)
+    ids = torch.randint(3, 512, (1, TOKENS))
+    for _ in range(2):  # the first call builds caches (rotary, masks) the second reuses
+        counter = Counter()
+        with counter:
+            model(input_ids=ids, labels=ids).loss.backward()
+    return sum(counter.calls.values())
+
+
+def attention(model_type: str) -> str:
+    """sdpa, as transformers picks by default, or eager where the family has no sdpa path
+    (Gemma 2: its attention soft-capping)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM.from_config(config_for(model_type, 1), attn_implementation="sdpa")
+    except ValueError:
+        return "eager"
+    return "sdpa"
+
+
+def adapters_per_layer(model_type: str) -> int:
+    """PEFT LoRA modules all-linear puts in one decoder layer of this family."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config_for(model_type, 1))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    return sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A") and ".layers." in n)
+
+
+def per_layer(model_type: str, mode: str, dropout: float = LORA_DROPOUT) -> int:
+    return count(model_type, 2, mode, dropout) - count(model_type, 1, mode, dropout)
+
+
+def family_counts(model_type: str) -> dict[str, int]:
+    frozen = per_layer(model_type, "frozen")
+    n = adapters_per_layer(model_type)
+    lora_plain = per_layer(model_type, "lora", dropout=0.0)
+    try:
+        lora = per_layer(model_type, "lora")
+    except ValueError:  # PEFT wraps MoE expert banks only without dropout
+        lora = lora_plain
+    return {
+        "layer_frozen": frozen,
+        "layer_full": per_layer(model_type, "full"),
+        "adapter": round((lora - frozen) / n),
+        "adapter_no_dropout": round((lora_plain - frozen) / n),
+        "adapters_counted": n,
+        "attention": attention(model_type),
+    }
+
+
+def recount() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    families = {}
+    for model_type in models.supported_architectures():
+        print(f"  {model_type} ...", file=sys.stderr, flush=True)
+        families[model_type] = family_counts(model_type)
+    return {
+        "what": (
+            "ATen calls returning a new tensor (views and aliases not counted) in one "
+            "forward and backward, bf16, sdpa attention (eager where a family has none): per decoder layer frozen (LoRA's "
+            "base) and trained (full fine-tuning), and per PEFT LoRA adapter with dropout "
+            "0.05 and without; benchmarks/count_host_ops.py"
+        ),
+        "versions": {
+            "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "families": families,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="compare with the file, write nothing")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    fresh = recount()
+    if args.check:
+        old = json.loads(OUT.read_text())["families"]
+        bad = {t: (old.get(t), c) for t, c in fresh["families"].items() if old.get(t) != c}
+        for t, (was, now) in bad.items():
+            print(f"{t}: host_ops.json has {was}, a recount gives {now}")
+        return 1 if bad else 0
+    OUT.write_text(json.dumps(fresh, indent=1) + "\n")
+    for t, c in fresh["families"].items():
+        print(f"{t:12} {c}")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

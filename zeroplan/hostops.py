@@ -1,0 +1,66 @@
+"""The tensor operations a training step dispatches, per decoder layer and per LoRA adapter,
+by architecture: what the host clock of ``zeroplan.speed`` counts.
+
+Counted, not fitted: ``benchmarks/count_host_ops.py`` runs each family's real modelling code
+(transformers, PEFT) forward and backward under a dispatch counter and writes
+``catalog/host_ops.json``; the ATen calls that make a new tensor count, views do not. The
+count tells architectures apart where a layer count cannot: a Gemma 3 layer runs about
+twice the operations of a Llama layer (six RMSNorms, each in float32 around a (1 + weight)
+scale), a Qwen3 layer 1.4 times (its q/k norms).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+# Multimodal checkpoints whose text tower is another family's decoder.
+_TEXT_TOWER = {"gemma3": "gemma3_text"}
+# What an architecture without a count is taken for (the fitted rows' own).
+FALLBACK = "llama"
+
+
+@dataclass(frozen=True)
+class HostOps:
+    """Operations per forward and backward: ``layer_frozen`` a decoder layer gradients flow
+    through without training it (LoRA's and QLoRA's base), ``layer_full`` one whose weights
+    train, ``adapter`` one PEFT LoRA adapter with dropout, ``adapter_no_dropout`` without."""
+
+    layer_frozen: int
+    layer_full: int
+    adapter: int
+    adapter_no_dropout: int
+
+    def per_layer(self, full: bool) -> int:
+        return self.layer_full if full else self.layer_frozen
+
+    def per_adapter(self, dropout: float) -> int:
+        return self.adapter if dropout > 0 else self.adapter_no_dropout
+
+
+@cache
+def _table() -> dict[str, HostOps]:
+    path = resources.files("zeroplan") / "catalog" / "host_ops.json"
+    families = json.loads(path.read_text(encoding="utf-8"))["families"]
+    return {
+        model_type: HostOps(
+            layer_frozen=c["layer_frozen"],
+            layer_full=c["layer_full"],
+            adapter=c["adapter"],
+            adapter_no_dropout=c["adapter_no_dropout"],
+        )
+        for model_type, c in families.items()
+    }
+
+
+def counted(model_type: str) -> bool:
+    """Whether the architecture's operations were counted (else it is taken for FALLBACK)."""
+    return _TEXT_TOWER.get(model_type, model_type) in _table()
+
+
+def host_ops(model_type: str) -> HostOps:
+    """The architecture's counted operations; FALLBACK's for one not counted."""
+    table = _table()
+    return table.get(_TEXT_TOWER.get(model_type, model_type), table[FALLBACK])
