@@ -48,12 +48,13 @@ class Launched:
     gpus: str = "1xH200"
     cpu_cores: int = 16  # of the node
     margin: float = 0.05  # the memory kept free when it was planned
+    lean: bool = False  # realdata_h200_lean.jsonl has its lean step
 
 
 RUNS = (
     Launched("meta-llama--Meta-Llama-3-8B-Instruct", "qlora", "realdata_h200_8b_gqa.jsonl", 8,
-             ("q_proj", "k_proj", "v_proj", "o_proj")),
-    Launched("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", 16),
+             ("q_proj", "k_proj", "v_proj", "o_proj"), lean=True),
+    Launched("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_gqa.jsonl", 16, lean=True),
     # the same job as planned in another session (DeepSpeed ZeRO-0 on one GPU)
     Launched("meta-llama--Llama-3.2-1B", "lora", "realdata_h200_1b_zero0.jsonl", 16),
     # full fine-tuning on two H200s, planned with 93% and 95% of the memory kept free:
@@ -63,6 +64,10 @@ RUNS = (
              gpus="2xH200", cpu_cores=32, margin=0.93),
     Launched("meta-llama--Llama-3.2-1B", "full", "realdata_2xh200_1b_offload.jsonl", 16,
              gpus="2xH200", cpu_cores=32, margin=0.95),
+    # architectures no fitted row has (one H200, the data-aware plan of each job)
+    Launched("google--gemma-3-1b-it", "lora", "realdata_h200_gemma3_1b_lora.jsonl", 16),
+    Launched("Qwen--Qwen3-0.6B", "full", "realdata_h200_qwen3_06b_full.jsonl", 16),
+    Launched("microsoft--Phi-3-mini-4k-instruct", "lora", "realdata_h200_phi3_mini_lora.jsonl", 16),
 )  # fmt: skip
 
 
@@ -98,7 +103,7 @@ def main() -> None:
                 f"{job.catalog} {job.method}, {how}, micro-batch {mb} x 704, {setup.optim}, on {job.gpus} "
                 f"(vocabulary {vocab}, {job.runs_file}):"
             )
-            if job.method in lean and setup.zero is None:
+            if job.lean:
                 print(
                     f"  lean step: predicted {lean_s:.3f} s, measured {lean[job.method]:.3f} s "
                     f"(tokens/s {lean[job.method] / lean_s - 1:+.1%})"

@@ -334,6 +334,28 @@ GRIDS["h200-8bit-small"] = repeat_lines(
         (L3, "full", "adamw_8bit", "1x512,4x1024,2x2048c"),
     ]
 )
+# Host-bound shapes of architectures whose layers run more (or fewer) operations than
+# Llama's, as a check of the host clock's counted operations (count_host_ops.py): Gemma 3
+# (six RMSNorms a layer), Gemma 2 (four, eager attention), Qwen3 (q/k norms) and Phi-3 (fused
+# q/k/v and gate/up: four adapters a layer). None of these models is in a fitted row:
+# written to check_*.jsonl. Each line twice, one process per order.
+GRIDS["h200-arch"] = repeat_lines(
+    [
+        ("google/gemma-3-1b-it", "lora", "", "1x128,1x512,4x512"),
+        ("Qwen/Qwen3-0.6B", "lora", "", "1x128,1x512,4x512"),
+        ("microsoft/Phi-3-mini-4k-instruct", "lora", "", "1x128,1x512,4x512"),
+        ("google/gemma-3-1b-it", "full", "", "1x128,1x512"),
+        ("Qwen/Qwen3-0.6B", "full", "", "1x128,1x512"),
+        ("microsoft/Phi-3-mini-4k-instruct", "full", "", "1x128,1x512"),
+        ("google/gemma-2-9b", "lora", "", "1x128,1x512"),
+    ]
+)
+# The same shapes on Llama-3.2-1B in the same machine call, run before h200-arch: the
+# reference those readings are compared with (fitted rows, written to speed_*.jsonl).
+GRIDS["h200-arch-ref"] = [
+    f"{L1} --method lora --shapes 1x128,1x512,4x512",
+    f"{L1} --method full --shapes 1x128,1x512",
+]
 
 # Extra untimed steps for the first shape of each process (see sweep).
 FIRST_SHAPE_EXTRA_WARMUP = 3
