@@ -65,8 +65,7 @@ FITTED_FIELDS = (
     "efficiency_full",
     "act_bytes",
     "overlap_p",
-    "host_layer_s",
-    "host_adapter_s",
+    "host_op_s",
     "host_4bit_s",
     "host_recompute",
     "optimizer_8bit_bytes",
@@ -143,7 +142,7 @@ def is_fit_row(r: dict[str, Any]) -> bool:
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
     seconds = accum · smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
-    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(layers·hL + adapters·hA + q·hQ + tensors·z3))
+    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(ops·hO + q·hQ + tensors·z3))
     + opt·bytes per parameter + opt_tensors·optimizer_8bit_tensor_s
     (speed.step_time, written out so that a fit costs microseconds)."""
 
@@ -154,8 +153,7 @@ class Features:
     v: float
     chunks: int
     c: float
-    layers: int
-    adapters: int
+    ops: int
     q: int
     tensors: int
     ckpt: int
@@ -169,10 +167,7 @@ class Features:
         gpu += self.v * k.logits_bytes + self.c
         gpu += self.chunks * k.fused_chunk_s
         host = (1 + self.ckpt * k.host_recompute) * (
-            self.layers * k.host_layer_s
-            + self.adapters * k.host_adapter_s
-            + self.q * k.host_4bit_s
-            + self.tensors * k.zero3_tensor_s
+            self.ops * k.host_op_s + self.q * k.host_4bit_s + self.tensors * k.zero3_tensor_s
         )
         per_param = k.optimizer_8bit_bytes if self.opt_8bit else speed.ADAMW_BYTES
         micro = speed.smooth_max(gpu, host, k.overlap_p)
@@ -209,8 +204,7 @@ def features(r: dict[str, Any]) -> Features:
             v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
             chunks=chunks,
             c=speed.fixed_bytes(spec, setup) / bw,
-            layers=spec.num_layers,
-            adapters=speed.adapters(spec, setup),
+            ops=speed.host_operations(spec, setup),
             q=speed.quantized_linears(spec, setup),
             tensors=speed.parameter_tensors(spec, setup) if setup.zero == 3 else 0,
             ckpt=int(setup.grad_ckpt),
@@ -272,7 +266,7 @@ def nelder_mead(
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-3, 3e-4, 3e-4, 0.5, 16.0, 5e-5]
+START = [0.35, 0.35, 0.35, 20.0, 4.0, 2e-5, 3e-4, 0.5, 16.0, 5e-5]
 
 
 def fit(
@@ -319,7 +313,6 @@ def shown(name: str, r: dict[str, Any]) -> bool:
         "efficiency_lora": method == "lora",
         "efficiency_qlora": method == "qlora",
         "efficiency_full": method == "full",
-        "host_adapter_s": method != "full",
         "host_4bit_s": method == "qlora",
         "host_recompute": bool(r["grad_ckpt"]),
         "optimizer_8bit_bytes": method == "full" and optim.endswith("8bit"),
@@ -837,7 +830,12 @@ def main() -> int:
                 f" measured {measured_seconds(r):.3f}s  tokens/s error {e:+.0%}"
             )
     print("\npredicted tokens/s against measured on rows NOT fitted on (refit without them):")
-    unseen = () if args.files else tuple(timed_rows(sorted(RESULTS.glob("check_*.jsonl"))))
+    # scored like the fitted shapes: one point per shape, the median of its readings
+    unseen = (
+        ()
+        if args.files
+        else tuple(shape_medians(timed_rows(sorted(RESULTS.glob("check_*.jsonl")))))
+    )
     print_table(holdout_report(rows, speed.FITTED, unseen), args.markdown)
     firsts = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and r["_first"]]
     others = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and not r["_first"]]

@@ -7,10 +7,12 @@ of the GPU and mostly the slower of the two sets the pace ((gpu^p + host^p)^(1/p
   traffic that does no matmul work (the elementwise ops around every linear, LoRA's input
   casts and dropout, the loss's fp32 logits or the fused loss's chunks, 4-bit
   dequantization) at the card's memory bandwidth;
-* the host's: Python, autograd and kernel launches, a fixed cost per decoder layer, per
-  LoRA adapter and per 4-bit linear, whatever the batch (more under checkpointing, whose
-  recompute runs the forward again). This is what makes micro-batch 1 slow: measured on
-  one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at 4,096 alike.
+* the host's: Python, autograd and kernel launches, a fixed cost per tensor operation the
+  step dispatches (counted per decoder layer and per LoRA adapter for each architecture:
+  ``zeroplan.hostops``) and per 4-bit linear, whatever the batch (more under checkpointing,
+  whose recompute runs the forward again). This is what makes micro-batch 1 slow:
+  measured on one H200, a Llama-3.2-1B LoRA step takes 80 ms at 512 tokens and at 4,096
+  alike, and a Gemma 3 1B one, whose layers run twice the operations, about 250 ms.
 
 ZeRO-3 adds its per-tensor hooks (fetch, release) to every micro-batch; the optimizer step
 streams the trainable state once per step, and DeepSpeed's engine adds a fixed cost to it;
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
+from zeroplan.hostops import host_ops
 from zeroplan.memory.weights import trainable_bytes
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_precision, trainable_params
@@ -45,8 +48,13 @@ class SpeedConstants:
             what norms, activations and residual adds read and write around it).
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
-        host_layer_s / host_adapter_s / host_4bit_s: host seconds per micro-batch per
-            decoder layer, per LoRA adapter, per 4-bit linear.
+        host_op_s / host_4bit_s: host seconds per micro-batch per tensor operation the
+            forward and backward dispatch (host_operations: counted per layer and adapter
+            by architecture, not fitted), per 4-bit linear. Fitted with one cost per layer
+            operation and another per adapter operation, the two come out 28 and 24 µs:
+            one cost per operation is the simpler model, and it carries over to
+            architectures no row was fitted on (host-bound Gemma 3 1B shapes went from up
+            to +73% too fast, per layer and adapter, to within 24%).
         host_recompute: what gradient checkpointing adds to them, as a share: the
             recompute runs every layer's forward again (its Python modules and hooks, the
             larger part of the host's step: the backward's autograd runs in C++), and the
@@ -109,8 +117,7 @@ class SpeedConstants:
     logits_bytes: float
     fused_chunk_s: float
     overlap_p: float
-    host_layer_s: float
-    host_adapter_s: float
+    host_op_s: float
     host_4bit_s: float
     host_recompute: float
     optimizer_8bit_bytes: float
@@ -131,24 +138,23 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.5498,
-    efficiency_qlora=0.684,
-    efficiency_full=0.6483,
-    act_bytes=75.29,
+    efficiency_lora=0.5659,
+    efficiency_qlora=0.6946,
+    efficiency_full=0.6519,
+    act_bytes=79.86,
     lora_bytes=28.16,
     logits_bytes=46.0,
-    fused_chunk_s=0.0001775,
-    overlap_p=3.498,
-    host_layer_s=0.003257,
-    host_adapter_s=0.0004454,
-    host_4bit_s=0.0002382,
-    host_recompute=1.033,
-    optimizer_8bit_bytes=118.4,
-    optimizer_8bit_tensor_s=8.91e-05,
-    zero3_tensor_s=0.001384,
+    fused_chunk_s=0.0001749,
+    overlap_p=3.793,
+    host_op_s=2.629e-05,
+    host_4bit_s=0.0002241,
+    host_recompute=1.052,
+    optimizer_8bit_bytes=112.3,
+    optimizer_8bit_tensor_s=0.000106,
+    zero3_tensor_s=0.00142,
     host_staged_gbs=20.63,
     deepspeed_step_s=0.0353,
-    cpu_adam_serial_s=2.773e-10,
+    cpu_adam_serial_s=2.697e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
 )
@@ -171,9 +177,12 @@ DEQUANT_BYTES = 2.5
 # prints it as the repeat spread). A host-bound prediction cannot be held closer than this.
 HOST_BOUND_REPEAT_SPREAD = 2.03
 # The architectures (config model_type → the name users know) whose steps the constants
-# were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them there is only the
-# check of benchmarks/results/check_*.jsonl: Gemma 3 1B LoRA ran 41-56% slower than
-# predicted, host-bound (its layers do more Python than the host's per-layer cost knows).
+# were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them
+# the host's clock still counts each architecture's own operations (hostops), checked in
+# benchmarks/results/check_*.jsonl: host-bound Gemma 2 and 3, Phi-3 and small Qwen3 shapes
+# within 24%, where a per-layer cost had Gemma 3 up to 73% too fast; the GPU's efficiency
+# is the fitted families' (Qwen3-0.6B full fine-tuning launched at 16 × 704 ran 21-29%
+# slower than predicted).
 FITTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2.5", "qwen3": "Qwen3"}
 # Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
 DEFAULT_INTER_NODE_GBS = 12.5
@@ -226,10 +235,12 @@ def family_note(spec: ModelSpec) -> str | None:
     """What to tell the user when the speed model never saw the model's architecture."""
     if spec.model_type in FITTED_FAMILIES:
         return None
+    moe = " No mixture-of-experts step has been measured." if spec.moe else ""
     return (
         f"speed: {spec.model_type} is not among the architectures the speed model was fitted "
-        f"on ({', '.join(FITTED_FAMILIES.values())}); where the host sets the pace its steps "
-        "can run well slower than predicted (Gemma 3 1B LoRA, checked on one H200: 41-56%)"
+        f"on ({', '.join(FITTED_FAMILIES.values())}); its host time is counted from its own "
+        "operations, its GPU efficiency taken from those (checked on one H200 with Gemma 2 "
+        f"and 3, Phi-3 and small Qwen3: within 24% host-bound, up to 29% too fast launched).{moe}"
     )
 
 
@@ -399,9 +410,19 @@ def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants 
     return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
 
 
+def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Tensor operations one micro-batch's forward and backward dispatch:
+    layers · ops per layer (frozen, or trained in full fine-tuning) + adapted modules · ops
+    per LoRA adapter (with or without dropout), the architecture's counts (hostops)."""
+    ops = host_ops(spec.model_type)
+    adapted = sum(n for _, n in lora_targets(spec, setup)) if setup.is_lora else 0
+    per_layer = ops.per_layer(full=setup.method == "full")
+    return spec.num_layers * per_layer + adapted * ops.per_adapter(setup.lora_dropout)
+
+
 def host_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
     """The host's time for one micro-batch, whatever its size:
-    (1 + checkpointing · host_recompute) · (layers · host_layer_s + adapters · host_adapter_s
+    (1 + checkpointing · host_recompute) · (host_operations · host_op_s
         + 4-bit linears · host_4bit_s + ZeRO-3's parameter tensors · zero3_tensor_s).
 
     ZeRO-3's hooks are host work (per module: gather, wait, release, its trace), so they
@@ -412,8 +433,7 @@ def host_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED)
     H200 nodes); not scaled by the GPU, since it is the CPU's clock."""
     hooks = parameter_tensors(spec, setup) * k.zero3_tensor_s if setup.zero == 3 else 0.0
     return (1 + int(setup.grad_ckpt) * k.host_recompute) * (
-        spec.num_layers * k.host_layer_s
-        + adapters(spec, setup) * k.host_adapter_s
+        host_operations(spec, setup) * k.host_op_s
         + quantized_linears(spec, setup) * k.host_4bit_s
         + hooks
     )

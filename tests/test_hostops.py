@@ -1,0 +1,63 @@
+"""The host clock's counted operations (zeroplan/hostops.py, catalog/host_ops.json)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from zeroplan import hostops
+from zeroplan.models import load_model, supported_architectures
+from zeroplan.speed import FITTED, host_operations, host_seconds
+from zeroplan.trainsetup import TrainSetup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_architecture_zeroplan_models_has_counted_operations() -> None:
+    for model_type in supported_architectures():
+        assert hostops.counted(model_type), model_type
+    # a multimodal Gemma 3 checkpoint is read through its text tower
+    assert hostops.host_ops("gemma3") == hostops.host_ops("gemma3_text")
+    assert not hostops.counted("some_new_arch")
+    assert hostops.host_ops("some_new_arch") == hostops.host_ops(hostops.FALLBACK)
+
+
+def test_the_host_clock_counts_what_each_architecture_runs_not_its_layers() -> None:
+    lora = TrainSetup(method="lora")
+    llama, gemma3 = load_model("meta-llama/Llama-3.2-1B"), load_model("google/gemma-3-1b-it")
+    per_layer = {m.model_type: host_seconds(m, lora) / m.num_layers for m in (llama, gemma3)}
+    # Gemma 3's six float32 norms a layer: measured on one H200 at 1 × 128, 0.26 s for 26
+    # layers against Llama-3.2-1B's 0.13 s for 16 (check_h200_arch.jsonl)
+    assert per_layer["gemma3_text"] > 1.3 * per_layer["llama"]
+    # Phi-3 fuses q/k/v and gate/up: four adapters a layer where Llama has seven
+    phi3 = load_model("microsoft/Phi-3-mini-4k-instruct")
+    ops = hostops.host_ops("phi3")
+    assert host_operations(phi3, lora) == phi3.num_layers * (ops.layer_frozen + 4 * ops.adapter)
+    # full fine-tuning counts a trained layer and no adapter; no dropout, fewer operations
+    full = TrainSetup(method="full")
+    assert host_operations(llama, full) == llama.num_layers * hostops.host_ops("llama").layer_full
+    plain = TrainSetup(method="lora", lora_dropout=0.0)
+    assert host_operations(llama, plain) < host_operations(llama, lora)
+    assert host_seconds(llama, full) == pytest.approx(
+        host_operations(llama, full) * FITTED.host_op_s
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_the_counted_operations_are_what_the_installed_modelling_code_runs(
+    model_type: str,
+) -> None:
+    """A recount with this machine's transformers and PEFT (count_host_ops.py, the script
+    that wrote the table): a release that changes a family's layer by more than a tenth
+    fails here, and `python benchmarks/count_host_ops.py` writes the table again."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_host_ops
+
+    fresh = count_host_ops.family_counts(model_type)
+    table = hostops.host_ops(model_type)
+    for field in ("layer_frozen", "layer_full", "adapter", "adapter_no_dropout"):
+        assert fresh[field] == pytest.approx(getattr(table, field), rel=0.1), field
