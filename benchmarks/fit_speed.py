@@ -141,7 +141,7 @@ def is_fit_row(r: dict[str, Any]) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
-    seconds = accum · smooth_max(a/eff + b·lora_bytes + e·act_bytes + v·logits_bytes
+    seconds = accum · smooth_max(a/eff + b·lora_bytes + e·act_bytes + n + v·logits_bytes
     + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(ops·hO + q·hQ + tensors·z3))
     + opt·bytes per parameter + opt_tensors·optimizer_8bit_tensor_s
     (speed.step_time, written out so that a fit costs microseconds)."""
@@ -150,6 +150,7 @@ class Features:
     a: float
     b: float
     e: float
+    n: float  # the norms' counted traffic, seconds
     v: float
     chunks: int
     c: float
@@ -164,7 +165,7 @@ class Features:
 
     def seconds(self, k: speed.SpeedConstants) -> float:
         gpu = self.a / k.efficiency(self.method) + self.b * k.lora_bytes + self.e * k.act_bytes
-        gpu += self.v * k.logits_bytes + self.c
+        gpu += self.n + self.v * k.logits_bytes + self.c
         gpu += self.chunks * k.fused_chunk_s
         host = (1 + self.ckpt * k.host_recompute) * (
             self.ops * k.host_op_s + self.q * k.host_4bit_s + self.tensors * k.zero3_tensor_s
@@ -201,6 +202,7 @@ def features(r: dict[str, Any]) -> Features:
             * passes
             * speed.lora_share(setup),
             e=setup.tokens * speed.activation_features(spec) / bw * passes,
+            n=setup.tokens * speed.NORM_BYTES * speed.norm_features(spec) / bw * passes,
             v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
             chunks=chunks,
             c=speed.fixed_bytes(spec, setup) / bw,

@@ -61,3 +61,15 @@ def test_the_counted_operations_are_what_the_installed_modelling_code_runs(
     table = hostops.host_ops(model_type)
     for field in ("layer_frozen", "layer_full", "adapter", "adapter_no_dropout"):
         assert fresh[field] == pytest.approx(getattr(table, field), rel=0.1), field
+
+
+def test_the_gpu_clock_counts_the_norms_each_architecture_runs() -> None:
+    from zeroplan.speed import norm_features
+
+    llama, qwen3 = load_model("meta-llama/Llama-3.2-1B"), load_model("Qwen/Qwen3-0.6B")
+    # two norms of h a layer and the final one
+    assert norm_features(llama) == (2 * 16 + 1) * 2048
+    # Qwen3 also normalises every query and key head: q_dim + kv_dim = 2048 + 1024
+    assert norm_features(qwen3) == 28 * (2 * 1024 + 2048 + 1024) + 1024
+    gemma3 = load_model("google/gemma-3-1b-it")
+    assert norm_features(gemma3) == 26 * (4 * 1152 + 4 * 256 + 256) + 1152

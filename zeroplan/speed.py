@@ -4,9 +4,9 @@ One micro-batch takes about the longer of two clocks, because the host queues ke
 of the GPU and mostly the slower of the two sets the pace ((gpu^p + host^p)^(1/p), p fitted):
 
 * the GPU's: the matmul FLOPs at a fitted fraction of the card's peak, plus the memory
-  traffic that does no matmul work (the elementwise ops around every linear, LoRA's input
-  casts and dropout, the loss's fp32 logits or the fused loss's chunks, 4-bit
-  dequantization) at the card's memory bandwidth;
+  traffic that does no matmul work (the elementwise ops around every linear, the float32
+  RMSNorms, LoRA's input casts and dropout, the loss's fp32 logits or the fused loss's
+  chunks, 4-bit dequantization) at the card's memory bandwidth;
 * the host's: Python, autograd and kernel launches, a fixed cost per tensor operation the
   step dispatches (counted per decoder layer and per LoRA adapter for each architecture:
   ``zeroplan.hostops``) and per 4-bit linear, whatever the batch (more under checkpointing,
@@ -138,23 +138,23 @@ class SpeedConstants:
 
 
 FITTED = SpeedConstants(
-    efficiency_lora=0.5659,
-    efficiency_qlora=0.6946,
-    efficiency_full=0.6519,
-    act_bytes=79.86,
+    efficiency_lora=0.5883,
+    efficiency_qlora=0.7236,
+    efficiency_full=0.6714,
+    act_bytes=66.94,
     lora_bytes=28.16,
     logits_bytes=46.0,
     fused_chunk_s=0.0001749,
-    overlap_p=3.793,
-    host_op_s=2.629e-05,
-    host_4bit_s=0.0002241,
+    overlap_p=3.871,
+    host_op_s=2.63e-05,
+    host_4bit_s=0.0002239,
     host_recompute=1.052,
-    optimizer_8bit_bytes=112.3,
-    optimizer_8bit_tensor_s=0.000106,
-    zero3_tensor_s=0.00142,
+    optimizer_8bit_bytes=112.1,
+    optimizer_8bit_tensor_s=0.0001069,
+    zero3_tensor_s=0.001431,
     host_staged_gbs=20.63,
     deepspeed_step_s=0.0353,
-    cpu_adam_serial_s=2.697e-10,
+    cpu_adam_serial_s=2.686e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
 )
@@ -169,6 +169,13 @@ ADAMW_BYTES = 16.0
 # mask), 5 B: about a quarter of the traffic (lora_share). Measured on two H200s: an 8B
 # LoRA step under ZeRO-0 and ZeRO-2 ran 10-12% faster than DDP's autocast step.
 BF16_LORA_SHARE = 0.25
+# Bytes an RMSNorm moves per element it normalises (counted, not fitted: transformers' norm
+# runs in float32): forward the upcast (read 2, write 4), the square (4 + 4), the mean's
+# read (4), the scaling (4 + 4), the cast back (4 + 2) and the weight's multiply (2 + 2),
+# 36 B; backward the weight's multiply (2 + 2), the upcast (2 + 4), the scaling's two
+# gradients (4 + 4 + 4, and 4 + 4 + 4 for its reduction), the square's (4 + 4 + 4), their
+# sum (4 + 4 + 4) and the cast back (4 + 2), 64 B: 100 B.
+NORM_BYTES = 100.0
 # Bytes a 4-bit weight costs each time it is used: bitsandbytes reads 0.5 B (+ its
 # double-quantized statistics, ~0.03 B) and writes a 2 B bf16 copy for the matmul.
 DEQUANT_BYTES = 2.5
@@ -181,8 +188,8 @@ HOST_BOUND_REPEAT_SPREAD = 2.03
 # the host's clock still counts each architecture's own operations (hostops), checked in
 # benchmarks/results/check_*.jsonl: host-bound Gemma 2 and 3, Phi-3 and small Qwen3 shapes
 # within 24%, where a per-layer cost had Gemma 3 up to 73% too fast; the GPU's efficiency
-# is the fitted families' (Qwen3-0.6B full fine-tuning launched at 16 × 704 ran 21-29%
-# slower than predicted).
+# is the fitted families' (Qwen3-0.6B full fine-tuning launched at 16 × 704 ran 12-19%
+# slower than predicted, Phi-3-mini LoRA 16-17%).
 FITTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2.5", "qwen3": "Qwen3"}
 # Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
 DEFAULT_INTER_NODE_GBS = 12.5
@@ -240,7 +247,7 @@ def family_note(spec: ModelSpec) -> str | None:
         f"speed: {spec.model_type} is not among the architectures the speed model was fitted "
         f"on ({', '.join(FITTED_FAMILIES.values())}); its host time is counted from its own "
         "operations, its GPU efficiency taken from those (checked on one H200 with Gemma 2 "
-        f"and 3, Phi-3 and small Qwen3: within 24% host-bound, up to 29% too fast launched).{moe}"
+        f"and 3, Phi-3 and small Qwen3: within 24% host-bound, up to 19% too fast launched).{moe}"
     )
 
 
@@ -326,6 +333,15 @@ def activation_features(spec: ModelSpec) -> float:
     return total
 
 
+def norm_features(spec: ModelSpec) -> int:
+    """Elements per token the RMSNorms normalise: per layer norms_per_layer · h, and the
+    q/k norms' q_dim + kv_dim where the architecture has them; the final norm's h."""
+    per_layer = spec.norms_per_layer * spec.hidden_size
+    if spec.qk_norm:
+        per_layer += spec.q_dim + spec.kv_dim
+    return spec.num_layers * per_layer + spec.hidden_size
+
+
 def quantized_linears(spec: ModelSpec, setup: TrainSetup) -> int:
     """4-bit linears a QLoRA micro-batch dequantizes (every decoder linear); else 0."""
     if setup.method != "qlora":
@@ -397,15 +413,15 @@ def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants 
     """The GPU's time for one micro-batch of T = b·s tokens:
 
     FLOPs/token · T / (peak · efficiency)
-      + (T · (act_bytes · A + lora_bytes · Σ(in + out) · lora_share) · elementwise_passes
-         + fixed_bytes) / bandwidth
+      + (T · (act_bytes · A + NORM_BYTES · N + lora_bytes · Σ(in + out) · lora_share)
+         · elementwise_passes + fixed_bytes) / bandwidth
       + loss_seconds
 
-    A = activation_features, Σ(in + out) = adapted_features."""
+    A = activation_features, N = norm_features, Σ(in + out) = adapted_features."""
     flops = flops_per_token(spec, setup) * setup.tokens
     matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
     lora = k.lora_bytes * adapted_features(spec, setup) * lora_share(setup)
-    per_token = k.act_bytes * activation_features(spec) + lora
+    per_token = k.act_bytes * activation_features(spec) + NORM_BYTES * norm_features(spec) + lora
     traffic = setup.tokens * per_token * elementwise_passes(setup) + fixed_bytes(spec, setup)
     return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
 
