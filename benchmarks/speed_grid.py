@@ -350,6 +350,11 @@ GRIDS["h200-arch"] = repeat_lines(
         ("google/gemma-2-9b", "lora", "", "1x128,1x512"),
     ]
 )
+# A mixture-of-experts model (none was timed before): Qwen3-30B-A3B LoRA on one H200, never
+# fitted. PEFT wraps the expert banks (3-D parameters) only without dropout.
+GRIDS["h200-moe"] = repeat_lines(
+    [("Qwen/Qwen3-30B-A3B --lora-dropout 0", "lora", "", "1x128,1x512,4x512")]
+)
 # The same shapes on Llama-3.2-1B in the same machine call, run before h200-arch: the
 # reference those readings are compared with (fitted rows, written to speed_*.jsonl).
 GRIDS["h200-arch-ref"] = [
