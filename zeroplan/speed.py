@@ -45,7 +45,8 @@ class SpeedConstants:
     one-GPU shape, the median of the processes that measured it:
         efficiency_*: fraction of the card's dense peak the matmuls reach, by method.
         act_bytes: bytes moved per token per activation feature (every linear's output:
-            what norms, activations and residual adds read and write around it).
+            what activations, rotary, residual adds and casts read and write around it;
+            the RMSNorms' traffic is counted apart, NORM_BYTES · norm_features).
         overlap_p: how the host's and the GPU's clocks combine, (gpu^p + host^p)^(1/p):
             ∞ would be the longer of the two; the fit says how much the queue hides.
         host_op_s / host_4bit_s: host seconds per micro-batch per tensor operation the
@@ -324,8 +325,8 @@ def adapted_features(spec: ModelSpec, setup: TrainSetup) -> int:
 
 def activation_features(spec: ModelSpec) -> float:
     """Σ over layers of every linear's out features (MoE: the top-k experts a token meets):
-    the activation elements per token that the elementwise work between matmuls (norms,
-    rotary, SiLU·mul, residual adds, casts) reads and writes."""
+    the activation elements per token that the elementwise work between matmuls (rotary,
+    SiLU·mul, residual adds, casts) reads and writes; the norms' are norm_features."""
     total = 0.0
     for linears, n_layers in spec.linears_by_layer_kind():
         per_layer = 0.0
