@@ -363,7 +363,7 @@ def plan(req: PlanRequest) -> Plan:
     suggestion = None if best else suggest(req)
     assumptions = [
         "speeds from zeroplan.speed, fitted on H100 and H200 steps (held-out error in "
-        "README); the host's per-layer cost was measured on Xeon hosts"
+        "README); the host's cost per dispatched operation was measured on Xeon hosts"
     ]
     assumptions.extend(req.cluster.notes)
     unfitted = family_note(req.spec)

@@ -474,9 +474,9 @@ def plan(
 
     Memory comes from the same estimate as `zeroplan estimate`; speed from zeroplan.speed,
     fitted on measured H100 and H200 steps: the GPU's FLOPs and memory traffic, the host's
-    per-layer costs, ZeRO's communication over the cluster's links (PCIe without P2P on RTX
-    4090s) and a CPU-offloaded optimizer at the node's cores. Nothing fits: it says which
-    cluster or change would.
+    cost per dispatched operation, ZeRO's communication over the cluster's links (PCIe
+    without P2P on RTX 4090s) and a CPU-offloaded optimizer at the node's cores. Nothing
+    fits: it says which cluster or change would.
     """
     from zeroplan.api import resolve_cluster
     from zeroplan.models import load_model
