@@ -31,6 +31,7 @@ import collections
 import json
 import sys
 import warnings
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,7 @@ def count(model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT
     return sum(counter.calls.values())
 
 
+@cache  # a model build per question: every count of the family asks it
 def attention(model_type: str) -> str:
     """sdpa, as transformers picks by default, or eager where the family has no sdpa path
     (Gemma 2: its attention soft-capping)."""
@@ -158,7 +160,7 @@ def per_layer(model_type: str, mode: str, dropout: float = LORA_DROPOUT) -> int:
     return count(model_type, 2, mode, dropout) - count(model_type, 1, mode, dropout)
 
 
-def family_counts(model_type: str) -> dict[str, int]:
+def family_counts(model_type: str) -> dict[str, int | str]:
     frozen = per_layer(model_type, "frozen")
     n = adapters_per_layer(model_type)
     lora_plain = per_layer(model_type, "lora", dropout=0.0)

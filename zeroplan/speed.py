@@ -186,11 +186,9 @@ DEQUANT_BYTES = 2.5
 HOST_BOUND_REPEAT_SPREAD = 2.03
 # The architectures (config model_type → the name users know) whose steps the constants
 # were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them
-# the host's clock still counts each architecture's own operations (hostops), checked in
-# benchmarks/results/check_*.jsonl: host-bound Gemma 2 and 3, Phi-3 and small Qwen3 shapes
-# within 24%, where a per-layer cost had Gemma 3 up to 73% too fast; the GPU's efficiency
-# is the fitted families' (Qwen3-0.6B full fine-tuning launched at 16 × 704 ran 12-19%
-# slower than predicted, Phi-3-mini LoRA 16-17%).
+# the host's clock still counts each architecture's own operations (hostops) and the GPU's
+# efficiency is the fitted families'; family_note says what that was checked against
+# (benchmarks/results/check_*.jsonl and the launched realdata_* runs).
 FITTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2.5", "qwen3": "Qwen3"}
 # Between nodes when the user does not say (--inter-node-gbs): 100 Gb/s Ethernet per GPU.
 DEFAULT_INTER_NODE_GBS = 12.5
