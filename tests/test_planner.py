@@ -252,6 +252,39 @@ def test_speed_constants_are_what_the_measured_rows_fit() -> None:
     for line in ("leave one GPU out", "2×H200, NCCL_P2P_DISABLE=1", "CPU Adam"):
         assert line in done.stdout
     assert "one-GPU shapes fitted on (the median of" in done.stdout
+    assert "held-out predictions of GPU-bound steps within" in done.stdout
+
+
+def test_fit_speed_quotes_the_90th_percentile_of_held_out_errors_by_bound() -> None:
+    """held_out_p90: the nearest-rank 90th percentile of |error|, host-bound and GPU-bound
+    steps apart, mixture-of-experts rows left out (family_note quotes them)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fit_speed
+
+    def row(model: str, mb: int) -> dict[str, object]:
+        env = {"gpu": "NVIDIA H200", "gpu_total_bytes": 150109880320}
+        return {
+            "model": model,
+            "method": "lora",
+            "micro_batch": mb,
+            "seq_len": 512,
+            "zero": None,
+            "grad_ckpt": False,
+            "lora_r": 16,
+            "lora_targets": "all-linear",
+            "lora_dropout": 0.05,
+            "optim": "adamw_torch_fused",
+            "attn": "sdpa",
+            "fused_loss": False,
+            "world_size": 1,
+            "env": env,
+        }
+
+    host = [(row("meta-llama/Llama-3.2-1B", 1), e / 100) for e in range(-10, 0)]
+    gpu = [(row("meta-llama/Llama-3.1-8B", 16), e / 100) for e in range(1, 21)]
+    moe = [(row("Qwen/Qwen3-30B-A3B", 1), 0.9)]
+    p90 = fit_speed.held_out_p90([*host, *gpu, *moe])
+    assert p90 == {True: (pytest.approx(0.09), 10), False: (pytest.approx(0.18), 20)}
 
 
 def test_fit_speed_reads_a_shape_measured_in_several_processes_as_their_median() -> None:
@@ -452,10 +485,25 @@ def test_estimate_says_when_the_host_sets_the_pace() -> None:
     assert speed["host_seconds_per_micro_batch"] > 3 * speed["gpu_seconds_per_micro_batch"]
     text = CliRunner().invoke(cli, small, env={"COLUMNS": "250"}).output
     assert "The host sets this step's pace" in text
+    # and how far such predictions were off on steps no fit saw, host-bound and not apart
+    assert speed["error_p90"] == speed_model.HELD_OUT_P90_HOST_BOUND
+    band = f"9 in 10 predictions of host-bound steps came within {speed['error_p90']:.0%}"
+    assert band in " ".join(text.split())  # one paragraph, wrapped
     large = ["estimate", "llama-3.1-8b", "--gpus", "1xH200", "--micro-batch", "4"]
     speed = json.loads(CliRunner().invoke(cli, [*large, "--json"]).output)["speed"]
     assert not speed["host_bound"]
-    assert "host sets" not in CliRunner().invoke(cli, large, env={"COLUMNS": "250"}).output
+    assert speed["error_p90"] == speed_model.HELD_OUT_P90_GPU_BOUND
+    text = CliRunner().invoke(cli, large, env={"COLUMNS": "250"}).output
+    assert "host sets" not in text
+    band = f"predictions of GPU-bound steps came within {speed['error_p90']:.0%}"
+    assert band in " ".join(text.split())
+    assert speed_model.HELD_OUT_P90_GPU_BOUND < speed_model.HELD_OUT_P90_HOST_BOUND
+    # the plan names its chosen step's band, and both bands among its assumptions
+    plan = ["plan", "llama-3.1-8b", "--gpus", "1xH200", "--seq-len", "2048"]
+    out = CliRunner().invoke(cli, [*plan, "--global-batch", "8"], env={"COLUMNS": "250"}).output
+    out = " ".join(out.split())
+    assert "(row 1); its step is GPU-bound, and 9 in 10 held-out predictions" in out
+    assert f", {speed_model.HELD_OUT_P90_HOST_BOUND:.0%} where the host does" in out
 
 
 def test_lora_keeps_the_bf16_base_and_shows_the_4bit_one_aside() -> None:

@@ -57,6 +57,32 @@ def test_report_says_when_the_plans_step_is_host_bound(run_dir: Path) -> None:
     assert "(plan 10,034); the plan's step is host-bound" in result.output
 
 
+def test_report_says_whether_the_speed_missed_by_more_than_held_out_predictions_did(
+    run_dir: Path,
+) -> None:
+    """plan.json's best.error_p90 (9 in 10 held-out predictions of such steps came within
+    it) against the run's median speed: within it the miss is the model's usual; outside
+    it the report says to look for what the model does not know. Older plans: no verdict."""
+    assert summarize(load_run(run_dir)).speed_within_band is None  # the recorded plan
+    plan_file = run_dir / "plan.json"
+    plan_json = json.loads(plan_file.read_text())
+    for band, verdict in ((0.09, False), (0.40, True)):
+        plan_json["best"]["error_p90"] = band
+        plan_file.write_text(json.dumps(plan_json))
+        s = summarize(load_run(run_dir))
+        # 10,034 planned against 7,725 measured: the plan was 30% too fast
+        assert s.speed_error == pytest.approx(10034.29 / 7725 - 1, abs=1e-4)
+        assert s.to_json()["speed_within_band"] is verdict
+        out = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "400"}).output
+        out = " ".join(out.split())
+        assert "the plan was 30% too fast" in out
+        if verdict:
+            assert "within 40%, as 9 in 10 held-out predictions of such steps were" in out
+        else:
+            assert "outside the 9% that 9 in 10 held-out predictions" in out
+            assert "look for what the speed model does not know" in out
+
+
 def test_report_writes_png_and_html_and_prints_the_table(run_dir: Path) -> None:
     result = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output

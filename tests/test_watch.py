@@ -556,6 +556,11 @@ def test_recorded_run_at_200_columns() -> None:
         bound, prediction=dataclasses.replace(bound.prediction, host_bound=True)
     )
     assert "tokens/s 8,828 (plan 10,034, host-bound)" in screen(bound, 200)
+    # and how close 9 in 10 held-out predictions of such steps came (plan.json error_p90)
+    banded = dataclasses.replace(
+        bound, prediction=dataclasses.replace(bound.prediction, error_p90=0.196)
+    )
+    assert "tokens/s 8,828 (plan 10,034 ±20%, host-bound)" in screen(banded, 200)
     rank3 = next(line for line in lines if line.strip().startswith("3    10"))
     assert "3m02s ago" in rank3 and "15.2 / 15.6" in rank3
     assert "1 unreadable metrics lines skipped" in text

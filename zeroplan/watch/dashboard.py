@@ -280,8 +280,9 @@ def _training(view: DashboardView, width: int) -> Any:
     lines.append(loss)
     tok = Text(f"tokens/s {_num(tr.tokens_per_s, ',.0f')}")
     if view.prediction and view.prediction.tokens_per_s:
+        band = f" ±{view.prediction.error_p90:.0%}" if view.prediction.error_p90 else ""
         bound = ", host-bound" if view.prediction.host_bound else ""
-        tok.append(f" (plan {view.prediction.tokens_per_s:,.0f}{bound})")
+        tok.append(f" (plan {view.prediction.tokens_per_s:,.0f}{band}{bound})")
     if tr.padding is not None:
         # tokens/s counts real tokens; padding is work it leaves out
         tok.append(f" · {tr.padding:.0%} padding")

@@ -90,6 +90,24 @@ class RunSummary:
     tokens_per_s_median: float | None  # all ranks together, median over steps
     predicted_tokens_per_s: float | None
     predicted_host_bound: bool = False
+    predicted_error_p90: float | None = None  # speed.StepTime.error_p90 of the plan's step
+
+    @property
+    def speed_error(self) -> float | None:
+        """predicted / measured tokens/s − 1 (+: the plan was too fast), as fit_speed.py
+        scores the speed model; None without both."""
+        if not self.tokens_per_s_median or not self.predicted_tokens_per_s:
+            return None
+        return self.predicted_tokens_per_s / self.tokens_per_s_median - 1
+
+    @property
+    def speed_within_band(self) -> bool | None:
+        """Whether the plan's speed missed by no more than 9 in 10 held-out predictions did;
+        None where either is unknown."""
+        err = self.speed_error
+        if err is None or self.predicted_error_p90 is None:
+            return None
+        return abs(err) <= self.predicted_error_p90
 
     def to_json(self) -> dict[str, Any]:
         """``zeroplan report --json``."""
@@ -115,6 +133,9 @@ class RunSummary:
             "tokens_per_s_median": self.tokens_per_s_median,
             "predicted_tokens_per_s": self.predicted_tokens_per_s,
             "predicted_host_bound": self.predicted_host_bound,
+            "predicted_error_p90": self.predicted_error_p90,
+            "speed_error": self.speed_error,
+            "speed_within_band": self.speed_within_band,
             "estimator_error": ESTIMATOR_ERROR,
         }
 
@@ -219,6 +240,7 @@ def summarize(data: RunData) -> RunSummary:
         tokens_per_s_median=statistics.median(tps) if tps else None,
         predicted_tokens_per_s=pred.tokens_per_s if pred else None,
         predicted_host_bound=pred.host_bound if pred else False,
+        predicted_error_p90=pred.error_p90 if pred else None,
     )
 
 
@@ -290,6 +312,15 @@ def render_summary(summary: RunSummary, console: Console) -> None:
     tps = f"{summary.tokens_per_s_median:,.0f}" if summary.tokens_per_s_median else "-"
     if summary.predicted_tokens_per_s:
         tps += f" (plan {summary.predicted_tokens_per_s:,.0f})"
+        err, band = summary.speed_error, summary.predicted_error_p90
+        if err is not None and band is not None:
+            tps += f"; the plan was {abs(err):.0%} too {'fast' if err > 0 else 'slow'}, " + (
+                f"within {band:.0%}, as 9 in 10 held-out predictions of such steps were"
+                if abs(err) <= band
+                else f"outside the {band:.0%} that 9 in 10 held-out predictions of such "
+                "steps stayed within: look for what the speed model does not know (data "
+                "loading, other processes, throttling, a slower host)"
+            )
         if summary.predicted_host_bound:
             tps += (
                 "; the plan's step is host-bound (Python and kernel launches set its pace), "
