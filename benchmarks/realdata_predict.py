@@ -1,6 +1,6 @@
 """Today's plan for the realdata_speed.py runs, against what those runs measured.
 
-    python benchmarks/realdata_predict.py
+    python benchmarks/realdata_predict.py [--check]
 
 The launched runs of ``realdata_h200_8b_gqa.jsonl`` and ``realdata_h200_1b_gqa.jsonl``
 (and the lean steps of ``realdata_h200_lean.jsonl``) ran the architectures of the catalog
@@ -10,11 +10,17 @@ for the setup each run used (micro-batch, seq-len and adapters from the run's pl
 prints predicted against measured: the lean step, the launched rate per token position,
 and the launched real tokens/s at each run's packing fill. It also prints what
 ``zeroplan plan`` would choose for the same job today, which may differ from what ran.
+Last, the |error| that 9 in 10 launched runs stayed within (nearest rank), which
+``speed.LAUNCHED_P90`` quotes; ``--check`` exits 1 when the two differ by more than a point
+(a test runs it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -71,7 +77,11 @@ RUNS = (
 )  # fmt: skip
 
 
-def main() -> None:
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when speed.LAUNCHED_P90 drifts")
+    args = p.parse_args()
+    errors: list[float] = []
     vocab = len(tinyllm.build_tokenizer())
     lean = {method: seconds for method, (_, seconds) in realdata_lean().items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +127,7 @@ def main() -> None:
                     at = with_links(cluster, cpu_cores_per_node=int(threads) * ranks)
                     run_step = speed.step_time(spec, setup, at)
                 predicted = run_step.tokens_per_s * r["fill"]
+                errors.append(predicted / measured - 1)
                 label = r["data"] + (f", {threads} thread(s)/rank" if threads else "")
                 print(
                     f"  launched on {label:9}: predicted {predicted:9,.0f} real tokens/s, "
@@ -135,7 +146,16 @@ def main() -> None:
                     f"{s.micro_batch} x {s.grad_accum}, checkpointing {s.grad_ckpt}, fused loss "
                     f"{s.fused_loss}: {today.best.step.tokens_per_s:,.0f} tokens/s per position"
                 )
+    worst = sorted(abs(e) for e in errors)
+    p90 = worst[math.ceil(0.9 * len(worst)) - 1]
+    drifted = abs(p90 - speed.LAUNCHED_P90) > 0.01
+    print(
+        f"\n9 in 10 of the {len(errors)} launched runs within {p90:.1%} of the predicted real "
+        f"tokens/s (median {statistics.median(worst):.1%}, worst {max(errors, key=abs):+.1%})"
+        + (f"; speed.LAUNCHED_P90 is {speed.LAUNCHED_P90:.1%}: DRIFTED" if drifted else "")
+    )
+    return 1 if args.check and drifted else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -60,8 +60,8 @@ def test_report_says_when_the_plans_step_is_host_bound(run_dir: Path) -> None:
 def test_report_says_whether_the_speed_missed_by_more_than_held_out_predictions_did(
     run_dir: Path,
 ) -> None:
-    """plan.json's best.error_p90 (9 in 10 held-out predictions of such steps came within
-    it) against the run's median speed: within it the miss is the model's usual; outside
+    """plan.json's best.error_p90 (9 in 10 predictions like it came within it on runs no
+    fit saw) against the run's median speed: within it the miss is the model's usual; outside
     it the report says to look for what the model does not know. Older plans: no verdict."""
     assert summarize(load_run(run_dir)).speed_within_band is None  # the recorded plan
     plan_file = run_dir / "plan.json"
@@ -77,9 +77,9 @@ def test_report_says_whether_the_speed_missed_by_more_than_held_out_predictions_
         out = " ".join(out.split())
         assert "the plan was 30% too fast" in out
         if verdict:
-            assert "within 40%, as 9 in 10 held-out predictions of such steps were" in out
+            assert "within 40%, as 9 in 10 predictions like it were on runs no fit saw" in out
         else:
-            assert "outside the 9% that 9 in 10 held-out predictions" in out
+            assert "outside the 9% that 9 in 10 predictions like it stayed within" in out
             assert "look for what the speed model does not know" in out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
-from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
+from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD, LAUNCHED_P90
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -139,8 +139,15 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         )
         bound = "host-bound" if speed["host_bound"] else "GPU-bound"
         band = (
-            f"On steps no fit saw, 9 in 10 predictions of {bound} steps came within "
-            f"{speed['error_p90']:.0%} of the measured speed."
+            f"On runs no fit saw, 9 in 10 predictions like this came within "
+            f"{speed['error_p90']:.0%} of the measured speed ({bound} steps timed alone: "
+            f"{speed['step_error_p90']:.0%}"
+            + (
+                f"; launched runs on real records: {LAUNCHED_P90:.0%}"
+                if speed["launch_seconds"] > 0
+                else ""
+            )
+            + ")."
         )
         if speed["host_bound"]:
             console.print(
@@ -285,9 +292,9 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
         line += "; --price-per-gpu-hour to use yours)" if source != "--price-per-gpu-hour" else ")"
         console.print(escape(line))
     console.print(
-        f"[green]Chosen:[/green] {rows[0]['family']} (row 1); its step is "
-        f"{'host' if best['host_bound'] else 'GPU'}-bound, and 9 in 10 held-out predictions of "
-        f"such steps came within {best['error_p90']:.0%} of the measured speed."
+        f"[green]Chosen:[/green] {rows[0]['family']} (row 1): 9 in 10 predictions like it "
+        f"came within {best['error_p90']:.0%} of the measured speed on runs no fit saw (its "
+        f"step is {'host' if best['host_bound'] else 'GPU'}-bound)."
     )
     alt = data.get("quantized_alternative")
     if alt:

@@ -102,8 +102,8 @@ class RunSummary:
 
     @property
     def speed_within_band(self) -> bool | None:
-        """Whether the plan's speed missed by no more than 9 in 10 held-out predictions did;
-        None where either is unknown."""
+        """Whether the plan's speed missed by no more than 9 in 10 predictions like it did
+        on runs no fit saw (plan.json's error_p90); None where either is unknown."""
         err = self.speed_error
         if err is None or self.predicted_error_p90 is None:
             return None
@@ -315,10 +315,10 @@ def render_summary(summary: RunSummary, console: Console) -> None:
         err, band = summary.speed_error, summary.predicted_error_p90
         if err is not None and band is not None:
             tps += f"; the plan was {abs(err):.0%} too {'fast' if err > 0 else 'slow'}, " + (
-                f"within {band:.0%}, as 9 in 10 held-out predictions of such steps were"
+                f"within {band:.0%}, as 9 in 10 predictions like it were on runs no fit saw"
                 if abs(err) <= band
-                else f"outside the {band:.0%} that 9 in 10 held-out predictions of such "
-                "steps stayed within: look for what the speed model does not know (data "
+                else f"outside the {band:.0%} that 9 in 10 predictions like it stayed within on "
+                "runs no fit saw: look for what the speed model does not know (data "
                 "loading, other processes, throttling, a slower host)"
             )
         if summary.predicted_host_bound:

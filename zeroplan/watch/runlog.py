@@ -56,8 +56,8 @@ class Prediction:
     # the host's clock sets the step's pace (speed.StepTime.host_bound): a measured speed
     # far from tokens_per_s may be the run's process rather than the model
     host_bound: bool = False
-    # 9 in 10 held-out predictions of such steps came within this fraction of the measured
-    # speed (speed.StepTime.error_p90); None for a plan.json written before it was recorded
+    # 9 in 10 predictions like it came within this fraction of the measured speed on runs
+    # no fit saw (speed.StepTime.error_p90); None in a plan.json from before it was kept
     error_p90: float | None = None
 
 
