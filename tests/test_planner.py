@@ -533,7 +533,7 @@ def test_launched_band_is_what_the_launched_runs_measured() -> None:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "9 in 10 of the 20 launched runs within" in done.stdout
+    assert "9 in 10 of the 26 launched runs within" in done.stdout
 
 
 def test_lora_keeps_the_bf16_base_and_shows_the_4bit_one_aside() -> None:

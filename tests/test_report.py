@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from zeroplan.commands.cli import cli, main
-from zeroplan.watch.report import load_run, peaks_kept, summarize
+from zeroplan.watch.report import load_run, peaks_kept, speed_verdict, summarize
 
 RECORDED = Path(__file__).parent / "data" / "watch_run"
 GIB = 2**30
@@ -77,10 +77,15 @@ def test_report_says_whether_the_speed_missed_by_more_than_held_out_predictions_
         out = " ".join(out.split())
         assert "the plan was 30% too fast" in out
         if verdict:
-            assert "within 40%, as 9 in 10 predictions like it were on runs no fit saw" in out
+            assert "within the 40% that 9 in 10 predictions like it stayed within" in out
         else:
-            assert "outside the 9% that 9 in 10 predictions like it stayed within" in out
+            assert "beyond the 9% that 9 in 10 predictions like it stayed within" in out
             assert "look for what the speed model does not know" in out
+    # a run faster than the plan by more than the band: the model under-rates the setup
+    assert "under-rates this setup" in speed_verdict(-0.22, 0.196)
+    assert speed_verdict(-0.05, 0.196).endswith(
+        "within the 20% that 9 in 10 predictions like it stayed within"
+    )
 
 
 def test_report_writes_png_and_html_and_prints_the_table(run_dir: Path) -> None:
