@@ -236,23 +236,29 @@ def test_cli_plan_nothing_fits_exit_1_and_bad_count_exit_2() -> None:
     assert bad.stderr.startswith("zeroplan: error:") and "50M" in bad.stderr
 
 
-def test_speed_constants_are_what_the_measured_rows_fit() -> None:
-    """benchmarks/fit_speed.py --check fails when zeroplan/speed.py drifts from the data."""
+def checked(script: str) -> str:
+    """What ``benchmarks/<script> --check`` printed; it must have passed."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/fit_speed.py", "--check"],
+        [sys.executable, f"benchmarks/{script}", "--check"],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "efficiency" in done.stdout
+    return done.stdout
+
+
+def test_speed_constants_are_what_the_measured_rows_fit() -> None:
+    """benchmarks/fit_speed.py --check fails when zeroplan/speed.py drifts from the data."""
+    out = checked("fit_speed.py")
+    assert "efficiency" in out
     # and reports the error on rows each refit did not see
     for line in ("leave one model family out", "Qwen2.5 held out", "seq 4096 held out"):
-        assert line in done.stdout
+        assert line in out
     for line in ("leave one GPU out", "2×H200, NCCL_P2P_DISABLE=1", "CPU Adam"):
-        assert line in done.stdout
-    assert "one-GPU shapes fitted on (the median of" in done.stdout
-    assert "held-out predictions of GPU-bound steps within" in done.stdout
+        assert line in out
+    assert "one-GPU shapes fitted on (the median of" in out
+    assert "held-out predictions of GPU-bound steps within" in out
 
 
 def test_fit_speed_quotes_the_90th_percentile_of_held_out_errors_by_bound() -> None:
@@ -526,14 +532,7 @@ def test_a_lean_steps_band_is_the_steps_own_and_a_launched_one_the_wider() -> No
 def test_launched_band_is_what_the_launched_runs_measured() -> None:
     """benchmarks/realdata_predict.py --check fails when speed.LAUNCHED_P90 drifts from the
     launched real-data runs against their predictions."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/realdata_predict.py", "--check"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "9 in 10 of the 26 launched runs within" in done.stdout
+    assert "9 in 10 of the 26 launched runs within" in checked("realdata_predict.py")
 
 
 def test_lora_keeps_the_bf16_base_and_shows_the_4bit_one_aside() -> None:
