@@ -517,6 +517,19 @@ def test_estimate_says_when_the_host_sets_the_pace() -> None:
     assert f"launched runs on real records within {k.LAUNCHED_P90:.0%} of their plan" in out
 
 
+def test_a_card_no_step_was_timed_on_is_named_beside_the_speed() -> None:
+    """The constants and the bands come from H100 and H200 steps: estimate (a note) and plan
+    (an assumption) say so for any other card, and not for those two."""
+    note = "no step was timed on this card (RTX-4090)"
+    est = CliRunner().invoke(cli, ["estimate", "llama-3.2-1b", "--gpus", "1x4090", "--json"])
+    assert any(note in n for n in json.loads(est.output)["notes"])
+    req = PlanRequest(spec=L8, cluster=parse_cluster("7x4090"), seq_len=2048, global_batch=112)
+    assert any(note in a for a in plan(req).assumptions)
+    for gpus in ("1xH200", "2xH100-SXM-80GB"):
+        est = CliRunner().invoke(cli, ["estimate", "llama-3.2-1b", "--gpus", gpus, "--json"])
+        assert not any("no step was timed" in n for n in json.loads(est.output)["notes"])
+
+
 def test_a_lean_steps_band_is_the_steps_own_and_a_launched_one_the_wider() -> None:
     """StepTime.error_p90: a step timed alone carries its bound's held-out band; a launched
     step (launch_s > 0) the wider of that and the launched runs' (speed.LAUNCHED_P90)."""

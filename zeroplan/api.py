@@ -14,7 +14,7 @@ from zeroplan.hardware import Cluster, local_cluster, parse_cluster, with_links
 from zeroplan.memory import MemoryEstimate
 from zeroplan.memory import estimate as _estimate
 from zeroplan.models import ModelSpec, load_model
-from zeroplan.speed import family_note, link_gbs, step_time
+from zeroplan.speed import family_note, gpu_note, link_gbs, step_time
 from zeroplan.trainsetup import TrainSetup, parse_targets
 
 DEFAULT_GPUS = "1xH100"
@@ -68,10 +68,10 @@ def estimate(
     cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
     chosen = setup if setup is not None else make_setup(**options)
     est = _estimate(spec, cluster, chosen)
-    unfitted = family_note(spec)
+    unchecked = tuple(n for n in (family_note(spec), gpu_note(cluster.gpu.name)) if n)
     return dataclasses.replace(
         est,
         speed=step_time(spec, chosen, cluster, fill),
         link_gbs=link_gbs(cluster),
-        notes=est.notes + ((unfitted,) if unfitted else ()),
+        notes=est.notes + unchecked,
     )

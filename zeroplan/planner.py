@@ -40,6 +40,7 @@ from zeroplan.speed import (
     LAUNCHED_P90,
     StepTime,
     family_note,
+    gpu_note,
     step_time,
 )
 from zeroplan.trainsetup import ALL_LINEAR, METHODS, TrainSetup, resolve_precision
@@ -376,9 +377,7 @@ def plan(req: PlanRequest) -> Plan:
         "(README); the host's cost per dispatched operation was measured on Xeon hosts"
     ]
     assumptions.extend(req.cluster.notes)
-    unfitted = family_note(req.spec)
-    if unfitted:
-        assumptions.append(unfitted)
+    assumptions += [n for n in (family_note(req.spec), gpu_note(req.cluster.gpu.name)) if n]
     if req.precision == "fp16":
         assumptions.append(
             f"fp16 mixed precision{'' if req.cluster.gpu.bf16 else f' ({req.cluster.gpu.name} has no bf16)'}: "

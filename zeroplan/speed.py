@@ -266,6 +266,21 @@ class StepTime:
         }
 
 
+# The cards every timed step the constants and the bands come from ran on.
+MEASURED_GPUS = ("H100-SXM-80GB", "H200-SXM-141GB")
+
+
+def gpu_note(gpu: str) -> str | None:
+    """What to tell the user when no step on their card backs the speed model."""
+    if gpu in MEASURED_GPUS:
+        return None
+    return (
+        f"speed: no step was timed on this card ({gpu}); the prediction scales the H100/H200 "
+        "fit by the card's catalogued peak and bandwidth, and its error band was measured on "
+        f"{' and '.join(MEASURED_GPUS)} only"
+    )
+
+
 def family_note(spec: ModelSpec) -> str | None:
     """What to tell the user when the speed model never saw the model's architecture."""
     if spec.model_type in FITTED_FAMILIES:
