@@ -201,12 +201,17 @@ def estimate(
     overlong: str | None,
     **options: Any,
 ) -> None:
-    """Per-GPU memory of fine-tuning MODEL: every term, the peak, and whether it fits.
+    """Per-GPU memory of fine-tuning MODEL: every term, the peak, and whether it fits;
+    then the step's predicted speed.
 
     MODEL is a Hub id (meta-llama/Llama-3.1-8B-Instruct), an alias from `zeroplan models`
     (llama-3.1-8b-instruct), or a path to a config.json or a model folder. The built-in
     catalog answers without network; other Hub ids are read from the local HF cache or
     the Hub. Numbers are for the worst-loaded GPU, in GiB (2^30 bytes).
+
+    The speed is the launched trainer's step on full-length sequences (--data: on your
+    records, packed), with how close 9 in 10 predictions like it came to the measured
+    speed on runs no fit saw (README: How fast).
     """
     from zeroplan.api import estimate as run_estimate
     from zeroplan.models import load_model
