@@ -330,18 +330,16 @@ def speed_verdict(err: float, band: float) -> str:
     a slower run has a cause the speed model does not know; a faster one, a setup it
     under-rates."""
     missed = f"the plan was {abs(err):.0%} too {'fast' if err > 0 else 'slow'}"
+    usual = f"the {band:.0%} that 9 in 10 predictions like it stayed within"
     if abs(err) <= band:
-        return f"{missed}, within the {band:.0%} that 9 in 10 predictions like it stayed within"
-    if err > 0:
-        return (
-            f"{missed}, beyond the {band:.0%} that 9 in 10 predictions like it stayed within: "
-            "look for what the speed model does not know (data loading, other processes, "
-            "throttling, a slower host)"
-        )
-    return (
-        f"{missed}, beyond the {band:.0%} that 9 in 10 predictions like it stayed within: "
-        "the speed model under-rates this setup, and may have ranked others above it"
+        return f"{missed}, within {usual}"
+    why = (
+        "look for what the speed model does not know (data loading, other processes, "
+        "throttling, a slower host)"
+        if err > 0
+        else "the speed model under-rates this setup, and may have ranked others above it"
     )
+    return f"{missed}, beyond {usual}: {why}"
 
 
 def peaks_kept(points: list[tuple[float, float]], most: int) -> list[tuple[float, float]]:
