@@ -26,7 +26,8 @@ Seven constants are measured, not fitted, each on named rows:
   same shape (realdata_h200_lean.jsonl).
 
 ``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
-any constant (a test runs it). Then the error that counts: predicted tokens/s against
+any constant, when its FITTED_FAMILIES are not the rows' families, or when its held-out
+bands (HELD_OUT_P90_*) are a point off (a test runs it). Then the error that counts: predicted tokens/s against
 measured on rows each refit did NOT see (leave one model family out, one GPU out, one
 sequence length out, one micro-batch size out; a fold that leaves fewer than two rows per
 constant is no fit, and says so), and on the rows no fit uses (DeepSpeed on one GPU, two
@@ -706,6 +707,12 @@ def holdout_report(
     return table, scored
 
 
+def p90(values: list[float]) -> float:
+    """The 90th percentile, nearest rank: the smallest value 9 in 10 of ``values`` are at or
+    below (speed.py's bands; realdata_predict.py's launched one)."""
+    return sorted(values)[math.ceil(0.9 * len(values)) - 1]
+
+
 def held_out_p90(scored: Scored) -> dict[bool, tuple[float, int]]:
     """By host_bound (speed.StepTime.host_bound of the row's lean step): the |error| that
     9 in 10 of the scored predictions stayed within (the 90th percentile, nearest rank),
@@ -717,11 +724,7 @@ def held_out_p90(scored: Scored) -> dict[bool, tuple[float, int]]:
         if spec.moe is None:
             bound = speed.step_time(spec, setup_of(r), cluster_of(r), launched=False).host_bound
             by[bound].append(abs(e))
-    return {
-        bound: (sorted(errs)[math.ceil(0.9 * len(errs)) - 1], len(errs))
-        for bound, errs in by.items()
-        if errs
-    }
+    return {bound: (p90(errs), len(errs)) for bound, errs in by.items() if errs}
 
 
 def _grouped(
@@ -847,6 +850,13 @@ def main() -> int:
         print(
             f"speed.FITTED_FAMILIES is {sorted(speed.FITTED_FAMILIES)}, the fitted rows' are {sorted(families)}"
         )
+    # gpu_note names the cards behind the constants and bands: every row's, fitted or not
+    cards = {cluster_of(r).gpu.name for r in rows}
+    if cards != set(speed.MEASURED_GPUS):
+        bad = True
+        print(
+            f"speed.MEASURED_GPUS is {sorted(speed.MEASURED_GPUS)}, the rows' are {sorted(cards)}"
+        )
     if args.check and bad:
         print(
             "zeroplan/speed.py's FITTED differs from the fit by more than 5%: paste the values above"
@@ -870,12 +880,12 @@ def main() -> int:
     print_table(table, args.markdown)
     # what estimate, plan and report tell users a prediction is good for
     quoted = {True: speed.HELD_OUT_P90_HOST_BOUND, False: speed.HELD_OUT_P90_GPU_BOUND}
-    for bound, (p90, n) in sorted(held_out_p90(scored).items()):
+    for bound, (band, n) in sorted(held_out_p90(scored).items()):
         name = "host-bound" if bound else "GPU-bound"
-        off = abs(p90 - quoted[bound]) > 0.01
+        off = abs(band - quoted[bound]) > 0.01
         bad |= off
         print(
-            f"\n9 in 10 of the {n} held-out predictions of {name} steps within {p90:.1%}"
+            f"\n9 in 10 of the {n} held-out predictions of {name} steps within {band:.1%}"
             + (f"; speed.py quotes {quoted[bound]:.1%}: DRIFTED" if off else "")
         )
     firsts = [error(r, speed.FITTED) for r in raw if is_fit_row(r) and r["_first"]]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import tinyllm  # noqa: E402
-from fit_speed import realdata_lean  # noqa: E402  (the same lean steps the fit reads)
+from fit_speed import p90, realdata_lean  # noqa: E402  (the fit's lean steps and P90)
 
 from zeroplan import speed  # noqa: E402
 from zeroplan.hardware import parse_cluster, with_links  # noqa: E402
@@ -151,12 +150,12 @@ def main() -> int:
                     f"{s.micro_batch} x {s.grad_accum}, checkpointing {s.grad_ckpt}, fused loss "
                     f"{s.fused_loss}: {today.best.step.tokens_per_s:,.0f} tokens/s per position"
                 )
-    worst = sorted(abs(e) for e in errors)
-    p90 = worst[math.ceil(0.9 * len(worst)) - 1]
-    drifted = abs(p90 - speed.LAUNCHED_P90) > 0.01
+    misses = [abs(e) for e in errors]
+    band = p90(misses)
+    drifted = abs(band - speed.LAUNCHED_P90) > 0.01
     print(
-        f"\n9 in 10 of the {len(errors)} launched runs within {p90:.1%} of the predicted real "
-        f"tokens/s (median {statistics.median(worst):.1%}, worst {max(errors, key=abs):+.1%})"
+        f"\n9 in 10 of the {len(errors)} launched runs within {band:.1%} of the predicted real "
+        f"tokens/s (median {statistics.median(misses):.1%}, worst {max(errors, key=abs):+.1%})"
         + (f"; speed.LAUNCHED_P90 is {speed.LAUNCHED_P90:.1%}: DRIFTED" if drifted else "")
     )
     return 1 if args.check and drifted else 0
