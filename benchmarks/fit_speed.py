@@ -26,8 +26,8 @@ Seven constants are measured, not fitted, each on named rows:
   same shape (realdata_h200_lean.jsonl).
 
 ``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
-any constant, when its FITTED_FAMILIES are not the rows' families, or when its held-out
-bands (HELD_OUT_P90_*) are a point off (a test runs it). Then the error that counts: predicted tokens/s against
+any constant, when its FITTED_FAMILIES or MEASURED_GPUS are not the rows' families and
+cards, or when its held-out bands (HELD_OUT_P90_*) are a point off (a test runs it). Then the error that counts: predicted tokens/s against
 measured on rows each refit did NOT see (leave one model family out, one GPU out, one
 sequence length out, one micro-batch size out; a fold that leaves fewer than two rows per
 constant is no fit, and says so), and on the rows no fit uses (DeepSpeed on one GPU, two
