@@ -324,6 +324,24 @@ GRIDS["h200-repeat7"] = repeat_lines(
         (L1, "lora", "", "2x128"),
     ]
 )
+# The same rule at a lower bar, after h200-repeat7: every one-GPU fit shape with three
+# readings or fewer that still differ by more than 30% (max/min - 1) gets two more, one
+# process in each order: 16 shapes, chosen by their spread, not by the model's error. A
+# median of three that far apart can sit 15% from the shape's typical step, which alone
+# puts a held-out prediction near the 35% the issue allows.
+GRIDS["h200-repeat9"] = repeat_lines(
+    [
+        (L1, "lora", "", "2x512,1x2048,1x512a8,1x512a4,1x128c"),
+        (L3, "lora", "", "4x512,2x128,1x128c"),
+        (L3, "qlora", "", "2x2048,1x128"),
+        (Q05, "full", "", "2x512"),
+        (Q05, "lora", "", "16x512"),
+        (L1, "qlora", "", "2x512"),
+        (L8, "qlora", "", "1x768a4"),
+        (Q7, "lora", "", "1x1024"),
+        (Q3, "lora", "", "4x512"),
+    ]
+)
 # One GPU: 8-bit AdamW on small models of another family than Qwen2.5. Its step costs more
 # than its bytes on a 0.5 B model (about 0.1 ms per parameter tensor, by Qwen2.5-0.5B's and
 # -1.5B's rows against the 7-8 B models'), and with Qwen2.5 held out only 7-8 B models are

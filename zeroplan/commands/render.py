@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
-from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD, LAUNCHED_P90
+from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -143,7 +143,7 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
             f"{speed['error_p90']:.0%} of the measured speed ({bound} steps timed alone: "
             f"{speed['step_error_p90']:.0%}"
             + (
-                f"; launched runs on real records: {LAUNCHED_P90:.0%}"
+                f"; launched runs on real records: {speed['launched_error_p90']:.0%}"
                 if speed["launch_seconds"] > 0
                 else ""
             )
