@@ -102,6 +102,15 @@ RUNS = (
         )
         for catalog, method, batch in jobs
     ),
+    # four more jobs never launched, run after the two launched bands were set from the
+    # runs above: their check on runs they had not seen
+    *(
+        Launched(catalog, method, "realdata_h200_bandcheck.jsonl", batch)
+        for catalog, method, batch in (
+            ("Qwen--Qwen2.5-1.5B", "full", 2), ("Qwen--Qwen2.5-1.5B", "qlora", 4),
+            ("meta-llama--Llama-3.2-3B", "qlora", 16), ("Qwen--Qwen2.5-0.5B", "lora", 16),
+        )
+    ),
 )  # fmt: skip
 
 

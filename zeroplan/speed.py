@@ -193,12 +193,14 @@ HELD_OUT_P90_GPU_BOUND = 0.090
 HELD_OUT_P90_HOST_BOUND = 0.196
 # The same for whole launched runs on real records against their plan's real tokens/s
 # (benchmarks/realdata_predict.py; its --check fails when they drift), host-bound and
-# GPU-bound steps apart: 23 runs of GPU-bound steps (10 jobs, one and two H200s) and 25 of
-# host-bound ones (12 jobs: micro-batches of 2-4 × 704 tokens on one H200, ZeRO-3 on two,
-# Gemma 3 1B). They hold what a step timed alone leaves out: the trainer's own cost, the
-# records' lengths and packing, the launch's threads and DeepSpeed.
+# GPU-bound steps apart: 25 runs of GPU-bound steps (11 jobs, one and two H200s) and 31 of
+# host-bound ones (15 jobs: micro-batches of 2-4 × 704 tokens and Qwen2.5-0.5B LoRA at 16 on
+# one H200, ZeRO-3 on two, Gemma 3 1B). They hold what a step timed alone leaves out: the
+# trainer's own cost, the records' lengths and packing, the launch's threads and DeepSpeed.
+# The host-bound band is wide because of one pattern the model does not yet have: small
+# Qwen2.5 models' launched LoRA and QLoRA runs, predicted a median 20% too fast.
 LAUNCHED_P90_GPU_BOUND = 0.186
-LAUNCHED_P90_HOST_BOUND = 0.213
+LAUNCHED_P90_HOST_BOUND = 0.272
 # The architectures (config model_type → the name users know) whose steps the constants
 # were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them
 # the host's clock still counts each architecture's own operations (hostops) and the GPU's
