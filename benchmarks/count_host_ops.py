@@ -20,6 +20,13 @@ count with one:
 
     python benchmarks/count_host_ops.py            # writes zeroplan/catalog/host_ops.json
     python benchmarks/count_host_ops.py --check    # exit 1 when the file differs from a recount
+    python benchmarks/count_host_ops.py --packed   # exit 1 when a packed step counts otherwise
+
+The table is counted on padded rows with sdpa; ``zeroplan launch`` trains packed rows laid
+end to end with varlen attention (zeroplan.launch.batching). ``--packed`` counts every sdpa
+family's layer that way too (position_ids and segment boundaries in the batch, one
+attention call standing for the CUDA varlen kernel, which the CPU cannot run) and fails
+where the two differ by more than a tenth.
 
 Needs torch, transformers and peft (the [train] extra); runs on CPU in about a minute.
 """
@@ -89,9 +96,44 @@ def config_for(model_type: str, layers: int) -> Any:
     return AutoConfig.for_model(**cfg)
 
 
-def count(model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT) -> int:
+# Segment lengths of the packed row --packed counts (TOKENS in all).
+PACKED_SEGMENTS = (200, 150, 162)
+PACKED_IMPL = "zeroplan_count_varlen"
+
+
+def _one_call_varlen(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+) -> tuple[Any, None]:
+    """The varlen kernel's place in a packed step, as one attention call: on CUDA
+    zeroplan_varlen is one flash call per layer whatever the segments; its CPU fallback
+    loops over them."""
+    import torch.nn.functional as F
+
+    groups = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=kwargs.get("scaling"), enable_gqa=groups > 1
+    )
+    return out.transpose(1, 2), None
+
+
+@cache
+def _register_packed() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from zeroplan.launch.batching import _no_mask
+
+    AttentionInterface.register(PACKED_IMPL, _one_call_varlen)
+    AttentionMaskInterface.register(PACKED_IMPL, _no_mask)
+    return PACKED_IMPL
+
+
+def count(
+    model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT, packed: bool = False
+) -> int:
     """ATen calls that return a new tensor in one forward and backward of a ``layers``-layer
-    model: mode "frozen", "full" or "lora" (all-linear, ``dropout``)."""
+    model: mode "frozen", "full" or "lora" (all-linear, ``dropout``); ``packed``: one row of
+    PACKED_SEGMENTS with their position_ids and boundaries, as zeroplan launch packs."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import AutoModelForCausalLM
@@ -110,9 +152,8 @@ def count(model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT
 
     torch.manual_seed(0)
     config = config_for(model_type, layers)
-    model = AutoModelForCausalLM.from_config(
-        config, dtype=torch.bfloat16, attn_implementation=attention(model_type)
-    )
+    impl = _register_packed() if packed else attention(model_type)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=impl)
     model.config.use_cache = False
     model.train()
     if mode == "lora":
@@ -126,10 +167,23 @@ def count(model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT
     else:
         model.requires_grad_(True)
     ids = torch.randint(3, 512, (1, TOKENS))
+    batch: dict[str, Any] = {}
+    if packed:
+        bounds = [0]
+        for n in PACKED_SEGMENTS:
+            bounds.append(bounds[-1] + n)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        batch = {
+            "position_ids": torch.tensor([[p for n in PACKED_SEGMENTS for p in range(n)]]),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max(PACKED_SEGMENTS),
+            "max_length_k": max(PACKED_SEGMENTS),
+        }
     for _ in range(2):  # the first call builds caches (rotary, masks) the second reuses
         counter = Counter()
         with counter:
-            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=ids, **batch).loss.backward()
     return sum(counter.calls.values())
 
 
@@ -156,8 +210,27 @@ def adapters_per_layer(model_type: str) -> int:
     return sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A") and ".layers." in n)
 
 
-def per_layer(model_type: str, mode: str, dropout: float = LORA_DROPOUT) -> int:
-    return count(model_type, 2, mode, dropout) - count(model_type, 1, mode, dropout)
+def per_layer(
+    model_type: str, mode: str, dropout: float = LORA_DROPOUT, packed: bool = False
+) -> int:
+    return count(model_type, 2, mode, dropout, packed) - count(model_type, 1, mode, dropout, packed)
+
+
+def packed_differences(model_type: str) -> dict[str, tuple[int, int]]:
+    """Per-layer counts (padded, packed) for frozen, full and LoRA layers where they
+    differ; empty where a packed step costs the host what the table counts. LoRA without
+    dropout where PEFT refuses it (MoE expert banks)."""
+    out = {}
+    for mode in ("frozen", "full", "lora"):
+        try:
+            padded = per_layer(model_type, mode)
+            packed = per_layer(model_type, mode, packed=True)
+        except ValueError:
+            padded = per_layer(model_type, mode, dropout=0.0)
+            packed = per_layer(model_type, mode, dropout=0.0, packed=True)
+        if padded != packed:
+            out[mode] = (padded, packed)
+    return out
 
 
 def family_counts(model_type: str) -> dict[str, int | str]:
@@ -206,11 +279,27 @@ def recount() -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare with the file, write nothing")
+    p.add_argument(
+        "--packed",
+        action="store_true",
+        help="count each sdpa family's layer on a packed row too; exit 1 where it differs",
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.packed:
+        # the tolerance test_hostops holds the table to against a recount
+        far = False
+        for model_type in models.supported_architectures():
+            if attention(model_type) != "sdpa":
+                print(f"{model_type:12} {attention(model_type)} attention: not counted packed")
+                continue
+            diff = packed_differences(model_type)
+            far |= any(abs(b - a) > 0.1 * a for a, b in diff.values())
+            print(f"{model_type:12} " + (f"padded, packed per layer: {diff}" if diff else "same"))
+        return 1 if far else 0
     fresh = recount()
     if args.check:
         old = json.loads(OUT.read_text())["families"]

@@ -63,6 +63,19 @@ def test_the_counted_operations_are_what_the_installed_modelling_code_runs(
         assert fresh[field] == pytest.approx(getattr(table, field), rel=0.1), field
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_packed_step_runs_the_operations_the_table_counts(model_type: str) -> None:
+    """zeroplan launch trains packed rows laid end to end with varlen attention, the table
+    counts padded rows with sdpa: per layer the two dispatch the same operations
+    (count_host_ops.py --packed, every sdpa family)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_host_ops
+
+    assert count_host_ops.packed_differences(model_type) == {}
+
+
 def test_the_gpu_clock_counts_the_norms_each_architecture_runs() -> None:
     from zeroplan.speed import norm_features
 
