@@ -167,23 +167,20 @@ def count(
     else:
         model.requires_grad_(True)
     ids = torch.randint(3, 512, (1, TOKENS))
-    batch: dict[str, Any] = {}
-    if packed:
-        bounds = [0]
-        for n in PACKED_SEGMENTS:
-            bounds.append(bounds[-1] + n)
-        cu = torch.tensor(bounds, dtype=torch.int32)
-        batch = {
-            "position_ids": torch.tensor([[p for n in PACKED_SEGMENTS for p in range(n)]]),
-            "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu,
-            "max_length_q": max(PACKED_SEGMENTS),
-            "max_length_k": max(PACKED_SEGMENTS),
-        }
+    batch: dict[str, Any] = {"input_ids": ids, "labels": ids}
+    if packed:  # the launch's own collator lays the row out and marks its segments
+        from zeroplan.launch.batching import PackedCollator
+
+        row = ids[0].tolist()
+        positions = [p for n in PACKED_SEGMENTS for p in range(n)]
+        batch = PackedCollator(pad_id=0, capacity=TOKENS, layout="flat")(
+            [{"input_ids": row, "labels": row, "position_ids": positions}]
+        )
+        del batch["zp_real_tokens"], batch["zp_slots"]
     for _ in range(2):  # the first call builds caches (rotary, masks) the second reuses
         counter = Counter()
         with counter:
-            model(input_ids=ids, labels=ids, **batch).loss.backward()
+            model(**batch).loss.backward()
     return sum(counter.calls.values())
 
 

@@ -320,6 +320,7 @@ def fit(
     # constant cannot lose a minimum found before): the best of them
     current = [getattr(base, name) for name in FITTED_FIELDS]
     best: list[float] | None = None
+    best_value = math.inf
     for origin in (*STARTS, current) if warm else STARTS:
         x = [to_x(v, i) for i, v in enumerate(origin) if i in free]
         value = f(x)
@@ -328,8 +329,8 @@ def fit(
             value, before = f(x), value
             if before - value < 1e-9:
                 break
-        if best is None or value < f(best):
-            best = x
+        if best is None or value < best_value:
+            best, best_value = x, value
     assert best is not None
     return with_fitted(values(full(best)), base)
 
