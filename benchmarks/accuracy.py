@@ -192,7 +192,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path)
-    p.add_argument("--markdown", action="store_true", help="print a markdown table (for README.md)")
+    p.add_argument(
+        "--markdown", action="store_true", help="print a markdown table (docs/memory.md)"
+    )
     p.add_argument("--json", action="store_true", help="print rows and summary as JSON")
     args = p.parse_args()
     files = args.files or sorted(RESULTS.glob("memory_*.jsonl"))

@@ -31,7 +31,7 @@ cards, or when its held-out bands (HELD_OUT_P90_*) are a point off (a test runs 
 measured on rows each refit did NOT see (leave one model family out, one GPU out, one
 sequence length out, one micro-batch size out; a fold that leaves fewer than two rows per
 constant is no fit, and says so), and on the rows no fit uses (DeepSpeed on one GPU, two
-GPUs with and without P2P, offload). ``--markdown`` prints that table for README.md.
+GPUs with and without P2P, offload). ``--markdown`` prints that table for docs/speed.md.
 """
 
 from __future__ import annotations

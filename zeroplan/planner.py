@@ -375,7 +375,7 @@ def plan(req: PlanRequest) -> Plan:
         f"in 10 predictions came within {HELD_OUT_P90_GPU_BOUND:.0%} of the measured speed "
         f"where the GPU sets the pace, {HELD_OUT_P90_HOST_BOUND:.0%} where the host does, "
         f"and 9 in 10 launched runs on real records within {LAUNCHED_P90_GPU_BOUND:.0%} and "
-        f"{LAUNCHED_P90_HOST_BOUND:.0%} of their plan (README); the host's cost per "
+        f"{LAUNCHED_P90_HOST_BOUND:.0%} of their plan (docs/speed.md); the host's cost per "
         "dispatched operation was measured on Xeon hosts"
     ]
     assumptions.extend(req.cluster.notes)

@@ -211,7 +211,7 @@ def estimate(
 
     The speed is the launched trainer's step on full-length sequences (--data: on your
     records, packed), with how close 9 in 10 predictions like it came to the measured
-    speed on runs no fit saw (README: How fast).
+    speed on runs no fit saw (docs/speed.md).
     """
     from zeroplan.api import estimate as run_estimate
     from zeroplan.models import load_model

@@ -12,7 +12,7 @@ from zeroplan.watch.runlog import Prediction, TrainingView
 
 # The estimator's stated error for what nvidia-smi shows: the caching allocator's slack
 # varies between runs of the same shape, so measured nvidia-smi "used" falls up to ~15%
-# either side of device_used_bytes (README, "How accurate it is": worst row 15.0%).
+# either side of device_used_bytes (docs/memory.md, "How accurate it is": worst row 15.0%).
 # Memory above the prediction by more than this is a real surprise, not noise.
 ESTIMATOR_ERROR = 0.15
 

@@ -81,7 +81,7 @@ class GPUSample:
     processes: tuple[GPUProcess, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        """One line of gpu_samples.jsonl (see README: recording files)."""
+        """One line of gpu_samples.jsonl (docs/watch.md: the run folder)."""
         out = asdict(self)
         out["gpu"] = out.pop("index")
         out["throttle_reasons"] = list(self.throttle_reasons)
