@@ -24,12 +24,22 @@ class UnsupportedModelError(ZeroplanError):
     """An architecture (or part of one) whose memory zeroplan does not model."""
 
 
+class UnmeasuredMoEError(UnsupportedModelError):
+    """A mixture-of-experts method, LoRA target set or parallelism that was never measured
+    on a GPU (zeroplan.moe.MEASURED): refused rather than estimated."""
+
+
 class ContextWindowError(ZeroplanError):
     """--seq-len longer than the model's context window (max_position_embeddings)."""
 
 
 class BadSetupError(ZeroplanError):
     """A training option that is out of range or contradicts another option."""
+
+
+class ExpertDropoutError(BadSetupError):
+    """LoRA dropout above 0 on a mixture-of-experts router or expert bank, which PEFT wraps
+    as a parameter and cannot put dropout on (the run would fail at start)."""
 
 
 class BadLinkOptionError(ZeroplanError):

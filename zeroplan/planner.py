@@ -22,12 +22,14 @@ a fixed cluster (price × GPUs × time); ``memory`` minimises required bytes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroplan.errors import BadSetupError, ZeroplanError
+from zeroplan import moe
+from zeroplan.errors import BadSetupError, UnmeasuredMoEError, ZeroplanError
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU, Cluster
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
@@ -158,7 +160,11 @@ class Candidate:
 
     @property
     def family(self) -> str:
-        return family_of(self.setup, self.estimate.cluster["world_size"])
+        family = family_of(self.setup, self.estimate.cluster["world_size"])
+        if self.estimate.model["model_type"] in moe.MEASURED and self.setup.is_lora:
+            # an MoE plan weighs target sets against each other (moe.plan_target_choices)
+            family += f" · {moe.describe_targets(self.setup.lora_targets, self.setup.lora_dropout)}"
+        return family
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,8 @@ def _methods(req: PlanRequest) -> tuple[str, ...]:
 
 def _distributions(req: PlanRequest, method: str) -> Iterator[tuple[int | None, str]]:
     yield None, "none"
+    if req.spec.moe is not None:
+        return  # mixture of experts: measured without DeepSpeed only (zeroplan.moe)
     multi = req.cluster.world_size > 1
     for zero in (0, 1, 2, 3):
         # on one GPU, ZeRO 1-2 without offload only add buffers; ZeRO-0 is there for bf16
@@ -213,10 +221,23 @@ def _optimizers(zero: int | None, offload: str) -> tuple[str, ...]:
     return ("adamw_torch_fused", "adamw_8bit")
 
 
+def _adapters(req: PlanRequest, method: str) -> list[dict[str, Any]]:
+    """The LoRA targets (and dropout) to try: the request's; on a mixture-of-experts model
+    the measured target sets it allows (moe.plan_target_choices)."""
+    if req.spec.moe is None or method == "full":
+        return [{"lora_targets": req.lora_targets}]
+    return [
+        {"lora_targets": targets, "lora_dropout": dropout}
+        for targets, dropout in moe.plan_target_choices(req.spec, req.lora_targets, method)
+    ]
+
+
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
     world = req.cluster.world_size
     for method in _methods(req):
-        for zero, offload in _distributions(req, method):
+        for adapters, (zero, offload) in itertools.product(
+            _adapters(req, method), _distributions(req, method)
+        ):
             for optim in _optimizers(zero, offload):
                 for mb in MICRO_BATCHES:
                     if req.global_batch is not None:
@@ -237,10 +258,10 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 offload=offload,
                                 grad_ckpt=ckpt,
                                 lora_r=req.lora_r,
-                                lora_targets=req.lora_targets,
                                 optim=optim,
                                 fused_loss=fused,
                                 precision=req.precision,
+                                **adapters,
                             )
 
 
@@ -253,6 +274,21 @@ def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
         fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
     fill = req.fill(setup.micro_batch)
     return Candidate(setup, est, step_time(req.spec, setup, req.cluster, fill), fits)
+
+
+def _check_moe(req: PlanRequest) -> None:
+    """A mixture-of-experts request with no measured setup to search is refused, with what
+    was measured (moe.check's message for the request as asked)."""
+    if req.spec.moe is None:
+        return
+    if any(_adapters(req, m) for m in _methods(req) if m != "full"):
+        return
+    method = "lora" if req.method == "auto" else req.method
+    moe.check(req.spec, TrainSetup(method=method, lora_targets=req.lora_targets, lora_dropout=0))
+    raise UnmeasuredMoEError(  # (moe.check refuses every case that gets here)
+        f"{req.spec.name}: nothing measured matches --method {req.method} "
+        f"--lora-targets {','.join(req.lora_targets)}; use {moe.nearest(req.spec)}"
+    )
 
 
 def complexity(setup: TrainSetup) -> int:
@@ -311,6 +347,7 @@ def _tie_lost_on(loser: TrainSetup, winner: TrainSetup) -> str:
 
 def plan(req: PlanRequest) -> Plan:
     """Evaluate every candidate, keep those that fit, rank them, explain each family's loss."""
+    _check_moe(req)
     results: list[Candidate] = []
     for setup in candidate_setups(req):
         try:
@@ -386,6 +423,17 @@ def plan(req: PlanRequest) -> Plan:
             "memory measured with fp16 forced on an H200; speeds use the fp16 peak "
             f"({req.cluster.gpu.fp16_tflops:g} TFLOP/s)"
         )
+    if best is not None and req.spec.moe is not None and best.setup.is_lora:
+        tried = [
+            moe.describe_targets(t, d)
+            for t, d in moe.plan_target_choices(req.spec, req.lora_targets, best.setup.method)
+        ]
+        assumptions.append(
+            f"mixture of experts: LoRA on "
+            f"{moe.describe_targets(best.setup.lora_targets, best.setup.lora_dropout)}, "
+            f"chosen among the measured target sets ({'; '.join(tried)}); peaks of those "
+            f"measured within 2.5% ({moe.RESULTS}); the step's speed was not fitted on MoE"
+        )
     if best is not None and fell_back:
         assumptions.append(
             "no setup with the bf16 base fits: the plan trains LoRA on a 4-bit (NF4) base "
@@ -455,6 +503,19 @@ def describe(setup: TrainSetup) -> str:
 
 def suggest(req: PlanRequest) -> str:
     """Nothing fits: the smallest cluster of this GPU that would, and the cheapest change."""
+    if req.spec.moe is not None:
+        # no DeepSpeed for MoE (zeroplan.moe): more GPUs each hold the whole model
+        least = min(_lean(req), key=lambda c: c.estimate.required_bytes, default=None)
+        need = (
+            f": even {describe(least.setup)} needs {_gib(least.estimate.required_bytes)} GiB"
+            if least
+            else ""
+        )
+        return (
+            f"mixture of experts is planned only as measured, without DeepSpeed, so more "
+            f"{req.cluster.gpu.name}s do not help{need} per GPU; a card with that much "
+            "memory would fit it"
+        )
     lines = []
     for n in (2, 4, 8, 16, 32, 64, 128, 256):
         if n <= req.cluster.world_size:
@@ -482,7 +543,9 @@ def suggest(req: PlanRequest) -> str:
 def _lean(req: PlanRequest) -> Iterator[Candidate]:
     """The least-memory setups of each kind: micro-batch 1, checkpointing, fused loss."""
     for method in _methods(req):
-        for zero, offload in _distributions(req, method):
+        for adapters, (zero, offload) in itertools.product(
+            _adapters(req, method), _distributions(req, method)
+        ):
             optim = "adamw_torch_fused" if offload != "none" else "adamw_8bit"
             setup = TrainSetup(
                 method=method,
@@ -493,8 +556,8 @@ def _lean(req: PlanRequest) -> Iterator[Candidate]:
                 fused_loss=req.allow_fused_loss,
                 optim=optim,
                 lora_r=req.lora_r,
-                lora_targets=req.lora_targets,
                 precision=req.precision,
+                **adapters,
             )
             try:
                 yield evaluate(req, setup)

@@ -88,7 +88,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     MLP:        gate output, up output, act(gate): 6 B·i
     linear inputs: full fine-tuning saves each distinct input once (attn in 2 B·h, MLP in
                 2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
-    MoE (uncalibrated): top_k × (expert MLP 8 B·i_e + gathered input 2 B·h) + router 8 B·E
+    MoE:        router + top_k routed copies of each token (expert_saved_per_token)
     ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
     AMP on an fp32 model (full fp16 without DeepSpeed): the two pre-norms' fp32 outputs
                 (precision.amp_norm_extra_per_token) and one fp16 input per linear
@@ -116,8 +116,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
         out.append(Saved("AMP: fp32 norm outputs, per-linear fp16 inputs", amp))
 
     if moe_layer and spec.moe:
-        ie, k, e = spec.moe.expert_intermediate_size, spec.moe.top_k, spec.moe.num_experts
-        out.append(Saved("MoE experts (uncalibrated)", k * (8 * ie + BF16 * h) + 2 * FP32 * e))
+        out.append(Saved("MoE router + experts", expert_saved_per_token(spec, setup)))
     else:
         out.append(Saved("MLP gate, up, act", 3 * BF16 * spec.intermediate_size))
 
@@ -132,6 +131,70 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
             inputs = 2 * h + q + spec.intermediate_size
             out.append(Saved("ZeRO-3 base-linear inputs", ZERO3_LORA_BYTES_PER_INPUT * inputs))
     return out
+
+
+def banks_trained(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """LoRA reaches the MoE expert banks (``all-linear``: PEFT wraps the 3-D parameters)."""
+    return any(lin.group == "expert" for lin, _ in lora_targets(spec, setup))
+
+
+def expert_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
+    """Saved by one MoE block per token, as transformers 5 runs it (``grouped_mm``: each
+    token copied to its top_k experts, the copies sorted by expert).
+
+    router:         fp32 logits and softmax 2 · 4 B·E
+    per routed copy (top_k per token):
+      frozen banks: gate and up halves of gate_up's output and act(gate), 3 · 2 B·i_e, and
+                    the expert's output, which the routing weight multiplies, 2 B·h
+      trained banks (LoRA on them): a matmul whose weight needs a gradient also saves its
+                    input: the gathered token 2 B·h and down_proj's input 2 B·i_e
+
+    Measured on one H100 (benchmarks/results/moe_h100.jsonl): attention-only LoRA of cut
+    Qwen3-30B-A3B and Mixtral-8x7B shapes within 2% of their peaks with this term
+    (the earlier guess of 8 B·i_e per copy put Mixtral 5% over).
+    """
+    assert spec.moe is not None
+    h, ie = spec.hidden_size, spec.moe.expert_intermediate_size
+    per_copy = 3 * BF16 * ie + BF16 * h
+    if banks_trained(spec, setup):
+        per_copy += BF16 * h + BF16 * ie
+    return spec.moe.top_k * per_copy + 2 * FP32 * spec.moe.num_experts
+
+
+def expert_bank_copies(spec: ModelSpec, setup: TrainSetup) -> int:
+    """One MoE layer's bank-sized tensors alive from its forward to its backward when LoRA
+    trains the expert banks.
+
+    PEFT's ParamWrapper puts LoRA on a 3-D bank as a parametrization: every forward
+    computes W' = W + s·B·A, a bf16 tensor as large as the bank, and grouped_mm saves W'
+    for the backward of its input. So each MoE layer keeps 2 B × (E·2i_e·h + E·h·i_e)
+    (gate_up and down) until its backward: a second copy of every expert weight without
+    checkpointing, one layer's under it (the recomputed layer). Measured: see
+    expert_bank_backward.
+    """
+    if spec.moe is None or not banks_trained(spec, setup):
+        return 0
+    return BF16 * sum(lin.params for lin in spec.moe_linears() if lin.group == "expert")
+
+
+def expert_bank_backward(spec: ModelSpec, setup: TrainSetup) -> int:
+    """What a trained MoE layer's backward adds to its saved banks: grouped_mm's gradient of
+    W', as large as the bank, before PEFT's parametrization reduces it to A's and B's.
+
+    down_proj's backward comes first, with both of the layer's copies alive: + D; then
+    gate_up's, after down's copy is freed: − D + G. With D = 2 B·E·h·i_e and
+    G = 2 B·E·2i_e·h = 2·D, the transient is max(D, G − D) = D.
+
+    With expert_bank_copies: all-linear LoRA (dropout 0) of cut Qwen3-30B-A3B (8 layers)
+    and Mixtral-8x7B (4 layers) shapes on one H100 within ...%
+    (benchmarks/results/moe_h100.jsonl), and the full Qwen3-30B-A3B on one H200 within
+    ...% (check_h200_moe.jsonl).
+    """
+    if spec.moe is None or not banks_trained(spec, setup):
+        return 0
+    banks = {lin.name: BF16 * lin.params for lin in spec.moe_linears() if lin.group == "expert"}
+    down, gate_up = banks["down_proj"], banks["gate_up_proj"]
+    return max(down, gate_up - down)
 
 
 def per_layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> float:
@@ -193,6 +256,7 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     moe_layers = spec.moe.num_moe_layers if spec.moe else 0
     dense_layer = per_layer_bytes_per_token(spec, setup) * t if dense else 0.0
     moe_layer = per_layer_bytes_per_token(spec, setup, moe_layer=True) * t if moe_layers else 0.0
+    moe_layer += expert_bank_copies(spec, setup) if moe_layers else 0
     # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
     adapters = BF16 * trainable if setup.is_lora and not setup.deepspeed and setup.autocast else 0
     return ActivationProfile(
@@ -200,7 +264,8 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
         + eager_mask_bytes(spec, setup),
         checkpoints=residual_bytes(setup) * spec.hidden_size * t * spec.num_layers,
         one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
-        transient=int(backward_transient_per_token(spec, setup) * t),
+        transient=int(backward_transient_per_token(spec, setup) * t)
+        + expert_bank_backward(spec, setup),
         head=int(head_saved_per_token(spec, setup) * t),
         autocast_weights=adapters or amp_copies_at_backward(spec, setup),
         forward_weights=adapters or amp_weight_copies(spec, setup),

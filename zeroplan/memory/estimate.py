@@ -32,7 +32,8 @@ gradient already exists.
 
 from __future__ import annotations
 
-from zeroplan.errors import BadSetupError, UnsupportedModelError
+from zeroplan import moe
+from zeroplan.errors import BadSetupError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile
 from zeroplan.memory.buffers import (
@@ -52,17 +53,15 @@ from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, resolve_precision, trainable_params
 
 # Families whose activations were measured on a GPU (benchmarks/results/); others are
-# estimated from the same op-level model and flagged as not calibrated.
-CALIBRATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# estimated from the same op-level model and flagged as not calibrated. The MoE families
+# within 2.5% on the setups zeroplan.moe admits (moe_h100.jsonl, check_h200_moe.jsonl).
+CALIBRATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe"})
 
 
 def _check_supported(spec: ModelSpec, setup: TrainSetup) -> None:
     spec.check_seq_len(setup.seq_len)
-    if spec.moe and setup.method == "qlora":
-        raise UnsupportedModelError(
-            f"{spec.name}: QLoRA of mixture-of-experts models is not modelled (how bitsandbytes "
-            "treats fused expert tensors depends on the transformers version); use --method lora"
-        )
+    # mixture of experts: only what was measured (zeroplan.moe.MEASURED)
+    moe.check(spec, setup)
     if setup.method == "qlora" and setup.zero == 3 and setup.offload == "optimizer+params":
         raise BadSetupError(
             "--offload optimizer+params cannot offload 4-bit weights: use --offload optimizer"
@@ -239,6 +238,11 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
             "LoRA under ZeRO-3 with checkpointing: the frozen base held through the backward "
             "is read off measurements on two H100s and two H200s (within 5% there), not a "
             "mechanism traced in DeepSpeed"
+        )
+    if spec.moe and world > 1:
+        notes.append(
+            "mixture of experts: measured on one GPU; under DDP each GPU holds what one GPU "
+            "does plus the adapters' gradient buckets, as on dense models"
         )
     notes.extend(cluster.notes)
     if setup.optim.startswith("paged"):
