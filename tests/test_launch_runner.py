@@ -27,6 +27,7 @@ from zeroplan.commands.cli import cli
 from zeroplan.errors import (
     BadClusterSpecError,
     BadPlanError,
+    ExpertDropoutError,
     GPUCountError,
     HostUnreachableError,
     NoGPUError,
@@ -930,3 +931,39 @@ def test_a_model_planned_for_this_machine_uses_only_kernels_it_has(
     monkeypatch.setattr(runner, "fused_loss_installed", lambda: True)
     data = plan_model("llama-3.1-8b-instruct", parse_cluster("1x4090"), job)
     assert data["best"]["setup"]["fused_loss"] is True
+
+
+def test_moe_all_linear_with_dropout_is_refused_at_preflight(
+    tmp_path: Path, data_file: Path, launch_env_vars: dict[str, str]
+) -> None:
+    """PEFT cannot put dropout on the expert banks all-linear wraps: the run would fail at
+    start, so preflight refuses it with the working alternatives (issue 29)."""
+
+    def moe_launch(folder: Path, dropout: float) -> tuple[Path, Launch]:
+        setup = TrainSetup(method="lora", seq_len=256, lora_dropout=dropout)  # all-linear
+        plan = make_plan(folder, model="Qwen/Qwen3-30B-A3B", gpus="1xH200", setup=setup)
+        la = build_launch(
+            read_plan(plan),
+            run_dir=folder / "run",
+            data=str(data_file),
+            nodes=resolve_nodes(count=1),
+            launcher="torchrun",
+            gpu=H100,
+            train=TrainOptions(),
+        )
+        return plan, la
+
+    plan, la = moe_launch(tmp_path / "p", 0.05)
+    (err,) = preflight(la, None, force=True).errors
+    assert isinstance(err, ExpertDropoutError)
+    assert "--lora-dropout 0" in str(err) and "q_proj,k_proj,v_proj,o_proj" in str(err)
+    run = tmp_path / "run"
+    proc = run_cli(
+        ["launch", str(plan), "--data", str(data_file), "-o", str(run), "--force"],
+        launch_env_vars,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "lora.ParamWrapper" in proc.stderr, proc.stderr
+    assert not run.exists()
+    # the working alternative passes
+    assert preflight(moe_launch(tmp_path / "ok", 0.0)[1], None, force=True).ok

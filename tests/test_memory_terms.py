@@ -498,12 +498,12 @@ def test_moe_qlora_is_refused() -> None:
             "num_experts_per_tok": 2,
         }
     )
+    # all-linear QLoRA: bitsandbytes leaves the expert banks bf16, and it was never measured
     with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
         estimate(mixtral, parse_cluster("1xH100"), TrainSetup(method="qlora"))
-    assert (
-        estimate(mixtral, parse_cluster("8xH100"), lora(zero=3, seq_len=256)).peak_allocated_bytes
-        > 0
-    )
+    # nor was ZeRO-3 (tests/test_moe.py holds the rest of the refusals)
+    with pytest.raises(UnsupportedModelError, match="DeepSpeed"):
+        estimate(mixtral, parse_cluster("8xH100"), lora(zero=3, seq_len=256))
 
 
 # ----------------------------------------------------------------------------- fits

@@ -234,7 +234,9 @@ class ModelSpec:
 
         The experts are two 3-D tensors, ``gate_up_proj`` (E, 2i, h) and ``down_proj``
         (E, h, i), not ``nn.Linear`` modules: bitsandbytes does not quantize them and LoRA
-        reaches them only through ``all-linear``. The router ``gate`` is an ``nn.Linear``.
+        reaches them only through ``all-linear``. The router ``gate`` is a router module
+        with one (E, h) weight, not an ``nn.Linear`` either: not quantized, and PEFT wraps
+        it as a parameter when named or under ``all-linear`` (zeroplan.moe).
         """
         assert self.moe is not None
         h, e, i = self.hidden_size, self.moe.num_experts, self.moe.expert_intermediate_size
@@ -306,8 +308,9 @@ class ModelSpec:
 
         Every ``nn.Linear`` weight inside the decoder layers; ``lm_head`` is kept out by
         transformers (``modules_to_not_convert``); embeddings, norms and biases stay bf16.
-        MoE models are refused for quantized methods by the estimator, so only dense
-        layers' linears are counted here.
+        In MoE layers that is the attention only: the 3-D expert banks and the router stay
+        bf16 (4-bit and 8-bit, transformers 5.17 + bitsandbytes 0.50,
+        benchmarks/results/moe_h100.jsonl).
         """
         return sum(
             n_layers * lin.count * lin.in_features * lin.out_features

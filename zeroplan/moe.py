@@ -133,9 +133,10 @@ def plan_target_choices(
     0 (for qlora, attention only). Empty when nothing measured fits the request.
     """
     measured_sets = MEASURED.get(spec.model_type, {}).get(method, ())
-    attention = (ATTENTION_TARGETS, 0.05)
+    attention: tuple[tuple[str, ...], float] = (ATTENTION_TARGETS, 0.05)
     if ALL_LINEAR in targets:
-        choices = [attention] + ([((ALL_LINEAR,), 0.0)] if ALL in measured_sets else [])
+        everything: tuple[tuple[str, ...], float] = ((ALL_LINEAR,), 0.0)
+        choices = [attention] + ([everything] if ALL in measured_sets else [])
         return choices if ATTENTION in measured_sets else []
     setup = TrainSetup(method=method, lora_targets=targets)
     chosen = target_set(spec, setup)

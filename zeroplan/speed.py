@@ -297,9 +297,12 @@ def family_note(spec: ModelSpec) -> str | None:
     """What to tell the user when the speed model never saw the model's architecture."""
     if spec.model_type in FITTED_FAMILIES:
         return None
+    # MoE: the lean step of benchmarks/moe_check.py (tests/test_moe.py holds the range to it)
     moe = (
-        " Mixture of experts: Qwen3-30B-A3B LoRA, host-bound on one H200, ran 37-39% slower "
-        "than predicted."
+        " Mixture of experts, never fitted: LoRA on attention of Qwen3-30B-A3B and "
+        "Mixtral-8x7B shapes cut to 8 and 4 layers ran 3-44% slower than predicted on one "
+        "H100 (host-bound shapes furthest; benchmarks/results/moe_h100.jsonl), all-linear "
+        "LoRA of the full Qwen3-30B-A3B 37-39% slower on one H200."
         if spec.moe
         else ""
     )

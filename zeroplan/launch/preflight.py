@@ -7,6 +7,8 @@ Each failure is one ZeroplanError (one line in the CLI, exit status 2):
 * the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks);
 * a local model folder has no tokenizer files (TokenizerNotFoundError);
 * a package the plan or the launcher needs is missing (MissingDependencyError);
+* a mixture-of-experts setup PEFT cannot run (LoRA dropout on the router or the expert
+  banks: ExpertDropoutError) or that was never measured (UnmeasuredMoEError; zeroplan.moe);
 * no GPU on this machine (NoGPUError; ``--force`` runs the ranks anyway, on CPU);
 * more GPUs, or other GPU indices, than this machine has (GPUCountError);
 * the estimate on the GPUs actually present says out of memory (PredictedOOMError, with
@@ -157,6 +159,15 @@ def check_packages(setup: TrainSetup, launcher: str, nodes: tuple[Node, ...]) ->
             "the deepspeed launcher starts other nodes with pdsh, which is not installed: "
             "install pdsh, or use --launcher torchrun (plain ssh)"
         )
+
+
+def check_moe(launch: Launch) -> None:
+    """An MoE plan that PEFT would fail on at start, or that was never measured, is refused
+    before any rank starts (also with --force and without a GPU)."""
+    from zeroplan import moe
+    from zeroplan.models import load_model
+
+    moe.check(load_model(str(launch.plan["model"])), launch.setup)
 
 
 def check_gpu_count(nodes: tuple[Node, ...], present: Cluster) -> None:
@@ -331,6 +342,7 @@ def preflight(
     attempt(lambda: check_data(launch.data))
     attempt(lambda: check_tokenizer(str(launch.plan["model"])))
     attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))
+    attempt(lambda: check_moe(launch))
 
     local = [n for n in launch.nodes if n.local]
     gpu_cluster: Cluster | None = None

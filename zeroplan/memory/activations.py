@@ -149,9 +149,10 @@ def expert_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
       trained banks (LoRA on them): a matmul whose weight needs a gradient also saves its
                     input: the gathered token 2 B·h and down_proj's input 2 B·i_e
 
-    Measured on one H100 (benchmarks/results/moe_h100.jsonl): attention-only LoRA of cut
-    Qwen3-30B-A3B and Mixtral-8x7B shapes within 2% of their peaks with this term
-    (the earlier guess of 8 B·i_e per copy put Mixtral 5% over).
+    Measured on one H100 (benchmarks/results/moe_h100.jsonl): LoRA on attention (and the
+    router) of Qwen3-30B-A3B and Mixtral-8x7B shapes, cut and at full depth, within 0.6%
+    of their peaks with this term (the earlier guess of 8 B·i_e per copy put Mixtral's
+    4 × 1024 5% over).
     """
     assert spec.moe is not None
     h, ie = spec.hidden_size, spec.moe.expert_intermediate_size
@@ -186,9 +187,10 @@ def expert_bank_backward(spec: ModelSpec, setup: TrainSetup) -> int:
     G = 2 B·E·2i_e·h = 2·D, the transient is max(D, G − D) = D.
 
     With expert_bank_copies: all-linear LoRA (dropout 0) of cut Qwen3-30B-A3B (8 layers)
-    and Mixtral-8x7B (4 layers) shapes on one H100 within ...%
-    (benchmarks/results/moe_h100.jsonl), and the full Qwen3-30B-A3B on one H200 within
-    ...% (check_h200_moe.jsonl).
+    and Mixtral-8x7B (4 layers) shapes on one H100 from -2.1% to +2.5%, with and without
+    checkpointing (benchmarks/results/moe_h100.jsonl; without the two terms up to 47% under),
+    and the full Qwen3-30B-A3B on one H200 within 0.2% (check_h200_moe.jsonl, where the
+    estimate before said 71.7 GiB for 125.5 measured); benchmarks/moe_check.py prints them.
     """
     if spec.moe is None or not banks_trained(spec, setup):
         return 0
