@@ -397,3 +397,21 @@ def test_zeroplan_launch_trains_the_real_program_end_to_end(work: dict[str, Path
     )
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert answer.stdout.strip() == "hello world"
+
+
+def test_moe_all_linear_launch_trains_with_dropout_0(tmp_path: Path, work: dict[str, Path]) -> None:
+    """Mixture of experts, all-linear: PEFT wraps the router and the expert banks as
+    parameters, which take no dropout; with --lora-dropout 0 (what preflight asks for,
+    zeroplan.moe) the launch trains, and the loss goes down (issue 29)."""
+    model = tinyllm.build_model_dir(tmp_path / "moe", arch=tinyllm.TINY_QWEN3_MOE)
+    plan = tinyllm.write_plan(tmp_path / "plan", model, micro_batch=4, lora_r=8, lora_dropout=0.0)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(work["data"])]
+    cmd += ["-o", str(run), "--model", str(model), "--force", "--no-dashboard"]
+    cmd += ["--max-steps", "20", "--lr", "1e-2"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=offline_env(work["home"]), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(run) if m["event"] == "train"]
+    assert len(losses) >= 2 and losses[-1] < losses[0]

@@ -76,15 +76,29 @@ def build_tokenizer(template: str | None = TEMPLATE) -> Any:
     return fast
 
 
-def build_model_dir(path: Path, template: str | None = TEMPLATE) -> Path:
-    """Tokenizer + random tiny Llama saved in ``path``; returns ``path``."""
+# a tiny Qwen3-MoE: 8 experts (top 2) as 3-D banks, a router, q/k norms
+TINY_QWEN3_MOE: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "head_dim": 8,
+    "moe_intermediate_size": 16,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+}
+
+
+def build_model_dir(
+    path: Path, template: str | None = TEMPLATE, arch: dict[str, Any] | None = None
+) -> Path:
+    """Tokenizer + random tiny model (``arch``, default TINY_LLAMA) saved in ``path``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = build_tokenizer(template)
     tok.save_pretrained(path)
     cfg = AutoConfig.for_model(
-        **TINY_LLAMA,
+        **(arch or TINY_LLAMA),
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

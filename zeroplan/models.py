@@ -402,7 +402,10 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
             expert_inter = inter
             moe_layers = layers
         else:
-            experts = _positive_int(cfg, "num_experts", name)
+            # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (its
+            # attribute_map); the published config.json files say num_experts
+            key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"
+            experts = _positive_int(cfg, key, name)
             expert_inter = _positive_int(cfg, "moe_intermediate_size", name)
             step = cfg.get("decoder_sparse_step", 1) or 1
             dense_only = set(cfg.get("mlp_only_layers") or [])
