@@ -30,14 +30,19 @@ WARMUP_STEPS = 3  # as in story_qlora_baseline.py: not timed
 
 
 def build_model(
-    path: Path, catalog: str = "meta-llama--Llama-3.2-1B", full_vocab: bool = False
+    path: Path,
+    catalog: str = "meta-llama--Llama-3.2-1B",
+    full_vocab: bool = False,
+    layers: int | None = None,
 ) -> Path:
     """Random bf16 weights of the catalog architecture, initialised on the GPU when there is
     one (an 8B model's random init on the CPU takes minutes), saved with its tokenizer.
 
     The vocabulary is the small tokenizer's, or with ``full_vocab`` the architecture's own
     (128k rows for Llama 3): the tokenizer then uses the first few hundred ids, and the
-    logits, the loss and the plan's choice of the fused loss are those of the real model."""
+    logits, the loss and the plan's choice of the fused loss are those of the real model.
+    ``layers`` cuts the decoder to that many layers (a mixture of experts that would take
+    minutes to save and load at full depth)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,6 +56,8 @@ def build_model(
         pad_token_id=tok.pad_token_id,
     )
     arch.pop("torch_dtype", None)
+    if layers is not None:
+        arch["num_hidden_layers"] = layers
     cfg = AutoConfig.for_model(**arch)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

@@ -13,6 +13,8 @@ synthetic alpaca records long enough to fill most of the sequence, and runs, in 
     planned   the same job (qlora r=16 q/k/v/o, seq 768, 8 sequences per step) as
               ``zeroplan plan`` chooses it for this GPU, then ``zeroplan launch``
     lora      lora all-linear, micro-batch 4, seq 768, checkpointing
+    moe-attn  lora on q/k/v/o, micro-batch 4, seq 768 (for a mixture of experts)
+    moe-all   lora all-linear with dropout 0, micro-batch 4, seq 768 (likewise)
 
 For each launched run: the estimate's peak allocated against the peak the ranks measured
 (metrics.jsonl), tokens/s after the first 3 steps against the plan's prediction, the loss
@@ -57,6 +59,10 @@ RUNS = {
         optim="paged_adamw_8bit",
     ),
     "lora": TrainSetup(method="lora", micro_batch=4, seq_len=768, grad_ckpt=True),
+    # mixture of experts (issue 29; --arch Qwen--Qwen3-30B-A3B --layers 8): attention, and
+    # all-linear with dropout 0 (PEFT takes none on the banks it wraps as parameters)
+    "moe-attn": TrainSetup(method="lora", micro_batch=4, seq_len=768, lora_targets=QKVO),
+    "moe-all": TrainSetup(method="lora", micro_batch=4, seq_len=768, lora_dropout=0.0),
 }
 # the story's job, left for the planner to set up: `zeroplan plan` arguments
 PLANNED = [
@@ -137,16 +143,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--records", type=int, default=400)
     p.add_argument("--timeout", type=int, default=400, help="seconds per run")
+    p.add_argument("--layers", type=int, default=None, help="cut the model to N layers")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model = args.work / "model"
     if not (model / "config.json").exists():
         t = time.time()
-        build_model(model, args.arch)
+        build_model(model, args.arch, layers=args.layers)
         print(f"built {args.arch} in {time.time() - t:.0f}s", flush=True)
     data = tinyllm.write_jsonl(args.work / "data.jsonl", records(args.records))
-    env = {"arch": args.arch, "versions": versions()}
+    env = {"arch": args.arch, "layers": args.layers, "versions": versions()}
     for name in args.runs.split(","):
         if name == "baseline":
             script = ROOT / "benchmarks" / "story_qlora_baseline.py"
