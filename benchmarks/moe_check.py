@@ -4,8 +4,9 @@
 
 Reads benchmarks/results/moe_h100.jsonl (benchmarks/moe_grid.py) and check_h200_moe.jsonl,
 estimates every row's setup on the model cut to the row's depth (``num_layers``) and prints
-the measured peak against the estimate, then the timed attention-only rows (2 warm-up + 10
-timed steps, median) against ``speed.step_time`` of the lean step. docs/moe.md quotes it;
+the measured peak against the estimate; then the launched runs (launch_moe_h100.jsonl,
+launch_gpu_check.py --layers 8); then the timed attention-only rows (2 warm-up + 10 timed
+steps, median) against ``speed.step_time`` of the lean step. docs/moe.md quotes it;
 tests/test_moe.py holds the memory rows within 5% and speed.family_note to the speed range.
 """
 
@@ -116,6 +117,43 @@ def speed_rows() -> list[dict[str, Any]]:
     return out
 
 
+def launch_rows() -> list[dict[str, Any]]:
+    """``zeroplan launch`` of cut MoE models (launch_gpu_check.py --layers): the measured
+    peak against the estimate of the launched setup, tokens/s against the plan's, losses.
+    The model had the small tokenizer's vocabulary (gpu_fixtures.build_model)."""
+    import dataclasses
+
+    sys.path.insert(0, str(RESULTS.parent.parent / "tests"))
+    import tinyllm
+
+    vocab = len(tinyllm.build_tokenizer())
+    known = {f.name for f in dataclasses.fields(TrainSetup)}
+    out = []
+    for row in rows("launch_moe_h100.jsonl"):
+        catalog = load_model(row["arch"].replace("--", "/"))
+        config = {**catalog.config, "num_hidden_layers": row["layers"], "vocab_size": vocab}
+        spec = spec_from_config(config, name=catalog.name)
+        values = {k: v for k, v in row["setup"].items() if k in known}
+        values["lora_targets"] = parse_targets(values["lora_targets"])
+        setup = TrainSetup(**values)
+        est = estimate(spec, parse_cluster("1xH100"), setup)
+        measured = row["measured_peak_allocated_bytes"]
+        out.append(
+            {
+                "model": catalog.name,
+                "layers": row["layers"],
+                "setup": setup,
+                "measured": measured,
+                "estimated": est.peak_allocated_bytes,
+                "error": est.peak_allocated_bytes / measured - 1,
+                "tokens_per_s": row["tokens_per_s"],
+                "predicted_tokens_per_s": row["predicted"]["tokens_per_s"],
+                "losses": [x["loss"] for x in row["losses"]],
+            }
+        )
+    return out
+
+
 def _label(r: dict[str, Any]) -> str:
     s: TrainSetup = r["setup"]
     targets = ",".join(s.lora_targets).replace("q_proj,k_proj,v_proj,o_proj", "qkvo")
@@ -133,6 +171,13 @@ def main() -> None:
         print(
             f"  {_label(r)} {r['gpu']} {r['measured'] / GIB:7.2f} {r['estimated'] / GIB:7.2f} "
             f"{r['error']:+6.1%} {state}"
+        )
+    print("launched (zeroplan launch, alpaca-like records): peak GiB, tokens/s, loss")
+    for r in launch_rows():
+        print(
+            f"  {_label(r)} H100 {r['measured'] / GIB:7.2f} {r['estimated'] / GIB:7.2f} "
+            f"{r['error']:+6.1%}  {r['tokens_per_s']:8.0f} (plan {r['predicted_tokens_per_s']:.0f})"
+            f"  loss {r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}"
         )
     print("lean step, ms: measured median, predicted, predicted tokens/s error")
     for r in speed_rows():

@@ -301,8 +301,10 @@ def family_note(spec: ModelSpec) -> str | None:
     moe = (
         " Mixture of experts, never fitted: LoRA on attention of Qwen3-30B-A3B and "
         "Mixtral-8x7B shapes cut to 8 and 4 layers ran 3-44% slower than predicted on one "
-        "H100 (host-bound shapes furthest; benchmarks/results/moe_h100.jsonl), all-linear "
-        "LoRA of the full Qwen3-30B-A3B 37-39% slower on one H200."
+        "H100 (host-bound shapes furthest; benchmarks/results/moe_h100.jsonl), 11% slower "
+        "launched; all-linear LoRA ran 37-39% slower (full Qwen3-30B-A3B, one H200) but "
+        "1.65 times as fast launched on a cut one: its speed is not known within a factor "
+        "of two."
         if spec.moe
         else ""
     )
