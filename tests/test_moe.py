@@ -240,3 +240,10 @@ def test_launched_moe_trains_and_peaks_within_5_percent_of_the_plan() -> None:
     for r in launched:
         assert abs(r["error"]) < 0.05, f"{r['error']:+.1%}"
         assert r["losses"][-1] < r["losses"][0] - 1.0
+
+
+def test_a_qwen3_moe_config_saved_by_transformers_5_is_read() -> None:
+    """transformers 5 writes Qwen3-MoE's expert count as num_local_experts."""
+    saved = {k: v for k, v in QWEN.config.items() if k != "num_experts"}
+    spec = spec_from_config({**saved, "num_local_experts": 128}, name="saved")
+    assert spec.moe == QWEN.moe and spec.total_params == QWEN.total_params
