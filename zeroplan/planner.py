@@ -4,7 +4,8 @@ Search space (``candidate_setups``): DeepSpeed off (DDP) or ZeRO 0-3, CPU offloa
 optimizer (ZeRO 1-3) or of optimizer and parameters (ZeRO-3), micro-batch 1-64, gradient
 accumulation that keeps the global batch, checkpointing on/off, AdamW or 8-bit AdamW
 (paged without DeepSpeed), fused loss on/off. Attention stays sdpa: the only implementation
-calibrated on a GPU.
+calibrated on a GPU. A mixture-of-experts model is searched only as measured (zeroplan.moe):
+no DeepSpeed, and the measured LoRA target sets the request allows, the choice said.
 
 The base weights stay what the user asked for. ``lora`` keeps the bf16 base whenever a bf16
 setup fits; only when none does is LoRA planned on a 4-bit base (``qlora``), and the plan
