@@ -78,14 +78,23 @@ def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list
         files["hostfile"] = hostfile_text(p)
         files["launch.sbatch"] = sbatch_text(p, target.resolve() / "plan.json")
     files["launch.sh"] = "#!/bin/sh\n" + shlex.join(launch_command(p)) + ' "$@"\n'
+    executable = ("launch.sh", "launch.sbatch")
+    return write_folder(target, files, executable)
+
+
+def write_folder(
+    directory: str | os.PathLike[str], files: dict[str, str], executable: tuple[str, ...] = ()
+) -> list[Path]:
+    """Write ``files`` (name -> text) into ``directory`` all at once: into a fresh temporary
+    folder beside it, then renamed into place (the folder's other files stay)."""
+    target = Path(directory)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         for name, text in files.items():
             (tmp / name).write_text(text)
-        (tmp / "launch.sh").chmod(0o755)
-        if "launch.sbatch" in files:
-            (tmp / "launch.sbatch").chmod(0o755)
+            if name in executable:
+                (tmp / name).chmod(0o755)
         if target.exists():
             for name in files:
                 os.replace(tmp / name, target / name)

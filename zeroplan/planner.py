@@ -68,6 +68,8 @@ class PlanRequest:
     price_per_gpu_hour: float | None = None
     lora_r: int = 16
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    # LoRA dropout above 0 keeps a mask per adapted input (a recipe may say 0)
+    lora_dropout: float = TrainSetup.lora_dropout
     # lora: may fall back to a 4-bit base when no bf16 setup fits (and shows the fastest
     # 4-bit setup beside the plan); False: never a 4-bit base
     allow_quantization: bool = True
@@ -238,6 +240,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 grad_ckpt=ckpt,
                                 lora_r=req.lora_r,
                                 lora_targets=req.lora_targets,
+                                lora_dropout=req.lora_dropout,
                                 optim=optim,
                                 fused_loss=fused,
                                 precision=req.precision,
@@ -494,6 +497,7 @@ def _lean(req: PlanRequest) -> Iterator[Candidate]:
                 optim=optim,
                 lora_r=req.lora_r,
                 lora_targets=req.lora_targets,
+                lora_dropout=req.lora_dropout,
                 precision=req.precision,
             )
             try:

@@ -14,9 +14,13 @@ from zeroplan.commands.job import (
     PRECISION_HELP,
     data_options,
     estimate_data_options,
+    given,
     job_options,
     job_request,
     link_options,
+    recipe_answer,
+    recipe_options,
+    recipe_over,
     say,
     with_data,
 )
@@ -177,7 +181,8 @@ def setup_options(f: F) -> F:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@recipe_options
 @setup_options
 @link_options
 @click.option(
@@ -186,7 +191,9 @@ def setup_options(f: F) -> F:
 @click.option("--explain", is_flag=True, help="Show each term's formula with this run's numbers.")
 @estimate_data_options
 def estimate(
-    model: str,
+    model: str | None,
+    recipe_path: str | None,
+    recipe_format: str,
     gpus: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
@@ -212,17 +219,28 @@ def estimate(
     The speed is the launched trainer's step on full-length sequences (--data: on your
     records, packed), with how close 9 in 10 predictions like it came to the measured
     speed on runs no fit saw (docs/speed.md).
+
+    --recipe reads the job from a LLaMA-Factory, axolotl or TRL recipe (docs/recipes.md).
     """
     from zeroplan.api import estimate as run_estimate
     from zeroplan.models import load_model
 
-    spec = load_model(model)
+    recipe = None
+    overridden: dict[str, str] = {}
+    if recipe_path is not None:
+        from zeroplan.recipes import read_recipe
+
+        recipe, spec = read_recipe(recipe_path, recipe_format, model)
+        options, overridden = recipe_over(recipe.setup, options)
+    elif model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
+    else:
+        spec = load_model(model)
     fit = None
     if data is not None:
-        # the sequence length is the data's longest record unless --seq-len is given; a
-        # micro-batch is micro-batch × seq-len tokens of packed records, as launch trains
-        given = click.get_current_context().get_parameter_source("seq_len")
-        explicit = given is not click.core.ParameterSource.DEFAULT
+        # the sequence length is the data's longest record unless --seq-len (or the
+        # recipe) gives it; a micro-batch is micro-batch × seq-len tokens of packed records
+        explicit = given("seq_len") or recipe is not None
         fields = with_data(
             spec, {"seq_len": str(options["seq_len"]) if explicit else None}, data, tokenizer,
             chat_template, data_format, system_prompt, overlong,
@@ -245,14 +263,18 @@ def estimate(
     if fit is not None:
         answer["data"] = fit.to_json()
         answer["data"]["micro_batch_fill"] = fill
+    if recipe is not None:
+        answer["recipe"] = recipe_answer(recipe, overridden)
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
     from rich.console import Console
 
-    from zeroplan.commands.render import render_data, render_estimate
+    from zeroplan.commands.render import render_data, render_estimate, render_recipe
 
     console = Console()
+    if recipe is not None:
+        render_recipe(answer["recipe"], console)
     if fit is not None:
         render_data(answer["data"], console)
     render_estimate(est, console, explain=explain)
@@ -379,11 +401,19 @@ def _count(text: str | None, option: str) -> int | None:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option(
     "--gpus",
     default=None,
     help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
+)
+@recipe_options
+@click.option(
+    "--emit",
+    type=click.Choice(("llamafactory", "axolotl", "trl")),
+    default=None,
+    help="With -o: also write a fresh recipe for this trainer (DIR/<trainer>.yaml) and the "
+    "DeepSpeed JSON it names.",
 )
 @job_options
 @link_options
@@ -434,11 +464,15 @@ def _count(text: str | None, option: str) -> int | None:
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Write plan.json, ds_config.json, launch.sh (and for several nodes a hostfile and "
-    "launch.sbatch for SLURM) into this folder.",
+    "launch.sbatch for SLURM) into this folder; with --recipe: plan.json, the recipe "
+    "planned and its DeepSpeed JSON.",
 )
 def plan(
-    model: str,
+    model: str | None,
     gpus: str | None,
+    recipe_path: str | None,
+    recipe_format: str,
+    emit: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
     cpu_cores_per_node: int | None,
@@ -488,15 +522,30 @@ def plan(
     from zeroplan.planner import PlanRequest, plan_json
     from zeroplan.planner import plan as make_plan
 
-    spec = load_model(model)
+    if emit is not None and out is None:
+        raise click.UsageError("--emit writes a recipe: give -o DIR")
+    cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
+    recipe = None
+    overridden: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    if recipe_path is not None:
+        from zeroplan.recipes import read_recipe
+
+        recipe, spec = read_recipe(recipe_path, recipe_format, model)
+        job, overridden, extra = recipe_job(recipe, job, cluster.world_size)
+    elif model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
+    else:
+        spec = load_model(model)
     fields = with_data(
         spec, job_request(**job), data, tokenizer, chat_template, data_format, system_prompt,
         overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
     req = PlanRequest(
         spec=spec,
-        cluster=resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node),
+        cluster=cluster,
         **fields,
+        **extra,
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,
         objective=objective,
@@ -506,14 +555,17 @@ def plan(
     )
     result = make_plan(req)
     answer = plan_json(result, top=top)
+    if recipe is not None:
+        answer["recipe"] = recipe_answer(recipe, overridden)
+        answer["recipe"]["as_written"] = as_written(spec, cluster, recipe)
     if req.data is not None:
         from zeroplan.datatokens import save_packs
 
         save_packs(req.data.profile)
+    diff = ""
     if out is not None and result.best is not None:
-        from zeroplan.planfiles import write_plan
-
-        written = write_plan(result, out, top=top)
+        written, diff = write_plan_files(result, out, top, recipe, emit)
+        answer["written"] = {"files": [str(p) for p in written], "recipe_diff": diff}
         if not as_json:
             click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
     if as_json:
@@ -521,11 +573,87 @@ def plan(
     else:
         from rich.console import Console
 
-        from zeroplan.commands.render import render_plan
+        from zeroplan.commands.render import render_as_written, render_plan, render_recipe
 
-        render_plan(answer, Console())
+        console = Console()
+        if recipe is not None:
+            render_recipe(answer["recipe"], console)
+            render_as_written(answer["recipe"]["as_written"], console)
+        render_plan(answer, console)
+        if diff:
+            click.echo(diff, nl=False)
     if result.best is None:
         sys.exit(1)
+
+
+def recipe_job(
+    recipe: Any, job: dict[str, Any], world_size: int
+) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """The job options with the recipe's values where none was given: its method (a LoRA
+    recipe stays on its bf16 base unless --method auto), sequence length, global batch
+    (micro-batch × accumulation × GPUs), LoRA rank, targets and dropout, precision.
+    Returns (job options, {setting: overriding option}, extra PlanRequest fields)."""
+    setup = recipe.setup
+    from_recipe = {
+        "method": setup["method"],
+        "seq_len": str(setup["seq_len"]),
+        "global_batch": recipe.global_batch_per_gpu * world_size,
+        "lora_r": setup["lora_r"],
+        "lora_targets": ",".join(setup["lora_targets"]),
+        "precision": setup["precision"] or None,
+    }
+    merged, overridden = recipe_over(from_recipe, job)
+    if not given("method") and setup["method"] == "lora":
+        merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)
+    return merged, overridden, {"lora_dropout": setup["lora_dropout"]}
+
+
+def as_written(spec: Any, cluster: Any, recipe: Any) -> dict[str, Any]:
+    """The recipe's own setup on the cluster: does it fit, how fast (or why it is refused)."""
+    from zeroplan.api import estimate as run_estimate
+    from zeroplan.api import make_setup
+    from zeroplan.planner import describe, family_of
+    from zeroplan.trainsetup import resolve_precision
+
+    try:
+        setup = resolve_precision(make_setup(**recipe.setup), cluster.gpu.bf16, cluster.gpu.name)
+        est = run_estimate(spec, gpus=cluster, setup=setup)
+    except ZeroplanError as exc:
+        return {"error": str(exc)}
+    return {
+        "family": family_of(setup, cluster.world_size),
+        "describe": describe(setup),
+        "fits": est.fits,
+        "required_bytes": est.required_bytes,
+        "device_used_bytes": est.device_used_bytes,
+        "gpu_memory_bytes": est.gpu_memory_bytes,
+        "tokens_per_s": est.speed.tokens_per_s if est.speed is not None else None,
+    }
+
+
+def write_plan_files(
+    result: Any, out: Path, top: int, recipe: Any, emit: str | None
+) -> tuple[list[Path], str]:
+    """The plan's files: zeroplan's own (plan.json, ds_config.json, launch.sh), or with
+    --recipe / --emit plan.json and the recipe planned (and the DeepSpeed JSON it names)."""
+    from zeroplan.planfiles import write_folder, write_plan
+    from zeroplan.planner import plan_json
+
+    if recipe is None and emit is None:
+        return write_plan(result, out, top=top), ""
+    from zeroplan.recipes.write import emit_files, planned_files
+
+    files = {"plan.json": json.dumps(plan_json(result, top=top), indent=2) + "\n"}
+    diff = ""
+    setup = result.best.setup
+    if recipe is not None:
+        planned, diff = planned_files(recipe, setup, out)
+        files.update(planned)
+    if emit is not None:
+        spec = result.request.spec
+        model = spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name
+        files.update(emit_files(emit, model, setup, out))
+    return write_folder(out, files), diff
 
 
 # Commands that live in their own modules register here, one line each:

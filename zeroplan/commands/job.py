@@ -285,3 +285,64 @@ def check_seq_len(n: int) -> int:
     if n < 1:
         raise BadSetupError(f"--seq-len must be at least 1, got {n}")
     return n
+
+
+# -- --recipe: a LLaMA-Factory / axolotl / TRL recipe as the job ----------------------------
+
+
+def recipe_options(fn: F) -> F:
+    """--recipe and --recipe-format (estimate, plan)."""
+    from zeroplan.recipes import FORMATS as RECIPE_FORMATS
+
+    options = [
+        click.option(
+            "--recipe",
+            "recipe_path",
+            default=None,
+            metavar="FILE",
+            help="A LLaMA-Factory or axolotl YAML, a TRL `trl sft --config` file, or a JSON of "
+            "HF TrainingArguments / SFTConfig fields: the job as that trainer would run it "
+            "(its defaults where the recipe is silent). Options given beside it override it; "
+            "MODEL, if given, overrides its model.",
+        ),
+        click.option(
+            "--recipe-format",
+            type=click.Choice(("auto", *RECIPE_FORMATS)),
+            default="auto",
+            show_default=True,
+            help="The recipe's trainer; auto: told from its keys.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def given(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (or by environment), not left
+    at its default."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def recipe_over(
+    recipe_setup: dict[str, Any], options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The recipe's setup with every option given on the command line over it; returns
+    (options, {setting: the option that overrode the recipe})."""
+    merged = dict(recipe_setup)
+    overridden: dict[str, str] = {}
+    for name, value in options.items():
+        if name not in recipe_setup:
+            merged[name] = value
+        elif given(name):
+            merged[name] = value
+            overridden[name] = "--" + name.replace("_", "-")
+    return merged, overridden
+
+
+def recipe_answer(recipe: Any, overridden: dict[str, str]) -> dict[str, Any]:
+    """The ``recipe`` section of a --json answer: the mapping, with overridden settings said."""
+    out: dict[str, Any] = recipe.to_json()
+    out["overridden"] = overridden
+    return out
