@@ -60,6 +60,9 @@ def trainer_for(parsed: Parsed, fmt: str | None) -> Trainer:
         trainer = by_format[fmt]
     else:
         trainer = detect(parsed.data, parsed.syntax, TRAINERS)
+        if parsed.syntax == "json" and trainer.format == "trl":
+            # trl sft --config reads YAML; a JSON of its fields is for your own script
+            trainer = trl.HF_TRAINER
     if trainer.format == "hf" and trl.SFT_ONLY & parsed.data.keys():
         return trl.SFT_JSON_TRAINER
     return trainer
@@ -106,7 +109,7 @@ def read_recipe(
         notes += ds_notes
         deepspeed = {"given": given_ds, "path": found, "config": cfg}
     else:
-        setup["zero"] = None
+        setup["zero"], setup["offload"] = None, "none"
     return (
         Recipe(
             path=parsed.path,

@@ -76,12 +76,7 @@ def _attention(key: str, value: Any) -> str | None:
 
 
 def _dtype(key: str, value: Any) -> str:
-    if value == "float32":
-        raise BadRecipeError(
-            f"{key}: float32 (TRL's default for trl sft) loads 32-bit base weights, which "
-            "zeroplan does not model; set dtype: bfloat16 (or float16, auto)"
-        )
-    if value not in DTYPES:
+    if value not in (*DTYPES, "float32"):
         raise BadRecipeError(f"{key}: {value} is not modelled; supported: {', '.join(DTYPES)}")
     return str(value)
 
@@ -208,6 +203,11 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
     """TRL's settings as zeroplan's: method from use_peft and load_in_4bit/8bit, bf16 true
     unless fp16, PEFT's default targets, packing or padding-free."""
     notes: list[str] = []
+    if s["dtype"] == "float32":
+        raise BadRecipeError(
+            "dtype: float32 (TRL's default for trl sft) loads 32-bit base weights, which "
+            "zeroplan does not model; set dtype: bfloat16 (or float16, auto)"
+        )
     if s["load_in_8bit"]:
         raise BadRecipeError(
             "load_in_8bit: an 8-bit base is not modelled; supported: load_in_4bit (QLoRA), or "

@@ -49,10 +49,14 @@ _EMIT_BASE: dict[str, dict[str, Any]] = {
         "do_train": True,
         "dataset": "identity",
         "template": "default",
+        "learning_rate": 1.0e-4,
+        "num_train_epochs": 1.0,
         "output_dir": "saves/zeroplan",
     },
     "axolotl": {
         "datasets": [{"path": "mhenrichsen/alpaca_2k_test", "type": "alpaca"}],
+        "learning_rate": 2.0e-4,
+        "num_epochs": 1,
         "output_dir": "./outputs/zeroplan",
     },
     "trl": {
