@@ -416,12 +416,19 @@ def test_estimate_recipe_json_and_overrides(capsys: pytest.CaptureFixture[str]) 
     assert answer["setup"]["grad_accum"] == 4 and answer["setup"]["zero"] == 3
     assert answer["setup"]["lora_r"] == 8 and answer["setup"]["lora_dropout"] == 0.0
     assert answer["recipe"]["overridden"] == {"micro_batch": "--micro-batch"}
+    overridden = next(m for m in answer["recipe"]["mapping"] if m["setting"] == "micro_batch")
+    assert overridden == {
+        "key": "",
+        "setting": "micro_batch",
+        "value": 2,
+        "source": "--micro-batch (the recipe's: 4)",
+    }
     assert answer["recipe"]["trainer"] == "LLaMA-Factory 0.9.5"
     rows = {m["setting"]: m for m in answer["recipe"]["mapping"]}
     assert rows["seq_len"]["key"] == "cutoff_len"
 
 
-def test_estimate_recipe_is_fast_and_imports_no_torch() -> None:
+def test_recipe_commands_are_fast_and_import_no_torch() -> None:
     code = textwrap.dedent(
         f"""
         import sys, time
@@ -430,7 +437,10 @@ def test_estimate_recipe_is_fast_and_imports_no_torch() -> None:
         main(["estimate", "--recipe", {str(LF_STORY)!r}, "--gpus", "7x4090", "--json"])
         took = time.perf_counter() - t
         assert "torch" not in sys.modules and "transformers" not in sys.modules
-        print("TOOK", took, file=sys.stderr)
+        t = time.perf_counter()
+        main(["plan", "--recipe", {str(LF_STORY)!r}, "--gpus", "7x4090", "--json"])
+        planned = time.perf_counter() - t
+        print("TOOK", took, planned, file=sys.stderr)
         """
     )
     proc = subprocess.run(
@@ -440,8 +450,9 @@ def test_estimate_recipe_is_fast_and_imports_no_torch() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=True,
     )
-    took = float(proc.stderr.rsplit("TOOK", 1)[1])
-    assert took < 0.5, took
+    took, planned = map(float, proc.stderr.rsplit("TOOK", 1)[1].split())
+    assert took < 0.5, took  # estimate --recipe
+    assert planned < 1.0, planned  # plan --recipe for the 7×4090 story
 
 
 # ----------------------------------------------------------------------------- writing
@@ -461,7 +472,7 @@ def test_edit_yaml_keeps_comments_and_order() -> None:
     new = edit_yaml(text, {"a": 2, "plugins": ["x", "y"], "b": None, "d": True, "c": 3})
     assert new == (
         "# head\n"
-        "a: 2  # the a's comment\n"
+        "a: 2  # the a's comment  # zeroplan: was 1\n"
         "plugins:\n"
         "- x\n"
         "- y\n"

@@ -264,7 +264,7 @@ def estimate(
         answer["data"] = fit.to_json()
         answer["data"]["micro_batch_fill"] = fill
     if recipe is not None:
-        answer["recipe"] = recipe_answer(recipe, overridden)
+        answer["recipe"] = recipe_answer(recipe, overridden, options)
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
@@ -556,7 +556,7 @@ def plan(
     result = make_plan(req)
     answer = plan_json(result, top=top)
     if recipe is not None:
-        answer["recipe"] = recipe_answer(recipe, overridden)
+        answer["recipe"] = recipe_answer(recipe, overridden, job)
         answer["recipe"]["as_written"] = as_written(spec, cluster, recipe)
     if req.data is not None:
         from zeroplan.datatokens import save_packs
@@ -565,7 +565,8 @@ def plan(
     diff = ""
     if out is not None and result.best is not None:
         written, diff = write_plan_files(result, out, top, recipe, emit)
-        answer["written"] = {"files": [str(p) for p in written], "recipe_diff": diff}
+        if recipe is not None or emit is not None:
+            answer["written"] = {"files": [str(p) for p in written], "recipe_diff": diff}
         if not as_json:
             click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
     if as_json:

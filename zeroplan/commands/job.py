@@ -341,8 +341,17 @@ def recipe_over(
     return merged, overridden
 
 
-def recipe_answer(recipe: Any, overridden: dict[str, str]) -> dict[str, Any]:
-    """The ``recipe`` section of a --json answer: the mapping, with overridden settings said."""
+def recipe_answer(
+    recipe: Any, overridden: dict[str, str], values: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``recipe`` section of a --json answer: the mapping, an overridden setting with
+    the option's value and the recipe's beside it."""
     out: dict[str, Any] = recipe.to_json()
     out["overridden"] = overridden
+    for row in out["mapping"]:
+        if row["setting"] in overridden:
+            was = row["value"]
+            row["value"] = values[row["setting"]]
+            row["source"] = f"{overridden[row['setting']]} (the recipe's: {was})"
+            row["key"] = ""
     return out

@@ -325,9 +325,7 @@ def render_recipe(r: dict[str, Any], console: Console) -> None:
     for m in r["mapping"]:
         value = "all-linear" if m["value"] == "all-linear" else m["value"]
         left = f"{m['setting']} = {value}"
-        if m["setting"] in r["overridden"]:
-            source = f"{r['overridden'][m['setting']]}, over the recipe"
-        elif m["source"] == "recipe":
+        if m["source"] == "recipe":
             source = m["key"]
         elif m["key"]:
             source = f"{m['key']}: {m['source']}"

@@ -228,7 +228,12 @@ def detect(data: Mapping[str, Any], syntax: str, trainers: tuple[Trainer, ...]) 
         hf = by_format.get("hf")
         if hf is not None and syntax == "json" and hf.known & data.keys():
             return hf
-        looked = "; ".join(f"{t.label} ({', '.join(sorted(t.markers)[:4])}, ...)" for t in trainers)
+        looked = "; ".join(
+            f"{t.label} ({', '.join(sorted(t.markers)[:4])}, ...)"
+            if t.markers
+            else f"{t.label} (a .json of its fields)"
+            for t in trainers
+        )
         raise BadRecipeError(f"no key of a known recipe format; looked for {looked}")
     if len(top) > 1:
         names = ", ".join(t.format for t in top)

@@ -2,8 +2,8 @@
 
 Recipes are commented by hand; a YAML round trip through a parser would drop every
 comment and reorder keys. So the editor works on lines: a top-level key's block is its
-line plus the indented (or ``- item``) lines under it; a changed value replaces the block,
-keeping the comment at the end of a one-line key; a removed key is commented out; a new
+line plus the indented (or ``- item``) lines under it; a changed value replaces the block
+(a one-line key keeps its comment and gains ``# zeroplan: was OLD``); a removed key is commented out; a new
 key is appended at the end. Everything else stays byte for byte.
 """
 
@@ -83,9 +83,12 @@ def edit_yaml(text: str, edits: dict[str, Any]) -> str:
             lines[start] = lines[start].rstrip("\n") + f"  {NOTE}: not in the plan\n"
             continue
         new = _render(key, value)
-        tail = _comment_of(lines[start]) if end - start == 1 else ""
-        if len(new) == 1 and tail:
-            new[0] = new[0].rstrip("\n") + tail + "\n"
+        if len(new) == 1 and end - start == 1:
+            # a one-line value: keep the user's comment, say what it was
+            was = lines[start].split(":", 1)[1].strip()
+            tail = _comment_of(lines[start])
+            was = was[: len(was) - len(tail.strip())].strip() if tail else was
+            new[0] = new[0].rstrip("\n") + f"{tail}  {NOTE}: was {was}\n"
         lines[start:end] = new
     if appended:
         if lines and lines[-1].strip():
