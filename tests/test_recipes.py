@@ -672,3 +672,10 @@ def test_their_own_parsers_accept_the_emitted_recipes(tmp_path: Path, fmt: str) 
     )
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.y*ml")), ids=lambda p: p.name)
+def test_every_example_recipe_reads(path: Path) -> None:
+    recipe, _ = read_recipe(path)
+    TrainSetup(**recipe.setup)
+    assert not recipe.ignored
