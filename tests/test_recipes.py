@@ -563,10 +563,12 @@ SETUPS = [
         lora_targets=("q_proj", "v_proj"),
     ),
     TrainSetup(method="full", micro_batch=1, zero=2, offload="optimizer", precision="bf16"),
+    TrainSetup(method="qlora", micro_batch=2, zero=3, grad_ckpt=True, precision="bf16"),
 ]
+IDS = ["lora-z3", "qlora", "full-z2-offload", "qlora-z3"]
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=["lora-z3", "qlora", "full-z2-offload"])
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
 @pytest.mark.parametrize("fmt", ["llamafactory", "axolotl", "trl"])
 def test_emitted_recipes_read_back_as_the_plan(tmp_path: Path, fmt: str, setup: TrainSetup) -> None:
     _emitted(tmp_path, fmt, setup)
@@ -595,7 +597,7 @@ def _key_set(name: str) -> set[str]:
     return {line for line in lines if line and not line.startswith("#")}
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=["lora-z3", "qlora", "full-z2-offload"])
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
 def test_emitted_keys_are_keys_the_trainers_accept(tmp_path: Path, setup: TrainSetup) -> None:
     transformers = pytest.importorskip("transformers")
     ta = {f.name for f in dataclasses.fields(transformers.Seq2SeqTrainingArguments)}
@@ -605,7 +607,7 @@ def test_emitted_keys_are_keys_the_trainers_accept(tmp_path: Path, setup: TrainS
     assert set(ax) <= _key_set("axolotl-0.18.0.txt")
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=["lora-z3", "qlora", "full-z2-offload"])
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
 def test_trl_parses_the_emitted_trl_recipe(tmp_path: Path, setup: TrainSetup) -> None:
     trl_mod = pytest.importorskip("trl")
     import yaml
@@ -625,11 +627,16 @@ def test_trl_parses_the_emitted_trl_recipe(tmp_path: Path, setup: TrainSetup) ->
     assert sft.per_device_train_batch_size == setup.micro_batch
     assert sft.gradient_accumulation_steps == setup.grad_accum
     assert model.load_in_4bit == (setup.method == "qlora")
+    # ZeRO-3 shards 4-bit weights stored as bf16 only
+    want = "bfloat16" if setup.method == "qlora" and setup.zero == 3 else None
+    assert model.bnb_4bit_quant_storage == want
     assert sft.deepspeed == (str(tmp_path / "ds_config.json") if setup.zero is not None else None)
 
 
 @pytest.mark.parametrize(
-    "setup", [s for s in SETUPS if s.zero is not None], ids=["lora-z3", "full-z2-offload"]
+    "setup",
+    [s for s in SETUPS if s.zero is not None],
+    ids=["lora-z3", "full-z2-offload", "qlora-z3"],
 )
 def test_emitted_deepspeed_json_is_accepted_by_deepspeed(
     tmp_path: Path,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadRecipeError, RecipeNotFoundError
-from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, OPTIM_ALIASES, OPTIMIZERS
+from zeroplan.trainsetup import ALL_LINEAR, OPTIM_ALIASES, OPTIMIZERS
 
 # what a recipe key's value is turned into: (key, raw value) -> setting value
 Reader = Callable[[str, Any], Any]
@@ -241,20 +241,6 @@ def detect(data: Mapping[str, Any], syntax: str, trainers: tuple[Trainer, ...]) 
             f"the recipe's keys fit {names} alike: give --recipe-format to say which"
         )
     return top[0]
-
-
-def require_lora_r(settings: Mapping[str, Any], key: str) -> None:
-    if settings.get("method") != "full" and settings.get("lora_r") is None:
-        raise BadRecipeError(f"{key} is missing and this trainer has no default for it")
-
-
-def check_bnb_offload(optim: str, offload: str) -> None:
-    """Only for a clear message: TrainSetup refuses the same with CLI option names."""
-    if optim in BNB_OPTIMIZERS and offload != "none":
-        raise BadRecipeError(
-            f"optimizer {optim} with DeepSpeed CPU offload: DeepSpeed steps its own CPU Adam "
-            "instead; use adamw_torch_fused or drop the offload"
-        )
 
 
 @dataclass(frozen=True)

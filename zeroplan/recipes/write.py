@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zeroplan.dsconfig import dumps, preset_config
+from zeroplan.dsconfig import dumps, preset_config, quant_storage_dtype
 from zeroplan.errors import BadRecipeError
 from zeroplan.recipes import TRAINERS
 from zeroplan.recipes.common import Recipe, Trainer
@@ -39,14 +39,28 @@ PLANNED = (
     "lora_dropout",
     "precision",
 )
-EMITTED = ("model", *PLANNED, "lora_alpha", "attn")
+# a fresh recipe's settings, in the order they are written
+EMITTED = (
+    "model",
+    "method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "seq_len",
+    "micro_batch",
+    "grad_accum",
+    "grad_ckpt",
+    "optim",
+    "precision",
+    "attn",
+    "fused_loss",
+)
 EMIT_FORMATS = ("llamafactory", "axolotl", "trl")
 # what a fresh recipe needs besides the job, for its trainer to run it: data and output
 # placeholders to replace, named so that the trainer's parser accepts them as they are
 _EMIT_BASE: dict[str, dict[str, Any]] = {
     "llamafactory": {
-        "stage": "sft",
-        "do_train": True,
         "dataset": "identity",
         "template": "default",
         "learning_rate": 1.0e-4,
@@ -82,16 +96,18 @@ def encode(trainer: Trainer, setting: str, value: Any, data: dict[str, Any]) -> 
     return {key.name: key.write(value)}
 
 
-def _setting(setup: TrainSetup, name: str) -> Any:
-    return getattr(setup, name)
-
-
 def _ds_edits(
     trainer: Trainer, setup: TrainSetup, ds_ref: str, had: bool, data: dict[str, Any]
 ) -> dict[str, Any]:
     if setup.zero is None:
         return encode(trainer, "deepspeed", None, data) if had else {}
-    return encode(trainer, "deepspeed", ds_ref, data)
+    edits = encode(trainer, "deepspeed", ds_ref, data)
+    storage = quant_storage_dtype(setup)
+    if storage is not None and trainer.format in ("trl", "hf"):
+        # ZeRO-3 shards the 4-bit weights only when they are stored in the 16-bit dtype;
+        # LLaMA-Factory and axolotl set that themselves, TRL's ModelConfig takes it as a key
+        edits["bnb_4bit_quant_storage"] = storage
+    return edits
 
 
 def plan_edits(recipe: Recipe, setup: TrainSetup, ds_ref: str) -> dict[str, Any]:
@@ -100,7 +116,7 @@ def plan_edits(recipe: Recipe, setup: TrainSetup, ds_ref: str) -> dict[str, Any]
     data = recipe.parsed.data if recipe.parsed is not None else {}
     edits: dict[str, Any] = {}
     for name in PLANNED:
-        value = _setting(setup, name)
+        value = getattr(setup, name)
         if name in ("lora_r", "lora_targets", "lora_dropout") and not setup.is_lora:
             continue
         if recipe.setup.get(name) != value:
@@ -139,10 +155,10 @@ def emit_files(fmt: str, model: str, setup: TrainSetup, out_dir: Path) -> dict[s
         if name.startswith("lora_") and not setup.is_lora:
             continue
         if name == "method" and setup.method == "full" and fmt == "llamafactory":
-            data["finetuning_type"] = "full"
+            data.update(stage="sft", do_train=True, finetuning_type="full")
             continue
         if name == "method" and fmt == "llamafactory":
-            data["finetuning_type"] = "lora"
+            data.update(stage="sft", do_train=True, finetuning_type="lora")
         data.update(
             {k: v for k, v in encode(trainer, name, values[name], data).items() if v is not None}
         )
