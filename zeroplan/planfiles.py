@@ -13,11 +13,14 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zeroplan.dsconfig import ds_config
 from zeroplan.errors import ConfigWriteError
 from zeroplan.planner import Plan, plan_json
+
+if TYPE_CHECKING:
+    from zeroplan.recipes.common import Recipe
 
 
 def launch_command(p: Plan, plan_path: str = "plan.json") -> list[str]:
@@ -80,6 +83,29 @@ def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list
     files["launch.sh"] = "#!/bin/sh\n" + shlex.join(launch_command(p)) + ' "$@"\n'
     executable = ("launch.sh", "launch.sbatch")
     return write_folder(target, files, executable)
+
+
+def write_recipe_plan(
+    p: Plan, directory: str | os.PathLike[str], top: int, recipe: Recipe | None, emit: str | None
+) -> tuple[list[Path], str]:
+    """plan.json and, for ``recipe`` (a ``recipes.Recipe``), that recipe planned; for
+    ``emit`` (a trainer's format), a fresh recipe; with the DeepSpeed JSON they name.
+    Returns the paths written and the recipe's unified diff ("" without a recipe)."""
+    from zeroplan.recipes.write import emit_files, planned_files
+
+    if p.best is None:
+        raise ConfigWriteError("nothing fits, so there is no plan to write (see the suggestion)")
+    target = Path(directory)
+    files = {"plan.json": json.dumps(plan_json(p, top=top), indent=2) + "\n"}
+    diff = ""
+    if recipe is not None:
+        planned, diff = planned_files(recipe, p.best.setup, target)
+        files.update(planned)
+    if emit is not None:
+        spec = p.request.spec
+        model = spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name
+        files.update(emit_files(emit, model, p.best.setup, target))
+    return write_folder(target, files), diff
 
 
 def write_folder(

@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -19,6 +19,7 @@ from zeroplan.commands.job import (
     job_request,
     link_options,
     recipe_answer,
+    recipe_job,
     recipe_options,
     recipe_over,
     say,
@@ -26,6 +27,11 @@ from zeroplan.commands.job import (
 )
 from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS
+
+if TYPE_CHECKING:
+    from zeroplan.hardware import Cluster
+    from zeroplan.models import ModelSpec
+    from zeroplan.recipes.common import Recipe
 
 DEFAULT_GPUS = "1xH100"
 
@@ -564,8 +570,12 @@ def plan(
         save_packs(req.data.profile)
     diff = ""
     if out is not None and result.best is not None:
-        written, diff = write_plan_files(result, out, top, recipe, emit)
-        if recipe is not None or emit is not None:
+        from zeroplan.planfiles import write_plan, write_recipe_plan
+
+        if recipe is None and emit is None:
+            written = write_plan(result, out, top=top)
+        else:
+            written, diff = write_recipe_plan(result, out, top, recipe, emit)
             answer["written"] = {"files": [str(p) for p in written], "recipe_diff": diff}
         if not as_json:
             click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
@@ -587,29 +597,7 @@ def plan(
         sys.exit(1)
 
 
-def recipe_job(
-    recipe: Any, job: dict[str, Any], world_size: int
-) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
-    """The job options with the recipe's values where none was given: its method (a LoRA
-    recipe stays on its bf16 base unless --method auto), sequence length, global batch
-    (micro-batch × accumulation × GPUs), LoRA rank, targets and dropout, precision.
-    Returns (job options, {setting: overriding option}, extra PlanRequest fields)."""
-    setup = recipe.setup
-    from_recipe = {
-        "method": setup["method"],
-        "seq_len": str(setup["seq_len"]),
-        "global_batch": recipe.global_batch_per_gpu * world_size,
-        "lora_r": setup["lora_r"],
-        "lora_targets": ",".join(setup["lora_targets"]),
-        "precision": setup["precision"] or None,
-    }
-    merged, overridden = recipe_over(from_recipe, job)
-    if not given("method") and setup["method"] == "lora":
-        merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)
-    return merged, overridden, {"lora_dropout": setup["lora_dropout"]}
-
-
-def as_written(spec: Any, cluster: Any, recipe: Any) -> dict[str, Any]:
+def as_written(spec: ModelSpec, cluster: Cluster, recipe: Recipe) -> dict[str, Any]:
     """The recipe's own setup on the cluster: does it fit, how fast (or why it is refused)."""
     from zeroplan.api import estimate as run_estimate
     from zeroplan.api import make_setup
@@ -630,31 +618,6 @@ def as_written(spec: Any, cluster: Any, recipe: Any) -> dict[str, Any]:
         "gpu_memory_bytes": est.gpu_memory_bytes,
         "tokens_per_s": est.speed.tokens_per_s if est.speed is not None else None,
     }
-
-
-def write_plan_files(
-    result: Any, out: Path, top: int, recipe: Any, emit: str | None
-) -> tuple[list[Path], str]:
-    """The plan's files: zeroplan's own (plan.json, ds_config.json, launch.sh), or with
-    --recipe / --emit plan.json and the recipe planned (and the DeepSpeed JSON it names)."""
-    from zeroplan.planfiles import write_folder, write_plan
-    from zeroplan.planner import plan_json
-
-    if recipe is None and emit is None:
-        return write_plan(result, out, top=top), ""
-    from zeroplan.recipes.write import emit_files, planned_files
-
-    files = {"plan.json": json.dumps(plan_json(result, top=top), indent=2) + "\n"}
-    diff = ""
-    setup = result.best.setup
-    if recipe is not None:
-        planned, diff = planned_files(recipe, setup, out)
-        files.update(planned)
-    if emit is not None:
-        spec = result.request.spec
-        model = spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name
-        files.update(emit_files(emit, model, setup, out))
-    return write_folder(out, files), diff
 
 
 # Commands that live in their own modules register here, one line each:

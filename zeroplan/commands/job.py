@@ -4,7 +4,7 @@ that plans (``zeroplan plan``, and ``zeroplan launch MODEL`` which plans before 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -13,6 +13,9 @@ from zeroplan.lengths import OVERLONG
 from zeroplan.models import ModelSpec
 from zeroplan.records import FORMATS
 from zeroplan.trainsetup import METHODS, PRECISIONS, parse_targets
+
+if TYPE_CHECKING:
+    from zeroplan.recipes.common import Recipe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -342,7 +345,7 @@ def recipe_over(
 
 
 def recipe_answer(
-    recipe: Any, overridden: dict[str, str], values: dict[str, Any]
+    recipe: Recipe, overridden: dict[str, str], values: dict[str, Any]
 ) -> dict[str, Any]:
     """The ``recipe`` section of a --json answer: the mapping, an overridden setting with
     the option's value and the recipe's beside it."""
@@ -355,3 +358,25 @@ def recipe_answer(
             row["source"] = f"{overridden[row['setting']]} (the recipe's: {was})"
             row["key"] = ""
     return out
+
+
+def recipe_job(
+    recipe: Recipe, job: dict[str, Any], world_size: int
+) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """The job options with the recipe's values where none was given: its method (a LoRA
+    recipe stays on its bf16 base unless --method auto), sequence length, global batch
+    (micro-batch × accumulation × GPUs), LoRA rank, targets and dropout, precision.
+    Returns (job options, {setting: overriding option}, extra PlanRequest fields)."""
+    setup = recipe.setup
+    from_recipe = {
+        "method": setup["method"],
+        "seq_len": str(setup["seq_len"]),
+        "global_batch": recipe.global_batch_per_gpu * world_size,
+        "lora_r": setup["lora_r"],
+        "lora_targets": ",".join(setup["lora_targets"]),
+        "precision": setup["precision"] or None,
+    }
+    merged, overridden = recipe_over(from_recipe, job)
+    if not given("method") and setup["method"] == "lora":
+        merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)
+    return merged, overridden, {"lora_dropout": setup["lora_dropout"]}
