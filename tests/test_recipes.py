@@ -686,3 +686,64 @@ def test_every_example_recipe_reads(path: Path) -> None:
     recipe, _ = read_recipe(path)
     TrainSetup(**recipe.setup)
     assert not recipe.ignored
+
+
+def test_plan_edits_for_axolotl_and_json(tmp_path: Path) -> None:
+    """The plan's changes through each trainer's own keys: axolotl's fused loss is its
+    plugin plus a switch, and keeps batch_size's accumulation; a JSON keeps its keys."""
+    from zeroplan.recipes.write import plan_edits, planned_files
+
+    p = write(
+        tmp_path,
+        "a.yml",
+        """
+        base_model: meta-llama/Llama-3.2-1B
+        adapter: lora
+        lora_r: 8
+        micro_batch_size: 4
+        batch_size: 16
+        plugins:
+          - some.OtherPlugin  # kept
+        """,
+    )
+    recipe, _ = read_recipe(p)
+    plan = TrainSetup(
+        **{**recipe.setup, "micro_batch": 2, "grad_accum": 8, "fused_loss": True, "zero": 2}
+    )
+    edits = plan_edits(recipe, plan, "out/ds_config.json")
+    assert edits == {
+        "micro_batch_size": 2,  # batch_size stays: axolotl derives 16 // 2 = 8
+        "plugins": ["some.OtherPlugin", axolotl.LIGER_PLUGIN],
+        "liger_fused_linear_cross_entropy": True,
+        "deepspeed": "out/ds_config.json",
+    }
+    files, _ = planned_files(recipe, plan, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    for name, text in files.items():
+        (tmp_path / "out" / name).write_text(text)
+    back = read_recipe(tmp_path / "out" / "a.yml")[0].setup
+    assert (back["micro_batch"], back["grad_accum"], back["fused_loss"], back["zero"]) == (
+        2,
+        8,
+        True,
+        2,
+    )
+
+    j = tmp_path / "args.json"
+    j.write_text(
+        json.dumps({"per_device_train_batch_size": 4, "bf16": True, "output_dir": "o"}, indent=2)
+        + "\n"
+    )
+    recipe, _ = read_recipe(j, model="llama-3.2-1b")
+    plan = dataclasses.replace(TrainSetup(**recipe.setup), micro_batch=1, grad_accum=4)
+    files, diff = planned_files(recipe, plan, tmp_path / "o2")
+    data = json.loads(files["args.json"])
+    assert data == {
+        "per_device_train_batch_size": 1,
+        "bf16": True,
+        "output_dir": "o",
+        "gradient_accumulation_steps": 4,
+    }
+    assert '-  "per_device_train_batch_size": 4,' in diff.splitlines()
+    assert '+  "per_device_train_batch_size": 1,' in diff.splitlines()
+    assert '   "bf16": true,' in diff.splitlines()  # unchanged context
