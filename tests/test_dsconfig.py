@@ -645,7 +645,9 @@ def test_config_and_estimate_share_the_setup_options() -> None:
     # length from records, which config takes
     data = {"data", "tokenizer", "chat_template", "data_format", "system_prompt", "overlong"}
     links = {"p2p", "inter_node_gbs", "cpu_cores_per_node"}
-    estimate_opts = options("estimate", {"as_json", "explain", *links, *data})
+    # --recipe reads the setup from another trainer's file (estimate and plan)
+    recipe = {"recipe_path", "recipe_format"}
+    estimate_opts = options("estimate", {"as_json", "explain", *links, *data, *recipe})
     assert estimate_opts == options("config", {"grad_clip", "output"})
     assert {"gpus", "zero", "offload", "micro_batch", "lora_dropout", "fused_loss"} <= set(
         estimate_opts

@@ -156,3 +156,15 @@ class RunDirNotSharedError(ZeroplanError):
 
 class NodeJoinError(ZeroplanError):
     """A node of a multi-node run did not join in time, or gave up."""
+
+
+# -- recipes of other trainers (--recipe, --emit) ------------------------------------------
+
+
+class RecipeNotFoundError(ZeroplanError):
+    """A recipe, or the DeepSpeed JSON it names, that is not where zeroplan looked."""
+
+
+class BadRecipeError(ZeroplanError):
+    """A recipe that does not parse, whose format cannot be told, or that holds a value
+    zeroplan does not model (freeze tuning, an unknown optimizer, 8-bit LoRA...)."""

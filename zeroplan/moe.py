@@ -124,16 +124,17 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
 
 
 def plan_target_choices(
-    spec: ModelSpec, targets: tuple[str, ...], method: str
+    spec: ModelSpec, targets: tuple[str, ...], method: str, dropout: float = 0.05
 ) -> list[tuple[tuple[str, ...], float]]:
     """The (targets, dropout) pairs the planner may try for ``method`` on an MoE model.
 
-    The user's targets as they are when measured (dropout 0 where PEFT takes none); for
+    The user's targets as they are when measured, with the user's ``dropout`` (0 where PEFT
+    takes none); for
     ``all-linear``, the measured sets it could mean: attention, and all-linear with dropout
     0 (for qlora, attention only). Empty when nothing measured fits the request.
     """
     measured_sets = MEASURED.get(spec.model_type, {}).get(method, ())
-    attention: tuple[tuple[str, ...], float] = (ATTENTION_TARGETS, 0.05)
+    attention: tuple[tuple[str, ...], float] = (ATTENTION_TARGETS, dropout)
     if ALL_LINEAR in targets:
         everything: tuple[tuple[str, ...], float] = ((ALL_LINEAR,), 0.0)
         choices = [attention] + ([everything] if ALL in measured_sets else [])
@@ -142,7 +143,7 @@ def plan_target_choices(
     chosen = target_set(spec, setup)
     if chosen not in measured_sets:
         return []
-    return [(targets, 0.0 if wrapped_as_parameters(spec, setup) else 0.05)]
+    return [(targets, 0.0 if wrapped_as_parameters(spec, setup) else dropout)]
 
 
 def describe_targets(targets: tuple[str, ...], dropout: float) -> str:

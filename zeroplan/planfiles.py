@@ -13,11 +13,14 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zeroplan.dsconfig import ds_config
 from zeroplan.errors import ConfigWriteError
 from zeroplan.planner import Plan, plan_json
+
+if TYPE_CHECKING:
+    from zeroplan.recipes.common import Recipe
 
 
 def launch_command(p: Plan, plan_path: str = "plan.json") -> list[str]:
@@ -78,14 +81,46 @@ def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list
         files["hostfile"] = hostfile_text(p)
         files["launch.sbatch"] = sbatch_text(p, target.resolve() / "plan.json")
     files["launch.sh"] = "#!/bin/sh\n" + shlex.join(launch_command(p)) + ' "$@"\n'
+    executable = ("launch.sh", "launch.sbatch")
+    return write_folder(target, files, executable)
+
+
+def write_recipe_plan(
+    p: Plan, directory: str | os.PathLike[str], top: int, recipe: Recipe | None, emit: str | None
+) -> tuple[list[Path], str]:
+    """plan.json and, for ``recipe`` (a ``recipes.Recipe``), that recipe planned; for
+    ``emit`` (a trainer's format), a fresh recipe; with the DeepSpeed JSON they name.
+    Returns the paths written and the recipe's unified diff ("" without a recipe)."""
+    from zeroplan.recipes.write import emit_files, planned_files
+
+    if p.best is None:
+        raise ConfigWriteError("nothing fits, so there is no plan to write (see the suggestion)")
+    target = Path(directory)
+    files = {"plan.json": json.dumps(plan_json(p, top=top), indent=2) + "\n"}
+    diff = ""
+    if recipe is not None:
+        planned, diff = planned_files(recipe, p.best.setup, target)
+        files.update(planned)
+    if emit is not None:
+        spec = p.request.spec
+        model = spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name
+        files.update(emit_files(emit, model, p.best.setup, target))
+    return write_folder(target, files), diff
+
+
+def write_folder(
+    directory: str | os.PathLike[str], files: dict[str, str], executable: tuple[str, ...] = ()
+) -> list[Path]:
+    """Write ``files`` (name -> text) into ``directory`` all at once: into a fresh temporary
+    folder beside it, then renamed into place (the folder's other files stay)."""
+    target = Path(directory)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         for name, text in files.items():
             (tmp / name).write_text(text)
-        (tmp / "launch.sh").chmod(0o755)
-        if "launch.sbatch" in files:
-            (tmp / "launch.sbatch").chmod(0o755)
+            if name in executable:
+                (tmp / name).chmod(0o755)
         if target.exists():
             for name in files:
                 os.replace(tmp / name, target / name)

@@ -71,6 +71,8 @@ class PlanRequest:
     price_per_gpu_hour: float | None = None
     lora_r: int = 16
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    # LoRA dropout above 0 keeps a mask per adapted input (a recipe may say 0)
+    lora_dropout: float = TrainSetup.lora_dropout
     # lora: may fall back to a 4-bit base when no bf16 setup fits (and shows the fastest
     # 4-bit setup beside the plan); False: never a 4-bit base
     allow_quantization: bool = True
@@ -226,10 +228,12 @@ def _adapters(req: PlanRequest, method: str) -> list[dict[str, Any]]:
     """The LoRA targets (and dropout) to try: the request's; on a mixture-of-experts model
     the measured target sets it allows (moe.plan_target_choices)."""
     if req.spec.moe is None or method == "full":
-        return [{"lora_targets": req.lora_targets}]
+        return [{"lora_targets": req.lora_targets, "lora_dropout": req.lora_dropout}]
     return [
         {"lora_targets": targets, "lora_dropout": dropout}
-        for targets, dropout in moe.plan_target_choices(req.spec, req.lora_targets, method)
+        for targets, dropout in moe.plan_target_choices(
+            req.spec, req.lora_targets, method, req.lora_dropout
+        )
     ]
 
 
@@ -427,7 +431,9 @@ def plan(req: PlanRequest) -> Plan:
     if best is not None and req.spec.moe is not None and best.setup.is_lora:
         tried = [
             moe.describe_targets(t, d)
-            for t, d in moe.plan_target_choices(req.spec, req.lora_targets, best.setup.method)
+            for t, d in moe.plan_target_choices(
+                req.spec, req.lora_targets, best.setup.method, req.lora_dropout
+            )
         ]
         assumptions.append(
             f"mixture of experts: LoRA on "

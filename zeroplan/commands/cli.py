@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -14,14 +14,24 @@ from zeroplan.commands.job import (
     PRECISION_HELP,
     data_options,
     estimate_data_options,
+    given,
     job_options,
     job_request,
     link_options,
+    recipe_answer,
+    recipe_job,
+    recipe_options,
+    recipe_over,
     say,
     with_data,
 )
 from zeroplan.errors import ZeroplanError
 from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS
+
+if TYPE_CHECKING:
+    from zeroplan.hardware import Cluster
+    from zeroplan.models import ModelSpec
+    from zeroplan.recipes.common import Recipe
 
 DEFAULT_GPUS = "1xH100"
 
@@ -177,7 +187,8 @@ def setup_options(f: F) -> F:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@recipe_options
 @setup_options
 @link_options
 @click.option(
@@ -186,7 +197,9 @@ def setup_options(f: F) -> F:
 @click.option("--explain", is_flag=True, help="Show each term's formula with this run's numbers.")
 @estimate_data_options
 def estimate(
-    model: str,
+    model: str | None,
+    recipe_path: str | None,
+    recipe_format: str,
     gpus: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
@@ -212,17 +225,28 @@ def estimate(
     The speed is the launched trainer's step on full-length sequences (--data: on your
     records, packed), with how close 9 in 10 predictions like it came to the measured
     speed on runs no fit saw (docs/speed.md).
+
+    --recipe reads the job from a LLaMA-Factory, axolotl or TRL recipe (docs/recipes.md).
     """
     from zeroplan.api import estimate as run_estimate
     from zeroplan.models import load_model
 
-    spec = load_model(model)
+    recipe = None
+    overridden: dict[str, str] = {}
+    if recipe_path is not None:
+        from zeroplan.recipes import read_recipe
+
+        recipe, spec = read_recipe(recipe_path, recipe_format, model)
+        options, overridden = recipe_over(recipe.setup, options)
+    elif model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
+    else:
+        spec = load_model(model)
     fit = None
     if data is not None:
-        # the sequence length is the data's longest record unless --seq-len is given; a
-        # micro-batch is micro-batch × seq-len tokens of packed records, as launch trains
-        given = click.get_current_context().get_parameter_source("seq_len")
-        explicit = given is not click.core.ParameterSource.DEFAULT
+        # the sequence length is the data's longest record unless --seq-len (or the
+        # recipe) gives it; a micro-batch is micro-batch × seq-len tokens of packed records
+        explicit = given("seq_len") or recipe is not None
         fields = with_data(
             spec, {"seq_len": str(options["seq_len"]) if explicit else None}, data, tokenizer,
             chat_template, data_format, system_prompt, overlong,
@@ -245,14 +269,18 @@ def estimate(
     if fit is not None:
         answer["data"] = fit.to_json()
         answer["data"]["micro_batch_fill"] = fill
+    if recipe is not None:
+        answer["recipe"] = recipe_answer(recipe, overridden, options)
     if as_json:
         click.echo(json.dumps(answer, indent=2))
         return
     from rich.console import Console
 
-    from zeroplan.commands.render import render_data, render_estimate
+    from zeroplan.commands.render import render_data, render_estimate, render_recipe
 
     console = Console()
+    if recipe is not None:
+        render_recipe(answer["recipe"], console)
     if fit is not None:
         render_data(answer["data"], console)
     render_estimate(est, console, explain=explain)
@@ -379,11 +407,19 @@ def _count(text: str | None, option: str) -> int | None:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option(
     "--gpus",
     default=None,
     help="Cluster: 7x4090, 2x8xH100, 1xA100-80GB (default: this machine's GPUs, else 1xH100).",
+)
+@recipe_options
+@click.option(
+    "--emit",
+    type=click.Choice(("llamafactory", "axolotl", "trl")),
+    default=None,
+    help="With -o: also write a fresh recipe for this trainer (DIR/<trainer>.yaml) and the "
+    "DeepSpeed JSON it names.",
 )
 @job_options
 @link_options
@@ -434,11 +470,15 @@ def _count(text: str | None, option: str) -> int | None:
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Write plan.json, ds_config.json, launch.sh (and for several nodes a hostfile and "
-    "launch.sbatch for SLURM) into this folder.",
+    "launch.sbatch for SLURM) into this folder; with --recipe: plan.json, the recipe "
+    "planned and its DeepSpeed JSON.",
 )
 def plan(
-    model: str,
+    model: str | None,
     gpus: str | None,
+    recipe_path: str | None,
+    recipe_format: str,
+    emit: str | None,
     p2p: bool | None,
     inter_node_gbs: float | None,
     cpu_cores_per_node: int | None,
@@ -488,15 +528,30 @@ def plan(
     from zeroplan.planner import PlanRequest, plan_json
     from zeroplan.planner import plan as make_plan
 
-    spec = load_model(model)
+    if emit is not None and out is None:
+        raise click.UsageError("--emit writes a recipe: give -o DIR")
+    cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
+    recipe = None
+    overridden: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    if recipe_path is not None:
+        from zeroplan.recipes import read_recipe
+
+        recipe, spec = read_recipe(recipe_path, recipe_format, model)
+        job, overridden, extra = recipe_job(recipe, job, cluster.world_size)
+    elif model is None:
+        raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
+    else:
+        spec = load_model(model)
     fields = with_data(
         spec, job_request(**job), data, tokenizer, chat_template, data_format, system_prompt,
         overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
     req = PlanRequest(
         spec=spec,
-        cluster=resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node),
+        cluster=cluster,
         **fields,
+        **extra,
         dataset_tokens=_count(dataset_tokens, "--dataset-tokens"),
         margin=margin,
         objective=objective,
@@ -506,14 +561,22 @@ def plan(
     )
     result = make_plan(req)
     answer = plan_json(result, top=top)
+    if recipe is not None:
+        answer["recipe"] = recipe_answer(recipe, overridden, job)
+        answer["recipe"]["as_written"] = as_written(spec, cluster, recipe)
     if req.data is not None:
         from zeroplan.datatokens import save_packs
 
         save_packs(req.data.profile)
+    diff = ""
     if out is not None and result.best is not None:
-        from zeroplan.planfiles import write_plan
+        from zeroplan.planfiles import write_plan, write_recipe_plan
 
-        written = write_plan(result, out, top=top)
+        if recipe is None and emit is None:
+            written = write_plan(result, out, top=top)
+        else:
+            written, diff = write_recipe_plan(result, out, top, recipe, emit)
+            answer["written"] = {"files": [str(p) for p in written], "recipe_diff": diff}
         if not as_json:
             click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
     if as_json:
@@ -521,11 +584,40 @@ def plan(
     else:
         from rich.console import Console
 
-        from zeroplan.commands.render import render_plan
+        from zeroplan.commands.render import render_as_written, render_plan, render_recipe
 
-        render_plan(answer, Console())
+        console = Console()
+        if recipe is not None:
+            render_recipe(answer["recipe"], console)
+            render_as_written(answer["recipe"]["as_written"], console)
+        render_plan(answer, console)
+        if diff:
+            click.echo(diff, nl=False)
     if result.best is None:
         sys.exit(1)
+
+
+def as_written(spec: ModelSpec, cluster: Cluster, recipe: Recipe) -> dict[str, Any]:
+    """The recipe's own setup on the cluster: does it fit, how fast (or why it is refused)."""
+    from zeroplan.api import estimate as run_estimate
+    from zeroplan.api import make_setup
+    from zeroplan.planner import describe, family_of
+    from zeroplan.trainsetup import resolve_precision
+
+    try:
+        setup = resolve_precision(make_setup(**recipe.setup), cluster.gpu.bf16, cluster.gpu.name)
+        est = run_estimate(spec, gpus=cluster, setup=setup)
+    except ZeroplanError as exc:
+        return {"error": str(exc)}
+    return {
+        "family": family_of(setup, cluster.world_size),
+        "describe": describe(setup),
+        "fits": est.fits,
+        "required_bytes": est.required_bytes,
+        "device_used_bytes": est.device_used_bytes,
+        "gpu_memory_bytes": est.gpu_memory_bytes,
+        "tokens_per_s": est.speed.tokens_per_s if est.speed is not None else None,
+    }
 
 
 # Commands that live in their own modules register here, one line each:

@@ -4,7 +4,7 @@ that plans (``zeroplan plan``, and ``zeroplan launch MODEL`` which plans before 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -13,6 +13,9 @@ from zeroplan.lengths import OVERLONG
 from zeroplan.models import ModelSpec
 from zeroplan.records import FORMATS
 from zeroplan.trainsetup import METHODS, PRECISIONS, parse_targets
+
+if TYPE_CHECKING:
+    from zeroplan.recipes.common import Recipe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -285,3 +288,95 @@ def check_seq_len(n: int) -> int:
     if n < 1:
         raise BadSetupError(f"--seq-len must be at least 1, got {n}")
     return n
+
+
+# -- --recipe: a LLaMA-Factory / axolotl / TRL recipe as the job ----------------------------
+
+
+def recipe_options(fn: F) -> F:
+    """--recipe and --recipe-format (estimate, plan)."""
+    from zeroplan.recipes import FORMATS as RECIPE_FORMATS
+
+    options = [
+        click.option(
+            "--recipe",
+            "recipe_path",
+            default=None,
+            metavar="FILE",
+            help="A LLaMA-Factory or axolotl YAML, a TRL `trl sft --config` file, or a JSON of "
+            "HF TrainingArguments / SFTConfig fields: the job as that trainer would run it "
+            "(its defaults where the recipe is silent). Options given beside it override it; "
+            "MODEL, if given, overrides its model.",
+        ),
+        click.option(
+            "--recipe-format",
+            type=click.Choice(("auto", *RECIPE_FORMATS)),
+            default="auto",
+            show_default=True,
+            help="The recipe's trainer; auto: told from its keys.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def given(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (or by environment), not left
+    at its default."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def recipe_over(
+    recipe_setup: dict[str, Any], options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The recipe's setup with every option given on the command line over it; returns
+    (options, {setting: the option that overrode the recipe})."""
+    merged = dict(recipe_setup)
+    overridden: dict[str, str] = {}
+    for name, value in options.items():
+        if name not in recipe_setup:
+            merged[name] = value
+        elif given(name):
+            merged[name] = value
+            overridden[name] = "--" + name.replace("_", "-")
+    return merged, overridden
+
+
+def recipe_answer(
+    recipe: Recipe, overridden: dict[str, str], values: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``recipe`` section of a --json answer: the mapping, an overridden setting with
+    the option's value and the recipe's beside it."""
+    out: dict[str, Any] = recipe.to_json()
+    out["overridden"] = overridden
+    for row in out["mapping"]:
+        if row["setting"] in overridden:
+            was = row["value"]
+            row["value"] = values[row["setting"]]
+            row["source"] = f"{overridden[row['setting']]} (the recipe's: {was})"
+            row["key"] = ""
+    return out
+
+
+def recipe_job(
+    recipe: Recipe, job: dict[str, Any], world_size: int
+) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """The job options with the recipe's values where none was given: its method (a LoRA
+    recipe stays on its bf16 base unless --method auto), sequence length, global batch
+    (micro-batch × accumulation × GPUs), LoRA rank, targets and dropout, precision.
+    Returns (job options, {setting: overriding option}, extra PlanRequest fields)."""
+    setup = recipe.setup
+    from_recipe = {
+        "method": setup["method"],
+        "seq_len": str(setup["seq_len"]),
+        "global_batch": recipe.global_batch_per_gpu * world_size,
+        "lora_r": setup["lora_r"],
+        "lora_targets": ",".join(setup["lora_targets"]),
+        "precision": setup["precision"] or None,
+    }
+    merged, overridden = recipe_over(from_recipe, job)
+    if not given("method") and setup["method"] == "lora":
+        merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)
+    return merged, overridden, {"lora_dropout": setup["lora_dropout"]}

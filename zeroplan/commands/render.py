@@ -309,3 +309,46 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
             console.print(f"  {escape(fam)}: {escape(why)}")
     for note in data["assumptions"]:
         console.print(f"[yellow]assumption:[/yellow] {escape(note)}")
+
+
+def render_recipe(r: dict[str, Any], console: Console) -> None:
+    """A recipe's mapping: each setting, its value, and the key or default it came from;
+    then the keys read but not modelled, and notes."""
+    from rich.markup import escape
+
+    ds = r["deepspeed"]
+    head = f"[bold]recipe[/bold] {escape(r['path'])}: {escape(r['trainer'])} ({r['format']})"
+    if ds is not None:
+        head += f"; DeepSpeed {escape(str(ds['given']))} read from {escape(ds['path'])}"
+    console.print(head)
+    width = max((len(f"{m['setting']} = {m['value']}") for m in r["mapping"]), default=0)
+    for m in r["mapping"]:
+        value = "all-linear" if m["value"] == "all-linear" else m["value"]
+        left = f"{m['setting']} = {value}"
+        if m["source"] == "recipe":
+            source = m["key"]
+        elif m["key"]:
+            source = f"{m['key']}: {m['source']}"
+        else:
+            source = m["source"]
+        console.print(f"  {escape(left):<{width}}  <- {escape(source)}", highlight=False)
+    for item in r["ignored"]:
+        console.print(f"  ignored: {escape(item['key'])}: {escape(item['why'])}", highlight=False)
+    for note in r["notes"]:
+        console.print(f"  note: {escape(note)}", highlight=False)
+
+
+def render_as_written(w: dict[str, Any], console: Console) -> None:
+    """The recipe as written on the cluster: fits or not, and its predicted speed."""
+    from rich.markup import escape
+
+    if "error" in w:
+        console.print(f"[bold]as written[/bold]: refused: {escape(w['error'])}")
+        return
+    verdict = "fits" if w["fits"] else "[red]does not fit[/red]"
+    speed = f", {w['tokens_per_s']:,.0f} tokens/s predicted" if w["tokens_per_s"] else ""
+    console.print(
+        f"[bold]as written[/bold] ({escape(w['family'])}, {escape(w['describe'])}): {verdict}: "
+        f"{w['required_bytes'] / 2**30:.2f} GiB needed of {w['gpu_memory_bytes'] / 2**30:.2f} "
+        f"GiB{speed}"
+    )

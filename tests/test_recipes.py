@@ -1,0 +1,749 @@
+"""Recipes in and out: LLaMA-Factory, axolotl and TRL recipes read into a TrainSetup with each
+trainer's own defaults, the DeepSpeed JSON they name resolved as the HF Trainer resolves it,
+and plans written back into the user's file (or a fresh one) that the trainers accept.
+
+The trainers' own parsers: TRL's ``TrlParser`` runs here (trl is in the test env). The
+LLaMA-Factory and axolotl wheels install with ``pip install --no-deps --target DIR`` but pull
+half a training stack on import, so their parsers run only when ``ZEROPLAN_RECIPE_PARSERS``
+names such folders (colon-separated); otherwise the keys we write are checked against the
+key sets read from those wheels (tests/data/recipe_keys/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_dsconfig import _hf_fill, ds_parser, parse  # noqa: F401  (ds_parser: a fixture)
+
+from zeroplan.commands.cli import main
+from zeroplan.errors import BadRecipeError, RecipeNotFoundError
+from zeroplan.recipes import axolotl, llamafactory, read_recipe, trl
+from zeroplan.recipes import deepspeed as ds
+from zeroplan.recipes.edit import edit_yaml
+from zeroplan.recipes.write import emit_files
+from zeroplan.trainsetup import TrainSetup
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "recipes"
+LF_STORY = EXAMPLES / "llama31_8b_lora_7x4090.yaml"
+TRL_STORY = EXAMPLES / "llama3_8b_qlora_1x4090.yaml"
+KEYS = Path(__file__).parent / "data" / "recipe_keys"
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return p
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def test_llamafactory_defaults_are_its_0_9_5_source() -> None:
+    """Read off src/llamafactory/hparams/*.py at v0.9.5 and transformers' TrainingArguments."""
+    got = {k: d.value for k, d in llamafactory.DEFAULTS.items()}
+    assert got == {
+        "stage": "sft",
+        "finetuning_type": "lora",
+        "quantization_bit": None,
+        "lora_r": 8,
+        "lora_alpha": None,  # 2 × lora_rank
+        "lora_dropout": 0.0,
+        "lora_targets": ("all-linear",),
+        "micro_batch": 8,
+        "grad_accum": 1,
+        "seq_len": 2048,
+        "grad_ckpt": True,
+        "optim": "adamw_torch_fused",
+        "bf16": False,
+        "fp16": False,
+        "attn": "sdpa",
+        "packing": False,
+        "neat_packing": False,
+        "fused_loss": False,
+        "deepspeed": None,
+    }
+
+
+def test_axolotl_defaults_are_its_0_18_0_schema() -> None:
+    """Read off src/axolotl/utils/schemas/*.py at v0.18.0."""
+    got = {k: d.value for k, d in axolotl.DEFAULTS.items()}
+    assert got == {
+        "adapter": None,
+        "load_in_4bit": False,
+        "load_in_8bit": False,
+        "lora_r": None,
+        "lora_alpha": None,
+        "lora_dropout": 0.0,
+        "lora_target_linear": None,
+        "lora_targets": None,
+        "micro_batch": 1,
+        "grad_accum": 1,
+        "batch_size": None,
+        "seq_len": 512,
+        "grad_ckpt": False,
+        "optim": "adamw_torch_fused",
+        "bf16": None,  # auto
+        "fp16": None,
+        "attn": None,
+        "packing": None,
+        "plugins": (),
+        "liger_flce": None,
+        "cut_cross_entropy": None,
+        "deepspeed": None,
+    }
+
+
+# setting -> (class, field) of TRL's / transformers' own dataclasses
+_TRL_FIELDS = {
+    "use_peft": ("ModelConfig", "use_peft"),
+    "load_in_4bit": ("ModelConfig", "load_in_4bit"),
+    "load_in_8bit": ("ModelConfig", "load_in_8bit"),
+    "nested_quant": ("ModelConfig", "use_bnb_nested_quant"),
+    "dtype": ("ModelConfig", "dtype"),
+    "lora_r": ("ModelConfig", "lora_r"),
+    "lora_alpha": ("ModelConfig", "lora_alpha"),
+    "lora_dropout": ("ModelConfig", "lora_dropout"),
+    "lora_targets": ("ModelConfig", "lora_target_modules"),
+    "attn": ("ModelConfig", "attn_implementation"),
+    "micro_batch": ("SFTConfig", "per_device_train_batch_size"),
+    "grad_accum": ("SFTConfig", "gradient_accumulation_steps"),
+    "seq_len": ("SFTConfig", "max_length"),
+    "grad_ckpt": ("SFTConfig", "gradient_checkpointing"),
+    "optim": ("SFTConfig", "optim"),
+    "bf16": ("SFTConfig", "bf16"),
+    "fp16": ("SFTConfig", "fp16"),
+    "packing": ("SFTConfig", "packing"),
+    "padding_free": ("SFTConfig", "padding_free"),
+    "fused_loss": ("SFTConfig", "use_liger_kernel"),
+    "deepspeed": ("SFTConfig", "deepspeed"),
+}
+
+
+def _field_default(cls: Any, name: str) -> Any:
+    value = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+    return getattr(value, "value", value)  # enums (OptimizerNames) as their string
+
+
+def test_trl_defaults_are_trls_own() -> None:
+    trl_mod = pytest.importorskip("trl")
+    assert trl_mod.__version__ == trl.VERSION
+    assert set(_TRL_FIELDS) == set(trl.DEFAULTS)
+    for setting, (cls, name) in _TRL_FIELDS.items():
+        want = _field_default(getattr(trl_mod, cls), name)
+        assert trl.DEFAULTS[setting].value == want, setting
+
+
+def test_hf_defaults_are_training_arguments_own() -> None:
+    transformers = pytest.importorskip("transformers")
+    ta = transformers.TrainingArguments
+    assert trl.HF_DEFAULTS["bf16"].value == _field_default(ta, "bf16")
+    assert trl.HF_DEFAULTS["grad_ckpt"].value == bool(_field_default(ta, "gradient_checkpointing"))
+    assert trl.HF_DEFAULTS["micro_batch"].value == _field_default(ta, "per_device_train_batch_size")
+    assert trl.HF_DEFAULTS["optim"].value == _field_default(ta, "optim")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_the_7x4090_story_resolves_as_llamafactory_runs_it() -> None:
+    recipe, spec = read_recipe(LF_STORY)
+    assert (recipe.format, recipe.trainer) == ("llamafactory", "LLaMA-Factory 0.9.5")
+    h = spec.hidden_size
+    assert recipe.setup == {
+        "method": "lora",
+        "micro_batch": 4,
+        "seq_len": 2048,
+        "grad_accum": 4,
+        "grad_ckpt": True,  # on unless disable_gradient_checkpointing
+        "lora_r": 8,
+        "lora_targets": ("all-linear",),
+        "lora_dropout": 0.0,
+        "optim": "adamw_torch_fused",
+        "attn": "sdpa",
+        "fused_loss": False,
+        "precision": "bf16",
+        # examples/deepspeed/ds_z3_config.json with HF's "auto" rules
+        "zero": 3,
+        "offload": "none",
+        "reduce_bucket_elems": h * h,
+        "allgather_bucket_elems": 500_000_000,
+        "stage3_prefetch_elems": int(0.9 * h * h),
+        "stage3_max_live_elems": 1_000_000_000,
+        "stage3_persistence_threshold": 10 * h,
+        "overlap_comm": False,
+    }
+    sources = {r.setting: r.source for r in recipe.rows}
+    assert sources["lora_r"] == "default of LLaMA-Factory 0.9.5"
+    assert sources["micro_batch"] == "recipe"
+    assert sources["reduce_bucket_elems"].startswith("HF auto")
+    TrainSetup(**recipe.setup)  # a valid setup
+
+
+def test_the_qlora_story_resolves_as_trl_runs_it() -> None:
+    recipe, _ = read_recipe(TRL_STORY)
+    assert recipe.format == "trl"
+    s = recipe.setup
+    assert (s["method"], s["lora_r"], s["lora_dropout"]) == ("qlora", 16, 0.05)
+    assert s["lora_targets"] == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (s["micro_batch"], s["grad_accum"], s["seq_len"]) == (1, 8, 768)
+    assert (s["optim"], s["grad_ckpt"], s["zero"]) == ("paged_adamw_8bit", True, None)
+    assert not recipe.packing
+
+
+def test_trl_left_to_its_defaults(tmp_path: Path) -> None:
+    """use_peft alone: r 16, alpha 32, dropout 0.05, PEFT's q_proj,v_proj for Llama,
+    max_length 1024, checkpointing on, bf16; dtype float32 would be refused, so it is given."""
+    p = write(
+        tmp_path,
+        "sft.yaml",
+        """
+        model_name_or_path: meta-llama/Llama-3.2-1B
+        use_peft: true
+        dtype: bfloat16
+        dataset_name: trl-lib/Capybara
+        """,
+    )
+    s = read_recipe(p)[0].setup
+    assert s["lora_targets"] == ("q_proj", "v_proj")
+    assert (s["lora_r"], s["lora_dropout"], s["seq_len"]) == (16, 0.05, 1024)
+    assert (s["grad_ckpt"], s["precision"], s["micro_batch"]) == (True, "bf16", 8)
+
+
+def test_axolotl_recipe(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "qlora.yml",
+        """
+        base_model: Qwen/Qwen2.5-7B-Instruct
+        load_in_4bit: true
+        adapter: qlora
+        lora_r: 32
+        lora_alpha: 16
+        lora_target_linear: true
+        sequence_len: 4096
+        sample_packing: true
+        micro_batch_size: 2
+        gradient_accumulation_steps: 4
+        gradient_checkpointing: true
+        plugins:
+          - axolotl.integrations.liger.LigerPlugin
+        liger_fused_linear_cross_entropy: true
+        unsloth_lora_mlp: true
+        deepspeed: deepspeed_configs/zero3_bf16.json
+        datasets:
+          - path: mhenrichsen/alpaca_2k_test
+            type: alpaca
+        """,
+    )
+    recipe, spec = read_recipe(p)
+    s = recipe.setup
+    assert recipe.format == "axolotl" and recipe.packing
+    assert (s["method"], s["lora_r"], s["lora_targets"]) == ("qlora", 32, ("all-linear",))
+    assert (s["fused_loss"], s["seq_len"], s["lora_dropout"]) == (True, 4096, 0.0)
+    assert (s["zero"], s["precision"], s["overlap_comm"]) == (3, "bf16", True)
+    assert s["stage3_max_live_elems"] == 1  # max_live_parameters: 0
+    assert s["reduce_bucket_elems"] == spec.hidden_size**2
+    assert [k for k, _ in recipe.ignored] == ["unsloth_lora_mlp"]
+
+
+def test_axolotl_batch_size_sets_the_accumulation(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "full.yml",
+        "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nbatch_size: 16\n",
+    )
+    s = read_recipe(p)[0].setup
+    assert (s["method"], s["micro_batch"], s["grad_accum"]) == ("full", 2, 8)
+
+
+def test_hf_json_training_arguments_vs_sftconfig(tmp_path: Path) -> None:
+    base = {"per_device_train_batch_size": 2, "bf16": True, "output_dir": "x"}
+    ta = tmp_path / "args.json"
+    ta.write_text(json.dumps(base))
+    recipe, _ = read_recipe(ta, model="llama-3.2-1b")
+    assert recipe.format == "hf" and recipe.setup["grad_ckpt"] is False
+    assert recipe.setup["method"] == "full"
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps({**base, "max_length": 512}))
+    recipe, _ = read_recipe(sft, model="llama-3.2-1b")
+    assert recipe.setup["grad_ckpt"] is True and recipe.setup["seq_len"] == 512
+
+
+def test_deepspeed_file_beside_the_recipe_with_concrete_values(tmp_path: Path) -> None:
+    (tmp_path / "z2.json").write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "zero_optimization": {
+                    "stage": 2,
+                    "offload_optimizer": {"device": "cpu"},
+                    "reduce_bucket_size": 2e8,
+                },
+            }
+        )
+    )
+    p = write(
+        tmp_path,
+        "r.yaml",
+        "model_name_or_path: llama-3.2-1b\nfinetuning_type: full\ndeepspeed: z2.json\nbf16: true\n",
+    )
+    s = read_recipe(p)[0].setup
+    assert (s["zero"], s["offload"], s["reduce_bucket_elems"]) == (2, "optimizer", 200_000_000)
+    assert s["allgather_bucket_elems"] == 500_000_000  # DeepSpeed's default
+    assert s["overlap_comm"] is False  # DeepSpeed's default below stage 3
+
+
+def test_deepspeed_batch_that_disagrees_is_refused() -> None:
+    cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}
+    with pytest.raises(BadRecipeError, match="train_micro_batch_size_per_gpu is 8"):
+        ds.resolve(cfg, 4096, micro_batch=4, grad_accum=1, precision="bf16")
+
+
+def test_no_known_keys_names_the_formats(tmp_path: Path) -> None:
+    p = write(tmp_path, "x.yaml", "learning_rate: 1.0e-4\nfoo: bar\n")
+    with pytest.raises(
+        BadRecipeError, match=r"LLaMA-Factory 0\.9\.5.*axolotl 0\.18\.0.*TRL 1\.16\.0"
+    ):
+        read_recipe(p)
+
+
+def test_recipe_format_forces_the_reader(tmp_path: Path) -> None:
+    p = write(
+        tmp_path, "x.yaml", "model_name_or_path: llama-3.2-1b\nper_device_train_batch_size: 2\n"
+    )
+    recipe, _ = read_recipe(p, fmt="llamafactory")
+    assert recipe.format == "llamafactory" and recipe.setup["lora_r"] == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "finetuning_type: freeze\n",
+            "finetuning_type: freeze is not modelled; supported: lora, full",
+        ),
+        (
+            "optim: lion_8bit\n",
+            "optim: lion_8bit is an optimizer zeroplan does not model; supported: adamw_torch_fused",
+        ),
+        ("quantization_bit: 8\n", "quantization_bit: 8 is not modelled; supported: 4"),
+        ("stage: dpo\n", "stage: dpo is not modelled"),
+    ],
+)
+def test_values_not_modelled_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    p = write(tmp_path, "r.yaml", "model_name_or_path: llama-3.2-1b\ncutoff_len: 1024\n" + text)
+    with pytest.raises(BadRecipeError, match=message.replace("(", r"\(")):
+        read_recipe(p)
+
+
+def test_trl_float32_base_is_refused(tmp_path: Path) -> None:
+    p = write(
+        tmp_path, "r.yaml", "model_name_or_path: llama-3.2-1b\nuse_peft: true\nmax_length: 512\n"
+    )
+    with pytest.raises(BadRecipeError, match=r"float32 \(TRL's default"):
+        read_recipe(p)
+
+
+def test_missing_deepspeed_file_says_where_it_looked(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        "r.yaml",
+        "model_name_or_path: llama-3.2-1b\ncutoff_len: 512\ndeepspeed: nope.json\n",
+    )
+    with pytest.raises(RecipeNotFoundError) as exc:
+        read_recipe(p)
+    assert str(tmp_path / "nope.json") in str(exc.value)
+    assert "ds_z3_config.json" in str(exc.value)  # what it knows by name
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "model_name_or_path: x\ncutoff_len: [1, 2\n", "not YAML: line 3"),
+        ("bad.json", '{\n  "per_device_train_batch_size": 2,\n  oops\n}\n', "not JSON: line 3"),
+        ("free.yaml", "model_name_or_path: llama-3.2-1b\nfinetuning_type: freeze\n", "freeze"),
+        (
+            "ds.yaml",
+            "model_name_or_path: llama-3.2-1b\ncutoff_len: 9\ndeepspeed: no.json\n",
+            "looked at",
+        ),
+        ("none.yaml", "learning_rate: 0.1\n", "no key of a known recipe format"),
+    ],
+)
+def test_bad_recipes_are_one_line_exit_2_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, message: str
+) -> None:
+    p = tmp_path / name
+    p.write_text(text)
+    out_dir = tmp_path / "out"
+    for cmd in (["estimate"], ["plan", "-o", str(out_dir)]):
+        code, out, err = run([*cmd, "--recipe", str(p), "--gpus", "1x4090"], capsys)
+        assert code == 2, err
+        assert err.count("\n") == 1 and err.startswith("zeroplan: error: ") and message in err
+        assert out == "" and not out_dir.exists()
+
+
+def test_estimate_recipe_json_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        ["estimate", "--recipe", str(LF_STORY), "--gpus", "7x4090", "--micro-batch", "2", "--json"],
+        capsys,
+    )
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["setup"]["micro_batch"] == 2  # the flag over the recipe's 4
+    assert answer["setup"]["grad_accum"] == 4 and answer["setup"]["zero"] == 3
+    assert answer["setup"]["lora_r"] == 8 and answer["setup"]["lora_dropout"] == 0.0
+    assert answer["recipe"]["overridden"] == {"micro_batch": "--micro-batch"}
+    overridden = next(m for m in answer["recipe"]["mapping"] if m["setting"] == "micro_batch")
+    assert overridden == {
+        "key": "",
+        "setting": "micro_batch",
+        "value": 2,
+        "source": "--micro-batch (the recipe's: 4)",
+    }
+    assert answer["recipe"]["trainer"] == "LLaMA-Factory 0.9.5"
+    rows = {m["setting"]: m for m in answer["recipe"]["mapping"]}
+    assert rows["seq_len"]["key"] == "cutoff_len"
+
+
+def test_recipe_commands_are_fast_and_import_no_torch() -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from zeroplan.commands.cli import main
+        t = time.perf_counter()
+        main(["estimate", "--recipe", {str(LF_STORY)!r}, "--gpus", "7x4090", "--json"])
+        took = time.perf_counter() - t
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        t = time.perf_counter()
+        main(["plan", "--recipe", {str(LF_STORY)!r}, "--gpus", "7x4090", "--json"])
+        planned = time.perf_counter() - t
+        print("TOOK", took, planned, file=sys.stderr)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    took, planned = map(float, proc.stderr.rsplit("TOOK", 1)[1].split())
+    assert took < 0.5, took  # estimate --recipe
+    assert planned < 1.0, planned  # plan --recipe for the 7×4090 story
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_edit_yaml_keeps_comments_and_order() -> None:
+    text = (
+        "# head\n"
+        "a: 1  # the a's comment\n"
+        "plugins:\n"
+        "  - x\n"
+        "\n"
+        "# about b\n"
+        "b: 'two # not a comment'\n"
+        "c: 3\n"
+    )
+    new = edit_yaml(text, {"a": 2, "plugins": ["x", "y"], "b": None, "d": True, "c": 3})
+    assert new == (
+        "# head\n"
+        "a: 2  # the a's comment  # zeroplan: was 1\n"
+        "plugins:\n"
+        "- x\n"
+        "- y\n"
+        "\n"
+        "# about b\n"
+        "# b: 'two # not a comment'  # zeroplan: not in the plan\n"
+        "c: 3\n"
+        "\n"
+        "d: true  # zeroplan\n"
+    )
+
+
+def test_plan_writes_the_7x4090_recipe_back(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    ds_parser: Any,  # noqa: F811
+) -> None:
+    out_dir = tmp_path / "planned"
+    code, out, _ = run(
+        ["plan", "--recipe", str(LF_STORY), "--gpus", "7x4090", "-o", str(out_dir), "--json"],
+        capsys,
+    )
+    assert code == 0
+    answer = json.loads(out)
+    best = answer["best"]["setup"]
+    assert best["method"] == "lora"  # the bf16 base stays (4-bit only under --method auto)
+    assert answer["quantized_alternative"] is None
+    assert best["micro_batch"] * best["grad_accum"] == 16  # the recipe's global batch per GPU
+    assert best["lora_r"] == 8 and best["lora_dropout"] == 0.0
+    assert answer["recipe"]["as_written"]["family"] == "lora · ZeRO-3"
+
+    before = LF_STORY.read_text().splitlines()
+    after = (out_dir / LF_STORY.name).read_text().splitlines()
+    assert len(after) == len(before)  # comments, blank lines and keys all kept
+    changed = {a.split(":")[0] for a, b in zip(after, before, strict=True) if a != b}
+    assert changed <= {
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "disable_gradient_checkpointing",
+        "optim",
+        "enable_liger_kernel",
+        "deepspeed",
+        "# deepspeed",
+    }
+    assert answer["written"]["recipe_diff"].startswith("---")
+
+    # read back, it is the plan's setup
+    planned = dict(read_recipe(out_dir / LF_STORY.name)[0].setup)
+    for key in ("method", "micro_batch", "grad_accum", "grad_ckpt", "optim", "fused_loss", "zero"):
+        assert planned[key] == best[key], key
+    if best["zero"] is not None:
+        cfg = json.loads((out_dir / "ds_config.json").read_text())
+        filled = _hf_fill(cfg, bf16=True)
+        parse(ds_parser, filled, 4)
+
+
+def test_method_auto_may_take_4bit(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        ["plan", "--recipe", str(LF_STORY), "--gpus", "7x4090", "--method", "auto", "--json"],
+        capsys,
+    )
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["request"]["method"] == "auto"
+    assert answer["recipe"]["overridden"] == {"method": "--method"}
+
+
+def _emitted(tmp_path: Path, fmt: str, setup: TrainSetup) -> dict[str, Any]:
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    files = emit_files(fmt, "meta-llama/Llama-3.1-8B-Instruct", setup, tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    data: dict[str, Any] = yaml.safe_load(files[f"{fmt}.yaml"])
+    return data
+
+
+SETUPS = [
+    TrainSetup(micro_batch=2, grad_accum=4, zero=3, grad_ckpt=True, precision="bf16", lora_r=8),
+    TrainSetup(
+        method="qlora",
+        micro_batch=1,
+        grad_accum=8,
+        optim="paged_adamw_8bit",
+        fused_loss=True,
+        precision="bf16",
+        lora_targets=("q_proj", "v_proj"),
+    ),
+    TrainSetup(method="full", micro_batch=1, zero=2, offload="optimizer", precision="bf16"),
+    TrainSetup(method="qlora", micro_batch=2, zero=3, grad_ckpt=True, precision="bf16"),
+]
+IDS = ["lora-z3", "qlora", "full-z2-offload", "qlora-z3"]
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
+@pytest.mark.parametrize("fmt", ["llamafactory", "axolotl", "trl"])
+def test_emitted_recipes_read_back_as_the_plan(tmp_path: Path, fmt: str, setup: TrainSetup) -> None:
+    _emitted(tmp_path, fmt, setup)
+    recipe, _ = read_recipe(tmp_path / f"{fmt}.yaml")
+    assert recipe.format == fmt
+    for key in (
+        "method",
+        "micro_batch",
+        "grad_accum",
+        "grad_ckpt",
+        "optim",
+        "fused_loss",
+        "seq_len",
+        "zero",
+        "offload",
+        "precision",
+    ):
+        assert recipe.setup[key] == getattr(setup, key), key
+    if setup.is_lora:
+        assert recipe.setup["lora_r"] == setup.lora_r
+        assert recipe.setup["lora_targets"] == setup.lora_targets
+
+
+def _key_set(name: str) -> set[str]:
+    lines = (KEYS / name).read_text().splitlines()
+    return {line for line in lines if line and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
+def test_emitted_keys_are_keys_the_trainers_accept(tmp_path: Path, setup: TrainSetup) -> None:
+    transformers = pytest.importorskip("transformers")
+    ta = {f.name for f in dataclasses.fields(transformers.Seq2SeqTrainingArguments)}
+    lf = _emitted(tmp_path / "lf", "llamafactory", setup)
+    assert set(lf) <= _key_set("llamafactory-0.9.5.txt") | ta
+    ax = _emitted(tmp_path / "ax", "axolotl", setup)
+    assert set(ax) <= _key_set("axolotl-0.18.0.txt")
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
+def test_trl_parses_the_emitted_trl_recipe(tmp_path: Path, setup: TrainSetup) -> None:
+    trl_mod = pytest.importorskip("trl")
+    import yaml
+
+    _emitted(tmp_path, "trl", setup)
+    data = yaml.safe_load((tmp_path / "trl.yaml").read_text())
+    data["use_cpu"] = True  # this machine has no GPU for bf16
+    parser = trl_mod.TrlParser(
+        (
+            trl_mod.ScriptArguments,
+            trl_mod.SFTConfig,
+            trl_mod.ModelConfig,
+            trl_mod.DatasetMixtureConfig,
+        )
+    )
+    _, sft, model, _ = parser.parse_dict(data, allow_extra_keys=False)
+    assert sft.per_device_train_batch_size == setup.micro_batch
+    assert sft.gradient_accumulation_steps == setup.grad_accum
+    assert model.load_in_4bit == (setup.method == "qlora")
+    # ZeRO-3 shards 4-bit weights stored as bf16 only
+    want = "bfloat16" if setup.method == "qlora" and setup.zero == 3 else None
+    assert model.bnb_4bit_quant_storage == want
+    assert sft.deepspeed == (str(tmp_path / "ds_config.json") if setup.zero is not None else None)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [s for s in SETUPS if s.zero is not None],
+    ids=["lora-z3", "full-z2-offload", "qlora-z3"],
+)
+def test_emitted_deepspeed_json_is_accepted_by_deepspeed(
+    tmp_path: Path,
+    setup: TrainSetup,
+    ds_parser: Any,  # noqa: F811
+) -> None:
+    _emitted(tmp_path, "trl", setup)
+    cfg = json.loads((tmp_path / "ds_config.json").read_text())
+    filled = _hf_fill(cfg, bf16=True)
+    parsed = parse(ds_parser, filled, 4)
+    assert parsed.zero_optimization_stage == setup.zero
+
+
+_PARSERS = [p for p in os.environ.get("ZEROPLAN_RECIPE_PARSERS", "").split(os.pathsep) if p]
+
+
+@pytest.mark.skipif(
+    not _PARSERS, reason="set ZEROPLAN_RECIPE_PARSERS to folders of --no-deps installs"
+)
+@pytest.mark.parametrize("fmt", ["llamafactory", "axolotl"])
+def test_their_own_parsers_accept_the_emitted_recipes(tmp_path: Path, fmt: str) -> None:
+    """pip install --no-deps --target DIR llamafactory==0.9.5 omegaconf antlr4-python3-runtime
+    axolotl==0.18.0; then ZEROPLAN_RECIPE_PARSERS=DIR."""
+    _emitted(tmp_path, fmt, SETUPS[0])
+    check = {
+        "llamafactory": (
+            "from llamafactory.hparams.parser import _TRAIN_ARGS, HfArgumentParser\n"
+            "d['use_cpu'] = True\n"
+            "HfArgumentParser(_TRAIN_ARGS).parse_dict(d, allow_extra_keys=False)\n"
+        ),
+        "axolotl": (
+            "from axolotl.utils.schemas.config import AxolotlInputConfig\n"
+            "AxolotlInputConfig.model_validate(d)\n"
+        ),
+    }[fmt]
+    code = (
+        "import sys, yaml\n"
+        f"sys.path += {_PARSERS!r}\n"
+        f"d = yaml.safe_load(open({str(tmp_path / f'{fmt}.yaml')!r}))\n" + check
+    )
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.y*ml")), ids=lambda p: p.name)
+def test_every_example_recipe_reads(path: Path) -> None:
+    recipe, _ = read_recipe(path)
+    TrainSetup(**recipe.setup)
+    assert not recipe.ignored
+
+
+def test_plan_edits_for_axolotl_and_json(tmp_path: Path) -> None:
+    """The plan's changes through each trainer's own keys: axolotl's fused loss is its
+    plugin plus a switch, and keeps batch_size's accumulation; a JSON keeps its keys."""
+    from zeroplan.recipes.write import plan_edits, planned_files
+
+    p = write(
+        tmp_path,
+        "a.yml",
+        """
+        base_model: meta-llama/Llama-3.2-1B
+        adapter: lora
+        lora_r: 8
+        micro_batch_size: 4
+        batch_size: 16
+        plugins:
+          - some.OtherPlugin  # kept
+        """,
+    )
+    recipe, _ = read_recipe(p)
+    plan = TrainSetup(
+        **{**recipe.setup, "micro_batch": 2, "grad_accum": 8, "fused_loss": True, "zero": 2}
+    )
+    edits = plan_edits(recipe, plan, "out/ds_config.json")
+    assert edits == {
+        "micro_batch_size": 2,  # batch_size stays: axolotl derives 16 // 2 = 8
+        "plugins": ["some.OtherPlugin", axolotl.LIGER_PLUGIN],
+        "liger_fused_linear_cross_entropy": True,
+        "deepspeed": "out/ds_config.json",
+    }
+    files, _ = planned_files(recipe, plan, tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    for name, text in files.items():
+        (tmp_path / "out" / name).write_text(text)
+    back = read_recipe(tmp_path / "out" / "a.yml")[0].setup
+    assert (back["micro_batch"], back["grad_accum"], back["fused_loss"], back["zero"]) == (
+        2,
+        8,
+        True,
+        2,
+    )
+
+    j = tmp_path / "args.json"
+    j.write_text(
+        json.dumps({"per_device_train_batch_size": 4, "bf16": True, "output_dir": "o"}, indent=2)
+        + "\n"
+    )
+    recipe, _ = read_recipe(j, model="llama-3.2-1b")
+    plan = dataclasses.replace(TrainSetup(**recipe.setup), micro_batch=1, grad_accum=4)
+    files, diff = planned_files(recipe, plan, tmp_path / "o2")
+    data = json.loads(files["args.json"])
+    assert data == {
+        "per_device_train_batch_size": 1,
+        "bf16": True,
+        "output_dir": "o",
+        "gradient_accumulation_steps": 4,
+    }
+    assert '-  "per_device_train_batch_size": 4,' in diff.splitlines()
+    assert '+  "per_device_train_batch_size": 1,' in diff.splitlines()
+    assert '   "bf16": true,' in diff.splitlines()  # unchanged context

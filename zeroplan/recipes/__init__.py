@@ -1,0 +1,131 @@
+"""Recipes of the trainers people already run, read into a TrainSetup and written back.
+
+``read_recipe(path)`` reads a LLaMA-Factory YAML, an axolotl YAML, a TRL ``trl sft
+--config`` file or a JSON of HF TrainingArguments / SFTConfig fields, tells which from its
+keys, fills what it leaves out with that trainer's defaults (one table per trainer, in its
+module), reads the DeepSpeed JSON it names as the HF Trainer resolves it, and returns a
+``Recipe``: the model, TrainSetup fields, and the mapping that explains each value.
+``zeroplan.recipes.write`` does the reverse for a plan. Core: no torch, no trainer imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from zeroplan.errors import BadRecipeError
+from zeroplan.models import ModelSpec, load_model
+from zeroplan.recipes import axolotl, llamafactory, trl
+from zeroplan.recipes import deepspeed as ds
+from zeroplan.recipes.common import Parsed, Recipe, Row, Trainer, detect, parse_file, read_keys
+
+TRAINERS: tuple[Trainer, ...] = (
+    llamafactory.TRAINER,
+    axolotl.TRAINER,
+    trl.TRAINER,
+    trl.HF_TRAINER,
+)
+FORMATS = tuple(t.format for t in TRAINERS)
+MODEL_KEYS = {"llamafactory": "model_name_or_path", "axolotl": "base_model"}
+# the TrainSetup fields a recipe sets (besides the DeepSpeed ones)
+SETUP_SETTINGS = (
+    "method",
+    "micro_batch",
+    "seq_len",
+    "grad_accum",
+    "grad_ckpt",
+    "lora_r",
+    "lora_targets",
+    "lora_dropout",
+    "optim",
+    "attn",
+    "fused_loss",
+    "precision",
+)
+_DERIVED_FROM = {
+    "llamafactory": {"method": "finetuning_type, quantization_bit", "precision": "bf16, fp16"},
+    "axolotl": {"method": "adapter, load_in_4bit", "precision": "bf16, fp16"},
+    "trl": {"method": "use_peft, load_in_4bit", "precision": "bf16, fp16"},
+    "hf": {"method": "use_peft, load_in_4bit", "precision": "bf16, fp16"},
+}
+
+
+def trainer_for(parsed: Parsed, fmt: str | None) -> Trainer:
+    """The trainer of ``fmt`` (``--recipe-format``), else the one detected from the keys."""
+    if fmt is not None and fmt != "auto":
+        by_format = {t.format: t for t in TRAINERS}
+        if fmt not in by_format:
+            raise BadRecipeError(f"--recipe-format {fmt}: one of {', '.join(FORMATS)}")
+        trainer = by_format[fmt]
+    else:
+        trainer = detect(parsed.data, parsed.syntax, TRAINERS)
+        if parsed.syntax == "json" and trainer.format == "trl":
+            # trl sft --config reads YAML; a JSON of its fields is for your own script
+            trainer = trl.HF_TRAINER
+    if trainer.format == "hf" and trl.SFT_ONLY & parsed.data.keys():
+        return trl.SFT_JSON_TRAINER
+    return trainer
+
+
+def read_recipe(
+    path: str | Path, fmt: str | None = None, model: str | ModelSpec | None = None
+) -> tuple[Recipe, ModelSpec]:
+    """The recipe at ``path`` resolved for its model (or ``model``, which overrides it)."""
+    parsed = parse_file(path)
+    trainer = trainer_for(parsed, fmt)
+    settings, rows, ignored = read_keys(parsed.data, trainer)
+    given = {r.setting for r in rows if r.source == "recipe"}
+    settings["_given"] = given
+    if isinstance(model, ModelSpec):
+        spec = model
+    else:
+        name = model or settings.get("model")
+        if not name:
+            key = MODEL_KEYS.get(trainer.format, "model_name_or_path")
+            raise BadRecipeError(f"{parsed.path}: no {key}: add it, or give MODEL")
+        spec = load_model(str(name))
+    settings, notes = trainer.derive(settings, spec.model_type)
+    if settings.get("lora_r") is None:
+        settings["lora_r"] = 16  # full fine-tuning: no adapter, the rank is unused
+    setup: dict[str, Any] = {s: settings[s] for s in SETUP_SETTINGS}
+    rows = [dataclasses.replace(r, value=settings.get(r.setting, r.value)) for r in rows]
+    derived = _DERIVED_FROM[trainer.format]
+    rows[:0] = [Row("", s, settings[s], f"from {derived[s]}") for s in ("method", "precision")]
+
+    deepspeed = None
+    given_ds = settings.get("deepspeed")
+    if given_ds:
+        if isinstance(given_ds, dict):
+            found, cfg = "(inline)", given_ds
+        else:
+            where = ds.find(str(given_ds), parsed.path.parent, trainer.format)
+            found, cfg = str(where), ds.load(where)
+        fields, ds_rows, ds_notes = ds.resolve(
+            cfg, spec.hidden_size, setup["micro_batch"], setup["grad_accum"], setup["precision"]
+        )
+        setup.update(fields)
+        rows += ds_rows
+        notes += ds_notes
+        deepspeed = {"given": given_ds, "path": found, "config": cfg}
+    else:
+        setup["zero"], setup["offload"] = None, "none"
+    return (
+        Recipe(
+            path=parsed.path,
+            format=trainer.format,
+            trainer=trainer.label,
+            model=spec.name,
+            setup=setup,
+            rows=tuple(rows),
+            ignored=tuple(ignored),
+            notes=tuple(notes),
+            packing=bool(settings.get("packing")),
+            deepspeed=deepspeed,
+            parsed=parsed,
+        ),
+        spec,
+    )
+
+
+__all__ = ["FORMATS", "TRAINERS", "Recipe", "read_recipe"]

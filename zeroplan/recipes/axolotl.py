@@ -1,0 +1,291 @@
+"""axolotl YAML (``axolotl train recipe.yml``), version 0.18.0.
+
+Keys and defaults are axolotl's config schema (src/axolotl/utils/schemas/: config.py,
+training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations/liger/):
+
+- ``adapter`` lora or qlora (with ``load_in_4bit: true``); absent: every weight trains.
+  ``load_in_8bit`` LoRA is not modelled.
+- ``lora_r`` has no default (required for an adapter); ``lora_alpha`` neither (only the
+  scale, no memory); ``lora_dropout`` 0; ``lora_target_linear: true`` is all-linear, else
+  ``lora_target_modules``, else PEFT's default for the architecture.
+- ``micro_batch_size`` 1, ``gradient_accumulation_steps`` 1 (or ``batch_size`` /
+  ``micro_batch_size`` when only ``batch_size`` is given), ``sequence_len`` 512,
+  ``gradient_checkpointing`` false, ``optimizer`` adamw_torch_fused, ``bf16: auto``
+  (bf16 where the card has it), ``sample_packing`` off.
+- attention: ``attn_implementation``, or the older switches ``flash_attention``,
+  ``sdp_attention``, ``eager_attention``; none: transformers' default (sdpa).
+- the fused loss: the Liger plugin (``plugins: [axolotl.integrations.liger.LigerPlugin]``)
+  with ``liger_fused_linear_cross_entropy: true``, or the Cut Cross Entropy plugin
+  (``cut_cross_entropy: true``), which also never materialises the logits (modelled as Liger's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from zeroplan.errors import BadRecipeError
+from zeroplan.recipes.common import (
+    Default,
+    Key,
+    Trainer,
+    as_bool,
+    as_float,
+    as_int,
+    as_optim,
+    as_targets,
+    optional_bool,
+    same,
+    text,
+)
+from zeroplan.recipes.trl import peft_default_targets
+
+VERSION = "0.18.0"
+LABEL = f"axolotl {VERSION}"
+_SCHEMAS = "src/axolotl/utils/schemas"
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+ATTENTIONS = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash_attention_2"}
+
+
+def _adapter(key: str, value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if value not in ("lora", "qlora"):
+        raise BadRecipeError(
+            f"{key}: {value} is not modelled; supported: lora, qlora, or none (full fine-tuning)"
+        )
+    return str(value)
+
+
+def _ckpt(key: str, value: Any) -> bool:
+    if value in ("offload", "offload_disk"):
+        raise BadRecipeError(
+            f"{key}: {value} (checkpoints offloaded to the CPU or disk) is not modelled; "
+            "supported: true, false"
+        )
+    return bool(value)
+
+
+def _attention(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in ATTENTIONS:
+        raise BadRecipeError(f"{key}: {value} is not modelled; supported: {', '.join(ATTENTIONS)}")
+    return ATTENTIONS[str(value)]
+
+
+def _switch(attn: str) -> Any:
+    def read(key: str, value: Any) -> str | None:
+        return attn if as_bool(key, value) else None
+
+    return read
+
+
+def _bf16(key: str, value: Any) -> bool | None:
+    """true / false, or None for 'auto' (bf16 where the card has it)."""
+    if value in ("auto", None):
+        return None
+    if value == "full":
+        raise BadRecipeError(f"{key}: full (bf16 without fp32 copies) is not modelled")
+    return as_bool(key, value)
+
+
+def _plugins(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRecipeError(f"{key}: a list of plugin classes, got {value!r}")
+    return tuple(str(v) for v in value)
+
+
+KEYS = (
+    Key("base_model", "model", text, write=str),
+    Key("adapter", "adapter", _adapter),
+    Key("load_in_4bit", "load_in_4bit", as_bool),
+    Key("load_in_8bit", "load_in_8bit", as_bool),
+    Key("lora_r", "lora_r", lambda k, v: None if v is None else as_int(k, v), write=int),
+    Key("lora_alpha", "lora_alpha", lambda k, v: None if v is None else as_int(k, v), write=int),
+    Key("lora_dropout", "lora_dropout", as_float, write=float),
+    Key("lora_target_linear", "lora_target_linear", optional_bool),
+    Key("lora_target_modules", "lora_targets", as_targets),
+    Key("micro_batch_size", "micro_batch", as_int, write=int),
+    Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
+    Key("batch_size", "batch_size", lambda k, v: None if v is None else as_int(k, v)),
+    Key("sequence_len", "seq_len", as_int, write=int),
+    Key("gradient_checkpointing", "grad_ckpt", _ckpt, write=bool),
+    Key("optimizer", "optim", as_optim, write=str),
+    Key("bf16", "bf16", _bf16),
+    Key("fp16", "fp16", optional_bool),
+    Key("attn_implementation", "attn", _attention, write=str),
+    Key("flash_attention", "attn", _switch("flash_attention_2")),
+    Key("sdp_attention", "attn", _switch("sdpa")),
+    Key("eager_attention", "attn", _switch("eager")),
+    Key("sample_packing", "packing", optional_bool),
+    Key("plugins", "plugins", _plugins),
+    Key("liger_fused_linear_cross_entropy", "liger_flce", optional_bool),
+    Key("cut_cross_entropy", "cut_cross_entropy", optional_bool),
+    Key("deepspeed", "deepspeed", same, write=lambda v: v),
+)
+
+DEFAULTS = {
+    "adapter": Default(None, f"{_SCHEMAS}/peft.py"),
+    "load_in_4bit": Default(False, f"{_SCHEMAS}/peft.py"),
+    "load_in_8bit": Default(False, f"{_SCHEMAS}/peft.py"),
+    "lora_r": Default(None, f"{_SCHEMAS}/peft.py (no default)"),
+    "lora_alpha": Default(None, f"{_SCHEMAS}/peft.py (no default)"),
+    "lora_dropout": Default(0.0, f"{_SCHEMAS}/peft.py"),
+    "lora_target_linear": Default(None, f"{_SCHEMAS}/peft.py"),
+    "lora_targets": Default(None, f"{_SCHEMAS}/peft.py (PEFT's default)"),
+    "micro_batch": Default(1, f"{_SCHEMAS}/training.py"),
+    "grad_accum": Default(1, f"{_SCHEMAS}/training.py"),
+    "batch_size": Default(None, f"{_SCHEMAS}/training.py"),
+    "seq_len": Default(512, f"{_SCHEMAS}/config.py (sequence_len)"),
+    "grad_ckpt": Default(False, f"{_SCHEMAS}/config.py"),
+    "optim": Default("adamw_torch_fused", f"{_SCHEMAS}/training.py"),
+    "bf16": Default(None, f"{_SCHEMAS}/config.py (bf16: auto)"),
+    "fp16": Default(None, f"{_SCHEMAS}/config.py"),
+    "attn": Default(None, f"{_SCHEMAS}/config.py (transformers' default, sdpa)"),
+    "packing": Default(None, f"{_SCHEMAS}/config.py (sample_packing)"),
+    "plugins": Default((), f"{_SCHEMAS}/config.py"),
+    "liger_flce": Default(None, "src/axolotl/integrations/liger/args.py"),
+    "cut_cross_entropy": Default(None, "src/axolotl/integrations/cut_cross_entropy/args.py"),
+    "deepspeed": Default(None, f"{_SCHEMAS}/config.py"),
+}
+
+IGNORED = {
+    "fsdp": "FSDP is not modelled (zeroplan plans DDP or DeepSpeed)",
+    "fsdp_config": "FSDP is not modelled (zeroplan plans DDP or DeepSpeed)",
+    "unsloth_lora_mlp": "Unsloth's LoRA kernels are not modelled",
+    "unsloth_lora_qkv": "Unsloth's LoRA kernels are not modelled",
+    "unsloth_lora_o": "Unsloth's LoRA kernels are not modelled",
+    "unsloth_cross_entropy_loss": "Unsloth's loss kernel is not modelled",
+    "lora_mlp_kernel": "axolotl's fused LoRA kernels are not modelled",
+    "lora_qkv_kernel": "axolotl's fused LoRA kernels are not modelled",
+    "lora_o_kernel": "axolotl's fused LoRA kernels are not modelled",
+    "relora": "ReLoRA's restarts are not modelled",
+    "activation_offloading": "activation offloading to the CPU is not modelled",
+    "chunked_cross_entropy": "chunked cross-entropy's smaller logits are not modelled",
+    "liger_rms_norm": "Liger's RMSNorm kernel: small activations, not modelled",
+    "liger_glu_activation": "Liger's SwiGLU kernel: small activations, not modelled",
+    "liger_rope": "Liger's RoPE kernel: not modelled",
+    "liger_cross_entropy": "Liger's (unfused) cross-entropy still materialises the logits",
+    "xformers_attention": "xformers attention is not modelled",
+    "s2_attention": "shifted sparse attention is not modelled",
+    "sequence_parallel_degree": "sequence parallelism is not modelled",
+    "context_parallel_size": "context parallelism is not modelled",
+    "torch_compile": "torch.compile's memory and speed are not modelled",
+    "peft_use_dora": "DoRA's magnitude vectors and extra activations are not modelled",
+    "lora_modules_to_save": "fully trained extra modules besides LoRA are not modelled",
+    "gradient_checkpointing_kwargs": "reentrant or not, zeroplan models checkpointing the same way",
+    "fp8": "FP8 training is not modelled",
+}
+
+MARKERS = frozenset(
+    {
+        "base_model",
+        "micro_batch_size",
+        "sequence_len",
+        "adapter",
+        "sample_packing",
+        "lora_target_linear",
+        "datasets",
+        "plugins",
+        "num_epochs",
+        "val_set_size",
+        "optimizer",
+        "flash_attention",
+    }
+)
+
+
+def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str]]:
+    """axolotl's settings as zeroplan's: method from adapter and load_in_*bit, targets,
+    accumulation from batch_size, precision, attention, fused loss."""
+    notes: list[str] = []
+    if s["load_in_8bit"]:
+        raise BadRecipeError(
+            "load_in_8bit: an 8-bit base is not modelled; supported: load_in_4bit with "
+            "adapter: qlora, or a 16-bit base"
+        )
+    adapter = s["adapter"]
+    if adapter == "qlora" and not s["load_in_4bit"]:
+        raise BadRecipeError("adapter: qlora needs load_in_4bit: true (axolotl refuses it too)")
+    if adapter is None and s["load_in_4bit"]:
+        raise BadRecipeError("load_in_4bit without an adapter: a 4-bit base cannot train in full")
+    s["method"] = "full" if adapter is None else "qlora" if s["load_in_4bit"] else "lora"
+    if s["method"] != "full":
+        if s["lora_r"] is None:
+            raise BadRecipeError("lora_r is missing: axolotl has no default LoRA rank")
+        if s["lora_target_linear"]:
+            s["lora_targets"] = ("all-linear",)
+        elif s["lora_targets"] is None:
+            s["lora_targets"] = peft_default_targets(model_type, "lora_target_modules")
+    if s["batch_size"] is not None and "grad_accum" not in s["_given"]:
+        s["grad_accum"] = max(1, s["batch_size"] // s["micro_batch"])
+    if s["bf16"] and s["fp16"]:
+        raise BadRecipeError("bf16 and fp16 are both true; choose one")
+    s["precision"] = "bf16" if s["bf16"] else "fp16" if s["fp16"] else ""
+    s["attn"] = s["attn"] or "sdpa"
+    s["packing"] = bool(s["packing"])
+    liger = LIGER_PLUGIN in s["plugins"] and bool(s["liger_flce"])
+    cce = CCE_PLUGIN in s["plugins"] and s["cut_cross_entropy"] is not False
+    if s["liger_flce"] and LIGER_PLUGIN not in s["plugins"]:
+        notes.append(
+            f"liger_fused_linear_cross_entropy without {LIGER_PLUGIN} in plugins: axolotl "
+            "does not load it, so the loss is not fused"
+        )
+    if cce:
+        notes.append(
+            "Cut Cross Entropy never materialises the logits: modelled as Liger's fused loss"
+        )
+    s["fused_loss"] = liger or cce
+    return s, notes
+
+
+def method_edits(method: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    return {"adapter": "qlora" if method == "qlora" else "lora", "load_in_4bit": method == "qlora"}
+
+
+def fused_edits(fused: bool, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Liger's fused loss on: the plugin in ``plugins`` and its switch; off: the switch."""
+    if not fused:
+        return {"liger_fused_linear_cross_entropy": False, "cut_cross_entropy": None}
+    plugins = list(data.get("plugins") or [])
+    if LIGER_PLUGIN not in plugins:
+        plugins.append(LIGER_PLUGIN)
+    return {"plugins": plugins, "liger_fused_linear_cross_entropy": True}
+
+
+def targets_edits(targets: tuple[str, ...], data: Mapping[str, Any]) -> dict[str, Any]:
+    if targets == ("all-linear",):
+        return {"lora_target_linear": True}
+    return {"lora_target_linear": None, "lora_target_modules": list(targets)}
+
+
+def accum_edits(accum: int, data: Mapping[str, Any]) -> dict[str, Any]:
+    """With ``batch_size`` in the recipe axolotl derives the accumulation from it (the
+    global batch kept), so only the micro-batch changes."""
+    return {} if data.get("batch_size") is not None else {"gradient_accumulation_steps": accum}
+
+
+def precision_edits(precision: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+TRAINER = Trainer(
+    format="axolotl",
+    label=LABEL,
+    keys=KEYS,
+    defaults=DEFAULTS,
+    ignored=IGNORED,
+    markers=MARKERS,
+    derive=derive,
+    edits={
+        "method": method_edits,
+        "fused_loss": fused_edits,
+        "lora_targets": targets_edits,
+        "grad_accum": accum_edits,
+        "precision": precision_edits,
+    },
+)
