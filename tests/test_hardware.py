@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fakenvml import FakeNVMLError, fake_pynvml
 
 from zeroplan.errors import (
     BadClusterSpecError,
@@ -487,59 +488,25 @@ def test_local_cluster_does_not_raise() -> None:
         assert result.world_size >= 1 and result.num_nodes == 1
 
 
-class _FakeNVMLError(Exception):
-    pass
-
-
-def _fake_pynvml(
-    devices: list[tuple[str, int]], *, init_error: bool = False, shutdown_error: bool = False
-) -> types.ModuleType:
-    """A stand-in for the pynvml module: just the calls local_cluster() makes."""
-    mod = types.ModuleType("pynvml")
-    state = {"shutdown": 0}
-
-    def nvml_init() -> None:
-        if init_error:
-            raise _FakeNVMLError("NVML Shared Library Not Found")
-
-    def nvml_shutdown() -> None:
-        state["shutdown"] += 1
-        if shutdown_error:
-            raise _FakeNVMLError("Uninitialized")
-
-    mod.NVMLError = _FakeNVMLError  # type: ignore[attr-defined]
-    mod.nvmlInit = nvml_init  # type: ignore[attr-defined]
-    mod.nvmlShutdown = nvml_shutdown  # type: ignore[attr-defined]
-    mod.nvmlDeviceGetCount = lambda: len(devices)  # type: ignore[attr-defined]
-    mod.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
-    mod.nvmlDeviceGetUUID = lambda h: f"GPU-{h:04d}"  # type: ignore[attr-defined]
-    mod.nvmlDeviceGetName = lambda h: devices[h][0]  # type: ignore[attr-defined]
-    mod.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(  # type: ignore[attr-defined]
-        total=devices[h][1], free=devices[h][1], used=0
-    )
-    mod.state = state  # type: ignore[attr-defined]
-    return mod
-
-
 def test_local_cluster_without_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
     assert local_cluster() is None
 
 
 def test_local_cluster_without_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([], init_error=True))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], init_error=True))
     assert local_cluster() is None
 
 
 def test_local_cluster_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([]))
     assert local_cluster() is None
 
 
 def test_local_cluster_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     devices = [("NVIDIA H100 80GB HBM3", 85_520_809_984)] * 4
-    fake = _fake_pynvml(devices, shutdown_error=True)
+    fake = fake_pynvml(devices, shutdown_error=True)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cluster = local_cluster()
@@ -559,7 +526,7 @@ def test_local_cluster_with_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_cluster_unknown_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setitem(
-        sys.modules, "pynvml", _fake_pynvml([("NVIDIA RTX PRO 4500", 32_000 * MIB)] * 2)
+        sys.modules, "pynvml", fake_pynvml([("NVIDIA RTX PRO 4500", 32_000 * MIB)] * 2)
     )
     cluster = local_cluster()
     assert cluster is not None
@@ -582,7 +549,7 @@ def _with_p2p(mod: types.ModuleType, status: Callable[[int, int], int] | None) -
 
     def get(a: int, b: int, cap: int) -> int:
         if status is None:
-            raise _FakeNVMLError("Not Supported")
+            raise FakeNVMLError("Not Supported")
         if type(cap) is not int:
             raise TypeError("argument 3: Don't know how to convert parameter 3")
         assert cap == 0
@@ -596,12 +563,12 @@ def test_local_cluster_reads_p2p_from_nvml(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     # the catalog says a 4090 has no P2P; NVML, asked about this machine, says it has
     devices = [("NVIDIA GeForce RTX 4090", 24_564 * MIB)] * 4
-    monkeypatch.setitem(sys.modules, "pynvml", _with_p2p(_fake_pynvml(devices), lambda a, b: 0))
+    monkeypatch.setitem(sys.modules, "pynvml", _with_p2p(fake_pynvml(devices), lambda a, b: 0))
     cluster = local_cluster()
     assert cluster is not None and cluster.gpu.p2p is True and cluster.notes == ()
     # one pair without it: the node has none (a ring runs over every pair)
     h100 = [("NVIDIA H100 80GB HBM3", 85_520_809_984)] * 4
-    no_pair = _with_p2p(_fake_pynvml(h100), lambda a, b: 2 if (a, b) == (1, 3) else 0)
+    no_pair = _with_p2p(fake_pynvml(h100), lambda a, b: 2 if (a, b) == (1, 3) else 0)
     monkeypatch.setitem(sys.modules, "pynvml", no_pair)
     cluster = local_cluster()
     assert cluster is not None and cluster.gpu.p2p is False
@@ -616,7 +583,7 @@ def test_local_cluster_falls_back_to_the_catalog_and_says_so(
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     devices = [("NVIDIA GeForce RTX 4090", 24_564 * MIB)] * 2
-    for fake in (_fake_pynvml(devices), _with_p2p(_fake_pynvml(devices), None)):
+    for fake in (fake_pynvml(devices), _with_p2p(fake_pynvml(devices), None)):
         monkeypatch.setitem(sys.modules, "pynvml", fake)  # no such call; a call that raises
         cluster = local_cluster()
         assert cluster is not None and cluster.gpu.p2p is False  # the catalog's
@@ -630,7 +597,7 @@ def test_local_cluster_falls_back_to_the_catalog_and_says_so(
     told = estimate("llama-3.2-1b", micro_batch=1, p2p=True)
     assert told.cluster["p2p"] is True and not any("NVML" in n for n in told.notes)
     # one GPU: P2P does not matter, no note
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(devices[:1]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices[:1]))
     single = local_cluster()
     assert single is not None and single.notes == ()
 
@@ -678,7 +645,7 @@ def test_this_machines_cluster_has_its_usable_cores(monkeypatch: pytest.MonkeyPa
     from zeroplan import hardware
 
     devices = [("NVIDIA H100 80GB HBM3", 85_520_809_984)] * 2
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(devices))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(devices))
     monkeypatch.setattr(hardware, "usable_cpu_cores", lambda: 24)
     here = local_cluster()
     assert here is not None and here.cpu_cores_per_node == 24

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from fakenvml import fake_pynvml
 
 from zeroplan.commands.cli import cli
 from zeroplan.errors import (
@@ -47,7 +48,6 @@ from zeroplan.launch.runner import (
     default_launcher,
     find_plan,
     launch_env,
-    local_model,
     plan_model,
     read_plan,
     resolve_nodes,
@@ -56,6 +56,7 @@ from zeroplan.launch.runner import (
     write_files,
 )
 from zeroplan.launch.supervise import Supervisor
+from zeroplan.planfiles import local_model, model_location, model_name
 from zeroplan.trainsetup import TrainSetup
 
 pytestmark = pytest.mark.usefixtures("isolated_hf")
@@ -506,9 +507,9 @@ def test_model_folder_without_tokenizer(tmp_path: Path, data_file: Path) -> None
     model.mkdir()
     shutil.copy(ROOT / "zeroplan/catalog/models/Qwen--Qwen2.5-0.5B.json", model / "config.json")
     plan = read_plan(make_plan(tmp_path / "p", model=str(model)))
-    assert plan["model"] == "my-model"  # the plan keeps a name; launch needs the folder
-    source = local_model("my-model", near=tmp_path)
-    assert source == str(model.resolve())
+    assert plan["model"] == "my-model"  # the plan keeps a name, and the folder beside it
+    source = str(model.resolve())
+    assert plan["model_path"] == source
     la = build_launch(
         plan,
         run_dir=tmp_path / "run",
@@ -517,15 +518,90 @@ def test_model_folder_without_tokenizer(tmp_path: Path, data_file: Path) -> None
         launcher="torchrun",
         gpu=H100,
         train=TrainOptions(),
-        model=source,
     )
-    assert la.plan["model"] == source and la.plan["model_name"] == "my-model"
-    assert la.plan["model_source"] == source  # what zeroplan.launch.sft loads first
+    assert la.plan["model"] == "my-model" and la.plan["model_path"] == source
+    assert la.model == source  # what preflight checks and zeroplan.launch.sft loads
     (err,) = preflight(la, parse_cluster("2xH100")).errors
     assert isinstance(err, TokenizerNotFoundError)
     assert str(err).startswith(f"model folder {model.resolve()} has no tokenizer")
     (model / "tokenizer.json").write_text("{}")
     assert preflight(la, parse_cluster("2xH100")).ok
+
+
+def test_plan_then_launch_a_local_model_folder_from_elsewhere(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's two steps for a local model, with one H100 present (only NVML is faked):
+    the plan is made in one folder and launched from another, so the model's folder name
+    alone resolves nowhere; preflight's memory check must load it from where it is."""
+    model = tmp_path / "models" / "my-model"
+    model.mkdir(parents=True)
+    shutil.copy(ROOT / "zeroplan/catalog/models/Qwen--Qwen2.5-0.5B.json", model / "config.json")
+    (model / "tokenizer.json").write_text("{}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(
+        sys.modules, "pynvml", fake_pynvml([("NVIDIA H100 80GB HBM3", 85_520_809_984)])
+    )
+    monkeypatch.chdir(tmp_path)
+    made = CliRunner().invoke(
+        cli, ["plan", "./models/my-model", "--seq-len", "512", "--no-fused-loss", "-o", "runs/plan"]
+    )
+    assert made.exit_code == 0, made.output
+    plan = json.loads((tmp_path / "runs/plan/plan.json").read_text())
+    assert plan["model"] == "my-model"  # the name, for display
+    assert plan["model_path"] == str(model.resolve())  # where it is, from any folder
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = elsewhere / "run"
+    args = ["launch", "../runs/plan", "--data", str(data_file), "-o", str(run), "--dry-run"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "this host  1×H100-SXM-80GB" in out
+    assert "estimate: " in out and "of 79.6 GiB per GPU: fits" in out
+    assert f"(model: {model.resolve()})" in out  # the run's plan.json points the ranks there
+    assert not run.exists()
+
+    # what the ranks read: the run folder's plan.json, as build_launch writes it
+    from zeroplan.launch.sft import read_plan as read_run_plan
+
+    la = build_launch(
+        read_plan(tmp_path / "runs/plan/plan.json"),
+        run_dir=run,
+        data=str(data_file),
+        nodes=resolve_nodes(count=1),
+        launcher="torchrun",
+        gpu=H100,
+        train=TrainOptions(),
+    )
+    (run / "sub").mkdir(parents=True)
+    (run / "plan.json").write_text(la.files["plan.json"])
+    monkeypatch.chdir(run / "sub")
+    assert read_run_plan(run / "plan.json").model == str(model.resolve())
+    assert json.loads(la.files["plan.json"])["model"] == "my-model"
+
+
+def test_older_plan_files_still_say_where_the_model_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan.json files from before model_path: a relative model_source (from the folder the
+    plan was made in), and a run folder's plan where launch --model wrote the location as
+    ``model`` and the name as ``model_name``."""
+    model = tmp_path / "models" / "my-model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    old = {"model": "my-model", "model_source": "models/my-model/config.json"}
+    monkeypatch.chdir(tmp_path)
+    assert model_location(old) == str(model.resolve()) and model_name(old) == "my-model"
+    monkeypatch.chdir(model)
+    assert model_location(old) == "my-model"  # not found from here: the name is all there is
+    assert model_location(old, near=tmp_path) == str(model.resolve())
+    launched = {"model": "/w/my-model", "model_name": "my-model", "model_source": "x/config.json"}
+    assert (model_location(launched), model_name(launched)) == ("/w/my-model", "my-model")
+    hub = {"model": QWEN, "model_path": None, "model_source": "catalog"}
+    assert (model_location(hub), model_name(hub)) == (QWEN, QWEN)
 
 
 def test_more_gpus_than_present(tmp_path: Path, data_file: Path) -> None:

@@ -544,9 +544,15 @@ def test_metrics_lines(tmp_path: Path) -> None:
 
 
 def test_model_named_by_the_launcher_wins(tmp_path: Path, model_dir: Path) -> None:
-    """`zeroplan launch --model` rewrites plan.json's model and keeps the planned name."""
+    """`zeroplan launch --model` writes plan.json's model_path; an older launch rewrote
+    plan.json's model and kept the planned name as model_name."""
     path = tinyllm.write_plan(tmp_path, model_dir)
     data = json.loads(path.read_text())
+    assert sft.read_plan(path).model == str(model_dir.resolve())
+    data.update(model_path="someone/other-model")
+    path.write_text(json.dumps(data))
+    assert sft.read_plan(path).model == "someone/other-model"
+    del data["model_path"]
     data.update(model_name=data["model"], model="someone/other-model")
     path.write_text(json.dumps(data))
     assert sft.read_plan(path).model == "someone/other-model"

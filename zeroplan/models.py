@@ -106,6 +106,8 @@ def supported_architectures() -> tuple[str, ...]:
 
 # Multimodal wrappers: their text tower could be estimated, but the vision tower, the
 # projector and image tokens are not modelled, so we refuse rather than under-count.
+# ModelSpec.source values that are not a local path
+NOT_LOCAL_SOURCES = frozenset({"", "catalog", "hf-cache", "hub"})
 _MULTIMODAL = {"gemma3", "mllama", "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"}
 
 
@@ -191,8 +193,19 @@ class ModelSpec:
     # or trained weights, no activations on text. 0 for text-only models.
     vision_params: int = 0
     max_position_embeddings: int | None = None  # the context window; None when not stated
-    source: str = ""  # where the config came from: a path, "catalog", "hf-cache" or "hub"
+    # where the config came from: an absolute path, "catalog", "hf-cache" or "hub"
+    source: str = ""
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @property
+    def local_path(self) -> str | None:
+        """The local model folder the config was read from (its config.json's folder), or
+        the config file itself when it is not named config.json; None for the catalog, the
+        HF cache and the Hub."""
+        if self.source in NOT_LOCAL_SOURCES:
+            return None
+        path = Path(self.source)
+        return str(path.parent if path.name == "config.json" else path)
 
     @property
     def q_dim(self) -> int:
@@ -613,8 +626,12 @@ def load_model(model: str) -> ModelSpec:
             raise ModelNotFoundError(
                 f"{model}: folder has no config.json; point at a model folder or its config.json"
             )
-        return spec_from_config(_read_json(config, model), name=path.name, source=str(config))
+        # resolved: a plan made here is launched from anywhere (planner.plan_json)
+        return spec_from_config(
+            _read_json(config, model), name=path.resolve().name, source=str(config.resolve())
+        )
     if path.is_file():
+        path = path.resolve()
         name = path.parent.name if path.name == "config.json" else path.stem
         return spec_from_config(_read_json(path, model), name=name or model, source=str(path))
     if model.endswith(".json") or (os.sep in model and not model.count("/") == 1):

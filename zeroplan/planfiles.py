@@ -12,15 +12,59 @@ import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.dsconfig import ds_config
 from zeroplan.errors import ConfigWriteError
+from zeroplan.models import NOT_LOCAL_SOURCES
 from zeroplan.planner import Plan, plan_json
 
 if TYPE_CHECKING:
     from zeroplan.recipes.common import Recipe
+
+
+def model_name(plan: Mapping[str, Any]) -> str:
+    """The plan's model as people call it (for display): plan.json's ``model``, or
+    ``model_name`` in a run folder that an older ``zeroplan launch`` wrote."""
+    return str(plan.get("model_name") or plan["model"])
+
+
+def model_location(plan: Mapping[str, Any], near: Path | None = None) -> str:
+    """Where the plan's model is loaded from: a local folder (or config file) or a Hub id.
+
+    plan.json's ``model_path`` (an absolute path, or what ``zeroplan launch --model`` gave)
+    when it has one. Older plan.json files did not keep it: there ``model`` is the location
+    when ``model_name`` is beside it (``launch --model`` wrote it so); else the folder of a
+    local ``model_source`` or of ``model``, looked up from the working directory, then
+    from ``near`` (the plan's folder); else ``model``, a Hub id or alias.
+    """
+    if plan.get("model_path"):
+        return str(plan["model_path"])
+    if plan.get("model_name"):
+        return str(plan["model"])
+    source = plan.get("model_source")
+    if isinstance(source, str) and source not in NOT_LOCAL_SOURCES:
+        found = local_model(source, near)
+        if found is not None:
+            return found
+    return local_model(str(plan["model"]), near) or str(plan["model"])
+
+
+def local_model(model: str, near: Path | None = None) -> str | None:
+    """The absolute folder the ranks load the model from when ``model`` is a local folder or
+    a config.json inside one (looked up from the working directory, then from ``near``);
+    None for a Hub id or alias."""
+    for base in (Path.cwd(), near):
+        if base is None:
+            continue
+        p = (base / Path(model).expanduser()).resolve()
+        if p.is_dir():
+            return str(p)
+        if p.is_file() and p.suffix == ".json":
+            return str(p.parent)
+    return None
 
 
 def launch_command(p: Plan, plan_path: str = "plan.json") -> list[str]:

@@ -617,9 +617,11 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
     # a cost needs the tokens to train on; then the user's price, else the dated table's
     price = req.price() if req.tokens_to_train else None
     return {
-        "model": req.spec.name,
-        # where the config came from: a local config.json path, "catalog", "hf-cache" or "hub";
-        # launch/sft.py loads the weights from that folder when it is a local path
+        "model": req.spec.name,  # for display; planfiles.model_location says what to load
+        # a local model: its folder (absolute), so that the plan launches from any folder;
+        # None for the catalog, the HF cache and the Hub (then "model" is the id)
+        "model_path": req.spec.local_path,
+        # where the config came from: a local config.json path, "catalog", "hf-cache" or "hub"
         "model_source": req.spec.source,
         "cluster": req.cluster.describe(),
         "world_size": req.cluster.world_size,

@@ -268,7 +268,7 @@ def with_data(
 
     profile, _ = profile_data(
         data,
-        spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name,
+        spec.source if spec.local_path is not None else spec.name,
         spec.name,
         tokenizer=tokenizer,
         chat_template=chat_template,

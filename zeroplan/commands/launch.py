@@ -27,6 +27,7 @@ from zeroplan.commands.job import (
 )
 from zeroplan.commands.job import say as _say
 from zeroplan.launch.runner import LAUNCHERS
+from zeroplan.planfiles import model_name
 
 if TYPE_CHECKING:
     from zeroplan.hardware import Cluster
@@ -339,7 +340,7 @@ def launch(
             if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
                 run_dir = plan_path.parent
             elif rdv is not None and rdv.source == "slurm":
-                run_dir = Path("runs") / f"{_slug(str(plan['model']))}-slurm{rdv.job_id}"
+                run_dir = Path("runs") / f"{_slug(model_name(plan))}-slurm{rdv.job_id}"
             elif rdv is not None:
                 from zeroplan.errors import BadRendezvousError
 
@@ -349,7 +350,7 @@ def launch(
                 )
             else:
                 run_dir = (
-                    Path("runs") / f"{_slug(str(plan['model']))}-{time.strftime('%Y%m%d-%H%M%S')}"
+                    Path("runs") / f"{_slug(model_name(plan))}-{time.strftime('%Y%m%d-%H%M%S')}"
                 )
         gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
         if gpu is None:
@@ -469,12 +470,12 @@ def _plan_and_nodes(
     from zeroplan.launch.multinode import check_node_count
     from zeroplan.launch.runner import (
         gpu_count,
-        local_model,
         plan_cluster,
         plan_model,
         read_plan,
         resolve_nodes,
     )
+    from zeroplan.planfiles import local_model, model_location
 
     present = local_cluster()
     if plan_path is not None:
@@ -497,8 +498,9 @@ def _plan_and_nodes(
         )
         if hostfile is not None:
             check_node_count(planned, int(plan["world_size"]), len(nodes), "the hostfile")
-        name = weights or str(plan["model"])
-        return plan, local_model(name, plan_path.parent) or name, nodes, present
+        if weights is not None:
+            return plan, local_model(weights, plan_path.parent) or weights, nodes, present
+        return plan, model_location(plan, near=plan_path.parent), nodes, present
 
     spec_gpu = None
     if gpus is not None and not gpus.strip().isdigit():
@@ -543,8 +545,8 @@ def _plan_and_nodes(
         _say(f"note: planning {request['seq_len']}-token sequences, not the data's lengths: {exc}")
         fields = with_data(spec, request, None)
     plan = plan_model(spec, cluster, fields)
-    name = weights or model_or_plan
-    return plan, local_model(name) or weights or str(plan["model"]), nodes, present
+    model = (local_model(weights) or weights) if weights is not None else model_location(plan)
+    return plan, model, nodes, present
 
 
 def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> None:

@@ -285,7 +285,7 @@ def planner_fix(spec: ModelSpec, cluster: Cluster, launch: Launch, setup: TrainS
     best = result.best
     return (
         f"the planner's choice for {cluster.describe()} is {best.family}, {describe(best.setup)} "
-        f"({best.estimate.required_bytes / GIB:.1f} GiB): zeroplan plan {launch.plan['model']} "
+        f"({best.estimate.required_bytes / GIB:.1f} GiB): zeroplan plan {launch.model} "
         f"--gpus {cluster.describe(times='x')} -o DIR, then zeroplan launch DIR"
     )
 
@@ -298,7 +298,7 @@ def check_memory(
     from zeroplan.models import load_model
     from zeroplan.planner import describe
 
-    spec = load_model(str(launch.plan["model"]))
+    spec = load_model(launch.model)
     setup = launch.setup
     est = estimate(spec, cluster, setup)
     if est.fits:
@@ -340,7 +340,7 @@ def preflight(
     # since node 0 writes RUN_DIR's files only after every node joined, after this check
     attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
     attempt(lambda: check_data(launch.data))
-    attempt(lambda: check_tokenizer(str(launch.plan["model"])))
+    attempt(lambda: check_tokenizer(launch.model))
     attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))
     attempt(lambda: check_moe(launch))
 

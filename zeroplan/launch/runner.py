@@ -54,6 +54,7 @@ from zeroplan.hardware import (
 )
 from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
+from zeroplan.planfiles import model_location, model_name
 from zeroplan.trainsetup import TrainSetup
 
 if TYPE_CHECKING:
@@ -183,20 +184,6 @@ def plan_model(
             f"nothing fits {result.request.spec.name} on {cluster.describe()}: {result.suggestion}"
         )
     return plan_json(result)
-
-
-def local_model(model: str, near: Path | None = None) -> str | None:
-    """The absolute folder the ranks load the model from when ``model`` is a local folder or
-    a config.json inside one (also looked up beside the plan); None for a Hub id or alias."""
-    for base in (Path.cwd(), near):
-        if base is None:
-            continue
-        p = (base / Path(model).expanduser()).resolve()
-        if p.is_dir():
-            return str(p)
-        if p.is_file() and p.suffix == ".json":
-            return str(p.parent)
-    return None
 
 
 # -- where the ranks run ------------------------------------------------------------------
@@ -468,6 +455,11 @@ class Launch:
         return setup_of(self.plan)
 
     @property
+    def model(self) -> str:
+        """Where the ranks load the model from: a local folder or a Hub id."""
+        return model_location(self.plan)
+
+    @property
     def log_dir(self) -> Path:
         return self.run_dir / LOG_DIR
 
@@ -592,8 +584,8 @@ def build_launch(
 ) -> Launch:
     """The launcher command(s), the ranks' environment and RUN_DIR's files; starts nothing.
 
-    ``model``: where the ranks load the model from (written as plan.json's ``model``; the
-    name the plan had stays as ``model_name``). ``program``: a Python script to run on
+    ``model``: where the ranks load the model from, when not where the plan says (written
+    as plan.json's ``model_path``; ``model`` stays the name). ``program``: a Python script to run on
     every rank instead of ``-m zeroplan.launch.sft`` (same arguments). ``filtered``: the
     GPU slots came from --include/--exclude and must be passed on exactly. ``rendezvous``:
     this node's place in a run of several (--nnodes, SLURM); ``nodes`` is then this node
@@ -614,14 +606,12 @@ def build_launch(
     run_dir = run_dir.resolve()
     port = free_port() if port is None else port
     plan_out = copy.deepcopy(dict(plan))  # the Launch owns its plan
-    if model is not None and model != plan.get("model"):
-        plan_out["model_name"] = plan.get("model")
-        plan_out["model"] = model
-        # sft.py prefers a local model_source to model: keep the two saying the same
-        if Path(model).is_dir():
-            plan_out["model_source"] = model
-        else:
-            plan_out.pop("model_source", None)
+    # the ranks read RUN_DIR/plan.json from their own working directory: the name for
+    # display, the location as one key (an older plan's model_name / relative paths resolved)
+    location = model or model_location(plan)
+    plan_out.pop("model_name", None)
+    plan_out["model"] = model_name(plan)
+    plan_out["model_path"] = location if location != plan_out["model"] else None
     setup = setup_of(plan_out)
     data_arg = str(Path(data).expanduser().resolve()) if Path(data).expanduser().exists() else data
     rank_argv = (
@@ -696,7 +686,7 @@ def _with_record(launch: Launch) -> Launch:
         ],
         "env": dict(launch.env),
         "rank_argv": list(launch.rank_argv),
-        "model": launch.plan.get("model"),
+        "model": launch.model,
         "data": launch.data,
         "resume": launch.resume,
         "cwd": os.getcwd(),
@@ -728,7 +718,7 @@ def write_files(launch: Launch) -> list[Path]:
 def describe_files(launch: Launch) -> list[tuple[str, str]]:
     """(path, what it holds) for everything a launch writes or has written into RUN_DIR."""
     what = {
-        PLAN_FILE: f"the plan every rank trains with (model: {launch.plan.get('model')})",
+        PLAN_FILE: f"the plan every rank trains with (model: {launch.model})",
         LAUNCH_RECORD: "the commands and environment; the result is added at the end",
         DS_CONFIG: f"the DeepSpeed config for {launch.world_size} GPU{'' if launch.world_size == 1 else 's'}",
         HOSTFILE: "one 'host slots=N' line per node",

@@ -64,6 +64,7 @@ from zeroplan.errors import (
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
 from zeroplan.launch.runstate import Counter, StopFlag
+from zeroplan.planfiles import model_location
 from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, TrainSetup, parse_targets
 
 # TrainSetup.optim -> TrainingArguments.optim (transformers.training_args.OptimizerNames).
@@ -161,23 +162,8 @@ def read_plan(path: str | os.PathLike[str]) -> PlannedRun:
         from zeroplan.launch.runner import KEEP_OUTPUTS_REFUSAL
 
         raise BadPlanError(f"{p}: {KEEP_OUTPUTS_REFUSAL}")
-    # "model" is what to load: a Hub id, a local folder, or (written by `zeroplan launch
-    # --model`, which keeps the planned name as "model_name") whatever the user pointed at.
-    # A plan made from a local config.json names the model by its folder's name only; its
-    # "model_source" says where that folder is.
-    model = str(data["model"])
-    source = data.get("model_source")
-    if (
-        "model_name" not in data
-        and not Path(model).expanduser().exists()
-        and isinstance(source, str)
-        and source not in ("", "catalog", "hf-cache", "hub")
-    ):
-        local = Path(source).expanduser()
-        folder = local.parent if local.name == "config.json" else local
-        if folder.is_dir():
-            model = str(folder.resolve())
-    elif Path(model).expanduser().exists():
+    model = model_location(data, near=p.parent)
+    if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     world = data.get("world_size", 1)
     return PlannedRun(p, model, setup, int(world) if isinstance(world, int) else 1)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from zeroplan.errors import BadPlanError, RunDirNotFoundError
+from zeroplan.planfiles import model_name
 from zeroplan.watch.monitor import Snapshot
 
 PLAN_FILE = "plan.json"
@@ -94,7 +95,7 @@ def read_prediction(run_dir: str | os.PathLike[str]) -> Prediction | None:
             peak_allocated_bytes=int(best["peak_allocated_bytes"]),
             world_size=int(data["world_size"]) if data.get("world_size") else None,
             tokens_per_s=float(best["tokens_per_s"]) if best.get("tokens_per_s") else None,
-            model=data.get("model"),
+            model=model_name(data) if data.get("model") else None,
             cluster=data.get("cluster"),
             host_bound=bool(best.get("host_bound", False)),
             error_p90=float(best["error_p90"]) if best.get("error_p90") else None,
