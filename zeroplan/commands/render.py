@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
 from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     from zeroplan.hardware import GPU
     from zeroplan.memory import MemoryEstimate
@@ -164,35 +166,88 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
 
 
-def render_models(rows: list[tuple[str, str, int]], console: Console) -> None:
-    from rich.table import Table
+@dataclass(frozen=True)
+class Column:
+    """One column of a table that is fitted to the terminal (:func:`fitted_table`).
 
-    table = Table(show_edge=False)
-    table.add_column("model (Hub id)")
-    table.add_column("architecture")
-    table.add_column("params", justify="right")
-    for name, arch, params in rows:
-        table.add_row(name, arch, f"{params / 1e9:,.2f} B")
+    ``drop``: the order in which columns go when the terminal is too narrow (1 goes first;
+    0 never goes). A column whose cells are all alike goes before any other and its value
+    is said once, under the table, instead."""
+
+    header: str
+    cells: list[str]
+    justify: Literal["left", "right"] = "right"
+    drop: int = 0
+
+    @property
+    def same(self) -> str | None:
+        """The one value every cell holds, when there are several rows and they agree."""
+        return self.cells[0] if len(self.cells) > 1 and len(set(self.cells)) == 1 else None
+
+
+def fitted_table(
+    columns: list[Column], width: int, row_styles: list[str | None] | None = None
+) -> tuple[Table, list[Column]]:
+    """The widest table of ``columns`` that fits ``width`` without wrapping a cell, and the
+    columns left out of it. Columns whose cells are all alike go first, then by ``drop``;
+    a wider terminal shows more columns, never wider cells (no cell wraps: a table wider
+    than ``width`` even at its fewest columns is cut with an ellipsis)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    order = sorted(
+        (c for c in columns if c.drop or c.same is not None),
+        key=lambda c: (c.same is None, c.drop or len(columns)),
+    )
+    measure = Console(width=10_000)
+    shown, left = list(columns), []
+
+    def build() -> Table:
+        from rich.table import Table
+
+        table = Table(show_edge=False, header_style="bold", pad_edge=False)
+        for c in shown:
+            table.add_column(c.header, justify=c.justify, no_wrap=True, overflow="ellipsis")
+        for i in range(len(columns[0].cells) if columns else 0):
+            style = row_styles[i] if row_styles else None
+            table.add_row(*(c.cells[i] for c in shown), style=style)
+        return table
+
+    table = build()
+    while order and Measurement.get(measure, measure.options, table).maximum > width:
+        gone = order.pop(0)
+        shown.remove(gone)
+        left.append(gone)
+        table = build()
+    return table, left
+
+
+def render_models(rows: list[tuple[str, str, int]], console: Console) -> None:
+    table, _ = fitted_table(
+        [
+            Column("model (Hub id)", [n for n, _, _ in rows], "left"),
+            Column("architecture", [a for _, a, _ in rows], "left", drop=1),
+            Column("params", [f"{p / 1e9:,.2f} B" for _, _, p in rows]),
+        ],
+        console.width,
+    )
     console.print(table)
 
 
 def render_gpus(gpus: list[GPU], console: Console) -> None:
-    from rich.table import Table
-
-    table = Table(show_edge=False)
-    cols = ("GPU", "memory GiB", "bf16 TFLOP/s", "fp16 TFLOP/s", "bandwidth GB/s", "link", "P2P")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "GPU" else "right", no_wrap=col == "GPU")
-    for g in gpus:
-        table.add_row(
-            g.name,
-            f"{g.memory_gib:.1f}",
-            f"{g.bf16_tflops:g}" if g.bf16 else "no bf16",
-            f"{g.fp16_tflops:g}",
-            f"{g.memory_bandwidth_gbs:g}",
-            f"{g.interconnect} {g.link_bandwidth_gbs:g} GB/s",
-            "yes" if g.p2p else "no",
-        )
+    table, _ = fitted_table(
+        [
+            Column("GPU", [g.name for g in gpus], "left"),
+            Column("memory\nGiB", [f"{g.memory_gib:.1f}" for g in gpus]),
+            Column("bf16\nTFLOP/s", [f"{g.bf16_tflops:g}" if g.bf16 else "none" for g in gpus]),
+            Column("fp16\nTFLOP/s", [f"{g.fp16_tflops:g}" for g in gpus], drop=1),
+            Column("bandwidth\nGB/s", [f"{g.memory_bandwidth_gbs:g}" for g in gpus], drop=2),
+            Column("link", [g.interconnect for g in gpus], "left"),
+            Column("link\nGB/s", [f"{g.link_bandwidth_gbs:g}" for g in gpus]),
+            Column("P2P", ["yes" if g.p2p else "no" for g in gpus], "left"),
+        ],
+        console.width,
+    )
     console.print(table)
 
 
@@ -229,6 +284,17 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
         console.print(f"     {low:>6,}–{high:<6,} {bar} {count:,}", highlight=False)
 
 
+# TrainSetup.offload as a plan table's cell
+_OFFLOAD = {"none": "-", "optimizer": "optim", "optimizer+params": "optim+params"}
+
+
+def _zero(stage: int | None, many_gpus: bool) -> str:
+    """A plan table's ZeRO cell: the stage, or how the run goes without DeepSpeed."""
+    if stage is None:
+        return "DDP" if many_gpus else "none"
+    return str(stage)
+
+
 def _label(c: dict[str, Any]) -> str:
     """A plan row's setup in a few words: family, micro-batch × accumulation, the extras."""
     s = c["setup"]
@@ -242,7 +308,6 @@ def _label(c: dict[str, Any]) -> str:
 def render_plan(data: dict[str, Any], console: Console) -> None:
     """The plan as a person reads it: the choice, the ranked alternatives, why others lost."""
     from rich.markup import escape
-    from rich.table import Table
 
     req = data["request"]
     console.print(
@@ -257,35 +322,40 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
         console.print("[red]Nothing fits.[/red] " + escape(data["suggestion"] or ""))
         return
     rows = [best, *data["alternatives"]]
-    tokens = req.get("tokens_to_train", req["dataset_tokens"])
-    table = Table(show_edge=False, header_style="bold")
-    speed = "real tokens/s" if data.get("data") else "tokens/s"
-    for col in ("#", "setup", "must fit GiB", speed, "step s"):
-        table.add_column(col, justify="left" if col == "setup" else "right")
+    setups = [c["setup"] for c in rows]
+    many = int(data["world_size"]) > 1
+    real = "real " if data.get("data") else ""
+    columns = [
+        Column("#", [str(n) for n in range(1, len(rows) + 1)]),
+        Column("method", [s["method"] for s in setups], "left"),
+        Column("ZeRO", [_zero(s["zero"], many) for s in setups], "left"),
+        Column("offload", [_OFFLOAD.get(s["offload"], s["offload"]) for s in setups], "left"),
+        Column("mb×ga", [f"{s['micro_batch']}×{s['grad_accum']}" for s in setups]),
+        Column("ckpt", ["yes" if s["grad_ckpt"] else "no" for s in setups], "left"),
+        Column("loss", ["fused" if s["fused_loss"] else "plain" for s in setups], "left"),
+        Column("optimizer", [s["optim"] for s in setups], "left", drop=4),
+        Column("need GiB", [f"{c['required_bytes'] / 2**30:.1f}" for c in rows]),
+        Column(f"{real}tokens/s", [f"{c['tokens_per_s']:,.0f}" for c in rows]),
+        Column("step s", [f"{c['step_seconds']:.2f}" for c in rows], drop=1),
+    ]
     if "steps_per_epoch" in best:
-        table.add_column("fill", justify="right")
-        table.add_column("steps/epoch", justify="right")
-    if tokens:
-        table.add_column("time", justify="right")
-    if req["price_per_gpu_hour"] is not None and tokens:
-        table.add_column("cost", justify="right")
-    for n, c in enumerate(rows, 1):
-        cells = [
-            str(n),
-            _label(c),
-            f"{c['required_bytes'] / 2**30:.1f}",
-            f"{c['tokens_per_s']:,.0f}",
-            f"{c['step_seconds']:.2f}",
-        ]
-        if "steps_per_epoch" in c:
-            cells.append(f"{c['fill']:.0%}")
-            cells.append(f"{c['steps_per_epoch']:,}")
-        if "hours" in c:
-            cells.append(_duration(c["hours"]))
-        if "cost" in c:
-            cells.append(f"{c['cost']:,.2f}")
-        table.add_row(*cells, style="green" if n == 1 else None)
+        columns.append(Column("fill", [f"{c['fill']:.0%}" for c in rows], drop=2))
+        columns.append(Column("steps/ep", [f"{c['steps_per_epoch']:,}" for c in rows], drop=3))
+    if "hours" in best:
+        columns.append(Column("time", [_duration(c["hours"]) for c in rows]))
+    if "cost" in best:
+        columns.append(Column("cost", [f"{c['cost']:,.2f}" for c in rows]))
+    table, left = fitted_table(
+        columns, console.width, ["green" if n == 0 else None for n in range(len(rows))]
+    )
     console.print(table)
+    left.sort(key=columns.index)
+    same = [f"{c.header} {c.same}" for c in left if c.same is not None]
+    if same:
+        console.print(escape("every row: " + ", ".join(same)), highlight=False)
+    narrow = [c.header for c in left if c.same is None]
+    if narrow:
+        console.print(escape(f"(left out at this width: {', '.join(narrow)})"), highlight=False)
     if "cost" in rows[0]:
         source = req.get("price_source") or "--price-per-gpu-hour"
         line = f"cost at ${req['price_per_gpu_hour']:,.2f} per GPU-hour ({source}"
