@@ -415,3 +415,31 @@ def test_moe_all_linear_launch_trains_with_dropout_0(tmp_path: Path, work: dict[
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [m["loss"] for m in read_metrics(run) if m["event"] == "train"]
     assert len(losses) >= 2 and losses[-1] < losses[0]
+
+
+def test_report_to_tensorboard_writes_event_files_in_the_run_folder(
+    work: dict[str, Path],
+) -> None:
+    """`zeroplan launch --report-to tensorboard`: the Trainer's own TensorBoard integration
+    logs the run's loss into RUN/tb (one CPU rank through torchrun, --force: no GPU here)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plan = tinyllm.write_plan(work["root"] / "tb-plan", work["model"], micro_batch=4, lora_r=4)
+    run = work["root"] / "tb-run"
+    cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(work["data"])]
+    cmd += ["-o", str(run), "--force", "--no-dashboard", "--max-steps", "4"]
+    cmd += ["--logging-steps", "1", "--report-to", "tensorboard"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=offline_env(work["home"]), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = sorted((run / "tb").rglob("events.out.tfevents.*"))
+    assert events, sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert all(e.value > 0 for e in loss)
+    applied = json.loads((run / "applied.json").read_text())
+    assert applied["training"]["report_to"] == ["tensorboard"]

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from fakenvml import fake_pynvml
 
-from zeroplan.commands.cli import cli
+from zeroplan.commands.cli import cli, main
 from zeroplan.errors import (
     BadClusterSpecError,
     BadPlanError,
@@ -35,6 +35,7 @@ from zeroplan.errors import (
     PredictedOOMError,
     RunDirExistsError,
     TokenizerNotFoundError,
+    TrackerLoginError,
 )
 from zeroplan.hardware import GPU, parse_cluster
 from zeroplan.launch import procs, progress
@@ -56,6 +57,7 @@ from zeroplan.launch.runner import (
     write_files,
 )
 from zeroplan.launch.supervise import Supervisor
+from zeroplan.launch.trackers import check_tracker, tracker_env
 from zeroplan.planfiles import local_model, model_location, model_name
 from zeroplan.trainsetup import TrainSetup
 
@@ -602,6 +604,65 @@ def test_older_plan_files_still_say_where_the_model_is(
     assert (model_location(launched), model_name(launched)) == ("/w/my-model", "my-model")
     hub = {"model": QWEN, "model_path": None, "model_source": "catalog"}
     assert (model_location(hub), model_name(hub)) == (QWEN, QWEN)
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_report_to_a_tracker_that_is_not_installed_starts_nothing(
+    tmp_path: Path, data_file: Path, tracker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    plan, run = make_plan(tmp_path / "p"), tmp_path / "run"
+    args = ["launch", str(plan), "--data", str(data_file), "-o", str(run), "--force"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--report-to", tracker])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"zeroplan: error: --report-to {tracker} needs {tracker}, which is not installed "
+        f"here: pip install {tracker}\n"
+    )
+    assert not run.exists()  # nothing started, nothing written
+
+
+def test_report_to_an_unknown_tracker_is_a_usage_error(tmp_path: Path, data_file: Path) -> None:
+    plan = make_plan(tmp_path / "p")
+    args = ["launch", str(plan), "--data", str(data_file), "--report-to", "comet"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "'comet' is not one of 'none', 'tensorboard', 'wandb', 'mlflow'" in result.output
+
+
+def test_wandb_needs_a_login_or_offline_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    (site / "wandb").mkdir(parents=True)
+    (site / "wandb" / "__init__.py").write_text("")  # an installed wandb, as find_spec sees it
+    monkeypatch.syspath_prepend(str(site))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home)}
+    with pytest.raises(TrackerLoginError, match=r"no api\.wandb\.ai entry in .*/home/\.netrc"):
+        check_tracker("wandb", env)
+    check_tracker("wandb", env, login=False)  # a rank that does not log needs no login
+    check_tracker("wandb", {**env, "WANDB_MODE": "offline"})
+    check_tracker("wandb", {**env, "WANDB_API_KEY": "k"})
+    (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    check_tracker("wandb", env)
+    with pytest.raises(TrackerLoginError, match=r"no wandb\.example\.com entry"):
+        check_tracker("wandb", {**env, "WANDB_BASE_URL": "https://wandb.example.com"})
+
+
+def test_trackers_write_into_the_run_folder_unless_told_otherwise(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert tracker_env("tensorboard", run, {}) == {"TENSORBOARD_LOGGING_DIR": str(run / "tb")}
+    assert tracker_env("wandb", run, {}) == {"WANDB_DIR": str(run)}
+    assert tracker_env("mlflow", run, {}) == {"MLFLOW_TRACKING_URI": f"file://{run}/mlruns"}
+    assert tracker_env("mlflow", run, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == {}
+    assert tracker_env("none", run, {}) == {}
+    la = launch_for(tmp_path, tmp_path / "d.jsonl", train=TrainOptions(report_to="tensorboard"))
+    assert la.report_to == "tensorboard"
+    assert la.rank_argv[-2:] == ("--report-to", "tensorboard")
 
 
 def test_more_gpus_than_present(tmp_path: Path, data_file: Path) -> None:

@@ -130,6 +130,11 @@ class NoWeightsError(ZeroplanError):
     """A run folder without the trained weights that merge / generate need."""
 
 
+class TrackerLoginError(ZeroplanError):
+    """--report-to wandb without a Weights & Biases login (WANDB_API_KEY, ~/.netrc) and
+    without WANDB_MODE=offline."""
+
+
 # -- zeroplan launch on several nodes (--nnodes, SLURM) ------------------------------------
 
 

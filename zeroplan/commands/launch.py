@@ -27,6 +27,7 @@ from zeroplan.commands.job import (
 )
 from zeroplan.commands.job import say as _say
 from zeroplan.launch.runner import LAUNCHERS
+from zeroplan.launch.trackers import TRACKERS
 from zeroplan.planfiles import model_name
 
 if TYPE_CHECKING:
@@ -177,6 +178,17 @@ def _slug(name: str) -> str:
     help="A metrics line every N steps (default 10).",
 )
 @click.option(
+    "--report-to",
+    type=click.Choice(TRACKERS),
+    default="none",
+    show_default=True,
+    help="Experiment tracker the Trainer logs to, from rank 0: tensorboard (event files in "
+    "RUN_DIR/tb: tensorboard --logdir RUN_DIR/tb), wandb (Weights & Biases, local files in "
+    "RUN_DIR/wandb; needs `wandb login` or WANDB_API_KEY, or WANDB_MODE=offline; "
+    "WANDB_PROJECT etc. as usual) or mlflow (a file store in RUN_DIR/mlruns unless "
+    "MLFLOW_TRACKING_URI is set). Its package must be installed.",
+)
+@click.option(
     "--model",
     "weights",
     default=None,
@@ -232,6 +244,7 @@ def launch(
     packed_attention: str | None,
     save_steps: int | None,
     logging_steps: int | None,
+    report_to: str,
     weights: str | None,
     grace: float,
     progress_every: float,
@@ -379,6 +392,7 @@ def launch(
                 logging_steps=logging_steps,
                 batching=batching,
                 packed_attention=packed_attention,
+                report_to=None if report_to == "none" else report_to,
             ),
             model=model,
             program=rank_program,
@@ -552,6 +566,7 @@ def _plan_and_nodes(
 def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> None:
     """Everything the launch would do, as text (computed elsewhere; printed here)."""
     from zeroplan.launch.runner import describe_files, describe_nodes
+    from zeroplan.launch.trackers import where
     from zeroplan.planner import describe
 
     echo = click.echo
@@ -577,6 +592,8 @@ def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> N
         ranks = f"rank {last}" if last == la.first_rank else f"ranks {la.first_rank}-{last}"
         echo(f"this node  {la.rendezvous.host}: {la.rendezvous.describe()}; global {ranks}")
     echo(f"run dir    {la.run_dir}")
+    if la.report_to != "none":
+        echo(f"tracker    {where(la.report_to)}")
     for note in la.notes:
         echo(f"note       {note}")
     echo("\nenvironment (for every rank, on top of yours)")

@@ -6,7 +6,8 @@ Each failure is one ZeroplanError (one line in the CLI, exit status 2):
   every node of a run of several, so that they all refuse it alike);
 * the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks);
 * a local model folder has no tokenizer files (TokenizerNotFoundError);
-* a package the plan or the launcher needs is missing (MissingDependencyError);
+* a package the plan or the launcher needs is missing (MissingDependencyError), or the
+  --report-to tracker's package, or its login (TrackerLoginError);
 * a mixture-of-experts setup PEFT cannot run (LoRA dropout on the router or the expert
   banks: ExpertDropoutError) or that was never measured (UnmeasuredMoEError; zeroplan.moe);
 * no GPU on this machine (NoGPUError; ``--force`` runs the ranks anyway, on CPU);
@@ -57,6 +58,7 @@ from zeroplan.launch.runner import (
     plan_cluster,
     plan_here,
 )
+from zeroplan.launch.trackers import check_tracker
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup
@@ -343,6 +345,7 @@ def preflight(
     attempt(lambda: check_tokenizer(launch.model))
     attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))
     attempt(lambda: check_moe(launch))
+    attempt(lambda: check_tracker(launch.report_to, login=launch.first_rank == 0))
 
     local = [n for n in launch.nodes if n.local]
     gpu_cluster: Cluster | None = None

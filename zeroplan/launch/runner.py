@@ -304,6 +304,7 @@ class TrainOptions:
     logging_steps: int | None = None
     batching: str | None = None  # packed | padded | grouped
     packed_attention: str | None = None  # auto | varlen | mask
+    report_to: str | None = None  # trackers.TRACKERS
 
     def argv(self) -> list[str]:
         out = ["--resume"] if self.resume else []
@@ -319,6 +320,7 @@ class TrainOptions:
             ("--logging-steps", self.logging_steps),
             ("--batching", self.batching),
             ("--packed-attention", self.packed_attention),
+            ("--report-to", self.report_to),
         ):
             if value is not None:
                 out += [flag, str(value)]
@@ -415,6 +417,7 @@ class Launch:
     port: int
     notes: tuple[str, ...] = ()
     rendezvous: Rendezvous | None = None  # this node's place in a run of several (--nnodes, SLURM)
+    report_to: str = "none"  # the experiment tracker rank 0 logs to (trackers.TRACKERS)
 
     @property
     def world_size(self) -> int:
@@ -671,6 +674,7 @@ def build_launch(
         port=port,
         notes=tuple(notes),
         rendezvous=rendezvous,
+        report_to=train.report_to or "none",
     )
     return _with_record(launch)
 

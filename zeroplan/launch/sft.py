@@ -64,6 +64,7 @@ from zeroplan.errors import (
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
 from zeroplan.launch.runstate import Counter, StopFlag
+from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
 from zeroplan.planfiles import model_location
 from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, TrainSetup, parse_targets
 
@@ -124,6 +125,7 @@ class Options:
     split: str = "train"
     batching: str = "packed"
     packed_attention: str = "auto"
+    report_to: str = "none"  # trackers.TRACKERS
 
 
 # --------------------------------------------------------------------------- plan, options
@@ -210,6 +212,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     ap.add_argument("--packed-attention", default="auto", choices=zbatch.PACKED_ATTENTION,
                     help="packed rows: varlen flash attention (auto on a GPU) or an SDPA "
                     "block-diagonal mask")  # fmt: skip
+    ap.add_argument("--report-to", default="none", choices=TRACKERS,
+                    help="experiment tracker the Trainer logs to, in the run folder "
+                    "(tensorboard: OUT/tb)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.resume and a.epochs is None and a.max_steps is None:
         a.epochs, a.max_steps = original_limits(a.out)
@@ -247,6 +252,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         split=a.split,
         batching=a.batching,
         packed_attention=a.packed_attention,
+        report_to=a.report_to,
     )
 
 
@@ -331,7 +337,9 @@ def training_kwargs(
         "eval_strategy": ("steps" if opts.eval_steps else "epoch") if has_eval else "no",
         "eval_steps": opts.eval_steps,
         "prediction_loss_only": True,  # no logits kept across evaluation batches
-        "report_to": "none",
+        # the tracker's own integration, pointed into the run folder (trackers.tracker_env;
+        # transformers 4 reads logging_dir, 5 the environment)
+        "report_to": opts.report_to,
         "disable_tqdm": True,
         "seed": opts.seed,
         "data_seed": opts.seed,
@@ -347,6 +355,8 @@ def training_kwargs(
         # packed rows carry position_ids, which TRL would otherwise drop as an unknown column
         "remove_unused_columns": opts.batching != "packed",
     }
+    if opts.report_to == "tensorboard" and fields is not None and "logging_dir" in fields:
+        kw["logging_dir"] = str(opts.out / TB_DIR)
     if opts.batching == "grouped":
         if fields is None or "train_sampling_strategy" in fields:
             kw["train_sampling_strategy"] = "group_by_length"
@@ -553,6 +563,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
             f"{opts.out} already holds checkpoints ({resume_from.name}): pass --resume to "
             "continue that run, or give a new --out"
         )
+    check_tracker(opts.report_to, login=rank == 0)
     done = completed_step(opts.out, opts.max_steps, opts.epochs) if opts.resume else None
     if done is not None:
         if rank == 0:
@@ -616,6 +627,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     from datasets import Dataset
     from trl.trainer.sft_config import SFTConfig
 
+    os.environ.update(tracker_env(opts.report_to, opts.out, os.environ))
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     tkw = training_kwargs(setup, opts, cuda, ds_path, bool(prepared.eval), fields)
     # varlen packs a whole micro-batch into one row of micro_batch × seq_len tokens
@@ -827,6 +839,7 @@ def _applied(
         "eval_strategy",
         "eval_steps",
         "deepspeed",
+        "report_to",
         "output_dir",
     )
     training = {k: _plain(getattr(targs, k, None)) for k in keys}
@@ -880,6 +893,8 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     if hasattr(value, "value"):  # enums
         return _plain(value.value)
     return str(value)
