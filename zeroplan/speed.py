@@ -32,9 +32,14 @@ from typing import Any
 
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.hostops import host_ops
-from zeroplan.memory.weights import trainable_bytes
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_precision, trainable_params
+from zeroplan.trainsetup import (
+    TrainSetup,
+    lora_targets,
+    resolve_precision,
+    trainable_bytes,
+    trainable_params,
+)
 
 
 @dataclass(frozen=True)

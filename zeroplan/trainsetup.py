@@ -68,6 +68,9 @@ ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 # (T4, V100, RTX 20xx). "" in a TrainSetup means "the card's": resolve_precision fills it.
 PRECISIONS = ("bf16", "fp16")
 ALL_LINEAR = "all-linear"
+# bytes per element
+BF16 = 2  # also fp16
+FP32 = 4
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py), used when a setup does not
 # name its own; dsconfig writes whatever the setup holds, so estimate and config agree.
@@ -305,3 +308,17 @@ def trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
     if not setup.is_lora:
         return spec.total_params
     return sum(n * lin.lora_params(setup.lora_r) for lin, n in lora_targets(spec, setup))
+
+
+def trainable_bytes(setup: TrainSetup) -> int:
+    """Bytes per trainable parameter, and per element of its gradient.
+
+    DeepSpeed bf16 / fp16 casts the whole module: 2. Without it, full fine-tuning trains the
+    bf16 weights (2), or under fp16 an fp32 model (4: AMP, memory.precision.amp_fp32_model), and
+    PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``) in either.
+    """
+    if setup.deepspeed:
+        return BF16
+    if setup.method == "full":
+        return FP32 if setup.fp16 else BF16
+    return FP32

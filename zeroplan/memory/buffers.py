@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from zeroplan.memory.optimizer import BNB_8BIT_STATE
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import BF16, FP32, gib, trainable_bytes
+from zeroplan.memory.weights import gib
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, trainable_params
+from zeroplan.trainsetup import BF16, FP32, TrainSetup, trainable_bytes, trainable_params
 
 
 @dataclass(frozen=True)

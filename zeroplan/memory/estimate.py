@@ -48,9 +48,15 @@ from zeroplan.memory.optimizer import adamw_step_temporaries, optimizer_states
 from zeroplan.memory.overhead import device_used, required_bytes, reserved_from_allocated
 from zeroplan.memory.precision import loss_scaler_bytes, residual_bytes
 from zeroplan.memory.result import MemoryEstimate, Term
-from zeroplan.memory.weights import BF16, adapter_weights, base_weights, gib, trainable_bytes
+from zeroplan.memory.weights import adapter_weights, base_weights, gib
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, resolve_precision, trainable_params
+from zeroplan.trainsetup import (
+    BF16,
+    TrainSetup,
+    resolve_precision,
+    trainable_bytes,
+    trainable_params,
+)
 
 # Families whose activations were measured on a GPU (benchmarks/results/); others are
 # estimated from the same op-level model and flagged as not calibrated. The MoE families

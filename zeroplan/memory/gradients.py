@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from zeroplan.memory.precision import amp_fp32_model
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import BF16, FP32, gib, trainable_bytes
+from zeroplan.memory.weights import gib
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import DS_SUB_GROUP_ELEMS, TrainSetup, trainable_params
+from zeroplan.trainsetup import (
+    BF16,
+    DS_SUB_GROUP_ELEMS,
+    FP32,
+    TrainSetup,
+    trainable_bytes,
+    trainable_params,
+)
 
 
 def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import BF16, FP32, gib
+from zeroplan.memory.weights import gib
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup
+from zeroplan.trainsetup import BF16, FP32, TrainSetup
 
 # At the start of backward, cross-entropy holds its saved fp32 log-softmax (4 B), the fp32
 # gradient nll_loss hands back (4 B) and log_softmax's fp32 input gradient (4 B), per

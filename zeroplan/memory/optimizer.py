@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from zeroplan.memory.result import Term
-from zeroplan.memory.weights import FP32, gib, trainable_bytes
+from zeroplan.memory.weights import gib
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import DS_SUB_GROUP_ELEMS, TrainSetup, lora_targets, trainable_params
+from zeroplan.trainsetup import (
+    DS_SUB_GROUP_ELEMS,
+    FP32,
+    TrainSetup,
+    lora_targets,
+    trainable_bytes,
+    trainable_params,
+)
 
 # bitsandbytes 8-bit optimizers keep 1 byte per state plus one fp32 absmax per block of 256
 # (bitsandbytes.optim.optimizer, blockwise=True); tensors under min_8bit_size = 4096

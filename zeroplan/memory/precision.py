@@ -12,7 +12,7 @@ Where the two run alike the bf16 functions serve both, with the dtype's name cha
 Full fine-tuning without DeepSpeed is where fp16 differs: PyTorch AMP (what the HF Trainer
 runs with ``fp16=True``) trains an fp32 model under fp16 autocast, because fp16 weights
 cannot take small updates and GradScaler refuses to unscale fp16 gradients. So weights,
-gradients and Adam states are fp32 (weights.trainable_bytes: 4 B, and 2 × 4 B of Adam),
+gradients and Adam states are fp32 (trainsetup.trainable_bytes: 4 B, and 2 × 4 B of Adam),
 autocast caches fp16 copies of the weights it casts (amp_weight_copies; how many outlive
 the forward: amp_copies_at_backward, amp_recompute_copies), the residual stream between
 layers is fp32 (residual_bytes), so the norms save fp32 outputs (amp_norm_extra_per_token)

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 from zeroplan.memory.result import Term
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup, trainable_params
+from zeroplan.trainsetup import BF16, FP32, TrainSetup, trainable_bytes, trainable_params
 
-BF16 = 2
-FP32 = 4
 # bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per block
 # of 64 weights, and one fp32 second-level absmax per 256 of those blocks
 # (bitsandbytes.functional.quantize_4bit, blocksize=64; compress_statistics=True).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-
-def trainable_bytes(setup: TrainSetup) -> int:
-    """Bytes per trainable parameter, and per element of its gradient.
-
-    DeepSpeed bf16 / fp16 casts the whole module: 2. Without it, full fine-tuning trains the
-    bf16 weights (2), or under fp16 an fp32 model (4: AMP, precision.amp_fp32_model), and
-    PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``) in either.
-    """
-    if setup.deepspeed:
-        return BF16
-    if setup.method == "full":
-        return FP32 if setup.fp16 else BF16
-    return FP32
 
 
 def gib(n: float) -> str:
