@@ -7,6 +7,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +27,12 @@ from zeroplan.commands.job import (
     with_data,
 )
 from zeroplan.commands.job import say as _say
-from zeroplan.launch.runner import LAUNCHERS
+from zeroplan.launch.runner import LAUNCHERS, TrainOptions
 from zeroplan.launch.trackers import TRACKERS
 from zeroplan.planfiles import model_name
 
 if TYPE_CHECKING:
+    from zeroplan.errors import ZeroplanError
     from zeroplan.hardware import Cluster
     from zeroplan.launch.multinode import Rendezvous
     from zeroplan.launch.preflight import Preflight
@@ -288,19 +290,97 @@ def launch(
     SIGTERM: SIGTERM to every rank, --grace seconds to save, then SIGKILL. Exit status:
     0 done, 1 a rank failed (named, with its last log lines), 130 Ctrl-C, 143 SIGTERM.
     """
-    from zeroplan.errors import RunDirExistsError, ZeroplanError
-    from zeroplan.launch import multinode
+    from zeroplan.errors import ZeroplanError
     from zeroplan.launch.preflight import preflight
-    from zeroplan.launch.runner import (
-        TrainOptions,
-        build_launch,
-        default_launcher,
-        find_plan,
-        setup_of,
-    )
 
     began = time.time()  # this node's start, to tell its session's markers from older ones
-    ctx = click.get_current_context()
+    rdv = _rendezvous(hostfile, nnodes, node_rank, master_addr, master_port, run_dir, dry_run)
+    try:
+        # 1. resolve the plan: a plan.json, or a model planned here for the job described
+        plan_path = _plan_file(model_or_plan, click.get_current_context())
+        data_job = _data_job(data, tokenizer, data_format, system_prompt, overlong, epochs)
+        links = {
+            "p2p": p2p,
+            "inter_node_gbs": inter_node_gbs,
+            "cpu_cores_per_node": cpu_cores_per_node,
+        }
+        resolved = _resolve_plan(
+            model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
+            links, rdv,
+        )  # fmt: skip
+        run_dir = _run_dir(run_dir, resume, plan_path, resolved.plan, rdv)
+        # 2. prepare: the run folder's files, the ranks' commands and environment, and the
+        # data and training options every rank gets
+        train = TrainOptions(
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            eval_fraction=eval_fraction,
+            resume=resume,
+            overlong=overlong,
+            data_format=data_format,
+            system_prompt=system_prompt,
+            save_steps=save_steps,
+            logging_steps=logging_steps,
+            batching=batching,
+            packed_attention=packed_attention,
+            report_to=None if report_to == "none" else report_to,
+        )
+        the_launch = _prepare(
+            resolved, run_dir, data, launcher, train, rank_program,
+            filtered=bool(include or exclude), grace=grace, rdv=rdv,
+        )  # fmt: skip
+        # 3. preflight: every check before anything starts (a dry run shows them all)
+        checks = preflight(the_launch, resolved.present, force=force, hosts=not dry_run)
+        if dry_run:
+            _render_dry_run(the_launch, checks, resolved.present)
+            if checks.errors:  # everything was shown; the status says a real launch would stop
+                raise checks.errors[0]
+            return
+        checks.raise_first()
+    except ZeroplanError as exc:
+        if rdv is not None and run_dir is not None and not dry_run:
+            _refuse_for_the_others(run_dir, rdv, exc)
+        raise
+    # 4. start: say what the checks noted; with several nodes, meet the others in RUN_DIR
+    # before any rank starts
+    for note in (*the_launch.notes, *checks.notes):
+        _say(f"note: {note}")
+    if rdv is not None:
+        _meet_the_other_nodes(the_launch, rdv, began, join_timeout, progress_every)
+        if rdv.node_rank > 0 and not no_dashboard:
+            _say("note: the dashboard runs on node rank 0; plain progress lines here")
+            no_dashboard = True
+    # 5. supervise: start every rank and see them to the end, Ctrl-C and SIGTERM forwarded
+    code = _supervise(the_launch, rdv, grace, not no_dashboard, progress_every)
+    sys.exit(code)  # (ctx.exit's status is dropped by main's standalone_mode=False)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What step 1 of a launch found: the plan JSON, where the ranks load the model from,
+    the nodes that run them (with a rendezvous: this node only), this machine's GPUs."""
+
+    plan: dict[str, Any]
+    model: str
+    nodes: tuple[Node, ...]
+    present: Cluster | None
+
+
+def _rendezvous(
+    hostfile: Path | None,
+    nnodes: int | None,
+    node_rank: int | None,
+    master_addr: str | None,
+    master_port: int | None,
+    run_dir: Path | None,
+    dry_run: bool,
+) -> Rendezvous | None:
+    """This node's place in a run of several started on each node (--nnodes, SLURM); None
+    for one node or a --hostfile launch (which reaches the nodes itself: SLURM's variables
+    do not apply to it, also from inside a SLURM job)."""
+    from zeroplan.launch import multinode
+
     if hostfile is not None and nnodes is not None:
         from zeroplan.errors import BadRendezvousError
 
@@ -308,156 +388,57 @@ def launch(
             "--hostfile starts every node from here; --nnodes is the same command run on "
             "every node: pick one"
         )
-    # a hostfile launch from inside a SLURM job reaches the nodes itself: SLURM's variables
-    # do not apply to it
-    rdv = (
-        None
-        if hostfile is not None
-        else multinode.resolve(nnodes, node_rank, master_addr, master_port)
-    )
+    if hostfile is not None:
+        return None
+    rdv = multinode.resolve(nnodes, node_rank, master_addr, master_port)
     if rdv is not None and run_dir is not None and not dry_run:
         multinode.arrive(run_dir, rdv)  # what an earlier attempt of this node said is over
-    try:
-        plan_path = find_plan(model_or_plan)
-        if plan_path is not None:
-            given = [
-                ("--p2p/--no-p2p" if p == "p2p" else "--" + p.replace("_", "-"))
-                for p in (*JOB_OPTIONS, *LINK_OPTIONS)
-                if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
-            ]
-            if given:
-                raise click.BadParameter(
-                    f"{', '.join(given)} plan a model; {plan_path} is already a plan "
-                    "(make another with zeroplan plan)",
-                    param_hint="MODEL_OR_PLAN",
-                )
-        # with_data's keyword arguments
-        data_job = {
-            "data": data,
-            "tokenizer": tokenizer,
-            "fmt": data_format,
-            "system": system_prompt,
-            "overlong": overlong,
-            "epochs": epochs,
-        }
-        plan, model, nodes, present = _plan_and_nodes(
-            model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
-            links={
-                "p2p": p2p,
-                "inter_node_gbs": inter_node_gbs,
-                "cpu_cores_per_node": cpu_cores_per_node,
-            },
-            rdv=rdv,
-        )  # fmt: skip
-        if run_dir is None:
-            if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
-                run_dir = plan_path.parent
-            elif rdv is not None and rdv.source == "slurm":
-                run_dir = Path("runs") / f"{_slug(model_name(plan))}-slurm{rdv.job_id}"
-            elif rdv is not None:
-                from zeroplan.errors import BadRendezvousError
+    return rdv
 
-                raise BadRendezvousError(
-                    "--nnodes needs -o RUN_DIR, the same folder on every node, on a filesystem "
-                    "they all share"
-                )
-            else:
-                run_dir = (
-                    Path("runs") / f"{_slug(model_name(plan))}-{time.strftime('%Y%m%d-%H%M%S')}"
-                )
-        gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
-        if gpu is None:
-            from zeroplan.launch.runner import plan_cluster
 
-            planned = plan_cluster(plan)
-            gpu = planned.gpu if planned is not None else None
-        the_launch = build_launch(
-            plan,
-            run_dir=run_dir,
-            data=data,
-            nodes=nodes,
-            launcher=launcher
-            or ("torchrun" if rdv is not None else default_launcher(setup_of(plan))),
-            gpu=gpu,
-            train=TrainOptions(
-                epochs=epochs,
-                max_steps=max_steps,
-                lr=lr,
-                eval_fraction=eval_fraction,
-                resume=resume,
-                overlong=overlong,
-                data_format=data_format,
-                system_prompt=system_prompt,
-                save_steps=save_steps,
-                logging_steps=logging_steps,
-                batching=batching,
-                packed_attention=packed_attention,
-                report_to=None if report_to == "none" else report_to,
-            ),
-            model=model,
-            program=rank_program,
-            filtered=bool(include or exclude),
-            grace_s=grace,
-            rendezvous=rdv,
+def _plan_file(model_or_plan: str, ctx: click.Context) -> Path | None:
+    """The plan.json MODEL_OR_PLAN names, or None for a model; a plan given with the
+    options that plan a model is refused (they would be silently ignored)."""
+    from zeroplan.launch.runner import find_plan
+
+    plan_path = find_plan(model_or_plan)
+    if plan_path is None:
+        return None
+    given = [
+        ("--p2p/--no-p2p" if p == "p2p" else "--" + p.replace("_", "-"))
+        for p in (*JOB_OPTIONS, *LINK_OPTIONS)
+        if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
+    ]
+    if given:
+        raise click.BadParameter(
+            f"{', '.join(given)} plan a model; {plan_path} is already a plan "
+            "(make another with zeroplan plan)",
+            param_hint="MODEL_OR_PLAN",
         )
-        checks = preflight(the_launch, present, force=force, hosts=not dry_run)
-        if dry_run:
-            _render_dry_run(the_launch, checks, present)
-            if checks.errors:  # everything was shown; the status says a real launch would stop
-                raise checks.errors[0]
-            return
-        checks.raise_first()
-    except ZeroplanError as exc:
-        # the nodes waiting for this one stop at once, naming it, instead of at the end
-        # of their --join-timeout
-        if rdv is not None and run_dir is not None and not dry_run:
-            finished = isinstance(exc, RunDirExistsError)
-            multinode.refuse(run_dir, rdv, str(exc), finished_run=finished)
-        raise
-    for note in (*the_launch.notes, *checks.notes):
-        _say(f"note: {note}")
-
-    from zeroplan.launch.supervise import run_launch
-
-    if rdv is not None:
-        _say(f"{rdv.describe()}: meeting the other nodes in {the_launch.run_dir}")
-        # a failed join leaves this node's ending in RUN_DIR/.nodes for the others to read
-        try:
-            with multinode.stop_signals_interrupt():
-                multinode.join(
-                    the_launch.run_dir,
-                    rdv,
-                    timeout_s=join_timeout,
-                    say=_say,
-                    since=began,
-                    every_s=progress_every,
-                )
-        except KeyboardInterrupt as exc:
-            sig = multinode.signal_of(exc)
-            _say(f"stopped by {sig.name} while waiting for the other nodes: no rank was started")
-            sys.exit(128 + sig)
-        if rdv.node_rank > 0 and not no_dashboard:
-            _say("note: the dashboard runs on node rank 0; plain progress lines here")
-            no_dashboard = True
-    try:
-        result = run_launch(
-            the_launch,
-            grace_s=grace,
-            dashboard=not no_dashboard,
-            progress_every_s=progress_every,
-            say=_say,
-        )
-    finally:
-        if rdv is not None:
-            multinode.leave(the_launch.run_dir, rdv)
-    if result.exit_code == 0:
-        _say(f"done: {result.message} in {result.seconds:.0f} s; run folder {the_launch.run_dir}")
-    else:
-        _say(result.message)
-    sys.exit(result.exit_code)  # (ctx.exit's status is dropped by main's standalone_mode=False)
+    return plan_path
 
 
-def _plan_and_nodes(
+def _data_job(
+    data: str,
+    tokenizer: str | None,
+    data_format: str | None,
+    system_prompt: str | None,
+    overlong: str | None,
+    epochs: float | None,
+) -> dict[str, Any]:
+    """The data and how its records are read, as ``job.with_data``'s keyword arguments: a
+    model planned here is planned for the data's token lengths."""
+    return {
+        "data": data,
+        "tokenizer": tokenizer,
+        "fmt": data_format,
+        "system": system_prompt,
+        "overlong": overlong,
+        "epochs": epochs,
+    }
+
+
+def _resolve_plan(
     model_or_plan: str,
     plan_path: Path | None,
     gpus: str | None,
@@ -469,52 +450,86 @@ def _plan_and_nodes(
     data_job: dict[str, Any],
     links: dict[str, Any] | None = None,
     rdv: Rendezvous | None = None,
-) -> tuple[dict[str, Any], str, tuple[Node, ...], Cluster | None]:
-    """The plan (read, or made here for a model), where the ranks load the model, the nodes
-    (with ``rdv``: this node only), and this machine's GPUs."""
-    from zeroplan.api import DEFAULT_GPUS
-    from zeroplan.errors import BadClusterSpecError
-    from zeroplan.hardware import (
-        Cluster,
-        local_cluster,
-        parse_cluster,
-        usable_cpu_cores,
-        with_links,
-    )
-    from zeroplan.launch.multinode import check_node_count
-    from zeroplan.launch.runner import (
-        gpu_count,
-        plan_cluster,
-        plan_model,
-        read_plan,
-        resolve_nodes,
-    )
-    from zeroplan.planfiles import local_model, model_location
+) -> Resolved:
+    """The plan to launch, from where MODEL_OR_PLAN says: a plan.json (``plan_path``), or a
+    model planned here for the job the options describe. Another source that gives a model
+    and a setup (a trainer's recipe) is one more branch here, returning the same Resolved."""
+    from zeroplan.hardware import local_cluster
 
     present = local_cluster()
     if plan_path is not None:
-        plan = read_plan(plan_path)
-        planned = plan_cluster(plan)
-        if rdv is not None:
-            node_gpus = check_node_count(planned, int(plan["world_size"]), rdv.nnodes, rdv.option)
-            count = gpu_count(gpus) if gpus is not None else node_gpus
-        elif gpus is not None:
-            count = gpu_count(gpus)
-        elif hostfile is None and planned is not None and planned.is_multi_node:
-            raise BadClusterSpecError(
-                f"the plan is for {planned.describe()}: pass --hostfile with one "
-                "'host slots=N' line per node"
-            )
-        else:
-            count = int(plan["world_size"])
-        nodes = resolve_nodes(
-            count=count, hostfile=hostfile, include=include, exclude=exclude, present=present
+        return _from_plan_file(plan_path, gpus, hostfile, include, exclude, weights, present, rdv)
+    return _planned_here(
+        model_or_plan, gpus, hostfile, include, exclude, weights, job, data_job, present,
+        links, rdv,
+    )  # fmt: skip
+
+
+def _from_plan_file(
+    plan_path: Path,
+    gpus: str | None,
+    hostfile: Path | None,
+    include: str | None,
+    exclude: str | None,
+    weights: str | None,
+    present: Cluster | None,
+    rdv: Rendezvous | None,
+) -> Resolved:
+    """A plan.json: its setup on its GPU count (or --gpus), the model where it says (or
+    --model)."""
+    from zeroplan.errors import BadClusterSpecError
+    from zeroplan.launch.multinode import check_node_count
+    from zeroplan.launch.runner import gpu_count, plan_cluster, read_plan, resolve_nodes
+    from zeroplan.planfiles import local_model, model_location
+
+    plan = read_plan(plan_path)
+    planned = plan_cluster(plan)
+    if rdv is not None:
+        node_gpus = check_node_count(planned, int(plan["world_size"]), rdv.nnodes, rdv.option)
+        count = gpu_count(gpus) if gpus is not None else node_gpus
+    elif gpus is not None:
+        count = gpu_count(gpus)
+    elif hostfile is None and planned is not None and planned.is_multi_node:
+        raise BadClusterSpecError(
+            f"the plan is for {planned.describe()}: pass --hostfile with one "
+            "'host slots=N' line per node"
         )
-        if hostfile is not None:
-            check_node_count(planned, int(plan["world_size"]), len(nodes), "the hostfile")
-        if weights is not None:
-            return plan, local_model(weights, plan_path.parent) or weights, nodes, present
-        return plan, model_location(plan, near=plan_path.parent), nodes, present
+    else:
+        count = int(plan["world_size"])
+    nodes = resolve_nodes(
+        count=count, hostfile=hostfile, include=include, exclude=exclude, present=present
+    )
+    if hostfile is not None:
+        check_node_count(planned, int(plan["world_size"]), len(nodes), "the hostfile")
+    if weights is not None:
+        model = local_model(weights, plan_path.parent) or weights
+    else:
+        model = model_location(plan, near=plan_path.parent)
+    return Resolved(plan, model, nodes, present)
+
+
+def _planned_here(
+    model_or_plan: str,
+    gpus: str | None,
+    hostfile: Path | None,
+    include: str | None,
+    exclude: str | None,
+    weights: str | None,
+    job: dict[str, Any],
+    data_job: dict[str, Any],
+    present: Cluster | None,
+    links: dict[str, Any] | None,
+    rdv: Rendezvous | None,
+) -> Resolved:
+    """A model, planned as zeroplan plan does: on --gpus (a count: this machine's GPUs), or
+    this machine's GPUs, for the job the options describe and the data's token lengths."""
+    from zeroplan.api import DEFAULT_GPUS
+    from zeroplan.errors import BadClusterSpecError, TokenizerNotFoundError
+    from zeroplan.hardware import Cluster, parse_cluster, usable_cpu_cores, with_links
+    from zeroplan.launch.data import data_exists
+    from zeroplan.launch.runner import gpu_count, plan_model, resolve_nodes
+    from zeroplan.models import load_model
+    from zeroplan.planfiles import local_model, model_location
 
     spec_gpu = None
     if gpus is not None and not gpus.strip().isdigit():
@@ -542,10 +557,6 @@ def _plan_and_nodes(
         ),
         **(links or {}),
     )
-    from zeroplan.errors import TokenizerNotFoundError
-    from zeroplan.launch.data import data_exists
-    from zeroplan.models import load_model
-
     spec = load_model(model_or_plan)
     # a local data file: plan from its token lengths, as zeroplan plan --data does
     data = data_job["data"] if data_exists(data_job["data"]) else None
@@ -560,7 +571,124 @@ def _plan_and_nodes(
         fields = with_data(spec, request, None)
     plan = plan_model(spec, cluster, fields)
     model = (local_model(weights) or weights) if weights is not None else model_location(plan)
-    return plan, model, nodes, present
+    return Resolved(plan, model, nodes, present)
+
+
+def _run_dir(
+    run_dir: Path | None,
+    resume: bool,
+    plan_path: Path | None,
+    plan: dict[str, Any],
+    rdv: Rendezvous | None,
+) -> Path:
+    """-o, else: the plan's own folder when --resume names a run folder, runs/MODEL-slurmJOB
+    under SLURM (the same on every node), runs/MODEL-DATE-TIME on one node."""
+    if run_dir is not None:
+        return run_dir
+    if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
+        return plan_path.parent
+    if rdv is not None and rdv.source == "slurm":
+        return Path("runs") / f"{_slug(model_name(plan))}-slurm{rdv.job_id}"
+    if rdv is not None:
+        from zeroplan.errors import BadRendezvousError
+
+        raise BadRendezvousError(
+            "--nnodes needs -o RUN_DIR, the same folder on every node, on a filesystem "
+            "they all share"
+        )
+    return Path("runs") / f"{_slug(model_name(plan))}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _prepare(
+    resolved: Resolved,
+    run_dir: Path,
+    data: str,
+    launcher: str | None,
+    train: TrainOptions,
+    rank_program: str | None,
+    *,
+    filtered: bool,
+    grace: float,
+    rdv: Rendezvous | None,
+) -> Launch:
+    """The launch, built and not started: the launcher (deepspeed for a ZeRO plan when it is
+    installed, else torchrun; torchrun on each node of a rendezvous), the ranks' environment
+    for this machine's GPU (else the plan's), RUN_DIR's files."""
+    from zeroplan.launch.runner import build_launch, default_launcher, plan_cluster, setup_of
+
+    present, plan, nodes = resolved.present, resolved.plan, resolved.nodes
+    gpu = present.gpu if present is not None and any(n.local for n in nodes) else None
+    if gpu is None:
+        planned = plan_cluster(plan)
+        gpu = planned.gpu if planned is not None else None
+    return build_launch(
+        plan,
+        run_dir=run_dir,
+        data=data,
+        nodes=nodes,
+        launcher=launcher or ("torchrun" if rdv is not None else default_launcher(setup_of(plan))),
+        gpu=gpu,
+        train=train,
+        model=resolved.model,
+        program=rank_program,
+        filtered=filtered,
+        grace_s=grace,
+        rendezvous=rdv,
+    )
+
+
+def _refuse_for_the_others(run_dir: Path, rdv: Rendezvous, exc: ZeroplanError) -> None:
+    """Say in RUN_DIR that this node refuses, so that the nodes waiting for it stop at once,
+    naming it, instead of at the end of their --join-timeout."""
+    from zeroplan.errors import RunDirExistsError
+    from zeroplan.launch import multinode
+
+    multinode.refuse(run_dir, rdv, str(exc), finished_run=isinstance(exc, RunDirExistsError))
+
+
+def _meet_the_other_nodes(
+    la: Launch, rdv: Rendezvous, began: float, join_timeout: float, progress_every: float
+) -> None:
+    """Wait in RUN_DIR until every node joined; a failed join leaves this node's ending
+    there for the others to read. Ctrl-C or SIGTERM while waiting: no rank was started."""
+    from zeroplan.launch import multinode
+
+    _say(f"{rdv.describe()}: meeting the other nodes in {la.run_dir}")
+    try:
+        with multinode.stop_signals_interrupt():
+            multinode.join(
+                la.run_dir,
+                rdv,
+                timeout_s=join_timeout,
+                say=_say,
+                since=began,
+                every_s=progress_every,
+            )
+    except KeyboardInterrupt as exc:
+        sig = multinode.signal_of(exc)
+        _say(f"stopped by {sig.name} while waiting for the other nodes: no rank was started")
+        sys.exit(128 + sig)
+
+
+def _supervise(
+    la: Launch, rdv: Rendezvous | None, grace: float, dashboard: bool, progress_every: float
+) -> int:
+    """Run every rank to its end (the dashboard or plain progress lines); its exit status."""
+    from zeroplan.launch import multinode
+    from zeroplan.launch.supervise import run_launch
+
+    try:
+        result = run_launch(
+            la, grace_s=grace, dashboard=dashboard, progress_every_s=progress_every, say=_say
+        )
+    finally:
+        if rdv is not None:
+            multinode.leave(la.run_dir, rdv)
+    if result.exit_code == 0:
+        _say(f"done: {result.message} in {result.seconds:.0f} s; run folder {la.run_dir}")
+    else:
+        _say(result.message)
+    return result.exit_code
 
 
 def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> None:
