@@ -146,8 +146,8 @@ def write_recipe_plan(
         planned, diff = planned_files(recipe, p.best.setup, target)
         files.update(planned)
     if emit is not None:
-        spec = p.request.spec
-        model = spec.source if spec.source not in ("", "catalog", "hf-cache", "hub") else spec.name
+        # what the trainer loads: a local model's folder, else the Hub id
+        model = p.request.spec.local_path or p.request.spec.name
         files.update(emit_files(emit, model, p.best.setup, target))
     return write_folder(target, files), diff
 

@@ -169,7 +169,7 @@ def check_moe(launch: Launch) -> None:
     from zeroplan import moe
     from zeroplan.models import load_model
 
-    moe.check(load_model(str(launch.plan["model"])), launch.setup)
+    moe.check(load_model(launch.model), launch.setup)
 
 
 def check_gpu_count(nodes: tuple[Node, ...], present: Cluster) -> None:
