@@ -365,3 +365,17 @@ def test_precision_on_estimate_config_and_plan(capsys: pytest.CaptureFixture[str
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1
         assert captured.err.startswith("zeroplan: error: --precision bf16: T4 has no bf16")
+
+
+def test_does_not_fit_suggests_only_switches_not_already_on() -> None:
+    """A setup that does not fit is told what it could still change, not what it has on."""
+    on = invoke(
+        ["estimate", "llama-3.1-8b-instruct", "--gpus", "1x4090", "--micro-batch", "8",
+         "--grad-ckpt", "--fused-loss", "--zero", "3"]
+    )  # fmt: skip
+    assert "Does not fit" in on.output
+    advice = on.output[on.output.index("Try ") :].split(", or let")[0]
+    assert "--grad-ckpt" not in advice and "--fused-loss" not in advice
+    assert "a smaller --micro-batch" in advice and "--method qlora" in advice
+    off = invoke(["estimate", "llama-3.1-8b-instruct", "--gpus", "1x4090", "--micro-batch", "8"])
+    assert "Try --grad-ckpt, a smaller --micro-batch" in off.output

@@ -35,6 +35,28 @@ def _gib(n: int) -> str:
     return f"{n / GIB:,.2f}"
 
 
+def _remedies(setup: dict[str, Any]) -> str:
+    """The switches that would lower this setup's peak and are not already on: 'a, b or c'."""
+    tries = []
+    if not setup["grad_ckpt"]:
+        tries.append("--grad-ckpt")
+    if setup["micro_batch"] > 1:
+        tries.append("a smaller --micro-batch")
+    if setup["method"] == "lora":
+        tries.append("--method qlora")
+    if not setup["fused_loss"]:
+        tries.append("--fused-loss")
+    if setup["zero"] is None:
+        tries.append("a ZeRO stage")
+    elif setup["zero"] < 3:
+        tries.append("a higher ZeRO stage")
+    elif setup["offload"] != "optimizer+params":
+        tries.append("--offload")
+    if not tries:
+        return "more or larger GPUs"
+    return tries[0] if len(tries) == 1 else ", ".join(tries[:-1]) + " or " + tries[-1]
+
+
 def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False) -> None:
     """The estimate as a table, largest term first, then the verdict."""
     from rich.markup import escape
@@ -52,7 +74,9 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         + f"\n{setup['loop']} loop · autocast {'on' if setup['autocast'] else 'off'} · "
         + f"outputs {'kept' if setup['keep_outputs'] else 'dropped'} in backward"
     )
-    table = Table(title=title, title_justify="left", show_edge=False)
+    # the heading goes above the table, not as its title: a title wraps to the table's width
+    console.print(escape(title), highlight=False)
+    table = Table(show_edge=False)
     table.add_column("per GPU", style="bold")
     table.add_column("size GiB", justify="right")
     table.add_column("at peak GiB", justify="right")
@@ -107,9 +131,8 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
     else:
         console.print(
             f"[red]Does not fit[/red] a {card}: over by {_gib(-est.headroom_bytes)} GiB. "
-            "Try --grad-ckpt, a smaller --micro-batch, --method qlora, --fused-loss or a ZeRO "
-            f"stage, or let zeroplan plan {est.model['name']} --gpus {est.cluster['spec']} "
-            "pick."
+            f"Try {_remedies(setup)}, or let zeroplan plan {est.model['name']} --gpus "
+            f"{est.cluster['spec']} pick."
         )
     if est.cpu_bytes_per_node:
         console.print(f"CPU RAM per node for offload: {_gib(est.cpu_bytes_per_node)} GiB.")
@@ -387,21 +410,41 @@ def render_recipe(r: dict[str, Any], console: Console) -> None:
     from rich.markup import escape
 
     ds = r["deepspeed"]
-    head = f"[bold]recipe[/bold] {escape(r['path'])}: {escape(r['trainer'])} ({r['format']})"
+    head = (
+        f"[bold]recipe[/bold] {escape(r['path'])}: {escape(r['trainer'])} ({r['format']}); "
+        f"keys it leaves out take {escape(r['trainer'])}'s defaults"
+    )
     if ds is not None:
         head += f"; DeepSpeed {escape(str(ds['given']))} read from {escape(ds['path'])}"
     console.print(head)
-    width = max((len(f"{m['setting']} = {m['value']}") for m in r["mapping"]), default=0)
+    from rich.table import Table
+
+    # setting and value never wrap; the source (a key path, a trainer's default) folds in
+    # its own column, so a long DeepSpeed key keeps the rows aligned at 80-100 columns
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1, 0, 2))
+    table.add_column("setting", no_wrap=True)
+    table.add_column("value", no_wrap=True, overflow="ellipsis", max_width=28)
+    table.add_column("from", style="dim")
+    trainer_default = f"default of {r['trainer']}"
+    deepspeed = []
     for m in r["mapping"]:
-        value = "all-linear" if m["value"] == "all-linear" else m["value"]
-        left = f"{m['setting']} = {value}"
+        if m["key"].startswith("zero_optimization."):
+            # DeepSpeed's settings go on one wrapped line below: their names are long
+            where = "" if m["source"] == "deepspeed file" else f" ({m['source']})"
+            deepspeed.append(f"{m['setting']} {m['value']}{where}")
+            continue
         if m["source"] == "recipe":
             source = m["key"]
+        elif m["source"] == trainer_default:
+            source = "default"  # the heading names the trainer and its version
         elif m["key"]:
             source = f"{m['key']}: {m['source']}"
         else:
             source = m["source"]
-        console.print(f"  {escape(left):<{width}}  <- {escape(source)}", highlight=False)
+        table.add_row(escape(m["setting"]), escape(str(m["value"])), escape(source))
+    console.print(table)
+    if deepspeed:
+        console.print("  DeepSpeed file: " + escape(", ".join(deepspeed)), highlight=False)
     for item in r["ignored"]:
         console.print(f"  ignored: {escape(item['key'])}: {escape(item['why'])}", highlight=False)
     for note in r["notes"]:
