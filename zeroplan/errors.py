@@ -173,3 +173,16 @@ class RecipeNotFoundError(ZeroplanError):
 class BadRecipeError(ZeroplanError):
     """A recipe that does not parse, whose format cannot be told, or that holds a value
     zeroplan does not model (freeze tuning, an unknown optimizer, 8-bit LoRA...)."""
+
+
+# -- the launched step's kernels (--kernels, --compile) -------------------------------------
+
+
+class KernelsUnsupportedError(ZeroplanError):
+    """--kernels liger where Liger's kernels cannot run: no CUDA GPU, or an architecture the
+    installed liger-kernel does not patch."""
+
+
+class CompilerUnavailableError(ZeroplanError):
+    """--compile on a torch that cannot compile here (no Triton, no C++ compiler, an
+    unsupported Python)."""

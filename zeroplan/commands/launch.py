@@ -171,6 +171,19 @@ def _slug(name: str) -> str:
     help="packed: varlen flash attention (auto on a GPU with torch >= 2.9) or an SDPA mask.",
 )
 @click.option(
+    "--kernels",
+    type=click.Choice(("auto", "liger", "none")),
+    default=None,
+    help="auto (default): Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels where they run (CUDA, "
+    "liger-kernel, a family it patches); liger: those or refuse; none: the model's own modules.",
+)
+@click.option(
+    "--compile/--no-compile",
+    "compile_layers",
+    default=None,
+    help="torch.compile each decoder layer (default off); a failed compile falls back to eager.",
+)
+@click.option(
     "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."
 )
 @click.option(
@@ -244,6 +257,8 @@ def launch(
     tokenizer: str | None,
     batching: str | None,
     packed_attention: str | None,
+    kernels: str | None,
+    compile_layers: bool | None,
     save_steps: int | None,
     logging_steps: int | None,
     report_to: str,
@@ -325,6 +340,8 @@ def launch(
             batching=batching,
             packed_attention=packed_attention,
             report_to=None if report_to == "none" else report_to,
+            kernels=kernels,
+            compile=compile_layers,
         )
         the_launch = _prepare(
             resolved, run_dir, data, launcher, train, rank_program,

@@ -10,6 +10,9 @@ Each failure is one ZeroplanError (one line in the CLI, exit status 2):
   --report-to tracker's package, or its login (TrackerLoginError);
 * a mixture-of-experts setup PEFT cannot run (LoRA dropout on the router or the expert
   banks: ExpertDropoutError) or that was never measured (UnmeasuredMoEError; zeroplan.moe);
+* ``--kernels liger`` without liger-kernel (MissingDependencyError), without a GPU or for an
+  architecture it does not patch (KernelsUnsupportedError); ``--compile`` where torch cannot
+  compile (CompilerUnavailableError);
 * no GPU on this machine (NoGPUError; ``--force`` runs the ranks anyway, on CPU);
 * more GPUs, or other GPU indices, than this machine has (GPUCountError);
 * the estimate on the GPUs actually present says out of memory (PredictedOOMError, with
@@ -170,6 +173,30 @@ def check_moe(launch: Launch) -> None:
     from zeroplan.models import load_model
 
     moe.check(load_model(launch.model), launch.setup)
+
+
+def check_kernels(launch: Launch, gpu_here: bool) -> None:
+    """``--kernels liger`` and ``--compile`` where the ranks could not run them (``gpu_here``:
+    the ranks get a CUDA GPU). Imports liger-kernel or torch only when one is asked for."""
+    from zeroplan.launch import kernels
+
+    train = launch.train
+    if train.kernels == "liger":
+        from zeroplan.models import load_model
+
+        try:
+            supported = kernels.liger_model_types()
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"--kernels liger: liger-kernel does not import here ({exc}): {kernels.LIGER_FIX}"
+            ) from None
+        try:
+            model_type = load_model(launch.model).model_type
+        except ZeroplanError:
+            model_type = None  # the memory check says why; the ranks check the architecture
+        kernels.check_kernels("liger", model_type, gpu_here, supported)
+    if train.compile:
+        kernels.check_compiler(gpu_here)
 
 
 def check_gpu_count(nodes: tuple[Node, ...], present: Cluster) -> None:
@@ -348,6 +375,7 @@ def preflight(
     attempt(lambda: check_tracker(launch.report_to, login=launch.first_rank == 0))
 
     local = [n for n in launch.nodes if n.local]
+    attempt(lambda: check_kernels(launch, gpu_here=present is not None or not local))
     gpu_cluster: Cluster | None = None
     per_node = max(len(n.slots) for n in launch.nodes)
     if local and present is None:

@@ -305,9 +305,13 @@ class TrainOptions:
     batching: str | None = None  # packed | padded | grouped
     packed_attention: str | None = None  # auto | varlen | mask
     report_to: str | None = None  # trackers.TRACKERS
+    kernels: str | None = None  # auto | liger | none (zeroplan.launch.kernels)
+    compile: bool | None = None  # regional torch.compile of the decoder layers
 
     def argv(self) -> list[str]:
         out = ["--resume"] if self.resume else []
+        if self.compile is not None:
+            out.append("--compile" if self.compile else "--no-compile")
         for flag, value in (
             ("--epochs", self.epochs),
             ("--max-steps", self.max_steps),
@@ -321,6 +325,7 @@ class TrainOptions:
             ("--batching", self.batching),
             ("--packed-attention", self.packed_attention),
             ("--report-to", self.report_to),
+            ("--kernels", self.kernels),
         ):
             if value is not None:
                 out += [flag, str(value)]
@@ -418,6 +423,7 @@ class Launch:
     notes: tuple[str, ...] = ()
     rendezvous: Rendezvous | None = None  # this node's place in a run of several (--nnodes, SLURM)
     report_to: str = "none"  # the experiment tracker rank 0 logs to (trackers.TRACKERS)
+    train: TrainOptions = TrainOptions()  # what the ranks are told beside the plan
 
     @property
     def world_size(self) -> int:
@@ -675,6 +681,7 @@ def build_launch(
         notes=tuple(notes),
         rendezvous=rendezvous,
         report_to=train.report_to or "none",
+        train=train,
     )
     return _with_record(launch)
 

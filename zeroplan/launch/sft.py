@@ -21,6 +21,9 @@ What the plan chose is what runs (DESIGN.md: whatever the estimate assumes, laun
   ``compute_loss`` (a chunked LM head that also computes per-token entropy and token
   accuracy for logging) is bypassed. ``fused_loss`` applies Liger's fused linear
   cross-entropy to the model, as the calibration runs did.
+- ``--kernels`` (auto: Liger's RMSNorm, SwiGLU / GeGLU and RoPE where they run) and
+  ``--compile`` (regional torch.compile of the decoder layers): ``zeroplan.launch.kernels``;
+  the path taken is applied.json's ``kernels``, the compile's statistics result.json's.
 - ``zero``: the DeepSpeed config from ``dsconfig.ds_config`` for the actual world size is
   written to RUN/ds_config.json and handed to the Trainer.
 
@@ -56,6 +59,7 @@ from zeroplan.errors import (
     BadPlanError,
     BadSetupError,
     DataNotFoundError,
+    KernelsUnsupportedError,
     MissingDependencyError,
     ModelNotFoundError,
     ResumeError,
@@ -63,6 +67,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
+from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
 from zeroplan.planfiles import model_location
@@ -126,6 +131,8 @@ class Options:
     batching: str = "packed"
     packed_attention: str = "auto"
     report_to: str = "none"  # trackers.TRACKERS
+    kernels: str = zkernels.DEFAULT_KERNELS
+    compile: bool = False
 
 
 # --------------------------------------------------------------------------- plan, options
@@ -215,6 +222,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     ap.add_argument("--report-to", default="none", choices=TRACKERS,
                     help="experiment tracker the Trainer logs to, in the run folder "
                     "(tensorboard: OUT/tb)")  # fmt: skip
+    ap.add_argument("--kernels", default=zkernels.DEFAULT_KERNELS, choices=zkernels.KERNELS,
+                    help="Liger's RMSNorm/SwiGLU/RoPE: auto (where they run), liger, none")  # fmt: skip
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile each decoder layer (eager again if it fails)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.resume and a.epochs is None and a.max_steps is None:
         a.epochs, a.max_steps = original_limits(a.out)
@@ -253,6 +264,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         batching=a.batching,
         packed_attention=a.packed_attention,
         report_to=a.report_to,
+        kernels=a.kernels,
+        compile=a.compile,
     )
 
 
@@ -582,6 +595,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
     # ---- tokenizer and data (clear errors before the model is loaded)
     tokenizer = _load_tokenizer(model_id, opts)
+    kernel_path = _kernel_path(model_id, opts, setup, cuda)
     prepared = zdata.prepare(
         opts.data,
         tokenizer,
@@ -635,17 +649,8 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     targs = SFTConfig(**tkw)
 
     model, dtype_name = _load_model(model_id, setup, cuda, local_rank, batching.attn_impl)
-    if setup.fused_loss:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(
-            model=model,
-            rope=False,
-            rms_norm=False,
-            swiglu=False,
-            cross_entropy=False,
-            fused_linear_cross_entropy=True,
-        )
+    # before PEFT wraps the linears: Liger's modules call them by name, LoRA layers included
+    kernel_path = zkernels.apply(model, kernel_path)
 
     peft_config = None
     lkw = lora_kwargs(setup, opts.lora_alpha)
@@ -657,7 +662,8 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     from zeroplan.launch.callbacks import MetricsWriter, StopOnSignal, any_rank
 
     counter = Counter()
-    callbacks = [MetricsWriter(opts.out / METRICS, counter, batching.label), StopOnSignal(flag)]
+    label = f"{batching.label}, {kernel_path.label}"
+    callbacks = [MetricsWriter(opts.out / METRICS, counter, label), StopOnSignal(flag)]
     trainer_cls = lean_trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -671,6 +677,11 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     )
     trainer.zp_tokens = counter
     adapter_dtype = _restore_adapter_dtype(trainer.model, setup)
+    if kernel_path.compile:
+        # after PEFT: the compiled layers hold the adapters
+        regional = zkernels.RegionalCompile(warn=_say if rank == 0 else lambda _: None)
+        regional.wrap(zkernels.decoder_layers(trainer.model))
+        trainer.zp_compile = regional
     ckpt_kwargs = targs.gradient_checkpointing_kwargs
     reentrant = isinstance(ckpt_kwargs, dict) and ckpt_kwargs.get("use_reentrant")
     if setup.grad_ckpt and reentrant:
@@ -681,6 +692,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
             planned, opts, targs, trainer, summary, dtype_name, adapter_dtype, lkw, world, cuda
         )
         applied["batching"] = batching.to_dict()
+        applied["kernels"] = kernel_path.to_dict()
         if batching.attn_impl != setup.attn:
             applied["attn_implementation"] = batching.attn_impl
         applied.update(
@@ -753,6 +765,43 @@ def bnb_config(setup: TrainSetup) -> Any:
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
         q[key] = getattr(torch, q[key])
     return BitsAndBytesConfig(**q)  # type: ignore[no-untyped-call]
+
+
+def _kernel_path(
+    model_id: str, opts: Options, setup: TrainSetup, cuda: bool
+) -> zkernels.KernelPath:
+    """The kernels this rank runs (``--kernels liger`` / ``--compile`` refused where they
+    cannot run, before the model is loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = str(AutoConfig.from_pretrained(model_id).model_type)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load the config of '{model_id}': {zdata.first_line(exc)}; "
+            "pass --model with a local model folder or a Hub id"
+        ) from None
+    supported: frozenset[str] | None = None
+    # liger-kernel imports Triton: only where a kernel of it may run
+    if setup.fused_loss or opts.kernels == "liger" or (cuda and opts.kernels == "auto"):
+        try:
+            supported = zkernels.liger_model_types()
+        except ImportError as exc:
+            if setup.fused_loss or opts.kernels == "liger":
+                raise MissingDependencyError(
+                    f"liger-kernel does not import here ({zdata.first_line(exc)}): "
+                    f"{zkernels.LIGER_FIX}"
+                ) from None
+    if setup.fused_loss and (supported is None or model_type not in supported):
+        raise KernelsUnsupportedError(
+            f"the plan uses Liger's fused loss, which has no kernel for '{model_type}': plan "
+            "again with --no-fused-loss"
+        )
+    if opts.compile:
+        zkernels.check_compiler(cuda)
+    return zkernels.choose(
+        opts.kernels, model_type, cuda, supported, setup.fused_loss, opts.compile
+    )
 
 
 def _load_model(
@@ -917,6 +966,9 @@ def _finish(
             "signal": signal.Signals(flag.signum).name if flag.signum is not None else None,
             "finished": _iso(time.time()),
         }
+        regional = getattr(trainer, "zp_compile", None)
+        if regional is not None:
+            result["compile"] = regional.stats()
         (opts.out / RESULT).write_text(json.dumps(result, indent=2) + "\n")
         _say(
             f"{status} at step {result['global_step']}" + (f"; weights in {final}" if final else "")

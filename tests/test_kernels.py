@@ -1,0 +1,294 @@
+"""--kernels and --compile: which path a rank takes, the refusals, the compile's fallback.
+
+Liger's kernels are Triton (GPU only): their loss parity is measured in the GPU call of
+benchmarks/kernels_speed.py. Here: the choice, the refusals at both preflights, what
+applied.json and result.json record, and regional compilation on the CPU (torch's
+``eager`` backend: dynamo traces the layers; inductor's C++ build would take a minute).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tinyllm
+
+from zeroplan.errors import (
+    CompilerUnavailableError,
+    KernelsUnsupportedError,
+    MissingDependencyError,
+)
+from zeroplan.launch import kernels
+from zeroplan.launch.kernels import KernelPath, choose
+
+LLAMA_ONLY = frozenset({"llama"})
+
+
+# -- the choice -----------------------------------------------------------------------------
+
+
+def test_auto_takes_liger_only_where_it_runs() -> None:
+    on_gpu = choose("auto", "llama", cuda=True, supported=LLAMA_ONLY, fused_loss=True)
+    assert on_gpu.liger == kernels.LIGER_KERNELS and on_gpu.why_plain is None
+    assert on_gpu.fused_loss and not on_gpu.compile
+    for path, why in (
+        (choose("auto", "llama", False, LLAMA_ONLY, False), "no CUDA GPU"),
+        (choose("auto", "llama", True, None, False), "liger-kernel is not installed"),
+        (choose("auto", "phi3", True, LLAMA_ONLY, False), "no kernels for 'phi3'"),
+        (choose("none", "llama", True, LLAMA_ONLY, True), "--kernels none"),
+    ):
+        assert path.liger == () and why in str(path.why_plain)
+    # the fused loss is the plan's on every path, --kernels none included
+    assert choose("none", "llama", True, LLAMA_ONLY, True).fused_loss
+
+
+def test_liger_is_refused_where_it_cannot_run() -> None:
+    with pytest.raises(MissingDependencyError, match="pip install liger-kernel, or pass"):
+        choose("liger", "llama", True, None, False)
+    with pytest.raises(KernelsUnsupportedError, match="need a CUDA GPU: pass --kernels none"):
+        choose("liger", "llama", False, LLAMA_ONLY, False)
+    with pytest.raises(KernelsUnsupportedError, match="no kernels for the 'phi3' architecture"):
+        choose("liger", "phi3", True, LLAMA_ONLY, False)
+    assert choose("liger", "llama", True, LLAMA_ONLY, False).liger == kernels.LIGER_KERNELS
+
+
+def test_liger_kwargs_turn_on_only_the_paths_kernels() -> None:
+    def apply_to_family(
+        rope: bool = True,
+        cross_entropy: bool = False,
+        fused_linear_cross_entropy: bool = True,
+        rms_norm: bool = True,
+        swiglu: bool = True,
+        layer_norm: bool = True,
+        model: Any = None,
+    ) -> None: ...
+
+    fast = KernelPath("auto", kernels.LIGER_KERNELS, fused_loss=False, compile=False)
+    assert kernels.liger_kwargs(apply_to_family, fast) == {
+        "rope": True,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+        "rms_norm": True,
+        "swiglu": True,
+        "layer_norm": False,  # a switch zeroplan does not know stays off
+    }
+    plain = KernelPath("none", (), fused_loss=True, compile=False)
+    assert kernels.liger_kwargs(apply_to_family, plain) == {
+        "rope": False,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": True,
+        "rms_norm": False,
+        "swiglu": False,
+        "layer_norm": False,
+    }
+
+
+def test_label_and_record() -> None:
+    path = KernelPath("auto", ("rms_norm", "swiglu", "rope"), True, True, None, "0.8.5")
+    assert path.label == "Liger rms_norm/swiglu/rope, compiled layers"
+    assert path.to_dict() == {
+        "requested": "auto",
+        "liger": ["rms_norm", "swiglu", "rope"],
+        "fused_loss": True,
+        "compile": "regional (each decoder layer)",
+        "why_plain": None,
+        "liger_version": "0.8.5",
+    }
+    assert KernelPath("none", (), False, False).label == "plain kernels"
+
+
+def test_compile_is_refused_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name)
+    )
+    with pytest.raises(CompilerUnavailableError, match=r"needs Triton .* or pass --no-compile"):
+        kernels.check_compiler(cuda=True)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    with pytest.raises(CompilerUnavailableError, match=r"C\+\+ compiler .* --no-compile"):
+        kernels.check_compiler(cuda=False)
+
+
+# -- regional compilation on the CPU ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    return tinyllm.build_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def _peft_model(model_dir: Path) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0)
+    return get_peft_model(model, config)
+
+
+def _loss_and_grads(model: Any, ids: Any) -> tuple[float, list[Any]]:
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return float(loss), grads
+
+
+def test_compiled_layers_compute_what_eager_does(model_dir: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = _peft_model(model_dir)
+    ids = torch.randint(0, 100, (2, 12))
+    eager_loss, eager_grads = _loss_and_grads(model, ids)
+    warnings: list[str] = []
+    regional = kernels.RegionalCompile(warn=warnings.append, backend="eager")
+    layers = kernels.decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers == 2
+    regional.wrap(layers)
+    for _ in range(2):
+        loss, grads = _loss_and_grads(model, ids)
+        assert loss == pytest.approx(eager_loss, rel=1e-5)
+        for g, e in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    stats = regional.stats()
+    assert warnings == [] and stats["fell_back_to_eager"] is None and stats["layers"] == 2
+    assert stats["graphs"] >= 1 and stats["first_compiled_call_s"] is not None
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(model_dir: Path) -> None:
+    import torch
+
+    def broken(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no working compiler here\nsecond line of a long traceback")
+
+    torch.manual_seed(0)
+    model = _peft_model(model_dir)
+    ids = torch.randint(0, 100, (2, 12))
+    eager_loss, _ = _loss_and_grads(model, ids)
+    warnings: list[str] = []
+    regional = kernels.RegionalCompile(warn=warnings.append, backend=broken)
+    regional.wrap(kernels.decoder_layers(model))
+    for _ in range(3):
+        loss, _ = _loss_and_grads(model, ids)
+        assert loss == pytest.approx(eager_loss, rel=1e-6)
+    (line,) = warnings
+    assert "\n" not in line and "no working compiler here" in line
+    assert line.endswith("the run goes on in eager mode")
+    assert regional.stats()["fell_back_to_eager"].startswith("BackendCompilerFailed")
+
+
+# -- the rank program: what it records ------------------------------------------------------
+
+
+def _rank_run(tmp_path: Path, model_dir: Path, *extra: str) -> tuple[int, Path]:
+    from zeroplan.launch import sft
+
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    run = tmp_path / "run"
+    tinyllm.write_plan(run, model_dir, method="lora", micro_batch=2, lora_r=4)
+    argv = ["--plan", str(run / "plan.json"), "--data", str(tmp_path / "d.jsonl")]
+    argv += ["--out", str(run), "--max-steps", "2", "--logging-steps", "1", *extra]
+    return sft.run(sft.parse_args(argv), sft.StopFlag(), argv), run
+
+
+def test_the_rank_records_its_path_and_compile(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    pytest.importorskip("trl")
+
+    def broken(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("inductor is broken on this machine")
+
+    monkeypatch.setattr(kernels, "COMPILE_BACKEND", broken)
+    code, run = _rank_run(tmp_path, model_dir, "--compile")
+    assert code == 0
+    applied = json.loads((run / "applied.json").read_text())
+    assert applied["kernels"] == {
+        "requested": "auto",
+        "liger": [],
+        "fused_loss": False,
+        "compile": "regional (each decoder layer)",
+        "why_plain": "no CUDA GPU (Liger's kernels are Triton)",
+        "liger_version": kernels.liger_version(),
+    }
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed"
+    assert "inductor is broken" in result["compile"]["fell_back_to_eager"]
+    err = capsys.readouterr().err
+    assert err.count("torch.compile of the decoder layers failed") == 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["batching"].endswith("plain kernels, compiled layers")
+
+
+def test_the_rank_refuses_liger_on_the_cpu_before_loading(tmp_path: Path, model_dir: Path) -> None:
+    pytest.importorskip("trl")
+    kind = (
+        MissingDependencyError if kernels.liger_model_types() is None else KernelsUnsupportedError
+    )
+    with pytest.raises(kind, match="--kernels liger") as err:
+        _rank_run(tmp_path, model_dir, "--kernels", "liger")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "applied.json").exists()
+
+
+# -- zeroplan launch: the options reach the ranks; the refusals come before anything starts --
+
+
+def _launch(tmp_path: Path, model_dir: Path, train: Any) -> Any:
+    from zeroplan.hardware import parse_cluster
+    from zeroplan.launch.runner import build_launch, read_plan, resolve_nodes
+
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
+    plan = tinyllm.write_plan(tmp_path / "plan", model_dir, method="lora")
+    return build_launch(
+        read_plan(plan),
+        run_dir=tmp_path / "run",
+        data=str(tmp_path / "d.jsonl"),
+        nodes=resolve_nodes(count=1),
+        launcher="torchrun",
+        gpu=parse_cluster("H100").gpu,
+        train=train,
+        model=str(model_dir),
+        port=29613,
+        inherited={},
+    )
+
+
+def test_launch_passes_the_options_and_refuses_liger_and_compile(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeroplan.hardware import parse_cluster
+    from zeroplan.launch.preflight import preflight
+    from zeroplan.launch.runner import TrainOptions
+
+    la = _launch(tmp_path, model_dir, TrainOptions(kernels="liger", compile=True))
+    assert la.rank_argv[-3:] == ("--compile", "--kernels", "liger")
+    assert _launch(tmp_path, model_dir, TrainOptions(compile=False)).rank_argv[-1] == "--no-compile"
+    assert "--kernels" not in _launch(tmp_path, model_dir, TrainOptions()).rank_argv
+    h100 = parse_cluster("1xH100")
+
+    monkeypatch.setattr(kernels, "liger_model_types", lambda: None)
+    monkeypatch.setattr(kernels, "check_compiler", lambda cuda: None)
+    (err,) = preflight(la, h100, force=True).errors
+    assert isinstance(err, MissingDependencyError) and "pip install liger-kernel" in str(err)
+
+    monkeypatch.setattr(kernels, "liger_model_types", lambda: frozenset({"qwen2"}))
+    (err,) = preflight(la, h100, force=True).errors
+    assert isinstance(err, KernelsUnsupportedError) and "'llama' architecture" in str(err)
+    # no GPU here: liger cannot run whatever it patches
+    monkeypatch.setattr(kernels, "liger_model_types", lambda: frozenset({"llama"}))
+    assert isinstance(preflight(la, None, force=True).errors[0], KernelsUnsupportedError)
+    assert preflight(la, h100, force=True).ok
+
+    def no_compiler(cuda: bool) -> None:
+        raise CompilerUnavailableError("--compile needs Triton ...: or pass --no-compile")
+
+    monkeypatch.setattr(kernels, "check_compiler", no_compiler)
+    (err,) = preflight(la, h100, force=True).errors
+    assert isinstance(err, CompilerUnavailableError)

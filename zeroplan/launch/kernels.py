@@ -1,0 +1,316 @@
+"""Which kernels the launched step runs, and a regional ``torch.compile`` of its layers.
+
+``--kernels``:
+
+- ``auto`` (default): Liger's fused RMSNorm, SwiGLU / GeGLU and RoPE kernels where they can
+  run (a CUDA GPU, liger-kernel installed, an architecture its version patches), else the
+  plain path; why it fell to the plain path is recorded.
+- ``liger``: the same kernels, refused at preflight where they cannot run.
+- ``none``: the model's own PyTorch modules (the path every zeroplan run took before).
+
+The fused linear cross-entropy stays the plan's choice (``setup.fused_loss``) on every path:
+it changes the loss term of the memory estimate, these kernels do not (yet; see below).
+
+What Liger's kernels keep for the backward (liger-kernel 0.8.5, ``ops/``), against the plain
+modules (``memory/activations.py``): RMSNorm saves its bf16 input and one fp32 rstd per row
+(the plain norm saves the fp32 upcast, 4 B·h); SwiGLU saves the gate and up projections and
+recomputes SiLU in the backward (the plain MLP also keeps SiLU's output, 2 B·i); RoPE saves
+only cos and sin. So they keep less, never more: the estimate, made for the plain modules,
+stays an upper bound. It is not lowered until a launched run measures by how much.
+
+``--compile``: each decoder layer's forward goes through ``torch.compile`` (regional
+compilation: the layers share one code object, so the graph compiled for the first serves
+the rest; packed micro-batches keep one shape). A compile that fails on a forward falls back
+to eager for every layer, with one warning line; the run goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from zeroplan.errors import (
+    CompilerUnavailableError,
+    KernelsUnsupportedError,
+    MissingDependencyError,
+)
+
+KERNELS = ("auto", "liger", "none")
+DEFAULT_KERNELS = "auto"
+# the keyword arguments of liger-kernel's apply_liger_kernel_to_<family> that turn on the
+# elementwise kernels around the linears (each family names those it has)
+LIGER_KERNELS = ("rms_norm", "swiglu", "geglu", "rope")
+LIGER_FIX = "pip install liger-kernel, or pass --kernels none (or auto)"
+# torch.compile's backend for --compile (tests swap in "eager" or one that fails)
+COMPILE_BACKEND: Any = "inductor"
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """What the step runs: recorded in applied.json and shown on the dashboard."""
+
+    requested: str  # auto | liger | none
+    liger: tuple[str, ...]  # Liger kernels applied around the linears, () for none
+    fused_loss: bool  # Liger's fused linear cross-entropy (the plan's choice)
+    compile: bool  # regional torch.compile of the decoder layers asked for
+    why_plain: str | None = None  # auto: why no Liger kernel runs
+    liger_version: str | None = None
+
+    @property
+    def label(self) -> str:
+        """A few words for the dashboard."""
+        parts = [f"Liger {'/'.join(self.liger)}" if self.liger else "plain kernels"]
+        if self.compile:
+            parts.append("compiled layers")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "liger": list(self.liger),
+            "fused_loss": self.fused_loss,
+            "compile": "regional (each decoder layer)" if self.compile else "off",
+            "why_plain": self.why_plain,
+            "liger_version": self.liger_version,
+        }
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_version() -> str | None:
+    try:
+        return metadata.version("liger-kernel")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def liger_model_types() -> frozenset[str] | None:
+    """The config ``model_type`` values the installed liger-kernel patches (None: not
+    installed). Imports liger-kernel (and so torch and triton)."""
+    if not liger_installed():
+        return None
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def check_kernels(
+    requested: str, model_type: str | None, cuda: bool, supported: frozenset[str] | None
+) -> None:
+    """Refuse ``--kernels liger`` where it cannot run; ``supported``: liger_model_types();
+    ``model_type`` None: not known here (the architecture is not checked)."""
+    if requested not in KERNELS:
+        raise KernelsUnsupportedError(f"--kernels must be one of {', '.join(KERNELS)}")
+    if requested != "liger":
+        return
+    if supported is None:
+        raise MissingDependencyError(
+            f"--kernels liger needs liger-kernel, which is not installed here: {LIGER_FIX}"
+        )
+    if not cuda:
+        raise KernelsUnsupportedError(
+            "--kernels liger runs Triton kernels, which need a CUDA GPU: pass --kernels none "
+            "(or auto) to train on the CPU"
+        )
+    if model_type is not None and model_type not in supported:
+        raise KernelsUnsupportedError(
+            f"--kernels liger: liger-kernel {liger_version() or ''} has no kernels for the "
+            f"'{model_type}' architecture: pass --kernels none (or auto, which runs the plain "
+            "path where Liger cannot)"
+        )
+
+
+def choose(
+    requested: str,
+    model_type: str,
+    cuda: bool,
+    supported: frozenset[str] | None,
+    fused_loss: bool,
+    compile_layers: bool = False,
+) -> KernelPath:
+    """The path a rank takes (after ``check_kernels``): Liger's kernels for ``liger``, and
+    for ``auto`` where ``cuda``, ``supported`` and ``model_type`` allow; else the plain path
+    and why."""
+    check_kernels(requested, model_type, cuda, supported)
+    why: str | None = None
+    if requested == "none":
+        why = "--kernels none"
+    elif not cuda:
+        why = "no CUDA GPU (Liger's kernels are Triton)"
+    elif supported is None:
+        why = "liger-kernel is not installed"
+    elif model_type not in supported:
+        why = f"liger-kernel has no kernels for '{model_type}'"
+    # the kernel names are filled in when applied (each family has its own subset)
+    liger = () if why is not None else LIGER_KERNELS
+    return KernelPath(requested, liger, fused_loss, compile_layers, why, liger_version())
+
+
+def liger_kwargs(apply_fn: Callable[..., Any], path: KernelPath) -> dict[str, bool]:
+    """Keyword arguments for liger-kernel's ``apply_liger_kernel_to_<family>``: the kernels of
+    ``path`` that this family has, the fused loss as planned, everything else off (a family's
+    other switches, such as its plain cross-entropy, are not part of any zeroplan path)."""
+    out: dict[str, bool] = {}
+    for name, param in inspect.signature(apply_fn).parameters.items():
+        if name == "fused_linear_cross_entropy":
+            out[name] = path.fused_loss
+        elif name in LIGER_KERNELS:
+            out[name] = name in path.liger
+        elif isinstance(param.default, bool):
+            out[name] = False
+    return out
+
+
+def apply(model: Any, path: KernelPath) -> KernelPath:
+    """Patch ``model`` (before PEFT wraps it) as ``path`` says; returns the path with the
+    Liger kernels this family actually got."""
+    if not path.liger and not path.fused_loss:
+        return path
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model.config.model_type)
+    if apply_fn is None:  # the fused loss on an unpatched family: preflight refused it
+        raise KernelsUnsupportedError(
+            f"liger-kernel has no kernels for '{model.config.model_type}': plan again with "
+            "--no-fused-loss"
+        )
+    kw = liger_kwargs(apply_fn, path)
+    apply_fn(model=model, **kw)
+    applied = tuple(k for k in LIGER_KERNELS if kw.get(k))
+    return KernelPath(
+        path.requested,
+        applied,
+        path.fused_loss,
+        path.compile,
+        path.why_plain,
+        path.liger_version,
+    )
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def check_compiler(cuda: bool) -> None:
+    """Refuse ``--compile`` where torch cannot compile: dynamo unsupported on this Python,
+    Triton missing (inductor's GPU code), no C++ compiler (inductor's CPU code)."""
+    import torch
+    from torch._dynamo.eval_frame import is_dynamo_supported
+
+    if not is_dynamo_supported():
+        raise CompilerUnavailableError(
+            f"--compile: torch {torch.__version__} cannot compile on this Python "
+            "(torch.compile is not supported here): upgrade torch, or pass --no-compile"
+        )
+    if cuda and importlib.util.find_spec("triton") is None:
+        raise CompilerUnavailableError(
+            "--compile needs Triton for GPU code, which is not installed: pip install triton, "
+            "or pass --no-compile"
+        )
+    if not cuda and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise CompilerUnavailableError(
+            "--compile on the CPU needs a C++ compiler (g++ or clang++), none found: install "
+            "one, or pass --no-compile"
+        )
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers of a causal LM (before or after PEFT wraps it): the ModuleList
+    of ``config.num_hidden_layers`` modules named ``layers``."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "layers" and len(module) == n:
+            return list(module)
+    raise KernelsUnsupportedError(
+        f"--compile: no decoder layer list in '{model.config.model_type}' to compile: pass "
+        "--no-compile"
+    )
+
+
+@dataclass
+class RegionalCompile:
+    """Each decoder layer's forward through ``torch.compile``, eager after a failure."""
+
+    warn: Callable[[str], None]
+    backend: Any = None  # None: COMPILE_BACKEND
+    layers: int = 0
+    failed: str | None = None
+    first_call_s: float | None = None  # the first compiled call: tracing + compiling included
+    _started: bool = field(default=False, repr=False)
+
+    def wrap(self, layers: list[Any]) -> None:
+        import torch
+
+        for layer in layers:
+            eager = layer.forward
+            backend = COMPILE_BACKEND if self.backend is None else self.backend
+            compiled = torch.compile(eager, backend=backend)
+            layer.forward = self._forward(eager, compiled)
+            self.layers += 1
+
+    def _forward(self, eager: Callable[..., Any], compiled: Callable[..., Any]) -> Any:
+        import torch
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.failed is None:
+                first = not self._started
+                self._started = True
+                t = time.perf_counter()
+                try:
+                    out = compiled(*args, **kwargs)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # a compiler failure of any kind: eager from here
+                    self.fail(exc)
+                else:
+                    if first:
+                        self.first_call_s = time.perf_counter() - t
+                    return out
+            return eager(*args, **kwargs)
+
+        return forward
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failed is not None:
+            return
+        # dynamo wraps the compiler's error: name the wrapper, quote the cause's first line
+        root: BaseException = exc
+        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            root = inner
+        lines = [x for x in str(root).strip().splitlines() if x.strip()]
+        cause = f"{type(root).__name__}: {lines[0] if lines else ''}"
+        name = type(exc).__name__
+        self.failed = (cause if root is exc else f"{name}, {cause}")[:300]
+        self.warn(
+            f"warning: torch.compile of the decoder layers failed ({self.failed}); "
+            "the run goes on in eager mode"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """What the compile did, for result.json: graphs, recompiles, graph breaks, time."""
+        out: dict[str, Any] = {
+            "layers": self.layers,
+            "fell_back_to_eager": self.failed,
+            "first_compiled_call_s": self.first_call_s,
+        }
+        try:
+            from torch._dynamo.utils import compilation_time_metrics, counters
+        except ImportError:
+            return out
+        # the layers share one code object: every graph after the first is a recompile
+        # (a new shape, a new guard)
+        graphs = int(counters["stats"].get("unique_graphs", 0))
+        out["graphs"] = graphs
+        out["recompiles"] = max(0, graphs - 1)
+        out["graph_breaks"] = sum(counters["graph_break"].values())
+        # dynamo's whole compile of each frame (tracing, AOT autograd, inductor)
+        seconds = compilation_time_metrics.get("_compile.compile_inner", [])
+        out["compile_s"] = round(sum(seconds), 2)
+        return out
