@@ -292,3 +292,16 @@ def test_launch_passes_the_options_and_refuses_liger_and_compile(
     monkeypatch.setattr(kernels, "check_compiler", no_compiler)
     (err,) = preflight(la, h100, force=True).errors
     assert isinstance(err, CompilerUnavailableError)
+
+
+def test_compiled_layers_around_varlen_attention_run_a_packed_step(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("trl")
+    monkeypatch.setattr(kernels, "COMPILE_BACKEND", "eager")
+    code, run = _rank_run(tmp_path, model_dir, "--compile", "--packed-attention", "varlen")
+    assert code == 0
+    stats = json.loads((run / "result.json").read_text())["compile"]
+    assert stats["fell_back_to_eager"] is None and stats["layers"] == 2
+    # the attention stays eager: each layer compiles as the graphs around it
+    assert stats["graph_breaks"] >= 1 and stats["graphs"] >= 2

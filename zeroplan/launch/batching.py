@@ -278,10 +278,14 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 def register_varlen() -> str:
     """Register ``zeroplan_varlen`` with transformers (idempotent); returns the name."""
+    import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN_IMPL, varlen_attention_forward)
+    # under --compile the decoder layers compile around it: its boundaries are Python ints
+    # (max_length_q) that would specialise the graph to every new longest sample (eager: no-op)
+    eager_only = torch.compiler.disable(varlen_attention_forward)  # type: ignore[no-untyped-call]
+    AttentionInterface.register(VARLEN_IMPL, eager_only)
     AttentionMaskInterface.register(VARLEN_IMPL, _no_mask)
     return VARLEN_IMPL
 

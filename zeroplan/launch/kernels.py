@@ -49,6 +49,9 @@ LIGER_KERNELS = ("rms_norm", "swiglu", "geglu", "rope")
 LIGER_FIX = "pip install liger-kernel, or pass --kernels none (or auto)"
 # torch.compile's backend for --compile (tests swap in "eager" or one that fails)
 COMPILE_BACKEND: Any = "inductor"
+RECOMPILE_LIMIT = 64
+# layer inputs whose first dimension changes from batch to batch under packing
+VARYING = ("cu_seq_lens_q", "cu_seq_lens_k")
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,12 @@ def apply(model: Any, path: KernelPath) -> KernelPath:
 # --------------------------------------------------------------------------- compile
 
 
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
 def check_compiler(cuda: bool) -> None:
     """Refuse ``--compile`` where torch cannot compile: dynamo unsupported on this Python,
     Triton missing (inductor's GPU code), no C++ compiler (inductor's CPU code)."""
@@ -243,23 +252,39 @@ class RegionalCompile:
     layers: int = 0
     failed: str | None = None
     first_call_s: float | None = None  # the first compiled call: tracing + compiling included
+    forwards: int = 0  # model forwards seen (calls of the first layer)
+    graphs_first_forward: int | None = None  # dynamo graphs once the first forward had run
     _started: bool = field(default=False, repr=False)
 
     def wrap(self, layers: list[Any]) -> None:
         import torch
+        import torch._dynamo.config as dynamo
 
-        for layer in layers:
+        # every frame of the layer is one code object for all layers (and the first layer,
+        # whose input needs no gradient, one graph more): past dynamo's default of 8 graphs a
+        # code object it would run the rest eager without saying so
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        for i, layer in enumerate(layers):
             eager = layer.forward
             backend = COMPILE_BACKEND if self.backend is None else self.backend
             compiled = torch.compile(eager, backend=backend)
-            layer.forward = self._forward(eager, compiled)
+            layer.forward = self._forward(eager, compiled, first_layer=i == 0)
             self.layers += 1
 
-    def _forward(self, eager: Callable[..., Any], compiled: Callable[..., Any]) -> Any:
+    def _forward(
+        self, eager: Callable[..., Any], compiled: Callable[..., Any], first_layer: bool
+    ) -> Any:
         import torch
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if first_layer:
+                self.forwards += 1
+                if self.forwards == 2:
+                    self.graphs_first_forward = _graphs()
             if self.failed is None:
+                for name in VARYING:  # the segments of a packed row: their count varies
+                    if kwargs.get(name) is not None:
+                        torch._dynamo.mark_dynamic(kwargs[name], 0)
                 first = not self._started
                 self._started = True
                 t = time.perf_counter()
@@ -304,11 +329,13 @@ class RegionalCompile:
             from torch._dynamo.utils import compilation_time_metrics, counters
         except ImportError:
             return out
-        # the layers share one code object: every graph after the first is a recompile
-        # (a new shape, a new guard)
+        # the first forward compiles a few graphs per frame (the first layer's input needs no
+        # gradient, the others' do); graphs after it are recompiles for new shapes or guards
         graphs = int(counters["stats"].get("unique_graphs", 0))
         out["graphs"] = graphs
-        out["recompiles"] = max(0, graphs - 1)
+        out["graphs_first_forward"] = self.graphs_first_forward
+        first = self.graphs_first_forward
+        out["recompiles_after_first_forward"] = graphs - first if first is not None else None
         out["graph_breaks"] = sum(counters["graph_break"].values())
         # dynamo's whole compile of each frame (tracing, AOT autograd, inductor)
         seconds = compilation_time_metrics.get("_compile.compile_inner", [])
