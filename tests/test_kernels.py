@@ -305,3 +305,25 @@ def test_compiled_layers_around_varlen_attention_run_a_packed_step(
     assert stats["fell_back_to_eager"] is None and stats["layers"] == 2
     # the attention stays eager: each layer compiles as the graphs around it
     assert stats["graph_breaks"] >= 1 and stats["graphs"] >= 2
+
+
+def test_a_compile_failing_in_the_backward_falls_back_and_the_run_goes_on(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    pytest.importorskip("trl")
+    from torch._dynamo.backends.common import aot_autograd
+
+    def broken_backward(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("the backward's kernels do not build")
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=broken_backward)
+    monkeypatch.setattr(kernels, "COMPILE_BACKEND", backend)
+    code, run = _rank_run(tmp_path, model_dir, "--compile")
+    assert code == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and result["global_step"] == 2
+    assert "the backward's kernels do not build" in result["compile"]["fell_back_to_eager"]
+    assert capsys.readouterr().err.count("torch.compile of the decoder layers failed") == 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines if m["event"] == "train"]
+    assert len(losses) == 2 and all(x == x and x > 0 for x in losses)

@@ -21,7 +21,9 @@ stays an upper bound. It is not lowered until a launched run measures by how muc
 ``--compile``: each decoder layer's forward goes through ``torch.compile`` (regional
 compilation: the layers share one code object, so the graph compiled for the first serves
 the rest; packed micro-batches keep one shape). A compile that fails on a forward falls back
-to eager for every layer, with one warning line; the run goes on.
+to eager for every layer, with one warning line; the run goes on. One that fails in the
+backward is caught by the trainer (``sft.lean_trainer_class``), which runs the micro-batch
+again in eager mode.
 """
 
 from __future__ import annotations

@@ -1081,6 +1081,32 @@ def lean_trainer_class() -> Any:
 
     class LeanSFTTrainer(SFTTrainer):
         zp_tokens: Counter | None = None
+        zp_compile: zkernels.RegionalCompile | None = None
+
+        def training_step(
+            self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+        ) -> Any:
+            """A compile that fails in the backward (compiled lazily, at the first one) or
+            in a forward the layers' own fallback did not see: eager from here, this
+            micro-batch again. Without DeepSpeed only (its engine holds the gradients in
+            its own buffers); an error that is not the compiler's comes back in eager."""
+            step: Any = super().training_step  # TRL's is untyped
+            regional = self.zp_compile
+            if regional is None or regional.failed is not None or self.is_deepspeed_enabled:
+                return step(model, inputs, num_items_in_batch)
+            again = dict(inputs)  # compute_loss pops zeroplan's token counts
+            import torch
+
+            try:
+                return step(model, inputs, num_items_in_batch)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                regional.fail(exc)
+                # the compiled backward failed before any layer's gradient was written
+                # (the layers share its graph); what the head may have added goes too
+                model.zero_grad(set_to_none=True)
+                return step(model, again, num_items_in_batch)
 
         def compute_loss(
             self,
