@@ -214,7 +214,7 @@ def test_the_rank_records_its_path_and_compile(
         "liger": [],
         "fused_loss": False,
         "compile": "regional (each decoder layer)",
-        "why_plain": "no CUDA GPU (Liger's kernels are Triton)",
+        "why_plain": "no CUDA GPU for Liger's Triton kernels",
         "liger_version": kernels.liger_version(),
     }
     result = json.loads((run / "result.json").read_text())
@@ -222,6 +222,7 @@ def test_the_rank_records_its_path_and_compile(
     assert "inductor is broken" in result["compile"]["fell_back_to_eager"]
     err = capsys.readouterr().err
     assert err.count("torch.compile of the decoder layers failed") == 1
+    assert "kernels: plain kernels, compiled layers (no CUDA GPU for Liger's Triton kernels)" in err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["batching"].endswith("plain kernels, compiled layers")
 

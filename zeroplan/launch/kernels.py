@@ -149,7 +149,7 @@ def choose(
     if requested == "none":
         why = "--kernels none"
     elif not cuda:
-        why = "no CUDA GPU (Liger's kernels are Triton)"
+        why = "no CUDA GPU for Liger's Triton kernels"
     elif supported is None:
         why = "liger-kernel is not installed"
     elif model_type not in supported:

@@ -651,6 +651,9 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     model, dtype_name = _load_model(model_id, setup, cuda, local_rank, batching.attn_impl)
     # before PEFT wraps the linears: Liger's modules call them by name, LoRA layers included
     kernel_path = zkernels.apply(model, kernel_path)
+    if rank == 0:
+        why = f" ({kernel_path.why_plain})" if kernel_path.why_plain else ""
+        _say(f"kernels: {kernel_path.label}{why}")
 
     peft_config = None
     lkw = lora_kwargs(setup, opts.lora_alpha)
