@@ -328,3 +328,24 @@ def test_a_compile_failing_in_the_backward_falls_back_and_the_run_goes_on(
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in lines if m["event"] == "train"]
     assert len(losses) == 2 and all(x == x and x > 0 for x in losses)
+
+
+def test_launch_liger_here_is_one_line_and_nothing_starts(
+    tmp_path: Path, model_dir: Path, subprocess_env: dict[str, str]
+) -> None:
+    """No GPU here (and no liger-kernel on a CPU machine): refused before anything starts."""
+    import subprocess
+    import sys
+
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
+    plan = tinyllm.write_plan(tmp_path / "plan", model_dir, method="lora")
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--model", str(model_dir)]
+    argv += ["--data", str(tmp_path / "d.jsonl"), "-o", str(run), "--kernels", "liger", "--force"]
+    env = {**subprocess_env, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        "zeroplan: error: --kernels liger"
+    )
+    assert "--kernels none" in proc.stderr and not run.exists()
