@@ -33,7 +33,7 @@ import inspect
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
@@ -189,15 +189,7 @@ def apply(model: Any, path: KernelPath) -> KernelPath:
         )
     kw = liger_kwargs(apply_fn, path)
     apply_fn(model=model, **kw)
-    applied = tuple(k for k in LIGER_KERNELS if kw.get(k))
-    return KernelPath(
-        path.requested,
-        applied,
-        path.fused_loss,
-        path.compile,
-        path.why_plain,
-        path.liger_version,
-    )
+    return replace(path, liger=tuple(k for k in LIGER_KERNELS if kw.get(k)))
 
 
 # --------------------------------------------------------------------------- compile
