@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tinyllm
 from click.testing import CliRunner
 from fakenvml import fake_pynvml
 
@@ -457,6 +459,105 @@ def test_launch_plans_a_model_id_on_the_gpus_given(
         ["launch", str(plan), "--data", str(data_file), "--cpu-cores-per-node", "8", "--dry-run"],
     )
     assert cores.exit_code == 2 and "--cpu-cores-per-node plan a model" in cores.output
+
+
+def tiny_model_folder(path: Path) -> Path:
+    """A tiny Llama's config.json and tokenizer (chat template included), no weights: what
+    planning, a dry run and preflight read."""
+    import tinyllm
+
+    tok = tinyllm.build_tokenizer()
+    tok.save_pretrained(path)
+    config = {**tinyllm.TINY_LLAMA, "vocab_size": len(tok), "torch_dtype": "bfloat16"}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_launch_plans_a_recipe_as_plan_recipe_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """launch --recipe: the recipe's model, method, LoRA settings, sequence length and
+    global batch are the job, planned on the GPUs given as zeroplan plan --recipe plans it;
+    the dry run shows the mapping as plan prints it, then the launch."""
+    from zeroplan.launch.runner import fused_loss_installed
+    from zeroplan.planner import describe
+
+    model = tiny_model_folder(tmp_path / "tiny")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tinyllm.alpaca_records(16)))
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {model}\n"
+        "stage: sft\nfinetuning_type: lora\nlora_target: all\nlora_rank: 4\n"
+        "cutoff_len: 64\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 3\n"
+        "bf16: true\n"
+    )
+    monkeypatch.setattr("zeroplan.hardware.local_cluster", lambda: parse_cluster("2xH100"))
+    monkeypatch.setenv("COLUMNS", "200")  # the mapping's lines unwrapped
+    run = tmp_path / "run"
+    args = ["--recipe", str(recipe), "--data", str(data), "--gpus", "2"]
+    result = CliRunner().invoke(
+        cli, ["launch", *args, "-o", str(run), "--dry-run"], catch_exceptions=False
+    )
+    out = result.output
+    assert result.exit_code == 0, out
+    assert not run.exists()  # nothing written
+    assert f"recipe {recipe}: LLaMA-Factory 0.9.5 (llamafactory)" in out
+    assert re.search(r"\n  lora_r = 4 +<- lora_rank\n", out)
+    assert re.search(r"\n  grad_ckpt = True +<- default of LLaMA-Factory 0.9.5\n", out)
+    assert "adapter    LoRA r=4 on all-linear, 64 tokens a sequence" in out
+    assert "made for 2×H100-SXM-80GB" in out and "--nproc-per-node 2" in out
+    assert f"(model: {model})" in out and "estimate: " in out and "fits" in out
+
+    # the same plan as zeroplan plan --recipe on that cluster (the setup the plan chose,
+    # not the recipe's micro-batch; its global batch 2 × 3 × 2 GPUs kept)
+    fused = [] if fused_loss_installed() else ["--no-fused-loss"]
+    plan_args = ["plan", "--recipe", str(recipe), "--data", str(data), "--gpus", "2xH100"]
+    main([*plan_args, *fused, "--json"])
+    planned = json.loads(capsys.readouterr().out)
+    best = TrainSetup(**planned["best"]["setup"])
+    assert best.micro_batch * best.grad_accum * 2 == 12 and best.lora_r == 4
+    assert f"lora · {planned['best']['family'].split(' · ')[1]}, {describe(best)}" in out
+
+    # an option beside the recipe overrides it, as in zeroplan plan
+    result = CliRunner().invoke(
+        cli, ["launch", *args, "--lora-r", "8", "--dry-run"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\n  lora_r = 8 +<- --lora-r \(the recipe's: 4\)\n", result.output)
+    assert "adapter    LoRA r=8 on all-linear, 64 tokens a sequence" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "Missing argument 'MODEL_OR_PLAN' (or give --recipe FILE)"),
+        ([QWEN, "--recipe", "RECIPE"], "and --recipe: give one"),
+        (["--recipe", "FREEZE"], "finetuning_type: freeze is not modelled"),
+        (["--recipe", "RECIPE", "--recipe-format", "axolotl"], "no base_model: add it"),
+        (["--recipe", "missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_launch_recipe_is_one_line_exit_2_nothing_written(
+    tmp_path: Path,
+    data_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("model_name_or_path: llama-3.2-1b\nfinetuning_type: lora\n")
+    freeze = tmp_path / "freeze.yaml"
+    freeze.write_text("model_name_or_path: llama-3.2-1b\nfinetuning_type: freeze\n")
+    named = {"RECIPE": str(recipe), "FREEZE": str(freeze)}
+    run = tmp_path / "run"
+    argv = ["launch", *(named.get(a, a) for a in args), "--data", str(data_file), "-o", str(run)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--gpus", "1xH100"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2, err
+    assert err.startswith("zeroplan: error: ") and err.count("\n") == 1 and message in err
+    assert out == "" and not run.exists()
 
 
 # -- preflight: one line each, before anything starts ---------------------------------------

@@ -294,7 +294,13 @@ def check_seq_len(n: int) -> int:
 
 
 def recipe_options(fn: F) -> F:
-    """--recipe and --recipe-format (estimate, plan)."""
+    """--recipe and --recipe-format (estimate, plan: MODEL overrides the recipe's)."""
+    return recipe_options_with("MODEL, if given, overrides its model.")(fn)
+
+
+def recipe_options_with(model_help: str) -> Callable[[F], F]:
+    """--recipe and --recipe-format, saying what the command's model argument does beside
+    --recipe (``model_help``)."""
     from zeroplan.recipes import FORMATS as RECIPE_FORMATS
 
     options = [
@@ -306,7 +312,7 @@ def recipe_options(fn: F) -> F:
             help="A LLaMA-Factory or axolotl YAML, a TRL `trl sft --config` file, or a JSON of "
             "HF TrainingArguments / SFTConfig fields: the job as that trainer would run it "
             "(its defaults where the recipe is silent). Options given beside it override it; "
-            "MODEL, if given, overrides its model.",
+            + model_help,
         ),
         click.option(
             "--recipe-format",
@@ -316,9 +322,13 @@ def recipe_options(fn: F) -> F:
             help="The recipe's trainer; auto: told from its keys.",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+
+    def add(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return add
 
 
 def given(name: str) -> bool:

@@ -22,6 +22,9 @@ from zeroplan.commands.job import (
     job_request,
     link_options,
     overlong_option,
+    recipe_answer,
+    recipe_job,
+    recipe_options_with,
     system_prompt_option,
     tokenizer_option,
     with_data,
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from zeroplan.launch.multinode import Rendezvous
     from zeroplan.launch.preflight import Preflight
     from zeroplan.launch.runner import Launch, Node
+    from zeroplan.models import ModelSpec
 
 GIB = 2**30
 
@@ -46,7 +50,10 @@ def _slug(name: str) -> str:
 
 
 @click.command()
-@click.argument("model_or_plan", metavar="MODEL_OR_PLAN")
+@click.argument("model_or_plan", metavar="MODEL_OR_PLAN", required=False)
+@recipe_options_with(
+    "not with MODEL_OR_PLAN: the recipe names the model (--model: where the ranks load it)."
+)
 @click.option(
     "--data",
     required=True,
@@ -230,7 +237,9 @@ def _slug(name: str) -> str:
     "--rank-program", type=click.Path(exists=True, dir_okay=False), default=None, hidden=True
 )
 def launch(
-    model_or_plan: str,
+    model_or_plan: str | None,
+    recipe_path: str | None,
+    recipe_format: str,
     data: str,
     run_dir: Path | None,
     gpus: str | None,
@@ -279,6 +288,7 @@ def launch(
     zeroplan launch runs/plan --data train.jsonl -o runs/r1
     zeroplan launch runs/r1 --data train.jsonl --resume                  # after Ctrl-C
     zeroplan launch Qwen/Qwen2.5-7B --data train.jsonl --method qlora    # plan here, then run
+    zeroplan launch --recipe train.yaml --data train.jsonl --gpus 4      # a trainer's recipe
     zeroplan launch runs/plan70b --data train.jsonl --hostfile hosts --launcher deepspeed
     zeroplan launch runs/plan --data train.jsonl -o /shared/r1 --nnodes 2 --node-rank 0 \\
         --master-addr node0                # and --node-rank 1 on the other node
@@ -287,7 +297,10 @@ def launch(
     MODEL_OR_PLAN is a plan.json, a folder holding one (`zeroplan plan -o DIR`), or a model
     (then it is planned on --gpus, else on this machine's GPUs, for the job that --method,
     --seq-len, --global-batch, --lora-r, --lora-targets and --no-quantization describe, as
-    `zeroplan plan` does). Before anything starts, it
+    `zeroplan plan` does). Or --recipe FILE instead: a LLaMA-Factory, axolotl or TRL
+    recipe's model, method, LoRA settings, sequence length and global batch are the job,
+    planned as `zeroplan plan --recipe` does (options beside it override it; its learning
+    rate, epochs and data are not read: give --lr, --epochs, --data). Before anything starts, it
     checks the data file, the model folder's tokenizer, the packages, the GPUs present and
     the estimate on them (a predicted out-of-memory is refused with the planner's fix unless
     --force), and that ssh reaches every hostfile host and sees RUN_DIR there.
@@ -309,10 +322,20 @@ def launch(
     from zeroplan.launch.preflight import preflight
 
     began = time.time()  # this node's start, to tell its session's markers from older ones
+    if model_or_plan is None and recipe_path is None:
+        raise click.UsageError("Missing argument 'MODEL_OR_PLAN' (or give --recipe FILE)")
+    if model_or_plan is not None and recipe_path is not None:
+        raise click.UsageError(
+            f"MODEL_OR_PLAN {model_or_plan!r} and --recipe: give one (the recipe names its "
+            "model; --model says where the ranks load it from)"
+        )
     rdv = _rendezvous(hostfile, nnodes, node_rank, master_addr, master_port, run_dir, dry_run)
     try:
-        # 1. resolve the plan: a plan.json, or a model planned here for the job described
-        plan_path = _plan_file(model_or_plan, click.get_current_context())
+        # 1. resolve the plan: a plan.json, or a model (or a recipe's) planned here for the
+        # job described
+        plan_path = None
+        if model_or_plan is not None:
+            plan_path = _plan_file(model_or_plan, click.get_current_context())
         data_job = _data_job(data, tokenizer, data_format, system_prompt, overlong, epochs)
         links = {
             "p2p": p2p,
@@ -321,7 +344,7 @@ def launch(
         }
         resolved = _resolve_plan(
             model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
-            links, rdv,
+            links, rdv, (recipe_path, recipe_format) if recipe_path is not None else None,
         )  # fmt: skip
         run_dir = _run_dir(run_dir, resume, plan_path, resolved.plan, rdv)
         # 2. prepare: the run folder's files, the ranks' commands and environment, and the
@@ -350,7 +373,7 @@ def launch(
         # 3. preflight: every check before anything starts (a dry run shows them all)
         checks = preflight(the_launch, resolved.present, force=force, hosts=not dry_run)
         if dry_run:
-            _render_dry_run(the_launch, checks, resolved.present)
+            _render_dry_run(the_launch, checks, resolved.present, resolved.recipe)
             if checks.errors:  # everything was shown; the status says a real launch would stop
                 raise checks.errors[0]
             return
@@ -376,12 +399,14 @@ def launch(
 @dataclass(frozen=True)
 class Resolved:
     """What step 1 of a launch found: the plan JSON, where the ranks load the model from,
-    the nodes that run them (with a rendezvous: this node only), this machine's GPUs."""
+    the nodes that run them (with a rendezvous: this node only), this machine's GPUs; for a
+    recipe, its mapping as ``plan --recipe --json`` answers it."""
 
     plan: dict[str, Any]
     model: str
     nodes: tuple[Node, ...]
     present: Cluster | None
+    recipe: dict[str, Any] | None = None
 
 
 def _rendezvous(
@@ -456,7 +481,7 @@ def _data_job(
 
 
 def _resolve_plan(
-    model_or_plan: str,
+    model_or_plan: str | None,
     plan_path: Path | None,
     gpus: str | None,
     hostfile: Path | None,
@@ -467,19 +492,21 @@ def _resolve_plan(
     data_job: dict[str, Any],
     links: dict[str, Any] | None = None,
     rdv: Rendezvous | None = None,
+    recipe: tuple[str, str] | None = None,
 ) -> Resolved:
     """The plan to launch, from where MODEL_OR_PLAN says: a plan.json (``plan_path``), or a
-    model planned here for the job the options describe. Another source that gives a model
-    and a setup (a trainer's recipe) is one more branch here, returning the same Resolved."""
+    model planned here for the job the options describe; or, with ``recipe`` (--recipe FILE,
+    --recipe-format), the recipe's job planned here."""
     from zeroplan.hardware import local_cluster
 
     present = local_cluster()
     if plan_path is not None:
         return _from_plan_file(plan_path, gpus, hostfile, include, exclude, weights, present, rdv)
-    return _planned_here(
-        model_or_plan, gpus, hostfile, include, exclude, weights, job, data_job, present,
-        links, rdv,
-    )  # fmt: skip
+    cluster, nodes = _cluster_here(gpus, hostfile, include, exclude, present, links, rdv)
+    if recipe is not None:
+        return _from_recipe(*recipe, cluster, nodes, weights, job, data_job, present)
+    assert model_or_plan is not None  # launch() asked for one of the two
+    return _planned_here(model_or_plan, cluster, nodes, weights, job, data_job, present)
 
 
 def _from_plan_file(
@@ -525,28 +552,21 @@ def _from_plan_file(
     return Resolved(plan, model, nodes, present)
 
 
-def _planned_here(
-    model_or_plan: str,
+def _cluster_here(
     gpus: str | None,
     hostfile: Path | None,
     include: str | None,
     exclude: str | None,
-    weights: str | None,
-    job: dict[str, Any],
-    data_job: dict[str, Any],
     present: Cluster | None,
     links: dict[str, Any] | None,
     rdv: Rendezvous | None,
-) -> Resolved:
-    """A model, planned as zeroplan plan does: on --gpus (a count: this machine's GPUs), or
-    this machine's GPUs, for the job the options describe and the data's token lengths."""
+) -> tuple[Cluster, tuple[Node, ...]]:
+    """The cluster to plan on and the nodes that run it, for a job planned here: --gpus (a
+    count: this machine's GPUs), else this machine's GPUs; a hostfile's nodes, identical."""
     from zeroplan.api import DEFAULT_GPUS
-    from zeroplan.errors import BadClusterSpecError, TokenizerNotFoundError
+    from zeroplan.errors import BadClusterSpecError
     from zeroplan.hardware import Cluster, parse_cluster, usable_cpu_cores, with_links
-    from zeroplan.launch.data import data_exists
-    from zeroplan.launch.runner import gpu_count, plan_model, resolve_nodes
-    from zeroplan.models import load_model
-    from zeroplan.planfiles import local_model, model_location
+    from zeroplan.launch.runner import gpu_count, resolve_nodes
 
     spec_gpu = None
     if gpus is not None and not gpus.strip().isdigit():
@@ -574,10 +594,64 @@ def _planned_here(
         ),
         **(links or {}),
     )
-    spec = load_model(model_or_plan)
+    return cluster, nodes
+
+
+def _planned_here(
+    model: str,
+    cluster: Cluster,
+    nodes: tuple[Node, ...],
+    weights: str | None,
+    job: dict[str, Any],
+    data_job: dict[str, Any],
+    present: Cluster | None,
+) -> Resolved:
+    """A model, planned as zeroplan plan does, for the job the options describe and the
+    data's token lengths."""
+    from zeroplan.models import load_model
+
+    spec = load_model(model)
+    plan = _plan_job(spec, cluster, job_request(**job), data_job)
+    return Resolved(plan, _weights_or_plans(weights, plan), nodes, present)
+
+
+def _from_recipe(
+    path: str,
+    fmt: str,
+    cluster: Cluster,
+    nodes: tuple[Node, ...],
+    weights: str | None,
+    job: dict[str, Any],
+    data_job: dict[str, Any],
+    present: Cluster | None,
+) -> Resolved:
+    """A trainer's recipe, planned as zeroplan plan --recipe does: its model, and its method,
+    LoRA settings, sequence length and global batch as the job (options given override
+    them); the plan chooses the setup."""
+    from zeroplan.recipes import read_recipe
+
+    recipe, spec = read_recipe(path, fmt)
+    job, overridden, extra = recipe_job(recipe, job, cluster.world_size)
+    plan = _plan_job(spec, cluster, job_request(**job), data_job, extra)
+    answer = recipe_answer(recipe, overridden, job)
+    return Resolved(plan, _weights_or_plans(weights, plan), nodes, present, answer)
+
+
+def _plan_job(
+    spec: ModelSpec,
+    cluster: Cluster,
+    request: dict[str, Any],
+    data_job: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The plan JSON for ``request`` (job_request's fields, ``extra`` PlanRequest fields
+    beside them) on ``cluster``, from the data's token lengths when the data file is here."""
+    from zeroplan.errors import TokenizerNotFoundError
+    from zeroplan.launch.data import data_exists
+    from zeroplan.launch.runner import plan_model
+
     # a local data file: plan from its token lengths, as zeroplan plan --data does
     data = data_job["data"] if data_exists(data_job["data"]) else None
-    request = job_request(**job)
     try:
         fields = with_data(spec, request, **{**data_job, "data": data}, progress=_say)
     except TokenizerNotFoundError as exc:
@@ -586,9 +660,14 @@ def _planned_here(
         # a length was given: plan full-length sequences of it, as without data
         _say(f"note: planning {request['seq_len']}-token sequences, not the data's lengths: {exc}")
         fields = with_data(spec, request, None)
-    plan = plan_model(spec, cluster, fields)
-    model = (local_model(weights) or weights) if weights is not None else model_location(plan)
-    return Resolved(plan, model, nodes, present)
+    return plan_model(spec, cluster, {**fields, **(extra or {})})
+
+
+def _weights_or_plans(weights: str | None, plan: dict[str, Any]) -> str:
+    """Where the ranks load the model from: --model, else where the plan says."""
+    from zeroplan.planfiles import local_model, model_location
+
+    return (local_model(weights) or weights) if weights is not None else model_location(plan)
 
 
 def _run_dir(
@@ -708,8 +787,11 @@ def _supervise(
     return result.exit_code
 
 
-def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> None:
-    """Everything the launch would do, as text (computed elsewhere; printed here)."""
+def _render_dry_run(
+    la: Launch, checks: Preflight, present: Cluster | None, recipe: dict[str, Any] | None
+) -> None:
+    """Everything the launch would do, as text (computed elsewhere; printed here); with a
+    recipe, first its mapping as zeroplan plan --recipe prints it."""
     from zeroplan.launch.runner import describe_files, describe_nodes
     from zeroplan.launch.trackers import where
     from zeroplan.planner import describe
@@ -717,6 +799,13 @@ def _render_dry_run(la: Launch, checks: Preflight, present: Cluster | None) -> N
     echo = click.echo
     best = la.plan["best"]
     echo("zeroplan launch --dry-run: nothing is started, nothing is written\n")
+    if recipe is not None:
+        from rich.console import Console
+
+        from zeroplan.commands.render import render_recipe
+
+        render_recipe(recipe, Console())
+        echo()
     echo(f"plan       {la.plan['model']}: {best['family']}, {describe(la.setup)}")
     echo(
         f"           made for {la.plan['cluster']}: {best['required_bytes'] / GIB:.1f} GiB per "

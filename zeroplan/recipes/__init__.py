@@ -83,7 +83,9 @@ def read_recipe(
         name = model or settings.get("model")
         if not name:
             key = MODEL_KEYS.get(trainer.format, "model_name_or_path")
-            raise BadRecipeError(f"{parsed.path}: no {key}: add it, or give MODEL")
+            raise BadRecipeError(
+                f"{parsed.path}: no {key}: add it (estimate and plan also take it as MODEL)"
+            )
         spec = load_model(str(name))
     settings, notes = trainer.derive(settings, spec.model_type)
     if settings.get("lora_r") is None:
