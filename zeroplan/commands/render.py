@@ -421,7 +421,7 @@ def render_recipe(r: dict[str, Any], console: Console) -> None:
 
     # setting and value never wrap; the source (a key path, a trainer's default) folds in
     # its own column, so a long DeepSpeed key keeps the rows aligned at 80-100 columns
-    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1, 0, 2))
+    table = Table(box=None, show_header=False, padding=(0, 1, 0, 2))
     table.add_column("setting", no_wrap=True)
     table.add_column("value", no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("from", style="dim")
