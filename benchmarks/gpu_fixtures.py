@@ -68,12 +68,14 @@ def build_model(
     return path
 
 
-def records(n: int) -> list[dict[str, str]]:
+def records(n: int, min_words: int = 120, max_words: int = 260) -> list[dict[str, str]]:
+    """Alpaca records whose answers are ``min_words``-``max_words`` words of the small
+    tokenizer's corpus (about 2.5 tokens a word), lengths uniform between."""
     rng = random.Random(0)
     words = " ".join(tinyllm.CORPUS).split()
     out = []
     for _ in range(n):
-        answer = " ".join(rng.choice(words) for _ in range(rng.randint(120, 260)))
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
         out.append({"instruction": "Write a long answer.", "input": "", "output": answer})
     return out
 
