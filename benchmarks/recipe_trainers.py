@@ -57,7 +57,14 @@ CPU_KEYS: dict[str, dict[str, Any]] = {
     "trl": {"bf16": False, "use_cpu": True, "optim": "adamw_torch"},
     # the 320-token test tokenizer gains the template's <|eot_id|>: room for it
     "lf": {"bf16": False, "use_cpu": True, "optim": "adamw_torch", "resize_vocab": True},
-    "ax": {"bf16": False, "optimizer": "adamw_torch"},
+    # axolotl turns its Triton LoRA kernels on by default; they run on CUDA only
+    "ax": {
+        "bf16": False,
+        "optimizer": "adamw_torch",
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+    },
 }
 PACKAGES = (
     "torch",
