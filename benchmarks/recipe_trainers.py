@@ -53,6 +53,12 @@ TRAINERS: dict[str, tuple[str, tuple[str, str], list[str], str]] = {
     "ax": ("axolotl", ("axolotl.cli.main", "main"), ["train"], "axolotl"),
 }
 RECORD_WORDS = (40, 340)
+# run-name suffixes: the same recipe with one environment variable set, to test a mechanism
+VARIANTS = {
+    # transformers' SDPA path on CUDA repeats k and v to every head when the batch has an
+    # attention mask; this makes it pass enable_gqa=True instead (no repeated copies)
+    "gqa": {"TRANSFORMERS_SDPA_FORCE_GQA": "1"},
+}
 # --tiny (a CPU dry run): what each recipe must change to run without a GPU
 CPU_KEYS: dict[str, dict[str, Any]] = {
     "trl": {"bf16": False, "use_cpu": True, "optim": "adamw_torch"},
@@ -107,7 +113,7 @@ def write_data(work: Path, n: int) -> dict[str, Path]:
 
 
 def recipe_path(run: str) -> Path:
-    trainer, method = run.split("-", 1)
+    trainer, method = run.split("+", 1)[0].split("-", 1)
     prefix = TRAINERS[trainer][0]
     for ext in ("yaml", "yml"):
         p = RECIPES / f"{prefix}_{method}.{ext}"
@@ -176,7 +182,7 @@ def versions(env: dict[str, str]) -> dict[str, str | None]:
 def setup_of(run: str, recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe's setup in zeroplan's terms, read by hand for these six recipes (the
     --recipe reader is another branch's): method, micro-batch, cap, rank, targets, ckpt."""
-    trainer, method = run.split("-", 1)
+    trainer, method = run.split("+", 1)[0].split("-", 1)
     if trainer == "trl":
         return {
             "method": method,
@@ -313,6 +319,7 @@ def run_one(
         **env0,
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROBE), site, env0.get("PYTHONPATH")) if p),
         "RECIPE_PROBE_OUT": str(probe_out),
+        **(VARIANTS[run.split("+", 1)[1]] if "+" in run else {}),
     }
     vers = versions(env)
     cmd = [sys.executable, "-c", f"import sys; from {mod} import {fn}; sys.exit({fn}())"]
@@ -334,7 +341,9 @@ def run_one(
         "rc": rc,
         "wall_s": round(time.time() - t0, 1),
         "versions": vers,
-        "env": {k: env[k] for k in ("DISABLE_VERSION_CHECK",) if k in env},
+        "env": {
+            k: env[k] for k in ("DISABLE_VERSION_CHECK", *VARIANTS.get("gqa", {})) if k in env
+        },
     }
     if not probe_out.exists():
         row["error"] = tail[-3000:]
@@ -385,7 +394,8 @@ def main() -> None:
     ap.add_argument(
         "--runs",
         default="trl-lora,trl-qlora,lf-lora,lf-qlora,ax-lora,ax-qlora",
-        help="comma list of TRAINER-METHOD (trainers: trl, lf, ax; methods: lora, qlora)",
+        help="comma list of TRAINER-METHOD[+VARIANT] (trainers: trl, lf, ax; methods: lora, "
+        "qlora; variant gqa: TRANSFORMERS_SDPA_FORCE_GQA=1)",
     )
     ap.add_argument("--arch", default="meta-llama--Llama-3.2-3B-Instruct", help="catalog model")
     ap.add_argument("--records", type=int, default=96, help="alpaca-like records to train on")
