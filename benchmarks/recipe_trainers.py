@@ -25,6 +25,7 @@ the flag line of each; tokens/s after the first 3 steps, padded and real.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -147,15 +148,13 @@ def gpu_spec() -> tuple[str, dict[str, Any]]:
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     driver = None
-    try:
+    with contextlib.suppress(OSError):  # no nvidia-smi: a CPU dry run
         driver = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             check=False,
         ).stdout.strip()
-    except OSError:
-        pass
     spec = "1xH200" if "H200" in name else "1xH100"
     return spec, {"gpu": name, "driver": driver, "cuda": torch.version.cuda}
 
@@ -217,8 +216,23 @@ def setup_of(run: str, recipe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def estimate(arch: str, gpus: str, setup: dict[str, Any], seq_len: int) -> dict[str, Any]:
-    """``zeroplan estimate`` of the setup at ``seq_len``: its flag line and JSON."""
+# What each trainer's loop adds to the estimate of its recipe, as these runs measured it
+# (benchmarks/results/recipes_gpu.md): every one pads its batches (no packing in these
+# recipes); TRL >= 1.x scores the LM head in chunks (no batch x seq x vocab logits), which
+# --fused-loss stands in for. axolotl's peak also lacks the logits term, for a reason these
+# runs do not separate (its fused LoRA kernels, or no full logits): not added.
+LOOP_FLAGS = {
+    "trl": ["--padding-mask", "--fused-loss"],
+    "lf": ["--padding-mask"],
+    "ax": ["--padding-mask"],
+}
+
+
+def estimate(
+    arch: str, gpus: str, setup: dict[str, Any], seq_len: int, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """``zeroplan estimate`` of the setup at ``seq_len`` (plus ``extra`` flags): its flag
+    line and the numbers the comparison reads."""
     flags = [
         catalog_id(arch),
         "--gpus",
@@ -242,6 +256,7 @@ def estimate(arch: str, gpus: str, setup: dict[str, Any], seq_len: int) -> dict[
         "--attn",
         "sdpa",
         "--grad-ckpt" if setup["grad_ckpt"] else "--no-grad-ckpt",
+        *(extra or []),
         "--json",
     ]
     res = subprocess.run(
@@ -280,7 +295,19 @@ def summarize(probe: dict[str, Any]) -> dict[str, Any]:
         for i, s in enumerate(steps)
         if s["shapes"] and (i == 0 or s["peak_allocated"] > steps[i - 1]["peak_allocated"])
     ]
+    rates = sorted(s["padded"] / s["seconds"] for s in steady)
     return {
+        # the largest peak any step reached: axolotl resets the allocator's peak at every
+        # log line, so the peak at the end of training is only the last step's
+        "peak_allocated": max(
+            [s["peak_allocated"] for s in steps] + [probe.get("peak_allocated_train", 0)]
+        ),
+        "peak_reserved": max(
+            [s["peak_reserved"] for s in steps] + [probe.get("peak_reserved_train", 0)]
+        ),
+        # steps that changed shape ran first-time kernels (Triton autotuning, TRL's LM
+        # head): the median step is the steady one
+        "tokens_per_s_padded_median": rates[len(rates) // 2] if rates else None,
         "steps": len(steps),
         "timed_steps": len(steady),
         "step_seconds": [round(s["seconds"], 4) for s in steps],
@@ -302,7 +329,7 @@ def run_one(
     import yaml
 
     trainer = run.split("-", 1)[0]
-    prefix, (mod, fn), pre, _dist = TRAINERS[trainer]
+    _prefix, (mod, fn), pre, _dist = TRAINERS[trainer]
     src = recipe_path(run)
     recipe = yaml.safe_load(src.read_text())
     out = args.work / "runs" / run
@@ -341,9 +368,7 @@ def run_one(
         "rc": rc,
         "wall_s": round(time.time() - t0, 1),
         "versions": vers,
-        "env": {
-            k: env[k] for k in ("DISABLE_VERSION_CHECK", *VARIANTS.get("gqa", {})) if k in env
-        },
+        "env": {k: env[k] for k in ("DISABLE_VERSION_CHECK", *VARIANTS.get("gqa", {})) if k in env},
     }
     if not probe_out.exists():
         row["error"] = tail[-3000:]
@@ -351,7 +376,6 @@ def run_one(
         row["oom"] = bool(oom)
         return row
     probe = json.loads(probe_out.read_text())
-    row.update(summarize(probe))
     row["measured"] = {
         k: probe[k]
         for k in (
@@ -376,20 +400,39 @@ def run_one(
         )
     }
     row["per_step"] = probe["steps"]
-    setup = setup_of(run, recipe)
-    row["setup"] = setup
-    row["estimate_recipe"] = estimate(args.arch, args.gpus, setup, setup["seq_len"])
-    shape_setup = {**setup, "grad_ckpt": probe["checkpointing"]["enabled"]}
-    row["estimate_shape"] = estimate(args.arch, args.gpus, shape_setup, row["longest_padded_len"])
-    est = row["estimate_shape"].get("peak_allocated_bytes")
-    if est:
-        row["peak_allocated_over_estimate"] = probe["peak_allocated_train"] / est - 1
+    row["setup"] = setup_of(run, recipe)
+    return score(row, args.arch, args.gpus)
+
+
+def score(row: dict[str, Any], arch: str, gpus: str) -> dict[str, Any]:
+    """The row's summary and its three estimates: the recipe as written (its cap), the shape
+    that set the peak (the longest padded micro-batch), and that shape with the trainer's
+    loop terms (LOOP_FLAGS); measured peak / estimate - 1 for the last two."""
+    row.update(summarize({"steps": row["per_step"], **row["measured"]}))
+    setup = row["setup"]
+    row["estimate_recipe"] = estimate(arch, gpus, setup, setup["seq_len"])
+    shape = {**setup, "grad_ckpt": row["did"]["checkpointing"]["enabled"]}
+    longest = row["longest_padded_len"]
+    row["estimate_shape"] = estimate(arch, gpus, shape, longest)
+    padded = any(s["real"] < s["padded"] for s in row["per_step"])
+    extra = [f for f in LOOP_FLAGS[row["trainer"]] if padded or f != "--padding-mask"]
+    row["estimate_loop"] = estimate(arch, gpus, shape, longest, extra)
+    for key in ("shape", "loop"):
+        est = row[f"estimate_{key}"].get("peak_allocated_bytes")
+        if est:
+            row[f"peak_allocated_over_estimate_{key}"] = row["peak_allocated"] / est - 1
+        tps = row[f"estimate_{key}"].get("tokens_per_s")
+        if tps and row.get("tokens_per_s_padded_median"):
+            row[f"tokens_per_s_median_over_estimate_{key}"] = (
+                row["tokens_per_s_padded_median"] / tps - 1
+            )
+    row.pop("peak_allocated_over_estimate", None)  # the first runs' name for the shape's
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, required=True, help="scratch folder (model, data, runs)")
+    ap.add_argument("--work", type=Path, help="scratch folder (model, data, runs)")
     ap.add_argument("--out", type=Path, required=True, help="JSONL file: one row per run")
     ap.add_argument(
         "--runs",
@@ -411,7 +454,26 @@ def main() -> None:
     ap.add_argument(
         "--tiny", action="store_true", help="CPU dry run: tests/tinyllm.py's 2-layer model"
     )
+    ap.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="JSONL",
+        help="no GPU: recompute the summaries and estimates of measured rows into --out",
+    )
     args = ap.parse_args()
+    if args.rescore is not None:
+        rows = [json.loads(line) for line in args.rescore.read_text().splitlines() if line]
+        out = []
+        for row in rows:
+            if "per_step" in row:
+                gpus = args.gpus or ("1xH200" if "H200" in row["machine"]["gpu"] else "1xH100")
+                row = score(row, row["arch"], gpus)
+            out.append(json.dumps(row) + "\n")
+        args.out.write_text("".join(out))
+        return
+    if args.work is None:
+        ap.error("--work is required for a run")
     args.site = dict(s.split("=", 1) for s in args.site)
     args.work.mkdir(parents=True, exist_ok=True)
     spec, machine = gpu_spec()
@@ -439,7 +501,8 @@ def main() -> None:
         row.update(machine=machine, python=platform.python_version(), arch=args.arch)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        brief = {k: row.get(k) for k in ("run", "rc", "wall_s", "peak_allocated_over_estimate")}
+        keys = ("run", "rc", "wall_s", "peak_allocated_over_estimate_loop")
+        brief = {k: row.get(k) for k in keys}
         print(json.dumps(brief), flush=True)
         if "error" in row:
             print(row["error"][-2500:], flush=True)

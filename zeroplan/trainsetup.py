@@ -105,6 +105,10 @@ class TrainSetup:
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
     # launch does not, so this is off unless a user wants to model a run that does.
     upcast_non_quantized: bool = False
+    # Batches padded to their longest row and an attention mask: what LLaMA-Factory, TRL and
+    # axolotl run when they do not pack (HF's padding collators). Under sdpa that costs memory
+    # (memory/activations.padding_mask_saved); zeroplan launch packs, so it is off by default.
+    padding_mask: bool = False
     reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
     allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS
     stage3_prefetch_elems: int = DS_STAGE3_PREFETCH_ELEMS

@@ -169,6 +169,14 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         help="Liger fused linear-cross-entropy: never materialises batch × seq × vocab logits.",
     ),
     click.option(
+        "--padding-mask/--no-padding-mask",
+        default=False,
+        show_default=True,
+        help="Batches padded to their longest row with an attention mask (LLaMA-Factory, TRL, "
+        "axolotl without packing): under sdpa each layer saves k, v repeated to every head "
+        "and its own copy of the mask.",
+    ),
+    click.option(
         "--upcast-non-quantized",
         is_flag=True,
         help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.",

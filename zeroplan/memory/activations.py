@@ -106,6 +106,9 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     else:
         out.append(Saved("attention q, k, v", BF16 * (q + 2 * kv)))
         out.append(Saved("attention output + lse", BF16 * q + FP32 * heads))
+        repeated = padding_mask_repeat_per_token(spec, setup)
+        if repeated:
+            out.append(Saved("attention k, v repeated to every head (padding mask)", repeated))
     if spec.qk_norm:
         out.append(Saved("q/k norms", _norm(q + kv, spec, full)))
 
@@ -220,6 +223,32 @@ def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     return _norm(h, spec, full) + (BF16 * h if full else 0) + amp_norm_extra_per_token(spec, setup)
 
 
+def padding_mask_repeat_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Padded batches under sdpa (``setup.padding_mask``): the k and v that SDPA saves are
+    repeated to every query head, 2 · 2 B · (q - kv) more per token per layer.
+
+    transformers' sdpa_attention_forward hands SDPA the grouped k and v (``enable_gqa``) only
+    when there is no attention mask (``use_gqa_in_sdpa`` on CUDA); with the mask a padded
+    batch carries it calls ``repeat_kv`` first, and SDPA saves the repeated copies for
+    backward. Measured with the padding-mask term below on LLaMA-Factory 0.9.5, TRL 1.16 and
+    axolotl 0.19 (benchmarks/results/recipes_gpu.md)."""
+    if not setup.padding_mask or setup.attn != "sdpa":
+        return 0
+    return 2 * BF16 * (spec.q_dim - spec.kv_dim)
+
+
+def padding_mask_bytes(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
+    """Padded batches under sdpa: each layer's SDPA call turns the boolean b·s·s mask into
+    its own additive mask in the compute dtype, last dimension padded to a multiple of 16
+    (what the memory-efficient kernel takes), and saves it for backward:
+    2 B · b · s · ⌈s/16⌉·16 per layer. Fitted: 55.8 B per b·s² on the 28-layer
+    Llama-3.2-3B (2 B × 28 = 56), axolotl 0.19 on an H100, 14 steps of varying s."""
+    if not setup.padding_mask or setup.attn != "sdpa":
+        return 0
+    s = setup.seq_len
+    return BF16 * setup.micro_batch * s * (-(-s // 16) * 16) * layers
+
+
 def eager_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """The eager path materialises one b·s·s causal mask in bf16, shared by all layers."""
     return BF16 * setup.micro_batch * setup.seq_len**2 if setup.attn == "eager" else 0
@@ -263,9 +292,12 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     adapters = BF16 * trainable if setup.is_lora and not setup.deepspeed and setup.autocast else 0
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
-        + eager_mask_bytes(spec, setup),
+        + eager_mask_bytes(spec, setup)
+        + padding_mask_bytes(spec, setup, spec.num_layers),
         checkpoints=residual_bytes(setup) * spec.hidden_size * t * spec.num_layers,
-        one_layer=int(max(dense_layer, moe_layer)) + eager_mask_bytes(spec, setup),
+        one_layer=int(max(dense_layer, moe_layer))
+        + eager_mask_bytes(spec, setup)
+        + padding_mask_bytes(spec, setup, 1),
         transient=int(backward_transient_per_token(spec, setup) * t)
         + expert_bank_backward(spec, setup),
         head=int(head_saved_per_token(spec, setup) * t),
