@@ -181,6 +181,7 @@ def test_the_7x4090_story_resolves_as_llamafactory_runs_it() -> None:
         "attn": "sdpa",
         "fused_loss": False,
         "precision": "bf16",
+        "padding_mask": True,  # no packing: padded micro-batches with an attention mask
         # examples/deepspeed/ds_z3_config.json with HF's "auto" rules
         "zero": 3,
         "offload": "none",

@@ -107,7 +107,8 @@ class TrainSetup:
     upcast_non_quantized: bool = False
     # Batches padded to their longest row and an attention mask: what LLaMA-Factory, TRL and
     # axolotl run when they do not pack (HF's padding collators). Under sdpa that costs memory
-    # (memory/activations.padding_mask_saved); zeroplan launch packs, so it is off by default.
+    # (memory/activations.padding_mask_bytes and padding_mask_repeat_per_token); zeroplan
+    # launch packs, so it is off by default.
     padding_mask: bool = False
     reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
     allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS

@@ -112,6 +112,10 @@ def read_recipe(
         deepspeed = {"given": given_ds, "path": found, "config": cfg}
     else:
         setup["zero"], setup["offload"] = None, "none"
+    # Unless it packs, each trainer's collator pads a micro-batch to its longest row and
+    # passes an attention mask: memory the sdpa path spends on it (--padding-mask), measured
+    # on all three trainers (benchmarks/results/recipes_gpu.md)
+    setup["padding_mask"] = not settings.get("packing")
     return (
         Recipe(
             path=parsed.path,
