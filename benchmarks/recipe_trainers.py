@@ -217,15 +217,16 @@ def setup_of(run: str, recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 # What each trainer's loop adds to the estimate of its recipe, as these runs measured it
-# (benchmarks/results/recipes_gpu.md): every one pads its batches (no packing in these
-# recipes); TRL >= 1.x scores the LM head in chunks (no batch x seq x vocab logits), which
-# --fused-loss stands in for. axolotl's peak also lacks the logits term, for a reason these
-# runs do not separate (its fused LoRA kernels, or no full logits): not added.
+# (benchmarks/results/recipes_gpu.md; zeroplan.recipes sets the same from a recipe): every
+# one pads its batches (no packing in these recipes); TRL's SFTTrainer scores the LM head
+# in chunks and keeps QLoRA adapters in bf16. axolotl's peak is below the estimate for a
+# reason these runs do not separate (its Triton LoRA kernels, or no full logits): none.
 LOOP_FLAGS = {
-    "trl": ["--padding-mask", "--fused-loss"],
+    "trl": ["--padding-mask", "--chunked-lm-head"],
     "lf": ["--padding-mask"],
     "ax": ["--padding-mask"],
 }
+QLORA_LOOP_FLAGS = {"trl": ["--lora-bf16"]}
 
 
 def estimate(
@@ -416,6 +417,8 @@ def score(row: dict[str, Any], arch: str, gpus: str) -> dict[str, Any]:
     row["estimate_shape"] = estimate(arch, gpus, shape, longest)
     padded = any(s["real"] < s["padded"] for s in row["per_step"])
     extra = [f for f in LOOP_FLAGS[row["trainer"]] if padded or f != "--padding-mask"]
+    if setup["method"] == "qlora":
+        extra += QLORA_LOOP_FLAGS.get(row["trainer"], [])
     row["estimate_loop"] = estimate(arch, gpus, shape, longest, extra)
     for key in ("shape", "loop"):
         est = row[f"estimate_{key}"].get("peak_allocated_bytes")

@@ -110,6 +110,13 @@ class TrainSetup:
     # (memory/activations.padding_mask_bytes and padding_mask_repeat_per_token); zeroplan
     # launch packs, so it is off by default.
     padding_mask: bool = False
+    # TRL >= 1.x SFTTrainer's LM head (trl.trainer.utils.add_fused_lm_head): log-probs of the
+    # labelled positions in tiles, no batch x seq x vocab logits (memory/logits.py). TRL's
+    # own, always on in its SFTTrainer; Liger's is fused_loss.
+    chunked_lm_head: bool = False
+    # LoRA adapters kept in bf16 instead of PEFT's fp32 (weights, gradients and AdamW states
+    # 2 B each): what TRL's SFTTrainer does to a quantized model's adapters (QLoRA).
+    lora_bf16: bool = False
     reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
     allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS
     stage3_prefetch_elems: int = DS_STAGE3_PREFETCH_ELEMS
@@ -195,6 +202,11 @@ class TrainSetup:
         ):
             if getattr(self, name) < 1:
                 raise BadSetupError(f"{name} must be positive")
+
+    @property
+    def full_logits(self) -> bool:
+        """Whether the loss materialises the b·s·V logits (neither fused nor chunked head)."""
+        return not (self.fused_loss or self.chunked_lm_head)
 
     @property
     def tokens(self) -> int:
@@ -320,10 +332,11 @@ def trainable_bytes(setup: TrainSetup) -> int:
 
     DeepSpeed bf16 / fp16 casts the whole module: 2. Without it, full fine-tuning trains the
     bf16 weights (2), or under fp16 an fp32 model (4: AMP, memory.precision.amp_fp32_model), and
-    PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``) in either.
+    PEFT keeps LoRA adapters in fp32 (4, ``autocast_adapter_dtype=True``) in either, unless
+    ``lora_bf16`` (TRL's QLoRA: 2).
     """
     if setup.deepspeed:
         return BF16
     if setup.method == "full":
         return FP32 if setup.fp16 else BF16
-    return FP32
+    return BF16 if setup.lora_bf16 else FP32

@@ -177,6 +177,20 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         "and its own copy of the mask.",
     ),
     click.option(
+        "--chunked-lm-head/--no-chunked-lm-head",
+        default=False,
+        show_default=True,
+        help="TRL's SFTTrainer LM head: log-probs in tiles, no batch × seq × vocab logits "
+        "(TRL >= 1.x always runs it; --recipe of a TRL recipe sets it).",
+    ),
+    click.option(
+        "--lora-bf16/--no-lora-bf16",
+        default=False,
+        show_default=True,
+        help="LoRA adapters in bf16, not PEFT's fp32 (TRL's SFTTrainer does this under QLoRA; "
+        "--recipe of a TRL QLoRA recipe sets it).",
+    ),
+    click.option(
         "--upcast-non-quantized",
         is_flag=True,
         help="qlora: model prepare_model_for_kbit_training's fp32 upcast of embeddings, norms, lm_head.",

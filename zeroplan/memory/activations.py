@@ -66,7 +66,7 @@ def _lora_input(d: int, r: int, setup: TrainSetup) -> float:
 
 def fp32_adapter_inputs(setup: TrainSetup) -> bool:
     """LoRA adapters that compute in fp32: PEFT's fp32 adapters (no DeepSpeed) without autocast."""
-    return setup.is_lora and not setup.deepspeed and not setup.autocast
+    return setup.is_lora and not setup.deepspeed and not setup.autocast and not setup.lora_bf16
 
 
 def _norm(h: float, spec: ModelSpec, weight_trained: bool) -> float:
@@ -289,7 +289,9 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     moe_layer = per_layer_bytes_per_token(spec, setup, moe_layer=True) * t if moe_layers else 0.0
     moe_layer += expert_bank_copies(spec, setup) if moe_layers else 0
     # autocast's cached bf16 copies of the fp32 adapters (none without autocast)
-    adapters = BF16 * trainable if setup.is_lora and not setup.deepspeed and setup.autocast else 0
+    # (bf16 adapters, lora_bf16, need no copy)
+    copies = setup.is_lora and not setup.deepspeed and setup.autocast and not setup.lora_bf16
+    adapters = BF16 * trainable if copies else 0
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
         + eager_mask_bytes(spec, setup)

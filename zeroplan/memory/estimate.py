@@ -105,7 +105,7 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     # a full fine-tuning gradient has its weight's width: 4 B for AMP's fp32 model
     grad_width = trainable_bytes(setup)
     lm_head_grad = grad_width * v_h if full else 0
-    logits_grad_bf16 = BF16 * setup.tokens * spec.vocab_size if not setup.fused_loss else 0
+    logits_grad_bf16 = BF16 * setup.tokens * spec.vocab_size if setup.full_logits else 0
     # ZeRO-3 on several GPUs gathers the whole lm_head around the loss, and holds copies
     # of the vocabulary matrices throughout
     head_gathered = BF16 * v_h if setup.zero == 3 and world > 1 else 0

@@ -23,6 +23,24 @@ def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
     return int(2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden))))))
 
 
+# TRL's chunked LM head (trl/kernels/chunked_logprob.py, TRL 1.16): tiles of 4096 tokens ×
+# 32768 vocabulary entries, one buffer in the compute dtype
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+
+
+def trl_chunked_head_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """TRL's chunked LM head at the start of backward (T = b·s, counting every position as
+    labelled, the worst case):
+
+        2 B · T · h   the labelled positions' hidden states, gathered and saved
+        4 B · T · h   their fp32 gradient, accumulated over the vocabulary tiles
+        2 B · min(T, 4096) · min(V, 32768)   the projection tile
+    """
+    t, v, h = setup.tokens, spec.vocab_size, spec.hidden_size
+    return (BF16 + FP32) * t * h + BF16 * min(t, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE)
+
+
 def logits(spec: ModelSpec, setup: TrainSetup) -> Term:
     """Loss memory at the start of backward.
 
@@ -32,7 +50,11 @@ def logits(spec: ModelSpec, setup: TrainSetup) -> Term:
               in the forward), chunk = next_pow2(ceil(T / ceil(V / h)))
     """
     t, v, h = setup.tokens, spec.vocab_size, spec.hidden_size
-    if setup.fused_loss:
+    if setup.chunked_lm_head:
+        size = trl_chunked_head_bytes(spec, setup)
+        tile = min(t, TRL_TOKEN_TILE) * min(v, TRL_VOCAB_TILE)
+        formula = f"TRL chunked head: 6 B × {t:,} × {h} + 2 B × {tile:,}"
+    elif setup.fused_loss:
         chunk = liger_chunk_tokens(t, v, h)
         size = chunk * v * (BF16 + 2 * FP32) + BF16 * t * h
         formula = f"fused: {chunk} × {v:,} × 10 B + 2 B × {t:,} × {h}"
@@ -63,7 +85,7 @@ def kept_output(spec: ModelSpec, setup: TrainSetup) -> Term:
     if not setup.keep_outputs:
         return Term("kept output", 0, "outputs dropped before backward")
     t = setup.tokens
-    kept_logits = 0 if setup.fused_loss else BF16 * t * spec.vocab_size
+    kept_logits = BF16 * t * spec.vocab_size if setup.full_logits else 0
     cache = (
         2 * BF16 * spec.kv_dim * t * spec.num_layers
         if not setup.grad_ckpt and spec.config.get("use_cache", True)
@@ -76,7 +98,7 @@ def kept_output(spec: ModelSpec, setup: TrainSetup) -> Term:
 
 def kept_logits_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """The logits part of ``kept_output``: 2 B · T · V, else 0."""
-    if not setup.keep_outputs or setup.fused_loss:
+    if not setup.keep_outputs or not setup.full_logits:
         return 0
     return BF16 * setup.tokens * spec.vocab_size
 
@@ -90,7 +112,7 @@ def loss_forward_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     when a kept output of the previous step is alive beside it (``kept_output``).
     The fused loss: its backward-start figure (``logits``), computed in the forward.
     """
-    if setup.fused_loss:
+    if not setup.full_logits:
         return logits(spec, setup).bytes
     per = BF16 + 2 * FP32 + (SOFTCAP_EXTRA_BYTES_PER_LOGIT if spec.final_logit_softcapping else 0)
     return per * setup.tokens * spec.vocab_size

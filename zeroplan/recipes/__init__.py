@@ -116,6 +116,16 @@ def read_recipe(
     # passes an attention mask: memory the sdpa path spends on it (--padding-mask), measured
     # on all three trainers (benchmarks/results/recipes_gpu.md)
     setup["padding_mask"] = not settings.get("packing")
+    why = "no packing: padded rows + attention mask" if setup["padding_mask"] else "packing"
+    rows.append(Row("", "padding_mask", setup["padding_mask"], why))
+    if trainer.label.startswith("TRL"):
+        # trl sft / SFTTrainer always scores its LM head in chunks (not a recipe key)
+        setup["chunked_lm_head"] = True
+        rows.append(Row("", "chunked_lm_head", True, f"{trainer.label} SFTTrainer"))
+        if setup["method"] == "qlora":
+            # SFTTrainer casts a quantized model's LoRA adapters to bf16
+            setup["lora_bf16"] = True
+            rows.append(Row("", "lora_bf16", True, f"{trainer.label} SFTTrainer (QLoRA)"))
     return (
         Recipe(
             path=parsed.path,
