@@ -35,6 +35,7 @@ from zeroplan.recipes.common import (
     as_optim,
     as_targets,
     optional_bool,
+    precision_edits,
     same,
     text,
 )
@@ -267,10 +268,6 @@ def accum_edits(accum: int, data: Mapping[str, Any]) -> dict[str, Any]:
     """With ``batch_size`` in the recipe axolotl derives the accumulation from it (the
     global batch kept), so only the micro-batch changes."""
     return {} if data.get("batch_size") is not None else {"gradient_accumulation_steps": accum}
-
-
-def precision_edits(precision: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 TRAINER = Trainer(

@@ -91,6 +91,12 @@ def text(key: str, value: Any) -> str:
     return str(value)
 
 
+def precision_edits(precision: str, data: Any) -> dict[str, Any]:
+    """The keys that make ``precision``: all three trainers (and TrainingArguments) name
+    mixed precision by the two flags bf16 and fp16."""
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
 @dataclass(frozen=True)
 class Key:
     """One key of a recipe: the setting it feeds, how it is read, and (if the plan may change

@@ -33,6 +33,7 @@ from zeroplan.recipes.common import (
     as_optim,
     as_targets,
     negated,
+    precision_edits,
     text,
 )
 
@@ -217,10 +218,6 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
 def method_edits(method: str, data: Any) -> dict[str, Any]:
     """The keys that make ``method`` (the plan switches lora and qlora only)."""
     return {"quantization_bit": 4 if method == "qlora" else None}
-
-
-def precision_edits(precision: str, data: Any) -> dict[str, Any]:
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 TRAINER = Trainer(

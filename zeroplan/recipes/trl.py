@@ -29,6 +29,7 @@ from zeroplan.recipes.common import (
     as_optim,
     as_targets,
     optional_bool,
+    precision_edits,
     text,
 )
 
@@ -245,10 +246,6 @@ def method_edits(method: str, data: Any) -> dict[str, Any]:
     if method == "qlora":
         out["use_bnb_nested_quant"] = True  # the double quantization zeroplan models
     return out
-
-
-def precision_edits(precision: str, data: Any) -> dict[str, Any]:
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 TRAINER = Trainer(
