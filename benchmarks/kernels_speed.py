@@ -64,6 +64,8 @@ PARITY_ARCH = "meta-llama--Llama-3.2-1B"
 RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     # name: (method, launch options, changes to the plan's setup)
     "none": ("lora", ["--kernels", "none"], {}),
+    # the default launch: --kernels auto follows the plan's choice (its setup's kernels)
+    "auto": ("lora", [], {}),
     "liger": ("lora", ["--kernels", "liger"], {}),
     "liger-dropout0": ("lora", ["--kernels", "liger"], {"lora_dropout": 0.0}),
     "none-dropout0": ("lora", ["--kernels", "none"], {"lora_dropout": 0.0}),
@@ -123,6 +125,36 @@ def matmul_share(tokens_per_s: float | None, plan: dict[str, Any], model: Path) 
         "catalog_gpu": gpu.name,
         "matmul_tflops": tokens_per_s * flops / 1e12 if tokens_per_s else None,
         "peak_share": share,
+    }
+
+
+def path_prediction(
+    plan: dict[str, Any], changes: dict[str, Any], applied: dict[str, Any], model: Path
+) -> dict[str, Any]:
+    """The estimate for the path the run took: the plan's setup with the run's changes and
+    ``kernels`` as applied.json says it ran (liger when any Liger kernel ran), at the packed
+    rows' fill; the plan's own prediction is for the path it chose."""
+    import dataclasses
+
+    from zeroplan.api import estimate
+    from zeroplan.hardware import parse_cluster
+    from zeroplan.models import load_model
+    from zeroplan.trainsetup import TrainSetup, parse_targets
+
+    raw = {**plan["best"]["setup"], **changes}
+    if isinstance(raw.get("lora_targets"), list):
+        raw["lora_targets"] = tuple(raw["lora_targets"])
+    elif isinstance(raw.get("lora_targets"), str):
+        raw["lora_targets"] = parse_targets(raw["lora_targets"])
+    ran = (applied.get("kernels") or {}).get("liger")
+    setup = dataclasses.replace(TrainSetup(**raw), kernels="liger" if ran else "none")
+    fill = (applied.get("batching") or {}).get("fill") or 1.0
+    spec = load_model(str(model / "config.json"))
+    est = estimate(spec, parse_cluster(plan["cluster"]), setup, fill=fill)
+    return {
+        "path_kernels": setup.kernels,
+        "path_predicted_tokens_per_s": est.speed.tokens_per_s if est.speed else None,
+        "path_predicted_peak_allocated_bytes": est.peak_allocated_bytes,
     }
 
 
@@ -198,6 +230,7 @@ def launch(
         "step_seconds": _step_seconds(lines),
         "predicted_tokens_per_s": best["tokens_per_s"],
         "predicted_peak_allocated_bytes": best["peak_allocated_bytes"],
+        **path_prediction(json.loads(plan.read_text()), changes, applied, model),
         "measured_peak_after_first_line": max(peaks[1:]) if len(peaks) > 1 else None,
         "memory_after_load": applied.get("gpu_memory_after_load"),
         "losses": [m["loss"] for m in lines if m["event"] == "train" and m.get("loss") is not None],

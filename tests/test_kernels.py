@@ -30,19 +30,26 @@ LLAMA_ONLY = frozenset({"llama"})
 # -- the choice -----------------------------------------------------------------------------
 
 
-def test_auto_takes_liger_only_where_it_runs() -> None:
-    on_gpu = choose("auto", "llama", cuda=True, supported=LLAMA_ONLY, fused_loss=True)
+def test_auto_follows_the_plan() -> None:
+    """auto runs Liger's kernels where the plan chose them (its memory and speed assumed
+    them) and the model's own where it did not; none and liger override the plan."""
+    on_gpu = choose("auto", "llama", True, LLAMA_ONLY, fused_loss=True, planned=True)
     assert on_gpu.liger == kernels.LIGER_KERNELS and on_gpu.why_plain is None
     assert on_gpu.fused_loss and not on_gpu.compile
-    for path, why in (
-        (choose("auto", "llama", False, LLAMA_ONLY, False), "no CUDA GPU"),
-        (choose("auto", "llama", True, None, False), "liger-kernel is not installed"),
-        (choose("auto", "phi3", True, LLAMA_ONLY, False), "no kernels for 'phi3'"),
-        (choose("none", "llama", True, LLAMA_ONLY, True), "--kernels none"),
-    ):
-        assert path.liger == () and why in str(path.why_plain)
+    plain = choose("auto", "llama", True, LLAMA_ONLY, False, planned=False)
+    assert plain.liger == () and "the plan chose the model's own modules" in str(plain.why_plain)
+    overridden = choose("none", "llama", True, LLAMA_ONLY, True, planned=True)
+    assert overridden.liger == () and overridden.why_plain == "--kernels none"
     # the fused loss is the plan's on every path, --kernels none included
-    assert choose("none", "llama", True, LLAMA_ONLY, True).fused_loss
+    assert overridden.fused_loss
+    assert choose("liger", "llama", True, LLAMA_ONLY, False).liger == kernels.LIGER_KERNELS
+    # a plan that chose Liger, launched where it cannot run: refused, with the way out
+    with pytest.raises(MissingDependencyError, match="the plan's Liger kernels need liger"):
+        choose("auto", "llama", True, None, False, planned=True)
+    with pytest.raises(KernelsUnsupportedError, match="plan again with --no-liger"):
+        choose("auto", "llama", False, LLAMA_ONLY, False, planned=True)
+    with pytest.raises(KernelsUnsupportedError, match="no kernels for the 'phi3'"):
+        choose("auto", "phi3", True, LLAMA_ONLY, False, planned=True)
 
 
 def test_liger_is_refused_where_it_cannot_run() -> None:
@@ -214,7 +221,7 @@ def test_the_rank_records_its_path_and_compile(
         "liger": [],
         "fused_loss": False,
         "compile": "regional (each decoder layer)",
-        "why_plain": "no CUDA GPU for Liger's Triton kernels",
+        "why_plain": "the plan chose the model's own modules (--kernels liger overrides)",
         "liger_version": kernels.liger_version(),
     }
     result = json.loads((run / "result.json").read_text())
@@ -222,7 +229,7 @@ def test_the_rank_records_its_path_and_compile(
     assert "inductor is broken" in result["compile"]["fell_back_to_eager"]
     err = capsys.readouterr().err
     assert err.count("torch.compile of the decoder layers failed") == 1
-    assert "kernels: plain kernels, compiled layers (no CUDA GPU for Liger's Triton kernels)" in err
+    assert "kernels: plain kernels, compiled layers (the plan chose the model's own modules" in err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["batching"].endswith("plain kernels, compiled layers")
 

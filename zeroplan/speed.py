@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from zeroplan import liger
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.hostops import host_ops
 from zeroplan.models import ModelSpec
@@ -182,6 +183,23 @@ BF16_LORA_SHARE = 0.25
 # gradients (4 + 4 + 4, and 4 + 4 + 4 for its reduction), the square's (4 + 4 + 4), their
 # sum (4 + 4 + 4) and the cast back (4 + 2), 64 B: 100 B.
 NORM_BYTES = 100.0
+# What an RMSNorm moves per element under Liger's kernel (``kernels="liger"``; counted, not
+# fitted): one Triton kernel each way, so only its tensors cross memory: forward the input
+# read (2) and the output written (2), backward the output's gradient and the input read
+# (2 + 2) and the input's gradient written (2, in place of the output's); the per-row rstd
+# (4 B a row) and the weight are negligible: 10 B against NORM_BYTES' 100.
+LIGER_NORM_BYTES = 10.0
+# What Liger's SwiGLU / GeGLU and RoPE kernels save per token per feature they touch (the
+# gate and up outputs of a dense MLP, the rotated q and k: liger_features), as bytes at the
+# card's bandwidth. The mechanism: the model's SiLU·mul is two kernels forward and three
+# backward over i-wide tensors, its rotary about ten (q·cos, the halves' slices, negation
+# and concatenation, ·sin, the add, for q and for k, then each one's backward), where Liger
+# runs one kernel each way that reads and writes each tensor once. Fitted on one shape
+# (benchmarks/results/kernels_h100.jsonl: Llama-3.1-8B bf16 LoRA, 8 × 704 packed tokens,
+# ZeRO-0, one H100, --kernels none and liger launched from the same plan): the value that
+# gives the measured ratio of the two real tokens/s, 1.188 (8,694 → 10,327); the norms'
+# share of it is counted (LIGER_NORM_BYTES), this is the rest. Checked on no other shape.
+LIGER_ACT_BYTES = 32.06
 # Bytes a 4-bit weight costs each time it is used: bitsandbytes reads 0.5 B (+ its
 # double-quantized statistics, ~0.03 B) and writes a 2 B bf16 copy for the matmul.
 DEQUANT_BYTES = 2.5
@@ -483,17 +501,40 @@ def gpu_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants 
     """The GPU's time for one micro-batch of T = b·s tokens:
 
     FLOPs/token · T / (peak · efficiency)
-      + (T · (act_bytes · A + NORM_BYTES · N + lora_bytes · Σ(in + out) · lora_share)
-         · elementwise_passes + fixed_bytes) / bandwidth
+      + (T · (act_bytes · A − LIGER_ACT_BYTES · G + norm_bytes · N
+              + lora_bytes · Σ(in + out) · lora_share) · elementwise_passes
+         + fixed_bytes) / bandwidth
       + loss_seconds
 
-    A = activation_features, N = norm_features, Σ(in + out) = adapted_features."""
+    A = activation_features, N = norm_features, Σ(in + out) = adapted_features; under
+    Liger's kernels (``setup.kernels``) norm_bytes is LIGER_NORM_BYTES instead of
+    NORM_BYTES and G = liger_features (else 0). The host's clock is left as it was: Liger
+    dispatches fewer operations per layer, which is not counted (a host-bound step is
+    predicted no faster under Liger)."""
     flops = flops_per_token(spec, setup) * setup.tokens
     matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
     lora = k.lora_bytes * adapted_features(spec, setup) * lora_share(setup)
-    per_token = k.act_bytes * activation_features(spec) + NORM_BYTES * norm_features(spec) + lora
+    norm = (
+        LIGER_NORM_BYTES if liger.runs(spec.model_type, setup.kernels, "rms_norm") else NORM_BYTES
+    )
+    act = k.act_bytes * activation_features(spec) - LIGER_ACT_BYTES * liger_features(spec, setup)
+    per_token = act + norm * norm_features(spec) + lora
     traffic = setup.tokens * per_token * elementwise_passes(setup) + fixed_bytes(spec, setup)
     return matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
+
+
+def liger_features(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Elements per token that Liger's SwiGLU / GeGLU and RoPE kernels read and write in
+    place of the model's own modules (0 for ``kernels="none"``): per dense layer the gate
+    and up outputs, 2·i, and per layer the rotated q and k, q_dim + kv_dim (MoE layers keep
+    their experts' own MLP path: zeroplan.liger)."""
+    mt, kernels = spec.model_type, setup.kernels
+    total = 0
+    if liger.runs(mt, kernels, "swiglu", "geglu"):
+        total += spec.num_dense_layers * 2 * spec.intermediate_size
+    if liger.runs(mt, kernels, "rope"):
+        total += spec.num_layers * (spec.q_dim + spec.kv_dim)
+    return total
 
 
 def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:

@@ -2,7 +2,7 @@
 
 The option names follow the estimate contract in DESIGN.md (``--method``, ``--zero``,
 ``--offload``, ``--micro-batch``, ``--seq-len``, ``--grad-ckpt``, ``--lora-r``,
-``--lora-targets``, ``--optim``, ``--attn``, ``--loop``, ``--autocast``, ``--keep-outputs``)
+``--lora-targets``, ``--optim``, ``--attn``, ``--kernels``, ``--loop``, ``--autocast``, ``--keep-outputs``)
 so that a TrainSetup, the CLI and the JSON ``setup`` object are the same thing.
 
 The training loop matters as much as the knobs (DESIGN.md, "Which training loop the estimate
@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from zeroplan.errors import BadSetupError
+from zeroplan.liger import KERNEL_CHOICES
 from zeroplan.models import Linear, ModelSpec
 
 METHODS = ("lora", "qlora", "full")
@@ -102,6 +103,10 @@ class TrainSetup:
     optim: str = ""
     attn: str = "sdpa"
     fused_loss: bool = False
+    # the elementwise kernels around the linears: "none" (the model's own PyTorch modules) or
+    # "liger" (Liger's RMSNorm, SwiGLU / GeGLU and RoPE where the architecture has them:
+    # zeroplan.liger); they keep fewer activations and move less memory
+    kernels: str = "none"
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
     # launch does not, so this is off unless a user wants to model a run that does.
     upcast_non_quantized: bool = False
@@ -155,6 +160,7 @@ class TrainSetup:
         object.__setattr__(self, "autocast", autocast)
         object.__setattr__(self, "keep_outputs", keep)
         _choice("--attn", self.attn, ATTENTIONS)
+        _choice("--kernels", self.kernels, KERNEL_CHOICES)
         precision = self.precision or ""
         object.__setattr__(self, "precision", precision)
         if precision:

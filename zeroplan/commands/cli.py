@@ -26,6 +26,7 @@ from zeroplan.commands.job import (
     with_data,
 )
 from zeroplan.errors import ZeroplanError
+from zeroplan.liger import KERNEL_CHOICES
 from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS
 
 if TYPE_CHECKING:
@@ -189,6 +190,15 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         show_default=True,
         help="LoRA adapters in bf16, not PEFT's fp32 (TRL's SFTTrainer does this under QLoRA; "
         "--recipe of a TRL QLoRA recipe sets it).",
+    ),
+    click.option(
+        "--kernels",
+        type=click.Choice(KERNEL_CHOICES),
+        default="none",
+        show_default=True,
+        help="The elementwise kernels around the linears: none (the model's own modules) or "
+        "liger (Liger's RMSNorm, SwiGLU/GeGLU and RoPE: fewer activations kept, less memory "
+        "traffic; the architectures liger-kernel patches).",
     ),
     click.option(
         "--upcast-non-quantized",
@@ -484,6 +494,12 @@ def _count(text: str | None, option: str) -> int | None:
     is_flag=True,
     help="Leave out Liger's fused loss (launching it needs pip install 'zeroplan[fused]').",
 )
+@click.option(
+    "--no-liger",
+    is_flag=True,
+    help="Leave out Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels (launching them needs "
+    "pip install liger-kernel and a CUDA GPU); the plan then keeps the model's own modules.",
+)
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option(
@@ -510,6 +526,7 @@ def plan(
     price_per_gpu_hour: float | None,
     cpu_ram_per_node: float | None,
     no_fused_loss: bool,
+    no_liger: bool,
     top: int,
     as_json: bool,
     out: Path | None,
@@ -579,6 +596,7 @@ def plan(
         objective=objective,
         price_per_gpu_hour=price_per_gpu_hour,
         allow_fused_loss=not no_fused_loss,
+        allow_kernels=not no_liger,
         cpu_ram_per_node=int(cpu_ram_per_node * 2**30) if cpu_ram_per_node is not None else None,
     )
     result = make_plan(req)

@@ -71,6 +71,7 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         f"micro-batch {setup['micro_batch']} × seq {setup['seq_len']} · "
         f"grad-ckpt {'on' if setup['grad_ckpt'] else 'off'} · {setup['optim']} · {setup['attn']}"
         + (" · fused loss" if setup["fused_loss"] else "")
+        + (" · Liger kernels" if setup.get("kernels") == "liger" else "")
         + f"\n{setup['loop']} loop · autocast {'on' if setup['autocast'] else 'off'} · "
         + f"outputs {'kept' if setup['keep_outputs'] else 'dropped'} in backward"
     )
@@ -324,6 +325,7 @@ def _label(c: dict[str, Any]) -> str:
     label = f"{c['family']}: mb {s['micro_batch']} × ga {s['grad_accum']}"
     label += ", ckpt" if s["grad_ckpt"] else ""
     label += ", fused loss" if s["fused_loss"] else ""
+    label += ", Liger kernels" if s.get("kernels") == "liger" else ""
     label += f", {s['optim']}" if s["optim"] not in ("adamw", "adamw_torch_fused") else ""
     return label
 

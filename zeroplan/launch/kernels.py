@@ -2,21 +2,21 @@
 
 ``--kernels``:
 
-- ``auto`` (default): Liger's fused RMSNorm, SwiGLU / GeGLU and RoPE kernels where they can
-  run (a CUDA GPU, liger-kernel installed, an architecture its version patches), else the
-  plain path; why it fell to the plain path is recorded.
-- ``liger``: the same kernels, refused at preflight where they cannot run.
-- ``none``: the model's own PyTorch modules (the path every zeroplan run took before).
+- ``auto`` (default): what the plan chose (its setup's ``kernels``, zeroplan.liger: Liger's
+  RMSNorm, SwiGLU / GeGLU and RoPE where liger-kernel was installed when it planned and
+  the architecture has them, else the model's own modules), so the run keeps the
+  activations and the speed the plan assumed; a plan that chose Liger is refused at
+  preflight where its kernels cannot run.
+- ``liger``: those kernels whatever the plan said, refused where they cannot run.
+- ``none``: the model's own PyTorch modules, whatever the plan said (over its memory where
+  it chose Liger).
 
-The fused linear cross-entropy stays the plan's choice (``setup.fused_loss``) on every path:
-it changes the loss term of the memory estimate, these kernels do not (yet; see below).
+The fused linear cross-entropy stays the plan's choice (``setup.fused_loss``) on every path.
 
-What Liger's kernels keep for the backward (liger-kernel 0.8.5, ``ops/``), against the plain
-modules (``memory/activations.py``): RMSNorm saves its bf16 input and one fp32 rstd per row
-(the plain norm saves the fp32 upcast, 4 B·h); SwiGLU saves the gate and up projections and
-recomputes SiLU in the backward (the plain MLP also keeps SiLU's output, 2 B·i); RoPE saves
-only cos and sin. So they keep less, never more: the estimate, made for the plain modules,
-stays an upper bound. It is not lowered until a launched run measures by how much.
+What Liger's kernels keep for the backward, and what that does to the memory and speed
+models: ``memory.activations._norm`` / ``_mlp`` and ``speed.LIGER_NORM_BYTES`` /
+``LIGER_ACT_BYTES``; measured on one H100, 8B LoRA: 71.52 → 63.40 GB peak, 1.19× the real
+tokens/s (benchmarks/results/kernels_h100.jsonl).
 
 ``--compile``: each decoder layer's forward goes through ``torch.compile`` (regional
 compilation: the layers share one code object, so the graph compiled for the first serves
@@ -42,13 +42,11 @@ from zeroplan.errors import (
     KernelsUnsupportedError,
     MissingDependencyError,
 )
+from zeroplan.liger import LIGER_KERNELS
 
 KERNELS = ("auto", "liger", "none")
 DEFAULT_KERNELS = "auto"
-# the keyword arguments of liger-kernel's apply_liger_kernel_to_<family> that turn on the
-# elementwise kernels around the linears (each family names those it has)
-LIGER_KERNELS = ("rms_norm", "swiglu", "geglu", "rope")
-LIGER_FIX = "pip install liger-kernel, or pass --kernels none (or auto)"
+LIGER_FIX = "pip install liger-kernel, or pass --kernels none"
 # torch.compile's backend for --compile (tests swap in "eager" or one that fails)
 COMPILE_BACKEND: Any = "inductor"
 RECOMPILE_LIMIT = 64
@@ -108,28 +106,39 @@ def liger_model_types() -> frozenset[str] | None:
 
 
 def check_kernels(
-    requested: str, model_type: str | None, cuda: bool, supported: frozenset[str] | None
+    requested: str,
+    model_type: str | None,
+    cuda: bool,
+    supported: frozenset[str] | None,
+    planned: bool = False,
 ) -> None:
-    """Refuse ``--kernels liger`` where it cannot run; ``supported``: liger_model_types();
-    ``model_type`` None: not known here (the architecture is not checked)."""
+    """Refuse Liger's kernels where they cannot run: ``--kernels liger``, or ``auto`` when the
+    plan chose them (``planned``: its setup's ``kernels`` is liger; its memory assumed them).
+    ``supported``: liger_model_types(); ``model_type`` None: not known here (the architecture
+    is not checked)."""
     if requested not in KERNELS:
         raise KernelsUnsupportedError(f"--kernels must be one of {', '.join(KERNELS)}")
-    if requested != "liger":
+    if requested == "none" or (requested == "auto" and not planned):
         return
+    what = "--kernels liger" if requested == "liger" else "the plan's Liger kernels"
+    fix = (
+        "pass --kernels none"
+        if requested == "liger"
+        else "plan again with --no-liger, or pass --kernels none (over the plan's memory)"
+    )
     if supported is None:
         raise MissingDependencyError(
-            f"--kernels liger needs liger-kernel, which is not installed here: {LIGER_FIX}"
+            f"{what} need liger-kernel, which is not installed here: pip install liger-kernel, "
+            f"or {fix}"
         )
     if not cuda:
         raise KernelsUnsupportedError(
-            "--kernels liger runs Triton kernels, which need a CUDA GPU: pass --kernels none "
-            "(or auto) to train on the CPU"
+            f"{what} run Triton kernels, which need a CUDA GPU: {fix} to train on the CPU"
         )
     if model_type is not None and model_type not in supported:
         raise KernelsUnsupportedError(
-            f"--kernels liger: liger-kernel {liger_version() or ''} has no kernels for the "
-            f"'{model_type}' architecture: pass --kernels none (or auto, which runs the plain "
-            "path where Liger cannot)"
+            f"{what}: liger-kernel {liger_version() or ''} has no kernels for the "
+            f"'{model_type}' architecture: {fix}"
         )
 
 
@@ -140,20 +149,18 @@ def choose(
     supported: frozenset[str] | None,
     fused_loss: bool,
     compile_layers: bool = False,
+    planned: bool = False,
 ) -> KernelPath:
-    """The path a rank takes (after ``check_kernels``): Liger's kernels for ``liger``, and
-    for ``auto`` where ``cuda``, ``supported`` and ``model_type`` allow; else the plain path
-    and why."""
-    check_kernels(requested, model_type, cuda, supported)
+    """The path a rank takes (after ``check_kernels``, which refuses Liger where it cannot
+    run): Liger's kernels for ``liger``, and for ``auto`` where the plan chose them
+    (``planned``), so that the run keeps the activations and speed the plan assumed; else
+    the plain path and why."""
+    check_kernels(requested, model_type, cuda, supported, planned)
     why: str | None = None
     if requested == "none":
         why = "--kernels none"
-    elif not cuda:
-        why = "no CUDA GPU for Liger's Triton kernels"
-    elif supported is None:
-        why = "liger-kernel is not installed"
-    elif model_type not in supported:
-        why = f"liger-kernel has no kernels for '{model_type}'"
+    elif requested == "auto" and not planned:
+        why = "the plan chose the model's own modules (--kernels liger overrides)"
     # the kernel names are filled in when applied (each family has its own subset)
     liger = () if why is not None else LIGER_KERNELS
     return KernelPath(requested, liger, fused_loss, compile_layers, why, liger_version())

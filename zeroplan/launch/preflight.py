@@ -181,20 +181,23 @@ def check_kernels(launch: Launch, gpu_here: bool) -> None:
     from zeroplan.launch import kernels
 
     train = launch.train
-    if train.kernels == "liger":
+    requested = train.kernels or kernels.DEFAULT_KERNELS
+    planned = launch.setup.kernels == "liger"  # auto follows the plan
+    if requested == "liger" or (requested == "auto" and planned):
         from zeroplan.models import load_model
 
         try:
             supported = kernels.liger_model_types()
         except ImportError as exc:
             raise MissingDependencyError(
-                f"--kernels liger: liger-kernel does not import here ({exc}): {kernels.LIGER_FIX}"
+                f"Liger's kernels (--kernels {requested}): liger-kernel does not import here "
+                f"({exc}): {kernels.LIGER_FIX}"
             ) from None
         try:
             model_type = load_model(launch.model).model_type
         except ZeroplanError:
             model_type = None  # the memory check says why; the ranks check the architecture
-        kernels.check_kernels("liger", model_type, gpu_here, supported)
+        kernels.check_kernels(requested, model_type, gpu_here, supported, planned)
     if train.compile:
         kernels.check_compiler(gpu_here)
 

@@ -159,12 +159,17 @@ def fused_loss_installed() -> bool:
 def plan_here(spec: ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None = None) -> Plan:
     """The planner's answer for ``job`` (``PlanRequest`` fields: method, seq_len, ...; the
     request's defaults for the rest) on ``cluster``, for ranks started from this machine:
-    the fused loss is chosen only when it is installed here."""
+    the fused loss and Liger's kernels are chosen only when liger-kernel is installed here."""
     from zeroplan.planner import PlanRequest, plan
 
+    here = fused_loss_installed()
     return plan(
         PlanRequest(
-            spec=spec, cluster=cluster, **dict(job or {}), allow_fused_loss=fused_loss_installed()
+            spec=spec,
+            cluster=cluster,
+            **dict(job or {}),
+            allow_fused_loss=here,
+            allow_kernels=here,
         )
     )
 

@@ -786,11 +786,14 @@ def _kernel_path(
         ) from None
     supported: frozenset[str] | None = None
     # liger-kernel imports Triton: only where a kernel of it may run
-    if setup.fused_loss or opts.kernels == "liger" or (cuda and opts.kernels == "auto"):
+    # auto runs Liger's kernels where the plan chose them (setup.kernels)
+    planned = setup.kernels == "liger"
+    wants_liger = opts.kernels == "liger" or (opts.kernels == "auto" and planned)
+    if setup.fused_loss or wants_liger:
         try:
             supported = zkernels.liger_model_types()
         except ImportError as exc:
-            if setup.fused_loss or opts.kernels == "liger":
+            if setup.fused_loss or wants_liger:
                 raise MissingDependencyError(
                     f"liger-kernel does not import here ({zdata.first_line(exc)}): "
                     f"{zkernels.LIGER_FIX}"
@@ -803,7 +806,7 @@ def _kernel_path(
     if opts.compile:
         zkernels.check_compiler(cuda)
     return zkernels.choose(
-        opts.kernels, model_type, cuda, supported, setup.fused_loss, opts.compile
+        opts.kernels, model_type, cuda, supported, setup.fused_loss, opts.compile, planned
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zeroplan import liger
 from zeroplan.memory.precision import (
     amp_copies_at_backward,
     amp_input_casts_per_token,
@@ -69,23 +70,44 @@ def fp32_adapter_inputs(setup: TrainSetup) -> bool:
     return setup.is_lora and not setup.deepspeed and not setup.autocast and not setup.lora_bf16
 
 
-def _norm(h: float, spec: ModelSpec, weight_trained: bool) -> float:
+def _norm(h: float, spec: ModelSpec, setup: TrainSetup) -> float:
     """RMSNorm: the fp32 upcast of its input (4 B·h) feeds pow and mul and is saved; the
     normalised bf16 tensor (2 B·h) is saved for the weight's gradient when it trains.
-    Gemma's norm multiplies in fp32 by (1 + w): 4 B·h more when the weight trains."""
+    Gemma's norm multiplies in fp32 by (1 + w): 4 B·h more when the weight trains.
+
+    Liger's RMSNorm (``kernels="liger"``; liger-kernel 0.8.5, ``ops/rms_norm.py``) saves
+    only its input X (the residual stream's width, 2 B·h in bf16) and one fp32 rstd per row,
+    and recomputes the normalised tensor for the weight's gradient: 2 B·h trained or not.
+    Both save the per-row rstd (the plain norm's rsqrt output), 4 B a token, left out of
+    both. So per norm: 4 B·h → 2 B·h frozen, 6 B·h (Gemma 8 B·h) → 2 B·h trained."""
+    if liger.runs(spec.model_type, setup.kernels, "rms_norm"):
+        return residual_bytes(setup) * h
+    weight_trained = setup.method == "full"
     extra = (FP32 if spec.gemma_norm else BF16) * h if weight_trained else 0
     return FP32 * h + extra
+
+
+def _mlp(spec: ModelSpec, setup: TrainSetup) -> float:
+    """A dense gated MLP, act(gate(x)) · up(x): the gate and up outputs and act(gate), the
+    product's other factor, 3 · 2 B·i (SiLU and tanh-GELU each save their input, the
+    product both factors). Liger's SwiGLU / GeGLU (liger-kernel 0.8.5, ``ops/swiglu.py``,
+    ``ops/geglu.py``) save the gate and up outputs and recompute act(gate) in the backward:
+    2 · 2 B·i."""
+    factors = 2 if liger.runs(spec.model_type, setup.kernels, "swiglu", "geglu") else 3
+    return factors * BF16 * spec.intermediate_size
 
 
 def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> list[Saved]:
     """Tensors one decoder layer saves for backward, per token (no checkpointing).
 
-    norms:      per norm 4 B·h (+ 2 B·h full)                               (see _norm)
+    norms:      per norm 4 B·h (+ 2 B·h full); Liger's 2 B·h                (see _norm)
     attention:  sdpa / flash: q 2 B·q, k 2 B·kv, v 2 B·kv, output 2 B·q (also o_proj's
                 input), log-sum-exp 4 B·H; eager adds repeated k, v (2 B·q each) and
                 the fp32 softmax + its bf16 copy, 6 B·H·s, per token
     qk-norm:    4 B·(q + kv) (+ 2 B·(q + kv) full)
-    MLP:        gate output, up output, act(gate): 6 B·i
+    MLP:        gate output, up output, act(gate): 6 B·i; Liger's SwiGLU / GeGLU 4 B·i (_mlp)
+    RoPE:       the model's rotary saves cos and sin (q·cos needs no q), Liger's the same:
+                nothing per token either way
     linear inputs: full fine-tuning saves each distinct input once (attn in 2 B·h, MLP in
                 2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
     MoE:        router + top_k routed copies of each token (expert_saved_per_token)
@@ -97,7 +119,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     """
     h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     full = setup.method == "full"
-    out: list[Saved] = [Saved("norms", spec.norms_per_layer * _norm(h, spec, full))]
+    out: list[Saved] = [Saved("norms", spec.norms_per_layer * _norm(h, spec, setup))]
     if setup.attn == "eager":
         out.append(Saved("attention q, k, v (repeated)", BF16 * 3 * q))
         out.append(Saved("attention softmax (fp32 + bf16)", (FP32 + BF16) * heads * setup.seq_len))
@@ -110,7 +132,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
         if repeated:
             out.append(Saved("attention k, v repeated to every head (padding mask)", repeated))
     if spec.qk_norm:
-        out.append(Saved("q/k norms", _norm(q + kv, spec, full)))
+        out.append(Saved("q/k norms", _norm(q + kv, spec, setup)))
 
     amp = 2 * amp_norm_extra_per_token(spec, setup) + amp_input_casts_per_token(
         spec, setup, moe_layer
@@ -121,7 +143,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     if moe_layer and spec.moe:
         out.append(Saved("MoE router + experts", expert_saved_per_token(spec, setup)))
     else:
-        out.append(Saved("MLP gate, up, act", 3 * BF16 * spec.intermediate_size))
+        out.append(Saved("MLP gate, up, act", _mlp(spec, setup)))
 
     if full:
         out.append(Saved("linear inputs", BF16 * (2 * h + spec.intermediate_size)))
@@ -220,7 +242,7 @@ def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     fine-tuning, lm_head's input 2 B·h."""
     h = spec.hidden_size
     full = setup.method == "full"
-    return _norm(h, spec, full) + (BF16 * h if full else 0) + amp_norm_extra_per_token(spec, setup)
+    return _norm(h, spec, setup) + (BF16 * h if full else 0) + amp_norm_extra_per_token(spec, setup)
 
 
 def padding_mask_repeat_per_token(spec: ModelSpec, setup: TrainSetup) -> int:

@@ -32,7 +32,7 @@ gradient already exists.
 
 from __future__ import annotations
 
-from zeroplan import moe
+from zeroplan import liger, moe
 from zeroplan.errors import BadSetupError
 from zeroplan.hardware import Cluster
 from zeroplan.memory.activations import activation_profile
@@ -68,6 +68,7 @@ def _check_supported(spec: ModelSpec, setup: TrainSetup) -> None:
     spec.check_seq_len(setup.seq_len)
     # mixture of experts: only what was measured (zeroplan.moe.MEASURED)
     moe.check(spec, setup)
+    liger.check_kernels(spec.model_type, setup.kernels)
     if setup.method == "qlora" and setup.zero == 3 and setup.offload == "optimizer+params":
         raise BadSetupError(
             "--offload optimizer+params cannot offload 4-bit weights: use --offload optimizer"
