@@ -389,4 +389,7 @@ def recipe_job(
     merged, overridden = recipe_over(from_recipe, job)
     if not given("method") and setup["method"] == "lora":
         merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)
-    return merged, overridden, {"lora_dropout": setup["lora_dropout"]}
+    # the recipe's trainer runs its own kernels (LLaMA-Factory's enable_liger_kernel and TRL's
+    # use_liger_kernel turn Liger's on with the fused loss, which the recipe writer does not
+    # split): its plan assumes the model's own modules, an upper bound on its memory
+    return merged, overridden, {"lora_dropout": setup["lora_dropout"], "allow_kernels": False}
