@@ -302,6 +302,42 @@ def test_launch_passes_the_options_and_refuses_liger_and_compile(
     assert isinstance(err, CompilerUnavailableError)
 
 
+def test_a_plan_that_chose_liger_is_refused_where_liger_cannot_run(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--kernels auto follows the plan: a plan made for Liger's kernels (its memory assumed
+    them) is refused at preflight where they cannot run; --kernels none overrides it."""
+    from zeroplan.hardware import parse_cluster
+    from zeroplan.launch.preflight import preflight
+    from zeroplan.launch.runner import TrainOptions, build_launch, read_plan, resolve_nodes
+
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
+    plan = tinyllm.write_plan(tmp_path / "plan", model_dir, method="lora", kernels="liger")
+
+    def launch(train: Any) -> Any:
+        return build_launch(
+            read_plan(plan),
+            run_dir=tmp_path / "run",
+            data=str(tmp_path / "d.jsonl"),
+            nodes=resolve_nodes(count=1),
+            launcher="torchrun",
+            gpu=parse_cluster("H100").gpu,
+            train=train,
+            model=str(model_dir),
+            port=29614,
+            inherited={},
+        )
+
+    h100 = parse_cluster("1xH100")
+    monkeypatch.setattr(kernels, "liger_model_types", lambda: None)
+    (err,) = preflight(launch(TrainOptions()), h100, force=True).errors
+    assert isinstance(err, MissingDependencyError)
+    assert "the plan's Liger kernels need liger-kernel" in str(err) and "--no-liger" in str(err)
+    assert preflight(launch(TrainOptions(kernels="none")), h100, force=True).ok
+    monkeypatch.setattr(kernels, "liger_model_types", lambda: frozenset({"llama"}))
+    assert preflight(launch(TrainOptions()), h100, force=True).ok
+
+
 def test_compiled_layers_around_varlen_attention_run_a_packed_step(
     tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -646,9 +646,8 @@ def test_plan_then_launch_a_local_model_folder_from_elsewhere(
         sys.modules, "pynvml", fake_pynvml([("NVIDIA H100 80GB HBM3", 85_520_809_984)])
     )
     monkeypatch.chdir(tmp_path)
-    made = CliRunner().invoke(
-        cli, ["plan", "./models/my-model", "--seq-len", "512", "--no-fused-loss", "-o", "runs/plan"]
-    )
+    plan_args = ["./models/my-model", "--seq-len", "512", "--no-fused-loss", "--no-liger"]
+    made = CliRunner().invoke(cli, ["plan", *plan_args, "-o", "runs/plan"])
     assert made.exit_code == 0, made.output
     plan = json.loads((tmp_path / "runs/plan/plan.json").read_text())
     assert plan["model"] == "my-model"  # the name, for display

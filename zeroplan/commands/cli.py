@@ -586,6 +586,8 @@ def plan(
         spec, job_request(**job), data, tokenizer, chat_template, data_format, system_prompt,
         overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
+    # a recipe's plan keeps the model's own kernels (recipe_job says why)
+    extra = {"allow_kernels": not no_liger, **extra}
     req = PlanRequest(
         spec=spec,
         cluster=cluster,
@@ -596,7 +598,6 @@ def plan(
         objective=objective,
         price_per_gpu_hour=price_per_gpu_hour,
         allow_fused_loss=not no_fused_loss,
-        allow_kernels=not no_liger,
         cpu_ram_per_node=int(cpu_ram_per_node * 2**30) if cpu_ram_per_node is not None else None,
     )
     result = make_plan(req)

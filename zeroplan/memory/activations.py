@@ -65,6 +65,56 @@ def _lora_input(d: int, r: int, setup: TrainSetup) -> float:
     return mask + width * d + width * r
 
 
+# Adapted linears that read one tensor: the attention norm's output (q, k, v) and the MLP
+# norm's (gate, up); other names read their own input
+SHARED_INPUT = {
+    "q_proj": "attention input",
+    "k_proj": "attention input",
+    "v_proj": "attention input",
+    "qkv_proj": "attention input",
+    "gate_proj": "MLP input",
+    "up_proj": "MLP input",
+    "gate_up_proj": "MLP input",
+}
+
+
+def shares_inputs(setup: TrainSetup) -> bool:
+    """bf16 LoRA under DeepSpeed ZeRO 0-2 with dropout 0: PEFT's dropout is an identity and
+    its bf16 adapters need no cast, so lora_A saves the linear's input itself, one tensor
+    for every adapter that reads it. With dropout each adapter saves its own dropped-out
+    copy; with fp32 adapters (no DeepSpeed) its own cast; ZeRO-3's linears save their inputs
+    apart (ZERO3_LORA_BYTES_PER_INPUT); QLoRA's 4-bit layers are not measured so."""
+    return (
+        setup.method == "lora"
+        and setup.deepspeed
+        and setup.zero != 3
+        and setup.lora_dropout == 0
+        and not fp32_adapter_inputs(setup)
+    )
+
+
+def _lora_inputs(adapted: list[Linear], setup: TrainSetup) -> float:
+    """Saved by a layer's adapted linears: Σ _lora_input, or where the adapters share their
+    inputs (shares_inputs) each distinct input once, 2 B·d, plus lora_A's output per adapter,
+    2 B·r; o_proj's input is the attention's output, which sdpa and flash attention keep
+    already (layer_saved), so it adds nothing there. Measured on one H100: Llama-3.2-3B,
+    ZeRO-0, 16 × 704 packed tokens, dropout 0: 35.73 GB peak, where counting a copy per
+    adapter said 43.83 (benchmarks/results/kernels_heldout_h100.jsonl)."""
+    r = setup.lora_r
+    if not shares_inputs(setup):
+        return sum(_lora_input(lin.in_features, r, setup) for lin in adapted)
+    seen: set[str] = set()
+    total = 0.0
+    for lin in adapted:
+        total += BF16 * r
+        key = SHARED_INPUT.get(lin.name, lin.name)
+        if (lin.name == "o_proj" and setup.attn != "eager") or key in seen:
+            continue
+        seen.add(key)
+        total += BF16 * lin.in_features
+    return total
+
+
 def fp32_adapter_inputs(setup: TrainSetup) -> bool:
     """LoRA adapters that compute in fp32: PEFT's fp32 adapters (no DeepSpeed) without autocast."""
     return setup.is_lora and not setup.deepspeed and not setup.autocast and not setup.lora_bf16
@@ -109,7 +159,8 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     RoPE:       the model's rotary saves cos and sin (q·cos needs no q), Liger's the same:
                 nothing per token either way
     linear inputs: full fine-tuning saves each distinct input once (attn in 2 B·h, MLP in
-                2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input)
+                2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input),
+                or each distinct input once where its adapters share it (_lora_inputs)
     MoE:        router + top_k routed copies of each token (expert_saved_per_token)
     ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
     AMP on an fp32 model (full fp16 without DeepSpeed): the two pre-norms' fp32 outputs
@@ -150,7 +201,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     else:
         groups = ("attn", "router") if moe_layer else ("attn", "mlp")
         adapted: list[Linear] = [lin for lin, _ in lora_targets(spec, setup) if lin.group in groups]
-        lora = sum(_lora_input(lin.in_features, setup.lora_r, setup) for lin in adapted)
+        lora = _lora_inputs(adapted, setup)
         out.append(Saved("LoRA inputs", lora))
         if setup.zero == 3 and setup.method == "lora" and not moe_layer:
             inputs = 2 * h + q + spec.intermediate_size
