@@ -178,3 +178,26 @@ def test_dropout_0_under_deepspeed_keeps_each_input_once() -> None:
     # without DeepSpeed PEFT casts each adapter's input to its fp32 weights: a copy each
     no_ds = {s.what: s.bytes_per_token for s in layer_saved(spec, TrainSetup(lora_dropout=0))}
     assert no_ds["LoRA inputs"] > 2 * (5 * h + spec.q_dim + i)
+
+
+def test_a_recipe_plan_keeps_the_models_own_kernels(tmp_path: Path) -> None:
+    """A recipe's trainer turns Liger on with its fused loss under one switch: its plan
+    assumes the model's own modules (an upper bound on its memory), a plain plan Liger's."""
+    from click.testing import CliRunner
+
+    from zeroplan.commands.cli import cli
+
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(
+        "model_name_or_path: meta-llama/Llama-3.2-1B\nstage: sft\nfinetuning_type: lora\n"
+        "lora_target: all\ncutoff_len: 512\nper_device_train_batch_size: 2\nbf16: true\n"
+    )
+    args = ["plan", "--recipe", str(recipe), "--gpus", "1xH100", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["best"]["setup"]["kernels"] == "none"
+    args = ["plan", "meta-llama/Llama-3.2-1B", "--seq-len", "512", "--gpus", "1xH100", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert json.loads(result.output)["best"]["setup"]["kernels"] == "liger"
+    result = CliRunner().invoke(cli, [*args, "--no-liger"])
+    assert json.loads(result.output)["best"]["setup"]["kernels"] == "none"

@@ -163,13 +163,12 @@ def plan_here(spec: ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None =
     from zeroplan.planner import PlanRequest, plan
 
     here = fused_loss_installed()
+    # a recipe's job keeps the model's own kernels (commands.job.recipe_job says why)
+    kernels = dict(job or {}).get("allow_kernels", True) and here
+    fields = {k: v for k, v in dict(job or {}).items() if k != "allow_kernels"}
     return plan(
         PlanRequest(
-            spec=spec,
-            cluster=cluster,
-            **dict(job or {}),
-            allow_fused_loss=here,
-            allow_kernels=here,
+            spec=spec, cluster=cluster, **fields, allow_fused_loss=here, allow_kernels=kernels
         )
     )
 
