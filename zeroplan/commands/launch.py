@@ -181,8 +181,9 @@ def _slug(name: str) -> str:
     "--kernels",
     type=click.Choice(("auto", "liger", "none")),
     default=None,
-    help="auto (default): Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels where they run (CUDA, "
-    "liger-kernel, a family it patches); liger: those or refuse; none: the model's own modules.",
+    help="auto (default): what the plan chose (its setup's kernels: Liger's RMSNorm, SwiGLU/GeGLU "
+    "and RoPE, or the model's own modules); liger: Liger's whatever the plan said, or refuse; "
+    "none: the model's own modules.",
 )
 @click.option(
     "--compile/--no-compile",
