@@ -247,3 +247,17 @@ def test_a_qwen3_moe_config_saved_by_transformers_5_is_read() -> None:
     saved = {k: v for k, v in QWEN.config.items() if k != "num_experts"}
     spec = spec_from_config({**saved, "num_local_experts": 128}, name="saved")
     assert spec.moe == QWEN.moe and spec.total_params == QWEN.total_params
+
+
+def test_moe_plans_and_estimates_keep_the_models_own_kernels() -> None:
+    """MoE peaks were measured without Liger: the plan does not choose it, an estimate
+    that asks for it is refused in one line."""
+    from zeroplan.planner import kernels_choice
+
+    spec = load_model("Qwen/Qwen3-30B-A3B")
+    cluster = parse_cluster("1xH200")
+    assert kernels_choice(PlanRequest(spec=spec, cluster=cluster)) == "none"
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    estimate(spec, cluster, TrainSetup(lora_targets=attention))  # measured: answers
+    with pytest.raises(UnmeasuredMoEError, match="Liger"):
+        estimate(spec, cluster, TrainSetup(lora_targets=attention, kernels="liger"))

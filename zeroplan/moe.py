@@ -97,6 +97,11 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
             f"{name}: mixture-of-experts LoRA under DeepSpeed (ZeRO) was not measured; "
             f"{measured(spec)}; drop --zero (one GPU, or DDP over several)"
         )
+    if setup.kernels != "none":
+        raise UnmeasuredMoEError(
+            f"{name}: Liger's kernels on a mixture-of-experts model were not measured; "
+            f"{measured(spec)}; use --kernels none"
+        )
     if setup.fp16:
         raise UnmeasuredMoEError(
             f"{name}: mixture-of-experts LoRA in fp16 was not measured (transformers runs the "
