@@ -256,7 +256,7 @@ def test_moe_plans_and_estimates_keep_the_models_own_kernels() -> None:
 
     spec = load_model("Qwen/Qwen3-30B-A3B")
     cluster = parse_cluster("1xH200")
-    assert kernels_choice(PlanRequest(spec=spec, cluster=cluster)) == "none"
+    assert kernels_choice(PlanRequest(spec=spec, cluster=cluster), "lora") == "none"
     attention = ("q_proj", "k_proj", "v_proj", "o_proj")
     estimate(spec, cluster, TrainSetup(lora_targets=attention))  # measured: answers
     with pytest.raises(UnmeasuredMoEError, match="Liger"):
