@@ -712,3 +712,13 @@ def test_liger_is_planned_only_where_its_launched_step_was_measured() -> None:
     assert kernels_choice(dataclasses.replace(req, allow_kernels=False), "lora") == "none"
     qlora = plan(dataclasses.replace(req, method="qlora", seq_len=1024))
     assert qlora.best is not None and qlora.best.setup.kernels == "none"
+
+
+def test_the_4bit_alternative_is_the_setup_method_auto_would_take() -> None:
+    """The '4-bit base, not chosen' line ranks 4-bit setups as --method auto ranks them (ties
+    within 3% to the simpler setup), so the two name the same setup."""
+    lora = plan(story_request(allow_kernels=False))
+    auto = plan(story_request(method="auto", allow_kernels=False))
+    assert lora.quantized_alternative is not None and auto.best is not None
+    assert auto.best.setup.method == "qlora"
+    assert lora.quantized_alternative.setup == auto.best.setup

@@ -392,7 +392,10 @@ def plan(req: PlanRequest) -> Plan:
         bf16 = [c for c in fitting if c.setup.method == "lora"]
         four_bit = [c for c in fitting if c.setup.method == "qlora"]
         if bf16:
-            fitting, alternative = _rank(req, bf16), (four_bit[0] if four_bit else None)
+            # each ranked among its own kind, as --method auto would rank it: the tie window
+            # is measured from the fastest of that kind, not from the bf16 plan's speed
+            ranked_4bit = _rank(req, four_bit)
+            fitting, alternative = _rank(req, bf16), (ranked_4bit[0] if ranked_4bit else None)
         else:
             fell_back = bool(four_bit)
     best = fitting[0] if fitting else None
