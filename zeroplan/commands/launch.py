@@ -30,6 +30,7 @@ from zeroplan.commands.job import (
     with_data,
 )
 from zeroplan.commands.job import say as _say
+from zeroplan.launch.kernels import KERNELS
 from zeroplan.launch.runner import LAUNCHERS, TrainOptions
 from zeroplan.launch.trackers import TRACKERS
 from zeroplan.planfiles import model_name
@@ -179,7 +180,7 @@ def _slug(name: str) -> str:
 )
 @click.option(
     "--kernels",
-    type=click.Choice(("auto", "liger", "none")),
+    type=click.Choice(KERNELS),
     default=None,
     help="auto (default): what the plan chose (its setup's kernels: Liger's RMSNorm, SwiGLU/GeGLU "
     "and RoPE, or the model's own modules); liger: Liger's whatever the plan said, or refuse; "
