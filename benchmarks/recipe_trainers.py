@@ -60,6 +60,11 @@ VARIANTS = {
     # attention mask; this makes it pass enable_gqa=True instead (no repeated copies)
     "gqa": {"TRANSFORMERS_SDPA_FORCE_GQA": "1"},
 }
+# run-name suffixes that change the recipe itself: axolotl's Triton LoRA kernels (on by
+# default for LoRA on one GPU) off, to tell their saved activations from the rest of its peak
+RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
+    "nokern": {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False},
+}
 # --tiny (a CPU dry run): what each recipe must change to run without a GPU
 CPU_KEYS: dict[str, dict[str, Any]] = {
     "trl": {"bf16": False, "use_cpu": True, "optim": "adamw_torch"},
@@ -336,6 +341,7 @@ def run_one(
     out = args.work / "runs" / run
     out.mkdir(parents=True, exist_ok=True)
     local = localize(run, recipe, model, data, out)
+    local.update(RECIPE_VARIANTS.get(run.split("+", 1)[1], {}) if "+" in run else {})
     if args.tiny:
         local.update(CPU_KEYS[trainer])
     cfg = out / src.name
@@ -347,7 +353,7 @@ def run_one(
         **env0,
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROBE), site, env0.get("PYTHONPATH")) if p),
         "RECIPE_PROBE_OUT": str(probe_out),
-        **(VARIANTS[run.split("+", 1)[1]] if "+" in run else {}),
+        **(VARIANTS.get(run.split("+", 1)[1], {}) if "+" in run else {}),
     }
     vers = versions(env)
     cmd = [sys.executable, "-c", f"import sys; from {mod} import {fn}; sys.exit({fn}())"]
@@ -441,7 +447,7 @@ def main() -> None:
         "--runs",
         default="trl-lora,trl-qlora,lf-lora,lf-qlora,ax-lora,ax-qlora",
         help="comma list of TRAINER-METHOD[+VARIANT] (trainers: trl, lf, ax; methods: lora, "
-        "qlora; variant gqa: TRANSFORMERS_SDPA_FORCE_GQA=1)",
+        "qlora; variant gqa: TRANSFORMERS_SDPA_FORCE_GQA=1; nokern: axolotl's LoRA kernels off)",
     )
     ap.add_argument("--arch", default="meta-llama--Llama-3.2-3B-Instruct", help="catalog model")
     ap.add_argument("--records", type=int, default=96, help="alpaca-like records to train on")
