@@ -248,12 +248,13 @@ def test_the_rank_refuses_liger_on_the_cpu_before_loading(tmp_path: Path, model_
 # -- zeroplan launch: the options reach the ranks; the refusals come before anything starts --
 
 
-def _launch(tmp_path: Path, model_dir: Path, train: Any) -> Any:
+def _launch(tmp_path: Path, model_dir: Path, train: Any, **plan_options: Any) -> Any:
+    """A one-rank launch of a tiny LoRA plan (``plan_options``: its setup's other fields)."""
     from zeroplan.hardware import parse_cluster
     from zeroplan.launch.runner import build_launch, read_plan, resolve_nodes
 
     tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
-    plan = tinyllm.write_plan(tmp_path / "plan", model_dir, method="lora")
+    plan = tinyllm.write_plan(tmp_path / "plan", model_dir, method="lora", **plan_options)
     return build_launch(
         read_plan(plan),
         run_dir=tmp_path / "run",
@@ -309,24 +310,10 @@ def test_a_plan_that_chose_liger_is_refused_where_liger_cannot_run(
     them) is refused at preflight where they cannot run; --kernels none overrides it."""
     from zeroplan.hardware import parse_cluster
     from zeroplan.launch.preflight import preflight
-    from zeroplan.launch.runner import TrainOptions, build_launch, read_plan, resolve_nodes
-
-    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(4))
-    plan = tinyllm.write_plan(tmp_path / "plan", model_dir, method="lora", kernels="liger")
+    from zeroplan.launch.runner import TrainOptions
 
     def launch(train: Any) -> Any:
-        return build_launch(
-            read_plan(plan),
-            run_dir=tmp_path / "run",
-            data=str(tmp_path / "d.jsonl"),
-            nodes=resolve_nodes(count=1),
-            launcher="torchrun",
-            gpu=parse_cluster("H100").gpu,
-            train=train,
-            model=str(model_dir),
-            port=29614,
-            inherited={},
-        )
+        return _launch(tmp_path, model_dir, train, kernels="liger")
 
     h100 = parse_cluster("1xH100")
     monkeypatch.setattr(kernels, "liger_model_types", lambda: None)

@@ -16,6 +16,7 @@ one key table serves both formats. The defaults differ:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from zeroplan.errors import BadRecipeError
@@ -259,24 +260,14 @@ TRAINER = Trainer(
     edits={"method": method_edits, "precision": precision_edits},
 )
 
-HF_TRAINER = Trainer(
-    format="hf",
-    label=HF_LABEL,
-    keys=KEYS,
-    defaults=HF_DEFAULTS,
-    ignored=IGNORED,
-    markers=frozenset(),
-    derive=derive,
-    edits={"method": method_edits, "precision": precision_edits},
+# TrainingArguments' JSON: TRL's keys and readers under transformers' defaults, found by
+# its file type rather than by marker keys
+HF_TRAINER = replace(
+    TRAINER, format="hf", label=HF_LABEL, defaults=HF_DEFAULTS, markers=frozenset()
 )
 # an hf JSON with SFTConfig's own keys: SFTConfig's defaults under the hf format
-SFT_JSON_TRAINER = Trainer(
-    format="hf",
+SFT_JSON_TRAINER = replace(
+    HF_TRAINER,
     label=f"TRL {VERSION} SFTConfig",
-    keys=KEYS,
     defaults={**DEFAULTS, "dtype": HF_DEFAULTS["dtype"]},
-    ignored=IGNORED,
-    markers=frozenset(),
-    derive=derive,
-    edits={"method": method_edits, "precision": precision_edits},
 )
