@@ -1,27 +1,37 @@
-"""Fit the MoE step's two constants (``speed.MoESpeedConstants``) and check them on rows
+"""Fit the MoE step's five constants (``speed.MoESpeedConstants``) and check them on rows
 they did not see (CPU only).
 
-    python benchmarks/fit_moe_speed.py [--check]
+    python benchmarks/fit_moe_speed.py [--check] [--fit-experts 16,64,128]
 
-The fit: ``host_layer_s`` and ``bank_bytes`` minimise the squared log-ratio of predicted to
-measured lean step time (``speed.step_time(..., launched=False)``) over the timed grid rows
-of ONE model shape in benchmarks/results/moe_h100.jsonl (benchmarks/moe_grid.py, one H100:
-every target set, with and without checkpointing; FIT_MODEL, cut to 8 layers), by a grid
-search in log space refined twice (the same rows give the same constants). The dense
-constants (``speed.FITTED``) are not touched.
+The rows: benchmarks/results/moe_speed_h100.jsonl (benchmarks/moe_speed.py, one H100: cut
+models of 8-128 experts, top-k 2-8, attention and all-linear LoRA, micro-batch 1-4, with
+and without checkpointing; per step the wall seconds and the host's own clock, the seconds
+until the step was queued; for some, the GPU's busy seconds from torch.profiler) and the
+older moe_h100.jsonl (cut Qwen3-30B-A3B and Mixtral-8x7B grids, full-depth rows),
+check_h200_moe.jsonl (full Qwen3-30B-A3B on one H200) and launch_moe_h100.jsonl (runs of
+``zeroplan launch``).
 
-Then the error that counts, predicted tokens/s against measured, on rows the fit did not
-see: the other shape's grid rows (HELD_OUT_MODEL, 4 layers), the full-depth rows of the same
-file, the H200 rows of the full Qwen3-30B-A3B (check_h200_moe.jsonl) and the two launched
-runs (launch_moe_h100.jsonl, against ``step_time(..., fill)`` of the launched setup).
-Each is printed beside the shipped model's (no MoE terms). 9 in 10 held-out lean rows must be
+The fit, on the rows of FIT_EXPERTS expert counts only, one clock per constant:
+``host_step_s`` and ``host_layer_s`` (a grid: the host clock is linear in both) minimise the
+squared log-ratio of ``speed.host_seconds`` to the host's clock, on the moe_speed rows and
+the older 8-layer grid rows whose wall is the host's (``host_rows``); ``copy_bytes`` that of
+``speed.gpu_seconds`` (+ the optimizer step) to the GPU's busy time on attention-only rows,
+then ``bank_bytes`` the same on all-linear rows; ``bank_recompute`` that of the predicted
+to the measured wall on checkpointed all-linear rows (one-dimensional searches in log
+space, refined twice). The dense constants (``speed.FITTED``) are not touched.
+
+Then the error that counts, predicted tokens/s against measured (the wall clock), on rows
+the fit did not see: the other expert counts' rows of moe_speed_h100.jsonl and the older
+Mixtral-8x7B grid ("held-out"); the older Qwen3-30B-A3B grid (128 experts, a fitted count,
+partly in the host fit), the full-depth rows, the H200 rows and the launched runs are
+printed too. Each beside the shipped model's (no MoE terms). 9 in 10 held-out rows must be
 within ``speed.HELD_OUT_P90_*`` (host-bound and GPU-bound apart) and the launched runs
 within ``speed.LAUNCHED_P90_*`` for the constants to ship (``ships``).
 
 ``--check`` exits 1 when zeroplan/speed.py's MOE_CANDIDATE differs from this fit by more
-than 5% on either constant, or when MOE_FITTED (what the estimate uses) is shipped while
-the held-out rows are out of band, or not shipped while they are in it (a test runs it).
-``--fit-on mistralai/Mixtral-8x7B-v0.1`` runs the other fold (Qwen3 shapes held out).
+than 5% on any constant, or when MOE_FITTED (what the estimate uses) is shipped while the
+held-out rows are out of band, or not shipped while they are in it (a test runs it).
+``--fit-experts`` fits on other expert counts (the rest held out).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import argparse
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +51,63 @@ import moe_check  # the same cut models and setups as the memory comparison
 
 from zeroplan import speed
 from zeroplan.hardware import parse_cluster
-from zeroplan.models import ModelSpec, load_model
+from zeroplan.models import ModelSpec, load_model, spec_from_config
 from zeroplan.speed import MoESpeedConstants, step_time
 from zeroplan.trainsetup import TrainSetup
 
-FIT_MODEL = "Qwen/Qwen3-30B-A3B"
-HELD_OUT_MODEL = "mistralai/Mixtral-8x7B-v0.1"
+# the expert counts the constants are fitted on; 8 (Mixtral-8x7B's own) and 32 are held out
+FIT_EXPERTS = (16, 64, 128)
+H100 = parse_cluster("1xH100")
 
 
-def lean_rows(fit_model: str = FIT_MODEL) -> list[dict[str, Any]]:
-    """Every timed lean step of the MoE files: grid and full-depth rows on one H100, the
-    full Qwen3-30B-A3B's all-linear rows on one H200. ``measured_s``: the median of the
-    timed steps (after the row's warm-up)."""
+def speed_rows(fit_experts: tuple[int, ...] = FIT_EXPERTS) -> list[dict[str, Any]]:
+    """The moe_speed.py rows: wall, host and (profiled rows) GPU seconds, medians of the
+    timed steps; the profile's busy time is halved (torch.profiler's key_averages lists
+    every kernel both under its operator and on its own)."""
     out = []
+    for row in moe_check.rows("moe_speed_h100.jsonl"):
+        if row["error"]:
+            continue
+        spec = spec_from_config(row["config"], name=row["shape"])
+        assert spec.moe is not None
+        warm = row["warmup_steps"]
+        busy = row.get("profile", {}).get("gpu_busy_s")
+        out.append(
+            {
+                "model": row["shape"],
+                "layers": spec.num_layers,
+                "spec": spec,
+                "setup": moe_check.setup_of(row),
+                "gpu": "1xH100",
+                "measured_s": statistics.median(row["step_seconds"][warm:]),
+                "host_s": statistics.median(row["dispatch_seconds"][warm:]),
+                "busy_s": busy / 2 if busy else None,
+                "group": "fit" if spec.moe.num_experts in fit_experts else "held-out",
+            }
+        )
+    return out
+
+
+def lean_rows(fit_experts: tuple[int, ...] = FIT_EXPERTS) -> list[dict[str, Any]]:
+    """Every timed lean step of the MoE files: speed_rows, then the older grid and
+    full-depth rows on one H100 and the full Qwen3-30B-A3B's all-linear rows on one H200.
+    ``measured_s``: the median of the timed steps (after the row's warm-up)."""
+    out = speed_rows(fit_experts)
     for row in moe_check.rows("moe_h100.jsonl"):
         if row.get("section") not in ("grid", "depth") or row["error"]:
             continue
         steps = row["step_seconds"][row["warmup_steps"] :]
         spec = moe_check.cut(row["model"], row["num_layers"])
-        out.append(_lean(row, spec, statistics.median(steps), "1xH100"))
+        r = _lean(row, spec, statistics.median(steps), "1xH100")
+        if r["group"] == "grid":
+            experts = spec.moe.num_experts if spec.moe else 0
+            r["group"] = "grid-fitE" if experts in fit_experts else "held-out"
+        out.append(r)
     for row in moe_check.rows("check_h200_moe.jsonl"):
         if row["oom"]:
             continue
         steps = row["step_seconds"][row["warmup_steps"] :]
         out.append(_lean(row, load_model(row["model"]), statistics.median(steps), "1xH200"))
-    for r in out:
-        if r["group"] == "grid":
-            r["group"] = "fit" if r["model"] == fit_model else "held-out"
     return out
 
 
@@ -96,8 +137,6 @@ def _launched_spec(row: dict[str, Any]) -> ModelSpec:
     sys.path.insert(0, str(moe_check.RESULTS.parent.parent / "tests"))
     import tinyllm
 
-    from zeroplan.models import spec_from_config
-
     catalog = load_model(row["arch"].replace("--", "/"))
     vocab = len(tinyllm.build_tokenizer())
     config = {**catalog.config, "num_hidden_layers": row["layers"], "vocab_size": vocab}
@@ -114,28 +153,100 @@ def lean_error(r: dict[str, Any], m: MoESpeedConstants | None) -> tuple[float, b
 def launched_error(r: dict[str, Any], m: MoESpeedConstants | None) -> tuple[float, bool]:
     """(predicted real tokens/s / measured − 1, host-bound) of a launched run under ``m``."""
     setup: TrainSetup = r["setup"]
-    p = step_time(r["spec"], setup, parse_cluster("1xH100"), fill=r["fill"], m=m)
+    p = step_time(r["spec"], setup, H100, fill=r["fill"], m=m)
     return p.tokens_per_s / r["tokens_per_s"] - 1, p.host_bound
 
 
-def loss(rows: list[dict[str, Any]], m: MoESpeedConstants) -> float:
-    """Σ log²(predicted / measured step time)."""
-    return sum(math.log1p(lean_error(r, m)[0]) ** 2 for r in rows)
+def host_clock(r: dict[str, Any], m: MoESpeedConstants) -> float:
+    """speed.host_seconds of a row: what its host clock (``host_s``) is compared with."""
+    return speed.host_seconds(r["spec"], r["setup"], m=m)
 
 
-def fit(rows: list[dict[str, Any]]) -> MoESpeedConstants:
-    """Grid search over host_layer_s in [10 µs, 10 ms] and bank_bytes in [0.1, 1000] B
-    (log-spaced, 0 included), refined twice around the best point."""
-    hosts = [0.0] + [10 ** (-5 + 3 * i / 30) for i in range(31)]
-    banks = [0.0] + [10 ** (-1 + 4 * i / 40) for i in range(41)]
-    best = min((MoESpeedConstants(h, b) for h in hosts for b in banks), key=lambda m: loss(rows, m))
+def gpu_clock(r: dict[str, Any], m: MoESpeedConstants) -> float:
+    """The GPU's predicted busy seconds of a step: the micro-batch and the optimizer step."""
+    gpu = H100.gpu
+    return speed.gpu_seconds(r["spec"], r["setup"], gpu, m=m) + speed.optimizer_seconds(
+        r["spec"], r["setup"], gpu, 1
+    )
+
+
+def _search(loss: Callable[[float], float], low: float, high: float) -> float:
+    """The value in [low, high] (log-spaced, 0 included) minimising ``loss``, refined twice
+    around the best point, to 4 significant digits."""
+    grid = [0.0] + [low * (high / low) ** (i / 40) for i in range(41)]
+    best = min(grid, key=loss)
     for span in (1.25, 1.05):
-        hosts = [best.host_layer_s * span ** (i / 5) for i in range(-5, 6)]
-        banks = [best.bank_bytes * span ** (i / 5) for i in range(-5, 6)]
-        best = min(
-            (MoESpeedConstants(h, b) for h in hosts for b in banks), key=lambda m: loss(rows, m)
+        best = min((best * span ** (i / 5) for i in range(-5, 6)), key=loss)
+    return float(f"{best:.4g}")
+
+
+def host_rows(fit_experts: tuple[int, ...] = FIT_EXPERTS) -> list[dict[str, Any]]:
+    """The rows the host constants are fitted on: the moe_speed rows of the fitted expert
+    counts (their host clock measured), and the older grid's rows of those counts whose wall
+    is more than twice the GPU's predicted busy time (the host's clock, then: without them
+    the 2-layer cuts cannot tell a per-step host cost from a per-layer one)."""
+    out = [r for r in speed_rows(fit_experts) if r["group"] == "fit"]
+    for r in lean_rows(fit_experts):
+        if r["group"] == "grid-fitE" and r["measured_s"] > 2 * gpu_clock(
+            r, MoESpeedConstants(0, 0)
+        ):
+            out.append({**r, "host_s": r["measured_s"]})
+    return out
+
+
+def fit(rows: list[dict[str, Any]], hosts: list[dict[str, Any]]) -> MoESpeedConstants:
+    """Each constant on its own clock (module docstring); ``rows``: speed_rows of the fit,
+    ``hosts``: host_rows."""
+
+    def log2(pred: float, measured: float) -> float:
+        return math.log(pred / measured) ** 2
+
+    # the host clock is linear in the two host constants: step + dense + per_layer · layer
+    dense = [host_clock(r, MoESpeedConstants(0.0, 0.0)) for r in hosts]
+    per_layer = [
+        host_clock(r, MoESpeedConstants(1.0, 0.0)) - d for r, d in zip(hosts, dense, strict=True)
+    ]
+
+    def host_loss(step: float, layer: float) -> float:
+        return sum(
+            log2(step + d + n * layer, r["host_s"])
+            for r, d, n in zip(hosts, dense, per_layer, strict=True)
         )
-    return MoESpeedConstants(float(f"{best.host_layer_s:.4g}"), float(f"{best.bank_bytes:.4g}"))
+
+    # a grid of 0-20 ms per micro-batch by 0-5 ms per layer, in steps of 0.1 and 0.02 ms
+    step, host = min(
+        ((s * 1e-4, h * 2e-5) for s in range(201) for h in range(251)),
+        key=lambda sh: host_loss(*sh),
+    )
+    step, host = float(f"{step:.4g}"), float(f"{host:.4g}")
+    profiled = [r for r in rows if r["busy_s"]]
+    attn = [r for r in profiled if not speed.banks_adapted(r["spec"], r["setup"])]
+    banks = [r for r in profiled if speed.banks_adapted(r["spec"], r["setup"])]
+    copy = _search(
+        lambda c: sum(
+            log2(gpu_clock(r, MoESpeedConstants(host, 0.0, c)), r["busy_s"]) for r in attn
+        ),
+        0.1,
+        1000.0,
+    )
+    bank = _search(
+        lambda b: sum(
+            log2(gpu_clock(r, MoESpeedConstants(host, b, copy)), r["busy_s"]) for r in banks
+        ),
+        0.1,
+        1000.0,
+    )
+    # what the recompute repeats of the banks' traffic: the wall of the checkpointed
+    # all-linear rows (no profile ran under checkpointing), the rest as fitted
+    ckpt = [r for r in rows if r["setup"].grad_ckpt and speed.banks_adapted(r["spec"], r["setup"])]
+
+    def constants(x: float) -> MoESpeedConstants:
+        return MoESpeedConstants(host, bank, copy, x, step)
+
+    recompute = _search(
+        lambda x: sum(math.log1p(lean_error(r, constants(x))[0]) ** 2 for r in ckpt), 0.01, 10.0
+    )
+    return constants(recompute)
 
 
 def p90(errors: list[float]) -> float:
@@ -155,18 +266,24 @@ def _label(r: dict[str, Any]) -> str:
     )
 
 
-def report(m: MoESpeedConstants, fit_model: str = FIT_MODEL) -> dict[str, Any]:
-    """Every row's error with and without the MoE terms; p90s by group and bound."""
-    lean = lean_rows(fit_model)
-    out: dict[str, Any] = {"rows": [], "bands": {}}
-    for r in lean:
+GROUPS = ("fit", "held-out", "grid-fitE", "depth", "h200", "launched")
+
+
+def report(m: MoESpeedConstants, fit_experts: tuple[int, ...] = FIT_EXPERTS) -> dict[str, Any]:
+    """Every row's error with and without the MoE terms; p90s by group and bound; the two
+    clocks' errors (host, GPU) on the moe_speed rows."""
+    out: dict[str, Any] = {"rows": [], "bands": {}, "clocks": []}
+    for r in lean_rows(fit_experts):
         err, host = lean_error(r, m)
         out["rows"].append((r["group"], _label(r), r["gpu"][2:], err, lean_error(r, None)[0], host))
+        if "host_s" in r:
+            gpu = gpu_clock(r, m) / r["busy_s"] - 1 if r["busy_s"] else None
+            out["clocks"].append((r["group"], _label(r), host_clock(r, m) / r["host_s"] - 1, gpu))
     for r in launched_rows():
         err, host = launched_error(r, m)
         before = launched_error(r, None)[0]
         out["rows"].append(("launched", _label(r), "H100", err, before, host))
-    for group in ("fit", "held-out", "depth", "h200", "launched"):
+    for group in GROUPS:
         for host in (False, True):
             errs = [e for g, _, _, e, _, h in out["rows"] if g == group and h == host]
             if errs:
@@ -193,27 +310,39 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true")
     p.add_argument(
-        "--fit-on", default=FIT_MODEL, help="the model shape to fit on (the other is held out)"
+        "--fit-experts",
+        default=",".join(map(str, FIT_EXPERTS)),
+        help="the expert counts to fit on (the others are held out)",
     )
     args = p.parse_args()
-    fitted = fit([r for r in lean_rows(args.fit_on) if r["group"] == "fit"])
-    print(f"fitted on {args.fit_on} grid rows: {fitted}")
+    fit_experts = tuple(int(e) for e in args.fit_experts.split(","))
+    fitted = fit(
+        [r for r in speed_rows(fit_experts) if r["group"] == "fit"], host_rows(fit_experts)
+    )
+    print(f"fitted on the moe_speed rows of {fit_experts} experts: {fitted}")
     print(f"zeroplan.speed.MOE_CANDIDATE: {speed.MOE_CANDIDATE}")
     print(f"zeroplan.speed.MOE_FITTED (shipped): {speed.MOE_FITTED}")
-    rep = report(fitted, args.fit_on)
+    rep = report(fitted, fit_experts)
+    print("the two clocks, predicted over measured − 1 (moe_speed rows): host, GPU (profiled)")
+    for group, label, host_err, gpu_err in rep["clocks"]:
+        gpu = f"{gpu_err:+7.1%}" if gpu_err is not None else "       "
+        print(f"  {group:9s} {label} {host_err:+7.1%} {gpu}")
     print("predicted tokens/s error (+: too fast): with the MoE terms, shipped model (none)")
     for group, label, gpu, err, before, host in rep["rows"]:
         bound = "host-bound" if host else "GPU-bound"
-        print(f"  {group:8s} {label} {gpu} {err:+7.1%} {before:+7.1%} {bound}")
+        print(f"  {group:9s} {label} {gpu} {err:+7.1%} {before:+7.1%} {bound}")
     print("9 in 10 within (rows):")
     for (group, host), (value, n) in rep["bands"].items():
-        print(f"  {group:8s} {'host-bound' if host else 'GPU-bound ':10s} {value:6.1%} ({n})")
+        print(f"  {group:9s} {'host-bound' if host else 'GPU-bound ':10s} {value:6.1%} ({n})")
     shipped = ships(rep["bands"])
     print(f"within the plan's bands (ships): {shipped}")
     if args.check:
         pairs = (
             (fitted.host_layer_s, speed.MOE_CANDIDATE.host_layer_s),
             (fitted.bank_bytes, speed.MOE_CANDIDATE.bank_bytes),
+            (fitted.copy_bytes, speed.MOE_CANDIDATE.copy_bytes),
+            (fitted.bank_recompute, speed.MOE_CANDIDATE.bank_recompute),
+            (fitted.host_step_s, speed.MOE_CANDIDATE.host_step_s),
         )
         if any(abs(a - b) > 0.05 * max(abs(a), abs(b)) for a, b in pairs):
             print("MOE_CANDIDATE differs from the fit by more than 5%")

@@ -222,24 +222,39 @@ def test_a_sparse_step_dense_mlp_target_is_not_measured() -> None:
 
 
 def test_the_moe_speed_note_quotes_the_timed_steps() -> None:
-    """speed.family_note's MoE range is that of the timed attention-only steps (10 timed
-    after 2 warm-up each), predicted too fast: kept honest, not refitted."""
-    errors = [r["error"] for r in moe_check.speed_rows()]
-    assert len(errors) == 16 and min(errors) > 0  # every step slower than predicted
+    """speed.family_note's MoE ranges are the shipped model's errors on the timed steps of
+    benchmarks/moe_speed.py (10 timed after 2 warm-up each, 8-128 experts), attention-only
+    and all-linear apart: kept honest, not refitted."""
+    import fit_moe_speed
+
+    def times(err: float) -> str:  # predicted tokens/s over measured − 1, as the note says it
+        return f"{-err:.0%} too slow" if err < 0 else f"{1 + err:.1f} times too fast"
+
+    rows = fit_moe_speed.speed_rows()
+    assert len(rows) == 48
     note = family_note(QWEN)
-    assert note is not None
-    assert f"ran {min(errors):.0%}-{max(errors):.0%} slower".replace("%-", "-") in note
+    assert note is not None and "not calibrated" in note
+    for banks in (False, True):
+        errors = [
+            fit_moe_speed.lean_error(r, None)[0]
+            for r in rows
+            if speed.banks_adapted(r["spec"], r["setup"]) == banks
+        ]
+        assert f"from {times(min(errors))} to {times(max(errors))}" in note
 
 
 def test_launched_moe_trains_and_peaks_within_5_percent_of_the_plan() -> None:
-    """zeroplan launch of a cut Qwen3-30B-A3B (8 layers) on one H100, alpaca-like records of
-    varying length: attention (dropout 0.05) and all-linear (dropout 0) both train, and
-    their peaks are those the estimate gives the launched setup."""
+    """zeroplan launch of a cut Qwen3-30B-A3B (8 layers) and Mixtral-8x7B (2 layers) on one
+    H100, alpaca-like records of varying length: attention (dropout 0.05) and all-linear
+    (dropout 0) train on both, and their peaks are those the estimate gives the launched
+    setup."""
     launched = moe_check.launch_rows()
-    assert {",".join(r["setup"].lora_targets) for r in launched} == {",".join(ATTN), "all-linear"}
+    for model in (QWEN.name, MIXTRAL.name):
+        targets = {",".join(r["setup"].lora_targets) for r in launched if r["model"] == model}
+        assert targets == {",".join(ATTN), "all-linear"}
     for r in launched:
         assert abs(r["error"]) < 0.05, f"{r['error']:+.1%}"
-        assert r["losses"][-1] < r["losses"][0] - 1.0
+        assert r["losses"][-1] < r["losses"][0] - 0.5
 
 
 def test_a_qwen3_moe_config_saved_by_transformers_5_is_read() -> None:
@@ -264,10 +279,10 @@ def test_moe_plans_and_estimates_keep_the_models_own_kernels() -> None:
 
 
 def test_moe_speed_candidate_is_the_fit_and_is_not_shipped_out_of_band() -> None:
-    """benchmarks/fit_moe_speed.py --check: MOE_CANDIDATE is what the Qwen3 grid rows fit,
-    and MOE_FITTED is shipped only if the held-out Mixtral rows and the launched runs are
-    within the plan's bands; today they are not (Mixtral: 17.3% GPU-bound, 22.1%
-    host-bound at 9 in 10, against 9.0% and 19.6%)."""
+    """benchmarks/fit_moe_speed.py --check: MOE_CANDIDATE is what the rows of 16, 64 and 128
+    experts fit, and MOE_FITTED is shipped only if the held-out rows (8 and 32 experts) and
+    the launched runs are within the plan's bands; today they are not (16.1% GPU-bound,
+    21.1% host-bound at 9 in 10, against 9.0% and 19.6%)."""
     import subprocess
 
     done = subprocess.run(
@@ -302,43 +317,87 @@ def test_moe_speed_terms_leave_dense_predictions_unchanged(model: str, setup: Tr
 
 
 def test_moe_speed_terms_as_counted() -> None:
-    """By hand for a cut Qwen3-30B-A3B (8 layers, one H100): attention-only adds the banks'
-    weight reads, 2 B · N_b · 2 per layer (forward, backward; no recompute); all-linear
-    adds bank_bytes · N_b per layer and takes the banks out of LoRA's per-token traffic."""
+    """By hand for a cut Qwen3-30B-A3B (8 layers, one H100): attention-only adds, per layer
+    and grouped_mm pass (forward, backward; no recompute), the banks' weight read 2 B · N_b
+    and the routed FLOPs at peak instead of at the dense efficiency, and copy_bytes per
+    routed copy and hidden feature; the host adds host_layer_s per layer and host_step_s
+    per micro-batch; all-linear adds a third pass and bank_bytes · N_b per layer (and
+    bank_recompute of it under checkpointing) and takes the banks out of LoRA's per-token
+    traffic."""
     spec, gpu = moe_check.cut("Qwen/Qwen3-30B-A3B", 8), parse_cluster("1xH100").gpu
     n_b = 128 * (2 * 768 * 2048 + 2048 * 768)
     assert speed.bank_elements(spec) == n_b
-    m = speed.MoESpeedConstants(host_layer_s=0.001, bank_bytes=10.0)
+    m = speed.MoESpeedConstants(
+        host_layer_s=0.001, bank_bytes=10.0, copy_bytes=100.0, bank_recompute=0.5, host_step_s=0.002
+    )
     attn = TrainSetup(micro_batch=1, seq_len=512, lora_targets=ATTN)
-    bw = gpu.memory_bandwidth_gbs * 1e9
+    bw, peak = gpu.memory_bandwidth_gbs * 1e9, gpu.bf16_tflops * 1e12
+    flops = 2 * 512 * 8 / 128 * n_b  # the routed FLOPs of one pass over a layer's banks
+    grouped = 2 * (2 * n_b / bw + flops / peak) - 2 * flops / (peak * speed.FITTED.efficiency_lora)
+    copies = 100.0 * 512 * 8 * 2048 / bw
     added = speed.gpu_seconds(spec, attn, gpu, m=m) - speed.gpu_seconds(spec, attn, gpu, m=None)
-    assert added == pytest.approx(8 * 2 * 2 * n_b / bw)
+    assert added == pytest.approx(8 * (grouped + copies))
     host = speed.host_seconds(spec, attn, m=m) - speed.host_seconds(spec, attn, m=None)
-    assert host == pytest.approx(8 * 0.001)
+    assert host == pytest.approx(0.002 + 8 * 0.001)
+    ckpt = dataclasses.replace(attn, grad_ckpt=True)
+    host = speed.host_seconds(spec, ckpt, m=m) - speed.host_seconds(spec, ckpt, m=None)
+    assert host == pytest.approx(0.002 + 8 * 0.001 * (1 + speed.FITTED.host_recompute))
     everything = TrainSetup(
         micro_batch=1, seq_len=512, lora_targets=("all-linear",), lora_dropout=0
     )
     assert speed.wrapped_features(spec, everything) == 8 * (
         2048 + 128 + 128 * (2048 + 1536 + 768 + 2048)
     )
-    assert speed.moe_gpu_seconds(spec, everything, gpu, m) > speed.moe_gpu_seconds(
-        spec, attn, gpu, m
+    third = (
+        2 * n_b / bw
+        + flops / peak
+        + 10.0 * n_b / bw
+        + 6 * 16 * n_b / (peak * speed.FITTED.efficiency_lora)
     )
+    assert speed.moe_gpu_seconds(spec, everything, gpu, m) - speed.moe_gpu_seconds(
+        spec, attn, gpu, m
+    ) == pytest.approx(8 * third)
+    banks_ckpt = dataclasses.replace(everything, grad_ckpt=True)
+    more = speed.moe_gpu_seconds(spec, banks_ckpt, gpu, m) - speed.moe_gpu_seconds(
+        spec, ckpt, gpu, m
+    )
+    assert more - 8 * third == pytest.approx(8 * 0.5 * 10.0 * n_b / bw)
 
 
-def test_the_moe_speed_note_quotes_the_h200_rows_and_the_held_out_fit() -> None:
-    """family_note's all-linear H200 range is the shipped model's on check_h200_moe.jsonl,
-    and its held-out figures are fit_moe_speed's Mixtral bands (9 in 10, by bound)."""
+def test_an_moe_step_is_not_calibrated_and_quotes_no_band() -> None:
+    """While MOE_FITTED is None an MoE step's JSON gives no error band and says so; a dense
+    step's keeps its band."""
+    cluster, setup = parse_cluster("1xH200"), TrainSetup(lora_targets=ATTN)
+    moe_speed = speed.step_time(QWEN, setup, cluster).to_json()
+    assert moe_speed["speed_calibrated"] is False and moe_speed["error_p90"] is None
+    dense = speed.step_time(load_model("meta-llama/Llama-3.1-8B"), setup, cluster).to_json()
+    assert dense["speed_calibrated"] is True and dense["error_p90"] > 0
+
+
+def test_the_moe_speed_note_quotes_the_held_out_fit() -> None:
+    """family_note's held-out figures are fit_moe_speed's bands on the rows of 8 and 32
+    experts (9 in 10, by bound)."""
     import fit_moe_speed
 
-    h200 = [
-        fit_moe_speed.lean_error(r, None)[0]
-        for r in fit_moe_speed.lean_rows()
-        if r["group"] == "h200"
-    ]
-    note = family_note(QWEN)
-    assert note is not None
-    assert f"ran {min(h200):.0%}-{max(h200):.0%} slower".replace("%-", "-") in note
     bands = fit_moe_speed.report(speed.MOE_CANDIDATE)["bands"]
     gpu, host = bands[("held-out", False)][0], bands[("held-out", True)][0]
+    note = family_note(QWEN)
+    assert note is not None
     assert f"within {gpu:.0%} (GPU-bound) and {host:.0%} (host-bound)" in note
+
+
+def test_estimate_and_plan_say_moe_speed_is_not_calibrated() -> None:
+    """The text of estimate and plan quotes no band for an MoE step and says why."""
+    from click.testing import CliRunner
+
+    from zeroplan.commands.cli import cli
+
+    env = {"COLUMNS": "250"}
+    args = ["Qwen/Qwen3-30B-A3B", "--gpus", "1xH200", "--seq-len", "1024"]
+    attention = ["--lora-targets", ",".join(ATTN)]
+    est = CliRunner().invoke(cli, ["estimate", *args, *attention], env=env).output
+    est = " ".join(est.split())
+    assert speed.UNCALIBRATED in est and "9 in 10 predictions like this" not in est
+    out = " ".join(CliRunner().invoke(cli, ["plan", *args], env=env).output.split())
+    assert "(row 1): This speed is not calibrated" in out
+    assert "these bands do not hold for mixture-of-experts steps" in out

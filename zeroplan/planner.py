@@ -447,6 +447,7 @@ def plan(req: PlanRequest) -> Plan:
         f"and 9 in 10 launched runs on real records within {LAUNCHED_P90_GPU_BOUND:.0%} and "
         f"{LAUNCHED_P90_HOST_BOUND:.0%} of their plan (docs/speed.md); the host's cost per "
         "dispatched operation was measured on Xeon hosts"
+        + ("; these bands do not hold for mixture-of-experts steps (below)" if req.spec.moe else "")
     ]
     assumptions.extend(req.cluster.notes)
     assumptions += [n for n in (family_note(req.spec), gpu_note(req.cluster.gpu.name)) if n]

@@ -224,6 +224,11 @@ HELD_OUT_P90_HOST_BOUND = 0.196
 # Qwen2.5 models' launched LoRA and QLoRA runs, predicted a median 20% too fast.
 LAUNCHED_P90_GPU_BOUND = 0.186
 LAUNCHED_P90_HOST_BOUND = 0.272
+# What estimate and plan say instead of a band where none was measured (StepTime.calibrated).
+UNCALIBRATED = (
+    "This speed is not calibrated: no error band was measured for steps like this one "
+    "(mixture of experts; see the speed note)."
+)
 # The architectures (config model_type → the name users know) whose steps the constants
 # were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them
 # the host's clock still counts each architecture's own operations (hostops) and the GPU's
@@ -239,32 +244,55 @@ DEFAULT_INTER_NODE_GBS = 12.5
 @dataclass(frozen=True)
 class MoESpeedConstants:
     """What a mixture-of-experts layer adds to the step as transformers 5 runs it (router,
-    top-k, grouped_mm over the fused expert banks): two constants fitted by
-    ``benchmarks/fit_moe_speed.py`` on the timed lean steps of cut Qwen3-30B-A3B shapes
-    (benchmarks/results/moe_h100.jsonl, one H100; Mixtral-8x7B shapes held out), apart
-    from the dense fit, which they do not move (0 for a dense model). A candidate, not
-    shipped: MOE_FITTED is None while its held-out rows miss the plan's bands
-    (docs/moe.md, "The candidate model"):
+    top-k, a sort of the routed copies, grouped_mm over the fused expert banks, the copies
+    put back in order and summed): constants fitted by ``benchmarks/fit_moe_speed.py`` on
+    cut models of 16, 64 and 128 experts (benchmarks/results/moe_speed_h100.jsonl, and
+    moe_h100.jsonl's 8-layer Qwen3-30B-A3B for the host; one H100; 8 and 32 experts held
+    out), apart from the dense fit, which they do not move (0 for a dense model). A
+    candidate, not shipped: MOE_FITTED is None while its held-out rows miss the plan's
+    bands (docs/moe.md, "Speed"):
         host_layer_s: host seconds per MoE layer per forward and backward beyond the
-            operations hostops counts (those were counted on the CPU, where the experts
-            run another path): the router's top-k, the sort of the routed copies, the
-            grouped_mm offsets and the scatter back, and their autograd nodes.
+            operations hostops counts (those were counted on the CPU, where grouped_mm runs
+            another path), repeated by the recompute as the layer's other operations are;
+        host_step_s: host seconds per micro-batch that the recompute does not repeat. Both
+            fitted on the host's own clock (the seconds until a step was queued,
+            ``dispatch_seconds``) and on the older 8-layer rows whose wall is the host's:
+            the 2-layer cuts alone cannot tell the two apart.
+        copy_bytes: bytes per routed copy and hidden feature (T · k · h a micro-batch)
+            that the dispatch moves besides the experts' own activations: the gather of
+            each token's copies in expert order, the routing weight's multiply, the gather
+            back and the sum over k, and their backward (index_put with accumulation);
+            fitted on the GPU's busy time (torch.profiler) of attention-only steps.
         bank_bytes: bytes per expert-bank element that LoRA on the banks (all-linear)
             moves per micro-batch at the card's bandwidth: PEFT's ParamWrapper builds
-            W' = W + s·B·A as large as the bank in every forward (B·A written, scaled,
-            added to W read) and its backward reduces grouped_mm's bank-sized gradient
-            of W' into A's and B's.
+            W' = W + s·B·A as large as the bank in every forward (a batched B·A added to W:
+            baddbmm and copies in the profile) and its backward reduces grouped_mm's
+            bank-sized gradient of W' into A's and B's (bmm); fitted on the GPU's busy time
+            of all-linear steps.
+        bank_recompute: the share of bank_bytes that checkpointing's recompute moves again
+            (it rebuilds W'); fitted on the wall of checkpointed all-linear steps, which
+            ran unprofiled.
     """
 
     host_layer_s: float
     bank_bytes: float
+    copy_bytes: float = 0.0
+    bank_recompute: float = 0.5
+    host_step_s: float = 0.0
 
 
 # The candidate's fit (benchmarks/fit_moe_speed.py --check holds it to the fit). Not shipped:
-# on the rows the fit did not see, the Mixtral-8x7B shapes, 9 in 10 lean steps came within
-# 17.3% GPU-bound and 22.1% host-bound, outside HELD_OUT_P90_* (9.0%, 19.6%), so MOE_FITTED
-# stays None and MoE steps are predicted as dense ones (family_note says how far off).
-MOE_CANDIDATE = MoESpeedConstants(host_layer_s=0.002139, bank_bytes=42.45)
+# of the held-out steps (8 and 32 experts), 9 in 10 GPU-bound ones came within 8.3% (inside
+# HELD_OUT_P90_GPU_BOUND) but host-bound ones within 22.8% (outside 19.6%), and the launched
+# runs within 30.6% (outside 18.6%), so MoE steps are predicted as dense ones and quoted as
+# not calibrated (StepTime.calibrated; family_note says how far off).
+MOE_CANDIDATE = MoESpeedConstants(
+    host_layer_s=0.00184,
+    bank_bytes=29.95,
+    copy_bytes=213.9,
+    bank_recompute=0.7499,
+    host_step_s=0.0009,
+)
 MOE_FITTED: MoESpeedConstants | None = None
 
 
@@ -277,7 +305,9 @@ class StepTime:
     ``offload_s``: optimizer offload's PCIe traffic and CPU Adam; ``launch_s``: the
     launched trainer's own per-step cost (0 for the lean step). ``gpu_micro_s`` and
     ``host_micro_s``: one micro-batch's two clocks (gpu_seconds, host_seconds), the longer
-    of which sets its pace.
+    of which sets its pace. ``calibrated``: False where no error band was measured for the
+    step's kind (a mixture of experts while MOE_FITTED is None): the JSON then gives no band
+    (None) and says so, instead of quoting the dense models' band.
     """
 
     compute_s: float
@@ -289,6 +319,7 @@ class StepTime:
     tokens_per_s: float  # whole cluster
     gpu_micro_s: float = 0.0
     host_micro_s: float = 0.0
+    calibrated: bool = True
 
     @property
     def host_bound(self) -> bool:
@@ -319,7 +350,10 @@ class StepTime:
         return LAUNCHED_P90_HOST_BOUND if self.host_bound else LAUNCHED_P90_GPU_BOUND
 
     def to_json(self) -> dict[str, Any]:
-        """The step's JSON keys, as ``zeroplan estimate --json`` and plan.json name them."""
+        """The step's JSON keys, as ``zeroplan estimate --json`` and plan.json name them (the
+        bands None, ``speed_calibrated`` False, where the step is not calibrated)."""
+        bands = (self.error_p90, self.step_error_p90, self.launched_error_p90)
+        error, step, launched = bands if self.calibrated else (None, None, None)
         return {
             "step_seconds": self.total_s,
             "compute_seconds": self.compute_s,
@@ -329,9 +363,10 @@ class StepTime:
             "launch_seconds": self.launch_s,
             "tokens_per_s": self.tokens_per_s,
             "host_bound": self.host_bound,
-            "error_p90": self.error_p90,
-            "step_error_p90": self.step_error_p90,
-            "launched_error_p90": self.launched_error_p90,
+            "speed_calibrated": self.calibrated,
+            "error_p90": error,
+            "step_error_p90": step,
+            "launched_error_p90": launched,
         }
 
 
@@ -354,17 +389,17 @@ def family_note(spec: ModelSpec) -> str | None:
     """What to tell the user when the speed model never saw the model's architecture."""
     if spec.model_type in FITTED_FAMILIES:
         return None
-    # MoE: the lean step of benchmarks/moe_check.py (tests/test_moe.py holds the range to it)
+    # MoE: the lean steps of benchmarks/fit_moe_speed.py (tests/test_moe.py holds the figures)
     moe = (
-        " Mixture of experts, never fitted: LoRA on attention of Qwen3-30B-A3B and "
-        "Mixtral-8x7B shapes cut to 8 and 4 layers ran 3-44% slower than predicted on one "
-        "H100 (host-bound shapes furthest; benchmarks/results/moe_h100.jsonl), 11% slower "
-        "launched; all-linear LoRA ran 19-56% slower (full Qwen3-30B-A3B, one H200) but "
-        "1.65 times as fast launched on a cut one: its speed is not known within a factor "
-        "of two. A model of the MoE step (grouped_mm's expert weight reads, routing's host "
-        "work, the banks' W + B·A) fitted on the Qwen3 shapes came within 17% (GPU-bound) "
-        "and 22% (host-bound) of 9 in 10 held-out Mixtral steps, outside the bands quoted "
-        "for dense models, so it is not used (benchmarks/fit_moe_speed.py)."
+        " Mixture of experts: this speed is not calibrated. On cut models of 8-128 experts "
+        "(one H100; benchmarks/results/moe_speed_h100.jsonl) it was from 3% too slow to 2.1 "
+        "times too fast for LoRA on attention and from 40% too slow to 6.2 times too fast "
+        "for all-linear LoRA (small micro-batches furthest). A model of the MoE step "
+        "(grouped_mm's expert weight reads, the routed copies' traffic, routing's host work, "
+        "the banks' W + B·A) fitted on 16, 64 and 128 experts came within 8% (GPU-bound) "
+        "and 23% (host-bound) of 9 in 10 held-out steps of 8 and 32 experts, and launched "
+        "runs within 31%: the host-bound and launched figures are outside the bands of dense "
+        "models, so it is not used (benchmarks/fit_moe_speed.py)."
         if spec.moe
         else ""
     )
@@ -605,31 +640,38 @@ def moe_gpu_seconds(
 ) -> float:
     """What the MoE layers add to the GPU's clock (0 for a dense model), per micro-batch:
 
-    L_moe · N_b · (2 B · (2 + c) + banks · bank_bytes · (1 + c/2)) / bandwidth
-      + banks · (2 · Ψ_e · T + 6 · r · N_b · L_moe) / (peak · efficiency)
+    L_moe · (p · (2 B · N_b / bandwidth + F_r / peak) − (2 + c) · F_r / (peak · efficiency)
+             + banks · bank_bytes · (1 + c · bank_recompute) · N_b / bandwidth)
+      + copy_bytes · T · k · h · L_moe · passes / bandwidth
+      + banks · 6 · r · N_b · L_moe / (peak · efficiency)
 
     N_b = bank_elements, L_moe the MoE layers, c = 1 under checkpointing, banks = 1 when
-    LoRA trains the banks (all-linear), Ψ_e the expert parameters a token meets (top-k of
-    E per layer, all layers), r the LoRA rank. The first term is counted: grouped_mm reads
-    every expert's weights in the forward, in the backward's input gradient and in the
-    recompute, however few tokens each expert gets (at 1 × 512 tokens a Qwen3-30B-A3B
-    expert sees 32 copies, so the read, not the FLOPs, sets its time; flops_per_token
-    counts only the routed tokens' FLOPs). The bank adapter's traffic is
-    ``MoESpeedConstants.bank_bytes`` (fitted; the recompute rebuilds W' but does not
-    reduce its gradient, hence ½); its FLOPs are counted: grouped_mm's gradient of W'
-    for the routed tokens (2·Ψ_e per token, as full fine-tuning's weight gradient) and
-    B·A's product in the forward and its two gradients in the backward."""
+    LoRA trains the banks (all-linear), p = 2 + c + banks the grouped_mm passes over a
+    layer's banks (forward, the backward's input gradient, the recompute, the gradient of
+    W'), F_r = 2 · T · (k/E) · N_b the routed tokens' FLOPs of one pass, r the LoRA rank,
+    passes = elementwise_passes. A grouped_mm pass reads every expert's weights however few
+    tokens each gets, and then runs its FLOPs near the card's peak: measured on one H100
+    (torch.profiler, benchmarks/results/moe_speed_h100.jsonl), the grouped_mm kernels of
+    8-128 experts at 32-1,024 routed copies per expert took 0.97-1.28 times
+    2 B · N_b / bandwidth + F_r / peak per pass. flops_per_token charges the routed FLOPs of
+    the forward, backward and recompute at the dense efficiency instead, which is taken back
+    here. The routed copies' traffic is ``copy_bytes`` per copy and hidden feature. The bank
+    adapter's traffic is ``bank_bytes`` (fitted), of which the recompute, rebuilding W',
+    moves ``bank_recompute`` again; B·A's product and its two gradients are counted as
+    FLOPs."""
     if spec.moe is None or not spec.moe.num_moe_layers:
         return 0.0
     layers, n_b, c = spec.moe.num_moe_layers, bank_elements(spec), int(setup.grad_ckpt)
-    per_layer = 2.0 * (2 + c) * n_b
-    flops = 0.0
-    if banks_adapted(spec, setup):
-        per_layer += m.bank_bytes * (1 + c / 2) * n_b
-        routed = n_b * spec.moe.top_k / spec.moe.num_experts * layers
-        flops = 2.0 * routed * setup.tokens + 6.0 * setup.lora_r * n_b * layers
-    matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
-    return layers * per_layer / (gpu.memory_bandwidth_gbs * 1e9) + matmul
+    banks = int(banks_adapted(spec, setup))
+    bandwidth = gpu.memory_bandwidth_gbs * 1e9
+    peak = peak_tflops(setup, gpu) * 1e12
+    rate = peak * k.efficiency(setup.method)
+    routed = 2.0 * setup.tokens * spec.moe.top_k / spec.moe.num_experts * n_b
+    grouped = (2 + c + banks) * (2.0 * n_b / bandwidth + routed / peak) - (2 + c) * routed / rate
+    adapter = banks * m.bank_bytes * (1 + c * m.bank_recompute) * n_b / bandwidth
+    copies = m.copy_bytes * setup.tokens * spec.moe.top_k * spec.hidden_size
+    lora = banks * 6.0 * setup.lora_r * n_b / rate
+    return layers * (grouped + adapter + lora + copies * elementwise_passes(setup) / bandwidth)
 
 
 def liger_features(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -663,13 +705,13 @@ def host_seconds(
     m: MoESpeedConstants | None = MOE_FITTED,
 ) -> float:
     """The host's time for one micro-batch, whatever its size:
-    (1 + checkpointing · host_recompute) · (host_operations · host_op_s
+    [host_step_s +] (1 + checkpointing · host_recompute) · (host_operations · host_op_s
         + 4-bit linears · host_4bit_s + ZeRO-3's parameter tensors · zero3_tensor_s
         + MoE layers · host_layer_s).
 
     With MoE constants ``m`` (not shipped: MOE_FITTED is None) an MoE layer adds
     host_layer_s, its routing and grouped_mm work beyond the operations counted on the
-    CPU (0 for a dense model).
+    CPU, and the micro-batch host_step_s (both 0 for a dense model).
 
     ZeRO-3's hooks are host work (per module: gather, wait, release, its trace), so they
     hide under a long enough GPU step and set a floor under a short one: on two H200s
@@ -679,7 +721,8 @@ def host_seconds(
     H200 nodes); not scaled by the GPU, since it is the CPU's clock."""
     hooks = parameter_tensors(spec, setup) * k.zero3_tensor_s if setup.zero == 3 else 0.0
     moe_layers = spec.moe.num_moe_layers * m.host_layer_s if (m and spec.moe) else 0.0
-    return (1 + int(setup.grad_ckpt) * k.host_recompute) * (
+    step = m.host_step_s if (m and spec.moe) else 0.0
+    return step + (1 + int(setup.grad_ckpt) * k.host_recompute) * (
         host_operations(spec, setup) * k.host_op_s
         + quantized_linears(spec, setup) * k.host_4bit_s
         + hooks
@@ -862,4 +905,8 @@ def step_time(
     launch = k.launch_step_s if launched else 0.0
     total = compute + exposed + offload + launch
     tokens = setup.tokens * setup.grad_accum * world * fill
-    return StepTime(compute, comm, exposed, offload, launch, total, tokens / total, gpu_s, host_s)
+    # an MoE step has a measured band only under shipped MoE constants (MOE_FITTED)
+    calibrated = spec.moe is None or (m is not None and m == MOE_FITTED)
+    return StepTime(
+        compute, comm, exposed, offload, launch, total, tokens / total, gpu_s, host_s, calibrated
+    )

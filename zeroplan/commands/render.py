@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU
-from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
+from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD, UNCALIBRATED
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -165,7 +165,9 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         )
         bound = "host-bound" if speed["host_bound"] else "GPU-bound"
         band = (
-            f"On runs no fit saw, 9 in 10 predictions like this came within "
+            UNCALIBRATED
+            if speed["error_p90"] is None
+            else f"On runs no fit saw, 9 in 10 predictions like this came within "
             f"{speed['error_p90']:.0%} of the measured speed ({bound} steps timed alone: "
             f"{speed['step_error_p90']:.0%}"
             + (
@@ -386,10 +388,15 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
         line = f"cost at ${req['price_per_gpu_hour']:,.2f} per GPU-hour ({source}"
         line += "; --price-per-gpu-hour to use yours)" if source != "--price-per-gpu-hour" else ")"
         console.print(escape(line))
+    bound = f"its step is {'host' if best['host_bound'] else 'GPU'}-bound"
     console.print(
-        f"[green]Chosen:[/green] {rows[0]['family']} (row 1): 9 in 10 predictions like it "
-        f"came within {best['error_p90']:.0%} of the measured speed on runs no fit saw (its "
-        f"step is {'host' if best['host_bound'] else 'GPU'}-bound)."
+        f"[green]Chosen:[/green] {rows[0]['family']} (row 1): "
+        + (
+            f"{UNCALIBRATED[:-1]} ({bound})."
+            if best["error_p90"] is None
+            else f"9 in 10 predictions like it came within {best['error_p90']:.0%} of the "
+            f"measured speed on runs no fit saw ({bound})."
+        )
     )
     alt = data.get("quantized_alternative")
     if alt:
