@@ -2,8 +2,9 @@
 
 LLaMA-Factory, TRL and axolotl, when they do not pack, pad each micro-batch to its longest
 row and pass an attention mask (``--padding-mask``); TRL's SFTTrainer scores its LM head in
-chunks (``--chunked-lm-head``) and keeps QLoRA adapters in bf16 (``--lora-bf16``); a recipe
-read by ``zeroplan.recipes`` sets all three as its trainer runs. The numbers below are from
+chunks (``--chunked-lm-head``) and keeps QLoRA adapters in bf16 (``--lora-bf16``); axolotl
+runs its fused LoRA kernels (``--lora-kernels``); a recipe read by ``zeroplan.recipes`` sets
+each as its trainer runs. The numbers below are from
 benchmarks/results/recipes_gpu_h100.jsonl (benchmarks/recipe_trainers.py, one H100,
 Llama-3.2-3B-Instruct architecture with its 128,256-token vocabulary, micro-batch 4).
 """
@@ -74,6 +75,8 @@ MEASURED = {
     "llamafactory_qlora.yaml": (952, 27_721_957_888),
     "trl_lora.yaml": (879, 24_910_181_376),
     "trl_qlora.yaml": (879, 20_399_554_560),
+    "axolotl_lora.yml": (960, 26_134_227_968),
+    "axolotl_qlora.yml": (960, 21_951_528_960),
 }
 
 
@@ -81,16 +84,20 @@ MEASURED = {
 def test_estimate_of_the_recipe_is_within_half_a_percent(name: str) -> None:
     """The recipe read as its trainer runs it, at the shape that set the run's peak.
     LLaMA-Factory 0.9.5: +3.5-4.0% without the padding-mask terms. TRL 1.16: -14% / -18%
-    with the full logits (its chunked LM head has none), and its QLoRA adapters are bf16."""
+    with the full logits (its chunked LM head has none), and its QLoRA adapters are bf16.
+    axolotl 0.19: -16% / -18% with PEFT's path in place of its fused LoRA kernels."""
     seq, peak = MEASURED[name]
     recipe, spec = read_recipe(RECIPES / name)
     setup = make_setup(**{**recipe.setup, "seq_len": seq})
     assert setup.padding_mask
     assert setup.chunked_lm_head == name.startswith("trl")
     assert setup.lora_bf16 == (name == "trl_qlora.yaml")
+    assert setup.lora_kernels == name.startswith("axolotl")
     got = estimate(spec, H100, setup).peak_allocated_bytes
     assert abs(peak / got - 1) < 0.005
-    plain = dataclasses.replace(setup, padding_mask=False, chunked_lm_head=False, lora_bf16=False)
+    plain = dataclasses.replace(
+        setup, padding_mask=False, chunked_lm_head=False, lora_bf16=False, lora_kernels=False
+    )
     assert abs(peak / estimate(spec, H100, plain).peak_allocated_bytes - 1) > 0.03
 
 
@@ -113,3 +120,62 @@ def test_bf16_adapters_halve_the_adapter_states() -> None:
     assert optimizer_states(LLAMA_8B, bf16, 1).bytes == 4 * n
     assert activation_profile(LLAMA_8B, bf16, n).autocast_weights == 0
     assert activation_profile(LLAMA_8B, fp32, n).autocast_weights == 2 * n
+
+
+def test_axolotl_lora_kernels_by_hand() -> None:
+    """What axolotl's LoRA_QKV, LoRA_O and LoRA_MLP save (their save_for_backward) against
+    PEFT's path under autocast: with dropout 5h + 5i + 14r bytes less per token and layer
+    (QKV: 9h + 6r -> X, X_drop, mask 5h; O: 2r, its X is the attention output kept anyway;
+    MLP: 6h + 9i + 6r and act -> X, X_drop, mask 5h, gate and up 4i)."""
+    h, i, r = H, 14336, 16
+    peft = TrainSetup(method="lora", micro_batch=1, seq_len=512, lora_r=r, lora_dropout=0.05)
+    fused = dataclasses.replace(peft, lora_kernels=True)
+    saved = per_layer_bytes_per_token(LLAMA_8B, peft) - per_layer_bytes_per_token(LLAMA_8B, fused)
+    assert saved == 5 * h + 5 * i + 14 * r
+    # dropout 0: QKV keeps X (2h), O nothing new, MLP X and gate, up (2h + 4i); PEFT's path
+    # keeps a bf16 copy per adapter (2d + 2r) and the MLP's 6i
+    peft0 = dataclasses.replace(peft, lora_dropout=0.0)
+    fused0 = dataclasses.replace(peft0, lora_kernels=True)
+    peft_side = (
+        3 * (2 * h + 2 * r) + (2 * Q + 2 * r) + 2 * (2 * h + 2 * r) + (2 * i + 2 * r) + 6 * i
+    )
+    assert per_layer_bytes_per_token(LLAMA_8B, peft0) - per_layer_bytes_per_token(
+        LLAMA_8B, fused0
+    ) == peft_side - (2 * h + 2 * h + 4 * i)
+    # a layer whose MLP is not fully adapted keeps PEFT's path there
+    attn_only = dataclasses.replace(fused, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    plain_attn = dataclasses.replace(attn_only, lora_kernels=False)
+    assert (
+        per_layer_bytes_per_token(LLAMA_8B, plain_attn)
+        - per_layer_bytes_per_token(LLAMA_8B, attn_only)
+        == 4 * h + 8 * r
+    )
+
+
+def _axolotl(tmp_path: Path, extra: str) -> TrainSetup:
+    text = (RECIPES / "axolotl_lora.yml").read_text() + extra
+    (tmp_path / "r.yml").write_text(text)
+    recipe, _ = read_recipe(tmp_path / "r.yml")
+    return make_setup(**{**recipe.setup, "seq_len": 960})
+
+
+def test_axolotl_kernels_follow_its_auto_enable(tmp_path: Path) -> None:
+    """axolotl turns its kernels on unless the recipe sets any lora_*_kernel key (then each
+    as set) or trust_remote_code; with them off the same run peaked 32,213,838,848 B
+    (recipes_gpu_h100_nokern.jsonl), within 0.5% of the estimate."""
+    assert _axolotl(tmp_path, "").lora_kernels
+    off = "lora_mlp_kernel: false\nlora_qkv_kernel: false\nlora_o_kernel: false\n"
+    nokern = _axolotl(tmp_path, off)
+    assert not nokern.lora_kernels
+    got = estimate(LLAMA_3B, H100, nokern).peak_allocated_bytes
+    assert abs(32_213_838_848 / got - 1) < 0.005
+    assert not _axolotl(tmp_path, "lora_embedding_kernel: false\n").lora_kernels
+    assert not _axolotl(tmp_path, "trust_remote_code: true\n").lora_kernels
+    on = "lora_mlp_kernel: true\nlora_qkv_kernel: true\nlora_o_kernel: true\n"
+    assert _axolotl(tmp_path, on).lora_kernels
+    (tmp_path / "r.yml").write_text(
+        (RECIPES / "axolotl_lora.yml").read_text() + "lora_mlp_kernel: true\n"
+    )
+    recipe, _ = read_recipe(tmp_path / "r.yml")
+    assert not recipe.setup["lora_kernels"]
+    assert any("only lora_mlp_kernel" in n for n in recipe.notes)

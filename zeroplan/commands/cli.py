@@ -192,6 +192,14 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         "--recipe of a TRL QLoRA recipe sets it).",
     ),
     click.option(
+        "--lora-kernels/--no-lora-kernels",
+        default=False,
+        show_default=True,
+        help="axolotl's fused LoRA functions (LoRA_QKV, LoRA_O, LoRA_MLP): one shared input "
+        "and dropout mask per group, act(gate) recomputed (axolotl turns them on for LoRA; "
+        "--recipe of an axolotl recipe sets it).",
+    ),
+    click.option(
         "--kernels",
         type=click.Choice(KERNEL_CHOICES),
         default="none",
