@@ -24,7 +24,9 @@ from zeroplan.memory.logits import logits
 from zeroplan.memory.optimizer import optimizer_states
 from zeroplan.memory.weights import adapter_weights
 from zeroplan.models import load_model, spec_from_config
+from zeroplan.packing import padded_batches
 from zeroplan.recipes import read_recipe
+from zeroplan.speed import NEW_SHAPE_S, flops_per_token, padded_step_time, step_time
 from zeroplan.trainsetup import TrainSetup, trainable_params
 
 H, L, HEADS, KV_HEADS, HEAD_DIM = 4096, 32, 32, 8, 128
@@ -179,3 +181,45 @@ def test_axolotl_kernels_follow_its_auto_enable(tmp_path: Path) -> None:
     recipe, _ = read_recipe(tmp_path / "r.yml")
     assert not recipe.setup["lora_kernels"]
     assert any("only lora_mlp_kernel" in n for n in recipe.notes)
+
+
+def test_padded_batches_by_hand() -> None:
+    """Two records of 10 and 30 tokens, micro-batches of 2 drawn at random: the longest is
+    30 unless both are the 10 (1/4): 25 on average; 20 real tokens a row: fill 0.8. Padded to
+    a multiple of 8: 16 or 32, 28 on average."""
+    b = padded_batches([10, 30], 2, micro_batches=1)
+    assert b.longest == pytest.approx(25) and b.fill == pytest.approx(0.8)
+    # one micro-batch meets one shape; many meet both: 1 - (3/4)^n + 1 - (1/4)^n
+    assert b.shapes == pytest.approx(1.0)
+    assert padded_batches([10, 30], 2, micro_batches=4).shapes == pytest.approx(
+        2 - 0.75**4 - 0.25**4
+    )
+    assert padded_batches([10, 30], 2, multiple=8).longest == pytest.approx(28)
+    # one record per micro-batch: no padding at all
+    assert padded_batches([10, 30, 50], 1).fill == pytest.approx(1.0)
+
+
+def test_padded_loop_speed_counts_real_tokens_and_new_shapes() -> None:
+    """A padded loop's step is step_time at the mean padded length, real tokens counted,
+    plus NEW_SHAPE_S for each micro-batch of a shape the run has not met."""
+    setup = TrainSetup(method="lora", micro_batch=4, seq_len=1024, padding_mask=True)
+    lengths = [100 + 9 * k for k in range(100)]  # 100 ... 991 tokens
+    batches = padded_batches(lengths, 4)
+    assert batches.micro_batches == 25
+    t = padded_step_time(LLAMA_3B, setup, H100, batches)
+    plain = step_time(
+        LLAMA_3B, dataclasses.replace(setup, seq_len=round(batches.longest)), H100, batches.fill
+    )
+    assert t.new_shape_s == pytest.approx(NEW_SHAPE_S * batches.shapes / 25)
+    assert t.total_s == pytest.approx(plain.total_s + t.new_shape_s)
+    real = 4 * sum(lengths) / len(lengths)
+    assert t.tokens_per_s == pytest.approx(real / t.total_s, rel=1e-3)
+
+
+def test_trl_chunked_head_recomputes_its_logits() -> None:
+    """TRL's chunked head keeps only the hidden states: its backward computes every tile's
+    logits again, one more 2·V·h FLOPs a token."""
+    setup = TrainSetup(method="lora", micro_batch=4, seq_len=1024)
+    chunked = dataclasses.replace(setup, chunked_lm_head=True)
+    extra = flops_per_token(LLAMA_8B, chunked) - flops_per_token(LLAMA_8B, setup)
+    assert extra == 2 * 128256 * H

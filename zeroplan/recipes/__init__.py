@@ -143,6 +143,7 @@ def read_recipe(
             notes=tuple(notes),
             packing=bool(settings.get("packing")),
             deepspeed=deepspeed,
+            pad_multiple=8 if trainer.format == "llamafactory" else 1,
             parsed=parsed,
         ),
         spec,
