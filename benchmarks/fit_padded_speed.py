@@ -177,5 +177,29 @@ def main() -> None:
         sys.exit(1)
 
 
+def data_estimates(all_rows: list[dict[str, Any]]) -> None:
+    """``estimate --recipe R --data D`` of the runs that recorded one, against the run: its
+    real tokens/s over the timed steps (and without the trainer events), its padded length
+    and real share."""
+    for r in all_rows:
+        e = r.get("estimate_recipe_data") or {}
+        if "speed" not in e:
+            continue
+        timed = [s for s in steps(r) if s["step"] > WARMUP]
+        quiet = [s for s in timed if s["excess"] < EVENT_S]
+        rate = sum(s["real"] for s in timed) / sum(s["seconds"] for s in timed)
+        rate_quiet = sum(s["real"] for s in quiet) / sum(s["seconds"] for s in quiet)
+        lengths = [s["shape"][1] for s in timed]
+        fill = sum(s["real"] for s in timed) / sum(s["padded"] for s in timed)
+        d, tps = e["data"], e["speed"]["tokens_per_s"]
+        print(
+            f"{r['run']}: estimate --recipe --data {tps:,.0f} real tokens/s against "
+            f"{rate:,.0f} measured ({rate / tps - 1:+.1%}), {rate_quiet:,.0f} without events "
+            f"({rate_quiet / tps - 1:+.1%}); padded length {d['padded_length']:.0f} against "
+            f"{statistics.mean(lengths):.0f}, real share {d['fill']:.1%} against {fill:.1%}"
+        )
+
+
 if __name__ == "__main__":
     main()
+    data_estimates(rows())

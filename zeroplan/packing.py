@@ -104,6 +104,7 @@ class PaddedBatches:
     micro_batch: int
     multiple: int
     longest: float  # E[padded length of a micro-batch]
+    peak: int  # the longest record, rounded up: the longest micro-batch the run can build
     fill: float  # mean record length / longest: real tokens per position
     micro_batches: int  # of the run (an epoch unless given)
     shapes: float  # E[distinct padded lengths among them]
@@ -118,6 +119,7 @@ class PaddedBatches:
             "batching": "padded",
             "pad_to_multiple_of": self.multiple,
             "padded_length": round(self.longest, 1),
+            "padded_peak_length": self.peak,
             "fill": round(self.fill, 4),
             "micro_batches": self.micro_batches,
             "distinct_shapes": round(self.shapes, 1),
@@ -131,17 +133,18 @@ def padded_batches(
     records drawn independently from the lengths' distribution F (b ≪ records):
 
         P(padded length ≤ v) = F(v)^b, v = ⌈l / m⌉ · m over the records' lengths l
-        longest  = Σ_v v · p_v,  p_v = F(v)^b − F(v⁻)^b
+        longest  = Σ_v v · p_v,  p_v = F(v)^b − F(v⁻)^b;  peak = max v (the memory's shape)
         fill     = mean(l) / longest  (real tokens / positions, a ratio of expectations)
         shapes   = Σ_v 1 − (1 − p_v)^n  over n micro-batches (default: an epoch, ⌈N / b⌉)
     """
     if not lengths or micro_batch < 1:
-        return PaddedBatches(micro_batch, multiple, 0.0, 0.0, 0, 0.0)
+        return PaddedBatches(micro_batch, multiple, 0.0, 0, 0.0, 0, 0.0)
     m = max(1, multiple)
     counts = Counter(-(-int(x) // m) * m for x in lengths)
     n_records = len(lengths)
     n = micro_batches if micro_batches is not None else -(-n_records // micro_batch)
     longest = shapes = 0.0
+    peak = max(counts)
     below = 0
     for v in sorted(counts):
         p = ((below + counts[v]) / n_records) ** micro_batch - (below / n_records) ** micro_batch
@@ -149,7 +152,7 @@ def padded_batches(
         longest += v * p
         shapes += 1 - (1 - p) ** n
     fill = (sum(lengths) / n_records) / longest
-    return PaddedBatches(micro_batch, m, longest, fill, n, shapes)
+    return PaddedBatches(micro_batch, m, longest, peak, fill, n, shapes)
 
 
 def steps_per_epoch(rows: int, rows_per_step: int) -> int:

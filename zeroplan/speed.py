@@ -240,7 +240,7 @@ NEW_SHAPE_S = 0.095
 # How close the padded loops' real tokens/s came to padded_step_time's on the trainers' own
 # runs (fit_padded_speed.py: each run's timed steps, the trainers' warm-up stalls of a
 # second or more left out): the widest gap of those runs.
-PADDED_LOOP_ERROR = 0.18
+PADDED_LOOP_ERROR = 0.16
 # The architectures (config model_type → the name users know) whose steps the constants
 # were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them
 # the host's clock still counts each architecture's own operations (hostops) and the GPU's
@@ -955,7 +955,9 @@ def padded_step_time(
     The step is priced at the mean padded length (the model is close to linear in s at the
     lengths measured); trainer warm-up events (Triton compiles) are not in it."""
     shaped = replace(setup, seq_len=max(1, round(batches.longest)))
-    t = step_time(spec, shaped, cluster, batches.fill, launched, k)
+    # real tokens per row are the records' mean length, whatever the rounding of s
+    fill = batches.fill * batches.longest / shaped.seq_len
+    t = step_time(spec, shaped, cluster, fill, launched, k)
     extra = setup.grad_accum * NEW_SHAPE_S * batches.new_shape_share
     total = t.total_s + extra
     return replace(

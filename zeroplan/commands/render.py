@@ -318,7 +318,8 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
             f"     seq {d['seq_len']:,} ({why if why != 'given' else '--seq-len'}; {lost}); "
             "each micro-batch padded to its longest record"
             + (f" (a multiple of {multiple})" if multiple > 1 else "")
-            + f": {d['padded_length']:,.0f} tokens on average, {d['fill']:.1%} of them real; "
+            + f": {d['padded_length']:,.0f} tokens on average (at most "
+            f"{d['padded_peak_length']:,}: the memory's shape), {d['fill']:.1%} of them real; "
             f"{d['distinct_shapes']:,.0f} shapes in an epoch's {d['micro_batches']:,} micro-batches"
         )
     else:
