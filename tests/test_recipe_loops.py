@@ -246,7 +246,7 @@ def test_estimate_recipe_with_data_prices_the_padded_loop(tmp_path: Path) -> Non
     model = tmp_path / "tiny"
     tinyllm.build_tokenizer().save_pretrained(model)
     (model / "config.json").write_text(json.dumps({**tinyllm.TINY_LLAMA, "vocab_size": 320}))
-    words = "the cat runs fast under a blue tree".split()
+    words = ["the", "cat", "runs", "fast", "under", "a", "blue", "tree"]
     records = [
         {"instruction": " ".join(words * (1 + k % 9)), "input": "", "output": "yes " * (k % 13)}
         for k in range(60)
