@@ -183,7 +183,7 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
             )
             + ")."
         )
-        if speed.get("padded_loop"):
+        if speed.get("padded_loop") and speed["error_p90"] is not None:
             band = (
                 f"Real tokens of micro-batches padded to their longest record: the trainers' "
                 f"own runs came within {speed['error_p90']:.0%} of this, not counting the "
