@@ -59,7 +59,18 @@ VARIANTS = {
     # transformers' SDPA path on CUDA repeats k and v to every head when the batch has an
     # attention mask; this makes it pass enable_gqa=True instead (no repeated copies)
     "gqa": {"TRANSFORMERS_SDPA_FORCE_GQA": "1"},
+    # the caching allocator maps growing segments instead of a block per size: what a
+    # padded loop's ever-changing shapes reserve
+    "expseg": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
 }
+# the micro-batch key of each trainer's recipe (variants mbN set it to N)
+MICRO_BATCH_KEY = {
+    "trl": "per_device_train_batch_size",
+    "lf": "per_device_train_batch_size",
+    "ax": "micro_batch_size",
+}
+# steps of an mbN run: enough for shapes to repeat (the steady step) after the new ones
+MB_VARIANT_STEPS = 24
 # run-name suffixes that change the recipe itself: axolotl's Triton LoRA kernels (on by
 # default for LoRA on one GPU) off, to tell their saved activations from the rest of its peak
 RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
@@ -116,6 +127,28 @@ def write_data(work: Path, n: int) -> dict[str, Path]:
         "".join(json.dumps(m) + "\n" for m in msgs)
     )
     return {"dir": data, "alpaca": alpaca, "messages": data / "alpaca_messages"}
+
+
+def variants(run: str) -> list[str]:
+    """The run's suffixes: ``ax-lora+mb8+expseg`` -> ["mb8", "expseg"]."""
+    return run.split("+")[1:]
+
+
+def recipe_edits(run: str) -> dict[str, Any]:
+    """What the run's variants change in the recipe: RECIPE_VARIANTS, and mbN (micro-batch
+    N, MB_VARIANT_STEPS steps)."""
+    trainer = run.split("-", 1)[0]
+    out: dict[str, Any] = {}
+    for v in variants(run):
+        out.update(RECIPE_VARIANTS.get(v, {}))
+        if re.fullmatch(r"mb\d+", v):
+            out[MICRO_BATCH_KEY[trainer]] = int(v[2:])
+            out["max_steps"] = MB_VARIANT_STEPS
+    return out
+
+
+def variant_env(run: str) -> dict[str, str]:
+    return {k: val for v in variants(run) for k, val in VARIANTS.get(v, {}).items()}
 
 
 def recipe_path(run: str) -> Path:
@@ -224,12 +257,12 @@ def setup_of(run: str, recipe: dict[str, Any]) -> dict[str, Any]:
 # What each trainer's loop adds to the estimate of its recipe, as these runs measured it
 # (benchmarks/results/recipes_gpu.md; zeroplan.recipes sets the same from a recipe): every
 # one pads its batches (no packing in these recipes); TRL's SFTTrainer scores the LM head
-# in chunks and keeps QLoRA adapters in bf16. axolotl's peak is below the estimate for a
-# reason these runs do not separate (its Triton LoRA kernels, or no full logits): none.
+# in chunks and keeps QLoRA adapters in bf16; axolotl runs its fused LoRA kernels (unless
+# the run turns them off: nokern).
 LOOP_FLAGS = {
     "trl": ["--padding-mask", "--chunked-lm-head"],
     "lf": ["--padding-mask"],
-    "ax": ["--padding-mask"],
+    "ax": ["--padding-mask", "--lora-kernels"],
 }
 QLORA_LOOP_FLAGS = {"trl": ["--lora-bf16"]}
 
@@ -341,7 +374,7 @@ def run_one(
     out = args.work / "runs" / run
     out.mkdir(parents=True, exist_ok=True)
     local = localize(run, recipe, model, data, out)
-    local.update(RECIPE_VARIANTS.get(run.split("+", 1)[1], {}) if "+" in run else {})
+    local.update(recipe_edits(run))
     if args.tiny:
         local.update(CPU_KEYS[trainer])
     cfg = out / src.name
@@ -353,7 +386,7 @@ def run_one(
         **env0,
         "PYTHONPATH": os.pathsep.join(p for p in (str(PROBE), site, env0.get("PYTHONPATH")) if p),
         "RECIPE_PROBE_OUT": str(probe_out),
-        **(VARIANTS.get(run.split("+", 1)[1], {}) if "+" in run else {}),
+        **variant_env(run),
     }
     vers = versions(env)
     cmd = [sys.executable, "-c", f"import sys; from {mod} import {fn}; sys.exit({fn}())"]
@@ -375,7 +408,11 @@ def run_one(
         "rc": rc,
         "wall_s": round(time.time() - t0, 1),
         "versions": vers,
-        "env": {k: env[k] for k in ("DISABLE_VERSION_CHECK", *VARIANTS.get("gqa", {})) if k in env},
+        "env": {
+            k: env[k]
+            for k in ("DISABLE_VERSION_CHECK", *(k for v in VARIANTS.values() for k in v))
+            if k in env
+        },
     }
     if not probe_out.exists():
         row["error"] = tail[-3000:]
@@ -407,8 +444,33 @@ def run_one(
         )
     }
     row["per_step"] = probe["steps"]
-    row["setup"] = setup_of(run, recipe)
+    row["setup"] = setup_of(run, {**recipe, **recipe_edits(run)})
+    row["estimate_recipe_data"] = estimate_recipe_data(cfg, data["alpaca"], args.gpus)
     return score(row, args.arch, args.gpus)
+
+
+def estimate_recipe_data(recipe: Path, data: Path, gpus: str) -> dict[str, Any]:
+    """``zeroplan estimate --recipe`` of the recipe that ran, with ``--data`` of its records
+    (rendered with the run's tokenizer's chat template): the padded loop's real tokens/s."""
+    flags = ["--recipe", str(recipe), "--data", str(data), "--gpus", gpus, "--json"]
+    res = subprocess.run(
+        [sys.executable, "-m", "zeroplan", "estimate", *flags],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = "zeroplan estimate " + " ".join(flags)
+    if res.returncode != 0:
+        return {"flags": line, "error": res.stderr.strip()[-500:]}
+    est = json.loads(res.stdout)
+    return {
+        "flags": line,
+        "peak_allocated_bytes": est["per_gpu"]["peak_allocated_bytes"],
+        "speed": est.get("speed"),
+        "data": {k: v for k, v in est.get("data", {}).items() if k != "histogram"},
+    }
 
 
 def score(row: dict[str, Any], arch: str, gpus: str) -> dict[str, Any]:
@@ -423,6 +485,8 @@ def score(row: dict[str, Any], arch: str, gpus: str) -> dict[str, Any]:
     row["estimate_shape"] = estimate(arch, gpus, shape, longest)
     padded = any(s["real"] < s["padded"] for s in row["per_step"])
     extra = [f for f in LOOP_FLAGS[row["trainer"]] if padded or f != "--padding-mask"]
+    if "nokern" in variants(row["run"]):
+        extra.remove("--lora-kernels")
     if setup["method"] == "qlora":
         extra += QLORA_LOOP_FLAGS.get(row["trainer"], [])
     row["estimate_loop"] = estimate(arch, gpus, shape, longest, extra)
@@ -446,8 +510,9 @@ def main() -> None:
     ap.add_argument(
         "--runs",
         default="trl-lora,trl-qlora,lf-lora,lf-qlora,ax-lora,ax-qlora",
-        help="comma list of TRAINER-METHOD[+VARIANT] (trainers: trl, lf, ax; methods: lora, "
-        "qlora; variant gqa: TRANSFORMERS_SDPA_FORCE_GQA=1; nokern: axolotl's LoRA kernels off)",
+        help="comma list of TRAINER-METHOD[+VARIANT...] (trainers: trl, lf, ax; methods: lora, "
+        "qlora; variants: gqa: TRANSFORMERS_SDPA_FORCE_GQA=1; nokern: axolotl's LoRA kernels "
+        f"off; expseg: expandable segments; mbN: micro-batch N for {MB_VARIANT_STEPS} steps)",
     )
     ap.add_argument("--arch", default="meta-llama--Llama-3.2-3B-Instruct", help="catalog model")
     ap.add_argument("--records", type=int, default=96, help="alpaca-like records to train on")

@@ -109,6 +109,12 @@ def test_axolotl_defaults_are_its_0_18_0_schema() -> None:
         "liger_flce": None,
         "cut_cross_entropy": None,
         "deepspeed": None,
+        # None: axolotl decides (check_auto_enable_lora_kernels), see test_recipe_loops
+        "lora_qkv_kernel": None,
+        "lora_o_kernel": None,
+        "lora_mlp_kernel": None,
+        "lora_embedding_kernel": None,
+        "trust_remote_code": None,
     }
 
 
@@ -264,8 +270,10 @@ def test_axolotl_recipe(tmp_path: Path) -> None:
     assert s["stage3_max_live_elems"] == 1  # max_live_parameters: 0
     assert s["reduce_bucket_elems"] == spec.hidden_size**2
     assert [k for k, _ in recipe.ignored] == ["unsloth_lora_mlp"]
-    # its Triton LoRA kernels, on by default, kept 16-21% less than estimated on one H100
-    assert any("Triton LoRA kernels" in n and "16-21%" in n for n in recipe.notes)
+    # its fused LoRA kernels: auto-enabled for LoRA / QLoRA when no lora_*_kernel key is set
+    assert s["lora_kernels"]
+    row = next(r for r in recipe.rows if r.setting == "lora_kernels")
+    assert "auto-enabled for qlora" in row.source
 
 
 def test_axolotl_batch_size_sets_the_accumulation(tmp_path: Path) -> None:

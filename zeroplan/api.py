@@ -14,7 +14,8 @@ from zeroplan.hardware import Cluster, local_cluster, parse_cluster, with_links
 from zeroplan.memory import MemoryEstimate
 from zeroplan.memory import estimate as _estimate
 from zeroplan.models import ModelSpec, load_model
-from zeroplan.speed import family_note, gpu_note, link_gbs, step_time
+from zeroplan.packing import PaddedBatches
+from zeroplan.speed import family_note, gpu_note, link_gbs, padded_step_time, step_time
 from zeroplan.trainsetup import TrainSetup, parse_targets
 
 DEFAULT_GPUS = "1xH100"
@@ -57,13 +58,15 @@ def estimate(
     inter_node_gbs: float | None = None,
     fill: float = 1.0,
     cpu_cores_per_node: int | None = None,
+    padded: PaddedBatches | None = None,
     **options: Any,
 ) -> MemoryEstimate:
     """Estimate per-GPU memory and the predicted speed (``.speed``, a ``StepTime``);
     ``options`` are TrainSetup fields (method, micro_batch, ...); ``p2p``,
     ``inter_node_gbs`` and ``cpu_cores_per_node`` as ``resolve_cluster`` takes them;
     ``fill``: the share of real tokens in a micro-batch (packed real data), which the
-    speed's tokens/s counts."""
+    speed's tokens/s counts; ``padded``: micro-batches padded to their longest instead
+    (a trainer's loop that does not pack: speed.padded_step_time)."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
     chosen = setup if setup is not None else make_setup(**options)
@@ -71,7 +74,9 @@ def estimate(
     unchecked = tuple(n for n in (family_note(spec), gpu_note(cluster.gpu.name)) if n)
     return dataclasses.replace(
         est,
-        speed=step_time(spec, chosen, cluster, fill),
+        speed=step_time(spec, chosen, cluster, fill)
+        if padded is None
+        else padded_step_time(spec, chosen, cluster, padded),
         link_gbs=link_gbs(cluster),
         notes=est.notes + unchecked,
     )

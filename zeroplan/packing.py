@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -90,6 +92,67 @@ def padded_fill(lengths: Sequence[int], micro_batch: int) -> float:
         group = lengths[start : start + micro_batch]
         slots += len(group) * max(group)
     return sum(lengths) / slots
+
+
+@dataclass(frozen=True)
+class PaddedBatches:
+    """Micro-batches of ``micro_batch`` records padded to their longest, rounded up to
+    ``multiple`` (LLaMA-Factory's collator: 8; TRL's and axolotl's: 1), in expectation over
+    a shuffled order: their padded length, the share of real tokens, and how many distinct
+    padded lengths ``micro_batches`` of them meet."""
+
+    micro_batch: int
+    multiple: int
+    longest: float  # E[padded length of a micro-batch]
+    peak: int  # the longest record, rounded up: the longest micro-batch the run can build
+    fill: float  # mean record length / longest: real tokens per position
+    micro_batches: int  # of the run (an epoch unless given)
+    shapes: float  # E[distinct padded lengths among them]
+
+    @property
+    def new_shape_share(self) -> float:
+        """The share of micro-batches whose padded length the run has not met before."""
+        return self.shapes / self.micro_batches if self.micro_batches else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batching": "padded",
+            "pad_to_multiple_of": self.multiple,
+            "padded_length": round(self.longest, 1),
+            "padded_peak_length": self.peak,
+            "fill": round(self.fill, 4),
+            "micro_batches": self.micro_batches,
+            "distinct_shapes": round(self.shapes, 1),
+        }
+
+
+def padded_batches(
+    lengths: Sequence[int], micro_batch: int, multiple: int = 1, micro_batches: int | None = None
+) -> PaddedBatches:
+    """What a padding collator makes of ``lengths`` on shuffled data, each micro-batch's b
+    records drawn independently from the lengths' distribution F (b ≪ records):
+
+        P(padded length ≤ v) = F(v)^b, v = ⌈l / m⌉ · m over the records' lengths l
+        longest  = Σ_v v · p_v,  p_v = F(v)^b − F(v⁻)^b;  peak = max v (the memory's shape)
+        fill     = mean(l) / longest  (real tokens / positions, a ratio of expectations)
+        shapes   = Σ_v 1 − (1 − p_v)^n  over n micro-batches (default: an epoch, ⌈N / b⌉)
+    """
+    if not lengths or micro_batch < 1:
+        return PaddedBatches(micro_batch, multiple, 0.0, 0, 0.0, 0, 0.0)
+    m = max(1, multiple)
+    counts = Counter(-(-int(x) // m) * m for x in lengths)
+    n_records = len(lengths)
+    n = micro_batches if micro_batches is not None else -(-n_records // micro_batch)
+    longest = shapes = 0.0
+    peak = max(counts)
+    below = 0
+    for v in sorted(counts):
+        p = ((below + counts[v]) / n_records) ** micro_batch - (below / n_records) ** micro_batch
+        below += counts[v]
+        longest += v * p
+        shapes += 1 - (1 - p) ** n
+    fill = (sum(lengths) / n_records) / longest
+    return PaddedBatches(micro_batch, m, longest, peak, fill, n, shapes)
 
 
 def steps_per_epoch(rows: int, rows_per_step: int) -> int:

@@ -27,13 +27,14 @@ the fit and fails when they drift), the measured ones are read off named rows th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from zeroplan import liger
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.hostops import host_ops
 from zeroplan.models import ModelSpec
+from zeroplan.packing import PaddedBatches
 from zeroplan.trainsetup import (
     TrainSetup,
     lora_targets,
@@ -229,6 +230,17 @@ UNCALIBRATED = (
     "This speed is not calibrated: no error band was measured for steps like this one "
     "(mixture of experts; see the speed note)."
 )
+# A padded trainer loop (a LLaMA-Factory, TRL or axolotl recipe that does not pack) meets a
+# new micro-batch shape at most steps early in a run: such a step takes this much longer
+# than one of a shape met before (the caching allocator's blocks of new sizes, the kernels'
+# first calls at that size). The median over the new-shape steps of the LLaMA-Factory and
+# TRL runs on one H100 (benchmarks/fit_padded_speed.py, which checks it on axolotl's);
+# steps of a shape met before came within a few hundredths of a second of step_time.
+NEW_SHAPE_S = 0.095
+# How close the padded loops' real tokens/s came to padded_step_time's on the trainers' own
+# runs (fit_padded_speed.py: each run's timed steps, the trainers' warm-up stalls of a
+# second or more left out): the widest gap of those runs.
+PADDED_LOOP_ERROR = 0.16
 # The architectures (config model_type → the name users know) whose steps the constants
 # were fitted on; fit_speed.py --check fails when its rows' families differ. Outside them
 # the host's clock still counts each architecture's own operations (hostops) and the GPU's
@@ -320,6 +332,11 @@ class StepTime:
     gpu_micro_s: float = 0.0
     host_micro_s: float = 0.0
     calibrated: bool = True
+    # a padded loop's new micro-batch shapes, per step on average (padded_step_time; in
+    # compute_s and total_s)
+    new_shape_s: float = 0.0
+    # priced as a padded trainer loop on real data (padded_step_time): quoted with its band
+    padded: bool = False
 
     @property
     def host_bound(self) -> bool:
@@ -339,6 +356,8 @@ class StepTime:
         """What to expect of this prediction: step_error_p90, and for a launched step (what
         estimate and plan quote) the wider of that and launched_error_p90, since a launched
         run adds its own misses to the step's."""
+        if self.padded:
+            return max(self.step_error_p90, PADDED_LOOP_ERROR)
         if self.launch_s > 0:
             return max(self.step_error_p90, self.launched_error_p90)
         return self.step_error_p90
@@ -361,6 +380,8 @@ class StepTime:
             "comm_exposed_seconds": self.comm_exposed_s,
             "offload_seconds": self.offload_s,
             "launch_seconds": self.launch_s,
+            "new_shape_seconds": self.new_shape_s,
+            "padded_loop": self.padded,
             "tokens_per_s": self.tokens_per_s,
             "host_bound": self.host_bound,
             "speed_calibrated": self.calibrated,
@@ -418,6 +439,8 @@ def flops_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     backward  input gradients: 2·(Ψ_lin + V·h) + 2 × attention; weight gradients (full
               fine-tuning only; LoRA's are negligible): 2·(Ψ_lin + V·h)
     recompute (checkpointing): one more forward of the layers, 2·Ψ_lin + attention
+    TRL's chunked LM head: its backward computes each tile's logits again (it keeps only
+              the hidden states, trl/kernels/chunked_logprob.py): one more 2·V·h
     Ψ_lin counts the linears a token passes through (MoE: top-k experts, not all).
     """
     h, s, layers = spec.hidden_size, setup.seq_len, spec.num_layers
@@ -429,6 +452,8 @@ def flops_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     if setup.method == "full":
         backward += 2.0 * (linear + head)
     recompute = 2.0 * linear + attention if setup.grad_ckpt else 0.0
+    if setup.chunked_lm_head:
+        recompute += 2.0 * head
     return forward + backward + recompute
 
 
@@ -909,4 +934,37 @@ def step_time(
     calibrated = spec.moe is None or (m is not None and m == MOE_FITTED)
     return StepTime(
         compute, comm, exposed, offload, launch, total, tokens / total, gpu_s, host_s, calibrated
+    )
+
+
+def padded_step_time(
+    spec: ModelSpec,
+    setup: TrainSetup,
+    cluster: Cluster,
+    batches: PaddedBatches,
+    launched: bool = True,
+    k: SpeedConstants = FITTED,
+) -> StepTime:
+    """A padded loop's optimizer step on real data (``batches``: packing.padded_batches of
+    the records' lengths): step_time at the expected padded length of a micro-batch, real
+    tokens counted (its fill), plus NEW_SHAPE_S for the share of micro-batches that meet a
+    shape the run has not met before:
+
+        step_time(s = E[longest]) + accumulation · NEW_SHAPE_S · shapes / micro-batches
+
+    The step is priced at the mean padded length (the model is close to linear in s at the
+    lengths measured); trainer warm-up events (Triton compiles) are not in it."""
+    shaped = replace(setup, seq_len=max(1, round(batches.longest)))
+    # real tokens per row are the records' mean length, whatever the rounding of s
+    fill = batches.fill * batches.longest / shaped.seq_len
+    t = step_time(spec, shaped, cluster, fill, launched, k)
+    extra = setup.grad_accum * NEW_SHAPE_S * batches.new_shape_share
+    total = t.total_s + extra
+    return replace(
+        t,
+        compute_s=t.compute_s + extra,
+        total_s=total,
+        tokens_per_s=t.tokens_per_s * t.total_s / total,
+        new_shape_s=extra,
+        padded=True,
     )

@@ -122,6 +122,12 @@ class TrainSetup:
     # LoRA adapters kept in bf16 instead of PEFT's fp32 (weights, gradients and AdamW states
     # 2 B each): what TRL's SFTTrainer does to a quantized model's adapters (QLoRA).
     lora_bf16: bool = False
+    # axolotl's fused LoRA autograd functions (LoRA_QKV, LoRA_O, LoRA_MLP, axolotl 0.19
+    # src/axolotl/kernels/lora.py) in place of PEFT's per-adapter path: each fused group keeps
+    # its shared input (and one dropout mask) instead of a copy per adapter, and LoRA_MLP
+    # recomputes act(gate) (memory/activations.lora_kernel_saved). axolotl turns them on for
+    # LoRA / QLoRA unless its recipe sets them.
+    lora_kernels: bool = False
     reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
     allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS
     stage3_prefetch_elems: int = DS_STAGE3_PREFETCH_ELEMS

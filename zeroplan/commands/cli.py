@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -192,6 +193,14 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         "--recipe of a TRL QLoRA recipe sets it).",
     ),
     click.option(
+        "--lora-kernels/--no-lora-kernels",
+        default=False,
+        show_default=True,
+        help="axolotl's fused LoRA functions (LoRA_QKV, LoRA_O, LoRA_MLP): one shared input "
+        "and dropout mask per group, act(gate) recomputed (axolotl turns them on for LoRA; "
+        "--recipe of an axolotl recipe sets it).",
+    ),
+    click.option(
         "--kernels",
         type=click.Choice(KERNEL_CHOICES),
         default="none",
@@ -286,8 +295,23 @@ def estimate(
         )  # fmt: skip
         options["seq_len"] = fields["seq_len"]
         fit = fields["data"]
-    # packed real data: the speed counts real tokens, the micro-batch's fill of them
-    fill = fit.pack_at(options["micro_batch"] * fit.cap).fill if fit is not None else 1.0
+    # packed real data: the speed counts real tokens, the micro-batch's fill of them; a
+    # recipe that does not pack pads each micro-batch to its longest record instead
+    padded = None
+    fill = 1.0
+    if fit is not None and recipe is not None and options.get("padding_mask"):
+        from zeroplan.lengths import kept_lengths
+        from zeroplan.packing import padded_batches
+
+        lengths = kept_lengths(fit.profile, fit.cap, fit.overlong)
+        padded = padded_batches(lengths, options["micro_batch"], recipe.pad_multiple)
+        fill = padded.fill
+        # no micro-batch is longer than its longest record: the peak's shape (measured:
+        # TRL 1.16 at micro-batch 8, +1.5%, recipes_gpu.md); --seq-len still sets it
+        if not given("seq_len"):
+            options["seq_len"] = min(options["seq_len"], padded.peak)
+    elif fit is not None:
+        fill = fit.pack_at(options["micro_batch"] * fit.cap).fill
     est = run_estimate(
         spec,
         gpus=gpus,
@@ -295,12 +319,24 @@ def estimate(
         inter_node_gbs=inter_node_gbs,
         cpu_cores_per_node=cpu_cores_per_node,
         fill=fill,
+        padded=padded,
         **options,
     )
+    if recipe is not None and options.get("padding_mask") and fit is None:
+        padded_note = (
+            f"{recipe.trainer} pads each micro-batch to its longest record: tokens/s counts "
+            f"every position of {options['seq_len']:,}-token rows; --data FILE counts real "
+            "tokens at the data's padded lengths"
+        )
+        est = dataclasses.replace(est, notes=(*est.notes, padded_note))
     answer = est.to_json()
     if fit is not None:
         answer["data"] = fit.to_json()
         answer["data"]["micro_batch_fill"] = fill
+        if padded is not None:
+            for packed_only in ("rows", "samples_per_row"):
+                answer["data"].pop(packed_only)
+            answer["data"].update(padded.to_json())
     if recipe is not None:
         answer["recipe"] = recipe_answer(recipe, overridden, options)
     if as_json:

@@ -161,7 +161,13 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
                 if est.setup["offload"] != "none"
                 else ""
             )
-            + f", the launched trainer {speed['launch_seconds']:.3f} s)."
+            + f", the launched trainer {speed['launch_seconds']:.3f} s"
+            + (
+                f", new batch shapes {speed['new_shape_seconds']:.3f} s"
+                if speed.get("padded_loop")
+                else ""
+            )
+            + ")."
         )
         bound = "host-bound" if speed["host_bound"] else "GPU-bound"
         band = (
@@ -172,11 +178,18 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
             f"{speed['step_error_p90']:.0%}"
             + (
                 f"; launched runs on real records: {speed['launched_error_p90']:.0%}"
-                if speed["launch_seconds"] > 0
+                if speed["launch_seconds"] > 0 and not speed.get("padded_loop")
                 else ""
             )
             + ")."
         )
+        if speed.get("padded_loop") and speed["error_p90"] is not None:
+            band = (
+                f"Real tokens of micro-batches padded to their longest record: the trainers' "
+                f"own runs came within {speed['error_p90']:.0%} of this, not counting the "
+                "1-2 s stalls TRL and axolotl take at some early steps "
+                "(benchmarks/results/recipes_gpu.md)."
+            )
         if speed["host_bound"]:
             console.print(
                 "The host sets this step's pace: Python, autograd and kernel launches take "
@@ -299,11 +312,22 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
         else "none longer"
     )
     why = d.get("seq_len_from", "given")
-    console.print(
-        f"     seq {d['seq_len']:,} ({why if why != 'given' else '--seq-len'}; {lost}); "
-        "packed into micro-batches of micro-batch × "
-        f"{d['seq_len']:,} tokens (fill below); in rows of {d['seq_len']:,}: {d['fill']:.1%}"
-    )
+    if d.get("batching") == "padded":
+        multiple = d["pad_to_multiple_of"]
+        console.print(
+            f"     seq {d['seq_len']:,} ({why if why != 'given' else '--seq-len'}; {lost}); "
+            "each micro-batch padded to its longest record"
+            + (f" (a multiple of {multiple})" if multiple > 1 else "")
+            + f": {d['padded_length']:,.0f} tokens on average (at most "
+            f"{d['padded_peak_length']:,}: the memory's shape), {d['fill']:.1%} of them real; "
+            f"{d['distinct_shapes']:,.0f} shapes in an epoch's {d['micro_batches']:,} micro-batches"
+        )
+    else:
+        console.print(
+            f"     seq {d['seq_len']:,} ({why if why != 'given' else '--seq-len'}; {lost}); "
+            "packed into micro-batches of micro-batch × "
+            f"{d['seq_len']:,} tokens (fill below); in rows of {d['seq_len']:,}: {d['fill']:.1%}"
+        )
     top = max((c for _, _, c in d["histogram"]), default=0)
     for low, high, count in d["histogram"]:
         bar = "█" * (round(width * count / top) if top else 0)

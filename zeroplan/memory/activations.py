@@ -115,6 +115,55 @@ def _lora_inputs(adapted: list[Linear], setup: TrainSetup) -> float:
     return total
 
 
+# axolotl's fused LoRA autograd functions (axolotl 0.19, src/axolotl/kernels/lora.py) and
+# the linears each fuses; axolotl patches one in only where all of them carry an adapter
+# (monkeypatch/lora_kernels.py: q, k and v; o; gate, up and down of a dense MLP)
+LORA_KERNEL_GROUPS = {
+    "LoRA_QKV": ("q_proj", "k_proj", "v_proj"),
+    "LoRA_O": ("o_proj",),
+    "LoRA_MLP": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def lora_kernel_groups(adapted: list[Linear], setup: TrainSetup) -> list[str]:
+    """The fused groups that run (``setup.lora_kernels``): those whose every linear is
+    adapted in this layer (not phi3's fused qkv_proj / gate_up_proj, not MoE banks)."""
+    if not setup.lora_kernels:
+        return []
+    names = {lin.name for lin in adapted if lin.group in ("attn", "mlp")}
+    return [g for g, members in LORA_KERNEL_GROUPS.items() if set(members) <= names]
+
+
+def lora_kernel_saved(group: str, spec: ModelSpec, setup: TrainSetup) -> float:
+    """Saved per token by one of axolotl's fused LoRA functions, read off its
+    ``save_for_backward`` (axolotl 0.19, kernels/lora.py), in place of PEFT's path.
+
+    Each function is handed the group's input X (bf16, the model's dtype: the kernels keep
+    it, autocast or not) and, with dropout, X_drop = dropout(X) drawn once for the group
+    outside the function (``_apply_dropout``: the Dropout module saves its 1 B mask), and
+    saves X and X_drop (one tensor when p = 0). The adapters' bf16 copies it saves are
+    weight-sized, as autocast's (activation_profile's adapter copies); lora_A's outputs are
+    recomputed in the backward, not saved.
+
+    LoRA_QKV: X 2 B·h (+ X_drop 2 B·h + mask 1 B·h)
+    LoRA_O:   X is the attention output that sdpa / flash attention save already (0; eager:
+              2 B·q) (+ X_drop 2 B·q + mask 1 B·q)
+    LoRA_MLP: X 2 B·h (+ X_drop 2 B·h + mask 1 B·h), gate and up outputs 2 · 2 B·i; act(gate)
+              and down_proj's input are recomputed from them in the backward
+
+    Against PEFT's path under autocast with dropout (_lora_input: 3 B·d + 2 B·r per adapter,
+    and the MLP's 6 B·i) that keeps 5h + 5i + 14r bytes less per token and layer: 56,544 B on
+    Llama-3.2-3B at r = 16, where axolotl 0.19's LoRA run on one H100 peaked 5.66 GiB under
+    the same recipe with the kernels off, 56,524 B per token and layer at 4 × 960 tokens
+    (benchmarks/results/recipes_gpu.md).
+    """
+    width = spec.q_dim if group == "LoRA_O" else spec.hidden_size
+    kept = BF16 * width if group != "LoRA_O" or setup.attn == "eager" else 0
+    dropped = (BF16 + MASK) * width if setup.lora_dropout > 0 else 0
+    gate_up = 2 * BF16 * spec.intermediate_size if group == "LoRA_MLP" else 0
+    return kept + dropped + gate_up
+
+
 def fp32_adapter_inputs(setup: TrainSetup) -> bool:
     """LoRA adapters that compute in fp32: PEFT's fp32 adapters (no DeepSpeed) without autocast."""
     return setup.is_lora and not setup.deepspeed and not setup.autocast and not setup.lora_bf16
@@ -160,7 +209,8 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
                 nothing per token either way
     linear inputs: full fine-tuning saves each distinct input once (attn in 2 B·h, MLP in
                 2 B·h, down_proj in 2 B·i); LoRA saves per adapted linear (_lora_input),
-                or each distinct input once where its adapters share it (_lora_inputs)
+                or each distinct input once where its adapters share it (_lora_inputs);
+                axolotl's fused LoRA functions per group instead (lora_kernel_saved)
     MoE:        router + top_k routed copies of each token (expert_saved_per_token)
     ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
     AMP on an fp32 model (full fp16 without DeepSpeed): the two pre-norms' fp32 outputs
@@ -191,17 +241,21 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     if amp:
         out.append(Saved("AMP: fp32 norm outputs, per-linear fp16 inputs", amp))
 
+    parts = ("attn", "router") if moe_layer else ("attn", "mlp")
+    adapted: list[Linear] = [lin for lin, _ in lora_targets(spec, setup) if lin.group in parts]
+    fused = lora_kernel_groups(adapted, setup)
     if moe_layer and spec.moe:
         out.append(Saved("MoE router + experts", expert_saved_per_token(spec, setup)))
-    else:
+    elif "LoRA_MLP" not in fused:  # LoRA_MLP keeps gate and up itself
         out.append(Saved("MLP gate, up, act", _mlp(spec, setup)))
 
     if full:
         out.append(Saved("linear inputs", BF16 * (2 * h + spec.intermediate_size)))
     else:
-        groups = ("attn", "router") if moe_layer else ("attn", "mlp")
-        adapted: list[Linear] = [lin for lin, _ in lora_targets(spec, setup) if lin.group in groups]
-        lora = _lora_inputs(adapted, setup)
+        for group in fused:
+            out.append(Saved(f"axolotl {group}", lora_kernel_saved(group, spec, setup)))
+        in_fused = {name for group in fused for name in LORA_KERNEL_GROUPS[group]}
+        lora = _lora_inputs([lin for lin in adapted if lin.name not in in_fused], setup)
         out.append(Saved("LoRA inputs", lora))
         if setup.zero == 3 and setup.method == "lora" and not moe_layer:
             inputs = 2 * h + q + spec.intermediate_size

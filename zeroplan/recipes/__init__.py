@@ -126,6 +126,11 @@ def read_recipe(
             # SFTTrainer casts a quantized model's LoRA adapters to bf16
             setup["lora_bf16"] = True
             rows.append(Row("", "lora_bf16", True, f"{trainer.label} SFTTrainer (QLoRA)"))
+    if "lora_kernels" in settings:
+        # axolotl's fused LoRA kernels (not one key: axolotl turns them on itself)
+        setup["lora_kernels"] = settings["lora_kernels"]
+        why = settings["_lora_kernels_why"]
+        rows.append(Row("", "lora_kernels", setup["lora_kernels"], why))
     return (
         Recipe(
             path=parsed.path,
@@ -138,6 +143,7 @@ def read_recipe(
             notes=tuple(notes),
             packing=bool(settings.get("packing")),
             deepspeed=deepspeed,
+            pad_multiple=8 if trainer.format == "llamafactory" else 1,
             parsed=parsed,
         ),
         spec,

@@ -14,6 +14,11 @@ training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations
   (bf16 where the card has it), ``sample_packing`` off.
 - attention: ``attn_implementation``, or the older switches ``flash_attention``,
   ``sdp_attention``, ``eager_attention``; none: transformers' default (sdpa).
+- its fused LoRA kernels (``lora_qkv_kernel``, ``lora_o_kernel``, ``lora_mlp_kernel``): on for
+  LoRA / QLoRA when the recipe sets none of the four ``lora_*_kernel`` keys and not
+  ``trust_remote_code`` (``check_auto_enable_lora_kernels`` in config.py, the same in 0.18.0
+  and 0.19.0; whatever ``lora_dropout``: the kernels take dropout, one mask per group), else
+  each as set.
 - the fused loss: the Liger plugin (``plugins: [axolotl.integrations.liger.LigerPlugin]``)
   with ``liger_fused_linear_cross_entropy: true``, or the Cut Cross Entropy plugin
   (``cut_cross_entropy: true``), which also never materialises the logits (modelled as Liger's).
@@ -127,7 +132,15 @@ KEYS = (
     Key("liger_fused_linear_cross_entropy", "liger_flce", optional_bool),
     Key("cut_cross_entropy", "cut_cross_entropy", optional_bool),
     Key("deepspeed", "deepspeed", same, write=lambda v: v),
+    Key("lora_qkv_kernel", "lora_qkv_kernel", optional_bool),
+    Key("lora_o_kernel", "lora_o_kernel", optional_bool),
+    Key("lora_mlp_kernel", "lora_mlp_kernel", optional_bool),
+    Key("lora_embedding_kernel", "lora_embedding_kernel", optional_bool),
+    Key("trust_remote_code", "trust_remote_code", optional_bool),
 )
+# axolotl's fused LoRA kernels; setting any of the four keys turns the auto-enable off
+LORA_KERNEL_KEYS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
+_AUTO_KERNELS = f"{_SCHEMAS}/config.py (check_auto_enable_lora_kernels)"
 
 DEFAULTS = {
     "adapter": Default(None, f"{_SCHEMAS}/peft.py"),
@@ -152,6 +165,11 @@ DEFAULTS = {
     "liger_flce": Default(None, "src/axolotl/integrations/liger/args.py"),
     "cut_cross_entropy": Default(None, "src/axolotl/integrations/cut_cross_entropy/args.py"),
     "deepspeed": Default(None, f"{_SCHEMAS}/config.py"),
+    "lora_qkv_kernel": Default(None, _AUTO_KERNELS),
+    "lora_o_kernel": Default(None, _AUTO_KERNELS),
+    "lora_mlp_kernel": Default(None, _AUTO_KERNELS),
+    "lora_embedding_kernel": Default(None, _AUTO_KERNELS),
+    "trust_remote_code": Default(None, f"{_SCHEMAS}/model.py"),
 }
 
 IGNORED = {
@@ -161,9 +179,6 @@ IGNORED = {
     "unsloth_lora_qkv": "Unsloth's LoRA kernels are not modelled",
     "unsloth_lora_o": "Unsloth's LoRA kernels are not modelled",
     "unsloth_cross_entropy_loss": "Unsloth's loss kernel is not modelled",
-    "lora_mlp_kernel": "axolotl's fused LoRA kernels are not modelled",
-    "lora_qkv_kernel": "axolotl's fused LoRA kernels are not modelled",
-    "lora_o_kernel": "axolotl's fused LoRA kernels are not modelled",
     "relora": "ReLoRA's restarts are not modelled",
     "activation_offloading": "activation offloading to the CPU is not modelled",
     "chunked_cross_entropy": "chunked cross-entropy's smaller logits are not modelled",
@@ -222,15 +237,8 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             s["lora_targets"] = ("all-linear",)
         elif s["lora_targets"] is None:
             s["lora_targets"] = peft_default_targets(model_type, "lora_target_modules")
-    if s["method"] != "full":
-        # measured on one H100 (benchmarks/results/recipes_gpu.md): axolotl 0.19 LoRA and
-        # QLoRA runs peaked 16-21% under the estimate with its kernels on, +0.3% with them off
-        notes.append(
-            "axolotl turns on its Triton LoRA kernels (lora_mlp_kernel, lora_qkv_kernel, "
-            "lora_o_kernel) for LoRA on one GPU unless the recipe sets them false; they keep "
-            "less for the backward than estimated: measured 16-21% under this estimate with "
-            "them on, within 0.3% with them off"
-        )
+    s["lora_kernels"], why = _lora_kernels(s, notes)
+    s["_lora_kernels_why"] = why
     if s["batch_size"] is not None and "grad_accum" not in s["_given"]:
         s["grad_accum"] = max(1, s["batch_size"] // s["micro_batch"])
     if s["bf16"] and s["fp16"]:
@@ -251,6 +259,29 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
         )
     s["fused_loss"] = liger or cce
     return s, notes
+
+
+def _lora_kernels(s: dict[str, Any], notes: list[str]) -> tuple[bool, str]:
+    """Whether axolotl runs its fused LoRA kernels, and why: auto-enabled for LoRA / QLoRA
+    when the recipe sets none of the ``lora_*_kernel`` keys and not ``trust_remote_code``,
+    else as set. One bool models the three: a recipe that turns on only some is estimated
+    with none (PEFT's path keeps more: the estimate errs high) and says so."""
+    if s["method"] == "full":
+        return False, "no adapter"
+    keys = (*LORA_KERNEL_KEYS, "lora_embedding_kernel")
+    if all(s[k] is None for k in keys):
+        if s["trust_remote_code"]:
+            return False, "trust_remote_code: axolotl does not turn them on"
+        return True, f"auto-enabled for {s['method']} by {LABEL}"
+    on = [k for k in LORA_KERNEL_KEYS if s[k]]
+    if len(on) == len(LORA_KERNEL_KEYS):
+        return True, f"{', '.join(on)} set true"
+    if on:
+        notes.append(
+            f"only {', '.join(on)} of axolotl's LoRA kernels on: estimated with none, "
+            "which keeps more for the backward (an upper bound)"
+        )
+    return False, "lora_*_kernel set in the recipe"
 
 
 def method_edits(method: str, data: Mapping[str, Any]) -> dict[str, Any]:

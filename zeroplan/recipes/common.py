@@ -263,6 +263,9 @@ class Recipe:
     notes: tuple[str, ...] = ()
     packing: bool = False
     deepspeed: dict[str, Any] | None = None  # {"given", "path", "config"} as found
+    # without packing, the collator pads each micro-batch to its longest row rounded up to
+    # this (LLaMA-Factory's SFT collator: 8; TRL's and axolotl's: 1)
+    pad_multiple: int = 1
     parsed: Parsed | None = field(default=None, repr=False, compare=False)
 
     @property

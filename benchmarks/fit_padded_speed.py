@@ -1,0 +1,205 @@
+"""The padded trainer loops' speed (issue 25): what LLaMA-Factory, TRL and axolotl add to the
+step zeroplan's speed model predicts when they pad each micro-batch instead of packing, fitted
+on some runs and checked on the others (CPU only).
+
+    python benchmarks/fit_padded_speed.py [--check]
+
+Rows: every step of benchmarks/results/recipes_gpu_h100*.jsonl (benchmarks/recipe_trainers.py,
+one H100, each step's padded shape and seconds). Each step is compared with
+``speed.step_time`` of its own shape (micro-batch × longest padded row, the trainer's loop
+flags): the excess, measured − predicted seconds, falls in three kinds:
+
+- a step whose shape the run has met before: the steady step (excess about 0);
+- the first step of a new shape: the caching allocator's new block sizes and the kernels'
+  first calls at that size: ``speed.NEW_SHAPE_S``, fitted here as the median excess of
+  such steps in the FIT trainers' rows, and checked on the other trainer's;
+- trainer events of a second or more (TRL's Triton JIT of its chunked LM head for a new
+  specialisation, axolotl's stalls every third step in the first 14): counted and shown,
+  not in the step model (their number over a long run is not measured).
+
+The run's rate is then predicted as its real tokens over Σ (step_time + NEW_SHAPE_S at a new
+shape) over the timed steps, against the measured real tokens/s of the same steps, with and
+without the events. ``--check`` exits 1 when speed.NEW_SHAPE_S is more than 10% off this fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zeroplan import speed  # noqa: E402
+from zeroplan.hardware import parse_cluster  # noqa: E402
+from zeroplan.models import load_model  # noqa: E402
+from zeroplan.speed import step_time  # noqa: E402
+from zeroplan.trainsetup import TrainSetup  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+FILES = ("recipes_gpu_h100.jsonl", "recipes_gpu_h100_nokern.jsonl", "recipes_gpu_h100_mb8.jsonl")
+FIT = ("lf", "trl")  # the trainers NEW_SHAPE_S is fitted on; the others are held out
+EVENT_S = 0.5  # an excess above this is a trainer event, not a new shape's cost
+WARMUP = 3  # the runs' timed steps start after these (recipe_trainers.summarize)
+
+
+def rows() -> list[dict[str, Any]]:
+    out = []
+    for name in FILES:
+        path = RESULTS / name
+        if path.exists():
+            out += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for r in out if r.get("per_step")]
+
+
+def setup_of(row: dict[str, Any], b: int, s: int) -> TrainSetup:
+    """The step's setup as the trainer ran it (the loop flags of recipe_trainers.py)."""
+    st = row["setup"]
+    trl, ax = row["trainer"] == "trl", row["trainer"] == "ax"
+    return TrainSetup(
+        method=st["method"],
+        micro_batch=b,
+        seq_len=s,
+        grad_accum=st["grad_accum"],
+        lora_r=st["lora_r"],
+        lora_dropout=st["lora_dropout"],
+        optim=st["optim"],
+        grad_ckpt=st["grad_ckpt"],
+        padding_mask=True,
+        chunked_lm_head=trl,
+        lora_bf16=trl and st["method"] == "qlora",
+        lora_kernels=ax and "nokern" not in row["run"],
+    )
+
+
+def steps(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every step after the first: its shape, whether new, measured and predicted seconds."""
+    spec = load_model(row["arch"].replace("--", "/", 1))
+    cluster = parse_cluster("1xH200" if "H200" in row["machine"]["gpu"] else "1xH100")
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for p in row["per_step"]:
+        b, s = p["shapes"][0]
+        new = (b, s) not in seen
+        seen.add((b, s))
+        predicted = step_time(spec, setup_of(row, b, s), cluster).total_s
+        out.append(
+            {
+                "step": p["step"],
+                "shape": (b, s),
+                "new": new,
+                "seconds": p["seconds"],
+                "predicted": predicted,
+                "excess": p["seconds"] - predicted,
+                "real": p["real"],
+                "padded": p["padded"],
+            }
+        )
+    return out[1:]  # the first step starts everything (compiles, allocates, loads)
+
+
+def fit(all_rows: list[dict[str, Any]]) -> float:
+    """NEW_SHAPE_S: the median excess of the FIT trainers' new-shape steps (no events)."""
+    excess = [
+        s["excess"]
+        for r in all_rows
+        if r["trainer"] in FIT and not held_out_shape(r)
+        for s in steps(r)
+        if s["new"] and s["excess"] < EVENT_S
+    ]
+    return statistics.median(excess)
+
+
+def held_out_shape(row: dict[str, Any]) -> bool:
+    """A run at a shape no fit saw (the micro-batch-8 runs on Llama-3.2-1B)."""
+    return any(v.startswith("mb") for v in row["run"].split("+")[1:])
+
+
+def run_rate(row: dict[str, Any], new_shape_s: float) -> dict[str, Any]:
+    """Measured and predicted real tokens/s over the timed steps, with and without events."""
+    timed = [s for s in steps(row) if s["step"] > WARMUP]
+    events = [s for s in timed if s["excess"] >= EVENT_S]
+    real = sum(s["real"] for s in timed)
+    predicted_s = sum(s["predicted"] + (new_shape_s if s["new"] else 0.0) for s in timed)
+    quiet = [s for s in timed if s["excess"] < EVENT_S]
+    return {
+        "run": row["run"],
+        "held_out": row["trainer"] not in FIT or held_out_shape(row),
+        "measured": real / sum(s["seconds"] for s in timed),
+        "predicted": real / predicted_s,
+        "measured_quiet": sum(s["real"] for s in quiet) / sum(s["seconds"] for s in quiet),
+        "predicted_quiet": sum(s["real"] for s in quiet)
+        / sum(s["predicted"] + (new_shape_s if s["new"] else 0.0) for s in quiet),
+        "events": len(events),
+        "event_s": sum(s["excess"] for s in events),
+        "timed": len(timed),
+        "repeat_excess": [round(s["excess"], 3) for s in timed if not s["new"]],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if speed.NEW_SHAPE_S drifted")
+    args = ap.parse_args()
+    all_rows = rows()
+    new_shape_s = fit(all_rows)
+    print(
+        f"NEW_SHAPE_S fitted on {', '.join(FIT)}: {new_shape_s:.4f} s (shipped {speed.NEW_SHAPE_S})"
+    )
+    held = [
+        s["excess"]
+        for r in all_rows
+        if r["trainer"] not in FIT or held_out_shape(r)
+        for s in steps(r)
+        if s["new"] and s["excess"] < EVENT_S
+    ]
+    if held:
+        print(
+            f"held-out new-shape steps: median excess {statistics.median(held):.4f} s (n={len(held)})"
+        )
+    print(f"{'run':<18} {'measured':>9} {'predicted':>9} {'gap':>7} {'quiet gap':>9} events")
+    for r in all_rows:
+        v = run_rate(r, speed.NEW_SHAPE_S)
+        gap = v["measured"] / v["predicted"] - 1
+        quiet = v["measured_quiet"] / v["predicted_quiet"] - 1
+        mark = "*" if v["held_out"] else " "
+        print(
+            f"{v['run']:<17}{mark} {v['measured']:>9,.0f} {v['predicted']:>9,.0f} {gap:>+7.1%} "
+            f"{quiet:>+9.1%} {v['events']}/{v['timed']} ({v['event_s']:.1f} s) "
+            f"repeats {v['repeat_excess']}"
+        )
+    print("(* held out: a trainer or shape NEW_SHAPE_S was not fitted on; real tokens/s)")
+    if args.check and abs(new_shape_s / speed.NEW_SHAPE_S - 1) > 0.10:
+        sys.exit(1)
+
+
+def data_estimates(all_rows: list[dict[str, Any]]) -> None:
+    """``estimate --recipe R --data D`` of the runs that recorded one, against the run: its
+    real tokens/s over the timed steps (and without the trainer events), its padded length
+    and real share."""
+    for r in all_rows:
+        e = r.get("estimate_recipe_data") or {}
+        if "speed" not in e:
+            continue
+        timed = [s for s in steps(r) if s["step"] > WARMUP]
+        quiet = [s for s in timed if s["excess"] < EVENT_S]
+        rate = sum(s["real"] for s in timed) / sum(s["seconds"] for s in timed)
+        rate_quiet = sum(s["real"] for s in quiet) / sum(s["seconds"] for s in quiet)
+        lengths = [s["shape"][1] for s in timed]
+        fill = sum(s["real"] for s in timed) / sum(s["padded"] for s in timed)
+        d, tps = e["data"], e["speed"]["tokens_per_s"]
+        print(
+            f"{r['run']}: estimate --recipe --data {tps:,.0f} real tokens/s against "
+            f"{rate:,.0f} measured ({rate / tps - 1:+.1%}), {rate_quiet:,.0f} without events "
+            f"({rate_quiet / tps - 1:+.1%}); padded length {d['padded_length']:.0f} against "
+            f"{statistics.mean(lengths):.0f}, real share {d['fill']:.1%} against {fill:.1%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
+    data_estimates(rows())
