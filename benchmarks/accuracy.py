@@ -1,6 +1,9 @@
-"""Compare zeroplan's estimate with every measured row in benchmarks/results/memory_*.jsonl.
+"""Compare zeroplan's estimate with every measured row in benchmarks/results/memory_*.jsonl
+and the memory rows of edges_*.jsonl (issue 30's edges: ZeRO-3 under a plain DeepSpeed
+engine loop with and without ``zero.Init``, foreach AdamW under ZeRO-1/2, Gemma 3).
 
     python benchmarks/accuracy.py [FILES...] [--markdown] [--json]
+    python benchmarks/accuracy.py --speed      # edges_*.jsonl's timed steps against speed.py
 
 For each row that ran, the error of the estimated peak allocated (and reserved, and
 nvidia-smi used) against the measurement; for every row, OOM or not, whether the
@@ -34,6 +37,11 @@ GIB = 2**30
 
 def setup_of(row: dict[str, Any]) -> TrainSetup:
     zero_cfg = (row.get("ds_config") or {}).get("zero_optimization", {})
+    loop = row.get("loop", "trainer")  # rows from before the loop switches: the trainer's
+    if row.get("zero_init") and loop == "plain":
+        # the plain loop's switches with a model built inside zero.Init (the trainer's way):
+        # TrainSetup.zero_init follows the loop, the other three are explicit below
+        loop = "trainer"
     # what DeepSpeed did when the row's config left overlap_comm out: on at stage 3 only
     overlap = zero_cfg.get("overlap_comm", row["zero"] == 3)
     return TrainSetup(
@@ -52,8 +60,7 @@ def setup_of(row: dict[str, Any]) -> TrainSetup:
         offload=row.get("offload", "none"),
         attn=row["attn"],
         fused_loss=row["fused_loss"],
-        # rows from before the loop switches measured the trainer loop
-        loop=row.get("loop", "trainer"),
+        loop=loop,
         autocast=row.get("autocast"),
         keep_outputs=row.get("keep_outputs"),
         precision=row.get("precision", ""),
@@ -127,6 +134,8 @@ def compare(row: dict[str, Any]) -> dict[str, Any]:
                 if row["lora_targets"] != "all-linear" and row["method"] != "full"
                 else "",
                 row.get("tag") or "",
+                "reentrant" if row.get("ckpt_mode") == "reentrant" else "",
+                "no zero.Init" if row.get("zero_init") is False else "",
             )
             if x
         ),
@@ -162,8 +171,15 @@ def load_rows(files: list[Path]) -> list[dict[str, Any]]:
         for line in f.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
+                if row.get("what") == "speed":
+                    continue  # a timed step (--speed), not a memory row
                 if row.get("error") and not row.get("oom"):
                     continue  # a crash, not a measurement
+                if row.get("liger_geglu"):
+                    print(
+                        f"skipped a row of {f.name}: Liger's GeGLU alone, which no setup describes"
+                    )
+                    continue
                 if not known_model(row):
                     print(f"skipped a row of {f.name}: model {row['model']!r} has no config here")
                     continue
@@ -189,6 +205,34 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def speed_table(files: list[Path]) -> None:
+    """Each timed lean step (benchmarks/edges.py speed: one GPU, ≥ 10 steps after two
+    warm-up steps, their median) against speed.step_time(launched=False), which no fit saw:
+    no fitted row ran the plain loop or foreach AdamW."""
+    from zeroplan import speed
+
+    print(
+        f"{'model':22} {'method':6} {'shape':10} {'loop':18} {'measured':>9} {'predicted':>9} error"
+    )
+    for f in files:
+        for line in f.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("what") != "speed" or row.get("oom"):
+                continue
+            spec = load_model(row["model"])
+            st = speed.step_time(spec, setup_of(row), cluster_of(row), launched=False)
+            err = st.tokens_per_s / row["tokens_per_s"] - 1
+            loop = f"{row['loop']} {row['optim']}" + (
+                " varlen" if row.get("varlen_segment") else ""
+            )
+            shape = f"{row['micro_batch']}x{row['seq_len']}" + (" ckpt" if row["grad_ckpt"] else "")
+            print(
+                f"{spec.name.split('/')[-1]:22} {row['method']:6} {shape:10} {loop:18} "
+                f"{row['tokens_per_s']:9,.0f} {st.tokens_per_s:9,.0f} {err:+.1%}"
+                f"{' host-bound' if st.host_bound else ''}"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path)
@@ -196,8 +240,14 @@ def main() -> None:
         "--markdown", action="store_true", help="print a markdown table (docs/memory.md)"
     )
     p.add_argument("--json", action="store_true", help="print rows and summary as JSON")
+    p.add_argument(
+        "--speed", action="store_true", help="the timed steps of edges_*.jsonl against speed.py"
+    )
     args = p.parse_args()
-    files = args.files or sorted(RESULTS.glob("memory_*.jsonl"))
+    if args.speed:
+        speed_table(args.files or sorted(RESULTS.glob("edges_*.jsonl")))
+        return
+    files = args.files or sorted([*RESULTS.glob("memory_*.jsonl"), *RESULTS.glob("edges_*.jsonl")])
     results = [compare(r) for r in load_rows(files)]
     summary = summarize(results)
     if args.json:

@@ -278,6 +278,7 @@ def apply_fused_loss(model: Any) -> None:
         rope=False,
         rms_norm=False,
         swiglu=False,
+        geglu=False,  # Gemma's apply function turns its GeGLU on unless told
         cross_entropy=False,
         fused_linear_cross_entropy=True,
     )

@@ -345,6 +345,19 @@ def test_zero3_lora_keeps_the_frozen_linears_inputs() -> None:
     z2 = per_layer_bytes_per_token(LLAMA_1B, lora(zero=2))
     z3 = per_layer_bytes_per_token(LLAMA_1B, lora(zero=3))
     assert z3 - z2 == 4.5 * (2 * H1 + H1 + I1)  # q = h for Llama-3.2-1B
+    # a plain loop builds the model before deepspeed.initialize (no zero.Init): 1.7 B, as
+    # measured on one H100 with LoRA on all linears and on q/k/v/o (edges_h100.jsonl)
+    plain = lora(zero=3, loop="plain")
+    assert not plain.zero_init and lora(zero=3).zero_init
+    plain2 = lora(zero=2, loop="plain")
+    extra = per_layer_bytes_per_token(LLAMA_1B, plain) - per_layer_bytes_per_token(LLAMA_1B, plain2)
+    assert extra == pytest.approx(1.7 * (2 * H1 + H1 + I1))
+    # the estimate says these rates were read off measurements, and for which loop
+    two = parse_cluster("2xH100")
+    notes = " ".join(estimate(LLAMA_1B, two, plain).notes)
+    assert "read off measurements" in notes and "plain loop" in notes
+    ckpt = estimate(LLAMA_1B, two, lora(zero=3, grad_ckpt=True)).notes
+    assert any("traced for reentrant" in n and "15% over" in n for n in ckpt)
     # not for full fine-tuning (inputs saved anyway) nor QLoRA (bitsandbytes' own matmul)
     assert per_layer_bytes_per_token(LLAMA_1B, TrainSetup(method="full", zero=3)) == (
         per_layer_bytes_per_token(LLAMA_1B, TrainSetup(method="full", zero=2))

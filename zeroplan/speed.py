@@ -167,10 +167,20 @@ FITTED = SpeedConstants(
     launch_step_s=0.03035,
 )
 
-# The AdamW step (fused or foreach) streams each trainable parameter's state once: it reads
-# and writes the parameter and both moments and reads the gradient (bf16: 2·2 + 2·2·2 + 2),
-# and gradient clipping reads the gradient again: 16 B per parameter.
+# The fused AdamW step streams each trainable parameter's state once: it reads and writes
+# the parameter and both moments and reads the gradient (bf16: 2·2 + 2·2·2 + 2), and
+# gradient clipping reads the gradient again: 16 B per parameter.
 ADAMW_BYTES = 16.0
+# torch AdamW's default (foreach) step, the plain loop's ``adamw_torch``: one pass over the
+# tensor lists per operation (torch/optim/adam.py, _multi_tensor_adam, not capturable):
+# weight decay multiplies p in place (read + write: 2 accesses), lerp_ moves m toward g
+# (3), mul_ scales v (2), addcmul_ adds g·g to v (4: v, g, g, v), sqrt writes a new
+# tensor from v (2), div_ and add_ (eps) rework it in place (2 + 2), addcdiv_ steps p by
+# m over it (4): 21 accesses of a parameter-sized element, where the fused kernel makes 7.
+# Counted, not fitted: 16 B + 2 B × (21 − 7) = 44 B per parameter. No fitted row ran it
+# (speed_*.jsonl are trainer-loop steps, fused AdamW); the one-H100 steps of
+# benchmarks/results/edges_h100.jsonl timed it (docs/speed.md).
+FOREACH_ADAMW_BYTES = ADAMW_BYTES + 2.0 * (21 - 7)
 # Under DeepSpeed bf16 the adapters are bf16 and nothing is autocast: PEFT's input no longer
 # goes bf16 → fp32 (read 2, write 4), through dropout in fp32 (4 + 4 + mask) and back to
 # bf16 for the matmul (4 + 2), 21 B per element, but only through dropout in bf16 (2 + 2 +
@@ -773,8 +783,9 @@ def micro_batch_seconds(gpu_s: float, host_s: float, k: SpeedConstants = FITTED)
 def optimizer_seconds(
     spec: ModelSpec, setup: TrainSetup, gpu: GPU, world: int, k: SpeedConstants = FITTED
 ) -> float:
-    """The optimizer step on the GPU: bytes per parameter · Ψ_t / bandwidth (ADAMW_BYTES,
-    or the fitted 8-bit rate for bitsandbytes' 8-bit AdamW, which also pays
+    """The optimizer step on the GPU: bytes per parameter · Ψ_t / bandwidth (ADAMW_BYTES;
+    FOREACH_ADAMW_BYTES for torch AdamW's default foreach step, ``adamw_torch``; or the
+    fitted 8-bit rate for bitsandbytes' 8-bit AdamW, which also pays
     optimizer_8bit_tensor_s per tensor it steps alone: optimizer_tensors), Ψ_t divided among the
     ranks under ZeRO 1-3; 0 when the optimizer is offloaded (offload_seconds)."""
     if setup.offload != "none":
@@ -782,7 +793,8 @@ def optimizer_seconds(
     shards = world if (setup.deepspeed and (setup.zero or 0) >= 1) else 1
     params, bandwidth = trainable_params(spec, setup) / shards, gpu.memory_bandwidth_gbs * 1e9
     if not setup.optim.endswith("8bit"):
-        return ADAMW_BYTES * params / bandwidth
+        per_param = FOREACH_ADAMW_BYTES if setup.foreach_adamw else ADAMW_BYTES
+        return per_param * params / bandwidth
     per_tensor = optimizer_tensors(spec, setup) * k.optimizer_8bit_tensor_s
     return k.optimizer_8bit_bytes * params / bandwidth + per_tensor
 

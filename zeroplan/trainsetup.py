@@ -244,6 +244,14 @@ class TrainSetup:
         under DeepSpeed ZeRO-3 (trl#2514), and the memory model follows what runs."""
         return self.grad_ckpt and self.is_lora and self.zero == 3
 
+    @property
+    def zero_init(self) -> bool:
+        """ZeRO-3 with the model built inside ``deepspeed.zero.Init``: the trainer loop's
+        (transformers' DeepSpeed integration loads the model under it once the config says
+        stage 3; TRL, axolotl, LLaMA-Factory and ``zeroplan launch`` load it so). A plain
+        loop builds the model first and hands it to ``deepspeed.initialize``."""
+        return self.zero == 3 and self.loop != "plain"
+
     def to_dict(self) -> dict[str, Any]:
         # every field is a str, number, bool, None or tuple of str: a shallow copy is a copy
         # (asdict's deep copy cost the planner a sixth of its time)

@@ -34,9 +34,14 @@ FP32 = 4
 MASK = 1  # dropout keeps a bool mask
 # ZeRO-3 swaps F.linear for its own autograd function (deepspeed.runtime.zero.linear), which
 # saves every linear's input, the frozen base layers' under LoRA too. Those inputs are
-# 2 B per element of (2h + q + i) per token; measured is 4.5 B (Llama-3.2-1B 4.53, Qwen2.5-0.5B
-# 4.49, benchmarks/results/memory_h100_zero1gpu.jsonl): the rest is not explained yet.
+# 2 B per element of (2h + q + i) per token; measured is 4.5 B with the model built inside
+# zero.Init (Llama-3.2-1B 4.53, Qwen2.5-0.5B 4.49, benchmarks/results/memory_h100_zero1gpu.jsonl),
+# and 1.7 B with it built before deepspeed.initialize, as a plain loop does (Llama-3.2-1B
+# without checkpointing, LoRA on all linears 1.60 and on q/k/v/o 1.72: 2.4-2.5 GiB below the
+# zero.Init rate, benchmarks/results/edges_h100.jsonl). Both read off measurements: why
+# zero.Init keeps more is not traced yet.
 ZERO3_LORA_BYTES_PER_INPUT = 4.5
+ZERO3_NO_INIT_BYTES_PER_INPUT = 1.7
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,8 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
                 or each distinct input once where its adapters share it (_lora_inputs);
                 axolotl's fused LoRA functions per group instead (lora_kernel_saved)
     MoE:        router + top_k routed copies of each token (expert_saved_per_token)
-    ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured
+    ZeRO-3 LoRA: the frozen linears' inputs, 4.5 B·(2h + q + i) measured under zero.Init,
+                1.7 B without it (TrainSetup.zero_init)
     AMP on an fp32 model (full fp16 without DeepSpeed): the two pre-norms' fp32 outputs
                 (precision.amp_norm_extra_per_token) and one fp16 input per linear
                 reading them (precision.amp_input_casts_per_token); the other tensors have
@@ -259,7 +265,8 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
         out.append(Saved("LoRA inputs", lora))
         if setup.zero == 3 and setup.method == "lora" and not moe_layer:
             inputs = 2 * h + q + spec.intermediate_size
-            out.append(Saved("ZeRO-3 base-linear inputs", ZERO3_LORA_BYTES_PER_INPUT * inputs))
+            rate = ZERO3_LORA_BYTES_PER_INPUT if setup.zero_init else ZERO3_NO_INIT_BYTES_PER_INPUT
+            out.append(Saved("ZeRO-3 base-linear inputs", rate * inputs))
     return out
 
 

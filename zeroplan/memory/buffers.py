@@ -73,11 +73,19 @@ def comm_buffers(spec: ModelSpec, setup: TrainSetup, world: int) -> Buffers:
                             (TrainSetup.reentrant_checkpointing) also holds, through the
                             backward, the other ranks' shares of the frozen bf16 base:
                             + 2 B · Ψ · (N − 1) / N
-    The last term is one measurement's reading, not a mechanism traced in DeepSpeed: a
-    Llama-3.2-1B LoRA launched on 2×H100 (ZeRO-3, reentrant, DeepSpeed 0.19.8) peaked at
-    4.22-4.49 GiB per GPU (three runs) against 3.07 GiB without the term, and the peak did not move with
-    stage3_max_live_parameters 1e7 (benchmarks/results/launch_zero3_live_2xh100.jsonl); the
-    same model under non-reentrant checkpointing matched without it.
+    The last term, traced for reentrant checkpointing on one H100 (benchmarks/edges.py reads
+    DeepSpeed's own bookkeeping: the parameters it keeps AVAILABLE after each fetch and
+    release, which at N ranks cost 2 B · (N − 1)/N each beyond their partition): through the
+    backward the whole frozen base stays gathered, 7.505 of 7.505 G elements for
+    Llama-3.1-8B and 1.236 of 1.236 G for Llama-3.2-1B, until the step ends
+    (benchmarks/results/edges_h100.jsonl, edges_traces.md); a Llama-3.2-1B LoRA launched
+    on 2×H100 peaked at 4.22-4.49 GiB per GPU against 3.07 GiB without it
+    (launch_zero3_live_2xh100.jsonl). Non-reentrant checkpointing (a plain loop: transformers
+    5's default) released all but DeepSpeed's reuse window there (stage3_max_reuse_distance,
+    1e9 elements: 0.96 G held for the 8B, 0.99 G for the 1B), but a two-GPU run of that loop
+    (issue 30: the 8B at 2 × 2048) peaked about 5 GiB above the window's 0.9 GiB; until a
+    two-GPU trace says what else stays, the whole base is kept for it too (the safe side,
+    up to 15% over).
     """
     n_t = trainable_params(spec, setup)
     if not setup.deepspeed:

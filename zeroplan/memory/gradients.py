@@ -58,6 +58,25 @@ def gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> Term:
     return Term("gradients", int(size), f"{formula} = {gib(size)}")
 
 
+def step_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
+    """Gradient bytes alive while the optimizer itself steps (its temporaries come on top).
+
+    ZeRO-1/2:  the fp32 copy only, 4 B · Ψ_t / N: DeepSpeed's stage_1_and_2 ``step()``
+               flattens the bf16 partition into it, then frees the bf16 gradients
+               (``free_grad_in_param_list``, ``averaged_gradients[i] = None``) before
+               ``_optimizer_step``; the flattening moment is gradients()'s
+    otherwise: gradients()
+
+    Measured on one H100 (benchmarks/results/edges_h100.jsonl): ZeRO-1 and ZeRO-2 full
+    fine-tuning of Llama-3.2-1B with a client foreach AdamW peaked at 25.39 GiB, as with
+    fused AdamW (static + 8 B · Ψ): the foreach step's 4 B · Ψ of temporaries replace the
+    freed bf16 gradients (the estimate that kept both said 29.92, +17.9%).
+    """
+    if setup.deepspeed and setup.zero in (1, 2):
+        return 0 if setup.offload != "none" else FP32 * trainable_params(spec, setup) // world
+    return gradients(spec, setup, world).bytes
+
+
 def resident_gradients(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
     """Gradient bytes that already exist when a micro-batch's forward starts.
 
