@@ -203,3 +203,42 @@ def test_estimate_recipe_data_follows_the_trainer(
     assert lf["data"]["truncated"] > 0 and lf["data"]["dropped"] == 0
     assert lf["data"]["micro_batches"] == 14  # the recipe's max_steps, accumulation 1
     assert not any("warm-up" in n for n in lf["notes"])
+
+
+def test_warmup_stalls_are_the_runs() -> None:
+    """recipes.WARMUP_STALLS holds every measured run's stalls (seconds over the step model,
+    steps after the first) and the last step with one; LLaMA-Factory's runs have none."""
+    import importlib.util
+
+    from zeroplan.recipes import WARMUP_STALLS
+
+    path = ROOT / "benchmarks" / "fit_padded_speed.py"
+    spec = importlib.util.spec_from_file_location("fit_padded_speed", path)
+    assert spec is not None and spec.loader is not None
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    for row in fit.rows():
+        seconds, last = fit.warmup(row)
+        low, high, last_step = WARMUP_STALLS.get(fit.FORMAT[row["trainer"]], (0.0, 0.0, 0))
+        assert low - 0.05 <= seconds <= high + 0.05, (row["run"], seconds)
+        assert last <= last_step, row["run"]
+
+
+def test_llamafactory_pieces_by_hand() -> None:
+    """llama3: BOS, the system slot, the user slot (with the assistant header), the answer
+    with <|eot_id|>; an alpaca record's instruction and input joined by one newline."""
+    from zeroplan.prompts import BOS, LLAMAFACTORY_TEMPLATES, llamafactory_pieces
+
+    rec = {"instruction": "Say", "input": "hi", "output": "hello", "system": "Be brief."}
+    pieces = llamafactory_pieces(LLAMAFACTORY_TEMPLATES["llama3"], rec, "alpaca", 0, None)
+    assert [p for p, _ in pieces] == [
+        BOS,
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>",
+        "<|start_header_id|>user<|end_header_id|>\n\nSay\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "hello<|eot_id|>",
+    ]
+    qwen = llamafactory_pieces(
+        LLAMAFACTORY_TEMPLATES["qwen"], rec | {"system": ""}, "alpaca", 0, None
+    )
+    assert qwen[0][0].startswith("<|im_start|>system\nYou are Qwen")  # its default system

@@ -53,13 +53,13 @@ _DERIVED_FROM = {
 }
 
 
-# One-off stalls of a second or more early in a padded run, per trainer format: the least
-# and most seconds in all per run, and the last step they reached, over the runs of
-# benchmarks/results/recipes_gpu_h100*.jsonl (one H100; fit_padded_speed.py prints them;
-# step 1's start aside). TRL's chunked LM head and axolotl's loop compile for new shapes;
-# LLaMA-Factory had none. Not in the rate: a long run pays them once (not measured past
-# 24 steps).
-WARMUP_STALLS = {"trl": (4.8, 7.6, 8), "hf": (4.8, 7.6, 8), "axolotl": (5.6, 6.3, 11)}
+# One-off stalls of a second or more early in a padded run, per trainer ("trl": SFTTrainer,
+# from trl sft or an SFTConfig JSON): the least and most seconds in all per run and the last
+# step with one, over the runs of benchmarks/results/recipes_gpu_h100*.jsonl (one H100,
+# step 1's start aside; fit_padded_speed.py prints them). LLaMA-Factory had none; what
+# stalls TRL and axolotl is not separated (axolotl's with its LoRA kernels off too). Not in
+# the rate: a run pays them once (not measured past 24 steps).
+WARMUP_STALLS = {"trl": (4.8, 7.6, 8), "axolotl": (5.6, 6.3, 11)}
 
 
 def trainer_for(parsed: Parsed, fmt: str | None) -> Trainer:
@@ -196,7 +196,8 @@ def run_notes(
             f"new padded shapes priced over the recipe's run ({run}: {padded.micro_batches:,} "
             f"micro-batches per GPU, {padded.shapes:,.0f} shapes)"
         )
-    stalls = WARMUP_STALLS.get(recipe.format)
+    # TRL's loop is SFTTrainer's (its chunked head), whether from trl sft or an SFTConfig JSON
+    stalls = WARMUP_STALLS.get("trl" if recipe.setup.get("chunked_lm_head") else recipe.format)
     if stalls is not None:
         low, high, last = stalls
         notes.append(
