@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from zeroplan import speed  # noqa: E402
 from zeroplan.hardware import parse_cluster  # noqa: E402
 from zeroplan.models import load_model  # noqa: E402
+from zeroplan.recipes import WARMUP_STALLS  # noqa: E402
 from zeroplan.speed import step_time  # noqa: E402
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
@@ -45,6 +46,7 @@ FILES = ("recipes_gpu_h100.jsonl", "recipes_gpu_h100_nokern.jsonl", "recipes_gpu
 FIT = ("lf", "trl")  # the trainers NEW_SHAPE_S is fitted on; the others are held out
 EVENT_S = 0.5  # an excess above this is a trainer event, not a new shape's cost
 WARMUP = 3  # the runs' timed steps start after these (recipe_trainers.summarize)
+FORMAT = {"trl": "trl", "lf": "llamafactory", "ax": "axolotl"}  # recipe_trainers' names
 
 
 def rows() -> list[dict[str, Any]]:
@@ -177,27 +179,50 @@ def main() -> None:
         sys.exit(1)
 
 
+def warmup(row: dict[str, Any]) -> tuple[float, int]:
+    """The run's trainer stalls after its first step: their seconds over the step model
+    (recipes.WARMUP_STALLS holds each trainer's range) and the last step with one."""
+    events = [s for s in steps(row) if s["excess"] >= EVENT_S]
+    return sum(s["excess"] for s in events), max((s["step"] for s in events), default=0)
+
+
 def data_estimates(all_rows: list[dict[str, Any]]) -> None:
-    """``estimate --recipe R --data D`` of the runs that recorded one, against the run: its
-    real tokens/s over the timed steps (and without the trainer events), its padded length
-    and real share."""
+    """``estimate --recipe R --data D`` of each run (recipe_trainers.py --rescore), against
+    the run: the whole of it after the first step, and steady (steps 4 on, the trainer's
+    stalls left out); the whole run also against the estimate with the trainer's warm-up
+    stalls added (the middle of recipes.WARMUP_STALLS). And its padded length and real
+    share."""
+    print(
+        f"{'run':<18} {'estimate':>8} {'whole':>7} {'gap':>7} {'+warm-up':>8} {'steady':>7} "
+        f"{'gap':>7} {'padded len':>13} {'real share':>13} {'stalls':>10}"
+    )
     for r in all_rows:
         e = r.get("estimate_recipe_data") or {}
         if "speed" not in e:
             continue
         timed = [s for s in steps(r) if s["step"] > WARMUP]
         quiet = [s for s in timed if s["excess"] < EVENT_S]
-        rate = sum(s["real"] for s in timed) / sum(s["seconds"] for s in timed)
         rate_quiet = sum(s["real"] for s in quiet) / sum(s["seconds"] for s in quiet)
         lengths = [s["shape"][1] for s in timed]
         fill = sum(s["real"] for s in timed) / sum(s["padded"] for s in timed)
-        d, tps = e["data"], e["speed"]["tokens_per_s"]
+        # the whole run: every step after the first (whose start, 2-6 s, is the process's)
+        run = steps(r)
+        real = sum(s["real"] for s in run)
+        rate = real / sum(s["seconds"] for s in run)
+        d, sp = e["data"], e["speed"]
+        tps = sp["tokens_per_s"]
+        low, high, _ = WARMUP_STALLS.get(FORMAT[r["trainer"]], (0.0, 0.0, 0))
+        whole = real / (real / tps + (low + high) / 2)  # the estimate with its warm-up added
+        stall_s, last = warmup(r)
         print(
-            f"{r['run']}: estimate --recipe --data {tps:,.0f} real tokens/s against "
-            f"{rate:,.0f} measured ({rate / tps - 1:+.1%}), {rate_quiet:,.0f} without events "
-            f"({rate_quiet / tps - 1:+.1%}); padded length {d['padded_length']:.0f} against "
-            f"{statistics.mean(lengths):.0f}, real share {d['fill']:.1%} against {fill:.1%}"
+            f"{r['run']:<18} {tps:>8,.0f} {rate:>7,.0f} {rate / tps - 1:>+7.1%} "
+            f"{rate / whole - 1:>+8.1%} {rate_quiet:>7,.0f} {rate_quiet / tps - 1:>+7.1%} "
+            f"{statistics.mean(lengths):>6.0f}/{d['padded_length']:<6.0f} "
+            f"{fill:>6.1%}/{d['fill']:<6.1%} {stall_s:>5.1f}s<={last}"
         )
+    print("(whole: real tokens/s of every step after the first; +warm-up: against the estimate")
+    print(" with the trainer's warm-up stalls added; steady: steps 4 on, stalls left out;")
+    print(" padded length and real share of steps 4 on, measured/expected)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -445,18 +446,56 @@ def run_one(
     }
     row["per_step"] = probe["steps"]
     row["setup"] = setup_of(run, {**recipe, **recipe_edits(run)})
-    row["estimate_recipe_data"] = estimate_recipe_data(cfg, data["alpaca"], args.gpus)
+    row["records"] = args.records
+    row["estimate_recipe_data"] = estimate_recipe_data(cfg, data_file(run, data), args.gpus)
     return score(row, args.arch, args.gpus)
+
+
+def data_file(run: str, data: dict[str, Path]) -> Path:
+    """The file of the records the run's trainer read: TRL's chat messages, else alpaca."""
+    return data["messages"] / "train.jsonl" if run.startswith("trl") else data["alpaca"]
+
+
+def rebuild_run(row: dict[str, Any], work: Path, n_records: int) -> tuple[Path, Path]:
+    """A measured run's recipe and data rebuilt on this machine, without a GPU: the model
+    folder is the catalog architecture's config.json (all ``estimate --recipe`` reads) and
+    the run's small tokenizer, the records are the same generated ones, the recipe the same
+    file with the same paths and variant edits. Returns (recipe, data file)."""
+    import yaml
+
+    run = row["run"]
+    model = work / f"model-{row['arch']}"
+    if not (model / "config.json").exists():
+        model.mkdir(parents=True, exist_ok=True)
+        tinyllm.build_tokenizer().save_pretrained(model)
+        catalog = ROOT / "zeroplan/catalog/models" / f"{row['arch']}.json"
+        (model / "config.json").write_text(catalog.read_text())
+    data = write_data(work / f"data-{n_records}", n_records)
+    src = recipe_path(run)
+    out = work / "runs" / run
+    out.mkdir(parents=True, exist_ok=True)
+    local = localize(run, yaml.safe_load(src.read_text()), model, data, out)
+    local.update(recipe_edits(run))
+    cfg = out / src.name
+    cfg.write_text(yaml.safe_dump(local, sort_keys=False))
+    return cfg, data_file(run, data)
 
 
 def estimate_recipe_data(recipe: Path, data: Path, gpus: str) -> dict[str, Any]:
     """``zeroplan estimate --recipe`` of the recipe that ran, with ``--data`` of its records
-    (rendered with the run's tokenizer's chat template): the padded loop's real tokens/s."""
+    (written and cut as the recipe's trainer does: zeroplan.prompts): the padded loop's
+    real tokens/s."""
     flags = ["--recipe", str(recipe), "--data", str(data), "--gpus", gpus, "--json"]
     res = subprocess.run(
         [sys.executable, "-m", "zeroplan", "estimate", *flags],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            # lengths cached beside the run's data: a rescore never reads another's
+            "ZEROPLAN_CACHE": str(data.parent / "zeroplan-cache"),
+        },
         capture_output=True,
         text=True,
         check=False,
@@ -533,15 +572,20 @@ def main() -> None:
         type=Path,
         default=None,
         metavar="JSONL",
-        help="no GPU: recompute the summaries and estimates of measured rows into --out",
+        help="no GPU: recompute the summaries and estimates of measured rows into --out (with "
+        "--records as the run had them, 64 in the results; --work for the rebuilt recipes)",
     )
     args = ap.parse_args()
     if args.rescore is not None:
         rows = [json.loads(line) for line in args.rescore.read_text().splitlines() if line]
         out = []
+        work = args.work or Path(tempfile.mkdtemp(prefix="rescore-"))
         for row in rows:
             if "per_step" in row:
                 gpus = args.gpus or ("1xH200" if "H200" in row["machine"]["gpu"] else "1xH100")
+                # estimate --recipe --data of the rebuilt run (the rows' --records: 64)
+                recipe, data = rebuild_run(row, work, row.get("records", args.records))
+                row["estimate_recipe_data"] = estimate_recipe_data(recipe, data, gpus)
                 row = score(row, row["arch"], gpus)
             out.append(json.dumps(row) + "\n")
         args.out.write_text("".join(out))

@@ -80,6 +80,9 @@ def test_llamafactory_defaults_are_its_0_9_5_source() -> None:
         "neat_packing": False,
         "fused_loss": False,
         "deepspeed": None,
+        "template": None,  # the tokenizer's chat template (data/template.py)
+        "epochs": 3.0,  # TrainingArguments' num_train_epochs
+        "max_steps": -1,
     }
 
 
@@ -115,6 +118,10 @@ def test_axolotl_defaults_are_its_0_18_0_schema() -> None:
         "lora_mlp_kernel": None,
         "lora_embedding_kernel": None,
         "trust_remote_code": None,
+        "datasets": None,
+        "excess_length": None,  # drop (utils/data/utils.py handle_long_seq_in_dataset)
+        "epochs": 1.0,  # training.py num_epochs
+        "max_steps": None,
     }
 
 
@@ -141,6 +148,8 @@ _TRL_FIELDS = {
     "padding_free": ("SFTConfig", "padding_free"),
     "fused_loss": ("SFTConfig", "use_liger_kernel"),
     "deepspeed": ("SFTConfig", "deepspeed"),
+    "epochs": ("SFTConfig", "num_train_epochs"),
+    "max_steps": ("SFTConfig", "max_steps"),
 }
 
 

@@ -39,9 +39,10 @@ from zeroplan.errors import (
 )
 from zeroplan.lengths import LengthProfile
 from zeroplan.models import cached_file, hf_cache_dirs, hub_offline, hub_request
+from zeroplan.prompts import BOS, EOS, Piece, PromptFormat
 from zeroplan.records import detect_format, read_records, text_of, to_messages
 
-CACHE_VERSION = 1  # bump when the rendering changes what a cached length means
+CACHE_VERSION = 2  # bump when the rendering changes what a cached length means
 ENCODE_CHUNK = 4096  # texts per call to the tokenizer
 PROGRESS_FROM = 5000  # records: fewer tokenize in well under a second, without a word
 _SPECIAL = (
@@ -134,7 +135,11 @@ class LightTokenizer:
     fingerprint: str  # hash of tokenizer.json, tokenizer_config.json and the template
 
 
-def load_tokenizer(folder: Path, chat_template: str | None = None) -> LightTokenizer:
+def load_tokenizer(
+    folder: Path, chat_template: str | None = None, added: tuple[str, ...] = ()
+) -> LightTokenizer:
+    """The tokenizer in ``folder``; ``added``: special tokens a trainer adds to it (one token
+    each: LLaMA-Factory's stop words under ``replace_eos``)."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -146,6 +151,8 @@ def load_tokenizer(folder: Path, chat_template: str | None = None) -> LightToken
         tok = Tokenizer.from_file(str(tok_file))
     except Exception as exc:  # the Rust library raises its own exception type
         raise TokenizerNotFoundError(f"{tok_file}: not a readable tokenizer ({exc})") from None
+    if added:
+        tok.add_special_tokens(list(added))
     config: dict[str, Any] = {}
     cfg_file = folder / "tokenizer_config.json"
     if cfg_file.is_file():
@@ -185,6 +192,7 @@ def load_tokenizer(folder: Path, chat_template: str | None = None) -> LightToken
     digest = hashlib.sha256(tok_file.read_bytes())
     digest.update(json.dumps(config, sort_keys=True).encode())
     digest.update((template or "").encode())
+    digest.update("\0".join(added).encode())
     return LightTokenizer(folder, template, special, encode_batch, eos_id, digest.hexdigest())
 
 
@@ -261,12 +269,16 @@ def token_lengths(
     system: str | None = None,
     split: str = "train",
     progress: Callable[[str], None] | None = None,
+    prompt: PromptFormat | None = None,
 ) -> tuple[LengthProfile, bool]:
-    """The profile of ``source`` and whether it came from the cache."""
+    """The profile of ``source`` and whether it came from the cache. ``prompt``: the
+    trainer's own way of writing a record (``zeroplan.prompts``), used where it reads the
+    records' format; otherwise the chat template (the profile's ``rendered`` says which)."""
     digest = _data_digest(source)
     key = None
     if digest is not None:
         parts = [str(CACHE_VERSION), digest, tokenizer.fingerprint, fmt, system or "", split]
+        parts.append(prompt.key if prompt is not None else "")
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
         cached = cache_dir() / "lengths" / f"{key}.json"
         if cached.is_file():
@@ -279,6 +291,7 @@ def token_lengths(
                     tuple(data["lengths"]),
                     packs=dict(data.get("packs", {})),
                     cache_file=str(cached),
+                    rendered=str(data["rendered"]),
                 )
                 return profile, True
             except (OSError, ValueError, KeyError, TypeError):
@@ -287,7 +300,17 @@ def token_lengths(
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
     if progress is not None and len(records) >= PROGRESS_FROM:
         progress(f"tokenizing {len(records):,} {fmt} records of {source} (cached afterwards)")
-    if fmt == "text":
+    rendered = RENDERED_TEMPLATE
+    if prompt is not None and prompt.reads(fmt):
+        pieces = [prompt.pieces(r, fmt, i, system) for i, r in enumerate(records)]
+        lengths = piece_lengths(pieces, tokenizer)
+        rendered = prompt.name
+        marker = prompt.template.marker if prompt.template is not None else ""
+        if marker and marker not in (tokenizer.template or ""):
+            # the trainer writes its template's markers whatever the tokenizer's own template
+            # (measured: LLaMA-Factory's llama3 turns on a tokenizer without them)
+            rendered += f", whose {marker} turns the tokenizer's chat template lacks"
+    elif fmt == "text":
         texts = [text_of(r, i) for i, r in enumerate(records)]
         # launch/data.py appends EOS unless the tokenizer already ended with it
         eos = tokenizer.eos_id
@@ -295,6 +318,7 @@ def token_lengths(
             n + int(eos is not None and last != eos)
             for n, last in tokenizer.encode_batch(texts, True)
         ]
+        rendered = "plain text + EOS"
     else:
         if not tokenizer.template:
             raise ChatTemplateError(
@@ -315,18 +339,42 @@ def token_lengths(
             except Exception as exc:  # jinja2's TemplateError ("roles must alternate") and kin
                 raise BadDataError(f"record {i}: the chat template refused it: {exc}") from None
         lengths = [n for n, _ in tokenizer.encode_batch(texts, False)]
-    profile = LengthProfile(source, fmt, str(tokenizer.folder), tuple(lengths))
+    profile = LengthProfile(source, fmt, str(tokenizer.folder), tuple(lengths), rendered=rendered)
     if key is not None:
         folder = cache_dir() / "lengths"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{key}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"format": fmt, "lengths": lengths}))
+            tmp.write_text(json.dumps({"format": fmt, "lengths": lengths, "rendered": rendered}))
             tmp.replace(folder / f"{key}.json")
             profile = dataclasses.replace(profile, cache_file=str(folder / f"{key}.json"))
         except OSError:
             pass  # no cache: the next plan tokenizes again
     return profile, False
+
+
+RENDERED_TEMPLATE = "the chat template"
+
+
+def piece_lengths(records: list[list[Piece]], tokenizer: LightTokenizer) -> list[int]:
+    """Tokens of each record written as pieces (``zeroplan.prompts``): every text piece
+    tokenized on its own, with or without the tokenizer's special tokens as the piece says,
+    and one token for each BOS / EOS piece the tokenizer has a token for."""
+    lengths = [0] * len(records)
+    for add_special in (False, True):
+        owner = []
+        texts = []
+        for i, pieces in enumerate(records):
+            for text, add in pieces:
+                if add is add_special and text and text not in (BOS, EOS):
+                    owner.append(i)
+                    texts.append(text)
+        for i, (n, _) in zip(owner, tokenizer.encode_batch(texts, add_special), strict=True):
+            lengths[i] += n
+    has = {BOS: "bos_token" in tokenizer.special, EOS: "eos_token" in tokenizer.special}
+    for i, pieces in enumerate(records):
+        lengths[i] += sum(1 for text, _ in pieces if has.get(text, False))
+    return lengths
 
 
 def save_packs(profile: LengthProfile) -> None:
@@ -356,8 +404,10 @@ def profile_data(
     system: str | None = None,
     split: str = "train",
     progress: Callable[[str], None] | None = None,
+    prompt: PromptFormat | None = None,
 ) -> tuple[LengthProfile, bool]:
-    """Find the model's tokenizer, then the token lengths of ``source`` (cached)."""
+    """Find the model's tokenizer, then the token lengths of ``source`` (cached), written as
+    ``prompt`` where it reads them."""
     template = None
     if chat_template is not None:
         path = Path(chat_template).expanduser()
@@ -365,4 +415,7 @@ def profile_data(
             raise BadDataError(f"no chat template file {chat_template}")
         template = path.read_text(encoding="utf-8")
     folder = find_tokenizer(model, hub_id, tokenizer)
-    return token_lengths(source, load_tokenizer(folder, template), fmt, system, split, progress)
+    added = prompt.added_tokens if prompt is not None else ()
+    return token_lengths(
+        source, load_tokenizer(folder, template, added), fmt, system, split, progress, prompt
+    )

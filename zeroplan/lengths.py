@@ -38,6 +38,9 @@ class LengthProfile:
     # cached lengths (zeroplan.datatokens.save_packs) so that re-planning packs nothing
     packs: dict[str, list[int]] = field(default_factory=dict, compare=False, repr=False)
     cache_file: str | None = field(default=None, compare=False, repr=False)  # where it is kept
+    # how records were written before tokenizing: the chat template, plain text + EOS, or a
+    # trainer's own prompt format (zeroplan.prompts)
+    rendered: str = "the chat template"
 
     @property
     def records(self) -> int:
@@ -144,6 +147,7 @@ class DataFit:
         return {
             "source": p.source,
             "format": p.format,
+            "rendered": p.rendered,
             "tokenizer": p.tokenizer,
             "records": p.records,
             "tokens_total": p.tokens_total,

@@ -155,6 +155,25 @@ def padded_batches(
     return PaddedBatches(micro_batch, m, longest, peak, fill, n, shapes)
 
 
+def run_micro_batches(
+    records: int,
+    micro_batch: int,
+    grad_accum: int,
+    ranks: int,
+    epochs: float,
+    max_steps: int | None = None,
+) -> int:
+    """Micro-batches one rank runs over a trainer's whole run (the HF Trainer's counting):
+
+    max_steps · accumulation                          when max_steps > 0
+    ⌈epochs · ⌈records / (micro-batch · ranks)⌉⌉      otherwise
+    """
+    if max_steps is not None and max_steps > 0:
+        return max_steps * grad_accum
+    per_epoch = math.ceil(records / max(1, micro_batch * ranks)) if records else 0
+    return max(1, math.ceil(epochs * per_epoch)) if per_epoch else 0
+
+
 def steps_per_epoch(rows: int, rows_per_step: int) -> int:
     """Optimizer steps to see every row once: ⌈rows / (micro-batch · accumulation · GPUs)⌉."""
     return math.ceil(rows / rows_per_step) if rows else 0

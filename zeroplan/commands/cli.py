@@ -286,12 +286,15 @@ def estimate(
     fit = None
     if data is not None:
         # the sequence length is the data's longest record unless --seq-len (or the
-        # recipe) gives it; a micro-batch is micro-batch × seq-len tokens of packed records
+        # recipe) gives it; a micro-batch is micro-batch × seq-len tokens of packed records.
+        # A recipe's records are written and cut as its trainer does (--overlong overrides)
         explicit = given("seq_len") or recipe is not None
         fields = with_data(
             spec, {"seq_len": str(options["seq_len"]) if explicit else None}, data, tokenizer,
-            chat_template, data_format, system_prompt, overlong,
+            chat_template, data_format, system_prompt,
+            overlong or (recipe.overlong if recipe is not None else None),
             progress=None if as_json else say,
+            prompt=recipe.prompt if recipe is not None else None,
         )  # fmt: skip
         options["seq_len"] = fields["seq_len"]
         fit = fields["data"]
@@ -300,11 +303,18 @@ def estimate(
     padded = None
     fill = 1.0
     if fit is not None and recipe is not None and options.get("padding_mask"):
+        from zeroplan.api import resolve_cluster
         from zeroplan.lengths import kept_lengths
-        from zeroplan.packing import padded_batches
+        from zeroplan.packing import padded_batches, run_micro_batches
 
         lengths = kept_lengths(fit.profile, fit.cap, fit.overlong)
-        padded = padded_batches(lengths, options["micro_batch"], recipe.pad_multiple)
+        ranks = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node).world_size
+        # the share of new shapes is over the recipe's whole run, not one epoch
+        run = run_micro_batches(
+            len(lengths), options["micro_batch"], options["grad_accum"], ranks,
+            recipe.epochs, recipe.max_steps,
+        )  # fmt: skip
+        padded = padded_batches(lengths, options["micro_batch"], recipe.pad_multiple, run)
         fill = padded.fill
         # no micro-batch is longer than its longest record: the peak's shape (measured:
         # TRL 1.16 at micro-batch 8, +1.5%, recipes_gpu.md); --seq-len still sets it
@@ -322,13 +332,11 @@ def estimate(
         padded=padded,
         **options,
     )
-    if recipe is not None and options.get("padding_mask") and fit is None:
-        padded_note = (
-            f"{recipe.trainer} pads each micro-batch to its longest record: tokens/s counts "
-            f"every position of {options['seq_len']:,}-token rows; --data FILE counts real "
-            "tokens at the data's padded lengths"
-        )
-        est = dataclasses.replace(est, notes=(*est.notes, padded_note))
+    if recipe is not None:
+        from zeroplan.recipes import run_notes
+
+        more = run_notes(recipe, fit, padded, int(options["seq_len"]))
+        est = dataclasses.replace(est, notes=(*est.notes, *more))
     answer = est.to_json()
     if fit is not None:
         answer["data"] = fit.to_json()

@@ -15,6 +15,7 @@ from zeroplan.records import FORMATS
 from zeroplan.trainsetup import METHODS, PRECISIONS, parse_targets
 
 if TYPE_CHECKING:
+    from zeroplan.prompts import PromptFormat
     from zeroplan.recipes.common import Recipe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -248,10 +249,12 @@ def with_data(
     overlong: str | None = None,
     epochs: float | None = None,
     progress: Callable[[str], None] | None = None,
+    prompt: PromptFormat | None = None,
 ) -> dict[str, Any]:
     """``request`` with its sequence length resolved: a number as given (2048 by default);
     with a data file, from the data's token lengths (``auto``: the longest record; ``pNN``),
-    and the data's fit at that length (``data``) and ``epochs`` added."""
+    and the data's fit at that length (``data``) and ``epochs`` added. ``prompt``: how a
+    recipe's trainer writes the records (zeroplan.prompts), where not the chat template."""
     raw = request.get("seq_len")
     out = dict(request)
     if raw is not None and str(raw).strip().isdigit():
@@ -275,6 +278,7 @@ def with_data(
         fmt=fmt or "auto",
         system=system,
         progress=progress,
+        prompt=prompt,
     )
     cap, reason = resolve_cap(profile, raw, spec.max_position_embeddings)
     out["seq_len"] = check_seq_len(cap)

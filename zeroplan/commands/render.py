@@ -302,7 +302,8 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
     console.print(
         f"[bold]data[/bold] {escape(d['source'])}: {d['records']:,} {d['format']} records, "
         f"{d['tokens_total']:,} tokens; mean {d['mean_tokens']:,.0f}, p50 {pct['p50']:,}, "
-        f"p90 {pct['p90']:,}, p99 {pct['p99']:,}, longest {d['longest_tokens']:,}"
+        f"p90 {pct['p90']:,}, p99 {pct['p99']:,}, longest {d['longest_tokens']:,}; written as "
+        f"{escape(d.get('rendered', 'the chat template'))}"
     )
     lost = (
         f"{d['dropped']:,} longer records dropped"
@@ -320,7 +321,8 @@ def render_data(d: dict[str, Any], console: Console, width: int = 30) -> None:
             + (f" (a multiple of {multiple})" if multiple > 1 else "")
             + f": {d['padded_length']:,.0f} tokens on average (at most "
             f"{d['padded_peak_length']:,}: the memory's shape), {d['fill']:.1%} of them real; "
-            f"{d['distinct_shapes']:,.0f} shapes in an epoch's {d['micro_batches']:,} micro-batches"
+            f"{d['distinct_shapes']:,.0f} shapes in the run's {d['micro_batches']:,} micro-batches "
+            "per GPU"
         )
     else:
         console.print(

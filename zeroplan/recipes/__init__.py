@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadRecipeError
+from zeroplan.lengths import DataFit
 from zeroplan.models import ModelSpec, load_model
+from zeroplan.packing import PaddedBatches
 from zeroplan.recipes import axolotl, llamafactory, trl
 from zeroplan.recipes import deepspeed as ds
 from zeroplan.recipes.common import Parsed, Recipe, Row, Trainer, detect, parse_file, read_keys
@@ -49,6 +51,15 @@ _DERIVED_FROM = {
     "trl": {"method": "use_peft, load_in_4bit", "precision": "bf16, fp16"},
     "hf": {"method": "use_peft, load_in_4bit", "precision": "bf16, fp16"},
 }
+
+
+# One-off stalls of a second or more early in a padded run, per trainer ("trl": SFTTrainer,
+# from trl sft or an SFTConfig JSON): the least and most seconds in all per run and the last
+# step with one, over the runs of benchmarks/results/recipes_gpu_h100*.jsonl (one H100,
+# step 1's start aside; fit_padded_speed.py prints them). LLaMA-Factory had none; what
+# stalls TRL and axolotl is not separated (axolotl's with its LoRA kernels off too). Not in
+# the rate: a run pays them once (not measured past 24 steps).
+WARMUP_STALLS = {"trl": (4.8, 7.6, 8), "axolotl": (5.6, 6.3, 11)}
 
 
 def trainer_for(parsed: Parsed, fmt: str | None) -> Trainer:
@@ -126,6 +137,12 @@ def read_recipe(
             # SFTTrainer casts a quantized model's LoRA adapters to bf16
             setup["lora_bf16"] = True
             rows.append(Row("", "lora_bf16", True, f"{trainer.label} SFTTrainer (QLoRA)"))
+    # how records are written and cut for --data (the lengths a padded loop pads)
+    prompt = settings["prompt"]
+    rows.append(
+        Row("", "prompt", prompt.name if prompt else "chat template", settings["_prompt_why"])
+    )
+    rows.append(Row("", "overlong", settings["overlong"], settings["_overlong_why"]))
     if "lora_kernels" in settings:
         # axolotl's fused LoRA kernels (not one key: axolotl turns them on itself)
         setup["lora_kernels"] = settings["lora_kernels"]
@@ -144,10 +161,50 @@ def read_recipe(
             packing=bool(settings.get("packing")),
             deepspeed=deepspeed,
             pad_multiple=8 if trainer.format == "llamafactory" else 1,
+            prompt=prompt,
+            overlong=settings["overlong"],
+            epochs=float(settings["epochs"]),
+            max_steps=settings["max_steps"],
             parsed=parsed,
         ),
         spec,
     )
 
 
-__all__ = ["FORMATS", "TRAINERS", "Recipe", "read_recipe"]
+def run_notes(
+    recipe: Recipe, fit: DataFit | None, padded: PaddedBatches | None, seq_len: int
+) -> list[str]:
+    """What the estimate of a recipe says about its speed beside the numbers: how a padded
+    loop's tokens are counted, over which run the new shapes are priced, and the trainer's
+    warm-up stalls, which the rate leaves out."""
+    notes: list[str] = []
+    if not recipe.setup.get("padding_mask"):
+        return notes
+    if fit is None:
+        notes.append(
+            f"{recipe.trainer} pads each micro-batch to its longest record: tokens/s counts "
+            f"every position of {seq_len:,}-token rows; --data FILE counts real tokens at the "
+            "data's padded lengths"
+        )
+    elif padded is not None:
+        run = (
+            f"max_steps {recipe.max_steps}"
+            if recipe.max_steps is not None and recipe.max_steps > 0
+            else f"{recipe.epochs:g} epochs"
+        )
+        notes.append(
+            f"new padded shapes priced over the recipe's run ({run}: {padded.micro_batches:,} "
+            f"micro-batches per GPU, {padded.shapes:,.0f} shapes)"
+        )
+    # TRL's loop is SFTTrainer's (its chunked head), whether from trl sft or an SFTConfig JSON
+    stalls = WARMUP_STALLS.get("trl" if recipe.setup.get("chunked_lm_head") else recipe.format)
+    if stalls is not None:
+        low, high, last = stalls
+        notes.append(
+            f"{recipe.trainer}'s first steps (up to step {last} measured) include a one-off "
+            f"warm-up of {low:g}-{high:g} s of stalls, not in the rate: steady steps are quoted"
+        )
+    return notes
+
+
+__all__ = ["FORMATS", "TRAINERS", "WARMUP_STALLS", "Recipe", "read_recipe", "run_notes"]

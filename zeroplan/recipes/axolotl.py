@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zeroplan.errors import BadRecipeError
+from zeroplan.prompts import PromptFormat
 from zeroplan.recipes.common import (
     Default,
     Key,
@@ -40,6 +41,7 @@ from zeroplan.recipes.common import (
     as_optim,
     as_targets,
     optional_bool,
+    optional_int,
     precision_edits,
     same,
     text,
@@ -137,6 +139,10 @@ KEYS = (
     Key("lora_mlp_kernel", "lora_mlp_kernel", optional_bool),
     Key("lora_embedding_kernel", "lora_embedding_kernel", optional_bool),
     Key("trust_remote_code", "trust_remote_code", optional_bool),
+    Key("datasets", "datasets", same),
+    Key("excess_length_strategy", "excess_length", same),
+    Key("num_epochs", "epochs", as_float),
+    Key("max_steps", "max_steps", optional_int),
 )
 # axolotl's fused LoRA kernels; setting any of the four keys turns the auto-enable off
 LORA_KERNEL_KEYS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
@@ -170,7 +176,20 @@ DEFAULTS = {
     "lora_mlp_kernel": Default(None, _AUTO_KERNELS),
     "lora_embedding_kernel": Default(None, _AUTO_KERNELS),
     "trust_remote_code": Default(None, f"{_SCHEMAS}/model.py"),
+    "datasets": Default(None, f"{_SCHEMAS}/config.py"),
+    # None: drop (utils/data/utils.py handle_long_seq_in_dataset; the same in 0.19.0)
+    "excess_length": Default(None, f"{_SCHEMAS}/config.py (excess_length_strategy)"),
+    "epochs": Default(1.0, f"{_SCHEMAS}/training.py (num_epochs)"),
+    "max_steps": Default(None, f"{_SCHEMAS}/config.py"),
 }
+# type: alpaca: AlpacaPrompter (instruct style) + AlpacaPromptTokenizingStrategy
+ALPACA = PromptFormat(
+    "axolotl_alpaca",
+    f"{LABEL} type: alpaca",
+    "src/axolotl/prompters.py, prompt_tokenizers.py",
+)
+# dataset types whose records are written with the tokenizer's chat template
+CHAT_TEMPLATE_TYPES = ("chat_template",)
 
 IGNORED = {
     "fsdp": "FSDP is not modelled (zeroplan plans DDP or DeepSpeed)",
@@ -258,7 +277,49 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             "Cut Cross Entropy never materialises the logits: modelled as Liger's fused loss"
         )
     s["fused_loss"] = liger or cce
+    s["prompt"], s["_prompt_why"] = _prompt(s["datasets"], notes)
+    s["overlong"], s["_overlong_why"] = _overlong(s["excess_length"], notes)
     return s, notes
+
+
+def _prompt(datasets: Any, notes: list[str]) -> tuple[PromptFormat | None, str]:
+    """How axolotl writes the records of the recipe's (first) dataset: ``type: alpaca`` its
+    alpaca prompt; ``chat_template`` the tokenizer's chat template; others are counted with
+    the chat template and a note."""
+    types = [d.get("type") for d in datasets or [] if isinstance(d, dict)]
+    if not types:
+        return None, "no datasets: the tokenizer's chat template"
+    if len(set(map(str, types))) > 1:
+        notes.append(
+            f"datasets of types {', '.join(map(str, types))}: --data is read as the first's"
+        )
+    kind = types[0]
+    if kind == "alpaca":
+        return ALPACA, "datasets[0].type"
+    if kind in CHAT_TEMPLATE_TYPES:
+        return None, "datasets[0].type: the tokenizer's chat template"
+    notes.append(
+        f"datasets type {kind} is not one zeroplan writes (alpaca, chat_template): --data "
+        "lengths come from the tokenizer's chat template"
+    )
+    return None, f"datasets[0].type ({kind}: the tokenizer's chat template instead)"
+
+
+def _overlong(strategy: Any, notes: list[str]) -> tuple[str, str]:
+    """axolotl drops a tokenized record longer than sequence_len unless
+    ``excess_length_strategy: truncate`` (``raise`` stops the run: counted as drop)."""
+    where = "utils/data/utils.py handle_long_seq_in_dataset"
+    if strategy in (None, "drop"):
+        return "drop", f"{LABEL} drops records longer than sequence_len ({where})"
+    if strategy == "truncate":
+        return "truncate", "excess_length_strategy"
+    if strategy == "raise":
+        notes.append(
+            "excess_length_strategy: raise: axolotl stops at a record longer than sequence_len; "
+            "--data counts such records as dropped"
+        )
+        return "drop", "excess_length_strategy (raise: counted as drop)"
+    raise BadRecipeError(f"excess_length_strategy: {strategy} is not one of drop, truncate, raise")
 
 
 def _lora_kernels(s: dict[str, Any], notes: list[str]) -> tuple[bool, str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadRecipeError, RecipeNotFoundError
+from zeroplan.prompts import PromptFormat
 from zeroplan.trainsetup import ALL_LINEAR, OPTIM_ALIASES, OPTIMIZERS
 
 # what a recipe key's value is turned into: (key, raw value) -> setting value
@@ -89,6 +90,10 @@ def as_targets(key: str, value: Any) -> tuple[str, ...] | None:
 
 def text(key: str, value: Any) -> str:
     return str(value)
+
+
+def optional_int(key: str, value: Any) -> int | None:
+    return None if value is None else as_int(key, value)
 
 
 def precision_edits(precision: str, data: Any) -> dict[str, Any]:
@@ -266,6 +271,15 @@ class Recipe:
     # without packing, the collator pads each micro-batch to its longest row rounded up to
     # this (LLaMA-Factory's SFT collator: 8; TRL's and axolotl's: 1)
     pad_multiple: int = 1
+    # how the trainer writes a record before tokenizing it, where not the chat template
+    # (zeroplan.prompts; None: the tokenizer's chat template, or plain text + EOS)
+    prompt: PromptFormat | None = None
+    # what the trainer does with a record longer than the sequence length: drop | truncate
+    overlong: str = "drop"
+    # how long the run is, for the share of micro-batches of a new padded shape: its epochs,
+    # or its optimizer steps when max_steps > 0 (which then wins, as in the HF Trainer)
+    epochs: float = 1.0
+    max_steps: int | None = None
     parsed: Parsed | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -280,6 +294,10 @@ class Recipe:
             "trainer": self.trainer,
             "model": self.model,
             "packing": self.packing,
+            "prompt": self.prompt.name if self.prompt is not None else None,
+            "overlong": self.overlong,
+            "epochs": self.epochs,
+            "max_steps": self.max_steps,
             "mapping": [r.to_json() for r in self.rows],
             "ignored": [{"key": k, "why": w} for k, w in self.ignored],
             "deepspeed": None

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from zeroplan.errors import BadRecipeError
+from zeroplan.prompts import LLAMAFACTORY_TEMPLATES, PromptFormat
 from zeroplan.recipes.common import (
     Default,
     Key,
@@ -33,6 +34,7 @@ from zeroplan.recipes.common import (
     as_optim,
     as_targets,
     negated,
+    optional_int,
     precision_edits,
     text,
 )
@@ -118,6 +120,9 @@ KEYS = (
     Key("neat_packing", "neat_packing", as_bool),
     Key("enable_liger_kernel", "fused_loss", as_bool, write=bool),
     Key("deepspeed", "deepspeed", _deepspeed, write=lambda v: v),
+    Key("template", "template", lambda k, v: None if v is None else text(k, v)),
+    Key("num_train_epochs", "epochs", as_float),
+    Key("max_steps", "max_steps", optional_int),
 )
 
 # What LLaMA-Factory 0.9.5 runs when a key is left out (src/llamafactory/hparams/*.py, and
@@ -143,7 +148,14 @@ DEFAULTS = {
     "neat_packing": Default(False, f"{_SRC}/data_args.py"),
     "fused_loss": Default(False, f"{_SRC}/model_args.py (enable_liger_kernel)"),
     "deepspeed": Default(None, _TA),
+    # None: the tokenizer's own chat template (data/template.py get_template_and_fix_tokenizer)
+    "template": Default(None, f"{_SRC}/data_args.py"),
+    "epochs": Default(3.0, _TA),
+    "max_steps": Default(-1, _TA),
 }
+_TEMPLATES = "src/llamafactory/data/template.py"
+# each record is cut to cutoff_len, prompt and answer in proportion (infer_seqlen)
+OVERLONG = ("truncate", f"{LABEL} cuts each record at cutoff_len (data/processor/supervised.py)")
 
 IGNORED = {
     "pure_bf16": "trains the LoRA weights in bf16 without fp32 copies; zeroplan models PEFT's fp32 adapters",
@@ -212,7 +224,24 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             "without mixed precision; zeroplan models the card's mixed precision"
         )
     s["packing"] = bool(s["packing"] or s["neat_packing"])
+    s["prompt"], s["_prompt_why"] = _prompt(s["template"], notes)
+    s["overlong"], s["_overlong_why"] = OVERLONG
     return s, notes
+
+
+def _prompt(template: str | None, notes: list[str]) -> tuple[PromptFormat | None, str]:
+    """How LLaMA-Factory writes a record: its ``template:`` where zeroplan knows it."""
+    if template is None:
+        return None, f"default of {LABEL}: the tokenizer's chat template"
+    if template in LLAMAFACTORY_TEMPLATES:
+        name = f"{LABEL} template {template}"
+        fmt = PromptFormat("llamafactory", name, _TEMPLATES, LLAMAFACTORY_TEMPLATES[template])
+        return fmt, "template"
+    notes.append(
+        f"template: {template} is not one zeroplan writes ({', '.join(LLAMAFACTORY_TEMPLATES)}): "
+        "--data lengths come from the tokenizer's chat template"
+    )
+    return None, f"template ({template}: the tokenizer's chat template instead)"
 
 
 def method_edits(method: str, data: Any) -> dict[str, Any]:

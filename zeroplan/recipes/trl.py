@@ -30,6 +30,7 @@ from zeroplan.recipes.common import (
     as_optim,
     as_targets,
     optional_bool,
+    optional_int,
     precision_edits,
     text,
 )
@@ -119,6 +120,8 @@ KEYS = (
     Key("padding_free", "padding_free", as_bool),
     Key("use_liger_kernel", "fused_loss", as_bool, write=bool),
     Key("deepspeed", "deepspeed", lambda k, v: v, write=lambda v: v),
+    Key("num_train_epochs", "epochs", as_float),
+    Key("max_steps", "max_steps", optional_int),
 )
 
 DEFAULTS = {
@@ -145,7 +148,12 @@ DEFAULTS = {
     "padding_free": Default(False, _SFT),
     "fused_loss": Default(False, f"{_TA} (use_liger_kernel)"),
     "deepspeed": Default(None, _TA),
+    "epochs": Default(3.0, _TA),
+    "max_steps": Default(-1, _TA),
 }
+# SFTTrainer cuts each tokenized record at max_length, keeping its start (truncation_mode
+# keep_start, the default), in _prepare_dataset
+OVERLONG = ("truncate", f"{LABEL} SFTTrainer truncates at max_length (keep_start)")
 
 # transformers' TrainingArguments where they differ from SFTConfig / trl sft; the model
 # loading keys are the user's own script's, so they are not refused (dtype assumed 16-bit)
@@ -239,6 +247,10 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
         )
     s["attn"] = s["attn"] or "sdpa"
     s["packing"] = bool(s["packing"] or s["padding_free"])
+    # TRL renders messages with the tokenizer's chat template and text as it is + EOS: what
+    # zeroplan's data counter does without a prompt format
+    s["prompt"], s["_prompt_why"] = None, "SFTTrainer: the chat template (text: + EOS)"
+    s["overlong"], s["_overlong_why"] = OVERLONG
     return s, notes
 
 
