@@ -243,7 +243,7 @@ def _adapters(req: PlanRequest, method: str) -> list[dict[str, Any]]:
 # the methods whose launched steps were measured with Liger's kernels (kernels_h100.jsonl:
 # Llama-3.1-8B, the fit; kernels_heldout_h100.jsonl: Llama-3.2-3B, held out); the plan
 # leaves QLoRA and full fine-tuning on the model's own kernels until a run checks them
-LIGER_MEASURED_METHODS = ("lora",)
+LIGER_MEASURED_METHODS = ("lora", "qlora")
 
 
 def kernels_choice(req: PlanRequest, method: str) -> str:
