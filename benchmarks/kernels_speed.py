@@ -17,6 +17,17 @@ this GPU), then launches that plan.json with ``zeroplan launch`` once per run:
     none-dropout0   --kernels none with lora_dropout 0
     liger-compile   --kernels liger --compile: each decoder layer through torch.compile
     qlora-none / qlora-liger   the default QLoRA plan (--method qlora), plain and Liger
+    auto-compile    the default launch with --compile
+    qlora-auto      the default QLoRA plan's default launch
+    qlora-old / lora-old   the plans before issue 26's second step (dropout 0.05,
+                    micro-batch 8, unfused loss; QLoRA on the model's own kernels)
+    trl-users / trl-tuned  TRL's SFTTrainer with Liger and packing on the same model and
+                    records (benchmarks/peers_speed.py, its own process)
+
+Issue 26's second step (kernels2_h100.jsonl):
+
+    --runs auto,qlora-auto,auto-compile,qlora-old,trl-users --no-parity --deadline 330 \
+        --run-estimate 70 --compile-extra 50
 
 Tokens/s counts real tokens over the steps after the warm-up ones (gpu_fixtures), each step's
 rate kept (the spread); the matmul share is tokens/s × speed.flops_per_token (LoRA: the
