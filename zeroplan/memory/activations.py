@@ -97,7 +97,7 @@ def shares_inputs(setup: TrainSetup) -> bool:
     if setup.lora_dropout != 0 or setup.zero == 3:
         return False
     if setup.method == "qlora":
-        return setup.autocast
+        return bool(setup.autocast)
     return setup.method == "lora" and setup.deepspeed and not fp32_adapter_inputs(setup)
 
 
