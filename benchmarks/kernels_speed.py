@@ -17,6 +17,17 @@ this GPU), then launches that plan.json with ``zeroplan launch`` once per run:
     none-dropout0   --kernels none with lora_dropout 0
     liger-compile   --kernels liger --compile: each decoder layer through torch.compile
     qlora-none / qlora-liger   the default QLoRA plan (--method qlora), plain and Liger
+    auto-compile    the default launch with --compile
+    qlora-auto      the default QLoRA plan's default launch
+    qlora-old / lora-old   the plans before issue 26's second step (dropout 0.05,
+                    micro-batch 8, unfused loss; QLoRA on the model's own kernels)
+    trl-users / trl-tuned  TRL's SFTTrainer with Liger and packing on the same model and
+                    records (benchmarks/peers_speed.py, its own process)
+
+Issue 26's second step (kernels2_h100.jsonl):
+
+    --runs auto,qlora-auto,auto-compile,qlora-old,trl-users --no-parity --deadline 330 \
+        --run-estimate 70 --compile-extra 50
 
 Tokens/s counts real tokens over the steps after the warm-up ones (gpu_fixtures), each step's
 rate kept (the spread); the matmul share is tokens/s × speed.flops_per_token (LoRA: the
@@ -72,7 +83,22 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "liger-compile": ("lora", ["--kernels", "liger", "--compile"], {}),
     "qlora-none": ("qlora", ["--kernels", "none"], {}),
     "qlora-liger": ("qlora", ["--kernels", "liger"], {}),
+    # issue 26's second step: the default launch (the plan's kernels, dropout 0, its
+    # micro-batch), the same with compiled layers, and the defaults before it
+    "auto-compile": ("lora", ["--compile"], {}),
+    "qlora-auto": ("qlora", [], {}),
+    # the QLoRA plan before: the model's own kernels, dropout 0.05, micro-batch 8, no fused
+    # loss (what zeroplan plan chose for these records before Liger was measured on QLoRA)
+    "qlora-old": (
+        "qlora",
+        ["--kernels", "none"],
+        {"lora_dropout": 0.05, "micro_batch": 8, "fused_loss": False, "kernels": "none"},
+    ),
+    # the bf16 LoRA plan before: Liger, dropout 0.05, micro-batch 8, no fused loss
+    "lora-old": ("lora", [], {"lora_dropout": 0.05, "micro_batch": 8, "fused_loss": False}),
 }
+# peers (benchmarks/peers_speed.py), each in its own process on the same model and records
+PEERS = ("trl-users", "trl-tuned")
 
 
 def environment() -> dict[str, Any]:
@@ -389,6 +415,14 @@ def main() -> None:
 
     plans: dict[str, Path] = {}
     for name in args.runs.split(","):
+        if name in PEERS:
+            left = args.deadline - (time.time() - t0)
+            if left < args.run_estimate + 15:
+                _write(args.out, {"run": name, "skipped": f"{left:.0f} s left", **env})
+                continue
+            peer(name, model, data, args, left)
+            print(f"{name} done at {time.time() - t0:.0f} s", flush=True)
+            continue
         method = RUNS[name][0]
         need = args.run_estimate + (args.compile_extra if "--compile" in RUNS[name][1] else 0)
         left = args.deadline - (time.time() - t0)
@@ -411,6 +445,35 @@ def main() -> None:
         )
         if row["returncode"]:
             print(row["stderr_tail"], flush=True)
+
+
+def peer(name: str, model: Path, data: Path, args: Any, left: float) -> None:
+    """A peer trainer's run (benchmarks/peers_speed.py) in its own process; its row gets the
+    GPU, driver and versions here, or says why it has no speed."""
+    tmp = args.work / f"{name}.jsonl"
+    tmp.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peers_speed.py"), "--model", str(model),
+           "--data", str(data), "--run", name, "--out", str(tmp), "--work", str(args.work),
+           "--steps", str(args.steps)]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=left, cwd=ROOT)
+        code: Any = done.returncode
+        tail = (done.stdout + done.stderr)[-2500:]
+    except subprocess.TimeoutExpired as exc:
+        code, tail = "timeout", str(exc.stderr or "")[-2500:]
+    row = _json_line(tmp) or {"run": name, "tokens_per_s": None}
+    _write(
+        args.out, {**row, "returncode": code, "log_tail": tail, "arch": args.arch, **environment()}
+    )
+    print(tail[-1500:], flush=True)
+
+
+def _json_line(path: Path) -> dict[str, Any]:
+    try:
+        out = json.loads(path.read_text().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def _write(path: Path, row: dict[str, Any]) -> None:

@@ -143,6 +143,8 @@ def main() -> int:
                 grad_accum=ran.get("grad_accum", 1), zero=ran.get("zero"),
                 grad_ckpt=ran.get("grad_ckpt", False), fused_loss=ran.get("fused_loss", False),
                 offload=ran.get("offload", "none"), optim=ran.get("optim", "adamw_torch_fused"),
+                # these runs launched with the default of their day, 0.05 (0 since issue 26)
+                lora_dropout=ran.get("lora_dropout", 0.05),
             )  # fmt: skip
             lean_s = speed.step_time(spec, setup, cluster, launched=False).total_s
             step = speed.step_time(spec, setup, cluster)

@@ -287,7 +287,10 @@ def test_console_script(subprocess_env: dict[str, str]) -> None:
         ),
         (["estimate", "llama-3.2-1b", "--zero", "2", "--autocast"], "--autocast with DeepSpeed"),
         # mixture of experts (issue 29): what PEFT cannot run, and what was never measured
-        (["estimate", "qwen3-30b-a3b"], "use --lora-dropout 0, or --lora-targets q_proj,k_proj"),
+        (
+            ["estimate", "qwen3-30b-a3b", "--lora-dropout", "0.05"],
+            "use --lora-dropout 0, or --lora-targets q_proj,k_proj",
+        ),
         (["estimate", "mixtral-8x7b", "--method", "full"], "full fine-tuning of a mixture"),
         (["plan", "qwen3-30b-a3b", "--method", "full"], "use --method lora --lora-targets"),
         (["estimate", "qwen3-30b-a3b", "--lora-targets", "q_proj", "--zero", "3"], "DeepSpeed"),

@@ -137,7 +137,12 @@ WORKING = "use --lora-dropout 0, or --lora-targets q_proj,k_proj,v_proj,o_proj"
             NEAREST,
         ),
         (TrainSetup(lora_dropout=0.05), ExpertDropoutError, "lora.ParamWrapper", WORKING),
-        (TrainSetup(lora_targets=("q_proj", "gate")), ExpertDropoutError, "router", WORKING),
+        (
+            TrainSetup(lora_targets=("q_proj", "gate"), lora_dropout=0.05),
+            ExpertDropoutError,
+            "router",
+            WORKING,
+        ),
     ],
     ids=[
         "full",

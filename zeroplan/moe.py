@@ -129,7 +129,7 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
 
 
 def plan_target_choices(
-    spec: ModelSpec, targets: tuple[str, ...], method: str, dropout: float = 0.05
+    spec: ModelSpec, targets: tuple[str, ...], method: str, dropout: float = TrainSetup.lora_dropout
 ) -> list[tuple[tuple[str, ...], float]]:
     """The (targets, dropout) pairs the planner may try for ``method`` on an MoE model.
 

@@ -241,9 +241,25 @@ def _adapters(req: PlanRequest, method: str) -> list[dict[str, Any]]:
 
 
 # the methods whose launched steps were measured with Liger's kernels (kernels_h100.jsonl:
-# Llama-3.1-8B, the fit; kernels_heldout_h100.jsonl: Llama-3.2-3B, held out); the plan
-# leaves QLoRA and full fine-tuning on the model's own kernels until a run checks them
-LIGER_MEASURED_METHODS = ("lora",)
+# Llama-3.1-8B LoRA, the fit; kernels_heldout_h100.jsonl: Llama-3.2-3B LoRA, held out;
+# kernels2_h100.jsonl: Llama-3.1-8B QLoRA, 13,283 real tokens/s at 16 × 704, peak within
+# 0.6% of its estimate); the plan leaves full fine-tuning on the model's own kernels until a
+# run checks it
+LIGER_MEASURED_METHODS = ("lora", "qlora")
+
+
+def _dropout_note(dropout: float) -> str:
+    """What the plan's LoRA dropout costs (benchmarks/results/kernels_heldout_h100.jsonl)."""
+    if dropout == 0:
+        return (
+            "LoRA dropout 0 (PEFT's, LLaMA-Factory's, axolotl's and Unsloth's default; TRL's "
+            "examples use 0.05, which measured 7% slower and 16 GB heavier on a 3B LoRA step): "
+            "--lora-dropout to change it"
+        )
+    return (
+        f"LoRA dropout {dropout:g}: each adapter keeps its own copy and mask of its input "
+        "(--lora-dropout 0 keeps one input per shared tensor and runs faster)"
+    )
 
 
 def kernels_choice(req: PlanRequest, method: str) -> str:
@@ -495,10 +511,12 @@ def plan(req: PlanRequest) -> Plan:
             f"threads per GPU ({DEFAULT_CPU_CORES_PER_GPU} cores per GPU assumed): give "
             "--cpu-cores-per-node for your hosts' count"
         )
+    if best is not None and best.setup.is_lora and req.spec.moe is None:
+        assumptions.append(_dropout_note(best.setup.lora_dropout))
     if best is not None and best.setup.kernels == "liger":
         assumptions.append(
             "Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels run around the linears (fewer "
-            "activations, less memory traffic; measured on Llama bf16 LoRA steps, its speed-up "
+            "activations, less memory traffic; measured on Llama LoRA and QLoRA steps, its speed-up "
             "fitted on one 8B shape): pip install liger-kernel where you train, or plan with "
             "--no-liger"
         )

@@ -98,7 +98,7 @@ class TrainSetup:
     grad_ckpt: bool = False
     lora_r: int = 16
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     # "" (or None): the loop's (LOOPS); resolved in __post_init__, aliases to their HF names
     optim: str = ""
     attn: str = "sdpa"

@@ -28,7 +28,7 @@ from zeroplan.commands.job import (
 )
 from zeroplan.errors import ZeroplanError
 from zeroplan.liger import KERNEL_CHOICES
-from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS
+from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS, TrainSetup
 
 if TYPE_CHECKING:
     from zeroplan.hardware import Cluster
@@ -118,7 +118,7 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
     click.option(
         "--lora-dropout",
         type=float,
-        default=0.05,
+        default=TrainSetup.lora_dropout,
         show_default=True,
         help="LoRA dropout; above 0 it keeps a mask per adapted input.",
     ),

@@ -12,7 +12,7 @@ from zeroplan.errors import BadSetupError
 from zeroplan.lengths import OVERLONG
 from zeroplan.models import ModelSpec
 from zeroplan.records import FORMATS
-from zeroplan.trainsetup import METHODS, PRECISIONS, parse_targets
+from zeroplan.trainsetup import METHODS, PRECISIONS, TrainSetup, parse_targets
 
 if TYPE_CHECKING:
     from zeroplan.prompts import PromptFormat
@@ -27,6 +27,7 @@ JOB_OPTIONS = (
     "global_batch",
     "lora_r",
     "lora_targets",
+    "lora_dropout",
     "no_quantization",
     "precision",
 )
@@ -47,8 +48,8 @@ DATA_OPTIONS = (
 
 
 def job_options(fn: F) -> F:
-    """--method, --seq-len, --global-batch, --lora-r, --lora-targets, --no-quantization,
-    --precision."""
+    """--method, --seq-len, --global-batch, --lora-r, --lora-targets, --lora-dropout,
+    --no-quantization, --precision."""
     options = [
         click.option(
             "--method",
@@ -80,6 +81,15 @@ def job_options(fn: F) -> F:
             default="all-linear",
             show_default=True,
             help="Module names (q_proj,v_proj) or all-linear.",
+        ),
+        click.option(
+            "--lora-dropout",
+            type=click.FloatRange(min=0, max=1, max_open=True),
+            default=TrainSetup.lora_dropout,
+            show_default=True,
+            help="LoRA dropout. 0 (PEFT's, LLaMA-Factory's, axolotl's and Unsloth's default) "
+            "lets the adapters keep one input per shared tensor; 0.05 (TRL's examples) keeps "
+            "a copy and a mask per adapted input and runs slower.",
         ),
         click.option(
             "--no-quantization",
@@ -217,6 +227,7 @@ def job_request(
     lora_targets: str,
     no_quantization: bool,
     precision: str | None = None,
+    lora_dropout: float = TrainSetup.lora_dropout,
 ) -> dict[str, Any]:
     """The job options as ``PlanRequest`` fields (``seq_len`` as typed: see ``with_data``)."""
     return {
@@ -225,6 +236,7 @@ def job_request(
         "global_batch": global_batch,
         "lora_r": lora_r,
         "lora_targets": parse_targets(lora_targets),
+        "lora_dropout": lora_dropout,
         "allow_quantization": not no_quantization,
         "precision": precision or "",
     }
@@ -388,6 +400,7 @@ def recipe_job(
         "global_batch": recipe.global_batch_per_gpu * world_size,
         "lora_r": setup["lora_r"],
         "lora_targets": ",".join(setup["lora_targets"]),
+        "lora_dropout": setup["lora_dropout"],
         "precision": setup["precision"] or None,
     }
     merged, overridden = recipe_over(from_recipe, job)
@@ -396,4 +409,4 @@ def recipe_job(
     # the recipe's trainer runs its own kernels (LLaMA-Factory's enable_liger_kernel and TRL's
     # use_liger_kernel turn Liger's on with the fused loss, which the recipe writer does not
     # split): its plan assumes the model's own modules, an upper bound on its memory
-    return merged, overridden, {"lora_dropout": setup["lora_dropout"], "allow_kernels": False}
+    return merged, overridden, {"allow_kernels": False}

@@ -382,10 +382,12 @@ def render_plan(data: dict[str, Any], console: Console) -> None:
         Column("#", [str(n) for n in range(1, len(rows) + 1)]),
         Column("method", [s["method"] for s in setups], "left"),
         Column("ZeRO", [_zero(s["zero"], many) for s in setups], "left"),
-        Column("offload", [_OFFLOAD.get(s["offload"], s["offload"]) for s in setups], "left"),
+        Column(
+            "offload", [_OFFLOAD.get(s["offload"], s["offload"]) for s in setups], "left", drop=5
+        ),
         Column("mb×ga", [f"{s['micro_batch']}×{s['grad_accum']}" for s in setups]),
         Column("ckpt", ["yes" if s["grad_ckpt"] else "no" for s in setups], "left"),
-        Column("loss", ["fused" if s["fused_loss"] else "plain" for s in setups], "left"),
+        Column("loss", ["fused" if s["fused_loss"] else "plain" for s in setups], "left", drop=6),
         Column("optimizer", [s["optim"] for s in setups], "left", drop=4),
         Column("need GiB", [f"{c['required_bytes'] / 2**30:.1f}" for c in rows]),
         Column(f"{real}tokens/s", [f"{c['tokens_per_s']:,.0f}" for c in rows]),

@@ -23,7 +23,10 @@ compilation: the layers share one code object, so the graph compiled for the fir
 the rest; packed micro-batches keep one shape). A compile that fails on a forward falls back
 to eager for every layer, with one warning line; the run goes on. One that fails in the
 backward is caught by the trainer (``sft.lean_trainer_class``), which runs the micro-batch
-again in eager mode.
+again in eager mode. Off unless asked for: on the 8B LoRA default plan (Liger, 16 × 704
+packed, one H100) it compiled 7 graphs in 7.4 s with no recompile, and ran 1.5% faster
+(inside the step-to-step spread) with 2.6 GB more peak memory, since dynamo cannot tell
+which inputs Liger's Triton kernels mutate and assumes all (kernels2_h100.jsonl).
 """
 
 from __future__ import annotations
