@@ -767,3 +767,27 @@ def test_plan_edits_for_axolotl_and_json(tmp_path: Path) -> None:
     assert '-  "per_device_train_batch_size": 4,' in diff.splitlines()
     assert '+  "per_device_train_batch_size": 1,' in diff.splitlines()
     assert '   "bf16": true,' in diff.splitlines()  # unchanged context
+
+
+GPU_RECIPES = EXAMPLES / "gpu"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("fmt", ["llamafactory", "axolotl", "trl"])
+def test_the_recipes_run_on_the_gpu_are_what_plan_emits(
+    tmp_path: Path, fmt: str, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/results/recipes_gpu.md measured each trainer on examples/recipes/gpu/: those
+    recipes must describe the very job `plan --emit` writes for it (their own dataset,
+    template and step keys aside), so the GPU rows check recipes zeroplan writes."""
+    code, _, err = run(
+        ["plan", "llama-3.2-3b-instruct", "--gpus", "1xH100", "--method", method,
+         "--seq-len", "1024", "--global-batch", "4", "--lora-dropout", "0.05",
+         "--emit", fmt, "-o", str(tmp_path)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    (ran,) = [p for p in GPU_RECIPES.iterdir() if p.stem == f"{fmt}_{method}"]
+    emitted = dict(read_recipe(tmp_path / f"{fmt}.yaml")[0].setup)
+    assert dict(read_recipe(ran)[0].setup) == emitted
+    assert emitted["method"] == method and emitted["micro_batch"] == 4
