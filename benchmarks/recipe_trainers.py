@@ -268,6 +268,24 @@ LOOP_FLAGS = {
 QLORA_LOOP_FLAGS = {"trl": ["--lora-bf16"]}
 
 
+def run_estimate(flags: list[str], env: dict[str, str] | None = None) -> tuple[str, dict[str, Any]]:
+    """``zeroplan estimate FLAGS --json`` of this tree in its own process: the flag line and
+    the parsed answer, or ``{"error": the stderr's tail}``."""
+    res = subprocess.run(
+        [sys.executable, "-m", "zeroplan", "estimate", *flags],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = "zeroplan estimate " + " ".join(flags)
+    if res.returncode != 0:
+        return line, {"error": res.stderr.strip()[-500:]}
+    answer: dict[str, Any] = json.loads(res.stdout)
+    return line, answer
+
+
 def estimate(
     arch: str, gpus: str, setup: dict[str, Any], seq_len: int, extra: list[str] | None = None
 ) -> dict[str, Any]:
@@ -299,18 +317,9 @@ def estimate(
         *(extra or []),
         "--json",
     ]
-    res = subprocess.run(
-        [sys.executable, "-m", "zeroplan", "estimate", *flags],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    line = "zeroplan estimate " + " ".join(flags)
-    if res.returncode != 0:
-        return {"flags": line, "error": res.stderr.strip()[-500:]}
-    est = json.loads(res.stdout)
+    line, est = run_estimate(flags)
+    if "error" in est:
+        return {"flags": line, **est}
     pg = est["per_gpu"]
     return {
         "flags": line,
@@ -486,24 +495,11 @@ def estimate_recipe_data(recipe: Path, data: Path, gpus: str) -> dict[str, Any]:
     (written and cut as the recipe's trainer does: zeroplan.prompts): the padded loop's
     real tokens/s."""
     flags = ["--recipe", str(recipe), "--data", str(data), "--gpus", gpus, "--json"]
-    res = subprocess.run(
-        [sys.executable, "-m", "zeroplan", "estimate", *flags],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "HF_HUB_OFFLINE": "1",
-            # lengths cached beside the run's data: a rescore never reads another's
-            "ZEROPLAN_CACHE": str(data.parent / "zeroplan-cache"),
-        },
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    line = "zeroplan estimate " + " ".join(flags)
-    if res.returncode != 0:
-        return {"flags": line, "error": res.stderr.strip()[-500:]}
-    est = json.loads(res.stdout)
+    # lengths cached beside the run's data: a rescore never reads another's
+    env = {"HF_HUB_OFFLINE": "1", "ZEROPLAN_CACHE": str(data.parent / "zeroplan-cache")}
+    line, est = run_estimate(flags, env)
+    if "error" in est:
+        return {"flags": line, **est}
     return {
         "flags": line,
         "peak_allocated_bytes": est["per_gpu"]["peak_allocated_bytes"],
