@@ -392,6 +392,7 @@ def main() -> None:
     )
     # one H100 for the 8B, not yet measured: Unsloth's import, 4-bit load and kernel compile
     p.add_argument("--unsloth-extra", type=float, default=45.0, help="more for an Unsloth run")
+    p.add_argument("--peer-timeout", type=float, default=300.0, help="seconds at most a peer")
     p.add_argument("--arch", default=ARCH, help="catalog file name, or tiny (a CPU rehearsal)")
     p.add_argument("--parity-arch", default=PARITY_ARCH)
     args = p.parse_args()
@@ -469,7 +470,7 @@ def peer(name: str, model: Path, data: Path, args: Any, left: float) -> None:
             cmd,
             capture_output=True,
             text=True,
-            timeout=left,
+            timeout=min(left, args.peer_timeout),
             cwd=ROOT,
             env=peer_env(name, dict(os.environ), args.unsloth_site),
         )
