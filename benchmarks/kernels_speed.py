@@ -23,6 +23,9 @@ this GPU), then launches that plan.json with ``zeroplan launch`` once per run:
                     micro-batch 8, unfused loss; QLoRA on the model's own kernels)
     trl-users / trl-tuned  TRL's SFTTrainer with Liger and packing on the same model and
                     records (benchmarks/peers_speed.py, its own process)
+    unsloth-notebook / unsloth-packed  Unsloth as its Llama-3.1 (8B) notebook runs it, and
+                    the same packed without checkpointing (peers_speed.py; its packages
+                    first on PYTHONPATH from --unsloth-site: it pins older TRL and datasets)
 
 Issue 26's second step (kernels2_h100.jsonl):
 
@@ -98,7 +101,7 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "lora-old": ("lora", [], {"lora_dropout": 0.05, "micro_batch": 8, "fused_loss": False}),
 }
 # peers (benchmarks/peers_speed.py), each in its own process on the same model and records
-PEERS = ("trl-users", "trl-tuned")
+PEERS = ("trl-users", "trl-tuned", "unsloth-notebook", "unsloth-packed")
 
 
 def environment() -> dict[str, Any]:
@@ -384,6 +387,12 @@ def main() -> None:
     # measured on one H100: 61-75 s a launch of the 8B (start-up and loading 16 GB included)
     p.add_argument("--run-estimate", type=float, default=75.0, help="seconds a run takes")
     p.add_argument("--compile-extra", type=float, default=60.0, help="more for --compile")
+    p.add_argument(
+        "--unsloth-site", default="", help="PYTHONPATH entries an Unsloth run puts first"
+    )
+    # one H100 for the 8B, not yet measured: Unsloth's import, 4-bit load and kernel compile
+    p.add_argument("--unsloth-extra", type=float, default=45.0, help="more for an Unsloth run")
+    p.add_argument("--peer-timeout", type=float, default=300.0, help="seconds at most a peer")
     p.add_argument("--arch", default=ARCH, help="catalog file name, or tiny (a CPU rehearsal)")
     p.add_argument("--parity-arch", default=PARITY_ARCH)
     args = p.parse_args()
@@ -417,7 +426,8 @@ def main() -> None:
     for name in args.runs.split(","):
         if name in PEERS:
             left = args.deadline - (time.time() - t0)
-            if left < args.run_estimate + 15:
+            extra_s = args.unsloth_extra if name.startswith("unsloth") else 0.0
+            if left < args.run_estimate + extra_s + 15:
                 _write(args.out, {"run": name, "skipped": f"{left:.0f} s left", **env})
                 continue
             peer(name, model, data, args, left)
@@ -456,16 +466,36 @@ def peer(name: str, model: Path, data: Path, args: Any, left: float) -> None:
            "--data", str(data), "--run", name, "--out", str(tmp), "--work", str(args.work),
            "--steps", str(args.steps)]  # fmt: skip
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=left, cwd=ROOT)
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=min(left, args.peer_timeout),
+            cwd=ROOT,
+            env=peer_env(name, dict(os.environ), args.unsloth_site),
+        )
         code: Any = done.returncode
         tail = (done.stdout + done.stderr)[-2500:]
     except subprocess.TimeoutExpired as exc:
         code, tail = "timeout", str(exc.stderr or "")[-2500:]
     row = _json_line(tmp) or {"run": name, "tokens_per_s": None}
-    _write(
-        args.out, {**row, "returncode": code, "log_tail": tail, "arch": args.arch, **environment()}
-    )
+    env = environment()
+    # the peer's own process knows its stack (Unsloth's pins differ from the launches')
+    env["versions"] = {**env["versions"], **row.get("versions", {})}
+    _write(args.out, {**row, "returncode": code, "log_tail": tail, "arch": args.arch, **env})
     print(tail[-1500:], flush=True)
+
+
+def peer_env(name: str, base: dict[str, str], unsloth_site: str) -> dict[str, str]:
+    """A peer's environment: an Unsloth run gets ``unsloth_site`` before the launches'
+    packages on PYTHONPATH (its TRL and datasets pins are older) and the Hub offline (no
+    network on the GPU machine; Unsloth then skips its statistics call)."""
+    env = dict(base)
+    if name.startswith("unsloth"):
+        paths = [p for p in (unsloth_site, env.get("PYTHONPATH", "")) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
 
 
 def _json_line(path: Path) -> dict[str, Any]:
