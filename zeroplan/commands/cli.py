@@ -304,17 +304,10 @@ def estimate(
     fill = 1.0
     if fit is not None and recipe is not None and options.get("padding_mask"):
         from zeroplan.api import resolve_cluster
-        from zeroplan.lengths import kept_lengths
-        from zeroplan.packing import padded_batches, run_micro_batches
+        from zeroplan.recipes import padded_loop
 
-        lengths = kept_lengths(fit.profile, fit.cap, fit.overlong)
         ranks = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node).world_size
-        # the share of new shapes is over the recipe's whole run, not one epoch
-        run = run_micro_batches(
-            len(lengths), options["micro_batch"], options["grad_accum"], ranks,
-            recipe.epochs, recipe.max_steps,
-        )  # fmt: skip
-        padded = padded_batches(lengths, options["micro_batch"], recipe.pad_multiple, run)
+        padded = padded_loop(recipe, fit, options["micro_batch"], options["grad_accum"], ranks)
         fill = padded.fill
         # no micro-batch is longer than its longest record: the peak's shape (measured:
         # TRL 1.16 at micro-batch 8, +1.5%, recipes_gpu.md); --seq-len still sets it

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadRecipeError
-from zeroplan.lengths import DataFit
+from zeroplan.lengths import DataFit, kept_lengths
 from zeroplan.models import ModelSpec, load_model
-from zeroplan.packing import PaddedBatches
+from zeroplan.packing import PaddedBatches, padded_batches, run_micro_batches
 from zeroplan.recipes import axolotl, llamafactory, trl
 from zeroplan.recipes import deepspeed as ds
 from zeroplan.recipes.common import Parsed, Recipe, Row, Trainer, detect, parse_file, read_keys
@@ -171,6 +171,19 @@ def read_recipe(
     )
 
 
+def padded_loop(
+    recipe: Recipe, fit: DataFit, micro_batch: int, grad_accum: int, ranks: int
+) -> PaddedBatches:
+    """The micro-batches a recipe that does not pack builds from the data: its kept records
+    padded to each micro-batch's longest (rounded to the trainer's multiple), with the share
+    of new shapes taken over the recipe's whole run (its epochs or max_steps), not one epoch."""
+    lengths = kept_lengths(fit.profile, fit.cap, fit.overlong)
+    run = run_micro_batches(
+        len(lengths), micro_batch, grad_accum, ranks, recipe.epochs, recipe.max_steps
+    )
+    return padded_batches(lengths, micro_batch, recipe.pad_multiple, run)
+
+
 def run_notes(
     recipe: Recipe, fit: DataFit | None, padded: PaddedBatches | None, seq_len: int
 ) -> list[str]:
@@ -207,4 +220,12 @@ def run_notes(
     return notes
 
 
-__all__ = ["FORMATS", "TRAINERS", "WARMUP_STALLS", "Recipe", "read_recipe", "run_notes"]
+__all__ = [
+    "FORMATS",
+    "TRAINERS",
+    "WARMUP_STALLS",
+    "Recipe",
+    "padded_loop",
+    "read_recipe",
+    "run_notes",
+]
