@@ -76,7 +76,7 @@ def test_llamafactory_defaults_are_its_0_9_5_source() -> None:
         "bf16": False,
         "fp16": False,
         "attn": "sdpa",
-        "packing": False,
+        "packing": None,  # stage == "pt" (hparams/parser.py)
         "neat_packing": False,
         "fused_loss": False,
         "deepspeed": None,

@@ -10,7 +10,8 @@ it parses the YAML into. What it does with them, as far as memory and speed go:
   (every linear layer but the head) unless given (finetuning_args.py).
 - gradient checkpointing is on unless ``disable_gradient_checkpointing: true``
   (model_args.py; model/model_utils/checkpointing.py turns it on).
-- ``cutoff_len`` 2048 (data_args.py); ``packing`` is off for SFT unless given, and
+- ``cutoff_len`` 2048 (data_args.py); ``packing`` is off for SFT and on for ``stage: pt``
+  unless given (parser.py), and
   ``neat_packing`` (packing without cross-attention) turns it on (hparams/parser.py).
 - ``flash_attn``: auto (transformers' default, sdpa), sdpa, fa2, disabled (eager).
 - ``enable_liger_kernel`` patches in Liger's kernels, the fused linear cross-entropy among them.
@@ -116,7 +117,7 @@ KEYS = (
     Key("bf16", "bf16", as_bool),
     Key("fp16", "fp16", as_bool),
     Key("flash_attn", "attn", _attention, write=lambda v: _FLASH_ATTN[v]),
-    Key("packing", "packing", as_bool),
+    Key("packing", "packing", lambda k, v: None if v is None else as_bool(k, v)),
     Key("neat_packing", "neat_packing", as_bool),
     Key("enable_liger_kernel", "fused_loss", as_bool, write=bool),
     Key("deepspeed", "deepspeed", _deepspeed, write=lambda v: v),
@@ -144,7 +145,8 @@ DEFAULTS = {
     "bf16": Default(False, _TA),
     "fp16": Default(False, _TA),
     "attn": Default("sdpa", f"{_SRC}/model_args.py (flash_attn: auto)"),
-    "packing": Default(False, f"{_SRC}/parser.py (off for stage sft)"),
+    # None: on for stage pt, off for sft (parser.py: packing if set, else stage == "pt")
+    "packing": Default(None, f"{_SRC}/parser.py (stage pt packs, sft does not)"),
     "neat_packing": Default(False, f"{_SRC}/data_args.py"),
     "fused_loss": Default(False, f"{_SRC}/model_args.py (enable_liger_kernel)"),
     "deepspeed": Default(None, _TA),
@@ -223,7 +225,9 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             "neither bf16 nor fp16: LLaMA-Factory loads the model in the card's 16-bit type "
             "without mixed precision; zeroplan models the card's mixed precision"
         )
-    s["packing"] = bool(s["packing"] or s["neat_packing"])
+    # hparams/parser.py: an unset packing is on for pre-training (stage pt), off for sft
+    packing = s["stage"] == "pt" if s["packing"] is None else s["packing"]
+    s["packing"] = bool(packing or s["neat_packing"])
     s["prompt"], s["_prompt_why"] = _prompt(s["template"], notes)
     s["overlong"], s["_overlong_why"] = OVERLONG
     return s, notes
