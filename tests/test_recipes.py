@@ -75,7 +75,7 @@ def test_llamafactory_defaults_are_its_0_9_5_source() -> None:
         "optim": "adamw_torch_fused",
         "bf16": False,
         "fp16": False,
-        "attn": "sdpa",
+        "attn": "auto",  # transformers' sdpa; eager for Gemma-2 (model_utils/attention.py)
         "packing": None,  # stage == "pt" (hparams/parser.py)
         "neat_packing": False,
         "fused_loss": False,

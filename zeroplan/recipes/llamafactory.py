@@ -13,7 +13,8 @@ it parses the YAML into. What it does with them, as far as memory and speed go:
 - ``cutoff_len`` 2048 (data_args.py); ``packing`` is off for SFT and on for ``stage: pt``
   unless given (parser.py), and
   ``neat_packing`` (packing without cross-attention) turns it on (hparams/parser.py).
-- ``flash_attn``: auto (transformers' default, sdpa), sdpa, fa2, disabled (eager).
+- ``flash_attn``: auto (transformers' default, sdpa; for Gemma-2 eager unless flash-attn is
+  installed), sdpa, fa2, disabled (eager).
 - ``enable_liger_kernel`` patches in Liger's kernels, the fused linear cross-entropy among them.
 - the batch, accumulation, optimizer, precision and ``deepspeed`` keys are transformers'
   TrainingArguments (per-device batch 8, accumulation 1, adamw_torch_fused, no bf16/fp16).
@@ -45,7 +46,8 @@ LABEL = f"LLaMA-Factory {VERSION}"
 _SRC = "src/llamafactory/hparams"
 _TA = "transformers TrainingArguments"
 
-ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
+# "auto" is resolved per model in derive (model/model_utils/attention.py)
+ATTENTION = {"auto": "auto", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
 
 
 def _finetuning(key: str, value: Any) -> str:
@@ -144,7 +146,7 @@ DEFAULTS = {
     "optim": Default("adamw_torch_fused", f"{_TA} (torch >= 2.8)"),
     "bf16": Default(False, _TA),
     "fp16": Default(False, _TA),
-    "attn": Default("sdpa", f"{_SRC}/model_args.py (flash_attn: auto)"),
+    "attn": Default("auto", f"{_SRC}/model_args.py (flash_attn: auto)"),
     # None: on for stage pt, off for sft (parser.py: packing if set, else stage == "pt")
     "packing": Default(None, f"{_SRC}/parser.py (stage pt packs, sft does not)"),
     "neat_packing": Default(False, f"{_SRC}/data_args.py"),
@@ -228,9 +230,26 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
     # hparams/parser.py: an unset packing is on for pre-training (stage pt), off for sft
     packing = s["stage"] == "pt" if s["packing"] is None else s["packing"]
     s["packing"] = bool(packing or s["neat_packing"])
+    s["attn"] = _auto_attention(s["attn"], model_type, notes)
     s["prompt"], s["_prompt_why"] = _prompt(s["template"], notes)
     s["overlong"], s["_overlong_why"] = OVERLONG
     return s, notes
+
+
+def _auto_attention(attn: str, model_type: str, notes: list[str]) -> str:
+    """``flash_attn: auto`` as LLaMA-Factory resolves it (model/model_utils/attention.py):
+    transformers' default (sdpa), except for Gemma-2, whose soft-capped attention it runs
+    with FlashAttention-2 when the flash-attn package is installed and eager otherwise;
+    ``pip install llamafactory`` does not install flash-attn, so eager."""
+    if attn != "auto":
+        return attn
+    if model_type == "gemma2":
+        notes.append(
+            "flash_attn auto on Gemma-2: LLaMA-Factory runs eager attention unless flash-attn "
+            "is installed (then fa2); estimated as eager (set flash_attn: fa2 if installed)"
+        )
+        return "eager"
+    return "sdpa"
 
 
 def _prompt(template: str | None, notes: list[str]) -> tuple[PromptFormat | None, str]:
