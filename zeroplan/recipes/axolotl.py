@@ -8,8 +8,9 @@ training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations
 - ``lora_r`` has no default (required for an adapter); ``lora_alpha`` neither (only the
   scale, no memory); ``lora_dropout`` 0; ``lora_target_linear: true`` is all-linear, else
   ``lora_target_modules``, else PEFT's default for the architecture.
-- ``micro_batch_size`` 1, ``gradient_accumulation_steps`` 1 (or ``batch_size`` /
-  ``micro_batch_size`` when only ``batch_size`` is given), ``sequence_len`` 512,
+- ``micro_batch_size`` 1, ``gradient_accumulation_steps`` 1 (also when only ``batch_size``
+  is given: the schema's default 1 wins over normalize_config's batch_size /
+  micro_batch_size; both set is refused), ``sequence_len`` 512,
   ``gradient_checkpointing`` false, ``optimizer`` adamw_torch_fused, ``bf16: auto``
   (bf16 where the card has it), ``sample_packing`` off.
 - attention: ``attn_implementation``, or the older switches ``flash_attention``,
@@ -236,7 +237,7 @@ MARKERS = frozenset(
 
 def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str]]:
     """axolotl's settings as zeroplan's: method from adapter and load_in_*bit, targets,
-    accumulation from batch_size, precision, attention, fused loss."""
+    precision, attention, fused loss."""
     notes: list[str] = []
     if s["load_in_8bit"]:
         raise BadRecipeError(
@@ -258,8 +259,19 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             s["lora_targets"] = peft_default_targets(model_type, "lora_target_modules")
     s["lora_kernels"], why = _lora_kernels(s, notes)
     s["_lora_kernels_why"] = why
-    if s["batch_size"] is not None and "grad_accum" not in s["_given"]:
-        s["grad_accum"] = max(1, s["batch_size"] // s["micro_batch"])
+    if s["batch_size"] is not None:
+        if "grad_accum" in s["_given"]:
+            raise BadRecipeError(
+                "gradient_accumulation_steps and batch_size are both set: axolotl refuses "
+                "that (check_gas_bsz); keep one"
+            )
+        # the schema fills gradient_accumulation_steps with its default 1 before
+        # normalize_config's `gradient_accumulation_steps or batch_size // micro_batch_size`
+        # runs, so batch_size never sets the accumulation (utils/config/__init__.py)
+        notes.append(
+            f"batch_size {s['batch_size']} without gradient_accumulation_steps: {LABEL} keeps "
+            "the accumulation at its default 1 (batch_size only counts the run's steps)"
+        )
     if s["bf16"] and s["fp16"]:
         raise BadRecipeError("bf16 and fp16 are both true; choose one")
     s["precision"] = "bf16" if s["bf16"] else "fp16" if s["fp16"] else ""
@@ -366,9 +378,13 @@ def targets_edits(targets: tuple[str, ...], data: Mapping[str, Any]) -> dict[str
 
 
 def accum_edits(accum: int, data: Mapping[str, Any]) -> dict[str, Any]:
-    """With ``batch_size`` in the recipe axolotl derives the accumulation from it (the
-    global batch kept), so only the micro-batch changes."""
-    return {} if data.get("batch_size") is not None else {"gradient_accumulation_steps": accum}
+    """The plan's accumulation; a recipe's ``batch_size`` is commented out, since axolotl
+    refuses it beside ``gradient_accumulation_steps`` (check_gas_bsz) and never derives
+    the accumulation from it."""
+    out: dict[str, Any] = {"gradient_accumulation_steps": accum}
+    if data.get("batch_size") is not None:
+        out["batch_size"] = None
+    return out
 
 
 TRAINER = Trainer(
