@@ -4,6 +4,8 @@ Keys and defaults are axolotl's config schema (src/axolotl/utils/schemas/: confi
 training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations/liger/):
 
 - ``adapter`` lora or qlora (with ``load_in_4bit: true``); absent: every weight trains.
+  ``load_in_4bit`` with ``adapter: lora`` quantizes nothing but casts the base to float32
+  (loaders/model.py): refused.
   ``load_in_8bit`` LoRA is not modelled.
 - ``lora_r`` has no default (required for an adapter); ``lora_alpha`` neither (only the
   scale, no memory); ``lora_dropout`` 0; ``lora_target_linear: true`` is all-linear, else
@@ -247,6 +249,15 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
     adapter = s["adapter"]
     if adapter == "qlora" and not s["load_in_4bit"]:
         raise BadRecipeError("adapter: qlora needs load_in_4bit: true (axolotl refuses it too)")
+    if adapter == "lora" and s["load_in_4bit"]:
+        # loaders/model.py quantizes to 4 bit only for adapter: qlora, yet runs PEFT's
+        # prepare_model_for_kbit_training whenever load_in_4bit is set, which casts the
+        # 16-bit base to float32 (skipped under ZeRO-3)
+        raise BadRecipeError(
+            "adapter: lora with load_in_4bit: axolotl loads a 16-bit base (4-bit only with "
+            "adapter: qlora) and casts it to float32 for k-bit training, which zeroplan does "
+            "not model; write adapter: qlora for QLoRA, or drop load_in_4bit for LoRA"
+        )
     if adapter is None and s["load_in_4bit"]:
         raise BadRecipeError("load_in_4bit without an adapter: a 4-bit base cannot train in full")
     s["method"] = "full" if adapter is None else "qlora" if s["load_in_4bit"] else "lora"
