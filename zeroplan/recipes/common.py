@@ -88,6 +88,20 @@ def as_targets(key: str, value: Any) -> tuple[str, ...] | None:
     return names
 
 
+def as_peft_targets(key: str, value: Any) -> tuple[str, ...] | None:
+    """PEFT's ``target_modules`` as axolotl and TRL hand it over: a list of module names, or
+    ``all-linear``; any other string PEFT matches as a regular expression against whole
+    module paths (peft/tuners/tuners_utils.py, re.fullmatch), so "q_proj,v_proj" matches
+    nothing: refused, as zeroplan does not model a pattern."""
+    if isinstance(value, str) and value.strip() != ALL_LINEAR:
+        raise BadRecipeError(
+            f"{key}: {value!r} is a string, which PEFT matches as a regular expression "
+            "against whole module paths; zeroplan does not model that: write a list of "
+            "module names, or all-linear"
+        )
+    return as_targets(key, value)
+
+
 def text(key: str, value: Any) -> str:
     return str(value)
 

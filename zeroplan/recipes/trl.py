@@ -28,7 +28,7 @@ from zeroplan.recipes.common import (
     as_float,
     as_int,
     as_optim,
-    as_targets,
+    as_peft_targets,
     optional_bool,
     optional_int,
     precision_edits,
@@ -90,6 +90,14 @@ def _quant_type(key: str, value: Any) -> str:
     return str(value)
 
 
+def _targets(key: str, value: Any) -> tuple[str, ...] | None:
+    """ModelConfig.__post_init__ (trl/trainer/model_config.py) turns a one-item list into
+    its string, which PEFT then reads as a pattern (common.as_peft_targets)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return as_peft_targets(key, value)
+
+
 def _write_targets(targets: tuple[str, ...]) -> Any:
     return "all-linear" if targets == ("all-linear",) else list(targets)
 
@@ -106,7 +114,7 @@ KEYS = (
     Key("lora_r", "lora_r", as_int, write=int),
     Key("lora_alpha", "lora_alpha", as_int, write=int),
     Key("lora_dropout", "lora_dropout", as_float, write=float),
-    Key("lora_target_modules", "lora_targets", as_targets, write=_write_targets),
+    Key("lora_target_modules", "lora_targets", _targets, write=_write_targets),
     Key("per_device_train_batch_size", "micro_batch", as_int, write=int),
     Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
     Key("max_length", "seq_len", as_int, write=int),
