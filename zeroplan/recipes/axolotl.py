@@ -16,7 +16,7 @@ training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations
   ``gradient_checkpointing`` false, ``optimizer`` adamw_torch_fused, ``bf16: auto``
   (bf16 where the card has it), ``sample_packing`` off.
 - attention: ``attn_implementation``, or the older switches ``flash_attention``,
-  ``sdp_attention``, ``eager_attention``; none: transformers' default (sdpa).
+  ``sdp_attention``, ``eager_attention``; none: transformers' default (sdpa; Gemma-2 eager).
 - its fused LoRA kernels (``lora_qkv_kernel``, ``lora_o_kernel``, ``lora_mlp_kernel``): on for
   LoRA / QLoRA when the recipe sets none of the four ``lora_*_kernel`` keys and not
   ``trust_remote_code`` (``check_auto_enable_lora_kernels`` in config.py, the same in 0.18.0
@@ -43,6 +43,7 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_peft_targets,
+    default_attention,
     optional_bool,
     optional_int,
     precision_edits,
@@ -168,7 +169,7 @@ DEFAULTS = {
     "optim": Default("adamw_torch_fused", f"{_SCHEMAS}/training.py"),
     "bf16": Default(None, f"{_SCHEMAS}/config.py (bf16: auto)"),
     "fp16": Default(None, f"{_SCHEMAS}/config.py"),
-    "attn": Default(None, f"{_SCHEMAS}/config.py (transformers' default, sdpa)"),
+    "attn": Default(None, f"{_SCHEMAS}/config.py (transformers' default, sdpa; Gemma-2 eager)"),
     "packing": Default(None, f"{_SCHEMAS}/config.py (sample_packing)"),
     "plugins": Default((), f"{_SCHEMAS}/config.py"),
     "liger_flce": Default(None, "src/axolotl/integrations/liger/args.py"),
@@ -286,7 +287,7 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
     if s["bf16"] and s["fp16"]:
         raise BadRecipeError("bf16 and fp16 are both true; choose one")
     s["precision"] = "bf16" if s["bf16"] else "fp16" if s["fp16"] else ""
-    s["attn"] = s["attn"] or "sdpa"
+    s["attn"] = s["attn"] or default_attention(model_type)
     s["packing"] = bool(s["packing"])
     liger = LIGER_PLUGIN in s["plugins"] and bool(s["liger_flce"])
     cce = CCE_PLUGIN in s["plugins"] and s["cut_cross_entropy"] is not False

@@ -35,6 +35,7 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_targets,
+    default_attention,
     negated,
     optional_int,
     precision_edits,
@@ -238,9 +239,9 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
 
 def _auto_attention(attn: str, model_type: str, notes: list[str]) -> str:
     """``flash_attn: auto`` as LLaMA-Factory resolves it (model/model_utils/attention.py):
-    transformers' default (sdpa), except for Gemma-2, whose soft-capped attention it runs
-    with FlashAttention-2 when the flash-attn package is installed and eager otherwise;
-    ``pip install llamafactory`` does not install flash-attn, so eager."""
+    transformers' default (common.default_attention), except that for Gemma-2 it asks for
+    FlashAttention-2 when the flash-attn package is installed, which ``pip install
+    llamafactory`` does not install; estimated without it (eager)."""
     if attn != "auto":
         return attn
     if model_type == "gemma2":
@@ -248,8 +249,7 @@ def _auto_attention(attn: str, model_type: str, notes: list[str]) -> str:
             "flash_attn auto on Gemma-2: LLaMA-Factory runs eager attention unless flash-attn "
             "is installed (then fa2); estimated as eager (set flash_attn: fa2 if installed)"
         )
-        return "eager"
-    return "sdpa"
+    return default_attention(model_type)
 
 
 def _prompt(template: str | None, notes: list[str]) -> tuple[PromptFormat | None, str]:

@@ -29,6 +29,7 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_peft_targets,
+    default_attention,
     optional_bool,
     optional_int,
     precision_edits,
@@ -151,7 +152,9 @@ DEFAULTS = {
     # None: true unless fp16 (SFTConfig.__post_init__)
     "bf16": Default(None, _SFT),
     "fp16": Default(False, _TA),
-    "attn": Default(None, f"{_MODEL} (attn_implementation: transformers' default, sdpa)"),
+    "attn": Default(
+        None, f"{_MODEL} (attn_implementation: transformers' default, sdpa; Gemma-2 eager)"
+    ),
     "packing": Default(False, _SFT),
     "padding_free": Default(False, _SFT),
     "fused_loss": Default(False, f"{_TA} (use_liger_kernel)"),
@@ -253,7 +256,7 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             "neither bf16 nor fp16: fp32 training, which zeroplan does not model; it models "
             "the card's mixed precision"
         )
-    s["attn"] = s["attn"] or "sdpa"
+    s["attn"] = s["attn"] or default_attention(model_type)
     s["packing"] = bool(s["packing"] or s["padding_free"])
     # TRL renders messages with the tokenizer's chat template and text as it is + EOS: what
     # zeroplan's data counter does without a prompt format
