@@ -75,8 +75,8 @@ def test_llamafactory_defaults_are_its_0_9_5_source() -> None:
         "optim": "adamw_torch_fused",
         "bf16": False,
         "fp16": False,
-        "attn": "sdpa",
-        "packing": False,
+        "attn": "auto",  # transformers' sdpa; eager for Gemma-2 (model_utils/attention.py)
+        "packing": None,  # stage == "pt" (hparams/parser.py)
         "neat_packing": False,
         "fused_loss": False,
         "deepspeed": None,
@@ -285,14 +285,22 @@ def test_axolotl_recipe(tmp_path: Path) -> None:
     assert "auto-enabled for qlora" in row.source
 
 
-def test_axolotl_batch_size_sets_the_accumulation(tmp_path: Path) -> None:
+def test_axolotl_batch_size_leaves_the_accumulation_at_1(tmp_path: Path) -> None:
+    """axolotl 0.18.0's schema fills gradient_accumulation_steps with 1 before
+    normalize_config could derive it from batch_size (checked with axolotl 0.19.0's own
+    validate_config + normalize_config); both keys set is refused (check_gas_bsz)."""
     p = write(
         tmp_path,
         "full.yml",
         "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nbatch_size: 16\n",
     )
-    s = read_recipe(p)[0].setup
-    assert (s["method"], s["micro_batch"], s["grad_accum"]) == ("full", 2, 8)
+    recipe = read_recipe(p)[0]
+    s = recipe.setup
+    assert (s["method"], s["micro_batch"], s["grad_accum"]) == ("full", 2, 1)
+    assert any("batch_size 16 without gradient_accumulation_steps" in n for n in recipe.notes)
+    both = write(tmp_path, "both.yml", p.read_text() + "gradient_accumulation_steps: 8\n")
+    with pytest.raises(BadRecipeError, match="check_gas_bsz"):
+        read_recipe(both)
 
 
 def test_hf_json_training_arguments_vs_sftconfig(tmp_path: Path) -> None:
@@ -710,7 +718,7 @@ def test_every_example_recipe_reads(path: Path) -> None:
 
 def test_plan_edits_for_axolotl_and_json(tmp_path: Path) -> None:
     """The plan's changes through each trainer's own keys: axolotl's fused loss is its
-    plugin plus a switch, and keeps batch_size's accumulation; a JSON keeps its keys."""
+    plugin plus a switch, and its accumulation replaces batch_size; a JSON keeps its keys."""
     from zeroplan.recipes.write import plan_edits, planned_files
 
     p = write(
@@ -732,7 +740,9 @@ def test_plan_edits_for_axolotl_and_json(tmp_path: Path) -> None:
     )
     edits = plan_edits(recipe, plan, "out/ds_config.json")
     assert edits == {
-        "micro_batch_size": 2,  # batch_size stays: axolotl derives 16 // 2 = 8
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 8,
+        "batch_size": None,  # commented out: axolotl refuses it beside the accumulation
         "plugins": ["some.OtherPlugin", axolotl.LIGER_PLUGIN],
         "liger_fused_linear_cross_entropy": True,
         "deepspeed": "out/ds_config.json",

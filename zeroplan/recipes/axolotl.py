@@ -4,16 +4,19 @@ Keys and defaults are axolotl's config schema (src/axolotl/utils/schemas/: confi
 training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations/liger/):
 
 - ``adapter`` lora or qlora (with ``load_in_4bit: true``); absent: every weight trains.
+  ``load_in_4bit`` with ``adapter: lora`` quantizes nothing but casts the base to float32
+  (loaders/model.py): refused.
   ``load_in_8bit`` LoRA is not modelled.
 - ``lora_r`` has no default (required for an adapter); ``lora_alpha`` neither (only the
   scale, no memory); ``lora_dropout`` 0; ``lora_target_linear: true`` is all-linear, else
   ``lora_target_modules``, else PEFT's default for the architecture.
-- ``micro_batch_size`` 1, ``gradient_accumulation_steps`` 1 (or ``batch_size`` /
-  ``micro_batch_size`` when only ``batch_size`` is given), ``sequence_len`` 512,
+- ``micro_batch_size`` 1, ``gradient_accumulation_steps`` 1 (also when only ``batch_size``
+  is given: the schema's default 1 wins over normalize_config's batch_size /
+  micro_batch_size; both set is refused), ``sequence_len`` 512,
   ``gradient_checkpointing`` false, ``optimizer`` adamw_torch_fused, ``bf16: auto``
   (bf16 where the card has it), ``sample_packing`` off.
 - attention: ``attn_implementation``, or the older switches ``flash_attention``,
-  ``sdp_attention``, ``eager_attention``; none: transformers' default (sdpa).
+  ``sdp_attention``, ``eager_attention``; none: transformers' default (sdpa; Gemma-2 eager).
 - its fused LoRA kernels (``lora_qkv_kernel``, ``lora_o_kernel``, ``lora_mlp_kernel``): on for
   LoRA / QLoRA when the recipe sets none of the four ``lora_*_kernel`` keys and not
   ``trust_remote_code`` (``check_auto_enable_lora_kernels`` in config.py, the same in 0.18.0
@@ -39,7 +42,8 @@ from zeroplan.recipes.common import (
     as_float,
     as_int,
     as_optim,
-    as_targets,
+    as_peft_targets,
+    default_attention,
     optional_bool,
     optional_int,
     precision_edits,
@@ -116,7 +120,7 @@ KEYS = (
     Key("lora_alpha", "lora_alpha", lambda k, v: None if v is None else as_int(k, v), write=int),
     Key("lora_dropout", "lora_dropout", as_float, write=float),
     Key("lora_target_linear", "lora_target_linear", optional_bool),
-    Key("lora_target_modules", "lora_targets", as_targets),
+    Key("lora_target_modules", "lora_targets", as_peft_targets),
     Key("micro_batch_size", "micro_batch", as_int, write=int),
     Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
     Key("batch_size", "batch_size", lambda k, v: None if v is None else as_int(k, v)),
@@ -165,7 +169,7 @@ DEFAULTS = {
     "optim": Default("adamw_torch_fused", f"{_SCHEMAS}/training.py"),
     "bf16": Default(None, f"{_SCHEMAS}/config.py (bf16: auto)"),
     "fp16": Default(None, f"{_SCHEMAS}/config.py"),
-    "attn": Default(None, f"{_SCHEMAS}/config.py (transformers' default, sdpa)"),
+    "attn": Default(None, f"{_SCHEMAS}/config.py (transformers' default, sdpa; Gemma-2 eager)"),
     "packing": Default(None, f"{_SCHEMAS}/config.py (sample_packing)"),
     "plugins": Default((), f"{_SCHEMAS}/config.py"),
     "liger_flce": Default(None, "src/axolotl/integrations/liger/args.py"),
@@ -236,7 +240,7 @@ MARKERS = frozenset(
 
 def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str]]:
     """axolotl's settings as zeroplan's: method from adapter and load_in_*bit, targets,
-    accumulation from batch_size, precision, attention, fused loss."""
+    precision, attention, fused loss."""
     notes: list[str] = []
     if s["load_in_8bit"]:
         raise BadRecipeError(
@@ -246,6 +250,15 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
     adapter = s["adapter"]
     if adapter == "qlora" and not s["load_in_4bit"]:
         raise BadRecipeError("adapter: qlora needs load_in_4bit: true (axolotl refuses it too)")
+    if adapter == "lora" and s["load_in_4bit"]:
+        # loaders/model.py quantizes to 4 bit only for adapter: qlora, yet runs PEFT's
+        # prepare_model_for_kbit_training whenever load_in_4bit is set, which casts the
+        # 16-bit base to float32 (skipped under ZeRO-3)
+        raise BadRecipeError(
+            "adapter: lora with load_in_4bit: axolotl loads a 16-bit base (4-bit only with "
+            "adapter: qlora) and casts it to float32 for k-bit training, which zeroplan does "
+            "not model; write adapter: qlora for QLoRA, or drop load_in_4bit for LoRA"
+        )
     if adapter is None and s["load_in_4bit"]:
         raise BadRecipeError("load_in_4bit without an adapter: a 4-bit base cannot train in full")
     s["method"] = "full" if adapter is None else "qlora" if s["load_in_4bit"] else "lora"
@@ -258,12 +271,23 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             s["lora_targets"] = peft_default_targets(model_type, "lora_target_modules")
     s["lora_kernels"], why = _lora_kernels(s, notes)
     s["_lora_kernels_why"] = why
-    if s["batch_size"] is not None and "grad_accum" not in s["_given"]:
-        s["grad_accum"] = max(1, s["batch_size"] // s["micro_batch"])
+    if s["batch_size"] is not None:
+        if "grad_accum" in s["_given"]:
+            raise BadRecipeError(
+                "gradient_accumulation_steps and batch_size are both set: axolotl refuses "
+                "that (check_gas_bsz); keep one"
+            )
+        # the schema fills gradient_accumulation_steps with its default 1 before
+        # normalize_config's `gradient_accumulation_steps or batch_size // micro_batch_size`
+        # runs, so batch_size never sets the accumulation (utils/config/__init__.py)
+        notes.append(
+            f"batch_size {s['batch_size']} without gradient_accumulation_steps: {LABEL} keeps "
+            "the accumulation at its default 1 (batch_size only counts the run's steps)"
+        )
     if s["bf16"] and s["fp16"]:
         raise BadRecipeError("bf16 and fp16 are both true; choose one")
     s["precision"] = "bf16" if s["bf16"] else "fp16" if s["fp16"] else ""
-    s["attn"] = s["attn"] or "sdpa"
+    s["attn"] = s["attn"] or default_attention(model_type)
     s["packing"] = bool(s["packing"])
     liger = LIGER_PLUGIN in s["plugins"] and bool(s["liger_flce"])
     cce = CCE_PLUGIN in s["plugins"] and s["cut_cross_entropy"] is not False
@@ -366,9 +390,13 @@ def targets_edits(targets: tuple[str, ...], data: Mapping[str, Any]) -> dict[str
 
 
 def accum_edits(accum: int, data: Mapping[str, Any]) -> dict[str, Any]:
-    """With ``batch_size`` in the recipe axolotl derives the accumulation from it (the
-    global batch kept), so only the micro-batch changes."""
-    return {} if data.get("batch_size") is not None else {"gradient_accumulation_steps": accum}
+    """The plan's accumulation; a recipe's ``batch_size`` is commented out, since axolotl
+    refuses it beside ``gradient_accumulation_steps`` (check_gas_bsz) and never derives
+    the accumulation from it."""
+    out: dict[str, Any] = {"gradient_accumulation_steps": accum}
+    if data.get("batch_size") is not None:
+        out["batch_size"] = None
+    return out
 
 
 TRAINER = Trainer(

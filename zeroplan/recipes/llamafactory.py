@@ -10,9 +10,11 @@ it parses the YAML into. What it does with them, as far as memory and speed go:
   (every linear layer but the head) unless given (finetuning_args.py).
 - gradient checkpointing is on unless ``disable_gradient_checkpointing: true``
   (model_args.py; model/model_utils/checkpointing.py turns it on).
-- ``cutoff_len`` 2048 (data_args.py); ``packing`` is off for SFT unless given, and
+- ``cutoff_len`` 2048 (data_args.py); ``packing`` is off for SFT and on for ``stage: pt``
+  unless given (parser.py), and
   ``neat_packing`` (packing without cross-attention) turns it on (hparams/parser.py).
-- ``flash_attn``: auto (transformers' default, sdpa), sdpa, fa2, disabled (eager).
+- ``flash_attn``: auto (transformers' default, sdpa; for Gemma-2 eager unless flash-attn is
+  installed), sdpa, fa2, disabled (eager).
 - ``enable_liger_kernel`` patches in Liger's kernels, the fused linear cross-entropy among them.
 - the batch, accumulation, optimizer, precision and ``deepspeed`` keys are transformers'
   TrainingArguments (per-device batch 8, accumulation 1, adamw_torch_fused, no bf16/fp16).
@@ -33,6 +35,7 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_targets,
+    default_attention,
     negated,
     optional_int,
     precision_edits,
@@ -44,7 +47,8 @@ LABEL = f"LLaMA-Factory {VERSION}"
 _SRC = "src/llamafactory/hparams"
 _TA = "transformers TrainingArguments"
 
-ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
+# "auto" is resolved per model in derive (model/model_utils/attention.py)
+ATTENTION = {"auto": "auto", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager"}
 
 
 def _finetuning(key: str, value: Any) -> str:
@@ -116,7 +120,7 @@ KEYS = (
     Key("bf16", "bf16", as_bool),
     Key("fp16", "fp16", as_bool),
     Key("flash_attn", "attn", _attention, write=lambda v: _FLASH_ATTN[v]),
-    Key("packing", "packing", as_bool),
+    Key("packing", "packing", lambda k, v: None if v is None else as_bool(k, v)),
     Key("neat_packing", "neat_packing", as_bool),
     Key("enable_liger_kernel", "fused_loss", as_bool, write=bool),
     Key("deepspeed", "deepspeed", _deepspeed, write=lambda v: v),
@@ -143,8 +147,9 @@ DEFAULTS = {
     "optim": Default("adamw_torch_fused", f"{_TA} (torch >= 2.8)"),
     "bf16": Default(False, _TA),
     "fp16": Default(False, _TA),
-    "attn": Default("sdpa", f"{_SRC}/model_args.py (flash_attn: auto)"),
-    "packing": Default(False, f"{_SRC}/parser.py (off for stage sft)"),
+    "attn": Default("auto", f"{_SRC}/model_args.py (flash_attn: auto)"),
+    # None: on for stage pt, off for sft (parser.py: packing if set, else stage == "pt")
+    "packing": Default(None, f"{_SRC}/parser.py (stage pt packs, sft does not)"),
     "neat_packing": Default(False, f"{_SRC}/data_args.py"),
     "fused_loss": Default(False, f"{_SRC}/model_args.py (enable_liger_kernel)"),
     "deepspeed": Default(None, _TA),
@@ -223,10 +228,28 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             "neither bf16 nor fp16: LLaMA-Factory loads the model in the card's 16-bit type "
             "without mixed precision; zeroplan models the card's mixed precision"
         )
-    s["packing"] = bool(s["packing"] or s["neat_packing"])
+    # hparams/parser.py: an unset packing is on for pre-training (stage pt), off for sft
+    packing = s["stage"] == "pt" if s["packing"] is None else s["packing"]
+    s["packing"] = bool(packing or s["neat_packing"])
+    s["attn"] = _auto_attention(s["attn"], model_type, notes)
     s["prompt"], s["_prompt_why"] = _prompt(s["template"], notes)
     s["overlong"], s["_overlong_why"] = OVERLONG
     return s, notes
+
+
+def _auto_attention(attn: str, model_type: str, notes: list[str]) -> str:
+    """``flash_attn: auto`` as LLaMA-Factory resolves it (model/model_utils/attention.py):
+    transformers' default (common.default_attention), except that for Gemma-2 it asks for
+    FlashAttention-2 when the flash-attn package is installed, which ``pip install
+    llamafactory`` does not install; estimated without it (eager)."""
+    if attn != "auto":
+        return attn
+    if model_type == "gemma2":
+        notes.append(
+            "flash_attn auto on Gemma-2: LLaMA-Factory runs eager attention unless flash-attn "
+            "is installed (then fa2); estimated as eager (set flash_attn: fa2 if installed)"
+        )
+    return default_attention(model_type)
 
 
 def _prompt(template: str | None, notes: list[str]) -> tuple[PromptFormat | None, str]:

@@ -28,7 +28,8 @@ from zeroplan.recipes.common import (
     as_float,
     as_int,
     as_optim,
-    as_targets,
+    as_peft_targets,
+    default_attention,
     optional_bool,
     optional_int,
     precision_edits,
@@ -90,6 +91,14 @@ def _quant_type(key: str, value: Any) -> str:
     return str(value)
 
 
+def _targets(key: str, value: Any) -> tuple[str, ...] | None:
+    """ModelConfig.__post_init__ (trl/trainer/model_config.py) turns a one-item list into
+    its string, which PEFT then reads as a pattern (common.as_peft_targets)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return as_peft_targets(key, value)
+
+
 def _write_targets(targets: tuple[str, ...]) -> Any:
     return "all-linear" if targets == ("all-linear",) else list(targets)
 
@@ -106,7 +115,7 @@ KEYS = (
     Key("lora_r", "lora_r", as_int, write=int),
     Key("lora_alpha", "lora_alpha", as_int, write=int),
     Key("lora_dropout", "lora_dropout", as_float, write=float),
-    Key("lora_target_modules", "lora_targets", as_targets, write=_write_targets),
+    Key("lora_target_modules", "lora_targets", _targets, write=_write_targets),
     Key("per_device_train_batch_size", "micro_batch", as_int, write=int),
     Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
     Key("max_length", "seq_len", as_int, write=int),
@@ -143,7 +152,9 @@ DEFAULTS = {
     # None: true unless fp16 (SFTConfig.__post_init__)
     "bf16": Default(None, _SFT),
     "fp16": Default(False, _TA),
-    "attn": Default(None, f"{_MODEL} (attn_implementation: transformers' default, sdpa)"),
+    "attn": Default(
+        None, f"{_MODEL} (attn_implementation: transformers' default, sdpa; Gemma-2 eager)"
+    ),
     "packing": Default(False, _SFT),
     "padding_free": Default(False, _SFT),
     "fused_loss": Default(False, f"{_TA} (use_liger_kernel)"),
@@ -245,7 +256,7 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
             "neither bf16 nor fp16: fp32 training, which zeroplan does not model; it models "
             "the card's mixed precision"
         )
-    s["attn"] = s["attn"] or "sdpa"
+    s["attn"] = s["attn"] or default_attention(model_type)
     s["packing"] = bool(s["packing"] or s["padding_free"])
     # TRL renders messages with the tokenizer's chat template and text as it is + EOS: what
     # zeroplan's data counter does without a prompt format
