@@ -375,6 +375,10 @@ def test_recipe_format_forces_the_reader(tmp_path: Path) -> None:
         ),
         ("quantization_bit: 8\n", "quantization_bit: 8 is not modelled; supported: 4"),
         ("stage: dpo\n", "stage: dpo is not modelled"),
+        (
+            "quantization_bit: 4\nquantization_method: bitsandbytes\n",
+            "quantization_method: bitsandbytes is not modelled; supported: bnb",
+        ),
     ],
 )
 def test_values_not_modelled_are_refused(tmp_path: Path, text: str, message: str) -> None:

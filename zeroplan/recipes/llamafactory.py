@@ -71,8 +71,13 @@ def _quant_bits(key: str, value: Any) -> int | None:
 
 
 def _quant_method(key: str, value: Any) -> str:
-    if str(value).lower() not in ("bnb", "bitsandbytes"):
-        raise BadRecipeError(f"{key}: {value} is not modelled; supported: bnb (bitsandbytes)")
+    # LLaMA-Factory parses this into its QuantizationMethod enum, whose bitsandbytes value is
+    # exactly "bnb" (hparams/model_args.py): "bitsandbytes" or "BNB" stop it before training
+    if value != "bnb":
+        raise BadRecipeError(
+            f"{key}: {value} is not modelled; supported: bnb (bitsandbytes; LLaMA-Factory "
+            "accepts only that spelling)"
+        )
     return "bnb"
 
 
