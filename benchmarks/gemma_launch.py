@@ -140,6 +140,40 @@ def row(name: str, work: Path, plan: Path, rc: int, wall: float) -> dict[str, An
     }
 
 
+def probe() -> dict[str, Any]:
+    """What this stack does with Gemma-2's attention and what the varlen kernel can take:
+    transformers' Gemma-2 class flags, the implementation a tiny Gemma-2 built with
+    attn_implementation="sdpa" (and with none) really gets, torch's varlen_attn parameters
+    (a window, a softcap?)."""
+    import inspect
+
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.gemma2 import modeling_gemma2
+
+    out: dict[str, Any] = {"bench": "gemma_probe", "transformers": transformers.__version__}
+    cls = modeling_gemma2.Gemma2PreTrainedModel
+    for flag in ("_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn"):
+        out[f"gemma2{flag}"] = getattr(cls, flag, None)
+    cfg = AutoConfig.for_model(
+        "gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+    )  # fmt: skip
+    for asked in ("sdpa", None):
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation=asked)
+            out[f"gemma2_asked_{asked}"] = model.config._attn_implementation
+        except Exception as exc:  # what transformers says is the finding
+            out[f"gemma2_asked_{asked}"] = f"raises {type(exc).__name__}: {str(exc)[:160]}"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out["varlen_attn_params"] = list(inspect.signature(varlen_attn).parameters)
+    except ImportError as exc:
+        out["varlen_attn_params"] = f"no varlen_attn ({exc})"
+    return out
+
+
 def gpu_env() -> dict[str, Any]:
     import torch
 
@@ -186,6 +220,8 @@ def main() -> None:
     tinyllm.write_jsonl(args.work / "data.jsonl", records(args.records, 60, args.max_words))
     started = {n: start(n, args.work, args) for n in names}
     env = gpu_env()
+    with args.out.open("a") as f:
+        f.write(json.dumps(probe() | {"env": env}) + "\n")
     for name, (proc, plan, t) in started.items():
         try:
             rc = proc.wait(timeout=max(1.0, args.timeout - (time.time() - t)))
