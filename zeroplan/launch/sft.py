@@ -393,7 +393,8 @@ def model_kwargs(setup: TrainSetup, cuda: bool, local_rank: int) -> dict[str, An
             dtype = "float32"
     kw: dict[str, Any] = {
         "dtype": dtype,
-        "attn_implementation": setup.attn,
+        # unset (a setup no plan resolved): transformers' default, which is the model's
+        "attn_implementation": setup.attn or None,
     }
     quant = quantization_kwargs(setup)
     if quant is not None:

@@ -27,7 +27,7 @@ from zeroplan.memory.precision import (
     residual_bytes,
 )
 from zeroplan.models import Linear, ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets
+from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_attention
 
 BF16 = 2
 FP32 = 4
@@ -227,6 +227,7 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
                 reading them (precision.amp_input_casts_per_token); the other tensors have
                 bf16's sizes in fp16
     """
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     full = setup.method == "full"
     out: list[Saved] = [Saved("norms", spec.norms_per_layer * _norm(h, spec, setup))]
@@ -369,6 +370,7 @@ def padding_mask_repeat_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     batch carries it calls ``repeat_kv`` first, and SDPA saves the repeated copies for
     backward. Measured with the padding-mask term below on LLaMA-Factory 0.9.5, TRL 1.16 and
     axolotl 0.19 (benchmarks/results/recipes_gpu.md)."""
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     if not setup.padding_mask or setup.attn != "sdpa":
         return 0
     return 2 * BF16 * (spec.q_dim - spec.kv_dim)
@@ -380,6 +382,7 @@ def padding_mask_bytes(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     (what the memory-efficient kernel takes), and saves it for backward:
     2 B · b · s · ⌈s/16⌉·16 per layer. Fitted: 55.8 B per b·s² on the 28-layer
     Llama-3.2-3B (2 B × 28 = 56), axolotl 0.19 on an H100, 14 steps of varying s."""
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     if not setup.padding_mask or setup.attn != "sdpa":
         return 0
     s = setup.seq_len
@@ -388,6 +391,7 @@ def padding_mask_bytes(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
 
 def eager_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """The eager path materialises one b·s·s causal mask in bf16, shared by all layers."""
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     return BF16 * setup.micro_batch * setup.seq_len**2 if setup.attn == "eager" else 0
 
 
