@@ -242,6 +242,26 @@ def test_eager_increment_matches_measured(spec: ModelSpec) -> None:
     assert measured == pytest.approx(predicted, rel=0.01)
 
 
+GEMMA2 = {**TINY, "model_type": "gemma2", "head_dim": 16, "attn_logit_softcapping": 50.0}
+
+
+def test_gemma2_eager_layer_and_its_score_cap_match_measured() -> None:
+    """Gemma-2 runs eager (no sdpa path): its layer as counted, and the score cap's tanh
+    output (one more bf16 heads × seq² per layer) to the byte."""
+    setup = TrainSetup(method="full", attn="eager", seq_len=32)
+    per_token = {}
+    for cap in (50.0, None):
+        config = {**GEMMA2, "attn_logit_softcapping": cap}
+        model = build(config, attn="eager")
+        measured = saved_bytes_per_token(model, model.model.layers[0], autocast=False)
+        predicted = per_layer_bytes_per_token(spec_from_config(config), setup)
+        assert measured == pytest.approx(predicted, rel=0.01)
+        per_token[cap] = (measured, predicted)
+    heads = GEMMA2["num_attention_heads"]
+    assert per_token[50.0][0] - per_token[None][0] == 2 * heads * setup.seq_len
+    assert per_token[50.0][1] - per_token[None][1] == 2 * heads * setup.seq_len
+
+
 def test_lora_layer_activations_close_to_measured(spec: ModelSpec) -> None:
     # dropout 0: CPU dropout saves a different mask than the fused CUDA kernel zeroplan models
     model = peft.get_peft_model(

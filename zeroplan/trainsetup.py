@@ -65,12 +65,12 @@ LOOPS = {
     "plain": LoopPreset(optim="adamw_torch", autocast=False, keep_outputs=True),
 }
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
-# Model types whose transformers class has no sdpa path, and why: Gemma-2 soft-caps its
-# attention logits, which SDPA cannot (transformers 5.17 and 5.25,
-# models/gemma2/modeling_gemma2.py: _supports_sdpa = False; flash_attention_2 and flex
-# support it). With no attention named, transformers falls back to eager for them
-# (modeling_utils.py, get_correct_attn_implementation); asked for sdpa it raises.
-NO_SDPA_MODEL_TYPES = {"gemma2": "Gemma-2 soft-caps its attention logits, which SDPA cannot"}
+# Model types whose attention SDPA cannot compute, and why: Gemma-2 soft-caps its attention
+# scores (flash_attention_2 and flex can). With no attention named, transformers runs eager
+# for it (the default since 4.45, huggingface/transformers#32865); asked for sdpa, 5.25
+# raises (models/gemma2/modeling_gemma2.py: _supports_sdpa = False), while older versions
+# ran SDPA without the cap (the GPU machine's 5.17 did: docs/speed.md), another model.
+NO_SDPA_MODEL_TYPES = {"gemma2": "Gemma-2 soft-caps its attention scores, which SDPA cannot"}
 # Mixed precision: bf16 where the card has it, fp16 (with loss scaling) where it does not
 # (T4, V100, RTX 20xx). "" in a TrainSetup means "the card's": resolve_precision fills it.
 PRECISIONS = ("bf16", "fp16")
@@ -299,15 +299,16 @@ def default_attention(model_type: str) -> str:
 
 def resolve_attention(setup: TrainSetup, spec: ModelSpec) -> TrainSetup:
     """``setup`` with the attention its model runs: an unset one becomes the model's default
-    (default_attention); sdpa asked for on a model without an sdpa path is refused, naming
-    what runs (transformers raises there too). Idempotent, so every caller may apply it."""
+    (default_attention); sdpa asked for on a model SDPA cannot compute is refused, naming
+    what runs (transformers 5.25 raises there too). Idempotent, so every caller may apply it."""
     if not setup.attn:
         return replace(setup, attn=default_attention(spec.model_type))
     why = NO_SDPA_MODEL_TYPES.get(spec.model_type)
     if setup.attn == "sdpa" and why:
         raise BadSetupError(
-            f"--attn sdpa: {spec.name} ({spec.model_type}) has no sdpa attention in "
-            f"transformers ({why}): use --attn eager (its default) or flash_attention_2"
+            f"--attn sdpa: {spec.name} ({spec.model_type}) has no correct sdpa attention "
+            f"({why}; transformers 5.25 refuses it, older versions ran it without the cap): "
+            "use --attn eager (its default) or flash_attention_2"
         )
     return setup
 

@@ -210,7 +210,10 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     norms:      per norm 4 B·h (+ 2 B·h full); Liger's 2 B·h                (see _norm)
     attention:  sdpa / flash: q 2 B·q, k 2 B·kv, v 2 B·kv, output 2 B·q (also o_proj's
                 input), log-sum-exp 4 B·H; eager adds repeated k, v (2 B·q each) and
-                the fp32 softmax + its bf16 copy, 6 B·H·s, per token
+                the fp32 softmax + its bf16 copy, 6 B·H·s, per token; with Gemma-2's
+                score cap also tanh's bf16 output, 2 B·H·s (transformers'
+                gemma2 eager_attention_forward: the scale and the cap's divide and
+                multiply by constants save nothing, dropout at p = 0 returns its input)
     qk-norm:    4 B·(q + kv) (+ 2 B·(q + kv) full)
     MLP:        gate output, up output, act(gate): 6 B·i; Liger's SwiGLU / GeGLU 4 B·i (_mlp)
     RoPE:       the model's rotary saves cos and sin (q·cos needs no q), Liger's the same:
@@ -234,6 +237,8 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     if setup.attn == "eager":
         out.append(Saved("attention q, k, v (repeated)", BF16 * 3 * q))
         out.append(Saved("attention softmax (fp32 + bf16)", (FP32 + BF16) * heads * setup.seq_len))
+        if spec.attn_logit_softcapping:
+            out.append(Saved("attention score cap (tanh output)", BF16 * heads * setup.seq_len))
         if full:
             out.append(Saved("attention output (o_proj input)", BF16 * q))
     else:
