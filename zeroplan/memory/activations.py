@@ -358,6 +358,50 @@ def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     return 3 * BF16 * width
 
 
+def mlp_backward_traced(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Where recompute_mlp_backward_per_token was traced: bf16 LoRA under DeepSpeed ZeRO 0-2
+    (bf16 adapters, no autocast, no casts) on a dense model, PEFT's LoRA layers."""
+    return (
+        setup.method == "lora"
+        and setup.deepspeed
+        and setup.zero != 3
+        and spec.moe is None
+        and not setup.lora_kernels
+    )
+
+
+def recompute_mlp_backward_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
+    """What the first recomputed layer holds beyond its saved tensors when its MLP's
+    backward peaks, per token, where traced (mlp_backward_traced; elsewhere the estimate
+    keeps the older count: backward_transient_per_token + the final norm's
+    head_saved_per_token).
+
+    The peak falls in down_proj's backward, where its two input gradients (the frozen
+    linear's and the adapter's, 2 B·i each) and their sum (2 B·i) exist: the 6 B·i of
+    backward_transient_per_token. By then the final norm's saved input (head) is long
+    freed, and so is what down_proj's adapter saved (_lora_input: its input, 2 B·i, with
+    dropout the mask and the dropped-out copy, 3 B·i, and lora_A's output 2 B·r) and, in
+    Gemma's layers, the post-feed-forward norm's (_norm). In flight at the layer's width:
+    the gradient of the residual stream, 2 B·h.
+
+        6 B·i + 2 B·h − down_proj's adapter input − Gemma's post-ff _norm
+
+    Traced on the CPU, as autograd keeps them (tests/test_real_cpu.py counts every live
+    storage through a checkpointed LoRA step of tiny Llama and Gemma 3 models in
+    DeepSpeed's dtypes): within 1% of both peaks, where the older count put them 13% and
+    15% over, the direction and size of Gemma 3 1B launched under ZeRO-0 on an H100
+    (+12.6%, issue 30; 11.4 GiB measured, now 11.5 estimated for that run's dropout 0.05).
+    """
+    h = spec.hidden_size
+    held = backward_transient_per_token(spec, setup) + BF16 * h
+    adapted = {lin.name for lin, _ in lora_targets(spec, setup)}
+    if "down_proj" in adapted:
+        held -= _lora_input(spec.intermediate_size, setup.lora_r, setup)
+    if spec.norms_per_layer == 4:  # Gemma 2/3 normalise the MLP's output
+        held -= _norm(h, spec, setup)
+    return held
+
+
 def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     """Final norm (4 B·h, + 2 B·h full; AMP + precision.amp_norm_extra_per_token) and, full
     fine-tuning, lm_head's input 2 B·h."""
@@ -414,6 +458,9 @@ class ActivationProfile:
     autocast_weights: int
     forward_weights: int  # ... alive at the end of the forward (autocast's cache)
     recompute_weights: int  # ... alive while a checkpointed layer is recomputed
+    # what the first recomputed layer holds beyond its saved tensors at its MLP's backward
+    # (recompute_mlp_backward_per_token; untraced setups: transient + head)
+    recompute_extra: int
 
 
 def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> ActivationProfile:
@@ -438,6 +485,12 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     # (bf16 adapters, lora_bf16, need no copy)
     copies = setup.is_lora and not setup.deepspeed and setup.autocast and not setup.lora_bf16
     adapters = BF16 * trainable if copies else 0
+    transient = int(backward_transient_per_token(spec, setup) * t) + expert_bank_backward(
+        spec, setup
+    )
+    head = int(head_saved_per_token(spec, setup) * t)
+    traced = mlp_backward_traced(spec, setup)
+    extra = int(recompute_mlp_backward_per_token(spec, setup) * t) if traced else transient + head
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
         + eager_mask_bytes(spec, setup)
@@ -446,10 +499,10 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
         one_layer=int(max(dense_layer, moe_layer))
         + eager_mask_bytes(spec, setup)
         + padding_mask_bytes(spec, setup, 1),
-        transient=int(backward_transient_per_token(spec, setup) * t)
-        + expert_bank_backward(spec, setup),
-        head=int(head_saved_per_token(spec, setup) * t),
+        transient=transient,
+        head=head,
         autocast_weights=adapters or amp_copies_at_backward(spec, setup),
         forward_weights=adapters or amp_weight_copies(spec, setup),
         recompute_weights=adapters or amp_recompute_copies(spec, setup),
+        recompute_extra=extra,
     )

@@ -128,9 +128,8 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
 
     saved = act.checkpoints if setup.grad_ckpt else act.all_layers
     saved += act.head + act.autocast_weights
-    recompute_act = (
-        act.checkpoints + act.one_layer + act.transient + act.head + act.recompute_weights
-    )
+    # the first recomputed layer at its MLP's backward (activations.recompute_extra)
+    recompute_act = act.checkpoints + act.one_layer + act.recompute_extra + act.recompute_weights
     # at the forward's end autocast's cache still holds every weight copy it made
     forward_saved = saved - act.autocast_weights + act.forward_weights
     # Full fine-tuning with checkpointing: recomputing layer 1 happens with the other
