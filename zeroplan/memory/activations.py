@@ -388,8 +388,9 @@ def recompute_mlp_backward_per_token(spec: ModelSpec, setup: TrainSetup) -> floa
 
     Traced on the CPU, as autograd keeps them (tests/test_real_cpu.py counts every live
     storage through a checkpointed LoRA step of tiny Llama and Gemma 3 models in
-    DeepSpeed's dtypes): within 1% of both peaks, where the older count put them 13% and
-    15% over, the direction and size of Gemma 3 1B launched under ZeRO-0 on an H100
+    DeepSpeed's dtypes; benchmarks/results/recompute_trace_cpu.txt): within 0.1% of both
+    peaks, where the older count put them 14% and 17% over, the direction and size of
+    Gemma 3 1B launched under ZeRO-0 on an H100
     (+12.6%, issue 30; 11.4 GiB measured, now 11.5 estimated for that run's dropout 0.05).
     """
     h = spec.hidden_size
