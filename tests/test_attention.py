@@ -67,7 +67,7 @@ def test_gemma2_estimate_is_eager_and_says_why() -> None:
 
 
 def test_explicit_sdpa_on_gemma2_is_refused() -> None:
-    with pytest.raises(BadSetupError, match=r"use --attn eager .* or flash_attention_2"):
+    with pytest.raises(BadSetupError, match=r"use eager .* or flash_attention_2"):
         estimate(GEMMA2, H100, TrainSetup(attn="sdpa"))
     # explicit eager and flash_attention_2 run
     estimate(GEMMA2, H100, TrainSetup(attn="flash_attention_2"))
@@ -76,7 +76,7 @@ def test_explicit_sdpa_on_gemma2_is_refused() -> None:
 def test_cli_refuses_sdpa_on_gemma2_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["estimate", "google/gemma-2-9b-it", "--attn", "sdpa"], capsys)
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("zeroplan: error: --attn sdpa:")
+    assert err.count("\n") == 1 and err.startswith("zeroplan: error: sdpa attention:")
     assert "eager" in err and "flash_attention_2" in err
     code, out, _ = run(["estimate", "google/gemma-2-9b-it", "--json"], capsys)
     assert code == 0 and json.loads(out)["setup"]["attn"] == "eager"
@@ -109,3 +109,17 @@ def test_writer_leaves_an_unset_attention_to_the_trainer(tmp_path: Path) -> None
     assert "attn_implementation" not in files["trl.yaml"]
     files = emit_files("trl", "google/gemma-2-9b-it", TrainSetup(attn="eager"), tmp_path)
     assert "attn_implementation: eager" in files["trl.yaml"]
+
+
+def test_a_recipe_asking_sdpa_on_gemma2_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "lf.yaml"
+    path.write_text(
+        "model_name_or_path: google/gemma-2-9b-it\nstage: sft\ndo_train: true\n"
+        "finetuning_type: lora\nlora_target: all\nflash_attn: sdpa\n"
+        "per_device_train_batch_size: 1\ncutoff_len: 1024\nbf16: true\n"
+    )
+    code, out, err = run(["estimate", "--recipe", str(path)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "recipe's attention key" in err

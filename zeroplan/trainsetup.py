@@ -306,9 +306,9 @@ def resolve_attention(setup: TrainSetup, spec: ModelSpec) -> TrainSetup:
     why = NO_SDPA_MODEL_TYPES.get(spec.model_type)
     if setup.attn == "sdpa" and why:
         raise BadSetupError(
-            f"--attn sdpa: {spec.name} ({spec.model_type}) has no correct sdpa attention "
-            f"({why}; transformers 5.25 refuses it, older versions ran it without the cap): "
-            "use --attn eager (its default) or flash_attention_2"
+            f"sdpa attention: {spec.name} ({spec.model_type}) has no correct one ({why}; "
+            "transformers 5.25 refuses it, older versions ran it without the cap): use eager "
+            "(its default) or flash_attention_2 (--attn, or the recipe's attention key)"
         )
     return setup
 
