@@ -594,3 +594,21 @@ def test_chat_template_file_replaces_the_tokenizers(tmp_path: Path, model_dir: P
     template.write_text(tinyllm.TEMPLATE_NO_MARKERS)
     tok = sft._load_tokenizer(str(model_dir), opts(tmp_path, "--chat-template", str(template)))
     assert tok.chat_template == tinyllm.TEMPLATE_NO_MARKERS
+
+
+def test_gemma2_packs_with_the_mask_not_varlen(tmp_path: Path) -> None:
+    """torch's varlen kernel has no soft-cap: Gemma-2's packed rows keep the plan's eager
+    attention under a block mask, and an explicit varlen is refused in one line."""
+    from zeroplan.errors import BadSetupError
+    from zeroplan.launch import batching as zbatch
+    from zeroplan.launch import data as zdata
+
+    assert zbatch.choose_packed_attention("auto", True, "gemma2") == "mask"
+    with pytest.raises(BadSetupError, match="no soft-cap"):
+        zbatch.choose_packed_attention("varlen", False, "gemma2")
+    setup = TrainSetup(micro_batch=2, seq_len=64, attn="eager")
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    tok = tinyllm.build_tokenizer()
+    prepared = zdata.prepare(str(data), tok, 64)
+    batching = sft._batching(opts(tmp_path), setup, prepared, tok, False, "gemma2")
+    assert (batching.packed_attention, batching.attn_impl) == ("mask", "eager")
