@@ -76,7 +76,8 @@ def test_read_plan_gives_back_the_chosen_setup(tmp_path: Path, model_dir: Path) 
     setup["lora_targets"] = ("q_proj", "v_proj")
     path = tinyllm.write_plan(tmp_path, model_dir, **setup)
     planned = sft.read_plan(path)
-    assert planned.setup == TrainSetup(seq_len=64, precision="bf16", **setup)  # the H100's
+    # the H100's precision, the model's attention: a plan resolves both
+    assert planned.setup == TrainSetup(seq_len=64, precision="bf16", attn="sdpa", **setup)
     assert planned.world_size == 1
     # the plan was made from a local config.json: its folder is the model to load
     assert planned.model == str(model_dir.resolve())
@@ -202,7 +203,7 @@ def test_an_old_plan_still_loads_and_launches_fused_adamw(tmp_path: Path, model_
     setup["optim"] = "adamw"
     path.write_text(json.dumps(data))
     planned = sft.read_plan(path)
-    assert planned.setup == TrainSetup(seq_len=64, precision="bf16")
+    assert planned.setup == TrainSetup(seq_len=64, precision="bf16", attn="sdpa")
     kw = sft.training_kwargs(planned.setup, opts(tmp_path), True, None, False)
     assert (kw["optim"], kw["bf16"]) == ("adamw_torch_fused", True)
 
@@ -257,10 +258,13 @@ def test_lora_and_quantization(tmp_path: Path) -> None:
 
 
 def test_model_loading_arguments() -> None:
-    assert sft.model_kwargs(TrainSetup(), cuda=False, local_rank=0) == {
+    assert sft.model_kwargs(TrainSetup(attn="sdpa"), cuda=False, local_rank=0) == {
         "dtype": "float32",
         "attn_implementation": "sdpa",
     }
+    # a setup no plan resolved: transformers' default, which is the model's own
+    unset = sft.model_kwargs(TrainSetup(), cuda=False, local_rank=0)
+    assert unset["attn_implementation"] is None
     gpu = sft.model_kwargs(TrainSetup(attn="eager"), cuda=True, local_rank=3)
     assert gpu == {"dtype": "bfloat16", "attn_implementation": "eager", "device_map": {"": 3}}
     # DeepSpeed places (ZeRO-3: partitions) the weights itself
@@ -590,3 +594,21 @@ def test_chat_template_file_replaces_the_tokenizers(tmp_path: Path, model_dir: P
     template.write_text(tinyllm.TEMPLATE_NO_MARKERS)
     tok = sft._load_tokenizer(str(model_dir), opts(tmp_path, "--chat-template", str(template)))
     assert tok.chat_template == tinyllm.TEMPLATE_NO_MARKERS
+
+
+def test_gemma2_packs_with_the_mask_not_varlen(tmp_path: Path) -> None:
+    """torch's varlen kernel has no soft-cap: Gemma-2's packed rows keep the plan's eager
+    attention under a block mask, and an explicit varlen is refused in one line."""
+    from zeroplan.errors import BadSetupError
+    from zeroplan.launch import batching as zbatch
+    from zeroplan.launch import data as zdata
+
+    assert zbatch.choose_packed_attention("auto", True, "gemma2") == "mask"
+    with pytest.raises(BadSetupError, match="no soft-cap"):
+        zbatch.choose_packed_attention("varlen", False, "gemma2")
+    setup = TrainSetup(micro_batch=2, seq_len=64, attn="eager")
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    tok = tinyllm.build_tokenizer()
+    prepared = zdata.prepare(str(data), tok, 64)
+    batching = sft._batching(opts(tmp_path), setup, prepared, tok, False, "gemma2")
+    assert (batching.packed_attention, batching.attn_impl) == ("mask", "eager")

@@ -16,7 +16,7 @@ from zeroplan.memory import estimate as _estimate
 from zeroplan.models import ModelSpec, load_model
 from zeroplan.packing import PaddedBatches
 from zeroplan.speed import family_note, gpu_note, link_gbs, padded_step_time, step_time
-from zeroplan.trainsetup import TrainSetup, parse_targets
+from zeroplan.trainsetup import TrainSetup, parse_targets, resolve_attention
 
 DEFAULT_GPUS = "1xH100"
 
@@ -69,7 +69,7 @@ def estimate(
     (a trainer's loop that does not pack: speed.padded_step_time)."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
-    chosen = setup if setup is not None else make_setup(**options)
+    chosen = resolve_attention(setup if setup is not None else make_setup(**options), spec)
     est = _estimate(spec, cluster, chosen)
     unchecked = tuple(n for n in (family_note(spec), gpu_note(cluster.gpu.name)) if n)
     return dataclasses.replace(

@@ -188,6 +188,9 @@ class ModelSpec:
     fused_qkv: bool
     fused_gate_up: bool
     final_logit_softcapping: float | None = None
+    # Gemma-2 caps its attention scores (softcap · tanh(scores / softcap)): under eager
+    # attention the tanh output is one more saved heads × seq² tensor per layer
+    attn_logit_softcapping: float | None = None
     moe: MoE | None = None
     # Vision tower + projector that the checkpoint loads with the decoder (Gemma 3): frozen
     # or trained weights, no activations on text. 0 for text-only models.
@@ -452,6 +455,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
         fused_qkv=fam.fused_qkv,
         fused_gate_up=fam.fused_gate_up,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
         moe=moe,
         max_position_embeddings=_context_window(cfg, name),
         source=source,

@@ -3,8 +3,9 @@
 Search space (``candidate_setups``): DeepSpeed off (DDP) or ZeRO 0-3, CPU offload of the
 optimizer (ZeRO 1-3) or of optimizer and parameters (ZeRO-3), micro-batch 1-64, gradient
 accumulation that keeps the global batch, checkpointing on/off, AdamW or 8-bit AdamW
-(paged without DeepSpeed), fused loss on/off. Attention stays sdpa: the only implementation
-calibrated on a GPU. A mixture-of-experts model is searched only as measured (zeroplan.moe):
+(paged without DeepSpeed), fused loss on/off. Attention stays the model's default
+(trainsetup.default_attention: sdpa, the one calibrated on a GPU; eager for Gemma-2, which
+transformers runs without sdpa). A mixture-of-experts model is searched only as measured (zeroplan.moe):
 no DeepSpeed, and the measured LoRA target sets the request allows, the choice said.
 
 The base weights stay what the user asked for. ``lora`` keeps the bf16 base whenever a bf16
@@ -47,7 +48,14 @@ from zeroplan.speed import (
     gpu_note,
     step_time,
 )
-from zeroplan.trainsetup import ALL_LINEAR, METHODS, TrainSetup, resolve_precision
+from zeroplan.trainsetup import (
+    ALL_LINEAR,
+    METHODS,
+    TrainSetup,
+    attention_note,
+    resolve_attention,
+    resolve_precision,
+)
 
 OBJECTIVES = ("time", "cost", "memory")
 # what a plan may be asked for: a method, or auto (lora or qlora, whichever is faster)
@@ -314,6 +322,8 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
 
 def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
     setup = resolve_precision(setup, req.cluster.gpu.bf16, req.cluster.gpu.name)
+    # the model's own attention (eager for Gemma-2), so the plan's setup says what runs
+    setup = resolve_attention(setup, req.spec)
     est = estimate(req.spec, req.cluster, setup)
     limit = est.gpu_memory_bytes * (1 - req.margin)
     fits = est.required_bytes <= limit
@@ -512,6 +522,8 @@ def plan(req: PlanRequest) -> Plan:
             f"threads per GPU ({DEFAULT_CPU_CORES_PER_GPU} cores per GPU assumed): give "
             "--cpu-cores-per-node for your hosts' count"
         )
+    if best is not None and (attn_why := attention_note(req.spec, best.setup)):
+        assumptions.append(attn_why)
     if best is not None and best.setup.is_lora and req.spec.moe is None:
         assumptions.append(_dropout_note(best.setup.lora_dropout))
     if best is not None and best.setup.kernels == "liger":

@@ -65,6 +65,12 @@ LOOPS = {
     "plain": LoopPreset(optim="adamw_torch", autocast=False, keep_outputs=True),
 }
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+# Model types whose attention SDPA cannot compute, and why: Gemma-2 soft-caps its attention
+# scores (flash_attention_2 and flex can). With no attention named, transformers runs eager
+# for it (the default since 4.45, huggingface/transformers#32865); asked for sdpa, 5.25
+# raises (models/gemma2/modeling_gemma2.py: _supports_sdpa = False), while older versions
+# ran SDPA without the cap (the GPU machine's 5.17 did: docs/speed.md), another model.
+NO_SDPA_MODEL_TYPES = {"gemma2": "Gemma-2 soft-caps its attention scores, which SDPA cannot"}
 # Mixed precision: bf16 where the card has it, fp16 (with loss scaling) where it does not
 # (T4, V100, RTX 20xx). "" in a TrainSetup means "the card's": resolve_precision fills it.
 PRECISIONS = ("bf16", "fp16")
@@ -101,7 +107,9 @@ class TrainSetup:
     lora_dropout: float = 0.0
     # "" (or None): the loop's (LOOPS); resolved in __post_init__, aliases to their HF names
     optim: str = ""
-    attn: str = "sdpa"
+    # "" (or None): the model's default (default_attention), filled in by resolve_attention
+    # wherever a setup meets its model (estimate, plan); an explicit choice is checked there
+    attn: str = ""
     fused_loss: bool = False
     # the elementwise kernels around the linears: "none" (the model's own PyTorch modules) or
     # "liger" (Liger's RMSNorm, SwiGLU / GeGLU and RoPE where the architecture has them:
@@ -165,7 +173,9 @@ class TrainSetup:
         object.__setattr__(self, "optim", optim)
         object.__setattr__(self, "autocast", autocast)
         object.__setattr__(self, "keep_outputs", keep)
-        _choice("--attn", self.attn, ATTENTIONS)
+        object.__setattr__(self, "attn", self.attn or "")
+        if self.attn:
+            _choice("--attn", self.attn, ATTENTIONS)
         _choice("--kernels", self.kernels, KERNEL_CHOICES)
         precision = self.precision or ""
         object.__setattr__(self, "precision", precision)
@@ -279,6 +289,39 @@ def resolve_precision(setup: TrainSetup, gpu_bf16: bool, gpu_name: str = "this G
     if setup.precision:
         return setup
     return replace(setup, precision="bf16" if gpu_bf16 else "fp16")
+
+
+def default_attention(model_type: str) -> str:
+    """The attention transformers runs when none is named: sdpa, else (NO_SDPA_MODEL_TYPES)
+    eager. The recipe readers fill a recipe's missing attention with it too."""
+    return "eager" if model_type in NO_SDPA_MODEL_TYPES else "sdpa"
+
+
+def resolve_attention(setup: TrainSetup, spec: ModelSpec) -> TrainSetup:
+    """``setup`` with the attention its model runs: an unset one becomes the model's default
+    (default_attention); sdpa asked for on a model SDPA cannot compute is refused, naming
+    what runs (transformers 5.25 raises there too). Idempotent, so every caller may apply it."""
+    if not setup.attn:
+        return replace(setup, attn=default_attention(spec.model_type))
+    why = NO_SDPA_MODEL_TYPES.get(spec.model_type)
+    if setup.attn == "sdpa" and why:
+        raise BadSetupError(
+            f"sdpa attention: {spec.name} ({spec.model_type}) has no correct one ({why}; "
+            "transformers 5.25 refuses it, older versions ran it without the cap): use eager "
+            "(its default) or flash_attention_2 (--attn, or the recipe's attention key)"
+        )
+    return setup
+
+
+def attention_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
+    """One line for estimate and plan where the model's attention is not the usual sdpa."""
+    why = NO_SDPA_MODEL_TYPES.get(spec.model_type)
+    if why is None or setup.attn != "eager":
+        return None
+    return (
+        f"{spec.model_type}: eager attention, as transformers runs it ({why}; no sdpa path): "
+        "heads x seq^2 attention scores per layer; flash_attention_2 keeps none (flash-attn)"
+    )
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -160,9 +160,9 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
     click.option(
         "--attn",
         type=click.Choice(ATTENTIONS),
-        default="sdpa",
-        show_default=True,
-        help="Attention implementation; eager materialises heads × seq² scores per layer.",
+        default=None,
+        help="Attention implementation; eager materialises heads × seq² scores per layer. "
+        "Default: the model's in transformers (sdpa; eager for Gemma-2, which has no sdpa).",
     ),
     click.option(
         "--fused-loss/--no-fused-loss",

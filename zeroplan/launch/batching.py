@@ -34,7 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from zeroplan.errors import BadSetupError
 from zeroplan.packing import PackStats, pack_best_fit
+from zeroplan.trainsetup import NO_SDPA_MODEL_TYPES
 
 BATCHING = ("packed", "padded", "grouped")
 PACKED_ATTENTION = ("auto", "varlen", "mask")
@@ -290,11 +292,24 @@ def register_varlen() -> str:
     return VARLEN_IMPL
 
 
-def choose_packed_attention(requested: str, cuda: bool) -> str:
+def choose_packed_attention(requested: str, cuda: bool, model_type: str = "") -> str:
     """``varlen`` where it can run (measured faster on H200, benchmarks/realdata_speed.py),
-    else the SDPA block mask; an explicit choice is kept (varlen on a CPU runs the reference)."""
+    else the block mask; an explicit choice is kept (varlen on a CPU runs the reference).
+
+    Models whose attention SDPA cannot compute (trainsetup.NO_SDPA_MODEL_TYPES: Gemma-2's
+    soft-capped scores) get the mask, under the plan's attention (eager): torch's varlen
+    kernel takes no soft-cap either, and would train another model; asked for, it is
+    refused."""
     if requested not in PACKED_ATTENTION:
         raise ValueError(f"packed attention must be one of {', '.join(PACKED_ATTENTION)}")
+    why = NO_SDPA_MODEL_TYPES.get(model_type)
+    if why and requested == "varlen":
+        raise BadSetupError(
+            f"--packed-attention varlen: {why}, and torch's varlen kernel has no soft-cap: "
+            "use --packed-attention mask (or auto)"
+        )
     if requested != "auto":
         return requested
+    if why:
+        return "mask"
     return "varlen" if cuda and varlen_available() else "mask"

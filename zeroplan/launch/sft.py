@@ -393,7 +393,8 @@ def model_kwargs(setup: TrainSetup, cuda: bool, local_rank: int) -> dict[str, An
             dtype = "float32"
     kw: dict[str, Any] = {
         "dtype": dtype,
-        "attn_implementation": setup.attn,
+        # unset (a setup no plan resolved): transformers' default, which is the model's
+        "attn_implementation": setup.attn or None,
     }
     quant = quantization_kwargs(setup)
     if quant is not None:
@@ -595,7 +596,8 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
     # ---- tokenizer and data (clear errors before the model is loaded)
     tokenizer = _load_tokenizer(model_id, opts)
-    kernel_path = _kernel_path(model_id, opts, setup, cuda)
+    model_type = _model_type(model_id)
+    kernel_path = _kernel_path(model_type, opts, setup, cuda)
     prepared = zdata.prepare(
         opts.data,
         tokenizer,
@@ -630,7 +632,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     # Every rank writes it (atomically, the same text): no rank waits for another's file, and
     # nodes that do not share RUN_DIR each get their copy.
     # ---- batches first: packed micro-batches of the plan's shape, or padded samples
-    batching = _batching(opts, setup, prepared, tokenizer, cuda)
+    batching = _batching(opts, setup, prepared, tokenizer, cuda, model_type)
     if rank == 0:
         _say(batching.describe())
 
@@ -770,20 +772,24 @@ def bnb_config(setup: TrainSetup) -> Any:
     return BitsAndBytesConfig(**q)  # type: ignore[no-untyped-call]
 
 
-def _kernel_path(
-    model_id: str, opts: Options, setup: TrainSetup, cuda: bool
-) -> zkernels.KernelPath:
-    """The kernels this rank runs (``--kernels liger`` / ``--compile`` refused where they
-    cannot run, before the model is loaded)."""
+def _model_type(model_id: str) -> str:
+    """The model's ``model_type`` from its config (before the weights are loaded)."""
     from transformers import AutoConfig
 
     try:
-        model_type = str(AutoConfig.from_pretrained(model_id).model_type)
+        return str(AutoConfig.from_pretrained(model_id).model_type)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"cannot load the config of '{model_id}': {zdata.first_line(exc)}; "
             "pass --model with a local model folder or a Hub id"
         ) from None
+
+
+def _kernel_path(
+    model_type: str, opts: Options, setup: TrainSetup, cuda: bool
+) -> zkernels.KernelPath:
+    """The kernels this rank runs (``--kernels liger`` / ``--compile`` refused where they
+    cannot run, before the model is loaded)."""
     supported: frozenset[str] | None = None
     # liger-kernel imports Triton: only where a kernel of it may run
     # auto runs Liger's kernels where the plan chose them (setup.kernels)
@@ -1048,13 +1054,18 @@ class Batching:
 
 
 def _batching(
-    opts: Options, setup: TrainSetup, prepared: zdata.PreparedData, tokenizer: Any, cuda: bool
+    opts: Options,
+    setup: TrainSetup,
+    prepared: zdata.PreparedData,
+    tokenizer: Any,
+    cuda: bool,
+    model_type: str = "",
 ) -> Batching:
     n = len(prepared.train)
     if opts.batching != "packed":
         return Batching(opts.batching, prepared.train, prepared.eval, None, None, None,
                         setup.seq_len, setup.micro_batch, n, n, None)  # fmt: skip
-    kernel = zbatch.choose_packed_attention(opts.packed_attention, cuda)
+    kernel = zbatch.choose_packed_attention(opts.packed_attention, cuda, model_type)
     attn_impl = zbatch.register_varlen() if kernel == "varlen" else setup.attn
     # varlen: one flat row holds the micro-batch's token budget (micro_batch × seq_len);
     # the mask: micro_batch rows of seq_len (a mask over a longer row would cost its square)

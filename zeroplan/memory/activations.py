@@ -27,7 +27,7 @@ from zeroplan.memory.precision import (
     residual_bytes,
 )
 from zeroplan.models import Linear, ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets
+from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_attention
 
 BF16 = 2
 FP32 = 4
@@ -210,7 +210,10 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
     norms:      per norm 4 B·h (+ 2 B·h full); Liger's 2 B·h                (see _norm)
     attention:  sdpa / flash: q 2 B·q, k 2 B·kv, v 2 B·kv, output 2 B·q (also o_proj's
                 input), log-sum-exp 4 B·H; eager adds repeated k, v (2 B·q each) and
-                the fp32 softmax + its bf16 copy, 6 B·H·s, per token
+                the fp32 softmax + its bf16 copy, 6 B·H·s, per token; with Gemma-2's
+                score cap also tanh's bf16 output, 2 B·H·s (transformers'
+                gemma2 eager_attention_forward: the scale and the cap's divide and
+                multiply by constants save nothing, dropout at p = 0 returns its input)
     qk-norm:    4 B·(q + kv) (+ 2 B·(q + kv) full)
     MLP:        gate output, up output, act(gate): 6 B·i; Liger's SwiGLU / GeGLU 4 B·i (_mlp)
     RoPE:       the model's rotary saves cos and sin (q·cos needs no q), Liger's the same:
@@ -227,12 +230,15 @@ def layer_saved(spec: ModelSpec, setup: TrainSetup, moe_layer: bool = False) -> 
                 reading them (precision.amp_input_casts_per_token); the other tensors have
                 bf16's sizes in fp16
     """
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     h, q, kv, heads = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.num_heads
     full = setup.method == "full"
     out: list[Saved] = [Saved("norms", spec.norms_per_layer * _norm(h, spec, setup))]
     if setup.attn == "eager":
         out.append(Saved("attention q, k, v (repeated)", BF16 * 3 * q))
         out.append(Saved("attention softmax (fp32 + bf16)", (FP32 + BF16) * heads * setup.seq_len))
+        if spec.attn_logit_softcapping:
+            out.append(Saved("attention score cap (tanh output)", BF16 * heads * setup.seq_len))
         if full:
             out.append(Saved("attention output (o_proj input)", BF16 * q))
     else:
@@ -352,6 +358,51 @@ def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     return 3 * BF16 * width
 
 
+def mlp_backward_traced(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Where recompute_mlp_backward_per_token was traced: bf16 LoRA under DeepSpeed ZeRO 0-2
+    (bf16 adapters, no autocast, no casts) on a dense model, PEFT's LoRA layers."""
+    return (
+        setup.method == "lora"
+        and setup.deepspeed
+        and setup.zero != 3
+        and spec.moe is None
+        and not setup.lora_kernels
+    )
+
+
+def recompute_mlp_backward_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
+    """What the first recomputed layer holds beyond its saved tensors when its MLP's
+    backward peaks, per token, where traced (mlp_backward_traced; elsewhere the estimate
+    keeps the older count: backward_transient_per_token + the final norm's
+    head_saved_per_token).
+
+    The peak falls in down_proj's backward, where its two input gradients (the frozen
+    linear's and the adapter's, 2 B·i each) and their sum (2 B·i) exist: the 6 B·i of
+    backward_transient_per_token. By then the final norm's saved input (head) is long
+    freed, and so is what down_proj's adapter saved (_lora_input: its input, 2 B·i, with
+    dropout the mask and the dropped-out copy, 3 B·i, and lora_A's output 2 B·r) and, in
+    Gemma's layers, the post-feed-forward norm's (_norm). In flight at the layer's width:
+    the gradient of the residual stream, 2 B·h.
+
+        6 B·i + 2 B·h − down_proj's adapter input − Gemma's post-ff _norm
+
+    Traced on the CPU, as autograd keeps them (tests/test_real_cpu.py counts every live
+    storage through a checkpointed LoRA step of tiny Llama and Gemma 3 models in
+    DeepSpeed's dtypes; benchmarks/results/recompute_trace_cpu.txt): within 0.1% of both
+    peaks, where the older count put them 14% and 17% over, the direction and size of
+    Gemma 3 1B launched under ZeRO-0 on an H100
+    (+12.6%, issue 30; 11.4 GiB measured, now 11.5 estimated for that run's dropout 0.05).
+    """
+    h = spec.hidden_size
+    held = backward_transient_per_token(spec, setup) + BF16 * h
+    adapted = {lin.name for lin, _ in lora_targets(spec, setup)}
+    if "down_proj" in adapted:
+        held -= _lora_input(spec.intermediate_size, setup.lora_r, setup)
+    if spec.norms_per_layer == 4:  # Gemma 2/3 normalise the MLP's output
+        held -= _norm(h, spec, setup)
+    return held
+
+
 def head_saved_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     """Final norm (4 B·h, + 2 B·h full; AMP + precision.amp_norm_extra_per_token) and, full
     fine-tuning, lm_head's input 2 B·h."""
@@ -369,6 +420,7 @@ def padding_mask_repeat_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     batch carries it calls ``repeat_kv`` first, and SDPA saves the repeated copies for
     backward. Measured with the padding-mask term below on LLaMA-Factory 0.9.5, TRL 1.16 and
     axolotl 0.19 (benchmarks/results/recipes_gpu.md)."""
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     if not setup.padding_mask or setup.attn != "sdpa":
         return 0
     return 2 * BF16 * (spec.q_dim - spec.kv_dim)
@@ -380,6 +432,7 @@ def padding_mask_bytes(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     (what the memory-efficient kernel takes), and saves it for backward:
     2 B · b · s · ⌈s/16⌉·16 per layer. Fitted: 55.8 B per b·s² on the 28-layer
     Llama-3.2-3B (2 B × 28 = 56), axolotl 0.19 on an H100, 14 steps of varying s."""
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     if not setup.padding_mask or setup.attn != "sdpa":
         return 0
     s = setup.seq_len
@@ -388,6 +441,7 @@ def padding_mask_bytes(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
 
 def eager_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """The eager path materialises one b·s·s causal mask in bf16, shared by all layers."""
+    setup = resolve_attention(setup, spec)  # an unset attention: the model's
     return BF16 * setup.micro_batch * setup.seq_len**2 if setup.attn == "eager" else 0
 
 
@@ -405,6 +459,9 @@ class ActivationProfile:
     autocast_weights: int
     forward_weights: int  # ... alive at the end of the forward (autocast's cache)
     recompute_weights: int  # ... alive while a checkpointed layer is recomputed
+    # what the first recomputed layer holds beyond its saved tensors at its MLP's backward
+    # (recompute_mlp_backward_per_token; untraced setups: transient + head)
+    recompute_extra: int
 
 
 def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> ActivationProfile:
@@ -429,6 +486,12 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
     # (bf16 adapters, lora_bf16, need no copy)
     copies = setup.is_lora and not setup.deepspeed and setup.autocast and not setup.lora_bf16
     adapters = BF16 * trainable if copies else 0
+    transient = int(backward_transient_per_token(spec, setup) * t) + expert_bank_backward(
+        spec, setup
+    )
+    head = int(head_saved_per_token(spec, setup) * t)
+    traced = mlp_backward_traced(spec, setup)
+    extra = int(recompute_mlp_backward_per_token(spec, setup) * t) if traced else transient + head
     return ActivationProfile(
         all_layers=int(dense * dense_layer + moe_layers * moe_layer)
         + eager_mask_bytes(spec, setup)
@@ -437,10 +500,10 @@ def activation_profile(spec: ModelSpec, setup: TrainSetup, trainable: int) -> Ac
         one_layer=int(max(dense_layer, moe_layer))
         + eager_mask_bytes(spec, setup)
         + padding_mask_bytes(spec, setup, 1),
-        transient=int(backward_transient_per_token(spec, setup) * t)
-        + expert_bank_backward(spec, setup),
-        head=int(head_saved_per_token(spec, setup) * t),
+        transient=transient,
+        head=head,
         autocast_weights=adapters or amp_copies_at_backward(spec, setup),
         forward_weights=adapters or amp_weight_copies(spec, setup),
         recompute_weights=adapters or amp_recompute_copies(spec, setup),
+        recompute_extra=extra,
     )

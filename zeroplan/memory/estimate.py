@@ -60,6 +60,8 @@ from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import (
     BF16,
     TrainSetup,
+    attention_note,
+    resolve_attention,
     resolve_precision,
     trainable_bytes,
     trainable_params,
@@ -86,9 +88,11 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     """Per-GPU memory of ``setup`` for ``spec`` on ``cluster`` (worst-loaded rank).
 
     The setup's precision is resolved against the cluster's GPU first (bf16 where it has
-    it, else fp16; trainsetup.resolve_precision), and the result's ``setup`` holds it.
+    it, else fp16; trainsetup.resolve_precision) and its attention against the model (its
+    default where unset, sdpa refused where transformers has none:
+    trainsetup.resolve_attention); the result's ``setup`` holds both.
     """
-    setup = resolve_precision(setup, cluster.gpu.bf16, cluster.gpu.name)
+    setup = resolve_attention(resolve_precision(setup, cluster.gpu.bf16, cluster.gpu.name), spec)
     _check_supported(spec, setup)
     world = cluster.world_size
     n_t = trainable_params(spec, setup)
@@ -124,9 +128,8 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
 
     saved = act.checkpoints if setup.grad_ckpt else act.all_layers
     saved += act.head + act.autocast_weights
-    recompute_act = (
-        act.checkpoints + act.one_layer + act.transient + act.head + act.recompute_weights
-    )
+    # the first recomputed layer at its MLP's backward (activations.recompute_extra)
+    recompute_act = act.checkpoints + act.one_layer + act.recompute_extra + act.recompute_weights
     # at the forward's end autocast's cache still holds every weight copy it made
     forward_saved = saved - act.autocast_weights + act.forward_weights
     # Full fine-tuning with checkpointing: recomputing layer 1 happens with the other
@@ -249,6 +252,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     calibrated = spec.model_type in CALIBRATED_FAMILIES and setup.attn != "flash_attention_2"
     if not calibrated:
         notes.append(f"{spec.model_type} / {setup.attn}: activations not yet calibrated on a GPU")
+    attn_why = attention_note(spec, setup)
+    if attn_why:
+        notes.append(attn_why)
     if spec.vision_params:
         notes.append(
             f"includes the checkpoint's vision tower + projector ({spec.vision_params / 1e9:.2f} B "

@@ -43,7 +43,6 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_peft_targets,
-    default_attention,
     optional_bool,
     optional_int,
     precision_edits,
@@ -51,6 +50,7 @@ from zeroplan.recipes.common import (
     text,
 )
 from zeroplan.recipes.trl import peft_default_targets
+from zeroplan.trainsetup import default_attention
 
 VERSION = "0.18.0"
 LABEL = f"axolotl {VERSION}"

@@ -88,18 +88,6 @@ def as_targets(key: str, value: Any) -> tuple[str, ...] | None:
     return names
 
 
-# Model types whose transformers class cannot run sdpa (Gemma-2's soft-capped attention:
-# transformers/models/gemma2/modeling_gemma2.py, _supports_sdpa = False); with no attention
-# named, transformers 5.25 tries sdpa and falls back to eager for them (modeling_utils.py
-# get_correct_attn_implementation)
-NO_SDPA_MODEL_TYPES = frozenset({"gemma2"})
-
-
-def default_attention(model_type: str) -> str:
-    """The attention transformers runs when a recipe names none: sdpa, else eager."""
-    return "eager" if model_type in NO_SDPA_MODEL_TYPES else "sdpa"
-
-
 def as_peft_targets(key: str, value: Any) -> tuple[str, ...] | None:
     """PEFT's ``target_modules`` as axolotl and TRL hand it over: a list of module names, or
     ``all-linear``; any other string PEFT matches as a regular expression against whole

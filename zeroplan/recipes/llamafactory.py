@@ -35,12 +35,12 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_targets,
-    default_attention,
     negated,
     optional_int,
     precision_edits,
     text,
 )
+from zeroplan.trainsetup import default_attention
 
 VERSION = "0.9.5"
 LABEL = f"LLaMA-Factory {VERSION}"
@@ -244,7 +244,7 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
 
 def _auto_attention(attn: str, model_type: str, notes: list[str]) -> str:
     """``flash_attn: auto`` as LLaMA-Factory resolves it (model/model_utils/attention.py):
-    transformers' default (common.default_attention), except that for Gemma-2 it asks for
+    transformers' default (trainsetup.default_attention), except that for Gemma-2 it asks for
     FlashAttention-2 when the flash-attn package is installed, which ``pip install
     llamafactory`` does not install; estimated without it (eager)."""
     if attn != "auto":

@@ -29,12 +29,12 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_peft_targets,
-    default_attention,
     optional_bool,
     optional_int,
     precision_edits,
     text,
 )
+from zeroplan.trainsetup import default_attention
 
 VERSION = "1.16.0"
 LABEL = f"TRL {VERSION}"

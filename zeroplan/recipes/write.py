@@ -119,6 +119,8 @@ def plan_edits(recipe: Recipe, setup: TrainSetup, ds_ref: str) -> dict[str, Any]
         value = getattr(setup, name)
         if name in ("lora_r", "lora_targets", "lora_dropout") and not setup.is_lora:
             continue
+        if name == "attn" and not value:
+            continue  # unset: the model's default, which the trainer runs too
         if recipe.setup.get(name) != value:
             edits.update(encode(trainer, name, value, data))
     edits.update(_ds_edits(trainer, setup, ds_ref, recipe.deepspeed is not None, data))
@@ -154,6 +156,8 @@ def emit_files(fmt: str, model: str, setup: TrainSetup, out_dir: Path) -> dict[s
     for name in EMITTED:
         if name.startswith("lora_") and not setup.is_lora:
             continue
+        if name == "attn" and not setup.attn:
+            continue  # unset: the model's default, which the trainer runs too
         if name == "method" and setup.method == "full" and fmt == "llamafactory":
             data.update(stage="sft", do_train=True, finetuning_type="full")
             continue
