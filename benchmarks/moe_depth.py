@@ -19,10 +19,10 @@ processes, so a drift within a process shows apart from the depth.
 Before the timing, per family and target set, the ATen calls one forward and backward of
 1 × 128 tokens dispatches (count_host_ops.dispatched: what returns a new tensor) at two
 depths, with and without checkpointing: their difference over the depths is what one MoE
-layer asks of the host on this device's path (on a GPU the experts run through grouped_mm;
-zeroplan/catalog/host_ops.json was counted on the CPU, whose grouped_mm takes another
-path), by operator. One more count, of the clipping and optimizer step, is the per-step
-part. Rows: ``bench`` "moe_depth" (a timed configuration) and "moe_ops" (a count).
+layer asks of the host on the device's own path, by operator, to set beside
+zeroplan/catalog/host_ops.json (counted on the CPU, whose torch >= 2.10 runs the same
+grouped_mm path: tests/test_hostops.py) and the timed host clock. One more count, of the
+clipping and optimizer step, is the per-step part. Rows: ``bench`` "moe_depth" (a timed configuration) and "moe_ops" (a count).
 
 ``--budget-s`` starts no new depth after that many seconds. ``--device cpu --tiny`` checks
 the script on tiny shapes on the CPU (and counts the CPU path's operations).
