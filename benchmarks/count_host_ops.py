@@ -38,6 +38,7 @@ import collections
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -134,21 +135,15 @@ def count(
     """ATen calls that return a new tensor in one forward and backward of a ``layers``-layer
     model: mode "frozen", "full" or "lora" (all-linear, ``dropout``); ``packed``: one row of
     PACKED_SEGMENTS with their position_ids and boundaries, as zeroplan launch packs."""
+    return sum(calls(model_type, layers, mode, dropout, packed).values())
+
+
+def calls(
+    model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT, packed: bool = False
+) -> collections.Counter[str]:
+    """count's calls by operator."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import AutoModelForCausalLM
-
-    class Counter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            returns = func._schema.returns
-            # an alias of an input (view, t, detach, ...) launches nothing
-            if not (returns and returns[0].alias_info is not None):
-                self.calls[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     config = config_for(model_type, layers)
@@ -178,10 +173,30 @@ def count(
         )
         del batch["zp_real_tokens"], batch["zp_slots"]
     for _ in range(2):  # the first call builds caches (rotary, masks) the second reuses
-        counter = Counter()
-        with counter:
-            model(**batch).loss.backward()
-    return sum(counter.calls.values())
+        made = dispatched(lambda: model(**batch).loss.backward())
+    return made
+
+
+def dispatched(run: Callable[[], Any]) -> collections.Counter[str]:
+    """The ATen calls ``run()`` dispatches that return a new tensor, by operator name; an
+    alias of an input (view, t, detach, ...) launches nothing and is not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            returns = func._schema.returns
+            if not (returns and returns[0].alias_info is not None):
+                self.calls[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Counter()
+    with counter:
+        run()
+    return counter.calls
 
 
 @cache  # a model build per question: every count of the family asks it
@@ -211,6 +226,12 @@ def per_layer(
     model_type: str, mode: str, dropout: float = LORA_DROPOUT, packed: bool = False
 ) -> int:
     return count(model_type, 2, mode, dropout, packed) - count(model_type, 1, mode, dropout, packed)
+
+
+def per_layer_by_op(model_type: str, mode: str, dropout: float = LORA_DROPOUT) -> dict[str, int]:
+    """per_layer's calls by operator (those a second layer adds)."""
+    one, two = calls(model_type, 1, mode, dropout), calls(model_type, 2, mode, dropout)
+    return {op: two[op] - one[op] for op in sorted(two) if two[op] != one[op]}
 
 
 def packed_differences(model_type: str) -> dict[str, tuple[int, int]]:

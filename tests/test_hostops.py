@@ -86,3 +86,23 @@ def test_the_gpu_clock_counts_the_norms_each_architecture_runs() -> None:
     assert norm_features(qwen3) == 28 * (2 * 1024 + 2048 + 1024) + 1024
     gemma3 = load_model("google/gemma-3-1b-it")
     assert norm_features(gemma3) == 26 * (4 * 1152 + 4 * 256 + 256) + 1152
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_the_moe_layer_count_is_the_grouped_mm_path(model_type: str) -> None:
+    """An MoE layer's count is the path a GPU runs (transformers' grouped_mm experts, which
+    torch >= 2.10 runs on the CPU too, not a loop over experts): the router's top-k and
+    softmax, one sort of the routed copies, histc and cumsum for the offsets, the gathers
+    and their index_put backward, and grouped_mm twice forward and twice backward; so the
+    MoE layers' host work beyond host_op_s per operation (speed.MOE_CANDIDATE.host_layer_s)
+    is a cost per operation, not operations left uncounted."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_host_ops
+
+    ops = count_host_ops.per_layer_by_op(model_type, "frozen")
+    routing = {"topk": 1, "_softmax": 1, "sort": 1, "histc": 1, "cumsum": 1, "_grouped_mm": 4}
+    assert {op: ops.get(op) for op in routing} == routing
+    assert ops["index"] == ops["index_put"] == 3
+    assert sum(ops.values()) == hostops.host_ops(model_type).layer_frozen

@@ -273,9 +273,11 @@ class MoESpeedConstants:
     out), apart from the dense fit, which they do not move (0 for a dense model). A
     candidate, not shipped: MOE_FITTED is None while its held-out rows miss the plan's
     bands (docs/moe.md, "Speed"):
-        host_layer_s: host seconds per MoE layer per forward and backward beyond the
-            operations hostops counts (those were counted on the CPU, where grouped_mm runs
-            another path), repeated by the recompute as the layer's other operations are;
+        host_layer_s: host seconds per MoE layer per forward and backward beyond
+            host_op_s for each operation hostops counts (the count is already the GPU's
+            grouped_mm path: routing, sort, histc, cumsum, gathers, grouped_mm; so this is
+            what those operations cost the host beyond an average one), repeated by the
+            recompute as the layer's other operations are;
         host_step_s: host seconds per micro-batch that the recompute does not repeat. Both
             fitted on the host's own clock (the seconds until a step was queued,
             ``dispatch_seconds``) and on the older 8-layer rows whose wall is the host's:
