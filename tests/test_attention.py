@@ -224,6 +224,8 @@ def test_a_binding_window_counts_the_sdpa_mask_terms() -> None:
     assert padding_mask_bytes(LLAMA, long, 1) == 0
     flash = dataclasses.replace(long, attn="flash_attention_2")  # flash takes the window
     assert padding_mask_bytes(GEMMA3, flash, 1) == 0
+    assert any("sliding layers see 512 tokens" in n for n in estimate(GEMMA3, H100, long).notes)
+    assert not any("sliding" in n for n in estimate(GEMMA3, H100, short).notes)
     no_window = dataclasses.replace(GEMMA3, sliding_window=None)
     assert (
         estimate(GEMMA3, H100, long).peak_allocated_bytes

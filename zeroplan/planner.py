@@ -56,6 +56,7 @@ from zeroplan.trainsetup import (
     packed_attention,
     resolve_attention,
     resolve_precision,
+    window_note,
 )
 
 OBJECTIVES = ("time", "cost", "memory")
@@ -533,6 +534,8 @@ def plan(req: PlanRequest) -> Plan:
         )
     if best is not None and (attn_why := attention_note(req.spec, best.setup)):
         assumptions.append(attn_why)
+    if best is not None and (window_why := window_note(req.spec, best.setup)):
+        assumptions.append(window_why)
     if best is not None and best.setup.is_lora and req.spec.moe is None:
         assumptions.append(_dropout_note(best.setup.lora_dropout))
     if best is not None and best.setup.kernels == "liger":

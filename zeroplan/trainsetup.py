@@ -354,6 +354,22 @@ def sdpa_gets_mask(spec: ModelSpec, setup: TrainSetup) -> bool:
     )
 
 
+def window_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
+    """One line for estimate and plan where a sliding window binds (window_binds)."""
+    if not window_binds(spec.sliding_window, setup.seq_len):
+        return None
+    counted = (
+        "; SDPA gets it as a mask: its per-layer copy and k/v repeated to every head counted"
+        if sdpa_gets_mask(spec, setup)
+        else ""
+    )
+    return (
+        f"{spec.model_type}: sliding layers see {spec.sliding_window} tokens, fewer than seq "
+        f"{setup.seq_len}: zeroplan launch packs it under the block mask (rows of seq "
+        f"tokens; torch 2.11's varlen kernel takes no window){counted}"
+    )
+
+
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise BadSetupError(f"{option} must be one of {', '.join(allowed)}; got '{value}'")
