@@ -123,3 +123,125 @@ def test_a_recipe_asking_sdpa_on_gemma2_is_refused_in_one_line(
     code, out, err = run(["estimate", "--recipe", str(path)], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "recipe's attention key" in err
+
+
+# --------------------------------------------------------------------------- sliding windows
+
+GEMMA3 = load_model("google/gemma-3-1b-it")  # window 512 on 5 of 6 layers
+
+
+def _hf_window(cfg: dict[str, object]) -> int | None:
+    """What transformers' modelling hands a sliding layer: the config's sliding_window on
+    a layer_types 'sliding_attention' layer, or on every layer where there are no layer_types
+    (Mistral, Mixtral, Phi-3)."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoConfig.for_model(**cfg).get_text_config()
+    types = getattr(hf, "layer_types", None)
+    window = getattr(hf, "sliding_window", None)
+    if types:
+        return window if "sliding_attention" in types else None
+    return window
+
+
+BASE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 300,
+}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"model_type": "mistral"},  # the config class's 4096 where config.json is silent
+        {"model_type": "mistral", "sliding_window": None},
+        {"model_type": "mistral", "sliding_window": 256},
+        {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+        {"model_type": "phi3", "sliding_window": 2047},
+        {"model_type": "gemma2", "sliding_window": 128},
+        {"model_type": "gemma3_text", "sliding_window": 512},
+        {"model_type": "gemma3_text", "sliding_window": 512, "layer_types": ["full_attention"] * 4},
+        {"model_type": "qwen2", "sliding_window": 4096},
+        {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 2},
+        {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 4},
+        {"model_type": "qwen3", "use_sliding_window": True, "max_window_layers": 1},
+        {
+            "model_type": "qwen3_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "use_sliding_window": True,
+        },
+        {
+            "model_type": "qwen3_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        },
+        {"model_type": "llama"},
+    ],
+)
+def test_sliding_window_is_what_transformers_hands_the_layers(extra: dict[str, object]) -> None:
+    from zeroplan.models import spec_from_config
+
+    cfg = {**BASE, **extra}
+    assert spec_from_config(cfg).sliding_window == _hf_window(cfg)
+
+
+def test_catalog_windows() -> None:
+    assert GEMMA3.sliding_window == 512
+    assert load_model("google/gemma-3-4b-it").sliding_window == 1024  # from its text_config
+    assert GEMMA2.sliding_window == 4096
+    assert load_model("mistralai/Mistral-7B-v0.3").sliding_window is None  # null in its config
+    assert load_model("Qwen/Qwen2.5-7B").sliding_window is None  # use_sliding_window false
+    assert LLAMA.sliding_window is None
+
+
+def test_packed_attention_rule() -> None:
+    """What the launch packs with by default and the plan counts: the block mask where a
+    window binds (shorter than the records) or for Gemma-2, else varlen."""
+    from zeroplan.trainsetup import packed_attention
+
+    assert packed_attention("gemma3_text", 512, 1024) == "mask"
+    assert packed_attention("gemma3_text", 512, 512) == "varlen"  # a record fits its window
+    assert packed_attention("llama", None, 8192) == "varlen"
+    assert packed_attention("gemma2", 4096, 1024) == "mask"  # its soft-cap
+
+
+def test_a_binding_window_counts_the_sdpa_mask_terms() -> None:
+    """Under sdpa a binding window is a mask: its per-layer copy and k/v repeated to every
+    head (the padding-mask terms), counted on Gemma 3 at 1,024 tokens, not at 512."""
+    from zeroplan.memory.activations import padding_mask_bytes, padding_mask_repeat_per_token
+
+    long = TrainSetup(micro_batch=2, seq_len=1024, attn="sdpa")
+    short = dataclasses.replace(long, seq_len=512)
+    assert padding_mask_bytes(GEMMA3, long, 1) == 2 * 2 * 1024 * 1024
+    assert padding_mask_repeat_per_token(GEMMA3, long) == 2 * 2 * (GEMMA3.q_dim - GEMMA3.kv_dim)
+    assert padding_mask_bytes(GEMMA3, short, 1) == 0
+    assert padding_mask_bytes(LLAMA, long, 1) == 0
+    flash = dataclasses.replace(long, attn="flash_attention_2")  # flash takes the window
+    assert padding_mask_bytes(GEMMA3, flash, 1) == 0
+    assert any("sliding layers see 512 tokens" in n for n in estimate(GEMMA3, H100, long).notes)
+    assert not any("sliding" in n for n in estimate(GEMMA3, H100, short).notes)
+    no_window = dataclasses.replace(GEMMA3, sliding_window=None)
+    assert (
+        estimate(GEMMA3, H100, long).peak_allocated_bytes
+        > estimate(no_window, H100, long).peak_allocated_bytes
+    )
+
+
+def test_plan_counts_the_rows_the_mask_packs() -> None:
+    """A Gemma 3 plan on data counts micro-batch rows of seq_len (the block mask), a Llama
+    plan one row of micro-batch x seq_len (varlen): the Gemma rows fill less."""
+    from zeroplan.lengths import LengthProfile, fit_to_cap
+
+    lengths = (600, 500, 700, 550) * 20  # no two share a row of 1,024
+    fit = fit_to_cap(LengthProfile("test", "alpaca", "test", lengths), 1024)
+    gemma = PlanRequest(GEMMA3, H100, seq_len=1024, data=fit)
+    llama = PlanRequest(LLAMA, H100, seq_len=1024, data=fit)
+    assert gemma.packed_rows(8) == (1024, 8)
+    assert llama.packed_rows(8) == (8 * 1024, 1)
+    assert gemma.fill(8) == fit.pack_at(1024).fill < llama.fill(8) == fit.pack_at(8192).fill

@@ -612,3 +612,59 @@ def test_gemma2_packs_with_the_mask_not_varlen(tmp_path: Path) -> None:
     prepared = zdata.prepare(str(data), tok, 64)
     batching = sft._batching(opts(tmp_path), setup, prepared, tok, False, "gemma2")
     assert (batching.packed_attention, batching.attn_impl) == ("mask", "eager")
+
+
+def test_sliding_window_models_pack_with_the_mask_where_varlen_has_no_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sliding layers whose window is shorter than the records: auto packs them under the
+    block mask (what the plan counted: trainsetup.packed_attention); an explicit varlen is
+    refused in one line on a GPU whose torch's kernel takes no window (2.11), kept where it
+    takes one (>= 2.12) and on the CPU (the reference applies the window)."""
+    from zeroplan.errors import BadSetupError
+    from zeroplan.launch import batching as zbatch
+    from zeroplan.launch import data as zdata
+
+    monkeypatch.setattr(zbatch, "varlen_available", lambda: True)
+    choose = zbatch.choose_packed_attention
+    assert choose("auto", True, "gemma3_text", 512, 1024) == "mask"
+    assert choose("auto", True, "gemma3_text", 512, 512) == "varlen"  # every record fits
+    assert choose("auto", True, "llama", None, 8192) == "varlen"
+    monkeypatch.setattr(zbatch, "varlen_takes_window", lambda: False)
+    with pytest.raises(BadSetupError, match="takes no window") as err:
+        choose("varlen", True, "gemma3_text", 512, 1024)
+    assert "\n" not in str(err.value) and "--packed-attention mask" in str(err.value)
+    assert choose("varlen", False, "gemma3_text", 512, 1024) == "varlen"  # CPU reference
+    assert choose("varlen", True, "gemma3_text", 512, 512) == "varlen"
+    monkeypatch.setattr(zbatch, "varlen_takes_window", lambda: True)
+    assert choose("varlen", True, "gemma3_text", 512, 1024) == "varlen"
+
+    setup = TrainSetup(micro_batch=2, seq_len=64)
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    tok = tinyllm.build_tokenizer()
+    prepared = zdata.prepare(str(data), tok, 64)
+    batching = sft._batching(opts(tmp_path), setup, prepared, tok, True, "mistral", 32)
+    assert (batching.packed_attention, batching.capacity, batching.per_device) == ("mask", 64, 2)
+
+
+def test_launch_reads_the_window_the_plan_reads(tmp_path: Path) -> None:
+    """sft._model_type applies the core's rule (models.sliding_window_of) to the config as
+    transformers fills it in: the same window as the plan's ModelSpec."""
+    import transformers
+
+    from zeroplan.models import spec_from_config
+
+    base = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300}  # fmt: skip
+    for extra in (
+        {"model_type": "mistral"},
+        {"model_type": "mistral", "sliding_window": None},
+        {"model_type": "gemma3_text", "sliding_window": 48},
+        {"model_type": "llama"},
+    ):
+        cfg = {**base, **extra}
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        transformers.AutoConfig.for_model(**cfg).save_pretrained(folder)
+        model_type, window = sft._model_type(str(folder))
+        assert model_type == extra["model_type"]
+        assert window == spec_from_config(cfg).sliding_window

@@ -228,3 +228,79 @@ def test_flash_varlen_matches_per_sample_sdpa_on_gpu() -> None:
         64**-0.5,
     )
     torch.testing.assert_close(out[0], ref, rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- sliding windows
+
+WINDOW = 6  # tokens a sliding layer's query sees, itself included; records run to 30
+SLIDING: dict[str, dict[str, Any]] = {
+    "mistral": {**TINY, "model_type": "mistral", "sliding_window": WINDOW},
+    "gemma3_text": {
+        **TINY,
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+
+def sliding_model(model_type: str, attn: str) -> Any:
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(**SLIDING[model_type], attn_implementation=attn)
+    cfg.use_cache = False
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(SLIDING))
+@pytest.mark.parametrize(("kernel", "layout"), [("mask", "rows"), ("varlen", "flat")])
+def test_sliding_window_packed_equals_records_one_by_one(
+    model_type: str, kernel: str, layout: str
+) -> None:
+    """Records longer than the window: each packed record's logits and the summed loss are
+    those of transformers' own eager sliding attention on the record alone (the varlen
+    reference applies the window; transformers' block mask does too). Before the fix the
+    varlen path attended to the whole record and failed here."""
+    attn = batching.register_varlen() if kernel == "varlen" else "sdpa"
+    model = sliding_model(model_type, attn)
+    ref_model = sliding_model(model_type, "eager")
+    examples = samples(LENGTHS)
+    assert max(LENGTHS) > WINDOW
+    packed = batching.pack_examples(examples, CAP, seed=0)
+    batch = batching.PackedCollator(pad_id=0, capacity=CAP, layout=layout)(packed.rows)
+    with torch.no_grad():
+        loss, logits = packed_forward(model, batch)
+        ref_loss, ref_logits = one_by_one(
+            ref_model, [examples[i] for i in _order(packed, examples)]
+        )
+    for g, r in zip(sample_logits(logits, packed.rows, CAP), ref_logits, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+
+
+def test_sliding_window_is_not_full_causal_attention() -> None:
+    """The reference the test above checks against differs from full causal attention on
+    these records (else it could not fail)."""
+    full = sliding_model("mistral", "eager")
+    examples = samples([30])
+    sliding_logits = one_by_one(full, examples)[1][0]
+    full.config.sliding_window = None  # the same weights, every key in view
+    full_logits = one_by_one(full, examples)[1][0]
+    torch.testing.assert_close(sliding_logits[:WINDOW], full_logits[:WINDOW])
+    assert not torch.allclose(sliding_logits[WINDOW:], full_logits[WINDOW:], atol=1e-3)
+
+
+def test_window_left_is_transformers_window_minus_one() -> None:
+    """transformers' window w (key > query - w) is flash's left w - 1; the reference keeps
+    exactly that many keys before each query."""
+    assert batching.window_left(WINDOW) == WINDOW - 1
+    assert batching.window_left(None) == -1
+    t, d = 9, 4
+    q, k, v = (torch.randn(t, 1, d) for _ in range(3))
+    v = torch.eye(t).unsqueeze(1)[:, :, :t]  # each key's value names its position
+    out = batching._segments_sdpa(q, k, v, [0, t], None, batching.window_left(3))
+    seen = out[:, 0] > 0
+    for i in range(t):
+        assert seen[i].nonzero().flatten().tolist() == list(range(max(0, i - 2), i + 1))

@@ -196,6 +196,9 @@ class ModelSpec:
     # or trained weights, no activations on text. 0 for text-only models.
     vision_params: int = 0
     max_position_embeddings: int | None = None  # the context window; None when not stated
+    # Tokens a sliding layer's query sees, itself included (transformers' ``sliding_window``),
+    # None when no layer slides (sliding_window_of)
+    sliding_window: int | None = None
     # where the config came from: an absolute path, "catalog", "hf-cache" or "hub"
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
@@ -458,9 +461,47 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
         attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
         moe=moe,
         max_position_embeddings=_context_window(cfg, name),
+        sliding_window=sliding_window_of(cfg, model_type, layers),
         source=source,
         config=cfg_in,
     )
+
+
+# The config class's sliding_window where a config.json leaves it out (transformers 5.25)
+_WINDOW_DEFAULTS = {
+    "mistral": 4096,
+    "gemma2": 4096,
+    "gemma3_text": 4096,
+    "qwen2": 4096,
+    "qwen3": 4096,
+    "qwen3_moe": 4096,
+}
+# Families whose every layer is full attention (their modelling passes no sliding_window)
+_NO_WINDOW = frozenset({"llama", "gemma"})
+# Qwen slides only with use_sliding_window: Qwen2/3 the layers from max_window_layers on,
+# Qwen3-MoE every layer
+_QWEN = frozenset({"qwen2", "qwen3", "qwen3_moe"})
+
+
+def sliding_window_of(cfg: Mapping[str, Any], model_type: str, layers: int) -> int | None:
+    """The window of the model's sliding layers, as transformers 5.25 builds them, or None
+    when no layer slides: the config's ``layer_types`` where it states them; else Gemma 2/3
+    alternate sliding and full layers; Qwen slides only with ``use_sliding_window`` (Qwen2/3
+    the layers ≥ ``max_window_layers``); Mistral, Mixtral and Phi-3 pass ``sliding_window``
+    to every layer (None: none). Checked against the config classes in tests/test_attention.py."""
+    if model_type in _NO_WINDOW:
+        return None
+    window = cfg.get("sliding_window", _WINDOW_DEFAULTS.get(model_type))
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if model_type in _QWEN and not cfg.get("use_sliding_window"):
+        return None
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and types:
+        return window if "sliding_attention" in types else None
+    if model_type in ("qwen2", "qwen3"):
+        return window if cfg.get("max_window_layers", 28) < layers else None
+    return window
 
 
 def _context_window(cfg: dict[str, Any], name: str) -> int | None:

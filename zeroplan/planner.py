@@ -53,8 +53,10 @@ from zeroplan.trainsetup import (
     METHODS,
     TrainSetup,
     attention_note,
+    packed_attention,
     resolve_attention,
     resolve_precision,
+    window_note,
 )
 
 OBJECTIVES = ("time", "cost", "memory")
@@ -142,12 +144,20 @@ class PlanRequest:
             )
 
     def fill(self, micro_batch: int) -> float:
-        """Real tokens per token position of a micro-batch: the data packed into a budget of
-        micro-batch × seq_len tokens (what the launch trains with varlen attention); 1 for
-        full-length sequences."""
+        """Real tokens per token position of a micro-batch: the data packed as the launch
+        packs it (packed_rows); 1 for full-length sequences."""
         if self.data is None:
             return 1.0
-        return self.data.pack_at(micro_batch * self.seq_len).fill
+        return self.data.pack_at(self.packed_rows(micro_batch)[0]).fill
+
+    def packed_rows(self, micro_batch: int) -> tuple[int, int]:
+        """(tokens a packed row holds, rows per micro-batch) as the launch packs this model
+        (trainsetup.packed_attention): varlen, one row of micro-batch × seq_len tokens;
+        the block mask, micro-batch rows of seq_len (rows fill less)."""
+        path = packed_attention(self.spec.model_type, self.spec.sliding_window, self.seq_len)
+        if path == "varlen":
+            return micro_batch * self.seq_len, 1
+        return self.seq_len, micro_batch
 
     @property
     def tokens_to_train(self) -> int | None:
@@ -524,6 +534,8 @@ def plan(req: PlanRequest) -> Plan:
         )
     if best is not None and (attn_why := attention_note(req.spec, best.setup)):
         assumptions.append(attn_why)
+    if best is not None and (window_why := window_note(req.spec, best.setup)):
+        assumptions.append(window_why)
     if best is not None and best.setup.is_lora and req.spec.moe is None:
         assumptions.append(_dropout_note(best.setup.lora_dropout))
     if best is not None and best.setup.kernels == "liger":
@@ -658,8 +670,9 @@ def plan_json(p: Plan, top: int = 8) -> dict[str, Any]:
             **c.step.to_json(),
         }
         if p.request.data is not None:
-            packed = p.request.data.pack_at(c.setup.micro_batch * p.request.seq_len)
-            per_step = c.setup.grad_accum * p.request.cluster.world_size
+            capacity, rows = p.request.packed_rows(c.setup.micro_batch)
+            packed = p.request.data.pack_at(capacity)
+            per_step = rows * c.setup.grad_accum * p.request.cluster.world_size
             out["steps_per_epoch"] = steps_per_epoch(packed.rows, per_step)
             out["fill"] = packed.fill
         tokens = p.request.tokens_to_train

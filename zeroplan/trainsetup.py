@@ -324,6 +324,52 @@ def attention_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
     )
 
 
+def window_binds(sliding_window: int | None, seq_len: int) -> bool:
+    """Whether a sliding layer's window (tokens a query sees, itself included) is shorter
+    than the longest record, seq_len: only then does the window change what a token sees."""
+    return sliding_window is not None and sliding_window < seq_len
+
+
+def packed_attention(model_type: str, sliding_window: int | None, seq_len: int) -> str:
+    """How ``zeroplan launch`` packs records by default, and so what the plan counts:
+    ``varlen`` (one flat row of micro_batch × seq_len tokens, torch's flash varlen kernel)
+    or ``mask`` (micro_batch rows of seq_len, transformers' block-diagonal mask).
+
+    The mask for models the varlen kernel would train differently: Gemma-2's soft-capped
+    scores (NO_SDPA_MODEL_TYPES), and sliding layers whose window binds (window_binds):
+    torch 2.11's kernel takes no window, and the plan is made without knowing the launch's
+    torch (≥ 2.12 takes one: ``--packed-attention varlen`` runs it there)."""
+    if model_type in NO_SDPA_MODEL_TYPES or window_binds(sliding_window, seq_len):
+        return "mask"
+    return "varlen"
+
+
+def sdpa_gets_mask(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Whether SDPA is handed an explicit b·s·s mask (with its per-layer memory terms,
+    memory/activations.padding_mask_bytes): padded batches (``setup.padding_mask``), or a
+    model whose sliding window binds (window_binds): its window is a mask, and the launch
+    packs it under the block mask (packed_attention)."""
+    return setup.attn == "sdpa" and (
+        setup.padding_mask or window_binds(spec.sliding_window, setup.seq_len)
+    )
+
+
+def window_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
+    """One line for estimate and plan where a sliding window binds (window_binds)."""
+    if not window_binds(spec.sliding_window, setup.seq_len):
+        return None
+    counted = (
+        "; SDPA gets it as a mask: its per-layer copy and k/v repeated to every head counted"
+        if sdpa_gets_mask(spec, setup)
+        else ""
+    )
+    return (
+        f"{spec.model_type}: sliding layers see {spec.sliding_window} tokens, fewer than seq "
+        f"{setup.seq_len}: zeroplan launch packs it under the block mask (rows of seq "
+        f"tokens; torch 2.11's varlen kernel takes no window){counted}"
+    )
+
+
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise BadSetupError(f"{option} must be one of {', '.join(allowed)}; got '{value}'")

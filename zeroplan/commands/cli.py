@@ -314,7 +314,14 @@ def estimate(
         if not given("seq_len"):
             options["seq_len"] = min(options["seq_len"], padded.peak)
     elif fit is not None:
-        fill = fit.pack_at(options["micro_batch"] * fit.cap).fill
+        # zeroplan launch's rows (trainsetup.packed_attention): one row of the micro-batch's
+        # tokens, or micro-batch rows of seq_len under the block mask; a recipe's packing
+        # is its trainer's, padding-free over the micro-batch
+        from zeroplan.trainsetup import packed_attention
+
+        path = packed_attention(spec.model_type, spec.sliding_window, fit.cap)
+        row = fit.cap if recipe is None and path == "mask" else options["micro_batch"] * fit.cap
+        fill = fit.pack_at(row).fill
     est = run_estimate(
         spec,
         gpus=gpus,

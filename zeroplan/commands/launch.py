@@ -176,7 +176,8 @@ def _slug(name: str) -> str:
     "--packed-attention",
     type=click.Choice(("auto", "varlen", "mask")),
     default=None,
-    help="packed: varlen flash attention (auto on a GPU with torch >= 2.9) or an SDPA mask.",
+    help="packed: varlen flash attention (auto on a GPU with torch >= 2.9) or an SDPA mask "
+    "(auto for Gemma-2 and for sliding windows shorter than the records, as the plan counts).",
 )
 @click.option(
     "--kernels",

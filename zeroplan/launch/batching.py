@@ -36,7 +36,7 @@ from typing import Any
 
 from zeroplan.errors import BadSetupError
 from zeroplan.packing import PackStats, pack_best_fit
-from zeroplan.trainsetup import NO_SDPA_MODEL_TYPES
+from zeroplan.trainsetup import NO_SDPA_MODEL_TYPES, packed_attention, window_binds
 
 BATCHING = ("packed", "padded", "grouped")
 PACKED_ATTENTION = ("auto", "varlen", "mask")
@@ -163,16 +163,33 @@ def varlen_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _segments_sdpa(q: Any, k: Any, v: Any, cu: list[int], scale: float | None) -> Any:
-    """The reference: causal SDPA on each segment of (T, H, D) tensors (CPU, tests)."""
+def _segments_sdpa(
+    q: Any, k: Any, v: Any, cu: list[int], scale: float | None, left: int = -1
+) -> Any:
+    """The reference: causal SDPA on each segment of (T, H, D) tensors (CPU, tests). ``left``
+    ≥ 0: a query sees itself and at most ``left`` keys before it (a sliding window), as
+    flash's ``window_size=(left, 0)``; -1: every key before it."""
     import torch
     import torch.nn.functional as F
 
     outs = []
     for a, b in itertools.pairwise(cu):
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+        if 0 <= left < b - a - 1:
+            i = torch.arange(b - a, device=q.device)
+            gap = i[:, None] - i[None, :]  # query index - key index
+            mask = (gap >= 0) & (gap <= left)
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale))
+        else:
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
     return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def window_left(sliding_window: int | None) -> int:
+    """transformers' ``sliding_window`` w as flash's left window: a query sees the w tokens
+    ending at itself (masking_utils.sliding_window_overlay: key > query − w; its flash path
+    passes w − 1), so w − 1 keys before it; -1 (no limit) for a full-attention layer."""
+    return sliding_window - 1 if sliding_window else -1
 
 
 def varlen_attention_forward(
@@ -188,10 +205,13 @@ def varlen_attention_forward(
     """transformers attention function: (1, H, T, D) tensors of one flat row → (1, T, H, D).
 
     Uses ``cu_seq_lens_q`` / ``max_length_q`` from the batch (``PackedCollator(layout="flat")``).
-    On CUDA torch's flash varlen kernel; elsewhere causal SDPA per segment (same result).
+    On CUDA torch's flash varlen kernel; elsewhere causal SDPA per segment (same result). A
+    sliding layer (transformers passes ``sliding_window``: Gemma 2/3, Mistral, Qwen2 with
+    use_sliding_window) keeps each query to its window (window_left), in both.
     """
     import torch
 
+    left = window_left(kwargs.get("sliding_window"))
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     if cu is None or max_len is None or query.shape[0] != 1:
@@ -205,22 +225,34 @@ def varlen_attention_forward(
     groups = q.shape[1] // k.shape[1]
     if query.is_cuda:
         out = _flash_varlen(
-            q, k, v, cu.to(query.device, torch.int32), int(max_len), scaling, groups
+            q, k, v, cu.to(query.device, torch.int32), int(max_len), scaling, groups, left
         )
     else:
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = _segments_sdpa(q, k, v, [int(x) for x in cu.tolist()], scaling)
+        out = _segments_sdpa(q, k, v, [int(x) for x in cu.tolist()], scaling, left)
     return out.unsqueeze(0), None
 
 
-def _causal_kwargs() -> dict[str, Any]:
-    from torch.nn.attention.varlen import varlen_attn
+def varlen_takes_window() -> bool:
+    """Whether torch's varlen kernel takes a window (``window_size``: torch ≥ 2.12; 2.11,
+    the GPU image's, has only ``is_causal``)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "window_size" in inspect.signature(varlen_attn).parameters
 
-    params = inspect.signature(varlen_attn).parameters
-    # torch ≥ 2.12: causal is a window of (-1, 0); before, an is_causal flag
-    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+def _causal_kwargs(left: int = -1) -> dict[str, Any]:
+    # torch ≥ 2.12: causal is a window of (left, 0), (-1, 0) unlimited; before, an is_causal
+    # flag and no window: choose_packed_attention keeps a model whose window is shorter than
+    # its records off that kernel before the run (not here: a row's padding segment may be
+    # longer than the window with every record inside it)
+    if varlen_takes_window():
+        return {"window_size": (left, 0)}
+    return {"is_causal": True}
 
 
 @functools.cache
@@ -251,12 +283,19 @@ def gqa_native() -> bool:
 
 
 def _flash_varlen(
-    q: Any, k: Any, v: Any, cu: Any, max_len: int, scaling: float | None, groups: int
+    q: Any,
+    k: Any,
+    v: Any,
+    cu: Any,
+    max_len: int,
+    scaling: float | None,
+    groups: int,
+    left: int = -1,
 ) -> Any:
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    kw = _causal_kwargs()
+    kw = _causal_kwargs(left)
     if groups > 1:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
@@ -292,14 +331,23 @@ def register_varlen() -> str:
     return VARLEN_IMPL
 
 
-def choose_packed_attention(requested: str, cuda: bool, model_type: str = "") -> str:
-    """``varlen`` where it can run (measured faster on H200, benchmarks/realdata_speed.py),
-    else the block mask; an explicit choice is kept (varlen on a CPU runs the reference).
+def choose_packed_attention(
+    requested: str,
+    cuda: bool,
+    model_type: str = "",
+    sliding_window: int | None = None,
+    seq_len: int = 0,
+) -> str:
+    """``auto``: what the plan counted (trainsetup.packed_attention): ``varlen`` where it can
+    run (measured faster on H200, benchmarks/realdata_speed.py), else the block mask. An
+    explicit choice is kept (varlen on a CPU runs the reference), except a varlen kernel
+    that would train another model, refused in one line before anything loads:
 
-    Models whose attention SDPA cannot compute (trainsetup.NO_SDPA_MODEL_TYPES: Gemma-2's
-    soft-capped scores) get the mask, under the plan's attention (eager): torch's varlen
-    kernel takes no soft-cap either, and would train another model; asked for, it is
-    refused."""
+    - Gemma-2 (trainsetup.NO_SDPA_MODEL_TYPES): torch's varlen kernel has no soft-cap; its
+      rows keep the plan's attention (eager) under the mask.
+    - sliding layers whose window (``sliding_window``, tokens a query sees) is shorter than
+      the records (``seq_len``) on a GPU whose torch's kernel takes no window (2.11); from
+      torch 2.12 the kernel applies it (varlen_attention_forward)."""
     if requested not in PACKED_ATTENTION:
         raise ValueError(f"packed attention must be one of {', '.join(PACKED_ATTENTION)}")
     why = NO_SDPA_MODEL_TYPES.get(model_type)
@@ -308,8 +356,19 @@ def choose_packed_attention(requested: str, cuda: bool, model_type: str = "") ->
             f"--packed-attention varlen: {why}, and torch's varlen kernel has no soft-cap: "
             "use --packed-attention mask (or auto)"
         )
+    binds = window_binds(sliding_window, seq_len)
+    if binds and requested == "varlen" and cuda and not varlen_takes_window():
+        import torch
+
+        raise BadSetupError(
+            f"--packed-attention varlen: {model_type or 'the model'}'s sliding layers see "
+            f"{sliding_window} tokens, fewer than --seq-len {seq_len}, and torch "
+            f"{torch.__version__}'s varlen kernel takes no window (torch >= 2.12 does), so "
+            "longer records would attend to all of themselves: use --packed-attention mask "
+            "(or auto)"
+        )
     if requested != "auto":
         return requested
-    if why:
+    if packed_attention(model_type, sliding_window, seq_len) == "mask":
         return "mask"
     return "varlen" if cuda and varlen_available() else "mask"

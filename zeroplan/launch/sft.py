@@ -70,6 +70,7 @@ from zeroplan.launch import data as zdata
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
+from zeroplan.models import sliding_window_of
 from zeroplan.planfiles import model_location
 from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, TrainSetup, parse_targets
 
@@ -218,7 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     "samples grouped by length")  # fmt: skip
     ap.add_argument("--packed-attention", default="auto", choices=zbatch.PACKED_ATTENTION,
                     help="packed rows: varlen flash attention (auto on a GPU) or an SDPA "
-                    "block-diagonal mask")  # fmt: skip
+                    "block-diagonal mask (auto for Gemma-2 and sliding windows shorter than "
+                    "--seq-len)")  # fmt: skip
     ap.add_argument("--report-to", default="none", choices=TRACKERS,
                     help="experiment tracker the Trainer logs to, in the run folder "
                     "(tensorboard: OUT/tb)")  # fmt: skip
@@ -596,7 +598,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
     # ---- tokenizer and data (clear errors before the model is loaded)
     tokenizer = _load_tokenizer(model_id, opts)
-    model_type = _model_type(model_id)
+    model_type, sliding_window = _model_type(model_id)
     kernel_path = _kernel_path(model_type, opts, setup, cuda)
     prepared = zdata.prepare(
         opts.data,
@@ -632,7 +634,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     # Every rank writes it (atomically, the same text): no rank waits for another's file, and
     # nodes that do not share RUN_DIR each get their copy.
     # ---- batches first: packed micro-batches of the plan's shape, or padded samples
-    batching = _batching(opts, setup, prepared, tokenizer, cuda, model_type)
+    batching = _batching(opts, setup, prepared, tokenizer, cuda, model_type, sliding_window)
     if rank == 0:
         _say(batching.describe())
 
@@ -772,12 +774,19 @@ def bnb_config(setup: TrainSetup) -> Any:
     return BitsAndBytesConfig(**q)  # type: ignore[no-untyped-call]
 
 
-def _model_type(model_id: str) -> str:
-    """The model's ``model_type`` from its config (before the weights are loaded)."""
+def _model_type(model_id: str) -> tuple[str, int | None]:
+    """The model's ``model_type`` and the window of its sliding layers (None: none slide;
+    models.sliding_window_of on the text config as transformers fills it in, the rule the
+    plan used) from its config, before the weights are loaded."""
     from transformers import AutoConfig
 
     try:
-        return str(AutoConfig.from_pretrained(model_id).model_type)
+        cfg = AutoConfig.from_pretrained(model_id)
+        text = cfg.get_text_config()
+        window = sliding_window_of(
+            text.to_dict(), str(text.model_type), int(getattr(text, "num_hidden_layers", 0))
+        )
+        return str(cfg.model_type), window
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"cannot load the config of '{model_id}': {zdata.first_line(exc)}; "
@@ -1060,12 +1069,15 @@ def _batching(
     tokenizer: Any,
     cuda: bool,
     model_type: str = "",
+    sliding_window: int | None = None,
 ) -> Batching:
     n = len(prepared.train)
     if opts.batching != "packed":
         return Batching(opts.batching, prepared.train, prepared.eval, None, None, None,
                         setup.seq_len, setup.micro_batch, n, n, None)  # fmt: skip
-    kernel = zbatch.choose_packed_attention(opts.packed_attention, cuda, model_type)
+    kernel = zbatch.choose_packed_attention(
+        opts.packed_attention, cuda, model_type, sliding_window, setup.seq_len
+    )
     attn_impl = zbatch.register_varlen() if kernel == "varlen" else setup.attn
     # varlen: one flat row holds the micro-batch's token budget (micro_batch × seq_len);
     # the mask: micro_batch rows of seq_len (a mask over a longer row would cost its square)

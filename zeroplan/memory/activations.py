@@ -27,7 +27,7 @@ from zeroplan.memory.precision import (
     residual_bytes,
 )
 from zeroplan.models import Linear, ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_attention
+from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_attention, sdpa_gets_mask
 
 BF16 = 2
 FP32 = 4
@@ -419,9 +419,10 @@ def padding_mask_repeat_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     when there is no attention mask (``use_gqa_in_sdpa`` on CUDA); with the mask a padded
     batch carries it calls ``repeat_kv`` first, and SDPA saves the repeated copies for
     backward. Measured with the padding-mask term below on LLaMA-Factory 0.9.5, TRL 1.16 and
-    axolotl 0.19 (benchmarks/results/recipes_gpu.md)."""
+    axolotl 0.19 (benchmarks/results/recipes_gpu.md). The same where a sliding window
+    binds (trainsetup.sdpa_gets_mask: the window is a mask, packed or not)."""
     setup = resolve_attention(setup, spec)  # an unset attention: the model's
-    if not setup.padding_mask or setup.attn != "sdpa":
+    if not sdpa_gets_mask(spec, setup):
         return 0
     return 2 * BF16 * (spec.q_dim - spec.kv_dim)
 
@@ -431,9 +432,12 @@ def padding_mask_bytes(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     its own additive mask in the compute dtype, last dimension padded to a multiple of 16
     (what the memory-efficient kernel takes), and saves it for backward:
     2 B · b · s · ⌈s/16⌉·16 per layer. Fitted: 55.8 B per b·s² on the 28-layer
-    Llama-3.2-3B (2 B × 28 = 56), axolotl 0.19 on an H100, 14 steps of varying s."""
+    Llama-3.2-3B (2 B × 28 = 56), axolotl 0.19 on an H100, 14 steps of varying s. Counted
+    for every layer where a sliding window binds (trainsetup.sdpa_gets_mask): the launch's
+    block mask reaches every layer; unpacked, only the sliding layers get one (5 of 6 on
+    Gemma 3), so this over-counts there by the full layers' share. Not measured on a GPU."""
     setup = resolve_attention(setup, spec)  # an unset attention: the model's
-    if not setup.padding_mask or setup.attn != "sdpa":
+    if not sdpa_gets_mask(spec, setup):
         return 0
     s = setup.seq_len
     return BF16 * setup.micro_batch * s * (-(-s // 16) * 16) * layers

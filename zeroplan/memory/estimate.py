@@ -65,6 +65,7 @@ from zeroplan.trainsetup import (
     resolve_precision,
     trainable_bytes,
     trainable_params,
+    window_note,
 )
 
 # Families whose activations were measured on a GPU (benchmarks/results/); others are
@@ -255,6 +256,9 @@ def estimate(spec: ModelSpec, cluster: Cluster, setup: TrainSetup) -> MemoryEsti
     attn_why = attention_note(spec, setup)
     if attn_why:
         notes.append(attn_why)
+    window_why = window_note(spec, setup)
+    if window_why:
+        notes.append(window_why)
     if spec.vision_params:
         notes.append(
             f"includes the checkpoint's vision tower + projector ({spec.vision_params / 1e9:.2f} B "
