@@ -116,12 +116,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--before", type=Path, required=True, help="zeroplan tree before this work")
-    p.add_argument("--runs", default=",".join([*RUNS, *RANKED]))
+    order = [*[n for n in RUNS if n != "8b-mb1-main"], *RANKED, "8b-mb1-main"]
+    p.add_argument("--runs", default=",".join(order))
     p.add_argument("--timed", type=int, default=20, help="timed steps after the warm-up")
+    p.add_argument("--timed-ranked", type=int, default=10, help="the same, five-setup runs")
     p.add_argument("--records", type=int, default=2000)
     p.add_argument("--deadline", type=float, default=420.0, help="seconds for everything")
-    p.add_argument("--estimate-8b", type=float, default=70.0, help="seconds an 8B launch takes")
-    p.add_argument("--estimate-1b", type=float, default=30.0, help="seconds a 1B launch takes")
+    p.add_argument("--estimate-8b", type=float, default=65.0, help="seconds an 8B launch takes")
+    p.add_argument("--estimate-1b", type=float, default=28.0, help="seconds a 1B launch takes")
     p.add_argument("--arch", default="", help="tiny: a CPU rehearsal on tests/tinyllm's model")
     args = p.parse_args()
     t0 = time.time()
@@ -142,7 +144,6 @@ def main() -> None:
             else:
                 build_model(models[key], ARCHS[key], full_vocab=True)
         print(f"{key} model ready at {time.time() - t0:.0f} s", flush=True)
-    steps = WARMUP_STEPS + args.timed + PROBED
     ranked: list[tuple[dict[str, Any], float]] = []
     for name in names:
         if name in RANKED:
@@ -177,18 +178,20 @@ def main() -> None:
             changes.update(kernels="none", fused_loss=False, method="lora")
             options = ["--kernels", "none"]
         code = args.before.resolve() if tree == "before" else None
-        probe_env = {
-            "PYTHONPATH": _pythonpath(code),
-            "ZEROPLAN_HOST_PROBE": str(args.work / f"probe-{name}.json"),
-            "ZEROPLAN_HOST_PROBE_STEPS": str(WARMUP_STEPS + args.timed + 1),
-        }
+        # the five setups are timed only; the others probed after their timed steps
+        timed = args.timed_ranked if name in RANKED else args.timed
+        steps = WARMUP_STEPS + timed + (0 if name in RANKED else PROBED)
+        probe_env = {"PYTHONPATH": _pythonpath(code)}
+        if name not in RANKED:
+            probe_env["ZEROPLAN_HOST_PROBE"] = str(args.work / f"probe-{name}.json")
+            probe_env["ZEROPLAN_HOST_PROBE_STEPS"] = str(WARMUP_STEPS + timed + 1)
         extra = ["--force"] if args.arch == "tiny" else []
         row = launch(
             name, plan, models[key], data, args.work, steps, left, extra,
             spec=(method, options, changes), code=code, env=probe_env,
         )  # fmt: skip
         lines = metrics(args.work / f"run-{name}")
-        row.update(timed_rate(lines, WARMUP_STEPS + args.timed))
+        row.update(timed_rate(lines, WARMUP_STEPS + timed))
         probe = _json(args.work / f"probe-{name}.json")
         row.update(
             tree=tree,
