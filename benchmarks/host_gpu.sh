@@ -6,7 +6,8 @@
 #
 #   run(command="bash .stage-host/repo/benchmarks/host_gpu.sh", carry=[".stage-host"])
 #
-# RUNS and DEADLINE (seconds for host_speed.py) may be set before it. Writes
+# RUNS, DEADLINE (seconds for host_speed.py) and EXTRA (more of its options) may be set
+# before it. Writes
 # $OUT/host_h100.jsonl, $OUT/host_h100.log, $OUT/env.txt and $OUT/host_runs.tgz (each run's
 # metrics, applied.json, probe and rank log).
 S=$(cd "$(dirname "$0")/../.." && pwd)
@@ -19,7 +20,7 @@ cd "$S/repo" || exit 1
 export PYTHONPATH=$PWD:/tmp/s-zp PYTHONUNBUFFERED=1
 set -o pipefail
 python3 benchmarks/host_speed.py --work /tmp/h --out "$OUT/host_h100.jsonl" \
-  --before "$S/before" --deadline "$DEADLINE" ${RUNS:+--runs "$RUNS"} 2>&1 | tee "$OUT/host_h100.log"
+  --before "$S/before" --deadline "$DEADLINE" ${RUNS:+--runs "$RUNS"} $EXTRA 2>&1 | tee "$OUT/host_h100.log"
 rc=$?
 cd /tmp/h && tar czf "$OUT/host_runs.tgz" probe-*.json run-*/metrics.jsonl run-*/applied.json \
   run-*/result.json run-*/logs 2>/dev/null
