@@ -64,7 +64,9 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "1b-mb4": ("1b", "lora", [], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
 }  # fmt: skip
 RANKED = ("1b-plan", "1b-alt1", "1b-alt2", "1b-alt3", "1b-alt4")
-PROBED = 4  # steps after the timed ones: two under sync debug mode, two profiled
+# steps after the timed ones: two under sync debug mode, two profiled (the profiler stops
+# at the next step's start or at the run's end)
+PROBED = 4
 
 
 def ranked_setups(plan: dict[str, Any], n: int) -> list[tuple[dict[str, Any], float]]:

@@ -89,11 +89,20 @@ class _Probe:
             )
             self.prof.__enter__()
             self.prof_t = now
-        if self.step == FIRST + 4 and self.prof is not None:
-            torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
-            self.profile = self.summarise(self.prof, time.perf_counter() - self.prof_t, 2)
-            self.prof = None
+        if self.step == FIRST + 4:
+            self.stop_profile()
+
+    def stop_profile(self) -> None:
+        """Close the profiler (also at the run's end: one left open at exit aborted the
+        rank after its last step in the first GPU call, host_h100.jsonl's returncode 1)."""
+        if self.prof is None:
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.profile = self.summarise(self.prof, time.perf_counter() - self.prof_t, 2)
+        self.prof = None
 
     def on_warning(self, message: Any, category: Any, filename: str, lineno: int, *a: Any) -> None:
         if "synchroniz" not in str(message):
@@ -177,6 +186,7 @@ def _patch(module: Any) -> None:
                 PROBE.current["after_optimizer"] += time.perf_counter() - PROBE.mark
 
             def on_train_end(self, *a: Any, **k: Any) -> None:
+                PROBE.stop_profile()
                 PROBE.write()
 
         self.add_callback(ProbeCallback())
