@@ -129,3 +129,14 @@ def test_liger_takes_what_its_kernels_replace_off_the_host_count() -> None:
     assert host_operations(gemma3, g_plain) == host_operations(
         gemma3, TrainSetup(method="lora", kernels="liger")
     )
+
+
+def test_what_liger_replaces_is_what_llamas_modules_dispatch() -> None:
+    """hostops.LIGER_OPS' own side is a count (count_host_ops.py --liger) of the installed
+    Llama modules that Liger's kernels take the place of."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_host_ops
+
+    counted = count_host_ops.liger_pieces()
+    assert counted == {name: own for name, (own, _) in hostops.LIGER_OPS.items()}
