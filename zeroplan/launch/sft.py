@@ -1125,18 +1125,20 @@ def lean_trainer_class() -> Any:
             """Trainer's count, 6 · tokens · non-embedding parameters, with the parameters
             counted once: the Trainer counts them again every micro-batch, a walk over every
             module and parameter (hostloop)."""
-            main = getattr(self.model, "main_input_name", "input_ids")
-            if main not in inputs or not hasattr(self.model, "num_parameters"):
+            model: Any = self.model
+            main = getattr(model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(model, "num_parameters"):
                 return 0
             if self.zp_params is None:
-                self.zp_params = int(self.model.num_parameters(exclude_embeddings=True))
+                self.zp_params = int(model.num_parameters(exclude_embeddings=True))
             return 6 * int(inputs[main].numel()) * self.zp_params
 
         def _clip_grad_norm(self, model: Any) -> Any:
             """Clip over the parameters that train (frozen ones hold no gradient): the
             same norm and the same scaling, without a walk over every parameter."""
             if self.zp_trainable is None or self.is_fsdp_enabled:
-                return super()._clip_grad_norm(model)
+                parent: Any = super()._clip_grad_norm  # transformers' is untyped
+                return parent(model)
             return self.accelerator.clip_grad_norm_(self.zp_trainable, self.args.max_grad_norm)
 
         def training_step(
