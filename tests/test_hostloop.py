@@ -100,6 +100,12 @@ def test_the_lean_loop_learns_what_the_trainers_own_loop_learns(
     monkeypatch.setattr(hostloop, "trainable", lambda model: None)
     plain = _run(tmp_path, model_dir, "plain")
     assert len(lean) == len(plain) == 4
+    applied = json.loads((tmp_path / "lean" / "applied.json").read_text())
+    assert applied["host_loop"] == {
+        "logging_nan_inf_filter": False,
+        "dataloader_pin_memory": False,
+        "lean_walks": True,
+    }
     for a, b in zip(lean, plain, strict=True):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
 

@@ -707,6 +707,11 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         )
         applied["batching"] = batching.to_dict()
         applied["kernels"] = kernel_path.to_dict()
+        # what the Trainer's loop was spared each step (hostloop): its waits and walks
+        applied["host_loop"] = {
+            **hostloop.sync_free_kwargs(cuda),
+            "lean_walks": trainer.zp_trainable is not None,
+        }
         if batching.attn_impl != setup.attn:
             applied["attn_implementation"] = batching.attn_impl
         applied.update(
