@@ -294,6 +294,58 @@ def recount() -> dict[str, Any]:
     }
 
 
+def liger_pieces() -> dict[str, int]:
+    """What Llama's own modules that Liger replaces dispatch in one forward and backward,
+    counted as the table is (hostops.LIGER_OPS holds these beside Liger's): the RMSNorm with
+    a frozen and with a trained weight, SiLU·mul of the gated MLP, rotary on q and k. Each
+    piece runs inside a scaffold (inputs made, the output summed, backward) whose own
+    operations, counted alone, are taken off."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama as ml
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            returns = func._schema.returns
+            if not (returns and returns[0].alias_info is not None):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(fn: Any, *shapes: tuple[int, ...]) -> int:
+        for _ in range(2):  # the second call: caches built by the first are reused
+            counter = Counter()
+            with counter:
+                xs = [torch.randn(*s, dtype=torch.bfloat16, requires_grad=True) for s in shapes]
+                out = fn(*xs)
+                sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+        return counter.n
+
+    h, heads, kv, d, t = 64, 4, 2, 16, 16
+    norm = ml.LlamaRMSNorm(h).to(torch.bfloat16)
+    cfg = LlamaConfig(hidden_size=h, num_attention_heads=heads, num_key_value_heads=kv, head_dim=d)
+    cos, sin = ml.LlamaRotaryEmbedding(cfg)(torch.randn(1, t, h), torch.arange(t)[None])
+    cos, sin = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    act = torch.nn.SiLU()
+    one, two = (1, t, h), ((1, heads, t, d), (1, kv, t, d))
+    out = {}
+    norm.weight.requires_grad_(False)
+    out["rms_norm"] = ops(norm, one) - ops(lambda x: x * 1, one) + 2  # x·1: a mul and its grad
+    norm.weight.requires_grad_(True)
+    out["rms_norm_trained"] = ops(norm, one) - ops(lambda x: x * 1, one) + 2
+    out["swiglu"] = ops(lambda g, u: act(g) * u, one, one) - ops(lambda g, u: g + u, one, one) + 3
+    out["rope"] = (
+        ops(lambda q, k: ml.apply_rotary_pos_emb(q, k, cos, sin), *two)
+        - ops(lambda q, k: (q * 1, k * 1), *two)
+        + 4
+    )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare with the file, write nothing")
@@ -302,11 +354,23 @@ def main() -> int:
         action="store_true",
         help="count each sdpa family's layer on a packed row too; exit 1 where it differs",
     )
+    p.add_argument(
+        "--liger",
+        action="store_true",
+        help="count what Liger's kernels replace in Llama; exit 1 where hostops.LIGER_OPS differs",
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.liger:
+        from zeroplan.hostops import LIGER_OPS
+
+        counted = liger_pieces()
+        for name, n in counted.items():
+            print(f"{name:17} Llama's own {n:3}, Liger's {LIGER_OPS[name][1]} (hostops)")
+        return 0 if all(LIGER_OPS[k][0] == n for k, n in counted.items()) else 1
     if args.packed:
         # the tolerance test_hostops holds the table to against a recount
         far = False

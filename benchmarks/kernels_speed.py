@@ -218,8 +218,13 @@ def launch(
     steps: int,
     timeout: float,
     extra: list[str],
+    spec: tuple[str, list[str], dict[str, Any]] | None = None,
+    code: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    method, options, changes = RUNS[name]
+    """One ``zeroplan launch`` of the plan with the run's changes (``spec``: RUNS[name]
+    unless given), from the zeroplan tree ``code`` (this one by default), with ``env``."""
+    method, options, changes = spec or RUNS[name]
     run = work / f"run-{name}"
     start = time.time()
     try:
@@ -227,6 +232,7 @@ def launch(
             "launch", str(variant_plan(plan, name, changes)), "--data", str(data), "-o", str(run),
             "--model", str(model), "--max-steps", str(steps), "--logging-steps", "1",
             "--save-steps", "100000", "--no-dashboard", *options, *extra, timeout=timeout,
+            code=code, env=env,
         )  # fmt: skip
         code, err = done.returncode, done.stderr
     except subprocess.TimeoutExpired as exc:

@@ -18,6 +18,7 @@ quote; ``--check`` exits 1 when one differs by more than a point (a test runs it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -36,7 +37,7 @@ from zeroplan import speed  # noqa: E402
 from zeroplan.hardware import parse_cluster, with_links  # noqa: E402
 from zeroplan.models import load_model  # noqa: E402
 from zeroplan.planner import PlanRequest, plan  # noqa: E402
-from zeroplan.trainsetup import TrainSetup  # noqa: E402
+from zeroplan.trainsetup import TrainSetup, parse_targets  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -112,6 +113,39 @@ RUNS = (
         )
     ),
 )  # fmt: skip
+
+
+# launched runs of benchmarks/host_speed.py (real vocabularies, each run's own setup): the
+# runs of this tree's launch loop only ("after"; "before" ran main's earlier loop)
+HOST_FILES = ("host_h100.jsonl",)
+
+
+def host_rows() -> list[tuple[str, TrainSetup, str, float, float]]:
+    """(label, setup, catalog, fill, measured real tokens/s) of every host_speed.py run of
+    this launch loop that trained."""
+    known = {f.name for f in dataclasses.fields(TrainSetup)}
+    out = []
+    for name in HOST_FILES:
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            # timed steps are what count: the first call's ranks aborted at exit, after their
+            # last step (the probe's profiler was left open), so returncode is 1 there
+            if r.get("tree") != "after" or (r.get("timed_steps") or 0) < 10:
+                continue
+            values = {k: v for k, v in r["setup"].items() if k in known}
+            values["lora_targets"] = tuple(
+                parse_targets(values["lora_targets"])
+                if isinstance(values["lora_targets"], str)
+                else values["lora_targets"]
+            )
+            gpu = "1xH200" if "H200" in r["gpu"] else "1xH100"
+            label = f"{r['run']} on {gpu} ({name})"
+            fill = r["batching"]["fill"]
+            out.append((label, TrainSetup(**values), r["model"], fill, r["tokens_per_s"]))
+    return out
 
 
 def main() -> int:
@@ -190,6 +224,19 @@ def main() -> int:
                     f"{s.micro_batch} x {s.grad_accum}, checkpointing {s.grad_ckpt}, fused loss "
                     f"{s.fused_loss}: {today.best.step.tokens_per_s:,.0f} tokens/s per position"
                 )
+    for label, setup, catalog, fill, measured in host_rows():
+        spec = load_model(str(ROOT / "zeroplan/catalog/models" / f"{catalog}.json"))
+        gpu = "1xH200" if "H200" in label else "1xH100"
+        step = speed.step_time(spec, setup, with_links(parse_cluster(gpu), cpu_cores_per_node=16))
+        predicted = step.tokens_per_s * fill
+        errors.append(predicted / measured - 1)
+        host_bound.append(step.host_bound)
+        print(
+            f"{catalog} {setup.method}, micro-batch {setup.micro_batch} x {setup.seq_len}, "
+            f"kernels {setup.kernels}, {label}{', host-bound' if step.host_bound else ''}: "
+            f"predicted {predicted:,.0f} real tokens/s, measured {measured:,.0f} "
+            f"({predicted / measured - 1:+.1%}, fill {fill:.3f})"
+        )
     drifted = False
     for bound, quoted in (
         (False, speed.LAUNCHED_P90_GPU_BOUND),

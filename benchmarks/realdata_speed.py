@@ -118,13 +118,18 @@ def full_records(n: int, n_words: int, seed: int = 2) -> list[dict[str, str]]:
 
 
 def zeroplan(
-    *args: str, timeout: float | None = None, env: dict[str, str] | None = None
+    *args: str,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    code: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """``python -m zeroplan ARGS`` run from the tree ``code`` (this one by default: ``-m``
+    imports the package of the working directory first)."""
     return subprocess.run(
         [sys.executable, "-m", "zeroplan", *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=code or ROOT,
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )

@@ -106,3 +106,37 @@ def test_the_moe_layer_count_is_the_grouped_mm_path(model_type: str) -> None:
     assert {op: ops.get(op) for op in routing} == routing
     assert ops["index"] == ops["index_put"] == 3
     assert sum(ops.values()) == hostops.host_ops(model_type).layer_frozen
+
+
+def test_liger_takes_what_its_kernels_replace_off_the_host_count() -> None:
+    """Per Llama layer: two RMSNorms (22 operations each, Liger's 4), SiLU·mul (5 and 3)
+    and rotary (24 and 6): 56 of a frozen layer's 107; the final norm once more."""
+    llama = load_model("meta-llama/Llama-3.2-1B")
+    plain = TrainSetup(method="lora", lora_dropout=0.0)
+    fast = TrainSetup(method="lora", lora_dropout=0.0, kernels="liger")
+    saved = host_operations(llama, plain) - host_operations(llama, fast)
+    assert saved == llama.num_layers * (2 * 18 + 2 + 18) + 18
+    # Qwen3's q/k norms are Liger's too; full fine-tuning's norms train (24 and 7)
+    qwen3 = load_model("Qwen/Qwen3-0.6B")
+    full, full_fast = TrainSetup(method="full"), TrainSetup(method="full", kernels="liger")
+    per_layer = 4 * 17 + 2 + 18
+    assert host_operations(qwen3, full) - host_operations(qwen3, full_fast) == (
+        qwen3.num_layers * per_layer + 17
+    )
+    # an architecture whose modules were not counted keeps its count under Liger
+    gemma3 = load_model("google/gemma-3-1b-it")
+    g_plain = TrainSetup(method="lora")
+    assert host_operations(gemma3, g_plain) == host_operations(
+        gemma3, TrainSetup(method="lora", kernels="liger")
+    )
+
+
+def test_what_liger_replaces_is_what_llamas_modules_dispatch() -> None:
+    """hostops.LIGER_OPS' own side is a count (count_host_ops.py --liger) of the installed
+    Llama modules that Liger's kernels take the place of."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_host_ops
+
+    counted = count_host_ops.liger_pieces()
+    assert counted == {name: own for name, (own, _) in hostops.LIGER_OPS.items()}

@@ -93,7 +93,7 @@ def test_liger_act_bytes_gives_the_measured_speed_ratio() -> None:
     assert 1.0 < norms_only.tokens_per_s / plain.tokens_per_s < measured - 0.05
 
 
-def test_liger_is_never_slower_and_leaves_a_host_bound_step_as_it_was() -> None:
+def test_liger_is_never_slower_and_takes_its_operations_off_the_host() -> None:
     cluster = resolve_cluster("1xH100")
     for name, mb in (("meta-llama/Llama-3.2-1B", 1), (MODEL, 4), ("Qwen/Qwen3-4B", 8)):
         spec = load_model(name)
@@ -103,7 +103,7 @@ def test_liger_is_never_slower_and_leaves_a_host_bound_step_as_it_was() -> None:
             a = speed.step_time(spec, plain, cluster)
             b = speed.step_time(spec, fast, cluster)
             assert b.tokens_per_s >= a.tokens_per_s
-            assert b.host_micro_s == a.host_micro_s  # host operations not recounted
+            assert b.host_micro_s < a.host_micro_s  # fewer operations dispatched
             assert (
                 estimate(spec, cluster, fast).peak_allocated_bytes
                 < estimate(spec, cluster, plain).peak_allocated_bytes

@@ -16,6 +16,26 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+# Liger's kernels (``kernels="liger"``) in place of the model's own modules, per call of one
+# forward and backward: (operations the model's module dispatches, operations Liger's
+# dispatches). The model's are counted as the table is (``count_host_ops.py --liger``:
+# Llama's RMSNorm with a frozen and with a trained weight, SiLU·mul, rotary on q and k);
+# Liger 0.8.5's are read off its source (ops/rms_norm.py, swiglu.py, rope.py), each Triton
+# launch one operation: its RMSNorm allocates the output and the per-row rstd and launches,
+# and backward launches writing the input's gradient in place of the output's (a trained
+# weight adds the per-SM partial sums, their sum and the cast: 7); SiLU·mul allocates its
+# output and launches, backward launches in place; RoPE copies q and k contiguous and
+# launches, each way.
+LIGER_OPS = {
+    "rms_norm": (22, 4),
+    "rms_norm_trained": (24, 7),
+    "swiglu": (5, 3),
+    "rope": (24, 6),
+}
+# The architectures whose RMSNorm, gated MLP and rotary are Llama's modules (the ones
+# counted above); others' Liger steps keep their own count on the host's clock.
+LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
+
 # Multimodal checkpoints whose text tower is another family's decoder.
 _TEXT_TOWER = {"gemma3": "gemma3_text"}
 # What an architecture without a count is taken for (the fitted rows' own).

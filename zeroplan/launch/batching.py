@@ -235,14 +235,22 @@ def varlen_attention_forward(
     return out.unsqueeze(0), None
 
 
-def varlen_takes_window() -> bool:
-    """Whether torch's varlen kernel takes a window (``window_size``: torch ≥ 2.12; 2.11,
-    the GPU image's, has only ``is_causal``)."""
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """varlen_attn's keyword names, read once (none without the kernel): the attention of
+    every layer asks, and an inspect.signature a call is host time the packed step does not
+    need."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return "window_size" in inspect.signature(varlen_attn).parameters
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_takes_window() -> bool:
+    """Whether torch's varlen kernel takes a window (``window_size``: torch ≥ 2.12; 2.11,
+    the GPU image's, has only ``is_causal``)."""
+    return "window_size" in _varlen_params()
 
 
 def _causal_kwargs(left: int = -1) -> dict[str, Any]:
@@ -266,7 +274,7 @@ def gqa_native() -> bool:
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if "enable_gqa" in _varlen_params():
         return True
     try:
         q = torch.randn(16, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -294,7 +302,7 @@ def _flash_varlen(
 ) -> Any:
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     kw = _causal_kwargs(left)
     if groups > 1:
         if "enable_gqa" in params:

@@ -67,6 +67,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
+from zeroplan.launch import hostloop
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
@@ -361,6 +362,8 @@ def training_kwargs(
         "deepspeed": str(ds_path) if ds_path is not None else None,
         "ddp_find_unused_parameters": False,
         "use_liger_kernel": False,  # Liger's FLCE is applied to the model itself (fused_loss)
+        # no wait for the GPU inside a step: non-blocking batch copies, no NaN filter's read
+        **hostloop.sync_free_kwargs(cuda),
         # the data are tokenized and masked by zeroplan.launch.data: TRL must not re-tokenize,
         # truncate or pack them
         "dataset_kwargs": {"skip_prepare_dataset": True},
@@ -684,6 +687,10 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     )
     trainer.zp_tokens = counter
     adapter_dtype = _restore_adapter_dtype(trainer.model, setup)
+    if not trainer.is_deepspeed_enabled:
+        # DeepSpeed's engine keeps its own gradient buffers and clips them itself
+        trainer.zp_trainable = hostloop.trainable(trainer.model)
+        hostloop.LeanWalks(trainer.zp_trainable).install(trainer.model)
     if kernel_path.compile:
         # after PEFT: the compiled layers hold the adapters
         regional = zkernels.RegionalCompile(warn=_say if rank == 0 else lambda _: None)
@@ -700,6 +707,11 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         )
         applied["batching"] = batching.to_dict()
         applied["kernels"] = kernel_path.to_dict()
+        # what the Trainer's loop was spared each step (hostloop): its waits and walks
+        applied["host_loop"] = {
+            **hostloop.sync_free_kwargs(cuda),
+            "lean_walks": trainer.zp_trainable is not None,
+        }
         if batching.attn_impl != setup.attn:
             applied["attn_implementation"] = batching.attn_impl
         applied.update(
@@ -1111,6 +1123,28 @@ def lean_trainer_class() -> Any:
     class LeanSFTTrainer(SFTTrainer):
         zp_tokens: Counter | None = None
         zp_compile: zkernels.RegionalCompile | None = None
+        zp_trainable: list[Any] | None = None  # hostloop.trainable, without DeepSpeed
+        zp_params: int | None = None
+
+        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+            """Trainer's count, 6 · tokens · non-embedding parameters, with the parameters
+            counted once: the Trainer counts them again every micro-batch, a walk over every
+            module and parameter (hostloop)."""
+            model: Any = self.model
+            main = getattr(model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(model, "num_parameters"):
+                return 0
+            if self.zp_params is None:
+                self.zp_params = int(model.num_parameters(exclude_embeddings=True))
+            return 6 * int(inputs[main].numel()) * self.zp_params
+
+        def _clip_grad_norm(self, model: Any) -> Any:
+            """Clip over the parameters that train (frozen ones hold no gradient): the
+            same norm and the same scaling, without a walk over every parameter."""
+            if self.zp_trainable is None or self.is_fsdp_enabled:
+                parent: Any = super()._clip_grad_norm  # transformers' is untyped
+                return parent(model)
+            return self.accelerator.clip_grad_norm_(self.zp_trainable, self.args.max_grad_norm)
 
         def training_step(
             self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None

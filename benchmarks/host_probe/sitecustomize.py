@@ -1,0 +1,218 @@
+"""A probe of the launched training process (benchmarks/host_speed.py puts this folder first
+on PYTHONPATH; it does nothing unless ZEROPLAN_HOST_PROBE names a JSON file to write).
+
+It times on the host what transformers' Trainer does each optimizer step (the seconds spent
+inside each of its methods, no GPU sync added), lists where the host waited for the GPU
+(torch's sync debug mode over two steps: file, line and count of every synchronising call),
+and runs torch.profiler over two more (kernels, ATen operations and GPU-busy seconds a
+step). The Trainer is patched when ``transformers.trainer`` is first imported, so the probe
+reads whichever zeroplan tree launched the run, before and after alike.
+
+    ZEROPLAN_HOST_PROBE=/tmp/run/probe.json  ZEROPLAN_HOST_PROBE_STEPS=14  (first probed step)
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from typing import Any
+
+PATH = os.environ.get("ZEROPLAN_HOST_PROBE")
+FIRST = int(os.environ.get("ZEROPLAN_HOST_PROBE_STEPS", "14"))
+# the Trainer's (and TRL's / zeroplan's subclasses') methods timed, each call's host seconds
+TIMED = (
+    "get_batch_samples",
+    "training_step",
+    "_prepare_inputs",
+    "compute_loss",
+    "floating_point_ops",
+    "_clip_grad_norm",
+    "_get_grad_norm",
+    "_maybe_log_save_evaluate",
+)
+
+
+class _Probe:
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = defaultdict(float)
+        self.t_begin: float | None = None
+        self.syncs: Counter[str] = Counter()
+        self.sync_steps = 0
+        self.profile: dict[str, Any] = {}
+        self.prof: Any = None
+        self.step = 0
+        self.mark = 0.0
+        self.prof_t = 0.0
+
+    def timed(self, name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[name] += time.perf_counter() - t
+
+        return wrapper
+
+    def begin(self) -> None:
+        import torch
+
+        now = time.perf_counter()
+        if self.t_begin is not None:
+            self.current["wall"] = now - self.t_begin
+            self.steps.append(dict(self.current))
+        self.current = defaultdict(float)
+        self.t_begin = now
+        self.step += 1
+        if not torch.cuda.is_available():
+            return
+        if self.step == FIRST:
+            torch.cuda.set_sync_debug_mode(1)
+            warnings.simplefilter("always")
+            warnings.showwarning = self.on_warning
+        if self.step == FIRST + 2:
+            torch.cuda.set_sync_debug_mode(0)
+            self.sync_steps = 2
+            self.prof = torch.profiler.profile(
+                activities=[
+                    torch.profiler.ProfilerActivity.CPU,
+                    torch.profiler.ProfilerActivity.CUDA,
+                ]
+            )
+            self.prof.__enter__()
+            self.prof_t = now
+        if self.step == FIRST + 4:
+            self.stop_profile()
+
+    def stop_profile(self) -> None:
+        """Close the profiler (also at the run's end: one left open at exit aborted the
+        rank after its last step in the first GPU call, host_h100.jsonl's returncode 1)."""
+        if self.prof is None:
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.profile = self.summarise(self.prof, time.perf_counter() - self.prof_t, 2)
+        self.prof = None
+
+    def on_warning(self, message: Any, category: Any, filename: str, lineno: int, *a: Any) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [
+            f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+            for f in traceback.extract_stack()[:-1]
+            if "sitecustomize" not in f.filename and "/warnings" not in f.filename
+        ]
+        self.syncs[" < ".join(reversed(frames[-4:]))] += 1
+
+    @staticmethod
+    def summarise(prof: Any, wall: float, steps: int) -> dict[str, Any]:
+        kernels = gpu_us = ops = 0
+        for e in prof.events():
+            kind = str(getattr(e, "device_type", ""))
+            if "CUDA" in kind:
+                kernels += 1
+                gpu_us += e.device_time_total if hasattr(e, "device_time_total") else 0
+            elif e.name.startswith("aten::"):
+                ops += 1
+        top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        return {
+            "steps": steps,
+            "wall_s_per_step": wall / steps,
+            "kernels_per_step": kernels / steps,
+            "gpu_busy_s_per_step": gpu_us / 1e6 / steps,
+            "aten_ops_per_step": ops / steps,
+            "top_self_cpu": top,
+        }
+
+    def write(self) -> None:
+        if not PATH:
+            return
+        steady = self.steps[3 : FIRST - 1] if len(self.steps) >= FIRST else self.steps[3:]
+        phases: dict[str, float] = {}
+        for row in steady:
+            for k, v in row.items():
+                phases[k] = phases.get(k, 0.0) + v / max(1, len(steady))
+        out = {
+            "probed_steps": len(steady),
+            "mean_host_seconds": phases,
+            "steps": self.steps,
+            "syncs_per_step": {k: v / max(1, self.sync_steps) for k, v in self.syncs.items()},
+            "profile": self.profile,
+        }
+        with open(PATH, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+PROBE = _Probe()
+
+
+def _patch(module: Any) -> None:
+    trainer_cls = module.Trainer
+    init = trainer_cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for name in TIMED:
+            fn = getattr(self, name, None)
+            if fn is not None:
+                setattr(self, name, PROBE.timed(name, fn))
+        acc = self.accelerator
+        acc.backward = PROBE.timed("backward", acc.backward)
+        from transformers import TrainerCallback
+
+        class ProbeCallback(TrainerCallback):  # type: ignore[misc]
+            def on_step_begin(self, *a: Any, **k: Any) -> None:
+                PROBE.begin()
+
+            def on_pre_optimizer_step(self, *a: Any, **k: Any) -> None:
+                PROBE.mark = time.perf_counter()
+
+            def on_optimizer_step(self, *a: Any, **k: Any) -> None:
+                PROBE.current["optimizer"] += time.perf_counter() - PROBE.mark
+                PROBE.mark = time.perf_counter()
+
+            def on_step_end(self, *a: Any, **k: Any) -> None:
+                # scheduler, zero_grad and the step-end callbacks
+                PROBE.current["after_optimizer"] += time.perf_counter() - PROBE.mark
+
+            def on_train_end(self, *a: Any, **k: Any) -> None:
+                PROBE.stop_profile()
+                PROBE.write()
+
+        self.add_callback(ProbeCallback())
+
+    trainer_cls.__init__ = __init__
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Patches transformers.trainer right after it loads."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "transformers.trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def run(module: Any) -> None:
+            exec_module(module)
+            _patch(module)
+
+        spec.loader.exec_module = run  # type: ignore[method-assign]
+        sys.meta_path.remove(self)
+        return spec
+
+
+if PATH:
+    sys.meta_path.insert(0, _Finder())
