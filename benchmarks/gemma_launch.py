@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import tinyllm  # noqa: E402
 from gpu_fixtures import build_model, metrics, records, versions, write_plan  # noqa: E402
+from kernels_speed import path_prediction  # noqa: E402
 
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
@@ -122,6 +123,12 @@ def row(name: str, work: Path, plan: Path, rc: int, wall: float) -> dict[str, An
         "setup": best["setup"],
         "predicted_peak_allocated_bytes": best["peak_allocated_bytes"],
         "predicted_peak_phase": best.get("peak_phase"),
+        # the plan's prediction is for its own kernels; --kernels none runs another path
+        **(
+            path_prediction(json.loads(plan.read_text()), {}, applied, work / RUNS[name][0])
+            if applied
+            else {}
+        ),
         "measured_peak_allocated_bytes": max(peaks[1:]) if len(peaks) > 1 else None,
         "peaks": peaks,
         "kernels": applied.get("kernels"),
@@ -232,7 +239,8 @@ def main() -> None:
         r["env"] = env
         with args.out.open("a") as f:
             f.write(json.dumps(r) + "\n")
-        m, e = r["measured_peak_allocated_bytes"], r["predicted_peak_allocated_bytes"]
+        m = r["measured_peak_allocated_bytes"]
+        e = r.get("path_predicted_peak_allocated_bytes") or r["predicted_peak_allocated_bytes"]
         print(name, "rc", rc, "measured", m, "predicted", e,
               f"{(e - m) / m:+.1%}" if m else "", "trace", bool(r["trace"]), flush=True)  # fmt: skip
         if rc:

@@ -2,7 +2,7 @@
 model whose window binds, whether an explicit varlen is refused there, and whether each path
 it can take gives every packed record the logits of transformers' own eager sliding
 attention on that record alone (tiny Mistral and Gemma 3, window 6, records up to 30
-tokens, fp32 on the device; the varlen case only where torch's kernel takes a window).
+tokens, bf16 on a GPU and fp32 on a CPU; the varlen case only where torch's kernel takes a window).
 
     python benchmarks/window_check.py --out $OUT/window_check.jsonl
 
@@ -57,7 +57,9 @@ def model(cfg: dict[str, Any], attn: str, device: str) -> Any:
     torch.manual_seed(0)
     c = transformers.AutoConfig.for_model(**cfg, attn_implementation=attn)
     c.use_cache = False
-    return transformers.AutoModelForCausalLM.from_config(c, dtype=torch.float32).to(device).eval()
+    # the flash varlen kernel takes only fp16/bf16 (the first GPU call failed on fp32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return transformers.AutoModelForCausalLM.from_config(c, dtype=dtype).to(device).eval()
 
 
 def max_diff(cfg: dict[str, Any], kernel: str, device: str) -> float:

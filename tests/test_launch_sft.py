@@ -619,8 +619,8 @@ def test_sliding_window_models_pack_with_the_mask_where_varlen_has_no_window(
 ) -> None:
     """Sliding layers whose window is shorter than the records: auto packs them under the
     block mask (what the plan counted: trainsetup.packed_attention); an explicit varlen is
-    refused in one line on a GPU whose torch's kernel takes no window (2.11), kept where it
-    takes one (>= 2.12) and on the CPU (the reference applies the window)."""
+    refused in one line on a GPU whose torch's kernel takes no window (an older one), kept where it
+    takes one (window_size) and on the CPU (the reference applies the window)."""
     from zeroplan.errors import BadSetupError
     from zeroplan.launch import batching as zbatch
     from zeroplan.launch import data as zdata

@@ -336,9 +336,10 @@ def packed_attention(model_type: str, sliding_window: int | None, seq_len: int) 
     or ``mask`` (micro_batch rows of seq_len, transformers' block-diagonal mask).
 
     The mask for models the varlen kernel would train differently: Gemma-2's soft-capped
-    scores (NO_SDPA_MODEL_TYPES), and sliding layers whose window binds (window_binds):
-    torch 2.11's kernel takes no window, and the plan is made without knowing the launch's
-    torch (≥ 2.12 takes one: ``--packed-attention varlen`` runs it there)."""
+    scores (NO_SDPA_MODEL_TYPES), and sliding layers whose window binds (window_binds): the
+    mask applies the window on any torch and was measured on a GPU (Gemma 3 1B launched,
+    −1.6%), where the varlen kernel's window (``window_size``, which the GPU image's torch
+    2.11 takes) has not been checked on a GPU yet; ``--packed-attention varlen`` runs it."""
     if model_type in NO_SDPA_MODEL_TYPES or window_binds(sliding_window, seq_len):
         return "mask"
     return "varlen"
@@ -366,7 +367,7 @@ def window_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
     return (
         f"{spec.model_type}: sliding layers see {spec.sliding_window} tokens, fewer than seq "
         f"{setup.seq_len}: zeroplan launch packs it under the block mask (rows of seq "
-        f"tokens; torch 2.11's varlen kernel takes no window){counted}"
+        f"tokens, which apply the window on any torch){counted}"
     )
 
 

@@ -248,13 +248,13 @@ def _varlen_params() -> frozenset[str]:
 
 
 def varlen_takes_window() -> bool:
-    """Whether torch's varlen kernel takes a window (``window_size``: torch ≥ 2.12; 2.11,
-    the GPU image's, has only ``is_causal``)."""
+    """Whether torch's varlen kernel takes a window (``window_size``: the GPU image's torch
+    2.11.0 does, benchmarks/results/gemma_h100.jsonl; an older one has only ``is_causal``)."""
     return "window_size" in _varlen_params()
 
 
 def _causal_kwargs(left: int = -1) -> dict[str, Any]:
-    # torch ≥ 2.12: causal is a window of (left, 0), (-1, 0) unlimited; before, an is_causal
+    # with window_size: causal is a window of (left, 0), (-1, 0) unlimited; before, an is_causal
     # flag and no window: choose_packed_attention keeps a model whose window is shorter than
     # its records off that kernel before the run (not here: a row's padding segment may be
     # longer than the window with every record inside it)
@@ -354,8 +354,8 @@ def choose_packed_attention(
     - Gemma-2 (trainsetup.NO_SDPA_MODEL_TYPES): torch's varlen kernel has no soft-cap; its
       rows keep the plan's attention (eager) under the mask.
     - sliding layers whose window (``sliding_window``, tokens a query sees) is shorter than
-      the records (``seq_len``) on a GPU whose torch's kernel takes no window (2.11); from
-      torch 2.12 the kernel applies it (varlen_attention_forward)."""
+      the records (``seq_len``) on a GPU whose torch's kernel takes no window; where it
+      takes one (``window_size``) the kernel applies it (varlen_attention_forward)."""
     if requested not in PACKED_ATTENTION:
         raise ValueError(f"packed attention must be one of {', '.join(PACKED_ATTENTION)}")
     why = NO_SDPA_MODEL_TYPES.get(model_type)
@@ -371,7 +371,7 @@ def choose_packed_attention(
         raise BadSetupError(
             f"--packed-attention varlen: {model_type or 'the model'}'s sliding layers see "
             f"{sliding_window} tokens, fewer than --seq-len {seq_len}, and torch "
-            f"{torch.__version__}'s varlen kernel takes no window (torch >= 2.12 does), so "
+            f"{torch.__version__}'s varlen kernel takes no window (a newer torch's does), so "
             "longer records would attend to all of themselves: use --packed-attention mask "
             "(or auto)"
         )
