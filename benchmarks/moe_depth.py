@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parent))
 from count_host_ops import dispatched  # noqa: E402
 from measure_memory import build_model, environment, make_optimizer  # noqa: E402
 from moe_grid import Device, model_args, set_ckpt  # noqa: E402
-from moe_speed import ATTN, SHAPES, config_of, timed  # noqa: E402
+from moe_speed import ATTN, SHAPES, config_of, failures_recorded, timed  # noqa: E402
 
 # shape (moe_speed.SHAPES) -> the depths timed (the model is built at the deepest) and the
 # target sets: attention q,k,v,o (dropout 0.05) and all-linear (dropout 0); Mixtral's
@@ -180,15 +180,10 @@ def measure(
                 oom=False,
                 error=None,
             )
-            try:
+            with failures_recorded(dev, optimizer, row):
                 set_ckpt(model, ckpt)
                 walls, dispatch = timed(dev, model, optimizer, trainable, vocab, mb, seq)
                 row.update(warmup_steps=2, step_seconds=walls, dispatch_seconds=dispatch)
-            except dev.torch.OutOfMemoryError as exc:
-                row.update(oom=True, error=str(exc).splitlines()[0][:300])
-                optimizer.zero_grad(set_to_none=True)
-            except Exception as exc:  # a failure is a result; the next configuration runs
-                row.update(error=f"{type(exc).__name__}: {exc}"[:400])
             write(row)
     del model, optimizer, trainable
     dev.free()

@@ -25,9 +25,11 @@ the mean says how evenly).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +209,7 @@ def measure(
     vocab = cfg["vocab_size"]
     for ckpt, mb, seq, prof in configs:
         row = dict(row0, grad_ckpt=ckpt, micro_batch=mb, seq_len=seq, oom=False, error=None)
-        try:
+        with failures_recorded(dev, optimizer, row):
             set_ckpt(model, ckpt)
             dev.free()
             dev.reset()
@@ -221,14 +223,22 @@ def measure(
             if prof:
                 row["profile"] = profiled(dev, model, optimizer, trainable, vocab, mb, seq)
                 row["balance"] = routing_balance(dev, model, vocab, mb, seq)
-        except dev.torch.OutOfMemoryError as exc:
-            row.update(oom=True, error=str(exc).splitlines()[0][:300])
-            optimizer.zero_grad(set_to_none=True)
-        except Exception as exc:  # a failure is a result; the next configuration still runs
-            row.update(error=f"{type(exc).__name__}: {exc}"[:400])
         write(row)
     del model, optimizer, trainable
     dev.free()
+
+
+@contextlib.contextmanager
+def failures_recorded(dev: Device, optimizer: Any, row: dict[str, Any]) -> Iterator[None]:
+    """Running out of memory, or any other failure, inside the block is written into the
+    configuration's row as its result; the next configuration still runs."""
+    try:
+        yield
+    except dev.torch.OutOfMemoryError as exc:
+        row.update(oom=True, error=str(exc).splitlines()[0][:300])
+        optimizer.zero_grad(set_to_none=True)
+    except Exception as exc:  # a failure is a result
+        row.update(error=f"{type(exc).__name__}: {exc}"[:400])
 
 
 def main() -> None:

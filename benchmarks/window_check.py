@@ -24,31 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import tinyllm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from zeroplan.errors import BadSetupError  # noqa: E402
 from zeroplan.launch import batching  # noqa: E402
 
-BASE: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "vocab_size": 300,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-}
-WINDOW = 6
-MODELS: dict[str, dict[str, Any]] = {
-    "mistral": {**BASE, "model_type": "mistral", "sliding_window": WINDOW},
-    "gemma3_text": {
-        **BASE,
-        "model_type": "gemma3_text",
-        "head_dim": 16,
-        "sliding_window": WINDOW,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
-}
+BASE = tinyllm.SLIDING_CONFIGS["mistral"]
+WINDOW = tinyllm.SLIDING_WINDOW
+MODELS = tinyllm.SLIDING_CONFIGS
 LENGTHS = [20, 7, 13, 30, 5, 11, 17]
 CAP = 32
 

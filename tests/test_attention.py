@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_recipes import run
 
 from zeroplan import recipes
-from zeroplan.commands.cli import main
 from zeroplan.errors import BadSetupError
 from zeroplan.hardware import parse_cluster
 from zeroplan.memory import estimate
@@ -29,16 +29,6 @@ from zeroplan.trainsetup import (
 GEMMA2 = load_model("google/gemma-2-9b-it")
 LLAMA = load_model("meta-llama/Llama-3.2-1B")
 H100 = parse_cluster("1xH100")
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_unset_attention_is_the_models_default() -> None:

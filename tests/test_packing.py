@@ -51,6 +51,8 @@ def test_padded_fill_and_steps() -> None:
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import tinyllm  # noqa: E402
+
 from zeroplan.launch import batching  # noqa: E402
 
 TINY: dict[str, Any] = {
@@ -232,17 +234,8 @@ def test_flash_varlen_matches_per_sample_sdpa_on_gpu() -> None:
 
 # --------------------------------------------------------------------------- sliding windows
 
-WINDOW = 6  # tokens a sliding layer's query sees, itself included; records run to 30
-SLIDING: dict[str, dict[str, Any]] = {
-    "mistral": {**TINY, "model_type": "mistral", "sliding_window": WINDOW},
-    "gemma3_text": {
-        **TINY,
-        "model_type": "gemma3_text",
-        "head_dim": 16,
-        "sliding_window": WINDOW,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
-}
+WINDOW = tinyllm.SLIDING_WINDOW  # tokens a sliding layer's query sees, itself included
+SLIDING = tinyllm.SLIDING_CONFIGS  # records run to 30 tokens
 
 
 def sliding_model(model_type: str, attn: str) -> Any:

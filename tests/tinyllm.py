@@ -50,6 +50,29 @@ TINY_LLAMA: dict[str, Any] = {
 }
 
 
+# Tiny configs of models with sliding layers (tests/test_packing.py, benchmarks/window_check.py):
+# a 6-token window, records up to 30 tokens, so the window binds
+SLIDING_WINDOW = 6
+_SLIDING_BASE: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 300,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
+SLIDING_CONFIGS: dict[str, dict[str, Any]] = {
+    "mistral": {**_SLIDING_BASE, "model_type": "mistral", "sliding_window": SLIDING_WINDOW},
+    "gemma3_text": {
+        **_SLIDING_BASE,
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "sliding_window": SLIDING_WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+
 def build_tokenizer(template: str | None = TEMPLATE) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
