@@ -31,7 +31,7 @@ import transformers  # noqa: E402
 from zeroplan.errors import BadSetupError  # noqa: E402
 from zeroplan.launch import batching  # noqa: E402
 
-BASE = tinyllm.SLIDING_CONFIGS["mistral"]
+BASE = tinyllm.TINY_DECODER
 WINDOW = tinyllm.SLIDING_WINDOW
 MODELS = tinyllm.SLIDING_CONFIGS
 LENGTHS = [20, 7, 13, 30, 5, 11, 17]

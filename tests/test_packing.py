@@ -55,15 +55,7 @@ import tinyllm  # noqa: E402
 
 from zeroplan.launch import batching  # noqa: E402
 
-TINY: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "vocab_size": 300,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-}
+TINY: dict[str, Any] = {**tinyllm.TINY_DECODER, "model_type": "llama"}
 
 
 def tiny_model(attn: str) -> Any:

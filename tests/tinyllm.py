@@ -53,7 +53,8 @@ TINY_LLAMA: dict[str, Any] = {
 # Tiny configs of models with sliding layers (tests/test_packing.py, benchmarks/window_check.py):
 # a 6-token window, records up to 30 tokens, so the window binds
 SLIDING_WINDOW = 6
-_SLIDING_BASE: dict[str, Any] = {
+# a two-layer decoder of any family small enough for a CPU test
+TINY_DECODER: dict[str, Any] = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "vocab_size": 300,
@@ -62,9 +63,9 @@ _SLIDING_BASE: dict[str, Any] = {
     "intermediate_size": 128,
 }
 SLIDING_CONFIGS: dict[str, dict[str, Any]] = {
-    "mistral": {**_SLIDING_BASE, "model_type": "mistral", "sliding_window": SLIDING_WINDOW},
+    "mistral": {**TINY_DECODER, "model_type": "mistral", "sliding_window": SLIDING_WINDOW},
     "gemma3_text": {
-        **_SLIDING_BASE,
+        **TINY_DECODER,
         "model_type": "gemma3_text",
         "head_dim": 16,
         "sliding_window": SLIDING_WINDOW,
