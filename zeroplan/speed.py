@@ -581,9 +581,17 @@ def lora_share(setup: TrainSetup) -> float:
 
     Dropout 0 counted, not fitted: on one H100, Llama-3.2-3B LoRA, ZeRO-0, Liger, 16 × 704
     packed tokens, it measured 1.075× the tokens/s of dropout 0.05 (22,164 → 23,816), where
-    this predicts 1.081× (benchmarks/results/kernels_heldout_h100.jsonl)."""
+    this predicts 1.081× (benchmarks/results/kernels_heldout_h100.jsonl).
+
+    QLoRA at dropout 0: 1 − BF16_LORA_SHARE, counted, not fitted: PEFT's 4-bit layer casts
+    nothing under autocast (``requires_conversion`` is false) and under DeepSpeed its
+    adapters are bf16, so its dropout runs on the bf16 input, the same pass DeepSpeed's bf16
+    adapters make (BF16_LORA_SHARE); at p = 0 that pass is gone and the rest (the layer's
+    defensive copy of its output, ...) stays."""
     if setup.deepspeed and setup.method == "lora":
         return BF16_LORA_SHARE if setup.lora_dropout > 0 else 0.0
+    if setup.method == "qlora" and setup.lora_dropout == 0:
+        return 1.0 - BF16_LORA_SHARE
     return 1.0
 
 
