@@ -106,14 +106,7 @@ def steps(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def fit(all_rows: list[dict[str, Any]]) -> float:
     """NEW_SHAPE_S: the median excess of the FIT trainers' new-shape steps (no events)."""
-    excess = [
-        s["excess"]
-        for r in all_rows
-        if r["trainer"] in FIT and not held_out_shape(r)
-        for s in steps(r)
-        if s["new"] and s["excess"] < EVENT_S
-    ]
-    return statistics.median(excess)
+    return statistics.median(new_shape_excess(all_rows, held_out=False))
 
 
 def held_out_shape(row: dict[str, Any]) -> bool:
@@ -121,21 +114,44 @@ def held_out_shape(row: dict[str, Any]) -> bool:
     return any(v.startswith("mb") for v in row["run"].split("+")[1:])
 
 
+def is_held_out(row: dict[str, Any]) -> bool:
+    """A run no fit saw: another trainer's, or a held-out shape."""
+    return row["trainer"] not in FIT or held_out_shape(row)
+
+
+def new_shape_excess(all_rows: list[dict[str, Any]], held_out: bool) -> list[float]:
+    """The excess of every new-shape step without a trainer event, of the held-out runs or
+    of the fitted ones."""
+    return [
+        s["excess"]
+        for r in all_rows
+        if is_held_out(r) == held_out
+        for s in steps(r)
+        if s["new"] and s["excess"] < EVENT_S
+    ]
+
+
 def run_rate(row: dict[str, Any], new_shape_s: float) -> dict[str, Any]:
     """Measured and predicted real tokens/s over the timed steps, with and without events."""
     timed = [s for s in steps(row) if s["step"] > WARMUP]
     events = [s for s in timed if s["excess"] >= EVENT_S]
-    real = sum(s["real"] for s in timed)
-    predicted_s = sum(s["predicted"] + (new_shape_s if s["new"] else 0.0) for s in timed)
     quiet = [s for s in timed if s["excess"] < EVENT_S]
+
+    def rates(some: list[dict[str, Any]]) -> tuple[float, float]:
+        """Measured and predicted real tokens/s over these steps."""
+        real = sum(s["real"] for s in some)
+        predicted = sum(s["predicted"] + (new_shape_s if s["new"] else 0.0) for s in some)
+        return real / sum(s["seconds"] for s in some), real / predicted
+
+    measured, predicted = rates(timed)
+    measured_quiet, predicted_quiet = rates(quiet)
     return {
         "run": row["run"],
-        "held_out": row["trainer"] not in FIT or held_out_shape(row),
-        "measured": real / sum(s["seconds"] for s in timed),
-        "predicted": real / predicted_s,
-        "measured_quiet": sum(s["real"] for s in quiet) / sum(s["seconds"] for s in quiet),
-        "predicted_quiet": sum(s["real"] for s in quiet)
-        / sum(s["predicted"] + (new_shape_s if s["new"] else 0.0) for s in quiet),
+        "held_out": is_held_out(row),
+        "measured": measured,
+        "predicted": predicted,
+        "measured_quiet": measured_quiet,
+        "predicted_quiet": predicted_quiet,
         "events": len(events),
         "event_s": sum(s["excess"] for s in events),
         "timed": len(timed),
@@ -152,13 +168,7 @@ def main() -> None:
     print(
         f"NEW_SHAPE_S fitted on {', '.join(FIT)}: {new_shape_s:.4f} s (shipped {speed.NEW_SHAPE_S})"
     )
-    held = [
-        s["excess"]
-        for r in all_rows
-        if r["trainer"] not in FIT or held_out_shape(r)
-        for s in steps(r)
-        if s["new"] and s["excess"] < EVENT_S
-    ]
+    held = new_shape_excess(all_rows, held_out=True)
     if held:
         print(
             f"held-out new-shape steps: median excess {statistics.median(held):.4f} s (n={len(held)})"

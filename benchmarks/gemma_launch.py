@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import tinyllm  # noqa: E402
 from gpu_fixtures import build_model, metrics, records, versions, write_plan  # noqa: E402
-from kernels_speed import path_prediction  # noqa: E402
+from kernels_speed import _write, path_prediction  # noqa: E402
 
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
@@ -227,8 +227,7 @@ def main() -> None:
     tinyllm.write_jsonl(args.work / "data.jsonl", records(args.records, 60, args.max_words))
     started = {n: start(n, args.work, args) for n in names}
     env = gpu_env()
-    with args.out.open("a") as f:
-        f.write(json.dumps(probe() | {"env": env}) + "\n")
+    _write(args.out, probe() | {"env": env})
     for name, (proc, plan, t) in started.items():
         try:
             rc = proc.wait(timeout=max(1.0, args.timeout - (time.time() - t)))
@@ -237,8 +236,7 @@ def main() -> None:
             rc = proc.wait(timeout=30)
         r = row(name, args.work, plan, rc, time.time() - t)
         r["env"] = env
-        with args.out.open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        _write(args.out, r)
         m = r["measured_peak_allocated_bytes"]
         e = r.get("path_predicted_peak_allocated_bytes") or r["predicted_peak_allocated_bytes"]
         print(name, "rc", rc, "measured", m, "predicted", e,

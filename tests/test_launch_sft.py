@@ -648,7 +648,7 @@ def test_sliding_window_models_pack_with_the_mask_where_varlen_has_no_window(
 
 
 def test_launch_reads_the_window_the_plan_reads(tmp_path: Path) -> None:
-    """sft._model_type applies the core's rule (models.sliding_window_of) to the config as
+    """sft._model_type_and_window applies the core's rule (models.sliding_window_of) to the config as
     transformers fills it in: the same window as the plan's ModelSpec."""
     import transformers
 
@@ -665,6 +665,6 @@ def test_launch_reads_the_window_the_plan_reads(tmp_path: Path) -> None:
         cfg = {**base, **extra}
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         transformers.AutoConfig.for_model(**cfg).save_pretrained(folder)
-        model_type, window = sft._model_type(str(folder))
+        model_type, window = sft._model_type_and_window(str(folder))
         assert model_type == extra["model_type"]
         assert window == spec_from_config(cfg).sliding_window

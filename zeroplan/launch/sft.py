@@ -601,7 +601,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
     # ---- tokenizer and data (clear errors before the model is loaded)
     tokenizer = _load_tokenizer(model_id, opts)
-    model_type, sliding_window = _model_type(model_id)
+    model_type, sliding_window = _model_type_and_window(model_id)
     kernel_path = _kernel_path(model_type, opts, setup, cuda)
     prepared = zdata.prepare(
         opts.data,
@@ -786,7 +786,7 @@ def bnb_config(setup: TrainSetup) -> Any:
     return BitsAndBytesConfig(**q)  # type: ignore[no-untyped-call]
 
 
-def _model_type(model_id: str) -> tuple[str, int | None]:
+def _model_type_and_window(model_id: str) -> tuple[str, int | None]:
     """The model's ``model_type`` and the window of its sliding layers (None: none slide;
     models.sliding_window_of on the text config as transformers fills it in, the rule the
     plan used) from its config, before the weights are loaded."""
