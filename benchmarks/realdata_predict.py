@@ -117,7 +117,7 @@ RUNS = (
 
 # launched runs of benchmarks/host_speed.py (real vocabularies, each run's own setup): the
 # runs of this tree's launch loop only ("after"; "before" ran main's earlier loop)
-HOST_FILES = ("host_h100.jsonl", "host2_h100.jsonl")
+HOST_FILES = ("host_h100.jsonl", "host2_h100.jsonl", "host3_h100.jsonl")
 
 
 def host_rows() -> list[tuple[str, TrainSetup, str, float, float]]:
