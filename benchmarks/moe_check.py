@@ -117,7 +117,7 @@ def speed_rows() -> list[dict[str, Any]]:
     return out
 
 
-def launch_rows() -> list[dict[str, Any]]:
+def launch_rows(name: str = "launch_moe_h100.jsonl") -> list[dict[str, Any]]:
     """``zeroplan launch`` of cut MoE models (launch_gpu_check.py --layers): the measured
     peak against the estimate of the launched setup, tokens/s against the plan's, losses.
     The model had the small tokenizer's vocabulary (gpu_fixtures.build_model)."""
@@ -129,7 +129,7 @@ def launch_rows() -> list[dict[str, Any]]:
     vocab = len(tinyllm.build_tokenizer())
     known = {f.name for f in dataclasses.fields(TrainSetup)}
     out = []
-    for row in rows("launch_moe_h100.jsonl"):
+    for row in rows(name):
         catalog = load_model(row["arch"].replace("--", "/"))
         config = {**catalog.config, "num_hidden_layers": row["layers"], "vocab_size": vocab}
         spec = spec_from_config(config, name=catalog.name)

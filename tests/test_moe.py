@@ -8,6 +8,7 @@ check_h200_moe.jsonl (the full Qwen3-30B-A3B, all-linear, on one H200).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -285,9 +286,10 @@ def test_moe_plans_and_estimates_keep_the_models_own_kernels() -> None:
 
 def test_moe_speed_candidate_is_the_fit_and_is_not_shipped_out_of_band() -> None:
     """benchmarks/fit_moe_speed.py --check: MOE_CANDIDATE is what the rows of 16, 64 and 128
-    experts fit, and MOE_FITTED is shipped only if the held-out rows (8 and 32 experts) and
-    the launched runs are within the plan's bands; today they are not (16.1% GPU-bound,
-    21.1% host-bound at 9 in 10, against 9.0% and 19.6%)."""
+    experts and the Qwen3-30B-A3B cut's depths 2-8 fit, and MOE_FITTED is shipped only if
+    the held-out rows (8 and 32 experts; 16 layers and the Mixtral shape) and the launched
+    runs are within the plan's bands; today they are not (9.2% GPU-bound, 32.9% host-bound
+    at an unseen depth or shape, launched 30.4%, against 9.0%, 19.6% and 18.9%)."""
     import subprocess
 
     done = subprocess.run(
@@ -347,6 +349,10 @@ def test_moe_speed_terms_as_counted() -> None:
     ckpt = dataclasses.replace(attn, grad_ckpt=True)
     host = speed.host_seconds(spec, ckpt, m=m) - speed.host_seconds(spec, ckpt, m=None)
     assert host == pytest.approx(0.002 + 8 * 0.001 * (1 + speed.FITTED.host_recompute))
+    # an MoE recompute share replaces the dense one for the whole layer's host work
+    again = dataclasses.replace(m, host_recompute=0.5)
+    plain = speed.host_seconds(spec, attn, m=m) - 0.002
+    assert speed.host_seconds(spec, ckpt, m=again) == pytest.approx(0.002 + 1.5 * plain)
     everything = TrainSetup(
         micro_batch=1, seq_len=512, lora_targets=("all-linear",), lora_dropout=0
     )
@@ -380,15 +386,42 @@ def test_an_moe_step_is_not_calibrated_and_quotes_no_band() -> None:
 
 
 def test_the_moe_speed_note_quotes_the_held_out_fit() -> None:
-    """family_note's held-out figures are fit_moe_speed's bands on the rows of 8 and 32
-    experts (9 in 10, by bound)."""
+    """family_note's held-out figures are fit_moe_speed's bands (9 in 10, by bound) on the
+    rows of 8 and 32 experts, on the unseen depth and shape, and on the launched runs."""
     import fit_moe_speed
 
     bands = fit_moe_speed.report(speed.MOE_CANDIDATE)["bands"]
     gpu, host = bands[("held-out", False)][0], bands[("held-out", True)][0]
+    depth = bands[("held-out-depth", True)][0]
+    launched = bands[("launched", False)][0]
     note = family_note(QWEN)
     assert note is not None
     assert f"within {gpu:.0%} (GPU-bound) and {host:.0%} (host-bound)" in note
+    assert f"at an unseen depth or shape within {depth:.0%}" in note
+    assert f"launched runs within {launched:.0%}" in note
+
+
+def test_moe_depth_rows_hold_out_a_depth_and_a_shape() -> None:
+    """moe_depth.py's timed rows (not its operation counts) join the fit at the
+    Qwen3-30B-A3B cut's 2, 4 and 8 layers; its 16 layers and every Mixtral-8x7B-shaped
+    depth are held out; the launched runs whose loss went NaN are kept apart from the
+    ship rule's launched rows."""
+    import fit_moe_speed
+
+    rows = fit_moe_speed.depth_rows()
+    raw = moe_check.rows(fit_moe_speed.DEPTH_FILE)
+    assert len(rows) == sum(r["bench"] == "moe_depth" and not r["error"] for r in raw) == 54
+    for r in rows:
+        fitted = r["model"] == "qwen3-128x8" and r["layers"] in (2, 4, 8)
+        assert r["group"] == ("depth-fit" if fitted else "held-out-depth")
+        assert r["host_s"] <= r["measured_s"]
+    launched = fit_moe_speed.launched_rows()
+    nan = [r for r in launched if r["group"] == "launched-nan"]
+    assert [r["layers"] for r in nan] == [16, 16]
+    assert all(math.isnan(r["losses"][-1]) for r in nan)
+    assert all(r["losses"][-1] < r["losses"][0] for r in launched if r["group"] == "launched")
+    # the NaN rows alone do not decide the rule: only "launched" and the held-out groups do
+    assert fit_moe_speed.ships({("launched-nan", False): (1.0, 2)})
 
 
 def test_estimate_and_plan_say_moe_speed_is_not_calibrated() -> None:

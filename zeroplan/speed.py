@@ -272,9 +272,10 @@ class MoESpeedConstants:
     """What a mixture-of-experts layer adds to the step as transformers 5 runs it (router,
     top-k, a sort of the routed copies, grouped_mm over the fused expert banks, the copies
     put back in order and summed): constants fitted by ``benchmarks/fit_moe_speed.py`` on
-    cut models of 16, 64 and 128 experts (benchmarks/results/moe_speed_h100.jsonl, and
-    moe_h100.jsonl's 8-layer Qwen3-30B-A3B for the host; one H100; 8 and 32 experts held
-    out), apart from the dense fit, which they do not move (0 for a dense model). A
+    cut models of 16, 64 and 128 experts (benchmarks/results/moe_speed_h100.jsonl; for the
+    host also moe_h100.jsonl's 8-layer Qwen3-30B-A3B and moe_speed3_h100.jsonl's
+    Qwen3-30B-A3B-shaped cut at 2, 4 and 8 layers; one H100; 8 and 32 experts, 16 layers
+    and the Mixtral-8x7B shape held out), apart from the dense fit, which they do not move (0 for a dense model). A
     candidate, not shipped: MOE_FITTED is None while its held-out rows miss the plan's
     bands (docs/moe.md, "Speed"):
         host_layer_s: host seconds per MoE layer per forward and backward beyond
@@ -284,8 +285,10 @@ class MoESpeedConstants:
             recompute as the layer's other operations are;
         host_step_s: host seconds per micro-batch that the recompute does not repeat. Both
             fitted on the host's own clock (the seconds until a step was queued,
-            ``dispatch_seconds``) and on the older 8-layer rows whose wall is the host's:
-            the 2-layer cuts alone cannot tell the two apart.
+            ``dispatch_seconds``) of steps at 2, 4 and 8 layers timed in one process
+            (benchmarks/moe_depth.py), which tell the two apart, and of the 2-layer cuts,
+            and on the older 8-layer rows whose wall is the host's. The depths put the
+            cost per layer, not per step (0.0 ms per step).
         copy_bytes: bytes per routed copy and hidden feature (T · k · h a micro-batch)
             that the dispatch moves besides the experts' own activations: the gather of
             each token's copies in expert order, the routing weight's multiply, the gather
@@ -300,6 +303,13 @@ class MoESpeedConstants:
         bank_recompute: the share of bank_bytes that checkpointing's recompute moves again
             (it rebuilds W'); fitted on the wall of checkpointed all-linear steps, which
             ran unprofiled.
+        host_recompute: what checkpointing adds to an MoE model's host clock, as a share
+            (in place of SpeedConstants.host_recompute; None: the dense share). The
+            recompute repeats a layer's forward only: on the GPU's own path it adds 43% to
+            the operations an MoE layer dispatches (moe_depth.py's counts, 285 -> 407 a
+            Qwen3-MoE layer), and the dense share, 1.036, prices the forward's Python
+            modules as nearly the whole host step; fitted on the host clock of the
+            checkpointed depth rows.
     """
 
     host_layer_s: float
@@ -307,19 +317,23 @@ class MoESpeedConstants:
     copy_bytes: float = 0.0
     bank_recompute: float = 0.5
     host_step_s: float = 0.0
+    host_recompute: float | None = None
 
 
 # The candidate's fit (benchmarks/fit_moe_speed.py --check holds it to the fit). Not shipped:
-# of the held-out steps (8 and 32 experts), 9 in 10 GPU-bound ones came within 8.3% (inside
-# HELD_OUT_P90_GPU_BOUND) but host-bound ones within 22.8% (outside 19.6%), and the launched
-# runs within 30.6% (outside 18.9%), so MoE steps are predicted as dense ones and quoted as
-# not calibrated (StepTime.calibrated; family_note says how far off).
+# of the held-out steps, 9 in 10 GPU-bound ones (8 and 32 experts) came within 9.2% (outside
+# HELD_OUT_P90_GPU_BOUND, 9.0%), host-bound ones within 16.4% (8 and 32 experts) but 32.9%
+# at an unseen depth or shape (moe_depth.py's 16-layer Qwen3-30B-A3B cut and every
+# Mixtral-8x7B-shaped depth; outside 19.6%), and the launched runs within 30.4% (outside
+# 18.9%), so MoE steps are predicted as dense ones and quoted as not calibrated
+# (StepTime.calibrated; family_note says how far off).
 MOE_CANDIDATE = MoESpeedConstants(
-    host_layer_s=0.00184,
+    host_layer_s=0.001415,
     bank_bytes=29.95,
     copy_bytes=213.9,
-    bank_recompute=0.7499,
-    host_step_s=0.0009,
+    bank_recompute=0.8199,
+    host_step_s=0.0,
+    host_recompute=0.823,
 )
 MOE_FITTED: MoESpeedConstants | None = None
 
@@ -433,10 +447,10 @@ def family_note(spec: ModelSpec) -> str | None:
         "times too fast for LoRA on attention and from 40% too slow to 6.2 times too fast "
         "for all-linear LoRA (small micro-batches furthest). A model of the MoE step "
         "(grouped_mm's expert weight reads, the routed copies' traffic, routing's host work, "
-        "the banks' W + B·A) fitted on 16, 64 and 128 experts came within 8% (GPU-bound) "
-        "and 23% (host-bound) of 9 in 10 held-out steps of 8 and 32 experts, and launched "
-        "runs within 31%: the host-bound and launched figures are outside the bands of dense "
-        "models, so it is not used (benchmarks/fit_moe_speed.py)."
+        "the banks' W + B·A) fitted on 16, 64 and 128 experts came within 9% (GPU-bound) "
+        "and 16% (host-bound) of 9 in 10 held-out steps of 8 and 32 experts, but host-bound "
+        "steps at an unseen depth or shape within 33% and launched runs within 30%: outside "
+        "the bands of dense models, so it is not used (benchmarks/fit_moe_speed.py)."
         if spec.moe
         else ""
     )
@@ -790,13 +804,14 @@ def host_seconds(
     m: MoESpeedConstants | None = MOE_FITTED,
 ) -> float:
     """The host's time for one micro-batch, whatever its size:
-    [host_step_s +] (1 + checkpointing · host_recompute) · (host_operations · host_op_s
+    [host_step_s +] (1 + checkpointing · recompute) · (host_operations · host_op_s
         + 4-bit linears · host_4bit_s + ZeRO-3's parameter tensors · zero3_tensor_s
         + MoE layers · host_layer_s).
 
     With MoE constants ``m`` (not shipped: MOE_FITTED is None) an MoE layer adds
     host_layer_s, its routing and grouped_mm work beyond the operations counted on the
-    CPU, and the micro-batch host_step_s (both 0 for a dense model).
+    CPU, and the micro-batch host_step_s (both 0 for a dense model); recompute is
+    k.host_recompute, or m.host_recompute for an MoE model where ``m`` sets it.
 
     ZeRO-3's hooks are host work (per module: gather, wait, release, its trace), so they
     hide under a long enough GPU step and set a floor under a short one: on two H200s
@@ -807,7 +822,10 @@ def host_seconds(
     hooks = parameter_tensors(spec, setup) * k.zero3_tensor_s if setup.zero == 3 else 0.0
     moe_layers = spec.moe.num_moe_layers * m.host_layer_s if (m and spec.moe) else 0.0
     step = m.host_step_s if (m and spec.moe) else 0.0
-    return step + (1 + int(setup.grad_ckpt) * k.host_recompute) * (
+    recompute = k.host_recompute
+    if m and spec.moe and m.host_recompute is not None:
+        recompute = m.host_recompute
+    return step + (1 + int(setup.grad_ckpt) * recompute) * (
         host_operations(spec, setup) * k.host_op_s
         + quantized_linears(spec, setup) * k.host_4bit_s
         + hooks
