@@ -90,22 +90,27 @@ def speed_rows(fit_experts: tuple[int, ...] = FIT_EXPERTS) -> list[dict[str, Any
             continue
         spec = spec_from_config(row["config"], name=row["shape"])
         assert spec.moe is not None
-        warm = row["warmup_steps"]
         busy = row.get("profile", {}).get("gpu_busy_s")
-        out.append(
-            {
-                "model": row["shape"],
-                "layers": spec.num_layers,
-                "spec": spec,
-                "setup": moe_check.setup_of(row),
-                "gpu": "1xH100",
-                "measured_s": statistics.median(row["step_seconds"][warm:]),
-                "host_s": statistics.median(row["dispatch_seconds"][warm:]),
-                "busy_s": busy / 2 if busy else None,
-                "group": "fit" if spec.moe.num_experts in fit_experts else "held-out",
-            }
-        )
+        group = "fit" if spec.moe.num_experts in fit_experts else "held-out"
+        out.append(_timed(row, spec, group, busy / 2 if busy else None))
     return out
+
+
+def _timed(row: dict[str, Any], spec: Any, group: str, busy_s: float | None) -> dict[str, Any]:
+    """One timed lean MoE row of moe_speed.py or moe_depth.py (one H100): the medians of its
+    wall and dispatch seconds after its warm-up steps."""
+    warm = row["warmup_steps"]
+    return {
+        "model": row["shape"],
+        "layers": spec.num_layers,
+        "spec": spec,
+        "setup": moe_check.setup_of(row),
+        "gpu": "1xH100",
+        "measured_s": statistics.median(row["step_seconds"][warm:]),
+        "host_s": statistics.median(row["dispatch_seconds"][warm:]),
+        "busy_s": busy_s,
+        "group": group,
+    }
 
 
 def lean_rows(
@@ -142,22 +147,9 @@ def depth_rows(depth_fit: dict[str, tuple[int, ...]] = DEPTH_FIT) -> list[dict[s
         if row["bench"] != "moe_depth" or row["error"] or row["oom"]:
             continue
         spec = spec_from_config(row["config"], name=row["shape"])
-        warm = row["warmup_steps"]
         fitted = row["num_layers"] in depth_fit.get(row["shape"], ())
-        out.append(
-            {
-                "model": row["shape"],
-                "layers": spec.num_layers,
-                "spec": spec,
-                "setup": moe_check.setup_of(row),
-                "gpu": "1xH100",
-                "measured_s": statistics.median(row["step_seconds"][warm:]),
-                "host_s": statistics.median(row["dispatch_seconds"][warm:]),
-                "busy_s": None,
-                "order": row["order"],
-                "group": "depth-fit" if fitted else "held-out-depth",
-            }
-        )
+        group = "depth-fit" if fitted else "held-out-depth"
+        out.append(_timed(row, spec, group, None) | {"order": row["order"]})
     return out
 
 
