@@ -5,7 +5,7 @@ The mechanism, read off benchmarks/moe_nan.py's probe on this tiny model: TRL sw
 router's load-balancing loss, which counts every token of a packed row, padding included; a
 padding segment attends only to itself and embeds to zeros, so its states stay exactly zero,
 and each RMSNorm's backward multiplies its gradient by rsqrt(eps) = 1000. Seeded by that loss
-at the last layer, the padding's gradient grew 1,000-4,400x a layer, overflowed by the second
+at the last layer, the padding's gradient grew 750-4,400x a layer, overflowed by the second
 layer, and inf × a zero input made every LoRA gradient NaN.
 """
 

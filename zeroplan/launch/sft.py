@@ -377,7 +377,7 @@ def training_kwargs(
         # the loss the plan estimates is the model's causal-LM loss alone. TRL 1.x adds a
         # mixture of experts' load-balancing loss by default (output_router_logits switched on
         # against the model's config) over every token of a row, the packing's padding
-        # segments included: their gradient, seeded there, grew 1,000-4,400x a layer through the
+        # segments included: their gradient, seeded there, grew 750-4,400x a layer through the
         # RMSNorms of a random model's all-zero padding states and was inf by 16 layers, so
         # every LoRA gradient became NaN (issue 29; benchmarks/moe_nan.py, tests/test_moe_launch.py)
         kw["router_aux_loss_coef"] = 0.0
