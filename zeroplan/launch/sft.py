@@ -373,6 +373,14 @@ def training_kwargs(
         # packed rows carry position_ids, which TRL would otherwise drop as an unknown column
         "remove_unused_columns": opts.batching != "packed",
     }
+    if fields is None or "router_aux_loss_coef" in fields:
+        # the loss the plan estimates is the model's causal-LM loss alone. TRL 1.x adds a
+        # mixture of experts' load-balancing loss by default (output_router_logits switched on
+        # against the model's config) over every token of a row, the packing's padding
+        # segments included: their gradient, seeded there, grew 750-4,400x a layer through the
+        # RMSNorms of a random model's all-zero padding states and was inf by 16 layers, so
+        # every LoRA gradient became NaN (issue 29; benchmarks/moe_nan.py, tests/test_moe_launch.py)
+        kw["router_aux_loss_coef"] = 0.0
     if opts.report_to == "tensorboard" and fields is not None and "logging_dir" in fields:
         kw["logging_dir"] = str(opts.out / TB_DIR)
     if opts.batching == "grouped":
@@ -909,6 +917,7 @@ def _applied(
         "warmup_steps",
         "weight_decay",
         "max_grad_norm",
+        "router_aux_loss_coef",
         "num_train_epochs",
         "max_steps",
         "bf16",
