@@ -514,6 +514,69 @@ def test_stop_on_signal_saves_and_stops() -> None:
     assert (control.should_save, control.should_training_stop) == (True, True)
 
 
+@pytest.mark.parametrize(
+    ("fp16", "logs", "stops_at"),
+    [
+        # bf16 / fp32: the first non-finite loss or gradient norm stops the run
+        (False, [(2.0, 1.0), (float("nan"), 1.0)], 2),
+        (False, [(2.0, float("nan")), (2.0, 1.0)], 1),
+        (False, [(2.0, float("inf"))], 1),
+        (False, [(2.0, 1.0), (1.9, None)], None),
+        # fp16: the scaler skips overflowed steps (their norm is inf): three bad losses in a row
+        (True, [(2.0, float("inf")), (2.0, float("inf"))], None),
+        (
+            True,
+            [(float("nan"), None), (2.0, 1.0), (float("nan"), None), (float("nan"), None)],
+            None,
+        ),
+        (True, [(float("nan"), None)] * 3, 3),
+    ],
+)
+def test_a_diverged_run_stops_without_saving_that_step(
+    fp16: bool, logs: list[tuple[float, float | None]], stops_at: int | None
+) -> None:
+    from zeroplan.launch.callbacks import StopOnDivergence
+
+    cb = StopOnDivergence(fp16=fp16)
+    control = SimpleNamespace(should_save=True, should_training_stop=False)
+    state = SimpleNamespace(global_step=0)
+    for step, (loss, norm) in enumerate(logs, start=1):
+        state.global_step = step
+        cb.on_log(None, state, control, logs={"eval_loss": float("nan")})  # not a train line
+        cb.on_log(None, state, control, logs={"loss": loss, "grad_norm": norm})
+        if control.should_training_stop:
+            break
+    if stops_at is None:
+        assert cb.diverged is None and not control.should_training_stop
+    else:
+        assert cb.diverged is not None and cb.diverged.step == stops_at
+        assert control.should_training_stop and not control.should_save
+
+
+def test_a_launch_that_diverges_stops_and_says_so(
+    tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate of 1e30 blows the adapters past fp32's range after one step: the run
+    stops at the first non-finite log line with one message, result.json says where, no
+    weights are written, and the rank exits with EXIT_DIVERGED."""
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(32))
+    run = tmp_path / "run"
+    tinyllm.write_plan(run, model_dir, micro_batch=2, lora_r=8, lora_dropout=0.0)
+    argv = ["--plan", str(run / "plan.json"), "--data", str(data), "--out", str(run)]
+    argv += ["--max-steps", "8", "--logging-steps", "1", "--lr", "1e30", "--save-steps", "1000"]
+    assert sft.run(sft.parse_args(argv), sft.StopFlag(), argv) == sft.EXIT_DIVERGED
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "diverged" and result["final"] is None
+    assert 1 <= result["diverged"]["step"] < 8
+    assert not (run / "final").exists() and sft.last_checkpoint(run) is None
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if m["event"] == "train"]
+    assert train[-1]["step"] == result["diverged"]["step"]  # nothing trained after it
+    err = capsys.readouterr().err
+    assert f"error: training diverged at step {result['diverged']['step']}" in err
+    assert "no checkpoint was saved before it" in err
+
+
 def test_metrics_lines(tmp_path: Path) -> None:
     from zeroplan.launch.callbacks import MetricsWriter
 

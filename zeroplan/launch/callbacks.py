@@ -1,4 +1,5 @@
-"""The Trainer callbacks of a zeroplan run: the metrics lines and the stop on a signal.
+"""The Trainer callbacks of a zeroplan run: the metrics lines, the stop on a signal and the
+stop on a diverged loss.
 
 Imported by ``zeroplan.launch.sft`` once it has decided to train (this module imports
 transformers and torch).
@@ -7,6 +8,7 @@ transformers and torch).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from zeroplan.launch.runstate import Counter, StopFlag
+from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 
 
 class StopOnSignal(TrainerCallback):
@@ -34,6 +36,45 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class StopOnDivergence(TrainerCallback):
+    """Stop once training has diverged: the logged loss or gradient norm is NaN or infinite.
+
+    In bf16 and fp32 nothing skips such a step: a non-finite gradient norm makes the
+    clipped gradients, then Adam's state and the weights NaN, and every later step trains
+    nothing at full price (issue 29's MoE launch ran 15 NaN steps). The step's weights are
+    not saved (``should_save`` off), so the last checkpoint stays the last good one. Under
+    fp16 the loss scaler skips overflowed steps itself and their norms are inf by design:
+    there only the loss counts, ``fp16_patience`` log lines in a row. The Trainer logs the
+    mean loss over all ranks and the global norm, so every rank stops at the same step
+    without a collective of its own.
+    """
+
+    def __init__(self, fp16: bool, fp16_patience: int = 3) -> None:
+        self.fp16 = fp16
+        self.patience = fp16_patience if fp16 else 1
+        self.run = 0  # non-finite log lines in a row
+        self.diverged: Divergence | None = None
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> Any:
+        logs = logs or {}
+        if "loss" not in logs:
+            return control
+        loss, norm = _num(logs.get("loss")), _num(logs.get("grad_norm"))
+        bad = not _finite(loss) or (not self.fp16 and not _finite(norm))
+        self.run = self.run + 1 if bad else 0
+        if self.run >= self.patience:
+            self.diverged = Divergence(int(state.global_step), loss, norm)
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def any_rank(value: bool) -> bool:

@@ -14,6 +14,16 @@ from types import FrameType
 from typing import Any
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Where a run's training went non-finite (callbacks.StopOnDivergence): the optimizer
+    step, its logged loss and gradient norm (None: not logged)."""
+
+    step: int
+    loss: float | None
+    grad_norm: float | None
+
+
 @dataclass
 class Counter:
     """Non-padding tokens this rank trained on, kept on the device (read once per log line),

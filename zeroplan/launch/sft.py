@@ -34,7 +34,9 @@ the tokenizer with its chat template, ``zeroplan.json``) and ``result.json``.
 
 SIGTERM / SIGINT: the run stops at the next optimizer-step boundary, saves a checkpoint and
 exits with 128 + the signal number; a second signal ends it at once. ``--resume`` continues
-from the newest checkpoint.
+from the newest checkpoint. A loss or gradient norm that turns NaN or infinite stops the run
+at that step without saving it (``callbacks.StopOnDivergence``): result.json says
+``diverged``, every rank exits with EXIT_DIVERGED.
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
 from zeroplan.launch import hostloop
 from zeroplan.launch import kernels as zkernels
-from zeroplan.launch.runstate import Counter, StopFlag
+from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
 from zeroplan.models import sliding_window_of
 from zeroplan.planfiles import model_location
 from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, TrainSetup, parse_targets
+
+# a rank's exit status when its training diverged (the loss or gradient norm went non-finite)
+EXIT_DIVERGED = 3
 
 # TrainSetup.optim -> TrainingArguments.optim (transformers.training_args.OptimizerNames).
 # TrainSetup already holds HF's names (an old plan's "adamw" loads as adamw_torch_fused);
@@ -677,11 +682,21 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
         peft_config = LoraConfig(**lkw)
 
-    from zeroplan.launch.callbacks import MetricsWriter, StopOnSignal, any_rank
+    from zeroplan.launch.callbacks import (
+        MetricsWriter,
+        StopOnDivergence,
+        StopOnSignal,
+        any_rank,
+    )
 
     counter = Counter()
     label = f"{batching.label}, {kernel_path.label}"
-    callbacks = [MetricsWriter(opts.out / METRICS, counter, label), StopOnSignal(flag)]
+    divergence = StopOnDivergence(fp16=bool(targs.fp16))
+    callbacks = [
+        MetricsWriter(opts.out / METRICS, counter, label),
+        StopOnSignal(flag),
+        divergence,
+    ]
     trainer_cls = lean_trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -733,6 +748,9 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     if any_rank(flag.signalled):  # stopped while loading: nothing trained, nothing to save
         return _finish(opts, trainer, rank, "interrupted", flag, None)
     trainer.train(resume_from_checkpoint=str(resume_from) if opts.resume else None)
+    if divergence.diverged is not None:
+        # the weights are non-finite from here on: neither this step nor final/ is saved
+        return _finish(opts, trainer, rank, "diverged", flag, None, divergence.diverged)
     if trainer.state.global_step < trainer.state.max_steps:
         # StopOnSignal ended it: the checkpoint of this step is saved, final/ is not written
         return _finish(opts, trainer, rank, "interrupted", flag, None)
@@ -992,10 +1010,19 @@ def _plain(value: Any) -> Any:
 
 
 def _finish(
-    opts: Options, trainer: Any, rank: int, status: str, flag: StopFlag, final: Path | None
+    opts: Options,
+    trainer: Any,
+    rank: int,
+    status: str,
+    flag: StopFlag,
+    final: Path | None,
+    diverged: Divergence | None = None,
 ) -> int:
+    ckpt = last_checkpoint(opts.out)
+    if diverged is not None:
+        # every rank says it: the launcher shows the failed rank's last log lines
+        _say(diverged_message(diverged, ckpt))
     if rank == 0:
-        ckpt = last_checkpoint(opts.out)
         result = {
             "status": status,
             "global_step": int(trainer.state.global_step),
@@ -1006,6 +1033,7 @@ def _finish(
             "last_checkpoint": str(ckpt) if ckpt else None,
             "final": str(final) if final else None,
             "signal": signal.Signals(flag.signum).name if flag.signum is not None else None,
+            "diverged": dataclasses.asdict(diverged) if diverged else None,
             "finished": _iso(time.time()),
         }
         regional = getattr(trainer, "zp_compile", None)
@@ -1019,7 +1047,22 @@ def _finish(
         # a rank stopped because another one got the signal reports it too: every rank of a
         # stopped run exits non-zero, as the launcher expects of a stopped run
         return 128 + (flag.signum if flag.signum is not None else signal.SIGTERM)
-    return 0
+    return EXIT_DIVERGED if status == "diverged" else 0
+
+
+def diverged_message(d: Divergence, checkpoint: Path | None) -> str:
+    """One line: where training went non-finite, what was kept, what to try."""
+    kept = (
+        f"the last checkpoint, {checkpoint}, is from before it"
+        if checkpoint
+        else "no checkpoint was saved before it"
+    )
+    return (
+        f"error: training diverged at step {d.step} (loss {d.loss}, gradient norm "
+        f"{d.grad_norm}): stopped without saving its weights; {kept}. Lower --lr, or "
+        "check the records and the model for the cause; --resume continues from the last "
+        "checkpoint"
+    )
 
 
 # --------------------------------------------------------------------------- batches
