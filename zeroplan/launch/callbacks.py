@@ -43,7 +43,7 @@ class StopOnDivergence(TrainerCallback):
 
     In bf16 and fp32 nothing skips such a step: a non-finite gradient norm makes the
     clipped gradients, then Adam's state and the weights NaN, and every later step trains
-    nothing at full price (issue 29's MoE launch ran 15 NaN steps). The step's weights are
+    nothing at full price (issue 29's MoE launch ran 14 NaN steps). The step's weights are
     not saved (``should_save`` off), so the last checkpoint stays the last good one. Under
     fp16 the loss scaler skips overflowed steps itself and their norms are inf by design:
     there only the loss counts, ``fp16_patience`` log lines in a row. The Trainer logs the
