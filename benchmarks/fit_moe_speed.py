@@ -30,7 +30,7 @@ the fit did not see: the other expert counts' rows of moe_speed_h100.jsonl and t
 Mixtral-8x7B grid ("held-out"), moe_depth's other shapes and depths ("held-out-depth");
 the older Qwen3-30B-A3B grid (128 experts, a fitted count, partly in the host fit), the
 full-depth rows, the H200 rows and the launched runs are printed too. Each beside the
-shipped model's (no MoE terms). 9 in 10 rows of each held-out group must be within
+dense model's (no MoE terms: what MoE steps were predicted with before MOE_IN_USE). 9 in 10 rows of each held-out group must be within
 ``speed.HELD_OUT_P90_*`` (host-bound and GPU-bound apart) and the launched runs with
 finite losses within ``speed.LAUNCHED_P90_*`` for the constants to ship (``ships``). A
 what-if is printed beside (not the model): the launched runs with the trainer's
@@ -191,7 +191,7 @@ def _launched_spec(row: dict[str, Any]) -> ModelSpec:
 
 def lean_error(r: dict[str, Any], m: MoESpeedConstants | None) -> tuple[float, bool]:
     """(predicted tokens/s / measured − 1, host-bound) of a lean row under ``m`` (None: the
-    shipped model without MoE terms)."""
+    dense model, no MoE terms)."""
     p = step_time(r["spec"], r["setup"], parse_cluster(r["gpu"]), launched=False, m=m)
     return r["measured_s"] / p.total_s - 1, p.host_bound
 
@@ -435,13 +435,13 @@ def main() -> int:
     )
     print(f"fitted on {fit_experts} experts and the depths {depth_fit}: {fitted}")
     print(f"zeroplan.speed.MOE_CANDIDATE: {speed.MOE_CANDIDATE}")
-    print(f"zeroplan.speed.MOE_FITTED (shipped): {speed.MOE_FITTED}")
+    print(f"zeroplan.speed.MOE_FITTED (shipped with a band): {speed.MOE_FITTED}")
     rep = report(fitted, fit_experts, depth_fit)
     print("the two clocks, predicted over measured − 1 (moe_speed rows): host, GPU (profiled)")
     for group, label, host_err, gpu_err in rep["clocks"]:
         gpu = f"{gpu_err:+7.1%}" if gpu_err is not None else "       "
         print(f"  {group:9s} {label} {host_err:+7.1%} {gpu}")
-    print("predicted tokens/s error (+: too fast): with the MoE terms, shipped model (none)")
+    print("predicted tokens/s error (+: too fast): with the MoE terms, the dense model (none)")
     for group, label, gpu, err, before, host in rep["rows"]:
         bound = "host-bound" if host else "GPU-bound"
         print(f"  {group:9s} {label} {gpu} {err:+7.1%} {before:+7.1%} {bound}")

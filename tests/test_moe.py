@@ -228,7 +228,7 @@ def test_a_sparse_step_dense_mlp_target_is_not_measured() -> None:
 
 
 def test_the_moe_speed_note_quotes_the_timed_steps() -> None:
-    """speed.family_note's MoE ranges are the shipped model's errors on the timed steps of
+    """speed.family_note's MoE ranges are the dense model's errors on the timed steps of
     benchmarks/moe_speed.py (10 timed after 2 warm-up each, 8-128 experts), attention-only
     and all-linear apart: kept honest, not refitted."""
     import fit_moe_speed
