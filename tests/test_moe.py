@@ -439,3 +439,18 @@ def test_estimate_and_plan_say_moe_speed_is_not_calibrated() -> None:
     out = " ".join(CliRunner().invoke(cli, ["plan", *args], env=env).output.split())
     assert "(row 1): This speed is not calibrated" in out
     assert "these bands do not hold for mixture-of-experts steps" in out
+
+
+def test_moe_steps_are_predicted_with_the_moe_model_and_quote_no_band() -> None:
+    """Until MOE_FITTED ships, an MoE step is predicted with MOE_CANDIDATE (MOE_IN_USE), not
+    as a dense step, and stays uncalibrated: all-linear LoRA's banks are priced once a
+    micro-batch, not as per-token adapters on all 128 experts (which made the dense model's
+    all-linear step 1.8x too slow launched)."""
+    assert speed.MOE_FITTED is None and speed.MOE_IN_USE == speed.MOE_CANDIDATE
+    h100 = parse_cluster("1xH100")
+    setup = TrainSetup(method="lora", micro_batch=4, seq_len=768, lora_targets=("all-linear",))
+    used = speed.step_time(QWEN, setup, h100)
+    assert used == speed.step_time(QWEN, setup, h100, m=speed.MOE_CANDIDATE)
+    assert not used.calibrated  # the JSON then gives no band (tested above)
+    dense = speed.step_time(QWEN, setup, h100, m=None)
+    assert used.tokens_per_s > 1.4 * dense.tokens_per_s
