@@ -166,6 +166,27 @@ def test_compiled_layers_compute_what_eager_does(model_dir: Path) -> None:
     stats = regional.stats()
     assert warnings == [] and stats["fell_back_to_eager"] is None and stats["layers"] == 2
     assert stats["graphs"] >= 1 and stats["first_compiled_call_s"] is not None
+    # a LoRA layer traces whole: nothing splits its graph, in the default mode
+    assert stats["graph_breaks"] == 0 and stats["graph_break_reasons"] == {}
+    assert stats["mode"] is None
+
+
+def test_the_compile_mode_reaches_torch_compile(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    asked: list[dict[str, Any]] = []
+
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(kernels, "COMPILE_MODE", "reduce-overhead")
+    regional = kernels.RegionalCompile(warn=print)
+    regional.wrap(kernels.decoder_layers(_peft_model(model_dir)))
+    assert asked == [{"backend": "inductor", "mode": "reduce-overhead"}] * 2
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(model_dir: Path) -> None:

@@ -52,6 +52,9 @@ DEFAULT_KERNELS = "auto"
 LIGER_FIX = "pip install liger-kernel, or pass --kernels none"
 # torch.compile's backend for --compile (tests swap in "eager" or one that fails)
 COMPILE_BACKEND: Any = "inductor"
+# torch.compile's mode for --compile: None (inductor's default). A benchmark may set
+# "reduce-overhead" (CUDA graphs) or "max-autotune-no-cudagraphs" to measure them.
+COMPILE_MODE: str | None = None
 RECOMPILE_LIMIT = 64
 # layer inputs whose first dimension changes from batch to batch under packing
 VARYING = ("cu_seq_lens_q", "cu_seq_lens_k")
@@ -271,7 +274,7 @@ class RegionalCompile:
         for i, layer in enumerate(layers):
             eager = layer.forward
             backend = COMPILE_BACKEND if self.backend is None else self.backend
-            compiled = torch.compile(eager, backend=backend)
+            compiled = torch.compile(eager, backend=backend, mode=COMPILE_MODE)
             layer.forward = self._forward(eager, compiled, first_layer=i == 0)
             self.layers += 1
 
@@ -341,6 +344,10 @@ class RegionalCompile:
         first = self.graphs_first_forward
         out["recompiles_after_first_forward"] = graphs - first if first is not None else None
         out["graph_breaks"] = sum(counters["graph_break"].values())
+        # dynamo keys its graph-break counter by reason: the few most frequent, shortened
+        reasons = counters["graph_break"].most_common(4)
+        out["graph_break_reasons"] = {str(k)[:200]: int(v) for k, v in reasons}
+        out["mode"] = COMPILE_MODE
         # dynamo's whole compile of each frame (tracing, AOT autograd, inductor)
         seconds = compilation_time_metrics.get("_compile.compile_inner", [])
         out["compile_s"] = round(sum(seconds), 2)
