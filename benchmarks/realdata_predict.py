@@ -136,6 +136,8 @@ def host_rows() -> list[tuple[str, TrainSetup, str, float, float]]:
             if r.get("tree") != "after" or (r.get("timed_steps") or 0) < 10:
                 continue
             values = {k: v for k, v in r["setup"].items() if k in known}
+            # the layers compiled (--compile): applied.json's path says so
+            values["compile"] = (r.get("kernels") or {}).get("compile", "off") != "off"
             values["lora_targets"] = tuple(
                 parse_targets(values["lora_targets"])
                 if isinstance(values["lora_targets"], str)

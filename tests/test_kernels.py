@@ -255,6 +255,26 @@ def test_the_rank_records_its_path_and_compile(
     assert lines[-1]["batching"].endswith("plain kernels, compiled layers")
 
 
+def test_the_rank_compiles_where_the_plan_chose_it_unless_told_not_to(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("trl")
+    from zeroplan.launch import sft
+
+    monkeypatch.setattr(kernels, "COMPILE_BACKEND", "eager")
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    for flag, compiled in (None, True), ("--no-compile", False):
+        run = tmp_path / f"run-{flag}"
+        tinyllm.write_plan(run, model_dir, method="lora", micro_batch=2, lora_r=4, compile=True)
+        argv = ["--plan", str(run / "plan.json"), "--data", str(tmp_path / "d.jsonl")]
+        argv += ["--out", str(run), "--max-steps", "1", *([flag] if flag else [])]
+        assert sft.run(sft.parse_args(argv), sft.StopFlag(), argv) == 0
+        applied = json.loads((run / "applied.json").read_text())
+        assert applied["kernels"]["compile"] == (
+            "regional (each decoder layer)" if compiled else "off"
+        )
+
+
 def test_the_rank_refuses_liger_on_the_cpu_before_loading(tmp_path: Path, model_dir: Path) -> None:
     pytest.importorskip("trl")
     kind = (
@@ -322,6 +342,12 @@ def test_launch_passes_the_options_and_refuses_liger_and_compile(
     monkeypatch.setattr(kernels, "check_compiler", no_compiler)
     (err,) = preflight(la, h100, force=True).errors
     assert isinstance(err, CompilerUnavailableError)
+    # a plan that chose compiled layers is checked too, unless the launch says --no-compile
+    chose = _launch(tmp_path, model_dir, TrainOptions(), compile=True)
+    (err,) = preflight(chose, h100, force=True).errors
+    assert isinstance(err, CompilerUnavailableError)
+    eager = _launch(tmp_path, model_dir, TrainOptions(compile=False), compile=True)
+    assert preflight(eager, h100, force=True).ok
 
 
 def test_a_plan_that_chose_liger_is_refused_where_liger_cannot_run(

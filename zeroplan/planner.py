@@ -33,6 +33,7 @@ from typing import Any
 from zeroplan import liger, moe
 from zeroplan.errors import BadSetupError, UnmeasuredMoEError, ZeroplanError
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU, Cluster
+from zeroplan.hostops import LIGER_COUNTED
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.models import ModelSpec
@@ -90,6 +91,8 @@ class PlanRequest:
     # Liger's RMSNorm, SwiGLU / GeGLU and RoPE (liger-kernel on the training machine), for
     # the architectures it patches (zeroplan.liger)
     allow_kernels: bool = True
+    # each decoder layer through torch.compile where it pays (compile_pays); False: never
+    allow_compile: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
     cpu_ram_per_node: int | None = None
     # the data's lengths at seq_len, packed into rows (plan --data): speed counts real
@@ -295,6 +298,27 @@ def kernels_choice(req: PlanRequest, method: str) -> str:
     return "liger" if req.allow_kernels and liger.liger_kernels(req.spec.model_type) else "none"
 
 
+# the methods whose host-bound launched steps measured faster with compiled layers (filled
+# from benchmarks/results/hostc_*.jsonl), on the architectures whose layers were counted
+# compiled (Llama's modules: hostops.COMPILED_LAYER)
+COMPILE_MEASURED_METHODS: tuple[str, ...] = ()
+COMPILE_FAMILIES = LIGER_COUNTED
+
+
+def compile_pays(req: PlanRequest, setup: TrainSetup, step: StepTime) -> bool:
+    """Whether the plan compiles ``setup``'s layers: allowed, measured for its method and
+    architecture, where the host sets the pace (StepTime.host_bound; under a long GPU step
+    the compiled layers measured inside the step-to-step spread, kernels2_h100.jsonl) and
+    the speed model prices it faster."""
+    return (
+        req.allow_compile
+        and setup.method in COMPILE_MEASURED_METHODS
+        and req.spec.model_type in COMPILE_FAMILIES
+        and req.spec.moe is None
+        and step.host_bound
+    )
+
+
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
     world = req.cluster.world_size
     for method in _methods(req):
@@ -340,7 +364,14 @@ def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
     if req.cpu_ram_per_node is not None:
         fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
     fill = req.fill(setup.micro_batch)
-    return Candidate(setup, est, step_time(req.spec, setup, req.cluster, fill), fits)
+    step = step_time(req.spec, setup, req.cluster, fill)
+    if compile_pays(req, setup, step):
+        # the memory estimate is the eager layers' (the compiled ones' was not modelled)
+        compiled = dataclasses.replace(setup, compile=True)
+        faster = step_time(req.spec, compiled, req.cluster, fill)
+        if faster.total_s < step.total_s:
+            return Candidate(compiled, est, faster, fits)
+    return Candidate(setup, est, step, fits)
 
 
 def _check_moe(req: PlanRequest) -> None:
@@ -544,6 +575,14 @@ def plan(req: PlanRequest) -> Plan:
             "activations, less memory traffic; measured on Llama LoRA and QLoRA steps, its speed-up "
             "fitted on one 8B shape): pip install liger-kernel where you train, or plan with "
             "--no-liger"
+        )
+    if best is not None and best.setup.compile:
+        assumptions.append(
+            "each decoder layer runs through torch.compile (the host sets this step's pace, "
+            "and a compiled layer asks about half the host's calls of an eager one: measured "
+            "faster on host-bound LoRA and QLoRA launches): it needs a working torch.compile "
+            "(Triton on a GPU) where you train; plan with --no-compile, or launch with "
+            "--no-compile, to run eager"
         )
     if best is not None and best.setup.fused_loss:
         assumptions.append(

@@ -115,6 +115,11 @@ class TrainSetup:
     # "liger" (Liger's RMSNorm, SwiGLU / GeGLU and RoPE where the architecture has them:
     # zeroplan.liger); they keep fewer activations and move less memory
     kernels: str = "none"
+    # each decoder layer through torch.compile (``zeroplan launch --compile``): inductor fuses
+    # a layer's elementwise work and the host dispatches a few calls per fused region instead
+    # of one per operation (speed.host_operations); the plan turns it on where the host sets
+    # the pace and it measured faster (planner.compile_pays)
+    compile: bool = False
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
     # launch does not, so this is off unless a user wants to model a run that does.
     upcast_non_quantized: bool = False
