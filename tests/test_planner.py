@@ -769,6 +769,11 @@ def test_the_plan_compiles_the_layers_only_where_the_host_sets_the_pace(
     tiny = plan(dataclasses.replace(req, global_batch=1, allow_quantization=True))
     assert tiny.best is not None and tiny.best.setup.compile
     assert any("torch.compile" in a for a in tiny.assumptions)
+    # compiled on the model's own modules (inductor fuses them): that path's memory
+    monkeypatch.setattr(planner, "COMPILE_KERNELS", "none")
+    own = evaluate(req, small)
+    assert own.setup.compile and own.setup.kernels == "none"
+    assert own.estimate.peak_allocated_bytes > cand.estimate.peak_allocated_bytes
     # unmeasured: nothing changes
     monkeypatch.setattr(planner, "COMPILE_MEASURED_METHODS", ())
     assert not evaluate(req, small).setup.compile

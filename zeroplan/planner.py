@@ -302,6 +302,9 @@ def kernels_choice(req: PlanRequest, method: str) -> str:
 # from benchmarks/results/hostc_*.jsonl), on the architectures whose layers were counted
 # compiled (Llama's modules: hostops.COMPILED_LAYER)
 COMPILE_MEASURED_METHODS: tuple[str, ...] = ()
+# the elementwise kernels compiled layers run with: None keeps the candidate's (Liger's where
+# chosen), "none" the model's own modules, which inductor fuses itself
+COMPILE_KERNELS: str | None = None
 COMPILE_FAMILIES = LIGER_COUNTED
 
 
@@ -358,20 +361,29 @@ def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
     setup = resolve_precision(setup, req.cluster.gpu.bf16, req.cluster.gpu.name)
     # the model's own attention (eager for Gemma-2), so the plan's setup says what runs
     setup = resolve_attention(setup, req.spec)
-    est = estimate(req.spec, req.cluster, setup)
-    limit = est.gpu_memory_bytes * (1 - req.margin)
-    fits = est.required_bytes <= limit
-    if req.cpu_ram_per_node is not None:
-        fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
+    est, fits = _estimate(req, setup)
     fill = req.fill(setup.micro_batch)
     step = step_time(req.spec, setup, req.cluster, fill)
     if compile_pays(req, setup, step):
         # the memory estimate is the eager layers' (the compiled ones' was not modelled)
-        compiled = dataclasses.replace(setup, compile=True)
+        compiled = dataclasses.replace(
+            setup, compile=True, kernels=COMPILE_KERNELS or setup.kernels
+        )
         faster = step_time(req.spec, compiled, req.cluster, fill)
         if faster.total_s < step.total_s:
+            if compiled.kernels != setup.kernels:
+                est, fits = _estimate(req, compiled)
             return Candidate(compiled, est, faster, fits)
     return Candidate(setup, est, step, fits)
+
+
+def _estimate(req: PlanRequest, setup: TrainSetup) -> tuple[MemoryEstimate, bool]:
+    """The setup's memory and whether it fits with the request's margins."""
+    est = estimate(req.spec, req.cluster, setup)
+    fits = est.required_bytes <= est.gpu_memory_bytes * (1 - req.margin)
+    if req.cpu_ram_per_node is not None:
+        fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
+    return est, fits
 
 
 def _check_moe(req: PlanRequest) -> None:
