@@ -43,9 +43,10 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # wrapper that return a new tensor, plus inductor's kernels, read off torch.profiler on the
 # CPU (``count_host_ops.py --compile``; benchmarks/results/host_ops_compiled_cpu.txt). A
 # TorchDispatchMode turns a compiled region back to eager, so these are not the table's
-# unit: only their ratio is used (compiled_share). The layer traces as one graph, 4-bit
-# linears included (torch._dynamo.explain: no graph break); Liger's kernels were not counted
-# (they need a GPU).
+# unit: only their ratio is used (compiled_share). Under SDPA the layer traces as one graph,
+# 4-bit linears included (torch._dynamo.explain: no graph break); the launch's varlen
+# attention stays eager between two (zeroplan.launch.batching.register_varlen). Liger's
+# kernels were not counted (they need a GPU).
 COMPILED_LAYER = {"bf16": (140, 72), "4bit": (140, 100)}
 
 
