@@ -743,37 +743,3 @@ def test_the_4bit_alternative_is_the_setup_method_auto_would_take() -> None:
     assert lora.quantized_alternative is not None and auto.best is not None
     assert auto.best.setup.method == "qlora"
     assert lora.quantized_alternative.setup == auto.best.setup
-
-
-def test_the_plan_compiles_the_layers_only_where_the_host_sets_the_pace(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Where a method's compiled host-bound launches measured faster (COMPILE_MEASURED_METHODS),
-    a host-bound candidate runs compiled when the speed model prices it faster, and the plan
-    says so; a GPU-bound one stays eager, and --no-compile (allow_compile) never compiles."""
-    from zeroplan import planner
-
-    monkeypatch.setattr(planner, "COMPILE_MEASURED_METHODS", ("lora", "qlora"))
-    spec, h100 = load_model("meta-llama/Llama-3.1-8B"), parse_cluster("1xH100")
-    req = PlanRequest(spec=spec, cluster=h100, method="qlora", seq_len=1664)
-    small = TrainSetup(method="qlora", micro_batch=1, seq_len=1664, kernels="liger")
-    eager = step_time(spec, small, h100)
-    assert eager.host_bound
-    cand = evaluate(req, small)
-    assert cand.setup.compile and cand.step.total_s < eager.total_s
-    big = dataclasses.replace(small, micro_batch=16)
-    assert not step_time(spec, big, h100).host_bound
-    assert not evaluate(req, big).setup.compile
-    assert not evaluate(dataclasses.replace(req, allow_compile=False), small).setup.compile
-    # the plan of a host-bound job says that it compiles (global batch 1 forces micro-batch 1)
-    tiny = plan(dataclasses.replace(req, global_batch=1, allow_quantization=True))
-    assert tiny.best is not None and tiny.best.setup.compile
-    assert any("torch.compile" in a for a in tiny.assumptions)
-    # compiled on the model's own modules (inductor fuses them): that path's memory
-    monkeypatch.setattr(planner, "COMPILE_KERNELS", "none")
-    own = evaluate(req, small)
-    assert own.setup.compile and own.setup.kernels == "none"
-    assert own.estimate.peak_allocated_bytes > cand.estimate.peak_allocated_bytes
-    # unmeasured: nothing changes
-    monkeypatch.setattr(planner, "COMPILE_MEASURED_METHODS", ())
-    assert not evaluate(req, small).setup.compile

@@ -33,7 +33,6 @@ from typing import Any
 from zeroplan import liger, moe
 from zeroplan.errors import BadSetupError, UnmeasuredMoEError, ZeroplanError
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU, Cluster
-from zeroplan.hostops import LIGER_COUNTED
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.models import ModelSpec
@@ -91,8 +90,6 @@ class PlanRequest:
     # Liger's RMSNorm, SwiGLU / GeGLU and RoPE (liger-kernel on the training machine), for
     # the architectures it patches (zeroplan.liger)
     allow_kernels: bool = True
-    # each decoder layer through torch.compile where it pays (compile_pays); False: never
-    allow_compile: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
     cpu_ram_per_node: int | None = None
     # the data's lengths at seq_len, packed into rows (plan --data): speed counts real
@@ -298,30 +295,6 @@ def kernels_choice(req: PlanRequest, method: str) -> str:
     return "liger" if req.allow_kernels and liger.liger_kernels(req.spec.model_type) else "none"
 
 
-# the methods whose host-bound launched steps measured faster with compiled layers (filled
-# from benchmarks/results/hostc_*.jsonl), on the architectures whose layers were counted
-# compiled (Llama's modules: hostops.COMPILED_LAYER)
-COMPILE_MEASURED_METHODS: tuple[str, ...] = ()
-# the elementwise kernels compiled layers run with: None keeps the candidate's (Liger's where
-# chosen), "none" the model's own modules, which inductor fuses itself
-COMPILE_KERNELS: str | None = None
-COMPILE_FAMILIES = LIGER_COUNTED
-
-
-def compile_pays(req: PlanRequest, setup: TrainSetup, step: StepTime) -> bool:
-    """Whether the plan compiles ``setup``'s layers: allowed, measured for its method and
-    architecture, where the host sets the pace (StepTime.host_bound; under a long GPU step
-    the compiled layers measured inside the step-to-step spread, kernels2_h100.jsonl) and
-    the speed model prices it faster."""
-    return (
-        req.allow_compile
-        and setup.method in COMPILE_MEASURED_METHODS
-        and req.spec.model_type in COMPILE_FAMILIES
-        and req.spec.moe is None
-        and step.host_bound
-    )
-
-
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
     world = req.cluster.world_size
     for method in _methods(req):
@@ -361,29 +334,13 @@ def evaluate(req: PlanRequest, setup: TrainSetup) -> Candidate:
     setup = resolve_precision(setup, req.cluster.gpu.bf16, req.cluster.gpu.name)
     # the model's own attention (eager for Gemma-2), so the plan's setup says what runs
     setup = resolve_attention(setup, req.spec)
-    est, fits = _estimate(req, setup)
-    fill = req.fill(setup.micro_batch)
-    step = step_time(req.spec, setup, req.cluster, fill)
-    if compile_pays(req, setup, step):
-        # the memory estimate is the eager layers' (the compiled ones' was not modelled)
-        compiled = dataclasses.replace(
-            setup, compile=True, kernels=COMPILE_KERNELS or setup.kernels
-        )
-        faster = step_time(req.spec, compiled, req.cluster, fill)
-        if faster.total_s < step.total_s:
-            if compiled.kernels != setup.kernels:
-                est, fits = _estimate(req, compiled)
-            return Candidate(compiled, est, faster, fits)
-    return Candidate(setup, est, step, fits)
-
-
-def _estimate(req: PlanRequest, setup: TrainSetup) -> tuple[MemoryEstimate, bool]:
-    """The setup's memory and whether it fits with the request's margins."""
     est = estimate(req.spec, req.cluster, setup)
-    fits = est.required_bytes <= est.gpu_memory_bytes * (1 - req.margin)
+    limit = est.gpu_memory_bytes * (1 - req.margin)
+    fits = est.required_bytes <= limit
     if req.cpu_ram_per_node is not None:
         fits = fits and est.cpu_bytes_per_node <= req.cpu_ram_per_node * (1 - req.margin)
-    return est, fits
+    fill = req.fill(setup.micro_batch)
+    return Candidate(setup, est, step_time(req.spec, setup, req.cluster, fill), fits)
 
 
 def _check_moe(req: PlanRequest) -> None:
@@ -587,14 +544,6 @@ def plan(req: PlanRequest) -> Plan:
             "activations, less memory traffic; measured on Llama LoRA and QLoRA steps, its speed-up "
             "fitted on one 8B shape): pip install liger-kernel where you train, or plan with "
             "--no-liger"
-        )
-    if best is not None and best.setup.compile:
-        assumptions.append(
-            "each decoder layer runs through torch.compile (the host sets this step's pace, "
-            "and a compiled layer asks about half the host's calls of an eager one: measured "
-            "faster on host-bound LoRA and QLoRA launches): it needs a working torch.compile "
-            "(Triton on a GPU) where you train; plan with --no-compile, or launch with "
-            "--no-compile, to run eager"
         )
     if best is not None and best.setup.fused_loss:
         assumptions.append(

@@ -544,12 +544,6 @@ def _count(text: str | None, option: str) -> int | None:
     help="Leave out Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels (launching them needs "
     "pip install liger-kernel and a CUDA GPU); the plan then keeps the model's own modules.",
 )
-@click.option(
-    "--no-compile",
-    is_flag=True,
-    help="Never compile the decoder layers (the plan compiles them only where the host sets "
-    "the pace and it measured faster; launching them needs a working torch.compile).",
-)
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option(
@@ -577,7 +571,6 @@ def plan(
     cpu_ram_per_node: float | None,
     no_fused_loss: bool,
     no_liger: bool,
-    no_compile: bool,
     top: int,
     as_json: bool,
     out: Path | None,
@@ -638,7 +631,7 @@ def plan(
         overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
     # a recipe's plan keeps the model's own kernels (recipe_job says why)
-    extra = {"allow_kernels": not no_liger, "allow_compile": not no_compile, **extra}
+    extra = {"allow_kernels": not no_liger, **extra}
     req = PlanRequest(
         spec=spec,
         cluster=cluster,

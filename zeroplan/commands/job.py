@@ -408,6 +408,5 @@ def recipe_job(
         merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)
     # the recipe's trainer runs its own kernels (LLaMA-Factory's enable_liger_kernel and TRL's
     # use_liger_kernel turn Liger's on with the fused loss, which the recipe writer does not
-    # split): its plan assumes the model's own modules, an upper bound on its memory; and
-    # its layers run eager (compiling them is zeroplan launch's)
-    return merged, overridden, {"allow_kernels": False, "allow_compile": False}
+    # split): its plan assumes the model's own modules, an upper bound on its memory
+    return merged, overridden, {"allow_kernels": False}

@@ -857,7 +857,7 @@ def _kernel_path(
             f"the plan uses Liger's fused loss, which has no kernel for '{model_type}': plan "
             "again with --no-fused-loss"
         )
-    # unset: the plan's choice (it compiles where the host sets the pace)
+    # unset: what the plan's setup says (setup.compile)
     compile_layers = setup.compile if opts.compile is None else opts.compile
     if compile_layers:
         zkernels.check_compiler(cuda)
