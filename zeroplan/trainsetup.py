@@ -117,7 +117,7 @@ class TrainSetup:
     kernels: str = "none"
     # each decoder layer through torch.compile (``zeroplan launch --compile``): inductor fuses
     # a layer's elementwise work and the host makes fewer calls (speed.host_operations). The
-    # planner leaves it off: on the one host-bound launch measured it ran 1.09-1.13x, inside
+    # planner leaves it off: on the one host-bound launch measured it ran 1.08-1.13x, inside
     # the host-bound repeat spread, after a 20 s compile (docs/launch.md); the launch runs
     # what a setup says
     compile: bool = False
