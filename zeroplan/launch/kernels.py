@@ -23,10 +23,13 @@ compilation: the layers share one code object, so the graph compiled for the fir
 the rest; packed micro-batches keep one shape). A compile that fails on a forward falls back
 to eager for every layer, with one warning line; the run goes on. One that fails in the
 backward is caught by the trainer (``sft.lean_trainer_class``), which runs the micro-batch
-again in eager mode. Off unless asked for: on the 8B LoRA default plan (Liger, 16 × 704
-packed, one H100) it compiled 7 graphs in 7.4 s with no recompile, and ran 1.5% faster
-(inside the step-to-step spread) with 2.6 GB more peak memory, since dynamo cannot tell
-which inputs Liger's Triton kernels mutate and assumes all (kernels2_h100.jsonl).
+again in eager mode. Unset, the plan's setup decides (``compile``), and plans leave it off:
+on the 8B LoRA default plan (Liger, 16 × 704 packed, one H100) it compiled 7 graphs in 7.4 s
+with no recompile, and ran 1.5% faster (inside the step-to-step spread) with 2.6 GB more
+peak memory, since dynamo cannot tell which inputs Liger's Triton kernels mutate and assumes
+all (kernels2_h100.jsonl); where the host sets the pace (8B QLoRA, 1 × 1,664, the model's
+own modules) 1.08-1.13x after a 20 s compile, inside the host-bound repeat spread
+(hostc_h100.jsonl).
 """
 
 from __future__ import annotations
