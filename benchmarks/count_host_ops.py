@@ -21,6 +21,7 @@ count with one:
     python benchmarks/count_host_ops.py            # writes zeroplan/catalog/host_ops.json
     python benchmarks/count_host_ops.py --check    # exit 1 when the file differs from a recount
     python benchmarks/count_host_ops.py --packed   # exit 1 when a packed step counts otherwise
+    python benchmarks/count_host_ops.py --compile  # a Llama LoRA layer eager and compiled
 
 The table is counted on padded rows with sdpa; ``zeroplan launch`` trains packed rows laid
 end to end with varlen attention (zeroplan.launch.batching). ``--packed`` counts every sdpa
@@ -346,6 +347,141 @@ def liger_pieces() -> dict[str, int]:
     return out
 
 
+# --------------------------------------------------------------------------- --compile
+
+# inductor's generated kernels, named in the profiler on the CPU (cpp.enable_kernel_profile)
+# and on the GPU (triton_*)
+_KERNEL_NAMES = ("_cpp_fused_", "triton_")
+
+
+# the operator namespaces counted: ATen's and bitsandbytes' (its 4-bit ops are torch
+# custom operators); other profiler events (autograd nodes, dynamo's regions) are not calls
+_OP_NAMESPACES = ("aten", "bitsandbytes")
+
+
+def _is_op(name: str) -> bool:
+    return name.split("::", 1)[0] in _OP_NAMESPACES and name.count("::") == 1
+
+
+@cache
+def _is_view(op: str) -> bool:
+    """Whether the operator ``op`` ("aten::t") returns an alias of an input (launches
+    nothing), by its schema, as ``dispatched`` decides."""
+    import torch
+
+    namespace, name = op.split("::")
+    packet = getattr(getattr(torch.ops, namespace), name, None)
+    if packet is None:
+        return False
+    overload = getattr(packet, "default", None) or getattr(packet, packet.overloads()[0])
+    returns = overload._schema.returns
+    return bool(returns and returns[0].alias_info is not None)
+
+
+def profiled(run: Callable[[], Any]) -> collections.Counter[str]:
+    """What ``run()`` asks of the host, read off torch.profiler (a TorchDispatchMode turns
+    a compiled region back to eager, so ``dispatched`` cannot count one): ``aten`` the ATen
+    (and bitsandbytes) calls made from Python or from a compiled graph's wrapper that return
+    a new tensor (those inside another such call or a kernel are not counted; views are not),
+    ``kernels`` inductor's generated kernels, ``graphs`` the compiled regions' calls,
+    forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    out: collections.Counter[str] = collections.Counter()
+    for e in prof.events():
+        if any(k in e.name for k in _KERNEL_NAMES):
+            out["kernels"] += 1
+            continue
+        if e.name in ("CompiledFunction", "CompiledFunctionBackward"):
+            out["graphs"] += 1
+            continue
+        if not _is_op(e.name) or _is_view(e.name):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not (
+            _is_op(parent.name) or any(k in parent.name for k in _KERNEL_NAMES)
+        ):
+            parent = parent.cpu_parent
+        out["aten"] += parent is None
+    return out
+
+
+def quantize_4bit(model: Any) -> int:
+    """Swap every linear inside the decoder layers for bitsandbytes' NF4 Linear4bit
+    (double quantization, bf16 compute, as ``--method qlora`` loads them), on the CPU;
+    returns how many."""
+    import bitsandbytes as bnb
+    import torch
+
+    swapped = 0
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                )  # fmt: skip
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.float().contiguous(), requires_grad=False,
+                    quant_type="nf4", compress_statistics=True,
+                )  # fmt: skip
+                setattr(parent, name, q.to("cpu"))
+                swapped += 1
+    return swapped
+
+
+def compiled_calls(
+    layers: int, compiled: bool, quant4: bool, dropout: float = 0.0
+) -> collections.Counter[str]:
+    """``profiled`` counts of one forward and backward of a ``layers``-layer Llama with
+    all-linear LoRA (``dropout``), its decoder layers each through torch.compile (inductor,
+    as ``zeroplan launch --compile`` wraps them: zeroplan.launch.kernels.RegionalCompile) or
+    not, its linears in 4-bit (``quant4``) or bf16."""
+    import torch
+    import torch._inductor.config as inductor
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zeroplan.launch.kernels import RegionalCompile, decoder_layers
+
+    inductor.cpp.enable_kernel_profile = True  # each C++ kernel a profiler event
+    torch.manual_seed(0)
+    config = config_for("llama", layers)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    model.config.use_cache = False
+    if quant4:
+        quantize_4bit(model)
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
+    model = get_peft_model(model, lcfg)
+    model.train()
+    if compiled:
+        torch._dynamo.reset()
+        RegionalCompile(warn=print, backend="inductor").wrap(decoder_layers(model))
+    ids = torch.randint(3, 512, (1, TOKENS))
+    for _ in range(3):  # compiles (forward, then backward) and fills the caches
+        model(input_ids=ids, labels=ids).loss.backward()
+    return profiled(lambda: model(input_ids=ids, labels=ids).loss.backward())
+
+
+def compiled_per_layer(quant4: bool, dropout: float = 0.0) -> dict[str, dict[str, int]]:
+    """Per decoder layer (two layers' counts minus one's), eager and compiled: ``aten`` +
+    ``kernels`` is what the host dispatches, ``graphs`` the compiled regions it enters."""
+    out = {}
+    for compiled in (False, True):
+        one = compiled_calls(1, compiled, quant4, dropout)
+        two = compiled_calls(2, compiled, quant4, dropout)
+        out["compiled" if compiled else "eager"] = {
+            k: two[k] - one[k] for k in ("aten", "kernels", "graphs")
+        }
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare with the file, write nothing")
@@ -359,6 +495,11 @@ def main() -> int:
         action="store_true",
         help="count what Liger's kernels replace in Llama; exit 1 where hostops.LIGER_OPS differs",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="count a Llama LoRA layer eager and under --compile (bf16 and 4-bit), profiled",
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -371,6 +512,11 @@ def main() -> int:
         for name, n in counted.items():
             print(f"{name:17} Llama's own {n:3}, Liger's {LIGER_OPS[name][1]} (hostops)")
         return 0 if all(LIGER_OPS[k][0] == n for k, n in counted.items()) else 1
+    if args.compile:
+        for quant4 in (False, True):
+            counts = compiled_per_layer(quant4)
+            print(f"{'4-bit' if quant4 else 'bf16':5} per layer {json.dumps(counts)}")
+        return 0
     if args.packed:
         # the tolerance test_hostops holds the table to against a recount
         far = False

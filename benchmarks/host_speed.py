@@ -18,6 +18,12 @@ zeroplan tree ``--before`` (main before this work), on the same card in the same
     1b-mb4-today   Llama-3.2-1B LoRA, 4 × 704, no DeepSpeed, unfused loss, own kernels,
                    dropout 0.05 (realdata_h200_hostbound's job), zeroplan before
     1b-mb4         the same job with today's defaults, from this tree
+    1b-mb4-compile, 8b-mb1-compile   1b-mb4 and 8b-mb1 with --compile (each decoder layer
+                   through torch.compile: fewer operations for the host to dispatch)
+    1b-mb4-compile-none, 8b-mb1-compile-none   the same compiled without Liger's kernels
+                   (inductor fuses the norms, SwiGLU and rotary itself; Liger's autograd
+                   functions split each layer's graph)
+    1b-mb4-ro, 8b-mb1-ro   the same in torch.compile's "reduce-overhead" mode (CUDA graphs)
     1b-plan, 1b-alt1..4   the 1B LoRA plan's choice on this GPU and four other setups it
                    ranked (the first of each distinct micro-batch / checkpointing / DeepSpeed
                    shape down its list), from this tree
@@ -62,7 +68,17 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "8b-mb1": ("8b", "qlora", [], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
     "1b-mb4-today": ("1b", "lora", ["--kernels", "none"], {**MB4, **TODAY, "fused_loss": False}, "before"),
     "1b-mb4": ("1b", "lora", [], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
+    "1b-mb4-compile": ("1b", "lora", ["--compile"], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
+    "8b-mb1-compile": ("8b", "qlora", ["--compile"], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
+    "1b-mb4-compile-none": ("1b", "lora", ["--compile", "--kernels", "none"], {**MB4, **DEFAULTS, "kernels": "none", "fused_loss": True}, "after"),
+    "8b-mb1-compile-none": ("8b", "qlora", ["--compile", "--kernels", "none"], {**MB1, **DEFAULTS, "kernels": "none", "fused_loss": True}, "after"),
+    "1b-mb4-ro": ("1b", "lora", ["--compile"], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
+    "8b-mb1-ro": ("8b", "qlora", ["--compile"], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
 }  # fmt: skip
+# torch.compile's mode for a run (host_probe sets zeroplan.launch.kernels.COMPILE_MODE)
+MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}
+# seconds a --compile run adds to its estimate (the first forward's and backward's compile)
+COMPILE_EXTRA_S = 15.0
 RANKED = ("1b-plan", "1b-alt1", "1b-alt2", "1b-alt3", "1b-alt4")
 # steps after the timed ones: two under sync debug mode, two profiled (the profiler stops
 # at the next step's start or at the run's end)
@@ -117,7 +133,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--before", type=Path, required=True, help="zeroplan tree before this work")
+    p.add_argument("--before", type=Path, help="zeroplan tree before this work (runs of it)")
     order = [*[n for n in RUNS if n != "8b-mb1-main"], *RANKED, "8b-mb1-main"]
     p.add_argument("--runs", default=",".join(order))
     p.add_argument("--timed", type=int, default=20, help="timed steps after the warm-up")
@@ -155,6 +171,7 @@ def main() -> None:
         if args.arch == "tiny":
             method = "lora"
         need = args.estimate_8b if key == "8b" else args.estimate_1b
+        need += COMPILE_EXTRA_S if "--compile" in options else 0.0
         left = args.deadline - (time.time() - t0)
         if left < need:
             _write(
@@ -178,12 +195,16 @@ def main() -> None:
         if args.arch == "tiny":  # the CPU: the tiny model's own length, no Liger, no 4-bit
             changes = {k: v for k, v in changes.items() if k != "seq_len"}
             changes.update(kernels="none", fused_loss=False, method="lora")
-            options = ["--kernels", "none"]
-        code = args.before.resolve() if tree == "before" else None
+            options = ["--kernels", "none", *[o for o in options if o == "--compile"]]
+        if tree == "before" and args.before is None:
+            p.error(f"--runs {name}: needs --before")
+        code = args.before.resolve() if tree == "before" and args.before else None
         # the five setups are timed only; the others probed after their timed steps
         timed = args.timed_ranked if name in RANKED else args.timed
         steps = WARMUP_STEPS + timed + (0 if name in RANKED else PROBED)
         probe_env = {"PYTHONPATH": _pythonpath(code)}
+        if name in MODES:
+            probe_env["ZEROPLAN_COMPILE_MODE"] = MODES[name]
         if name not in RANKED:
             probe_env["ZEROPLAN_HOST_PROBE"] = str(args.work / f"probe-{name}.json")
             probe_env["ZEROPLAN_HOST_PROBE_STEPS"] = str(WARMUP_STEPS + timed + 1)
@@ -197,6 +218,7 @@ def main() -> None:
         probe = _json(args.work / f"probe-{name}.json")
         row.update(
             tree=tree,
+            compile_mode=MODES.get(name, "default") if "--compile" in options else None,
             code=str(code or ROOT),
             model=ARCHS[key],
             plan_rank_predicted_tokens_per_s=predicted_rank,

@@ -161,8 +161,9 @@ def path_prediction(
     plan: dict[str, Any], changes: dict[str, Any], applied: dict[str, Any], model: Path
 ) -> dict[str, Any]:
     """The estimate for the path the run took: the plan's setup with the run's changes and
-    ``kernels`` as applied.json says it ran (liger when any Liger kernel ran), at the packed
-    rows' fill; the plan's own prediction is for the path it chose."""
+    ``kernels`` as applied.json says it ran (liger when any Liger kernel ran; ``compile``
+    where the layers were compiled), at the packed rows' fill; the plan's own prediction is
+    for the path it chose."""
     import dataclasses
 
     from zeroplan.api import estimate
@@ -175,8 +176,11 @@ def path_prediction(
         raw["lora_targets"] = tuple(raw["lora_targets"])
     elif isinstance(raw.get("lora_targets"), str):
         raw["lora_targets"] = parse_targets(raw["lora_targets"])
-    ran = (applied.get("kernels") or {}).get("liger")
-    setup = dataclasses.replace(TrainSetup(**raw), kernels="liger" if ran else "none")
+    path = applied.get("kernels") or {}
+    ran, compiled = path.get("liger"), path.get("compile", "off") != "off"
+    setup = dataclasses.replace(
+        TrainSetup(**raw), kernels="liger" if ran else "none", compile=compiled
+    )
     fill = (applied.get("batching") or {}).get("fill") or 1.0
     spec = load_model(str(model / "config.json"))
     est = estimate(spec, parse_cluster(plan["cluster"]), setup, fill=fill)

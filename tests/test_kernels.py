@@ -166,6 +166,27 @@ def test_compiled_layers_compute_what_eager_does(model_dir: Path) -> None:
     stats = regional.stats()
     assert warnings == [] and stats["fell_back_to_eager"] is None and stats["layers"] == 2
     assert stats["graphs"] >= 1 and stats["first_compiled_call_s"] is not None
+    # a LoRA layer traces whole: nothing splits its graph, in the default mode
+    assert stats["graph_breaks"] == 0 and stats["graph_break_reasons"] == {}
+    assert stats["mode"] is None
+
+
+def test_the_compile_mode_reaches_torch_compile(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    asked: list[dict[str, Any]] = []
+
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(kernels, "COMPILE_MODE", "reduce-overhead")
+    regional = kernels.RegionalCompile(warn=print)
+    regional.wrap(kernels.decoder_layers(_peft_model(model_dir)))
+    assert asked == [{"backend": "inductor", "mode": "reduce-overhead"}] * 2
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(model_dir: Path) -> None:
@@ -232,6 +253,26 @@ def test_the_rank_records_its_path_and_compile(
     assert "kernels: plain kernels, compiled layers (the plan chose the model's own modules" in err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["batching"].endswith("plain kernels, compiled layers")
+
+
+def test_the_rank_compiles_where_the_plan_chose_it_unless_told_not_to(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("trl")
+    from zeroplan.launch import sft
+
+    monkeypatch.setattr(kernels, "COMPILE_BACKEND", "eager")
+    tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    for flag, compiled in (None, True), ("--no-compile", False):
+        run = tmp_path / f"run-{flag}"
+        tinyllm.write_plan(run, model_dir, method="lora", micro_batch=2, lora_r=4, compile=True)
+        argv = ["--plan", str(run / "plan.json"), "--data", str(tmp_path / "d.jsonl")]
+        argv += ["--out", str(run), "--max-steps", "1", *([flag] if flag else [])]
+        assert sft.run(sft.parse_args(argv), sft.StopFlag(), argv) == 0
+        applied = json.loads((run / "applied.json").read_text())
+        assert applied["kernels"]["compile"] == (
+            "regional (each decoder layer)" if compiled else "off"
+        )
 
 
 def test_the_rank_refuses_liger_on_the_cpu_before_loading(tmp_path: Path, model_dir: Path) -> None:
@@ -301,6 +342,12 @@ def test_launch_passes_the_options_and_refuses_liger_and_compile(
     monkeypatch.setattr(kernels, "check_compiler", no_compiler)
     (err,) = preflight(la, h100, force=True).errors
     assert isinstance(err, CompilerUnavailableError)
+    # a plan that chose compiled layers is checked too, unless the launch says --no-compile
+    chose = _launch(tmp_path, model_dir, TrainOptions(), compile=True)
+    (err,) = preflight(chose, h100, force=True).errors
+    assert isinstance(err, CompilerUnavailableError)
+    eager = _launch(tmp_path, model_dir, TrainOptions(compile=False), compile=True)
+    assert preflight(eager, h100, force=True).ok
 
 
 def test_a_plan_that_chose_liger_is_refused_where_liger_cannot_run(

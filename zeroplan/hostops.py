@@ -36,6 +36,28 @@ LIGER_OPS = {
 # counted above); others' Liger steps keep their own count on the host's clock.
 LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 
+# A decoder layer under ``--compile`` (each layer through torch.compile, inductor): the calls
+# the host makes per forward and backward of one Llama layer with all-linear LoRA at dropout
+# 0, eager and compiled, bf16 and with bitsandbytes' NF4 linears, as (eager bf16 layer,
+# compiled layer): ATen and bitsandbytes calls made from Python or from the compiled graph's
+# wrapper that return a new tensor, plus inductor's kernels, read off torch.profiler on the
+# CPU (``count_host_ops.py --compile``; benchmarks/results/host_ops_compiled_cpu.txt). A
+# TorchDispatchMode turns a compiled region back to eager, so these are not the table's
+# unit: only their ratio is used (compiled_share). Under SDPA the layer traces as one graph,
+# 4-bit linears included (torch._dynamo.explain: no graph break); the launch's varlen
+# attention stays eager between two (zeroplan.launch.batching.register_varlen). Liger's
+# kernels were not counted (they need a GPU).
+COMPILED_LAYER = {"bf16": (140, 72), "4bit": (140, 100)}
+
+
+def compiled_share(quantized: bool) -> float:
+    """What a compiled layer asks of the host, as a share of the eager bf16 layer's calls
+    (COMPILED_LAYER): 0.51 bf16, 0.71 with 4-bit linears (their dequantization stays a call
+    of its own each way)."""
+    eager, compiled = COMPILED_LAYER["4bit" if quantized else "bf16"]
+    return compiled / eager
+
+
 # Multimodal checkpoints whose text tower is another family's decoder.
 _TEXT_TOWER = {"gemma3": "gemma3_text"}
 # What an architecture without a count is taken for (the fitted rows' own).

@@ -32,7 +32,7 @@ from typing import Any
 
 from zeroplan import liger
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
-from zeroplan.hostops import LIGER_COUNTED, LIGER_OPS, host_ops
+from zeroplan.hostops import LIGER_COUNTED, LIGER_OPS, compiled_share, host_ops
 from zeroplan.models import ModelSpec
 from zeroplan.packing import PaddedBatches
 from zeroplan.trainsetup import (
@@ -679,7 +679,10 @@ def gpu_seconds(
     NORM_BYTES and G = liger_features (else 0); the operations Liger no longer dispatches
     come off the host's clock (liger_host_saving). With MoE constants ``m`` (not shipped: MOE_FITTED is
     None, see MOE_CANDIDATE) the MoE step's terms are added and the router's and banks'
-    features (wrapped_features) leave Σ(in + out)."""
+    features (wrapped_features) leave Σ(in + out). Compiled layers (``setup.compile``) are
+    priced as Liger's path: inductor fuses the same norms, gated activation and rotary into
+    kernels of its own (gpu_setup)."""
+    setup = gpu_setup(setup)
     flops = flops_per_token(spec, setup) * setup.tokens
     matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
     features = adapted_features(spec, setup) - (wrapped_features(spec, setup) if m else 0)
@@ -765,15 +768,26 @@ def liger_features(spec: ModelSpec, setup: TrainSetup) -> int:
     return total
 
 
+def gpu_setup(setup: TrainSetup) -> TrainSetup:
+    """The setup whose elementwise traffic the GPU's clock prices: compiled layers as
+    Liger's kernels (each norm, gated activation and rotary one fused kernel each way),
+    whatever ``kernels`` says."""
+    return replace(setup, kernels="liger") if setup.compile else setup
+
+
 def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:
     """Tensor operations one micro-batch's forward and backward dispatch:
     layers · ops per layer (frozen, or trained in full fine-tuning) + adapted modules · ops
     per LoRA adapter (with or without dropout), the architecture's counts (hostops),
-    − what Liger's kernels take off it (liger_host_saving)."""
+    − what Liger's kernels take off it (liger_host_saving); compiled layers
+    (``setup.compile``): that count without Liger · hostops.compiled_share, the calls a
+    compiled layer makes for each eager one (0.51 bf16, 0.71 4-bit: counted on the CPU)."""
     ops = host_ops(spec.model_type)
     adapted = sum(n for _, n in lora_targets(spec, setup)) if setup.is_lora else 0
     per_layer = ops.per_layer(full=setup.method == "full")
     total = spec.num_layers * per_layer + adapted * ops.per_adapter(setup.lora_dropout)
+    if setup.compile:
+        return round(total * compiled_share(quantized_linears(spec, setup) > 0))
     return total - liger_host_saving(spec, setup)
 
 
@@ -812,7 +826,8 @@ def host_seconds(
 ) -> float:
     """The host's time for one micro-batch, whatever its size:
     [host_step_s +] (1 + checkpointing · recompute) · (host_operations · host_op_s
-        + 4-bit linears · host_4bit_s + ZeRO-3's parameter tensors · zero3_tensor_s
+        + 4-bit linears · host_4bit_s (not when compiled)
+        + ZeRO-3's parameter tensors · zero3_tensor_s
         + MoE layers · host_layer_s).
 
     With MoE constants ``m`` (not shipped: MOE_FITTED is None) an MoE layer adds
@@ -834,7 +849,9 @@ def host_seconds(
         recompute = m.host_recompute
     return step + (1 + int(setup.grad_ckpt) * recompute) * (
         host_operations(spec, setup) * k.host_op_s
-        + quantized_linears(spec, setup) * k.host_4bit_s
+        # compiled, bitsandbytes' Python around each 4-bit matmul is traced away and its
+        # dequantization calls are among the compiled layer's (host_operations)
+        + (0 if setup.compile else quantized_linears(spec, setup)) * k.host_4bit_s
         + hooks
         + moe_layers
     )

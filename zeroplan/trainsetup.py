@@ -115,6 +115,12 @@ class TrainSetup:
     # "liger" (Liger's RMSNorm, SwiGLU / GeGLU and RoPE where the architecture has them:
     # zeroplan.liger); they keep fewer activations and move less memory
     kernels: str = "none"
+    # each decoder layer through torch.compile (``zeroplan launch --compile``): inductor fuses
+    # a layer's elementwise work and the host makes fewer calls (speed.host_operations). The
+    # planner leaves it off: on the one host-bound launch measured it ran 1.08-1.13x, inside
+    # the host-bound repeat spread, after a 20 s compile (docs/launch.md); the launch runs
+    # what a setup says
+    compile: bool = False
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
     # launch does not, so this is off unless a user wants to model a run that does.
     upcast_non_quantized: bool = False

@@ -9,6 +9,9 @@ step). The Trainer is patched when ``transformers.trainer`` is first imported, s
 reads whichever zeroplan tree launched the run, before and after alike.
 
     ZEROPLAN_HOST_PROBE=/tmp/run/probe.json  ZEROPLAN_HOST_PROBE_STEPS=14  (first probed step)
+
+``ZEROPLAN_COMPILE_MODE`` (probe or not) sets torch.compile's mode for ``--compile``
+(zeroplan.launch.kernels.COMPILE_MODE), e.g. ``reduce-overhead`` for CUDA graphs.
 """
 
 from __future__ import annotations
@@ -116,14 +119,21 @@ class _Probe:
 
     @staticmethod
     def summarise(prof: Any, wall: float, steps: int) -> dict[str, Any]:
-        kernels = gpu_us = ops = 0
+        kernels = gpu_us = ops = outer = launches = 0
         for e in prof.events():
             kind = str(getattr(e, "device_type", ""))
+            if "LaunchKernel" in e.name:  # the host's launch calls (eager and compiled alike)
+                launches += 1
             if "CUDA" in kind:
                 kernels += 1
                 gpu_us += e.device_time_total if hasattr(e, "device_time_total") else 0
             elif e.name.startswith("aten::"):
                 ops += 1
+                # the calls Python (or a compiled graph's wrapper) makes, not those inside
+                parent = e.cpu_parent
+                while parent is not None and not parent.name.startswith("aten::"):
+                    parent = parent.cpu_parent
+                outer += parent is None
         top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         return {
             "steps": steps,
@@ -131,6 +141,8 @@ class _Probe:
             "kernels_per_step": kernels / steps,
             "gpu_busy_s_per_step": gpu_us / 1e6 / steps,
             "aten_ops_per_step": ops / steps,
+            "top_level_aten_ops_per_step": outer / steps,
+            "launch_calls_per_step": launches / steps,
             "top_self_cpu": top,
         }
 
@@ -216,3 +228,10 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 if PATH:
     sys.meta_path.insert(0, _Finder())
+if os.environ.get("ZEROPLAN_COMPILE_MODE"):
+    try:
+        import zeroplan.launch.kernels as _kernels
+
+        _kernels.COMPILE_MODE = os.environ["ZEROPLAN_COMPILE_MODE"]
+    except ImportError:
+        pass

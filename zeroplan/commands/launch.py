@@ -191,7 +191,8 @@ def _slug(name: str) -> str:
     "--compile/--no-compile",
     "compile_layers",
     default=None,
-    help="torch.compile each decoder layer (default off); a failed compile falls back to eager.",
+    help="torch.compile each decoder layer (default: the plan's setup, which leaves it off); a "
+    "failed compile falls back to eager.",
 )
 @click.option(
     "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."

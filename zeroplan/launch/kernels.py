@@ -23,10 +23,13 @@ compilation: the layers share one code object, so the graph compiled for the fir
 the rest; packed micro-batches keep one shape). A compile that fails on a forward falls back
 to eager for every layer, with one warning line; the run goes on. One that fails in the
 backward is caught by the trainer (``sft.lean_trainer_class``), which runs the micro-batch
-again in eager mode. Off unless asked for: on the 8B LoRA default plan (Liger, 16 × 704
-packed, one H100) it compiled 7 graphs in 7.4 s with no recompile, and ran 1.5% faster
-(inside the step-to-step spread) with 2.6 GB more peak memory, since dynamo cannot tell
-which inputs Liger's Triton kernels mutate and assumes all (kernels2_h100.jsonl).
+again in eager mode. Unset, the plan's setup decides (``compile``), and plans leave it off:
+on the 8B LoRA default plan (Liger, 16 × 704 packed, one H100) it compiled 7 graphs in 7.4 s
+with no recompile, and ran 1.5% faster (inside the step-to-step spread) with 2.6 GB more
+peak memory, since dynamo cannot tell which inputs Liger's Triton kernels mutate and assumes
+all (kernels2_h100.jsonl); where the host sets the pace (8B QLoRA, 1 × 1,664, the model's
+own modules) 1.08-1.13x after a 20 s compile, inside the host-bound repeat spread
+(hostc_h100.jsonl).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ DEFAULT_KERNELS = "auto"
 LIGER_FIX = "pip install liger-kernel, or pass --kernels none"
 # torch.compile's backend for --compile (tests swap in "eager" or one that fails)
 COMPILE_BACKEND: Any = "inductor"
+# torch.compile's mode for --compile: None (inductor's default). A benchmark may set
+# "reduce-overhead" (CUDA graphs) or "max-autotune-no-cudagraphs" to measure them.
+COMPILE_MODE: str | None = None
 RECOMPILE_LIMIT = 64
 # layer inputs whose first dimension changes from batch to batch under packing
 VARYING = ("cu_seq_lens_q", "cu_seq_lens_k")
@@ -271,7 +277,7 @@ class RegionalCompile:
         for i, layer in enumerate(layers):
             eager = layer.forward
             backend = COMPILE_BACKEND if self.backend is None else self.backend
-            compiled = torch.compile(eager, backend=backend)
+            compiled = torch.compile(eager, backend=backend, mode=COMPILE_MODE)
             layer.forward = self._forward(eager, compiled, first_layer=i == 0)
             self.layers += 1
 
@@ -341,6 +347,10 @@ class RegionalCompile:
         first = self.graphs_first_forward
         out["recompiles_after_first_forward"] = graphs - first if first is not None else None
         out["graph_breaks"] = sum(counters["graph_break"].values())
+        # dynamo keys its graph-break counter by reason: the few most frequent, shortened
+        reasons = counters["graph_break"].most_common(4)
+        out["graph_break_reasons"] = {str(k)[:200]: int(v) for k, v in reasons}
+        out["mode"] = COMPILE_MODE
         # dynamo's whole compile of each frame (tracing, AOT autograd, inductor)
         seconds = compilation_time_metrics.get("_compile.compile_inner", [])
         out["compile_s"] = round(sum(seconds), 2)

@@ -198,7 +198,8 @@ def check_kernels(launch: Launch, gpu_here: bool) -> None:
         except ZeroplanError:
             model_type = None  # the memory check says why; the ranks check the architecture
         kernels.check_kernels(requested, model_type, gpu_here, supported, planned)
-    if train.compile:
+    # unset: the plan's choice
+    if train.compile or (train.compile is None and launch.setup.compile):
         kernels.check_compiler(gpu_here)
 
 

@@ -139,7 +139,7 @@ class Options:
     packed_attention: str = "auto"
     report_to: str = "none"  # trackers.TRACKERS
     kernels: str = zkernels.DEFAULT_KERNELS
-    compile: bool = False
+    compile: bool | None = None  # None: the plan's (setup.compile)
 
 
 # --------------------------------------------------------------------------- plan, options
@@ -232,8 +232,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     "(tensorboard: OUT/tb)")  # fmt: skip
     ap.add_argument("--kernels", default=zkernels.DEFAULT_KERNELS, choices=zkernels.KERNELS,
                     help="Liger's RMSNorm/SwiGLU/RoPE: auto (where they run), liger, none")  # fmt: skip
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="torch.compile each decoder layer (eager again if it fails)")  # fmt: skip
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile each decoder layer (eager again if it fails); "
+                    "default: the plan's choice")  # fmt: skip
     a = ap.parse_args(argv)
     if a.resume and a.epochs is None and a.max_steps is None:
         a.epochs, a.max_steps = original_limits(a.out)
@@ -856,10 +857,12 @@ def _kernel_path(
             f"the plan uses Liger's fused loss, which has no kernel for '{model_type}': plan "
             "again with --no-fused-loss"
         )
-    if opts.compile:
+    # unset: what the plan's setup says (setup.compile)
+    compile_layers = setup.compile if opts.compile is None else opts.compile
+    if compile_layers:
         zkernels.check_compiler(cuda)
     return zkernels.choose(
-        opts.kernels, model_type, cuda, supported, setup.fused_loss, opts.compile, planned
+        opts.kernels, model_type, cuda, supported, setup.fused_loss, compile_layers, planned
     )
 
 
