@@ -33,15 +33,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import gpu_fixtures as fx  # noqa: E402  (build_model, records, write_plan, metrics, ...)
 import tinyllm  # noqa: E402
-from gpu_fixtures import (  # noqa: E402
-    build_model,
-    metrics,
-    records,
-    steady_tokens_per_s,
-    versions,
-    write_plan,
-)
 
 from zeroplan.trainsetup import TrainSetup  # noqa: E402
 
@@ -88,14 +81,14 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, timeout: float)
             arch = {**tinyllm.TINY_QWEN3_MOE, "num_hidden_layers": v.layers}
             tinyllm.build_model_dir(model, arch=arch)
         else:
-            build_model(model, ARCH, layers=v.layers)
+            fx.build_model(model, ARCH, layers=v.layers)
         print(f"built {v.layers} layers in {time.time() - t:.0f}s", flush=True)
     run = args.work / name
     plan = args.work / f"{name}-plan.json"
     if args.tiny:  # the CPU's rehearsal: a tiny Qwen3-MoE, planned for one H100
-        planned = write_plan(plan, model, dataclasses.replace(SETUPS[v.setup], seq_len=128), 1)
+        planned = fx.write_plan(plan, model, dataclasses.replace(SETUPS[v.setup], seq_len=128), 1)
     else:
-        planned = write_plan(plan, model, SETUPS[v.setup], None)
+        planned = fx.write_plan(plan, model, SETUPS[v.setup], None)
     probe = args.work / f"{name}-probe.json"
     tree = args.before if v.before else ROOT
     env = dict(os.environ)
@@ -116,7 +109,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, timeout: float)
         rc, err = done.returncode, done.stderr
     except subprocess.TimeoutExpired as exc:
         rc, err = 124, str(exc.stderr or "")
-    lines = metrics(run)
+    lines = fx.metrics(run)
     log = run / "logs" / "rank0.log"
     applied = (
         json.loads((run / "applied.json").read_text()) if (run / "applied.json").exists() else {}
@@ -137,7 +130,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, timeout: float)
         "predicted_peak_allocated_bytes": predicted,
         "measured_peak_allocated_bytes": max(peaks) if peaks else None,
         "error": predicted / max(peaks) - 1 if peaks and max(peaks) else None,
-        "tokens_per_s": steady_tokens_per_s(lines),
+        "tokens_per_s": fx.steady_tokens_per_s(lines),
         "router_aux_loss_coef": applied.get("training", {}).get("router_aux_loss_coef"),
         "batching": applied.get("batching"),
         "host_loop": applied.get("host_loop"),
@@ -160,10 +153,12 @@ def main() -> None:
     start = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = tinyllm.write_jsonl(args.work / "data.jsonl", records(40 if args.tiny else 400, 10, 30))
+    data = tinyllm.write_jsonl(
+        args.work / "data.jsonl", fx.records(40 if args.tiny else 400, 10, 30)
+    )
     if not args.tiny:
-        data = tinyllm.write_jsonl(args.work / "data.jsonl", records(400))
-    env = {"arch": ARCH, "versions": versions()}
+        data = tinyllm.write_jsonl(args.work / "data.jsonl", fx.records(400))
+    env = {"arch": ARCH, "versions": fx.versions()}
     for name in args.variants.split(","):
         left = args.deadline - (time.time() - start)
         if left < 20:

@@ -16,8 +16,6 @@ reads whichever zeroplan tree launched the run, before and after alike.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import sys
@@ -26,6 +24,11 @@ import traceback
 import warnings
 from collections import Counter, defaultdict
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from probe_hooks import patch_on_import  # benchmarks/probe_hooks.py
+
+del sys.path[0]  # the launch's sys.path, as it was
 
 PATH = os.environ.get("ZEROPLAN_HOST_PROBE")
 FIRST = int(os.environ.get("ZEROPLAN_HOST_PROBE_STEPS", "14"))
@@ -206,28 +209,8 @@ def _patch(module: Any) -> None:
     trainer_cls.__init__ = __init__
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Patches transformers.trainer right after it loads."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "transformers.trainer":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def run(module: Any) -> None:
-            exec_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = run  # type: ignore[method-assign]
-        sys.meta_path.remove(self)
-        return spec
-
-
 if PATH:
-    sys.meta_path.insert(0, _Finder())
+    patch_on_import({"transformers.trainer": _patch})
 if os.environ.get("ZEROPLAN_COMPILE_MODE"):
     try:
         import zeroplan.launch.kernels as _kernels

@@ -22,13 +22,16 @@ Switches for the variants (read once):
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import sys
 import time
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from probe_hooks import patch_on_import  # benchmarks/probe_hooks.py
+
+del sys.path[0]  # the launch's sys.path, as it was
 
 PATH = os.environ.get("ZP_NAN_PROBE")
 OLD_LOOP = os.environ.get("ZP_NAN_OLD_LOOP") == "1"
@@ -279,25 +282,5 @@ if OLD_LOOP:
     PATCHES["zeroplan.launch.hostloop"] = _patch_hostloop
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Patches each module of PATCHES right after it loads."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        patch = PATCHES.get(name)
-        if patch is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def run(module: Any) -> None:
-            exec_module(module)
-            patch(module)
-
-        spec.loader.exec_module = run  # type: ignore[method-assign]
-        return spec
-
-
 if PATH:
-    sys.meta_path.insert(0, _Finder())
+    patch_on_import(PATCHES)

@@ -13,13 +13,16 @@ JSON file to $RECIPE_PROBE_OUT. Without that variable it does nothing.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import sys
 import time
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from probe_hooks import patch_on_import  # benchmarks/probe_hooks.py
+
+del sys.path[0]  # the launch's sys.path, as it was
 
 _OUT = os.environ.get("RECIPE_PROBE_OUT")
 
@@ -263,27 +266,5 @@ def _patch(module: Any) -> None:
     cls.__init__ = __init__
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Patches transformers.trainer right after it is imported, not before: importing it here
-    would run ahead of the trainers' own import-time patches."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "transformers.trainer":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader = spec.loader
-        exec_module = loader.exec_module
-
-        def patched(module: Any) -> None:
-            exec_module(module)
-            _patch(module)
-
-        loader.exec_module = patched  # type: ignore[method-assign]
-        return spec
-
-
 if _OUT:
-    sys.meta_path.insert(0, _Finder())
+    patch_on_import({"transformers.trainer": _patch})
