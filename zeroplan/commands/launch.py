@@ -319,8 +319,10 @@ def launch(
 
     Every rank runs `python -m zeroplan.launch.sft` through torchrun or the deepspeed
     launcher and writes RUN_DIR/logs/rank{N}.log and RUN_DIR/metrics.jsonl. Ctrl-C or
-    SIGTERM: SIGTERM to every rank, --grace seconds to save, then SIGKILL. Exit status:
-    0 done, 1 a rank failed (named, with its last log lines), 130 Ctrl-C, 143 SIGTERM.
+    SIGTERM: SIGTERM to every rank, --grace seconds to save, then SIGKILL. A loss or
+    gradient norm that turns NaN or infinite stops the run at that step, unsaved (the last
+    checkpoint stays the last good one), and says so. Exit status: 0 done, 1 a rank failed
+    or training diverged (named, with its last log lines), 130 Ctrl-C, 143 SIGTERM.
     """
     from zeroplan.errors import ZeroplanError
     from zeroplan.launch.preflight import preflight
