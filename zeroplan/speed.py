@@ -276,8 +276,9 @@ class MoESpeedConstants:
     host also moe_h100.jsonl's 8-layer Qwen3-30B-A3B and moe_speed3_h100.jsonl's
     Qwen3-30B-A3B-shaped cut at 2, 4 and 8 layers; one H100; 8 and 32 experts, 16 layers
     and the Mixtral-8x7B shape held out), apart from the dense fit, which they do not move (0 for a dense model). A
-    candidate, not shipped: MOE_FITTED is None while its held-out rows miss the plan's
-    bands (docs/moe.md, "Speed"):
+    candidate, not shipped with a band: MOE_FITTED is None while its held-out rows miss the
+    plan's bands, and MoE steps are predicted with it all the same (MOE_IN_USE; docs/moe.md,
+    "Speed"):
         host_layer_s: host seconds per MoE layer per forward and backward beyond
             host_op_s for each operation hostops counts (the count is already the GPU's
             grouped_mm path: routing, sort, histc, cumsum, gathers, grouped_mm; so this is
