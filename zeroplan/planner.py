@@ -54,6 +54,7 @@ from zeroplan.trainsetup import (
     TrainSetup,
     attention_note,
     packed_attention,
+    packed_shape,
     resolve_attention,
     resolve_precision,
     window_note,
@@ -155,9 +156,7 @@ class PlanRequest:
         (trainsetup.packed_attention): varlen, one row of micro-batch × seq_len tokens;
         the block mask, micro-batch rows of seq_len (rows fill less)."""
         path = packed_attention(self.spec.model_type, self.spec.sliding_window, self.seq_len)
-        if path == "varlen":
-            return micro_batch * self.seq_len, 1
-        return self.seq_len, micro_batch
+        return packed_shape(path, self.seq_len, micro_batch)
 
     @property
     def tokens_to_train(self) -> int | None:

@@ -343,12 +343,22 @@ def packed_attention(model_type: str, sliding_window: int | None, seq_len: int) 
 
     The mask for models the varlen kernel would train differently: Gemma-2's soft-capped
     scores (NO_SDPA_MODEL_TYPES), and sliding layers whose window binds (window_binds): the
-    mask applies the window on any torch and was measured on a GPU (Gemma 3 1B launched,
-    −1.6%), where the varlen kernel's window (``window_size``, which the GPU image's torch
-    2.11 takes) has not been checked on a GPU yet; ``--packed-attention varlen`` runs it."""
+    mask applies the window on any torch and its memory was measured launched (Gemma 3 1B,
+    −1.6%); the varlen kernel applies it only where torch's takes ``window_size`` (2.11
+    does: both paths matched transformers' sliding attention on one H100,
+    window_check2_h100.jsonl), and ``--packed-attention varlen`` runs it."""
     if model_type in NO_SDPA_MODEL_TYPES or window_binds(sliding_window, seq_len):
         return "mask"
     return "varlen"
+
+
+def packed_shape(kernel: str, seq_len: int, micro_batch: int) -> tuple[int, int]:
+    """(tokens a packed row holds, rows per micro-batch) under a packed attention
+    (packed_attention): ``varlen`` one flat row of micro_batch × seq_len tokens; the block
+    ``mask`` micro_batch rows of seq_len (a mask over a longer row would cost its square)."""
+    if kernel == "varlen":
+        return micro_batch * seq_len, 1
+    return seq_len, micro_batch
 
 
 def sdpa_gets_mask(spec: ModelSpec, setup: TrainSetup) -> bool:

@@ -314,13 +314,14 @@ def estimate(
         if not given("seq_len"):
             options["seq_len"] = min(options["seq_len"], padded.peak)
     elif fit is not None:
-        # zeroplan launch's rows (trainsetup.packed_attention): one row of the micro-batch's
-        # tokens, or micro-batch rows of seq_len under the block mask; a recipe's packing
-        # is its trainer's, padding-free over the micro-batch
-        from zeroplan.trainsetup import packed_attention
+        # zeroplan launch's rows (trainsetup.packed_attention, packed_shape): one row of the
+        # micro-batch's tokens, or micro-batch rows of seq_len under the block mask; a
+        # recipe's packing is its trainer's, padding-free over the micro-batch (one row)
+        from zeroplan.trainsetup import packed_attention, packed_shape
 
         path = packed_attention(spec.model_type, spec.sliding_window, fit.cap)
-        row = fit.cap if recipe is None and path == "mask" else options["micro_batch"] * fit.cap
+        kernel = "varlen" if recipe is not None else path
+        row = packed_shape(kernel, fit.cap, options["micro_batch"])[0]
         fill = fit.pack_at(row).fill
     est = run_estimate(
         spec,

@@ -75,7 +75,13 @@ from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
 from zeroplan.models import sliding_window_of
 from zeroplan.planfiles import model_location
-from zeroplan.trainsetup import ALL_LINEAR, BNB_OPTIMIZERS, TrainSetup, parse_targets
+from zeroplan.trainsetup import (
+    ALL_LINEAR,
+    BNB_OPTIMIZERS,
+    TrainSetup,
+    packed_shape,
+    parse_targets,
+)
 
 # a rank's exit status when its training diverged (the loss or gradient norm went non-finite)
 EXIT_DIVERGED = 3
@@ -1146,11 +1152,7 @@ def _batching(
         opts.packed_attention, cuda, model_type, sliding_window, setup.seq_len
     )
     attn_impl = zbatch.register_varlen() if kernel == "varlen" else setup.attn
-    # varlen: one flat row holds the micro-batch's token budget (micro_batch × seq_len);
-    # the mask: micro_batch rows of seq_len (a mask over a longer row would cost its square)
-    capacity, per_device = setup.seq_len, setup.micro_batch
-    if kernel == "varlen":
-        capacity, per_device = setup.seq_len * setup.micro_batch, 1
+    capacity, per_device = packed_shape(kernel, setup.seq_len, setup.micro_batch)
     train = zbatch.pack_examples(prepared.train, capacity, seed=opts.seed)
     evals = zbatch.pack_examples(prepared.eval, capacity, seed=opts.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
