@@ -131,18 +131,28 @@ def _register_packed() -> str:
 
 
 def count(
-    model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT, packed: bool = False
+    model_type: str,
+    layers: int,
+    mode: str,
+    dropout: float = LORA_DROPOUT,
+    packed: bool = False,
+    writes: bool = False,
 ) -> int:
     """ATen calls that return a new tensor in one forward and backward of a ``layers``-layer
     model: mode "frozen", "full" or "lora" (all-linear, ``dropout``); ``packed``: one row of
     PACKED_SEGMENTS with their position_ids and boundaries, as zeroplan launch packs."""
-    return sum(calls(model_type, layers, mode, dropout, packed).values())
+    return sum(calls(model_type, layers, mode, dropout, packed, writes).values())
 
 
 def calls(
-    model_type: str, layers: int, mode: str, dropout: float = LORA_DROPOUT, packed: bool = False
+    model_type: str,
+    layers: int,
+    mode: str,
+    dropout: float = LORA_DROPOUT,
+    packed: bool = False,
+    writes: bool = False,
 ) -> collections.Counter[str]:
-    """count's calls by operator."""
+    """count's calls by operator (``writes``: in-place ones too)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -152,11 +162,16 @@ def calls(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=impl)
     model.config.use_cache = False
     model.train()
-    if mode == "lora":
+    if mode in ("lora", "lora-fused"):
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
         model = get_peft_model(model, lcfg)
+        if mode == "lora-fused":  # zeroplan launch's fused LoRA linears (bf16 adapters)
+            from zeroplan.launch import loralinear
+
+            model.to(torch.bfloat16)
+            loralinear.install(model)
     elif mode == "frozen":
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -174,13 +189,14 @@ def calls(
         )
         del batch["zp_real_tokens"], batch["zp_slots"]
     for _ in range(2):  # the first call builds caches (rotary, masks) the second reuses
-        made = dispatched(lambda: model(**batch).loss.backward())
+        made = dispatched(lambda: model(**batch).loss.backward(), writes)
     return made
 
 
-def dispatched(run: Callable[[], Any]) -> collections.Counter[str]:
+def dispatched(run: Callable[[], Any], writes: bool = False) -> collections.Counter[str]:
     """The ATen calls ``run()`` dispatches that return a new tensor, by operator name; an
-    alias of an input (view, t, detach, ...) launches nothing and is not counted."""
+    alias of an input (view, t, detach, ...) launches nothing and is not counted. ``writes``:
+    in-place calls (addmm_, mul_: they launch a kernel into an input) count too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -190,7 +206,8 @@ def dispatched(run: Callable[[], Any]) -> collections.Counter[str]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             returns = func._schema.returns
-            if not (returns and returns[0].alias_info is not None):
+            alias = returns[0].alias_info if returns else None
+            if alias is None or (writes and alias.is_write):
                 self.calls[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
@@ -500,6 +517,12 @@ def main() -> int:
         action="store_true",
         help="count a Llama LoRA layer eager and under --compile (bf16 and 4-bit), profiled",
     )
+    p.add_argument(
+        "--fused-lora",
+        action="store_true",
+        help="count one adapter on zeroplan launch's fused LoRA path and on PEFT's (Llama, "
+        "dropout 0, bf16 adapters); exit 1 where hostops.FUSED_ADAPTER_OPS differs",
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import transformers
@@ -512,6 +535,24 @@ def main() -> int:
         for name, n in counted.items():
             print(f"{name:17} Llama's own {n:3}, Liger's {LIGER_OPS[name][1]} (hostops)")
         return 0 if all(LIGER_OPS[k][0] == n for k, n in counted.items()) else 1
+    if args.fused_lora:
+        from zeroplan.hostops import FUSED_ADAPTER_OPS
+
+        n = adapters_per_layer("llama")
+
+        # in-place calls counted on both sides: the fused path's sums are addmm_ and mul_
+        def layer(mode: str) -> int:
+            return count("llama", 2, mode, 0.0, writes=True) - count(
+                "llama", 1, mode, 0.0, writes=True
+            )
+
+        frozen = layer("frozen")
+        counted = {mode: round((layer(mode) - frozen) / n) for mode in ("lora", "lora-fused")}
+        print(
+            f"per adapter: PEFT's {counted['lora']}, fused {counted['lora-fused']} (hostops: "
+            f"{FUSED_ADAPTER_OPS})"
+        )
+        return 0 if (counted["lora"], counted["lora-fused"]) == FUSED_ADAPTER_OPS else 1
     if args.compile:
         for quant4 in (False, True):
             counts = compiled_per_layer(quant4)

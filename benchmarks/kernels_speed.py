@@ -99,6 +99,10 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     ),
     # the bf16 LoRA plan before: Liger, dropout 0.05, micro-batch 8, no fused loss
     "lora-old": ("lora", [], {"lora_dropout": 0.05, "micro_batch": 8, "fused_loss": False}),
+    # the default plans on PEFT's LoRA layers instead of the fused linears (issue 26's third
+    # step: what the fused linears alone change, same plan otherwise)
+    "auto-peft": ("lora", [], {"fused_lora": False}),
+    "qlora-auto-peft": ("qlora", [], {"fused_lora": False}),
 }
 # peers (benchmarks/peers_speed.py), each in its own process on the same model and records
 PEERS = ("trl-users", "trl-tuned", "unsloth-notebook", "unsloth-packed")

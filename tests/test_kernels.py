@@ -103,6 +103,8 @@ def test_label_and_record() -> None:
         "compile": "regional (each decoder layer)",
         "why_plain": None,
         "liger_version": "0.8.5",
+        "lora": "PEFT's layers",
+        "why_peft_lora": None,
     }
     assert KernelPath("none", (), False, False).label == "plain kernels"
 
@@ -244,6 +246,8 @@ def test_the_rank_records_its_path_and_compile(
         "compile": "regional (each decoder layer)",
         "why_plain": "the plan chose the model's own modules (--kernels liger overrides)",
         "liger_version": kernels.liger_version(),
+        "lora": "PEFT's layers",
+        "why_peft_lora": "the plan chose PEFT's layers",
     }
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "completed"

@@ -475,6 +475,7 @@ def test_estimate_reports_the_speed_of_any_setup() -> None:
     args += ["--micro-batch", str(s.micro_batch), "--grad-accum", str(s.grad_accum)]
     args += ["--optim", s.optim, "--grad-ckpt" if s.grad_ckpt else "--no-grad-ckpt"]
     args += ["--fused-loss" if s.fused_loss else "--no-fused-loss", "--kernels", s.kernels]
+    args += ["--fused-lora" if s.fused_lora else "--no-fused-lora"]
     args += ["--zero", str(s.zero)] if s.zero is not None else []
     result = CliRunner().invoke(cli, [*args, "--json"])
     assert result.exit_code == 0, result.output

@@ -47,6 +47,22 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # 4-bit linears included (torch._dynamo.explain: no graph break); the launch's varlen
 # attention stays eager between two (zeroplan.launch.batching.register_varlen). Liger's
 # kernels were not counted (they need a GPU).
+# One LoRA adapter (Llama, dropout 0, bf16 adapters) per forward and backward, as (PEFT's
+# layer, zeroplan launch's fused LoRA linear, zeroplan.launch.loralinear), counted by
+# ``count_host_ops.py --fused-lora`` with in-place calls included on both sides (the fused
+# one's sums are addmm_ and mul_, which the table's unit would miss): it dispatches the
+# adapter's matmuls and its in-place sums, not PEFT's scaling, sum and the autograd nodes
+# between. Only the ratio is used (fused_adapter_share).
+FUSED_ADAPTER_OPS = (19, 10)
+
+
+def fused_adapter_share() -> float:
+    """What a fused LoRA linear's adapter asks of the host, as a share of PEFT's
+    (FUSED_ADAPTER_OPS): 10 / 19."""
+    peft, fused = FUSED_ADAPTER_OPS
+    return fused / peft
+
+
 COMPILED_LAYER = {"bf16": (140, 72), "4bit": (140, 100)}
 
 

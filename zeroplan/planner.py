@@ -53,6 +53,7 @@ from zeroplan.trainsetup import (
     METHODS,
     TrainSetup,
     attention_note,
+    fused_lora_refusal,
     packed_attention,
     packed_shape,
     resolve_attention,
@@ -91,6 +92,9 @@ class PlanRequest:
     # Liger's RMSNorm, SwiGLU / GeGLU and RoPE (liger-kernel on the training machine), for
     # the architectures it patches (zeroplan.liger)
     allow_kernels: bool = True
+    # the launch's fused LoRA linears (zeroplan.launch.loralinear) wherever they can run;
+    # False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
+    allow_fused_lora: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
     cpu_ram_per_node: int | None = None
     # the data's lengths at seq_len, packed into rows (plan --data): speed counts real
@@ -294,6 +298,19 @@ def kernels_choice(req: PlanRequest, method: str) -> str:
     return "liger" if req.allow_kernels and liger.liger_kernels(req.spec.model_type) else "none"
 
 
+def fused_lora_choice(req: PlanRequest, method: str, dropout: float, zero: int | None) -> bool:
+    """The launch's fused LoRA linears wherever allowed and they can run
+    (trainsetup.fused_lora_refusal), on dense models (an MoE model's attention linears
+    would take them, but its step was measured with PEFT's).
+
+    Not searched both ways: they keep the same tensors as PEFT's layers (the memory model
+    is the same) and only take passes off the step (speed.fused_lora_saved_bytes)."""
+    if not req.allow_fused_lora or req.spec.moe is not None:
+        return False
+    probe = TrainSetup(method=method, lora_dropout=dropout, zero=zero)
+    return fused_lora_refusal(probe) is None
+
+
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
     world = req.cluster.world_size
     for method in _methods(req):
@@ -324,6 +341,9 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 optim=optim,
                                 fused_loss=fused,
                                 kernels=kernels,
+                                fused_lora=fused_lora_choice(
+                                    req, method, adapters["lora_dropout"], zero
+                                ),
                                 precision=req.precision,
                                 **adapters,
                             )
@@ -544,6 +564,12 @@ def plan(req: PlanRequest) -> Plan:
             "fitted on one 8B shape): pip install liger-kernel where you train, or plan with "
             "--no-liger"
         )
+    if best is not None and best.setup.fused_lora:
+        assumptions.append(
+            "LoRA linears run as one function each (base matmul, adapter and sum, without "
+            "PEFT's passes over each output; same memory): zeroplan launch does this, "
+            "--no-fused-lora plans PEFT's own layers"
+        )
     if best is not None and best.setup.fused_loss:
         assumptions.append(
             "the fused loss runs Liger's kernel: pip install 'zeroplan[fused]' where you train, "
@@ -640,6 +666,7 @@ def _lean(req: PlanRequest) -> Iterator[Candidate]:
                 grad_ckpt=True,
                 fused_loss=req.allow_fused_loss,
                 kernels=kernels_choice(req, method),
+                fused_lora=fused_lora_choice(req, method, adapters["lora_dropout"], zero),
                 optim=optim,
                 lora_r=req.lora_r,
                 precision=req.precision,

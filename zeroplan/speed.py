@@ -32,11 +32,18 @@ from typing import Any
 
 from zeroplan import liger
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
-from zeroplan.hostops import LIGER_COUNTED, LIGER_OPS, compiled_share, host_ops
+from zeroplan.hostops import (
+    LIGER_COUNTED,
+    LIGER_OPS,
+    compiled_share,
+    fused_adapter_share,
+    host_ops,
+)
 from zeroplan.models import ModelSpec
 from zeroplan.packing import PaddedBatches
 from zeroplan.trainsetup import (
     TrainSetup,
+    fused_lora_runs,
     lora_targets,
     resolve_precision,
     trainable_bytes,
@@ -552,6 +559,53 @@ def wrapped_features(spec: ModelSpec, setup: TrainSetup) -> int:
     )
 
 
+# What the launch's fused LoRA linears (``setup.fused_lora``, zeroplan.launch.loralinear)
+# no longer move, per token, per adapted linear's output feature (OUT) and input feature
+# (IN), forward and backward (counted, not fitted; bf16 elements of 2 B):
+#   forward, out: PEFT's adapter output written (2), its · scaling (read 2, write 2) and the
+#     sum with the base output (read 4, write 2) = 12 B, where cuBLAS's addmm adds into the
+#     base output in place (read 2, write 2 = 4): 8 B;
+#   backward, out: the · scaling of the output's gradient (read 2, write 2): 4 B;
+#   backward, in: the input's two gradients written (2 + 2) and summed (read 4, write 2) =
+#     10 B, where addmm adds the adapter's into the base's (2 + read 2 + write 2 = 6): 4 B;
+#   4-bit layers (QLoRA), forward, out: PEFT's defensive copy of the base output (2 + 2);
+#   bf16 LoRA with fp32 adapters under autocast, forward and backward, in: PEFT's cast of
+#     the input to fp32 and autocast's back (read 2, write 4; read 4, write 2), and the two
+#     casts of its gradient: 12 + 12 B.
+FUSED_OUT_FORWARD = 8.0
+FUSED_OUT_BACKWARD = 4.0
+FUSED_IN_BACKWARD = 4.0
+FUSED_OUT_4BIT_FORWARD = 4.0
+FUSED_IN_CAST = 12.0
+
+
+def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
+    """Bytes per token the fused LoRA linears take off the step (0 where they do not run):
+
+    Σ over adapted linears (not MoE banks) of
+        (FUSED_OUT_FORWARD · out + [4-bit] FUSED_OUT_4BIT_FORWARD · out + [cast] FUSED_IN_CAST · in)
+            · (1 + checkpointing)
+        + FUSED_OUT_BACKWARD · out + FUSED_IN_BACKWARD · in + [cast] FUSED_IN_CAST · in
+
+    [cast]: bf16 LoRA with PEFT's fp32 adapters under autocast (not DeepSpeed, not
+    lora_bf16); checkpointing's recompute runs the forward, and its savings, again."""
+    if not fused_lora_runs(setup):
+        return 0.0
+    quantized = setup.method == "qlora"
+    cast = setup.method == "lora" and not setup.deepspeed and not setup.lora_bf16
+    forwards = 1 + int(setup.grad_ckpt)
+    total = 0.0
+    for lin, n in lora_targets(spec, setup):
+        if lin.group in WRAPPED_AS_PARAMETERS:
+            continue
+        out, inp = lin.out_features, lin.in_features
+        fwd = (FUSED_OUT_FORWARD + FUSED_OUT_4BIT_FORWARD * quantized) * out
+        fwd += FUSED_IN_CAST * inp * cast
+        bwd = FUSED_OUT_BACKWARD * out + FUSED_IN_BACKWARD * inp + FUSED_IN_CAST * inp * cast
+        total += lin.count * n * (fwd * forwards + bwd)
+    return total
+
+
 def activation_features(spec: ModelSpec) -> float:
     """Σ over layers of every linear's out features (MoE: the top-k experts a token meets):
     the activation elements per token that the elementwise work between matmuls (rotary,
@@ -672,7 +726,7 @@ def gpu_seconds(
     FLOPs/token · T / (peak · efficiency)
       + (T · (act_bytes · A − LIGER_ACT_BYTES · G + norm_bytes · N
               + lora_bytes · Σ(in + out) · lora_share) · elementwise_passes
-         + fixed_bytes) / bandwidth
+         − T · fused_lora_saved_bytes + fixed_bytes) / bandwidth
       + loss_seconds [+ moe_gpu_seconds]
 
     A = activation_features, N = norm_features, Σ(in + out) = adapted_features; under
@@ -694,6 +748,7 @@ def gpu_seconds(
     act = k.act_bytes * activation_features(spec) - LIGER_ACT_BYTES * liger_features(spec, setup)
     per_token = act + norm * norm_features(spec) + lora
     traffic = setup.tokens * per_token * elementwise_passes(setup) + fixed_bytes(spec, setup)
+    traffic -= setup.tokens * fused_lora_saved_bytes(spec, setup)
     seconds = (
         matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
     )
@@ -779,14 +834,17 @@ def gpu_setup(setup: TrainSetup) -> TrainSetup:
 def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:
     """Tensor operations one micro-batch's forward and backward dispatch:
     layers · ops per layer (frozen, or trained in full fine-tuning) + adapted modules · ops
-    per LoRA adapter (with or without dropout), the architecture's counts (hostops),
+    per LoRA adapter (with or without dropout; on the fused LoRA linears that count ·
+    hostops.fused_adapter_share, 10/19), the architecture's counts (hostops),
     − what Liger's kernels take off it (liger_host_saving); compiled layers
     (``setup.compile``): that count without Liger · hostops.compiled_share, the calls a
     compiled layer makes for each eager one (0.51 bf16, 0.71 4-bit: counted on the CPU)."""
     ops = host_ops(spec.model_type)
     adapted = sum(n for _, n in lora_targets(spec, setup)) if setup.is_lora else 0
     per_layer = ops.per_layer(full=setup.method == "full")
-    total = spec.num_layers * per_layer + adapted * ops.per_adapter(setup.lora_dropout)
+    share = fused_adapter_share() if fused_lora_runs(setup) else 1.0
+    per_adapter = ops.per_adapter(setup.lora_dropout)
+    total = spec.num_layers * per_layer + round(adapted * per_adapter * share)
     if setup.compile:
         return round(total * compiled_share(quantized_linears(spec, setup) > 0))
     return total - liger_host_saving(spec, setup)

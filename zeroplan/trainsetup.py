@@ -142,6 +142,12 @@ class TrainSetup:
     # recomputes act(gate) (memory/activations.lora_kernel_saved). axolotl turns them on for
     # LoRA / QLoRA unless its recipe sets them.
     lora_kernels: bool = False
+    # zeroplan launch's own LoRA linears (zeroplan.launch.loralinear): the base matmul, the
+    # adapter's and their sum as one autograd function (cuBLAS addmm), without PEFT's
+    # elementwise passes over each output (4-bit copy, · scaling, the sum) and its separate
+    # sum of the input's two gradients. Same tensors kept for the backward; dropout 0 only,
+    # not under ZeRO-3 (fused_lora_refusal). The planner turns it on wherever it can run.
+    fused_lora: bool = False
     reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
     allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS
     stage3_prefetch_elems: int = DS_STAGE3_PREFETCH_ELEMS
@@ -192,6 +198,8 @@ class TrainSetup:
                 "fp16 without DeepSpeed runs as PyTorch AMP (autocast + GradScaler), which "
                 "--no-autocast / --loop plain turns off: drop it, or use --zero"
             )
+        if self.fused_lora and (why := fused_lora_refusal(self)) is not None:
+            raise BadSetupError(f"--fused-lora: {why}")
         if self.micro_batch < 1:
             raise BadSetupError(f"--micro-batch must be at least 1, got {self.micro_batch}")
         if self.grad_accum < 1:
@@ -280,6 +288,20 @@ class TrainSetup:
         """torch AdamW with PyTorch's default implementation (foreach on a GPU), whose step
         allocates parameter-sized temporaries; under CPU offload DeepSpeed's CPU Adam steps."""
         return self.optim == "adamw_torch" and self.offload == "none"
+
+
+def fused_lora_refusal(setup: TrainSetup) -> str | None:
+    """Why ``setup`` cannot run the launch's fused LoRA linears (None: it can), and what to
+    pass instead: they need adapters, LoRA dropout 0 (the input each adapter sees is the
+    layer's own) and the adapters' weights in memory (ZeRO-3 gathers them through their
+    modules' hooks, which the fused function does not call)."""
+    if setup.method not in ("lora", "qlora"):
+        return "full fine-tuning has no adapters; drop it"
+    if setup.lora_dropout > 0:
+        return f"it runs at LoRA dropout 0, not {setup.lora_dropout:g}: pass --lora-dropout 0"
+    if setup.zero == 3:
+        return "ZeRO-3 gathers the adapters through their modules' hooks: use --zero 2 or drop it"
+    return None
 
 
 def resolve_precision(setup: TrainSetup, gpu_bf16: bool, gpu_name: str = "this GPU") -> TrainSetup:
@@ -466,3 +488,10 @@ def trainable_bytes(setup: TrainSetup) -> int:
     if setup.method == "full":
         return FP32 if setup.fp16 else BF16
     return BF16 if setup.lora_bf16 else FP32
+
+
+def fused_lora_runs(setup: TrainSetup) -> bool:
+    """The launch's fused LoRA linears run (``setup.fused_lora``) where the adapters compute in
+    the input's dtype: bf16 adapters (DeepSpeed's, lora_bf16) or autocast; fp32 adapters
+    without autocast keep PEFT's fp32 path (zeroplan.launch.loralinear)."""
+    return setup.fused_lora and (setup.deepspeed or bool(setup.autocast) or setup.lora_bf16)

@@ -201,6 +201,14 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         "--recipe of an axolotl recipe sets it).",
     ),
     click.option(
+        "--fused-lora/--no-fused-lora",
+        default=False,
+        show_default=True,
+        help="zeroplan launch's fused LoRA linears (base matmul, adapter and sum in one "
+        "function; LoRA dropout 0, not ZeRO-3): the same memory as PEFT's layers, fewer "
+        "passes over each output. Plans turn it on where it can run.",
+    ),
+    click.option(
         "--kernels",
         type=click.Choice(KERNEL_CHOICES),
         default="none",
@@ -545,6 +553,12 @@ def _count(text: str | None, option: str) -> int | None:
     help="Leave out Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels (launching them needs "
     "pip install liger-kernel and a CUDA GPU); the plan then keeps the model's own modules.",
 )
+@click.option(
+    "--no-fused-lora",
+    is_flag=True,
+    help="Plan PEFT's own LoRA layers instead of zeroplan launch's fused LoRA linears (same "
+    "memory; the fused ones skip PEFT's passes over each output).",
+)
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option(
@@ -572,6 +586,7 @@ def plan(
     cpu_ram_per_node: float | None,
     no_fused_loss: bool,
     no_liger: bool,
+    no_fused_lora: bool,
     top: int,
     as_json: bool,
     out: Path | None,
@@ -632,7 +647,7 @@ def plan(
         overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
     # a recipe's plan keeps the model's own kernels (recipe_job says why)
-    extra = {"allow_kernels": not no_liger, **extra}
+    extra = {"allow_kernels": not no_liger, "allow_fused_lora": not no_fused_lora, **extra}
     req = PlanRequest(
         spec=spec,
         cluster=cluster,

@@ -409,4 +409,4 @@ def recipe_job(
     # the recipe's trainer runs its own kernels (LLaMA-Factory's enable_liger_kernel and TRL's
     # use_liger_kernel turn Liger's on with the fused loss, which the recipe writer does not
     # split): its plan assumes the model's own modules, an upper bound on its memory
-    return merged, overridden, {"allow_kernels": False}
+    return merged, overridden, {"allow_kernels": False, "allow_fused_lora": False}

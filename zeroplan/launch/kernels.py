@@ -8,8 +8,12 @@
   activations and the speed the plan assumed; a plan that chose Liger is refused at
   preflight where its kernels cannot run.
 - ``liger``: those kernels whatever the plan said, refused where they cannot run.
-- ``none``: the model's own PyTorch modules, whatever the plan said (over its memory where
-  it chose Liger).
+- ``none``: the model's own PyTorch modules and PEFT's own LoRA layers, whatever the plan
+  said (over its memory where it chose Liger).
+
+The LoRA linears (``auto`` and ``liger``): where the plan's setup says ``fused_lora``, each
+adapted linear runs zeroplan.launch.loralinear's one autograd function (base matmul,
+adapter, and their sum in place) instead of PEFT's layer; the same tensors are kept.
 
 The fused linear cross-entropy stays the plan's choice (``setup.fused_loss``) on every path.
 
@@ -73,11 +77,16 @@ class KernelPath:
     compile: bool  # regional torch.compile of the decoder layers asked for
     why_plain: str | None = None  # auto: why no Liger kernel runs
     liger_version: str | None = None
+    # the LoRA linears: zeroplan.launch.loralinear's fused function, or PEFT's own layers
+    fused_lora: bool = False
+    why_peft_lora: str | None = None
 
     @property
     def label(self) -> str:
         """A few words for the dashboard."""
         parts = [f"Liger {'/'.join(self.liger)}" if self.liger else "plain kernels"]
+        if self.fused_lora:
+            parts.append("fused LoRA")
         if self.compile:
             parts.append("compiled layers")
         return ", ".join(parts)
@@ -90,6 +99,8 @@ class KernelPath:
             "compile": "regional (each decoder layer)" if self.compile else "off",
             "why_plain": self.why_plain,
             "liger_version": self.liger_version,
+            "lora": "fused linears (zeroplan)" if self.fused_lora else "PEFT's layers",
+            "why_peft_lora": self.why_peft_lora,
         }
 
 
@@ -159,11 +170,13 @@ def choose(
     fused_loss: bool,
     compile_layers: bool = False,
     planned: bool = False,
+    fused_lora: str | None = "no adapters",
 ) -> KernelPath:
     """The path a rank takes (after ``check_kernels``, which refuses Liger where it cannot
     run): Liger's kernels for ``liger``, and for ``auto`` where the plan chose them
     (``planned``), so that the run keeps the activations and speed the plan assumed; else
-    the plain path and why."""
+    the plain path and why. The LoRA linears: fused where ``fused_lora`` is None (the plan
+    chose them and they can run; else it says why not), PEFT's under ``none``."""
     check_kernels(requested, model_type, cuda, supported, planned)
     why: str | None = None
     if requested == "none":
@@ -172,7 +185,17 @@ def choose(
         why = "the plan chose the model's own modules (--kernels liger overrides)"
     # the kernel names are filled in when applied (each family has its own subset)
     liger = () if why is not None else LIGER_KERNELS
-    return KernelPath(requested, liger, fused_loss, compile_layers, why, liger_version())
+    why_lora = "--kernels none" if requested == "none" else fused_lora
+    return KernelPath(
+        requested,
+        liger,
+        fused_loss,
+        compile_layers,
+        why,
+        liger_version(),
+        fused_lora=why_lora is None,
+        why_peft_lora=why_lora,
+    )
 
 
 def liger_kwargs(apply_fn: Callable[..., Any], path: KernelPath) -> dict[str, bool]:

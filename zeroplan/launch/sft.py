@@ -69,7 +69,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
-from zeroplan.launch import hostloop
+from zeroplan.launch import hostloop, loralinear
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
@@ -79,6 +79,7 @@ from zeroplan.trainsetup import (
     ALL_LINEAR,
     BNB_OPTIMIZERS,
     TrainSetup,
+    fused_lora_runs,
     packed_shape,
     parse_targets,
 )
@@ -717,6 +718,14 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     )
     trainer.zp_tokens = counter
     adapter_dtype = _restore_adapter_dtype(trainer.model, setup)
+    if kernel_path.fused_lora:
+        # after PEFT built its layers and the adapters have their dtype (fp32 / DeepSpeed's bf16)
+        fused = loralinear.install(trainer.model)
+        if rank == 0:
+            _say(
+                f"LoRA: {fused.layers} fused linears"
+                + (f", {fused.kept} PEFT layers ({fused.why_kept})" if fused.kept else "")
+            )
     if not trainer.is_deepspeed_enabled:
         # DeepSpeed's engine keeps its own gradient buffers and clips them itself
         trainer.zp_trainable = hostloop.trainable(trainer.model)
@@ -868,8 +877,24 @@ def _kernel_path(
     if compile_layers:
         zkernels.check_compiler(cuda)
     return zkernels.choose(
-        opts.kernels, model_type, cuda, supported, setup.fused_loss, compile_layers, planned
+        opts.kernels,
+        model_type,
+        cuda,
+        supported,
+        setup.fused_loss,
+        compile_layers,
+        planned,
+        _fused_lora_why_not(setup),
     )
+
+
+def _fused_lora_why_not(setup: TrainSetup) -> str | None:
+    """Why the LoRA linears keep PEFT's layers (None: the fused ones run, as planned)."""
+    if not setup.fused_lora:
+        return "the plan chose PEFT's layers" if setup.is_lora else "no adapters"
+    if not fused_lora_runs(setup):
+        return "fp32 adapters without autocast: PEFT computes them in fp32"
+    return None
 
 
 def _load_model(

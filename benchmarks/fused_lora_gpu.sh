@@ -1,0 +1,44 @@
+#!/bin/bash
+# Issue 26, third step, on the GPU (one call): the fused LoRA linears alone
+# (benchmarks/lora_linear_speed.py), then the default 8B QLoRA and bf16 LoRA launches on
+# them beside Unsloth packed and their PEFT-layer twins (benchmarks/kernels_speed.py), same
+# model, records and card. Run from the repo root with the launches' packages carried:
+#
+#   run(command="bash benchmarks/fused_lora_gpu.sh", carry=[".stage-unsloth"])
+#
+# (.stage-unsloth: site-zp.tar.gz and site-unsloth.tar.gz, benchmarks/unsloth_stage.sh.)
+# RUNS, NAME, DEADLINE (seconds for kernels_speed.py) and EXTRA may be set before it.
+# Writes $OUT/lora_linear.jsonl, $OUT/$NAME.jsonl, $OUT/$NAME.log and $OUT/env.txt.
+S=${STAGE:-.stage-unsloth}
+RUNS=${RUNS:-qlora-auto,unsloth-packed,auto,qlora-auto-peft,auto-peft}
+NAME=${NAME:-kernels5}
+DEADLINE=${DEADLINE:-470}
+mkdir -p /tmp/s-zp /tmp/s-unsloth
+tar xzf "$S/site-zp.tar.gz" -C /tmp/s-zp && tar xzf "$S/site-unsloth.tar.gz" -C /tmp/s-unsloth || exit 1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 --version;
+  git rev-parse HEAD 2>/dev/null; } > "$OUT/env.txt" 2>&1
+# the image's certifi / fsspec where they meet Unsloth's ranges (as benchmarks/unsloth_gpu.sh)
+python3 - /tmp/s-unsloth >> "$OUT/env.txt" 2>&1 <<'PY'
+import shutil, sys
+from importlib import metadata
+from pathlib import Path
+from packaging.specifiers import SpecifierSet
+site = Path(sys.argv[1])
+for dist, spec in (("certifi", ">=2026.10.19"), ("fsspec", ">=2023.1.0,<=2026.2.0")):
+    try:
+        have = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        have = None
+    if have is not None and have in SpecifierSet(spec):
+        shutil.rmtree(site / dist, ignore_errors=True)
+        for info in site.glob(f"{dist}-*.dist-info"):
+            shutil.rmtree(info)
+PY
+cat "$OUT/env.txt"
+export PYTHONPATH=$PWD:/tmp/s-zp${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+set -o pipefail
+timeout 120 python3 benchmarks/lora_linear_speed.py --out "$OUT/lora_linear.jsonl" 2>&1 \
+  | grep -v Warning | tee "$OUT/lora_linear.log"
+timeout -k 10 $((DEADLINE + 30)) python3 benchmarks/kernels_speed.py --work /tmp/k \
+  --out "$OUT/$NAME.jsonl" --runs "$RUNS" --no-parity --deadline "$DEADLINE" \
+  --unsloth-site /tmp/s-unsloth $EXTRA 2>&1 | grep -v Warning | tee "$OUT/$NAME.log"

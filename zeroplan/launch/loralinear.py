@@ -1,0 +1,203 @@
+"""A LoRA linear's forward and backward as one autograd function: the launch's LoRA path.
+
+PEFT's LoRA layer (peft.tuners.lora: ``Linear``, and ``Linear4bit`` over bitsandbytes)
+computes ``y = base(x) + B(A(dropout(x))) · s`` with separate tensor operations, each a pass
+over an output-sized tensor: 4-bit layers first copy the base output (``result.clone()``),
+then ``· s`` writes the adapter's output again and ``result + …`` reads both and writes a
+third; the backward multiplies the output's gradient by s and autograd sums the input's two
+gradients (the frozen weight's and the adapter's) in a separate kernel. On an 8B model at
+r = 16 those passes move more bytes than the adapters' matmuls do work.
+
+Here, for an adapter whose dropout is off (p = 0: PEFT's ``nn.Identity``):
+
+    forward:   y = base(x);  h = x·Aᵀ (T × r);  y += s · h·Bᵀ        (cuBLAS addmm in place)
+    backward:  dH = s · dY·B;   dB = s · dYᵀ·h;   dA = dHᵀ·x
+               dx = dY·W  then  dx += dH·A                              (addmm in place)
+
+where W is the base weight (a 4-bit one dequantized to the compute dtype, as bitsandbytes'
+own backward does). It saves what PEFT's layer saves (x, shared with the base linear, and
+the r-wide h), so the memory model is unchanged; it moves about 16 B per token and output
+feature and 4 B per input feature less (``speed.FUSED_LORA_SAVED``).
+
+The adapters keep their dtype (PEFT's fp32 under autocast, DeepSpeed's bf16): the matmuls
+run in the compute dtype (autocast's, else x's) and the adapters' gradients come back in
+theirs, the numbers autocast gives PEFT's path. Where a call is anything else (several or
+no active adapters, merged or disabled adapters, dropout > 0, DoRA or another variant,
+extra arguments, fp32 adapters without autocast: PEFT then computes the adapter in fp32)
+PEFT's own forward runs.
+
+Not for ZeRO-3: its hooks gather lora_A and lora_B when their modules are called, and this
+path reads their weights directly (trainsetup.fused_lora_refusal).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# attribute set on each patched layer: the forward PEFT gave it
+_PEFT_FORWARD = "_zp_peft_forward"
+
+
+def _base_weight(base: Any, dtype: Any) -> Any:
+    """The base linear's weight in the compute dtype: a 4-bit one dequantized (as
+    bitsandbytes' MatMul4Bit backward does), a dense one as it is."""
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is None:
+        return base.weight.to(dtype)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(base.weight.view(-1, 1), quant_state).to(dtype)
+
+
+def _function() -> Any:
+    import torch
+
+    class LoRALinear(torch.autograd.Function):
+        """y = base(x) + s · (x·Aᵀ)·Bᵀ; see the module docstring."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, a: Any, b: Any, base: Any, scaling: float) -> Any:
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else x.dtype
+            )
+            with torch.autocast(x.device.type, enabled=False):
+                xc = x.to(dtype)
+                y = base(xc).to(dtype)
+                x2 = xc.reshape(-1, xc.shape[-1])
+                ac, bc = a.to(dtype), b.to(dtype)
+                h = torch.mm(x2, ac.t())
+                y2 = y.view(-1, y.shape[-1])
+                y2.addmm_(h, bc.t(), alpha=scaling)
+            ctx.save_for_backward(x2, h, ac, bc)
+            ctx.base, ctx.scaling = base, scaling
+            ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.shape, x.dtype, a.dtype, b.dtype
+            return y
+
+        @staticmethod
+        def backward(ctx: Any, dy: Any) -> Any:
+            x2, h, ac, bc = ctx.saved_tensors
+            s = ctx.scaling
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+            dh = torch.mm(dy2, bc).mul_(s)
+            da = db = dx = None
+            if ctx.needs_input_grad[1]:
+                da = torch.mm(dh.t(), x2).to(ctx.a_dtype)
+            if ctx.needs_input_grad[2]:
+                db = torch.mm(dy2.t(), h).mul_(s).to(ctx.b_dtype)
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(dy2, _base_weight(ctx.base, dy2.dtype))
+                dx.addmm_(dh, ac)
+                dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+            return dx, da, db, None, None
+
+    return LoRALinear
+
+
+_FN: Any = None
+
+
+def lora_linear(x: Any, a: Any, b: Any, base: Any, scaling: float) -> Any:
+    """``base(x) + scaling · (x·aᵀ)·bᵀ`` through the fused function (``a``: lora_A's weight,
+    r × in; ``b``: lora_B's, out × r). Gradients flow to x, a and b, not to the base."""
+    global _FN
+    if _FN is None:
+        _FN = _function()
+    return _FN.apply(x, a, b, base, scaling)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What ``install`` did, for applied.json and the dashboard."""
+
+    layers: int  # LoRA linears on the fused path
+    kept: int  # LoRA layers left on PEFT's (banks, embeddings, dropout, variants)
+    why_kept: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fused_layers": self.layers, "peft_layers": self.kept, "why_peft": self.why_kept}
+
+
+def _layer_ok(layer: Any) -> str | None:
+    """Why a PEFT LoRA layer cannot take the fused path at all (None: it can)."""
+    import torch
+
+    names = list(layer.lora_A.keys())
+    if len(names) != 1:
+        return f"{len(names)} adapters"
+    name = names[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return "a LoRA variant (DoRA)"
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return "LoRA dropout"
+    base = layer.get_base_layer()
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights"
+    if not isinstance(base, torch.nn.Linear) and not hasattr(base.weight, "quant_state"):
+        return f"base layer {type(base).__name__}"
+    if getattr(base.weight, "quant_state", None) is None and base.weight.dtype not in (
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    ):
+        return f"base weight {base.weight.dtype}"
+    return None
+
+
+def _fused_forward(peft_forward: Callable[..., Any], name: str) -> Callable[..., Any]:
+    import torch
+
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or self.disable_adapters or self.merged:
+            return peft_forward(x, *args, **kwargs)
+        if name not in self.active_adapters:
+            return peft_forward(x)
+        a = self.lora_A[name].weight
+        # fp32 adapters without autocast: PEFT computes the adapter in fp32; keep its numbers
+        if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            return peft_forward(x)
+        return lora_linear(
+            x, a, self.lora_B[name].weight, self.get_base_layer(), self.scaling[name]
+        )
+
+    return forward
+
+
+def install(model: Any) -> Installed:
+    """Route every eligible PEFT LoRA linear of ``model`` through ``lora_linear`` (the
+    others keep PEFT's forward); idempotent."""
+    from peft.tuners.lora import LoraLayer
+
+    done = kept = 0
+    why: str | None = None
+    layers: list[Any] = [
+        m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "lora_A")
+    ]
+    for module in layers:
+        if getattr(module, _PEFT_FORWARD, None) is not None:
+            done += 1
+            continue
+        reason = _layer_ok(module)
+        if reason is not None:
+            kept += 1
+            why = why or reason
+            continue
+        peft_forward = module.forward
+        setattr(module, _PEFT_FORWARD, peft_forward)
+        name = next(iter(module.lora_A.keys()))
+        module.forward = types.MethodType(_fused_forward(peft_forward, name), module)
+        done += 1
+    return Installed(done, kept, why)
+
+
+def uninstall(model: Any) -> None:
+    """Give every patched layer PEFT's forward back."""
+    for module in model.modules():
+        peft_forward = getattr(module, _PEFT_FORWARD, None)
+        if peft_forward is not None:
+            module.forward = peft_forward
+            delattr(module, _PEFT_FORWARD)
