@@ -113,8 +113,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     import torch
-
     from gpu_fixtures import versions
+
     from zeroplan.launch import loralinear
 
     gpu = torch.cuda.get_device_name(0)

@@ -23,9 +23,9 @@ from zeroplan.trainsetup import TrainSetup, fused_lora_refusal, fused_lora_runs
 def test_the_setup_refuses_what_the_fused_linears_cannot_run() -> None:
     assert fused_lora_refusal(TrainSetup(method="lora", zero=2)) is None
     assert fused_lora_refusal(TrainSetup(method="qlora")) is None
-    with pytest.raises(BadSetupError, match="--fused-lora: .* pass --lora-dropout 0"):
+    with pytest.raises(BadSetupError, match=r"--fused-lora: .* pass --lora-dropout 0"):
         TrainSetup(method="lora", lora_dropout=0.05, fused_lora=True)
-    with pytest.raises(BadSetupError, match="--fused-lora: ZeRO-3 .* --zero 2"):
+    with pytest.raises(BadSetupError, match=r"--fused-lora: ZeRO-3 .* --zero 2"):
         TrainSetup(method="lora", zero=3, fused_lora=True)
     with pytest.raises(BadSetupError, match="--fused-lora: full fine-tuning has no adapters"):
         TrainSetup(method="full", fused_lora=True)
