@@ -7,7 +7,8 @@
 #   run(command="bash benchmarks/fused_lora_gpu.sh", carry=[".stage-unsloth"])
 #
 # (.stage-unsloth: site-zp.tar.gz and site-unsloth.tar.gz, benchmarks/unsloth_stage.sh.)
-# RUNS, NAME, DEADLINE (seconds for kernels_speed.py) and EXTRA may be set before it.
+# RUNS, NAME, DEADLINE (seconds for kernels_speed.py) and EXTRA may be set before it;
+# LINEAR=0 leaves out lora_linear_speed.py.
 # Writes $OUT/lora_linear.jsonl, $OUT/$NAME.jsonl, $OUT/$NAME.log and $OUT/env.txt.
 S=${STAGE:-.stage-unsloth}
 RUNS=${RUNS:-qlora-auto,unsloth-packed,auto,qlora-auto-peft,auto-peft}
@@ -37,7 +38,7 @@ PY
 cat "$OUT/env.txt"
 export PYTHONPATH=$PWD:/tmp/s-zp${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 set -o pipefail
-timeout 120 python3 benchmarks/lora_linear_speed.py --out "$OUT/lora_linear.jsonl" 2>&1 \
+[ "${LINEAR:-1}" = 0 ] || timeout 120 python3 benchmarks/lora_linear_speed.py --out "$OUT/lora_linear.jsonl" --setups bf16,4bit --iters 10 2>&1 \
   | grep -v Warning | tee "$OUT/lora_linear.log"
 timeout -k 10 $((DEADLINE + 30)) python3 benchmarks/kernels_speed.py --work /tmp/k \
   --out "$OUT/$NAME.jsonl" --runs "$RUNS" --no-parity --deadline "$DEADLINE" \

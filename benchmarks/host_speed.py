@@ -24,6 +24,8 @@ zeroplan tree ``--before`` (main before this work), on the same card in the same
                    (inductor fuses the norms, SwiGLU and rotary itself; Liger's autograd
                    functions split each layer's graph)
     1b-mb4-ro, 8b-mb1-ro   the same in torch.compile's "reduce-overhead" mode (CUDA graphs)
+    8b-plan        the default 8B QLoRA plan as planned (GPU-bound), probed: its GPU time by
+                   kernel (the probe's top_gpu and gpu_ms_per_step_by_kind)
     1b-plan, 1b-alt1..4   the 1B LoRA plan's choice on this GPU and four other setups it
                    ranked (the first of each distinct micro-batch / checkpointing / DeepSpeed
                    shape down its list), from this tree
@@ -74,6 +76,8 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "8b-mb1-compile-none": ("8b", "qlora", ["--compile", "--kernels", "none"], {**MB1, **DEFAULTS, "kernels": "none", "fused_loss": True}, "after"),
     "1b-mb4-ro": ("1b", "lora", ["--compile"], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
     "8b-mb1-ro": ("8b", "qlora", ["--compile"], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
+    # the default 8B QLoRA plan as planned (GPU-bound), probed: where its GPU time goes
+    "8b-plan": ("8b", "qlora", [], {}, "after"),
 }  # fmt: skip
 # torch.compile's mode for a run (host_probe sets zeroplan.launch.kernels.COMPILE_MODE)
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}
@@ -199,6 +203,8 @@ def main() -> None:
         if tree == "before" and args.before is None:
             p.error(f"--runs {name}: needs --before")
         code = args.before.resolve() if tree == "before" and args.before else None
+        if code is not None:
+            plan = older_plan(plan, args.work / key / "plan-before", code)
         # the five setups are timed only; the others probed after their timed steps
         timed = args.timed_ranked if name in RANKED else args.timed
         steps = WARMUP_STEPS + timed + (0 if name in RANKED else PROBED)
@@ -233,6 +239,20 @@ def main() -> None:
         )
         if row["returncode"]:
             print(row["stderr_tail"], flush=True)
+
+
+def older_plan(plan: Path, folder: Path, before: Path) -> Path:
+    """plan.json without the setup fields that the zeroplan tree ``before`` does not have
+    (its plan reader refuses them; each one's default there is what that tree ran): a field
+    counts as known where its TrainSetup declares it (``    name:`` in trainsetup.py)."""
+    known = (before / "zeroplan" / "trainsetup.py").read_text()
+    data = json.loads(plan.read_text())
+    setup = data["best"]["setup"]
+    for field in [f for f in setup if f"\n    {f}:" not in known]:
+        del setup[field]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plan.json").write_text(json.dumps(data, indent=2) + "\n")
+    return folder / "plan.json"
 
 
 def _pythonpath(code: Path | None) -> str:

@@ -105,7 +105,7 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "qlora-auto-peft": ("qlora", [], {"fused_lora": False}),
 }
 # peers (benchmarks/peers_speed.py), each in its own process on the same model and records
-PEERS = ("trl-users", "trl-tuned", "unsloth-notebook", "unsloth-packed")
+PEERS = ("trl-users", "trl-tuned", "unsloth-notebook", "unsloth-packed", "unsloth-packed-bf16")
 
 
 def environment() -> dict[str, Any]:

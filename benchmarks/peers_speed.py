@@ -21,6 +21,8 @@ Runs:
                 on the notebook's alpaca prompt + EOS as the "text" field
     unsloth-packed    the same with packing on and no checkpointing: the closest to
                 zeroplan's plan (packed rows, no recompute)
+    unsloth-packed-bf16  unsloth-packed with load_in_4bit=False: Unsloth's 16-bit LoRA,
+                beside zeroplan's bf16 LoRA plan
 
 Unsloth must be imported before transformers, TRL and PEFT (it patches them as they
 load), so an Unsloth run imports it first; kernels_speed.py starts each run in its own
@@ -72,6 +74,15 @@ RUNS: dict[str, dict[str, Any]] = {
         "trainer": "unsloth",
         "packing": True,
         "checkpointing": False,
+        "config": {"gradient_checkpointing": False},
+    },
+    # bf16 LoRA as Unsloth's users ask for it: the packed run with load_in_4bit=False (its
+    # 16-bit LoRA), beside zeroplan's bf16 LoRA plan
+    "unsloth-packed-bf16": {
+        "trainer": "unsloth",
+        "packing": True,
+        "checkpointing": False,
+        "load_in_4bit": False,
         "config": {"gradient_checkpointing": False},
     },
 }
@@ -134,15 +145,17 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def unsloth_load_kwargs(model_dir: Path, cuda: bool) -> dict[str, Any]:
+def unsloth_load_kwargs(
+    model_dir: Path, cuda: bool, name: str = "unsloth-notebook"
+) -> dict[str, Any]:
     """FastLanguageModel.from_pretrained as the notebook calls it (dtype None: Unsloth picks
-    bf16 where the GPU has it); on a CPU rehearsal no 4-bit (bitsandbytes' 4-bit needs CUDA
-    there)."""
+    bf16 where the GPU has it); 16-bit for ``unsloth-packed-bf16``; on a CPU rehearsal no
+    4-bit (bitsandbytes' 4-bit needs CUDA there)."""
     return {
         "model_name": str(model_dir),
         "max_seq_length": NOTEBOOK_MAX_SEQ_LENGTH,
         "dtype": None,
-        "load_in_4bit": cuda,
+        "load_in_4bit": cuda and RUNS[name].get("load_in_4bit", True),
     }
 
 
@@ -343,7 +356,7 @@ def run_unsloth(name: str, model_dir: Path, data: Path, work: Path, steps: int) 
 
     cuda = torch.cuda.is_available()
     t0 = time.time()
-    model, tok = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(model_dir, cuda))
+    model, tok = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(model_dir, cuda, name))
     loaded_s = round(time.time() - t0, 1)
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(name))
     clock = StepClock(model, tok.pad_token_id, cuda)
@@ -362,7 +375,7 @@ def run_unsloth(name: str, model_dir: Path, data: Path, work: Path, steps: int) 
     args = trainer.args  # what Unsloth's patched trainer resolved (precision, packing)
     resolved = {
         "source": NOTEBOOK,
-        "load": unsloth_load_kwargs(model_dir, cuda),
+        "load": unsloth_load_kwargs(model_dir, cuda, name),
         "peft": unsloth_peft_kwargs(name),
         "packing": getattr(args, "packing", None),
         "packing_strategy": getattr(args, "packing_strategy", None),

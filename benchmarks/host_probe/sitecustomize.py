@@ -138,7 +138,25 @@ class _Probe:
                     parent = parent.cpu_parent
                 outer += parent is None
         top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        kernels_by_name = []
+        by_kind: dict[str, float] = defaultdict(float)
+        for avg in prof.key_averages():
+            us = getattr(avg, "self_device_time_total", 0) or 0
+            if us <= 0:
+                continue
+            kernels_by_name.append((us, avg.count, avg.key))
+            by_kind[_kind(avg.key)] += us / 1e3 / steps
+        kernels_by_name.sort(reverse=True)
         return {
+            "gpu_ms_per_step_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items())},
+            "top_gpu": [
+                {
+                    "ms_per_step": round(us / 1e3 / steps, 3),
+                    "calls_per_step": n / steps,
+                    "kernel": name[:160],
+                }
+                for us, n, name in kernels_by_name[:40]
+            ],
             "steps": steps,
             "wall_s_per_step": wall / steps,
             "kernels_per_step": kernels / steps,
@@ -166,6 +184,28 @@ class _Probe:
         }
         with open(PATH, "w") as f:
             json.dump(out, f, indent=1)
+
+
+# what a GPU kernel's name says it does (torch.profiler's names: cuBLAS / CUTLASS matmuls,
+# flash attention, Triton (Liger's and inductor's), bitsandbytes' dequantization, ATen's
+# elementwise and reduction kernels, copies)
+KINDS = (
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("dequant", ("dequant", "kdequantize")),
+    ("triton", ("triton", "liger", "_kernel")),
+    ("copy", ("memcpy", "memset", "copy_", "direct_copy", "cat", "catarray")),
+    ("reduce", ("reduce", "norm", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    for kind, marks in KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
 
 
 PROBE = _Probe()
