@@ -72,6 +72,7 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         f"grad-ckpt {'on' if setup['grad_ckpt'] else 'off'} · {setup['optim']} · {setup['attn']}"
         + (" · fused loss" if setup["fused_loss"] else "")
         + (" · Liger kernels" if setup.get("kernels") == "liger" else "")
+        + (" · fused LoRA" if setup.get("fused_lora") else "")
         + f"\n{setup['loop']} loop · autocast {'on' if setup['autocast'] else 'off'} · "
         + f"outputs {'kept' if setup['keep_outputs'] else 'dropped'} in backward"
     )
@@ -354,6 +355,7 @@ def _label(c: dict[str, Any]) -> str:
     label += ", ckpt" if s["grad_ckpt"] else ""
     label += ", fused loss" if s["fused_loss"] else ""
     label += ", Liger kernels" if s.get("kernels") == "liger" else ""
+    label += ", fused LoRA" if s.get("fused_lora") else ""
     label += f", {s['optim']}" if s["optim"] not in ("adamw", "adamw_torch_fused") else ""
     return label
 
