@@ -18,23 +18,8 @@ mkdir -p /tmp/s-zp /tmp/s-unsloth
 tar xzf "$S/site-zp.tar.gz" -C /tmp/s-zp && tar xzf "$S/site-unsloth.tar.gz" -C /tmp/s-unsloth || exit 1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 --version;
   git rev-parse HEAD 2>/dev/null; } > "$OUT/env.txt" 2>&1
-# the image's certifi / fsspec where they meet Unsloth's ranges (as benchmarks/unsloth_gpu.sh)
-python3 - /tmp/s-unsloth >> "$OUT/env.txt" 2>&1 <<'PY'
-import shutil, sys
-from importlib import metadata
-from pathlib import Path
-from packaging.specifiers import SpecifierSet
-site = Path(sys.argv[1])
-for dist, spec in (("certifi", ">=2026.10.19"), ("fsspec", ">=2023.1.0,<=2026.2.0")):
-    try:
-        have = metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        have = None
-    if have is not None and have in SpecifierSet(spec):
-        shutil.rmtree(site / dist, ignore_errors=True)
-        for info in site.glob(f"{dist}-*.dist-info"):
-            shutil.rmtree(info)
-PY
+# the image's copies where they meet Unsloth's ranges (benchmarks/unsloth_site.py)
+python3 benchmarks/unsloth_site.py /tmp/s-unsloth >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 export PYTHONPATH=$PWD:/tmp/s-zp${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 set -o pipefail

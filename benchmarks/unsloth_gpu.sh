@@ -14,26 +14,8 @@ mkdir -p /tmp/s-zp /tmp/s-unsloth
 tar xzf "$S/site-zp.tar.gz" -C /tmp/s-zp && tar xzf "$S/site-unsloth.tar.gz" -C /tmp/s-unsloth || exit 1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 --version; } \
   > "$OUT/env.txt" 2>&1
-# pip leaves a requirement the image already meets alone: where the image's copy satisfies
-# Unsloth's range, drop the staged one (certifi may be older, fsspec newer than it accepts)
-python3 - /tmp/s-unsloth >> "$OUT/env.txt" 2>&1 <<'EOF'
-import shutil, sys
-from importlib import metadata
-from pathlib import Path
-from packaging.specifiers import SpecifierSet
-site = Path(sys.argv[1])
-for dist, spec in (("certifi", ">=2026.10.19"), ("fsspec", ">=2023.1.0,<=2026.2.0")):
-    try:
-        have = metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        have = None
-    keep = have is None or have not in SpecifierSet(spec)
-    print(f"{dist}: image {have}, Unsloth wants {spec}:", "staged copy" if keep else "image's")
-    if not keep:
-        shutil.rmtree(site / dist)
-        for info in site.glob(f"{dist}-*.dist-info"):
-            shutil.rmtree(info)
-EOF
+# the image's copies where they meet Unsloth's ranges (benchmarks/unsloth_site.py)
+python3 "$S/repo/benchmarks/unsloth_site.py" /tmp/s-unsloth >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 cd "$S/repo" || exit 1
 export PYTHONPATH=$PWD:/tmp/s-zp${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -142,6 +142,24 @@ def test_what_liger_replaces_is_what_llamas_modules_dispatch() -> None:
     assert counted == {name: own for name, (own, _) in hostops.LIGER_OPS.items()}
 
 
+def test_the_fused_lora_linears_ask_the_host_for_the_counted_share() -> None:
+    """hostops.FUSED_ADAPTER_OPS is a count (count_host_ops.py --fused-lora) of PEFT's layer
+    and the launch's fused linear as installed here; the host clock scales the table's
+    adapter count by it where the fused linears run."""
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import count_host_ops
+
+    assert count_host_ops.fused_adapter_counts() == hostops.FUSED_ADAPTER_OPS
+    spec = load_model("meta-llama/Llama-3.2-1B")
+    peft = TrainSetup(method="qlora")
+    fused = TrainSetup(method="qlora", fused_lora=True)
+    table = hostops.host_ops("llama")
+    adapters = 7 * spec.num_layers
+    saved = adapters * table.adapter_no_dropout * (1 - hostops.fused_adapter_share())
+    assert host_operations(spec, peft) - host_operations(spec, fused) == pytest.approx(saved, abs=1)
+
+
 def test_compiled_layers_ask_the_host_for_a_counted_share_of_the_eager_calls() -> None:
     """--compile: a Llama LoRA layer makes 72 calls for the eager layer's 140 in bf16 and
     100 with 4-bit linears (count_host_ops.py --compile, on the CPU); bitsandbytes' Python
