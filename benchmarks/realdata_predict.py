@@ -117,7 +117,7 @@ RUNS = (
 
 # launched runs of benchmarks/host_speed.py (real vocabularies, each run's own setup): the
 # runs of this tree's launch loop only ("after"; "before" ran main's earlier loop)
-HOST_FILES = ("host_h100.jsonl", "host2_h100.jsonl", "host3_h100.jsonl")
+HOST_FILES = ("host_h100.jsonl", "host2_h100.jsonl", "host3_h100.jsonl", "host4_h100.jsonl")
 # runs of a machine whose host ran the same job's Trainer phases 1.6-1.8x slower than the
 # same card kind did in every other call (hostc_h100.jsonl: training_step 381 ms against
 # 215): printed, kept out of the bands, which describe the hosts the constants were

@@ -156,7 +156,7 @@ def test_the_fused_lora_linears_ask_the_host_for_the_counted_share() -> None:
     fused = TrainSetup(method="qlora", fused_lora=True)
     table = hostops.host_ops("llama")
     adapters = 7 * spec.num_layers
-    saved = adapters * table.adapter_no_dropout * (1 - hostops.fused_adapter_share())
+    saved = adapters * table.adapter_no_dropout * (1 - hostops.fused_adapter_share("4bit"))
     assert host_operations(spec, peft) - host_operations(spec, fused) == pytest.approx(saved, abs=1)
 
 

@@ -43,7 +43,7 @@ def test_they_run_where_the_adapters_compute_in_the_inputs_dtype() -> None:
 
 
 def test_the_speed_model_takes_the_counted_passes_off() -> None:
-    from zeroplan import speed
+    from zeroplan import hostops, speed
     from zeroplan.hardware import parse_cluster
     from zeroplan.models import load_model
 
@@ -57,7 +57,11 @@ def test_the_speed_model_takes_the_counted_passes_off() -> None:
         # the GPU's clock loses exactly the counted bytes at the card's bandwidth
         gap = speed.gpu_seconds(spec, peft, gpu) - speed.gpu_seconds(spec, fused, gpu)
         assert gap == pytest.approx(fused.tokens * saved / (gpu.memory_bandwidth_gbs * 1e9))
-        assert speed.host_operations(spec, fused) < speed.host_operations(spec, peft)
+        # the host: the adapters' count times the timed share (hostops.FUSED_ADAPTER_HOST_US)
+        more = speed.host_operations(spec, fused) - speed.host_operations(spec, peft)
+        adapters = 7 * spec.num_layers * hostops.host_ops("llama").adapter_no_dropout
+        share = hostops.fused_adapter_share(speed.fused_lora_path(fused))
+        assert more == pytest.approx(adapters * (share - 1), abs=1)
     # by hand, one layer of Llama-3.1-8B's seven adapted linears (in, out), QLoRA: forward
     # 8 + 4 B per output feature, backward 4 B per output and 4 B per input feature
     linears = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]

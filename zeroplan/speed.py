@@ -579,6 +579,14 @@ FUSED_OUT_4BIT_FORWARD = 4.0
 FUSED_IN_CAST = 12.0
 
 
+def fused_lora_path(setup: TrainSetup) -> str:
+    """Which of hostops.FUSED_ADAPTER_HOST_US a setup's LoRA linears run: "4bit" (QLoRA),
+    "bf16" adapters (DeepSpeed bf16, lora_bf16) or fp32 ones under "autocast"."""
+    if setup.method == "qlora":
+        return "4bit"
+    return "bf16" if setup.deepspeed or setup.lora_bf16 else "autocast"
+
+
 def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
     """Bytes per token the fused LoRA linears take off the step (0 where they do not run):
 
@@ -835,14 +843,15 @@ def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:
     """Tensor operations one micro-batch's forward and backward dispatch:
     layers · ops per layer (frozen, or trained in full fine-tuning) + adapted modules · ops
     per LoRA adapter (with or without dropout; on the fused LoRA linears that count ·
-    hostops.fused_adapter_share, 10/19), the architecture's counts (hostops),
+    hostops.fused_adapter_share of their path, the host time timed against PEFT's layer:
+    1.10 bf16, 0.96 autocast, 0.69 4-bit), the architecture's counts (hostops),
     − what Liger's kernels take off it (liger_host_saving); compiled layers
     (``setup.compile``): that count without Liger · hostops.compiled_share, the calls a
     compiled layer makes for each eager one (0.51 bf16, 0.71 4-bit: counted on the CPU)."""
     ops = host_ops(spec.model_type)
     adapted = sum(n for _, n in lora_targets(spec, setup)) if setup.is_lora else 0
     per_layer = ops.per_layer(full=setup.method == "full")
-    share = fused_adapter_share() if fused_lora_runs(setup) else 1.0
+    share = fused_adapter_share(fused_lora_path(setup)) if fused_lora_runs(setup) else 1.0
     per_adapter = ops.per_adapter(setup.lora_dropout)
     total = spec.num_layers * per_layer + round(adapted * per_adapter * share)
     if setup.compile:
