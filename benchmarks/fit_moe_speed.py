@@ -82,6 +82,7 @@ DEPTH_FIT = {"qwen3-128x8": (2, 4, 8)}
 LAUNCHED = {
     "launch_moe_h100.jsonl": "launched",
     "launch_moe3_h100.jsonl": "launched-nan",
+    "launch_moe4_h100.jsonl": "launched-check",
 }
 # moe_nan.py's launches of the NaN fix (router_aux_loss_coef 0) that timed their steps:
 # the 16-layer cut, all-linear, finite losses (group "launched")

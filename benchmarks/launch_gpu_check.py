@@ -121,10 +121,9 @@ def launch(
         cwd=ROOT,
     )
     best = json.loads(plan.read_text())["best"]
-    predicted = {
-        k: best[k]
-        for k in ("peak_allocated_bytes", "device_used_bytes", "required_bytes", "tokens_per_s")
-    }
+    # with the speed band the plan quoted for the step (None where it quoted none)
+    keys = ("peak_allocated_bytes", "device_used_bytes", "required_bytes", "tokens_per_s")
+    predicted = {k: best.get(k) for k in (*keys, "error_p90", "host_bound")}
     measured_tps = steady_tokens_per_s(lines)
     applied = run / "applied.json"
     return {
