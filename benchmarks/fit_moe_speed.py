@@ -191,7 +191,8 @@ def launched_rows() -> list[dict[str, Any]]:
             if r["tokens_per_s"] is None:  # a run that timed no step after the warm-up
                 continue
             fill = row["applied"]["batching"]["fill"]
-            out.append({**r, "spec": _launched_spec(row), "fill": fill, "group": group})
+            gpu = _card(row)
+            out.append({**r, "spec": _launched_spec(row), "fill": fill, "group": group, "gpu": gpu})
     return out + nan_fix_rows()
 
 
@@ -216,9 +217,16 @@ def nan_fix_rows() -> list[dict[str, Any]]:
                 "spec": spec,
                 "fill": row["batching"]["fill"],
                 "group": "launched",
+                "gpu": _card(row),
             }
         )
     return out
+
+
+def _card(row: dict[str, Any]) -> str:
+    """The cluster a launched row ran on: one H200 where its card says so, else one H100
+    (the earliest rows name no card: they ran on an H100)."""
+    return "1xH200" if "H200" in (row.get("gpu") or "") else "1xH100"
 
 
 def _launched_spec(row: dict[str, Any]) -> ModelSpec:
@@ -247,12 +255,13 @@ def launched_error(
     smooth_max(GPU, host + launch_step_s) + optimizer in place of
     smooth_max(GPU, host) + optimizer + launch_step_s."""
     setup: TrainSetup = r["setup"]
-    p = step_time(r["spec"], setup, H100, fill=r["fill"], m=m)
+    cluster = parse_cluster(r["gpu"])
+    p = step_time(r["spec"], setup, cluster, fill=r["fill"], m=m)
     if not hidden:
         return p.tokens_per_s / r["tokens_per_s"] - 1, p.host_bound
     k = speed.FITTED
     micro = speed.smooth_max(p.gpu_micro_s, p.host_micro_s + k.launch_step_s, k.overlap_p)
-    total = micro + speed.optimizer_seconds(r["spec"], setup, H100.gpu, 1)
+    total = micro + speed.optimizer_seconds(r["spec"], setup, cluster.gpu, 1)
     return p.tokens_per_s * p.total_s / total / r["tokens_per_s"] - 1, p.host_bound
 
 
@@ -262,13 +271,14 @@ def launch_excess(r: dict[str, Any], m: MoESpeedConstants) -> float:
     launch_step_s (30 ms)."""
     setup: TrainSetup = r["setup"]
     measured = setup.tokens * setup.grad_accum * r["fill"] / r["tokens_per_s"]
-    return measured - step_time(r["spec"], setup, H100, launched=False, m=m).total_s
+    lean = step_time(r["spec"], setup, parse_cluster(r["gpu"]), launched=False, m=m)
+    return measured - lean.total_s
 
 
 def quoted_error_p90(r: dict[str, Any], m: MoESpeedConstants) -> float | None:
     """The band estimate and plan quote for a launched run's step (StepTime.error_p90; None
     where the step is not calibrated)."""
-    p = step_time(r["spec"], r["setup"], H100, fill=r["fill"], m=m)
+    p = step_time(r["spec"], r["setup"], parse_cluster(r["gpu"]), fill=r["fill"], m=m)
     return p.error_p90 if p.calibrated else None
 
 
@@ -444,7 +454,7 @@ def report(
     for r in launched_rows():
         err, host = launched_error(r, m)
         before = launched_error(r, None)[0]
-        out["rows"].append((r["group"], _label(r), "H100", err, before, host))
+        out["rows"].append((r["group"], _label(r), r["gpu"][2:], err, before, host))
     for group in GROUPS:
         for host in (False, True):
             errs = [e for g, _, _, e, _, h in out["rows"] if g == group and h == host]
@@ -544,11 +554,12 @@ def main() -> int:
         print(f"  {group:9s} {'host-bound' if host else 'GPU-bound ':10s} {value:6.1%} ({n})")
     print("launched, the step beyond the predicted lean step (the trainer's cost; dense: 30 ms):")
     for r in launched_rows():
-        print(f"  {r['group']:9s} {_label(r)} H100 {launch_excess(r, fitted) * 1e3:6.1f} ms")
+        excess = launch_excess(r, fitted) * 1e3
+        print(f"  {r['group']:9s} {_label(r)} {r['gpu'][2:]} {excess:6.1f} ms")
     print("launched, if the trainer's per-step cost ran on the host's clock (not the model):")
     hidden = [(r, launched_error(r, fitted, hidden=True)[0]) for r in launched_rows()]
     for r, err in hidden:
-        print(f"  {r['group']:9s} {_label(r)} H100 {err:+7.1%}")
+        print(f"  {r['group']:9s} {_label(r)} {r['gpu'][2:]} {err:+7.1%}")
     finite = [e for r, e in hidden if r["group"] == "launched"]
     print(f"  launched (finite losses): 9 in 10 within {p90(finite):.1%} ({len(finite)})")
     print(f"within the dense models' bands: {within_dense_bands(rep['bands'])}")
@@ -572,10 +583,14 @@ def main() -> int:
             band = quoted_error_p90(r, speed.MOE_IN_USE)
             held = band is not None and abs(err) <= band
             quoted = f"±{band:.1%}" if band is not None else "no band"
-            lean = step_time(r["spec"], r["setup"], H100, fill=r["fill"], launched=False, m=fitted)
+            cluster = parse_cluster(r["gpu"])
+            lean = step_time(
+                r["spec"], r["setup"], cluster, fill=r["fill"], launched=False, m=fitted
+            )
             what_if = lean.tokens_per_s * lean.total_s / (lean.total_s + excess)
             print(
-                f"  {_label(r)} H100 {err:+7.1%} {quoted}: {'held' if held else 'MISSED'}; "
+                f"  {_label(r)} {r['gpu'][2:]} {err:+7.1%} {quoted}: "
+                f"{'held' if held else 'MISSED'}; "
                 f"what-if {what_if / r['tokens_per_s'] - 1:+7.1%}"
             )
     if args.check:
