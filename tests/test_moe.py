@@ -481,3 +481,26 @@ def test_moe_steps_are_predicted_with_the_moe_model() -> None:
     assert used.calibrated  # the JSON then quotes the MoE bands (tested above)
     dense = speed.step_time(QWEN, setup, h100, m=None)
     assert used.tokens_per_s > 1.4 * dense.tokens_per_s
+
+
+def test_launches_after_the_band_was_set_came_within_it() -> None:
+    """benchmarks/moe_band_gpu.sh's launches (launch_moe4_h100.jsonl: Qwen3-30B-A3B cut to 24
+    layers, attention and all-linear with checkpointing; Mixtral-8x7B cut to 4, attention;
+    one H100), which no band or fit saw: each trained (finite losses, falling), peaked within
+    5% of its plan, and came within the band its plan quotes (all of them too slow)."""
+    import fit_moe_speed
+
+    checked = [r for r in fit_moe_speed.launched_rows() if r["group"] == "launched-check"]
+    assert sorted((r["layers"], r["model"]) for r in checked) == [
+        (4, MIXTRAL.name),
+        (24, QWEN.name),
+        (24, QWEN.name),
+    ]
+    for r in checked:
+        assert all(math.isfinite(x) for x in r["losses"])
+        assert r["losses"][-1] < r["losses"][0] - 0.5
+        assert abs(r["error"]) < 0.05, f"peak {r['error']:+.1%}"
+        err, host_bound = fit_moe_speed.launched_error(r, speed.MOE_IN_USE)
+        band = fit_moe_speed.quoted_error_p90(r, speed.MOE_IN_USE)
+        assert band == speed.MOE_LAUNCHED_P90 and not host_bound
+        assert -band <= err < 0, f"{err:+.1%}"
