@@ -73,11 +73,24 @@ H100 = parse_cluster("1xH100")
 # Mixtral-8x7B-shaped depth are held out (a whole depth and a whole shape)
 DEPTH_FILE = "moe_speed3_h100.jsonl"
 DEPTH_FIT = {"qwen3-128x8": (2, 4, 8)}
-# launched runs (launch_gpu_check.py): file -> whether their losses stayed finite. The
-# 16-layer Qwen3-30B-A3B cut's loss was NaN from step 2 (both target sets): NaN routing
-# may send every token to the same experts, which grouped_mm runs faster, so those two
-# runs are reported apart ("launched-nan") and do not decide the ship rule alone
-LAUNCHED = {"launch_moe_h100.jsonl": True, "launch_moe3_h100.jsonl": False}
+# launched runs (launch_gpu_check.py): file -> group. "launched": losses finite, the rows the
+# quoted launched band (speed.MOE_LAUNCHED_P90) comes from. "launched-nan": the 16-layer
+# Qwen3-30B-A3B cut's loss was NaN from step 2 (both target sets): NaN routing may send
+# every token to the same experts, which grouped_mm runs faster, so those runs are reported
+# apart. "launched-check": runs launched after the band was set (benchmarks/moe_band_gpu.sh),
+# its check on runs it was not derived from
+LAUNCHED = {
+    "launch_moe_h100.jsonl": "launched",
+    "launch_moe3_h100.jsonl": "launched-nan",
+    "launch_moe4_h100.jsonl": "launched-check",
+}
+# moe_nan.py's launches of the NaN fix (router_aux_loss_coef 0) that timed their steps:
+# the 16-layer cut, all-linear, finite losses (group "launched")
+NAN_FIX_FILE = "moe_nan_h100.jsonl"
+# the rows no fit saw, of which the MoE bands (speed.MOE_HELD_OUT_P90_*) are the 9-in-10
+# |error|: the 8 and 32 expert shapes and the older Mixtral grid, moe_depth's 16 layers and
+# Mixtral shape, the full Qwen3-30B-A3B on the H100 and on the H200
+HELD_OUT = ("held-out", "held-out-depth", "depth", "h200")
 
 
 def speed_rows(fit_experts: tuple[int, ...] = FIT_EXPERTS) -> list[dict[str, Any]]:
@@ -167,16 +180,53 @@ def _lean(row: dict[str, Any], spec: ModelSpec, measured: float, gpu: str) -> di
 
 
 def launched_rows() -> list[dict[str, Any]]:
-    """The launched runs (moe_check.launch_rows of each LAUNCHED file) with their spec,
-    fill and group: "launched", or "launched-nan" where the loss was not finite."""
+    """The launched runs (moe_check.launch_rows of each LAUNCHED file, those present) with
+    their spec, fill and group, then the timed runs of moe_nan.py's fix (nan_fix_rows)."""
     out = []
-    for name, finite in LAUNCHED.items():
+    for name, group in LAUNCHED.items():
+        if not (moe_check.RESULTS / name).exists():
+            continue
         raw = moe_check.rows(name)
         for row, r in zip(raw, moe_check.launch_rows(name), strict=True):
+            if r["tokens_per_s"] is None:  # a run that timed no step after the warm-up
+                continue
             fill = row["applied"]["batching"]["fill"]
-            group = "launched" if finite else "launched-nan"
-            out.append({**r, "spec": _launched_spec(row), "fill": fill, "group": group})
+            gpu = _card(row)
+            out.append({**r, "spec": _launched_spec(row), "fill": fill, "group": group, "gpu": gpu})
+    return out + nan_fix_rows()
+
+
+def nan_fix_rows() -> list[dict[str, Any]]:
+    """moe_nan.py's launches of the fixed tree (variant "fixed-*") that timed their steps:
+    the 16-layer Qwen3-30B-A3B cut at moe_nan.SETUPS' setup, group "launched"."""
+    import moe_nan
+
+    out = []
+    for row in moe_check.rows(NAN_FIX_FILE):
+        if not row["variant"].startswith("fixed") or not row.get("tokens_per_s"):
+            continue
+        layers = row["spec"]["layers"]
+        spec = _launched_spec({"arch": row["arch"], "layers": layers})
+        out.append(
+            {
+                "model": spec.name,
+                "layers": layers,
+                "setup": moe_nan.SETUPS[row["spec"]["setup"]],
+                "tokens_per_s": row["tokens_per_s"],
+                "losses": [x["loss"] for x in row["train"]],
+                "spec": spec,
+                "fill": row["batching"]["fill"],
+                "group": "launched",
+                "gpu": _card(row),
+            }
+        )
     return out
+
+
+def _card(row: dict[str, Any]) -> str:
+    """The cluster a launched row ran on: one H200 where its card says so, else one H100
+    (the earliest rows name no card: they ran on an H100)."""
+    return "1xH200" if "H200" in (row.get("gpu") or "") else "1xH100"
 
 
 def _launched_spec(row: dict[str, Any]) -> ModelSpec:
@@ -205,13 +255,31 @@ def launched_error(
     smooth_max(GPU, host + launch_step_s) + optimizer in place of
     smooth_max(GPU, host) + optimizer + launch_step_s."""
     setup: TrainSetup = r["setup"]
-    p = step_time(r["spec"], setup, H100, fill=r["fill"], m=m)
+    cluster = parse_cluster(r["gpu"])
+    p = step_time(r["spec"], setup, cluster, fill=r["fill"], m=m)
     if not hidden:
         return p.tokens_per_s / r["tokens_per_s"] - 1, p.host_bound
     k = speed.FITTED
     micro = speed.smooth_max(p.gpu_micro_s, p.host_micro_s + k.launch_step_s, k.overlap_p)
-    total = micro + speed.optimizer_seconds(r["spec"], setup, H100.gpu, 1)
+    total = micro + speed.optimizer_seconds(r["spec"], setup, cluster.gpu, 1)
     return p.tokens_per_s * p.total_s / total / r["tokens_per_s"] - 1, p.host_bound
+
+
+def launch_excess(r: dict[str, Any], m: MoESpeedConstants) -> float:
+    """Seconds a launched run's step took beyond the predicted lean step (micro-batches and
+    optimizer, ``launched=False``): what the trainer added, against the dense runs'
+    launch_step_s (30 ms)."""
+    setup: TrainSetup = r["setup"]
+    measured = setup.tokens * setup.grad_accum * r["fill"] / r["tokens_per_s"]
+    lean = step_time(r["spec"], setup, parse_cluster(r["gpu"]), launched=False, m=m)
+    return measured - lean.total_s
+
+
+def quoted_error_p90(r: dict[str, Any], m: MoESpeedConstants) -> float | None:
+    """The band estimate and plan quote for a launched run's step (StepTime.error_p90; None
+    where the step is not calibrated)."""
+    p = step_time(r["spec"], r["setup"], parse_cluster(r["gpu"]), fill=r["fill"], m=m)
+    return p.error_p90 if p.calibrated else None
 
 
 def host_clock(r: dict[str, Any], m: MoESpeedConstants) -> float:
@@ -365,6 +433,7 @@ GROUPS = (
     "h200",
     "launched",
     "launched-nan",
+    "launched-check",
 )
 
 
@@ -385,7 +454,7 @@ def report(
     for r in launched_rows():
         err, host = launched_error(r, m)
         before = launched_error(r, None)[0]
-        out["rows"].append((r["group"], _label(r), "H100", err, before, host))
+        out["rows"].append((r["group"], _label(r), r["gpu"][2:], err, before, host))
     for group in GROUPS:
         for host in (False, True):
             errs = [e for g, _, _, e, _, h in out["rows"] if g == group and h == host]
@@ -394,9 +463,10 @@ def report(
     return out
 
 
-def ships(bands: dict[tuple[str, bool], tuple[float, int]]) -> bool:
-    """The held-out lean rows within HELD_OUT_P90_* and the launched runs within
-    LAUNCHED_P90_*, host-bound and GPU-bound apart."""
+def within_dense_bands(bands: dict[tuple[str, bool], tuple[float, int]]) -> bool:
+    """The held-out lean rows within the dense models' HELD_OUT_P90_* and the launched runs
+    within LAUNCHED_P90_*, host-bound and GPU-bound apart (printed: MoE steps quote their
+    own bands, moe_bands)."""
     ok = True
     for (group, host), (value, _) in bands.items():
         if group in ("held-out", "held-out-depth"):
@@ -407,6 +477,40 @@ def ships(bands: dict[tuple[str, bool], tuple[float, int]]) -> bool:
             continue
         ok = ok and value <= limit
     return ok
+
+
+# each MoE band -> the speed.py constant that quotes it
+QUOTED = {
+    "held-out GPU-bound": "MOE_HELD_OUT_P90_GPU_BOUND",
+    "held-out host-bound": "MOE_HELD_OUT_P90_HOST_BOUND",
+    "launched": "MOE_LAUNCHED_P90",
+}
+
+
+def moe_bands(
+    rows: list[tuple[str, str, str, float, float, bool]],
+) -> dict[str, tuple[float, int]]:
+    """The MoE step's own bands from report()'s rows, (9 in 10 |error|, rows): the lean
+    rows no fit saw (HELD_OUT), GPU-bound and host-bound apart, and the launched runs with
+    finite losses ("launched"; all of them GPU-bound, so one band for both)."""
+    held = [(e, h) for g, _, _, e, _, h in rows if g in HELD_OUT]
+    launched = [e for g, _, _, e, _, _ in rows if g == "launched"]
+    gpu = [e for e, h in held if not h]
+    host = [e for e, h in held if h]
+    return {
+        "held-out GPU-bound": (p90(gpu), len(gpu)),
+        "held-out host-bound": (p90(host), len(host)),
+        "launched": (p90(launched), len(launched)),
+    }
+
+
+def drifted(bands: dict[str, tuple[float, int]]) -> list[str]:
+    """The speed.py constants more than a point off the band they quote."""
+    return [
+        name
+        for band, name in QUOTED.items()
+        if abs(bands[band][0] - float(getattr(speed, name))) > 0.01
+    ]
 
 
 def main() -> int:
@@ -448,14 +552,47 @@ def main() -> int:
     print("9 in 10 within (rows):")
     for (group, host), (value, n) in rep["bands"].items():
         print(f"  {group:9s} {'host-bound' if host else 'GPU-bound ':10s} {value:6.1%} ({n})")
+    print("launched, the step beyond the predicted lean step (the trainer's cost; dense: 30 ms):")
+    for r in launched_rows():
+        excess = launch_excess(r, fitted) * 1e3
+        print(f"  {r['group']:9s} {_label(r)} {r['gpu'][2:]} {excess:6.1f} ms")
     print("launched, if the trainer's per-step cost ran on the host's clock (not the model):")
     hidden = [(r, launched_error(r, fitted, hidden=True)[0]) for r in launched_rows()]
     for r, err in hidden:
-        print(f"  {r['group']:9s} {_label(r)} H100 {err:+7.1%}")
+        print(f"  {r['group']:9s} {_label(r)} {r['gpu'][2:]} {err:+7.1%}")
     finite = [e for r, e in hidden if r["group"] == "launched"]
     print(f"  launched (finite losses): 9 in 10 within {p90(finite):.1%} ({len(finite)})")
-    shipped = ships(rep["bands"])
-    print(f"within the plan's bands (ships): {shipped}")
+    print(f"within the dense models' bands: {within_dense_bands(rep['bands'])}")
+    bands = moe_bands(rep["rows"])
+    print("the MoE step's own bands (9 in 10 within, rows), and speed.py's quoted values:")
+    for band, (value, n) in bands.items():
+        quoted = float(getattr(speed, QUOTED[band]))
+        print(f"  {band:20s} {value:6.1%} ({n})  speed.{QUOTED[band]} = {quoted:.1%}")
+    checked = [r for r in launched_rows() if r["group"] == "launched-check"]
+    excess = statistics.median(
+        launch_excess(r, fitted) for r in launched_rows() if r["group"] == "launched"
+    )
+    if checked:
+        print(
+            "launched after the bands were set (launched-check), against the quoted band; "
+            f"what-if (not the model): the trainer's cost {excess * 1e3:.1f} ms, the median "
+            "of the launched runs', in place of launch_step_s:"
+        )
+        for r in checked:
+            err = launched_error(r, fitted)[0]
+            band = quoted_error_p90(r, speed.MOE_IN_USE)
+            held = band is not None and abs(err) <= band
+            quoted = f"±{band:.1%}" if band is not None else "no band"
+            cluster = parse_cluster(r["gpu"])
+            lean = step_time(
+                r["spec"], r["setup"], cluster, fill=r["fill"], launched=False, m=fitted
+            )
+            what_if = lean.tokens_per_s * lean.total_s / (lean.total_s + excess)
+            print(
+                f"  {_label(r)} {r['gpu'][2:]} {err:+7.1%} {quoted}: "
+                f"{'held' if held else 'MISSED'}; "
+                f"what-if {what_if / r['tokens_per_s'] - 1:+7.1%}"
+            )
     if args.check:
         pairs = (
             (fitted.host_layer_s, speed.MOE_CANDIDATE.host_layer_s),
@@ -468,11 +605,12 @@ def main() -> int:
         if any(abs(a - b) > 0.05 * max(abs(a), abs(b)) for a, b in pairs):
             print("MOE_CANDIDATE differs from the fit by more than 5%")
             return 1
-        if (speed.MOE_FITTED is not None) != shipped:
-            print("MOE_FITTED must be MOE_CANDIDATE exactly when the held-out rows are in band")
+        if speed.MOE_FITTED != speed.MOE_CANDIDATE:
+            print("MOE_FITTED (shipped with the MoE bands) must be MOE_CANDIDATE")
             return 1
-        if speed.MOE_FITTED not in (None, speed.MOE_CANDIDATE):
-            print("MOE_FITTED, when shipped, is MOE_CANDIDATE")
+        off = drifted(bands)
+        if off:
+            print(f"DRIFTED: {', '.join(off)} more than a point off the rows' band")
             return 1
     return 0
 

@@ -15,6 +15,12 @@ synthetic alpaca records long enough to fill most of the sequence, and runs, in 
     lora      lora all-linear, micro-batch 4, seq 768, checkpointing
     moe-attn  lora on q/k/v/o, micro-batch 4, seq 768 (for a mixture of experts)
     moe-all   lora all-linear with dropout 0, micro-batch 4, seq 768 (likewise)
+    moe-all-ckpt  the same with gradient checkpointing (a deep cut whose bank copies do
+              not fit without it)
+
+``--tiny`` rehearses the MoE runs on the CPU: a tiny Qwen3-MoE at seq 128, planned for one
+H100 and launched with ``--force``. ``--deadline`` skips the runs that would start with less
+than 20 s of it left and shortens the last one's timeout to what is left.
 
 For each launched run: the estimate's peak allocated against the peak the ranks measured
 (metrics.jsonl), tokens/s after the first 3 steps against the plan's prediction, the loss
@@ -24,6 +30,7 @@ curve, exit code, and the run folder's report PNG. One JSON line per run, with v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -63,6 +70,9 @@ RUNS = {
     # all-linear with dropout 0 (PEFT takes none on the banks it wraps as parameters)
     "moe-attn": TrainSetup(method="lora", micro_batch=4, seq_len=768, lora_targets=QKVO),
     "moe-all": TrainSetup(method="lora", micro_batch=4, seq_len=768, lora_dropout=0.0),
+    "moe-all-ckpt": TrainSetup(
+        method="lora", micro_batch=4, seq_len=768, lora_dropout=0.0, grad_ckpt=True
+    ),
 }
 # the story's job, left for the planner to set up: `zeroplan plan` arguments
 PLANNED = [
@@ -87,12 +97,20 @@ def planner_plan(run: Path, model: Path) -> Path:
     return folder / "plan.json"
 
 
-def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any) -> dict[str, Any]:
+def launch(
+    name: str, plan: Path, model: Path, data: Path, run: Path, args: Any, timeout: float = 0.0
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(data)]
     cmd += ["-o", str(run), "--max-steps", str(args.steps), "--model", str(model)]
-    cmd += ["--logging-steps", "1"]
+    cmd += ["--logging-steps", "1", *(["--force"] if getattr(args, "tiny", False) else [])]
     start = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout or args.timeout, cwd=ROOT
+        )
+        rc, err = done.returncode, done.stderr
+    except subprocess.TimeoutExpired as exc:  # what it wrote until then is still read below
+        rc, err = 124, str(exc.stderr or "")
     wall = time.time() - start
     lines = metrics(run)
     peaks = [m.get("peak_allocated_bytes") or 0 for m in lines]
@@ -103,16 +121,15 @@ def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any)
         cwd=ROOT,
     )
     best = json.loads(plan.read_text())["best"]
-    predicted = {
-        k: best[k]
-        for k in ("peak_allocated_bytes", "device_used_bytes", "required_bytes", "tokens_per_s")
-    }
+    # with the speed band the plan quoted for the step (None where it quoted none)
+    keys = ("peak_allocated_bytes", "device_used_bytes", "required_bytes", "tokens_per_s")
+    predicted = {k: best.get(k) for k in (*keys, "error_p90", "host_bound")}
     measured_tps = steady_tokens_per_s(lines)
     applied = run / "applied.json"
     return {
         "run": name,
         "setup": best["setup"],
-        "returncode": done.returncode,
+        "returncode": rc,
         "wall_s": wall,
         "predicted": predicted,
         "measured_peak_allocated_bytes": max(peaks) if peaks else None,
@@ -130,8 +147,23 @@ def launch(name: str, plan: Path, model: Path, data: Path, run: Path, args: Any)
         "applied": json.loads(applied.read_text()) if applied.exists() else None,
         "report_rc": report.returncode,
         "report_out": (report.stdout + report.stderr)[-500:],
-        "stderr_tail": done.stderr[-2000:],
+        "stderr_tail": err[-2000:],
     }
+
+
+def gpu_info() -> dict[str, str | None]:
+    """The card and driver the runs were timed on (None on the CPU)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.splitlines()[0]
+        gpu, driver = (x.strip() for x in out.split(","))
+        return {"gpu": gpu, "driver": driver}
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return {"gpu": None, "driver": None}
 
 
 def main() -> None:
@@ -144,16 +176,24 @@ def main() -> None:
     p.add_argument("--records", type=int, default=400)
     p.add_argument("--timeout", type=int, default=400, help="seconds per run")
     p.add_argument("--layers", type=int, default=None, help="cut the model to N layers")
+    p.add_argument("--tiny", action="store_true", help="a tiny Qwen3-MoE (CPU rehearsal)")
+    p.add_argument("--deadline", type=float, default=0.0, help="seconds for all runs (0: none)")
     args = p.parse_args()
+    began = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model = args.work / "model"
     if not (model / "config.json").exists():
         t = time.time()
-        build_model(model, args.arch, layers=args.layers)
+        if args.tiny:
+            arch = {**tinyllm.TINY_QWEN3_MOE, "num_hidden_layers": args.layers or 2}
+            tinyllm.build_model_dir(model, arch=arch)
+        else:
+            build_model(model, args.arch, layers=args.layers)
         print(f"built {args.arch} in {time.time() - t:.0f}s", flush=True)
-    data = tinyllm.write_jsonl(args.work / "data.jsonl", records(args.records))
-    env = {"arch": args.arch, "layers": args.layers, "versions": versions()}
+    texts = records(40, 10, 30) if args.tiny else records(args.records)
+    data = tinyllm.write_jsonl(args.work / "data.jsonl", texts)
+    env = {"arch": args.arch, "layers": args.layers, "versions": versions(), **gpu_info()}
     for name in args.runs.split(","):
         if name == "baseline":
             script = ROOT / "benchmarks" / "story_qlora_baseline.py"
@@ -163,12 +203,20 @@ def main() -> None:
             print(f"baseline rc={done.returncode}", done.stdout[-1500:], done.stderr[-3000:])
             continue
         run = args.work / name
+        left = args.deadline - (time.time() - began) if args.deadline else args.timeout
+        if left < 20:
+            print(f"{name}: skipped, {left:.0f} s of the deadline left", flush=True)
+            continue
         if name == "planned":
             plan = planner_plan(run, model)
+        elif args.tiny:  # planned for one H100 at a length the CPU trains in seconds
+            plan = run.parent / f"{run.name}-plan.json"
+            write_plan(plan, model, dataclasses.replace(RUNS[name], seq_len=128), 1)
         else:
             plan = run.parent / f"{run.name}-plan.json"
             write_plan(plan, model, RUNS[name], None)
-        row = launch(name, plan, model, data, run, args) | env
+        timeout = min(args.timeout, left)
+        row = launch(name, plan, model, data, run, args, timeout) | env
         keys = ("run", "returncode", "measured_peak_allocated_bytes", "predicted", "error")
         print(json.dumps({k: row[k] for k in (*keys, "tokens_per_s")}), flush=True)
         if row["returncode"] != 0:

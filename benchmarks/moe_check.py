@@ -120,7 +120,8 @@ def speed_rows() -> list[dict[str, Any]]:
 def launch_rows(name: str = "launch_moe_h100.jsonl") -> list[dict[str, Any]]:
     """``zeroplan launch`` of cut MoE models (launch_gpu_check.py --layers): the measured
     peak against the estimate of the launched setup, tokens/s against the plan's, losses.
-    The model had the small tokenizer's vocabulary (gpu_fixtures.build_model)."""
+    The model had the small tokenizer's vocabulary (gpu_fixtures.build_model); ``error``
+    None where no peak was measured."""
     import dataclasses
 
     sys.path.insert(0, str(RESULTS.parent.parent / "tests"))
@@ -145,7 +146,8 @@ def launch_rows(name: str = "launch_moe_h100.jsonl") -> list[dict[str, Any]]:
                 "setup": setup,
                 "measured": measured,
                 "estimated": est.peak_allocated_bytes,
-                "error": est.peak_allocated_bytes / measured - 1,
+                # None: a run that failed before its first step (rc and stderr in the row)
+                "error": est.peak_allocated_bytes / measured - 1 if measured else None,
                 "tokens_per_s": row["tokens_per_s"],
                 "predicted_tokens_per_s": row["predicted"]["tokens_per_s"],
                 "losses": [x["loss"] for x in row["losses"]],

@@ -693,7 +693,10 @@ def test_an_architecture_the_speed_model_never_saw_is_said_in_estimate_and_plan(
     mixtral = estimate(
         "mistralai/Mixtral-8x7B-v0.1", "1xH200", method="lora", lora_targets="q_proj,v_proj"
     )
-    assert any("Mixture of experts: this speed is not calibrated" in n for n in mixtral.notes)
+    assert any(
+        "Mixture of experts: the speed comes from a model of the MoE step" in n
+        for n in mixtral.notes
+    )
     p = plan(PlanRequest(spec=gemma, cluster=parse_cluster("1xH200"), seq_len=512, global_batch=8))
     assert any("gemma3_text" in a for a in p.assumptions)
     # a fitted family, or a model built on one (a Llama distill), says nothing

@@ -503,7 +503,11 @@ def plan(req: PlanRequest) -> Plan:
         f"and 9 in 10 launched runs on real records within {LAUNCHED_P90_GPU_BOUND:.0%} and "
         f"{LAUNCHED_P90_HOST_BOUND:.0%} of their plan (docs/speed.md); the host's cost per "
         "dispatched operation was measured on Xeon hosts"
-        + ("; these bands do not hold for mixture-of-experts steps (below)" if req.spec.moe else "")
+        + (
+            "; mixture-of-experts steps have wider bands of their own (below)"
+            if req.spec.moe
+            else ""
+        )
     ]
     assumptions.extend(req.cluster.notes)
     assumptions += [n for n in (family_note(req.spec), gpu_note(req.cluster.gpu.name)) if n]
@@ -524,7 +528,7 @@ def plan(req: PlanRequest) -> Plan:
             f"mixture of experts: LoRA on "
             f"{moe.describe_targets(best.setup.lora_targets, best.setup.lora_dropout)}, "
             f"chosen among the measured target sets ({'; '.join(tried)}); peaks of those "
-            f"measured within 2.5% ({moe.RESULTS}); the step's speed was not fitted on MoE"
+            f"measured within 2.5% ({moe.RESULTS}); the step's speed from the MoE step's model"
         )
     if best is not None and fell_back:
         assumptions.append(
