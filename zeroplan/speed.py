@@ -237,10 +237,11 @@ HELD_OUT_P90_HOST_BOUND = 0.196
 # (benchmarks/realdata_predict.py; its --check fails when they drift), host-bound and
 # GPU-bound steps apart: 31 runs of GPU-bound steps (12 jobs, one and two H200s, and the
 # 1B LoRA plan's choice at 64 × 768 and four setups it ranked below on one H100,
-# host2_h100.jsonl and host3_h100.jsonl) and 33 of
+# host2_h100.jsonl and host3_h100.jsonl) and 34 of
 # host-bound ones (17 jobs: micro-batches of 2-4 × 704 tokens and Qwen2.5-0.5B LoRA at 16 on
 # one H200, ZeRO-3 on two, Gemma 3 1B; 8B QLoRA at 1 × 1,664 and 1B LoRA at 4 × 704 with
-# Liger through this launch loop on one H100, host_h100.jsonl). They hold what a step timed alone leaves out: the
+# Liger through this launch loop on one H100, host_h100.jsonl, and the 8B QLoRA job on the
+# fused LoRA linears, host4_h100.jsonl). They hold what a step timed alone leaves out: the
 # trainer's own cost, the records' lengths and packing, the launch's threads and DeepSpeed.
 # The host-bound band is wide because of one pattern the model does not yet have: small
 # Qwen2.5 models' launched LoRA and QLoRA runs, predicted a median 20% too fast.
