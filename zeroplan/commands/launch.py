@@ -184,8 +184,9 @@ def _slug(name: str) -> str:
     type=click.Choice(KERNELS),
     default=None,
     help="auto (default): what the plan chose (its setup's kernels: Liger's RMSNorm, SwiGLU/GeGLU "
-    "and RoPE, or the model's own modules); liger: Liger's whatever the plan said, or refuse; "
-    "none: the model's own modules.",
+    "and RoPE, or the model's own modules; and its fused LoRA linears, or PEFT's layers); "
+    "liger: Liger's whatever the plan said, or refuse; none: the model's own modules and "
+    "PEFT's LoRA layers.",
 )
 @click.option(
     "--compile/--no-compile",
