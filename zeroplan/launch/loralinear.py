@@ -16,8 +16,12 @@ Here, for an adapter whose dropout is off (p = 0: PEFT's ``nn.Identity``):
 
 where W is the base weight (a 4-bit one dequantized to the compute dtype, as bitsandbytes'
 own backward does). It saves what PEFT's layer saves (x, shared with the base linear, and
-the r-wide h), so the memory model is unchanged; it moves about 16 B per token and output
-feature and 4 B per input feature less (``speed.FUSED_LORA_SAVED``).
+the r-wide h), so the memory model is unchanged; it moves 12 B per token and output feature
+(16 B over a 4-bit base) and 4 B per input feature less (speed.fused_lora_saved_bytes).
+Measured on one H100 (benchmarks/results/kernels5_h100.jsonl): the 8B QLoRA default launch
+1.10x and the bf16 LoRA one 1.04x the same plans on PEFT's layers, losses equal to 0.001.
+Its forward and backward are Python, which costs the host about what PEFT's extra calls did
+(hostops.FUSED_ADAPTER_HOST_US).
 
 The adapters keep their dtype (PEFT's fp32 under autocast, DeepSpeed's bf16): the matmuls
 run in the compute dtype (autocast's, else x's) and the adapters' gradients come back in
