@@ -217,9 +217,13 @@ def test_peft_runs_wherever_the_fused_linear_cannot() -> None:
     assert calls == ["peft", "peft"]
 
 
-def test_per_record_gradients_of_a_model_match_peft(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+def test_per_record_gradients_of_a_model_match_peft(
+    tmp_path: Path, checkpointing: str | None
+) -> None:
     """A tiny Llama with all-linear LoRA in fp32: each record's adapter gradients on the fused
-    path equal PEFT's to float32 rounding."""
+    path equal PEFT's to float32 rounding, with and without gradient checkpointing (whose
+    recompute runs the fused forward again)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
@@ -230,7 +234,13 @@ def test_per_record_gradients_of_a_model_match_peft(tmp_path: Path) -> None:
     model_dir = tinyllm.build_model_dir(tmp_path / "m")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
+        model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    model.train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
