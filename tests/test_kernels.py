@@ -44,6 +44,13 @@ def test_auto_follows_the_plan() -> None:
     assert overridden.fused_loss
     assert choose("liger", "llama", True, LLAMA_ONLY, False).liger == kernels.LIGER_KERNELS
     # a plan that chose Liger, launched where it cannot run: refused, with the way out
+    # the LoRA linears: fused where the plan chose them and they run, PEFT's under none
+    fused = choose("auto", "llama", True, LLAMA_ONLY, False, why_peft_lora=None)
+    assert fused.fused_lora and fused.why_peft_lora is None and "fused LoRA" in fused.label
+    peft = choose("none", "llama", True, LLAMA_ONLY, False, why_peft_lora=None)
+    assert not peft.fused_lora and peft.why_peft_lora == "--kernels none"
+    kept = choose("auto", "llama", True, LLAMA_ONLY, False, why_peft_lora="LoRA dropout 0.05")
+    assert not kept.fused_lora and kept.to_dict()["lora"] == "PEFT's layers"
     with pytest.raises(MissingDependencyError, match="the plan's Liger kernels need liger"):
         choose("auto", "llama", True, None, False, planned=True)
     with pytest.raises(KernelsUnsupportedError, match="plan again with --no-liger"):

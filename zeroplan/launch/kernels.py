@@ -170,13 +170,13 @@ def choose(
     fused_loss: bool,
     compile_layers: bool = False,
     planned: bool = False,
-    fused_lora: str | None = "no adapters",
+    why_peft_lora: str | None = "no adapters",
 ) -> KernelPath:
     """The path a rank takes (after ``check_kernels``, which refuses Liger where it cannot
     run): Liger's kernels for ``liger``, and for ``auto`` where the plan chose them
     (``planned``), so that the run keeps the activations and speed the plan assumed; else
-    the plain path and why. The LoRA linears: fused where ``fused_lora`` is None (the plan
-    chose them and they can run; else it says why not), PEFT's under ``none``."""
+    the plain path and why. The LoRA linears: fused where ``why_peft_lora`` is None (the
+    plan chose them and they can run; else it says why not), PEFT's under ``none``."""
     check_kernels(requested, model_type, cuda, supported, planned)
     why: str | None = None
     if requested == "none":
@@ -185,7 +185,7 @@ def choose(
         why = "the plan chose the model's own modules (--kernels liger overrides)"
     # the kernel names are filled in when applied (each family has its own subset)
     liger = () if why is not None else LIGER_KERNELS
-    why_lora = "--kernels none" if requested == "none" else fused_lora
+    why_lora = "--kernels none" if requested == "none" else why_peft_lora
     return KernelPath(
         requested,
         liger,
