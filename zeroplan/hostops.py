@@ -36,17 +36,6 @@ LIGER_OPS = {
 # counted above); others' Liger steps keep their own count on the host's clock.
 LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 
-# A decoder layer under ``--compile`` (each layer through torch.compile, inductor): the calls
-# the host makes per forward and backward of one Llama layer with all-linear LoRA at dropout
-# 0, eager and compiled, bf16 and with bitsandbytes' NF4 linears, as (eager bf16 layer,
-# compiled layer): ATen and bitsandbytes calls made from Python or from the compiled graph's
-# wrapper that return a new tensor, plus inductor's kernels, read off torch.profiler on the
-# CPU (``count_host_ops.py --compile``; benchmarks/results/host_ops_compiled_cpu.txt). A
-# TorchDispatchMode turns a compiled region back to eager, so these are not the table's
-# unit: only their ratio is used (compiled_share). Under SDPA the layer traces as one graph,
-# 4-bit linears included (torch._dynamo.explain: no graph break); the launch's varlen
-# attention stays eager between two (zeroplan.launch.batching.register_varlen). Liger's
-# kernels were not counted (they need a GPU).
 # One LoRA adapter (Llama, dropout 0) per forward and backward on PEFT's layer and on
 # zeroplan launch's fused LoRA linear (zeroplan.launch.loralinear), ``count_host_ops.py
 # --fused-lora``. Counted (in-place calls included on both sides): 19 and 10 calls, the fused
@@ -71,6 +60,17 @@ def fused_adapter_share(path: str) -> float:
     return fused / peft
 
 
+# A decoder layer under ``--compile`` (each layer through torch.compile, inductor): the calls
+# the host makes per forward and backward of one Llama layer with all-linear LoRA at dropout
+# 0, eager and compiled, bf16 and with bitsandbytes' NF4 linears, as (eager bf16 layer,
+# compiled layer): ATen and bitsandbytes calls made from Python or from the compiled graph's
+# wrapper that return a new tensor, plus inductor's kernels, read off torch.profiler on the
+# CPU (``count_host_ops.py --compile``; benchmarks/results/host_ops_compiled_cpu.txt). A
+# TorchDispatchMode turns a compiled region back to eager, so these are not the table's
+# unit: only their ratio is used (compiled_share). Under SDPA the layer traces as one graph,
+# 4-bit linears included (torch._dynamo.explain: no graph break); the launch's varlen
+# attention stays eager between two (zeroplan.launch.batching.register_varlen). Liger's
+# kernels were not counted (they need a GPU).
 COMPILED_LAYER = {"bf16": (140, 72), "4bit": (140, 100)}
 
 

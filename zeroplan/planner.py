@@ -318,6 +318,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
         for adapters, (zero, offload) in itertools.product(
             _adapters(req, method), _distributions(req, method)
         ):
+            fused_lora = fused_lora_choice(req, method, adapters["lora_dropout"], zero)
             for optim in _optimizers(zero, offload):
                 for mb in MICRO_BATCHES:
                     if req.global_batch is not None:
@@ -341,9 +342,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 optim=optim,
                                 fused_loss=fused,
                                 kernels=kernels,
-                                fused_lora=fused_lora_choice(
-                                    req, method, adapters["lora_dropout"], zero
-                                ),
+                                fused_lora=fused_lora,
                                 precision=req.precision,
                                 **adapters,
                             )

@@ -614,8 +614,8 @@ def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
     lora_bf16); checkpointing's recompute runs the forward, and its savings, again."""
     if not fused_lora_runs(setup):
         return 0.0
-    quantized = setup.method == "qlora"
-    cast = setup.method == "lora" and not setup.deepspeed and not setup.lora_bf16
+    path = fused_lora_path(setup)
+    quantized, cast = path == "4bit", path == "autocast"
     forwards = 1 + int(setup.grad_ckpt)
     total = 0.0
     for lin, n in lora_targets(spec, setup):

@@ -116,14 +116,11 @@ def lora_linear(x: Any, a: Any, b: Any, base: Any, scaling: float) -> Any:
 
 @dataclass(frozen=True)
 class Installed:
-    """What ``install`` did, for applied.json and the dashboard."""
+    """What ``install`` did (the rank says it in its log)."""
 
     layers: int  # LoRA linears on the fused path
     kept: int  # LoRA layers left on PEFT's (banks, embeddings, dropout, variants)
     why_kept: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"fused_layers": self.layers, "peft_layers": self.kept, "why_peft": self.why_kept}
 
 
 def _layer_ok(layer: Any) -> str | None:
