@@ -141,6 +141,9 @@ class _Probe:
         kernels_by_name = []
         by_kind: dict[str, float] = defaultdict(float)
         for avg in prof.key_averages():
+            # the kernels themselves: a CPU operator's device time is its kernels' again
+            if "CUDA" not in str(getattr(avg, "device_type", "")):
+                continue
             us = getattr(avg, "self_device_time_total", 0) or 0
             if us <= 0:
                 continue
