@@ -38,24 +38,27 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 
 # One LoRA adapter (Llama, dropout 0) per forward and backward on PEFT's layer and on
 # zeroplan launch's fused LoRA linear (zeroplan.launch.loralinear), ``count_host_ops.py
-# --fused-lora``. Counted (in-place calls included on both sides): 19 and 10 calls, the fused
+# --fused-lora``. Counted (in-place calls included on both sides): 19 and 9 calls, the fused
 # one dispatching the adapter's matmuls and in-place sums without PEFT's scaling, sum and the
 # autograd nodes between. Timed (one thread, a 64-wide layer on 4 tokens, so that only the
 # host's work is left; each variant's fastest of 9 runs, the bare base linear's time taken
-# off; this machine's CPU): bf16 adapters 121 and 133 µs, fp32 adapters under autocast 151
-# and 145, over an NF4 base under autocast 181 and 124 (PEFT's 4-bit copy and its autograd
-# node gone). The fused function's forward and backward are Python (an autograd.Function),
-# which costs what most of the saved calls did: the host clock takes the timed ratio of the
-# path, not the count's (with 10/19 the plan said 7,977 tokens/s for the launched 8B QLoRA at
-# 1 × 1,664 on one H100 where 6,504 ran, host4_h100.jsonl).
-FUSED_ADAPTER_OPS = (19, 10)
-FUSED_ADAPTER_HOST_US = {"bf16": (121, 133), "autocast": (151, 145), "4bit": (181, 124)}
+# off; this machine's CPU): bf16 adapters 124 and 118 µs, fp32 adapters under autocast 161
+# and 139, over an NF4 base under autocast 197 and 99 (PEFT's 4-bit copy, bitsandbytes'
+# module and autograd node gone: the fused function dequantizes and calls F.linear itself).
+# The fused function's forward and backward are Python (an autograd.Function), which costs
+# what many of the saved calls did: the host clock takes the timed ratio of the path, not
+# the count's. (The first fused function, which called the base module and scaled two
+# gradients apart, timed 133, 145 and 124 µs; with the count, 10/19, the plan said 7,977
+# tokens/s for the launched 8B QLoRA at 1 × 1,664 on one H100 where 6,504 ran,
+# host4_h100.jsonl.)
+FUSED_ADAPTER_OPS = (19, 9)
+FUSED_ADAPTER_HOST_US = {"bf16": (124, 118), "autocast": (161, 139), "4bit": (197, 99)}
 
 
 def fused_adapter_share(path: str) -> float:
     """What a fused LoRA linear's adapter asks of the host, as a share of PEFT's on the same
     ``path`` (FUSED_ADAPTER_HOST_US: "bf16" adapters, fp32 ones under "autocast", or over a
-    "4bit" base): 1.10, 0.96, 0.69."""
+    "4bit" base): 0.95, 0.86, 0.50."""
     peft, fused = FUSED_ADAPTER_HOST_US[path]
     return fused / peft
 

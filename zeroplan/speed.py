@@ -859,7 +859,7 @@ def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:
     layers · ops per layer (frozen, or trained in full fine-tuning) + adapted modules · ops
     per LoRA adapter (with or without dropout; on the fused LoRA linears that count ·
     hostops.fused_adapter_share of their path, the host time timed against PEFT's layer:
-    1.10 bf16, 0.96 autocast, 0.69 4-bit), the architecture's counts (hostops),
+    0.95 bf16, 0.86 autocast, 0.50 4-bit), the architecture's counts (hostops),
     − what Liger's kernels take off it (liger_host_saving); compiled layers
     (``setup.compile``): that count without Liger · hostops.compiled_share, the calls a
     compiled layer makes for each eager one (0.51 bf16, 0.71 4-bit: counted on the CPU)."""

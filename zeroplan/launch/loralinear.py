@@ -10,8 +10,8 @@ r = 16 those passes move more bytes than the adapters' matmuls do work.
 
 Here, for an adapter whose dropout is off (p = 0: PEFT's ``nn.Identity``):
 
-    forward:   y = base(x);  h = x·Aᵀ (T × r);  y += s · h·Bᵀ        (cuBLAS addmm in place)
-    backward:  dH = s · dY·B;   dB = s · dYᵀ·h;   dA = dHᵀ·x
+    forward:   y = x·Wᵀ (+ bias);  h = x·Aᵀ (T × r);  y += s · h·Bᵀ    (cuBLAS addmm in place)
+    backward:  dH = s · dY·B;   dB = s · dYᵀ·h;   dA = dHᵀ·x            (s in addmm's alpha)
                dx = dY·W  then  dx += dH·A                              (addmm in place)
 
 where W is the base weight (a 4-bit one dequantized to the compute dtype, as bitsandbytes'
@@ -20,8 +20,10 @@ the r-wide h), so the memory model is unchanged; it moves 12 B per token and out
 (16 B over a 4-bit base) and 4 B per input feature less (speed.fused_lora_saved_bytes).
 Measured on one H100 (benchmarks/results/kernels5_h100.jsonl): the 8B QLoRA default launch
 1.10x and the bf16 LoRA one 1.04x the same plans on PEFT's layers, losses equal to 0.001.
-Its forward and backward are Python, which costs the host about what PEFT's extra calls did
-(hostops.FUSED_ADAPTER_HOST_US).
+Its forward and backward are Python; they call F.linear on the base weight (dequantizing a
+4-bit one themselves, not through bitsandbytes' module and autograd function) and scale in
+addmm's epilogue, so the host spends 0.95x PEFT's time on a bf16 adapter and 0.50x over
+NF4, timed on the CPU (hostops.FUSED_ADAPTER_HOST_US).
 
 The adapters keep their dtype (PEFT's fp32 under autocast, DeepSpeed's bf16): the matmuls
 run in the compute dtype (autocast's, else x's) and the adapters' gradients come back in
@@ -56,6 +58,29 @@ def _base_weight(base: Any, dtype: Any) -> Any:
     return bnbf.dequantize_4bit(base.weight.view(-1, 1), quant_state).to(dtype)
 
 
+def _base_forward(base: Any, x: Any, dtype: Any) -> Any:
+    """``base(x)`` in ``dtype`` without the module call: F.linear over the weight (a 4-bit
+    one dequantized as bitsandbytes' MatMul4Bit forward does, the same numbers where its
+    compute dtype is ``dtype``). The module's own forward where anything else is asked of it
+    (hooks, another compute dtype, a 4-bit weight without its quantization state)."""
+    import torch.nn.functional as F
+
+    weight = base.weight
+    # hooks, or a forward replaced on the instance (accelerate's offload): the module's call
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return base(x).to(dtype)
+    bias = None if base.bias is None else base.bias.to(dtype)
+    if type(base) is _LINEAR:
+        return F.linear(x, weight.to(dtype), bias)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None or getattr(base, "compute_dtype", None) != dtype:
+        return base(x).to(dtype)
+    return F.linear(x, _base_weight(base, dtype), bias)
+
+
+_LINEAR: Any = None
+
+
 def _function() -> Any:
     import torch
 
@@ -63,20 +88,25 @@ def _function() -> Any:
         """y = base(x) + s · (x·Aᵀ)·Bᵀ; see the module docstring."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, a: Any, b: Any, base: Any, scaling: float) -> Any:
-            dtype = (
-                torch.get_autocast_dtype(x.device.type)
-                if torch.is_autocast_enabled(x.device.type)
-                else x.dtype
-            )
-            with torch.autocast(x.device.type, enabled=False):
-                xc = x.to(dtype)
-                y = base(xc).to(dtype)
-                x2 = xc.reshape(-1, xc.shape[-1])
-                ac, bc = a.to(dtype), b.to(dtype)
-                h = torch.mm(x2, ac.t())
-                y2 = y.view(-1, y.shape[-1])
-                y2.addmm_(h, bc.t(), alpha=scaling)
+        def forward(
+            ctx: Any, x: Any, a: Any, b: Any, base: Any, scaling: float, dtype: Any, cast: bool
+        ) -> Any:
+            # ``cast``: autocast is on; its casts are made here, once, and it is off inside
+            if cast:
+                with torch.autocast(x.device.type, enabled=False):
+                    return LoRALinear._forward(ctx, x, a, b, base, scaling, dtype)
+            return LoRALinear._forward(ctx, x, a, b, base, scaling, dtype)
+
+        @staticmethod
+        def _forward(
+            ctx: Any, x: Any, a: Any, b: Any, base: Any, scaling: float, dtype: Any
+        ) -> Any:
+            xc = x.to(dtype)
+            y = _base_forward(base, xc, dtype)
+            x2 = xc.reshape(-1, xc.shape[-1])
+            ac, bc = a.to(dtype), b.to(dtype)
+            h = torch.mm(x2, ac.t())
+            y.view(-1, y.shape[-1]).addmm_(h, bc.t(), alpha=scaling)
             ctx.save_for_backward(x2, h, ac, bc)
             ctx.base, ctx.scaling = base, scaling
             ctx.x_shape, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.shape, x.dtype, a.dtype, b.dtype
@@ -87,17 +117,19 @@ def _function() -> Any:
             x2, h, ac, bc = ctx.saved_tensors
             s = ctx.scaling
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            dh = torch.mm(dy2, bc).mul_(s)
+            # s·(a·b) as one addmm (beta 0: the 0-d input is neither read nor broadcast)
+            unread = dy2.new_empty(())
+            dh = torch.addmm(unread, dy2, bc, beta=0, alpha=s)
             da = db = dx = None
             if ctx.needs_input_grad[1]:
                 da = torch.mm(dh.t(), x2).to(ctx.a_dtype)
             if ctx.needs_input_grad[2]:
-                db = torch.mm(dy2.t(), h).mul_(s).to(ctx.b_dtype)
+                db = torch.addmm(unread, dy2.t(), h, beta=0, alpha=s).to(ctx.b_dtype)
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(dy2, _base_weight(ctx.base, dy2.dtype))
                 dx.addmm_(dh, ac)
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-            return dx, da, db, None, None
+            return dx, da, db, None, None, None, None
 
     return LoRALinear
 
@@ -105,13 +137,26 @@ def _function() -> Any:
 _FN: Any = None
 
 
+def _apply() -> Any:
+    global _FN, _LINEAR
+    if _FN is None:
+        import torch
+
+        _LINEAR = torch.nn.Linear
+        _FN = _function()
+    return _FN.apply
+
+
 def lora_linear(x: Any, a: Any, b: Any, base: Any, scaling: float) -> Any:
     """``base(x) + scaling · (x·aᵀ)·bᵀ`` through the fused function (``a``: lora_A's weight,
-    r × in; ``b``: lora_B's, out × r). Gradients flow to x, a and b, not to the base."""
-    global _FN
-    if _FN is None:
-        _FN = _function()
-    return _FN.apply(x, a, b, base, scaling)
+    r × in; ``b``: lora_B's, out × r). Gradients flow to x, a and b, not to the base. The
+    matmuls run in autocast's dtype where it is on, else in x's."""
+    import torch
+
+    kind = x.device.type
+    cast = torch.is_autocast_enabled(kind)
+    dtype = torch.get_autocast_dtype(kind) if cast else x.dtype
+    return _apply()(x, a, b, base, scaling, dtype, cast)
 
 
 @dataclass(frozen=True)
@@ -149,21 +194,28 @@ def _layer_ok(layer: Any) -> str | None:
     return None
 
 
-def _fused_forward(peft_forward: Callable[..., Any], name: str) -> Callable[..., Any]:
+def _fused_forward(
+    peft_forward: Callable[..., Any], name: str, base: Any, apply: Any
+) -> Callable[..., Any]:
     import torch
 
+    autocast_on, autocast_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+
+    # Every call walks this Python (the host's share, hostops.FUSED_ADAPTER_HOST_US): the
+    # base layer is looked up once, the checks read PEFT's attributes directly
     def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs or self.disable_adapters or self.merged:
+        if args or kwargs or self.disable_adapters or self.merged_adapters:
             return peft_forward(x, *args, **kwargs)
         if name not in self.active_adapters:
             return peft_forward(x)
         a = self.lora_A[name].weight
+        kind = x.device.type
+        cast = autocast_on(kind)
         # fp32 adapters without autocast: PEFT computes the adapter in fp32; keep its numbers
-        if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if not cast and a.dtype != x.dtype:
             return peft_forward(x)
-        return lora_linear(
-            x, a, self.lora_B[name].weight, self.get_base_layer(), self.scaling[name]
-        )
+        dtype = autocast_dtype(kind) if cast else x.dtype
+        return apply(x, a, self.lora_B[name].weight, base, self.scaling[name], dtype, cast)
 
     return forward
 
@@ -190,7 +242,8 @@ def install(model: Any) -> Installed:
         peft_forward = module.forward
         setattr(module, _PEFT_FORWARD, peft_forward)
         name = next(iter(module.lora_A.keys()))
-        module.forward = types.MethodType(_fused_forward(peft_forward, name), module)
+        forward = _fused_forward(peft_forward, name, module.get_base_layer(), _apply())
+        module.forward = types.MethodType(forward, module)
         done += 1
     return Installed(done, kept, why)
 
