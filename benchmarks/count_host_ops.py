@@ -513,12 +513,15 @@ def fused_adapter_counts() -> tuple[int, int]:
 
 def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tuple[int, int]]:
     """Host microseconds one LoRA adapter adds to a linear's forward and backward, on PEFT's
-    layer and on the fused linear (hostops.FUSED_ADAPTER_HOST_US): a 64-wide bf16 layer on 4
-    tokens at one thread, so the work left is the host's. The bare base linear, PEFT's layer
-    and the fused one are timed in turn ``repeats`` times over ``calls`` steps each; each
-    keeps its fastest run (what other processes on the machine did not slow), the base's
-    taken off. For "bf16" adapters (as DeepSpeed bf16 holds them), fp32 ones under bf16
-    autocast (PEFT's default) and those over an NF4 base under autocast (QLoRA)."""
+    layers and on the fused linears (hostops.FUSED_ADAPTER_HOST_US), in a Llama layer's
+    seven: q/k/v on one input, o, gate/up on one input, down (so the fused path runs two
+    groups and two single linears, as in a launched all-linear layer). 64-wide bf16 linears
+    on 4 tokens at one thread, so the work left is the host's. The bare block, PEFT's and
+    the fused one are timed in turn ``repeats`` times over ``calls`` steps each; each keeps
+    its fastest run (what other processes on the machine did not slow), the bare block's
+    time taken off, per adapter. For "bf16" adapters (as DeepSpeed bf16 holds them), fp32
+    ones under bf16 autocast (PEFT's default) and those over NF4 bases under autocast
+    (QLoRA)."""
     import torch
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
@@ -526,9 +529,15 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
     from zeroplan.launch import loralinear
 
     torch.set_num_threads(1)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    class Block(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            a = self.o_proj(q + k + v)
+            return self.down_proj(self.gate_proj(a) * self.up_proj(a))
 
     def base(quantized: bool = False) -> Any:
-        torch.manual_seed(0)
         if not quantized:
             return torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16).requires_grad_(False)
         import bitsandbytes as bnb
@@ -538,24 +547,30 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
         layer.weight = weight._quantize("cpu")
         return layer
 
-    def adapted(dtype: Any, fused: bool, quantized: bool) -> Any:
+    def block(dtype: Any, quantized: bool, mode: str) -> Any:
         from peft.tuners.lora.bnb import Linear4bit
 
+        torch.manual_seed(0)
+        out = Block()
         cls = Linear4bit if quantized else Linear
         cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0)
-        layer = cls(base(quantized), "default", config=cfg, r=16, lora_alpha=32, lora_dropout=0.0)
-        layer.lora_A["default"].to(dtype)
-        layer.lora_B["default"].to(dtype)
-        if fused:
-            loralinear.install(layer)
-        return layer
+        for name in names:
+            layer = base(quantized)
+            if mode != "bare":
+                layer = cls(layer, "default", config=cfg, r=16, lora_alpha=32, lora_dropout=0.0)
+                layer.lora_A["default"].to(dtype)
+                layer.lora_B["default"].to(dtype)
+            setattr(out, name, layer)
+        if mode == "fused":
+            loralinear.install(out)
+        return out
 
     def once(layer: Any, autocast: bool, x: Any) -> float:
         start = time.perf_counter()
         for _ in range(calls):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 y = layer(x)
-            y.sum().backward()
+            y.float().sum().backward()
         return (time.perf_counter() - start) / calls * 1e6
 
     out = {}
@@ -564,12 +579,13 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
         ("autocast", torch.float32, True, False),
         ("4bit", torch.float32, True, True),
     ):
-        layers = [base(quantized), *(adapted(dtype, fused, quantized) for fused in (False, True))]
+        blocks = [block(dtype, quantized, mode) for mode in ("bare", "peft", "fused")]
         x = torch.randn(1, 4, 64, dtype=torch.bfloat16, requires_grad=True)
-        best = [min(once(m, autocast, x) for _ in range(2)) for m in layers]  # warm
+        best = [min(once(m, autocast, x) for _ in range(2)) for m in blocks]  # warm
         for _ in range(repeats):
-            best = [min(b, once(m, autocast, x)) for b, m in zip(best, layers, strict=True)]
-        out[name] = (round(best[1] - best[0]), round(best[2] - best[0]))
+            best = [min(b, once(m, autocast, x)) for b, m in zip(best, blocks, strict=True)]
+        per = len(names)
+        out[name] = (round((best[1] - best[0]) / per), round((best[2] - best[0]) / per))
     return out
 
 

@@ -66,14 +66,22 @@ def test_the_speed_model_takes_the_counted_passes_off() -> None:
     # 8 + 4 B per output feature, backward 4 B per output and 4 B per input feature
     linears = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]
     linears += [(4096, 14336), (4096, 14336), (14336, 4096)]
-    per_layer = sum(12 * o + 4 * o + 4 * i for i, o in linears)
+    # + q/k/v and gate/up as two groups: 2 + 1 siblings past the first, on 4096 inputs,
+    # (2 + 10) B each
+    per_layer = sum(12 * o + 4 * o + 4 * i for i, o in linears) + 3 * 4096 * 12
     qlora = TrainSetup(method="qlora", fused_lora=True)
     assert speed.fused_lora_saved_bytes(spec, qlora) == 32 * per_layer
     # checkpointing's recompute runs the forward again, and saves its passes again
     ckpt = TrainSetup(method="qlora", fused_lora=True, grad_ckpt=True)
     assert speed.fused_lora_saved_bytes(spec, ckpt) == 32 * (
-        per_layer + sum(12 * o for _, o in linears)
+        per_layer + sum(12 * o for _, o in linears) + 3 * 4096 * 2
     )
+    # compiled layers keep each linear alone; q and v alone make one group of two
+    compiled = TrainSetup(method="qlora", fused_lora=True, compile=True)
+    assert speed.fused_lora_saved_bytes(spec, compiled) == 32 * (per_layer - 3 * 4096 * 12)
+    qv = TrainSetup(method="qlora", fused_lora=True, lora_targets=("q_proj", "v_proj"))
+    q_v = sum(12 * o + 4 * o + 4 * i for i, o in (linears[0], linears[2]))
+    assert speed.fused_lora_saved_bytes(spec, qv) == 32 * (q_v + 4096 * 12)
 
 
 # -- the plan's choice ------------------------------------------------------------------------
@@ -217,13 +225,17 @@ def test_peft_runs_wherever_the_fused_linear_cannot() -> None:
     assert calls == ["peft", "peft"]
 
 
-@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+@pytest.mark.parametrize(
+    ("checkpointing", "group"),
+    [(None, True), (None, False), ("reentrant", True), ("non-reentrant", True)],
+)
 def test_per_record_gradients_of_a_model_match_peft(
-    tmp_path: Path, checkpointing: str | None
+    tmp_path: Path, checkpointing: str | None, group: bool, monkeypatch: Any
 ) -> None:
     """A tiny Llama with all-linear LoRA in fp32: each record's adapter gradients on the fused
-    path equal PEFT's to float32 rounding, with and without gradient checkpointing (whose
-    recompute runs the fused forward again)."""
+    path equal PEFT's to float32 rounding, with q/k/v and gate/up run together (LoRAGroup)
+    or each alone, and with and without gradient checkpointing (whose recompute runs the
+    fused forward again)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
@@ -255,8 +267,17 @@ def test_per_record_gradients_of_a_model_match_peft(
         return out
 
     peft = grads()
-    assert loralinear.install(model).layers == 7 * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    installed = loralinear.install(model, group=group)
+    assert (installed.layers, installed.grouped) == (7 * layers, 5 * layers * group)
+    calls = []
+    group_apply = loralinear._GROUP_FN.apply
+    monkeypatch.setattr(
+        loralinear._GROUP_FN, "apply", lambda *a: calls.append(1) or group_apply(*a)
+    )
     fused = grads()
+    # each layer's q/k/v and gate/up once per record, again where checkpointing recomputes
+    assert len(calls) == 2 * layers * len(records) * (1 + (checkpointing is not None)) * group
     for per_peft, per_fused in zip(peft, fused, strict=True):
         for a, b in zip(per_peft, per_fused, strict=True):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -37,28 +37,30 @@ LIGER_OPS = {
 LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 
 # One LoRA adapter (Llama, dropout 0) per forward and backward on PEFT's layer and on
-# zeroplan launch's fused LoRA linear (zeroplan.launch.loralinear), ``count_host_ops.py
-# --fused-lora``. Counted (in-place calls included on both sides): 19 and 9 calls, the fused
-# one dispatching the adapter's matmuls and in-place sums without PEFT's scaling, sum and the
-# autograd nodes between. Timed (one thread, a 64-wide layer on 4 tokens, so that only the
-# host's work is left; each variant's fastest of 9 runs, the bare base linear's time taken
-# off; this machine's CPU): bf16 adapters 124 and 118 µs, fp32 adapters under autocast 161
-# and 139, over an NF4 base under autocast 197 and 99 (PEFT's 4-bit copy, bitsandbytes'
-# module and autograd node gone: the fused function dequantizes and calls F.linear itself).
-# The fused function's forward and backward are Python (an autograd.Function), which costs
-# what many of the saved calls did: the host clock takes the timed ratio of the path, not
-# the count's. (The first fused function, which called the base module and scaled two
-# gradients apart, timed 133, 145 and 124 µs; with the count, 10/19, the plan said 7,977
-# tokens/s for the launched 8B QLoRA at 1 × 1,664 on one H100 where 6,504 ran,
-# host4_h100.jsonl.)
-FUSED_ADAPTER_OPS = (19, 9)
-FUSED_ADAPTER_HOST_US = {"bf16": (124, 118), "autocast": (161, 139), "4bit": (197, 99)}
+# zeroplan launch's fused LoRA linears (zeroplan.launch.loralinear), ``count_host_ops.py
+# --fused-lora``. Counted (in-place calls included on both sides, a Llama layer's seven
+# adapters): 19 and 7 calls, the fused ones dispatching the adapters' matmuls and in-place
+# sums without PEFT's scaling, sum and the autograd nodes between, q/k/v and gate/up as one
+# function each. Timed (one thread, a Llama layer's seven linears 64 wide on 4 tokens, so
+# that only the host's work is left; each variant's fastest of 9 runs, the bare layer's
+# time taken off, per adapter; this machine's CPU): bf16 adapters 110 and 127 µs, fp32
+# adapters under autocast 137 and 145, over NF4 bases under autocast 205 and 131 (PEFT's
+# 4-bit copy, bitsandbytes' module and autograd node gone: the fused function dequantizes
+# and calls F.linear itself). The fused functions' forward and backward are Python (an
+# autograd.Function, and the group's hand-over of outputs), which costs what many of the
+# saved calls did: the host clock takes the timed ratio of the path, not the count's.
+# (Timed one linear at a time, the first fused function, which called the base module and
+# scaled two gradients apart, cost 1.10x, 0.96x and 0.69x PEFT's; with the count, 10/19,
+# the plan said 7,977 tokens/s for the launched 8B QLoRA at 1 × 1,664 on one H100 where
+# 6,504 ran, host4_h100.jsonl.)
+FUSED_ADAPTER_OPS = (19, 7)
+FUSED_ADAPTER_HOST_US = {"bf16": (110, 127), "autocast": (137, 145), "4bit": (205, 131)}
 
 
 def fused_adapter_share(path: str) -> float:
     """What a fused LoRA linear's adapter asks of the host, as a share of PEFT's on the same
     ``path`` (FUSED_ADAPTER_HOST_US: "bf16" adapters, fp32 ones under "autocast", or over a
-    "4bit" base): 0.95, 0.86, 0.50."""
+    "4bit" base): 1.15, 1.06, 0.64."""
     peft, fused = FUSED_ADAPTER_HOST_US[path]
     return fused / peft
 

@@ -111,6 +111,16 @@ NOT_LOCAL_SOURCES = frozenset({"", "catalog", "hf-cache", "hub"})
 _MULTIMODAL = {"gemma3", "mllama", "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"}
 
 
+# Linears of one module that read the same input tensor (transformers' Llama-style attention
+# and gated MLP): zeroplan launch's fused LoRA runs their adapters together
+# (zeroplan.launch.loralinear.LoRAGroup), and the speed model counts what that saves
+# (speed.fused_lora_saved_bytes).
+SHARED_INPUT: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+
 @dataclass(frozen=True)
 class Linear:
     """One ``nn.Linear`` (or a bank of experts stored as one) inside a decoder layer.

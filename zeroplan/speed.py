@@ -39,7 +39,7 @@ from zeroplan.hostops import (
     fused_adapter_share,
     host_ops,
 )
-from zeroplan.models import ModelSpec
+from zeroplan.models import SHARED_INPUT, ModelSpec
 from zeroplan.packing import PaddedBatches
 from zeroplan.trainsetup import (
     TrainSetup,
@@ -587,11 +587,20 @@ def wrapped_features(spec: ModelSpec, setup: TrainSetup) -> int:
 #   bf16 LoRA with fp32 adapters under autocast, forward and backward, in: PEFT's cast of
 #     the input to fp32 and autocast's back (read 2, write 4; read 4, write 2), and the two
 #     casts of its gradient: 12 + 12 B.
+#   siblings that read one input (models.SHARED_INPUT: q/k/v, gate/up), k of them adapted,
+#     run together (loralinear.LoRAGroup), per input feature, for each sibling past the
+#     first: the input read for its A matmul (2) in each forward; in the backward, the input
+#     read for its A gradient (2) and its input gradient not written (2), not added into in
+#     place (read 2, write 2) and not summed by autograd (read 4, write 2), against its
+#     base gradient's addmm into the shared buffer (read 2, write 2) = 10 B. Not in
+#     compiled layers (the launch keeps each linear alone there).
 FUSED_OUT_FORWARD = 8.0
 FUSED_OUT_BACKWARD = 4.0
 FUSED_IN_BACKWARD = 4.0
 FUSED_OUT_4BIT_FORWARD = 4.0
 FUSED_IN_CAST = 12.0
+GROUP_IN_FORWARD = 2.0
+GROUP_IN_BACKWARD = 10.0
 
 
 def fused_lora_path(setup: TrainSetup) -> str:
@@ -610,6 +619,10 @@ def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
             · (1 + checkpointing)
         + FUSED_OUT_BACKWARD · out + FUSED_IN_BACKWARD · in + [cast] FUSED_IN_CAST · in
 
+        + Σ over layers and sibling sets (models.SHARED_INPUT) with k ≥ 2 adapted members
+          of (k − 1) · in · (GROUP_IN_FORWARD · (1 + checkpointing) + GROUP_IN_BACKWARD)
+          [not compiled]
+
     [cast]: bf16 LoRA with PEFT's fp32 adapters under autocast (not DeepSpeed, not
     lora_bf16); checkpointing's recompute runs the forward, and its savings, again."""
     if not fused_lora_runs(setup):
@@ -618,14 +631,25 @@ def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
     quantized, cast = path == "4bit", path == "autocast"
     forwards = 1 + int(setup.grad_ckpt)
     total = 0.0
+    adapted: set[str] = set()
     for lin, n in lora_targets(spec, setup):
         if lin.group in WRAPPED_AS_PARAMETERS:
             continue
+        adapted.add(lin.name)
         out, inp = lin.out_features, lin.in_features
         fwd = (FUSED_OUT_FORWARD + FUSED_OUT_4BIT_FORWARD * quantized) * out
         fwd += FUSED_IN_CAST * inp * cast
         bwd = FUSED_OUT_BACKWARD * out + FUSED_IN_BACKWARD * inp + FUSED_IN_CAST * inp * cast
         total += lin.count * n * (fwd * forwards + bwd)
+    if setup.compile:
+        return total
+    for linears, n_layers in spec.linears_by_layer_kind():
+        by_name = {lin.name: lin for lin in linears if lin.group not in WRAPPED_AS_PARAMETERS}
+        for siblings in SHARED_INPUT:
+            members = [by_name[name] for name in siblings if name in by_name and name in adapted]
+            if len(members) > 1:
+                per_input = GROUP_IN_FORWARD * forwards + GROUP_IN_BACKWARD
+                total += n_layers * (len(members) - 1) * members[0].in_features * per_input
     return total
 
 
@@ -859,7 +883,7 @@ def host_operations(spec: ModelSpec, setup: TrainSetup) -> int:
     layers · ops per layer (frozen, or trained in full fine-tuning) + adapted modules · ops
     per LoRA adapter (with or without dropout; on the fused LoRA linears that count ·
     hostops.fused_adapter_share of their path, the host time timed against PEFT's layer:
-    0.95 bf16, 0.86 autocast, 0.50 4-bit), the architecture's counts (hostops),
+    1.15 bf16, 1.06 autocast, 0.64 4-bit), the architecture's counts (hostops),
     − what Liger's kernels take off it (liger_host_saving); compiled layers
     (``setup.compile``): that count without Liger · hostops.compiled_share, the calls a
     compiled layer makes for each eager one (0.51 bf16, 0.71 4-bit: counted on the CPU)."""

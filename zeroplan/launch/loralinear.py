@@ -22,8 +22,8 @@ Measured on one H100 (benchmarks/results/kernels5_h100.jsonl): the 8B QLoRA defa
 1.10x and the bf16 LoRA one 1.04x the same plans on PEFT's layers, losses equal to 0.001.
 Its forward and backward are Python; they call F.linear on the base weight (dequantizing a
 4-bit one themselves, not through bitsandbytes' module and autograd function) and scale in
-addmm's epilogue, so the host spends 0.95x PEFT's time on a bf16 adapter and 0.50x over
-NF4, timed on the CPU (hostops.FUSED_ADAPTER_HOST_US).
+addmm's epilogue; in a Llama layer's seven linears the host spends 1.15x PEFT's time on
+bf16 adapters and 0.64x over NF4, timed on the CPU (hostops.FUSED_ADAPTER_HOST_US).
 
 The adapters keep their dtype (PEFT's fp32 under autocast, DeepSpeed's bf16): the matmuls
 run in the compute dtype (autocast's, else x's) and the adapters' gradients come back in
@@ -42,6 +42,8 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from zeroplan.models import SHARED_INPUT
 
 # attribute set on each patched layer: the forward PEFT gave it
 _PEFT_FORWARD = "_zp_peft_forward"
@@ -134,16 +136,101 @@ def _function() -> Any:
     return LoRALinear
 
 
+def _group_function() -> Any:
+    import torch
+
+    class LoRAGroup(torch.autograd.Function):
+        """Sibling LoRA linears that read one input (q/k/v, gate/up), k of them:
+
+            forward:   H = x·[A₁; …; A_k]ᵀ (T × Σr);  yᵢ = x·Wᵢᵀ;  yᵢ += sᵢ · Hᵢ·Bᵢᵀ
+            backward:  dHᵢ = sᵢ · dYᵢ·Bᵢ;  dBᵢ = sᵢ · dYᵢᵀ·Hᵢ;  [dA₁; …] = [dH₁ …]ᵀ·x
+                       dx = dY₁·W₁;  dx += dYᵢ·Wᵢ (i > 1);  dx += [dH₁ …]·[A₁; …]
+
+        x is read once for all the A matmuls and their gradients, and the input's gradient
+        is one buffer the k base matmuls and the adapters add into in place, where k single
+        functions write k gradients that autograd then sums (speed.fused_lora_saved_bytes:
+        (k − 1) · 10 B per input feature and token, and 2 B per forward). Saves x, H, the
+        stacked A and the Bs: what the single functions save, the A stacked."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, bases: Any, scalings: Any, dtype: Any, cast: bool, *ab: Any
+        ) -> Any:
+            if cast:
+                with torch.autocast(x.device.type, enabled=False):
+                    return LoRAGroup._forward(ctx, x, bases, scalings, dtype, ab)
+            return LoRAGroup._forward(ctx, x, bases, scalings, dtype, ab)
+
+        @staticmethod
+        def _forward(ctx: Any, x: Any, bases: Any, scalings: Any, dtype: Any, ab: Any) -> Any:
+            xc = x.to(dtype)
+            x2 = xc.reshape(-1, xc.shape[-1])
+            a_all = torch.cat([a.to(dtype) for a in ab[0::2]])
+            bcs = [b.to(dtype) for b in ab[1::2]]
+            h = torch.mm(x2, a_all.t())
+            outs, off = [], 0
+            for base, bc, s in zip(bases, bcs, scalings, strict=True):
+                r = bc.shape[1]
+                y = _base_forward(base, xc, dtype)
+                y.view(-1, y.shape[-1]).addmm_(h[:, off : off + r], bc.t(), alpha=s)
+                outs.append(y)
+                off += r
+            ctx.save_for_backward(x2, h, a_all, *bcs)
+            ctx.bases, ctx.scalings = bases, scalings
+            ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+            ctx.ab_dtypes = [t.dtype for t in ab]
+            return tuple(outs)
+
+        @staticmethod
+        def backward(ctx: Any, *dys: Any) -> Any:
+            x2, h, a_all, *bcs = ctx.saved_tensors
+            unread = x2.new_empty(())  # addmm's beta 0: neither read nor broadcast
+            dys2 = [dy.reshape(-1, dy.shape[-1]).to(x2.dtype) for dy in dys]
+            dhs = [
+                torch.addmm(unread, dy2, bc, beta=0, alpha=s)
+                for dy2, bc, s in zip(dys2, bcs, ctx.scalings, strict=True)
+            ]
+            dh = torch.cat(dhs, 1)
+            needs = ctx.needs_input_grad[5:]
+            grads: list[Any] = []
+            da_all = torch.mm(dh.t(), x2) if any(needs[0::2]) else None
+            off = 0
+            for i, (dy2, s) in enumerate(zip(dys2, ctx.scalings, strict=True)):
+                r = bcs[i].shape[1]
+                da = db = None
+                if needs[2 * i] and da_all is not None:
+                    da = da_all[off : off + r].to(ctx.ab_dtypes[2 * i])
+                if needs[2 * i + 1]:
+                    db = torch.addmm(unread, dy2.t(), h[:, off : off + r], beta=0, alpha=s)
+                    db = db.to(ctx.ab_dtypes[2 * i + 1])
+                grads += [da, db]
+                off += r
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.mm(dys2[0], _base_weight(ctx.bases[0], x2.dtype))
+                for dy2, base in zip(dys2[1:], ctx.bases[1:], strict=True):
+                    dx.addmm_(dy2, _base_weight(base, x2.dtype))
+                dx.addmm_(dh, a_all)
+                dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+            return (dx, None, None, None, None, *grads)
+
+    return LoRAGroup
+
+
 _FN: Any = None
 
 
+_GROUP_FN: Any = None
+
+
 def _apply() -> Any:
-    global _FN, _LINEAR
+    global _FN, _GROUP_FN, _LINEAR
     if _FN is None:
         import torch
 
         _LINEAR = torch.nn.Linear
         _FN = _function()
+        _GROUP_FN = _group_function()
     return _FN.apply
 
 
@@ -166,6 +253,7 @@ class Installed:
     layers: int  # LoRA linears on the fused path
     kept: int  # LoRA layers left on PEFT's (banks, embeddings, dropout, variants)
     why_kept: str | None = None
+    grouped: int = 0  # of the fused layers, those run with their siblings (LoRAGroup)
 
 
 def _layer_ok(layer: Any) -> str | None:
@@ -194,11 +282,54 @@ def _layer_ok(layer: Any) -> str | None:
     return None
 
 
+class _Group:
+    """Fused sibling layers of one module that read the same input (SHARED_INPUT): the
+    first of them called runs all through LoRAGroup, and each other one, called next with
+    the same tensor, takes its output (``pending``) instead of computing it. Called with
+    another tensor, or where a sibling would take PEFT's path, each computes its own."""
+
+    def __init__(self, members: list[tuple[Any, str, Any]]) -> None:
+        self.members = members  # (PEFT layer, adapter name, base layer)
+        self.bases = tuple(base for _, _, base in members)
+        self.x: Any = None  # the input the pending outputs were computed from
+        self.pending: dict[int, Any] = {}
+
+    def take(self, index: int, x: Any) -> Any:
+        """The output computed for member ``index`` from this very ``x`` (None: none)."""
+        if self.x is not x:
+            return None
+        out = self.pending.pop(index, None)
+        if not self.pending:
+            self.x = None  # nothing of this input kept alive
+        return out
+
+    def run(self, index: int, x: Any, dtype: Any, cast: bool) -> Any:
+        """Every member's output from ``x``; member ``index``'s returned, the others kept
+        for their call. None where a member's adapter is off or would take PEFT's path."""
+        ab: list[Any] = []
+        scalings = []
+        for layer, name, _ in self.members:
+            if layer.disable_adapters or layer.merged_adapters:
+                return None
+            if name not in layer.active_adapters:
+                return None
+            a = layer.lora_A[name].weight
+            if not cast and a.dtype != x.dtype:
+                return None
+            ab += [a, layer.lora_B[name].weight]
+            scalings.append(layer.scaling[name])
+        outs = _GROUP_FN.apply(x, self.bases, tuple(scalings), dtype, cast, *ab)
+        self.x = x
+        self.pending = {i: y for i, y in enumerate(outs) if i != index}
+        return outs[index]
+
+
 def _fused_forward(
-    peft_forward: Callable[..., Any], name: str, base: Any, apply: Any
+    peft_forward: Callable[..., Any], name: str, base: Any, group: tuple[_Group, int] | None
 ) -> Callable[..., Any]:
     import torch
 
+    apply = _apply()
     autocast_on, autocast_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
 
     # Every call walks this Python (the host's share, hostops.FUSED_ADAPTER_HOST_US): the
@@ -208,6 +339,10 @@ def _fused_forward(
             return peft_forward(x, *args, **kwargs)
         if name not in self.active_adapters:
             return peft_forward(x)
+        if group is not None:
+            out = group[0].take(group[1], x)
+            if out is not None:
+                return out
         a = self.lora_A[name].weight
         kind = x.device.type
         cast = autocast_on(kind)
@@ -215,22 +350,48 @@ def _fused_forward(
         if not cast and a.dtype != x.dtype:
             return peft_forward(x)
         dtype = autocast_dtype(kind) if cast else x.dtype
+        if group is not None:
+            out = group[0].run(group[1], x, dtype, cast)
+            if out is not None:
+                return out
         return apply(x, a, self.lora_B[name].weight, base, self.scaling[name], dtype, cast)
 
     return forward
 
 
-def install(model: Any) -> Installed:
+def _groups(fused: list[tuple[str, Any]]) -> dict[int, tuple[_Group, int]]:
+    """The fused layers (qualified name, layer) that share an input with a fused sibling of
+    the same parent module (SHARED_INPUT), by id: their group and place in it."""
+    by_parent: dict[tuple[str, tuple[str, ...]], list[tuple[str, Any]]] = {}
+    for qualified, layer in fused:
+        parent, _, leaf = qualified.rpartition(".")
+        for siblings in SHARED_INPUT:
+            if leaf in siblings:
+                by_parent.setdefault((parent, siblings), []).append((leaf, layer))
+    out: dict[int, tuple[_Group, int]] = {}
+    for (_, siblings), found in by_parent.items():
+        if len(found) < 2:
+            continue
+        found.sort(key=lambda item: siblings.index(item[0]))
+        layers = [layer for _, layer in found]
+        group = _Group([(m, next(iter(m.lora_A.keys())), m.get_base_layer()) for m in layers])
+        for i, layer in enumerate(layers):
+            out[id(layer)] = (group, i)
+    return out
+
+
+def install(model: Any, group: bool = True) -> Installed:
     """Route every eligible PEFT LoRA linear of ``model`` through ``lora_linear`` (the
-    others keep PEFT's forward); idempotent."""
+    others keep PEFT's forward), siblings that read one input (SHARED_INPUT) through one
+    LoRAGroup where ``group``; idempotent."""
     from peft.tuners.lora import LoraLayer
 
     done = kept = 0
     why: str | None = None
-    layers: list[Any] = [
-        m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "lora_A")
-    ]
-    for module in layers:
+    fused: list[tuple[str, Any]] = []
+    for qualified, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+            continue
         if getattr(module, _PEFT_FORWARD, None) is not None:
             done += 1
             continue
@@ -239,13 +400,18 @@ def install(model: Any) -> Installed:
             kept += 1
             why = why or reason
             continue
+        fused.append((qualified, module))
+    groups = _groups(fused) if group else {}
+    for _, module in fused:
         peft_forward = module.forward
         setattr(module, _PEFT_FORWARD, peft_forward)
         name = next(iter(module.lora_A.keys()))
-        forward = _fused_forward(peft_forward, name, module.get_base_layer(), _apply())
+        forward = _fused_forward(
+            peft_forward, name, module.get_base_layer(), groups.get(id(module))
+        )
         module.forward = types.MethodType(forward, module)
         done += 1
-    return Installed(done, kept, why)
+    return Installed(done, kept, why, grouped=len(groups))
 
 
 def uninstall(model: Any) -> None:

@@ -720,10 +720,13 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     adapter_dtype = _restore_adapter_dtype(trainer.model, setup)
     if kernel_path.fused_lora:
         # after PEFT built its layers and the adapters have their dtype (fp32 / DeepSpeed's bf16)
-        fused = loralinear.install(trainer.model)
+        # siblings on one input run together, except inside compiled layers (the group's
+        # hand-over of outputs is Python state that dynamo would trace or break on)
+        fused = loralinear.install(trainer.model, group=not kernel_path.compile)
         if rank == 0:
             _say(
                 f"LoRA: {fused.layers} fused linears"
+                + (f" ({fused.grouped} with siblings on one input)" if fused.grouped else "")
                 + (f", {fused.kept} PEFT layers ({fused.why_kept})" if fused.kept else "")
             )
     if not trainer.is_deepspeed_enabled:
