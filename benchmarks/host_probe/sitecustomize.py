@@ -123,10 +123,17 @@ class _Probe:
     @staticmethod
     def summarise(prof: Any, wall: float, steps: int) -> dict[str, Any]:
         kernels = gpu_us = ops = outer = launches = 0
+        copies: dict[str, int] = defaultdict(int)  # the host's memcpy calls, by what made them
         for e in prof.events():
             kind = str(getattr(e, "device_type", ""))
             if "LaunchKernel" in e.name:  # the host's launch calls (eager and compiled alike)
                 launches += 1
+            if e.name == "cudaMemcpyAsync":
+                chain, parent = [], e.cpu_parent
+                while parent is not None and len(chain) < 5:
+                    chain.append(parent.name[:60])
+                    parent = parent.cpu_parent
+                copies[" < ".join(chain)] += 1
             if "CUDA" in kind:
                 kernels += 1
                 gpu_us += e.device_time_total if hasattr(e, "device_time_total") else 0
@@ -168,6 +175,9 @@ class _Probe:
             "top_level_aten_ops_per_step": outer / steps,
             "launch_calls_per_step": launches / steps,
             "top_self_cpu": top,
+            "memcpy_callers_per_step": {
+                k: n / steps for k, n in sorted(copies.items(), key=lambda kv: -kv[1])[:12]
+            },
         }
 
     def write(self) -> None:

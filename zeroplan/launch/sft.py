@@ -722,7 +722,9 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         # after PEFT built its layers and the adapters have their dtype (fp32 / DeepSpeed's bf16)
         # siblings on one input run together, except inside compiled layers (the group's
         # hand-over of outputs is Python state that dynamo would trace or break on)
-        fused = loralinear.install(trainer.model, group=not kernel_path.compile)
+        # ZEROPLAN_LORA_GROUP=0: each linear alone (for measuring what the groups do)
+        group = not kernel_path.compile and os.environ.get("ZEROPLAN_LORA_GROUP") != "0"
+        fused = loralinear.install(trainer.model, group=group)
         if rank == 0:
             _say(
                 f"LoRA: {fused.layers} fused linears"
