@@ -77,12 +77,16 @@ DEPTH_FIT = {"qwen3-128x8": (2, 4, 8)}
 # quoted launched band (speed.MOE_LAUNCHED_P90) comes from. "launched-nan": the 16-layer
 # Qwen3-30B-A3B cut's loss was NaN from step 2 (both target sets): NaN routing may send
 # every token to the same experts, which grouped_mm runs faster, so those runs are reported
-# apart. "launched-check": runs launched after the band was set (benchmarks/moe_band_gpu.sh),
-# its check on runs it was not derived from
+# apart. "launched-check": runs launched after the band was set, its check on runs it was
+# not derived from: benchmarks/moe_band_gpu.sh's deeper cuts, and benchmarks/moe_targets_gpu.sh's
+# target sets nothing had launched (Mixtral all-linear, QLoRA on attention, attention +
+# router, a host-bound step), on whichever card that call got
 LAUNCHED = {
     "launch_moe_h100.jsonl": "launched",
     "launch_moe3_h100.jsonl": "launched-nan",
     "launch_moe4_h100.jsonl": "launched-check",
+    "launch_moe5_h100.jsonl": "launched-check",
+    "launch_moe5_h200.jsonl": "launched-check",
 }
 # moe_nan.py's launches of the NaN fix (router_aux_loss_coef 0) that timed their steps:
 # the 16-layer cut, all-linear, finite losses (group "launched")
@@ -192,7 +196,8 @@ def launched_rows() -> list[dict[str, Any]]:
                 continue
             fill = row["applied"]["batching"]["fill"]
             gpu = _card(row)
-            out.append({**r, "spec": _launched_spec(row), "fill": fill, "group": group, "gpu": gpu})
+            spec = _launched_spec(row)
+            out.append({**r, "spec": spec, "fill": fill, "group": group, "gpu": gpu, "file": name})
     return out + nan_fix_rows()
 
 
@@ -417,6 +422,7 @@ def p90(errors: list[float]) -> float:
 def _label(r: dict[str, Any]) -> str:
     s: TrainSetup = r["setup"]
     targets = ",".join(s.lora_targets).replace("q_proj,k_proj,v_proj,o_proj", "qkvo")
+    targets = ("qlora " if s.method == "qlora" else "") + targets
     return (
         f"{r['model'].split('/')[-1]:18s} L={r['layers']:2d} {targets:10s} "
         f"{'ckpt' if s.grad_ckpt else '    '} {s.micro_batch}x{s.seq_len:<4d}"
@@ -579,7 +585,7 @@ def main() -> int:
             "of the launched runs', in place of launch_step_s:"
         )
         for r in checked:
-            err = launched_error(r, fitted)[0]
+            err, host_bound = launched_error(r, fitted)
             band = quoted_error_p90(r, speed.MOE_IN_USE)
             held = band is not None and abs(err) <= band
             quoted = f"±{band:.1%}" if band is not None else "no band"
@@ -590,9 +596,14 @@ def main() -> int:
             what_if = lean.tokens_per_s * lean.total_s / (lean.total_s + excess)
             print(
                 f"  {_label(r)} {r['gpu'][2:]} {err:+7.1%} {quoted}: "
-                f"{'held' if held else 'MISSED'}; "
+                f"{'held' if held else 'MISSED'}{' (host-bound)' if host_bound else ''}; "
                 f"what-if {what_if / r['tokens_per_s'] - 1:+7.1%}"
             )
+        every = [e for g, _, _, e, _, _ in rep["rows"] if g in ("launched", "launched-check")]
+        print(
+            f"  with the launched runs the band came from: 9 in 10 of {len(every)} within "
+            f"{p90(every):.1%} (speed.MOE_LAUNCHED_P90 = {speed.MOE_LAUNCHED_P90:.1%})"
+        )
     if args.check:
         pairs = (
             (fitted.host_layer_s, speed.MOE_CANDIDATE.host_layer_s),

@@ -9,9 +9,9 @@ the tokens/s on full-length sequences (what the launch's plan.json quotes) and o
 call's own records as the launch packs them (what the band is checked against, as
 fit_moe_speed.py does with the launch's fill), the band and whether the step is
 host-bound. The launch packs each micro-batch as one varlen row of micro-batch × seq-len
-tokens, so the fill is ``estimate --data``'s at micro-batch 1 and that row length
-(``estimate --data`` at micro-batch 4 packs rows of seq-len: 0.78 full where the launch's
-rows are 0.97 full). Each is checked against plan.json as launch_gpu_check.py writes it
+tokens; the fill is read off ``estimate --data`` at micro-batch 1 and that row length (its
+tokens/s at the run's own setup uses the same fill, but its JSON's ``data.fill`` is that of
+rows of seq-len: 0.78 where the launch's rows are 0.97 full). Each is checked against plan.json as launch_gpu_check.py writes it
 (gpu_fixtures.write_plan), so the CLI and the launch's plan agree. No GPU, no weights.
 """
 
