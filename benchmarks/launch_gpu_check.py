@@ -17,6 +17,13 @@ synthetic alpaca records long enough to fill most of the sequence, and runs, in 
     moe-all   lora all-linear with dropout 0, micro-batch 4, seq 768 (likewise)
     moe-all-ckpt  the same with gradient checkpointing (a deep cut whose bank copies do
               not fit without it)
+    moe-qlora-attn  qlora (NF4 attention; the expert banks and router stay bf16) on q/k/v/o,
+              micro-batch 4, seq 768
+    moe-attn-router  lora on q/k/v/o and the router ``gate``, dropout 0, micro-batch 4,
+              seq 768
+    moe-host  lora on q/k/v/o, micro-batch 1, seq 1024: a step the speed model calls
+              host-bound on an 8-layer Qwen3-30B-A3B cut (H100 and H200), its records
+              packed about 99% full
 
 ``--tiny`` rehearses the MoE runs on the CPU: a tiny Qwen3-MoE at seq 128, planned for one
 H100 and launched with ``--force``. ``--deadline`` skips the runs that would start with less
@@ -73,6 +80,14 @@ RUNS = {
     "moe-all-ckpt": TrainSetup(
         method="lora", micro_batch=4, seq_len=768, lora_dropout=0.0, grad_ckpt=True
     ),
+    # the target sets the plan offers that nothing had launched (benchmarks/moe_targets_gpu.sh):
+    # QLoRA on attention, attention + router (dropout 0: PEFT's ParamWrapper takes none), and
+    # a host-bound step (one sequence per micro-batch: the host's per-layer cost sets the pace)
+    "moe-qlora-attn": TrainSetup(method="qlora", micro_batch=4, seq_len=768, lora_targets=QKVO),
+    "moe-attn-router": TrainSetup(
+        method="lora", micro_batch=4, seq_len=768, lora_targets=(*QKVO, "gate"), lora_dropout=0.0
+    ),
+    "moe-host": TrainSetup(method="lora", micro_batch=1, seq_len=1024, lora_targets=QKVO),
 }
 # the story's job, left for the planner to set up: `zeroplan plan` arguments
 PLANNED = [
@@ -98,10 +113,17 @@ def planner_plan(run: Path, model: Path) -> Path:
 
 
 def launch(
-    name: str, plan: Path, model: Path, data: Path, run: Path, args: Any, timeout: float = 0.0
+    name: str,
+    plan: Path,
+    model: Path,
+    data: Path,
+    run: Path,
+    args: Any,
+    timeout: float = 0.0,
+    steps: int = 0,
 ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "zeroplan", "launch", str(plan), "--data", str(data)]
-    cmd += ["-o", str(run), "--max-steps", str(args.steps), "--model", str(model)]
+    cmd += ["-o", str(run), "--max-steps", str(steps or args.steps), "--model", str(model)]
     cmd += ["--logging-steps", "1", *(["--force"] if getattr(args, "tiny", False) else [])]
     start = time.time()
     try:
@@ -171,7 +193,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--arch", default="meta-llama--Llama-3.2-1B", help="catalog file name")
-    p.add_argument("--runs", default="story,lora", help="baseline,story,planned,lora")
+    p.add_argument(
+        "--runs",
+        default="story,lora",
+        help="baseline,story,planned,lora; NAME:STEPS for more steps",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--records", type=int, default=400)
     p.add_argument("--timeout", type=int, default=400, help="seconds per run")
@@ -194,7 +220,8 @@ def main() -> None:
     texts = records(40, 10, 30) if args.tiny else records(args.records)
     data = tinyllm.write_jsonl(args.work / "data.jsonl", texts)
     env = {"arch": args.arch, "layers": args.layers, "versions": versions(), **gpu_info()}
-    for name in args.runs.split(","):
+    for item in args.runs.split(","):
+        name, _, steps = item.partition(":")  # NAME:STEPS overrides --steps for that run
         if name == "baseline":
             script = ROOT / "benchmarks" / "story_qlora_baseline.py"
             cmd = [sys.executable, str(script), "--model", str(model), "--data", str(data)]
@@ -216,7 +243,7 @@ def main() -> None:
             plan = run.parent / f"{run.name}-plan.json"
             write_plan(plan, model, RUNS[name], None)
         timeout = min(args.timeout, left)
-        row = launch(name, plan, model, data, run, args, timeout) | env
+        row = launch(name, plan, model, data, run, args, timeout, int(steps or 0)) | env
         keys = ("run", "returncode", "measured_peak_allocated_bytes", "predicted", "error")
         print(json.dumps({k: row[k] for k in (*keys, "tokens_per_s")}), flush=True)
         if row["returncode"] != 0:

@@ -305,13 +305,14 @@ def test_moe_speed_ships_with_the_bands_its_held_out_rows_give() -> None:
 def test_the_moe_bands_check_fails_when_a_quoted_band_drifts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The rows' bands: 29 GPU-bound and 41 host-bound held-out steps and the 5 launched runs
-    with finite losses (the 16-layer run of the NaN fix among them); quoting the dense
-    launched band for MoE (18.9%), or a held-out band a point narrower, is caught."""
+    """The rows' bands: 29 GPU-bound and 41 host-bound held-out steps and the 9 launched runs
+    the MoE launch cost was not fitted on (launched-check: moe_band_gpu.sh's and
+    moe_targets_gpu.sh's); quoting the dense launched band for MoE (18.9%), or a held-out
+    band a point narrower, is caught."""
     import fit_moe_speed
 
     bands = fit_moe_speed.moe_bands(fit_moe_speed.report(speed.MOE_CANDIDATE)["rows"])
-    assert [n for _, n in bands.values()] == [29, 41, 5]
+    assert [n for _, n in bands.values()] == [29, 41, 9]
     assert fit_moe_speed.drifted(bands) == []
     monkeypatch.setattr(speed, "MOE_LAUNCHED_P90", speed.LAUNCHED_P90_GPU_BOUND)
     assert fit_moe_speed.drifted(bands) == ["MOE_LAUNCHED_P90"]
@@ -490,7 +491,9 @@ def test_launches_after_the_band_was_set_came_within_it() -> None:
     5% of its plan, and came within the band its plan quotes (all of them too slow)."""
     import fit_moe_speed
 
-    checked = [r for r in fit_moe_speed.launched_rows() if r["group"] == "launched-check"]
+    rows = fit_moe_speed.launched_rows()
+    checked = [r for r in rows if r.get("file") == "launch_moe4_h100.jsonl"]
+    assert all(r["group"] == "launched-check" for r in checked)
     assert sorted((r["layers"], r["model"]) for r in checked) == [
         (4, MIXTRAL.name),
         (24, QWEN.name),
@@ -504,3 +507,58 @@ def test_launches_after_the_band_was_set_came_within_it() -> None:
         band = fit_moe_speed.quoted_error_p90(r, speed.MOE_IN_USE)
         assert band == speed.MOE_LAUNCHED_P90 and not host_bound
         assert -band <= err < 0, f"{err:+.1%}"
+
+
+def test_every_target_set_the_plan_offers_was_launched_within_its_plan() -> None:
+    """benchmarks/moe_targets_gpu.sh's launches (launch_moe5_h100.jsonl, one H100): Mixtral-8x7B
+    all-linear, QLoRA on attention and attention + router on both cuts, and a host-bound
+    step. Each trained (finite losses, falling), peaked within 5% of its plan and, with the
+    MoE launches' own per-step cost, came within its quoted band, too slow; under the dense
+    trainer's 30 ms (what their plans quoted before the call) two were outside 30.4%."""
+    import fit_moe_speed
+
+    runs = [r for r in fit_moe_speed.launched_rows() if r.get("file") == "launch_moe5_h100.jsonl"]
+    sets = {(r["model"], r["setup"].method, moe.target_set(r["spec"], r["setup"])) for r in runs}
+    assert sets == {
+        (MIXTRAL.name, "lora", moe.ALL),
+        (QWEN.name, "qlora", moe.ATTENTION),
+        (QWEN.name, "lora", moe.ROUTER),
+        (QWEN.name, "lora", moe.ATTENTION),
+        (MIXTRAL.name, "qlora", moe.ATTENTION),
+        (MIXTRAL.name, "lora", moe.ROUTER),
+    }
+    dense_cost = dataclasses.replace(speed.MOE_IN_USE, launch_step_s=None)
+    before = []
+    for r in runs:
+        assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) >= 13
+        assert r["losses"][-1] < r["losses"][0] - 1.0
+        assert abs(r["error"]) < 0.05, f"peak {r['error']:+.1%}"
+        err, _ = fit_moe_speed.launched_error(r, speed.MOE_IN_USE)
+        band = fit_moe_speed.quoted_error_p90(r, speed.MOE_IN_USE)
+        assert band is not None and -band <= err < 0, f"{err:+.1%}"
+        before.append(fit_moe_speed.launched_error(r, dense_cost)[0])
+    assert sum(e < -0.304 for e in before) == 2
+    host = [r for r in runs if fit_moe_speed.launched_error(r, speed.MOE_IN_USE)[1]]
+    assert {(r["setup"].method, r["setup"].micro_batch) for r in host} == {
+        ("qlora", 4),
+        ("lora", 1),
+    }
+
+
+def test_a_launched_moe_step_adds_the_moe_launches_cost_not_the_dense_one() -> None:
+    """An MoE launch's step beyond its lean step is MOE_IN_USE.launch_step_s (12.6 ms, the
+    median of the launched MoE runs'); a dense model's stays FITTED.launch_step_s (30 ms)."""
+    h100 = parse_cluster("1xH100")
+    setup = TrainSetup(
+        method="lora", micro_batch=4, seq_len=768, lora_targets=moe.ATTENTION_TARGETS
+    )
+    launched, lean = (
+        speed.step_time(QWEN, setup, h100),
+        speed.step_time(QWEN, setup, h100, launched=False),
+    )
+    assert launched.launch_s == pytest.approx(0.0126) == speed.MOE_IN_USE.launch_step_s
+    assert launched.total_s - lean.total_s == pytest.approx(0.0126)
+    dense = load_model("Qwen/Qwen3-8B")
+    assert speed.step_time(dense, setup, h100).launch_s == speed.FITTED.launch_step_s
+    unset = dataclasses.replace(speed.MOE_IN_USE, launch_step_s=None)
+    assert speed.step_time(QWEN, setup, h100, m=unset).launch_s == speed.FITTED.launch_step_s
