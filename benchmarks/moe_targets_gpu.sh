@@ -64,7 +64,16 @@ cut() {
   rm -rf "${WORK:?}/$tag"
 }
 # 1 first; the Qwen3 cut keeps nothing back; Mixtral's QLoRA and router runs take what is left
-cut m4 mistralai--Mixtral-8x7B-v0.1 4 moe-all 240
-cut q8 Qwen--Qwen3-30B-A3B 8 "moe-qlora-attn,moe-attn-router,moe-host:$HOST_STEPS" 0
-cut m4b mistralai--Mixtral-8x7B-v0.1 4 moe-qlora-attn,moe-attn-router 0
+# CUTS="tag catalog layers runs reserve;...": other launches (a later call's blind check)
+if [ -n "${CUTS:-}" ]; then
+  IFS=';' read -ra cuts <<< "$CUTS"
+  for c in "${cuts[@]}"; do
+    # shellcheck disable=SC2086
+    cut $c
+  done
+else
+  cut m4 mistralai--Mixtral-8x7B-v0.1 4 moe-all 240
+  cut q8 Qwen--Qwen3-30B-A3B 8 "moe-qlora-attn,moe-attn-router,moe-host:$HOST_STEPS" 0
+  cut m4b mistralai--Mixtral-8x7B-v0.1 4 moe-qlora-attn,moe-attn-router 0
+fi
 echo "moe_targets_gpu.sh: $(($(date +%s) - began)) s" | tee -a "$LOG"

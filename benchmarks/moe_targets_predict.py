@@ -96,12 +96,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     out_default = ROOT / "benchmarks/results/launch_moe5_predicted.json"
     p.add_argument("--out", type=Path, default=out_default)
+    p.add_argument(
+        "--launches",
+        default="",
+        help="catalog:layers:run,... (default: moe_targets_gpu.sh's first call, CALL)",
+    )
     args = p.parse_args()
+    call = CALL
+    if args.launches:
+        parts = [item.split(":") for item in args.launches.split(",")]
+        call = [(catalog, int(layers), run) for catalog, layers, run in parts]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = tinyllm.write_jsonl(work / "data.jsonl", records(400))
-        for catalog, layers, run in CALL:
+        for catalog, layers, run in call:
             model, setup = cut_dir(work, catalog, layers), RUNS[run]
             row: dict[str, Any] = {"run": run, "arch": catalog, "layers": layers}
             row["setup"] = " ".join(cli_args(setup))
