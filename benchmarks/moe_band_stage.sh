@@ -1,14 +1,5 @@
 #!/bin/bash
 # Stage benchmarks/moe_band_gpu.sh's call in /work/main/.stage-moeband (ignored by git; DEST
-# names another): this tree (repo/, without results), run_gpu.sh, and the launches' packages
-# (site-zp.tar.gz, from .stage-unsloth: benchmarks/unsloth_stage.sh builds it).
-set -e
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-MAIN=${MAIN:-/work/main}
-DEST=${DEST:-$MAIN/.stage-moeband}
-rm -rf "$DEST/repo" && mkdir -p "$DEST/repo"
-git -C "$HERE" ls-files -co --exclude-standard | grep -v '^benchmarks/results/' \
-  | tar -c -C "$HERE" -T - | tar -x -C "$DEST/repo"
-cp "$HERE/benchmarks/moe_band_gpu.sh" "$DEST/run_gpu.sh"
-cp "$MAIN/.stage-unsloth/site-zp.tar.gz" "$DEST/"
-du -sh "$DEST"
+# names another), as benchmarks/moe_targets_stage.sh stages its own.
+HERE=$(cd "$(dirname "$0")" && pwd)
+SCRIPT=moe_band_gpu.sh DEST=${DEST:-${MAIN:-/work/main}/.stage-moeband} exec bash "$HERE/moe_targets_stage.sh"

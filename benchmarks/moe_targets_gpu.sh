@@ -14,14 +14,17 @@
 #
 #   run(command="bash .stage-moe5/run_gpu.sh", carry=[".stage-moe5"], timeout_s=450)
 #
-# Writes to $OUT: moe_targets_env.txt, launch_moe5.jsonl (one row per run: peak against the
+# Writes to $OUT: moe_targets_env.txt, $TAG.jsonl (launch_moe5.jsonl: one row per run: peak against the
 # plan, tokens/s against the plan's and its band, losses, GPU, driver and versions),
-# launch_moe5.log, and metrics_<cut>.tar.gz (each run's metrics.jsonl, plan and applied.json).
+# $TAG.log, and metrics_<cut>.tar.gz (each run's metrics.jsonl, plan and applied.json).
 # Every part runs under a timeout; each cut's weights are deleted before the next is built.
-# STEPS, DEADLINE (seconds for everything after unpacking) and EXTRA (more
-# launch_gpu_check.py options, e.g. --tiny for the CPU's rehearsal with SITE=none) may be set.
-S=$(cd "$(dirname "$0")" && pwd)
+# STEPS, DEADLINE (seconds for everything after unpacking), EXTRA (more
+# launch_gpu_check.py options, e.g. --tiny for the CPU's rehearsal with SITE=none), CUTS
+# (other launches, below), TAG (the output files' name) and STAGE (the staged folder) may be
+# set; benchmarks/moe_band_gpu.sh is this script with its own CUTS.
+S=${STAGE:-$(cd "$(dirname "$0")" && pwd)}
 [ -d "$S/repo" ] || S=$(cd "$S/../.." && pwd)/.stage-moe5
+TAG=${TAG:-launch_moe5}
 STEPS=${STEPS:-16}
 HOST_STEPS=${HOST_STEPS:-40}
 DEADLINE=${DEADLINE:-390}
@@ -47,7 +50,7 @@ PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH PYTHONUNBUFFERED=1
 echo "PYTHONPATH=$PYTHONPATH"
 set -o pipefail
-LOG="$OUT/launch_moe5.log"
+LOG="$OUT/$TAG.log"
 # cut TAG ARCH LAYERS RUNS RESERVE: build the cut, launch RUNS with RESERVE seconds of the
 # deadline kept for what follows, keep each run's metrics, delete the cut
 cut() {
@@ -56,7 +59,7 @@ cut() {
   if [ "$L" -lt 45 ]; then echo "$tag: skipped, $L s of the deadline left" | tee -a "$LOG"; return; fi
   echo "== $tag: $arch, $layers layers, $runs ($L s)" | tee -a "$LOG"
   timeout -k 5 $((L + 10)) python3 benchmarks/launch_gpu_check.py --work "$WORK/$tag" \
-    --out "$OUT/launch_moe5.jsonl" --arch "$arch" --layers "$layers" --runs "$runs" \
+    --out "$OUT/$TAG.jsonl" --arch "$arch" --layers "$layers" --runs "$runs" \
     --steps "$STEPS" --timeout 90 --deadline "$L" $EXTRA 2>&1 \
     | grep -v -e Warning -e "it/s]" | tee -a "$LOG"
   (cd "$WORK/$tag" 2>/dev/null && timeout 30 tar czf "$OUT/metrics_$tag.tar.gz" \
