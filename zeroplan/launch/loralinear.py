@@ -234,18 +234,6 @@ def _apply() -> Any:
     return _FN.apply
 
 
-def lora_linear(x: Any, a: Any, b: Any, base: Any, scaling: float) -> Any:
-    """``base(x) + scaling · (x·aᵀ)·bᵀ`` through the fused function (``a``: lora_A's weight,
-    r × in; ``b``: lora_B's, out × r). Gradients flow to x, a and b, not to the base. The
-    matmuls run in autocast's dtype where it is on, else in x's."""
-    import torch
-
-    kind = x.device.type
-    cast = torch.is_autocast_enabled(kind)
-    dtype = torch.get_autocast_dtype(kind) if cast else x.dtype
-    return _apply()(x, a, b, base, scaling, dtype, cast)
-
-
 @dataclass(frozen=True)
 class Installed:
     """What ``install`` did (the rank says it in its log)."""
@@ -381,7 +369,7 @@ def _groups(fused: list[tuple[str, Any]]) -> dict[int, tuple[_Group, int]]:
 
 
 def install(model: Any, group: bool = True) -> Installed:
-    """Route every eligible PEFT LoRA linear of ``model`` through ``lora_linear`` (the
+    """Route every eligible PEFT LoRA linear of ``model`` through the fused function (the
     others keep PEFT's forward), siblings that read one input (SHARED_INPUT) through one
     LoRAGroup where ``group``; idempotent."""
     from peft.tuners.lora import LoraLayer
