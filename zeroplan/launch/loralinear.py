@@ -218,8 +218,6 @@ def _group_function() -> Any:
 
 
 _FN: Any = None
-
-
 _GROUP_FN: Any = None
 
 
@@ -270,6 +268,19 @@ def _layer_ok(layer: Any) -> str | None:
     return None
 
 
+def _adapter(layer: Any, name: str, x: Any, cast: bool) -> tuple[Any, Any, float] | None:
+    """``layer``'s lora_A and lora_B weights and scaling where the fused path computes what
+    PEFT's forward would for ``x`` (``cast``: autocast is on); None where PEFT's must run: the
+    adapter disabled, merged or not active, or fp32 adapters without autocast (PEFT computes
+    them in fp32; keep its numbers)."""
+    if layer.disable_adapters or layer.merged_adapters or name not in layer.active_adapters:
+        return None
+    a = layer.lora_A[name].weight
+    if not cast and a.dtype != x.dtype:
+        return None
+    return a, layer.lora_B[name].weight, layer.scaling[name]
+
+
 class _Group:
     """Fused sibling layers of one module that read the same input (SHARED_INPUT): the
     first of them called runs all through LoRAGroup, and each other one, called next with
@@ -297,15 +308,11 @@ class _Group:
         ab: list[Any] = []
         scalings = []
         for layer, name, _ in self.members:
-            if layer.disable_adapters or layer.merged_adapters:
+            adapter = _adapter(layer, name, x, cast)
+            if adapter is None:
                 return None
-            if name not in layer.active_adapters:
-                return None
-            a = layer.lora_A[name].weight
-            if not cast and a.dtype != x.dtype:
-                return None
-            ab += [a, layer.lora_B[name].weight]
-            scalings.append(layer.scaling[name])
+            ab += adapter[:2]
+            scalings.append(adapter[2])
         outs = _GROUP_FN.apply(x, self.bases, tuple(scalings), dtype, cast, *ab)
         self.x = x
         self.pending = {i: y for i, y in enumerate(outs) if i != index}
@@ -323,26 +330,24 @@ def _fused_forward(
     # Every call walks this Python (the host's share, hostops.FUSED_ADAPTER_HOST_US): the
     # base layer is looked up once, the checks read PEFT's attributes directly
     def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs or self.disable_adapters or self.merged_adapters:
+        if args or kwargs:
             return peft_forward(x, *args, **kwargs)
-        if name not in self.active_adapters:
+        kind = x.device.type
+        cast = autocast_on(kind)
+        adapter = _adapter(self, name, x, cast)
+        if adapter is None:
             return peft_forward(x)
         if group is not None:
             out = group[0].take(group[1], x)
             if out is not None:
                 return out
-        a = self.lora_A[name].weight
-        kind = x.device.type
-        cast = autocast_on(kind)
-        # fp32 adapters without autocast: PEFT computes the adapter in fp32; keep its numbers
-        if not cast and a.dtype != x.dtype:
-            return peft_forward(x)
         dtype = autocast_dtype(kind) if cast else x.dtype
         if group is not None:
             out = group[0].run(group[1], x, dtype, cast)
             if out is not None:
                 return out
-        return apply(x, a, self.lora_B[name].weight, base, self.scaling[name], dtype, cast)
+        a, b, scaling = adapter
+        return apply(x, a, b, base, scaling, dtype, cast)
 
     return forward
 
