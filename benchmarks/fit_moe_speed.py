@@ -490,8 +490,9 @@ def moe_bands(
     rows: list[tuple[str, str, str, float, float, bool]],
 ) -> dict[str, tuple[float, int]]:
     """The MoE step's own bands from report()'s rows, (9 in 10 |error|, rows): the lean
-    rows no fit saw (HELD_OUT), GPU-bound and host-bound apart, and the launched runs with
-    finite losses ("launched"; all of them GPU-bound, so one band for both)."""
+    rows no fit saw (HELD_OUT), GPU-bound and host-bound apart, and the launched runs the
+    MoE launch cost was not fitted on ("launched-check"; one band for both kinds of step:
+    two of them are host-bound, too few for a band of their own)."""
     held = [(e, h) for g, _, _, e, _, h in rows if g in HELD_OUT]
     # the launched runs the MoE launch cost was not fitted on
     launched = [e for g, _, _, e, _, _ in rows if g == "launched-check"]
