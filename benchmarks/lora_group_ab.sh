@@ -4,7 +4,7 @@
 # 8b-mb1) grouped, alone (ZEROPLAN_LORA_GROUP=0) and as the issue measured it (8b-mb1-today,
 # the before/ tree at 76691e3), each with the host probe (memcpy callers included); then the
 # GPU-bound default QLoRA plan grouped and alone (kernels_speed.py's qlora-auto) while time
-# is left. Staged by benchmarks/host_stage.sh as .stage-host/ (keep before/ at 76691e3):
+# is left, and that run once more under the probe (where its GPU time goes). Staged by benchmarks/host_stage.sh as .stage-host/ (keep before/ at 76691e3):
 #
 #   run(command="bash .stage-host/repo/benchmarks/lora_group_ab.sh",
 #       carry=[".stage-host", ".stage-unsloth"])
@@ -35,5 +35,17 @@ for g in 1 0; do
     echo "kg$g rc=$? at $(( $(date +%s) - T0 )) s" )
   grep '"run"' "$OUT/kg$g.log" | cut -c1-200
 done
+# where the GPU-bound step's time goes: the grouped qlora-auto run again, 10 steps, under
+# the host probe (kernels by kind, the top kernels, the memcpy callers); not timed
+L=$(left)
+if [ "$L" -gt 70 ]; then
+  ( cd "$REPO/../.." && export ZEROPLAN_LORA_GROUP=1 RUNS=qlora-auto NAME=kgp LINEAR=0 \
+      DEADLINE=$((L - 15)) EXTRA="--steps 10 --run-estimate 55" \
+      PYTHONPATH=$REPO/benchmarks/host_probe ZEROPLAN_HOST_PROBE=$OUT/probe-kgp.json \
+      ZEROPLAN_HOST_PROBE_STEPS=6
+    timeout $((L - 5)) bash benchmarks/fused_lora_gpu.sh > "$OUT/kgp.out" 2>&1
+    echo "kgp rc=$? at $(( $(date +%s) - T0 )) s" )
+else echo "kgp: skipped, $L s left"; fi
+python3 "$REPO/benchmarks/probe_summary.py" "$OUT"/*.jsonl "$OUT"/probe-*.json
 cd "$OUT" && tar czf all_ab.tgz ./* && find . -type f ! -name all_ab.tgz -delete
 ls -la "$OUT"

@@ -55,3 +55,31 @@ def test_each_probe_patches_the_trainer_on_import(probe: str, env: str, tmp_path
     )
     on = {"PYTHONPATH": f"{BENCH / probe}{os.pathsep}{ROOT}", env: str(tmp_path / "p.json")}
     assert _python(code, on) == "True False"
+
+
+def test_the_host_probe_sorts_kernels_by_what_they_do() -> None:
+    """ATen's kernel names end in _kernel like Triton's, and flash attention's name CUTLASS
+    types: each goes to its own kind (an earlier table put every ATen elementwise kernel
+    under Triton and flash's backward under matmul)."""
+    names = {
+        "nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_NNT": "matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<cutlass::bfloat16_t>": (
+            "attention"
+        ),
+        "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*)": "dequant",
+        "Memcpy DtoH (Device -> Pageable)": "copy",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::"
+        "BFloat16>>": "elementwise",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>": "copy",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "reduce",
+        "_rms_norm_backward_kernel": "triton",
+        "triton_poi_fused_add_mul_0": "triton",
+        "Optimizer.step#AdamW.step": "other",
+    }
+    code = (
+        "import importlib.util as u\n"  # by path: the interpreter may have its own sitecustomize
+        f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
+        "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
+        f"print([s._kind(n) for n in {list(names)!r}])"
+    )
+    assert _python(code, {}) == repr(list(names.values()))

@@ -200,16 +200,19 @@ class _Probe:
 
 
 # what a GPU kernel's name says it does (torch.profiler's names: cuBLAS / CUTLASS matmuls,
-# flash attention, Triton (Liger's and inductor's), bitsandbytes' dequantization, ATen's
-# elementwise and reduction kernels, copies)
+# flash attention, bitsandbytes' dequantization, ATen's own kernels (at::native::, sorted
+# into copies, reductions and elementwise), copies the runtime makes, and Triton kernels
+# (Liger's and inductor's, named *_kernel or triton_*). ATen's are told apart first: their
+# names also end in _kernel.
 KINDS = (
+    ("attention", ("flash", "fmha", "attention")),  # first: flash kernels name cutlass types
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
-    ("attention", ("flash", "fmha", "attention")),
     ("dequant", ("dequant", "kdequantize")),
-    ("triton", ("triton", "liger", "_kernel")),
-    ("copy", ("memcpy", "memset", "copy_", "direct_copy", "cat", "catarray")),
+    ("copy", ("memcpy", "memset")),
+)
+ATEN_KINDS = (
+    ("copy", ("copy_", "direct_copy", "catarray", "cat_", "bfloat16_copy")),
     ("reduce", ("reduce", "norm", "sum")),
-    ("elementwise", ("elementwise", "vectorized", "unrolled")),
 )
 
 
@@ -218,6 +221,13 @@ def _kind(name: str) -> str:
     for kind, marks in KINDS:
         if any(m in low for m in marks):
             return kind
+    if "at::native" in low:
+        for kind, marks in ATEN_KINDS:
+            if any(m in low for m in marks):
+                return kind
+        return "elementwise"
+    if "triton" in low or "liger" in low or low.endswith("_kernel"):
+        return "triton"
     return "other"
 
 
