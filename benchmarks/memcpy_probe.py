@@ -1,0 +1,157 @@
+"""Where the launched QLoRA step's blocking device-to-host copies come from (issue 26).
+
+The host probe counted 896 "Memcpy DtoH (Device -> Pageable)" a step in the 8B QLoRA launch
+(224 4-bit linears, 448 trainable LoRA tensors), with the fused LoRA linears and with
+PEFT's alike, yet torch's sync debug mode saw none of them. Each part of that step runs
+here alone on the GPU, under torch.profiler and under sync debug mode, and prints how many
+such copies (and synchronising calls) each makes per call:
+
+    dequant      bitsandbytes' dequantize_4bit of an NF4 weight with nested statistics
+    peft-4bit    PEFT's LoRA over bitsandbytes' Linear4bit: forward and backward
+    fused-4bit   zeroplan's fused LoRA linear over the same layer: forward and backward
+    clip         torch's clip_grad_norm_ over 448 LoRA-shaped gradients
+    adamw-fused  torch's fused AdamW step over them (the launch's optimizer)
+
+    python benchmarks/memcpy_probe.py --out memcpy.jsonl      (a CUDA GPU, bitsandbytes, peft)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HIDDEN = 4096
+RANK = 16
+TRAINABLE = 448  # the 8B launch's LoRA tensors (32 layers × 7 linears × A and B)
+
+
+def count(fn: Callable[[], Any], calls: int = 4) -> dict[str, Any]:
+    """Per call of fn (after one unprofiled warm-up): device-to-host copies and all copies
+    the profiler saw, cudaStreamSynchronize calls, and the warnings of sync debug mode."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    dtoh = memcpy = syncs = 0
+    callers: dict[str, int] = {}
+    for e in prof.events():
+        if "Memcpy DtoH" in e.name:
+            dtoh += 1
+        if e.name == "cudaMemcpyAsync":
+            memcpy += 1
+            chain, parent = [], e.cpu_parent
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name[:50])
+                parent = parent.cpu_parent
+            key = " < ".join(chain)
+            callers[key] = callers.get(key, 0) + 1
+        if e.name == "cudaStreamSynchronize":
+            syncs += 1
+    seen: list[str] = []
+    torch.cuda.set_sync_debug_mode(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
+    seen = sorted({str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)})
+    return {
+        "dtoh_per_call": dtoh / calls,
+        "memcpy_calls_per_call": memcpy / calls,
+        "stream_syncs_per_call": syncs / calls,
+        "memcpy_callers": {k: v / calls for k, v in callers.items()},
+        "sync_debug_warnings": seen,
+    }
+
+
+def linear4bit() -> Any:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(
+        HIDDEN, HIDDEN, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+        compress_statistics=True,
+    )  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(HIDDEN, HIDDEN) * 0.02, requires_grad=False, quant_type="nf4",
+        compress_statistics=True,
+    )  # fmt: skip
+    return layer.cuda()
+
+
+def parts() -> dict[str, Callable[[], Any]]:
+    import bitsandbytes.functional as bnbf
+    from peft import LoraConfig, get_peft_model
+
+    out: dict[str, Callable[[], Any]] = {}
+    base = linear4bit()
+    state = base.weight.quant_state
+    out["dequant"] = lambda: bnbf.dequantize_4bit(base.weight.data, state)
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = linear4bit()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    x = torch.randn(1664, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cfg = LoraConfig(r=RANK, lora_alpha=32, lora_dropout=0.0, target_modules=["proj"])
+    peft_model = get_peft_model(One(), cfg).to(torch.bfloat16)
+    out["peft-4bit"] = lambda: peft_model(x).sum().backward()
+    try:
+        from zeroplan.launch import loralinear
+
+        fused_model = get_peft_model(One(), cfg).to(torch.bfloat16)
+        loralinear.install(fused_model)
+        out["fused-4bit"] = lambda: fused_model(x).sum().backward()
+    except Exception as exc:  # report it and go on: the other parts still tell
+        print(f"fused-4bit: not run ({type(exc).__name__}: {exc})")
+    params = [
+        torch.nn.Parameter(torch.randn(RANK, HIDDEN, device="cuda") * 0.01)
+        for _ in range(TRAINABLE)
+    ]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out["clip"] = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    out["adamw-fused"] = opt.step
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    rows = []
+    for name, fn in parts().items():
+        try:
+            row = {"part": name, **count(fn)}
+        except Exception as exc:  # one part failing leaves the others
+            row = {"part": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows.append(row)
+        print(json.dumps(row)[:600], flush=True)
+    versions = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    try:
+        import bitsandbytes
+
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    with args.out.open("w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, **versions}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
