@@ -747,3 +747,29 @@ def test_the_4bit_alternative_is_the_setup_method_auto_would_take() -> None:
     assert lora.quantized_alternative is not None and auto.best is not None
     assert auto.best.setup.method == "qlora"
     assert lora.quantized_alternative.setup == auto.best.setup
+
+
+def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound_step() -> None:
+    """The fused LoRA linears keep PEFT's tensors and take passes off the GPU, but their
+    Python costs the host more over bf16 / autocast adapters (hostops.FUSED_ADAPTER_HOST_US):
+    each setup is weighed both ways and the faster kept, one row per setup."""
+    one = parse_cluster("1xH100")
+    small = load_model("meta-llama/Llama-3.2-1B")
+    host_paced = plan(
+        PlanRequest(spec=small, cluster=one, seq_len=512, global_batch=1, allow_quantization=False)
+    )
+    best = host_paced.best
+    assert best is not None and best.step.host_bound and not best.setup.fused_lora
+    fused = evaluate(host_paced.request, dataclasses.replace(best.setup, fused_lora=True))
+    assert fused.step.tokens_per_s < best.step.tokens_per_s
+    assert fused.estimate.required_bytes == best.estimate.required_bytes
+    assert any("run PEFT's own layers" in a for a in host_paced.assumptions)
+    # no two ranked rows differ only in the layers
+    keys = [dataclasses.replace(c.setup, fused_lora=False) for c in host_paced.ranked]
+    assert len(keys) == len(set(keys))
+    # a GPU-bound step takes them, and a 4-bit base, whose fused path asks less of the host
+    gpu_paced = plan(PlanRequest(spec=L8, cluster=one, seq_len=2048, global_batch=16))
+    assert gpu_paced.best is not None and not gpu_paced.best.step.host_bound
+    assert gpu_paced.best.setup.fused_lora
+    qlora = plan(PlanRequest(spec=L8, cluster=one, method="qlora", seq_len=512, global_batch=1))
+    assert qlora.best is not None and qlora.best.step.host_bound and qlora.best.setup.fused_lora

@@ -33,6 +33,7 @@ from typing import Any
 from zeroplan import liger, moe
 from zeroplan.errors import BadSetupError, UnmeasuredMoEError, ZeroplanError
 from zeroplan.hardware import DEFAULT_CPU_CORES_PER_GPU, Cluster
+from zeroplan.hostops import fused_adapter_share
 from zeroplan.lengths import DataFit
 from zeroplan.memory import MemoryEstimate, estimate
 from zeroplan.models import ModelSpec
@@ -45,6 +46,7 @@ from zeroplan.speed import (
     LAUNCHED_P90_HOST_BOUND,
     StepTime,
     family_note,
+    fused_lora_path,
     gpu_note,
     step_time,
 )
@@ -92,8 +94,8 @@ class PlanRequest:
     # Liger's RMSNorm, SwiGLU / GeGLU and RoPE (liger-kernel on the training machine), for
     # the architectures it patches (zeroplan.liger)
     allow_kernels: bool = True
-    # the launch's fused LoRA linears (zeroplan.launch.loralinear) wherever they can run;
-    # False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
+    # the launch's fused LoRA linears (zeroplan.launch.loralinear) offered where they can
+    # run (fused_lora_choice); False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
     allow_fused_lora: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
     cpu_ram_per_node: int | None = None
@@ -299,12 +301,15 @@ def kernels_choice(req: PlanRequest, method: str) -> str:
 
 
 def fused_lora_choice(req: PlanRequest, method: str, dropout: float, zero: int | None) -> bool:
-    """The launch's fused LoRA linears wherever allowed and they can run
+    """Whether the launch's fused LoRA linears may run: wherever allowed and they can
     (trainsetup.fused_lora_refusal), on dense models (an MoE model's attention linears
     would take them, but its step was measured with PEFT's).
 
-    Not searched both ways: they keep the same tensors as PEFT's layers (the memory model
-    is the same) and only take passes off the step (speed.fused_lora_saved_bytes)."""
+    Where they may, candidate_setups offers each setup both ways and plan keeps the faster
+    of each pair (_faster_layers): they keep PEFT's tensors (the memory model is the same)
+    and take passes off the GPU's step (speed.fused_lora_saved_bytes), but their Python asks
+    more of the host than PEFT's over bf16 adapters (hostops.FUSED_ADAPTER_HOST_US), so a
+    host-bound step can run faster on PEFT's layers."""
     if not req.allow_fused_lora or req.spec.moe is not None:
         return False
     probe = TrainSetup(method=method, lora_dropout=dropout, zero=zero)
@@ -319,7 +324,9 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
             _adapters(req, method), _distributions(req, method)
         ):
             fused_lora = fused_lora_choice(req, method, adapters["lora_dropout"], zero)
-            for optim in _optimizers(zero, offload):
+            for optim, lora_fused in itertools.product(
+                _optimizers(zero, offload), (True, False) if fused_lora else (False,)
+            ):
                 for mb in MICRO_BATCHES:
                     if req.global_batch is not None:
                         per_gpu = req.global_batch // world
@@ -342,7 +349,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 optim=optim,
                                 fused_loss=fused,
                                 kernels=kernels,
-                                fused_lora=fused_lora,
+                                fused_lora=lora_fused,
                                 precision=req.precision,
                                 **adapters,
                             )
@@ -421,6 +428,38 @@ def _rank(req: PlanRequest, cands: list[Candidate]) -> list[Candidate]:
     return sorted(cands, key=lambda c: _score(req, c, fastest))
 
 
+def _peft_layers_note(req: PlanRequest, best: Candidate) -> str:
+    """Why a plan whose LoRA linears could be fused keeps PEFT's layers: predicted faster,
+    which only a host-bound step over bf16 adapters can be (_faster_layers)."""
+    fused = evaluate(req, dataclasses.replace(best.setup, fused_lora=True))
+    gain = best.step.tokens_per_s / fused.step.tokens_per_s - 1
+    path = fused_lora_path(fused.setup)
+    paced = "the host sets this step's pace" if best.step.host_bound else "this step"
+    return (
+        f"LoRA linears run PEFT's own layers: {paced}, and the fused ones ask more of the "
+        f"host over {path} adapters ({fused_adapter_share(path):.2f}x PEFT's time per "
+        f"adapter), predicted {gain:.0%} slower here"
+    )
+
+
+def _faster_layers(results: list[Candidate]) -> list[Candidate]:
+    """Of each setup evaluated on the fused LoRA linears and on PEFT's layers (the same
+    memory), the one predicted faster; the fused one where they tie exactly (a GPU-bound
+    step never runs slower on them). Order kept."""
+    best: dict[TrainSetup, Candidate] = {}
+    for c in results:
+        key = dataclasses.replace(c.setup, fused_lora=False)
+        held = best.get(key)
+        if (
+            held is None
+            or c.step.tokens_per_s > held.step.tokens_per_s
+            or (c.step.tokens_per_s == held.step.tokens_per_s and c.setup.fused_lora)
+        ):
+            best[key] = c
+    kept = {id(c) for c in best.values()}
+    return [c for c in results if id(c) in kept]
+
+
 def _tie_lost_on(loser: TrainSetup, winner: TrainSetup) -> str:
     """Why a setup tied on speed ranks below the chosen one, in _score's order."""
     if complexity(loser) > complexity(winner):
@@ -439,6 +478,7 @@ def plan(req: PlanRequest) -> Plan:
             results.append(evaluate(req, setup))
         except ZeroplanError:
             continue  # a combination the estimator refuses (e.g. unsupported for this model)
+    results = _faster_layers(results)
     fitting = _rank(req, [c for c in results if c.fits])
     # --method lora keeps the bf16 base when any bf16 setup fits; the 4-bit one is shown aside
     alternative = None
@@ -573,6 +613,10 @@ def plan(req: PlanRequest) -> Plan:
             "PEFT's passes over each output; same memory): zeroplan launch does this, "
             "--no-fused-lora plans PEFT's own layers"
         )
+    elif best is not None and fused_lora_choice(
+        req, best.setup.method, best.setup.lora_dropout, best.setup.zero
+    ):
+        assumptions.append(_peft_layers_note(req, best))
     if best is not None and best.setup.fused_loss:
         assumptions.append(
             "the fused loss runs Liger's kernel: pip install 'zeroplan[fused]' where you train, "
