@@ -431,7 +431,10 @@ def _rank(req: PlanRequest, cands: list[Candidate]) -> list[Candidate]:
 def _peft_layers_note(req: PlanRequest, best: Candidate) -> str:
     """Why a plan whose LoRA linears could be fused keeps PEFT's layers: predicted faster,
     which only a host-bound step over bf16 adapters can be (_faster_layers)."""
-    fused = evaluate(req, dataclasses.replace(best.setup, fused_lora=True))
+    try:
+        fused = evaluate(req, dataclasses.replace(best.setup, fused_lora=True))
+    except ZeroplanError as exc:  # the setup as resolved (precision, attention) refuses them
+        return f"LoRA linears run PEFT's own layers: {exc}"
     gain = best.step.tokens_per_s / fused.step.tokens_per_s - 1
     path = fused_lora_path(fused.setup)
     paced = "the host sets this step's pace" if best.step.host_bound else "this step"
