@@ -18,13 +18,24 @@ such copies (and synchronising calls) each makes per call:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# the host probe's module, by path (an interpreter may have a sitecustomize of its own);
+# without ZEROPLAN_HOST_PROBE set, loading it patches nothing
+_SPEC = importlib.util.spec_from_file_location(
+    "host_probe", Path(__file__).resolve().parent / "host_probe" / "sitecustomize.py"
+)
+assert _SPEC is not None and _SPEC.loader is not None
+PROBE = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(PROBE)
 
 HIDDEN = 4096
 RANK = 16
@@ -43,21 +54,15 @@ def count(fn: Callable[[], Any], calls: int = 4) -> dict[str, Any]:
             fn()
         torch.cuda.synchronize()
     dtoh = memcpy = syncs = 0
-    callers: dict[str, int] = {}
+    callers: Counter[str] = Counter()
     for e in prof.events():
         if "Memcpy DtoH" in e.name:
             dtoh += 1
         if e.name == "cudaMemcpyAsync":
             memcpy += 1
-            chain, parent = [], e.cpu_parent
-            while parent is not None and len(chain) < 4:
-                chain.append(parent.name[:50])
-                parent = parent.cpu_parent
-            key = " < ".join(chain)
-            callers[key] = callers.get(key, 0) + 1
+            callers[PROBE.caller_chain(e)] += 1
         if e.name == "cudaStreamSynchronize":
             syncs += 1
-    seen: list[str] = []
     torch.cuda.set_sync_debug_mode(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -129,11 +129,7 @@ class _Probe:
             if "LaunchKernel" in e.name:  # the host's launch calls (eager and compiled alike)
                 launches += 1
             if e.name == "cudaMemcpyAsync":
-                chain, parent = [], e.cpu_parent
-                while parent is not None and len(chain) < 5:
-                    chain.append(parent.name[:60])
-                    parent = parent.cpu_parent
-                copies[" < ".join(chain)] += 1
+                copies[caller_chain(e)] += 1
             if "CUDA" in kind:
                 kernels += 1
                 gpu_us += e.device_time_total if hasattr(e, "device_time_total") else 0
@@ -197,6 +193,16 @@ class _Probe:
         }
         with open(PATH, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def caller_chain(event: Any, depth: int = 5) -> str:
+    """The operators above a profiler event, innermost first ("a < b < c"): what made a
+    memcpy call (benchmarks/memcpy_probe.py reads them the same way)."""
+    chain, parent = [], event.cpu_parent
+    while parent is not None and len(chain) < depth:
+        chain.append(parent.name[:60])
+        parent = parent.cpu_parent
+    return " < ".join(chain)
 
 
 # what a GPU kernel's name says it does (torch.profiler's names: cuBLAS / CUTLASS matmuls,
