@@ -26,26 +26,24 @@ one() {  # TAG RUNS GROUP: one host_speed.py run, the first one's 8B model share
 one g1a 8b-mb1 1
 one g0a 8b-mb1 0
 one today 8b-mb1-today 1
+# GPU-bound: kernels_speed.py's qlora-auto through fused_lora_gpu.sh, from the repo root
+gpu_bound() {  # NAME GROUP STEPS RUN_ESTIMATE NEED [VAR=VALUE ...]: NEED seconds left or skipped
+  local name=$1 g=$2 steps=$3 estimate=$4 need=$5; shift 5
+  local L; L=$(left); [ "$L" -gt "$need" ] || { echo "$name: skipped, $L s left"; return; }
+  ( cd "$REPO/../.." && export ZEROPLAN_LORA_GROUP=$g RUNS=qlora-auto NAME=$name LINEAR=0 \
+      DEADLINE=$((L - 15)) EXTRA="--steps $steps --run-estimate $estimate"
+    [ $# -eq 0 ] || export "$@"
+    timeout $((L - 5)) bash benchmarks/fused_lora_gpu.sh > "$OUT/$name.out" 2>&1
+    echo "$name rc=$? at $(( $(date +%s) - T0 )) s" )
+  grep '"run"' "$OUT/$name.log" | cut -c1-200
+}
 mkdir -p /tmp/k && ln -sfn /tmp/h-g1a/model-8b /tmp/k/model
-for g in 1 0; do
-  L=$(left); [ "$L" -gt 75 ] || { echo "kg$g: skipped, $L s left"; continue; }
-  ( cd "$REPO/../.." && export ZEROPLAN_LORA_GROUP=$g RUNS=qlora-auto NAME=kg$g \
-      DEADLINE=$((L - 15)) LINEAR=0 EXTRA="--steps 18 --run-estimate 60"
-    timeout $((L - 5)) bash benchmarks/fused_lora_gpu.sh > "$OUT/kg$g.out" 2>&1
-    echo "kg$g rc=$? at $(( $(date +%s) - T0 )) s" )
-  grep '"run"' "$OUT/kg$g.log" | cut -c1-200
-done
-# where the GPU-bound step's time goes: the grouped qlora-auto run again, 10 steps, under
-# the host probe (kernels by kind, the top kernels, the memcpy callers); not timed
-L=$(left)
-if [ "$L" -gt 70 ]; then
-  ( cd "$REPO/../.." && export ZEROPLAN_LORA_GROUP=1 RUNS=qlora-auto NAME=kgp LINEAR=0 \
-      DEADLINE=$((L - 15)) EXTRA="--steps 10 --run-estimate 55" \
-      PYTHONPATH=$REPO/benchmarks/host_probe ZEROPLAN_HOST_PROBE=$OUT/probe-kgp.json \
-      ZEROPLAN_HOST_PROBE_STEPS=6
-    timeout $((L - 5)) bash benchmarks/fused_lora_gpu.sh > "$OUT/kgp.out" 2>&1
-    echo "kgp rc=$? at $(( $(date +%s) - T0 )) s" )
-else echo "kgp: skipped, $L s left"; fi
+gpu_bound kg1 1 18 60 75
+gpu_bound kg0 0 18 60 75
+# where the GPU-bound step's time goes: the grouped run again, 10 steps, under the host
+# probe (kernels by kind, the top kernels, the memcpy callers); not timed
+gpu_bound kgp 1 10 55 70 PYTHONPATH="$REPO/benchmarks/host_probe" \
+  ZEROPLAN_HOST_PROBE="$OUT/probe-kgp.json" ZEROPLAN_HOST_PROBE_STEPS=6
 python3 "$REPO/benchmarks/probe_summary.py" "$OUT"/*.jsonl "$OUT"/probe-*.json
 cd "$OUT" && tar czf all_ab.tgz ./* && find . -type f ! -name all_ab.tgz -delete
 ls -la "$OUT"
