@@ -9,8 +9,15 @@ such copies (and synchronising calls) each makes per call:
     dequant      bitsandbytes' dequantize_4bit of an NF4 weight with nested statistics
     peft-4bit    PEFT's LoRA over bitsandbytes' Linear4bit: forward and backward
     fused-4bit   zeroplan's fused LoRA linear over the same layer: forward and backward
+    dequant-direct  the same dequantization through bitsandbytes' C functions called
+                 directly (no torch.library dispatch, no Python checks): its output must
+                 equal dequant's bit for bit, and its host time says what the dispatch costs
     clip         torch's clip_grad_norm_ over 448 LoRA-shaped gradients
     adamw-fused  torch's fused AdamW step over them (the launch's optimizer)
+
+Each part also reports ``wall_us_per_call``: 200 calls queued back to back, unprofiled, then
+one synchronise; where the host is slower than the kernels (a dequantization is ~37 µs on the
+GPU) that is the host's cost of one call.
 
     python benchmarks/memcpy_probe.py --out memcpy.jsonl      (a CUDA GPU, bitsandbytes, peft)
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -42,11 +50,23 @@ RANK = 16
 TRAINABLE = 448  # the 8B launch's LoRA tensors (32 layers × 7 linears × A and B)
 
 
+def wall_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Microseconds per call of ``calls`` calls queued back to back, one synchronise after."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def count(fn: Callable[[], Any], calls: int = 4) -> dict[str, Any]:
     """Per call of fn (after one unprofiled warm-up): device-to-host copies and all copies
-    the profiler saw, cudaStreamSynchronize calls, and the warnings of sync debug mode."""
+    the profiler saw, cudaStreamSynchronize calls, the warnings of sync debug mode, and the
+    unprofiled wall time per call (``wall_us``)."""
     fn()
     torch.cuda.synchronize()
+    wall = wall_us(fn)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
@@ -71,6 +91,7 @@ def count(fn: Callable[[], Any], calls: int = 4) -> dict[str, Any]:
     torch.cuda.set_sync_debug_mode(0)
     seen = sorted({str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)})
     return {
+        "wall_us_per_call": round(wall, 1),
         "dtoh_per_call": dtoh / calls,
         "memcpy_calls_per_call": memcpy / calls,
         "stream_syncs_per_call": syncs / calls,
@@ -86,11 +107,42 @@ def linear4bit() -> Any:
         HIDDEN, HIDDEN, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
         compress_statistics=True,
     )  # fmt: skip
+    weight = torch.randn(HIDDEN, HIDDEN, dtype=torch.bfloat16) * 0.02  # as the launch loads it
     layer.weight = bnb.nn.Params4bit(
-        torch.randn(HIDDEN, HIDDEN) * 0.02, requires_grad=False, quant_type="nf4",
-        compress_statistics=True,
-    )  # fmt: skip
+        weight, requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
     return layer.cuda()
+
+
+def direct_dequant(weight: torch.Tensor, state: Any) -> torch.Tensor:
+    """An NF4 weight with nested statistics dequantized by bitsandbytes' own C functions,
+    called directly: the 8-bit absmax to float32 (blockwise, state2's code and absmax),
+    plus the offset, then the 4-bit weight to ``state.dtype``. The same two kernels as
+    ``dequantize_4bit``; what is left out is the dispatch and the checks around them."""
+    from bitsandbytes.backends.cuda import ops  # sets the C functions' argument types
+    from bitsandbytes.cextension import lib
+
+    stream = ops._get_raw_stream(weight.device.index)
+    s2 = state.state2
+    absmax = torch.empty(state.absmax.shape, dtype=torch.float32, device=weight.device)
+    lib.cdequantize_blockwise_fp32(
+        s2.code.data_ptr(), state.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
+        s2.blocksize, state.absmax.numel(), stream,
+    )  # fmt: skip
+    absmax += state.offset
+    out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[state.dtype]
+    fn = getattr(lib, f"cdequantize_blockwise_{kind}_nf4")
+    fn(
+        None,
+        weight.data_ptr(),
+        absmax.data_ptr(),
+        out.data_ptr(),
+        state.blocksize,
+        out.numel(),
+        stream,
+    )
+    return out
 
 
 def parts() -> dict[str, Callable[[], Any]]:
@@ -101,6 +153,13 @@ def parts() -> dict[str, Callable[[], Any]]:
     base = linear4bit()
     state = base.weight.quant_state
     out["dequant"] = lambda: bnbf.dequantize_4bit(base.weight.data, state)
+    reference = bnbf.dequantize_4bit(base.weight.data, state)
+    direct = direct_dequant(base.weight.data, state)
+    if torch.equal(direct, reference):
+        out["dequant-direct"] = lambda: direct_dequant(base.weight.data, state)
+    else:
+        diff = (direct.float() - reference.float()).abs().max().item()
+        print(f"dequant-direct: not run (differs from bitsandbytes' by up to {diff})")
 
     class One(torch.nn.Module):
         def __init__(self) -> None:
