@@ -9,9 +9,11 @@ such copies (and synchronising calls) each makes per call:
     dequant      bitsandbytes' dequantize_4bit of an NF4 weight with nested statistics
     peft-4bit    PEFT's LoRA over bitsandbytes' Linear4bit: forward and backward
     fused-4bit   zeroplan's fused LoRA linear over the same layer: forward and backward
-    dequant-direct  the same dequantization through bitsandbytes' C functions called
-                 directly (no torch.library dispatch, no Python checks): its output must
-                 equal dequant's bit for bit, and its host time says what the dispatch costs
+    fused-4bit-bnb  the same, its dequantization through bitsandbytes' dequantize_4bit
+    dequant-direct  the same through bitsandbytes' C functions called directly
+                 (zeroplan.launch.dequant.direct, the fused LoRA linears' path): its output
+                 must equal dequant's bit for bit; its host time against dequant's is what
+                 the dispatch and checks cost
     clip         torch's clip_grad_norm_ over 448 LoRA-shaped gradients
     adamw-fused  torch's fused AdamW step over them (the launch's optimizer)
 
@@ -114,35 +116,18 @@ def linear4bit() -> Any:
     return layer.cuda()
 
 
-def direct_dequant(weight: torch.Tensor, state: Any) -> torch.Tensor:
-    """An NF4 weight with nested statistics dequantized by bitsandbytes' own C functions,
-    called directly: the 8-bit absmax to float32 (blockwise, state2's code and absmax),
-    plus the offset, then the 4-bit weight to ``state.dtype``. The same two kernels as
-    ``dequantize_4bit``; what is left out is the dispatch and the checks around them."""
-    from bitsandbytes.backends.cuda import ops  # sets the C functions' argument types
-    from bitsandbytes.cextension import lib
+def through_bitsandbytes(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn with the fused LoRA linears dequantizing through bitsandbytes' dequantize_4bit."""
+    from zeroplan.launch import dequant
 
-    stream = ops._get_raw_stream(weight.device.index)
-    s2 = state.state2
-    absmax = torch.empty(state.absmax.shape, dtype=torch.float32, device=weight.device)
-    lib.cdequantize_blockwise_fp32(
-        s2.code.data_ptr(), state.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
-        s2.blocksize, state.absmax.numel(), stream,
-    )  # fmt: skip
-    absmax += state.offset
-    out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-    kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[state.dtype]
-    fn = getattr(lib, f"cdequantize_blockwise_{kind}_nf4")
-    fn(
-        None,
-        weight.data_ptr(),
-        absmax.data_ptr(),
-        out.data_ptr(),
-        state.blocksize,
-        out.numel(),
-        stream,
-    )
-    return out
+    def run() -> Any:
+        saved, dequant._DIRECT_OK = dequant._DIRECT_OK, False
+        try:
+            return fn()
+        finally:
+            dequant._DIRECT_OK = saved
+
+    return run
 
 
 def parts() -> dict[str, Callable[[], Any]]:
@@ -153,12 +138,13 @@ def parts() -> dict[str, Callable[[], Any]]:
     base = linear4bit()
     state = base.weight.quant_state
     out["dequant"] = lambda: bnbf.dequantize_4bit(base.weight.data, state)
+    from zeroplan.launch.dequant import direct  # the fused LoRA linears' dequantization
+
     reference = bnbf.dequantize_4bit(base.weight.data, state)
-    direct = direct_dequant(base.weight.data, state)
-    if torch.equal(direct, reference):
-        out["dequant-direct"] = lambda: direct_dequant(base.weight.data, state)
+    if torch.equal(direct(base.weight.data, state), reference):
+        out["dequant-direct"] = lambda: direct(base.weight.data, state)
     else:
-        diff = (direct.float() - reference.float()).abs().max().item()
+        diff = (direct(base.weight.data, state).float() - reference.float()).abs().max().item()
         print(f"dequant-direct: not run (differs from bitsandbytes' by up to {diff})")
 
     class One(torch.nn.Module):
@@ -179,6 +165,7 @@ def parts() -> dict[str, Callable[[], Any]]:
         fused_model = get_peft_model(One(), cfg).to(torch.bfloat16)
         loralinear.install(fused_model)
         out["fused-4bit"] = lambda: fused_model(x).sum().backward()
+        out["fused-4bit-bnb"] = through_bitsandbytes(lambda: fused_model(x).sum().backward())
     except Exception as exc:  # report it and go on: the other parts still tell
         print(f"fused-4bit: not run ({type(exc).__name__}: {exc})")
     params = [

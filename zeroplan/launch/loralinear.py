@@ -21,8 +21,9 @@ the r-wide h), so the memory model is unchanged; it moves 12 B per token and out
 Measured on one H100 (benchmarks/results/kernels5_h100.jsonl): the 8B QLoRA default launch
 1.10x and the bf16 LoRA one 1.04x the same plans on PEFT's layers, losses equal to 0.001.
 Its forward and backward are Python; they call F.linear on the base weight (dequantizing a
-4-bit one themselves, not through bitsandbytes' module and autograd function) and scale in
-addmm's epilogue; in a Llama layer's seven linears the host spends 1.15x PEFT's time on
+4-bit one themselves, not through bitsandbytes' module and autograd function, with
+bitsandbytes' C functions called directly where they match its own: launch/dequant.py) and
+scale in addmm's epilogue; in a Llama layer's seven linears the host spends 1.15x PEFT's time on
 bf16 adapters and 0.64x over NF4, timed on the CPU (hostops.FUSED_ADAPTER_HOST_US).
 
 The adapters keep their dtype (PEFT's fp32 under autocast, DeepSpeed's bf16): the matmuls
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from zeroplan.launch import dequant
 from zeroplan.models import SHARED_INPUT
 
 # attribute set on each patched layer: the forward PEFT gave it
@@ -55,9 +57,7 @@ def _base_weight(base: Any, dtype: Any) -> Any:
     quant_state = getattr(base.weight, "quant_state", None)
     if quant_state is None:
         return base.weight.to(dtype)
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(base.weight.view(-1, 1), quant_state).to(dtype)
+    return dequant.dequantize(base.weight, quant_state).to(dtype)
 
 
 def _base_forward(base: Any, x: Any, dtype: Any) -> Any:
