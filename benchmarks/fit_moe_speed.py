@@ -89,6 +89,7 @@ LAUNCHED = {
     "launch_moe4_h100.jsonl": "launched-check",
     "launch_moe5_h100.jsonl": "launched-check",
     "launch_moe5_h200.jsonl": "launched-check",
+    "launch_moe6_h100.jsonl": "launched-check",
 }
 # moe_nan.py's launches of the NaN fix (router_aux_loss_coef 0) that timed their steps:
 # the 16-layer cut, all-linear, finite losses (group "launched")

@@ -8,6 +8,7 @@ check_h200_moe.jsonl (the full Qwen3-30B-A3B, all-linear, on one H200).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -305,14 +306,14 @@ def test_moe_speed_ships_with_the_bands_its_held_out_rows_give() -> None:
 def test_the_moe_bands_check_fails_when_a_quoted_band_drifts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The rows' bands: 29 GPU-bound and 41 host-bound held-out steps and the 9 launched runs
+    """The rows' bands: 29 GPU-bound and 41 host-bound held-out steps and the 14 launched runs
     the MoE launch cost was not fitted on (launched-check: moe_band_gpu.sh's and
-    moe_targets_gpu.sh's); quoting the dense launched band for MoE (18.9%), or a held-out
+    moe_targets_gpu.sh's two calls); quoting the dense launched band for MoE (18.9%), or a held-out
     band a point narrower, is caught."""
     import fit_moe_speed
 
     bands = fit_moe_speed.moe_bands(fit_moe_speed.report(speed.MOE_CANDIDATE)["rows"])
-    assert [n for _, n in bands.values()] == [29, 41, 9]
+    assert [n for _, n in bands.values()] == [29, 41, 14]
     assert fit_moe_speed.drifted(bands) == []
     monkeypatch.setattr(speed, "MOE_LAUNCHED_P90", speed.LAUNCHED_P90_GPU_BOUND)
     assert fit_moe_speed.drifted(bands) == ["MOE_LAUNCHED_P90"]
@@ -543,6 +544,37 @@ def test_every_target_set_the_plan_offers_was_launched_within_its_plan() -> None
         ("qlora", 4),
         ("lora", 1),
     }
+
+
+def test_five_launches_predicted_before_they_ran_came_within_their_bands_but_one() -> None:
+    """The blind check (launch_moe6_h100.jsonl, one H100): five launches whose estimates were
+    committed before the call (launch_moe6_predicted.json: Qwen3-30B-A3B cut to 12 layers,
+    QLoRA on attention, attention + router, all-linear with checkpointing; Mixtral-8x7B cut
+    to 4, all-linear with checkpointing and a host-bound 1 × 1,024). Each trained and peaked
+    within 5% of its prediction; against the band each prediction quoted then, four held and
+    the host-bound Mixtral step missed its 30.2% by 0.2 points, all too slow; their speeds are
+    the predictions' (nothing refitted since)."""
+    import fit_moe_speed
+
+    predicted = json.loads((RESULTS / "launch_moe6_predicted.json").read_text())
+    lines = (RESULTS / "launch_moe6_h100.jsonl").read_text().splitlines()
+    raw = [json.loads(x) for x in lines]
+    runs = [r for r in fit_moe_speed.launched_rows() if r.get("file") == "launch_moe6_h100.jsonl"]
+    assert len(runs) == len(raw) == len(predicted) == 5
+    misses = []
+    for row, r in zip(raw, runs, strict=True):
+        (p,) = [p for p in predicted if (p["arch"], p["run"]) == (row["arch"], row["run"])]
+        then = p["H100 80GB"]
+        assert r["layers"] == row["layers"] == p["layers"] and row["gpu"].startswith("NVIDIA H100")
+        assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][-1] < r["losses"][0] - 1
+        peak = row["measured_peak_allocated_bytes"] / 2**30
+        assert abs(peak / then["peak_allocated_gib"] - 1) < 0.05, f"peak {peak:.2f} GiB"
+        err = then["tokens_per_s_on_records"] / row["tokens_per_s"] - 1
+        assert abs(err - fit_moe_speed.launched_error(r, speed.MOE_IN_USE)[0]) < 0.005
+        assert err < 0
+        if abs(err) > then["band"]:
+            misses.append((row["arch"], row["run"], round(err, 3), then["band"]))
+    assert misses == [("mistralai--Mixtral-8x7B-v0.1", "moe-host", -0.304, 0.302)]
 
 
 def test_a_launched_moe_step_adds_the_moe_launches_cost_not_the_dense_one() -> None:
