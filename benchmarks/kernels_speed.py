@@ -56,6 +56,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -234,6 +235,9 @@ def launch(
     unless given), from the zeroplan tree ``code`` (this one by default), with ``env``."""
     method, options, changes = spec or RUNS[name]
     run = work / f"run-{name}"
+    # a folder left by an earlier run of this name (another variant in the same --work) would
+    # be refused by the launch and its metrics read as this run's
+    shutil.rmtree(run, ignore_errors=True)
     start = time.time()
     try:
         done = zeroplan(

@@ -83,3 +83,23 @@ def test_the_host_probe_sorts_kernels_by_what_they_do() -> None:
         f"print([s._kind(n) for n in {list(names)!r}])"
     )
     assert _python(code, {}) == repr(list(names.values()))
+
+
+def test_the_host_probe_names_the_python_line_behind_a_copy() -> None:
+    """caller_chain: the operators above an event and, from a with_stack profile, the
+    innermost frame outside torch that called them (CPU: a clone's copy)."""
+    code = (
+        "import importlib.util as u, torch\n"
+        f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
+        "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
+        "def make_copy():\n"
+        "    return torch.ones(8).clone()\n"
+        "with torch.profiler.profile(with_stack=True) as prof:\n"
+        "    make_copy()\n"
+        "(e,) = [e for e in prof.events() if e.name == 'aten::copy_'\n"
+        "        and e.cpu_parent is not None and e.cpu_parent.name == 'aten::clone']\n"
+        "print(s.caller_chain(e))\n"
+    )
+    chain = _python(code, {})
+    assert chain.startswith("aten::clone") and "make_copy" in chain, chain
+    assert "[" not in chain  # no GPU memcpy on the CPU

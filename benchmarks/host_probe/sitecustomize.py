@@ -91,7 +91,8 @@ class _Probe:
                 activities=[
                     torch.profiler.ProfilerActivity.CPU,
                     torch.profiler.ProfilerActivity.CUDA,
-                ]
+                ],
+                with_stack=True,  # the Python line behind each memcpy (caller_chain)
             )
             self.prof.__enter__()
             self.prof_t = now
@@ -196,13 +197,35 @@ class _Probe:
 
 
 def caller_chain(event: Any, depth: int = 5) -> str:
-    """The operators above a profiler event, innermost first ("a < b < c"): what made a
-    memcpy call (benchmarks/memcpy_probe.py reads them the same way)."""
-    chain, parent = [], event.cpu_parent
+    """The operators above a profiler event, innermost first ("a < b < c"), then, where the
+    profile kept Python stacks (``with_stack``), the innermost frame outside torch that made
+    them ("@ file.py(12): fn"), and what the copy was where the profiler tied a GPU memcpy to
+    them ("[DtoH]"): what made a memcpy call (benchmarks/memcpy_probe.py reads them the same
+    way)."""
+    chain, parent, where, what = [], event.cpu_parent, "", ""
     while parent is not None and len(chain) < depth:
         chain.append(parent.name[:60])
+        where = where or _python_frame(parent)
+        what = what or _memcpy_kind(parent)
         parent = parent.cpu_parent
-    return " < ".join(chain)
+    return " < ".join(chain) + (f" @ {where}" if where else "") + (f" [{what}]" if what else "")
+
+
+def _python_frame(event: Any) -> str:
+    """The innermost frame of an event's Python stack outside torch and this probe."""
+    for frame in getattr(event, "stack", None) or []:
+        if "/torch/" not in frame and "sitecustomize" not in frame:
+            return str(frame)[-90:]
+    return ""
+
+
+def _memcpy_kind(event: Any) -> str:
+    """DtoH, HtoD, DtoD... of the first GPU memcpy the profiler tied to an operator."""
+    for kernel in getattr(event, "kernels", None) or []:
+        name = str(getattr(kernel, "name", ""))
+        if name.startswith("Memcpy "):
+            return name.split()[1]
+    return ""
 
 
 # what a GPU kernel's name says it does (torch.profiler's names: cuBLAS / CUTLASS matmuls,
