@@ -1,31 +1,38 @@
 #!/bin/bash
 # Issue 26: what grouping the fused LoRA linears (loralinear.LoRAGroup) does where the host
 # sets the pace, on one machine in one call: the 8B QLoRA job at 1 × 1,664 (host_speed.py's
-# 8b-mb1) grouped, alone (ZEROPLAN_LORA_GROUP=0) and as the issue measured it (8b-mb1-today,
-# the before/ tree at 76691e3), each with the host probe (memcpy callers included); then the
+# 8b-mb1) grouped, grouped with bitsandbytes' dequantization (ZEROPLAN_DIRECT_DEQUANT=0), as
+# the issue measured it (8b-mb1-today, the before/ tree at 76691e3) and alone
+# (ZEROPLAN_LORA_GROUP=0), each with the host probe (memcpy callers and the Python line
+# behind each); then the
 # GPU-bound default QLoRA plan grouped and alone (kernels_speed.py's qlora-auto) while time
 # is left, and that run once more under the probe (where its GPU time goes). Staged by benchmarks/host_stage.sh as .stage-host/ (keep before/ at 76691e3):
 #
 #   run(command="bash .stage-host/repo/benchmarks/lora_group_ab.sh",
 #       carry=[".stage-host", ".stage-unsloth"])
 #
-# BUDGET (seconds for everything, 400 by default) may be set. Writes $OUT/all_ab.tgz.
+# BUDGET (seconds for everything, 480 by default) may be set. Writes $OUT/all_ab.tgz.
 T0=$(date +%s)
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-480}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 left() { echo $((BUDGET - $(date +%s) + T0)); }
-one() {  # TAG RUNS GROUP: one host_speed.py run, the first one's 8B model shared
-  mkdir -p /tmp/h-$1
-  [ "$1" != g1a ] && [ -e /tmp/h-g1a/model-8b ] && ln -sfn /tmp/h-g1a/model-8b /tmp/h-$1/model-8b
-  local L; L=$(left); [ "$L" -gt 80 ] || { echo "$1: skipped, $L s left"; return; }
-  ( export ZEROPLAN_LORA_GROUP=$3 RUNS=$2 DEADLINE=$((L - 20)) TAG=$1
-    timeout $((L - 5)) bash "$REPO/benchmarks/host_gpu.sh" > "$OUT/$1.out" 2>&1
-    echo "$1 rc=$? at $(( $(date +%s) - T0 )) s" )
-  grep '"run"' "$OUT/$1.log" | cut -c1-200
+one() {  # TAG RUNS GROUP [VAR=VALUE ...]: one host_speed.py run, the first one's 8B model shared
+  local tag=$1 runs=$2 group=$3; shift 3
+  mkdir -p /tmp/h-$tag
+  [ "$tag" != g1a ] && [ -e /tmp/h-g1a/model-8b ] && ln -sfn /tmp/h-g1a/model-8b /tmp/h-$tag/model-8b
+  local L; L=$(left); [ "$L" -gt 80 ] || { echo "$tag: skipped, $L s left"; return; }
+  ( export ZEROPLAN_LORA_GROUP=$group RUNS=$runs DEADLINE=$((L - 20)) TAG=$tag
+    [ $# -eq 0 ] || export "$@"
+    timeout $((L - 5)) bash "$REPO/benchmarks/host_gpu.sh" > "$OUT/$tag.out" 2>&1
+    echo "$tag rc=$? at $(( $(date +%s) - T0 )) s" )
+  grep '"run"' "$OUT/$tag.log" | cut -c1-200
 }
 one g1a 8b-mb1 1
-one g0a 8b-mb1 0
+# the same with bitsandbytes' own dequantize_4bit (launch/dequant.py off): what the direct
+# calls save where the host sets the pace
+one g1n 8b-mb1 1 ZEROPLAN_DIRECT_DEQUANT=0
 one today 8b-mb1-today 1
+one g0a 8b-mb1 0
 # GPU-bound: kernels_speed.py's qlora-auto through fused_lora_gpu.sh, from the repo root
 gpu_bound() {  # NAME GROUP STEPS RUN_ESTIMATE NEED [VAR=VALUE ...]: NEED seconds left or skipped
   local name=$1 g=$2 steps=$3 estimate=$4 need=$5; shift 5
