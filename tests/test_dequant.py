@@ -20,7 +20,7 @@ from zeroplan.launch import dequant  # noqa: E402
 @pytest.fixture
 def nf4() -> tuple[Any, Any, Any]:
     """An NF4 weight with nested statistics (QLoRA's), its state and the bf16 original."""
-    w = torch.randn(48, 64, dtype=torch.bfloat16) * 0.1
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0)).bfloat16() * 0.1
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     return packed, state, w
 
@@ -35,7 +35,8 @@ def test_off_the_gpu_it_is_bitsandbytes_own(nf4: tuple[Any, Any, Any]) -> None:
     out = dequant.dequantize(packed, state)
     assert torch.equal(out, bnbf.dequantize_4bit(packed, state))
     assert out.shape == w.shape and out.dtype == torch.bfloat16
-    assert (out.float() - w.float()).abs().max() < 0.05  # NF4 of a 0.1-scale weight
+    # NF4: 16 levels per block of 64 scaled by its absmax; the widest gap is 0.28 of it
+    assert (out.float() - w.float()).abs().max() < 0.15 * w.float().abs().max()
     assert dequant._DIRECT_OK is None  # nothing compared: the direct calls never ran
 
 
