@@ -268,6 +268,7 @@ def launch(
         "kernels": applied.get("kernels"),
         "batching": applied.get("batching"),
         "compile": result.get("compile"),
+        "dequantization": result.get("dequantization"),  # launch/dequant.py's path
         "tokens_per_s": tokens,
         "step_rates": [round(r) for r in step_rates],
         "step_rate_median": statistics.median(step_rates) if step_rates else None,

@@ -28,11 +28,14 @@ def nf4() -> tuple[Any, Any, Any]:
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dequant, "_DIRECT_OK", None)
+    monkeypatch.setattr(dequant, "_PATH", None)
 
 
 def test_off_the_gpu_it_is_bitsandbytes_own(nf4: tuple[Any, Any, Any]) -> None:
     packed, state, w = nf4
+    assert dequant.path() is None
     out = dequant.dequantize(packed, state)
+    assert dequant.path() == "dequantize_4bit"
     assert torch.equal(out, bnbf.dequantize_4bit(packed, state))
     assert out.shape == w.shape and out.dtype == torch.bfloat16
     # NF4: 16 levels per block of 64 scaled by its absmax; the widest gap is 0.28 of it
@@ -59,7 +62,7 @@ def test_the_direct_calls_serve_once_the_first_call_matched(
     packed, state, _ = nf4
     calls = _stand_in(monkeypatch, 0.0)
     first = dequant.dequantize(packed, state)
-    assert dequant._DIRECT_OK is True and len(calls) == 1
+    assert dequant._DIRECT_OK is True and len(calls) == 1 and dequant.path() == "direct"
     assert torch.equal(dequant.dequantize(packed, state), first) and len(calls) == 2
 
 
@@ -71,7 +74,7 @@ def test_one_bit_off_and_bitsandbytes_serves_every_call(
     reference = bnbf.dequantize_4bit(packed, state)
     with pytest.warns(UserWarning, match="differs from its dequantize_4bit"):
         assert torch.equal(dequant.dequantize(packed, state), reference)
-    assert dequant._DIRECT_OK is False
+    assert dequant._DIRECT_OK is False and dequant.path() == "dequantize_4bit"
     assert torch.equal(dequant.dequantize(packed, state), reference) and len(calls) == 1
 
 

@@ -248,6 +248,7 @@ def test_sigterm_leaves_a_checkpoint_and_resume_continues(work: dict[str, Path])
     result = json.loads((run / "result.json").read_text())
     step = result["global_step"]
     assert result["status"] == "interrupted" and result["signal"] == "SIGTERM" and step >= 1
+    assert result["dequantization"] is None  # no 4-bit base
     ckpt = run / "checkpoints" / f"checkpoint-{step}"
     assert result["last_checkpoint"] == str(ckpt) and result["final"] is None
     assert not (run / "final").exists()

@@ -30,6 +30,16 @@ from typing import Any
 # for bit; False: they did not, bitsandbytes' own function serves every call
 _DIRECT_OK: bool | None = False if os.environ.get("ZEROPLAN_DIRECT_DEQUANT") == "0" else None
 _KIND = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+# how the last weight was dequantized in this process (path()); None: no 4-bit weight yet
+_PATH: str | None = None
+
+
+def path() -> str | None:
+    """How the fused LoRA linears of this process dequantized 4-bit weights, for the run's
+    result.json: "direct" (bitsandbytes' C functions called directly), "dequantize_4bit"
+    (bitsandbytes' own function: turned off, not eligible, or the direct calls differed),
+    None (none did: no 4-bit base, or PEFT's layers, which dequantize inside bitsandbytes)."""
+    return _PATH
 
 
 def _bnb(weight: Any, state: Any) -> Any:
@@ -80,15 +90,18 @@ def direct(weight: Any, state: Any) -> Any:
 def dequantize(weight: Any, state: Any) -> Any:
     """The 4-bit ``weight`` (bitsandbytes' packed Params4bit data) in ``state.dtype``, shaped
     ``state.shape``: what ``bitsandbytes.functional.dequantize_4bit`` returns, bit for bit."""
-    global _DIRECT_OK
+    global _DIRECT_OK, _PATH
     if _DIRECT_OK is False or not _eligible(weight, state):
+        _PATH = "dequantize_4bit"
         return _bnb(weight, state)
+    _PATH = "direct"
     if _DIRECT_OK is None:
         import torch
 
         reference = _bnb(weight, state)
         _DIRECT_OK = bool(torch.equal(reference, direct(weight, state)))
         if not _DIRECT_OK:
+            _PATH = "dequantize_4bit"
             warnings.warn(
                 "zeroplan: bitsandbytes' 4-bit dequantization called directly differs from "
                 "its dequantize_4bit here; every weight goes through dequantize_4bit",

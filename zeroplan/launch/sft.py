@@ -69,7 +69,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
-from zeroplan.launch import hostloop, loralinear
+from zeroplan.launch import dequant, hostloop, loralinear
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
@@ -1074,6 +1074,8 @@ def _finish(
             "signal": signal.Signals(flag.signum).name if flag.signum is not None else None,
             "diverged": dataclasses.asdict(diverged) if diverged else None,
             "finished": _iso(time.time()),
+            # how the fused LoRA linears dequantized 4-bit weights (launch/dequant.py)
+            "dequantization": dequant.path(),
         }
         regional = getattr(trainer, "zp_compile", None)
         if regional is not None:
