@@ -731,3 +731,20 @@ def test_launch_reads_the_window_the_plan_reads(tmp_path: Path) -> None:
         model_type, window = sft._model_type_and_window(str(folder))
         assert model_type == extra["model_type"]
         assert window == spec_from_config(cfg).sliding_window
+
+
+def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path: Path) -> None:
+    """sft.release_gloo (called by main after the run): left to the interpreter's teardown,
+    gloo's threads aborted a stopped rank (SIGABRT) in CI; destroyed here, nothing is left."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        sft.release_gloo()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sft.release_gloo()  # nothing to release: no error
