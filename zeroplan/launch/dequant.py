@@ -22,6 +22,7 @@ what this saves).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -63,24 +64,34 @@ def _eligible(weight: Any, state: Any) -> bool:
     )
 
 
+@functools.cache
+def _c_functions(dtype: str, quant_type: str) -> tuple[Any, Any]:
+    """bitsandbytes' blockwise float32 dequantization and its 4-bit one for ``dtype``,
+    looked up once (the calls are on the step's hot path)."""
+    from bitsandbytes.backends.cuda import ops  # noqa: F401  (sets the C argument types)
+    from bitsandbytes.cextension import lib
+
+    return lib.cdequantize_blockwise_fp32, getattr(
+        lib, f"cdequantize_blockwise_{_KIND[dtype]}_{quant_type}"
+    )
+
+
 def direct(weight: Any, state: Any) -> Any:
     """absmax = blockwise(absmax₈, state2) + offset (float32), then W = 4-bit(weight, absmax)
     in ``state.dtype``: bitsandbytes' two kernels, called as its own CUDA backend calls them."""
     import torch
-    from bitsandbytes.backends.cuda import ops  # noqa: F401  (sets the C argument types)
-    from bitsandbytes.cextension import lib
 
+    blockwise, four_bit = _c_functions(str(state.dtype), state.quant_type)
     stream = torch._C._cuda_getCurrentRawStream(weight.device.index)
     s2 = state.state2
     absmax = torch.empty(state.absmax.shape, dtype=torch.float32, device=weight.device)
-    lib.cdequantize_blockwise_fp32(
+    blockwise(
         s2.code.data_ptr(), state.absmax.data_ptr(), s2.absmax.data_ptr(), absmax.data_ptr(),
         s2.blocksize, state.absmax.numel(), stream,
     )  # fmt: skip
     absmax += state.offset
     out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-    fn = getattr(lib, f"cdequantize_blockwise_{_KIND[str(state.dtype)]}_{state.quant_type}")
-    fn(
+    four_bit(
         None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize,
         out.numel(), stream,
     )  # fmt: skip
