@@ -2,13 +2,18 @@
 
 The host probe counted 896 "Memcpy DtoH (Device -> Pageable)" a step in the 8B QLoRA launch
 (224 4-bit linears, 448 trainable LoRA tensors), with the fused LoRA linears and with
-PEFT's alike, yet torch's sync debug mode saw none of them. Each part of that step runs
+PEFT's alike, yet torch's sync debug mode saw none of them. The host waits for them: in two
+profiled steps (host6_h100.jsonl, 8b-mb1) it made 2,296 cudaMemcpyAsync calls of 67 µs each
+on average (22% of its time) and 2,037 cudaStreamSynchronize; they came from top-level
+``copy_`` (672 a step), ``.to()`` (228.5) and ``.item()`` (116.5). Each part of that step runs
 here alone on the GPU, under torch.profiler and under sync debug mode, and prints how many
 such copies (and synchronising calls) each makes per call:
 
     dequant      bitsandbytes' dequantize_4bit of an NF4 weight with nested statistics
     peft-4bit    PEFT's LoRA over bitsandbytes' Linear4bit: forward and backward
     fused-4bit   zeroplan's fused LoRA linear over the same layer: forward and backward
+    peft-4bit-autocast, fused-4bit-autocast   the same as the QLoRA launch runs them: fp32
+                 adapters (PEFT's dtype for them) under bf16 autocast
     fused-4bit-bnb  the same, its dequantization through bitsandbytes' dequantize_4bit
     dequant-direct  the same through bitsandbytes' C functions called directly
                  (zeroplan.launch.dequant.direct, the fused LoRA linears' path): its output
@@ -92,6 +97,10 @@ def count(fn: Callable[[], Any], calls: int = 4) -> dict[str, Any]:
         torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode(0)
     seen = sorted({str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)})
+    reads = PROBE.host_reads_mode()  # the operators that read a GPU value, and their lines
+    with reads:
+        fn()
+        torch.cuda.synchronize()
     return {
         "wall_us_per_call": round(wall, 1),
         "dtoh_per_call": dtoh / calls,
@@ -99,6 +108,7 @@ def count(fn: Callable[[], Any], calls: int = 4) -> dict[str, Any]:
         "stream_syncs_per_call": syncs / calls,
         "memcpy_callers": {k: v / calls for k, v in callers.items()},
         "sync_debug_warnings": seen,
+        "host_reads": dict(reads.seen),
     }
 
 
@@ -126,6 +136,16 @@ def through_bitsandbytes(fn: Callable[[], Any]) -> Callable[[], Any]:
             return fn()
         finally:
             dequant._DIRECT_OK = saved
+
+    return run
+
+
+def autocast(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn under bf16 autocast, as the Trainer runs a QLoRA step (TrainSetup.autocast)."""
+
+    def run() -> Any:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn()
 
     return run
 
@@ -168,6 +188,17 @@ def parts() -> dict[str, Callable[[], Any]]:
         out["fused-4bit-bnb"] = through_bitsandbytes(lambda: fused_model(x).sum().backward())
     except Exception as exc:  # report it and go on: the other parts still tell
         print(f"fused-4bit: not run ({type(exc).__name__}: {exc})")
+    # as the QLoRA launch runs them: the adapters in fp32, the step under bf16 autocast
+    peft32 = get_peft_model(One(), cfg)
+    out["peft-4bit-autocast"] = autocast(lambda: peft32(x).sum().backward())
+    try:
+        from zeroplan.launch import loralinear
+
+        fused32 = get_peft_model(One(), cfg)
+        loralinear.install(fused32)
+        out["fused-4bit-autocast"] = autocast(lambda: fused32(x).sum().backward())
+    except Exception as exc:
+        print(f"fused-4bit-autocast: not run ({type(exc).__name__}: {exc})")
     params = [
         torch.nn.Parameter(torch.randn(RANK, HIDDEN, device="cuda") * 0.01)
         for _ in range(TRAINABLE)

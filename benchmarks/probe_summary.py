@@ -17,10 +17,15 @@ from typing import Any
 
 
 def probe_lines(name: str, probe: dict[str, Any], top: int = 12) -> list[str]:
-    """The probe's profile in a few lines (empty when it has none)."""
+    """The probe's profile in a few lines (empty when it has none), then the operators that
+    read GPU values on the host in its watched step (HostReads)."""
+    reads = [
+        f"    host read {n:6.0f}/step  {where[:160]}"
+        for where, n in (probe.get("host_reads_per_step") or {}).items()
+    ]
     prof = probe.get("profile") or {}
     if not prof:
-        return []
+        return [f"  probe {name}:", *reads] if reads else []
     busy = prof.get("gpu_busy_s_per_step", 0.0)
     out = [
         f"  probe {name}: wall {prof.get('wall_s_per_step', 0):.3f} s/step (profiled), "
@@ -34,7 +39,7 @@ def probe_lines(name: str, probe: dict[str, Any], top: int = 12) -> list[str]:
         )
     for chain, n in (prof.get("memcpy_callers_per_step") or {}).items():
         out.append(f"    memcpy {n:6.1f}/step  {chain[:150]}")
-    return out
+    return out + reads
 
 
 def summarise(paths: list[Path]) -> list[str]:

@@ -103,3 +103,39 @@ def test_the_host_probe_names_the_python_line_behind_a_copy() -> None:
     chain = _python(code, {})
     assert chain.startswith("aten::clone") and "make_copy" in chain, chain
     assert "[" not in chain  # no GPU memcpy on the CPU
+
+
+def test_the_host_probe_names_each_read_of_a_tensor_value_backward_included() -> None:
+    """HostReads: an ``.item()`` in a forward and one in a custom backward (which the
+    autograd engine runs) are each counted once, under the Python line that made them."""
+    pytest.importorskip("torch")
+    code = (
+        "import importlib.util as u, torch\n"
+        f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
+        "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
+        "class Reads(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x):\n"
+        "        return x * 2\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        scale = g.sum().item()  # read_in_backward\n"
+        "        return g * 2 + 0 * scale\n"
+        "def step(x):\n"
+        "    y = Reads.apply(x).sum()\n"
+        "    loss = y.item()  # read_in_forward\n"
+        "    y.backward()\n"
+        "    return loss\n"
+        "x = torch.ones(4, requires_grad=True)\n"
+        "mode = s.host_reads_mode()\n"
+        "with mode:\n"
+        "    step(x)\n"
+        "    torch.ones(3).clone()  # no read\n"
+        "for k, v in sorted(mode.seen.items()):\n"
+        "    print(v, k)\n"
+    )
+    lines = _python(code, {}).splitlines()
+    assert len(lines) == 2, lines
+    assert all(line.startswith("1 _local_scalar_dense @ <string>:") for line in lines), lines
+    assert any(" backward < " in line for line in lines), lines
+    assert any(" step < " in line for line in lines), lines

@@ -4,8 +4,11 @@ on PYTHONPATH; it does nothing unless ZEROPLAN_HOST_PROBE names a JSON file to w
 It times on the host what transformers' Trainer does each optimizer step (the seconds spent
 inside each of its methods, no GPU sync added), lists where the host waited for the GPU
 (torch's sync debug mode over two steps: file, line and count of every synchronising call),
-and runs torch.profiler over two more (kernels, ATen operations and GPU-busy seconds a
-step). The Trainer is patched when ``transformers.trainer`` is first imported, so the probe
+runs torch.profiler over two more (kernels, ATen operations and GPU-busy seconds a
+step), and watches one more through a TorchDispatchMode (``HostReads``): every operator that
+hands a GPU value to the host (an ``.item()``, a copy to CPU memory, ``nonzero`` and the
+like), with the Python lines and thread behind it, the backward's included (autograd's
+threads carry the mode). The Trainer is patched when ``transformers.trainer`` is first imported, so the probe
 reads whichever zeroplan tree launched the run, before and after alike.
 
     ZEROPLAN_HOST_PROBE=/tmp/run/probe.json  ZEROPLAN_HOST_PROBE_STEPS=14  (first probed step)
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -57,6 +61,8 @@ class _Probe:
         self.step = 0
         self.mark = 0.0
         self.prof_t = 0.0
+        self.reads: Any = None  # the HostReads mode while it watches a step
+        self.host_reads: dict[str, float] = {}
 
     def timed(self, name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -98,6 +104,18 @@ class _Probe:
             self.prof_t = now
         if self.step == FIRST + 4:
             self.stop_profile()
+            self.reads = host_reads_mode()
+            self.reads.__enter__()
+        if self.step == FIRST + 5:
+            self.stop_reads()
+
+    def stop_reads(self) -> None:
+        """Leave the HostReads mode (also at the run's end) and keep what it saw."""
+        if self.reads is None:
+            return
+        self.reads.__exit__(None, None, None)
+        self.host_reads = dict(self.reads.seen.most_common(20))
+        self.reads = None
 
     def stop_profile(self) -> None:
         """Close the profiler (also at the run's end: one left open at exit aborted the
@@ -191,9 +209,62 @@ class _Probe:
             "steps": self.steps,
             "syncs_per_step": {k: v / max(1, self.sync_steps) for k, v in self.syncs.items()},
             "profile": self.profile,
+            "host_reads_per_step": self.host_reads,
         }
         with open(PATH, "w") as f:
             json.dump(out, f, indent=1)
+
+
+# operators that read a GPU value on the host (the host waits for the GPU to get there) even
+# where no output lands in CPU memory: their result's size or truth depends on the data
+HOST_READING = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2",
+     "unique_dim", "unique_consecutive", "repeat_interleave", "bincount", "histc"}
+)  # fmt: skip
+
+
+def host_reads_mode() -> Any:
+    """A TorchDispatchMode that counts, by ``"op @ file:line fn < …  [thread]"``, every
+    operator that reads a GPU value on the host: one of HOST_READING, or one with an input on
+    a GPU and an output in CPU memory (``.cpu()``, ``.to("cpu")``, a copy into a CPU tensor).
+    On the CPU only HOST_READING's operators are counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def device_types(tree: Any) -> set[str]:
+        return {t.device.type for t in tree_leaves(tree) if hasattr(t, "device")}
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: Counter[str] = Counter()
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func.overloadpacket.__name__
+            # a GPU input and a CPU output (copy_'s output is its CPU destination)
+            crosses = "cpu" in device_types(out) and bool(
+                device_types((args, kwargs)) - {"cpu", "meta"}
+            )
+            if name in HOST_READING or crosses:
+                self.seen[f"{name} @ {python_lines()} [{threading.current_thread().name}]"] += 1
+            return out
+
+    return HostReads()
+
+
+def python_lines(depth: int = 3) -> str:
+    """The innermost ``depth`` frames of this thread's Python stack outside torch and this
+    probe, innermost first ("file.py:12 fn < …"); "-" where none (C++ alone)."""
+    frames = [
+        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+        for f in traceback.extract_stack()
+        if "/torch/" not in f.filename and "sitecustomize" not in f.filename
+    ]
+    return " < ".join(reversed(frames[-depth:])) or "-"
 
 
 def caller_chain(event: Any, depth: int = 5) -> str:
@@ -293,6 +364,7 @@ def _patch(module: Any) -> None:
                 PROBE.current["after_optimizer"] += time.perf_counter() - PROBE.mark
 
             def on_train_end(self, *a: Any, **k: Any) -> None:
+                PROBE.stop_reads()
                 PROBE.stop_profile()
                 PROBE.write()
 
