@@ -7,9 +7,11 @@ inside each of its methods, no GPU sync added), lists where the host waited for 
 runs torch.profiler over two more (kernels, ATen operations and GPU-busy seconds a
 step), and watches one more through a TorchDispatchMode (``HostReads``): every operator that
 hands a GPU value to the host (an ``.item()``, a copy to CPU memory, ``nonzero`` and the
-like), with the Python lines and thread behind it, the backward's included (autograd's
-threads carry the mode). The Trainer is patched when ``transformers.trainer`` is first imported, so the probe
-reads whichever zeroplan tree launched the run, before and after alike.
+like), with the Python lines and thread behind it. The backward's count too: torch hands
+the mode to autograd's threads with the rest of the thread-local state (checked on the CPU,
+where the backward runs in the caller's thread; not yet on a GPU). The Trainer is patched
+when ``transformers.trainer`` is first imported, so the probe reads whichever zeroplan tree
+launched the run, before and after alike.
 
     ZEROPLAN_HOST_PROBE=/tmp/run/probe.json  ZEROPLAN_HOST_PROBE_STEPS=14  (first probed step)
 
