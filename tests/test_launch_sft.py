@@ -735,16 +735,32 @@ def test_launch_reads_the_window_the_plan_reads(tmp_path: Path) -> None:
 
 def test_a_gloo_process_group_is_destroyed_before_the_interpreter_exits(tmp_path: Path) -> None:
     """sft.release_gloo (called by main after the run): left to the interpreter's teardown,
-    gloo's threads aborted a stopped rank (SIGABRT) in CI; destroyed here, nothing is left."""
+    gloo's threads aborted a stopped rank (SIGABRT) in CI; destroyed here, nothing is left,
+    and a reference cycle that holds the group (the Trainer's, over its DDP wrapper) is
+    collected with it while the interpreter is whole (automatic collection off: only
+    release_gloo's own can free it)."""
+    import gc
+    import weakref
+
     import torch.distributed as dist
+
+    class Holder:  # a Trainer -> DDP -> reducer -> group chain, in one cycle
+        pass
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    gc.disable()
     try:
-        assert dist.is_initialized()
+        holder = Holder()
+        holder.me, holder.group = holder, dist.group.WORLD  # type: ignore[attr-defined]
+        held = weakref.ref(holder)
+        del holder
+        assert dist.is_initialized() and held() is not None
         sft.release_gloo()
         assert not dist.is_initialized()
+        assert held() is None
     finally:
+        gc.enable()
         if dist.is_initialized():
             dist.destroy_process_group()
     sft.release_gloo()  # nothing to release: no error

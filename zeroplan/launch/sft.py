@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -584,13 +585,18 @@ def release_gloo() -> None:
     teardown, gloo's worker threads can still hold tensors whose release then needs the GIL
     of an interpreter going away, and the rank aborts ("terminate called without an active
     exception", SIGABRT) after its run ended: twice in CI, a rank of a two-node CPU run
-    stopped by Ctrl-C. NCCL's groups are left to torch (its teardown warns, it does not
-    abort), until a GPU run has checked destroying them at exit."""
+    stopped by Ctrl-C. destroy_process_group only drops torch's own references: the group
+    lives on while anything holds it, and the Trainer's reference cycles hold its DDP
+    wrapper, whose reducer holds the group (the abort came back once with the destroy alone,
+    session 19's CI), so a collection follows while the interpreter is whole. NCCL's groups
+    are left to torch (its teardown warns, it does not abort), until a GPU run has checked
+    destroying them at exit."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
     if dist.get_backend() == "gloo":
         dist.destroy_process_group()
+        gc.collect()
 
 
 def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
