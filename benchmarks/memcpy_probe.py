@@ -186,19 +186,15 @@ def parts() -> dict[str, Callable[[], Any]]:
         loralinear.install(fused_model)
         out["fused-4bit"] = lambda: fused_model(x).sum().backward()
         out["fused-4bit-bnb"] = through_bitsandbytes(lambda: fused_model(x).sum().backward())
-    except Exception as exc:  # report it and go on: the other parts still tell
-        print(f"fused-4bit: not run ({type(exc).__name__}: {exc})")
-    # as the QLoRA launch runs them: the adapters in fp32, the step under bf16 autocast
-    peft32 = get_peft_model(One(), cfg)
-    out["peft-4bit-autocast"] = autocast(lambda: peft32(x).sum().backward())
-    try:
-        from zeroplan.launch import loralinear
-
+        # as the QLoRA launch runs it: the adapters in fp32, the step under bf16 autocast
         fused32 = get_peft_model(One(), cfg)
         loralinear.install(fused32)
         out["fused-4bit-autocast"] = autocast(lambda: fused32(x).sum().backward())
-    except Exception as exc:
-        print(f"fused-4bit-autocast: not run ({type(exc).__name__}: {exc})")
+    except Exception as exc:  # report it and go on: the other parts still tell
+        print(f"fused-4bit: not run ({type(exc).__name__}: {exc})")
+    # PEFT's layer as the QLoRA launch runs it (fp32 adapters under bf16 autocast)
+    peft32 = get_peft_model(One(), cfg)
+    out["peft-4bit-autocast"] = autocast(lambda: peft32(x).sum().backward())
     params = [
         torch.nn.Parameter(torch.randn(RANK, HIDDEN, device="cuda") * 0.01)
         for _ in range(TRAINABLE)

@@ -12,6 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
+# code that loads the host probe as ``s``: by path, because the interpreter may
+# have a sitecustomize of its own
+LOAD_HOST_PROBE = (
+    "import importlib.util as u\n"
+    f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
+    "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
+)
 
 
 def _python(code: str, env: dict[str, str]) -> str:
@@ -76,22 +83,15 @@ def test_the_host_probe_sorts_kernels_by_what_they_do() -> None:
         "triton_poi_fused_add_mul_0": "triton",
         "Optimizer.step#AdamW.step": "other",
     }
-    code = (
-        "import importlib.util as u\n"  # by path: the interpreter may have its own sitecustomize
-        f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
-        "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
-        f"print([s._kind(n) for n in {list(names)!r}])"
-    )
+    code = LOAD_HOST_PROBE + (f"print([s._kind(n) for n in {list(names)!r}])")
     assert _python(code, {}) == repr(list(names.values()))
 
 
 def test_the_host_probe_names_the_python_line_behind_a_copy() -> None:
     """caller_chain: the operators above an event and, from a with_stack profile, the
     innermost frame outside torch that called them (CPU: a clone's copy)."""
-    code = (
-        "import importlib.util as u, torch\n"
-        f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
-        "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
+    code = LOAD_HOST_PROBE + (
+        "import torch\n"
         "def make_copy():\n"
         "    return torch.ones(8).clone()\n"
         "with torch.profiler.profile(with_stack=True) as prof:\n"
@@ -109,10 +109,8 @@ def test_the_host_probe_names_each_read_of_a_tensor_value_backward_included() ->
     """HostReads: an ``.item()`` in a forward and one in a custom backward (which the
     autograd engine runs) are each counted once, under the Python line that made them."""
     pytest.importorskip("torch")
-    code = (
-        "import importlib.util as u, torch\n"
-        f"spec = u.spec_from_file_location('probe', {str(BENCH / 'host_probe' / 'sitecustomize.py')!r})\n"
-        "s = u.module_from_spec(spec); spec.loader.exec_module(s)\n"
+    code = LOAD_HOST_PROBE + (
+        "import torch\n"
         "class Reads(torch.autograd.Function):\n"
         "    @staticmethod\n"
         "    def forward(ctx, x):\n"

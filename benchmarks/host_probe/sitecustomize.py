@@ -258,13 +258,19 @@ def host_reads_mode() -> Any:
     return HostReads()
 
 
+def _outside_torch(where: str) -> bool:
+    """Whether a frame (its file name, or a profiler stack line) is neither torch's nor this
+    probe's: the frames that say which code made an operator."""
+    return "/torch/" not in where and "sitecustomize" not in where
+
+
 def python_lines(depth: int = 3) -> str:
     """The innermost ``depth`` frames of this thread's Python stack outside torch and this
     probe, innermost first ("file.py:12 fn < …"); "-" where none (C++ alone)."""
     frames = [
         f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
         for f in traceback.extract_stack()
-        if "/torch/" not in f.filename and "sitecustomize" not in f.filename
+        if _outside_torch(f.filename)
     ]
     return " < ".join(reversed(frames[-depth:])) or "-"
 
@@ -287,7 +293,7 @@ def caller_chain(event: Any, depth: int = 5) -> str:
 def _python_frame(event: Any) -> str:
     """The innermost frame of an event's Python stack outside torch and this probe."""
     for frame in getattr(event, "stack", None) or []:
-        if "/torch/" not in frame and "sitecustomize" not in frame:
+        if _outside_torch(frame):
             return str(frame)[-90:]
     return ""
 
