@@ -225,11 +225,17 @@ HOST_READING = frozenset(
 )  # fmt: skip
 
 
+# the operators that copy a tensor as it is to another device
+HOST_COPIES = frozenset({"copy_", "_to_copy", "_copy_from", "_copy_from_and_resize"})
+
+
 def host_reads_mode() -> Any:
-    """A TorchDispatchMode that counts, by ``"op @ file:line fn < …  [thread]"``, every
-    operator that reads a GPU value on the host: one of HOST_READING, or one with an input on
-    a GPU and an output in CPU memory (``.cpu()``, ``.to("cpu")``, a copy into a CPU tensor).
-    On the CPU only HOST_READING's operators are counted."""
+    """A TorchDispatchMode that counts, by ``"op [DtoH|HtoD] @ file:line fn < …  [thread]"``,
+    every operator that reads a GPU value on the host: one of HOST_READING, or one with an
+    input on a GPU and an output in CPU memory (``.cpu()``, ``.to("cpu")``, a copy into a CPU
+    tensor, "DtoH"); and every copy from CPU memory onto a GPU ("HtoD": ``.to("cuda")`` of a
+    CPU tensor). On the CPU only HOST_READING's operators are counted. ``torch.tensor(...,
+    device="cuda")`` copies below the dispatcher's Python layer: only the profiler sees it."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -247,12 +253,19 @@ def host_reads_mode() -> Any:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             name = func.overloadpacket.__name__
-            # a GPU input and a CPU output (copy_'s output is its CPU destination)
-            crosses = "cpu" in device_types(out) and bool(
-                device_types((args, kwargs)) - {"cpu", "meta"}
-            )
-            if name in HOST_READING or crosses:
-                self.seen[f"{name} @ {python_lines()} [{threading.current_thread().name}]"] += 1
+            ins, outs = device_types((args, kwargs)), device_types(out)
+            # a GPU input and a CPU output (copy_'s output is its CPU destination): the host
+            # reads; a copy from CPU memory to a GPU (not a CPU scalar in a GPU operator,
+            # which rides along as an argument) also waits unless pinned and non-blocking
+            if "cpu" in outs and ins - {"cpu", "meta"}:
+                way = " DtoH"
+            elif name in HOST_COPIES and "cpu" in ins and outs - {"cpu", "meta"}:
+                way = " HtoD"
+            else:
+                way = "" if name in HOST_READING else None
+            if way is not None:
+                where = f"{python_lines()} [{threading.current_thread().name}]"
+                self.seen[f"{name}{way} @ {where}"] += 1
             return out
 
     return HostReads()
