@@ -141,6 +141,8 @@ def check_kernels(
     if requested == "none" or (requested == "auto" and not planned):
         return
     what = "--kernels liger" if requested == "liger" else "the plan's Liger kernels"
+    # the verbs agree with the subject: one flag, or the kernels
+    needs, runs = ("needs", "runs") if requested == "liger" else ("need", "run")
     fix = (
         "pass --kernels none"
         if requested == "liger"
@@ -148,12 +150,12 @@ def check_kernels(
     )
     if supported is None:
         raise MissingDependencyError(
-            f"{what} need liger-kernel, which is not installed here: pip install liger-kernel, "
-            f"or {fix}"
+            f"{what} {needs} liger-kernel, which is not installed here: "
+            f"pip install liger-kernel, or {fix}"
         )
     if not cuda:
         raise KernelsUnsupportedError(
-            f"{what} run Triton kernels, which need a CUDA GPU: {fix} to train on the CPU"
+            f"{what} {runs} Triton kernels, which need a CUDA GPU: {fix} to train on the CPU"
         )
     if model_type is not None and model_type not in supported:
         raise KernelsUnsupportedError(
