@@ -19,6 +19,7 @@ this GPU), then launches that plan.json with ``zeroplan launch`` once per run:
     qlora-none / qlora-liger   the default QLoRA plan (--method qlora), plain and Liger
     auto-compile    the default launch with --compile
     qlora-auto      the default QLoRA plan's default launch
+    qlora-auto-fused-loss  the same with Liger's fused linear cross-entropy
     qlora-old / lora-old   the plans before issue 26's second step (dropout 0.05,
                     micro-batch 8, unfused loss; QLoRA on the model's own kernels)
     trl-users / trl-tuned  TRL's SFTTrainer with Liger and packing on the same model and
@@ -104,6 +105,9 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     # step: what the fused linears alone change, same plan otherwise)
     "auto-peft": ("lora", [], {"fused_lora": False}),
     "qlora-auto-peft": ("qlora", [], {"fused_lora": False}),
+    # the default QLoRA plan with Liger's fused linear cross-entropy in place of the full
+    # logits' float32 log-softmax (the plan leaves it off where the logits fit)
+    "qlora-auto-fused-loss": ("qlora", [], {"fused_loss": True}),
 }
 # peers (benchmarks/peers_speed.py), each in its own process on the same model and records
 PEERS = ("trl-users", "trl-tuned", "unsloth-notebook", "unsloth-packed", "unsloth-packed-bf16")
