@@ -1,13 +1,11 @@
-"""Where the launched QLoRA step's blocking device-to-host copies come from (issue 26).
+"""What each part of the launched QLoRA step copies to the host and waits for (issue 26).
 
-The host probe counted 896 "Memcpy DtoH (Device -> Pageable)" a step in the 8B QLoRA launch
-(224 4-bit linears, 448 trainable LoRA tensors), with the fused LoRA linears and with
-PEFT's alike, yet torch's sync debug mode saw none of them. The host waits for them: in two
-profiled steps (host6_h100.jsonl, 8b-mb1) it made 2,296 cudaMemcpyAsync calls of 67 µs each
-on average (22% of its time) and 2,037 cudaStreamSynchronize; they came from top-level
-``copy_`` (672 a step), ``.to()`` (228.5) and ``.item()`` (116.5). Each part of that step runs
-here alone on the GPU, under torch.profiler and under sync debug mode, and prints how many
-such copies (and synchronising calls) each makes per call:
+The host probe once counted 896 "Memcpy DtoH (Device -> Pageable)" a step in the 8B QLoRA
+launch (host6_h100.jsonl); its profiled window had run into the final adapter save, which
+makes them (host7_h100.jsonl: the probe's HostReads names ``_save_checkpoint``; a profiled
+step makes about 5). Alone, no part of the step made one (memcpy_probe2_h100.jsonl). Each
+part runs here alone on the GPU, under torch.profiler and under sync debug mode, and prints
+how many such copies (and synchronising calls) each makes per call:
 
     dequant      bitsandbytes' dequantize_4bit of an NF4 weight with nested statistics
     peft-4bit    PEFT's LoRA over bitsandbytes' Linear4bit: forward and backward
