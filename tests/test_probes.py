@@ -137,3 +137,39 @@ def test_the_host_probe_names_each_read_of_a_tensor_value_backward_included() ->
     assert all(line.startswith("1 _local_scalar_dense @ <string>:") for line in lines), lines
     assert any(" backward < " in line for line in lines), lines
     assert any(" step < " in line for line in lines), lines
+
+
+def test_the_host_probe_closes_its_windows_before_the_final_save() -> None:
+    """The last step's end closes the host-read mode and the profiler: the final save comes
+    next in the Trainer's loop, and its copies to the host (896 a step in host6's profile,
+    the reads of host7) are not a step's. An earlier step's end leaves them open."""
+    pytest.importorskip("transformers")
+    code = LOAD_HOST_PROBE + (
+        "from types import SimpleNamespace as NS\n"
+        "class Trainer:\n"
+        "    def __init__(self):\n"
+        "        self.accelerator = NS(backward=lambda *a, **k: None)\n"
+        "        self.callbacks = []\n"
+        "    def add_callback(self, cb):\n"
+        "        self.callbacks.append(cb)\n"
+        "s._patch(NS(Trainer=Trainer))\n"
+        "cb = Trainer().callbacks[0]\n"
+        "s.PROBE.reads = s.host_reads_mode()\n"
+        "s.PROBE.reads.__enter__()\n"
+        "cb.on_step_end(None, NS(global_step=4, max_steps=5), None)\n"
+        "print(s.PROBE.reads is None)\n"
+        "cb.on_step_end(None, NS(global_step=5, max_steps=5), None)\n"
+        "print(s.PROBE.reads is None)\n"
+    )
+    assert _python(code, {}).splitlines() == ["False", "True"]
+
+
+def test_the_host_probe_keeps_site_packages_frames_under_a_torch_named_folder() -> None:
+    """Only torch's own files are left out of a read's lines: the GPU image's environment
+    lives in /opt/torch/.venv, and a "/torch/" anywhere in a path hid transformers' frames."""
+    code = LOAD_HOST_PROBE + (
+        "print(s._outside_torch('/opt/torch/.venv/lib/python3.12/site-packages/transformers/"
+        "trainer.py(2175): _maybe_log_save_evaluate'))\n"
+        "print(s._outside_torch(s.TORCH_DIR + 'nn/modules/module.py(1775): _call_impl'))\n"
+    )
+    assert _python(code, {}).splitlines() == ["True", "False"]

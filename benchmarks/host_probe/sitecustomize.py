@@ -257,12 +257,13 @@ def host_reads_mode() -> Any:
             # a GPU input and a CPU output (copy_'s output is its CPU destination): the host
             # reads; a copy from CPU memory to a GPU (not a CPU scalar in a GPU operator,
             # which rides along as an argument) also waits unless pinned and non-blocking
+            way: str | None = None  # not counted
             if "cpu" in outs and ins - {"cpu", "meta"}:
                 way = " DtoH"
             elif name in HOST_COPIES and "cpu" in ins and outs - {"cpu", "meta"}:
                 way = " HtoD"
-            else:
-                way = "" if name in HOST_READING else None
+            elif name in HOST_READING:
+                way = ""
             if way is not None:
                 where = f"{python_lines()} [{threading.current_thread().name}]"
                 self.seen[f"{name}{way} @ {where}"] += 1
@@ -271,10 +272,25 @@ def host_reads_mode() -> Any:
     return HostReads()
 
 
+def _torch_dir() -> str:
+    """torch's package folder, found without importing it. Matched as a prefix: a "/torch/"
+    anywhere in the path also matched every package of the GPU image, whose environment is
+    /opt/torch/.venv, and hid transformers' frames (host7's reads named TRL's and ours)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    origin = spec.origin if spec is not None else None
+    return os.path.dirname(origin) + os.sep if origin else ""
+
+
+TORCH_DIR = _torch_dir()
+
+
 def _outside_torch(where: str) -> bool:
-    """Whether a frame (its file name, or a profiler stack line) is neither torch's nor this
-    probe's: the frames that say which code made an operator."""
-    return "/torch/" not in where and "sitecustomize" not in where
+    """Whether a frame (its file name, or a profiler stack line "path(line): fn") is neither
+    torch's nor this probe's: the frames that say which code made an operator."""
+    inside = bool(TORCH_DIR) and where.startswith(TORCH_DIR)
+    return not inside and "sitecustomize" not in where
 
 
 def python_lines(depth: int = 3) -> str:
@@ -380,9 +396,14 @@ def _patch(module: Any) -> None:
                 PROBE.current["optimizer"] += time.perf_counter() - PROBE.mark
                 PROBE.mark = time.perf_counter()
 
-            def on_step_end(self, *a: Any, **k: Any) -> None:
+            def on_step_end(self, args: Any, state: Any, *a: Any, **k: Any) -> None:
                 # scheduler, zero_grad and the step-end callbacks
                 PROBE.current["after_optimizer"] += time.perf_counter() - PROBE.mark
+                if state.global_step >= state.max_steps:
+                    # the last step: the final save comes next, which no window is for
+                    # (host6's profile and host7's reads ran into it: 896 copies)
+                    PROBE.stop_reads()
+                    PROBE.stop_profile()
 
             def on_train_end(self, *a: Any, **k: Any) -> None:
                 PROBE.stop_reads()
