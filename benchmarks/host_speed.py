@@ -89,8 +89,8 @@ MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}
 COMPILE_EXTRA_S = 15.0
 RANKED = ("1b-plan", "1b-alt1", "1b-alt2", "1b-alt3", "1b-alt4")
 # steps after the timed ones: two under sync debug mode, two profiled (the profiler stops
-# at the next step's start or at the run's end), one watched for the host's reads of GPU
-# values (host_probe's HostReads)
+# at the next step's start), one watched for the host's reads of GPU values (host_probe's
+# HostReads, closed at the last step's end, before the final save)
 PROBED = 5
 
 
