@@ -5,11 +5,13 @@ It times on the host what transformers' Trainer does each optimizer step (the se
 inside each of its methods, no GPU sync added), lists where the host waited for the GPU
 (torch's sync debug mode over two steps: file, line and count of every synchronising call),
 runs torch.profiler over two more (kernels, ATen operations and GPU-busy seconds a
-step), and watches one more through a TorchDispatchMode (``HostReads``): every operator that
-hands a GPU value to the host (an ``.item()``, a copy to CPU memory, ``nonzero`` and the
-like), with the Python lines and thread behind it. The backward's count too: torch hands
-the mode to autograd's threads with the rest of the thread-local state (checked on the CPU,
-where the backward runs in the caller's thread; not yet on a GPU). The Trainer is patched
+step), and watches one more through a TorchDispatchMode (``HostReads``; the last step's end
+closes it, before the final save): every operator that hands a GPU value to the host (an
+``.item()``, a copy to CPU memory, ``nonzero`` and the like) or copies CPU memory onto a GPU,
+with the Python lines and thread behind it. The backward's count too: torch hands the mode
+to autograd's threads with the rest of the thread-local state (on the CPU the backward runs
+in the caller's thread; on an H100, host7's reads include Liger's backward ``equal`` in
+autograd's thread). The Trainer is patched
 when ``transformers.trainer`` is first imported, so the probe reads whichever zeroplan tree
 launched the run, before and after alike.
 

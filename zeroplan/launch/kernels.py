@@ -140,14 +140,12 @@ def check_kernels(
         raise KernelsUnsupportedError(f"--kernels must be one of {', '.join(KERNELS)}")
     if requested == "none" or (requested == "auto" and not planned):
         return
-    what = "--kernels liger" if requested == "liger" else "the plan's Liger kernels"
-    # the verbs agree with the subject: one flag, or the kernels
-    needs, runs = ("needs", "runs") if requested == "liger" else ("need", "run")
-    fix = (
-        "pass --kernels none"
-        if requested == "liger"
-        else "plan again with --no-liger, or pass --kernels none (over the plan's memory)"
-    )
+    # who asked (one flag, or the plan's kernels: the verbs agree) and how to do without
+    if requested == "liger":
+        what, needs, runs, fix = "--kernels liger", "needs", "runs", "pass --kernels none"
+    else:
+        what, needs, runs = "the plan's Liger kernels", "need", "run"
+        fix = "plan again with --no-liger, or pass --kernels none (over the plan's memory)"
     if supported is None:
         raise MissingDependencyError(
             f"{what} {needs} liger-kernel, which is not installed here: "
