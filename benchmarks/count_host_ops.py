@@ -511,7 +511,9 @@ def fused_adapter_counts() -> tuple[int, int]:
     return peft, fused
 
 
-def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tuple[int, int]]:
+def fused_adapter_host_us(
+    calls: int = 2000, repeats: int = 9, device: str = "cpu"
+) -> dict[str, tuple[int, int]]:
     """Host microseconds one LoRA adapter adds to a linear's forward and backward, on PEFT's
     layers and on the fused linears (hostops.FUSED_ADAPTER_HOST_US), in a Llama layer's
     seven: q/k/v on one input, o, gate/up on one input, down (so the fused path runs two
@@ -521,7 +523,8 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
     its fastest run (what other processes on the machine did not slow), the bare block's
     time taken off, per adapter. For "bf16" adapters (as DeepSpeed bf16 holds them), fp32
     ones under bf16 autocast (PEFT's default) and those over NF4 bases under autocast
-    (QLoRA)."""
+    (QLoRA). On ``device`` "cuda" (benchmarks/host_timing.py) the calls launch kernels, as
+    in a launched step, and each run ends synchronized."""
     import torch
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
@@ -529,6 +532,7 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
     from zeroplan.launch import loralinear
 
     torch.set_num_threads(1)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     class Block(torch.nn.Module):
@@ -539,13 +543,17 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
 
     def base(quantized: bool = False) -> Any:
         if not quantized:
-            return torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16).requires_grad_(False)
+            linear = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)
+            return linear.to(device, torch.bfloat16)
         import bitsandbytes as bnb
 
         layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16)
         weight = bnb.nn.Params4bit(torch.randn(64, 64) * 0.1, requires_grad=False)
-        layer.weight = weight._quantize("cpu")
-        return layer
+        if device == "cpu":
+            layer.weight = weight._quantize("cpu")
+            return layer
+        layer.weight = weight
+        return layer.to(device)  # quantized on the move, as bitsandbytes loads a model
 
     def block(dtype: Any, quantized: bool, mode: str) -> Any:
         from peft.tuners.lora.bnb import Linear4bit
@@ -561,16 +569,19 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
                 layer.lora_A["default"].to(dtype)
                 layer.lora_B["default"].to(dtype)
             setattr(out, name, layer)
+        out.to(device)
         if mode == "fused":
             loralinear.install(out)
         return out
 
     def once(layer: Any, autocast: bool, x: Any) -> float:
+        sync()
         start = time.perf_counter()
         for _ in range(calls):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 y = layer(x)
             y.float().sum().backward()
+        sync()
         return (time.perf_counter() - start) / calls * 1e6
 
     out = {}
@@ -580,7 +591,7 @@ def fused_adapter_host_us(calls: int = 2000, repeats: int = 9) -> dict[str, tupl
         ("4bit", torch.float32, True, True),
     ):
         blocks = [block(dtype, quantized, mode) for mode in ("bare", "peft", "fused")]
-        x = torch.randn(1, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(1, 4, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
         best = [min(once(m, autocast, x) for _ in range(2)) for m in blocks]  # warm
         for _ in range(repeats):
             best = [min(b, once(m, autocast, x)) for b, m in zip(best, blocks, strict=True)]

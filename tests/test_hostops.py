@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,3 +188,26 @@ def test_compiled_layers_ask_the_host_for_a_counted_share_of_the_eager_calls() -
     fused = TrainSetup(method="lora", lora_dropout=0.0, kernels="liger")
     assert gpu_seconds(llama, compiled, h100) == gpu_seconds(llama, fused, h100)
     assert gpu_seconds(llama, compiled, h100) < gpu_seconds(llama, eager, h100)
+
+
+def test_the_host_timing_script_times_each_adapter_path(tmp_path: Path, monkeypatch: Any) -> None:
+    """benchmarks/host_timing.py (run on a GPU machine, where the calls launch kernels) on
+    this CPU, the LoRA linears only (Liger's kernels need a GPU): one row per adapter path,
+    PEFT's and the fused linear's host µs beside their share, and the machine."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import host_timing
+
+    out = tmp_path / "t.jsonl"
+    argv = ["host_timing.py", "--out", str(out), "--skip-liger", "--calls", "5", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert host_timing.main() == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["piece"] for r in rows] == [f"lora_adapter_{p}" for p in ("bf16", "autocast", "4bit")]
+    for r in rows:
+        assert r["device"] == "cpu" and r["torch"] and "gpu" in r
+        if r["peft_us"] > 0:  # five calls on a busy machine: the bare block's time may win
+            assert r["fused_share"] == pytest.approx(r["fused_us"] / r["peft_us"], abs=1e-3)

@@ -283,6 +283,42 @@ def test_per_record_gradients_of_a_model_match_peft(
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_group_casts_its_fp32_adapters_once_each_way() -> None:
+    """Under autocast with fp32 adapters (PEFT's QLoRA default) a q/k/v group casts the
+    stacked A and each B to bf16 going forward, and back the stacked A's gradient and each
+    B's: 2 · (1 + 3) casts, where casting each A alone took 2 · (3 + 3); and no cast of
+    anything already in its dtype (x, the base weights, the outputs' gradients)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from zeroplan.launch import loralinear
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(self, name, _layer(_bf16_base(False), torch.float32))
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Casts.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    model = Attention()
+    assert loralinear.install(model).grouped == 3
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    with Casts():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [model.q_proj(x), model.k_proj(x), model.v_proj(x)]
+        torch.autograd.backward(outs, [torch.ones_like(y) for y in outs])
+    assert Casts.n == 2 * (1 + 3)
+    assert model.q_proj.lora_A["default"].weight.grad.dtype == torch.float32
+
+
 # -- a launched rank -----------------------------------------------------------------------
 
 
