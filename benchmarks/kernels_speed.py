@@ -107,7 +107,8 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "qlora-auto-peft": ("qlora", [], {"fused_lora": False}),
     # the default QLoRA plan with Liger's fused linear cross-entropy in place of the full
     # logits' float32 log-softmax (the plan leaves it off: predicted 2% faster on the 8B
-    # records, inside the planner's 3% tie, which the simpler setup wins)
+    # records, inside the planner's 3% tie, which the simpler setup wins; one H100 ran it
+    # 1.014x, 17 GB lighter: kernels9_h100.jsonl)
     "qlora-auto-fused-loss": ("qlora", [], {"fused_loss": True}),
 }
 # peers (benchmarks/peers_speed.py), each in its own process on the same model and records
