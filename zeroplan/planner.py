@@ -97,6 +97,8 @@ class PlanRequest:
     # the launch's fused LoRA linears (zeroplan.launch.loralinear) offered where they can
     # run (fused_lora_choice); False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
     allow_fused_lora: bool = True
+    # the plan is for zeroplan launch; False: for another trainer's recipe (plan --emit)
+    launched: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
     cpu_ram_per_node: int | None = None
     # the data's lengths at seq_len, packed into rows (plan --data): speed counts real
@@ -383,12 +385,18 @@ def _check_moe(req: PlanRequest) -> None:
     )
 
 
-def complexity(setup: TrainSetup) -> int:
-    """Moving parts a setup adds; among equally fast setups the simplest wins."""
+def complexity(setup: TrainSetup, launched: bool = True) -> int:
+    """Moving parts a setup adds; among equally fast setups the simplest wins. The fused
+    loss is one where it alone brings Liger in: in another trainer's recipe (``launched``
+    False: its Liger switch is a dependency of its own) or beside the model's own kernels.
+    Launched beside Liger's kernels it adds nothing to install, and the tie falls to memory
+    (on one H100 the default 8B QLoRA plan ran it 1.4% faster and 17 GB lighter than the
+    plain loss, predicted 2%: benchmarks/results/kernels9_h100.jsonl)."""
     dist = 0 if setup.zero is None else 1 + setup.zero
     offload = {"none": 0, "optimizer": 5, "optimizer+params": 10}[setup.offload]
     optim = {"adamw_torch_fused": 0, "adamw_8bit": 1}.get(setup.optim, 2)
-    return 10 * (dist + offload) + optim + int(setup.fused_loss)
+    liger_already = launched and setup.kernels == "liger"
+    return 10 * (dist + offload) + optim + int(setup.fused_loss and not liger_already)
 
 
 # Predicted speeds this close to the fastest are a tie, which the simpler setup wins, then
@@ -412,12 +420,17 @@ def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
     if _tied(c, fastest):
         return (
             0,
-            complexity(c.setup),
+            complexity(c.setup, req.launched),
             c.setup.grad_accum,
             c.estimate.required_bytes,
             -c.step.tokens_per_s,
         )
-    return (1, -c.step.tokens_per_s, complexity(c.setup), c.estimate.required_bytes)
+    return (
+        1,
+        -c.step.tokens_per_s,
+        complexity(c.setup, req.launched),
+        c.estimate.required_bytes,
+    )
 
 
 def _rank(req: PlanRequest, cands: list[Candidate]) -> list[Candidate]:
@@ -463,9 +476,9 @@ def _faster_layers(results: list[Candidate]) -> list[Candidate]:
     return [c for c in results if id(c) in kept]
 
 
-def _tie_lost_on(loser: TrainSetup, winner: TrainSetup) -> str:
+def _tie_lost_on(loser: TrainSetup, winner: TrainSetup, launched: bool = True) -> str:
     """Why a setup tied on speed ranks below the chosen one, in _score's order."""
-    if complexity(loser) > complexity(winner):
+    if complexity(loser, launched) > complexity(winner, launched):
         return "adds moving parts"
     if loser.grad_accum > winner.grad_accum:
         return "takes more micro-batches per step"
@@ -532,7 +545,7 @@ def plan(req: PlanRequest) -> Plan:
                     edge = top.step.tokens_per_s / best.step.tokens_per_s - 1
                     rejected[fam] = (
                         f"as fast (predicted {edge:+.0%}, a tie within {TIE:.0%}), but "
-                        f"{_tie_lost_on(top.setup, best.setup)} ({describe(top.setup)})"
+                        f"{_tie_lost_on(top.setup, best.setup, req.launched)} ({describe(top.setup)})"
                     )
                 else:
                     slower = best.step.tokens_per_s / top.step.tokens_per_s - 1

@@ -648,6 +648,8 @@ def plan(
     )  # fmt: skip
     # a recipe's plan keeps the model's own kernels (recipe_job says why)
     extra = {"allow_kernels": not no_liger, "allow_fused_lora": not no_fused_lora, **extra}
+    if emit is not None:
+        extra["launched"] = False  # another trainer runs it (planner.complexity)
     req = PlanRequest(
         spec=spec,
         cluster=cluster,
