@@ -12,7 +12,7 @@ the launch runs them.
 Each piece runs forward and backward ``calls`` times on tensors small enough that the GPU
 keeps up with the host (64 wide, 16 tokens), inside a scaffold (inputs made, the output
 summed, backward) that is timed alone and taken off; each keeps its fastest of ``repeats``
-runs, synchronized at the end. For a Liger piece the line gives its time, the module's it
+runs, synchronized at the end, the three run in turn. For a Liger piece the line gives its time, the module's it
 replaces, and what Liger's counts as on the table's unit:
 
     calls equivalent = module's counted calls · Liger's µs / the module's µs
@@ -38,18 +38,24 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def best_us(fn: Callable[[], None], calls: int, repeats: int, sync: Callable[[], None]) -> float:
-    """Microseconds per call of ``fn``: the fastest of ``repeats`` runs of ``calls`` calls,
-    each run synchronized at its end (two runs first, not kept: caches and autotuning)."""
-    best = float("inf")
+def best_us(
+    fns: list[Callable[[], None]], calls: int, repeats: int, sync: Callable[[], None]
+) -> list[float]:
+    """Microseconds per call of each of ``fns``: the fastest of ``repeats`` runs of ``calls``
+    calls, the functions run in turn within each round so that a machine slowing for a while
+    slows them alike (one after another, a slow spell fell on one piece's runs: the first
+    H100 timing, host_timing_h100.jsonl); each run synchronized at its end, two rounds
+    first not kept (caches and autotuning)."""
+    best = [float("inf")] * len(fns)
     for i in range(repeats + 2):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        if i >= 2:
-            best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        for j, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            if i >= 2:
+                best[j] = min(best[j], (time.perf_counter() - start) / calls * 1e6)
     return best
 
 
@@ -105,7 +111,7 @@ def liger_pieces_us(device: str, calls: int, repeats: int) -> list[dict[str, Any
     rows = []
     for name, (own, liger, scaffold, shapes) in pieces.items():
         runs = [piece(fn, shapes) for fn in (scaffold, own, liger)]
-        base, own_us, liger_us = (best_us(r, calls, repeats, sync) for r in runs)
+        base, own_us, liger_us = best_us(runs, calls, repeats, sync)
         own_us, liger_us = own_us - base, liger_us - base
         counted_own, counted_liger = LIGER_OPS[name]
         rows.append(

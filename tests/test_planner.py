@@ -771,24 +771,37 @@ def test_the_4bit_alternative_is_the_setup_method_auto_would_take() -> None:
     assert lora.quantized_alternative.setup == auto.best.setup
 
 
-def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound_step() -> None:
-    """The fused LoRA linears keep PEFT's tensors and take passes off the GPU, but their
-    Python costs the host more over bf16 / autocast adapters (hostops.FUSED_ADAPTER_HOST_US):
-    each setup is weighed both ways and the faster kept, one row per setup."""
+def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fused LoRA linears keep PEFT's tensors and take passes off the GPU; on the host,
+    timed on an H100 machine's, they cost 0.6-0.7 of PEFT's (hostops.FUSED_ADAPTER_HOST_US).
+    Each setup is weighed both ways and the faster kept, one row per setup: with the ratios
+    a CPU times (1.15 and 1.06 over bf16 and fp32 adapters) a host-bound step keeps PEFT's."""
+    from zeroplan import hostops
+
     one = parse_cluster("1xH100")
     small = load_model("meta-llama/Llama-3.2-1B")
-    host_paced = plan(
-        PlanRequest(spec=small, cluster=one, seq_len=512, global_batch=1, allow_quantization=False)
+    request = PlanRequest(
+        spec=small, cluster=one, seq_len=512, global_batch=1, allow_quantization=False
     )
+    host_paced = plan(request)
     best = host_paced.best
-    assert best is not None and best.step.host_bound and not best.setup.fused_lora
-    fused = evaluate(host_paced.request, dataclasses.replace(best.setup, fused_lora=True))
-    assert fused.step.tokens_per_s < best.step.tokens_per_s
-    assert fused.estimate.required_bytes == best.estimate.required_bytes
-    assert any("run PEFT's own layers" in a for a in host_paced.assumptions)
+    assert best is not None and best.step.host_bound and best.setup.fused_lora
+    peft = evaluate(host_paced.request, dataclasses.replace(best.setup, fused_lora=False))
+    assert peft.step.tokens_per_s < best.step.tokens_per_s
     # no two ranked rows differ only in the layers
     keys = [dataclasses.replace(c.setup, fused_lora=False) for c in host_paced.ranked]
     assert len(keys) == len(set(keys))
+    cpu_timed = {"bf16": (110, 127), "autocast": (137, 145), "4bit": (205, 131)}
+    monkeypatch.setattr(hostops, "FUSED_ADAPTER_HOST_US", cpu_timed)
+    slower_host = plan(request)
+    kept = slower_host.best
+    assert kept is not None and kept.step.host_bound and not kept.setup.fused_lora
+    fused = evaluate(slower_host.request, dataclasses.replace(kept.setup, fused_lora=True))
+    assert fused.step.tokens_per_s < kept.step.tokens_per_s
+    assert fused.estimate.required_bytes == kept.estimate.required_bytes
+    assert any("run PEFT's own layers" in a for a in slower_host.assumptions)
     # a GPU-bound step takes them, and a 4-bit base, whose fused path asks less of the host
     gpu_paced = plan(PlanRequest(spec=L8, cluster=one, seq_len=2048, global_batch=16))
     assert gpu_paced.best is not None and not gpu_paced.best.step.host_bound

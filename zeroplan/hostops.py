@@ -17,20 +17,25 @@ from functools import cache
 from importlib import resources
 
 # Liger's kernels (``kernels="liger"``) in place of the model's own modules, per call of one
-# forward and backward: (operations the model's module dispatches, operations Liger's
-# dispatches). The model's are counted as the table is (``count_host_ops.py --liger``:
-# Llama's RMSNorm with a frozen and with a trained weight, SiLU·mul, rotary on q and k);
-# Liger 0.8.5's are read off its source (ops/rms_norm.py, swiglu.py, rope.py), each Triton
-# launch one operation: its RMSNorm allocates the output and the per-row rstd and launches,
-# and backward launches writing the input's gradient in place of the output's (a trained
-# weight adds the per-SM partial sums, their sum and the cast: 7); SiLU·mul allocates its
-# output and launches, backward launches in place; RoPE copies q and k contiguous and
-# launches, each way.
+# forward and backward: (operations the model's module dispatches, what Liger's cost the
+# host in operations). The model's are counted as the table is (``count_host_ops.py
+# --liger``: Llama's RMSNorm with a frozen and with a trained weight, SiLU·mul, rotary on q
+# and k). Liger's are timed on an H100 machine's host, where its Triton launches and the
+# Python around them run (benchmarks/host_timing.py, host_timing_h100.jsonl; Liger 0.8.5,
+# Triton 3.6), in the host clock's unit, its fitted seconds per operation
+# (SpeedConstants.host_op_s, 25.8 µs): RMSNorm 233 µs, 9; SiLU·mul 146 µs, 6; RoPE 314 µs,
+# 12; a trained weight adds three calls (the per-SM partial sums, their sum and the cast),
+# not timed. Read off Liger's source, each Triton launch one call, they had been 4, 7, 3
+# and 6, and the launched host-bound runs on Liger came out faster in the plan than
+# measured, by about 7 points more than the same jobs on the model's own kernels
+# (host_h100.jsonl, host4/6/8). Scaled instead by the micro-benchmark's own rate (Llama's
+# RMSNorm: 22 calls in 205 µs) they would be 25, 16 and 16: Liger would cost the host more
+# than the modules it replaces, and the plan would put those launched runs 15-20% slow.
 LIGER_OPS = {
-    "rms_norm": (22, 4),
-    "rms_norm_trained": (24, 7),
-    "swiglu": (5, 3),
-    "rope": (24, 6),
+    "rms_norm": (22, 9),
+    "rms_norm_trained": (24, 12),
+    "swiglu": (5, 6),
+    "rope": (24, 12),
 }
 # The architectures whose RMSNorm, gated MLP and rotary are Llama's modules (the ones
 # counted above); others' Liger steps keep their own count on the host's clock.
@@ -42,11 +47,14 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # adapters): 19 and 7 calls, the fused ones dispatching the adapters' matmuls and in-place
 # sums without PEFT's scaling, sum and the autograd nodes between, q/k/v and gate/up as one
 # function each. Timed (one thread, a Llama layer's seven linears 64 wide on 4 tokens, so
-# that only the host's work is left; each variant's fastest of 9 runs, the bare layer's
-# time taken off, per adapter; this machine's CPU): bf16 adapters 110 and 127 µs, fp32
-# adapters under autocast 137 and 145, over NF4 bases under autocast 205 and 131 (PEFT's
-# 4-bit copy, bitsandbytes' module and autograd node gone: the fused function dequantizes
-# and calls F.linear itself). The fused functions' forward and backward are Python (an
+# that only the host's work is left; each variant's fastest of 7 runs, the bare layer's
+# time taken off, per adapter) on an H100 machine's host, CUDA tensors, as the launch runs
+# them (benchmarks/host_timing.py, host_timing_h100.jsonl): bf16 adapters 269 and 194 µs,
+# fp32 adapters under autocast 315 and 220, over NF4 bases under autocast 302 and 185
+# (PEFT's 4-bit copy, bitsandbytes' module and autograd node gone: the fused function
+# dequantizes through bitsandbytes' C functions and calls F.linear itself). On a CPU, where
+# nothing launches, the same were 110 and 114-122, 139 and 138-146, 176-191 and 124-150:
+# there the fused Python weighs more against PEFT's calls than where each call launches. The fused functions' forward and backward are Python (an
 # autograd.Function, and the group's hand-over of outputs), which costs what many of the
 # saved calls did: the host clock takes the timed ratio of the path, not the count's.
 # (Timed one linear at a time, the first fused function, which called the base module and
@@ -54,13 +62,13 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # the plan said 7,977 tokens/s for the launched 8B QLoRA at 1 × 1,664 on one H100 where
 # 6,504 ran, host4_h100.jsonl.)
 FUSED_ADAPTER_OPS = (19, 7)
-FUSED_ADAPTER_HOST_US = {"bf16": (110, 127), "autocast": (137, 145), "4bit": (205, 131)}
+FUSED_ADAPTER_HOST_US = {"bf16": (269, 194), "autocast": (315, 220), "4bit": (302, 185)}
 
 
 def fused_adapter_share(path: str) -> float:
     """What a fused LoRA linear's adapter asks of the host, as a share of PEFT's on the same
     ``path`` (FUSED_ADAPTER_HOST_US: "bf16" adapters, fp32 ones under "autocast", or over a
-    "4bit" base): 1.15, 1.06, 0.64."""
+    "4bit" base): 0.72, 0.70, 0.61."""
     peft, fused = FUSED_ADAPTER_HOST_US[path]
     return fused / peft
 

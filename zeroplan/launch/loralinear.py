@@ -23,8 +23,9 @@ Measured on one H100 (benchmarks/results/kernels5_h100.jsonl): the 8B QLoRA defa
 Its forward and backward are Python; they call F.linear on the base weight (dequantizing a
 4-bit one themselves, not through bitsandbytes' module and autograd function, with
 bitsandbytes' C functions called directly where they match its own: launch/dequant.py) and
-scale in addmm's epilogue; in a Llama layer's seven linears the host spends 1.15x PEFT's time on
-bf16 adapters and 0.64x over NF4, timed on the CPU (hostops.FUSED_ADAPTER_HOST_US).
+scale in addmm's epilogue; in a Llama layer's seven linears the host spends 0.72x PEFT's time on
+bf16 adapters and 0.61x over NF4, timed on an H100 machine's host (hostops.FUSED_ADAPTER_HOST_US;
+on a CPU, where nothing launches, 1.1x and 0.7x).
 
 The adapters keep their dtype (PEFT's fp32 under autocast, DeepSpeed's bf16): the matmuls
 run in the compute dtype (autocast's, else x's) and the adapters' gradients come back in
