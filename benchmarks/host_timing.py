@@ -129,30 +129,6 @@ def liger_pieces_us(device: str, calls: int, repeats: int) -> list[dict[str, Any
     return rows
 
 
-def environment() -> dict[str, Any]:
-    import importlib.metadata as md
-    import platform
-    import subprocess
-
-    out: dict[str, Any] = {"python": platform.python_version(), "cpu": platform.processor()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "triton"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        out["gpu"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        out["gpu"] = None
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON lines written here")
@@ -164,6 +140,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import torch
     from count_host_ops import fused_adapter_host_us
+    from kernels_speed import environment  # versions, GPU and driver, as every GPU row has
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()

@@ -209,6 +209,6 @@ def test_the_host_timing_script_times_each_adapter_path(tmp_path: Path, monkeypa
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["piece"] for r in rows] == [f"lora_adapter_{p}" for p in ("bf16", "autocast", "4bit")]
     for r in rows:
-        assert r["device"] == "cpu" and r["torch"] and "gpu" in r
+        assert r["device"] == "cpu" and r["versions"]["torch"] and "gpu" in r
         if r["peft_us"] > 0:  # five calls on a busy machine: the bare block's time may win
             assert r["fused_share"] == pytest.approx(r["fused_us"] / r["peft_us"], abs=1e-3)
