@@ -39,6 +39,11 @@ def probe_lines(name: str, probe: dict[str, Any], top: int = 12) -> list[str]:
         )
     for chain, n in (prof.get("memcpy_callers_per_step") or {}).items():
         out.append(f"    memcpy {n:6.1f}/step  {chain[:150]}")
+    for row in prof.get("copy_kernel_callers_per_step") or []:
+        out.append(
+            f"    copy kernels {row['ms_per_step']:7.3f} ms {row['calls_per_step']:6.0f}×  "
+            f"{row['caller'][:140]}"
+        )
     return out + reads
 
 

@@ -3,6 +3,7 @@ benchmarks/probe_hooks.py, and leave the training process's sys.path as it was."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -173,3 +174,28 @@ def test_the_host_probe_keeps_site_packages_frames_under_a_torch_named_folder() 
         "print(s._outside_torch(s.TORCH_DIR + 'nn/modules/module.py(1775): _call_impl'))\n"
     )
     assert _python(code, {}).splitlines() == ["True", "False"]
+
+
+def test_the_host_probe_names_what_launched_the_copy_kernels() -> None:
+    """copy_kernel_callers: the GPU's copy kernels by the operator that launched them and the
+    operators above it, calls and milliseconds a step, costliest first; other kernels left
+    out. The profiler ties kernels to operators only on a GPU: here its events are stand-ins
+    with the fields it fills (name, cpu_parent, kernels of name and duration in µs)."""
+    code = LOAD_HOST_PROBE + (
+        "from types import SimpleNamespace as E\n"
+        "def op(name, parent=None, kernels=()):\n"
+        "    return E(name=name, cpu_parent=parent, stack=[],\n"
+        "             kernels=[E(name=n, duration=d) for n, d in kernels])\n"
+        "clone = op('aten::clone', op('LoRAGroupBackward'))\n"
+        "copy = 'void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>'\n"
+        "events = [op('aten::copy_', clone, [(copy, 30.0)]) for _ in range(4)]\n"
+        "events += [op('aten::cat', op('LoRAGroup'), [('void at::native::CatArrayBatchedCopy<bf16>', 5.0)])]\n"
+        "events += [op('aten::mm', None, [('nvjet_sm90_tst_256x128', 900.0)])]\n"
+        "import json; print(json.dumps(s.copy_kernel_callers(events, steps=2)))\n"
+    )
+    out = json.loads(_python(code, {}))
+    assert [r["caller"] for r in out] == [
+        "aten::copy_ < aten::clone < LoRAGroupBackward",
+        "aten::cat < LoRAGroup",
+    ]
+    assert (out[0]["calls_per_step"], out[0]["ms_per_step"]) == (2.0, 0.06)

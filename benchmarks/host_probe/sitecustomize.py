@@ -197,6 +197,7 @@ class _Probe:
             "memcpy_callers_per_step": {
                 k: n / steps for k, n in sorted(copies.items(), key=lambda kv: -kv[1])[:12]
             },
+            "copy_kernel_callers_per_step": copy_kernel_callers(prof.events(), steps),
         }
 
     def write(self) -> None:
@@ -319,6 +320,27 @@ def caller_chain(event: Any, depth: int = 5) -> str:
         what = what or _memcpy_kind(parent)
         parent = parent.cpu_parent
     return " < ".join(chain) + (f" @ {where}" if where else "") + (f" [{what}]" if what else "")
+
+
+def copy_kernel_callers(events: Any, steps: int, top: int = 12) -> list[dict[str, Any]]:
+    """What launched the GPU's copy kernels (``_kind`` "copy": ATen's direct and cast copies,
+    cat, the runtime's memcpy and memset), by the operator that launched them and
+    caller_chain above it: calls and GPU milliseconds a step, the ``top`` costliest. The
+    default 8B QLoRA step spent 29 ms a step in them (kernels8's profile), 457 same-dtype
+    copies and 192 strided ones among them, with no caller named."""
+    found: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        for kernel in getattr(e, "kernels", None) or []:
+            if _kind(str(getattr(kernel, "name", ""))) != "copy":
+                continue
+            key = f"{e.name[:60]} < {caller_chain(e)}" if e.cpu_parent is not None else e.name
+            found[key][0] += 1
+            found[key][1] += (getattr(kernel, "duration", 0) or 0) / 1e3
+    ranked = sorted(found.items(), key=lambda kv: -kv[1][1])[:top]
+    return [
+        {"calls_per_step": n / steps, "ms_per_step": round(ms / steps, 3), "caller": key}
+        for key, (n, ms) in ranked
+    ]
 
 
 def _python_frame(event: Any) -> str:
