@@ -30,7 +30,8 @@ from importlib import resources
 # measured, by about 7 points more than the same jobs on the model's own kernels
 # (host_h100.jsonl, host4/6/8). Scaled instead by the micro-benchmark's own rate (Llama's
 # RMSNorm: 22 calls in 205 µs) they would be 25, 16 and 16: Liger would cost the host more
-# than the modules it replaces, and the plan would put those launched runs 15-20% slow.
+# than the modules it replaces, and the plan would put host_h100's Liger runs 20-23% slow.
+# Those launched rows chose between the two scalings: they are not held out for it.
 LIGER_OPS = {
     "rms_norm": (22, 9),
     "rms_norm_trained": (24, 12),
@@ -54,9 +55,10 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # (PEFT's 4-bit copy, bitsandbytes' module and autograd node gone: the fused function
 # dequantizes through bitsandbytes' C functions and calls F.linear itself). On a CPU, where
 # nothing launches, the same were 110 and 114-122, 139 and 138-146, 176-191 and 124-150:
-# there the fused Python weighs more against PEFT's calls than where each call launches. The fused functions' forward and backward are Python (an
-# autograd.Function, and the group's hand-over of outputs), which costs what many of the
-# saved calls did: the host clock takes the timed ratio of the path, not the count's.
+# there the fused Python weighs more against PEFT's calls than where each call launches.
+# The fused functions' forward and backward are Python (an autograd.Function, and the
+# group's hand-over of outputs), which costs what many of the saved calls did: the host
+# clock takes the timed ratio of the path, not the count's.
 # (Timed one linear at a time, the first fused function, which called the base module and
 # scaled two gradients apart, cost 1.10x, 0.96x and 0.69x PEFT's; with the count, 10/19,
 # the plan said 7,977 tokens/s for the launched 8B QLoRA at 1 × 1,664 on one H100 where
