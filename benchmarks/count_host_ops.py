@@ -511,6 +511,27 @@ def fused_adapter_counts() -> tuple[int, int]:
     return peft, fused
 
 
+def best_us(
+    fns: list[Callable[[], None]], calls: int, repeats: int, sync: Callable[[], None]
+) -> list[float]:
+    """Microseconds per call of each of ``fns``: the fastest of ``repeats`` runs of ``calls``
+    calls, the functions run in turn within each round so that a machine slowing for a while
+    slows them alike (one after another, a slow spell fell on one piece's runs: the first
+    H100 timing of benchmarks/host_timing.py, host_timing_h100.jsonl); each run synchronized at its end, two rounds
+    first not kept (caches and autotuning)."""
+    best = [float("inf")] * len(fns)
+    for i in range(repeats + 2):
+        for j, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            if i >= 2:
+                best[j] = min(best[j], (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
 def fused_adapter_host_us(
     calls: int = 2000, repeats: int = 9, device: str = "cpu"
 ) -> dict[str, tuple[int, int]]:
@@ -574,15 +595,13 @@ def fused_adapter_host_us(
             loralinear.install(out)
         return out
 
-    def once(layer: Any, autocast: bool, x: Any) -> float:
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
+    def step(layer: Any, autocast: bool, x: Any) -> Callable[[], None]:
+        def run() -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 y = layer(x)
             y.float().sum().backward()
-        sync()
-        return (time.perf_counter() - start) / calls * 1e6
+
+        return run
 
     out = {}
     for name, dtype, autocast, quantized in (
@@ -592,9 +611,7 @@ def fused_adapter_host_us(
     ):
         blocks = [block(dtype, quantized, mode) for mode in ("bare", "peft", "fused")]
         x = torch.randn(1, 4, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
-        best = [min(once(m, autocast, x) for _ in range(2)) for m in blocks]  # warm
-        for _ in range(repeats):
-            best = [min(b, once(m, autocast, x)) for b, m in zip(best, blocks, strict=True)]
+        best = best_us([step(m, autocast, x) for m in blocks], calls, repeats, sync)
         per = len(names)
         out[name] = (round((best[1] - best[0]) / per), round((best[2] - best[0]) / per))
     return out

@@ -3,17 +3,18 @@ Liger's kernels against the modules they replace, and the fused LoRA linears aga
 layers. Run it on a GPU machine: there the calls launch CUDA kernels, as in a launched step.
 
 The host clock counts operations (hostops): Llama's RMSNorm forward and backward is 22 ATen
-calls, Liger's 4 (hostops.LIGER_OPS, each Triton launch counted as one call), and a fused
-LoRA adapter costs a share of PEFT's that was timed on a CPU (hostops.FUSED_ADAPTER_HOST_US).
-A Triton launch from Python and Liger's own Python around it may cost the host more than
-one ATen call does, and bitsandbytes' CUDA path is not its CPU one; this times both where
-the launch runs them.
+calls, and a fused LoRA adapter costs a share of PEFT's (hostops.FUSED_ADAPTER_HOST_US). A
+Triton launch from Python and Liger's own Python around it cost the host more than one ATen
+call does (hostops.LIGER_OPS had counted each launch as one), and bitsandbytes' CUDA path is
+not its CPU one; this times both where the launch runs them (host_timing_h100.jsonl, which
+the two tables now hold).
 
 Each piece runs forward and backward ``calls`` times on tensors small enough that the GPU
 keeps up with the host (64 wide, 16 tokens), inside a scaffold (inputs made, the output
 summed, backward) that is timed alone and taken off; each keeps its fastest of ``repeats``
-runs, synchronized at the end, the three run in turn. For a Liger piece the line gives its time, the module's it
-replaces, and what Liger's counts as on the table's unit:
+runs, synchronized at the end, the three run in turn (count_host_ops.best_us). For a Liger
+piece the line gives its time, the module's it replaces, and what Liger's counts as at the
+micro-benchmark's own rate:
 
     calls equivalent = module's counted calls · Liger's µs / the module's µs
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,31 +38,11 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def best_us(
-    fns: list[Callable[[], None]], calls: int, repeats: int, sync: Callable[[], None]
-) -> list[float]:
-    """Microseconds per call of each of ``fns``: the fastest of ``repeats`` runs of ``calls``
-    calls, the functions run in turn within each round so that a machine slowing for a while
-    slows them alike (one after another, a slow spell fell on one piece's runs: the first
-    H100 timing, host_timing_h100.jsonl); each run synchronized at its end, two rounds
-    first not kept (caches and autotuning)."""
-    best = [float("inf")] * len(fns)
-    for i in range(repeats + 2):
-        for j, fn in enumerate(fns):
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            if i >= 2:
-                best[j] = min(best[j], (time.perf_counter() - start) / calls * 1e6)
-    return best
-
-
 def liger_pieces_us(device: str, calls: int, repeats: int) -> list[dict[str, Any]]:
     """Host µs of one forward and backward of Llama's RMSNorm (frozen weight), SiLU·mul and
     rotary on q and k, and of Liger's kernels in their place, each less its scaffold."""
     import torch
+    from count_host_ops import best_us
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
