@@ -17,36 +17,12 @@
 T0=$(date +%s)
 BUDGET=${BUDGET:-480}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-left() { echo $((BUDGET - $(date +%s) + T0)); }
-one() {  # TAG RUNS GROUP [VAR=VALUE ...]: one host_speed.py run, the first one's 8B model shared
-  local tag=$1 runs=$2 group=$3; shift 3
-  mkdir -p /tmp/h-$tag
-  [ "$tag" != g1a ] && [ -e /tmp/h-g1a/model-8b ] && ln -sfn /tmp/h-g1a/model-8b /tmp/h-$tag/model-8b
-  local L; L=$(left); [ "$L" -gt 80 ] || { echo "$tag: skipped, $L s left"; return; }
-  ( export ZEROPLAN_LORA_GROUP=$group RUNS=$runs DEADLINE=$((L - 20)) TAG=$tag
-    [ $# -eq 0 ] || export "$@"
-    timeout $((L - 5)) bash "$REPO/benchmarks/host_gpu.sh" > "$OUT/$tag.out" 2>&1
-    echo "$tag rc=$? at $(( $(date +%s) - T0 )) s" )
-  grep '"run"' "$OUT/$tag.log" | cut -c1-200
-}
+source "$REPO/benchmarks/gpu_parts.sh"
 one g1a 8b-mb1 1
 # each part of the step alone, as the QLoRA launch runs it too (fp32 adapters under
 # autocast): copies, syncs and the host's reads of GPU values (g1a unpacked the packages)
 ( cd "$REPO" && PYTHONPATH=$REPO:/tmp/s-zp timeout 90 python3 benchmarks/memcpy_probe.py \
     --out "$OUT/memcpy_probe.jsonl" > "$OUT/memcpy_probe.out" 2>&1; echo "memcpy_probe rc=$?" )
-# GPU-bound: kernels_speed.py's qlora-auto through fused_lora_gpu.sh, from the repo root
-gpu_bound() {  # NAME GROUP STEPS RUN_ESTIMATE NEED [VAR=VALUE ...]: NEED seconds left or skipped
-  local name=$1 g=$2 steps=$3 estimate=$4 need=$5; shift 5
-  local L; L=$(left); [ "$L" -gt "$need" ] || { echo "$name: skipped, $L s left"; return; }
-  ( cd "$REPO/../.." && export ZEROPLAN_LORA_GROUP=$g RUNS=qlora-auto NAME=$name LINEAR=0 \
-      DEADLINE=$((L - 15)) EXTRA="--steps $steps --run-estimate $estimate"
-    [ $# -eq 0 ] || export "$@"
-    timeout $((L - 5)) bash benchmarks/fused_lora_gpu.sh > "$OUT/$name.out" 2>&1
-    echo "$name rc=$? at $(( $(date +%s) - T0 )) s" )
-  grep '"run"' "$OUT/$name.log" | cut -c1-200
-}
-# g1a's 8B model where it built one (else kernels_speed.py builds its own)
-mkdir -p /tmp/k && [ -e /tmp/h-g1a/model-8b ] && ln -sfn /tmp/h-g1a/model-8b /tmp/k/model
 # beside Unsloth packed (4-bit) on this machine: the ratio the issue asks (≥ 1.5×)
 gpu_bound kg1 1 18 60 150 RUNS=qlora-auto,unsloth-packed
 # where the GPU-bound step's time goes: the grouped run again, 10 steps, under the host
@@ -61,5 +37,4 @@ one today 8b-mb1-today 1
 one g0a 8b-mb1 0
 gpu_bound kg0 0 18 60 75
 python3 "$REPO/benchmarks/probe_summary.py" "$OUT"/*.jsonl "$OUT"/probe-*.json
-cd "$OUT" && tar czf all_ab.tgz ./* && find . -type f ! -name all_ab.tgz -delete
-ls -la "$OUT"
+pack all_ab
