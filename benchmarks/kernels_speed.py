@@ -20,6 +20,8 @@ this GPU), then launches that plan.json with ``zeroplan launch`` once per run:
     auto-compile    the default launch with --compile
     qlora-auto      the default QLoRA plan's default launch
     qlora-auto-fused-loss  the same with Liger's fused linear cross-entropy
+    auto-zero0      the default bf16 LoRA plan under DeepSpeed ZeRO-0 (the plan's family until
+                    the fused linears' autocast path was priced as DeepSpeed bf16's)
     qlora-old / lora-old   the plans before issue 26's second step (dropout 0.05,
                     micro-batch 8, unfused loss; QLoRA on the model's own kernels)
     trl-users / trl-tuned  TRL's SFTTrainer with Liger and packing on the same model and
@@ -110,6 +112,10 @@ RUNS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     # records, inside the planner's 3% tie, which the simpler setup wins; one H100 ran it
     # 1.014x, 17 GB lighter: kernels9_h100.jsonl)
     "qlora-auto-fused-loss": ("qlora", [], {"fused_loss": True}),
+    # the bf16 LoRA plan under DeepSpeed ZeRO-0, what the plan chose for one GPU until the
+    # fused linears' autocast path was priced as the bf16 one (the plan now runs it without
+    # DeepSpeed: fp32 adapters under autocast, torch's fused AdamW)
+    "auto-zero0": ("lora", [], {"zero": 0, "autocast": False}),
 }
 # peers (benchmarks/peers_speed.py), each in its own process on the same model and records
 PEERS = ("trl-users", "trl-tuned", "unsloth-notebook", "unsloth-packed", "unsloth-packed-bf16")

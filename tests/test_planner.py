@@ -665,10 +665,12 @@ def test_a_family_tied_on_speed_says_what_it_lost_on() -> None:
     # without checkpointing, as simple and as many micro-batches: it holds more memory
     ckpt = TrainSetup(micro_batch=4, grad_accum=2, grad_ckpt=True)
     assert _tie_lost_on(ddp, ckpt) == "leaves less memory to spare"
-    # the story's plan: ZeRO-1 and ZeRO-2 tie with the chosen ZeRO-0, and say why they lost
+    # the story's plan: on the fused LoRA linears the autocast step moves what DeepSpeed
+    # bf16's does, so ZeRO-0, 1 and 2 tie with the chosen DDP and say why they lost
     p = plan(story_request())
-    assert p.best is not None and p.best.setup.zero == 0
-    assert "a tie within 3%), but adds moving parts" in p.rejected["lora · ZeRO-1"]
+    assert p.best is not None and p.best.setup.zero is None
+    for family in ("lora · ZeRO-0", "lora · ZeRO-1", "lora · ZeRO-2"):
+        assert "a tie within 3%), but adds moving parts" in p.rejected[family]
 
 
 def test_the_fused_loss_is_a_moving_part_only_where_it_alone_brings_liger_in() -> None:
@@ -774,7 +776,7 @@ def test_the_4bit_alternative_is_the_setup_method_auto_would_take() -> None:
 def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The fused LoRA linears keep PEFT's tensors and take passes off the GPU; on the host,
+    """The fused LoRA linears keep at most PEFT's tensors and take passes off the GPU; on the host,
     timed on an H100 machine's, they cost 0.6-0.7 of PEFT's (hostops.FUSED_ADAPTER_HOST_US).
     Each setup is weighed both ways and the faster kept, one row per setup: with the ratios
     a CPU times (1.15 and 1.06 over bf16 and fp32 adapters) a host-bound step keeps PEFT's."""
@@ -800,7 +802,9 @@ def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound
     assert kept is not None and kept.step.host_bound and not kept.setup.fused_lora
     fused = evaluate(slower_host.request, dataclasses.replace(kept.setup, fused_lora=True))
     assert fused.step.tokens_per_s < kept.step.tokens_per_s
-    assert fused.estimate.required_bytes == kept.estimate.required_bytes
+    # over fp32 adapters under autocast the fused linears keep each input once, where PEFT's
+    # layers keep autocast's bf16 copy per adapter (memory.activations.shares_inputs)
+    assert fused.estimate.required_bytes < kept.estimate.required_bytes
     assert any("run PEFT's own layers" in a for a in slower_host.assumptions)
     # a GPU-bound step takes them, and a 4-bit base, whose fused path asks less of the host
     gpu_paced = plan(PlanRequest(spec=L8, cluster=one, seq_len=2048, global_batch=16))

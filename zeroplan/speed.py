@@ -597,9 +597,8 @@ def wrapped_features(spec: ModelSpec, setup: TrainSetup) -> int:
 #   backward, in: the input's two gradients written (2 + 2) and summed (read 4, write 2) =
 #     10 B, where addmm adds the adapter's into the base's (2 + read 2 + write 2 = 6): 4 B;
 #   4-bit layers (QLoRA), forward, out: PEFT's defensive copy of the base output (2 + 2);
-#   bf16 LoRA with fp32 adapters under autocast, forward and backward, in: PEFT's cast of
-#     the input to fp32 and autocast's back (read 2, write 4; read 4, write 2), and the two
-#     casts of its gradient: 12 + 12 B.
+#   (bf16 LoRA with fp32 adapters under autocast: PEFT's casts of each adapter's input and
+#     of its gradient are gone too, the whole of lora_bytes: lora_share is 0 there.)
 #   siblings that read one input (models.SHARED_INPUT: q/k/v, gate/up), k of them adapted,
 #     run together (loralinear.LoRAGroup), per input feature, for each sibling past the
 #     first: the input read for its A matmul (2) in each forward; in the backward, the input
@@ -611,7 +610,6 @@ FUSED_OUT_FORWARD = 8.0
 FUSED_OUT_BACKWARD = 4.0
 FUSED_IN_BACKWARD = 4.0
 FUSED_OUT_4BIT_FORWARD = 4.0
-FUSED_IN_CAST = 12.0
 GROUP_IN_FORWARD = 2.0
 GROUP_IN_BACKWARD = 10.0
 
@@ -628,20 +626,18 @@ def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
     """Bytes per token the fused LoRA linears take off the step (0 where they do not run):
 
     Σ over adapted linears (not MoE banks) of
-        (FUSED_OUT_FORWARD · out + [4-bit] FUSED_OUT_4BIT_FORWARD · out + [cast] FUSED_IN_CAST · in)
-            · (1 + checkpointing)
-        + FUSED_OUT_BACKWARD · out + FUSED_IN_BACKWARD · in + [cast] FUSED_IN_CAST · in
+        (FUSED_OUT_FORWARD · out + [4-bit] FUSED_OUT_4BIT_FORWARD · out) · (1 + checkpointing)
+        + FUSED_OUT_BACKWARD · out + FUSED_IN_BACKWARD · in
 
         + Σ over layers and sibling sets (models.SHARED_INPUT) with k ≥ 2 adapted members
           of (k − 1) · in · (GROUP_IN_FORWARD · (1 + checkpointing) + GROUP_IN_BACKWARD)
           [not compiled]
 
-    [cast]: bf16 LoRA with PEFT's fp32 adapters under autocast (not DeepSpeed, not
-    lora_bf16); checkpointing's recompute runs the forward, and its savings, again."""
+    Checkpointing's recompute runs the forward, and its savings, again. (What PEFT's fp32
+    adapters under autocast cast is lora_share's, 0 on this path.)"""
     if not fused_lora_runs(setup):
         return 0.0
-    path = fused_lora_path(setup)
-    quantized, cast = path == "4bit", path == "autocast"
+    quantized = fused_lora_path(setup) == "4bit"
     forwards = 1 + int(setup.grad_ckpt)
     total = 0.0
     adapted: set[str] = set()
@@ -651,8 +647,7 @@ def fused_lora_saved_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
         adapted.add(lin.name)
         out, inp = lin.out_features, lin.in_features
         fwd = (FUSED_OUT_FORWARD + FUSED_OUT_4BIT_FORWARD * quantized) * out
-        fwd += FUSED_IN_CAST * inp * cast
-        bwd = FUSED_OUT_BACKWARD * out + FUSED_IN_BACKWARD * inp + FUSED_IN_CAST * inp * cast
+        bwd = FUSED_OUT_BACKWARD * out + FUSED_IN_BACKWARD * inp
         total += lin.count * n * (fwd * forwards + bwd)
     if setup.compile:
         return total
@@ -724,9 +719,17 @@ def lora_share(setup: TrainSetup) -> float:
     nothing under autocast (``requires_conversion`` is false) and under DeepSpeed its
     adapters are bf16, so its dropout runs on the bf16 input, the same pass DeepSpeed's bf16
     adapters make (BF16_LORA_SHARE); at p = 0 that pass is gone and the rest (the layer's
-    defensive copy of its output, ...) stays."""
+    defensive copy of its output, ...) stays.
+
+    bf16 LoRA on the launch's fused LoRA linears at dropout 0 (fused_lora_runs), fp32
+    adapters under autocast: 0, as under DeepSpeed. The fused function runs the adapters'
+    matmuls on the bf16 input itself (autocast casts the r-wide adapters, weight-sized, not
+    the input) and saves that input once per group (memory.activations.shares_inputs): no
+    pass over an adapter's input is left, the GPU's work is DeepSpeed bf16's."""
     if setup.deepspeed and setup.method == "lora":
         return BF16_LORA_SHARE if setup.lora_dropout > 0 else 0.0
+    if setup.method == "lora" and setup.lora_dropout == 0 and fused_lora_runs(setup):
+        return 0.0
     if setup.method == "qlora" and setup.lora_dropout == 0:
         return 1.0 - BF16_LORA_SHARE
     return 1.0

@@ -15,9 +15,13 @@ Here, for an adapter whose dropout is off (p = 0: PEFT's ``nn.Identity``):
                dx = dY·W  then  dx += dH·A                              (addmm in place)
 
 where W is the base weight (a 4-bit one dequantized to the compute dtype, as bitsandbytes'
-own backward does). It saves what PEFT's layer saves (x, shared with the base linear, and
-the r-wide h), so the memory model is unchanged; it moves 12 B per token and output feature
-(16 B over a 4-bit base) and 4 B per input feature less (speed.fused_lora_saved_bytes).
+own backward does). It saves x, shared with the base linear, and the r-wide h: what PEFT's
+layer saves over bf16 adapters and over a 4-bit base, and less over a bf16 base with fp32
+adapters under autocast, where PEFT's layer casts x to fp32 and autocast keeps a bf16 copy
+per adapter (memory.activations.shares_inputs; measured: the 8B bf16 LoRA plan at 16 × 704
+without DeepSpeed peaked 67.37 GB against 68.03 estimated, kernels11_h100.jsonl). It moves
+12 B per token and output feature (16 B over a 4-bit base) and 4 B per input feature less
+(speed.fused_lora_saved_bytes), and under autocast none of PEFT's casts (speed.lora_share).
 Measured on one H100 (benchmarks/results/kernels5_h100.jsonl): the 8B QLoRA default launch
 1.10x and the bf16 LoRA one 1.04x the same plans on PEFT's layers, losses equal to 0.001.
 Its forward and backward are Python; they call F.linear on the base weight (dequantizing a

@@ -27,7 +27,13 @@ from zeroplan.memory.precision import (
     residual_bytes,
 )
 from zeroplan.models import Linear, ModelSpec
-from zeroplan.trainsetup import TrainSetup, lora_targets, resolve_attention, sdpa_gets_mask
+from zeroplan.trainsetup import (
+    TrainSetup,
+    fused_lora_runs,
+    lora_targets,
+    resolve_attention,
+    sdpa_gets_mask,
+)
 
 BF16 = 2
 FP32 = 4
@@ -89,7 +95,8 @@ def shares_inputs(setup: TrainSetup) -> bool:
     bf16 LoRA under DeepSpeed ZeRO 0-2 (bf16 adapters), and QLoRA under autocast (PEFT's
     4-bit LoRA layer casts its input to the adapter's dtype only when autocast is off,
     ``peft.tuners.lora.bnb.Linear4bit.forward``; autocast's bf16 cast of a bf16 input is the
-    input). With dropout each adapter saves its own dropped-out copy; with fp32 adapters
+    input), and the launch's fused LoRA linears wherever they run (zeroplan.launch.loralinear:
+    bf16 LoRA under autocast too). With dropout each adapter saves its own dropped-out copy; with fp32 adapters
     and no autocast its own cast; ZeRO-3's linears save their inputs apart
     (ZERO3_LORA_BYTES_PER_INPUT). Measured on one H100: Llama-3.1-8B QLoRA, Liger, 16 × 704
     packed tokens, dropout 0: 57.34 GB peak, where a copy per adapter said 69.49
@@ -98,6 +105,10 @@ def shares_inputs(setup: TrainSetup) -> bool:
         return False
     if setup.method == "qlora":
         return bool(setup.autocast)
+    if setup.method == "lora" and fused_lora_runs(setup):
+        # the launch's fused linears save the bf16 input itself, one per group, whatever the
+        # adapters' dtype (under autocast they cast the adapters, not the input)
+        return True
     return setup.method == "lora" and setup.deepspeed and not fp32_adapter_inputs(setup)
 
 

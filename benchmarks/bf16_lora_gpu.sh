@@ -1,0 +1,23 @@
+#!/bin/bash
+# Issue 26 on one GPU machine in one call: the default 8B bf16 LoRA plan on one GPU, which
+# now runs without DeepSpeed (fp32 adapters under autocast on the fused LoRA linears, priced
+# as DeepSpeed bf16's step; torch's fused AdamW) beside Unsloth packed in 16-bit, the same
+# plan under DeepSpeed ZeRO-0 (the plan's family before), then the default QLoRA plan beside
+# Unsloth packed in 4-bit, and, while time is left, the host-bound 8B QLoRA job at
+# 1 × 1,664 (the host's pace beside it, applied.json's host_pace). Staged by
+# benchmarks/host_stage.sh and benchmarks/unsloth_stage.sh:
+#
+#   run(command="bash .stage-host/repo/benchmarks/bf16_lora_gpu.sh",
+#       carry=[".stage-host", ".stage-unsloth"])
+#
+# BUDGET (seconds for everything, 570 by default) and RUNS may be set. Writes $OUT/bf16_lora.tgz.
+T0=$(date +%s)
+BUDGET=${BUDGET:-570}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/benchmarks/gpu_parts.sh"
+gpu_bound kl1 1 20 80 300 \
+  RUNS="${RUNS:-auto,unsloth-packed-bf16,auto-zero0,qlora-auto,unsloth-packed}"
+# the model kernels_speed.py built, for the host-bound run
+mkdir -p /tmp/h-p3 && [ -e /tmp/k/model ] && ln -sfn "$(readlink -f /tmp/k/model)" /tmp/h-p3/model-8b
+one p3 8b-mb1 1
+pack bf16_lora
