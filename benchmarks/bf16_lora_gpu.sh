@@ -10,13 +10,18 @@
 #   run(command="bash .stage-host/repo/benchmarks/bf16_lora_gpu.sh",
 #       carry=[".stage-host", ".stage-unsloth"])
 #
-# BUDGET (seconds for everything, 570 by default) and RUNS may be set. Writes $OUT/bf16_lora.tgz.
+# BUDGET (seconds for everything, 570 by default), RUNS and PROBE may be set. Writes $OUT/bf16_lora.tgz.
 T0=$(date +%s)
 BUDGET=${BUDGET:-570}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/benchmarks/gpu_parts.sh"
 gpu_bound kl1 1 20 80 300 \
   RUNS="${RUNS:-auto,unsloth-packed-bf16,auto-zero0,qlora-auto,unsloth-packed}"
+# PROBE=1: the bf16 LoRA plan once more under the host probe (where its GPU time goes, what
+# launched its copy kernels: copy_kernel_callers), 10 steps, not timed
+[ "${PROBE:-0}" = 1 ] && gpu_bound kbp 1 10 55 70 RUNS=auto \
+  PYTHONPATH="$REPO/benchmarks/host_probe" ZEROPLAN_HOST_PROBE="$OUT/probe-kbp.json" \
+  ZEROPLAN_HOST_PROBE_STEPS=6 && python3 "$REPO/benchmarks/probe_summary.py" "$OUT"/probe-kbp.json
 # the model kernels_speed.py built, for the host-bound run
 mkdir -p /tmp/h-p3 && [ -e /tmp/k/model ] && ln -sfn "$(readlink -f /tmp/k/model)" /tmp/h-p3/model-8b
 one p3 8b-mb1 1
