@@ -27,6 +27,7 @@ from zeroplan.commands.job import (
     with_data,
 )
 from zeroplan.errors import ZeroplanError
+from zeroplan.launch import envcheck
 from zeroplan.liger import KERNEL_CHOICES
 from zeroplan.trainsetup import ATTENTIONS, LOOPS, METHODS, OFFLOADS, PRECISIONS, TrainSetup
 
@@ -743,6 +744,7 @@ cli.add_command(chat)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2."""
+    envcheck.quiet_import_noise()
     try:
         cli.main(args=argv, prog_name="zeroplan", standalone_mode=False)
     except click.exceptions.UsageError as exc:

@@ -13,6 +13,7 @@ import ast
 import contextlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import platform
 import re
@@ -22,6 +23,20 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+# Libraries that log a warning of their own when merely imported on a CPU machine, before
+# anything of ours runs: bitsandbytes >= 0.49 on a CPU with AVX512-BF16 asks the Hub's
+# `kernels` (a requirement of transformers >= 5.2x) for a CPU 4-bit kernel, and offline both
+# it and `kernels` say they could not. Nothing a zeroplan user runs needs that kernel (4-bit
+# training needs a GPU); their errors still show.
+IMPORT_NOISE_LOGGERS = ("bitsandbytes", "kernels")
+
+
+def quiet_import_noise() -> None:
+    """Keep IMPORT_NOISE_LOGGERS to errors, so a refusal stays one line on stderr."""
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 # (distribution, module) in display order
 PACKAGES = (

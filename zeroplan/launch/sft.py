@@ -70,7 +70,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
-from zeroplan.launch import dequant, hostloop, hostpace, loralinear
+from zeroplan.launch import dequant, envcheck, hostloop, hostpace, loralinear
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
@@ -570,6 +570,7 @@ def library_versions() -> dict[str, str | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     flag = StopFlag()
     flag.install()
+    envcheck.quiet_import_noise()
     try:
         opts = parse_args(argv)
         code = run(opts, flag, list(sys.argv if argv is None else argv))
