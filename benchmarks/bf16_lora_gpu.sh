@@ -4,7 +4,7 @@
 # as DeepSpeed bf16's step; torch's fused AdamW) beside Unsloth packed in 16-bit, the same
 # plan under DeepSpeed ZeRO-0 (the plan's family before), then the default QLoRA plan beside
 # Unsloth packed in 4-bit, and, while time is left, the host-bound 8B QLoRA job at
-# 1 × 1,664 (the host's pace beside it, applied.json's host_pace). Staged by
+# 1 × 1,664 (the host's pace beside it, applied.json's host_pace at 301616a-5bfe76b). Staged by
 # benchmarks/host_stage.sh and benchmarks/unsloth_stage.sh:
 #
 #   run(command="bash .stage-host/repo/benchmarks/bf16_lora_gpu.sh",

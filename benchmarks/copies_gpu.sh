@@ -1,8 +1,8 @@
 #!/bin/bash
 # Issue 26 on one GPU machine in one call: where the GPU-bound default plans' copy kernels
 # come from (the 8B QLoRA and bf16 LoRA launches under the host probe: copy_kernel_callers),
-# the host's pace that each launch now times (applied.json's host_pace, launch/hostpace.py)
-# beside the host-bound 8B QLoRA job at 1 × 1,664, once first and once last, host_timing.py
+# the host's pace that each launch timed at 301616a (applied.json's host_pace; now
+# benchmarks/host_pace.py, which tabulates it from the run folders) beside the host-bound 8B QLoRA job at 1 × 1,664, once first and once last, host_timing.py
 # again (its variants now in turn), and a host-bound 1B LoRA at 1 × 1,664 on the fused LoRA
 # linears and on PEFT's (the fused share the plan now takes from host_timing_h100.jsonl).
 # Staged by benchmarks/host_stage.sh and benchmarks/unsloth_stage.sh:

@@ -106,8 +106,6 @@ def test_the_lean_loop_learns_what_the_trainers_own_loop_learns(
         "dataloader_pin_memory": False,
         "lean_walks": True,
     }
-    # and how fast this host dispatched, timed before the first step (launch.hostpace)
-    assert applied["host_pace"]["op_us"] > 0 and applied["host_pace"]["device"] == "cpu"
     for a, b in zip(lean, plain, strict=True):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
 

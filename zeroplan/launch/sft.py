@@ -70,7 +70,7 @@ from zeroplan.errors import (
 )
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
-from zeroplan.launch import dequant, envcheck, hostloop, hostpace, loralinear
+from zeroplan.launch import dequant, envcheck, hostloop, loralinear
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
@@ -769,13 +769,9 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         notes.append("reentrant checkpointing: TRL requires it for PEFT under DeepSpeed ZeRO-3")
 
     if rank == 0:
-        # how fast this host dispatches, beside the plan's host clock (about half a second)
-        pace = hostpace.measure(f"cuda:{local_rank}" if cuda else "cpu")
-        _say(f"host: {pace.op_us:.1f} µs an operation ({pace.fastest_op_us:.1f} at its fastest)")
         applied = _applied(
             planned, opts, targs, trainer, summary, dtype_name, adapter_dtype, lkw, world, cuda
         )
-        applied["host_pace"] = pace.to_dict()
         applied["batching"] = batching.to_dict()
         applied["kernels"] = kernel_path.to_dict()
         # what the Trainer's loop was spared each step (hostloop): its waits and walks
