@@ -626,8 +626,8 @@ def plan(req: PlanRequest) -> Plan:
     if best is not None and best.setup.fused_lora:
         assumptions.append(
             "LoRA linears run as one function each (base matmul, adapter and sum, without "
-            "PEFT's passes over each output; same memory): zeroplan launch does this, "
-            "--no-fused-lora plans PEFT's own layers"
+            "PEFT's passes over each output or its casts to fp32 adapters; no more memory): "
+            "zeroplan launch does this, --no-fused-lora plans PEFT's own layers"
         )
     elif best is not None and fused_lora_choice(
         req, best.setup.method, best.setup.lora_dropout, best.setup.zero
