@@ -444,3 +444,36 @@ def test_report_to_tensorboard_writes_event_files_in_the_run_folder(
     assert all(e.value > 0 for e in loss)
     applied = json.loads((run / "applied.json").read_text())
     assert applied["training"]["report_to"] == ["tensorboard"]
+
+
+def test_two_ddp_ranks_on_the_fused_lora_linears_step_on_one_gradient(
+    work: dict[str, Path],
+) -> None:
+    """The 7×4090 story's plan is DDP on the fused LoRA linears (fp32 adapters under
+    autocast): torchrun, 2 CPU ranks (gloo), each on its own records. The fused autograd
+    function's adapter gradients must reach DDP's all-reduce, so both ranks clip the same
+    averaged gradient: the same grad norm at every step, where each rank's own would differ."""
+    run = work["root"] / "ddp-fused"
+    plan = tinyllm.write_plan(
+        run, work["model"], micro_batch=2, lora_r=4, lora_dropout=0.0, fused_lora=True
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += sft_cmd(plan, work["data"], run, "--max-steps", "4", "--logging-steps", "1")[1:]
+    cmd += ["--save-steps", "1000", "--lr", "1e-2"]
+    env = {**offline_env(work["home"]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    applied = json.loads((run / "applied.json").read_text())
+    assert applied["world_size"] == 2 and applied["kernels"]["lora"] == "fused linears (zeroplan)"
+    train = [x for x in read_metrics(run) if x["event"] == "train"]
+    by_step: dict[int, dict[int, float]] = {}
+    padding: dict[int, dict[int, float]] = {}
+    for x in train:
+        by_step.setdefault(x["step"], {})[x["rank"]] = x["grad_norm"]
+        padding.setdefault(x["step"], {})[x["rank"]] = x["padding"]
+    assert sorted(by_step) == [1, 2, 3, 4]
+    # the ranks trained on different records (their batches' padding differs)...
+    assert any(p[0] != p[1] for p in padding.values()), padding
+    # ...and stepped on one averaged gradient
+    for step, norms in by_step.items():
+        assert set(norms) == {0, 1} and norms[0] == pytest.approx(norms[1], rel=1e-6), step
