@@ -1,6 +1,7 @@
 #!/bin/bash
-# The parts the one-call GPU drivers (lora_group_ab.sh, copies_gpu.sh) are made of, sourced
-# by them; each part runs only while the call's BUDGET lasts (T0 and BUDGET set before):
+# The parts the one-call GPU drivers (lora_group_ab.sh, copies_gpu.sh, bf16_lora_gpu.sh)
+# are made of, sourced by them; each part runs only while the call's BUDGET lasts (T0 and
+# BUDGET set before):
 #   one TAG RUNS GROUP [VAR=VALUE ...]       a host_speed.py run (host_gpu.sh), the first
 #                                            run's 8B model shared by the later ones
 #   gpu_bound NAME GROUP STEPS ESTIMATE NEED [VAR=VALUE ...]

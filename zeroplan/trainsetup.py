@@ -145,8 +145,9 @@ class TrainSetup:
     # zeroplan launch's own LoRA linears (zeroplan.launch.loralinear): the base matmul, the
     # adapter's and their sum as one autograd function (cuBLAS addmm), without PEFT's
     # elementwise passes over each output (4-bit copy, · scaling, the sum) and its separate
-    # sum of the input's two gradients. Same tensors kept for the backward; dropout 0 only,
-    # not under ZeRO-3 (fused_lora_refusal). The planner weighs it both ways (no more memory).
+    # sum of the input's two gradients. No more kept for the backward (less over fp32
+    # adapters under autocast: no copy of the input per adapter); dropout 0 only, not under
+    # ZeRO-3 (fused_lora_refusal). The planner weighs it both ways.
     fused_lora: bool = False
     reduce_bucket_elems: int = DS_REDUCE_BUCKET_ELEMS
     allgather_bucket_elems: int = DS_ALLGATHER_BUCKET_ELEMS

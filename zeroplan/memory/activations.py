@@ -96,8 +96,8 @@ def shares_inputs(setup: TrainSetup) -> bool:
     4-bit LoRA layer casts its input to the adapter's dtype only when autocast is off,
     ``peft.tuners.lora.bnb.Linear4bit.forward``; autocast's bf16 cast of a bf16 input is the
     input), and the launch's fused LoRA linears wherever they run (zeroplan.launch.loralinear:
-    bf16 LoRA under autocast too). With dropout each adapter saves its own dropped-out copy; with fp32 adapters
-    and no autocast its own cast; ZeRO-3's linears save their inputs apart
+    bf16 LoRA under autocast too). With dropout each adapter saves its own dropped-out copy;
+    with fp32 adapters and no autocast its own cast; ZeRO-3's linears save their inputs apart
     (ZERO3_LORA_BYTES_PER_INPUT). Measured on one H100: Llama-3.1-8B QLoRA, Liger, 16 × 704
     packed tokens, dropout 0: 57.34 GB peak, where a copy per adapter said 69.49
     (benchmarks/results/kernels2_h100.jsonl)."""
