@@ -58,9 +58,14 @@ from kernels_speed import _json, _write, environment, launch, plan_for  # noqa: 
 
 PROBE = ROOT / "benchmarks" / "host_probe"
 ARCHS = {"8b": "meta-llama--Llama-3.1-8B", "1b": "meta-llama--Llama-3.2-1B"}
-# the host-bound shapes: no checkpointing, no DeepSpeed
-MB1 = {"micro_batch": 1, "seq_len": 1664, "grad_accum": 1, "grad_ckpt": False, "zero": None}
-MB4 = {"micro_batch": 4, "seq_len": 704, "grad_accum": 1, "grad_ckpt": False, "zero": None}
+# the host-bound shapes: no checkpointing, no DeepSpeed, and the loop's autocast as a plan
+# without DeepSpeed has it (autocast None resolves to the Trainer's bf16 autocast). Until
+# the twenty-second session the 1B runs kept a ZeRO-0 plan's autocast off, so they ran
+# PEFT's fp32 adapters without autocast, where the fused LoRA linears never run.
+MB1 = {"micro_batch": 1, "seq_len": 1664, "grad_accum": 1, "grad_ckpt": False, "zero": None,
+       "autocast": None}  # fmt: skip
+MB4 = {"micro_batch": 4, "seq_len": 704, "grad_accum": 1, "grad_ckpt": False, "zero": None,
+       "autocast": None}  # fmt: skip
 TODAY = {"kernels": "none", "lora_dropout": 0.05}
 DEFAULTS = {"kernels": "liger", "lora_dropout": 0.0}
 # name: (model, method, launch options, changes to the plan's setup, tree: before | after)

@@ -212,3 +212,33 @@ def test_the_host_timing_script_times_each_adapter_path(tmp_path: Path, monkeypa
         assert r["device"] == "cpu" and r["versions"]["torch"] and "gpu" in r
         if r["peft_us"] > 0:  # five calls on a busy machine: the bare block's time may win
             assert r["fused_share"] == pytest.approx(r["fused_us"] / r["peft_us"], abs=1e-3)
+
+
+def test_host_speed_runs_take_the_path_their_names_say() -> None:
+    """benchmarks/host_speed.py changes a plan's setup into each host-bound run's. Made from
+    a ZeRO-0 plan (bf16 LoRA on one GPU until the twenty-second session: autocast off, as
+    DeepSpeed runs), a run without DeepSpeed must get the loop's autocast back; its 1B runs
+    had kept it off, so "1b-mb1-fused" ran PEFT's fp32 adapters, not the fused linears."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import host_speed
+
+    from zeroplan.trainsetup import fused_lora_runs
+
+    for name, (_, method, _, changes, tree) in host_speed.RUNS.items():
+        if tree == "before":  # another tree's code (before/), with its own setup fields
+            continue
+        zero = 0 if method == "lora" else None
+        planned = TrainSetup(method=method, zero=zero, fused_lora=True, lora_dropout=0.0)
+        fields = {f.name: getattr(planned, f.name) for f in dataclasses.fields(TrainSetup)}
+        setup = TrainSetup(**{**fields, **changes})
+        if setup.zero is None:
+            assert setup.autocast, name
+        if "fused" in name or name.startswith("8b-mb1"):
+            assert setup.fused_lora and fused_lora_runs(setup), name
+    # the mistake this guards against: a ZeRO-0 plan's autocast kept without DeepSpeed
+    zero0 = TrainSetup(method="lora", zero=0, fused_lora=True, lora_dropout=0.0)
+    kept_off = dataclasses.replace(zero0, zero=None)
+    assert not kept_off.autocast and not fused_lora_runs(kept_off)
