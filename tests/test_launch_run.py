@@ -454,9 +454,10 @@ def test_two_ddp_ranks_on_the_fused_lora_linears_step_on_one_gradient(
     function's adapter gradients must reach DDP's all-reduce, so both ranks clip the same
     averaged gradient: the same grad norm at every step, where each rank's own would differ."""
     run = work["root"] / "ddp-fused"
-    plan = tinyllm.write_plan(
-        run, work["model"], micro_batch=2, lora_r=4, lora_dropout=0.0, fused_lora=True
-    )
+    plan = tinyllm.write_plan(  # with checkpointing, as the story's plan
+        run, work["model"], micro_batch=2, lora_r=4, lora_dropout=0.0, fused_lora=True,
+        grad_ckpt=True,
+    )  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += sft_cmd(plan, work["data"], run, "--max-steps", "4", "--logging-steps", "1")[1:]
     cmd += ["--save-steps", "1000", "--lr", "1e-2"]
