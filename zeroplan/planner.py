@@ -234,8 +234,9 @@ def _distributions(req: PlanRequest, method: str) -> Iterator[tuple[int | None, 
     multi = req.cluster.world_size > 1
     for zero in (0, 1, 2, 3):
         # on one GPU, ZeRO 1-2 without offload only add buffers; ZeRO-0 is there for bf16
-        # LoRA, whose adapters DeepSpeed makes bf16 (speed.lora_share), which pays for its
-        # engine's per-step cost (speed: deepspeed_step_s) at large micro-batches
+        # LoRA on PEFT's layers (recipes, --no-fused-lora), whose adapters DeepSpeed makes
+        # bf16 (speed.lora_share), which pays for its engine's per-step cost (speed:
+        # deepspeed_step_s) at large micro-batches; the fused linears skip those casts anyway
         if multi or zero == 3 or (zero == 0 and method == "lora"):
             yield zero, "none"
     for zero in (1, 2, 3):
