@@ -22,7 +22,5 @@ gpu_bound kl1 1 20 80 300 \
 [ "${PROBE:-0}" = 1 ] && gpu_bound kbp 1 10 55 70 RUNS=auto \
   PYTHONPATH="$REPO/benchmarks/host_probe" ZEROPLAN_HOST_PROBE="$OUT/probe-kbp.json" \
   ZEROPLAN_HOST_PROBE_STEPS=6 && python3 "$REPO/benchmarks/probe_summary.py" "$OUT"/probe-kbp.json
-# the model kernels_speed.py built, for the host-bound run
-mkdir -p /tmp/h-p3 && [ -e /tmp/k/model ] && ln -sfn "$(readlink -f /tmp/k/model)" /tmp/h-p3/model-8b
 one p3 8b-mb1 1
 pack bf16_lora

@@ -14,9 +14,11 @@ launch no longer times it, and the plan's host clock stays one fitted rate.
 The workload is fixed and small, so that the GPU keeps up and only the host's work is timed:
 ``LAYERS`` blocks of a matmul, a SiLU, an RMS scale and a residual sum over 16 × 64 tensors,
 forward and backward, the way a decoder layer's Python, ATen and autograd calls come. Its
-operations were counted under a dispatch counter (ATen calls that return a tensor, as
-``benchmarks/count_host_ops.py`` counts the plan's; ``count_ops``, 232 on torch 2.11-2.13,
-kept as ``OPS`` because the counter's first use costs a second), and the pace is
+operations were counted under a dispatch counter (``count_ops``: every ATen call that returns
+a tensor, views too, where ``count_host_ops.dispatched`` leaves aliases out of the plan's
+count; 232 with torch 2.13 on the CPU, and ``OPS`` keeps that number, which the launch used
+at 301616a rather than pay the counter's first use, about a second, before each run), and
+the pace is
 
     µs per operation = median over ``runs`` of (time of ``calls`` steps / calls) / operations
 
@@ -112,7 +114,8 @@ def count_ops(torch: Any, step: Any) -> int:
 
 def measure(device: str, calls: int | None = None, runs: int | None = None) -> HostPace:
     """Time the workload on ``device`` (its first run and a warm-up step left out): 9 runs
-    of 40 steps on a GPU, 3 of 10 on a CPU, where nothing launches and a launch is a test."""
+    of 40 steps on a GPU, 3 of 10 on a CPU (as the launch timed it at 301616a, where a CPU
+    launch was a test's)."""
     import torch
 
     cuda = device.startswith("cuda")

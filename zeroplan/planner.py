@@ -309,7 +309,8 @@ def fused_lora_choice(req: PlanRequest, method: str, dropout: float, zero: int |
     would take them, but its step was measured with PEFT's).
 
     Where they may, candidate_setups offers each setup both ways and plan keeps the faster
-    of each pair (_faster_layers): they keep PEFT's tensors (the memory model is the same)
+    of each pair (_faster_layers): they keep no more than PEFT's tensors (less over fp32
+    adapters under autocast: memory.activations.shares_inputs)
     and take passes off the GPU's step (speed.fused_lora_saved_bytes) and, timed on a GPU
     machine's host, 0.6-0.7 of PEFT's host time (hostops.FUSED_ADAPTER_HOST_US); the pair is
     kept so that a table timed otherwise still picks the faster."""
