@@ -27,6 +27,22 @@ from zeroplan.trainsetup import TrainSetup  # noqa: E402
 # the training stack whose versions every GPU result records
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
 WARMUP_STEPS = 3  # as in story_qlora_baseline.py: not timed
+# the plan-choice checks (host_speed.py runs them, plan_choice.py reads them): per job, the
+# model, the method and the runs: the plan's choice, then four other setups it ranked
+RANKED_JOBS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "1b": ("1b", "lora", ("1b-plan", "1b-alt1", "1b-alt2", "1b-alt3", "1b-alt4")),
+    "8b-lora": (
+        "8b", "lora", ("8b-lora-plan", "8b-lora-alt1", "8b-lora-alt2", "8b-lora-alt3", "8b-lora-alt4"),
+    ),
+}  # fmt: skip
+
+
+def ranked_job(name: str) -> tuple[str, int] | None:
+    """(job, index in its ranking) of a plan-choice run's name, None for any other run."""
+    for job, (_, _, names) in RANKED_JOBS.items():
+        if name in names:
+            return job, names.index(name)
+    return None
 
 
 def build_model(

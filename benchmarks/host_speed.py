@@ -29,6 +29,7 @@ zeroplan tree ``--before`` (main before this work), on the same card in the same
     1b-plan, 1b-alt1..4   the 1B LoRA plan's choice on this GPU and four other setups it
                    ranked (the first of each distinct micro-batch / checkpointing / DeepSpeed
                    shape down its list), from this tree
+    8b-lora-plan, 8b-lora-alt1..4   the same for the 8B bf16 LoRA plan (GPU-bound)
 
 Each run: 3 warm-up steps, ``--timed`` timed ones (tokens/s over those, from metrics.jsonl),
 then four more under the probe (benchmarks/host_probe: the host seconds of each Trainer
@@ -53,7 +54,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import tinyllm  # noqa: E402
-from gpu_fixtures import WARMUP_STEPS, build_model, metrics, records  # noqa: E402
+from gpu_fixtures import (  # noqa: E402
+    RANKED_JOBS,
+    WARMUP_STEPS,
+    build_model,
+    metrics,
+    ranked_job,
+    records,
+)
 from kernels_speed import _json, _write, environment, launch, plan_for  # noqa: E402
 
 PROBE = ROOT / "benchmarks" / "host_probe"
@@ -92,7 +100,7 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}
 # seconds a --compile run adds to its estimate (the first forward's and backward's compile)
 COMPILE_EXTRA_S = 15.0
-RANKED = ("1b-plan", "1b-alt1", "1b-alt2", "1b-alt3", "1b-alt4")
+RANKED = tuple(n for _, _, names in RANKED_JOBS.values() for n in names)
 # steps after the timed ones: two under sync debug mode, two profiled (the profiler stops
 # at the next step's start), one watched for the host's reads of GPU values (host_probe's
 # HostReads, closed at the last step's end, before the final save)
@@ -148,7 +156,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--before", type=Path, help="zeroplan tree before this work (runs of it)")
-    order = [*[n for n in RUNS if n != "8b-mb1-main"], *RANKED, "8b-mb1-main"]
+    order = [*[n for n in RUNS if n != "8b-mb1-main"], *RANKED_JOBS["1b"][2], "8b-mb1-main"]
     p.add_argument("--runs", default=",".join(order))
     p.add_argument("--timed", type=int, default=20, help="timed steps after the warm-up")
     p.add_argument("--timed-ranked", type=int, default=10, help="the same, five-setup runs")
@@ -167,7 +175,7 @@ def main() -> None:
     models: dict[str, Path] = {}
     plans: dict[tuple[str, str], Path] = {}
     for key in ("8b", "1b"):
-        if not any(RUNS.get(n, ("1b",))[0] == key for n in names):
+        if not any(_job_of(n)[0] == key for n in names):
             continue
         models[key] = args.work / f"model-{key}"
         if not (models[key] / "config.json").exists():
@@ -176,12 +184,9 @@ def main() -> None:
             else:
                 build_model(models[key], ARCHS[key], full_vocab=True)
         print(f"{key} model ready at {time.time() - t0:.0f} s", flush=True)
-    ranked: list[tuple[dict[str, Any], float]] = []
+    ranked: dict[str, list[tuple[dict[str, Any], float]]] = {}
     for name in names:
-        if name in RANKED:
-            key, method, options, tree = "1b", "lora", [], "after"
-        else:
-            key, method, options, _, tree = RUNS[name]
+        key, method, options, tree = _job_of(name)
         if args.arch == "tiny":
             method = "lora"
         need = args.estimate_8b if key == "8b" else args.estimate_1b
@@ -197,13 +202,14 @@ def main() -> None:
         plan = plans[key, method]
         predicted_rank = None
         if name in RANKED:
-            if not ranked:
-                ranked = ranked_setups(json.loads(plan.read_text()), len(RANKED))
-            index = RANKED.index(name)
-            if index >= len(ranked):
+            job, index = ranked_job(name) or ("", 0)
+            if job not in ranked:
+                n = len(RANKED_JOBS[job][2])
+                ranked[job] = ranked_setups(json.loads(plan.read_text()), n)
+            if index >= len(ranked[job]):
                 _write(args.out, {"run": name, "skipped": "the plan ranks fewer shapes", **env})
                 continue
-            changes, predicted_rank = ranked[index]
+            changes, predicted_rank = ranked[job][index]
         else:
             changes = RUNS[name][3]
         if args.arch == "tiny":  # the CPU: the tiny model's own length, no Liger, no 4-bit
@@ -249,6 +255,17 @@ def main() -> None:
         )
         if row["returncode"]:
             print(row["stderr_tail"], flush=True)
+
+
+def _job_of(name: str) -> tuple[str, str, list[str], str]:
+    """(model key, method, launch options, tree) of a run: a plan-choice run's job's, else
+    RUNS'."""
+    found = ranked_job(name)
+    if found is not None:
+        key, method, _ = RANKED_JOBS[found[0]]
+        return key, method, [], "after"
+    key, method, options, _, tree = RUNS[name]
+    return key, method, options, tree
 
 
 def older_plan(plan: Path, folder: Path, before: Path) -> Path:

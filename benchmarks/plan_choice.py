@@ -4,6 +4,7 @@ of one GPU call (benchmarks/host_speed.py's five ranked runs) and their metrics:
     python benchmarks/plan_choice.py benchmarks/results/host3_h100.jsonl \
         benchmarks/results/host3_h100_runs.tgz
 
+``--job 8b-lora`` reads the 8B bf16 LoRA plan's five runs instead of the 1B one's.
 For each ranked run it prints the predicted tokens/s, the measured tokens/s over the full
 timed steps and the median step rate, and each one's share of the best. A run's timed steps
 are those after WARMUP_STEPS (gpu_fixtures). A *remainder* step, one whose real tokens fall
@@ -26,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_fixtures import WARMUP_STEPS
+from gpu_fixtures import RANKED_JOBS, WARMUP_STEPS
 
-RANKED = ("1b-plan", "1b-alt1", "1b-alt2", "1b-alt3", "1b-alt4")
 REMAINDER = 0.9  # a step under this share of the median step's tokens is the epoch's remainder
 
 
@@ -79,11 +79,13 @@ def main() -> int:
     p.add_argument("rows", type=Path, help="host_speed.py's JSONL")
     p.add_argument("runs", type=Path, help="the same call's run folders, tar.gz")
     p.add_argument("--floor", type=float, default=0.95)
+    p.add_argument("--job", choices=list(RANKED_JOBS), default="1b", help="which plan's runs")
     args = p.parse_args()
+    ranked = RANKED_JOBS[args.job][2]
     rows = {r["run"]: r for r in map(json.loads, args.rows.read_text().splitlines())}
     lines = metrics_from(args.runs)
     table = []
-    for name in RANKED:
+    for name in ranked:
         if name not in rows or name not in lines:
             print(f"{name}: not measured in this call", file=sys.stderr)
             return 1
@@ -98,7 +100,7 @@ def main() -> int:
             | measured(step_tokens(lines[name]))
         )
     ok = True
-    print(f"{rows[RANKED[0]]['gpu']}, one call; plan's choice first")
+    print(f"{rows[ranked[0]]['gpu']}, one call; plan's choice first")
     for key in ("full_step_tokens_per_s", "median_step_rate"):
         best = max(r[key] for r in table)
         share = table[0][key] / best
@@ -106,7 +108,7 @@ def main() -> int:
         print(f"\nby {key.replace('_', ' ')}: the plan's choice is {share:.1%} of the best")
         for r in table:
             print(
-                f"  {r['run']:8} {r['setup']:32} predicted {r['predicted']:8,.0f}  "
+                f"  {r['run']:12} {r['setup']:32} predicted {r['predicted']:8,.0f}  "
                 f"measured {r[key]:8,.0f}  ({r[key] / best:6.1%}; "
                 f"prediction {r['predicted'] / r[key] - 1:+.1%})"
             )

@@ -242,3 +242,59 @@ def test_host_speed_runs_take_the_path_their_names_say() -> None:
     zero0 = TrainSetup(method="lora", zero=0, fused_lora=True, lora_dropout=0.0)
     kept_off = dataclasses.replace(zero0, zero=None)
     assert not kept_off.autocast and not fused_lora_runs(kept_off)
+
+
+def test_host_speed_knows_each_plan_choice_run_by_its_job() -> None:
+    """A plan-choice run's name gives its job (model, method) and its place in the plan's
+    ranking; any other name is a RUNS entry."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import host_speed
+    from gpu_fixtures import ranked_job
+
+    assert ranked_job("8b-lora-alt2") == ("8b-lora", 2)
+    assert ranked_job("1b-plan") == ("1b", 0)
+    assert ranked_job("8b-mb1") is None
+    assert host_speed._job_of("8b-lora-plan") == ("8b", "lora", [], "after")
+    assert host_speed._job_of("1b-alt4") == ("1b", "lora", [], "after")
+    assert host_speed._job_of("8b-mb1")[:2] == ("8b", "qlora")
+
+
+def _plan_choice_call(tmp_path: Path, rates: list[float]) -> tuple[Path, Path]:
+    """host_speed.py's rows and run folders for the 8B LoRA job's five runs, each stepping
+    at its rate (tokens/s) over 3 warm-up and 10 timed steps of 10,000 tokens."""
+    import io
+    import json
+    import tarfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_fixtures import RANKED_JOBS
+
+    rows, tgz = tmp_path / "rows.jsonl", tmp_path / "runs.tgz"
+    setup = {"micro_batch": 16, "seq_len": 704, "zero": None, "offload": "none"}
+    with rows.open("w") as out, tarfile.open(tgz, "w:gz") as tar:
+        for name, rate in zip(RANKED_JOBS["8b-lora"][2], rates, strict=True):
+            row = {"run": name, "gpu": "test", "setup": {**setup, "grad_ckpt": False},
+                   "path_predicted_tokens_per_s": 15000.0}  # fmt: skip
+            out.write(json.dumps(row) + "\n")
+            lines = [{"event": "train", "rank": 0, "step": s, "t": s * 1e4 / rate,
+                      "tokens_per_s": rate} for s in range(1, 14)]  # fmt: skip
+            data = "".join(json.dumps(m) + "\n" for m in lines).encode()
+            info = tarfile.TarInfo(f"run-{name}/metrics.jsonl")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return rows, tgz
+
+
+def test_plan_choice_fails_where_the_plan_chose_a_slower_setup(tmp_path: Path) -> None:
+    import subprocess
+
+    script = str(ROOT / "benchmarks" / "plan_choice.py")
+    for rates, code in (([15000, 14000, 13000, 12000, 11000], 0), ([13000, 15000, 12000, 11000, 10000], 1)):  # fmt: skip
+        rows, tgz = _plan_choice_call(tmp_path, rates)
+        done = subprocess.run(
+            [sys.executable, script, str(rows), str(tgz), "--job", "8b-lora"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == code, done.stdout + done.stderr
+        assert "8b-lora-alt4" in done.stdout
