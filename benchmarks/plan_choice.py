@@ -5,6 +5,7 @@ of one GPU call (benchmarks/host_speed.py's five ranked runs) and their metrics:
         benchmarks/results/host3_h100_runs.tgz
 
 ``--job 8b-lora`` reads the 8B bf16 LoRA plan's five runs instead of the 1B one's.
+
 For each ranked run it prints the predicted tokens/s, the measured tokens/s over the full
 timed steps and the median step rate, and each one's share of the best. A run's timed steps
 are those after WARMUP_STEPS (gpu_fixtures). A *remainder* step, one whose real tokens fall

@@ -596,7 +596,8 @@ def wrapped_features(spec: ModelSpec, setup: TrainSetup) -> int:
 #   backward, out: the · scaling of the output's gradient (read 2, write 2): 4 B;
 #   backward, in: the input's two gradients written (2 + 2) and summed (read 4, write 2) =
 #     10 B, where addmm adds the adapter's into the base's (2 + read 2 + write 2 = 6): 4 B;
-#   4-bit layers (QLoRA), forward, out: PEFT's defensive copy of the base output (2 + 2);
+#   4-bit layers (QLoRA), forward, out: PEFT's defensive copy of the base output (2 + 2)
+#     (where QLoRA is not priced as bf16 LoRA plus dequantization: MoE, fused_4bit_as_bf16);
 #   (bf16 LoRA with fp32 adapters under autocast: PEFT's casts of each adapter's input and
 #     of its gradient are gone too, the whole of lora_bytes: lora_share is 0 there.)
 #   siblings that read one input (models.SHARED_INPUT: q/k/v, gate/up), k of them adapted,
@@ -832,7 +833,7 @@ def fused_4bit_as_bf16(spec: ModelSpec, setup: TrainSetup) -> bool:
     Not fitted. Started from PEFT's 4-bit step (efficiency_qlora, lora_share) less what the
     fused linears save, the ten launched 8B QLoRA plans at 16 × 704 on one H100
     (kernels5-14) ran 9.3-14.2% faster than predicted (median 12.1%), while the bf16 LoRA
-    plan beside them ran 5.8-6.9% faster; priced this way they run 3.1-8.3% faster (median
+    plan beside them ran 6.4-6.9% faster; priced this way they run 3.1-8.3% faster (median
     6.0%), as measured they run at bf16 LoRA's speed (15,782 against 15,742, kernels14)."""
     return setup.method == "qlora" and spec.moe is None and fused_lora_runs(setup)
 
