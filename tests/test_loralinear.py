@@ -78,6 +78,10 @@ def test_the_speed_model_takes_the_counted_passes_off() -> None:
     )
     qlora_peft = TrainSetup(method="qlora", micro_batch=16, seq_len=704)
     assert speed.gpu_seconds(spec, qlora_peft, gpu) > speed.gpu_seconds(spec, qlora_fused, gpu)
+    # a mixture of experts keeps PEFT's 4-bit price: its expert banks are not fused linears
+    moe = load_model("Qwen/Qwen3-30B-A3B")
+    assert speed.fused_4bit_as_bf16(spec, qlora_fused)
+    assert not speed.fused_4bit_as_bf16(moe, qlora_fused)
     more = speed.host_operations(spec, qlora_fused) - speed.host_operations(spec, qlora_peft)
     adapters = 7 * spec.num_layers * hostops.host_ops("llama").adapter_no_dropout
     assert more == pytest.approx(adapters * (hostops.fused_adapter_share("4bit") - 1), abs=1)
