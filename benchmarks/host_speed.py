@@ -100,7 +100,6 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}
 # seconds a --compile run adds to its estimate (the first forward's and backward's compile)
 COMPILE_EXTRA_S = 15.0
-RANKED = tuple(n for _, _, names in RANKED_JOBS.values() for n in names)
 # steps after the timed ones: two under sync debug mode, two profiled (the profiler stops
 # at the next step's start), one watched for the host's reads of GPU values (host_probe's
 # HostReads, closed at the last step's end, before the final save)
@@ -201,8 +200,9 @@ def main() -> None:
             plans[key, method] = plan_for(models[key], data, args.work / key, method)
         plan = plans[key, method]
         predicted_rank = None
-        if name in RANKED:
-            job, index = ranked_job(name) or ("", 0)
+        found = ranked_job(name)  # a plan-choice run: (its job, its place in the ranking)
+        if found is not None:
+            job, index = found
             if job not in ranked:
                 n = len(RANKED_JOBS[job][2])
                 ranked[job] = ranked_setups(json.loads(plan.read_text()), n)
@@ -222,12 +222,12 @@ def main() -> None:
         if code is not None:
             plan = older_plan(plan, args.work / key / "plan-before", code)
         # the five setups are timed only; the others probed after their timed steps
-        timed = args.timed_ranked if name in RANKED else args.timed
-        steps = WARMUP_STEPS + timed + (0 if name in RANKED else PROBED)
+        timed = args.timed_ranked if found else args.timed
+        steps = WARMUP_STEPS + timed + (0 if found else PROBED)
         probe_env = {"PYTHONPATH": _pythonpath(code)}
         if name in MODES:
             probe_env["ZEROPLAN_COMPILE_MODE"] = MODES[name]
-        if name not in RANKED:
+        if not found:
             probe_env["ZEROPLAN_HOST_PROBE"] = str(args.work / f"probe-{name}.json")
             probe_env["ZEROPLAN_HOST_PROBE_STEPS"] = str(WARMUP_STEPS + timed + 1)
         extra = ["--force"] if args.arch == "tiny" else []
