@@ -383,6 +383,33 @@ def test_a_plan_that_chose_liger_is_refused_where_liger_cannot_run(
     assert preflight(launch(TrainOptions()), h100, force=True).ok
 
 
+def test_ranks_forced_onto_the_cpu_are_refused_what_needs_a_gpu_before_they_start(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """--force without a GPU starts the ranks on the CPU: the parts of the plan that run on a
+    CUDA GPU only are refused at preflight, with the plan options that leave them out, not
+    by the ranks after torchrun started them."""
+    from zeroplan.launch.preflight import preflight
+    from zeroplan.launch.runner import TrainOptions
+
+    fused = _launch(tmp_path, model_dir, TrainOptions(kernels="none"), fused_loss=True)
+    (err,) = preflight(fused, None, force=True).errors
+    assert isinstance(err, MissingDependencyError)
+    assert str(err) == (
+        "no GPU here: the fused loss (Liger's Triton kernels) needs a CUDA GPU: plan again "
+        "without it (--no-fused-loss) to train on the CPU"
+    )
+    plain = _launch(tmp_path, model_dir, TrainOptions(kernels="none"))
+    assert preflight(plain, None, force=True).ok
+    # on a GPU the same plan passes (the ranks check their packages themselves)
+    from zeroplan.hardware import parse_cluster
+
+    assert not any(
+        "no GPU here" in str(e)
+        for e in preflight(fused, parse_cluster("1xH100"), force=True).errors
+    )
+
+
 def test_compiled_layers_around_varlen_attention_run_a_packed_step(
     tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -33,7 +33,7 @@ from zeroplan.errors import (
     ZeroplanError,
 )
 from zeroplan.launch import sft
-from zeroplan.trainsetup import TrainSetup
+from zeroplan.trainsetup import TrainSetup, cpu_refusal
 
 # third-party noise: something DeepSpeed or bitsandbytes imports uses torch.jit.script_method
 pytestmark = pytest.mark.filterwarnings(
@@ -309,17 +309,33 @@ def test_packed_batches_and_the_deepspeed_config_agree(tmp_path: Path, kernel: s
 @pytest.mark.parametrize(
     ("setup", "needle"),
     [
-        (TrainSetup(method="qlora"), "--method qlora needs a CUDA GPU"),
-        (TrainSetup(optim="adamw_8bit"), "needs a CUDA GPU"),
-        (TrainSetup(zero=2), "DeepSpeed ZeRO runs on CUDA GPUs"),
+        (
+            TrainSetup(method="qlora"),
+            "--method qlora (bitsandbytes quantizes on the GPU) needs a CUDA GPU: plan again "
+            "without it (--method lora) to train on the CPU",
+        ),
+        (
+            TrainSetup(optim="adamw_8bit"),
+            "the adamw_8bit optimizer (bitsandbytes) needs a CUDA GPU: plan again without it "
+            "to train on the CPU",
+        ),
+        (TrainSetup(zero=2), "DeepSpeed ZeRO-2 needs a CUDA GPU"),
         (TrainSetup(attn="flash_attention_2"), "flash_attention_2 needs a CUDA GPU"),
-        (TrainSetup(fused_loss=True), "fused loss"),
+        (TrainSetup(fused_loss=True), "fused loss (Liger's Triton kernels) needs a CUDA GPU"),
+        # every CPU-refused part in one line, and the plan options that leave them out
+        (
+            TrainSetup(method="qlora", fused_loss=True, zero=2),
+            "--method qlora (bitsandbytes quantizes on the GPU), the fused loss (Liger's Triton "
+            "kernels) and DeepSpeed ZeRO-2 need a CUDA GPU: plan again without them "
+            "(--method lora, --no-fused-loss) to train on the CPU",
+        ),
     ],
 )
 def test_preflight_on_a_cpu(setup: TrainSetup, needle: str) -> None:
     with pytest.raises(MissingDependencyError) as exc:
         sft.preflight(setup, cuda=False)
     assert needle in one_line(exc)
+    assert cpu_refusal(TrainSetup()) is None  # a plain LoRA setup runs on the CPU
 
 
 def test_fused_loss_without_liger_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -305,6 +305,33 @@ def fused_lora_refusal(setup: TrainSetup) -> str | None:
     return None
 
 
+def cpu_refusal(setup: TrainSetup) -> str | None:
+    """What in ``setup`` runs on a CUDA GPU only, and how to plan without it, in one line
+    (None: every part runs on the CPU too). Ranks started on a CPU (``zeroplan launch
+    --force`` without a GPU) would stop on each of these in turn; naming them all at once
+    spares a retry per part. The plan options where ``zeroplan plan`` has one; the others
+    come from a recipe or ``config``."""
+    parts: list[tuple[str, str | None]] = []
+    if setup.method == "qlora":
+        parts.append(("--method qlora (bitsandbytes quantizes on the GPU)", "--method lora"))
+    if setup.optim in BNB_OPTIMIZERS:
+        parts.append((f"the {setup.optim} optimizer (bitsandbytes)", None))
+    if setup.fused_loss:
+        parts.append(("the fused loss (Liger's Triton kernels)", "--no-fused-loss"))
+    if setup.attn == "flash_attention_2":
+        parts.append(("flash_attention_2", None))
+    if setup.zero is not None:
+        parts.append((f"DeepSpeed ZeRO-{setup.zero}", None))
+    if not parts:
+        return None
+    names = [w for w, _ in parts]
+    what = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    flags = [f for _, f in parts if f is not None]
+    how = f" ({', '.join(flags)})" if flags else ""
+    need, it = ("needs", "it") if len(parts) == 1 else ("need", "them")
+    return f"{what} {need} a CUDA GPU: plan again without {it}{how} to train on the CPU"
+
+
 def resolve_precision(setup: TrainSetup, gpu_bf16: bool, gpu_name: str = "this GPU") -> TrainSetup:
     """``setup`` with its precision for a card that has bf16 (``gpu_bf16``) or not.
 

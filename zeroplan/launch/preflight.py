@@ -64,7 +64,7 @@ from zeroplan.launch.runner import (
 from zeroplan.launch.trackers import check_tracker
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
-from zeroplan.trainsetup import TrainSetup
+from zeroplan.trainsetup import TrainSetup, cpu_refusal
 
 # Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -201,6 +201,18 @@ def check_kernels(launch: Launch, gpu_here: bool) -> None:
     # unset: the plan's choice
     if train.compile or (train.compile is None and launch.setup.compile):
         kernels.check_compiler(gpu_here)
+
+
+def _ranks(n: int) -> str:
+    return "the rank" if n == 1 else f"the {n} ranks"
+
+
+def check_cpu(setup: TrainSetup) -> None:
+    """Ranks started on the CPU (``--force`` without a GPU) refuse each part of the setup that
+    runs on a CUDA GPU only; say so before they start, all parts at once."""
+    refusal = cpu_refusal(setup)
+    if refusal is not None:
+        raise MissingDependencyError(f"no GPU here: {refusal}")
 
 
 def check_gpu_count(nodes: tuple[Node, ...], present: Cluster) -> None:
@@ -385,9 +397,10 @@ def preflight(
     if local and present is None:
         if force:
             notes.append(
-                f"no NVIDIA GPU on this machine (NVML sees none): --force starts the "
-                f"{launch.world_size} ranks anyway, on CPU; the memory check is skipped"
+                f"no NVIDIA GPU on this machine (NVML sees none): --force starts "
+                f"{_ranks(launch.world_size)} anyway, on CPU; the memory check is skipped"
             )
+            attempt(lambda: check_cpu(launch.setup))
         else:
             errors.append(
                 NoGPUError(

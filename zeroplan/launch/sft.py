@@ -80,6 +80,7 @@ from zeroplan.trainsetup import (
     ALL_LINEAR,
     BNB_OPTIMIZERS,
     TrainSetup,
+    cpu_refusal,
     fused_lora_runs,
     packed_shape,
     parse_targets,
@@ -435,31 +436,20 @@ def model_kwargs(setup: TrainSetup, cuda: bool, local_rank: int) -> dict[str, An
 
 
 def preflight(setup: TrainSetup, cuda: bool) -> None:
-    """Refuse, before any model work, what this machine cannot run as planned."""
+    """Refuse, before any model work, what this machine cannot run as planned (the launcher's
+    preflight makes the same CPU check before it starts any rank)."""
+    refusal = None if cuda else cpu_refusal(setup)
+    if refusal is not None:
+        raise MissingDependencyError(refusal)
     if setup.method == "qlora":
-        if not cuda:
-            raise MissingDependencyError(
-                "--method qlora needs a CUDA GPU: bitsandbytes quantizes to 4-bit on the GPU only"
-            )
         _need("bitsandbytes", "--method qlora (4-bit NF4 base)", "bitsandbytes")
     if setup.optim in BNB_OPTIMIZERS:
-        if not cuda:
-            raise MissingDependencyError(f"--optim {setup.optim} (bitsandbytes) needs a CUDA GPU")
         _need("bitsandbytes", f"--optim {setup.optim}", "bitsandbytes")
     if setup.fused_loss:
         _need("liger_kernel", "the fused loss (Liger fused linear cross-entropy)", "liger-kernel")
-        if not cuda:
-            raise MissingDependencyError("the fused loss (Liger, Triton kernels) needs a CUDA GPU")
     if setup.attn == "flash_attention_2":
-        if not cuda:
-            raise MissingDependencyError("--attn flash_attention_2 needs a CUDA GPU")
         _need("flash_attn", "--attn flash_attention_2", "flash-attn")
     if setup.zero is not None:
-        if not cuda:
-            raise MissingDependencyError(
-                f"--zero {setup.zero}: DeepSpeed ZeRO runs on CUDA GPUs; plan without --zero to "
-                "run on the CPU"
-            )
         _need("deepspeed", f"--zero {setup.zero}", "deepspeed")
 
 
