@@ -4,7 +4,10 @@ of one GPU call (benchmarks/host_speed.py's five ranked runs) and their metrics:
     python benchmarks/plan_choice.py benchmarks/results/host3_h100.jsonl \
         benchmarks/results/host3_h100_runs.tgz
 
-``--job 8b-lora`` reads the 8B bf16 LoRA plan's five runs instead of the 1B one's.
+``--job 8b-lora`` reads the 8B bf16 LoRA plan's five runs instead of the 1B one's. More
+calls may follow as further pairs of files (calls made back to back on one warm machine): a
+run is read from the first call that has it, and a run timed in several calls prints each
+call's rate, so the reader sees how far the machine moved between them.
 
 For each ranked run it prints the predicted tokens/s, the measured tokens/s over the full
 timed steps and the median step rate, and each one's share of the best. A run's timed steps
@@ -77,31 +80,46 @@ def metrics_from(tgz: Path) -> dict[str, list[dict[str, Any]]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("rows", type=Path, help="host_speed.py's JSONL")
-    p.add_argument("runs", type=Path, help="the same call's run folders, tar.gz")
+    p.add_argument(
+        "calls", type=Path, nargs="+", metavar="ROWS RUNS",
+        help="host_speed.py's JSONL and the same call's run folders (tar.gz), per call",
+    )  # fmt: skip
     p.add_argument("--floor", type=float, default=0.95)
     p.add_argument("--job", choices=list(RANKED_JOBS), default="1b", help="which plan's runs")
     args = p.parse_args()
+    if len(args.calls) % 2:
+        p.error("give each call's JSONL and its runs' tar.gz, in pairs")
     ranked = RANKED_JOBS[args.job][2]
-    rows = {r["run"]: r for r in map(json.loads, args.rows.read_text().splitlines())}
-    lines = metrics_from(args.runs)
+    calls = []  # (name, rows, metrics) of each call
+    for rows_path, runs_path in zip(args.calls[::2], args.calls[1::2], strict=True):
+        rows = {r["run"]: r for r in map(json.loads, rows_path.read_text().splitlines())}
+        calls.append((rows_path.stem, rows, metrics_from(runs_path)))
+    gpus = {rows[name]["gpu"] for _, rows, lines in calls for name in ranked if name in lines}
+    if len(gpus) > 1:
+        print(f"the calls ran on different GPUs ({', '.join(sorted(gpus))})", file=sys.stderr)
+        return 1
     table = []
     for name in ranked:
-        if name not in rows or name not in lines:
-            print(f"{name}: not measured in this call", file=sys.stderr)
+        found = [(call, rows[name], lines[name]) for call, rows, lines in calls if name in lines]
+        if not found:
+            print(f"{name}: not measured in these calls", file=sys.stderr)
             return 1
-        s = rows[name]["setup"]
+        call, row, lines = found[0]
+        s = row["setup"]
         shape = (
             f"{s['micro_batch']}×{s['seq_len']} ZeRO-{s['zero']} "
             f"{'offload ' + s['offload'] if s['offload'] != 'none' else ''}"
             f"{'ckpt' if s['grad_ckpt'] else ''}"
         ).strip()
         table.append(
-            {"run": name, "setup": shape, "predicted": rows[name]["path_predicted_tokens_per_s"]}
-            | measured(step_tokens(lines[name]))
-        )
+            {"run": name, "call": call, "setup": shape,
+             "predicted": row["path_predicted_tokens_per_s"]}
+            | measured(step_tokens(lines))
+            | {"again": [(c, measured(step_tokens(x))) for c, _, x in found[1:]]}
+        )  # fmt: skip
     ok = True
-    print(f"{rows[ranked[0]]['gpu']}, one call; plan's choice first")
+    where = "one call" if len(calls) == 1 else f"{len(calls)} calls"
+    print(f"{gpus.pop()}, {where}; plan's choice first")
     for key in ("full_step_tokens_per_s", "median_step_rate"):
         best = max(r[key] for r in table)
         share = table[0][key] / best
@@ -112,7 +130,10 @@ def main() -> int:
                 f"  {r['run']:12} {r['setup']:32} predicted {r['predicted']:8,.0f}  "
                 f"measured {r[key]:8,.0f}  ({r[key] / best:6.1%}; "
                 f"prediction {r['predicted'] / r[key] - 1:+.1%})"
+                + (f"  [{r['call']}]" if len(calls) > 1 else "")
             )
+            for call, again in r["again"]:
+                print(f"  {'':12} {'':32} {'':18} again {again[key]:8,.0f}  [{call}]")
     for r in table:
         for rem in r["remainder_steps"]:
             print(f"{r['run']}: step {rem['step']} left out of the full-step rate ({rem})")

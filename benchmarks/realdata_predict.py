@@ -117,7 +117,10 @@ RUNS = (
 
 # launched runs of benchmarks/host_speed.py (real vocabularies, each run's own setup): the
 # runs of this tree's launch loop only ("after"; "before" ran main's earlier loop)
-HOST_FILES = ("host_h100.jsonl", "host2_h100.jsonl", "host3_h100.jsonl", "host4_h100.jsonl")
+# (host_h100: the loop before and after; host2-4: the first plans' choices and the 8B QLoRA
+# job; host5-13: that job again on more machines and code; host14-16: the 1B and 8B LoRA
+# plans' five ranked setups each)
+HOST_FILES = ("host_h100.jsonl", *(f"host{i}_h100.jsonl" for i in range(2, 17)))
 # runs of a machine whose host ran the same job's Trainer phases 1.6-1.8x slower than the
 # same card kind did in every other call (hostc_h100.jsonl: training_step 381 ms against
 # 215): printed, kept out of the bands, which describe the hosts the constants were

@@ -260,9 +260,16 @@ def test_host_speed_knows_each_plan_choice_run_by_its_job() -> None:
     assert host_speed._job_of("8b-mb1")[:2] == ("8b", "qlora")
 
 
-def _plan_choice_call(tmp_path: Path, rates: list[float]) -> tuple[Path, Path]:
-    """host_speed.py's rows and run folders for the 8B LoRA job's five runs, each stepping
-    at its rate (tokens/s) over 3 warm-up and 10 timed steps of 10,000 tokens."""
+def _plan_choice_call(
+    tmp_path: Path,
+    rates: list[float],
+    runs: tuple[int, ...] = (0, 1, 2, 3, 4),
+    tag: str = "",
+    gpu: str = "test",
+) -> tuple[Path, Path]:
+    """host_speed.py's rows and run folders for the 8B LoRA job's five runs (``runs`` of
+    them), each stepping at its rate (tokens/s) over 3 warm-up and 10 timed steps of 10,000
+    tokens."""
     import io
     import json
     import tarfile
@@ -270,11 +277,12 @@ def _plan_choice_call(tmp_path: Path, rates: list[float]) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_fixtures import RANKED_JOBS
 
-    rows, tgz = tmp_path / "rows.jsonl", tmp_path / "runs.tgz"
+    rows, tgz = tmp_path / f"rows{tag}.jsonl", tmp_path / f"runs{tag}.tgz"
     setup = {"micro_batch": 16, "seq_len": 704, "zero": None, "offload": "none"}
+    names = RANKED_JOBS["8b-lora"][2]
     with rows.open("w") as out, tarfile.open(tgz, "w:gz") as tar:
-        for name, rate in zip(RANKED_JOBS["8b-lora"][2], rates, strict=True):
-            row = {"run": name, "gpu": "test", "setup": {**setup, "grad_ckpt": False},
+        for name, rate in [(names[i], rates[i]) for i in runs]:
+            row = {"run": name, "gpu": gpu, "setup": {**setup, "grad_ckpt": False},
                    "path_predicted_tokens_per_s": 15000.0}  # fmt: skip
             out.write(json.dumps(row) + "\n")
             lines = [{"event": "train", "rank": 0, "step": s, "t": s * 1e4 / rate,
@@ -298,3 +306,34 @@ def test_plan_choice_fails_where_the_plan_chose_a_slower_setup(tmp_path: Path) -
         )  # fmt: skip
         assert done.returncode == code, done.stdout + done.stderr
         assert "8b-lora-alt4" in done.stdout
+
+
+def test_plan_choice_reads_five_runs_over_several_calls(tmp_path: Path) -> None:
+    """Runs split over calls on one machine are read from the first call that has each; a
+    run no call has, or calls on different GPUs, fail."""
+    import subprocess
+
+    script = str(ROOT / "benchmarks" / "plan_choice.py")
+    rates = [15000, 14000, 13000, 16000, 11000]  # the plan's choice is not the fastest
+
+    def run(*calls: tuple[Path, Path]) -> subprocess.CompletedProcess[str]:
+        files = [str(f) for pair in calls for f in pair]
+        return subprocess.run(
+            [sys.executable, script, *files, "--job", "8b-lora"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    first = _plan_choice_call(tmp_path, rates, (0, 1, 2), "1")
+    second = _plan_choice_call(tmp_path, [15500, 0, 0, *rates[3:]], (0, 3, 4), "2")
+    done = run(first, second)
+    assert done.returncode == 1, done.stdout + done.stderr  # alt3, from the second call, wins
+    assert "2 calls" in done.stdout and "[rows2]" in done.stdout
+    assert "again   15,500  [rows2]" in done.stdout  # the plan's rate in the second call
+    assert "not measured" in run(first).stderr
+    other = _plan_choice_call(tmp_path, rates, (3, 4), "3", gpu="another")
+    assert "different GPUs" in run(first, other).stderr
+    odd = subprocess.run(
+        [sys.executable, script, *map(str, first), str(second[0])],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert odd.returncode == 2 and "in pairs" in odd.stderr
