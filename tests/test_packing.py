@@ -198,6 +198,23 @@ def test_first_label_of_every_packed_sample_is_ignored() -> None:
     assert batch["labels"][0, 5:].tolist() == [-100] * 3
 
 
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_a_part_filled_rows_padding_is_cut_into_short_segments(layout: str) -> None:
+    """Attention costs a segment its length squared: a last row of 5 real tokens in 600
+    slots pads with segments of at most PAD_SEGMENT tokens, not one of 595 (varlen
+    attention's longest segment: the longest sample's or PAD_SEGMENT)."""
+    row = batching.pack_examples([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]}], 600)
+    batch = batching.PackedCollator(pad_id=0, capacity=600, layout=layout)(row.rows)
+    positions = batch["position_ids"].reshape(-1).tolist()
+    lengths = batching.segment_lengths(positions)
+    assert lengths == [5, 128, 128, 128, 128, 83] and batching.PAD_SEGMENT == 128
+    assert batch["labels"].reshape(-1)[5:].eq(-100).all()
+    assert batch["zp_real_tokens"] == 5 and batch["zp_slots"] == 600
+    if layout == "flat":
+        assert batch["cu_seq_lens_q"].tolist() == [0, 5, 133, 261, 389, 517, 600]
+        assert batch["max_length_q"] == 128
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention needs a GPU")
 def test_flash_varlen_matches_per_sample_sdpa_on_gpu() -> None:
     """The CUDA kernel against the reference (causal SDPA per sample), GQA, bf16."""

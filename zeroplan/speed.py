@@ -242,7 +242,7 @@ HELD_OUT_P90_HOST_BOUND = 0.196
 # QLoRA at 1 × 1,664 over 16 runs and 1B LoRA at 4 × 704 and 1 × 1,664 through this launch
 # loop, host_h100.jsonl and host4-13_h100.jsonl). They hold what a step timed alone leaves
 # out: the trainer's own cost, the records' lengths and packing, the launch's threads and
-# DeepSpeed; the rows' rates keep the epoch's short last step, which a ten-step run weighs.
+# DeepSpeed; the rows' rates keep the epoch's part-filled row, which a ten-step run weighs.
 # The host-bound band is wide because of one pattern the model does not yet have: small
 # Qwen2.5 models' launched LoRA and QLoRA runs, predicted a median 20% too fast.
 LAUNCHED_P90_GPU_BOUND = 0.198

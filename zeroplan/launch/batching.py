@@ -13,8 +13,9 @@ sample keeps its own positions (0, 1, … restarting per sample) and attends onl
   restarting position ids and builds a block-diagonal causal mask for SDPA.
 
 The labels of each sample's first token are -100 (nothing before it in its row may predict
-it), so each sample's loss is what it is unpacked. The rest of a row is a padding segment of
-its own (labels -100, positions restarting), counted as padding.
+it), so each sample's loss is what it is unpacked. The rest of a row is padding (labels
+-100), cut into segments of at most PAD_SEGMENT tokens (positions restarting at each), counted
+as padding.
 
 ``padded``: ``micro_batch`` samples padded to the longest of them (TRL's collator), the
 attention mask keeping padding out; ``grouped`` sorts samples of similar length together
@@ -42,6 +43,12 @@ BATCHING = ("packed", "padded", "grouped")
 PACKED_ATTENTION = ("auto", "varlen", "mask")
 VARLEN_IMPL = "zeroplan_varlen"  # the attention implementation name registered in transformers
 IGNORE_INDEX = -100
+# The longest segment a row's padding is cut into. Attention costs each segment its length
+# squared: the epoch's last row, part-filled, would otherwise hold one padding "sample" of
+# up to micro-batch × seq_len tokens under varlen attention (38,136 of a 1B plan's 49,152:
+# that step took 1.6 s against 0.6 on an H100, host15_h100.jsonl). 128 is one tile of the
+# flash kernels, so padding costs what a short sample does.
+PAD_SEGMENT = 128
 
 Example = dict[str, list[int]]
 
@@ -93,13 +100,18 @@ def segment_lengths(positions: Sequence[int]) -> list[int]:
     return out
 
 
+def padding_positions(pad: int) -> list[int]:
+    """Position ids of ``pad`` padding tokens: segments of PAD_SEGMENT, each from 0."""
+    return [i % PAD_SEGMENT for i in range(pad)]
+
+
 class PackedCollator:
     """Rows → one micro-batch of fixed shape.
 
     ``layout="rows"``: input_ids / labels / position_ids of shape (rows, capacity), every row
-    padded with a segment of its own. ``layout="flat"``: the same rows laid end to end in
+    padded with segments of its own (padding_positions). ``layout="flat"``: the same rows laid end to end in
     one row of rows·capacity tokens, plus ``cu_seq_lens_q/k`` (int32 boundaries of every
-    segment, padding segments included) and ``max_length_q/k`` for varlen attention.
+    segment, padding's short segments included) and ``max_length_q/k`` for varlen attention.
     Both add ``zp_real_tokens`` and ``zp_slots`` (popped before the forward) for tokens/s.
     """
 
@@ -125,7 +137,7 @@ class PackedCollator:
             real += n
             ids.append(list(f["input_ids"]) + [self.pad_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-            positions.append(list(f["position_ids"]) + list(range(pad)))
+            positions.append(list(f["position_ids"]) + padding_positions(pad))
         batch: dict[str, Any] = {}
         if self.layout == "rows":
             batch["input_ids"] = torch.tensor(ids, dtype=torch.long)
@@ -260,8 +272,8 @@ def varlen_takes_window() -> bool:
 def _causal_kwargs(left: int = -1) -> dict[str, Any]:
     # with window_size: causal is a window of (left, 0), (-1, 0) unlimited; before, an is_causal
     # flag and no window: choose_packed_attention keeps a model whose window is shorter than
-    # its records off that kernel before the run (not here: a row's padding segment may be
-    # longer than the window with every record inside it)
+    # its records off that kernel before the run (not here: every record may fit the window
+    # while the padding's segments, up to PAD_SEGMENT, do not)
     if varlen_takes_window():
         return {"window_size": (left, 0)}
     return {"is_causal": True}
