@@ -15,7 +15,8 @@ are those after WARMUP_STEPS (gpu_fixtures). A *remainder* step, one whose real 
 below 90% of the run's median step (the epoch's one part-filled row, shuffled to any step), is
 left out of the full-step rate: a long run meets it once an epoch, a 13-step benchmark
 weighs it as one step in ten. Until batching.PAD_SEGMENT its padding ran as one long sample
-under varlen attention (a 1B row's 38,136 padding tokens: 1.6 s against 0.6, host15). The median needs no such rule and is printed beside it.
+under varlen attention (a 1B row's 38,136 padding tokens: 1.6 s against 0.6, host15). The
+median needs no such rule and is printed beside it.
 
 Exit 1 when the plan's choice is below ``--floor`` (0.95) of the best by either measure.
 """

@@ -109,9 +109,10 @@ class PackedCollator:
     """Rows → one micro-batch of fixed shape.
 
     ``layout="rows"``: input_ids / labels / position_ids of shape (rows, capacity), every row
-    padded with segments of its own (padding_positions). ``layout="flat"``: the same rows laid end to end in
-    one row of rows·capacity tokens, plus ``cu_seq_lens_q/k`` (int32 boundaries of every
-    segment, padding's short segments included) and ``max_length_q/k`` for varlen attention.
+    padded with segments of its own (padding_positions). ``layout="flat"``: the same rows
+    laid end to end in one row of rows·capacity tokens, plus ``cu_seq_lens_q/k`` (int32
+    boundaries of every segment, padding's short segments included) and ``max_length_q/k``
+    for varlen attention.
     Both add ``zp_real_tokens`` and ``zp_slots`` (popped before the forward) for tokens/s.
     """
 
