@@ -88,6 +88,27 @@ def test_report_says_whether_the_speed_missed_by_more_than_held_out_predictions_
     )
 
 
+def test_report_compares_no_speed_where_the_ranks_trained_on_the_cpu(run_dir: Path) -> None:
+    """launch --force without a GPU trains on the CPU (applied.json's device): the plan's
+    speed is its GPUs', so the report gives it without a miss or a verdict."""
+    plan_file = run_dir / "plan.json"
+    plan_json = json.loads(plan_file.read_text())
+    plan_json["best"]["error_p90"] = 0.09
+    plan_file.write_text(json.dumps(plan_json))
+    (run_dir / "applied.json").write_text(json.dumps({"device": "cpu"}))
+    s = summarize(load_run(run_dir))
+    assert s.on_cpu and s.speed_error is None and s.speed_within_band is None
+    assert s.to_json()["trained_on_cpu"] is True
+    out = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "400"}).output
+    out = " ".join(out.split())
+    assert "(plan 10,034 on its GPUs; not compared: the ranks trained on the CPU)" in out
+    assert "too fast" not in out
+    (run_dir / "applied.json").write_text(json.dumps({"device": "cuda"}))
+    assert summarize(load_run(run_dir)).speed_error is not None
+    (run_dir / "applied.json").write_text("{not json")  # unreadable: compared as before
+    assert summarize(load_run(run_dir)).on_cpu is False
+
+
 def test_report_writes_png_and_html_and_prints_the_table(run_dir: Path) -> None:
     result = CliRunner().invoke(cli, ["report", str(run_dir)], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output

@@ -85,6 +85,7 @@ from zeroplan.trainsetup import (
     packed_shape,
     parse_targets,
 )
+from zeroplan.watch.runlog import APPLIED_FILE
 
 # a rank's exit status when its training diverged (the loss or gradient norm went non-finite)
 EXIT_DIVERGED = 3
@@ -106,7 +107,7 @@ HF_OPTIM = {
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS = "metrics.jsonl"
-APPLIED = "applied.json"
+APPLIED = APPLIED_FILE
 RESULT = "result.json"
 DS_CONFIG = "ds_config.json"
 RUN_INFO = "zeroplan.json"  # in final/: what inference needs to rebuild the run's model

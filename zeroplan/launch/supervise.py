@@ -255,7 +255,7 @@ class Supervisor:
                 return RunResult(
                     0,
                     "done",
-                    f"all {self.launch.world_size} ranks finished",
+                    self._all_finished(),
                     exits=read_exits(self.launch.log_dir),
                     killed=killed,
                 )
@@ -279,7 +279,7 @@ class Supervisor:
                 return RunResult(
                     0,
                     "done",
-                    f"all {self.launch.world_size} ranks finished",
+                    self._all_finished(),
                     exits=read_exits(self.launch.log_dir),
                     killed=killed,
                 )
@@ -304,6 +304,10 @@ class Supervisor:
     def _first_failure(self) -> RankExit | None:
         failed = [e for e in read_exits(self.launch.log_dir).values() if e.returncode != 0]
         return min(failed, key=lambda e: e.t) if failed else None
+
+    def _all_finished(self) -> str:
+        n = self.launch.world_size
+        return "the rank finished" if n == 1 else f"all {n} ranks finished"
 
     def _all_ranks_done(self, codes: list[int | None]) -> bool:
         """Several nodes: every rank of every node exited 0 and this node's launcher has

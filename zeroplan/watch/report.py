@@ -29,6 +29,7 @@ from zeroplan.watch.runlog import (
     read_jsonl,
     read_metrics,
     read_prediction,
+    trained_on,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class RunData:
     prediction: Prediction | None
     samples: list[dict[str, Any]]  # gpu_samples.jsonl rows
     metrics: list[MetricRecord]
+    device: str | None = None  # what the ranks trained on (runlog.trained_on)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,15 @@ class RunSummary:
     predicted_tokens_per_s: float | None
     predicted_host_bound: bool = False
     predicted_error_p90: float | None = None  # speed.StepTime.error_p90 of the plan's step
+    # the ranks trained on the CPU (launch --force without a GPU): the plan's speed is its
+    # GPUs', so none is compared
+    on_cpu: bool = False
 
     @property
     def speed_error(self) -> float | None:
         """predicted / measured tokens/s − 1 (+: the plan was too fast), as fit_speed.py
-        scores the speed model; None without both."""
-        if not self.tokens_per_s_median or not self.predicted_tokens_per_s:
+        scores the speed model; None without both, or where the ranks trained on the CPU."""
+        if not self.tokens_per_s_median or not self.predicted_tokens_per_s or self.on_cpu:
             return None
         return self.predicted_tokens_per_s / self.tokens_per_s_median - 1
 
@@ -136,6 +141,7 @@ class RunSummary:
             "predicted_error_p90": self.predicted_error_p90,
             "speed_error": self.speed_error,
             "speed_within_band": self.speed_within_band,
+            "trained_on_cpu": self.on_cpu,
             "estimator_error": ESTIMATOR_ERROR,
         }
 
@@ -153,7 +159,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             f"nothing to report in {path}: no {GPU_SAMPLES_FILE} or {METRICS_FILE} yet "
             "(zeroplan watch RUN_DIR records GPU samples)"
         )
-    return RunData(path, read_prediction(path), samples, metrics)
+    return RunData(path, read_prediction(path), samples, metrics, trained_on(path))
 
 
 def _is_sample(s: dict[str, Any]) -> bool:
@@ -241,6 +247,7 @@ def summarize(data: RunData) -> RunSummary:
         predicted_tokens_per_s=pred.tokens_per_s if pred else None,
         predicted_host_bound=pred.host_bound if pred else False,
         predicted_error_p90=pred.error_p90 if pred else None,
+        on_cpu=data.device == "cpu",
     )
 
 
@@ -310,7 +317,12 @@ def render_summary(summary: RunSummary, console: Console) -> None:
     steps = f"{summary.last_step if summary.last_step is not None else '-'}/{summary.total_steps or '-'}"
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "-"
     tps = f"{summary.tokens_per_s_median:,.0f}" if summary.tokens_per_s_median else "-"
-    if summary.predicted_tokens_per_s:
+    if summary.predicted_tokens_per_s and summary.on_cpu:
+        tps += (
+            f" (plan {summary.predicted_tokens_per_s:,.0f} on its GPUs; not compared: the "
+            "ranks trained on the CPU)"
+        )
+    elif summary.predicted_tokens_per_s:
         tps += f" (plan {summary.predicted_tokens_per_s:,.0f})"
         err, band = summary.speed_error, summary.predicted_error_p90
         if err is not None and band is not None:

@@ -34,6 +34,7 @@ GPU_SAMPLES_FILE = "gpu_samples.jsonl"
 HOST_SAMPLES_FILE = "host_samples.jsonl"
 LOCK_FILE = ".watch.lock"
 LAUNCH_FILE = "launch.json"  # zeroplan launch's record; "result" is added when it ends
+APPLIED_FILE = "applied.json"  # what rank 0 applied: setup, kernels, device ("cuda" or "cpu")
 
 # Longest command line kept per GPU process in gpu_samples.jsonl: a line is then ~550
 # bytes, so 8 GPUs sampled at 1 Hz write ~16 MB per hour of run.
@@ -104,6 +105,18 @@ def read_prediction(run_dir: str | os.PathLike[str]) -> Prediction | None:
         raise BadPlanError(
             f"{path} is not a plan from `zeroplan plan` (best.{exc} missing or wrong)"
         ) from exc
+
+
+def trained_on(run_dir: str | os.PathLike[str]) -> str | None:
+    """The device the ranks trained on ("cuda", or "cpu" where ``zeroplan launch --force``
+    started them without a GPU), from rank 0's applied.json; None before it is written or
+    where it cannot be read."""
+    try:
+        data = json.loads((Path(run_dir) / APPLIED_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    device = data.get("device") if isinstance(data, dict) else None
+    return device if isinstance(device, str) else None
 
 
 # -- metrics.jsonl ------------------------------------------------------------------------
