@@ -723,10 +723,11 @@ def lora_share(setup: TrainSetup) -> float:
     defensive copy of its output, ...) stays.
 
     bf16 LoRA on the launch's fused LoRA linears (fused_lora_runs; they run at dropout 0
-    only, fused_lora_refusal), fp32 adapters under autocast: 0, as under DeepSpeed. The fused function runs the adapters'
-    matmuls on the bf16 input itself (autocast casts the r-wide adapters, weight-sized, not
-    the input) and saves that input once per group (memory.activations.shares_inputs): no
-    pass over an adapter's input is left, the GPU's work is DeepSpeed bf16's."""
+    only, fused_lora_refusal), fp32 adapters under autocast: 0, as under DeepSpeed. The
+    fused function runs the adapters' matmuls on the bf16 input itself (autocast casts the
+    r-wide adapters, weight-sized, not the input) and saves that input once per group
+    (memory.activations.shares_inputs): no pass over an adapter's input is left, the GPU's
+    work is DeepSpeed bf16's."""
     if setup.deepspeed and setup.method == "lora":
         return BF16_LORA_SHARE if setup.lora_dropout > 0 else 0.0
     if setup.method == "lora" and fused_lora_runs(setup):

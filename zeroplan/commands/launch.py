@@ -686,9 +686,11 @@ def _run_dir(
 ) -> Path:
     """-o, else: the plan's own folder when --resume names a run folder, runs/MODEL-slurmJOB
     under SLURM (the same on every node), runs/MODEL-DATE-TIME on one node."""
+    from zeroplan.watch.runlog import LAUNCH_FILE
+
     if run_dir is not None:
         return run_dir
-    if resume and plan_path is not None and (plan_path.parent / "launch.json").is_file():
+    if resume and plan_path is not None and (plan_path.parent / LAUNCH_FILE).is_file():
         return plan_path.parent
     if rdv is not None and rdv.source == "slurm":
         return Path("runs") / f"{_slug(model_name(plan))}-slurm{rdv.job_id}"

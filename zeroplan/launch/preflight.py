@@ -54,7 +54,6 @@ from zeroplan.hardware import Cluster
 from zeroplan.launch.multinode import check_rendezvous
 from zeroplan.launch.runner import (
     LOG_DIR,
-    METRICS_FILE,
     SSH_OPTIONS,
     Launch,
     Node,
@@ -65,6 +64,7 @@ from zeroplan.launch.trackers import check_tracker
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
 from zeroplan.trainsetup import TrainSetup, cpu_refusal
+from zeroplan.watch.runlog import METRICS_FILE
 
 # Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")

@@ -56,6 +56,7 @@ from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
 from zeroplan.planfiles import model_location, model_name
 from zeroplan.trainsetup import TrainSetup
+from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 
 if TYPE_CHECKING:
     from zeroplan.models import ModelSpec
@@ -63,9 +64,6 @@ if TYPE_CHECKING:
 
 LAUNCHERS = ("torchrun", "deepspeed")
 SFT_PROGRAM = ("-m", "zeroplan.launch.sft")
-PLAN_FILE = "plan.json"
-LAUNCH_RECORD = "launch.json"
-METRICS_FILE = "metrics.jsonl"
 LOG_DIR = "logs"
 LAUNCHER_LOG = "launcher.log"
 HOSTFILE = "hostfile"
@@ -449,7 +447,7 @@ class Launch:
     def record_name(self) -> str:
         """launch.json, or launch.node{R}.json for a node rank R > 0 (node 0 writes the rest)."""
         rdv = self.rendezvous
-        return LAUNCH_RECORD if rdv is None or rdv.node_rank == 0 else node_record(rdv.node_rank)
+        return LAUNCH_FILE if rdv is None or rdv.node_rank == 0 else node_record(rdv.node_rank)
 
     def host_of(self, rank: int) -> str:
         """The host that runs global rank ``rank``."""
@@ -734,12 +732,12 @@ def describe_files(launch: Launch) -> list[tuple[str, str]]:
     """(path, what it holds) for everything a launch writes or has written into RUN_DIR."""
     what = {
         PLAN_FILE: f"the plan every rank trains with (model: {launch.model})",
-        LAUNCH_RECORD: "the commands and environment; the result is added at the end",
+        LAUNCH_FILE: "the commands and environment; the result is added at the end",
         DS_CONFIG: f"the DeepSpeed config for {launch.world_size} GPU{'' if launch.world_size == 1 else 's'}",
         HOSTFILE: "one 'host slots=N' line per node",
         DS_ENV_FILE: "zeroplan's variables, for DeepSpeed's remote nodes",
     }
-    if launch.record_name != LAUNCH_RECORD:
+    if launch.record_name != LAUNCH_FILE:
         what[launch.record_name] = "this node's commands and environment; its result at the end"
     out = [(str(launch.run_dir / name), what.get(name, "")) for name in launch.files]
     last = launch.world_size - 1

@@ -85,7 +85,7 @@ from zeroplan.trainsetup import (
     packed_shape,
     parse_targets,
 )
-from zeroplan.watch.runlog import APPLIED_FILE
+from zeroplan.watch.runlog import APPLIED_FILE, METRICS_FILE
 
 # a rank's exit status when its training diverged (the loss or gradient norm went non-finite)
 EXIT_DIVERGED = 3
@@ -106,8 +106,6 @@ HF_OPTIM = {
 }
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
-METRICS = "metrics.jsonl"
-APPLIED = APPLIED_FILE
 RESULT = "result.json"
 DS_CONFIG = "ds_config.json"
 RUN_INFO = "zeroplan.json"  # in final/: what inference needs to rebuild the run's model
@@ -482,7 +480,7 @@ def original_limits(out: Path) -> tuple[float | None, int | None]:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        argv = json.loads((out / APPLIED).read_text(encoding="utf-8"))["argv"]
+        argv = json.loads((out / APPLIED_FILE).read_text(encoding="utf-8"))["argv"]
         ap = argparse.ArgumentParser(add_help=False)
         ap.add_argument("--epochs", type=float)
         ap.add_argument("--max-steps", type=int)
@@ -715,7 +713,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     label = f"{batching.label}, {kernel_path.label}"
     divergence = StopOnDivergence(fp16=bool(targs.fp16))
     callbacks = [
-        MetricsWriter(opts.out / METRICS, counter, label),
+        MetricsWriter(opts.out / METRICS_FILE, counter, label),
         StopOnSignal(flag),
         divergence,
     ]
@@ -778,7 +776,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
             resumed_from=str(resume_from) if opts.resume else None,
             notes=notes,
         )
-        (opts.out / APPLIED).write_text(json.dumps(applied, indent=2) + "\n")
+        (opts.out / APPLIED_FILE).write_text(json.dumps(applied, indent=2) + "\n")
 
     if any_rank(flag.signalled):  # stopped while loading: nothing trained, nothing to save
         return _finish(opts, trainer, rank, "interrupted", flag, None)

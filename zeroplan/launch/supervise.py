@@ -39,11 +39,11 @@ from zeroplan.launch.ranklog import EXIT_NAME
 from zeroplan.launch.runner import (
     DEFAULT_GRACE_S,
     LAUNCHER_LOG,
-    METRICS_FILE,
     Launch,
     describe_nodes,
     write_files,
 )
+from zeroplan.watch.runlog import METRICS_FILE
 
 DEFAULT_PROGRESS_S = 10.0
 LET_LAUNCHER_S = 5.0  # a rank failed: the launcher stops the others itself, first

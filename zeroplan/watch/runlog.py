@@ -22,11 +22,13 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from zeroplan.errors import BadPlanError, RunDirNotFoundError
 from zeroplan.planfiles import model_name
-from zeroplan.watch.monitor import Snapshot
+
+if TYPE_CHECKING:  # an annotation only: the CLI and the launch import this module at start
+    from zeroplan.watch.monitor import Snapshot
 
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"
