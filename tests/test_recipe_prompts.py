@@ -21,6 +21,7 @@ import pytest
 from zeroplan.errors import BadRecipeError
 from zeroplan.packing import padded_batches, run_micro_batches
 from zeroplan.recipes import read_recipe
+from zeroplan.recipes.edit import edit_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -148,7 +149,9 @@ def test_prompt_formats_read_from_recipes(tmp_path: Path) -> None:
     rows = {r.setting: r for r in lf.rows}
     assert rows["prompt"].value.endswith("template llama3") and rows["overlong"].value == "truncate"
     odd = tmp_path / "lf.yaml"
-    odd.write_text((GPU_RECIPES / "llamafactory_lora.yaml").read_text() + "template: vicuna\n")
+    odd.write_text(
+        edit_yaml((GPU_RECIPES / "llamafactory_lora.yaml").read_text(), {"template": "vicuna"})
+    )
     recipe, _ = read_recipe(odd)
     assert recipe.prompt is None and any("template: vicuna" in n for n in recipe.notes)
 
@@ -179,27 +182,27 @@ def test_estimate_recipe_data_follows_the_trainer(
     (model / "config.json").write_text(catalog.read_text())
     env = offline_env(tmp_path / "home", ZEROPLAN_CACHE=str(tmp_path / "cache"))
 
-    def estimate(name: str, edits: str, *flags: str) -> dict[str, Any]:
+    def estimate(name: str, edits: dict[str, Any], *flags: str) -> dict[str, Any]:
         text = (GPU_RECIPES / name).read_text().replace("meta-llama/Llama-3.2-3B-Instruct", "")
         key = "base_model" if name.startswith("axolotl") else "model_name_or_path"
         path = tmp_path / name
-        path.write_text(text.replace(f"{key}: \n", f"{key}: {model}\n") + edits)
+        path.write_text(edit_yaml(text.replace(f"{key}: \n", f"{key}: {model}\n"), edits))
         cmd = [sys.executable, "-m", "zeroplan", "estimate", "--recipe", str(path), "--json"]
         cmd += ["--data", str(run_data["alpaca"]), "--gpus", "1xH100", *flags]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         assert done.returncode == 0, done.stderr
         return dict(json.loads(done.stdout))
 
-    # the run's variant: the recipe's micro-batch and max_steps, set again (the last wins)
-    ax = estimate("axolotl_lora.yml", "micro_batch_size: 8\nmax_steps: 24\n")
+    # the run's variant: the recipe's micro-batch and max_steps, set again
+    ax = estimate("axolotl_lora.yml", {"micro_batch_size": 8, "max_steps": 24})
     d = ax["data"]
     assert d["rendered"].endswith("type: alpaca") and d["micro_batches"] == 24
     assert d["padded_length"] == pytest.approx(879.4, abs=0.5)
     assert any("warm-up" in n for n in ax["notes"])
     assert any("max_steps 24" in n for n in ax["notes"])
-    cut = estimate("axolotl_lora.yml", "", "--seq-len", "600")
+    cut = estimate("axolotl_lora.yml", {}, "--seq-len", "600")
     assert cut["data"]["dropped"] > 0 and cut["data"]["truncated"] == 0
-    lf = estimate("llamafactory_lora.yaml", "", "--seq-len", "600")
+    lf = estimate("llamafactory_lora.yaml", {}, "--seq-len", "600")
     assert lf["data"]["truncated"] > 0 and lf["data"]["dropped"] == 0
     assert lf["data"]["micro_batches"] == 14  # the recipe's max_steps, accumulation 1
     assert not any("warm-up" in n for n in lf["notes"])

@@ -6,7 +6,7 @@ The trainers' own parsers: TRL's ``TrlParser`` runs here (trl is in the test env
 LLaMA-Factory and axolotl wheels install with ``pip install --no-deps --target DIR`` but pull
 half a training stack on import, so their parsers run only when ``ZEROPLAN_RECIPE_PARSERS``
 names such folders (colon-separated); otherwise the keys we write are checked against the
-key sets read from those wheels (tests/data/recipe_keys/).
+key sets read from those wheels (zeroplan/recipes/data/keys/, which the readers ship).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "recipes"
 LF_STORY = EXAMPLES / "llama31_8b_lora_7x4090.yaml"
 TRL_STORY = EXAMPLES / "llama3_8b_qlora_1x4090.yaml"
-KEYS = Path(__file__).parent / "data" / "recipe_keys"
+KEYS = ROOT / "zeroplan" / "recipes" / "data" / "keys"
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -422,6 +423,45 @@ def test_missing_deepspeed_file_says_where_it_looked(tmp_path: Path) -> None:
             "looked at",
         ),
         ("none.yaml", "learning_rate: 0.1\n", "no key of a known recipe format"),
+        # a typo'd key: LLaMA-Factory's and trl sft's parsers refuse the file, so does this
+        (
+            "typo.yaml",
+            "model_name_or_path: llama-3.2-1b\nfinetuning_type: lora\ncutoff_length: 1024\n"
+            "per_device_train_batchsize: 2\n",
+            "cutoff_length (did you mean cutoff_len?); per_device_train_batchsize (did you "
+            "mean per_device_train_batch_size?): not keys of LLaMA-Factory 0.9.5",
+        ),
+        (
+            "typo_trl.yaml",
+            "model_name_or_path: llama-3.2-1b\ndtype: bfloat16\nmax_lenght: 512\n",
+            "max_lenght (did you mean max_length?): not a key of TRL 1.16.0",
+        ),
+        # LoRA on no module: LLaMA-Factory stops on an empty lora_target
+        (
+            "empty.yaml",
+            "model_name_or_path: llama-3.2-1b\nfinetuning_type: lora\nlora_target:\n",
+            "lora_target is empty",
+        ),
+        # YAML keeps the last, the line editor would change the first
+        (
+            "twice.yaml",
+            "model_name_or_path: llama-3.2-1b\ncutoff_len: 512\nper_device_train_batch_size: 2\n"
+            "# the bigger box\nper_device_train_batch_size: 8\n",
+            "per_device_train_batch_size is given twice (lines 3 and 5)",
+        ),
+        # a DeepSpeed section written as a string: a key and its type, no AttributeError
+        (
+            "ds_type.yml",
+            "base_model: llama-3.2-1b\nmicro_batch_size: 2\ndeepspeed:\n  zero_optimization:\n"
+            "    stage: 2\n    offload_optimizer: cpu\n",
+            "deepspeed zero_optimization.offload_optimizer: 'cpu' is not a section of keys",
+        ),
+        # a recipe's value below 1 is named by its key, not by the option it becomes
+        (
+            "zero.yaml",
+            "model_name_or_path: llama-3.2-1b\ncutoff_len: 512\nper_device_train_batch_size: 0\n",
+            "per_device_train_batch_size: 0 must be at least 1",
+        ),
     ],
 )
 def test_bad_recipes_are_one_line_exit_2_nothing_written(
@@ -805,3 +845,279 @@ def test_the_recipes_run_on_the_gpu_are_what_plan_emits(
     emitted = dict(read_recipe(tmp_path / f"{fmt}.yaml")[0].setup)
     assert dict(read_recipe(ran)[0].setup) == emitted
     assert emitted["method"] == method and emitted["micro_batch"] == 4
+
+
+# ----------------------------------------------------------------------------- audit fixes
+
+
+LORA_AXOLOTL = (
+    "base_model: llama-3.2-1b\nadapter: lora\nlora_r: 8\nlora_target_linear: true\n"
+    "micro_batch_size: 2\ngradient_accumulation_steps: 4\nbf16: true\n"
+)
+FULL_RECIPES = {
+    "axolotl.yml": "base_model: llama-3.2-1b\nsequence_len: 1024\nmicro_batch_size: 2\n"
+    "gradient_accumulation_steps: 4\nbf16: true\n",
+    "trl.yaml": "model_name_or_path: llama-3.2-1b\ndtype: bfloat16\nmax_length: 1024\n"
+    "per_device_train_batch_size: 2\ngradient_accumulation_steps: 4\n",
+    "hf.json": json.dumps(
+        {"model_name_or_path": "llama-3.2-1b", "per_device_train_batch_size": 2, "bf16": True}
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_RECIPES))
+def test_full_fine_tuning_recipes_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """No adapter, no use_peft: every weight trains and there are no LoRA targets, which
+    the job's LoRA options must not trip on (it was a TypeError)."""
+    p = tmp_path / name
+    p.write_text(FULL_RECIPES[name])
+    code, out, err = run(["plan", "--recipe", str(p), "--gpus", "1xH100", "--json"], capsys)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["best"]["setup"]["method"] == "full"
+    assert answer["recipe"]["overridden"] == {}
+    assert read_recipe(p)[0].setup["lora_targets"] == TrainSetup.lora_targets  # unused
+
+
+def test_unknown_keys_axolotl_and_json_are_noted(tmp_path: Path) -> None:
+    """axolotl ignores a key its schema lacks (pydantic) and plugins bring keys of their
+    own; a JSON is for your own script, whose arguments may add fields: both are noted with
+    the nearest known key, not refused."""
+    p = write(
+        tmp_path,
+        "ax.yml",
+        """
+        base_model: llama-3.2-1b
+        micro_batchsize: 4
+        sequence_length: 4096
+        strict: false
+        """,
+    )
+    recipe = read_recipe(p)[0]
+    assert (recipe.setup["micro_batch"], recipe.setup["seq_len"]) == (1, 512)  # the defaults
+    (note,) = [n for n in recipe.notes if n.startswith("unknown keys")]
+    assert "micro_batchsize (did you mean micro_batch_size?)" in note
+    assert "sequence_length (did you mean sequence_len?)" in note
+    assert "axolotl 0.18.0 ignores" in note and "strict" not in note
+    j = tmp_path / "args.json"
+    j.write_text(json.dumps({"per_device_train_batchsize": 2, "bf16": True, "my_own": 1}))
+    recipe = read_recipe(j, model="llama-3.2-1b")[0]
+    assert any("per_device_train_batchsize (did you mean per_device_train_batch_size?)" in n
+               for n in recipe.notes)  # fmt: skip
+
+
+def test_keys_of_older_training_arguments_and_accelerate_are_known(tmp_path: Path) -> None:
+    """LLaMA-Factory 0.9.5 runs on transformers 4.55-5.6, so a TrainingArguments key that
+    transformers 5 dropped (overwrite_output_dir) is still its key; trl sft hands a key no
+    dataclass takes to accelerate launch (num_processes)."""
+    lf = write(
+        tmp_path,
+        "lf.yaml",
+        "model_name_or_path: llama-3.2-1b\ncutoff_len: 512\noverwrite_output_dir: true\n",
+    )
+    assert read_recipe(lf)[0].setup["seq_len"] == 512  # read, not refused
+    t = write(
+        tmp_path,
+        "t.yaml",
+        "model_name_or_path: llama-3.2-1b\ndtype: bfloat16\nnum_processes: 2\n"
+        "accelerate_config: zero3\nenv:\n  WANDB_MODE: offline\n",
+    )
+    assert not [n for n in read_recipe(t)[0].notes if n.startswith("unknown")]
+
+
+def test_shipped_key_lists_cover_the_installed_trl_and_transformers() -> None:
+    """The lists the readers ship (zeroplan/recipes/data/keys/) hold every field of the
+    installed TRL's and transformers' dataclasses and accelerate launch's options."""
+    transformers = pytest.importorskip("transformers")
+    trl_mod = pytest.importorskip("trl")
+    launch = pytest.importorskip("accelerate.commands.launch")
+
+    def fields(*classes: Any) -> set[str]:
+        return {f.name for c in classes for f in dataclasses.fields(c) if f.init}
+
+    ta = _key_set("transformers-training-args.txt")
+    assert fields(transformers.Seq2SeqTrainingArguments) <= ta
+    sft = (trl_mod.ScriptArguments, trl_mod.SFTConfig, trl_mod.ModelConfig)
+    assert fields(*sft, trl_mod.DatasetMixtureConfig) <= ta | _key_set("trl-1.16.0.txt")
+    options = launch.launch_command_parser()._actions
+    names = {o[2:] for a in options for o in a.option_strings if o.startswith("--")}
+    assert names - {"help"} <= _key_set("accelerate-launch.txt")
+
+
+def test_model_given_beside_the_recipe_overrides_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MODEL over the recipe's model: the mapping and --json say so, and the written recipe
+    trains MODEL, as plan.json does; the same model by another name is no override."""
+    p = write(tmp_path, "r.yml", LORA_AXOLOTL)
+    out_dir = tmp_path / "out"
+    args = ["plan", "llama-3.2-3b", "--recipe", str(p), "--gpus", "1xH100", "--json"]
+    code, out, err = run([*args, "-o", str(out_dir)], capsys)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["recipe"]["overridden"] == {"model": "MODEL"}
+    (row,) = [m for m in answer["recipe"]["mapping"] if m["setting"] == "model"]
+    assert row == {
+        "key": "",
+        "setting": "model",
+        "value": "meta-llama/Llama-3.2-3B",
+        "source": "MODEL (the recipe's: llama-3.2-1b)",
+    }
+    written = (out_dir / "r.yml").read_text()
+    assert "base_model: meta-llama/Llama-3.2-3B  # zeroplan: was llama-3.2-1b" in written
+    assert json.loads((out_dir / "plan.json").read_text())["model"] == "meta-llama/Llama-3.2-3B"
+    code, out, _ = run(["plan", "llama-3.2-1b", "--recipe", str(p), "--gpus", "1xH100", "--json"],
+                       capsys)  # fmt: skip
+    assert code == 0 and json.loads(out)["recipe"]["overridden"] == {}
+
+
+def test_deepspeed_plan_comments_out_fsdp(tmp_path: Path) -> None:
+    """axolotl (check_fsdp_deepspeed) and the HF Trainer refuse fsdp beside deepspeed."""
+    from zeroplan.recipes.write import planned_files
+
+    p = write(
+        tmp_path,
+        "f.yml",
+        """
+        base_model: llama-3.2-1b
+        adapter: lora
+        lora_r: 8
+        micro_batch_size: 2
+        fsdp:
+          - full_shard
+        fsdp_config:
+          fsdp_offload_params: false
+        """,
+    )
+    recipe, _ = read_recipe(p)
+    plan = TrainSetup(**{**recipe.setup, "zero": 2})
+    files, _ = planned_files(recipe, plan, tmp_path / "out")
+    lines = files["f.yml"].splitlines()
+    assert "# fsdp:  # zeroplan: not in the plan" in lines
+    assert "# fsdp_config:  # zeroplan: not in the plan" in lines
+    assert "#   fsdp_offload_params: false" in lines
+    import yaml
+
+    data = yaml.safe_load(files["f.yml"])
+    assert "fsdp" not in data and "fsdp_config" not in data and data["deepspeed"]
+
+
+def test_axolotl_checkpointing_false_as_a_string(tmp_path: Path) -> None:
+    """axolotl's pydantic reads gradient_checkpointing: "false" as false."""
+    p = write(tmp_path, "s.yml", 'base_model: llama-3.2-1b\ngradient_checkpointing: "false"\n')
+    assert read_recipe(p)[0].setup["grad_ckpt"] is False
+
+
+def test_axolotl_attention_switch_set_false_gives_way(tmp_path: Path) -> None:
+    """flash_attention: false says nothing of the attention: eager_attention: true below it
+    chooses it (it read as transformers' default, sdpa)."""
+    p = write(
+        tmp_path,
+        "a.yml",
+        "base_model: llama-3.2-1b\nflash_attention: false\neager_attention: true\n",
+    )
+    assert read_recipe(p)[0].setup["attn"] == "eager"
+
+
+def test_axolotl_keys_left_empty_are_unset(tmp_path: Path) -> None:
+    """axolotl's schema has them bool | None and float | None: a key left empty is unset
+    (lora_dropout None: no dropout), not 'None is not true or false'."""
+    p = write(
+        tmp_path,
+        "n.yml",
+        """
+        base_model: llama-3.2-1b
+        adapter: lora
+        lora_r: 8
+        load_in_8bit:
+        load_in_4bit:
+        lora_dropout:
+        flash_attention:
+        sdp_attention: true
+        """,
+    )
+    s = read_recipe(p)[0].setup
+    assert (s["method"], s["lora_dropout"], s["attn"]) == ("lora", 0.0, "sdpa")
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+            'zero_optimization.offload_optimizer: \'cpu\' is not a section of keys: write it as offload_optimizer: {"device": "cpu"}',
+        ),
+        ({"optimizer": "Adam"}, "optimizer: 'Adam' is not a section of keys"),
+        ({"zero_optimization": 3}, "zero_optimization: 3 is not a section of keys"),
+        ({"bf16": True}, "bf16: True is not a section of keys"),
+    ],
+)
+def test_deepspeed_sections_of_the_wrong_type(cfg: dict[str, Any], message: str) -> None:
+    with pytest.raises(BadRecipeError, match=re.escape(message)):
+        ds.resolve(cfg, 2048, micro_batch=1, grad_accum=1, precision="bf16")
+
+
+def test_deepspeed_quoted_numbers_read_as_deepspeed_reads_them() -> None:
+    """DeepSpeed's pydantic config reads "3" as 3."""
+    fields, _, _ = ds.resolve(
+        {"zero_optimization": {"stage": "3"}, "train_micro_batch_size_per_gpu": "2"},
+        2048,
+        micro_batch=2,
+        grad_accum=1,
+        precision="bf16",
+    )
+    assert fields["zero"] == 3
+
+
+def test_plan_refuses_to_write_over_the_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-o at the recipe's own folder would replace the user's recipe with the plan's."""
+    p = write(tmp_path, "r.yml", LORA_AXOLOTL)
+    before = p.read_text()
+    code, out, err = run(["plan", "--recipe", str(p), "--gpus", "1xH100", "-o", str(tmp_path)],
+                         capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and out == ""
+    assert "r.yml is the recipe being planned" in err and "give -o another folder" in err
+    assert p.read_text() == before and not (tmp_path / "plan.json").exists()
+
+
+def test_old_max_seq_length_is_written_where_it_is(tmp_path: Path) -> None:
+    """A TRL recipe from before 0.20 keeps its max_seq_length key: the plan's length goes
+    there, not into a max_length beside it (the same for torch_dtype)."""
+    from zeroplan.recipes.write import plan_edits
+
+    p = write(
+        tmp_path,
+        "old.yaml",
+        """
+        model_name_or_path: llama-3.2-1b
+        torch_dtype: bfloat16
+        use_peft: true
+        max_seq_length: 4096
+        per_device_train_batch_size: 1
+        """,
+    )
+    recipe, _ = read_recipe(p)
+    plan = TrainSetup(**{**recipe.setup, "seq_len": 2048})
+    edits = plan_edits(recipe, plan, "out/ds_config.json")
+    assert edits["max_seq_length"] == 2048 and "max_length" not in edits
+
+
+def test_quoted_numbers_where_the_trainer_reads_them(tmp_path: Path) -> None:
+    """trl sft's argparse and axolotl's pydantic turn "2048" into 2048; LLaMA-Factory's
+    HfArgumentParser.parse_dict keeps a string, whose quantization_bit: "4" it then stops on."""
+    t = write(
+        tmp_path,
+        "t.yaml",
+        'model_name_or_path: llama-3.2-1b\ndtype: bfloat16\nmax_length: "512"\nlora_dropout: "0.1"\n',
+    )
+    s = read_recipe(t)[0].setup
+    assert (s["seq_len"], s["lora_dropout"]) == (512, 0.1)
+    lf = write(tmp_path, "lf.yaml", 'model_name_or_path: llama-3.2-1b\nquantization_bit: "4"\n')
+    with pytest.raises(
+        BadRecipeError, match=r"quantization_bit: '4' is quoted.*write quantization_bit: 4"
+    ):
+        read_recipe(lf)

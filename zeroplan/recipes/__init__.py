@@ -20,7 +20,17 @@ from zeroplan.models import ModelSpec, load_model
 from zeroplan.packing import PaddedBatches, padded_batches, run_micro_batches
 from zeroplan.recipes import axolotl, llamafactory, trl
 from zeroplan.recipes import deepspeed as ds
-from zeroplan.recipes.common import Parsed, Recipe, Row, Trainer, detect, parse_file, read_keys
+from zeroplan.recipes.common import (
+    Parsed,
+    Recipe,
+    Row,
+    Trainer,
+    check_keys,
+    detect,
+    parse_file,
+    read_keys,
+)
+from zeroplan.trainsetup import TrainSetup
 
 TRAINERS: tuple[Trainer, ...] = (
     llamafactory.TRAINER,
@@ -45,6 +55,8 @@ SETUP_SETTINGS = (
     "fused_loss",
     "precision",
 )
+# what a full fine-tuning recipe leaves unset: no adapter, so TrainSetup's own (unused)
+LORA_SETTINGS = ("lora_r", "lora_targets", "lora_dropout")
 _DERIVED_FROM = {
     "llamafactory": {"method": "finetuning_type, quantization_bit", "precision": "bf16, fp16"},
     "axolotl": {"method": "adapter, load_in_4bit", "precision": "bf16, fp16"},
@@ -85,6 +97,7 @@ def read_recipe(
     """The recipe at ``path`` resolved for its model (or ``model``, which overrides it)."""
     parsed = parse_file(path)
     trainer = trainer_for(parsed, fmt)
+    unknown = check_keys(parsed.data, trainer)
     settings, rows, ignored = read_keys(parsed.data, trainer)
     given = {r.setting for r in rows if r.source == "recipe"}
     settings["_given"] = given
@@ -98,11 +111,21 @@ def read_recipe(
                 f"{parsed.path}: no {key}: add it (estimate and plan also take it as MODEL)"
             )
         spec = load_model(str(name))
+    override = _model_override(model, settings.get("model"), spec)
     settings, notes = trainer.derive(settings, spec.model_type)
-    if settings.get("lora_r") is None:
-        settings["lora_r"] = 16  # full fine-tuning: no adapter, the rank is unused
+    notes = unknown + notes
     setup: dict[str, Any] = {s: settings[s] for s in SETUP_SETTINGS}
+    if setup["method"] == "full":
+        # no adapter: the LoRA settings go unused; TrainSetup's own keep the setup whole
+        setup.update({s: getattr(TrainSetup, s) for s in LORA_SETTINGS if setup[s] is None})
     rows = [dataclasses.replace(r, value=settings.get(r.setting, r.value)) for r in rows]
+    if override is not None:
+        rows = [
+            Row("", "model", spec.name, f"MODEL (the recipe's: {override[0]})")
+            if r.setting == "model"
+            else r
+            for r in rows
+        ]
     derived = _DERIVED_FROM[trainer.format]
     rows[:0] = [Row("", s, settings[s], f"from {derived[s]}") for s in ("method", "precision")]
 
@@ -166,9 +189,27 @@ def read_recipe(
             epochs=float(settings["epochs"]),
             max_steps=settings["max_steps"],
             parsed=parsed,
+            model_override=override,
         ),
         spec,
     )
+
+
+def _model_override(
+    model: str | ModelSpec | None, named: Any, spec: ModelSpec
+) -> tuple[str, str] | None:
+    """(the recipe's model, MODEL as its trainer loads it: a local folder or the Hub id) when
+    MODEL names another model than the recipe; None when the recipe's model is the job's."""
+    if model is None or not named:
+        return None
+    given = model.name if isinstance(model, ModelSpec) else str(model)
+    # Hub ids are case-insensitive
+    if str(named).lower() in {n.lower() for n in (given, spec.name, spec.local_path) if n}:
+        return None
+    path = Path(str(named)).expanduser()
+    if spec.local_path is not None and path.exists() and str(path.resolve()) == spec.local_path:
+        return None  # the same folder, named another way
+    return str(named), spec.local_path or spec.name
 
 
 def padded_loop(

@@ -25,6 +25,8 @@ training.py, peft.py, model.py) and its Liger plugin's (src/axolotl/integrations
 - the fused loss: the Liger plugin (``plugins: [axolotl.integrations.liger.LigerPlugin]``)
   with ``liger_fused_linear_cross_entropy: true``, or the Cut Cross Entropy plugin
   (``cut_cross_entropy: true``), which also never materialises the logits (modelled as Liger's).
+- values as its pydantic schema reads them: ``"2048"`` is 2048, ``"false"`` false, and a key
+  left empty (YAML null) is unset (``bool | None`` fields; ``lora_dropout``: no dropout).
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ from zeroplan.recipes.common import (
     Key,
     Trainer,
     as_bool,
-    as_float,
-    as_int,
     as_optim,
     as_peft_targets,
+    at_least_one,
     optional_bool,
-    optional_int,
+    optional_quoted_int,
     precision_edits,
+    quoted_float,
+    quoted_int,
     same,
     text,
 )
@@ -76,7 +79,13 @@ def _ckpt(key: str, value: Any) -> bool:
             f"{key}: {value} (checkpoints offloaded to the CPU or disk) is not modelled; "
             "supported: true, false"
         )
-    return bool(value)
+    # the schema's bool | None: unset is off, and a quoted "false" is false
+    return False if value is None else as_bool(key, value)
+
+
+def _dropout(key: str, value: Any) -> float:
+    # the schema's float | None: None passes on to PEFT's LoraConfig as no dropout
+    return 0.0 if value is None else quoted_float(key, value)
 
 
 def _attention(key: str, value: Any) -> str | None:
@@ -89,7 +98,7 @@ def _attention(key: str, value: Any) -> str | None:
 
 def _switch(attn: str) -> Any:
     def read(key: str, value: Any) -> str | None:
-        return attn if as_bool(key, value) else None
+        return attn if optional_bool(key, value) else None
 
     return read
 
@@ -114,17 +123,18 @@ def _plugins(key: str, value: Any) -> tuple[str, ...]:
 KEYS = (
     Key("base_model", "model", text, write=str),
     Key("adapter", "adapter", _adapter),
-    Key("load_in_4bit", "load_in_4bit", as_bool),
-    Key("load_in_8bit", "load_in_8bit", as_bool),
-    Key("lora_r", "lora_r", lambda k, v: None if v is None else as_int(k, v), write=int),
-    Key("lora_alpha", "lora_alpha", lambda k, v: None if v is None else as_int(k, v), write=int),
-    Key("lora_dropout", "lora_dropout", as_float, write=float),
+    # bool | None in the schema: a key left empty is unset
+    Key("load_in_4bit", "load_in_4bit", optional_bool),
+    Key("load_in_8bit", "load_in_8bit", optional_bool),
+    Key("lora_r", "lora_r", at_least_one(optional_quoted_int), write=int),
+    Key("lora_alpha", "lora_alpha", optional_quoted_int, write=int),
+    Key("lora_dropout", "lora_dropout", _dropout, write=float),
     Key("lora_target_linear", "lora_target_linear", optional_bool),
     Key("lora_target_modules", "lora_targets", as_peft_targets),
-    Key("micro_batch_size", "micro_batch", as_int, write=int),
-    Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
-    Key("batch_size", "batch_size", lambda k, v: None if v is None else as_int(k, v)),
-    Key("sequence_len", "seq_len", as_int, write=int),
+    Key("micro_batch_size", "micro_batch", at_least_one(quoted_int), write=int),
+    Key("gradient_accumulation_steps", "grad_accum", at_least_one(quoted_int), write=int),
+    Key("batch_size", "batch_size", at_least_one(optional_quoted_int)),
+    Key("sequence_len", "seq_len", at_least_one(quoted_int), write=int),
     Key("gradient_checkpointing", "grad_ckpt", _ckpt, write=bool),
     Key("optimizer", "optim", as_optim, write=str),
     Key("bf16", "bf16", _bf16),
@@ -145,8 +155,8 @@ KEYS = (
     Key("trust_remote_code", "trust_remote_code", optional_bool),
     Key("datasets", "datasets", same),
     Key("excess_length_strategy", "excess_length", same),
-    Key("num_epochs", "epochs", as_float),
-    Key("max_steps", "max_steps", optional_int),
+    Key("num_epochs", "epochs", quoted_float),
+    Key("max_steps", "max_steps", optional_quoted_int),
 )
 # axolotl's fused LoRA kernels; setting any of the four keys turns the auto-enable off
 LORA_KERNEL_KEYS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
@@ -407,6 +417,11 @@ TRAINER = Trainer(
     ignored=IGNORED,
     markers=MARKERS,
     derive=derive,
+    key_lists=(f"axolotl-{VERSION}.txt",),
+    # axolotl's schema ignores a key it lacks (pydantic's default) and other plugins add
+    # keys of their own, so an unknown key is noted, not refused
+    unknown_note=f"{LABEL} ignores a key its schema lacks (a plugin's own aside), so the "
+    "default stays",
     edits={
         "method": method_edits,
         "fused_loss": fused_edits,

@@ -5,7 +5,8 @@ A trainer module (``llamafactory``, ``axolotl``, ``trl``) holds one ``Trainer``:
 written back), the defaults it applies where a recipe is silent (``Default``, each with the
 file of that trainer's source it comes from), and the keys zeroplan reads but does not model,
 with why. Reading and writing use the same table, so a key cannot be read under one name and
-written under another.
+written under another. Every key the trainer takes is listed in ``data/keys/`` (read from its
+released wheel): a key in none of them, a typo, is refused or noted (``check_keys``).
 
 Settings are trainer-neutral names: ``model``, ``method``, ``lora_r``, ``lora_alpha``,
 ``lora_dropout``, ``lora_targets``, ``micro_batch``, ``grad_accum``, ``seq_len``,
@@ -16,7 +17,10 @@ Settings are trainer-neutral names: ``model``, ``method``, ``lora_r``, ``lora_al
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +40,63 @@ def same(key: str, value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> bool:
+    """An int or a finite float (YAML's .nan and .inf are floats too), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value)
+
+
 def as_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if not _number(value) or int(value) != value:
         raise BadRecipeError(f"{key}: {value!r} is not a whole number")
     return int(value)
 
 
 def as_float(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _number(value):
         raise BadRecipeError(f"{key}: {value!r} is not a number")
     return float(value)
+
+
+def unquoted(value: Any, kind: Callable[[str], Any] = int) -> Any:
+    """A quoted number as ``kind`` parses it ("2048" with int, "2e-4" with float, as
+    argparse's type does), anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+# axolotl (pydantic) and trl sft (argparse, which runs a string default through the
+# option's type) turn a quoted number into the number; LLaMA-Factory's
+# HfArgumentParser.parse_dict does not (quantization_bit: "4" stays a string there), so its
+# keys keep as_int / as_float.
+def quoted_int(key: str, value: Any) -> int:
+    return as_int(key, unquoted(value))
+
+
+def quoted_float(key: str, value: Any) -> float:
+    return as_float(key, unquoted(value, float))
+
+
+def optional_quoted_int(key: str, value: Any) -> int | None:
+    return None if value is None else quoted_int(key, value)
+
+
+def at_least_one(read: Reader) -> Reader:
+    """``read``, refusing a value below 1 (a batch, an accumulation, a length, a rank) under
+    the recipe's key, before it reaches the option it becomes (--micro-batch, ...)."""
+
+    def checked(key: str, value: Any) -> Any:
+        out = read(key, value)
+        if out is not None and out < 1:
+            raise BadRecipeError(f"{key}: {value!r} must be at least 1")
+        return out
+
+    return checked
 
 
 def as_bool(key: str, value: Any) -> bool:
@@ -153,17 +204,64 @@ class Trainer:
     edits: Mapping[str, Callable[[Any, Mapping[str, Any]], dict[str, Any]]] = field(
         default_factory=dict
     )
+    # every top-level key the trainer takes: files of data/keys/ (check_keys), besides known
+    key_lists: tuple[str, ...] = ()
+    # a key in none of them: refused (None) where the trainer refuses it too, else noted
+    # with this reason (a trainer that ignores such keys, or a list that cannot be complete)
+    unknown_note: str | None = None
 
-    def key_for(self, setting: str) -> Key:
-        """The (first) key that feeds ``setting`` and that the plan may write."""
-        for k in self.keys:
-            if k.setting == setting and k.write is not None:
-                return k
-        raise KeyError(f"{self.label} has no writable key for {setting}")
+    def key_for(self, setting: str, data: Mapping[str, Any] | None = None) -> Key:
+        """The key that feeds ``setting`` and that the plan may write: the one ``data`` (the
+        recipe) already uses, else the first (the trainer's current name)."""
+        writable = [k for k in self.keys if k.setting == setting and k.write is not None]
+        if not writable:
+            raise KeyError(f"{self.label} has no writable key for {setting}")
+        used = [k for k in writable if data is not None and k.name in data]
+        return (used or writable)[0]
 
     @property
     def known(self) -> frozenset[str]:
         return frozenset(k.name for k in self.keys) | frozenset(self.ignored)
+
+    def accepted(self) -> frozenset[str]:
+        """Every top-level key the trainer takes: its lists, and the keys zeroplan reads."""
+        lists = (key_list(name) for name in self.key_lists)
+        return self.known.union(*lists)
+
+
+KEY_LISTS = Path(__file__).parent / "data" / "keys"
+
+
+@functools.cache
+def key_list(name: str) -> frozenset[str]:
+    """The keys in ``data/keys/<name>`` (one a line, ``#`` comments)."""
+    lines = (KEY_LISTS / name).read_text(encoding="utf-8").splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def check_keys(data: Mapping[str, Any], trainer: Trainer) -> list[str]:
+    """Top-level keys the trainer does not take, with the nearest it does: refused in one
+    line where the trainer refuses them, else returned as notes (``unknown_note``). A
+    typo would otherwise leave the trainer's default in place without a word."""
+    accepted = trainer.accepted()
+    unknown = [str(k) for k in data if k not in accepted]
+    if not unknown:
+        return []
+    named = [_with_guess(k, accepted) for k in unknown]
+    if trainer.unknown_note is None:
+        these = "this key" if len(named) == 1 else "these keys"
+        raise BadRecipeError(
+            f"{'; '.join(named)}: not {'a key' if len(named) == 1 else 'keys'} of "
+            f"{trainer.label}, which refuses the file: correct or remove {these}"
+        )
+    return [
+        f"unknown {'key' if len(named) == 1 else 'keys'} {'; '.join(named)}: {trainer.unknown_note}"
+    ]
+
+
+def _with_guess(key: str, accepted: frozenset[str]) -> str:
+    guess = difflib.get_close_matches(key, sorted(accepted), n=1, cutoff=0.75)
+    return f"{key} (did you mean {guess[0]}?)" if guess else key
 
 
 @dataclass(frozen=True)
@@ -210,7 +308,7 @@ def parse_file(path: str | Path) -> Parsed:
         import yaml
 
         try:
-            data = yaml.safe_load(raw)
+            data = _load_yaml(p, raw)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -222,6 +320,32 @@ def parse_file(path: str | Path) -> Parsed:
     return Parsed(p, raw, data, syntax)
 
 
+def _load_yaml(path: Path, raw: str) -> Any:
+    """``yaml.safe_load``, refusing a top-level key given twice: YAML keeps the last, the
+    line editor (``edit.py``) would change the first, and the writer could not say which
+    one the trainer runs."""
+    import yaml
+
+    loader = yaml.SafeLoader(raw)
+    try:
+        node = loader.get_single_node()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag.endswith(":merge"):
+                    continue  # `<<: *anchor` merges, it names no key
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    raise BadRecipeError(
+                        f"{path}: {key.value} is given twice (lines {seen[key.value]} and "
+                        f"{line}); YAML keeps the last: delete one"
+                    )
+                seen[key.value] = line
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
 def read_keys(
     data: Mapping[str, Any], trainer: Trainer
 ) -> tuple[dict[str, Any], list[Row], list[tuple[str, str]]]:
@@ -231,9 +355,15 @@ def read_keys(
     settings: dict[str, Any] = {}
     rows: list[Row] = []
     for k in trainer.keys:
-        if k.name in data and k.setting not in settings:
-            settings[k.setting] = k.read(k.name, data[k.name])
-            rows.append(Row(k.name, k.setting, settings[k.setting], "recipe"))
+        # the first key of a setting wins, unless it read as unset (None): then a later one
+        # may set it (axolotl's flash_attention: false beside eager_attention: true)
+        if k.name in data and settings.get(k.setting) is None:
+            value = k.read(k.name, data[k.name])
+            if k.setting in settings and value is None:
+                continue
+            rows = [r for r in rows if r.setting != k.setting]
+            settings[k.setting] = value
+            rows.append(Row(k.name, k.setting, value, "recipe"))
     for setting, default in trainer.defaults.items():
         if setting not in settings:
             settings[setting] = default.value
@@ -259,7 +389,17 @@ def detect(data: Mapping[str, Any], syntax: str, trainers: tuple[Trainer, ...]) 
             else f"{t.label} (a .json of its fields)"
             for t in trainers
         )
-        raise BadRecipeError(f"no key of a known recipe format; looked for {looked}")
+        # a typo'd marker key is the likeliest reason none was found
+        markers = sorted(frozenset().union(*(t.markers for t in trainers)))
+        anyones = frozenset().union(*(t.accepted() for t in trainers))
+        typos = [
+            f"{k}: did you mean {near[0]}?"
+            for k in map(str, data)
+            if k not in anyones
+            and (near := difflib.get_close_matches(k, markers, n=1, cutoff=0.75))
+        ]
+        hint = f" ({'; '.join(typos)})" if typos else ""
+        raise BadRecipeError(f"no key of a known recipe format{hint}; looked for {looked}")
     if len(top) > 1:
         names = ", ".join(t.format for t in top)
         raise BadRecipeError(
@@ -295,6 +435,9 @@ class Recipe:
     epochs: float = 1.0
     max_steps: int | None = None
     parsed: Parsed | None = field(default=None, repr=False, compare=False)
+    # MODEL given beside a recipe that names another model: (the recipe's model, MODEL as
+    # the trainer loads it), which the written recipe's model key takes; None: the recipe's
+    model_override: tuple[str, str] | None = None
 
     @property
     def global_batch_per_gpu(self) -> int:

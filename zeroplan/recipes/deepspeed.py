@@ -24,11 +24,12 @@ by file name (copies of their values in ``recipes/data/deepspeed/<format>/``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadRecipeError, RecipeNotFoundError
-from zeroplan.recipes.common import Row
+from zeroplan.recipes.common import Row, unquoted
 from zeroplan.trainsetup import (
     DS_ALLGATHER_BUCKET_ELEMS,
     DS_REDUCE_BUCKET_ELEMS,
@@ -97,16 +98,42 @@ def load(path: Path) -> dict[str, Any]:
     return cfg
 
 
+# what each section of keys looks like, for the error when one is written as something else
+_SECTION_EXAMPLES = {
+    "zero_optimization": '{"stage": 2}',
+    "offload_optimizer": '{"device": "cpu"}',
+    "offload_param": '{"device": "cpu"}',
+    "optimizer": '{"type": "AdamW", "params": {...}}',
+    "bf16": '{"enabled": true}',
+    "fp16": '{"enabled": true}',
+}
+
+
+def _section(cfg: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    """``cfg[key]``, a section of keys ({} when absent or null); any other value (a string,
+    a number) is refused, naming the key, as DeepSpeed's own config refuses it."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRecipeError(
+            f"deepspeed {where}{key}: {value!r} is not a section of keys: write it as "
+            f"{key}: {_SECTION_EXAMPLES.get(key, '{...}')}"
+        )
+    return value
+
+
 def _enabled(cfg: dict[str, Any], section: str) -> bool | None:
     """True / False as written, None for "auto" or absent (the recipe decides)."""
-    value = (cfg.get(section) or {}).get("enabled")
+    value = _section(cfg, section).get("enabled")
     if value is None or value == "auto":
         return None
     return bool(value)
 
 
 def _number(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    value = unquoted(value)  # DeepSpeed's pydantic config reads "4" as 4
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRecipeError(f"deepspeed {key}: {value!r} is not a number")
     return int(value)
 
@@ -123,17 +150,17 @@ def resolve(
     Returns (fields, mapping rows, notes). ``precision`` is the recipe's ("bf16", "fp16",
     or "" when it sets neither).
     """
-    zero_cfg = cfg.get("zero_optimization") or {}
+    zero_cfg = _section(cfg, "zero_optimization")
     rows: list[Row] = []
     notes: list[str] = []
-    stage = zero_cfg.get("stage", 0)
+    stage = unquoted(zero_cfg.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise BadRecipeError(f"deepspeed zero_optimization.stage {stage!r}: must be 0-3")
     out: dict[str, Any] = {"zero": stage}
     rows.append(Row("zero_optimization.stage", "zero", stage, SOURCE))
 
     devices = {
-        part: ((zero_cfg.get(f"offload_{part}") or {}).get("device") or "none")
+        part: (_section(zero_cfg, f"offload_{part}", "zero_optimization.").get("device") or "none")
         for part in ("optimizer", "param")
     }
     for part, device in devices.items():
@@ -204,7 +231,7 @@ def resolve(
                 f"deepspeed {key} is {value}, the recipe says {want}: the HF Trainer refuses "
                 'the mismatch; write "auto"'
             )
-    optimizer = cfg.get("optimizer")
+    optimizer = _section(cfg, "optimizer")
     if optimizer:
         kind = str(optimizer.get("type", "")).lower()
         if kind not in ("adam", "adamw", "fusedadam"):

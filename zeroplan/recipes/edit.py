@@ -29,7 +29,7 @@ def _blocks(lines: list[str]) -> dict[str, tuple[int, int]]:
             end += 1
         while end > i + 1 and not lines[end - 1].strip():
             end -= 1  # trailing blank lines stay between the blocks
-        out.setdefault(key, (i, end))
+        out.setdefault(key, (i, end))  # a recipe with a key twice is refused on reading
     return out
 
 

@@ -35,6 +35,7 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_targets,
+    at_least_one,
     negated,
     optional_int,
     precision_edits,
@@ -63,9 +64,16 @@ def _finetuning(key: str, value: Any) -> str:
 def _quant_bits(key: str, value: Any) -> int | None:
     if value is None:
         return None
+    if isinstance(value, str):
+        # HfArgumentParser.parse_dict keeps a quoted "4" a string, which LLaMA-Factory's
+        # `quantization_bit == 4` tests then miss
+        raise BadRecipeError(
+            f"{key}: {value!r} is quoted, and LLaMA-Factory does not read a quoted number as "
+            f"one: write {key}: {value.strip()} without quotes"
+        )
     if value != 4:
         raise BadRecipeError(
-            f"{key}: {value} is not modelled; supported: 4 (bitsandbytes NF4, QLoRA), or none"
+            f"{key}: {value!r} is not modelled; supported: 4 (bitsandbytes NF4, QLoRA), or none"
         )
     return 4
 
@@ -113,13 +121,13 @@ KEYS = (
     Key("finetuning_type", "finetuning_type", _finetuning),
     Key("quantization_bit", "quantization_bit", _quant_bits),
     Key("quantization_method", "quantization_method", _quant_method),
-    Key("lora_rank", "lora_r", as_int, write=int),
+    Key("lora_rank", "lora_r", at_least_one(as_int), write=int),
     Key("lora_alpha", "lora_alpha", as_int, write=int),
     Key("lora_dropout", "lora_dropout", as_float, write=float),
     Key("lora_target", "lora_targets", as_targets, write=_write_targets),
-    Key("per_device_train_batch_size", "micro_batch", as_int, write=int),
-    Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
-    Key("cutoff_len", "seq_len", as_int, write=int),
+    Key("per_device_train_batch_size", "micro_batch", at_least_one(as_int), write=int),
+    Key("gradient_accumulation_steps", "grad_accum", at_least_one(as_int), write=int),
+    Key("cutoff_len", "seq_len", at_least_one(as_int), write=int),
     Key("disable_gradient_checkpointing", "grad_ckpt", negated, write=lambda v: not v),
     Key("optim", "optim", as_optim, write=str),
     Key("bf16", "bf16", as_bool),
@@ -223,6 +231,12 @@ def derive(s: dict[str, Any], model_type: str) -> tuple[dict[str, Any], list[str
         s["method"] = "full"
     else:
         s["method"] = "qlora" if s["quantization_bit"] == 4 else "lora"
+    if s["method"] != "full" and s["lora_targets"] is None:
+        # `lora_target:` left empty reaches LLaMA-Factory as None, where it stops the run
+        raise BadRecipeError(
+            "lora_target is empty: name the modules (q_proj,v_proj) or write all (every "
+            "linear layer), or drop the key for LLaMA-Factory's default, all"
+        )
     if s["lora_alpha"] is None:
         s["lora_alpha"] = 2 * s["lora_r"]
     if s["bf16"] and s["fp16"]:
@@ -286,4 +300,6 @@ TRAINER = Trainer(
     markers=MARKERS,
     derive=derive,
     edits={"method": method_edits, "precision": precision_edits},
+    # parsed with HfArgumentParser.parse_dict(allow_extra_keys=False): any other key stops it
+    key_lists=(f"llamafactory-{VERSION}.txt", "transformers-training-args.txt"),
 )

@@ -29,9 +29,13 @@ from zeroplan.recipes.common import (
     as_int,
     as_optim,
     as_peft_targets,
+    at_least_one,
     optional_bool,
     optional_int,
+    optional_quoted_int,
     precision_edits,
+    quoted_float,
+    quoted_int,
     text,
 )
 from zeroplan.trainsetup import default_attention
@@ -103,35 +107,47 @@ def _write_targets(targets: tuple[str, ...]) -> Any:
     return "all-linear" if targets == ("all-linear",) else list(targets)
 
 
-KEYS = (
-    Key("model_name_or_path", "model", text, write=str),
-    Key("use_peft", "use_peft", as_bool, write=bool),
-    Key("load_in_4bit", "load_in_4bit", as_bool, write=bool),
-    Key("load_in_8bit", "load_in_8bit", as_bool),
-    Key("bnb_4bit_quant_type", "bnb_4bit_quant_type", _quant_type),
-    Key("use_bnb_nested_quant", "nested_quant", as_bool),
-    Key("dtype", "dtype", _dtype, write=str),
-    Key("torch_dtype", "dtype", _dtype),  # the name before transformers 4.56
-    Key("lora_r", "lora_r", as_int, write=int),
-    Key("lora_alpha", "lora_alpha", as_int, write=int),
-    Key("lora_dropout", "lora_dropout", as_float, write=float),
-    Key("lora_target_modules", "lora_targets", _targets, write=_write_targets),
-    Key("per_device_train_batch_size", "micro_batch", as_int, write=int),
-    Key("gradient_accumulation_steps", "grad_accum", as_int, write=int),
-    Key("max_length", "seq_len", as_int, write=int),
-    Key("max_seq_length", "seq_len", as_int),  # TRL's name before 0.20
-    Key("gradient_checkpointing", "grad_ckpt", as_bool, write=bool),
-    Key("optim", "optim", as_optim, write=str),
-    Key("bf16", "bf16", optional_bool),
-    Key("fp16", "fp16", as_bool),
-    Key("attn_implementation", "attn", _attention, write=str),
-    Key("packing", "packing", as_bool),
-    Key("padding_free", "padding_free", as_bool),
-    Key("use_liger_kernel", "fused_loss", as_bool, write=bool),
-    Key("deepspeed", "deepspeed", lambda k, v: v, write=lambda v: v),
-    Key("num_train_epochs", "epochs", as_float),
-    Key("max_steps", "max_steps", optional_int),
-)
+def _keys(quoted: bool) -> tuple[Key, ...]:
+    """The key table; ``quoted``: a quoted number reads as the number, as trl sft's argparse
+    reads it (a JSON for your own script goes through HfArgumentParser.parse_dict, which
+    hands values over as they are: there a quoted number stays a string)."""
+    whole = quoted_int if quoted else as_int
+    count = at_least_one(whole)
+    number = quoted_float if quoted else as_float
+    steps = optional_quoted_int if quoted else optional_int
+    return (
+        Key("model_name_or_path", "model", text, write=str),
+        Key("use_peft", "use_peft", as_bool, write=bool),
+        Key("load_in_4bit", "load_in_4bit", as_bool, write=bool),
+        Key("load_in_8bit", "load_in_8bit", as_bool),
+        Key("bnb_4bit_quant_type", "bnb_4bit_quant_type", _quant_type),
+        Key("use_bnb_nested_quant", "nested_quant", as_bool),
+        # the plan writes a setting back under the name the recipe used (Trainer.key_for)
+        Key("dtype", "dtype", _dtype, write=str),
+        Key("torch_dtype", "dtype", _dtype, write=str),  # the name before transformers 4.56
+        Key("lora_r", "lora_r", count, write=int),
+        Key("lora_alpha", "lora_alpha", whole, write=int),
+        Key("lora_dropout", "lora_dropout", number, write=float),
+        Key("lora_target_modules", "lora_targets", _targets, write=_write_targets),
+        Key("per_device_train_batch_size", "micro_batch", count, write=int),
+        Key("gradient_accumulation_steps", "grad_accum", count, write=int),
+        Key("max_length", "seq_len", count, write=int),
+        Key("max_seq_length", "seq_len", count, write=int),  # TRL's name before 0.20
+        Key("gradient_checkpointing", "grad_ckpt", as_bool, write=bool),
+        Key("optim", "optim", as_optim, write=str),
+        Key("bf16", "bf16", optional_bool),
+        Key("fp16", "fp16", as_bool),
+        Key("attn_implementation", "attn", _attention, write=str),
+        Key("packing", "packing", as_bool),
+        Key("padding_free", "padding_free", as_bool),
+        Key("use_liger_kernel", "fused_loss", as_bool, write=bool),
+        Key("deepspeed", "deepspeed", lambda k, v: v, write=lambda v: v),
+        Key("num_train_epochs", "epochs", number),
+        Key("max_steps", "max_steps", steps),
+    )
+
+
+KEYS = _keys(quoted=True)
 
 DEFAULTS = {
     "use_peft": Default(False, _MODEL),
@@ -281,12 +297,23 @@ TRAINER = Trainer(
     markers=MARKERS,
     derive=derive,
     edits={"method": method_edits, "precision": precision_edits},
+    # trl sft hands a key no dataclass takes to accelerate launch, which refuses it
+    key_lists=(f"trl-{VERSION}.txt", "transformers-training-args.txt", "accelerate-launch.txt"),
 )
 
 # TrainingArguments' JSON: TRL's keys and readers under transformers' defaults, found by
-# its file type rather than by marker keys
+# its file type rather than by marker keys. Your script may declare arguments of its own,
+# so a key outside TrainingArguments / SFTConfig / TRL's is noted, not refused.
 HF_TRAINER = replace(
-    TRAINER, format="hf", label=HF_LABEL, defaults=HF_DEFAULTS, markers=frozenset()
+    TRAINER,
+    format="hf",
+    label=HF_LABEL,
+    keys=_keys(quoted=False),
+    defaults=HF_DEFAULTS,
+    markers=frozenset(),
+    key_lists=(f"trl-{VERSION}.txt", "transformers-training-args.txt"),
+    unknown_note="not a TrainingArguments, SFTConfig or TRL field: HfArgumentParser refuses "
+    "such a key unless your script's own arguments take it",
 )
 # an hf JSON with SFTConfig's own keys: SFTConfig's defaults under the hf format
 SFT_JSON_TRAINER = replace(

@@ -2,8 +2,9 @@
 
 ``planned_files`` keeps the user's recipe as it is (keys, order, comments) and replaces
 only the values the plan changes: micro-batch and accumulation (their product, the global
-batch, is the user's), checkpointing, optimizer, fused loss, the DeepSpeed file, and lora
--> qlora only when the plan was asked to choose (``--method auto``). ``emit_files`` writes
+batch, is the user's), checkpointing, optimizer, fused loss, the DeepSpeed file (FSDP's keys
+commented out beside it), the model when MODEL replaced the recipe's, and lora -> qlora only
+when the plan was asked to choose (``--method auto``). ``emit_files`` writes
 a fresh recipe for a planned job. Both write the DeepSpeed JSON the recipe points to in the
 form the HF Trainer of all three trainers expects: batch and clipping keys "auto" (filled
 from the recipe), every size that moves memory concrete (``dsconfig.preset_config``).
@@ -25,6 +26,9 @@ from zeroplan.recipes.edit import edit_json, edit_yaml, unified_diff
 from zeroplan.trainsetup import TrainSetup
 
 DS_FILE = "ds_config.json"
+# FSDP's switches: the HF Trainer (trainer.py) and axolotl (check_fsdp_deepspeed) refuse them
+# beside deepspeed, so a plan that writes a DeepSpeed file comments them out
+FSDP_KEYS = ("fsdp", "fsdp_config")
 # settings the plan may change, compared with the recipe's in this order
 PLANNED = (
     "method",
@@ -91,7 +95,7 @@ def encode(trainer: Trainer, setting: str, value: Any, data: dict[str, Any]) -> 
     """The recipe keys and raw values that say ``setting = value`` in this trainer."""
     if setting in trainer.edits:
         return trainer.edits[setting](value, data)
-    key = trainer.key_for(setting)
+    key = trainer.key_for(setting, data)  # under the name the recipe uses, if it has one
     assert key.write is not None
     return {key.name: key.write(value)}
 
@@ -102,6 +106,7 @@ def _ds_edits(
     if setup.zero is None:
         return encode(trainer, "deepspeed", None, data) if had else {}
     edits = encode(trainer, "deepspeed", ds_ref, data)
+    edits.update({key: None for key in FSDP_KEYS if data.get(key)})
     storage = quant_storage_dtype(setup)
     if storage is not None and trainer.format in ("trl", "hf"):
         # ZeRO-3 shards the 4-bit weights only when they are stored in the 16-bit dtype;
@@ -123,6 +128,9 @@ def plan_edits(recipe: Recipe, setup: TrainSetup, ds_ref: str) -> dict[str, Any]
             continue  # unset: the model's default, which the trainer runs too
         if recipe.setup.get(name) != value:
             edits.update(encode(trainer, name, value, data))
+    if recipe.model_override is not None:
+        # planned for MODEL, not the recipe's model: the written recipe trains MODEL
+        edits.update(encode(trainer, "model", recipe.model_override[1], data))
     edits.update(_ds_edits(trainer, setup, ds_ref, recipe.deepspeed is not None, data))
     return edits
 
