@@ -7,6 +7,7 @@ status 2, nothing on stdout and never a traceback; the light core must not impor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,108 @@ def test_main_turns_user_mistakes_into_one_line(capsys: pytest.CaptureFixture[st
     assert captured.err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        # float options: nan and inf are no number zeroplan can use (was: a traceback, a nan cost)
+        (["plan", "qwen2.5-0.5b", "--dataset-tokens", "inf"], "'inf' is not a count"),
+        (["plan", "qwen2.5-0.5b", "--price-per-gpu-hour", "nan"], "'nan' is not a finite"),
+        (["plan", "qwen2.5-0.5b", "--margin", "inf"], "'inf' is not a finite"),
+        (["estimate", "qwen2.5-0.5b", "--lora-dropout", "nan"], "'nan' is not a finite"),
+        (["config", "qwen2.5-0.5b", "--zero", "2", "--grad-clip", "inf"], "not a finite"),
+        # cluster sizes past any machine
+        (["estimate", "qwen2.5-0.5b", "--gpus", "99999999999999999999x4090"], "at most 64 GPUs"),
+        (["plan", "qwen2.5-0.5b", "--gpus", "5000x8xH100"], "at most 4,096 nodes"),
+        (["config", "qwen2.5-0.5b", "--gpus", "65xH100", "--zero", "2"], "at most 64 GPUs"),
+        # a typo, and no model at all
+        (["estimate", "llama-3.1-8b-instrct"], "(did you mean llama-3.1-8b-instruct?)"),
+        (["estimate", ""], "the model name is empty"),
+        # options that contradict the method
+        (["estimate", "qwen2.5-0.5b", "--method", "full", "--lora-r", "8"], "--lora-r: full"),
+        (["estimate", "qwen2.5-0.5b", "--method", "full", "--lora-bf16"], "has no adapters"),
+        (["config", "qwen2.5-0.5b", "--zero", "2", "--method", "full", "--lora-targets", "q_proj"],
+         "--lora-targets: full fine-tuning has no adapters"),
+        (["plan", "qwen2.5-0.5b", "--method", "full", "--lora-dropout", "0.1"], "no adapters"),
+        (["estimate", "qwen2.5-0.5b", "--upcast-non-quantized"], "use --method qlora"),
+        (["plan", "qwen2.5-0.5b", "--method", "qlora", "--no-quantization"], "forbids"),
+        # FlashAttention-2 on cards before Ampere
+        (["estimate", "qwen2.5-0.5b", "--gpus", "1xV100", "--attn", "flash_attention_2"],
+         "FlashAttention-2 needs an Ampere or newer GPU"),
+        (["config", "qwen2.5-0.5b", "--gpus", "2xT4", "--zero", "2", "--attn",
+          "flash_attention_2"], "T4 is older"),
+        # a negative length is too short, whether or not there is --data
+        (["plan", "qwen2.5-0.5b", "--seq-len", "-1"], "--seq-len must be at least 1, got -1"),
+        (["estimate", "qwen2.5-0.5b", "--micro-batch", "0"], "0 is not in the range x>=1"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)  # fmt: skip
+def test_contradictions_and_impossible_values_are_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert needle in one_line_error(argv, capsys)
+
+
+def test_lora_options_turned_off_beside_full_are_no_contradiction() -> None:
+    result = invoke(["estimate", "qwen2.5-0.5b", "--method", "full", "--no-lora-bf16", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["setup"]["method"] == "full"
+
+
+def test_explain_beside_json_says_it_is_not_in_the_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    main(["estimate", "qwen2.5-0.5b", "--json", "--explain"])
+    captured = capsys.readouterr()
+    assert "per_gpu" in json.loads(captured.out)
+    assert captured.err == (
+        "zeroplan: note: --explain writes its formulas into the table, which --json replaces\n"
+    )
+
+
+def test_default_seq_len_is_held_to_a_short_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model of 512 positions is planned at 512 when --seq-len is left out, and says so;
+    a length the user gives past it is still refused."""
+    config = json.loads(
+        (Path(__file__).parents[1] / "zeroplan/catalog/models/Qwen--Qwen2.5-0.5B.json").read_text()
+    )
+    model = tmp_path / "short" / "config.json"
+    model.parent.mkdir()
+    model.write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    est = invoke(["estimate", str(model), "--json"])
+    assert est.exit_code == 0, est.output
+    answer = json.loads(est.stdout)
+    assert answer["setup"]["seq_len"] == 512
+    assert any("--seq-len's default of 2,048 is longer" in n for n in answer["notes"])
+    plan = invoke(["plan", str(model), "--json"])
+    assert plan.exit_code == 0, plan.output
+    planned = json.loads(plan.stdout)
+    assert planned["best"]["setup"]["seq_len"] == 512
+    assert any("512 tokens, short's context window" in a for a in planned["assumptions"])
+    assert invoke(["config", str(model), "--zero", "2"]).exit_code == 0
+    refused = one_line_error(["estimate", str(model), "--seq-len", "2048"], capsys)
+    assert "context window of 512 tokens" in refused
+
+
+def test_help_shows_ranges_examples_and_what_config_needs() -> None:
+    for command in ("estimate", "config", "plan"):
+        text = invoke([command, "--help"]).stdout
+        assert "x>=1" in text, command
+    config = " ".join(invoke(["config", "--help"]).stdout.split())
+    assert "--seq-len INTEGER RANGE" in config and "--micro-batch INTEGER RANGE" in config
+    assert "--zero 0-3 DeepSpeed ZeRO stage (config needs one)" in config
+    assert "-o, --output, --out FILE" in config or "-o, --output, --out PATH" in config
+    assert "zeroplan chat runs/" in invoke(["chat", "--help"]).stdout
+
+
+def test_config_out_is_an_alias_of_output(tmp_path: Path) -> None:
+    written = tmp_path / "ds.json"
+    result = invoke(["config", "qwen2.5-0.5b", "--zero", "2", "--out", str(written)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(written.read_text())["zero_optimization"]["stage"] == 2
+
+
 # ----------------------------------------------------------------------------- subprocesses
 
 
@@ -382,3 +485,156 @@ def test_does_not_fit_suggests_only_switches_not_already_on() -> None:
     assert "a smaller --micro-batch" in advice and "--method qlora" in advice
     off = invoke(["estimate", "llama-3.1-8b-instruct", "--gpus", "1x4090", "--micro-batch", "8"])
     assert "Try --grad-ckpt, a smaller --micro-batch" in off.output
+
+
+# ----------------------------------------------------------------------------- -o and stdout
+
+
+def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """main(argv)'s stderr, which must be one `zeroplan: error:` line with exit status 2."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("zeroplan: error: ")
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["config", "qwen2.5-0.5b", "--zero", "2", "-o", ""],
+        ["plan", "qwen2.5-0.5b", "-o", ""],
+        ["merge", "RUN", "-o", ""],
+        ["launch", "qwen2.5-0.5b", "--data", "d.jsonl", "-o", " "],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_empty_output_path_is_refused(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """-o '' (an unset shell variable) is Path('.'): the current folder, or a traceback."""
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tmp_path) if a == "RUN" else a for a in argv]
+    assert "is empty: give a path" in one_line_error(argv, capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def adapter_run(tmp_path: Path) -> Path:
+    """A run folder as far as the checks look: final/ holds an adapter naming its base."""
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "a/b"}))
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The [train] extra not installed (a plain `pip install .`): none of it imports."""
+    for name in ("torch", "transformers", "peft"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.usefixtures("without_torch")
+@pytest.mark.parametrize(
+    "argv", [["generate", "RUN", "-p", "hi"], ["chat", "RUN"], ["merge", "RUN", "-o", "OUT"]]
+)
+def test_generate_chat_and_merge_without_torch_name_the_extra(
+    argv: list[str], adapter_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = {"RUN": str(adapter_run), "OUT": str(tmp_path / "merged")}
+    err = one_line_error([names.get(a, a) for a in argv], capsys)
+    assert "needs torch, which is not installed here: pip install 'zeroplan[train]'" in err
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.usefixtures("without_torch")
+@pytest.mark.parametrize(
+    ("run", "out", "needle"),
+    [
+        ("EMPTY", "new", "holds no trained weights"),
+        ("RUN", "full", "full is not empty: merge into a new folder"),
+        ("RUN", "FILE/merged", "FILE is a file, not a folder"),
+    ],
+)
+def test_merge_checks_the_run_and_the_target_before_loading_anything(
+    run: str,
+    out: str,
+    needle: str,
+    adapter_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Said at once, not after seconds of importing torch and loading the base (with no
+    torch here, a check that came later would say torch is missing instead)."""
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    (tmp_path / "FILE").write_text("")
+    runs = {"EMPTY": tmp_path / "EMPTY", "RUN": adapter_run}
+    assert needle in one_line_error(["merge", str(runs[run]), "-o", str(tmp_path / out)], capsys)
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path / "full") == ["keep.txt"]
+
+
+def test_an_interrupted_merge_leaves_no_folder(
+    adapter_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeroplan.launch import infer
+
+    def interrupted(weights: Path, info: dict[str, Any], base: str, folder: Path) -> None:
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "_require_stack", lambda adapter, why: None)
+    monkeypatch.setattr(infer, "_save_merged", interrupted)
+    with pytest.raises(SystemExit) as info:
+        main(["merge", str(adapter_run), "-o", str(tmp_path / "out" / "merged")])
+    assert info.value.code == 130
+    # neither the half-saved model, its temporary folder, nor the folder made for it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["plan", "qwen2.5-0.5b"], ["estimate", "qwen2.5-0.5b", "--json"]], ids=["rich", "echo"]
+)
+def test_a_reader_that_left_ends_zeroplan_quietly_as_sigpipe_would(
+    argv: list[str], subprocess_env: dict[str, str]
+) -> None:
+    """`zeroplan plan | head -1`: status 141 (128 + SIGPIPE, as cat's), nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first line
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "zeroplan", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_output_that_cannot_be_written_is_one_line(subprocess_env: dict[str, str]) -> None:
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "zeroplan", "estimate", "qwen2.5-0.5b", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env,
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "zeroplan: error: cannot write the output: No space left on device; free the space "
+        "or send it elsewhere\n"
+    )

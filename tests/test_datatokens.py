@@ -85,6 +85,19 @@ def test_lengths_equal_what_training_tokenizes(
     assert list(profile.lengths) == [len(e["input_ids"]) for e in prepared.train]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_order_mark_is_read_past(
+    model_dirs: dict[str, Path], tmp_path: Path, suffix: str
+) -> None:
+    """Windows editors start UTF-8 files with a BOM; it was 'line 1 is not JSON'."""
+    plain = tinyllm.write_jsonl(tmp_path / "plain.jsonl", RECORDS["alpaca"])
+    body = plain.read_text() if suffix == ".jsonl" else json.dumps(RECORDS["alpaca"])
+    marked = tmp_path / f"bom{suffix}"
+    marked.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    tok = load_tokenizer(model_dirs["tiny"])
+    assert token_lengths(str(marked), tok)[0].lengths == token_lengths(str(plain), tok)[0].lengths
+
+
 def test_second_profile_comes_from_the_cache(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     data = tinyllm.write_jsonl(tmp_path / "d.jsonl", RECORDS["alpaca"] * 10)
     tok = load_tokenizer(model_dirs["tiny"])
@@ -96,6 +109,36 @@ def test_second_profile_comes_from_the_cache(model_dirs: dict[str, Path], tmp_pa
     data.write_text(data.read_text() + json.dumps(RECORDS["alpaca"][0]) + "\n")
     fourth, hit4 = token_lengths(str(data), tok)
     assert not hit4 and fourth.records == first.records + 1  # and the data's bytes
+
+
+def test_a_cached_file_copied_to_another_suffix_is_still_refused(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The cache is keyed by the bytes: `cp a.jsonl a2.txt; zeroplan plan --data a2.txt`
+    was answered from a.jsonl's entry, where launch then refused the .txt."""
+    data = tinyllm.write_jsonl(tmp_path / "a.jsonl", RECORDS["alpaca"])
+    tok = load_tokenizer(model_dirs["tiny"])
+    assert token_lengths(str(data), tok)[0].records == len(RECORDS["alpaca"])
+    copy = tmp_path / "a2.txt"
+    copy.write_bytes(data.read_bytes())
+    with pytest.raises(BadDataError, match=r"a2.txt: unknown data file type '.txt'"):
+        token_lengths(str(copy), tok)
+
+
+def test_empty_texts_are_nothing_to_learn_for_the_plan_too(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """launch/data.py drops {"text": ""} (EOS alone: no token to predict); the plan counts
+    it as 0 tokens, keeps it out of the packing, and refuses a file of nothing else."""
+    recs = [{"text": ""}, {"text": "the quick brown fox"}, {"text": " "}]
+    data = tinyllm.write_jsonl(tmp_path / "t.jsonl", recs)
+    profile, _ = token_lengths(str(data), load_tokenizer(model_dirs["tiny"]))
+    assert profile.lengths[0] == profile.lengths[2] == 0 and profile.untrained == 2
+    assert fit_to_cap(profile, 64).kept == 1
+    empty = tinyllm.write_jsonl(tmp_path / "e.jsonl", [{"text": ""}] * 2)
+    profile, _ = token_lengths(str(empty), load_tokenizer(model_dirs["tiny"]))
+    with pytest.raises(BadDataError, match=r"all 2 records of .* are empty texts"):
+        fit_to_cap(profile, 64)
 
 
 def test_cap_percentiles_and_the_overlong_rule() -> None:
@@ -114,6 +157,29 @@ def test_cap_percentiles_and_the_overlong_rule() -> None:
         resolve_cap(p, "median", None)
     with pytest.raises(BadDataError, match=r"all 100 records .* longest has 100.*--seq-len 100"):
         fit_to_cap(LengthProfile("d", "alpaca", "t", (100,) * 100), 50)
+
+
+def test_all_overlong_suggests_only_lengths_the_model_takes() -> None:
+    """Records longer than the context window: no --seq-len past it (refused: a dead end),
+    and no 'auto' to a plan already on it."""
+    huge = LengthProfile("huge.jsonl", "alpaca", "t", (5_000_010,))
+
+    def advice(cap: int, reason: str) -> str:
+        with pytest.raises(BadDataError) as info:
+            fit_to_cap(huge, cap, "drop", reason, window=512)
+        return str(info.value).split(": use ", 1)[1]
+
+    on_auto = advice(512, "the model's context window")
+    assert (
+        on_auto == "--overlong truncate (the longest is past the model's 512-token context window)"
+    )
+    assert (
+        advice(256, "given") == "--overlong truncate, or --seq-len 512 (the model's context window)"
+    )
+    # within the window: the length that keeps the longest, and auto to a length given
+    fits = LengthProfile("d", "alpaca", "t", (300,))
+    with pytest.raises(BadDataError, match=r"use --seq-len 300 \(or auto\), or --overlong"):
+        fit_to_cap(fits, 256, "drop", "given", window=512)
 
 
 def test_a_packing_is_kept_with_the_profile() -> None:
@@ -158,9 +224,14 @@ def _plan(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complet
     ("content", "needle"),
     [
         ('{"instruction": "a", "output": "b"}\n{not json\n', "line 2 is not JSON"),
-        ('{"question": "a"}\n', "record 0 has fields [question]"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "record 1: alpaca"),
+        ('{"question": "a"}\n', "record 1 has fields [question]"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "record 2: alpaca"),
         ("", "holds no records"),
+        pytest.param(
+            json.dumps({"instruction": "a", "output": "the quick brown fox " * 300}) + "\n",
+            "use --overlong truncate (the longest is past the model's 512-token context window)",
+            id="one record past the tiny model's 512-token window, planned on auto",
+        ),
     ],
 )
 def test_bad_data_is_one_line_exit_2_nothing_written(

@@ -298,6 +298,22 @@ def test_cluster_validates_counts() -> None:
     assert Cluster(gpu, gpus_per_node=7).world_size == 7
 
 
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("99999999999999999999x4090", "a node holds at most 64 GPUs, got 99,999,999,999,"),
+        ("65xH100", "at most 64 GPUs, got 65"),
+        ("4097x8xH100", "a cluster has at most 4,096 nodes, got 4,097"),
+    ],
+)
+def test_cluster_counts_past_any_machine_are_refused(spec: str, needle: str) -> None:
+    """A typo's count was planned as a cluster: absurd tokens/s, a config's batch size of
+    10^20. The bounds sit in Cluster, so specs, hostfiles and launch's nodes share them."""
+    with pytest.raises(BadClusterSpecError, match=needle):
+        parse_cluster(spec)
+    assert parse_cluster("4096x64xH100").world_size == 4096 * 64
+
+
 # --------------------------------------------------------------------------- hostfile
 
 
@@ -358,6 +374,11 @@ def test_hostfile_missing(tmp_path: Path) -> None:
 def test_hostfile_is_directory(tmp_path: Path) -> None:
     with pytest.raises(BadClusterSpecError, match="cannot read hostfile"):
         parse_hostfile(tmp_path, get_gpu("h100"))
+
+
+def test_a_hostfile_node_past_any_machine_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BadClusterSpecError, match="at most 64 GPUs, got 128"):
+        parse_hostfile(_write(tmp_path, "a slots=128\n"), get_gpu("h100"))
 
 
 # --------------------------------------------------------------------------- NVML mapping

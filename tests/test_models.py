@@ -459,6 +459,40 @@ def test_folder_without_config_and_missing_file(tmp_path: Path) -> None:
         load_model(str(tmp_path / "nope" / "config.json"))
 
 
+@pytest.mark.usefixtures("isolated_hf")
+def test_an_empty_name_is_not_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Path("") is ".": an empty name was read as the current folder, even a model folder."""
+    _write(tmp_path / "config.json", TINY)
+    monkeypatch.chdir(tmp_path)
+    for blank in ("", "  "):
+        with pytest.raises(ModelNotFoundError, match="the model name is empty"):
+            load_model(blank)
+
+
+@pytest.mark.usefixtures("isolated_hf")
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("llama-3.1-8b-instrct", "llama-3.1-8b-instruct"),
+        ("meta-llama/Llama-3.1-8B-Instrct", "meta-llama/Llama-3.1-8B-Instruct"),
+        ("qwen2.5-0.5-b", "qwen2.5-0.5b"),
+    ],
+)
+def test_a_misspelled_catalog_name_gets_a_suggestion(typo: str, meant: str) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model(typo)
+    assert f"unknown model '{typo}' (did you mean {meant}?)" in str(info.value)
+
+
+@pytest.mark.usefixtures("isolated_hf")
+def test_a_name_like_no_catalog_model_gets_no_suggestion() -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("acme/no-such-model")
+    assert "did you mean" not in str(info.value)
+
+
 def test_hf_cache_layout_is_found(
     isolated_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -621,8 +655,31 @@ def test_inconsistent_heads_are_refused() -> None:
         spec_from_config({**TINY, "hidden_size": 66})
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "bert", None])
-def test_unknown_model_type_is_unsupported(model_type: str | None) -> None:
+def test_zero_kv_heads_is_refused_not_read_as_missing() -> None:
+    """0 was read as absent (``or heads``): one KV head per attention head, silently."""
+    with pytest.raises(BadModelConfigError, match="num_key_value_heads=0 must be a positive"):
+        spec_from_config({**TINY, "num_key_value_heads": 0})
+    # absent or null still means multi-head attention: as many KV heads as heads
+    assert spec_from_config({**TINY, "num_key_value_heads": None}).num_kv_heads == 4
+    without = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
+    assert spec_from_config(without).num_kv_heads == 4
+
+
+@pytest.mark.parametrize("model_type", [None, ""])
+def test_a_json_without_model_type_is_not_a_model_config(
+    model_type: str | None, tmp_path: Path
+) -> None:
+    """A plan.json, {} or any other JSON: said to be no config.json, not an architecture
+    'None' to open an issue about."""
+    path = _write(tmp_path / "bad_plan.json", {**TINY, "model_type": model_type})
+    with pytest.raises(BadModelConfigError) as info:
+        load_model(str(path))
+    assert f"{path} has no 'model_type', so it is not a model's config.json" in str(info.value)
+    assert "open an issue" not in str(info.value)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "bert"])
+def test_unknown_model_type_is_unsupported(model_type: str) -> None:
     with pytest.raises(UnsupportedModelError, match="not modelled"):
         spec_from_config({**TINY, "model_type": model_type})
 

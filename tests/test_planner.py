@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from zeroplan.commands.cli import cli
 from zeroplan.errors import BadSetupError
 from zeroplan.hardware import parse_cluster, with_links
 from zeroplan.models import load_model
-from zeroplan.planner import PlanRequest, candidate_setups, evaluate, plan, plan_json
+from zeroplan.planner import Plan, PlanRequest, candidate_setups, evaluate, plan, plan_json
 from zeroplan.speed import comm_bytes_per_step, flops_per_token, peak_tflops, step_time
 from zeroplan.trainsetup import TrainSetup
 
@@ -208,6 +210,12 @@ def test_impossible_request_gets_the_cluster_or_change_that_would_fit() -> None:
         ({"global_batch": 3}, "smaller than the 7"),
         ({"margin": 1.5}, "--margin"),
         ({"objective": "speed"}, "--objective"),
+        # the API refuses what the CLI's option types refuse (nan fails no comparison)
+        ({"price_per_gpu_hour": float("nan")}, "--price-per-gpu-hour must be a finite"),
+        ({"price_per_gpu_hour": float("inf")}, "--price-per-gpu-hour must be a finite"),
+        ({"epochs": float("inf")}, "--epochs must be positive"),
+        # a 4-bit base is what --no-quantization forbids: qlora beside it contradicts it
+        ({"method": "qlora", "allow_quantization": False}, "use --method lora, or drop"),
     ],
 )
 def test_bad_requests(kw: dict[str, object], needle: str) -> None:
@@ -225,7 +233,7 @@ def test_cli_plan_json_and_files(tmp_path: Path) -> None:
     assert data["best"]["hours"] == pytest.approx(50e6 / data["best"]["tokens_per_s"] / 3600)
     assert data["best"]["cost"] == pytest.approx(data["best"]["hours"] * 7 * 0.4)
     assert json.loads((out / "plan.json").read_text()) == data
-    assert "zeroplan launch plan.json" in (out / "launch.sh").read_text()
+    assert 'zeroplan launch "$here/plan.json"' in (out / "launch.sh").read_text()
 
 
 def test_cli_plan_writes_a_deepspeed_config_for_zero_plans(tmp_path: Path) -> None:
@@ -241,6 +249,109 @@ def test_cli_plan_writes_a_deepspeed_config_for_zero_plans(tmp_path: Path) -> No
     cfg = json.loads((tmp_path / "z3" / "ds_config.json").read_text())
     assert cfg["zero_optimization"]["stage"] == 3
     assert plan_json(zp)["best"]["setup"]["zero"] == 3
+
+
+@functools.cache
+def small_plan(gpus: str) -> Plan:
+    return plan(PlanRequest(spec=load_model("qwen2.5-0.5b"), cluster=parse_cluster(gpus)))
+
+
+def test_launch_sh_runs_from_any_folder(tmp_path: Path) -> None:
+    """sh runs/plan/launch.sh --data x.jsonl from the project's root: plan.json and the
+    hostfile are the script's own folder's, the data stays the caller's."""
+    from zeroplan.planfiles import write_plan
+
+    write_plan(small_plan("2x8xH100"), tmp_path / "runs" / "plan")
+    bin_dir = tmp_path / "bin"  # a stand-in zeroplan that prints what it was given
+    bin_dir.mkdir()
+    (bin_dir / "zeroplan").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    (bin_dir / "zeroplan").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    for cwd in (tmp_path, tmp_path / "runs"):
+        script = (tmp_path / "runs" / "plan" / "launch.sh").relative_to(cwd)
+        done = subprocess.run(
+            ["sh", str(script), "--data", "x.jsonl"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        args = done.stdout.splitlines()
+        assert args[0] == "launch" and args[-2:] == ["--data", "x.jsonl"]
+        assert (cwd / args[1]).resolve() == tmp_path / "runs" / "plan" / "plan.json"
+        hostfile = args[args.index("--hostfile") + 1]
+        assert (cwd / hostfile).resolve() == tmp_path / "runs" / "plan" / "hostfile"
+
+
+def test_a_plan_is_refused_before_any_file_moves_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeroplan.errors import ConfigWriteError
+    from zeroplan.planfiles import write_plan
+
+    out = tmp_path / "p1"
+    write_plan(small_plan("1xH100"), out)
+    before = (out / "plan.json").read_text()
+    (out / "launch.sh").unlink()
+    (out / "launch.sh").mkdir()  # a folder where the plan writes a file
+    with pytest.raises(ConfigWriteError, match=f"{out}/launch.sh: it is a folder"):
+        write_plan(small_plan("2xH100"), out)
+    assert (out / "plan.json").read_text() == before  # not replaced
+    (out / "launch.sh").rmdir()
+    # a failure once files move: the temporary folder goes too, in the folder and beside it
+    moves = 0
+
+    def fails_second(src: object, dst: object) -> None:
+        nonlocal moves
+        moves += 1
+        if moves == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", fails_second)
+    with pytest.raises(ConfigWriteError, match="No space left on device"):
+        write_plan(small_plan("2xH100"), out)
+    with pytest.raises(ConfigWriteError, match="No space left on device"):
+        moves = 1  # the new folder's one rename fails
+        write_plan(small_plan("2xH100"), tmp_path / "new" / "p2")
+    monkeypatch.undo()
+    hidden = [p for p in tmp_path.rglob(".*")]
+    assert hidden == [] and not (tmp_path / "new").exists()
+
+
+def test_replanning_removes_the_earlier_plans_files_only(tmp_path: Path) -> None:
+    from zeroplan.planfiles import write_plan
+
+    out = tmp_path / "plan"
+    write_plan(small_plan("2x8xH100"), out)
+    (out / "notes.txt").write_text("mine")
+    said: list[str] = []
+    write_plan(small_plan("1xH100"), out, say=said.append)
+    assert sorted(p.name for p in out.iterdir()) == ["launch.sh", "notes.txt", "plan.json"]
+    assert said == [
+        f"removed hostfile, launch.sbatch of the earlier plan in {out}: this plan does not use them"
+    ]
+    # a run folder (launch.json): its ds_config.json and hostfile are the run's, kept
+    run = tmp_path / "run"
+    write_plan(small_plan("2x8xH100"), run)
+    (run / "launch.json").write_text("{}")
+    write_plan(small_plan("1xH100"), run, say=said.append)
+    assert (run / "hostfile").exists() and len(said) == 1
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_a_new_plan_folder_follows_the_umask(tmp_path: Path, mask: int) -> None:
+    from zeroplan.planfiles import write_plan
+
+    old = os.umask(mask)
+    try:
+        write_plan(small_plan("1xH100"), tmp_path / "plan")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "plan").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "plan" / "launch.sh").stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_cli_plan_nothing_fits_exit_1_and_bad_count_exit_2() -> None:
@@ -403,6 +514,24 @@ def test_a_card_without_bf16_plans_fp16_and_says_so() -> None:
 def test_bf16_asked_on_a_card_without_it_is_refused() -> None:
     with pytest.raises(BadSetupError, match="T4 has no bf16"):
         PlanRequest(spec=L8, cluster=parse_cluster("1xT4"), precision="bf16")
+
+
+@pytest.mark.parametrize("card", ["1xT4", "1xV100", "1xV100-32GB"])
+def test_flash_attention_2_on_a_card_before_ampere_is_refused(card: str) -> None:
+    """flash-attn 2 needs compute capability 8.0: refused where the setup meets the card,
+    as bf16 is, so estimate, config and plan all say it."""
+    req = PlanRequest(spec=load_model("llama-3.2-1b"), cluster=parse_cluster(card), seq_len=512)
+    with pytest.raises(BadSetupError, match="FlashAttention-2 needs an Ampere or newer GPU"):
+        evaluate(req, TrainSetup(seq_len=512, attn="flash_attention_2"))
+    ampere = dataclasses.replace(req, cluster=parse_cluster("1xA10"))
+    assert evaluate(ampere, TrainSetup(seq_len=512, attn="flash_attention_2")).fits
+
+
+def test_a_request_notes_its_makers_assumptions() -> None:
+    note = "sequences of 512 tokens, the model's context window"
+    p = plan(story_request(notes=(note,)))
+    assert note in p.assumptions
+    assert note in plan_json(p)["assumptions"]
 
 
 def test_cli_estimate_on_a_v100_is_fp16() -> None:

@@ -40,9 +40,9 @@ from zeroplan.errors import (
 from zeroplan.lengths import LengthProfile
 from zeroplan.models import cached_file, hf_cache_dirs, hub_offline, hub_request
 from zeroplan.prompts import BOS, EOS, Piece, PromptFormat
-from zeroplan.records import detect_format, read_records, text_of, to_messages
+from zeroplan.records import check_file_type, detect_format, read_records, text_of, to_messages
 
-CACHE_VERSION = 2  # bump when the rendering changes what a cached length means
+CACHE_VERSION = 3  # bump when the rendering changes what a cached length means (3: empty text 0)
 ENCODE_CHUNK = 4096  # texts per call to the tokenizer
 PROGRESS_FROM = 5000  # records: fewer tokenize in well under a second, without a word
 _SPECIAL = (
@@ -277,6 +277,8 @@ def token_lengths(
     digest = _data_digest(source)
     key = None
     if digest is not None:
+        # the cache is keyed by the bytes: a copy named .txt would hit the .jsonl's entry
+        check_file_type(source)
         parts = [str(CACHE_VERSION), digest, tokenizer.fingerprint, fmt, system or "", split]
         parts.append(prompt.key if prompt is not None else "")
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
@@ -302,7 +304,8 @@ def token_lengths(
         progress(f"tokenizing {len(records):,} {fmt} records of {source} (cached afterwards)")
     rendered = RENDERED_TEMPLATE
     if prompt is not None and prompt.reads(fmt):
-        pieces = [prompt.pieces(r, fmt, i, system) for i, r in enumerate(records)]
+        # records are numbered from 1 in messages (zeroplan.records)
+        pieces = [prompt.pieces(r, fmt, i, system) for i, r in enumerate(records, 1)]
         lengths = piece_lengths(pieces, tokenizer)
         rendered = prompt.name
         marker = prompt.template.marker if prompt.template is not None else ""
@@ -311,12 +314,13 @@ def token_lengths(
             # (measured: LLaMA-Factory's llama3 turns on a tokenizer without them)
             rendered += f", whose {marker} turns the tokenizer's chat template lacks"
     elif fmt == "text":
-        texts = [text_of(r, i) for i, r in enumerate(records)]
-        # launch/data.py appends EOS unless the tokenizer already ended with it
+        texts = [text_of(r, i) for i, r in enumerate(records, 1)]
+        # launch/data.py appends EOS unless the tokenizer already ended with it, and drops
+        # an empty text (nothing to learn): length 0, which the plan drops too
         eos = tokenizer.eos_id
         lengths = [
-            n + int(eos is not None and last != eos)
-            for n, last in tokenizer.encode_batch(texts, True)
+            n + int(eos is not None and last != eos) if text.strip() else 0
+            for text, (n, last) in zip(texts, tokenizer.encode_batch(texts, True), strict=True)
         ]
         rendered = "plain text + EOS"
     else:
@@ -328,7 +332,7 @@ def token_lengths(
             )
         compiled = compile_template(tokenizer.template)
         texts = []
-        for i, rec in enumerate(records):
+        for i, rec in enumerate(records, 1):
             messages = to_messages(rec, fmt, i, system)
             try:
                 texts.append(

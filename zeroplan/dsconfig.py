@@ -199,6 +199,8 @@ def write_config(cfg: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     make the config unreadable to other users on a shared cluster).
     """
     target = Path(path)
+    if not target.name:  # "" or "/": there is no file name to write (nor to put a temp beside)
+        raise ConfigWriteError(f"cannot write the config to '{path}': give -o a file name")
     text = dumps(cfg)  # serialise first: a bad value fails before anything touches the disk
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:

@@ -101,7 +101,13 @@ class HostUnreachableError(ZeroplanError):
     """A hostfile host that ssh cannot reach without a prompt."""
 
 
-class ConfigWriteError(ZeroplanError):
+class OutputWriteError(ZeroplanError):
+    """What a command writes cannot go where the user asked (-o, or stdout): an empty path,
+    a folder where a file goes, a file type the command does not write, a folder that
+    cannot be written, a full disk."""
+
+
+class ConfigWriteError(OutputWriteError):
     """A config or plan could not be written where the user asked (missing folder, no
     permission), or there is no plan to write."""
 

@@ -42,6 +42,8 @@ __all__ = [
     "DEFAULT_CPU_CORES_PER_GPU",
     "GPU",
     "GPU_CATALOG",
+    "MAX_GPUS_PER_NODE",
+    "MAX_NODES",
     "PCIE_EFFECTIVE_GBS",
     "Cluster",
     "Interconnect",
@@ -628,6 +630,14 @@ def threads_per_rank(cores: int, ranks: int) -> int:
     return max(1, cores // ranks)
 
 
+# Upper bounds on a cluster's counts. They keep a typo ("80000x4090") from being planned as a
+# real cluster: its batch sizes and tokens/s would be absurd, and config would write them. The
+# largest nodes sold hold 8-16 GPUs (HGX, DGX-2); 64 leaves room for any single host. 4,096
+# nodes of 8 is 32,768 GPUs, past any fine-tuning run; pre-training fleets are not planned here.
+MAX_GPUS_PER_NODE = 64
+MAX_NODES = 4096
+
+
 @dataclass(frozen=True)
 class Cluster:
     """``num_nodes`` identical nodes of ``gpus_per_node`` identical GPUs.
@@ -656,6 +666,15 @@ class Cluster:
         if self.num_nodes < 1:
             raise BadClusterSpecError(
                 f"a cluster needs at least 1 node, got {self.num_nodes}; {_SPEC_HELP}"
+            )
+        if self.gpus_per_node > MAX_GPUS_PER_NODE:
+            raise BadClusterSpecError(
+                f"a node holds at most {MAX_GPUS_PER_NODE} GPUs, got {self.gpus_per_node:,}; "
+                f"{_SPEC_HELP}"
+            )
+        if self.num_nodes > MAX_NODES:
+            raise BadClusterSpecError(
+                f"a cluster has at most {MAX_NODES:,} nodes, got {self.num_nodes:,}; {_SPEC_HELP}"
             )
         if self.inter_node_gbs is not None and self.inter_node_gbs <= 0:
             raise BadClusterSpecError(

@@ -28,7 +28,8 @@ OVERLONG = ("drop", "truncate")
 
 @dataclass(frozen=True)
 class LengthProfile:
-    """Tokens per record, rendered and tokenized as the training run will see them."""
+    """Tokens per record, rendered and tokenized as the training run will see them; 0 for a
+    record with nothing to learn (an empty ``text``), which training drops."""
 
     source: str
     format: str
@@ -45,6 +46,11 @@ class LengthProfile:
     @property
     def records(self) -> int:
         return len(self.lengths)
+
+    @property
+    def untrained(self) -> int:
+        """Records with nothing to learn (length 0), dropped as training drops them."""
+        return self.lengths.count(0)
 
     @property
     def tokens_total(self) -> int:
@@ -170,24 +176,31 @@ class DataFit:
 
 
 def fit_to_cap(
-    profile: LengthProfile, cap: int, overlong: str = "drop", cap_reason: str = "given"
+    profile: LengthProfile,
+    cap: int,
+    overlong: str = "drop",
+    cap_reason: str = "given",
+    window: int | None = None,
 ) -> DataFit:
     """Drop (or truncate to ``cap``) the records longer than ``cap``, then pack the rest.
 
     All records over the cap is a BadDataError naming their count, the longest, and the
-    options that would keep them.
+    options that would keep them within the model's context ``window``.
     """
     if overlong not in ("drop", "truncate"):
         raise BadDataError(f"--overlong must be drop or truncate, got '{overlong}'")
     if cap < 1:
         raise BadDataError(f"--seq-len must be at least 1, got {cap}")
     over = sum(1 for n in profile.lengths if n > cap)
-    kept = profile.records - over if overlong == "drop" else profile.records
+    empty = profile.untrained
+    kept = profile.records - empty - (over if overlong == "drop" else 0)
+    if empty and not kept:
+        raise BadDataError(_nothing_to_learn(profile, cap, over, empty))
     if not kept:
         raise BadDataError(
             f"all {profile.records} records of {profile.source} are longer than --seq-len {cap} "
-            f"tokens (the longest has {profile.longest}): use --seq-len {profile.longest} "
-            "(or auto), or --overlong truncate"
+            f"tokens (the longest has {profile.longest}): use "
+            f"{_keep_overlong(profile.longest, cap, cap_reason, window)}"
         )
     return DataFit(
         profile=profile,
@@ -200,11 +213,41 @@ def fit_to_cap(
     )
 
 
+def _keep_overlong(longest: int, cap: int, cap_reason: str, window: int | None) -> str:
+    """The options that keep records when all are longer than ``cap``. A --seq-len that
+    holds the longest is offered only within the model's context ``window`` (past it the
+    length is refused: a dead end); else the window, where longer than ``cap``, which keeps
+    the records that fit it. Truncation keeps every record."""
+    if window is None or longest <= window:
+        # on auto or a percentile, cap < longest only where the window held it: auto is
+        # offered to a length given
+        auto = " (or auto)" if cap_reason == "given" else ""
+        return f"--seq-len {longest}{auto}, or --overlong truncate"
+    if cap < window:
+        return f"--overlong truncate, or --seq-len {window} (the model's context window)"
+    return f"--overlong truncate (the longest is past the model's {window:,}-token context window)"
+
+
+def _nothing_to_learn(profile: LengthProfile, cap: int, over: int, empty: int) -> str:
+    """Why no record is left where some are empty texts (the rest, if any, too long)."""
+    if empty == profile.records:
+        return (
+            f"all {profile.records} records of {profile.source} are empty texts, with nothing "
+            "to learn: give records with text"
+        )
+    return (
+        f"no record of {profile.source} is left to train on: {empty} empty texts (nothing to "
+        f"learn), {over} longer than --seq-len {cap} tokens (the longest has "
+        f"{profile.longest}): raise --seq-len or use --overlong truncate"
+    )
+
+
 def kept_lengths(profile: LengthProfile, cap: int, overlong: str) -> list[int]:
-    """The lengths training keeps at ``cap``: the longer ones dropped, or cut to ``cap``."""
+    """The lengths training keeps at ``cap``: the longer ones dropped, or cut to ``cap``;
+    records with nothing to learn (0) never."""
     if overlong == "drop":
-        return [n for n in profile.lengths if n <= cap]
-    return [min(n, cap) for n in profile.lengths]
+        return [n for n in profile.lengths if 0 < n <= cap]
+    return [min(n, cap) for n in profile.lengths if n]
 
 
 def _packed(

@@ -24,6 +24,7 @@ bitsandbytes treats those linears in 4 bit (counted bf16).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping
@@ -377,6 +378,13 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
     if not isinstance(cfg, dict):
         raise BadModelConfigError(f"{name}: config.json must hold a JSON object")
     model_type = cfg.get("model_type")
+    if not model_type:
+        # every transformers config.json names it: a file without one is something else
+        where = source if source.endswith(".json") else "its config.json"
+        raise BadModelConfigError(
+            f"{name}: {where} has no 'model_type', so it is not a model's config.json; point "
+            "at the config.json of a Hugging Face model (or its folder)"
+        )
     if (
         model_type == "gemma3"
         and isinstance(cfg.get("text_config"), dict)
@@ -410,9 +418,13 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model", source: str = "")
     }
     h = _positive_int(cfg, "hidden_size", name)
     heads = _positive_int(cfg, "num_attention_heads", name)
-    kv_heads = cfg.get("num_key_value_heads") or heads
+    # absent or null means one KV head per attention head (multi-head attention); 0 is not
+    # absent, and is refused below like any other count of 0
+    kv_heads = cfg.get("num_key_value_heads")
+    if kv_heads is None:
+        kv_heads = heads
     head_dim = cfg.get("head_dim") or fam.head_dim_default or h // heads
-    if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+    if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:  # not bool
         raise BadModelConfigError(
             f"{name}: num_key_value_heads={kv_heads!r} must be a positive divisor of num_attention_heads={heads}"
         )
@@ -674,6 +686,12 @@ def _hub_config(model: str, timeout: float = 5.0) -> dict[str, Any] | None:
 
 def load_model(model: str) -> ModelSpec:
     """Resolve ``model`` (path, cached or catalog Hub id, alias, or Hub id) to a ModelSpec."""
+    if not model.strip():
+        # Path("") is the current folder: it would be read as a model folder
+        raise ModelNotFoundError(
+            "the model name is empty: give a Hub id, an alias from `zeroplan models`, or the "
+            "path of a config.json or model folder"
+        )
     path = Path(model).expanduser()
     if path.is_dir():
         config = path / "config.json"
@@ -704,7 +722,28 @@ def load_model(model: str) -> ModelSpec:
     hub = _hub_config(model)
     if hub is not None:
         return spec_from_config(hub, name=model, source="hub")
+    close = _close_catalog_name(model)
+    hint = f" (did you mean {close}?)" if close else ""
     raise ModelNotFoundError(
-        f"unknown model '{model}': not a local path, not in the Hugging Face cache, not in the built-in "
-        "catalog (`zeroplan models` lists it) and not reachable on the Hub; pass a config.json path"
+        f"unknown model '{model}'{hint}: not a local path, not in the Hugging Face cache, not in "
+        "the built-in catalog (`zeroplan models` lists it) and not reachable on the Hub; pass a "
+        "config.json path"
     )
+
+
+@cache
+def _catalog_spellings() -> dict[str, str]:
+    """Every name the catalog answers to, lower-cased -> as a suggestion writes it: the
+    aliases as `zeroplan models` users type them, full Hub ids as the Hub spells them."""
+    names = {key: key for key in _catalog_index()}
+    names.update((repo.lower(), repo) for repo in catalog_models())
+    return names
+
+
+def _close_catalog_name(model: str) -> str | None:
+    """The catalog name ``model`` is most likely a typo of, or None. The cutoff is above
+    the GPU lookup's (0.75): model names share long prefixes, so a low one would offer a
+    different size or family for a name that is merely not in the catalog."""
+    names = _catalog_spellings()
+    close = difflib.get_close_matches(model.strip().lower(), list(names), n=1, cutoff=0.85)
+    return names[close[0]] if close else None

@@ -1,8 +1,10 @@
 """The files a plan leaves for ``zeroplan launch``: plan.json, ds_config.json, launch.sh, and
 for several nodes a hostfile and launch.sbatch.
 
-Written into a fresh temporary folder beside the target and renamed into place, so that an
-error or Ctrl-C leaves either the old folder's files or the complete new set, never half.
+Written into a fresh temporary folder and renamed into place, after every target name was
+checked: an error or Ctrl-C leaves the old folder's files or the new set, and no temporary.
+Re-planning into a folder that holds an earlier plan removes that plan's files (PLAN_FILES)
+which the new one does not write, so that none of them is taken for the new plan's.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zeroplan.dsconfig import ds_config
 from zeroplan.errors import ConfigWriteError
 from zeroplan.models import NOT_LOCAL_SOURCES
+from zeroplan.outputs import check_can_create, made_parents, umask
 from zeroplan.planner import Plan, plan_json
 
 if TYPE_CHECKING:
@@ -67,12 +70,30 @@ def local_model(model: str, near: Path | None = None) -> str | None:
     return None
 
 
-def launch_command(p: Plan, plan_path: str = "plan.json") -> list[str]:
-    """``zeroplan launch plan.json --data DATA`` (the launch issue's entry point)."""
-    cmd = ["zeroplan", "launch", plan_path, "--data", "DATA.jsonl"]
+# Every file write_plan may write. Re-planning into a folder that holds a plan removes the
+# ones the new plan does not write; recipes (--recipe, --emit) are not among them, as a
+# recipe's name may be one of the user's own files.
+PLAN_FILES = ("plan.json", "ds_config.json", "launch.sh", "hostfile", "launch.sbatch")
+PLAN_KEYS = ("model", "cluster", "world_size", "best")  # what makes a plan.json a plan
+RUN_RECORD = "launch.json"  # watch.runlog.LAUNCH_FILE (runlog imports this module)
+
+
+def launch_script(p: Plan) -> str:
+    """launch.sh: ``zeroplan launch`` on the plan.json (and hostfile) beside the script, so
+    that it runs from any folder; data and other paths stay the caller's (no cd)."""
+    args = ['"$here/plan.json"', "--data", "DATA.jsonl"]
     if p.request.cluster.num_nodes > 1:
-        cmd += ["--hostfile", "hostfile"]
-    return cmd
+        args += ["--hostfile", '"$here/hostfile"']
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            "# zeroplan launch on the plan beside this script, from any folder:",
+            "#   sh path/to/launch.sh --data train.jsonl [zeroplan launch options]",
+            'here=$(dirname "$0")',
+            f'exec zeroplan launch {" ".join(args)} "$@"',
+            "",
+        ]
+    )
 
 
 def hostfile_text(p: Plan) -> str:
@@ -108,8 +129,14 @@ def sbatch_text(p: Plan, plan_path: Path) -> str:
     )
 
 
-def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list[Path]:
-    """Write the plan's files into ``directory`` (created if missing); return their paths."""
+def write_plan(
+    p: Plan,
+    directory: str | os.PathLike[str],
+    top: int = 8,
+    say: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Write the plan's files into ``directory`` (created if missing); return their paths.
+    ``say`` is told which files of an earlier plan there were removed."""
     if p.best is None:
         raise ConfigWriteError("nothing fits, so there is no plan to write (see the suggestion)")
     target = Path(directory)
@@ -124,13 +151,18 @@ def write_plan(p: Plan, directory: str | os.PathLike[str], top: int = 8) -> list
     if p.request.cluster.num_nodes > 1:
         files["hostfile"] = hostfile_text(p)
         files["launch.sbatch"] = sbatch_text(p, target.resolve() / "plan.json")
-    files["launch.sh"] = "#!/bin/sh\n" + shlex.join(launch_command(p)) + ' "$@"\n'
+    files["launch.sh"] = launch_script(p)
     executable = ("launch.sh", "launch.sbatch")
-    return write_folder(target, files, executable)
+    return write_folder(target, files, executable, say)
 
 
 def write_recipe_plan(
-    p: Plan, directory: str | os.PathLike[str], top: int, recipe: Recipe | None, emit: str | None
+    p: Plan,
+    directory: str | os.PathLike[str],
+    top: int,
+    recipe: Recipe | None,
+    emit: str | None,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[list[Path], str]:
     """plan.json and, for ``recipe`` (a ``recipes.Recipe``), that recipe planned; for
     ``emit`` (a trainer's format), a fresh recipe; with the DeepSpeed JSON they name.
@@ -149,28 +181,99 @@ def write_recipe_plan(
         # what the trainer loads: a local model's folder, else the Hub id
         model = p.request.spec.local_path or p.request.spec.name
         files.update(emit_files(emit, model, p.best.setup, target))
-    return write_folder(target, files), diff
+    if recipe is not None:
+        _keep_the_recipe(recipe, target, files)
+    return write_folder(target, files, say=say), diff
+
+
+def _keep_the_recipe(recipe: Recipe, target: Path, files: Mapping[str, str]) -> None:
+    """Refuse a plan that would write over the recipe it plans, or the DeepSpeed file that
+    recipe reads: ``-o`` at the recipe's own folder would replace the user's files with the
+    plan's (the planned recipe keeps the recipe's name)."""
+    own = {recipe.path.resolve(): "the recipe being planned"}
+    if recipe.deepspeed is not None and recipe.deepspeed["path"] != "(inline)":
+        own[Path(recipe.deepspeed["path"]).resolve()] = "the DeepSpeed file the recipe reads"
+    for name in files:
+        what = own.get((target / name).resolve())
+        if what is not None:
+            raise ConfigWriteError(
+                f"-o {target}: its {name} is {what}, which the plan would overwrite: give -o "
+                "another folder"
+            )
 
 
 def write_folder(
-    directory: str | os.PathLike[str], files: dict[str, str], executable: tuple[str, ...] = ()
+    directory: str | os.PathLike[str],
+    files: dict[str, str],
+    executable: tuple[str, ...] = (),
+    say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Write ``files`` (name -> text) into ``directory`` all at once: into a fresh temporary
-    folder beside it, then renamed into place (the folder's other files stay)."""
+    folder, then renamed into place (a new folder whole, else file by file; the folder's
+    other files stay, but an earlier plan's that this one does not write go: ``say`` is
+    told which)."""
     target = Path(directory)
+    _check_targets(target, files)
+    stale = earlier_plan_files(target, files)
+    exists = target.is_dir()
+    mode = 0o777 & ~umask()
+    current = target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-            if name in executable:
-                (tmp / name).chmod(0o755)
-        if target.exists():
-            for name in files:
-                os.replace(tmp / name, target / name)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with made_parents(target.parent):
+            # inside an existing folder: the renames then stay in it, whatever its parent allows
+            home = target if exists else target.parent
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.resolve().name}.", dir=home))
+            try:
+                for name, text in files.items():
+                    (tmp / name).write_text(text)
+                    if name in executable:
+                        (tmp / name).chmod(mode)
+                if exists:
+                    for name in files:
+                        current = target / name
+                        os.replace(tmp / name, current)
+                else:
+                    tmp.chmod(mode)  # mkdtemp's 0700, not the umask's
+                    os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone already after a folder's rename
     except OSError as exc:
-        raise ConfigWriteError(f"cannot write the plan to {target}: {exc.strerror or exc}") from exc
+        raise ConfigWriteError(
+            f"cannot write the plan to {current}: {exc.strerror or exc}"
+        ) from exc
+    for name in stale:
+        (target / name).unlink(missing_ok=True)
+    if stale and say is not None:
+        said = ", ".join(stale)
+        say(f"removed {said} of the earlier plan in {target}: this plan does not use them")
     return [target / name for name in files]
+
+
+def _check_targets(target: Path, files: Iterable[str]) -> None:
+    """Refuse before anything is written: a name the plan writes that is a folder there, or
+    a folder that cannot be written (or made)."""
+    if target.exists() and not target.is_dir():
+        raise ConfigWriteError(f"cannot write the plan to {target}: it is a file, not a folder")
+    for name in files:
+        if (target / name).is_dir():
+            raise ConfigWriteError(
+                f"cannot write the plan to {target / name}: it is a folder; remove it or give "
+                "-o another folder"
+            )
+    check_can_create(target / "plan.json", "the plan")
+
+
+def earlier_plan_files(target: Path, new: Iterable[str]) -> list[str]:
+    """The files a plan written into ``target`` before left there that the new plan (``new``,
+    its file names) does not write. None unless target/plan.json is a zeroplan plan and
+    ``target`` is not a run folder (a run's ds_config.json and hostfile are the run's)."""
+    if (target / RUN_RECORD).exists():
+        return []
+    try:
+        old = json.loads((target / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or not set(PLAN_KEYS) <= old.keys():
+        return []
+    keep = set(new)
+    return [name for name in PLAN_FILES if name not in keep and (target / name).is_file()]

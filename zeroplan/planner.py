@@ -107,6 +107,9 @@ class PlanRequest:
     epochs: float = 1.0
     # "bf16", "fp16", or "": the card's (bf16 where it has it, else fp16)
     precision: str = ""
+    # lines the request's maker adds to the plan's assumptions (the CLI: a --seq-len left
+    # out and held to a short context window)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.spec.check_seq_len(self.seq_len)
@@ -124,6 +127,11 @@ class PlanRequest:
             raise BadSetupError(
                 "--method auto chooses between a bf16 and a 4-bit base; with --no-quantization "
                 "use --method lora"
+            )
+        if self.method == "qlora" and not self.allow_quantization:
+            raise BadSetupError(
+                "--method qlora trains on a 4-bit base, which --no-quantization forbids: use "
+                "--method lora, or drop --no-quantization"
             )
         if self.objective not in OBJECTIVES:
             raise BadSetupError(f"--objective must be one of {', '.join(OBJECTIVES)}")
@@ -143,9 +151,10 @@ class PlanRequest:
             raise BadSetupError("--dataset-tokens must be positive")
         if self.cpu_ram_per_node is not None and self.cpu_ram_per_node <= 0:
             raise BadSetupError("--cpu-ram-per-node must be positive")
-        if self.price_per_gpu_hour is not None and self.price_per_gpu_hour < 0:
-            raise BadSetupError("--price-per-gpu-hour must be >= 0")
-        if not self.epochs > 0:
+        price = self.price_per_gpu_hour
+        if price is not None and not (math.isfinite(price) and price >= 0):
+            raise BadSetupError(f"--price-per-gpu-hour must be a finite number >= 0, got {price}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise BadSetupError(f"--epochs must be positive, got {self.epochs}")
         if self.data is not None and self.data.cap != self.seq_len:
             raise BadSetupError(
@@ -566,6 +575,7 @@ def plan(req: PlanRequest) -> Plan:
             else ""
         )
     ]
+    assumptions.extend(req.notes)
     assumptions.extend(req.cluster.notes)
     assumptions += [n for n in (family_note(req.spec), gpu_note(req.cluster.gpu.name)) if n]
     if req.precision == "fp16":

@@ -14,7 +14,9 @@ format        fields                                      rendered as
 
 A record that lacks its format's fields is an error naming the record and the fields it has:
 never a silent fallback to another field (the QLoRA story's
-``dataset_text_field="instruction"`` trained on the questions only).
+``dataset_text_field="instruction"`` trained on the questions only). Messages number records
+(and a record's turns) from 1, as editors number lines: record N of a JSON Lines file
+without blank lines is its line N (callers pass ``index`` so numbered).
 
 Light module (core): no torch or transformers; ``datasets`` and ``pyarrow`` are imported only
 for Hub data sets and parquet files. The plan (``zeroplan.lengths``) and the training side
@@ -40,6 +42,14 @@ _NEEDED = {
     "alpaca": "'instruction' and 'output' (and optionally 'input')",
     "text": "'text'",
 }
+# the fields each needs, and what each must hold: text, or a non-empty list of turns
+_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+_LISTS = ("messages", "conversations")
 _ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -67,6 +77,17 @@ def looks_like_hub_id(source: str) -> bool:
     return _HUB_ID.fullmatch(source) is not None
 
 
+def check_file_type(source: str) -> str:
+    """The suffix of a local data file, when it is one ``read_records`` reads; else a
+    BadDataError (also where a cache would answer without reading the file)."""
+    suffix = Path(source).expanduser().suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise BadDataError(
+            f"{source}: unknown data file type '{suffix}'; use .json, .jsonl or .parquet"
+        )
+    return suffix
+
+
 def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     """The records of a local .json / .jsonl / .parquet file, or of a ``datasets`` Hub id.
 
@@ -79,24 +100,25 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             f"{source} is a folder: give a .json, .jsonl or .parquet file, or a Hub data set id"
         )
     if path.is_file():
-        suffix = path.suffix.lower()
+        suffix = check_file_type(source)
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix == ".json":
             return _read_json(path)
-        if suffix == ".parquet":
-            return _read_parquet(path)
-        raise BadDataError(
-            f"{source}: unknown data file type '{suffix}'; use .json, .jsonl or .parquet"
-        )
+        return _read_parquet(path)
     if not looks_like_hub_id(source):
         raise DataNotFoundError(f"no data file {source}")
     return _read_hub(source, split)
 
 
+# utf-8-sig: UTF-8 with or without the byte-order mark that Windows editors (Notepad,
+# PowerShell's Out-File) write at the start; json.loads refuses the mark itself
+_ENCODING = "utf-8-sig"
+
+
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=_ENCODING))
     except (OSError, UnicodeDecodeError) as exc:
         raise BadDataError(f"{path}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
@@ -111,7 +133,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records: list[Any] = []
     try:
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding=_ENCODING) as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -156,7 +178,7 @@ def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
 def _check_dicts(records: list[Any], source: str) -> list[dict[str, Any]]:
     if not records:
         raise BadDataError(f"{source} holds no records")
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, 1):
         if not isinstance(rec, dict):
             raise BadDataError(f"record {i} of {source} is a {type(rec).__name__}, not an object")
     return records
@@ -181,13 +203,13 @@ def detect_format(record: dict[str, Any]) -> str:
         if {"instruction", "output"} <= keys:
             return "alpaca"
         raise BadDataError(
-            f"record 0 looks like alpaca but has fields {fields_of(record)}: alpaca records need "
+            f"record 1 looks like alpaca but has fields {fields_of(record)}: alpaca records need "
             f"{_NEEDED['alpaca']}; the output is what the model learns"
         )
     if "text" in keys:
         return "text"
     raise BadDataError(
-        f"record 0 has fields {fields_of(record)}: zeroplan reads alpaca (instruction, input, output), "
+        f"record 1 has fields {fields_of(record)}: zeroplan reads alpaca (instruction, input, output), "
         "chat (messages), ShareGPT (conversations) or plain text (text) records"
     )
 
@@ -210,14 +232,14 @@ def to_messages(
         raw = record.get("messages")
         if not isinstance(raw, list) or not raw:
             raise missingfields_of(record, fmt, index)
-        messages = [_message(m, index, j, "role", "content", None) for j, m in enumerate(raw)]
+        messages = [_message(m, index, j, "role", "content", None) for j, m in enumerate(raw, 1)]
         own_system = None
     elif fmt == "sharegpt":
         raw = record.get("conversations")
         if not isinstance(raw, list) or not raw:
             raise missingfields_of(record, fmt, index)
         messages = [
-            _message(m, index, j, "from", "value", _SHAREGPT_ROLES) for j, m in enumerate(raw)
+            _message(m, index, j, "from", "value", _SHAREGPT_ROLES) for j, m in enumerate(raw, 1)
         ]
         own_system = record.get("system")
     else:
@@ -256,9 +278,39 @@ def _message(
 
 
 def missingfields_of(record: dict[str, Any], fmt: str, index: int) -> BadDataError:
+    """The error for a record without what ``fmt`` needs: the fields it lacks, or, where it
+    has them all, the one whose value is unusable (null, an empty list...)."""
+    if all(key in record for key in _FIELDS[fmt]):
+        for key in _FIELDS[fmt]:
+            wrong = _unusable(key, record[key])
+            if wrong is not None:
+                return BadDataError(
+                    f"record {index}: its '{key}' is {wrong}; {fmt} records need {_NEEDED[fmt]}"
+                )
     return BadDataError(
         f"record {index}: {fmt} records need {_NEEDED[fmt]}; this one has {fields_of(record)}"
     )
+
+
+def _unusable(key: str, value: Any) -> str | None:
+    """What is wrong with a needed field's ``value``, in JSON's words; None: nothing."""
+    if key in _LISTS:
+        if isinstance(value, list):
+            return "an empty list" if not value else None
+        return f"{_json_kind(value)}, not a list"
+    return None if isinstance(value, str) else f"{_json_kind(value)}, not text"
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def fields_of(record: dict[str, Any]) -> str:

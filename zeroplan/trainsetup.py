@@ -336,11 +336,19 @@ def resolve_precision(setup: TrainSetup, gpu_bf16: bool, gpu_name: str = "this G
     """``setup`` with its precision for a card that has bf16 (``gpu_bf16``) or not.
 
     "" becomes bf16 where the card has it, else fp16; bf16 asked for on a card without it
-    is refused (the card cannot run it). Idempotent, so every caller may apply it.
+    is refused (the card cannot run it), and so is flash_attention_2: both arrived with
+    Ampere (compute capability 8.0), the cards whose catalog entry has bf16 (T4, V100 and
+    RTX 20xx have neither; flash-attn 2 raises on them at the first forward). This is
+    where every setup meets its cluster's card. Idempotent, so every caller may apply it.
     """
     if setup.precision == "bf16" and not gpu_bf16:
         raise BadSetupError(
             f"--precision bf16: {gpu_name} has no bf16; use --precision fp16 (its default)"
+        )
+    if setup.attn == "flash_attention_2" and not gpu_bf16:
+        raise BadSetupError(
+            f"--attn flash_attention_2: FlashAttention-2 needs an Ampere or newer GPU (compute "
+            f"capability 8.0+), and {gpu_name} is older; use --attn sdpa or eager"
         )
     if setup.precision:
         return setup

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,21 +12,26 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from zeroplan.commands import printing
 from zeroplan.commands.job import (
     PRECISION_HELP,
     data_options,
+    default_seq_len,
     estimate_data_options,
     given,
     job_options,
     job_request,
+    kernel_options,
     link_options,
     recipe_answer,
     recipe_job,
     recipe_options,
     recipe_over,
+    refuse_adapter_options,
     say,
     with_data,
 )
+from zeroplan.commands.params import FINITE, FiniteFloat, OutPath
 from zeroplan.errors import ZeroplanError
 from zeroplan.launch import envcheck
 from zeroplan.liger import KERNEL_CHOICES
@@ -41,7 +47,10 @@ DEFAULT_GPUS = "1xH100"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=printing.Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="zeroplan")
 def cli() -> None:
     """Plan LLM fine-tuning before paying for GPUs.
@@ -81,7 +90,8 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         type=int,
         default=None,
         metavar="0-3",
-        help="DeepSpeed ZeRO stage. Leave out for plain PyTorch (DDP across GPUs).",
+        # shared by estimate and config: config needs a stage (a DeepSpeed config has one)
+        help="DeepSpeed ZeRO stage (config needs one). Left out: plain PyTorch, DDP across GPUs.",
     ),
     click.option(
         "--offload",
@@ -91,14 +101,21 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         help="ZeRO-Offload of optimizer states (and parameters, ZeRO-3) to CPU RAM.",
     ),
     click.option(
-        "--micro-batch", type=int, default=1, show_default=True, help="Sequences per GPU per step."
+        "--micro-batch",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Sequences per GPU per step.",
     ),
     click.option(
-        "--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."
+        "--seq-len",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Tokens per sequence (default 2048, or the model's context window where shorter).",
     ),
     click.option(
         "--grad-accum",
-        type=int,
+        type=click.IntRange(min=1),
         default=1,
         show_default=True,
         help="Gradient accumulation: micro-batches per optimizer step (gradients stay resident between them).",
@@ -109,7 +126,9 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
         show_default=True,
         help="Gradient (activation) checkpointing: keep one hidden state per layer, recompute the rest.",
     ),
-    click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank."),
+    click.option(
+        "--lora-r", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank."
+    ),
     click.option(
         "--lora-targets",
         default="all-linear",
@@ -118,7 +137,7 @@ _SETUP_OPTIONS: list[Callable[[F], F]] = [
     ),
     click.option(
         "--lora-dropout",
-        type=float,
+        type=FiniteFloat(min=0, max=1, max_open=True),
         default=TrainSetup.lora_dropout,
         show_default=True,
         help="LoRA dropout; above 0 it keeps a mask per adapted input.",
@@ -292,6 +311,9 @@ def estimate(
         raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
     else:
         spec = load_model(model)
+    refuse_adapter_options(str(options["method"]))
+    if as_json and explain:
+        say("note: --explain writes its formulas into the table, which --json replaces")
     fit = None
     if data is not None:
         # the sequence length is the data's longest record unless --seq-len (or the
@@ -307,6 +329,9 @@ def estimate(
         )  # fmt: skip
         options["seq_len"] = fields["seq_len"]
         fit = fields["data"]
+    seq_note = None
+    if options["seq_len"] is None:
+        options["seq_len"], seq_note = default_seq_len(spec)
     # packed real data: the speed counts real tokens, the micro-batch's fill of them; a
     # recipe that does not pack pads each micro-batch to its longest record instead
     padded = None
@@ -342,6 +367,8 @@ def estimate(
         padded=padded,
         **options,
     )
+    if seq_note is not None:
+        est = dataclasses.replace(est, notes=(seq_note, *est.notes))
     if recipe is not None:
         from zeroplan.recipes import run_notes
 
@@ -417,7 +444,7 @@ def gpus(as_json: bool) -> None:
 @setup_options
 @click.option(
     "--grad-clip",
-    type=float,
+    type=FINITE,
     default=1.0,
     show_default=True,
     help="Clip the global gradient norm to this; 0 turns clipping off.",
@@ -425,7 +452,10 @@ def gpus(as_json: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    # --out as plan and launch spell it; --output stays for the scripts that use it
+    "--out",
+    "output",
+    type=OutPath(dir_okay=False),
     default=None,
     help="Write the config to this file (atomically). Default: print it to stdout.",
 )
@@ -447,12 +477,18 @@ def config(
     from zeroplan.api import make_setup, resolve_cluster
     from zeroplan.dsconfig import ds_config, dumps, quant_storage_dtype, write_config
     from zeroplan.memory.weights import gib
+    from zeroplan.models import load_model
     from zeroplan.trainsetup import resolve_precision
 
     cluster = resolve_cluster(gpus)
+    spec = load_model(model)
+    refuse_adapter_options(str(options["method"]))
+    if options["seq_len"] is None:
+        # the config holds no sequence length: the default's only use is the fit warning
+        options["seq_len"] = default_seq_len(spec)[0]
     setup = resolve_precision(make_setup(**options), cluster.gpu.bf16, cluster.gpu.name)
     cfg = ds_config(setup, cluster.world_size, grad_clip=grad_clip)
-    est = run_estimate(model, gpus=cluster, setup=setup)
+    est = run_estimate(spec, gpus=cluster, setup=setup)
     # output first: if writing fails, its error is the only line on stderr
     if output is None:
         click.echo(dumps(cfg), nl=False)
@@ -484,10 +520,11 @@ def _count(text: str | None, option: str) -> int | None:
     try:
         value = float(number) * scale
     except ValueError:
-        raise click.BadParameter(
-            f"'{text}' is not a count such as 50M or 1.2B", param_hint=option
-        ) from None
-    if value < 1 or value != value:
+        value = math.nan
+    # float() reads nan and inf (and 1e999 as inf): none of them is a count
+    if not math.isfinite(value):
+        raise click.BadParameter(f"'{text}' is not a count such as 50M or 1.2B", param_hint=option)
+    if value < 1:
         raise click.BadParameter(f"'{text}' must be at least 1", param_hint=option)
     return int(value)
 
@@ -524,48 +561,32 @@ def _count(text: str | None, option: str) -> int | None:
 )
 @click.option(
     "--margin",
-    type=float,
+    type=FiniteFloat(min=0, max=1, max_open=True),
     default=0.05,
     show_default=True,
     help="Fraction of each GPU's memory kept free.",
 )
 @click.option(
     "--price-per-gpu-hour",
-    type=float,
+    type=FiniteFloat(min=0),
     default=None,
     help="Price of one GPU-hour for the cost to finish --dataset-tokens "
     "(default: a typical on-demand price, dated, where zeroplan has one for the GPU).",
 )
 @click.option(
     "--cpu-ram-per-node",
-    type=float,
+    type=FiniteFloat(min=0, min_open=True),
     default=None,
     metavar="GIB",
     help="Host RAM per node (GiB): CPU-offload plans must fit in it too.",
 )
-@click.option(
-    "--no-fused-loss",
-    is_flag=True,
-    help="Leave out Liger's fused loss (launching it needs pip install 'zeroplan[fused]').",
-)
-@click.option(
-    "--no-liger",
-    is_flag=True,
-    help="Leave out Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels (launching them needs "
-    "pip install liger-kernel and a CUDA GPU); the plan then keeps the model's own modules.",
-)
-@click.option(
-    "--no-fused-lora",
-    is_flag=True,
-    help="Plan PEFT's own LoRA layers instead of zeroplan launch's fused LoRA linears (same "
-    "memory; the fused ones skip PEFT's passes over each output).",
-)
+@kernel_options
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option(
     "-o",
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutPath(file_okay=False),
     default=None,
     help="Write plan.json, ds_config.json, launch.sh (and for several nodes a hostfile and "
     "launch.sbatch for SLURM) into this folder; with --recipe: plan.json, the recipe "
@@ -643,6 +664,7 @@ def plan(
         raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
     else:
         spec = load_model(model)
+    refuse_adapter_options(str(job["method"]))
     fields = with_data(
         spec, job_request(**job), data, tokenizer, chat_template, data_format, system_prompt,
         overlong, epochs, progress=None if as_json else say,
@@ -676,10 +698,11 @@ def plan(
     if out is not None and result.best is not None:
         from zeroplan.planfiles import write_plan, write_recipe_plan
 
+        told = None if as_json else say  # which files of an earlier plan there were removed
         if recipe is None and emit is None:
-            written = write_plan(result, out, top=top)
+            written = write_plan(result, out, top=top, say=told)
         else:
-            written, diff = write_recipe_plan(result, out, top, recipe, emit)
+            written, diff = write_recipe_plan(result, out, top, recipe, emit, say=told)
             answer["written"] = {"files": [str(p) for p in written], "recipe_diff": diff}
         if not as_json:
             click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
@@ -747,6 +770,7 @@ def main(argv: list[str] | None = None) -> None:
     envcheck.quiet_import_noise()
     try:
         cli.main(args=argv, prog_name="zeroplan", standalone_mode=False)
+        printing.flush()
     except click.exceptions.UsageError as exc:
         hint = f" (see 'zeroplan {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
         click.echo(f"zeroplan: error: {exc.format_message()}{hint}", err=True)
@@ -754,6 +778,8 @@ def main(argv: list[str] | None = None) -> None:
     except ZeroplanError as exc:
         click.echo(f"zeroplan: error: {exc}", err=True)
         sys.exit(2)
+    except printing.StdoutFailed as exc:
+        sys.exit(printing.exit_status(exc))
     except click.exceptions.Abort:
         click.echo("zeroplan: interrupted", err=True)
         sys.exit(130)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from zeroplan.commands.params import FiniteFloat, OutPath
+
 _RUN = click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 
 
@@ -14,10 +16,24 @@ def _sampling(f: click.decorators.FC) -> click.decorators.FC:
         [
             click.option("--max-new-tokens", type=int, default=256, show_default=True),
             click.option(
-                "--temperature", type=float, default=0.7, show_default=True, help="0: greedy."
+                "--temperature",
+                type=FiniteFloat(min=0),
+                default=0.7,
+                show_default=True,
+                help="0: greedy.",
             ),
-            click.option("--top-p", type=float, default=0.9, show_default=True),
-            click.option("--repetition-penalty", type=float, default=1.1, show_default=True),
+            click.option(
+                "--top-p",
+                type=FiniteFloat(min=0, min_open=True, max=1),
+                default=0.9,
+                show_default=True,
+            ),
+            click.option(
+                "--repetition-penalty",
+                type=FiniteFloat(min=0, min_open=True),
+                default=1.1,
+                show_default=True,
+            ),
             click.option("--seed", type=int, default=None, help="Reproducible sampling."),
         ]
     ):
@@ -30,7 +46,7 @@ def _sampling(f: click.decorators.FC) -> click.decorators.FC:
 @click.option(
     "-o",
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutPath(file_okay=False),
     required=True,
     help="New folder for the merged model (weights + tokenizer).",
 )
@@ -91,7 +107,12 @@ def chat(
     seed: int | None,
 ) -> None:
     """Talk to RUN's model in the terminal (the training chat template; empty line or
-    Ctrl-D ends, /reset forgets the conversation)."""
+    Ctrl-D ends, /reset forgets the conversation).
+
+    \b
+    zeroplan chat runs/ruozhiba
+    zeroplan chat runs/ruozhiba-merged --temperature 0   # greedy: the same reply each time
+    """
     from zeroplan.launch.infer import generate as run_generate
     from zeroplan.launch.infer import load
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from zeroplan.errors import MissingDependencyError
+
 # Libraries that log a warning of their own when merely imported on a CPU machine, before
 # anything of ours runs: bitsandbytes >= 0.49 on a CPU with AVX512-BF16 asks the Hub's
 # `kernels` (a requirement of transformers >= 5.2x) for a CPU 4-bit kernel, and offline both
@@ -90,6 +92,24 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, told without importing it (torch takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(module: str, why: str) -> None:
+    """MissingDependencyError, one line naming the ``[train]`` extra, unless ``module`` is
+    installed; ``why`` is the sentence's subject: "<why> needs <package>"."""
+    if not installed(module):
+        raise MissingDependencyError(
+            f"{why} needs {module.replace('_', '-')}, which is not installed here: "
+            "pip install 'zeroplan[train]'"
+        )
 
 
 def _package_file(module: str, name: str) -> Path | None:

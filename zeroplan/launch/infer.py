@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadSetupError, NoWeightsError
+from zeroplan.launch import envcheck
 from zeroplan.launch.sft import FINAL, RUN_INFO, quantization_kwargs
+from zeroplan.outputs import check_can_create, new_folder
 from zeroplan.trainsetup import TrainSetup
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,8 +48,10 @@ def weights_dir(path: str | Path) -> Path:
         p = p / FINAL
     if (p / ADAPTER_CONFIG).is_file() or (p / "config.json").is_file():
         return p
-    checkpoints = sorted((p / "checkpoints").glob("checkpoint-*")) if p.is_dir() else []
-    hint = f"; the newest checkpoint is {checkpoints[-1]}" if checkpoints else ""
+    from zeroplan.launch.sft import last_checkpoint  # by step number: 11 is newer than 6
+
+    newest = last_checkpoint(p) if p.is_dir() else None
+    hint = f"; the newest checkpoint is {newest}" if newest is not None else ""
     raise NoWeightsError(f"{path} holds no trained weights (no final/ adapter or model){hint}")
 
 
@@ -68,13 +72,30 @@ def _is_adapter(weights: Path) -> bool:
     return (weights / ADAPTER_CONFIG).is_file()
 
 
+def _base_of(weights: Path, info: dict[str, Any]) -> str:
+    base = info.get("base_model")
+    if not base:
+        raise NoWeightsError(f"{weights}: the adapter does not name its base model")
+    return str(base)
+
+
+def _require_stack(adapter: bool, why: str) -> None:
+    """The packages the weights load with, checked (without importing them) after the run
+    folder and before the seconds of importing torch: a plain ``pip install .`` has none."""
+    for module in ("torch", "transformers", *(("peft",) if adapter else ())):
+        envcheck.require(module, why)
+
+
 def load(path: str | Path, device: str | None = None) -> Loaded:
     """Base + adapter (or the full / merged weights) and the run's tokenizer, in eval mode."""
+    weights = weights_dir(path)
+    info = run_info(weights)
+    if _is_adapter(weights):
+        _base_of(weights, info)
+    _require_stack(_is_adapter(weights), "loading a run's model")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    weights = weights_dir(path)
-    info = run_info(weights)
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     device = device or ("cuda" if cuda else "cpu")
     dtype = getattr(torch, info.get("dtype") or ("bfloat16" if cuda else "float32"))
@@ -86,9 +107,7 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     if _is_adapter(weights):
         from peft import PeftModel
 
-        base = info.get("base_model")
-        if not base:
-            raise NoWeightsError(f"{weights}: the adapter does not name its base model")
+        base = _base_of(weights, info)
         kw: dict[str, Any] = {"dtype": dtype}
         if info.get("method") == "qlora" and cuda:
             from transformers import BitsAndBytesConfig
@@ -166,9 +185,9 @@ def generate(
         raise BadSetupError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise BadSetupError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    loaded = run if isinstance(run, Loaded) else load(run)  # checks the folder, then torch
     import torch
 
-    loaded = run if isinstance(run, Loaded) else load(run)
     tok, model = loaded.tokenizer, loaded.model
     ids = prompt_ids(loaded, prompt, messages)
     device = next(model.parameters()).device
@@ -199,29 +218,38 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path) -> Path:
     The base is loaded dense in the run's dtype (bf16 for GPU runs; a QLoRA adapter is merged
     into the bf16 base, not the 4-bit one). ``out_dir`` must be new or empty. The result
     loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``generate(out_dir)``.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    The run folder and ``out_dir`` are checked before the packages and the seconds of
+    loading; the model is saved into a temporary folder beside ``out_dir`` and renamed to it
+    at the end, so that an error or Ctrl-C leaves no half-saved model.
+    """
     weights = weights_dir(run_dir)
     if not _is_adapter(weights):
         raise NoWeightsError(
             f"{weights} holds full weights, not a LoRA adapter: there is nothing to merge"
         )
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise BadSetupError(f"{out} is not empty: merge into a new folder")
     info = run_info(weights)
-    base = info.get("base_model")
-    if not base:
-        raise NoWeightsError(f"{weights}: the adapter does not name its base model")
+    base = _base_of(weights, info)
+    out = Path(out_dir).expanduser()
+    if out.is_dir() and any(out.iterdir()):
+        raise BadSetupError(f"{out} is not empty: merge into a new folder")
+    check_can_create(out, "the merged model")
+    _require_stack(True, "merging a LoRA adapter")
+    with new_folder(out, "the merged model") as folder:
+        _save_merged(weights, info, base, folder)
+    return out
+
+
+def _save_merged(weights: Path, info: dict[str, Any], base: str, folder: Path) -> None:
+    """Load the base and the adapter, merge them and save the model into ``folder``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dtype = getattr(torch, info.get("dtype") or "bfloat16")
     model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     merged: Any = PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(weights).save_pretrained(out)
+    merged.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(weights).save_pretrained(folder)
     merged_info = {**info, "method": "merged", "merged_from": str(weights.resolve())}
-    (out / RUN_INFO).write_text(json.dumps(merged_info, indent=2) + "\n")
-    return out
+    (folder / RUN_INFO).write_text(json.dumps(merged_info, indent=2) + "\n")

@@ -1,0 +1,124 @@
+"""Where a command writes what the user asked for (``-o``): checked before the work starts,
+then written whole or not at all.
+
+Files are written under temporary names beside their targets and renamed onto them at
+the end; a new folder is filled under a temporary name and renamed into place. An error
+or Ctrl-C leaves the targets as they were and no temporary behind. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from zeroplan.errors import OutputWriteError
+
+
+def umask() -> int:
+    """The process's umask: Python reads it only by setting it, so it is put back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_can_create(path: Path, what: str) -> None:
+    """Refuse ``path`` unless its folder exists, or can be made, and can be written: the
+    nearest existing folder above it is a folder this user may write in."""
+    above = _nearest_existing(path.absolute().parent)
+    if not above.is_dir():
+        raise OutputWriteError(f"cannot write {what} {path}: {above} is a file, not a folder")
+    # a file is renamed into place, so only the folder's permission matters, not the file's
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputWriteError(
+            f"cannot write {what} {path}: {above} is not writable; give -o a path in a "
+            "folder you can write"
+        )
+
+
+def check_new_file(path: Path, what: str) -> None:
+    """Refuse a file target that is a folder, or whose folder cannot be written."""
+    if path.is_dir():
+        raise OutputWriteError(
+            f"cannot write {what} {path}: it is a folder; remove it or give -o another path"
+        )
+    check_can_create(path, what)
+
+
+@contextlib.contextmanager
+def made_parents(folder: Path) -> Iterator[None]:
+    """Make ``folder`` and any missing folders above it; when the block fails, remove the
+    ones made here again (they hold only the block's temporaries)."""
+    first_made = None
+    p = folder.absolute()
+    while not p.exists() and p != p.parent:
+        first_made, p = p, p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        if first_made is not None:
+            shutil.rmtree(first_made, ignore_errors=True)
+        raise
+
+
+def _temp_beside(path: Path) -> Path:
+    # hidden, and with the target's suffix: writers such as matplotlib read the format from it
+    return path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
+
+
+@contextlib.contextmanager
+def files_together(paths: Sequence[Path], what: str) -> Iterator[list[Path]]:
+    """Temporary paths to write, one beside each of ``paths``; when the block ends they are
+    renamed onto ``paths``, and when it fails removed: the targets get every new file or
+    none. An OSError on the way is one OutputWriteError."""
+    for path in paths:
+        check_new_file(path, what)
+    temps = [_temp_beside(p) for p in paths]
+    try:
+        with contextlib.ExitStack() as parents:
+            for folder in dict.fromkeys(p.parent for p in paths):
+                parents.enter_context(made_parents(folder))
+            yield temps
+            for tmp, path in zip(temps, paths, strict=True):
+                os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot write {what} {paths[0]}: {exc.strerror or exc}; give -o another path"
+        ) from exc
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def new_folder(target: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to fill; renamed to ``target`` (which must not
+    exist, or be empty) when the block ends, removed when it fails."""
+    if target.exists() and not target.is_dir():
+        raise OutputWriteError(f"cannot write {what} {target}: it is a file, not a folder")
+    check_can_create(target, what)
+    try:
+        with made_parents(target.parent):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                yield tmp
+                tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide it from the group
+                os.replace(tmp, target)  # onto an empty folder too (rename(2))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot write {what} {target}: {exc.strerror or exc}; give -o a new folder"
+        ) from exc
