@@ -3,8 +3,9 @@
 Same arguments (``--plan --data --out [--resume] [--max-steps N] ...``). Each step it sleeps
 ``STANDIN_STEP_S`` seconds, prints a line and appends one record to ``OUT/metrics.jsonl``
 (the launch contract's keys). On SIGTERM / SIGINT it finishes the step, writes
-``OUT/checkpoint-rank{RANK}.json`` atomically, logs how many signals it got (a launch must
-deliver exactly one) and exits 0.
+``OUT/checkpoint-rank{RANK}.json`` atomically (and rank 0 a finished
+``OUT/checkpoints/checkpoint-N``, as the Trainer leaves it: what ``--resume`` looks for),
+logs how many signals it got (a launch must deliver exactly one) and exits 0.
 ``STANDIN_CRASH_RANK`` / ``STANDIN_CRASH_STEP`` make that rank raise at that step.
 ``STANDIN_PG=1`` joins a gloo process group first (torchrun's MASTER_ADDR/PORT) and
 all-reduces each step, as real ranks would.
@@ -93,6 +94,10 @@ def main() -> int:
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rank": rank, "step": step}))
         os.replace(tmp, marker)
+        if rank == 0:  # trainer_state.json last: the Trainer's sign of a finished save
+            saved = out / "checkpoints" / f"checkpoint-{step}"
+            saved.mkdir(parents=True, exist_ok=True)
+            (saved / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         print(f"rank {rank}: signal {stop[0]}, checkpoint at step {step} saved", flush=True)
         time.sleep(0.3)  # a second signal would arrive by now: the launch must send one
         print(f"rank {rank}: signals received: {len(stop)}", flush=True)

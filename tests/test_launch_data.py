@@ -235,6 +235,16 @@ def test_overlong_drop_and_truncate_counts(tok: Any) -> None:
     assert max(len(e["input_ids"]) for e in cut.train) == limit
 
 
+def test_empty_texts_are_dropped_as_nothing_to_learn(tok: Any) -> None:
+    """{"text": ""} is EOS alone, one token no position predicts: kept, a micro-batch of them
+    had a loss of 0/0 and the run "diverged at step 1 (loss nan)"."""
+    recs = [{"text": ""}, {"text": "the quick brown fox"}, {"text": "  \n"}]
+    s = data.prepare("x", tok, 64, records=recs).summary
+    assert (s.records, s.train_examples, s.dropped_no_target) == (3, 1, 2)
+    with pytest.raises(BadDataError, match="2 with nothing to learn"):
+        data.prepare("x", tok, 64, records=[{"text": ""}, {"text": " "}])
+
+
 def test_eval_split_is_seeded_and_disjoint(tok: Any) -> None:
     recs = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(16)]
     a = data.prepare("x", tok, 128, eval_fraction=0.25, seed=1, records=recs)
@@ -280,7 +290,7 @@ def test_instruction_only_records_are_refused(tok: Any) -> None:
     with pytest.raises(BadDataError) as exc:
         data.prepare("x", tok, 128, records=[{"instruction": "q", "input": ""}])
     msg = one_line(exc)
-    assert "record 0" in msg and "[input, instruction]" in msg and "output" in msg
+    assert "record 1" in msg and "[input, instruction]" in msg and "output" in msg
 
 
 def test_later_record_without_fields_names_its_index(tok: Any) -> None:
@@ -288,7 +298,7 @@ def test_later_record_without_fields_names_its_index(tok: Any) -> None:
     with pytest.raises(BadDataError) as exc:
         data.prepare("x", tok, 128, records=recs)
     assert one_line(exc) == (
-        "record 3: alpaca records need 'instruction' and 'output' (and optionally 'input'); "
+        "record 4: alpaca records need 'instruction' and 'output' (and optionally 'input'); "
         "this one has [answer, instruction]"
     )
 
@@ -296,17 +306,37 @@ def test_later_record_without_fields_names_its_index(tok: Any) -> None:
 @pytest.mark.parametrize(
     ("record", "needle"),
     [
-        ({"question": "q", "answer": "a"}, "record 0 has fields [answer, question]"),
-        ({"messages": [{"role": "user", "content": "hi"}]}, "record 0 has no assistant message"),
+        ({"question": "q", "answer": "a"}, "record 1 has fields [answer, question]"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "record 1 has no assistant message"),
         ({"messages": [{"role": "bot", "content": "hi"}]}, "role 'bot' is not one of"),
         ({"messages": [{"role": "user", "text": "hi"}]}, "needs 'role' and 'content'"),
         ({"conversations": [{"from": "gpt", "value": 3}]}, "content must be text"),
+        # the fields are there but unusable: said so, not "needs ... ; this one has" them
+        ({"instruction": "q", "output": None}, "record 1: its 'output' is null, not text"),
+        ({"instruction": 7, "output": "a"}, "its 'instruction' is the number 7, not text"),
+        ({"messages": []}, "record 1: its 'messages' is an empty list"),
+        ({"conversations": "hi"}, "its 'conversations' is text, not a list"),
+        # turns are numbered from 1, as records are
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+            "record 1, message 2: role 'bot'",
+        ),
     ],
 )
 def test_bad_records(tok: Any, record: dict[str, Any], needle: str) -> None:
     with pytest.raises(BadDataError) as exc:
         data.prepare("x", tok, 128, records=[record])
     assert needle in one_line(exc)
+
+
+def test_records_are_read_past_a_byte_order_mark(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 with a BOM, which json.loads refuses on its own."""
+    records = tinyllm.alpaca_records(2)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in records).encode())
+    whole = tmp_path / "bom.json"
+    whole.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
+    assert data.read_records(str(jsonl)) == records == data.read_records(str(whole))
 
 
 def test_bad_files(tok: Any, tmp_path: Path) -> None:
@@ -319,7 +349,7 @@ def test_bad_files(tok: Any, tmp_path: Path) -> None:
     scalar.write_text("[1, 2]")
     with pytest.raises(BadDataError) as exc:
         data.prepare(str(scalar), tok, 128)
-    assert "record 0" in one_line(exc) and "not an object" in str(exc.value)
+    assert "record 1" in one_line(exc) and "not an object" in str(exc.value)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(BadDataError, match="holds no records"):

@@ -339,6 +339,17 @@ def test_plan_files_and_model_folders_are_told_apart(tmp_path: Path) -> None:
         read_plan(tmp_path / "none.json")
 
 
+def test_a_json_that_is_neither_plan_nor_config_is_said_to_be_neither(tmp_path: Path) -> None:
+    """{} was read as a config.json: "architecture 'None' is not modelled ... open an issue"."""
+    bad = tmp_path / "bad_plan.json"
+    bad.write_text("{}")
+    assert find_plan(str(bad)) == bad
+    with pytest.raises(BadPlanError) as info:
+        read_plan(bad)
+    assert "is not a plan zeroplan wrote" in str(info.value)
+    assert "nor a model's config.json (it has no model_type)" in str(info.value)
+
+
 # -- dry run --------------------------------------------------------------------------------
 
 
@@ -602,7 +613,47 @@ def test_no_gpu_is_refused_unless_forced(tmp_path: Path, data_file: Path) -> Non
     (err,) = preflight(la, None).errors
     assert isinstance(err, NoGPUError) and "--force" in str(err)
     forced = preflight(la, None, force=True)
-    assert forced.ok and "on CPU" in forced.notes[0]
+    assert forced.ok and any("on CPU" in note for note in forced.notes)
+
+
+def test_a_dry_run_without_a_gpu_is_not_told_to_dry_run(tmp_path: Path, data_file: Path) -> None:
+    la = launch_for(tmp_path, data_file)
+    (err,) = preflight(la, None).errors
+    assert "--dry-run shows the commands" in str(err)
+    # a dry run is already showing them: its refusal does not offer one
+    (dry,) = preflight(la, None, hosts=False, dry_run=True).errors
+    assert isinstance(dry, NoGPUError)
+    assert "--dry-run" not in str(dry) and "--force starts the ranks" in str(dry)
+
+
+def test_a_missing_torch_is_said_in_a_sentence(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh venv's dry run read 'every rank runs PyTorch needs torch'."""
+    from zeroplan.launch import envcheck
+
+    real = envcheck.installed
+    monkeypatch.setattr(envcheck, "installed", lambda name: name != "torch" and real(name))
+    la = launch_for(tmp_path, data_file)
+    errors = [str(e) for e in preflight(la, parse_cluster("2xH100")).errors]
+    assert (
+        "training (every rank runs PyTorch) needs torch, which is not installed here: "
+        "pip install 'zeroplan[train]'"
+    ) in errors
+
+
+@pytest.mark.parametrize(
+    ("gpus", "needle"), [("-1", "--gpus must be at least 1, got -1"), ("65", "at most 64")]
+)
+def test_launch_gpu_counts_out_of_range_are_one_line(
+    gpus: str, needle: str, data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-1 was looked up as a GPU name: 'unknown GPU '-1'' and the whole catalog."""
+    with pytest.raises(SystemExit) as info:
+        main(["launch", QWEN, "--data", str(data_file), "--gpus", gpus, "--dry-run"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "unknown GPU" not in err
 
 
 def test_model_folder_without_tokenizer(tmp_path: Path, data_file: Path) -> None:
@@ -831,11 +882,214 @@ def test_predicted_oom_is_refused_with_the_planners_fix_and_forced(
 def test_a_finished_run_is_not_overwritten_without_resume(tmp_path: Path, data_file: Path) -> None:
     la = launch_for(tmp_path, data_file)
     la.run_dir.mkdir()
-    (la.run_dir / "metrics.jsonl").write_text("")
+    (la.run_dir / "metrics.jsonl").write_text(json.dumps({"rank": 0, "step": 1}) + "\n")
+    saved(la.run_dir, 1)
     (err,) = preflight(la, None, force=True).errors
     assert isinstance(err, RunDirExistsError) and "--resume continues it" in str(err)
     resumed = launch_for(tmp_path, data_file, train=TrainOptions(resume=True))
     assert preflight(resumed, None, force=True).ok
+
+
+def saved(run: Path, step: int) -> Path:
+    """A finished save, as the Trainer leaves it (trainer_state.json last)."""
+    ckpt = run / "checkpoints" / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    return ckpt
+
+
+def tiny_launch(
+    tmp_path: Path,
+    data: Path,
+    *,
+    plan_dir: str = "plan",
+    run: Path | None = None,
+    train: TrainOptions | None = None,
+    **setup: Any,
+) -> Launch:
+    """A one-GPU launch of a plan (in tmp_path/plan_dir) for a tiny model folder with a
+    tokenizer and chat template: preflight reads and renders the data with them."""
+    model = tmp_path / "model"
+    if not model.is_dir():
+        model.mkdir()
+        tiny_model_folder(model)
+    chosen = TrainSetup(**{"method": "lora", "seq_len": 64, **setup})
+    plan_path = make_plan(tmp_path / plan_dir, model=str(model), gpus="1xH100", setup=chosen)
+    return build_launch(
+        read_plan(plan_path),
+        run_dir=run or tmp_path / "run",
+        data=str(data),
+        nodes=resolve_nodes(count=1),
+        launcher="torchrun",
+        gpu=H100,
+        train=train or TrainOptions(),
+        port=29611,
+        inherited={},
+        source=plan_path,
+    )
+
+
+def refusals(la: Launch) -> list[str]:
+    return [str(e) for e in preflight(la, None, force=True).errors]
+
+
+GOOD = {"instruction": "Say hello.", "output": "hello world"}
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "needle"),
+    [
+        ("empty.jsonl", "", "holds no records"),
+        ("bad.jsonl", "not json\n", "line 1 is not JSON"),
+        ("fields.jsonl", '{"foo": 1}\n', "has fields [foo]"),
+        ("long.jsonl", json.dumps({**GOOD, "output": "hello " * 200}), "longer than --seq-len 64"),
+        ("user.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        ("copy.txt", json.dumps(GOOD), "unknown data file type '.txt'"),
+        ("none.json", "[]", "holds no records"),
+        ("empty_text.jsonl", '{"text": ""}\n{"text": ""}\n', "are empty texts"),
+    ],
+)
+def test_records_the_ranks_would_stop_on_are_refused_before_anything_starts(
+    tmp_path: Path, name: str, body: str, needle: str
+) -> None:
+    """Each failed inside the rank after 5-10 s (exit 1) and left plan.json, launch.json,
+    logs/ and samples in the run folder; preflight reads and renders the records as
+    zeroplan plan --data does (the plan's tokenizer and chat template, its sequence length)."""
+    data = tmp_path / name
+    data.write_text(body)
+    (error,) = refusals(tiny_launch(tmp_path, data))
+    assert needle in error and "\n" not in error
+
+
+def test_a_bad_data_file_is_one_line_exit_2_and_nothing_written(
+    tmp_path: Path, launch_env_vars: dict[str, str]
+) -> None:
+    la = tiny_launch(tmp_path, tmp_path / "unused.jsonl")
+    data = tmp_path / "user.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    run = tmp_path / "r"
+    args = ["launch", str(la.source), "--data", str(data), "-o", str(run), "--force"]
+    proc = run_cli(args, launch_env_vars)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "record 1 has no assistant message" in proc.stderr and not run.exists()
+
+
+def test_resuming_with_another_plan_is_refused_and_the_runs_plan_kept(
+    tmp_path: Path, data_file: Path
+) -> None:
+    """`--resume -o RUN` with a plan of another LoRA rank rewrote RUN/plan.json, then the rank
+    failed on the adapter's shape, and every later resume used the wrong plan."""
+    first = tiny_launch(tmp_path, data_file, lora_r=16)
+    write_files(first)
+    saved(first.run_dir, 6)
+    kept = (first.run_dir / "plan.json").read_bytes()
+    resume = TrainOptions(resume=True)
+    other = tiny_launch(tmp_path, data_file, plan_dir="other", train=resume, lora_r=4)
+    (error,) = refusals(other)
+    assert error.startswith(f"--resume: {first.run_dir} was trained with another plan (lora_r 16")
+    assert (first.run_dir / "plan.json").read_bytes() == kept
+    # a plan that differs only in how fast a step runs continues the run
+    faster = tiny_launch(tmp_path, data_file, plan_dir="fast", train=resume, grad_ckpt=True)
+    checks = preflight(faster, None, force=True)
+    assert (
+        checks.ok and f"resuming from {first.run_dir}/checkpoints/checkpoint-6" in checks.notes[0]
+    )
+
+
+def test_another_plans_folder_is_not_a_run_folder(tmp_path: Path, data_file: Path) -> None:
+    """-o onto a folder `zeroplan plan -o` wrote replaced its plan without a word; the
+    folder's own plan may be launched into it (its plan stays, the run lives beside it)."""
+    theirs = tiny_launch(tmp_path, data_file, plan_dir="theirs", lora_r=4)
+    ours = tiny_launch(tmp_path, data_file, run=tmp_path / "theirs")
+    (error,) = refusals(ours)
+    assert error.startswith(f"{tmp_path}/theirs holds another plan")
+    own = dataclasses.replace(theirs, run_dir=tmp_path / "theirs")
+    assert preflight(own, None, force=True).ok
+
+
+def test_what_a_folder_holds_decides_whether_it_takes_a_launch_or_a_resume(
+    tmp_path: Path, data_file: Path
+) -> None:
+    """A launch stopped before its first step left plan.json, launch.json, logs/ and samples
+    and locked its folder ("already holds a run (logs)"), and --resume there started the
+    ranks to fail on the missing checkpoint."""
+    la = tiny_launch(tmp_path, data_file)
+    write_files(la)
+    (la.run_dir / "gpu_samples.jsonl").write_text("{}\n")
+    resumed = dataclasses.replace(la, resume=True, train=TrainOptions(resume=True))
+    (error,) = refusals(resumed)
+    assert error.startswith(f"--resume: {la.run_dir} holds no checkpoint to continue from")
+    assert "start it again without --resume" in error
+    assert preflight(la, None, force=True).ok  # nothing trained: the same -o starts again
+    (la.run_dir / "metrics.jsonl").write_text(json.dumps({"rank": 0, "step": 3}) + "\n")
+    (error,) = refusals(la)  # steps without a checkpoint: kept, not mixed with a new run
+    assert "already holds a run (the steps logged in metrics.jsonl" in error
+    assert "delete the folder" in error
+
+
+def test_resuming_a_completed_run_is_refused_before_the_ranks_start(
+    tmp_path: Path, data_file: Path
+) -> None:
+    """It printed only "done: the rank finished in 2 s"; the reason was in rank0.log."""
+    la = tiny_launch(tmp_path, data_file, train=TrainOptions(resume=True))
+    la.run_dir.mkdir()
+    saved(la.run_dir, 12)
+    result = {"status": "completed", "global_step": 12, "epochs": 1.0, "max_steps_given": 12}
+    (la.run_dir / "result.json").write_text(json.dumps(result))
+    (error,) = refusals(la)
+    assert error.startswith(f"nothing to resume: {la.run_dir} completed at step 12")
+    assert "pass a larger --max-steps" in error
+    more = dataclasses.replace(la, train=TrainOptions(resume=True, max_steps=20))
+    assert preflight(more, None, force=True).ok
+
+
+def test_a_stop_says_what_it_did_and_what_is_left(tmp_path: Path, data_file: Path) -> None:
+    """A second Ctrl-C 0.3 s after the first said "(3 with SIGKILL after 30 s)", and a stop
+    before the first save said "--resume continues from the last checkpoint"."""
+    from zeroplan.launch.supervise import what_is_left
+
+    la = launch_for(tmp_path, data_file)
+    write_files(la)
+    sup = Supervisor(la, say=lambda s: None)
+    sup.signal_t, sup.killed_at_once = [10.0, 10.3], True
+    assert sup._how_stopped(3) == "a second signal 0.3 s after the first killed 3 processes at once"
+    sup.killed_at_once = False
+    assert (
+        sup._how_stopped(1)
+        == "every rank was stopped (1 process with SIGKILL after the 30 s grace)"
+    )
+    assert sup._how_stopped(0) == "every rank was stopped"
+    assert what_is_left(la.run_dir).startswith("the run saved nothing and trained no step")
+    (la.run_dir / "metrics.jsonl").write_text(json.dumps({"rank": 0, "step": 2}) + "\n")
+    assert what_is_left(la.run_dir).startswith("no checkpoint was saved, so there is nothing")
+    for step in (6, 11):
+        saved(la.run_dir, step)
+    assert what_is_left(la.run_dir) == "--resume continues from checkpoint-11"
+
+
+def test_launching_a_model_takes_the_plans_kernel_switches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a CPU the refusal said "plan again without it (--no-fused-loss)", an option launch
+    did not have when it plans a model itself."""
+    monkeypatch.setattr("zeroplan.hardware.local_cluster", lambda: None)
+    monkeypatch.setattr("zeroplan.launch.runner.fused_loss_installed", lambda: True)
+    (tmp_path / "model").mkdir()
+    model = tiny_model_folder(tmp_path / "model")
+    data = tinyllm.write_jsonl(tmp_path / "d.jsonl", tinyllm.alpaca_records(8))
+    args = ["launch", str(model), "--data", str(data), "-o", str(tmp_path / "r"), "--force"]
+    args += ["--kernels", "none", "--dry-run", "--save-total-limit", "2"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "plan again without it (--no-fused-loss)" in capsys.readouterr().err
+    result = CliRunner().invoke(cli, [*args, "--no-fused-loss"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "--save-total-limit 2" in result.output  # passed on to every rank
+    plan = make_plan(tmp_path / "p")
+    with pytest.raises(SystemExit) as exc:
+        main(["launch", str(plan), "--data", str(data), "--no-liger"])
+    assert exc.value.code == 2 and "--no-liger plan a model" in capsys.readouterr().err
 
 
 # -- progress lines and the dashboard fallback ----------------------------------------------
@@ -959,6 +1213,7 @@ def test_real_two_rank_run_finishes_with_per_rank_logs(
         "reason": "done",
         "failed_rank": None,
         "ranks": {"0": 0, "1": 0},
+        "message": "all 2 ranks finished",
     }
     assert json.loads((run / "plan.json").read_text())["model"] == QWEN
     assert not ours(run)
@@ -979,7 +1234,12 @@ def test_a_crashing_rank_stops_the_other_and_is_named(
     assert "RuntimeError: stand-in crash on rank 1 at step 3" in msg
     rank0 = (run / "logs" / "rank0.log").read_text()
     assert "rank 0 done" not in rank0 and "signals received: 1" in rank0
-    assert json.loads((run / "launch.json").read_text())["result"]["failed_rank"] == 1
+    ended = json.loads((run / "launch.json").read_text())["result"]
+    assert ended["failed_rank"] == 1
+    # what watch and report say of it: the line, without the log tail
+    assert (
+        ended["message"] == "rank 1 failed (exit status 1) on localhost; the other rank was stopped"
+    )
     assert not ours(run)
 
 
@@ -1032,7 +1292,7 @@ def test_ctrl_c_stops_every_rank_once_and_keeps_the_checkpoint(
             proc.wait()
     assert proc.returncode == 130, err
     assert "SIGINT received: stopping the ranks" in err
-    assert "stopped by SIGINT: every rank was stopped; --resume continues" in err
+    assert "stopped by SIGINT: every rank was stopped; --resume continues from checkpoint-" in err
     for rank in (0, 1):
         marker = json.loads((run / f"checkpoint-rank{rank}.json").read_text())
         assert marker["rank"] == rank and marker["step"] >= 1

@@ -419,7 +419,7 @@ def test_bad_records_are_refused_before_the_model_loads(
     with pytest.raises(ZeroplanError) as exc:
         sft.run(opts(tmp_path), sft.StopFlag(), [])
     assert one_line(exc).startswith(
-        "record 0 looks like alpaca but has fields [input, instruction]"
+        "record 1 looks like alpaca but has fields [input, instruction]"
     )
 
 
@@ -569,6 +569,110 @@ def test_a_diverged_run_stops_without_saving_that_step(
         assert control.should_training_stop and not control.should_save
 
 
+def _trainer_flow(tmp_path: Path, **args: Any) -> tuple[Any, Any, Any, Any]:
+    """The Trainer's own callback order: its flow callback first, then the run's."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import (
+        CallbackHandler,
+        DefaultFlowCallback,
+        TrainerControl,
+        TrainerState,
+    )
+
+    from zeroplan.launch.callbacks import StopOnDivergence, StopOnSignal
+
+    targs = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **args)
+    flag = sft.StopFlag()
+    divergence = StopOnDivergence(fp16=False)
+    handler = CallbackHandler(
+        [DefaultFlowCallback, StopOnSignal(flag), divergence], None, None, None, None
+    )
+    state = TrainerState(
+        max_steps=100, logging_steps=targs.logging_steps, save_steps=targs.save_steps
+    )
+    return handler, targs, state, TrainerControl()
+
+
+def test_the_step_that_diverged_is_not_saved_at_the_epochs_end(tmp_path: Path) -> None:
+    """Seen with --lr 1e30: the run diverged at step 2 and stopped, and the Trainer's end of
+    the epoch (save_strategy epoch, the default) saved that step's NaN weights as
+    checkpoint-2, which the message then called the last good one."""
+    handler, targs, state, control = _trainer_flow(tmp_path, save_strategy="epoch")
+    state.global_step = 2
+    control = handler.on_step_end(targs, state, control)
+    control = handler.on_log(targs, state, control, {"loss": float("nan"), "grad_norm": 1.0})
+    assert control.should_training_stop and not control.should_save
+    control = handler.on_epoch_end(targs, state, control)  # the Trainer's loop, after the stop
+    assert not control.should_save and not control.should_evaluate
+
+
+def test_a_step_that_saves_logs_first_so_its_weights_are_checked(tmp_path: Path) -> None:
+    """A save between two log lines would keep weights no line checked: the step that saves
+    is logged too (the Trainer logs before it saves), and a non-finite line vetoes it."""
+    handler, targs, state, control = _trainer_flow(
+        tmp_path, save_strategy="steps", save_steps=5, logging_steps=10
+    )
+    state.global_step = 5
+    control = handler.on_step_end(targs, state, control)
+    assert control.should_save and control.should_log
+    control = handler.on_log(targs, state, control, {"loss": 2.0, "grad_norm": float("inf")})
+    assert not control.should_save
+
+
+def test_result_json_is_strict_json_and_names_the_limit_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A diverged loss is null, not NaN, in result.json; a run stopped before its first step
+    (the Trainer's max_steps still 0) records the --max-steps it was given."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=2, max_steps=0))
+    options = opts(tmp_path, "--max-steps", "50")
+    d = sft.Divergence(2, float("nan"), float("inf"))
+    assert sft._finish(options, trainer, 0, "diverged", sft.StopFlag(), None, d) == 3
+
+    def no_nan(name: str) -> None:
+        raise AssertionError(f"{name} in result.json")
+
+    result = json.loads((run / "result.json").read_text(), parse_constant=no_nan)
+    assert result["diverged"] == {"step": 2, "loss": None, "grad_norm": None}
+    assert result["max_steps"] == 50
+    # checkpoint-2 holds the step that diverged: not the last good one
+    assert result["last_checkpoint"] is None
+    assert "no checkpoint was saved before it" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_logging_and_saving_cadence(tmp_path: Path) -> None:
+    """Logged every 5 steps and saved every 3: a --resume without them went on every 10
+    (the Trainer warned that the checkpoint's logging_steps differ), and without
+    --save-steps saved each epoch."""
+    run = tmp_path / "run"
+    run.mkdir()
+    training = {"logging_steps": 5, "save_strategy": "steps", "save_steps": 3}
+    training |= {"save_total_limit": None, "eval_strategy": "no", "eval_steps": None}
+    (run / "applied.json").write_text(json.dumps({"argv": [], "training": training}))
+    base = ["--plan", str(run / "plan.json"), "--data", "d.jsonl", "--out", str(run)]
+    resumed = sft.parse_args([*base, "--resume"])
+    assert (resumed.logging_steps, resumed.save_steps, resumed.save_total_limit) == (5, 3, 0)
+    assert resumed.eval_steps is None
+    again = sft.parse_args([*base, "--resume", "--logging-steps", "2", "--save-total-limit", "4"])
+    assert (again.logging_steps, again.save_steps, again.save_total_limit) == (2, 3, 4)
+    fresh = sft.parse_args(base)  # a new run starts from the defaults
+    assert (fresh.logging_steps, fresh.save_steps, fresh.save_total_limit) == (10, None, 3)
+
+
+def test_checkpoints_are_pruned_to_the_newest_three_unless_told(tmp_path: Path) -> None:
+    kw = sft.training_kwargs(TrainSetup(), opts(tmp_path), False, None, False)
+    assert kw["save_total_limit"] == sft.DEFAULT_SAVE_TOTAL_LIMIT == 3
+    kw = sft.training_kwargs(
+        TrainSetup(), opts(tmp_path, "--save-total-limit", "0"), False, None, False
+    )
+    assert kw["save_total_limit"] is None  # 0 keeps every checkpoint
+    with pytest.raises(BadSetupError, match="--save-total-limit must be 0"):
+        opts(tmp_path, "--save-total-limit", "-1")
+
+
 def test_a_launch_that_diverges_stops_and_says_so(
     tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -579,7 +683,8 @@ def test_a_launch_that_diverges_stops_and_says_so(
     run = tmp_path / "run"
     tinyllm.write_plan(run, model_dir, micro_batch=2, lora_r=8, lora_dropout=0.0)
     argv = ["--plan", str(run / "plan.json"), "--data", str(data), "--out", str(run)]
-    argv += ["--max-steps", "8", "--logging-steps", "1", "--lr", "1e30", "--save-steps", "1000"]
+    # saved each epoch (the default): the epoch's end comes after the stop, and must not save
+    argv += ["--max-steps", "8", "--logging-steps", "1", "--lr", "1e30"]
     assert sft.run(sft.parse_args(argv), sft.StopFlag(), argv) == sft.EXIT_DIVERGED
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "diverged" and result["final"] is None
@@ -652,10 +757,15 @@ def test_inference_refusals(tmp_path: Path, model_dir: Path) -> None:
     from zeroplan.launch import infer
 
     run = tmp_path / "run"
-    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    # the newest by step, not by name ("checkpoint-6" sorts after "checkpoint-11"), and a
+    # finished save (checkpoint-12 was cut short: no trainer_state.json)
+    for step in (5, 6, 11, 12):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        if step != 12:
+            (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     with pytest.raises(NoWeightsError) as exc:
         infer.weights_dir(run)
-    assert "newest checkpoint is" in one_line(exc) and "checkpoint-5" in str(exc.value)
+    assert one_line(exc).endswith(f"the newest checkpoint is {run}/checkpoints/checkpoint-11")
     with pytest.raises(NoWeightsError) as exc:
         infer.merge_adapter(model_dir, tmp_path / "merged")  # full weights: nothing to merge
     assert "not a LoRA adapter" in one_line(exc)

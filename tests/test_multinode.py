@@ -305,7 +305,10 @@ def test_every_node_refuses_a_run_folder_that_holds_an_earlier_run(
     # files after the join, and each node checks before it joins): a fresh folder passes
     assert preflight(node(1), parse_cluster("4xH100")).ok  # type: ignore[arg-type]
     write_files(node(0))  # type: ignore[arg-type]
-    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # the earlier run
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # the earlier run: a step
+    saved = tmp_path / "run" / "checkpoints" / "checkpoint-1"  # and its checkpoint
+    saved.mkdir(parents=True)
+    (saved / "trainer_state.json").write_text("{}")
     for rank in (0, 1):
         errors = preflight(node(rank), parse_cluster("4xH100")).errors  # type: ignore[arg-type]
         assert [type(e).__name__ for e in errors] == ["RunDirExistsError"], rank
@@ -703,8 +706,10 @@ def test_every_node_refuses_an_earlier_run_at_once_instead_of_waiting_for_the_ot
     run (exit 2) while node 1 went on to wait for it for the whole --join-timeout."""
     two_node_plan(tmp_path / "plan", gpus="2x1xH100")
     run, port = tmp_path / "run", free_port()
-    (run / "logs").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text('{"event": "end"}\n')  # what a finished run leaves
+    (run / "checkpoints" / "checkpoint-3").mkdir(parents=True)  # what a finished run leaves
+    (run / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (run / "logs").mkdir()
+    (run / "metrics.jsonl").write_text('{"event": "end"}\n')
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     t0 = time.monotonic()
     one = start_node(tmp_path, data_file, env, 1, port)
@@ -712,7 +717,8 @@ def test_every_node_refuses_an_earlier_run_at_once_instead_of_waiting_for_the_ot
     (code0, err0), (code1, err1) = ended(zero, one, timeout=45)  # not the --join-timeout
     assert time.monotonic() - t0 < 45
     line = (
-        f"zeroplan: error: {run} already holds a run (metrics.jsonl, logs): --resume continues it"
+        f"zeroplan: error: {run} already holds a run (checkpoints/checkpoint-3): --resume "
+        "continues it"
     )
     for code, err in ((code0, err0), (code1, err1)):
         assert code == 2, err

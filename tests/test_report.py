@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -148,7 +150,7 @@ def test_report_without_a_plan_or_samples(run_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[: result.output.rindex("}") + 1])
     assert data["gpus"] == [] and data["ranks"][0]["predicted_allocated_bytes"] is None
-    assert (run_dir / "report.png").exists()
+    assert not (run_dir / "report.png").exists()  # --json alone prints, draws nothing
 
 
 def test_report_with_nothing_recorded_is_a_user_error(
@@ -172,9 +174,107 @@ def test_report_without_matplotlib_names_the_extra(
     assert "pip install 'zeroplan[report]'" in capsys.readouterr().err
 
 
+def test_report_json_alone_needs_no_matplotlib_and_writes_nothing(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = sorted(run_dir.iterdir())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: plain `pip install .`
+    main(["report", str(run_dir), "--json"])
+    assert json.loads(capsys.readouterr().out)["estimator_error"] == 0.15
+    assert sorted(run_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("out", "needle"),
+    [
+        ("", "'-o' / '--out': is empty"),
+        ("r.txt", "r.txt: the report is a PNG picture"),
+        ("FILE/r.png", "is a file, not a folder"),  # its folder is a file
+        ("rr.png", "rr.html: it is a folder"),  # the page's name is taken by a folder
+    ],
+)
+def test_report_to_a_path_it_cannot_write_is_one_line_and_writes_nothing(
+    run_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    out: str,
+    needle: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "rr.html").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir), "-o", out])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zeroplan: error: ") and err.count("\n") == 1 and needle in err
+    assert sorted(tmp_path.rglob("*")) == before  # no PNG, no hidden ./.png, no temporary
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_report_into_a_read_only_run_folder_is_one_line(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", str(run_dir)])
+    finally:
+        run_dir.chmod(0o755)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not writable; give -o a path in a folder you can write" in err
+    assert err.count("\n") == 1
+
+
+def test_report_that_fails_while_writing_leaves_neither_file(
+    run_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from zeroplan.watch import report
+
+    def disk_full(*args: object) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_html", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir), "-o", str(tmp_path / "new" / "rr.png")])
+    assert exit_info.value.code == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the PNG, its temporary and the folder made for it
+
+
 def test_long_runs_are_thinned_for_the_picture_keeping_the_peaks() -> None:
     points = [(float(i), 1.0) for i in range(10_000)]
     points[4321] = (4321.0, 9.0)
     kept = peaks_kept(points, 3000)
     assert len(kept) <= 3000 and (4321.0, 9.0) in kept
     assert peaks_kept(points[:10], 3000) == points[:10]
+
+
+def test_report_says_how_the_run_ended(run_dir: Path) -> None:
+    """`report --json` had no status: a run stopped at step 11 of 300 and one that
+    completed read alike."""
+    assert summarize(load_run(run_dir)).to_json()["status"] == "running"  # nothing says more
+    began = 1767000000.0
+    stop = {"exit_code": 130, "reason": "interrupted", "failed_rank": None, "ranks": {}}
+    record = {"started": began, "ended": began + 300, "result": stop}
+    (run_dir / "launch.json").write_text(json.dumps(record))
+    (run_dir / "result.json").write_text(json.dumps({"status": "interrupted", "global_step": 40}))
+    data = summarize(load_run(run_dir)).to_json()
+    assert (data["status"], data["outcome"]) == ("stopped", "stopped by SIGINT at step 40")
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--no-html"])
+    assert result.exit_code == 0, result.output
+    assert "stopped by SIGINT at step 40 · steps 40/400" in result.output
+
+
+def test_a_resumed_runs_total_steps_are_its_latest_sessions(run_dir: Path) -> None:
+    """Started with --max-steps 400, resumed with --max-steps 600: the report said 400."""
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write("\n" + json.dumps({"t": 1767000400.0, "rank": 0, "step": 41, "total_steps": 600}))
+        f.write("\n")
+    assert summarize(load_run(run_dir)).total_steps == 600

@@ -962,7 +962,10 @@ def test_watching_a_finished_run_writes_nothing_into_it(run_dir: Path, how: str)
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert "not recording: the run has finished (read-only)" in data["notes"]
+    # ranks log `end` however they stop: only launch.json's result says it completed
+    status = "ended" if how == "end events" else "completed"
+    assert data["status"] == status
+    assert any(n.startswith("not recording: the run has ended (") for n in data["notes"])
     assert _snapshot(run_dir) == before  # no samples appended, no .watch.lock
     # a dashboard left running on it does not record either
     out = io.StringIO()
@@ -1027,3 +1030,109 @@ def test_a_resumed_run_is_not_finished_while_it_starts(run_dir: Path) -> None:
     thread.join(timeout=10)
     first = json.loads(out.getvalue().splitlines()[0])
     assert first["training"]["finished"] is False
+
+
+# -- how a run ended: completed, stopped, failed, diverged --------------------------------
+
+
+def _ended_launch(run_dir: Path, result: dict[str, Any], rank0: dict[str, Any] | None) -> None:
+    """launch.json with the launch's result, and rank 0's result.json of that session."""
+    began = time.time() - 30
+    record = {"commands": [], "started": began, "ended": began + 20, "result": result}
+    (run_dir / "launch.json").write_text(json.dumps(record))
+    if rank0 is not None:
+        (run_dir / "result.json").write_text(json.dumps(rank0))
+
+
+def _once(run_dir: Path, *args: str) -> str:
+    result = CliRunner().invoke(cli, ["watch", str(run_dir), "--once", *args, "--fake-gpus", "1"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_stopped_run_reads_as_stopped_not_finished(run_dir: Path) -> None:
+    """Ctrl-C at step 11 of 300: every rank logs `end` on the way out, and watch said
+    "finished"."""
+    _end_every_rank(run_dir)
+    stop = {"exit_code": 130, "reason": "interrupted", "failed_rank": None, "ranks": {}}
+    _ended_launch(run_dir, stop, {"status": "interrupted", "global_step": 41, "signal": "SIGTERM"})
+    data = json.loads(_once(run_dir, "--json"))
+    assert (data["status"], data["outcome"]) == ("stopped", "stopped by SIGINT at step 41")
+    plain = _once(run_dir, "--plain")
+    assert "stopped by SIGINT at step 41" in plain and "finished" not in plain
+    assert "· stopped by SIGINT at step 41" in _once(run_dir)
+
+
+def test_a_failed_run_says_so_and_alerts(run_dir: Path) -> None:
+    """A rank killed with -9: launch.json said exit 1, "rank failed"; watch said "the run
+    has finished", without an alert."""
+    failed = {"exit_code": 1, "reason": "rank failed", "failed_rank": 0, "ranks": {"0": -9}}
+    failed["message"] = "rank 0 failed (killed by SIGKILL) on node0"
+    _ended_launch(run_dir, failed, None)
+    data = json.loads(_once(run_dir, "--json"))
+    assert data["status"] == "failed"
+    (alert,) = [a for a in data["alerts"] if a["kind"] == "run_failed"]
+    assert alert["level"] == "crit"
+    assert alert["message"] == "failed: rank 0 failed (killed by SIGKILL) on node0"
+    assert "ALERT CRIT run: failed: rank 0 failed (killed by SIGKILL)" in _once(run_dir, "--plain")
+    # a rank that failed because the loss diverged: result.json says which step
+    _ended_launch(run_dir, failed, {"status": "diverged", "global_step": 2})
+    assert json.loads(_once(run_dir, "--json"))["outcome"] == "diverged at step 2 (loss not finite)"
+
+
+def test_an_earlier_sessions_result_is_not_this_ones(run_dir: Path) -> None:
+    from zeroplan.watch.runlog import run_state
+
+    (run_dir / "result.json").write_text(json.dumps({"status": "interrupted", "global_step": 9}))
+    old = time.time() - 3600
+    os.utime(run_dir / "result.json", (old, old))  # the stop before this --resume
+    done = {"exit_code": 0, "reason": "done", "failed_rank": None, "ranks": {"0": 0}}
+    _ended_launch(run_dir, done, None)
+    os.utime(run_dir / "result.json", (old, old))
+    state = run_state(run_dir)
+    assert (state.status, state.outcome) == ("completed", "completed")
+
+
+def test_ranks_on_the_cpu_are_not_held_to_the_plans_gpu_numbers(run_dir: Path) -> None:
+    """launch --force without a GPU: watch compared CPU tokens/s with the GPU plan
+    ("plan 10,034 ±34%") where report said "not compared", and showed "- / 14.6" peaks."""
+    (run_dir / "applied.json").write_text(json.dumps({"device": "cpu"}))
+    text = _once(run_dir, "--no-record")
+    assert "(plan 10,034 on GPUs: not compared on the CPU)" in text
+    assert "peak alloc / pred" not in text and " / 15.6" not in text
+    assert json.loads(_once(run_dir, "--json", "--no-record"))["trained_on_cpu"] is True
+
+
+def test_a_plan_folder_is_not_watched_into(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`zeroplan watch PLANFOLDER --once` recorded gpu_samples.jsonl beside the plan."""
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    shutil.copy(RECORDED / "plan.json", folder / "plan.json")
+    (folder / "launch.sh").write_text("#!/bin/sh\n")
+    for command in ("watch", "report"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, str(folder), *(["--once"] if command == "watch" else [])])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"zeroplan: error: {folder} holds a plan, not a run")
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["launch.sh", "plan.json"]
+
+
+def test_a_watched_run_that_ends_says_how(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zeroplan watch RUN` left running while the run ends asks the folder again."""
+    from zeroplan.watch import loop
+
+    monkeypatch.setattr(loop, "STATE_EVERY_S", 0.0)
+    (run_dir / "launch.json").write_text(json.dumps({"commands": []}))  # a live launch
+    collector = loop.open_collector(run_dir, fake_gpus=1, record=False)
+    try:
+        assert collector.collect().status == "running"
+        stop = {"exit_code": 143, "reason": "interrupted", "failed_rank": None, "ranks": {}}
+        _ended_launch(run_dir, stop, None)
+        view = collector.collect()
+    finally:
+        collector.close()
+    assert (view.status, view.outcome) == ("stopped", "stopped by SIGTERM")

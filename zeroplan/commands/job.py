@@ -3,11 +3,13 @@ that plans (``zeroplan plan``, and ``zeroplan launch MODEL`` which plans before 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from zeroplan.commands.params import FINITE, FiniteFloat
 from zeroplan.errors import BadSetupError
 from zeroplan.lengths import OVERLONG
 from zeroplan.models import ModelSpec
@@ -63,8 +65,9 @@ def job_options(fn: F) -> F:
             "--seq-len",
             default=None,
             metavar="N|auto|pNN",
-            help="Tokens per sequence (default 2048). With --data: auto (default: the longest "
-            "record), a percentile such as p99 (longer records follow --overlong), or N.",
+            help="Tokens per sequence (default 2048, or the model's context window where "
+            "shorter). With --data: auto (default: the longest record), a percentile such as "
+            "p99 (longer records follow --overlong), or N.",
         ),
         click.option(
             "--global-batch",
@@ -84,7 +87,7 @@ def job_options(fn: F) -> F:
         ),
         click.option(
             "--lora-dropout",
-            type=click.FloatRange(min=0, max=1, max_open=True),
+            type=FiniteFloat(min=0, max=1, max_open=True),
             default=TrainSetup.lora_dropout,
             show_default=True,
             help="LoRA dropout. 0 (PEFT's, LLaMA-Factory's, axolotl's and Unsloth's default) "
@@ -122,7 +125,7 @@ def link_options(fn: F) -> F:
         ),
         click.option(
             "--inter-node-gbs",
-            type=float,
+            type=FINITE,
             default=None,
             metavar="GB/S",
             help="Network bandwidth between nodes per GPU, GB/s (default 12.5: 100 Gb/s "
@@ -141,6 +144,46 @@ def link_options(fn: F) -> F:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+# the keyword arguments kernel_options adds to a command
+KERNEL_OPTIONS = ("no_fused_loss", "no_liger", "no_fused_lora")
+
+
+def kernel_options(fn: F) -> F:
+    """--no-fused-loss, --no-liger, --no-fused-lora: what the planner may not choose (plan,
+    and launch MODEL, which plans: the advice a refusal gives must work on both)."""
+    options = [
+        click.option(
+            "--no-fused-loss",
+            is_flag=True,
+            help="Leave out Liger's fused loss (launching it needs pip install 'zeroplan[fused]').",
+        ),
+        click.option(
+            "--no-liger",
+            is_flag=True,
+            help="Leave out Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels (launching them needs "
+            "pip install liger-kernel and a CUDA GPU); the plan then keeps the model's own modules.",
+        ),
+        click.option(
+            "--no-fused-lora",
+            is_flag=True,
+            help="Plan PEFT's own LoRA layers instead of zeroplan launch's fused LoRA linears "
+            "(same memory; the fused ones skip PEFT's passes over each output).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def kernel_request(no_fused_loss: bool, no_liger: bool, no_fused_lora: bool) -> dict[str, bool]:
+    """kernel_options as ``PlanRequest`` fields."""
+    return {
+        "allow_fused_loss": not no_fused_loss,
+        "allow_kernels": not no_liger,
+        "allow_fused_lora": not no_fused_lora,
+    }
 
 
 def data_options(fn: F) -> F:
@@ -214,9 +257,7 @@ def overlong_option() -> Callable[[F], F]:
 
 
 def epochs_option(help: str) -> Callable[[F], F]:
-    return click.option(
-        "--epochs", type=click.FloatRange(min=0, min_open=True), default=None, help=help
-    )
+    return click.option("--epochs", type=FiniteFloat(min=0, min_open=True), default=None, help=help)
 
 
 def job_request(
@@ -263,20 +304,27 @@ def with_data(
     progress: Callable[[str], None] | None = None,
     prompt: PromptFormat | None = None,
 ) -> dict[str, Any]:
-    """``request`` with its sequence length resolved: a number as given (2048 by default);
-    with a data file, from the data's token lengths (``auto``: the longest record; ``pNN``),
-    and the data's fit at that length (``data``) and ``epochs`` added. ``prompt``: how a
-    recipe's trainer writes the records (zeroplan.prompts), where not the chat template."""
+    """``request`` with its sequence length resolved: a number as given (by default 2048, or
+    the model's shorter context window, which ``notes`` then says); with a data file, from
+    the data's token lengths (``auto``: the longest record; ``pNN``), and the data's fit at
+    that length (``data``) and ``epochs`` added. ``prompt``: how a recipe's trainer writes
+    the records (zeroplan.prompts), where not the chat template."""
     raw = request.get("seq_len")
     out = dict(request)
-    if raw is not None and str(raw).strip().isdigit():
-        spec.check_seq_len(int(raw))  # before any tokenizing: past the window is refused
+    number = seq_len_number(raw)
+    if number is not None:
+        # before any tokenizing: too short, or past the window, is refused
+        spec.check_seq_len(check_seq_len(number))
     if data is None:
-        if raw is not None and not str(raw).strip().isdigit():
+        if raw is not None and number is None:
             raise BadSetupError(
                 f"--seq-len {raw}: auto and percentiles need --data; give a number of tokens"
             )
-        out["seq_len"] = check_seq_len(int(raw) if raw is not None else DEFAULT_SEQ_LEN)
+        if number is None:
+            number, note = default_seq_len(spec)
+            if note is not None:
+                out["notes"] = (note,)
+        out["seq_len"] = number
         return out
     from zeroplan.datatokens import profile_data
     from zeroplan.lengths import fit_to_cap, resolve_cap
@@ -292,12 +340,35 @@ def with_data(
         progress=progress,
         prompt=prompt,
     )
-    cap, reason = resolve_cap(profile, raw, spec.max_position_embeddings)
+    window = spec.max_position_embeddings
+    cap, reason = resolve_cap(profile, raw, window)
     out["seq_len"] = check_seq_len(cap)
-    out["data"] = fit_to_cap(profile, cap, overlong or "drop", reason)
+    out["data"] = fit_to_cap(profile, cap, overlong or "drop", reason, window)
     if epochs is not None:
         out["epochs"] = epochs
     return out
+
+
+def seq_len_number(raw: str | int | None) -> int | None:
+    """--seq-len as a number of tokens (signed, so that -1 is told it is below 1 rather
+    than that it is not auto); None for auto, a percentile, or none given."""
+    if isinstance(raw, int):
+        return raw
+    if raw is not None and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        return int(raw)
+    return None
+
+
+def default_seq_len(spec: ModelSpec) -> tuple[int, str | None]:
+    """The sequence length when --seq-len is not given: 2048 tokens, or the model's context
+    window where that is shorter (a default must not be refused), with a note saying so."""
+    window = spec.max_position_embeddings
+    if window is None or window >= DEFAULT_SEQ_LEN:
+        return DEFAULT_SEQ_LEN, None
+    return window, (
+        f"sequences of {window:,} tokens, {spec.name}'s context window: --seq-len's default "
+        f"of {DEFAULT_SEQ_LEN:,} is longer (give --seq-len to choose)"
+    )
 
 
 def check_seq_len(n: int) -> int:
@@ -354,6 +425,38 @@ def given(name: str) -> bool:
     return source not in (None, click.core.ParameterSource.DEFAULT)
 
 
+# The options that describe LoRA adapters, of the commands that have them: given beside
+# --method full (which has none) each is refused, as TrainSetup refuses --fused-lora there,
+# rather than dropped without a word. A flag turned off (--no-lora-bf16) asks for nothing.
+ADAPTER_OPTIONS = (
+    "lora_r",
+    "lora_targets",
+    "lora_dropout",
+    "lora_bf16",
+    "lora_kernels",
+    "upcast_non_quantized",
+)
+
+
+def refuse_adapter_options(method: str) -> None:
+    """Refuse a LoRA option given on the command line that ``method`` has no use for: any
+    of them with full fine-tuning, --upcast-non-quantized without a 4-bit base (qlora)."""
+    params = click.get_current_context().params
+    for name in ADAPTER_OPTIONS:
+        if not given(name) or params.get(name) is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "upcast_non_quantized" and method in ("lora", "full"):
+            raise BadSetupError(
+                f"{flag} models QLoRA's fp32 upcast of the weights left unquantized, and "
+                f"--method {method} quantizes none; drop it, or use --method qlora"
+            )
+        if method == "full":
+            raise BadSetupError(
+                f"{flag}: full fine-tuning has no adapters; drop it, or use --method lora"
+            )
+
+
 def recipe_over(
     recipe_setup: dict[str, Any], options: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -374,15 +477,17 @@ def recipe_answer(
     recipe: Recipe, overridden: dict[str, str], values: dict[str, Any]
 ) -> dict[str, Any]:
     """The ``recipe`` section of a --json answer: the mapping, an overridden setting with
-    the option's value and the recipe's beside it."""
+    the option's value and the recipe's beside it (MODEL's row: read_recipe's)."""
     out: dict[str, Any] = recipe.to_json()
-    out["overridden"] = overridden
+    out["overridden"] = dict(overridden)
     for row in out["mapping"]:
         if row["setting"] in overridden:
             was = row["value"]
             row["value"] = values[row["setting"]]
             row["source"] = f"{overridden[row['setting']]} (the recipe's: {was})"
             row["key"] = ""
+    if recipe.model_override is not None:
+        out["overridden"]["model"] = "MODEL"
     return out
 
 
@@ -398,11 +503,13 @@ def recipe_job(
         "method": setup["method"],
         "seq_len": str(setup["seq_len"]),
         "global_batch": recipe.global_batch_per_gpu * world_size,
-        "lora_r": setup["lora_r"],
-        "lora_targets": ",".join(setup["lora_targets"]),
-        "lora_dropout": setup["lora_dropout"],
         "precision": setup["precision"] or None,
     }
+    if setup["method"] != "full":
+        # a full fine-tuning recipe has no adapter: the LoRA options keep their own values
+        from_recipe["lora_r"] = setup["lora_r"]
+        from_recipe["lora_targets"] = ",".join(setup["lora_targets"])
+        from_recipe["lora_dropout"] = setup["lora_dropout"]
     merged, overridden = recipe_over(from_recipe, job)
     if not given("method") and setup["method"] == "lora":
         merged["no_quantization"] = True  # 4-bit only when the plan may choose (--method auto)

@@ -15,21 +15,26 @@ import click
 
 from zeroplan.commands.job import (
     JOB_OPTIONS,
+    KERNEL_OPTIONS,
     LINK_OPTIONS,
     epochs_option,
     format_option,
     job_options,
     job_request,
+    kernel_options,
+    kernel_request,
     link_options,
     overlong_option,
     recipe_answer,
     recipe_job,
     recipe_options_with,
+    refuse_adapter_options,
     system_prompt_option,
     tokenizer_option,
     with_data,
 )
 from zeroplan.commands.job import say as _say
+from zeroplan.commands.params import FiniteFloat, OutPath
 from zeroplan.launch.kernels import KERNELS
 from zeroplan.launch.runner import LAUNCHERS, TrainOptions
 from zeroplan.launch.trackers import TRACKERS
@@ -65,7 +70,7 @@ def _slug(name: str) -> str:
     "-o",
     "--out",
     "run_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutPath(file_okay=False),
     default=None,
     help="Run folder: plan, logs, metrics, checkpoints. Default: runs/MODEL-DATE-TIME "
     "(with --resume and a run folder as MODEL_OR_PLAN: that folder).",
@@ -113,7 +118,7 @@ def _slug(name: str) -> str:
 )
 @click.option(
     "--join-timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=300.0,
     show_default=True,
     help="Several nodes: seconds to wait for the others to join in RUN_DIR and for the "
@@ -125,7 +130,12 @@ def _slug(name: str) -> str:
     default=None,
     help="Default: deepspeed when the plan uses ZeRO and DeepSpeed is installed, else torchrun.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the run folder's newest checkpoint, with the limits, logging and "
+    "saving it was started with unless given again.",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -149,11 +159,11 @@ def _slug(name: str) -> str:
     help="Stop after this many optimizer steps.",
 )
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."
+    "--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Peak learning rate."
 )
 @click.option(
     "--eval-fraction",
-    type=click.FloatRange(min=0, max=1, max_open=True),
+    type=FiniteFloat(min=0, max=1, max_open=True),
     default=None,
     help="Share of the records held out for evaluation.",
 )
@@ -199,6 +209,15 @@ def _slug(name: str) -> str:
     "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."
 )
 @click.option(
+    "--save-total-limit",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Keep the newest N checkpoints, deleting older ones (default 3; 0 keeps all). The "
+    "Trainer deletes one only after a newer save is complete, so --resume always finds one, "
+    "and the older two are there to go back to if the newest turns out bad.",
+)
+@click.option(
     "--logging-steps",
     type=click.IntRange(min=1),
     default=None,
@@ -224,16 +243,17 @@ def _slug(name: str) -> str:
 )
 @job_options
 @link_options
+@kernel_options
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=30.0,
     show_default=True,
     help="Seconds the ranks get after SIGTERM to save and exit before SIGKILL.",
 )
 @click.option(
     "--progress-every",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloat(min=0.1),
     default=10.0,
     show_default=True,
     help="Seconds between plain progress lines.",
@@ -274,6 +294,7 @@ def launch(
     kernels: str | None,
     compile_layers: bool | None,
     save_steps: int | None,
+    save_total_limit: int | None,
     logging_steps: int | None,
     report_to: str,
     weights: str | None,
@@ -306,9 +327,11 @@ def launch(
     recipe's model, method, LoRA settings, sequence length and global batch are the job,
     planned as `zeroplan plan --recipe` does (options beside it override it; its learning
     rate, epochs and data are not read: give --lr, --epochs, --data). Before anything starts, it
-    checks the data file, the model folder's tokenizer, the packages, the GPUs present and
-    the estimate on them (a predicted out-of-memory is refused with the planner's fix unless
-    --force), and that ssh reaches every hostfile host and sees RUN_DIR there.
+    checks the data file (its records, read and rendered as `zeroplan plan --data` does), the
+    run folder (a run there needs --resume; --resume needs a checkpoint, the run's plan and
+    something left to train), the model folder's tokenizer, the packages, the GPUs present
+    and the estimate on them (a predicted out-of-memory is refused with the planner's fix
+    unless --force), and that ssh reaches every hostfile host and sees RUN_DIR there.
 
     Several nodes (--hostfile, --nnodes or SLURM) need the same Python environment and
     working directory on each, and RUN_DIR on a filesystem they all share: with --nnodes
@@ -349,9 +372,12 @@ def launch(
             "inter_node_gbs": inter_node_gbs,
             "cpu_cores_per_node": cpu_cores_per_node,
         }
+        # what the planner may choose, as zeroplan plan's --no-liger etc. say
+        switches = kernel_request(**{k: job.pop(k) for k in KERNEL_OPTIONS})
         resolved = _resolve_plan(
             model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
             links, rdv, (recipe_path, recipe_format) if recipe_path is not None else None,
+            switches,
         )  # fmt: skip
         run_dir = _run_dir(run_dir, resume, plan_path, resolved.plan, rdv)
         # 2. prepare: the run folder's files, the ranks' commands and environment, and the
@@ -366,6 +392,7 @@ def launch(
             data_format=data_format,
             system_prompt=system_prompt,
             save_steps=save_steps,
+            save_total_limit=save_total_limit,
             logging_steps=logging_steps,
             batching=batching,
             packed_attention=packed_attention,
@@ -378,7 +405,9 @@ def launch(
             filtered=bool(include or exclude), grace=grace, rdv=rdv,
         )  # fmt: skip
         # 3. preflight: every check before anything starts (a dry run shows them all)
-        checks = preflight(the_launch, resolved.present, force=force, hosts=not dry_run)
+        checks = preflight(
+            the_launch, resolved.present, force=force, hosts=not dry_run, dry_run=dry_run
+        )
         if dry_run:
             _render_dry_run(the_launch, checks, resolved.present, resolved.recipe)
             if checks.errors:  # everything was shown; the status says a real launch would stop
@@ -414,6 +443,7 @@ class Resolved:
     nodes: tuple[Node, ...]
     present: Cluster | None
     recipe: dict[str, Any] | None = None
+    source: Path | None = None  # the plan.json read; None: planned here
 
 
 def _rendezvous(
@@ -455,7 +485,7 @@ def _plan_file(model_or_plan: str, ctx: click.Context) -> Path | None:
         return None
     given = [
         ("--p2p/--no-p2p" if p == "p2p" else "--" + p.replace("_", "-"))
-        for p in (*JOB_OPTIONS, *LINK_OPTIONS)
+        for p in (*JOB_OPTIONS, *LINK_OPTIONS, *KERNEL_OPTIONS)
         if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT
     ]
     if given:
@@ -500,20 +530,22 @@ def _resolve_plan(
     links: dict[str, Any] | None = None,
     rdv: Rendezvous | None = None,
     recipe: tuple[str, str] | None = None,
+    switches: dict[str, bool] | None = None,
 ) -> Resolved:
     """The plan to launch, from where MODEL_OR_PLAN says: a plan.json (``plan_path``), or a
     model planned here for the job the options describe; or, with ``recipe`` (--recipe FILE,
-    --recipe-format), the recipe's job planned here."""
+    --recipe-format), the recipe's job planned here. ``switches``: kernel_request's."""
     from zeroplan.hardware import local_cluster
 
     present = local_cluster()
     if plan_path is not None:
         return _from_plan_file(plan_path, gpus, hostfile, include, exclude, weights, present, rdv)
     cluster, nodes = _cluster_here(gpus, hostfile, include, exclude, present, links, rdv)
+    switches = switches or {}
     if recipe is not None:
-        return _from_recipe(*recipe, cluster, nodes, weights, job, data_job, present)
+        return _from_recipe(*recipe, cluster, nodes, weights, job, data_job, present, switches)
     assert model_or_plan is not None  # launch() asked for one of the two
-    return _planned_here(model_or_plan, cluster, nodes, weights, job, data_job, present)
+    return _planned_here(model_or_plan, cluster, nodes, weights, job, data_job, present, switches)
 
 
 def _from_plan_file(
@@ -556,7 +588,7 @@ def _from_plan_file(
         model = local_model(weights, plan_path.parent) or weights
     else:
         model = model_location(plan, near=plan_path.parent)
-    return Resolved(plan, model, nodes, present)
+    return Resolved(plan, model, nodes, present, source=plan_path)
 
 
 def _cluster_here(
@@ -573,10 +605,10 @@ def _cluster_here(
     from zeroplan.api import DEFAULT_GPUS
     from zeroplan.errors import BadClusterSpecError
     from zeroplan.hardware import Cluster, parse_cluster, usable_cpu_cores, with_links
-    from zeroplan.launch.runner import gpu_count, resolve_nodes
+    from zeroplan.launch.runner import gpu_count, is_gpu_count, resolve_nodes
 
     spec_gpu = None
-    if gpus is not None and not gpus.strip().isdigit():
+    if gpus is not None and not is_gpu_count(gpus):
         spec_gpu = parse_cluster(gpus).gpu
     count = gpu_count(gpus) if gpus else (present.gpus_per_node if present else 1)
     nodes = resolve_nodes(
@@ -612,13 +644,15 @@ def _planned_here(
     job: dict[str, Any],
     data_job: dict[str, Any],
     present: Cluster | None,
+    switches: dict[str, bool],
 ) -> Resolved:
     """A model, planned as zeroplan plan does, for the job the options describe and the
     data's token lengths."""
     from zeroplan.models import load_model
 
     spec = load_model(model)
-    plan = _plan_job(spec, cluster, job_request(**job), data_job)
+    refuse_adapter_options(str(job["method"]))
+    plan = _plan_job(spec, cluster, job_request(**job), data_job, switches)
     return Resolved(plan, _weights_or_plans(weights, plan), nodes, present)
 
 
@@ -631,6 +665,7 @@ def _from_recipe(
     job: dict[str, Any],
     data_job: dict[str, Any],
     present: Cluster | None,
+    switches: dict[str, bool],
 ) -> Resolved:
     """A trainer's recipe, planned as zeroplan plan --recipe does: its model, and its method,
     LoRA settings, sequence length and global batch as the job (options given override
@@ -639,7 +674,9 @@ def _from_recipe(
 
     recipe, spec = read_recipe(path, fmt)
     job, overridden, extra = recipe_job(recipe, job, cluster.world_size)
-    plan = _plan_job(spec, cluster, job_request(**job), data_job, extra)
+    refuse_adapter_options(str(job["method"]))
+    # the recipe's own kernel choice over the options' (as zeroplan plan --recipe)
+    plan = _plan_job(spec, cluster, job_request(**job), data_job, {**switches, **extra})
     answer = recipe_answer(recipe, overridden, job)
     return Resolved(plan, _weights_or_plans(weights, plan), nodes, present, answer)
 
@@ -739,16 +776,19 @@ def _prepare(
         filtered=filtered,
         grace_s=grace,
         rendezvous=rdv,
+        source=resolved.source,
     )
 
 
 def _refuse_for_the_others(run_dir: Path, rdv: Rendezvous, exc: ZeroplanError) -> None:
     """Say in RUN_DIR that this node refuses, so that the nodes waiting for it stop at once,
     naming it, instead of at the end of their --join-timeout."""
-    from zeroplan.errors import RunDirExistsError
+    from zeroplan.errors import ResumeError, RunDirExistsError
     from zeroplan.launch import multinode
 
-    multinode.refuse(run_dir, rdv, str(exc), finished_run=isinstance(exc, RunDirExistsError))
+    # what RUN_DIR holds is refused by every node alike (preflight.check_run_dir)
+    alike = isinstance(exc, (RunDirExistsError, ResumeError))
+    multinode.refuse(run_dir, rdv, str(exc), finished_run=alike)
 
 
 def _meet_the_other_nodes(

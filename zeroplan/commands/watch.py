@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from zeroplan.commands.params import OutPath
 from zeroplan.errors import BadWatchOptionError
 
 MIN_INTERVAL_S = 0.1
@@ -164,9 +165,10 @@ def _stdout_open() -> bool:
 @click.option(
     "-o",
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutPath(dir_okay=False),
     default=None,
-    help="Where to write the PNG. Default: RUN_DIR/report.png.",
+    help="Where to write the PNG (a .png path). Default: RUN_DIR/report.png; with --json, "
+    "no picture unless -o is given.",
 )
 @click.option(
     "--html/--no-html", default=True, show_default=True, help="Also write report.html beside it."
@@ -177,22 +179,27 @@ def report(run_dir: Path, out: Path | None, html: bool, as_json: bool) -> None:
     peak, loss, tokens/s, and the table of predicted vs measured peak per GPU.
 
     Reads RUN_DIR/plan.json, metrics.jsonl and gpu_samples.jsonl (recorded by `zeroplan
-    watch` or `zeroplan launch`). Needs matplotlib: pip install 'zeroplan[report]'.
+    watch` or `zeroplan launch`). The picture needs matplotlib: pip install
+    'zeroplan[report]'; --json alone prints the summary and writes nothing.
     """
-    from zeroplan.watch.report import load_run, render_summary, summarize, write_html, write_png
+    from zeroplan.watch.report import (
+        load_run,
+        render_summary,
+        report_paths,
+        summarize,
+        write_report,
+    )
 
     data = load_run(run_dir)
+    # --json is for scripts: it draws (and needs matplotlib) only when -o asks for a picture
+    paths = report_paths(data.run_dir, out, html) if out is not None or not as_json else []
     summary = summarize(data)
-    png = write_png(data, summary, out or data.run_dir / "report.png")
-    written = [png]
-    if html:
-        written.append(
-            write_html(summary, png, png.with_suffix(".html"), f"zeroplan report · {data.run_dir}")
-        )
+    written = write_report(data, summary, paths) if paths else []
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
     else:
         from rich.console import Console
 
         render_summary(summary, Console())
-    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+    if written:
+        click.echo("wrote " + ", ".join(str(p) for p in written), err=True)

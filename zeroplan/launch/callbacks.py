@@ -34,6 +34,8 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if any_rank(self.flag.signalled):
             control.should_save = True
+            # logged before it is saved, so that StopOnDivergence checks these weights
+            control.should_log = True
             control.should_training_stop = True
         return control
 
@@ -43,12 +45,23 @@ class StopOnDivergence(TrainerCallback):
 
     In bf16 and fp32 nothing skips such a step: a non-finite gradient norm makes the
     clipped gradients, then Adam's state and the weights NaN, and every later step trains
-    nothing at full price (issue 29's MoE launch ran 14 NaN steps). The step's weights are
-    not saved (``should_save`` off), so the last checkpoint stays the last good one. Under
-    fp16 the loss scaler skips overflowed steps itself and their norms are inf by design:
-    there only the loss counts, ``fp16_patience`` log lines in a row. The Trainer logs the
-    mean loss over all ranks and the global norm, so every rank stops at the same step
-    without a collective of its own.
+    nothing at full price (issue 29's MoE launch ran 14 NaN steps). Under fp16 the loss
+    scaler skips overflowed steps itself and their norms are inf by design: there only the
+    loss counts, ``fp16_patience`` log lines in a row. The Trainer logs the mean loss over
+    all ranks and the global norm, so every rank stops at the same step without a
+    collective of its own.
+
+    No checkpoint is saved from a step whose weights may be non-finite, so the newest
+    checkpoint stays the last good one:
+
+    * a step that saves also logs (``on_step_end``: the Trainer's flow callback, which
+      runs before every callback given, asked for the save): the Trainer logs before it
+      saves, so the line that finds the divergence comes first and vetoes the save (a
+      save between two log lines would keep weights nobody checked);
+    * once diverged, every later request to save is vetoed: the Trainer ends the epoch
+      after ``should_training_stop``, and its flow callback's ``on_epoch_end`` asks for
+      the epoch's save (``save_strategy="epoch"``, the default without --save-steps):
+      that save kept the NaN weights of the step that diverged as "the last good one".
     """
 
     def __init__(self, fp16: bool, fp16_patience: int = 3) -> None:
@@ -56,6 +69,14 @@ class StopOnDivergence(TrainerCallback):
         self.patience = fp16_patience if fp16 else 1
         self.run = 0  # non-finite log lines in a row
         self.diverged: Divergence | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        return self._veto_or_check(control)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.diverged is not None:
+            control.should_evaluate = False  # the weights are NaN: nothing to evaluate
+        return self._veto_or_check(control)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
@@ -69,7 +90,15 @@ class StopOnDivergence(TrainerCallback):
         if self.run >= self.patience:
             self.diverged = Divergence(int(state.global_step), loss, norm)
             control.should_training_stop = True
+            control.should_save = False  # this step's save comes after this line
+        return control
+
+    def _veto_or_check(self, control: Any) -> Any:
+        """No save once diverged; before then, a save of this step is logged first."""
+        if self.diverged is not None:
             control.should_save = False
+        elif control.should_save:
+            control.should_log = True
         return control
 
 

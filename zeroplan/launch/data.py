@@ -16,7 +16,8 @@ characters overlap an assistant span.
 
 Over-long samples (more than ``max_seq_len`` tokens) are dropped and counted by default;
 ``overlong="truncate"`` keeps their first ``max_seq_len`` tokens instead (a sample left with
-no assistant token is then dropped and counted). The counts are in ``DataSummary``.
+no assistant token is then dropped and counted), and so is a ``text`` record that is empty
+or only whitespace (nothing to learn). The counts are in ``DataSummary``.
 
 Light module: no torch import; the tokenizer is whatever the caller passes (transformers').
 """
@@ -80,7 +81,7 @@ class DataSummary:
     overlong: str  # "drop" | "truncate"
     dropped_too_long: int  # over max_seq_len, dropped (overlong="drop")
     truncated: int  # over max_seq_len, cut to max_seq_len (overlong="truncate")
-    dropped_no_target: int  # no assistant token left to learn from (after truncation)
+    dropped_no_target: int  # nothing to learn: no assistant token (left), or an empty text
     longest_tokens: int  # the longest rendered record, before dropping or truncating
     train_tokens: int  # tokens of the training examples
     train_target_tokens: int  # of which labelled (the loss is taken on these)
@@ -199,6 +200,19 @@ def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
 # --------------------------------------------------------------------------- all together
 
 
+def eval_count(examples: int, eval_fraction: float) -> int:
+    """How many of ``examples`` are held out for evaluation (at least one when asked for
+    any); a BadDataError when that leaves none to train on."""
+    if eval_fraction <= 0:
+        return 0
+    n_eval = max(1, round(examples * eval_fraction))
+    if n_eval >= examples:
+        raise BadDataError(
+            f"--eval-fraction {eval_fraction} of {examples} examples leaves none to train on"
+        )
+    return n_eval
+
+
 def prepare(
     source: str,
     tokenizer: Any,
@@ -230,10 +244,16 @@ def prepare(
     kept_messages: list[list[dict[str, str]]] = []
     too_long = truncated = no_target = longest = 0
     method = "all-tokens"
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, 1):  # numbered from 1 in messages (zeroplan.records)
         msgs: list[dict[str, str]] = []
         if fmt == "text":
-            ids, labels = encode_text(tokenizer, text_of(rec, i))
+            text = text_of(rec, i)
+            if not text.strip():
+                # nothing to learn: an empty document is EOS alone, whose one token no
+                # position predicts; a micro-batch of them has a loss of 0/0, NaN
+                no_target += 1
+                continue
+            ids, labels = encode_text(tokenizer, text)
         else:
             msgs = to_messages(rec, fmt, i, system)
             ids, labels, method = encode_messages(tokenizer, msgs, i)
@@ -253,17 +273,12 @@ def prepare(
     if not examples:
         raise BadDataError(
             f"no record of {source} is left to train on: {too_long} longer than {max_seq_len} "
-            f"tokens (dropped), {no_target} without an assistant token; raise the plan's "
-            "--seq-len or use --overlong truncate"
+            f"tokens (dropped), {no_target} with nothing to learn (no assistant token, or an "
+            "empty text); raise the plan's --seq-len, use --overlong truncate, or fix the records"
         )
     order = list(range(len(examples)))
-    n_eval = 0
-    if eval_fraction > 0:
-        n_eval = max(1, round(len(examples) * eval_fraction))
-        if n_eval >= len(examples):
-            raise BadDataError(
-                f"--eval-fraction {eval_fraction} of {len(examples)} examples leaves none to train on"
-            )
+    n_eval = eval_count(len(examples), eval_fraction)
+    if n_eval:
         random.Random(seed).shuffle(order)
     eval_idx = sorted(order[:n_eval])
     train_idx = sorted(order[n_eval:])

@@ -2,9 +2,14 @@
 
 Each failure is one ZeroplanError (one line in the CLI, exit status 2):
 
-* the run folder already holds a run and --resume was not given (RunDirExistsError; on
-  every node of a run of several, so that they all refuse it alike);
-* the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks);
+* the run folder already holds a run (a checkpoint, final weights, trained steps) and
+  --resume was not given, or is another plan's folder (RunDirExistsError; on every node of
+  a run of several, so that they all refuse it alike);
+* --resume where the run folder holds no checkpoint, was trained with a plan that differs
+  in what the run keeps, or completed what the limits ask (ResumeError);
+* the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks),
+  or holds nothing the ranks could train on: read and rendered as ``zeroplan plan --data``
+  does, kept at the plan's sequence length (BadDataError, ChatTemplateError);
 * a local model folder has no tokenizer files (TokenizerNotFoundError);
 * a package the plan or the launcher needs is missing (MissingDependencyError), or the
   --report-to tracker's package, or its login (TrackerLoginError);
@@ -29,42 +34,47 @@ launch raises the first.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import secrets
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from zeroplan.errors import (
+    BadDataError,
     DataNotFoundError,
     GPUCountError,
     HostUnreachableError,
     MissingDependencyError,
     NoGPUError,
     PredictedOOMError,
+    ResumeError,
     RunDirExistsError,
     RunDirNotSharedError,
     TokenizerNotFoundError,
     ZeroplanError,
 )
 from zeroplan.hardware import Cluster
+from zeroplan.launch import envcheck
 from zeroplan.launch.multinode import check_rendezvous
 from zeroplan.launch.runner import (
-    LOG_DIR,
     SSH_OPTIONS,
     Launch,
     Node,
     plan_cluster,
     plan_here,
+    read_plan,
+    setup_of,
 )
 from zeroplan.launch.trackers import check_tracker
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
+from zeroplan.planfiles import model_name
 from zeroplan.trainsetup import TrainSetup, cpu_refusal
-from zeroplan.watch.runlog import METRICS_FILE
+from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE, read_jsonl
 
 # Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -87,25 +97,158 @@ class Preflight:
             raise self.errors[0]
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume or not run_dir.is_dir():
-        return
-    held = [name for name in (METRICS_FILE, LOG_DIR) if (run_dir / name).exists()] + sorted(
-        p.name for p in run_dir.glob("checkpoint*")
-    )[:1]
-    if held:
-        raise RunDirExistsError(
-            f"{run_dir} already holds a run ({', '.join(held)}): --resume continues it, "
-            "-o NEW_DIR starts another"
+def check_run_dir(launch: Launch) -> str | None:
+    """RUN_DIR can take this launch; with --resume, the note that says where it resumes.
+
+    Without --resume RUN_DIR is refused where an earlier run left something to keep
+    (:func:`earlier_run`), and where it is another plan's folder (``zeroplan plan -o``'s
+    plan.json, no launch record): the launch would replace that plan. A plan folder's own
+    plan launched into it replaces nothing (the run then lives beside its plan), and a
+    folder an earlier launch left without a step or a save (stopped or failed before it
+    trained) takes the launch again: nothing there is lost. --resume: :func:`check_resume`.
+    """
+    run_dir = launch.run_dir
+    if launch.resume:
+        return check_resume(launch)
+    if not run_dir.is_dir():
+        return None
+    held = earlier_run(run_dir)
+    if held is not None:
+        from zeroplan.launch.sft import last_checkpoint
+
+        fix = (
+            "--resume continues it, -o NEW_DIR starts another"
+            if last_checkpoint(run_dir) is not None
+            else "-o NEW_DIR starts another (or delete the folder to start again there)"
         )
+        raise RunDirExistsError(f"{run_dir} already holds a run ({held}): {fix}")
+    plan = run_dir / PLAN_FILE
+    own = launch.source is not None and launch.source.resolve() == plan.resolve()
+    if plan.is_file() and not (run_dir / LAUNCH_FILE).is_file() and not own:
+        raise RunDirExistsError(
+            f"{run_dir} holds another plan (its plan.json, from zeroplan plan -o), which this "
+            f"launch would replace: give the run its own folder (-o NEW_DIR), or launch that "
+            f"plan (zeroplan launch {run_dir} --data ...)"
+        )
+    return None
 
 
-def check_data(data: str) -> str | None:
-    """None when ``data`` is a file; a note when it is a Hub data set id (not checked here)."""
+def earlier_run(run_dir: Path) -> str | None:
+    """What an earlier run left in ``run_dir`` that a new one must neither mix with nor
+    replace, as a phrase: its newest checkpoint, its final weights, or the steps it logged;
+    None where it left none of them. (Its plan.json, launch.json, logs and GPU samples are
+    replaced or appended to by the next launch: they describe a session, not a run.)"""
+    from zeroplan.launch.sft import CHECKPOINTS, FINAL, last_checkpoint
+
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is not None:
+        return f"{CHECKPOINTS}/{ckpt.name}"
+    if (run_dir / FINAL).is_dir():
+        return f"{FINAL}/"
+    if any(rec.get("event", "train") == "train" for rec in read_jsonl(run_dir / METRICS_FILE)):
+        return f"the steps logged in {METRICS_FILE}, without a checkpoint"
+    return None
+
+
+def check_resume(launch: Launch) -> str:
+    """--resume: RUN_DIR holds a checkpoint, was trained with this launch's plan (as far as
+    :data:`STATE_FIELDS` go) and has something left to train; the note naming the
+    checkpoint. Each is refused here, before a rank starts and writes into the folder."""
+    from zeroplan.launch import sft
+
+    run_dir = launch.run_dir
+    if not run_dir.is_dir():
+        raise ResumeError(
+            f"--resume: {run_dir} does not exist, so there is no run to continue; start one "
+            "without --resume"
+        )
+    ckpt = sft.last_checkpoint(run_dir)
+    if ckpt is None:
+        held = earlier_run(run_dir)
+        raise ResumeError(
+            f"--resume: {run_dir} holds no checkpoint to continue from ({held}); -o NEW_DIR "
+            "starts another run (or delete the folder to start again there)"
+            if held
+            else f"--resume: {run_dir} holds no checkpoint to continue from (its launch "
+            "stopped before it saved one): start it again without --resume, the same -o"
+        )
+    if (run_dir / PLAN_FILE).is_file():
+        differ = plan_differences(read_plan(run_dir / PLAN_FILE), launch.plan)
+        if differ:
+            raise ResumeError(
+                f"--resume: {run_dir} was trained with another plan ({'; '.join(differ)}): "
+                f"resume it with its own (zeroplan launch {run_dir} --resume --data ...), or "
+                "give this plan a new folder (-o NEW_DIR)"
+            )
+    train = launch.train
+    epochs, max_steps = sft.resume_limits(run_dir, train.epochs, train.max_steps)
+    done = sft.completed_step(run_dir, max_steps, 1.0 if epochs is None else epochs)
+    if done is not None:
+        raise ResumeError(
+            f"nothing to resume: {run_dir} completed at step {done} (weights in "
+            f"{run_dir / sft.FINAL}); pass a larger --max-steps or --epochs to train on"
+        )
+    return f"resuming from {ckpt} (step {sft.checkpoint_step(ckpt)})"
+
+
+# What a resumed run keeps from the plan it started with, besides the model: what its
+# checkpoint holds (the adapter's shape, the optimizer's state, DeepSpeed's layout) and what
+# its batches are (their shape and order: the Trainer skips the batches it already trained
+# by count), and the arithmetic of its steps (precision, dropout). The rest of a setup only
+# changes how fast a step runs (activation checkpointing, attention, kernels, the fused
+# loss and LoRA linears, buckets), and the rest of a plan describes it (predictions,
+# alternatives, the request, the data's profile, notes): a plan that differs there resumes.
+STATE_FIELDS = (
+    "method",
+    "lora_r",
+    "lora_targets",
+    "lora_dropout",
+    "seq_len",
+    "micro_batch",
+    "grad_accum",
+    "zero",
+    "offload",
+    "optim",
+    "precision",
+    "autocast",
+    "lora_bf16",
+)
+
+
+def plan_differences(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """How ``now`` differs from ``before`` in what a resumed run keeps (:data:`STATE_FIELDS`
+    and the model), as ``lora_r 16 there, 4 here`` phrases; empty when it may resume."""
+    was, new = model_name(before), model_name(now)
+    differ = [f"model {was} there, {new} here"] if was != new else []
+    a, b = setup_of(before), setup_of(now)
+    for name in STATE_FIELDS:
+        there, here = getattr(a, name), getattr(b, name)
+        if there != here:
+            differ.append(f"{name} {_shown(there)} there, {_shown(here)} here")
+    return differ
+
+
+def _shown(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def check_data(launch: Launch) -> str | None:
+    """The data file holds records the ranks can train on; a note where that cannot be
+    told here (a Hub data set, or no tokenizer on this machine).
+
+    The records are read and rendered as ``zeroplan plan --data`` reads them
+    (:func:`zeroplan.datatokens.profile_data`: the model's tokenizer and chat template,
+    the launch's --format and --system-prompt; cached by the file's bytes, so a file the
+    plan read is not tokenized again), then kept at the plan's sequence length as the
+    ranks keep them (:func:`zeroplan.lengths.fit_to_cap`, --overlong, --eval-fraction).
+    Whatever a rank would stop on (a file that is not JSON, a wrong suffix, no records,
+    a record without its format's fields or an assistant message, nothing left to train
+    on) is refused here, before a rank starts and writes into RUN_DIR."""
     from zeroplan.launch.data import data_exists, looks_like_hub_id
 
+    data = launch.data
     if data_exists(data):
-        return None
+        return check_records(launch)
     if Path(data).expanduser().is_dir():
         raise DataNotFoundError(f"--data {data} is a folder: give a .json, .jsonl or .parquet file")
     if looks_like_hub_id(data):
@@ -114,6 +257,53 @@ def check_data(data: str) -> str | None:
         f"data file {data} does not exist; pass --data a .json, .jsonl or .parquet file "
         "(or a Hub data set id)"
     )
+
+
+def check_records(launch: Launch) -> str | None:
+    """:func:`check_data` for a local file."""
+    from zeroplan.datatokens import profile_data
+    from zeroplan.errors import MissingExtraError
+    from zeroplan.launch.data import eval_count
+    from zeroplan.lengths import fit_to_cap
+
+    train = launch.train
+    fmt, system = train.data_format or "auto", train.system_prompt
+    name = str(launch.plan.get("model") or "")
+    hub_id = name if name.count("/") == 1 else None
+    try:
+        profile, _ = profile_data(launch.data, launch.model, hub_id, fmt=fmt, system=system)
+    except (TokenizerNotFoundError, MissingExtraError) as exc:
+        # the records are still read; the ranks load the tokenizer and count the tokens
+        read_as_training_does(launch.data, fmt, system)
+        why = (
+            f"no tokenizer for {launch.model} here"
+            if isinstance(exc, TokenizerNotFoundError)
+            else str(exc)
+        )
+        return f"--data {launch.data}: records read, their token lengths left to the ranks ({why})"
+    fit = fit_to_cap(profile, launch.setup.seq_len, train.overlong or "drop")
+    eval_count(fit.kept, train.eval_fraction or 0.0)
+    return None
+
+
+def read_as_training_does(data: str, fmt: str, system: str | None) -> None:
+    """Read ``data``'s records and turn each into what training renders (messages, or
+    its text) with zeroplan.records' functions: every refusal of a record, no tokens."""
+    from zeroplan.records import detect_format, read_records, text_of, to_messages
+
+    records = read_records(data)
+    fmt = detect_format(records[0]) if fmt == "auto" else fmt
+    texts = 0
+    for i, rec in enumerate(records, 1):
+        if fmt == "text":
+            texts += bool(text_of(rec, i).strip())
+        else:
+            to_messages(rec, fmt, i, system)
+    if fmt == "text" and not texts:
+        raise BadDataError(
+            f"all {len(records)} records of {data} are empty texts, with nothing to learn: "
+            "give records with text"
+        )
 
 
 def check_tokenizer(model: str) -> None:
@@ -130,7 +320,8 @@ def check_tokenizer(model: str) -> None:
 
 def needed_packages(setup: TrainSetup, launcher: str) -> dict[str, str]:
     """module -> why the run needs it."""
-    need = {"torch": "every rank runs PyTorch"}
+    # each reason is the subject of check_packages' "<why> needs <package>"
+    need = {"torch": "training (every rank runs PyTorch)"}
     if launcher == "deepspeed" or setup.zero is not None:
         need["deepspeed"] = (
             "the deepspeed launcher" if launcher == "deepspeed" else f"ZeRO-{setup.zero}"
@@ -146,16 +337,12 @@ def needed_packages(setup: TrainSetup, launcher: str) -> dict[str, str]:
 
 def check_packages(setup: TrainSetup, launcher: str, nodes: tuple[Node, ...]) -> None:
     for module, why in needed_packages(setup, launcher).items():
-        if importlib.util.find_spec(module) is None:
-            package = module.replace("_", "-")
-            if module == "liger_kernel":
-                raise MissingDependencyError(
-                    f"{why} needs liger-kernel, which is not installed here: "
-                    "pip install 'zeroplan[fused]', or re-plan with zeroplan plan --no-fused-loss"
-                )
+        if module == "liger_kernel" and not envcheck.installed(module):
             raise MissingDependencyError(
-                f"{why} needs {package}, which is not installed here: pip install 'zeroplan[train]'"
+                f"{why} needs liger-kernel, which is not installed here: "
+                "pip install 'zeroplan[fused]', or re-plan with zeroplan plan --no-fused-loss"
             )
+        envcheck.require(module, why)
     remote = [n for n in nodes if not n.local]
     if remote and shutil.which("ssh") is None:
         raise MissingDependencyError("ssh is not installed: other nodes are started over ssh")
@@ -365,8 +552,10 @@ def preflight(
     *,
     force: bool = False,
     hosts: bool = True,
+    dry_run: bool = False,
 ) -> Preflight:
-    """Every check, in order; ``present``: this machine's GPUs (``local_cluster()``)."""
+    """Every check, in order; ``present``: this machine's GPUs (``local_cluster()``);
+    ``dry_run``: the checks are for --dry-run's listing (its refusals do not offer it)."""
     errors: list[ZeroplanError] = []
     notes: list[str] = []
     est: MemoryEstimate | None = None
@@ -383,8 +572,8 @@ def preflight(
     # every node, so that all of them refuse an earlier run alike (one that went on alone
     # would wait for the others): none of this session's ranks has written anything yet,
     # since node 0 writes RUN_DIR's files only after every node joined, after this check
-    attempt(lambda: check_run_dir(launch.run_dir, launch.resume))
-    attempt(lambda: check_data(launch.data))
+    attempt(lambda: check_run_dir(launch))
+    attempt(lambda: check_data(launch))
     attempt(lambda: check_tokenizer(launch.model))
     attempt(lambda: check_packages(launch.setup, launch.launcher, launch.nodes))
     attempt(lambda: check_moe(launch))
@@ -402,11 +591,12 @@ def preflight(
             )
             attempt(lambda: check_cpu(launch.setup))
         else:
+            shows = "" if dry_run else "--dry-run shows the commands, "
             errors.append(
                 NoGPUError(
                     "no NVIDIA GPU on this machine (NVML sees none, or the driver or "
-                    "nvidia-ml-py is missing): run on a GPU machine; --dry-run shows the "
-                    "commands, --force starts the ranks anyway (on CPU)"
+                    f"nvidia-ml-py is missing): run on a GPU machine; {shows}--force starts "
+                    "the ranks anyway (on CPU)"
                 )
             )
     elif local and present is not None:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from zeroplan.errors import BadClusterSpecError, BadPlanError, PredictedOOMError, ZeroplanError
 from zeroplan.hardware import (
     GPU,
+    MAX_GPUS_PER_NODE,
     Cluster,
     parse_cluster,
     read_hostfile,
@@ -92,7 +93,12 @@ def find_plan(model_or_plan: str) -> Path | None:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # not a plan; load_model will say what is wrong with it as a config
-    return p if isinstance(data, dict) and "best" in data and "world_size" in data else None
+    if not isinstance(data, dict):
+        return None
+    # a model's config.json always names its model_type; an object that is neither that nor
+    # a whole plan is read as a plan, whose check says it is neither
+    plan = "best" in data and "world_size" in data
+    return p if plan or "model_type" not in data else None
 
 
 def read_plan(path: Path) -> dict[str, Any]:
@@ -107,8 +113,11 @@ def read_plan(path: Path) -> dict[str, Any]:
         ) from None
     keys = {"model", "cluster", "world_size", "best"}
     if not isinstance(data, dict) or not keys <= data.keys():
+        # MODEL_OR_PLAN may have meant a model: say it is not one of those either
+        config = isinstance(data, dict) and "model_type" in data
+        nor = "" if config else " nor a model's config.json (it has no model_type)"
         raise BadPlanError(
-            f"{path} is not a plan zeroplan wrote (it needs {', '.join(sorted(keys))}); "
+            f"{path} is not a plan zeroplan wrote (it needs {', '.join(sorted(keys))}){nor}; "
             "write one with: zeroplan plan MODEL --gpus SPEC -o DIR"
         )
     if data["best"] is None:
@@ -161,12 +170,14 @@ def plan_here(spec: ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None =
     from zeroplan.planner import PlanRequest, plan
 
     here = fused_loss_installed()
-    # a recipe's job keeps the model's own kernels (commands.job.recipe_job says why)
-    kernels = dict(job or {}).get("allow_kernels", True) and here
-    fields = {k: v for k, v in dict(job or {}).items() if k != "allow_kernels"}
+    fields = dict(job or {})
+    # a recipe's job keeps the model's own kernels (commands.job.recipe_job says why), and
+    # --no-liger / --no-fused-loss leave them out as zeroplan plan's do
+    kernels = fields.pop("allow_kernels", True) and here
+    fused = fields.pop("allow_fused_loss", True) and here
     return plan(
         PlanRequest(
-            spec=spec, cluster=cluster, **fields, allow_fused_loss=here, allow_kernels=kernels
+            spec=spec, cluster=cluster, **fields, allow_fused_loss=fused, allow_kernels=kernels
         )
     )
 
@@ -254,12 +265,23 @@ def select_nodes(
     return nodes
 
 
+def is_gpu_count(gpus: str) -> bool:
+    """Whether launch's ``--gpus`` is a bare count (``4``), signed ones too, so that ``-1``
+    is told it is too few rather than looked up as a GPU name."""
+    return re.fullmatch(r"\s*[+-]?\d+\s*", gpus) is not None
+
+
 def gpu_count(gpus: str) -> int:
     """``--gpus`` for launch: a count (``4``) or a one-node cluster spec (``4x4090``)."""
-    if gpus.strip().isdigit():
+    if is_gpu_count(gpus):
         n = int(gpus)
         if n < 1:
-            raise BadClusterSpecError("--gpus must be at least 1")
+            raise BadClusterSpecError(f"--gpus must be at least 1, got {n}")
+        if n > MAX_GPUS_PER_NODE:
+            raise BadClusterSpecError(
+                f"--gpus {n} is more GPUs than a node holds (at most {MAX_GPUS_PER_NODE}); "
+                "give this machine's count, or --hostfile for several nodes"
+            )
         return n
     cluster = parse_cluster(gpus)
     if cluster.is_multi_node:
@@ -303,6 +325,7 @@ class TrainOptions:
     data_format: str | None = None  # auto | messages | sharegpt | alpaca | text
     system_prompt: str | None = None
     save_steps: int | None = None
+    save_total_limit: int | None = None  # the newest checkpoints kept; 0: all
     logging_steps: int | None = None
     batching: str | None = None  # packed | padded | grouped
     packed_attention: str | None = None  # auto | varlen | mask
@@ -323,6 +346,7 @@ class TrainOptions:
             ("--format", self.data_format),
             ("--system-prompt", self.system_prompt),
             ("--save-steps", self.save_steps),
+            ("--save-total-limit", self.save_total_limit),
             ("--logging-steps", self.logging_steps),
             ("--batching", self.batching),
             ("--packed-attention", self.packed_attention),
@@ -426,6 +450,7 @@ class Launch:
     rendezvous: Rendezvous | None = None  # this node's place in a run of several (--nnodes, SLURM)
     report_to: str = "none"  # the experiment tracker rank 0 logs to (trackers.TRACKERS)
     train: TrainOptions = TrainOptions()  # what the ranks are told beside the plan
+    source: Path | None = None  # the plan.json it was read from; None: planned here
 
     @property
     def world_size(self) -> int:
@@ -592,6 +617,7 @@ def build_launch(
     inherited: Mapping[str, str] | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     rendezvous: Rendezvous | None = None,
+    source: Path | None = None,
 ) -> Launch:
     """The launcher command(s), the ranks' environment and RUN_DIR's files; starts nothing.
 
@@ -601,7 +627,8 @@ def build_launch(
     GPU slots came from --include/--exclude and must be passed on exactly. ``rendezvous``:
     this node's place in a run of several (--nnodes, SLURM); ``nodes`` is then this node
     only, one torchrun is built for it, and a node rank > 0 writes only its own record
-    (node 0 writes plan.json and the rest into the shared RUN_DIR).
+    (node 0 writes plan.json and the rest into the shared RUN_DIR). ``source``: the
+    plan.json the plan was read from (preflight tells a plan folder's own plan from another).
     """
     if launcher not in LAUNCHERS:
         raise BadClusterSpecError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
@@ -684,6 +711,7 @@ def build_launch(
         rendezvous=rendezvous,
         report_to=train.report_to or "none",
         train=train,
+        source=source,
     )
     return _with_record(launch)
 

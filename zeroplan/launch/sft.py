@@ -85,7 +85,7 @@ from zeroplan.trainsetup import (
     packed_shape,
     parse_targets,
 )
-from zeroplan.watch.runlog import APPLIED_FILE, METRICS_FILE
+from zeroplan.watch.runlog import APPLIED_FILE, METRICS_FILE, RESULT_FILE, json_safe
 
 # a rank's exit status when its training diverged (the loss or gradient norm went non-finite)
 EXIT_DIVERGED = 3
@@ -106,9 +106,15 @@ HF_OPTIM = {
 }
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
-RESULT = "result.json"
+RESULT = RESULT_FILE
 DS_CONFIG = "ds_config.json"
 RUN_INFO = "zeroplan.json"  # in final/: what inference needs to rebuild the run's model
+DEFAULT_LOGGING_STEPS = 10
+# The newest checkpoints kept (the Trainer's save_total_limit; 0 keeps all). The Trainer
+# deletes the oldest only after a newer save is complete, so --resume always finds one;
+# three leave two to fall back on when the newest turns out bad (a loss spike that was
+# not yet NaN), at three times one checkpoint's disk.
+DEFAULT_SAVE_TOTAL_LIMIT = 3
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,8 @@ class Options:
     eval_steps: int | None = None
     resume: bool = False
     save_steps: int | None = None
-    save_total_limit: int | None = None
-    logging_steps: int = 10
+    save_total_limit: int = DEFAULT_SAVE_TOTAL_LIMIT  # 0: keep every checkpoint
+    logging_steps: int = DEFAULT_LOGGING_STEPS
     seed: int = 42
     format: str = "auto"
     system_prompt: str | None = None
@@ -218,8 +224,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     ap.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: each epoch)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     ap.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: each epoch)")
-    ap.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
-    ap.add_argument("--logging-steps", type=int, default=10, help="metrics line every N steps")
+    ap.add_argument("--save-total-limit", type=int,
+                    help=f"keep only the newest N checkpoints (default {DEFAULT_SAVE_TOTAL_LIMIT}; "
+                    "0 keeps all)")  # fmt: skip
+    ap.add_argument("--logging-steps", type=int,
+                    help=f"metrics line every N steps (default {DEFAULT_LOGGING_STEPS})")  # fmt: skip
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--format", default="auto", choices=("auto", *zdata.FORMATS))
     ap.add_argument("--system-prompt", help="system message added to records that have none")
@@ -244,13 +253,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     help="torch.compile each decoder layer (eager again if it fails); "
                     "default: the plan's choice")  # fmt: skip
     a = ap.parse_args(argv)
-    if a.resume and a.epochs is None and a.max_steps is None:
-        a.epochs, a.max_steps = original_limits(a.out)
+    if a.resume:
+        a.epochs, a.max_steps = resume_limits(a.out, a.epochs, a.max_steps)
+        for name, value in recorded_cadence(a.out).items():
+            if getattr(a, name) is None:  # given again: the new value holds
+                setattr(a, name, value)
     a.epochs = 1.0 if a.epochs is None else a.epochs
-    for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "logging_steps"):
+    for name in ("max_steps", "eval_steps", "save_steps", "logging_steps"):
         value = getattr(a, name)
         if value is not None and value < 1:
             raise BadSetupError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if a.save_total_limit is not None and a.save_total_limit < 0:
+        raise BadSetupError(
+            f"--save-total-limit must be 0 (keep all) or more, got {a.save_total_limit}"
+        )
+    if a.save_total_limit is None:
+        a.save_total_limit = DEFAULT_SAVE_TOTAL_LIMIT
+    a.logging_steps = a.logging_steps or DEFAULT_LOGGING_STEPS
     if not (math.isfinite(a.epochs) and a.epochs > 0):
         raise BadSetupError(f"--epochs must be positive, got {a.epochs}")
     if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
@@ -362,7 +381,7 @@ def training_kwargs(
         "logging_first_step": True,
         "save_strategy": "steps" if opts.save_steps else "epoch",
         "save_steps": opts.save_steps or 500,
-        "save_total_limit": opts.save_total_limit,
+        "save_total_limit": opts.save_total_limit or None,  # 0: keep all
         "save_only_model": False,  # optimizer, scheduler and RNG too: --resume continues exactly
         "eval_strategy": ("steps" if opts.eval_steps else "epoch") if has_eval else "no",
         "eval_steps": opts.eval_steps,
@@ -462,6 +481,49 @@ def _need(module: str, what: str, package: str) -> None:
         )
 
 
+def resume_limits(
+    out: Path, epochs: float | None, max_steps: int | None
+) -> tuple[float | None, int | None]:
+    """The limits a ``--resume`` trains to: those given (either one replaces both), else
+    the ones the run was started with (:func:`original_limits`)."""
+    if epochs is None and max_steps is None:
+        return original_limits(out)
+    return epochs, max_steps
+
+
+# applied.json's TrainingArguments -> the option a resume keeps, and when it applies
+_CADENCE = {
+    "logging_steps": None,
+    "save_steps": ("save_strategy", "steps"),
+    "eval_steps": ("eval_strategy", "steps"),
+    "save_total_limit": None,
+}
+
+
+def recorded_cadence(out: Path) -> dict[str, int]:
+    """How often the run in ``out`` logged, saved and evaluated, and how many checkpoints
+    it kept, as its last session applied them (applied.json's ``training``): a
+    ``--resume`` that does not give them again keeps them. (The Trainer restores these
+    from the checkpoint's state only to warn that they differ, then uses the new ones: a
+    run logged every 5 steps went on every 10.)"""
+    try:
+        training = json.loads((out / APPLIED_FILE).read_text(encoding="utf-8"))["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(training, dict):
+        return {}
+    kept: dict[str, int] = {}
+    for name, when in _CADENCE.items():
+        value = training.get(name)
+        if when is not None and training.get(when[0]) != when[1]:
+            continue  # saved (evaluated) each epoch: no step count to keep
+        if name == "save_total_limit" and value is None:
+            value = 0  # the Trainer's None: every checkpoint kept
+        if isinstance(value, int) and not isinstance(value, bool):
+            kept[name] = value
+    return kept
+
+
 def original_limits(out: Path) -> tuple[float | None, int | None]:
     """``(--epochs, --max-steps)`` the run in ``out`` was started with, for a ``--resume``
     that gives neither: the job continues as it was started.
@@ -490,20 +552,26 @@ def original_limits(out: Path) -> tuple[float | None, int | None]:
         return None, None
 
 
-def last_checkpoint(out: Path) -> Path | None:
-    """The newest ``checkpoints/checkpoint-N`` that holds a finished save, or None."""
+def last_checkpoint(out: Path, before: int | None = None) -> Path | None:
+    """The newest ``checkpoints/checkpoint-N`` that holds a finished save, or None; by step
+    number (checkpoint-11 is newer than checkpoint-6). ``before``: only steps below it."""
     folder = out / CHECKPOINTS
     if not folder.is_dir():
         return None
-    done = [
-        p
-        for p in folder.iterdir()
-        if p.is_dir()
-        and p.name.startswith("checkpoint-")
-        and p.name[len("checkpoint-") :].isdigit()
-        and (p / "trainer_state.json").is_file()  # written last by Trainer._save_checkpoint
-    ]
-    return max(done, key=lambda p: int(p.name[len("checkpoint-") :]), default=None)
+    done: dict[int, Path] = {}
+    for p in folder.iterdir():
+        step = checkpoint_step(p)
+        if step is None or (before is not None and step >= before):
+            continue
+        if (p / "trainer_state.json").is_file():  # written last by Trainer._save_checkpoint
+            done[step] = p
+    return done[max(done)] if done else None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a ``checkpoint-N`` folder, else None."""
+    digits = path.name.removeprefix("checkpoint-")
+    return int(digits) if path.name.startswith("checkpoint-") and digits.isdigit() else None
 
 
 def completed_step(out: Path, max_steps: int | None, epochs: float) -> int | None:
@@ -660,7 +728,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
             f"data: {summary.records} {summary.format} records -> {summary.train_examples} train"
             f" / {summary.eval_examples} eval; {summary.dropped_too_long} dropped and "
             f"{summary.truncated} truncated (longer than {summary.max_seq_len} tokens), "
-            f"{summary.dropped_no_target} without an assistant token"
+            f"{summary.dropped_no_target} with nothing to learn (no assistant token, empty text)"
         )
         for note in notes:
             _say(note)
@@ -1069,7 +1137,9 @@ def _finish(
     final: Path | None,
     diverged: Divergence | None = None,
 ) -> int:
-    ckpt = last_checkpoint(opts.out)
+    # a diverged run names the newest checkpoint from before the step that diverged (no
+    # later one is saved: callbacks.StopOnDivergence)
+    ckpt = last_checkpoint(opts.out, before=diverged.step if diverged is not None else None)
     if diverged is not None:
         # every rank says it: the launcher shows the failed rank's last log lines
         _say(diverged_message(diverged, ckpt))
@@ -1077,7 +1147,8 @@ def _finish(
         result = {
             "status": status,
             "global_step": int(trainer.state.global_step),
-            "max_steps": int(trainer.state.max_steps),
+            # the Trainer's count is 0 when stopped before training began: --max-steps then
+            "max_steps": int(trainer.state.max_steps) or opts.max_steps,
             # what was asked, for a later --resume to tell whether more is asked now
             "epochs": opts.epochs,
             "max_steps_given": opts.max_steps,
@@ -1092,7 +1163,9 @@ def _finish(
         regional = getattr(trainer, "zp_compile", None)
         if regional is not None:
             result["compile"] = regional.stats()
-        (opts.out / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+        # a diverged loss is NaN: null in the file, which stays strict JSON
+        text = json.dumps(json_safe(result), indent=2, allow_nan=False)
+        (opts.out / RESULT).write_text(text + "\n")
         _say(
             f"{status} at step {result['global_step']}" + (f"; weights in {final}" if final else "")
         )
@@ -1106,15 +1179,15 @@ def _finish(
 def diverged_message(d: Divergence, checkpoint: Path | None) -> str:
     """One line: where training went non-finite, what was kept, what to try."""
     kept = (
-        f"the last checkpoint, {checkpoint}, is from before it"
+        f"the last checkpoint, {checkpoint}, is from before it. Lower --lr, or check the "
+        "records and the model for the cause; --resume continues from that checkpoint"
         if checkpoint
-        else "no checkpoint was saved before it"
+        else "no checkpoint was saved before it. Lower --lr, or check the records and the "
+        "model for the cause, and start again in a new folder (-o NEW_DIR)"
     )
     return (
         f"error: training diverged at step {d.step} (loss {d.loss}, gradient norm "
-        f"{d.grad_norm}): stopped without saving its weights; {kept}. Lower --lr, or "
-        "check the records and the model for the cause; --resume continues from the last "
-        "checkpoint"
+        f"{d.grad_norm}): stopped without saving its weights; {kept}"
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,8 @@ class Supervisor:
         self.popens: list[subprocess.Popen[bytes]] = []
         self.known: dict[int, procs.Proc] = {}
         self.signals: list[int] = []
+        self.signal_t: list[float] = []  # when each arrived (monotonic)
+        self.killed_at_once = False  # a further signal cut the grace period short
         self._before: set[int] = set()
         self._nodes_checked = 0.0
 
@@ -176,7 +179,19 @@ class Supervisor:
         )
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_t.append(time.monotonic())
         self.signals.append(signum)  # acted on by the loop; printing here could re-enter
+
+    def _how_stopped(self, killed: int) -> str:
+        """How the ranks ended once stopped: each on its SIGTERM, or ``killed`` processes by
+        SIGKILL after the grace period, or at once on a further signal."""
+        if not killed:
+            return "every rank was stopped"
+        what = f"{killed} process{'es' if killed != 1 else ''}"
+        if self.killed_at_once and len(self.signal_t) > 1:
+            after = self.signal_t[1] - self.signal_t[0]
+            return f"a second signal {after:.1f} s after the first killed {what} at once"
+        return f"every rank was stopped ({what} with SIGKILL after the {self.grace_s:.0f} s grace)"
 
     def _start(self) -> RunResult | None:
         log_path = self.launch.log_dir / LAUNCHER_LOG
@@ -224,9 +239,8 @@ class Supervisor:
                 return RunResult(
                     128 + self.signals[0],
                     "interrupted",
-                    f"stopped by {name}: every rank was stopped"
-                    + (f" ({killed} with SIGKILL after {self.grace_s:.0f} s)" if killed else "")
-                    + "; --resume continues from the last checkpoint",
+                    f"stopped by {name}: {self._how_stopped(killed)}; "
+                    + what_is_left(self.launch.run_dir),
                     exits=exits,
                     killed=killed,
                 )
@@ -332,8 +346,8 @@ class Supervisor:
                 code,
                 "interrupted",
                 f"stopped: rank {failed.rank} on {self.host_of(failed.rank)} ended on a stop "
-                f"signal ({failed.status()}), so every rank saved and stopped; --resume "
-                "continues from the last checkpoint",
+                f"signal ({failed.status()}), so every rank saved and stopped; "
+                + what_is_left(self.launch.run_dir),
                 failed_rank=failed.rank,
                 exits=read_exits(self.launch.log_dir),
                 killed=killed,
@@ -389,6 +403,7 @@ class Supervisor:
                     return True
                 if len(self.signals) > signals_seen:
                     self.say("second signal: killing now")
+                    self.killed_at_once = True
                     return False
                 if sent and not direct and not launcher_alive():
                     self._signal_ranks(groups, signal.SIGTERM)  # orphaned: no one forwards
@@ -442,6 +457,34 @@ class Supervisor:
         procs.reap(self.known)
 
 
+def what_is_left(run_dir: Path) -> str:
+    """After a stop: the checkpoint --resume continues from; or, without one, whether the
+    folder holds an earlier run's steps (then it must be deleted, or another -o given) or
+    nothing a new launch would be refused for (the same command starts it again)."""
+    from zeroplan.launch.preflight import earlier_run
+    from zeroplan.launch.sft import last_checkpoint
+
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is not None:
+        return f"--resume continues from {ckpt.name}"
+    held = earlier_run(run_dir)
+    if held is not None:
+        return (
+            f"no checkpoint was saved, so there is nothing to resume ({held}): delete "
+            f"{run_dir} to start again there, or give -o NEW_DIR"
+        )
+    return (
+        f"the run saved nothing and trained no step: the same command (the same -o) starts "
+        f"it again in {run_dir}, or delete the folder"
+    )
+
+
+def _headline(message: str) -> str:
+    """A result's message without the log tail it introduces (``...; last lines of LOG:``)."""
+    first = message.splitlines()[0] if message else ""
+    return re.split(r"[.;] [Ll]ast lines of ", first)[0]
+
+
 def _update_record(launch: Launch, result: RunResult, started: float) -> None:
     path = launch.run_dir / launch.record_name
     try:
@@ -455,6 +498,8 @@ def _update_record(launch: Launch, result: RunResult, started: float) -> None:
         "reason": result.reason,
         "failed_rank": result.failed_rank,
         "ranks": {str(r): e.returncode for r, e in sorted(result.exits.items())},
+        # what zeroplan said, for zeroplan watch / report: without the log lines it shows
+        "message": _headline(result.message),
     }
     with contextlib.suppress(OSError):
         tmp = path.with_name(f".{path.name}.tmp")

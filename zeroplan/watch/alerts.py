@@ -49,7 +49,9 @@ class Alert:
     """One thing a person should look at. level: ``warn`` or ``crit``."""
 
     level: str
-    kind: str  # over_prediction, card_full, throttle, hang, node_silent, not_reporting, rank_gone
+    # over_prediction, card_full, throttle, hang, node_silent, not_reporting, rank_gone,
+    # run_failed
+    kind: str
     subject: str  # "GPU 3", "rank 2"
     message: str
     severity: float = 0.0  # orders alerts of one kind, worst first (bytes, seconds, ...)
@@ -259,14 +261,19 @@ def all_alerts(
     this_host: str | None = None,
     low_clock_samples: Mapping[int, int] | None = None,
     run_finished: bool = False,
+    run_failed: str | None = None,
 ) -> list[Alert]:
     """Every alert, critical first, then by GPU / rank order of discovery.
 
     ``low_clock_samples``: per GPU index, consecutive samples with a low SM clock (see
     :func:`throttling`). ``run_finished``: the run folder says the run is over, so no rank
-    is hung, missing or gone.
+    is hung, missing or gone. ``run_failed``: how a run that is over failed or diverged
+    (runlog.RunState.outcome), one critical alert: its ranks are no longer there to be
+    called gone.
     """
     alerts: list[Alert] = []
+    if run_failed:
+        alerts.append(Alert("crit", "run_failed", "run", run_failed))
     streaks = low_clock_samples or {}
     for g in gpus:
         alerts += card_full(g) + over_prediction(g, prediction)

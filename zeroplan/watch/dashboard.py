@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from zeroplan.watch.alerts import Alert, merged_lines
 from zeroplan.watch.monitor import GPUSample, HostSample, Snapshot
-from zeroplan.watch.runlog import Prediction, TrainingView
+from zeroplan.watch.runlog import Prediction, TrainingView, json_safe
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -35,6 +35,16 @@ class DashboardView:
     alerts: tuple[Alert, ...]
     run_dir: str | None = None
     notes: tuple[str, ...] = ()  # e.g. who records the samples, a plan.json problem
+    status: str | None = None  # runlog.STATUSES, from the run folder; None: not asked
+    outcome: str | None = None  # the status in words ("stopped by SIGINT at step 11")
+    on_cpu: bool = False  # the ranks train on the CPU: the plan's GPU numbers do not apply
+
+    @property
+    def ended(self) -> str:
+        """How the training panel says the run is over: the outcome when the run folder
+        tells it; otherwise "ended" (every rank logged ``end``, which it does whether the
+        run completed, was stopped or diverged)."""
+        return self.outcome or "ended"
 
 
 # -- small pure formatters ----------------------------------------------------------------
@@ -258,6 +268,8 @@ def _training(view: DashboardView, width: int) -> Any:
 
     tr, now = view.training, view.snapshot.t
     if tr is None:
+        if view.outcome:
+            return Text(f"training: no metrics; the run {view.outcome}", style="dim")
         where = f"{view.run_dir}/metrics.jsonl" if view.run_dir else "no run folder given"
         return Text(f"training: no metrics yet ({where})", style="dim")
     lines: list[Any] = []
@@ -268,7 +280,8 @@ def _training(view: DashboardView, width: int) -> Any:
         cells = max(10, min(40, width - 60))
         step.append(" " + "█" * round(done * cells) + "░" * (cells - round(done * cells)))
         step.append(f" {done:.0%}")
-    step.append(" · finished" if tr.finished else f" · ETA {duration(tr.eta_s)}")
+    over = tr.finished or view.outcome is not None
+    step.append(f" · {view.ended}" if over else f" · ETA {duration(tr.eta_s)}")
     if tr.seconds_per_step:
         step.append(f" · {tr.seconds_per_step:.2f} s/step")
     lines.append(step)
@@ -279,7 +292,10 @@ def _training(view: DashboardView, width: int) -> Any:
     loss.append(f" · lr {_num(tr.lr, '.2e')} · grad norm {_num(tr.grad_norm, '.3g')}")
     lines.append(loss)
     tok = Text(f"tokens/s {_num(tr.tokens_per_s, ',.0f')}")
-    if view.prediction and view.prediction.tokens_per_s:
+    if view.prediction and view.prediction.tokens_per_s and view.on_cpu:
+        # as zeroplan report says it: the plan's speed is its GPUs'
+        tok.append(f" (plan {view.prediction.tokens_per_s:,.0f} on GPUs: not compared on the CPU)")
+    elif view.prediction and view.prediction.tokens_per_s:
         band = f" ±{view.prediction.error_p90:.0%}" if view.prediction.error_p90 else ""
         bound = ", host-bound" if view.prediction.host_bound else ""
         tok.append(f" (plan {view.prediction.tokens_per_s:,.0f}{band}{bound})")
@@ -294,7 +310,9 @@ def _training(view: DashboardView, width: int) -> Any:
     lines.append(tok)
     if tr.bad_lines:
         lines.append(Text(f"{tr.bad_lines} unreadable metrics lines skipped", style="dim"))
+    # a GPU's predicted peak means nothing beside ranks on the CPU, which log no memory
     pred_alloc = view.prediction.peak_allocated_bytes if view.prediction else None
+    pred_alloc = None if view.on_cpu else pred_alloc
     alloc_head = "peak alloc / pred GiB" if pred_alloc else "peak alloc GiB"
     hosts = sorted({r.host for r in tr.ranks if r.host})
     several = len(hosts) > 1
@@ -381,13 +399,13 @@ def plain_lines(view: DashboardView) -> list[str]:
     parts = []
     tr = view.training
     if tr is None:
-        parts.append("no metrics yet")
+        parts.append(f"no metrics; {view.outcome}" if view.outcome else "no metrics yet")
     else:
         total = f"/{tr.total_steps}" if tr.total_steps else ""
         parts.append(
             f"step {tr.step}{total} loss {_loss(tr.loss)} lr {_num(tr.lr, '.2e')} "
             f"tok/s {_num(tr.tokens_per_s, ',.0f')} "
-            + ("finished" if tr.finished else f"ETA {duration(tr.eta_s)}")
+            + (view.ended if tr.finished or view.outcome else f"ETA {duration(tr.eta_s)}")
         )
     if snap.gpu_error:
         parts.append("no GPU data")
@@ -426,20 +444,12 @@ def view_json(view: DashboardView) -> dict[str, Any]:
             "training": _training_json(view.training),
             "alerts": [asdict(a) for a in view.alerts],
             "notes": list(view.notes),
+            "status": view.status,
+            "outcome": view.outcome,
+            "trained_on_cpu": view.on_cpu,
         }
     )
     return out
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN and infinities as None, so that it is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def _training_json(tr: TrainingView | None) -> dict[str, Any] | None:

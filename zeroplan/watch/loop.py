@@ -46,11 +46,14 @@ from zeroplan.watch.monitor import GPUBackend, HostSampler, Snapshot, open_backe
 from zeroplan.watch.runlog import (
     METRICS_FILE,
     Prediction,
+    RunState,
     SampleRecorder,
     TrainingLog,
     TrainingView,
+    launch_result,
     read_prediction,
     run_state,
+    trained_on,
 )
 
 logger = logging.getLogger("zeroplan.watch.loop")
@@ -58,6 +61,7 @@ logger = logging.getLogger("zeroplan.watch.loop")
 DEFAULT_INTERVAL_S = 1.0
 PLAIN_EVERY_S = 30.0  # plain lines in logs: often enough to follow, rare enough to read
 ERRORS_FILE = "watch_errors.log"
+STATE_EVERY_S = 5.0  # how often a watched run's folder is asked whether the run has ended
 
 Mode = Literal["auto", "live", "plain", "json"]
 ExitCodes = Callable[[], Mapping[int, "int | None"]]
@@ -101,10 +105,13 @@ class Collector:
             else None
         )
         self.run_finished = state is not None and state.finished
+        self.state = state
         self._low_clock: dict[int, int] = {}  # GPU index -> consecutive low-clock samples
         if state is not None and state.finished and record:
             record = False
-            self.notes.append("not recording: the run has finished (read-only)")
+            self.notes.append(f"not recording: the run has ended ({state.outcome}): read-only")
+        self.device: str | None = None  # what the ranks train on, once applied.json says
+        self._state_read = time.time()
         self.recorder = SampleRecorder(self.run_dir) if self.run_dir and record else None
         if self.recorder is not None:
             self.notes.append(
@@ -126,6 +133,9 @@ class Collector:
             self.training.poll()
             training = self.training.view()
         exit_codes = self.rank_exit_codes() if self.rank_exit_codes else None
+        if self.device is None and self.run_dir is not None:
+            self.device = trained_on(self.run_dir)  # rank 0 writes it once the model loaded
+        state = self._state_now(training, now)
         alive = _alive_pids(training) if exit_codes is None else None
         for g in snap.gpus:
             self._low_clock[g.index] = self._low_clock.get(g.index, 0) + 1 if clock_is_low(g) else 0
@@ -140,6 +150,7 @@ class Collector:
             this_host=self._hostname,
             low_clock_samples=self._low_clock,
             run_finished=self.run_finished,
+            run_failed=state.outcome if state is not None and state.failed else None,
         )
         return DashboardView(
             snapshot=snap,
@@ -148,7 +159,25 @@ class Collector:
             alerts=tuple(alerts),
             run_dir=str(self.run_dir) if self.run_dir else None,
             notes=tuple(self.notes),
+            status=state.status if state is not None else None,
+            outcome=state.outcome if state is not None else None,
+            on_cpu=self.device == "cpu",
         )
+
+    def _state_now(self, training: TrainingView | None, now: float) -> RunState | None:
+        """The run folder's word on how the run ended, read again (every few seconds)
+        while a run watched from outside goes on: once launch.json has its result, or every
+        rank logged its end, it says how."""
+        state = self.state
+        if state is None or state.finished or self.run_dir is None:
+            return state
+        if now - self._state_read < STATE_EVERY_S:
+            return state
+        self._state_read = now
+        ended = training is not None and training.finished
+        if ended or launch_result(self.run_dir) is not None:
+            self.state = run_state(self.run_dir)
+        return self.state
 
     def close(self) -> None:
         try:

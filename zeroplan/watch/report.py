@@ -3,7 +3,8 @@
 :func:`load_run` reads the run folder, :func:`summarize` computes the predicted-vs-measured
 table (pure), :func:`write_png` draws memory per GPU over time against the predicted peak,
 loss and tokens/s (matplotlib, the ``[report]`` extra, imported only here) and
-:func:`write_html` wraps the picture and the table in one self-contained page.
+:func:`write_html` wraps the picture and the table in one self-contained page;
+:func:`write_report` writes both together, where :func:`report_paths` checked they can go.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zeroplan.errors import MissingExtraError, NothingRecordedError
+from zeroplan.errors import MissingExtraError, NothingRecordedError, OutputWriteError
+from zeroplan.outputs import check_new_file, files_together
 from zeroplan.speed import HOST_BOUND_REPEAT_SPREAD
 from zeroplan.watch.alerts import ESTIMATOR_ERROR
 from zeroplan.watch.runlog import (
@@ -25,10 +27,12 @@ from zeroplan.watch.runlog import (
     METRICS_FILE,
     MetricRecord,
     Prediction,
+    RunState,
     check_run_dir,
     read_jsonl,
     read_metrics,
     read_prediction,
+    run_state,
     trained_on,
 )
 
@@ -48,6 +52,7 @@ class RunData:
     samples: list[dict[str, Any]]  # gpu_samples.jsonl rows
     metrics: list[MetricRecord]
     device: str | None = None  # what the ranks trained on (runlog.trained_on)
+    state: RunState | None = None  # how the run ended (runlog.run_state)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class RunSummary:
     # the ranks trained on the CPU (launch --force without a GPU): the plan's speed is its
     # GPUs', so none is compared
     on_cpu: bool = False
+    status: str = "running"  # runlog.STATUSES: completed, stopped, failed, diverged, ...
+    outcome: str | None = None  # the status in words ("stopped by SIGINT at step 11")
 
     @property
     def speed_error(self) -> float | None:
@@ -142,6 +149,8 @@ class RunSummary:
             "speed_error": self.speed_error,
             "speed_within_band": self.speed_within_band,
             "trained_on_cpu": self.on_cpu,
+            "status": self.status,
+            "outcome": self.outcome,
             "estimator_error": ESTIMATOR_ERROR,
         }
 
@@ -159,7 +168,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             f"nothing to report in {path}: no {GPU_SAMPLES_FILE} or {METRICS_FILE} yet "
             "(zeroplan watch RUN_DIR records GPU samples)"
         )
-    return RunData(path, read_prediction(path), samples, metrics, trained_on(path))
+    return RunData(path, read_prediction(path), samples, metrics, trained_on(path), run_state(path))
 
 
 def _is_sample(s: dict[str, Any]) -> bool:
@@ -241,13 +250,16 @@ def summarize(data: RunData) -> RunSummary:
         ranks=ranks,
         duration_s=max(times) - min(times) if times else None,
         last_step=max((r.step for r in data.metrics), default=None),
-        total_steps=next((r.total_steps for r in data.metrics if r.total_steps), None),
+        # the latest session's: a resume given a larger --max-steps logs another total
+        total_steps=next((r.total_steps for r in reversed(data.metrics) if r.total_steps), None),
         final_loss=losses[-1] if losses else None,
         tokens_per_s_median=statistics.median(tps) if tps else None,
         predicted_tokens_per_s=pred.tokens_per_s if pred else None,
         predicted_host_bound=pred.host_bound if pred else False,
         predicted_error_p90=pred.error_p90 if pred else None,
         on_cpu=data.device == "cpu",
+        status=data.state.status if data.state is not None else "running",
+        outcome=data.state.outcome if data.state is not None else None,
     )
 
 
@@ -333,7 +345,10 @@ def render_summary(summary: RunSummary, console: Console) -> None:
                 f"and such steps have run up to {HOST_BOUND_REPEAT_SPREAD:.1f}x slower in one "
                 "process than in another"
             )
-    console.print(f"steps {steps} · final loss {loss} · tokens/s median {tps}")
+    console.print(
+        f"{summary.outcome or summary.status} · steps {steps} · final loss {loss} · "
+        f"tokens/s median {tps}"
+    )
 
 
 def speed_verdict(err: float, band: float) -> str:
@@ -519,7 +534,7 @@ def write_png(data: RunData, summary: RunSummary, path: str | os.PathLike[str]) 
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, format="png")  # whatever the name: write_html embeds it as a PNG
     return out
 
 
@@ -562,3 +577,29 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
     out = Path(path)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def report_paths(run_dir: Path, out: Path | None, html: bool) -> list[Path]:
+    """Where the report goes: the PNG (``out``, else RUN_DIR/report.png) and, with ``html``,
+    the page beside it. Checked before anything is drawn, so that a path that cannot be
+    written is one line, not a traceback after the drawing."""
+    png = out if out is not None else run_dir / "report.png"
+    if png.suffix.lower() != ".png":
+        raise OutputWriteError(
+            f"-o {png}: the report is a PNG picture (its page embeds it as one): give a "
+            "path ending in .png"
+        )
+    paths = [png, png.with_suffix(".html")] if html else [png]
+    for path in paths:
+        check_new_file(path, "the report")
+    return paths
+
+
+def write_report(data: RunData, summary: RunSummary, paths: list[Path]) -> list[Path]:
+    """The PNG, and the page around it when ``paths`` (from report_paths) has two:
+    written under temporary names and renamed together, so both are new or neither is."""
+    with files_together(paths, "the report") as temps:
+        write_png(data, summary, temps[0])
+        if len(temps) > 1:
+            write_html(summary, temps[0], temps[1], f"zeroplan report · {data.run_dir}")
+    return paths

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 from collections import deque
@@ -37,6 +38,7 @@ HOST_SAMPLES_FILE = "host_samples.jsonl"
 LOCK_FILE = ".watch.lock"
 LAUNCH_FILE = "launch.json"  # zeroplan launch's record; "result" is added when it ends
 APPLIED_FILE = "applied.json"  # what rank 0 applied: setup, kernels, device ("cuda" or "cpu")
+RESULT_FILE = "result.json"  # rank 0's end of a session: status, step, checkpoint, signal
 
 # Longest command line kept per GPU process in gpu_samples.jsonl: a line is then ~550
 # bytes, so 8 GPUs sampled at 1 Hz write ~16 MB per hour of run.
@@ -66,14 +68,31 @@ class Prediction:
 
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """``run_dir`` as a Path, or :class:`RunDirNotFoundError`."""
+    """``run_dir`` as a Path, or :class:`RunDirNotFoundError`: also for a plan's folder
+    (``zeroplan plan -o``), where watching would write GPU samples beside the plan."""
     path = Path(run_dir)
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise RunDirNotFoundError(
             f"run folder {path} {what} (give the folder that holds plan.json and metrics.jsonl)"
         )
+    if is_plan_folder(path):
+        raise RunDirNotFoundError(
+            f"{path} holds a plan, not a run (plan.json from zeroplan plan -o, nothing "
+            f"launched there): launch it (zeroplan launch {path} --data DATA -o RUN_DIR), "
+            "then give RUN_DIR"
+        )
     return path
+
+
+# What a launch or a rank writes into its run folder; a plan.json without any of them is a
+# plan (zeroplan plan -o) that was never launched there
+RUN_FILES = (LAUNCH_FILE, METRICS_FILE, APPLIED_FILE, RESULT_FILE, "logs", "checkpoints")
+
+
+def is_plan_folder(path: Path) -> bool:
+    """A plan's folder: plan.json, and nothing a launch or its ranks write."""
+    return (path / PLAN_FILE).is_file() and not any((path / f).exists() for f in RUN_FILES)
 
 
 def read_prediction(run_dir: str | os.PathLike[str]) -> Prediction | None:
@@ -119,6 +138,18 @@ def trained_on(run_dir: str | os.PathLike[str]) -> str | None:
         return None
     device = data.get("device") if isinstance(data, dict) else None
     return device if isinstance(device, str) else None
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None, so that it is strict JSON (the run folder's
+    files and ``--json`` answers are read by other tools, whose parsers reject NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 # -- metrics.jsonl ------------------------------------------------------------------------
@@ -412,6 +443,15 @@ class TrainingLog:
 # -- has the run ended? ------------------------------------------------------------------
 
 
+# How a run ended, as the dashboard and the report say it: ``running`` until the run folder
+# says otherwise; ``completed`` (every step asked for), ``stopped`` (a signal: Ctrl-C,
+# SIGTERM; its checkpoint saved), ``failed`` (a rank or the launcher failed), ``diverged``
+# (the loss went non-finite) from launch.json's result and rank 0's result.json; ``ended``
+# where every rank logged ``end`` and nothing says how (a launcher killed before it
+# recorded the end, or ranks started without zeroplan launch and without a result.json).
+STATUSES = ("running", "completed", "stopped", "failed", "diverged", "ended")
+
+
 @dataclass(frozen=True)
 class RunState:
     """What the run folder says about the run's life.
@@ -421,28 +461,115 @@ class RunState:
     ``end`` after the current launch began (a launcher killed without writing its result).
     ``session_start``: when a launch that has not ended began (launch.json's time), which
     the training view uses to ignore an earlier session's ``end`` lines; None otherwise.
+    ``status`` (one of STATUSES) and ``outcome``, the status in words (``stopped by SIGINT
+    at step 11``, ``failed: rank 0 failed (killed by SIGKILL) on node0``); None while
+    running.
     """
 
     finished: bool
     session_start: float | None = None
+    status: str = "running"
+    outcome: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Ended in a failure a person should look at (the dashboard's alert)."""
+        return self.status in ("failed", "diverged")
 
 
 def run_state(run_dir: str | os.PathLike[str]) -> RunState:
-    """Read launch.json and metrics.jsonl once; see :class:`RunState`."""
+    """Read launch.json, result.json and metrics.jsonl once; see :class:`RunState`."""
     run = Path(run_dir)
     launch = run / LAUNCH_FILE
+    record = _json_object(launch)
     session_start = None
-    try:
-        record = json.loads(launch.read_text(encoding="utf-8"))
-        if isinstance(record, dict) and record.get("result") is not None:
-            return RunState(finished=True)
-        session_start = launch.stat().st_mtime
-    except (OSError, ValueError):
-        pass
+    if record is not None:
+        ended = record.get("result")
+        if isinstance(ended, dict):
+            began = record.get("started")
+            result = _session_result(run, began if isinstance(began, (int, float)) else None)
+            return RunState(True, None, *_launch_outcome(ended, result))
+        with contextlib.suppress(OSError):
+            session_start = launch.stat().st_mtime
     log = TrainingLog(run / METRICS_FILE, history=1, session_start=session_start)
     log.poll()
     view = log.view()
-    return RunState(finished=view is not None and view.finished, session_start=session_start)
+    if view is None or not view.finished:
+        return RunState(False, session_start)
+    result = _session_result(run, session_start)
+    if result is None:
+        return RunState(True, session_start, "ended", "ended: every rank logged its end")
+    return RunState(True, session_start, *_result_outcome(result))
+
+
+def launch_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """launch.json's ``result``: what zeroplan launch recorded when the launch ended."""
+    record = _json_object(Path(run_dir) / LAUNCH_FILE)
+    ended = record.get("result") if record is not None else None
+    return ended if isinstance(ended, dict) else None
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _session_result(run: Path, since: float | None) -> dict[str, Any] | None:
+    """rank 0's result.json, when written by the session that began at ``since`` (a
+    resumed run's folder holds the earlier session's until this one ends)."""
+    path = run / RESULT_FILE
+    try:
+        if since is not None and path.stat().st_mtime < since:
+            return None
+    except OSError:
+        return None
+    return _json_object(path)
+
+
+def _result_outcome(result: dict[str, Any]) -> tuple[str, str]:
+    """(status, outcome) from rank 0's result.json alone."""
+    step = result.get("global_step")
+    at = f" at step {step}" if isinstance(step, int) else ""
+    status = result.get("status")
+    if status == "completed":
+        return "completed", f"completed{at}"
+    if status == "diverged":
+        return "diverged", f"diverged{at} (loss not finite)"
+    if status == "interrupted":
+        by = f" by {result['signal']}" if isinstance(result.get("signal"), str) else ""
+        return "stopped", f"stopped{by}{at}"
+    return "ended", "ended"
+
+
+def _launch_outcome(ended: dict[str, Any], result: dict[str, Any] | None) -> tuple[str, str]:
+    """(status, outcome) from launch.json's result and this session's result.json (which
+    says more: the step, the signal, a divergence behind a rank's failure)."""
+    code = ended.get("exit_code")
+    told = _result_outcome(result) if result is not None else ("ended", "ended")
+    if code == 0:
+        return told if told[0] == "completed" else ("completed", "completed")
+    if ended.get("reason") == "interrupted":
+        # the signal zeroplan got (the ranks were passed SIGTERM), the step the rank saved
+        signum = code - 128 if isinstance(code, int) and 128 < code < 160 else None
+        by = f" by {_signal_name(signum)}" if signum else ""
+        step = result.get("global_step") if told[0] == "stopped" and result else None
+        return "stopped", f"stopped{by}" + (f" at step {step}" if isinstance(step, int) else "")
+    if told[0] == "diverged":
+        return told
+    message = ended.get("message") or ended.get("reason") or f"exit status {code}"
+    return "failed", f"failed: {message}"
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 # -- recording samples --------------------------------------------------------------------
