@@ -123,7 +123,7 @@ RUNS = (
 # the 8B QLoRA job). Every host counts: hostc's ran the Trainer's phases 1.6-1.8x slower than
 # the calls before it (training_step 381 ms against 215) and was once kept out as one of a
 # kind, until host17-18's machine ran the same job as slowly; users meet such hosts too.
-HOST_FILES = ("host_h100.jsonl", *(f"host{i}_h100.jsonl" for i in range(2, 19)), "hostc_h100.jsonl")
+HOST_FILES = ("host_h100.jsonl", *(f"host{i}_h100.jsonl" for i in range(2, 21)), "hostc_h100.jsonl")
 
 
 def host_rows(

@@ -705,8 +705,8 @@ def test_launched_band_is_what_the_launched_runs_measured() -> None:
     """benchmarks/realdata_predict.py --check fails when speed.LAUNCHED_P90_GPU_BOUND or
     _HOST_BOUND drifts from the launched real-data runs against their predictions."""
     out = checked("realdata_predict.py")
-    assert "9 in 10 of the 47 launched runs of GPU-bound steps within" in out
-    assert "9 in 10 of the 53 launched runs of host-bound steps within" in out
+    assert "9 in 10 of the 49 launched runs of GPU-bound steps within" in out
+    assert "9 in 10 of the 54 launched runs of host-bound steps within" in out
 
 
 def test_lora_keeps_the_bf16_base_and_shows_the_4bit_one_aside() -> None:

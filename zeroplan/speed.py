@@ -235,18 +235,19 @@ HELD_OUT_P90_GPU_BOUND = 0.090
 HELD_OUT_P90_HOST_BOUND = 0.196
 # The same for whole launched runs on real records against their plan's real tokens/s
 # (benchmarks/realdata_predict.py; its --check fails when they drift), host-bound and
-# GPU-bound steps apart: 47 runs of GPU-bound steps (12 jobs on one and two H200s; on one
+# GPU-bound steps apart: 49 runs of GPU-bound steps (12 jobs on one and two H200s; on one
 # H100 the 1B and 8B LoRA plans' choices and the setups each ranked below them, five a plan,
-# host2-3, host14-17_h100.jsonl, and hostc's compiled plain step) and 53 of host-bound ones
-# (micro-batches of 2-4 × 704 tokens and Qwen2.5-0.5B LoRA at 16 on one H200, ZeRO-3 on two,
-# Gemma 3 1B; on one H100 8B QLoRA at 1 × 1,664 over 19 runs and 1B LoRA at 4 × 704 and
-# 1 × 1,664 through this launch loop, host_h100.jsonl, host4-13, host17-18 and hostc). They
-# hold what a step timed alone leaves out: the trainer's own cost, the records' lengths and
-# packing, the launch's threads and DeepSpeed; the rows' rates keep the epoch's part-filled
-# row, which a ten-step run weighs. The host-bound band is wide because the host's speed is
-# not the card's: the 8B QLoRA job at 1 × 1,664 ran 4,108-9,009 real tokens/s on H100
-# machines of one kind (two of them slow hosts, hostc and host17-18, at 4,108-4,884), and
-# small Qwen2.5 models' launched LoRA and QLoRA runs were predicted a median 20% too fast.
+# host2-3, host14-17 and host19_h100.jsonl, and hostc's compiled plain step) and 54 of
+# host-bound ones (micro-batches of 2-4 × 704 tokens and Qwen2.5-0.5B LoRA at 16 on one
+# H200, ZeRO-3 on two, Gemma 3 1B; on one H100 8B QLoRA at 1 × 1,664 over 20 runs and 1B
+# LoRA at 4 × 704 and 1 × 1,664 through this launch loop, host_h100.jsonl, host4-13,
+# host17-18, host20 and hostc). They hold what a step timed alone leaves out: the trainer's
+# own cost, the records' lengths and packing, the launch's threads and DeepSpeed; the rows'
+# rates keep the epoch's part-filled row, which a ten-step run weighs. The host-bound band
+# is wide because the host's speed is not the card's: the 8B QLoRA job at 1 × 1,664 ran
+# 4,108-9,009 real tokens/s on H100 machines of one kind (slow hosts, hostc and host17-18,
+# at 4,108-4,884), and small Qwen2.5 models' launched LoRA and QLoRA runs were predicted a
+# median 20% too fast.
 LAUNCHED_P90_GPU_BOUND = 0.198
 LAUNCHED_P90_HOST_BOUND = 0.341
 # What estimate and plan say instead of a band where none was measured (StepTime.calibrated).
