@@ -54,6 +54,7 @@ from zeroplan.errors import (
     RendezvousUnreachableError,
     ZeroplanError,
 )
+from zeroplan.watch.runlog import read_json_object
 
 if TYPE_CHECKING:
     from zeroplan.hardware import Cluster
@@ -449,14 +450,6 @@ def _write(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _end_of(marker: Mapping[str, Any] | None) -> tuple[str, str] | None:
     """(ending, why) when a node's marker says that it ended before the run: one of
     ENDINGS' keys, and the reason."""
@@ -518,7 +511,7 @@ def arrive(run_dir: Path, rdv: Rendezvous) -> None:
     """This node starts (again): an ending its marker holds from an earlier attempt no
     longer speaks for it, so that a node waiting for this one does not stop on it."""
     path = _marker(run_dir, rdv.node_rank)
-    if _end_of(_read(path)) is not None:
+    if _end_of(read_json_object(path)) is not None:
         with contextlib.suppress(OSError):
             path.unlink()
 
@@ -535,7 +528,10 @@ def refuse(run_dir: Path, rdv: Rendezvous, why: str, *, finished_run: bool = Fal
     copy of a node's command, refused) and must not be stopped for it."""
     if not run_dir.is_dir() or (finished_run and not roll_dir(run_dir).is_dir()):
         return
-    if rdv.node_rank > 0 and (_read(_marker(run_dir, 0)) or {}).get("status") == "started":
+    if (
+        rdv.node_rank > 0
+        and (read_json_object(_marker(run_dir, 0)) or {}).get("status") == "started"
+    ):
         return
     _record_end(run_dir, rdv, "refused", why)
 
@@ -588,7 +584,7 @@ def _host(
     token = secrets.token_hex(8)
     roll.mkdir(parents=True, exist_ok=True)
     for old in roll.glob("node*.json"):
-        marker = _read(old)
+        marker = read_json_object(old)
         if _end_of(marker) is None or not _this_session(marker or {}, since):
             old.unlink(missing_ok=True)  # an earlier session's
     _node0(run_dir, rdv, token, "waiting")
@@ -596,7 +592,7 @@ def _host(
     next_say = every_s / 2
     try:
         while True:
-            seen = {r: _read(_marker(run_dir, r)) or {} for r in others}
+            seen = {r: read_json_object(_marker(run_dir, r)) or {} for r in others}
             for r, marker in seen.items():
                 if _end_of(marker) and (
                     marker.get("token") == token or _this_session(marker, since)
@@ -661,7 +657,7 @@ def _follow(
     why = "nothing tried yet"
     try:
         while True:
-            head = _read(_marker(run_dir, 0))
+            head = read_json_object(_marker(run_dir, 0))
             if head is not None and _end_of(head) is not None:
                 if (echoed is not None and head.get("token") == echoed) or _this_session(
                     head, since
@@ -683,7 +679,7 @@ def _follow(
                     r
                     for r in range(1, rdv.nnodes)
                     if r != rdv.node_rank
-                    and (_read(_marker(run_dir, r)) or {}).get("token") != echoed
+                    and (read_json_object(_marker(run_dir, r)) or {}).get("token") != echoed
                 ]
                 if head.get("status") == "started":
                     why = port_open(rdv.master_addr, rdv.master_port) or ""
@@ -759,7 +755,7 @@ def failed_nodes(run_dir: Path) -> dict[int, str]:
     out = {}
     for path in roll_dir(run_dir).glob("node*.json"):
         rank = path.stem[4:]
-        marker = _read(path)
+        marker = read_json_object(path)
         if rank.isdigit() and int(rank) > 0 and marker and _end_of(marker) is not None:
             out[int(rank)] = _ended(int(rank), marker, None)
     return out

@@ -481,7 +481,7 @@ def run_state(run_dir: str | os.PathLike[str]) -> RunState:
     """Read launch.json, result.json and metrics.jsonl once; see :class:`RunState`."""
     run = Path(run_dir)
     launch = run / LAUNCH_FILE
-    record = _json_object(launch)
+    record = read_json_object(launch)
     session_start = None
     if record is not None:
         ended = record.get("result")
@@ -504,12 +504,14 @@ def run_state(run_dir: str | os.PathLike[str]) -> RunState:
 
 def launch_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """launch.json's ``result``: what zeroplan launch recorded when the launch ended."""
-    record = _json_object(Path(run_dir) / LAUNCH_FILE)
+    record = read_json_object(Path(run_dir) / LAUNCH_FILE)
     ended = record.get("result") if record is not None else None
     return ended if isinstance(ended, dict) else None
 
 
-def _json_object(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None where the file is missing, unreadable, not JSON
+    (half-written) or not an object: run-folder records are read while others write them."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -526,7 +528,7 @@ def _session_result(run: Path, since: float | None) -> dict[str, Any] | None:
             return None
     except OSError:
         return None
-    return _json_object(path)
+    return read_json_object(path)
 
 
 def _result_outcome(result: dict[str, Any]) -> tuple[str, str]:
