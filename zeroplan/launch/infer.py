@@ -90,9 +90,9 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     """Base + adapter (or the full / merged weights) and the run's tokenizer, in eval mode."""
     weights = weights_dir(path)
     info = run_info(weights)
-    if _is_adapter(weights):
-        _base_of(weights, info)
-    _require_stack(_is_adapter(weights), "loading a run's model")
+    adapter = _is_adapter(weights)
+    base = _base_of(weights, info) if adapter else None
+    _require_stack(adapter, "loading a run's model")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,10 +104,9 @@ def load(path: str | Path, device: str | None = None) -> Loaded:
     tokenizer = AutoTokenizer.from_pretrained(weights)
     model: Any
     placed = False  # a 4-bit base is put on its GPU while loading and cannot be moved
-    if _is_adapter(weights):
+    if base is not None:
         from peft import PeftModel
 
-        base = _base_of(weights, info)
         kw: dict[str, Any] = {"dtype": dtype}
         if info.get("method") == "qlora" and cuda:
             from transformers import BitsAndBytesConfig

@@ -55,7 +55,7 @@ from zeroplan.hardware import (
 )
 from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
-from zeroplan.planfiles import model_location, model_name
+from zeroplan.planfiles import PLAN_KEYS, model_location, model_name
 from zeroplan.trainsetup import TrainSetup
 from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE
 
@@ -111,7 +111,7 @@ def read_plan(path: Path) -> dict[str, Any]:
         raise BadPlanError(
             f"{path} is not JSON; write a plan with: zeroplan plan MODEL --gpus SPEC -o DIR"
         ) from None
-    keys = {"model", "cluster", "world_size", "best"}
+    keys = set(PLAN_KEYS)
     if not isinstance(data, dict) or not keys <= data.keys():
         # MODEL_OR_PLAN may have meant a model: say it is not one of those either
         config = isinstance(data, dict) and "model_type" in data

@@ -85,7 +85,13 @@ from zeroplan.trainsetup import (
     packed_shape,
     parse_targets,
 )
-from zeroplan.watch.runlog import APPLIED_FILE, METRICS_FILE, RESULT_FILE, json_safe
+from zeroplan.watch.runlog import (
+    APPLIED_FILE,
+    METRICS_FILE,
+    RESULT_FILE,
+    json_safe,
+    read_json_object,
+)
 
 # a rank's exit status when its training diverged (the loss or gradient norm went non-finite)
 EXIT_DIVERGED = 3
@@ -106,7 +112,6 @@ HF_OPTIM = {
 }
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
-RESULT = RESULT_FILE
 DS_CONFIG = "ds_config.json"
 RUN_INFO = "zeroplan.json"  # in final/: what inference needs to rebuild the run's model
 DEFAULT_LOGGING_STEPS = 10
@@ -506,10 +511,7 @@ def recorded_cadence(out: Path) -> dict[str, int]:
     ``--resume`` that does not give them again keeps them. (The Trainer restores these
     from the checkpoint's state only to warn that they differ, then uses the new ones: a
     run logged every 5 steps went on every 10.)"""
-    try:
-        training = json.loads((out / APPLIED_FILE).read_text(encoding="utf-8"))["training"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    training = (read_json_object(out / APPLIED_FILE) or {}).get("training")
     if not isinstance(training, dict):
         return {}
     kept: dict[str, int] = {}
@@ -533,7 +535,7 @@ def original_limits(out: Path) -> tuple[float | None, int | None]:
     ``(None, None)``: the defaults.
     """
     try:
-        result = json.loads((out / RESULT).read_text(encoding="utf-8"))
+        result = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
         epochs, steps = result.get("epochs"), result.get("max_steps_given")
         return (
             float(epochs) if isinstance(epochs, (int, float)) else None,
@@ -584,7 +586,7 @@ def completed_step(out: Path, max_steps: int | None, epochs: float) -> int | Non
     step beyond it, so this is decided here, before the Trainer.)
     """
     try:
-        result = json.loads((out / RESULT).read_text(encoding="utf-8"))
+        result = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
         done = int(result["global_step"]) if result.get("status") == "completed" else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -1165,7 +1167,7 @@ def _finish(
             result["compile"] = regional.stats()
         # a diverged loss is NaN: null in the file, which stays strict JSON
         text = json.dumps(json_safe(result), indent=2, allow_nan=False)
-        (opts.out / RESULT).write_text(text + "\n")
+        (opts.out / RESULT_FILE).write_text(text + "\n")
         _say(
             f"{status} at step {result['global_step']}" + (f"; weights in {final}" if final else "")
         )
