@@ -38,7 +38,9 @@ gpu_bound() {
   # an 8B model built before (else kernels_speed.py builds its own)
   local built; built=$(built_8b)
   mkdir -p /tmp/k && [ -n "$built" ] && [ ! -e /tmp/k/model ] && ln -sfn "$built" /tmp/k/model
-  ( cd "$REPO/../.." && export ZEROPLAN_LORA_GROUP=$g RUNS=qlora-auto NAME=$name LINEAR=0 \
+  # from the staged tree, as one() runs: the working tree may hold edits not staged
+  ( cd "$REPO" && export STAGE="$REPO/../../.stage-unsloth" \
+      ZEROPLAN_LORA_GROUP=$g RUNS=qlora-auto NAME=$name LINEAR=0 \
       DEADLINE=$((L - 15)) EXTRA="--steps $steps --run-estimate $estimate"
     [ $# -eq 0 ] || export "$@"
     timeout $((L - 5)) bash benchmarks/fused_lora_gpu.sh > "$OUT/$name.out" 2>&1

@@ -47,9 +47,10 @@ def _stand_in(monkeypatch: pytest.MonkeyPatch, shift: float) -> list[int]:
     """The direct calls replaced by bitsandbytes' result (+ shift), counted."""
     calls: list[int] = []
 
-    def direct(weight: Any, state: Any) -> Any:
+    def direct(weight: Any, state: Any, out: Any = None) -> Any:
         calls.append(1)
-        return dequant._bnb(weight, state) + shift
+        got = dequant._bnb(weight, state) + shift
+        return got if out is None else out.copy_(got)
 
     monkeypatch.setattr(dequant, "_eligible", lambda weight, state: True)
     monkeypatch.setattr(dequant, "direct", direct)
