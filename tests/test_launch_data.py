@@ -245,6 +245,40 @@ def test_empty_texts_are_dropped_as_nothing_to_learn(tok: Any) -> None:
         data.prepare("x", tok, 64, records=[{"text": ""}, {"text": " "}])
 
 
+def test_records_render_before_any_token() -> None:
+    """One function renders records for training and for preflight, which has no tokenizer:
+    a chat record's messages (system prompt added), a text, None for an empty text."""
+    chat = data.rendered([{"instruction": "q", "output": "a"}], "alpaca", SYSTEM)
+    assert list(chat) == [
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+    ]
+    texts = [{"text": "the fox"}, {"text": " \n"}, {"text": ""}]
+    assert list(data.rendered(texts, "text", SYSTEM)) == ["the fox", None, None]
+
+
+def test_preflight_refuses_the_records_prepare_refuses(tok: Any, tmp_path: Path) -> None:
+    """Without a tokenizer preflight renders the records as prepare does: the same first bad
+    record refused in the same words; only empty texts, refused too."""
+    from zeroplan.launch.preflight import read_as_training_does
+
+    recs: list[dict[str, Any]] = [*tinyllm.alpaca_records(2), {"instruction": "q"}]
+    bad = tinyllm.write_jsonl(tmp_path / "bad.jsonl", recs)
+    with pytest.raises(BadDataError) as by_rank:
+        data.prepare(str(bad), tok, 128)
+    with pytest.raises(BadDataError) as by_preflight:
+        read_as_training_does(str(bad), "auto", None)
+    assert str(by_preflight.value) == str(by_rank.value) and "record 3" in str(by_rank.value)
+    empty = tinyllm.write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": " "}])
+    with pytest.raises(BadDataError, match=r"all 2 records of .* are empty texts"):
+        read_as_training_does(str(empty), "auto", None)
+    good = tinyllm.write_jsonl(tmp_path / "good.jsonl", [{"text": ""}, {"text": "a fox"}])
+    read_as_training_does(str(good), "auto", None)
+
+
 def test_eval_split_is_seeded_and_disjoint(tok: Any) -> None:
     recs = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(16)]
     a = data.prepare("x", tok, 128, eval_fraction=0.25, seed=1, records=recs)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ __all__ = [
     "looks_like_hub_id",
     "prepare",
     "read_records",
+    "rendered",
     "to_messages",
 ]  # {"input_ids": [...], "labels": [...]}
 
@@ -197,6 +198,30 @@ def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     return ids, list(ids)
 
 
+# --------------------------------------------------------------------------- records
+
+
+def rendered(
+    records: list[dict[str, Any]], fmt: str, system: str | None
+) -> Iterator[str | list[dict[str, str]] | None]:
+    """What training makes of each record before any token, in the records' order: a chat
+    record's messages (zeroplan.records.to_messages: the system prompt added; a record
+    without its format's fields or an assistant message refused), a text record's text, and
+    None for a text that is empty or only whitespace (nothing to learn: an empty document
+    is EOS alone, whose one token no position predicts; a micro-batch of them has a loss of
+    0/0, NaN). ``fmt`` is resolved (not ``auto``). Records are numbered from 1 in messages.
+
+    A generator, so that :func:`prepare` tokenizes each record as it comes and the first
+    bad record is the one refused, whether rendering or tokenizing refuses it; preflight
+    renders every record without a tokenizer."""
+    for i, rec in enumerate(records, 1):
+        if fmt == "text":
+            text = text_of(rec, i)
+            yield text if text.strip() else None
+        else:
+            yield to_messages(rec, fmt, i, system)
+
+
 # --------------------------------------------------------------------------- all together
 
 
@@ -244,18 +269,15 @@ def prepare(
     kept_messages: list[list[dict[str, str]]] = []
     too_long = truncated = no_target = longest = 0
     method = "all-tokens"
-    for i, rec in enumerate(records, 1):  # numbered from 1 in messages (zeroplan.records)
+    for i, item in enumerate(rendered(records, fmt, system), 1):
         msgs: list[dict[str, str]] = []
-        if fmt == "text":
-            text = text_of(rec, i)
-            if not text.strip():
-                # nothing to learn: an empty document is EOS alone, whose one token no
-                # position predicts; a micro-batch of them has a loss of 0/0, NaN
-                no_target += 1
-                continue
-            ids, labels = encode_text(tokenizer, text)
+        if item is None:
+            no_target += 1
+            continue
+        if isinstance(item, str):
+            ids, labels = encode_text(tokenizer, item)
         else:
-            msgs = to_messages(rec, fmt, i, system)
+            msgs = item
             ids, labels, method = encode_messages(tokenizer, msgs, i)
         longest = max(longest, len(ids))
         if len(ids) > max_seq_len:

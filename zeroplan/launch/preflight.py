@@ -287,19 +287,16 @@ def check_records(launch: Launch) -> str | None:
 
 
 def read_as_training_does(data: str, fmt: str, system: str | None) -> None:
-    """Read ``data``'s records and turn each into what training renders (messages, or
-    its text) with zeroplan.records' functions: every refusal of a record, no tokens."""
-    from zeroplan.records import detect_format, read_records, text_of, to_messages
+    """Read ``data``'s records and render each as training does
+    (:func:`zeroplan.launch.data.rendered`): every refusal of a record, no tokens."""
+    from zeroplan.launch.data import rendered
+    from zeroplan.records import detect_format, read_records
 
     records = read_records(data)
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
-    texts = 0
-    for i, rec in enumerate(records, 1):
-        if fmt == "text":
-            texts += bool(text_of(rec, i).strip())
-        else:
-            to_messages(rec, fmt, i, system)
-    if fmt == "text" and not texts:
+    # every record rendered (a list, not all()'s first answer), so that a bad one is found
+    items = list(rendered(records, fmt, system))
+    if all(item is None for item in items):  # only empty texts are None
         raise BadDataError(
             f"all {len(records)} records of {data} are empty texts, with nothing to learn: "
             "give records with text"
