@@ -265,6 +265,29 @@ def test_parse_cluster_malformed(spec: str, needle: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("4", 4),
+        (" -1 ", -1),
+        ("+2", 2),
+        ("auto", None),
+        ("p95", None),
+        ("1.5", None),
+        ("4x4090", None),
+    ],
+)
+def test_a_count_reads_alike_in_every_option(text: str, number: int | None) -> None:
+    """launch --gpus, --seq-len and a cluster spec's counts read whole numbers by one rule
+    (signed: -1 is told it is too small, not that it is not a name)."""
+    from zeroplan.commands.job import seq_len_number
+    from zeroplan.launch.runner import is_gpu_count
+    from zeroplan.wholenumbers import whole_number
+
+    assert whole_number(text) == seq_len_number(text) == number
+    assert is_gpu_count(text) is (number is not None)
+
+
+@pytest.mark.parametrize(
     "spec", ["7x4091", "8x7", "2x8xH300", "P100", "tpu", "8xH200 NVL", "a100-90gb", "4090D"]
 )
 def test_parse_cluster_unknown_gpu(spec: str) -> None:

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from zeroplan.errors import BadClusterSpecError, BadLinkOptionError, UnknownGPUError
+from zeroplan.wholenumbers import whole_number
 
 __all__ = [
     "DEFAULT_CPU_CORES_PER_GPU",
@@ -752,12 +753,13 @@ def parse_cluster(text: str, *, inter_node_gbs: float | None = None) -> Cluster:
         )
     values: list[int] = []
     for raw in counts:
-        if not re.fullmatch(r"[+-]?\d+", raw) or int(raw) < 1:
+        count = whole_number(raw)
+        if count is None or count < 1:
             raise BadClusterSpecError(
                 f"count {raw!r} in cluster spec {text.strip()!r} must be a whole number "
                 f"of at least 1; {_SPEC_HELP}"
             )
-        values.append(int(raw))
+        values.append(count)
 
     # "4090x7": the GPU is itself a number, so the prefix loop took it as a count.
     if (

@@ -3,7 +3,6 @@ that plans (``zeroplan plan``, and ``zeroplan launch MODEL`` which plans before 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -15,6 +14,7 @@ from zeroplan.lengths import OVERLONG
 from zeroplan.models import ModelSpec
 from zeroplan.records import FORMATS
 from zeroplan.trainsetup import METHODS, PRECISIONS, TrainSetup, parse_targets
+from zeroplan.wholenumbers import whole_number
 
 if TYPE_CHECKING:
     from zeroplan.prompts import PromptFormat
@@ -354,9 +354,7 @@ def seq_len_number(raw: str | int | None) -> int | None:
     than that it is not auto); None for auto, a percentile, or none given."""
     if isinstance(raw, int):
         return raw
-    if raw is not None and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
-        return int(raw)
-    return None
+    return None if raw is None else whole_number(raw)
 
 
 def default_seq_len(spec: ModelSpec) -> tuple[int, str | None]:

@@ -58,6 +58,7 @@ from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
 from zeroplan.planfiles import PLAN_KEYS, model_location, model_name
 from zeroplan.trainsetup import TrainSetup
 from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE
+from zeroplan.wholenumbers import whole_number
 
 if TYPE_CHECKING:
     from zeroplan.models import ModelSpec
@@ -268,13 +269,13 @@ def select_nodes(
 def is_gpu_count(gpus: str) -> bool:
     """Whether launch's ``--gpus`` is a bare count (``4``), signed ones too, so that ``-1``
     is told it is too few rather than looked up as a GPU name."""
-    return re.fullmatch(r"\s*[+-]?\d+\s*", gpus) is not None
+    return whole_number(gpus) is not None
 
 
 def gpu_count(gpus: str) -> int:
     """``--gpus`` for launch: a count (``4``) or a one-node cluster spec (``4x4090``)."""
-    if is_gpu_count(gpus):
-        n = int(gpus)
+    n = whole_number(gpus)
+    if n is not None:
         if n < 1:
             raise BadClusterSpecError(f"--gpus must be at least 1, got {n}")
         if n > MAX_GPUS_PER_NODE:
