@@ -490,7 +490,7 @@ def test_launch_plans_a_recipe_as_plan_recipe_does(
     """launch --recipe: the recipe's model, method, LoRA settings, sequence length and
     global batch are the job, planned on the GPUs given as zeroplan plan --recipe plans it;
     the dry run shows the mapping as plan prints it, then the launch."""
-    from zeroplan.launch.runner import fused_loss_installed
+    from zeroplan.launch.envcheck import installed
     from zeroplan.planner import describe
 
     model = tiny_model_folder(tmp_path / "tiny")
@@ -522,7 +522,7 @@ def test_launch_plans_a_recipe_as_plan_recipe_does(
 
     # the same plan as zeroplan plan --recipe on that cluster (the setup the plan chose,
     # not the recipe's micro-batch; its global batch 2 × 3 × 2 GPUs kept)
-    fused = [] if fused_loss_installed() else ["--no-fused-loss"]
+    fused = [] if installed("liger_kernel") else ["--no-fused-loss"]
     plan_args = ["plan", "--recipe", str(recipe), "--data", str(data), "--gpus", "2xH100"]
     main([*plan_args, *fused, "--json"])
     planned = json.loads(capsys.readouterr().out)
@@ -1073,8 +1073,8 @@ def test_launching_a_model_takes_the_plans_kernel_switches(
     """On a CPU the refusal said "plan again without it (--no-fused-loss)", an option launch
     did not have when it plans a model itself."""
     monkeypatch.setattr("zeroplan.hardware.local_cluster", lambda: None)
-    monkeypatch.setattr("zeroplan.launch.runner.fused_loss_installed", lambda: True)
-    # CI installs no liger-kernel: preflight's package check would refuse before the CPU's
+    # the plan takes the fused loss as where liger-kernel is installed (CI installs none;
+    # preflight's package check would then refuse before the CPU's)
     import zeroplan.launch.envcheck as envcheck
 
     found = envcheck.installed
@@ -1423,14 +1423,15 @@ def test_a_model_planned_for_this_machine_uses_only_kernels_it_has(
 ) -> None:
     """Planning for launch here must not choose Liger's fused loss when it is not installed:
     preflight would then refuse the plan it just made."""
-    from zeroplan.launch import runner
+    from zeroplan.launch import envcheck
 
     # a job whose plan takes the fused loss where it may: seq 4096 on one 24 GB card
     job = {"seq_len": 4096, "global_batch": 8}
-    monkeypatch.setattr(runner, "fused_loss_installed", lambda: False)
+    found = envcheck.installed
+    monkeypatch.setattr(envcheck, "installed", lambda m: m != "liger_kernel" and found(m))
     data = plan_model("llama-3.1-8b-instruct", parse_cluster("1x4090"), job)
     assert data["best"]["setup"]["fused_loss"] is False
-    monkeypatch.setattr(runner, "fused_loss_installed", lambda: True)
+    monkeypatch.setattr(envcheck, "installed", lambda m: m == "liger_kernel" or found(m))
     data = plan_model("llama-3.1-8b-instruct", parse_cluster("1x4090"), job)
     assert data["best"]["setup"]["fused_loss"] is True
 

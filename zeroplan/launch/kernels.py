@@ -38,7 +38,6 @@ own modules) 1.08-1.13x after a 20 s compile, inside the host-bound repeat sprea
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import shutil
 import time
@@ -52,6 +51,7 @@ from zeroplan.errors import (
     KernelsUnsupportedError,
     MissingDependencyError,
 )
+from zeroplan.launch import envcheck
 from zeroplan.liger import LIGER_KERNELS
 
 KERNELS = ("auto", "liger", "none")
@@ -104,10 +104,6 @@ class KernelPath:
         }
 
 
-def liger_installed() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def liger_version() -> str | None:
     try:
         return metadata.version("liger-kernel")
@@ -118,7 +114,7 @@ def liger_version() -> str | None:
 def liger_model_types() -> frozenset[str] | None:
     """The config ``model_type`` values the installed liger-kernel patches (None: not
     installed). Imports liger-kernel (and so torch and triton)."""
-    if not liger_installed():
+    if not envcheck.installed("liger_kernel"):
         return None
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
@@ -251,7 +247,7 @@ def check_compiler(cuda: bool) -> None:
             f"--compile: torch {torch.__version__} cannot compile on this Python "
             "(torch.compile is not supported here): upgrade torch, or pass --no-compile"
         )
-    if cuda and importlib.util.find_spec("triton") is None:
+    if cuda and not envcheck.installed("triton"):
         raise CompilerUnavailableError(
             "--compile needs Triton for GPU code, which is not installed: pip install triton, "
             "or pass --no-compile"

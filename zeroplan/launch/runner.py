@@ -53,6 +53,7 @@ from zeroplan.hardware import (
     threads_per_rank,
     usable_cpu_cores,
 )
+from zeroplan.launch import envcheck
 from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
 from zeroplan.planfiles import PLAN_KEYS, model_location, model_name
@@ -158,19 +159,15 @@ def plan_cluster(plan: Mapping[str, Any]) -> Cluster | None:
         return None
 
 
-def fused_loss_installed() -> bool:
-    """Whether Liger's kernel is importable here: a plan made for this machine may only
-    choose the fused loss if the ranks can run it (preflight refuses it otherwise)."""
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def plan_here(spec: ModelSpec, cluster: Cluster, job: Mapping[str, Any] | None = None) -> Plan:
     """The planner's answer for ``job`` (``PlanRequest`` fields: method, seq_len, ...; the
     request's defaults for the rest) on ``cluster``, for ranks started from this machine:
     the fused loss and Liger's kernels are chosen only when liger-kernel is installed here."""
     from zeroplan.planner import PlanRequest, plan
 
-    here = fused_loss_installed()
+    # a plan made for this machine may choose Liger's fused loss and kernels only where the
+    # ranks can run them (preflight refuses them otherwise)
+    here = envcheck.installed("liger_kernel")
     fields = dict(job or {})
     # a recipe's job keeps the model's own kernels (commands.job.recipe_job says why), and
     # --no-liger / --no-fused-loss leave them out as zeroplan plan's do
@@ -407,7 +404,7 @@ def launch_env(
 
 def default_launcher(setup: TrainSetup) -> str:
     """deepspeed when the plan uses ZeRO and DeepSpeed is installed, else torchrun."""
-    if setup.zero is not None and importlib.util.find_spec("deepspeed") is not None:
+    if setup.zero is not None and envcheck.installed("deepspeed"):
         return "deepspeed"
     return "torchrun"
 
