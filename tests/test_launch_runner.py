@@ -35,13 +35,14 @@ from zeroplan.errors import (
     HostUnreachableError,
     NoGPUError,
     PredictedOOMError,
+    ResumeError,
     RunDirExistsError,
     TokenizerNotFoundError,
     TrackerLoginError,
 )
 from zeroplan.hardware import GPU, parse_cluster
 from zeroplan.launch import procs, progress
-from zeroplan.launch.preflight import preflight
+from zeroplan.launch.preflight import check_run_dir, preflight
 from zeroplan.launch.runner import (
     Command,
     Launch,
@@ -994,6 +995,90 @@ def test_resuming_with_another_plan_is_refused_and_the_runs_plan_kept(
     assert (
         checks.ok and f"resuming from {first.run_dir}/checkpoints/checkpoint-6" in checks.notes[0]
     )
+
+
+def saved_by(run: Path, step: int, ranks: int) -> Path:
+    """A finished save of a run of ``ranks`` processes: the Trainer's random-number state,
+    one file a rank (one file, unnumbered, from a run of one)."""
+    ckpt = saved(run, step)
+    names = ["rng_state.pth"] if ranks == 1 else [f"rng_state_{r}.pth" for r in range(ranks)]
+    for name in names:
+        (ckpt / name).write_bytes(b"")
+    return ckpt
+
+
+def test_resuming_zero_on_another_gpu_count_is_refused_before_anything_starts(
+    tmp_path: Path, data_file: Path
+) -> None:
+    """A ZeRO-2 run saved on 2 GPUs, resumed on 1: preflight passed and the launch rewrote
+    the folder's launch.json, for every rank to raise DeepSpeed's "The checkpoint being
+    loaded used a DP world size of 2 but the current world size is 1" as it loads it."""
+    first = tiny_launch(tmp_path, data_file, zero=2)
+    first = dataclasses.replace(first, nodes=resolve_nodes(count=2))
+    write_files(first)
+    ckpt = saved_by(first.run_dir, 6, 2)
+    resume = TrainOptions(resume=True)
+    one = dataclasses.replace(first, resume=True, train=resume, nodes=resolve_nodes(count=1))
+    checks = preflight(one, None, force=True)
+    error = str(checks.errors[0])  # the one the launch raises
+    assert isinstance(checks.errors[0], ResumeError) and "\n" not in error
+    assert error.startswith(
+        f"--resume: {ckpt.name} in {first.run_dir} was saved by 2 GPUs under ZeRO-2, and "
+        "this launch has 1 GPU"
+    )
+    assert "--gpus 2" in error and "-o NEW_DIR" in error
+    # on as many GPUs as saved it, it resumes
+    two = dataclasses.replace(one, nodes=resolve_nodes(count=2))
+    assert not any(isinstance(e, ResumeError) for e in preflight(two, None, force=True).errors)
+
+
+@pytest.mark.parametrize("zero", [None, 0])
+def test_resuming_without_zero_on_another_gpu_count_says_what_changes(
+    tmp_path: Path, data_file: Path, zero: int | None
+) -> None:
+    """Without ZeRO's split (or at ZeRO-0) the optimizer state is whole: any count loads it;
+    the note says the global batch changes and so where this epoch's data resumes."""
+    first = tiny_launch(tmp_path, data_file, zero=zero, micro_batch=2, grad_accum=3)
+    write_files(first)
+    saved_by(first.run_dir, 6, 2)
+    resumed = dataclasses.replace(first, resume=True, train=TrainOptions(resume=True))
+    checks = preflight(resumed, None, force=True)
+    assert not any(isinstance(e, ResumeError) for e in checks.errors)
+    (note,) = [n for n in checks.notes if n.startswith("resuming from")]
+    assert "checkpoint-6 (step 6), saved by 2 GPUs, on 1: " in note
+    assert "the global batch becomes 2 × 3 × 1 = 6 sequences (12 before)" in note
+    assert note.endswith("some of this epoch's data is trained twice")
+    four = dataclasses.replace(resumed, nodes=resolve_nodes(count=4))
+    (note,) = [n for n in preflight(four, None, force=True).notes if n.startswith("resuming")]
+    assert "on 4: " in note and note.endswith("skipped untrained")
+    # the same count, or a checkpoint that does not tell: the plain note
+    same = dataclasses.replace(resumed, nodes=resolve_nodes(count=2))
+    assert check_run_dir(same) == f"resuming from {first.run_dir}/checkpoints/checkpoint-6 (step 6)"
+
+
+def test_a_checkpoint_tells_how_many_processes_saved_it(tmp_path: Path) -> None:
+    from zeroplan.launch.sft import checkpoint_world_size
+
+    assert checkpoint_world_size(saved_by(tmp_path, 1, 1)) == 1
+    assert checkpoint_world_size(saved_by(tmp_path, 2, 8)) == 8
+    assert checkpoint_world_size(saved(tmp_path, 3)) is None
+
+
+def test_a_refused_resume_is_one_line_exit_2_and_nothing_written(
+    tmp_path: Path, data_file: Path, launch_env_vars: dict[str, str]
+) -> None:
+    first = tiny_launch(tmp_path, data_file, zero=3)
+    first = dataclasses.replace(first, nodes=resolve_nodes(count=2))
+    write_files(first)
+    saved_by(first.run_dir, 6, 2)
+    before = sorted(p.relative_to(first.run_dir) for p in first.run_dir.rglob("*"))
+    kept = (first.run_dir / "launch.json").read_bytes()
+    args = ["launch", str(first.run_dir), "--resume", "--data", str(data_file), "--gpus", "1"]
+    proc = run_cli([*args, "--force"], launch_env_vars)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "was saved by 2 GPUs under ZeRO-3, and this launch has 1 GPU" in proc.stderr
+    assert sorted(p.relative_to(first.run_dir) for p in first.run_dir.rglob("*")) == before
+    assert (first.run_dir / "launch.json").read_bytes() == kept
 
 
 def test_another_plans_folder_is_not_a_run_folder(tmp_path: Path, data_file: Path) -> None:

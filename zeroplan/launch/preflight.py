@@ -6,7 +6,9 @@ Each failure is one ZeroplanError (one line in the CLI, exit status 2):
   --resume was not given, or is another plan's folder (RunDirExistsError; on every node of
   a run of several, so that they all refuse it alike);
 * --resume where the run folder holds no checkpoint, was trained with a plan that differs
-  in what the run keeps, or completed what the limits ask (ResumeError);
+  in what the run keeps, or on another number of GPUs under ZeRO-1, 2 or 3 (whose split
+  optimizer state DeepSpeed loads on as many GPUs only), or completed what the limits ask
+  (ResumeError);
 * the data file does not exist (DataNotFoundError; a Hub data set id is left to the ranks),
   or holds nothing the ranks could train on: read and rendered as ``zeroplan plan --data``
   does, kept at the plan's sequence length (BadDataError, ChatTemplateError);
@@ -152,7 +154,8 @@ def earlier_run(run_dir: Path) -> str | None:
 
 def check_resume(launch: Launch) -> str:
     """--resume: RUN_DIR holds a checkpoint, was trained with this launch's plan (as far as
-    :data:`STATE_FIELDS` go) and has something left to train; the note naming the
+    :data:`STATE_FIELDS` go), on as many GPUs where its ZeRO stage needs them
+    (:func:`check_world_size`), and has something left to train; the note naming the
     checkpoint. Each is refused here, before a rank starts and writes into the folder."""
     from zeroplan.launch import sft
 
@@ -180,6 +183,7 @@ def check_resume(launch: Launch) -> str:
                 f"resume it with its own (zeroplan launch {run_dir} --resume --data ...), or "
                 "give this plan a new folder (-o NEW_DIR)"
             )
+    moved = check_world_size(launch, ckpt, sft.checkpoint_world_size(ckpt))
     train = launch.train
     epochs, max_steps = sft.resume_limits(run_dir, train.epochs, train.max_steps)
     done = sft.completed_step(run_dir, max_steps, 1.0 if epochs is None else epochs)
@@ -188,7 +192,47 @@ def check_resume(launch: Launch) -> str:
             f"nothing to resume: {run_dir} completed at step {done} (weights in "
             f"{run_dir / sft.FINAL}); pass a larger --max-steps or --epochs to train on"
         )
-    return f"resuming from {ckpt} (step {sft.checkpoint_step(ckpt)})"
+    return f"resuming from {ckpt} (step {sft.checkpoint_step(ckpt)}){moved}"
+
+
+def check_world_size(launch: Launch, ckpt: Path, saved_by: int | None) -> str:
+    """--resume on another number of GPUs than saved ``ckpt`` (``saved_by``; None: not
+    told): refused under ZeRO-1, 2 and 3, allowed without ZeRO or at ZeRO-0, where it adds
+    what changes to the resume's note ("" where nothing does).
+
+    ZeRO-1 and up split the optimizer's state (and ZeRO-3 the weights) into one file per
+    rank, and DeepSpeed loads them only on as many ranks: any other count raises "The
+    checkpoint being loaded used a DP world size of 2 but the current world size is 1"
+    in every rank (deepspeed/runtime/engine.py, _load_zero_checkpoint) after the model
+    loaded. Only DeepSpeed's universal checkpoints reshard, and zeroplan writes none.
+    Without ZeRO, and at ZeRO-0, rank 0 saves the whole optimizer state, which loads on
+    any count; the global batch changes with it, and the Trainer skips the steps already
+    trained as steps of the new batch (transformers' Trainer, steps_trained_in_current_epoch)."""
+    now = launch.world_size
+    if saved_by is None or saved_by == now:
+        return ""
+    setup, gpus = launch.setup, _gpu_count(saved_by)
+    if setup.zero:
+        raise ResumeError(
+            f"--resume: {ckpt.name} in {launch.run_dir} was saved by {gpus} under "
+            f"ZeRO-{setup.zero}, and this launch has {_gpu_count(now)}: DeepSpeed loads its "
+            f"optimizer state, split one part per GPU, on {gpus} only; resume with the same "
+            f"{gpus} (--gpus {saved_by}, or the hostfile it ran with), or start a new run "
+            "folder (-o NEW_DIR)"
+        )
+    per_gpu = setup.micro_batch * setup.grad_accum
+    lost = "skipped untrained" if now > saved_by else "trained twice"
+    return (
+        f", saved by {gpus}, on {now}: without ZeRO's split the optimizer state is whole "
+        f"and loads on any count; the global batch becomes {setup.micro_batch} × "
+        f"{setup.grad_accum} × {now} = {per_gpu * now} sequences ({per_gpu * saved_by} "
+        "before), and the steps already trained count as steps of it, so some of this "
+        f"epoch's data is {lost}"
+    )
+
+
+def _gpu_count(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
 
 
 # What a resumed run keeps from the plan it started with, besides the model: what its

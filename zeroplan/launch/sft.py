@@ -576,6 +576,21 @@ def checkpoint_step(path: Path) -> int | None:
     return int(digits) if path.name.startswith("checkpoint-") and digits.isdigit() else None
 
 
+def checkpoint_world_size(ckpt: Path) -> int | None:
+    """How many processes saved ``ckpt``, from the random-number state each leaves in it
+    (transformers' Trainer._save_rng_state: ``rng_state.pth`` from a run of one process,
+    ``rng_state_{rank}.pth`` from each rank of a run of several); None where it holds
+    neither."""
+    ranks = [
+        int(digits)
+        for f in ckpt.glob("rng_state_*.pth")
+        if (digits := f.name.removeprefix("rng_state_").removesuffix(".pth")).isdigit()
+    ]
+    if ranks:
+        return max(ranks) + 1
+    return 1 if (ckpt / "rng_state.pth").is_file() else None
+
+
 def completed_step(out: Path, max_steps: int | None, epochs: float) -> int | None:
     """The step a completed run ended at, if ``--resume`` would have nothing left to train.
 
