@@ -477,6 +477,59 @@ def test_bad_recipes_are_one_line_exit_2_nothing_written(
         assert out == "" and not out_dir.exists()
 
 
+LF_1B = "model_name_or_path: llama-3.2-1b\ncutoff_len: 512\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said", "fix"),
+    [
+        ("lf.yaml", LF_1B + "bf16: true\n", "bf16: true in lf.yaml", "fp16: true in place of"),
+        (
+            "trl.yaml",
+            "model_name_or_path: llama-3.2-1b\nuse_peft: true\ndtype: bfloat16\n",
+            "trl.yaml sets no bf16, and TRL 1.16.0 trains in bf16 by default",
+            "fp16: true in trl.yaml",
+        ),
+        (
+            "hf.json",
+            '{"model_name_or_path": "llama-3.2-1b", "output_dir": "o", "bf16": true}',
+            '"bf16": true in hf.json',
+            '"fp16": true in place of "bf16": true',
+        ),
+        (
+            "ds.yaml",
+            LF_1B + "bf16: true\ndeepspeed: z2.json\n",
+            "bf16: true in ds.yaml and bf16.enabled in z2.json",
+            "fp16.enabled in place of bf16.enabled in z2.json",
+        ),
+    ],
+)
+def test_a_recipes_bf16_on_a_card_without_it_is_refused_in_the_recipes_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, said: str, fix: str
+) -> None:
+    """On a V100 the recipe's bf16 was refused as "--precision bf16: V100-SXM2-16GB has no
+    bf16; use --precision fp16": an option the recipe's user never typed."""
+    (tmp_path / "z2.json").write_text(
+        '{"bf16": {"enabled": true}, "zero_optimization": {"stage": 2}}'
+    )
+    recipe = write(tmp_path, name, text)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
+    launch = ["launch", "--data", str(data), "--dry-run", "-o", str(tmp_path / "run")]
+    for cmd in (["estimate"], ["plan"], launch):
+        code, out, err = run([*cmd, "--recipe", str(recipe), "--gpus", "1xV100"], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"zeroplan: error: {said}: V100-SXM2-16GB has no bf16"), err
+        assert fix in err and err.rstrip().endswith("or pass --precision fp16")
+    # --precision fp16 plans it; the recipe as written is still refused, in its words
+    code, out, err = run(
+        ["plan", "--recipe", str(recipe), "--gpus", "1xV100", "--precision", "fp16", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(out)["recipe"]["as_written"]["error"].startswith(said)
+
+
 def test_estimate_recipe_json_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(
         ["estimate", "--recipe", str(LF_STORY), "--gpus", "7x4090", "--micro-batch", "2", "--json"],

@@ -15,6 +15,7 @@ import click
 from zeroplan.commands import printing
 from zeroplan.commands.job import (
     PRECISION_HELP,
+    check_recipe_card,
     data_options,
     default_seq_len,
     estimate_data_options,
@@ -298,6 +299,7 @@ def estimate(
     --recipe reads the job from a LLaMA-Factory, axolotl or TRL recipe (docs/recipes.md).
     """
     from zeroplan.api import estimate as run_estimate
+    from zeroplan.api import resolve_cluster
     from zeroplan.models import load_model
 
     recipe = None
@@ -307,6 +309,7 @@ def estimate(
 
         recipe, spec = read_recipe(recipe_path, recipe_format, model)
         options, overridden = recipe_over(recipe.setup, options)
+        check_recipe_card(recipe, overridden, resolve_cluster(gpus).gpu)
     elif model is None:
         raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
     else:
@@ -660,6 +663,7 @@ def plan(
 
         recipe, spec = read_recipe(recipe_path, recipe_format, model)
         job, overridden, extra = recipe_job(recipe, job, cluster.world_size)
+        check_recipe_card(recipe, overridden, cluster.gpu)
     elif model is None:
         raise click.UsageError("Missing argument 'MODEL' (or give --recipe FILE)")
     else:
@@ -732,6 +736,7 @@ def as_written(spec: ModelSpec, cluster: Cluster, recipe: Recipe) -> dict[str, A
     from zeroplan.trainsetup import resolve_precision
 
     try:
+        check_recipe_card(recipe, {}, cluster.gpu)  # as written: its own precision
         setup = resolve_precision(make_setup(**recipe.setup), cluster.gpu.bf16, cluster.gpu.name)
         est = run_estimate(spec, gpus=cluster, setup=setup)
     except ZeroplanError as exc:

@@ -17,6 +17,7 @@ from zeroplan.trainsetup import METHODS, PRECISIONS, TrainSetup, parse_targets
 from zeroplan.wholenumbers import whole_number
 
 if TYPE_CHECKING:
+    from zeroplan.hardware import GPU
     from zeroplan.prompts import PromptFormat
     from zeroplan.recipes.common import Recipe
 
@@ -469,6 +470,16 @@ def recipe_over(
             merged[name] = value
             overridden[name] = "--" + name.replace("_", "-")
     return merged, overridden
+
+
+def check_recipe_card(recipe: Recipe, overridden: dict[str, str], gpu: GPU) -> None:
+    """The recipe's precision on ``gpu``, refused in the recipe's words (its ``bf16: true``
+    on a card without bf16: zeroplan.recipes.check_bf16) unless --precision replaced it;
+    before the estimate or plan would refuse it naming --precision."""
+    from zeroplan.recipes import check_bf16
+
+    if "precision" not in overridden:
+        check_bf16(recipe, gpu.bf16, gpu.name)
 
 
 def recipe_answer(

@@ -17,6 +17,7 @@ from zeroplan.commands.job import (
     JOB_OPTIONS,
     KERNEL_OPTIONS,
     LINK_OPTIONS,
+    check_recipe_card,
     epochs_option,
     format_option,
     job_options,
@@ -674,6 +675,7 @@ def _from_recipe(
 
     recipe, spec = read_recipe(path, fmt)
     job, overridden, extra = recipe_job(recipe, job, cluster.world_size)
+    check_recipe_card(recipe, overridden, cluster.gpu)
     refuse_adapter_options(str(job["method"]))
     # the recipe's own kernel choice over the options' (as zeroplan plan --recipe)
     plan = _plan_job(spec, cluster, job_request(**job), data_job, {**switches, **extra})

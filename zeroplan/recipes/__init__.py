@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from zeroplan.errors import BadRecipeError
+from zeroplan.errors import BadRecipeError, BadSetupError
 from zeroplan.lengths import DataFit, kept_lengths
 from zeroplan.models import ModelSpec, load_model
 from zeroplan.packing import PaddedBatches, padded_batches, run_micro_batches
@@ -261,11 +261,47 @@ def run_notes(
     return notes
 
 
+def check_bf16(recipe: Recipe, gpu_bf16: bool, gpu_name: str) -> None:
+    """A recipe that trains in bf16, refused on a card without bf16 in the recipe's own
+    words: the key that asks for it (``bf16: true``, the DeepSpeed config's
+    ``bf16.enabled``), or its trainer's default where it writes neither. The same refusal
+    as trainsetup.resolve_precision's, whose "--precision bf16" a recipe user did not type;
+    callers skip it where --precision replaced the recipe's precision."""
+    if gpu_bf16 or recipe.setup.get("precision") != "bf16":
+        return
+    said: list[str] = []
+    fixes: list[str] = []
+    for row in recipe.rows:
+        if row.key == "bf16.enabled":  # zeroplan.recipes.deepspeed's row
+            given = recipe.deepspeed["path"] if recipe.deepspeed else "(inline)"
+            config = "its inline DeepSpeed config" if given == "(inline)" else Path(given).name
+            said.append(f"bf16.enabled in {config}")
+            fixes.append(f"fp16.enabled in place of bf16.enabled in {config}")
+        elif row.setting == "bf16" and row.value is True and row.key:
+            said.append(f"{_true(recipe, row.key)} in {recipe.path.name}")
+            fixes.append(f"{_true(recipe, 'fp16')} in place of {_true(recipe, row.key)}")
+        elif row.setting == "bf16" and row.value is True:
+            trainer = row.source.removeprefix("default of ")
+            said.append(f"{recipe.path.name} sets no bf16, and {trainer} trains in bf16 by default")
+            fixes.append(f"{_true(recipe, 'fp16')} in {recipe.path.name}")
+    where = " and ".join(said) or f"{recipe.path.name} trains in bf16"
+    fix = " and ".join(fixes) or f"{_true(recipe, 'fp16')} in it"
+    raise BadSetupError(
+        f"{where}: {gpu_name} has no bf16; train in fp16 ({fix}), or pass --precision fp16"
+    )
+
+
+def _true(recipe: Recipe, key: str) -> str:
+    """``key`` set true as the recipe's syntax writes it."""
+    return f'"{key}": true' if recipe.path.suffix == ".json" else f"{key}: true"
+
+
 __all__ = [
     "FORMATS",
     "TRAINERS",
     "WARMUP_STALLS",
     "Recipe",
+    "check_bf16",
     "padded_loop",
     "read_recipe",
     "run_notes",
