@@ -428,6 +428,8 @@ def test_q_k_v_as_one_matrix_give_peft_layers_outputs_and_gradients(case: str) -
         # another tensor in k's place: the matrix is built for each call
         k = model.k_proj.base_layer
         k.weight.data = k.weight.data.clone()
+    if not case.startswith("4-bit"):
+        assert loralinear.unpinned_calls() > 0
 
 
 # -- a launched rank -----------------------------------------------------------------------
@@ -468,7 +470,8 @@ def test_a_launch_records_the_fused_linears_and_trains_as_peft_does(
     assert "LoRA: 14 fused linears (10 with siblings on one input, 6 as one matrix)" in err
     result = json.loads((fused / "result.json").read_text())
     assert result["lora_linears"] == {
-        "layers": 14, "kept": 0, "why_kept": None, "grouped": 10, "stacked": 6
+        "layers": 14, "kept": 0, "why_kept": None, "grouped": 10, "stacked": 6,
+        "unpinned_calls": 0,
     }  # fmt: skip
     plain = _rank(tmp_path, model_dir, "plain", "--kernels", "none", fused_lora=True)
     kernels = json.loads((plain / "applied.json").read_text())["kernels"]

@@ -396,6 +396,9 @@ class _Stack:
         import torch
 
         if not self._pinned(dtype):
+            if self.buffer is not None:
+                global _UNPINNED
+                _UNPINNED += 1
             w = torch.empty(
                 (self.split[-1] + self.n_base, self.in_features),
                 dtype=dtype,
@@ -455,6 +458,15 @@ def _stackable(bases: tuple[Any, ...]) -> bool:
 _FN: Any = None
 _GROUP_FN: Any = None
 _STACK_FN: Any = None
+# calls since the last install where pinned weights had left their buffer (unpinned_calls)
+_UNPINNED = 0
+
+
+def unpinned_calls() -> int:
+    """How many LoRAStack calls since the last ``install`` found a pinned base weight moved out of its
+    buffer (another tensor put in its place after install) and built the matrix for the call:
+    the same numbers, a copy of the weights more. 0 where every call found them in place."""
+    return _UNPINNED
 
 
 def _apply() -> Any:
@@ -634,6 +646,8 @@ def install(
     where their bases can be one matrix; idempotent."""
     from peft.tuners.lora import LoraLayer
 
+    global _UNPINNED
+    _UNPINNED = 0
     done = kept = 0
     why: str | None = None
     fused: list[tuple[str, Any]] = []

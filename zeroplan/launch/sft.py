@@ -1185,7 +1185,9 @@ def _finish(
         lora = getattr(trainer, "zp_lora", None)
         if lora is not None:
             # which LoRA linears ran fused, with siblings, and as one matrix (loralinear)
-            result["lora_linears"] = dataclasses.asdict(lora)
+            result["lora_linears"] = dataclasses.asdict(lora) | {
+                "unpinned_calls": loralinear.unpinned_calls()
+            }
         regional = getattr(trainer, "zp_compile", None)
         if regional is not None:
             result["compile"] = regional.stats()
