@@ -3,7 +3,7 @@
 # each base its own matmul (LoRAGroup) and PEFT's layers, alone (lora_stack_speed.py), then
 # the default 8B bf16 LoRA and QLoRA plans launched with it beside Unsloth packed (16-bit and
 # 4-bit), the same two plans with it off (ZEROPLAN_LORA_STACK=0) on the same machine, and the
-# host-bound 8B QLoRA job at 1 × 1,664 while time is left. Staged by benchmarks/host_stage.sh
+# host-bound 8B QLoRA job at 1 × 1,664 and the host's time per LoRA adapter while time is left. Staged by benchmarks/host_stage.sh
 # and benchmarks/unsloth_stage.sh:
 #
 #   run(command="bash .stage-host/repo/benchmarks/stack_gpu.sh",
@@ -21,4 +21,9 @@ mkdir -p /tmp/s-zp && tar xzf "$REPO/../../.stage-unsloth/site-zp.tar.gz" -C /tm
 gpu_bound ks1 1 17 80 300 RUNS=auto,unsloth-packed-bf16,qlora-auto,unsloth-packed
 gpu_bound ks0 1 17 80 130 RUNS=auto,qlora-auto ZEROPLAN_LORA_STACK=0
 one hs 8b-mb1 1
+# what a LoRA adapter asks of the host now, PEFT's and fused (hostops.FUSED_ADAPTER_HOST_US
+# holds LoRAGroup's), while time is left
+L=$(left); [ "$L" -gt 40 ] && ( cd "$REPO" && PYTHONPATH=$REPO:/tmp/s-zp timeout $((L - 10)) \
+  python3 benchmarks/host_timing.py --out "$OUT/host_timing.jsonl" --skip-liger 2>&1 \
+  | grep -v Warn | tail -4 )
 pack stack
