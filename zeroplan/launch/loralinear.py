@@ -153,6 +153,38 @@ def _function() -> Any:
     return LoRALinear
 
 
+def _adapter_grads(ctx: Any, x2: Any, h: Any, dh: Any, dys2: list[Any], bcs: Any) -> list[Any]:
+    """The k adapters' gradients of a sibling function (LoRAGroup, LoRAStack), in its inputs'
+    order after x and the four constants (A₁, B₁, …, A_k, B_k; None where not needed):
+
+        [dA₁; …; dA_k] = [dH₁ … dH_k]ᵀ·x;   dBᵢ = sᵢ · dYᵢᵀ·Hᵢ
+
+    ``dh`` the stacked dH (T × Σr), ``h`` the stacked H, ``dys2`` each output's gradient and
+    ``bcs`` each B in the compute dtype."""
+    import torch
+
+    unread = x2.new_empty(())  # addmm's beta 0: neither read nor broadcast
+    needs = ctx.needs_input_grad[5:]
+    grads: list[Any] = []
+    da_all = torch.mm(dh.t(), x2) if any(needs[0::2]) else None
+    a_dtypes = set(ctx.ab_dtypes[0::2])
+    if da_all is not None and len(a_dtypes) == 1:
+        # the A gradients are row blocks of one matrix: one cast, then views
+        da_all = _cast(da_all, a_dtypes.pop())
+    off = 0
+    for i, (dy2, s) in enumerate(zip(dys2, ctx.scalings, strict=True)):
+        r = bcs[i].shape[1]
+        da = db = None
+        if needs[2 * i] and da_all is not None:
+            da = _cast(da_all[off : off + r], ctx.ab_dtypes[2 * i])
+        if needs[2 * i + 1]:
+            db = torch.addmm(unread, dy2.t(), h[:, off : off + r], beta=0, alpha=s)
+            db = _cast(db, ctx.ab_dtypes[2 * i + 1])
+        grads += [da, db]
+        off += r
+    return grads
+
+
 def _group_function() -> Any:
     import torch
 
@@ -209,24 +241,7 @@ def _group_function() -> Any:
                 for dy2, bc, s in zip(dys2, bcs, ctx.scalings, strict=True)
             ]
             dh = torch.cat(dhs, 1)
-            needs = ctx.needs_input_grad[5:]
-            grads: list[Any] = []
-            da_all = torch.mm(dh.t(), x2) if any(needs[0::2]) else None
-            a_dtypes = set(ctx.ab_dtypes[0::2])
-            if da_all is not None and len(a_dtypes) == 1:
-                # the A gradients are row blocks of one matrix: one cast, then views
-                da_all = _cast(da_all, a_dtypes.pop())
-            off = 0
-            for i, (dy2, s) in enumerate(zip(dys2, ctx.scalings, strict=True)):
-                r = bcs[i].shape[1]
-                da = db = None
-                if needs[2 * i] and da_all is not None:
-                    da = _cast(da_all[off : off + r], ctx.ab_dtypes[2 * i])
-                if needs[2 * i + 1]:
-                    db = torch.addmm(unread, dy2.t(), h[:, off : off + r], beta=0, alpha=s)
-                    db = _cast(db, ctx.ab_dtypes[2 * i + 1])
-                grads += [da, db]
-                off += r
+            grads = _adapter_grads(ctx, x2, h, dh, dys2, bcs)
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(dys2[0], _base_weight(ctx.bases[0], x2.dtype))
@@ -309,23 +324,7 @@ def _stack_function() -> Any:
                 dh = d_all[:, ctx.stack.n_base :]
             else:
                 dh = torch.cat(dhs, 1)
-            needs = ctx.needs_input_grad[5:]
-            grads: list[Any] = []
-            da_all = torch.mm(dh.t(), x2) if any(needs[0::2]) else None
-            a_dtypes = set(ctx.ab_dtypes[0::2])
-            if da_all is not None and len(a_dtypes) == 1:
-                da_all = _cast(da_all, a_dtypes.pop())
-            off = 0
-            for i, (dy2, s) in enumerate(zip(dys2, ctx.scalings, strict=True)):
-                r = bcs[i].shape[1]
-                da = db = None
-                if needs[2 * i] and da_all is not None:
-                    da = _cast(da_all[off : off + r], ctx.ab_dtypes[2 * i])
-                if needs[2 * i + 1]:
-                    db = torch.addmm(unread, dy2.t(), h[:, off : off + r], beta=0, alpha=s)
-                    db = _cast(db, ctx.ab_dtypes[2 * i + 1])
-                grads += [da, db]
-                off += r
+            grads = _adapter_grads(ctx, x2, h, dh, dys2, bcs)
             return (dx, None, None, None, None, *grads)
 
     return LoRAStack
