@@ -414,7 +414,9 @@ def test_q_k_v_as_one_matrix_give_peft_layers_outputs_and_gradients(case: str) -
     x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
     ys_peft, g_peft = _attention_step(model, x, autocast)
     weights = [model.q_proj.base_layer.weight.clone(), model.v_proj.base_layer.weight.clone()]
-    assert loralinear.install(model).stacked == 3
+    assert loralinear.install(model).stacked == 0  # the default: each its own matmul
+    loralinear.uninstall(model)
+    assert loralinear.install(model, stacked=loralinear.STACKED).stacked == 3
     if not case.startswith("4-bit"):
         q, v = model.q_proj.base_layer.weight, model.v_proj.base_layer.weight
         assert q.equal(weights[0]) and v.equal(weights[1])  # the same numbers, moved
@@ -459,9 +461,10 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_a_launch_records_the_fused_linears_and_trains_as_peft_does(
-    tmp_path: Path, model_dir: Path, capsys: Any
+    tmp_path: Path, model_dir: Path, capsys: Any, monkeypatch: Any
 ) -> None:
     pytest.importorskip("trl")
+    monkeypatch.setenv("ZEROPLAN_LORA_STACK", "1")
     fused = _rank(tmp_path, model_dir, "fused", fused_lora=True)
     kernels = json.loads((fused / "applied.json").read_text())["kernels"]
     assert kernels["lora"] == "fused linears (zeroplan)" and kernels["why_peft_lora"] is None
@@ -478,4 +481,9 @@ def test_a_launch_records_the_fused_linears_and_trains_as_peft_does(
     assert kernels["lora"] == "PEFT's layers" and kernels["why_peft_lora"] == "--kernels none"
     # same seed, same records: the same losses to float32 rounding
     assert _losses(fused) == pytest.approx(_losses(plain), rel=1e-4)
+    # without ZEROPLAN_LORA_STACK=1 each of q/k/v keeps its own matmul (not yet timed on a GPU)
+    monkeypatch.delenv("ZEROPLAN_LORA_STACK")
+    grouped = _rank(tmp_path, model_dir, "grouped", fused_lora=True)
+    assert json.loads((grouped / "result.json").read_text())["lora_linears"]["stacked"] == 0
+    assert _losses(grouped) == pytest.approx(_losses(plain), rel=1e-4)
     assert len(_losses(fused)) >= 2

@@ -45,10 +45,10 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # One LoRA adapter (Llama, dropout 0) per forward and backward on PEFT's layer and on
 # zeroplan launch's fused LoRA linears (zeroplan.launch.loralinear), ``count_host_ops.py
 # --fused-lora``. Counted (in-place calls included on both sides, a Llama layer's seven
-# adapters): 19 and 6 calls, the fused ones dispatching the adapters' matmuls and in-place
+# adapters): 19 and 7 calls, the fused ones dispatching the adapters' matmuls and in-place
 # sums without PEFT's scaling, sum and the autograd nodes between, q/k/v and gate/up as one
-# function each (7 before q/k/v's bases became one matrix, loralinear.LoRAStack; the times
-# below are LoRAGroup's, not taken again since). Timed (one thread, a Llama layer's seven linears 64 wide on 4 tokens, so
+# function each (6 with q/k/v's bases as one matrix, loralinear.LoRAStack, not the launch's
+# default yet). Timed (one thread, a Llama layer's seven linears 64 wide on 4 tokens, so
 # that only the host's work is left; each variant's fastest of 7 runs, the bare layer's
 # time taken off, per adapter) on an H100 machine's host, CUDA tensors, as the launch runs
 # them (benchmarks/host_timing.py, host_timing_h100.jsonl): bf16 adapters 269 and 194 µs,
@@ -64,7 +64,7 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # scaled two gradients apart, cost 1.10x, 0.96x and 0.69x PEFT's; with the count, 10/19,
 # the plan said 7,977 tokens/s for the launched 8B QLoRA at 1 × 1,664 on one H100 where
 # 6,504 ran, host4_h100.jsonl.)
-FUSED_ADAPTER_OPS = (19, 6)
+FUSED_ADAPTER_OPS = (19, 7)
 FUSED_ADAPTER_HOST_US = {"bf16": (269, 194), "autocast": (315, 220), "4bit": (302, 185)}
 
 

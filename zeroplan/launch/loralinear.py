@@ -54,7 +54,8 @@ from zeroplan.models import SHARED_INPUT
 
 # attribute set on each patched layer: the forward PEFT gave it
 _PEFT_FORWARD = "_zp_peft_forward"
-# The sibling sets (models.SHARED_INPUT) run as one matmul each way (LoRAStack): q/k/v,
+# The sibling sets (models.SHARED_INPUT) that can run as one matmul each way (LoRAStack,
+# where ``install`` is given them; the launch does under ZEROPLAN_LORA_STACK=1): q/k/v,
 # whose k and v of a GQA model are narrow matmuls that run slowly alone. gate/up are wide
 # already (lora_linear_h100.jsonl: 4,096 → 14,336 at about 610 TFLOP/s), and copying their
 # outputs out of one product would cost about what one matmul saves.
@@ -153,17 +154,18 @@ def _function() -> Any:
     return LoRALinear
 
 
-def _adapter_grads(ctx: Any, x2: Any, h: Any, dh: Any, dys2: list[Any], bcs: Any) -> list[Any]:
+def _adapter_grads(
+    ctx: Any, x2: Any, h: Any, dh: Any, dys2: list[Any], bcs: Any, unread: Any
+) -> list[Any]:
     """The k adapters' gradients of a sibling function (LoRAGroup, LoRAStack), in its inputs'
     order after x and the four constants (A₁, B₁, …, A_k, B_k; None where not needed):
 
         [dA₁; …; dA_k] = [dH₁ … dH_k]ᵀ·x;   dBᵢ = sᵢ · dYᵢᵀ·Hᵢ
 
     ``dh`` the stacked dH (T × Σr), ``h`` the stacked H, ``dys2`` each output's gradient and
-    ``bcs`` each B in the compute dtype."""
+    ``bcs`` each B in the compute dtype, ``unread`` the 0-d input of addmm at beta 0."""
     import torch
 
-    unread = x2.new_empty(())  # addmm's beta 0: neither read nor broadcast
     needs = ctx.needs_input_grad[5:]
     grads: list[Any] = []
     da_all = torch.mm(dh.t(), x2) if any(needs[0::2]) else None
@@ -241,7 +243,7 @@ def _group_function() -> Any:
                 for dy2, bc, s in zip(dys2, bcs, ctx.scalings, strict=True)
             ]
             dh = torch.cat(dhs, 1)
-            grads = _adapter_grads(ctx, x2, h, dh, dys2, bcs)
+            grads = _adapter_grads(ctx, x2, h, dh, dys2, bcs, unread)
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = torch.mm(dys2[0], _base_weight(ctx.bases[0], x2.dtype))
@@ -324,7 +326,7 @@ def _stack_function() -> Any:
                 dh = d_all[:, ctx.stack.n_base :]
             else:
                 dh = torch.cat(dhs, 1)
-            grads = _adapter_grads(ctx, x2, h, dh, dys2, bcs)
+            grads = _adapter_grads(ctx, x2, h, dh, dys2, bcs, unread)
             return (dx, None, None, None, None, *grads)
 
     return LoRAStack
@@ -636,9 +638,7 @@ def _groups(
     return out
 
 
-def install(
-    model: Any, group: bool = True, stacked: tuple[tuple[str, ...], ...] = STACKED
-) -> Installed:
+def install(model: Any, group: bool = True, stacked: tuple[tuple[str, ...], ...] = ()) -> Installed:
     """Route every eligible PEFT LoRA linear of ``model`` through the fused function (the
     others keep PEFT's forward), siblings that read one input (SHARED_INPUT) through one
     LoRAGroup where ``group``, those of the sibling sets in ``stacked`` through LoRAStack

@@ -819,10 +819,11 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         # after PEFT built its layers and the adapters have their dtype (fp32 / DeepSpeed's bf16)
         # siblings on one input run together, except inside compiled layers (the group's
         # hand-over of outputs is Python state that dynamo would trace or break on)
-        # ZEROPLAN_LORA_GROUP=0: each linear alone; ZEROPLAN_LORA_STACK=0: q/k/v together
-        # but each base its own matmul (for measuring what the groups and the stacks do)
+        # ZEROPLAN_LORA_GROUP=0: each linear alone (for measuring what the groups do);
+        # ZEROPLAN_LORA_STACK=1: q/k/v's bases as one matrix (loralinear.LoRAStack), off
+        # until a GPU has timed it against the groups
         group = not kernel_path.compile and os.environ.get("ZEROPLAN_LORA_GROUP") != "0"
-        stacked = () if os.environ.get("ZEROPLAN_LORA_STACK") == "0" else loralinear.STACKED
+        stacked = loralinear.STACKED if os.environ.get("ZEROPLAN_LORA_STACK") == "1" else ()
         fused = loralinear.install(trainer.model, group=group, stacked=stacked)
         trainer.zp_lora = fused
         if rank == 0:
