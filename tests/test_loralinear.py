@@ -249,22 +249,16 @@ def test_peft_runs_wherever_the_fused_linear_cannot() -> None:
 
 
 @pytest.mark.parametrize(
-    ("checkpointing", "group", "stacked"),
-    [
-        (None, True, True),
-        (None, True, False),
-        (None, False, False),
-        ("reentrant", True, True),
-        ("non-reentrant", True, True),
-    ],
+    ("checkpointing", "group"),
+    [(None, True), (None, False), ("reentrant", True), ("non-reentrant", True)],
 )
 def test_per_record_gradients_of_a_model_match_peft(
-    tmp_path: Path, checkpointing: str | None, group: bool, stacked: bool, monkeypatch: Any
+    tmp_path: Path, checkpointing: str | None, group: bool, monkeypatch: Any
 ) -> None:
     """A tiny Llama with all-linear LoRA in fp32: each record's adapter gradients on the fused
-    path equal PEFT's to float32 rounding, with q/k/v as one matrix (LoRAStack) and gate/up
-    run together (LoRAGroup), q/k/v together too, or each alone, and with and without
-    gradient checkpointing (whose recompute runs the fused forward again)."""
+    path equal PEFT's to float32 rounding, with q/k/v and gate/up run together (LoRAGroup)
+    or each alone, and with and without gradient checkpointing (whose recompute runs the
+    fused forward again)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
@@ -297,32 +291,26 @@ def test_per_record_gradients_of_a_model_match_peft(
 
     peft = grads()
     layers = model.config.num_hidden_layers
-    stacks = loralinear.STACKED if stacked else ()
-    installed = loralinear.install(model, group=group, stacked=stacks)
+    installed = loralinear.install(model, group=group)
     assert (installed.layers, installed.grouped) == (7 * layers, 5 * layers * group)
-    assert installed.stacked == 3 * layers * stacked
-    calls: list[str] = []
-    for fn, kind in ((loralinear._GROUP_FN, "group"), (loralinear._STACK_FN, "stack")):
-        monkeypatch.setattr(
-            fn, "apply", lambda *a, _f=fn.apply, _k=kind: calls.append(_k) or _f(*a)
-        )
+    calls = []
+    group_apply = loralinear._GROUP_FN.apply
+    monkeypatch.setattr(
+        loralinear._GROUP_FN, "apply", lambda *a: calls.append(1) or group_apply(*a)
+    )
     fused = grads()
     # each layer's q/k/v and gate/up once per record, again where checkpointing recomputes
-    runs = layers * len(records) * (1 + (checkpointing is not None)) * group
-    assert calls.count("stack") == runs * stacked
-    assert calls.count("group") == runs * (2 - stacked)
+    assert len(calls) == 2 * layers * len(records) * (1 + (checkpointing is not None)) * group
     for per_peft, per_fused in zip(peft, fused, strict=True):
         for a, b in zip(per_peft, per_fused, strict=True):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_a_group_casts_its_fp32_adapters_once_each_way(stacked: bool) -> None:
+def test_a_group_casts_its_fp32_adapters_once_each_way() -> None:
     """Under autocast with fp32 adapters (PEFT's QLoRA default) a q/k/v group casts the
     stacked A and each B to bf16 going forward, and back the stacked A's gradient and each
     B's: 2 · (1 + 3) casts, where casting each A alone took 2 · (3 + 3); and no cast of
-    anything already in its dtype (x, the base weights, the outputs' gradients). As one
-    matrix (LoRAStack) the A's are written into its rows, a copy and not a cast: 3 + 4."""
+    anything already in its dtype (x, the base weights, the outputs' gradients)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -344,94 +332,14 @@ def test_a_group_casts_its_fp32_adapters_once_each_way(stacked: bool) -> None:
             return func(*args, **(kwargs or {}))
 
     model = Attention()
-    installed = loralinear.install(model, stacked=loralinear.STACKED if stacked else ())
-    assert (installed.grouped, installed.stacked) == (3, 3 * stacked)
+    assert loralinear.install(model).grouped == 3
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
     with Casts():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs = [model.q_proj(x), model.k_proj(x), model.v_proj(x)]
         torch.autograd.backward(outs, [torch.ones_like(y) for y in outs])
-    assert Casts.n == (3 + 4 if stacked else 2 * (1 + 3))
+    assert Casts.n == 2 * (1 + 3)
     assert model.q_proj.lora_A["default"].weight.grad.dtype == torch.float32
-
-
-def _attention(base: Any, adapters: Any) -> Any:
-    """q/k/v of a GQA attention (64 wide in, q 48 wide out, k and v 16) as PEFT layers."""
-    import torch
-
-    class Attention(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            for name, width in (("q_proj", 48), ("k_proj", 16), ("v_proj", 16)):
-                setattr(self, name, _layer(base(width), adapters))
-
-        def forward(self, x: Any) -> Any:
-            return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
-
-    return Attention()
-
-
-def _attention_step(model: Any, x: Any, autocast: bool) -> tuple[list[Any], list[Any]]:
-    import torch
-
-    x = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        ys = model(x)
-    sum(((y.float() * (i + 1)) ** 2).sum() for i, y in enumerate(ys)).backward()
-    grads = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    return [y.detach() for y in ys], [g.detach().clone() for g in grads]
-
-
-@pytest.mark.parametrize(
-    "case", ["bf16", "fp32 adapters, autocast", "bias, autocast", "4-bit, autocast"]
-)
-def test_q_k_v_as_one_matrix_give_peft_layers_outputs_and_gradients(case: str) -> None:
-    """LoRAStack against PEFT's three layers: the same outputs and gradients to bf16's
-    rounding; dense bases' weights become rows of one buffer (no memory added but the A
-    rows), and where one is put elsewhere the matrix is built for the call, the same."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    from zeroplan.launch import loralinear
-
-    torch.manual_seed(0)
-
-    def base(width: int) -> Any:
-        if case.startswith("4-bit"):
-            bnb = pytest.importorskip("bitsandbytes")
-            layer = bnb.nn.Linear4bit(64, width, bias=False, compute_dtype=torch.bfloat16)
-            w = bnb.nn.Params4bit(torch.randn(width, 64) * 0.1, requires_grad=False)
-            layer.weight = w._quantize("cpu")
-            return layer
-        return (
-            torch.nn.Linear(64, width, bias=case.startswith("bias"))
-            .to(torch.bfloat16)
-            .requires_grad_(False)
-        )
-
-    model = _attention(base, torch.bfloat16 if case == "bf16" else torch.float32)
-    autocast = case.endswith("autocast")
-    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
-    ys_peft, g_peft = _attention_step(model, x, autocast)
-    weights = [model.q_proj.base_layer.weight.clone(), model.v_proj.base_layer.weight.clone()]
-    assert loralinear.install(model).stacked == 0  # the default: each its own matmul
-    loralinear.uninstall(model)
-    assert loralinear.install(model, stacked=loralinear.STACKED).stacked == 3
-    if not case.startswith("4-bit"):
-        q, v = model.q_proj.base_layer.weight, model.v_proj.base_layer.weight
-        assert q.equal(weights[0]) and v.equal(weights[1])  # the same numbers, moved
-        assert v.data_ptr() == q.data_ptr() + (48 + 16) * 64 * q.element_size()
-    for label in ("pinned", "built"):
-        ys, g = _attention_step(model, x, autocast)
-        for fused, peft in zip(ys + g, ys_peft + g_peft, strict=True):
-            assert fused.dtype == peft.dtype and fused.shape == peft.shape, label
-            scale = peft.float().abs().max()
-            assert (fused.float() - peft.float()).abs().max() <= 2e-2 * scale, label
-        # another tensor in k's place: the matrix is built for each call
-        k = model.k_proj.base_layer
-        k.weight.data = k.weight.data.clone()
-    if not case.startswith("4-bit"):
-        assert loralinear.unpinned_calls() > 0
 
 
 # -- a launched rank -----------------------------------------------------------------------
@@ -461,29 +369,20 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_a_launch_records_the_fused_linears_and_trains_as_peft_does(
-    tmp_path: Path, model_dir: Path, capsys: Any, monkeypatch: Any
+    tmp_path: Path, model_dir: Path, capsys: Any
 ) -> None:
     pytest.importorskip("trl")
-    monkeypatch.setenv("ZEROPLAN_LORA_STACK", "1")
     fused = _rank(tmp_path, model_dir, "fused", fused_lora=True)
     kernels = json.loads((fused / "applied.json").read_text())["kernels"]
     assert kernels["lora"] == "fused linears (zeroplan)" and kernels["why_peft_lora"] is None
     err = capsys.readouterr().err
-    # the tiny Llama's 2 layers × 7, q/k/v and gate/up with siblings, q/k/v as one matrix
-    assert "LoRA: 14 fused linears (10 with siblings on one input, 6 as one matrix)" in err
+    # the tiny Llama's 2 layers × 7, q/k/v and gate/up with their siblings
+    assert "LoRA: 14 fused linears (10 with siblings on one input)" in err
     result = json.loads((fused / "result.json").read_text())
-    assert result["lora_linears"] == {
-        "layers": 14, "kept": 0, "why_kept": None, "grouped": 10, "stacked": 6,
-        "unpinned_calls": 0,
-    }  # fmt: skip
+    assert result["lora_linears"] == {"layers": 14, "kept": 0, "why_kept": None, "grouped": 10}
     plain = _rank(tmp_path, model_dir, "plain", "--kernels", "none", fused_lora=True)
     kernels = json.loads((plain / "applied.json").read_text())["kernels"]
     assert kernels["lora"] == "PEFT's layers" and kernels["why_peft_lora"] == "--kernels none"
     # same seed, same records: the same losses to float32 rounding
     assert _losses(fused) == pytest.approx(_losses(plain), rel=1e-4)
-    # without ZEROPLAN_LORA_STACK=1 each of q/k/v keeps its own matmul (not yet timed on a GPU)
-    monkeypatch.delenv("ZEROPLAN_LORA_STACK")
-    grouped = _rank(tmp_path, model_dir, "grouped", fused_lora=True)
-    assert json.loads((grouped / "result.json").read_text())["lora_linears"]["stacked"] == 0
-    assert _losses(grouped) == pytest.approx(_losses(plain), rel=1e-4)
     assert len(_losses(fused)) >= 2

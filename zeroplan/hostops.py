@@ -47,8 +47,7 @@ LIGER_COUNTED = ("llama", "mistral", "qwen2", "qwen3")
 # --fused-lora``. Counted (in-place calls included on both sides, a Llama layer's seven
 # adapters): 19 and 7 calls, the fused ones dispatching the adapters' matmuls and in-place
 # sums without PEFT's scaling, sum and the autograd nodes between, q/k/v and gate/up as one
-# function each (6 with q/k/v's bases as one matrix, loralinear.LoRAStack, not the launch's
-# default yet). Timed (one thread, a Llama layer's seven linears 64 wide on 4 tokens, so
+# function each. Timed (one thread, a Llama layer's seven linears 64 wide on 4 tokens, so
 # that only the host's work is left; each variant's fastest of 7 runs, the bare layer's
 # time taken off, per adapter) on an H100 machine's host, CUDA tensors, as the launch runs
 # them (benchmarks/host_timing.py, host_timing_h100.jsonl): bf16 adapters 269 and 194 µs,

@@ -43,10 +43,10 @@ def path() -> str | None:
     return _PATH
 
 
-def _bnb(weight: Any, state: Any, out: Any = None) -> Any:
+def _bnb(weight: Any, state: Any) -> Any:
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(weight.view(-1, 1), state, out=out)
+    return bnbf.dequantize_4bit(weight.view(-1, 1), state)
 
 
 def _eligible(weight: Any, state: Any) -> bool:
@@ -76,10 +76,9 @@ def _c_functions(dtype: str, quant_type: str) -> tuple[Any, Any]:
     )
 
 
-def direct(weight: Any, state: Any, out: Any = None) -> Any:
+def direct(weight: Any, state: Any) -> Any:
     """absmax = blockwise(absmax₈, state2) + offset (float32), then W = 4-bit(weight, absmax)
-    in ``state.dtype``: bitsandbytes' two kernels, called as its own CUDA backend calls them;
-    into ``out`` where given (contiguous, ``state.shape``, ``state.dtype``)."""
+    in ``state.dtype``: bitsandbytes' two kernels, called as its own CUDA backend calls them."""
     import torch
 
     blockwise, four_bit = _c_functions(str(state.dtype), state.quant_type)
@@ -91,8 +90,7 @@ def direct(weight: Any, state: Any, out: Any = None) -> Any:
         s2.blocksize, state.absmax.numel(), stream,
     )  # fmt: skip
     absmax += state.offset
-    if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
+    out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
     four_bit(
         None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize,
         out.numel(), stream,
@@ -100,20 +98,18 @@ def direct(weight: Any, state: Any, out: Any = None) -> Any:
     return out
 
 
-def dequantize(weight: Any, state: Any, out: Any = None) -> Any:
+def dequantize(weight: Any, state: Any) -> Any:
     """The 4-bit ``weight`` (bitsandbytes' packed Params4bit data) in ``state.dtype``, shaped
-    ``state.shape``: what ``bitsandbytes.functional.dequantize_4bit`` returns, bit for bit;
-    written into ``out`` where given (contiguous, that shape and dtype: a stacked linear's
-    rows, loralinear._Stack) and returned."""
+    ``state.shape``: what ``bitsandbytes.functional.dequantize_4bit`` returns, bit for bit."""
     global _DIRECT_OK, _PATH
     if _DIRECT_OK is False or not _eligible(weight, state):
         _PATH = "dequantize_4bit"
-        return _bnb(weight, state, out)
+        return _bnb(weight, state)
     _PATH = "direct"
     if _DIRECT_OK is None:
         import torch
 
-        reference = _bnb(weight, state, out)
+        reference = _bnb(weight, state)
         _DIRECT_OK = bool(torch.equal(reference, direct(weight, state)))
         if not _DIRECT_OK:
             _PATH = "dequantize_4bit"
@@ -123,4 +119,4 @@ def dequantize(weight: Any, state: Any, out: Any = None) -> Any:
                 stacklevel=2,
             )
         return reference
-    return direct(weight, state, out)
+    return direct(weight, state)

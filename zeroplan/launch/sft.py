@@ -819,19 +819,14 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         # after PEFT built its layers and the adapters have their dtype (fp32 / DeepSpeed's bf16)
         # siblings on one input run together, except inside compiled layers (the group's
         # hand-over of outputs is Python state that dynamo would trace or break on)
-        # ZEROPLAN_LORA_GROUP=0: each linear alone (for measuring what the groups do);
-        # ZEROPLAN_LORA_STACK=1: q/k/v's bases as one matrix (loralinear.LoRAStack), off
-        # until a GPU has timed it against the groups
+        # ZEROPLAN_LORA_GROUP=0: each linear alone (for measuring what the groups do)
         group = not kernel_path.compile and os.environ.get("ZEROPLAN_LORA_GROUP") != "0"
-        stacked = loralinear.STACKED if os.environ.get("ZEROPLAN_LORA_STACK") == "1" else ()
-        fused = loralinear.install(trainer.model, group=group, stacked=stacked)
+        fused = loralinear.install(trainer.model, group=group)
         trainer.zp_lora = fused
         if rank == 0:
             _say(
                 f"LoRA: {fused.layers} fused linears"
-                + (f" ({fused.grouped} with siblings on one input" if fused.grouped else "")
-                + (f", {fused.stacked} as one matrix" if fused.stacked else "")
-                + (")" if fused.grouped else "")
+                + (f" ({fused.grouped} with siblings on one input)" if fused.grouped else "")
                 + (f", {fused.kept} PEFT layers ({fused.why_kept})" if fused.kept else "")
             )
     if not trainer.is_deepspeed_enabled:
@@ -1185,10 +1180,8 @@ def _finish(
         }
         lora = getattr(trainer, "zp_lora", None)
         if lora is not None:
-            # which LoRA linears ran fused, with siblings, and as one matrix (loralinear)
-            result["lora_linears"] = dataclasses.asdict(lora) | {
-                "unpinned_calls": loralinear.unpinned_calls()
-            }
+            # which LoRA linears ran fused and which with their siblings (loralinear)
+            result["lora_linears"] = dataclasses.asdict(lora)
         regional = getattr(trainer, "zp_compile", None)
         if regional is not None:
             result["compile"] = regional.stats()
