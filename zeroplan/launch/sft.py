@@ -534,23 +534,21 @@ def original_limits(out: Path) -> tuple[float | None, int | None]:
     that applied.json keeps (a session killed before it could write its result), else
     ``(None, None)``: the defaults.
     """
-    try:
-        result = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
+    result = read_json_object(out / RESULT_FILE)
+    if result is not None:
         epochs, steps = result.get("epochs"), result.get("max_steps_given")
         return (
             float(epochs) if isinstance(epochs, (int, float)) else None,
             steps if isinstance(steps, int) else None,
         )
-    except (OSError, ValueError, AttributeError):
-        pass
     try:
-        argv = json.loads((out / APPLIED_FILE).read_text(encoding="utf-8"))["argv"]
+        argv = (read_json_object(out / APPLIED_FILE) or {})["argv"]
         ap = argparse.ArgumentParser(add_help=False)
         ap.add_argument("--epochs", type=float)
         ap.add_argument("--max-steps", type=int)
         known, _ = ap.parse_known_args([str(x) for x in argv])
         return known.epochs, known.max_steps
-    except (OSError, ValueError, KeyError, TypeError, SystemExit):
+    except (ValueError, KeyError, TypeError, SystemExit):
         return None, None
 
 
@@ -600,10 +598,12 @@ def completed_step(out: Path, max_steps: int | None, epochs: float) -> int | Non
     ``--max-steps``. (transformers, resumed from a checkpoint at its last step, trains one
     step beyond it, so this is decided here, before the Trainer.)
     """
+    result = read_json_object(out / RESULT_FILE)
+    if result is None:
+        return None
     try:
-        result = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
         done = int(result["global_step"]) if result.get("status") == "completed" else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     if done is None:
         return None

@@ -132,11 +132,8 @@ def trained_on(run_dir: str | os.PathLike[str]) -> str | None:
     """The device the ranks trained on ("cuda", or "cpu" where ``zeroplan launch --force``
     started them without a GPU), from rank 0's applied.json; None before it is written or
     where it cannot be read."""
-    try:
-        data = json.loads((Path(run_dir) / APPLIED_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    device = data.get("device") if isinstance(data, dict) else None
+    data = read_json_object(Path(run_dir) / APPLIED_FILE)
+    device = data.get("device") if data is not None else None
     return device if isinstance(device, str) else None
 
 
