@@ -26,6 +26,9 @@ zeroplan tree ``--before`` (main before this work), on the same card in the same
     1b-mb4-ro, 8b-mb1-ro   the same in torch.compile's "reduce-overhead" mode (CUDA graphs)
     8b-plan        the default 8B QLoRA plan as planned (GPU-bound), probed: its GPU time by
                    kernel (the probe's top_gpu and gpu_ms_per_step_by_kind)
+    8b-mb1-graphs, 1b-mb1-graphs, 1b-mb4-graphs   8b-mb1, 1b-mb1-fused and 1b-mb4 with the
+                   decoder as CUDA graphs (--cuda-graphs)
+    8b-lora, 8b-lora-graphs   the 8B bf16 LoRA plan (GPU-bound) eager and as CUDA graphs
     1b-plan, 1b-alt1..4   the 1B LoRA plan's choice on this GPU and four other setups it
                    ranked (the first of each distinct micro-batch / checkpointing / DeepSpeed
                    shape down its list), from this tree
@@ -95,6 +98,13 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "1b-mb1-peft": ("1b", "lora", [], {**MB1, **DEFAULTS, "fused_loss": True, "fused_lora": False}, "after"),
     # the default 8B QLoRA plan as planned (GPU-bound), probed: where its GPU time goes
     "8b-plan": ("8b", "qlora", [], {}, "after"),
+    # the decoder as CUDA graphs (launch/graphs.py) against the same job eager, this tree:
+    # host-bound (8b-mb1, 1b-mb1-fused, 1b-mb4) and the GPU-bound 8B bf16 LoRA plan
+    "8b-mb1-graphs": ("8b", "qlora", ["--cuda-graphs"], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
+    "1b-mb1-graphs": ("1b", "lora", ["--cuda-graphs"], {**MB1, **DEFAULTS, "fused_loss": True, "fused_lora": True}, "after"),
+    "1b-mb4-graphs": ("1b", "lora", ["--cuda-graphs"], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
+    "8b-lora": ("8b", "lora", ["--no-cuda-graphs"], {}, "after"),
+    "8b-lora-graphs": ("8b", "lora", ["--cuda-graphs"], {}, "after"),
 }  # fmt: skip
 # torch.compile's mode for a run (host_probe sets zeroplan.launch.kernels.COMPILE_MODE)
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}

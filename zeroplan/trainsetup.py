@@ -121,6 +121,11 @@ class TrainSetup:
     # the host-bound repeat spread, after a 20 s compile (docs/launch.md); the launch runs
     # what a setup says
     compile: bool = False
+    # the decoder's forward and backward captured once as CUDA graphs and replayed
+    # (``zeroplan launch --cuda-graphs``, launch/graphs.py): the host queues two launches
+    # instead of every operation, so a host-paced step becomes the GPU's. One process
+    # without DeepSpeed, LoRA / QLoRA (graphs.eligible)
+    cuda_graphs: bool = False
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
     # launch does not, so this is off unless a user wants to model a run that does.
     upcast_non_quantized: bool = False

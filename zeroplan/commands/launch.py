@@ -207,6 +207,13 @@ def _slug(name: str) -> str:
     "failed compile falls back to eager.",
 )
 @click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=None,
+    help="capture the decoder's forward and backward once as CUDA graphs and replay them, so "
+    "the host no longer sets the pace of small steps (default: the plan's choice; one GPU, "
+    "LoRA/QLoRA, no DeepSpeed); a failed capture falls back to eager.",
+)
+@click.option(
     "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."
 )
 @click.option(
@@ -294,6 +301,7 @@ def launch(
     packed_attention: str | None,
     kernels: str | None,
     compile_layers: bool | None,
+    cuda_graphs: bool | None,
     save_steps: int | None,
     save_total_limit: int | None,
     logging_steps: int | None,
@@ -400,6 +408,7 @@ def launch(
             report_to=None if report_to == "none" else report_to,
             kernels=kernels,
             compile=compile_layers,
+            cuda_graphs=cuda_graphs,
         )
         the_launch = _prepare(
             resolved, run_dir, data, launcher, train, rank_program,

@@ -100,6 +100,21 @@ def segment_lengths(positions: Sequence[int]) -> list[int]:
     return out
 
 
+def row_segments(row: Example, capacity: int) -> int:
+    """Segments a packed row has once padded to ``capacity``: its samples, then the
+    padding's segments of PAD_SEGMENT tokens (padding_positions)."""
+    pad = capacity - len(row["input_ids"])
+    return len(segment_lengths(row["position_ids"])) + -(-pad // PAD_SEGMENT)
+
+
+def segment_bound(rows: Sequence[Example], capacity: int, per_batch: int) -> int:
+    """The most segments a micro-batch of ``per_batch`` of these rows can hold: the sum of
+    the ``per_batch`` largest rows' (row_segments). Any micro-batch the sampler draws fits
+    it, so padding every one's boundaries to it gives them one shape."""
+    counts = sorted((row_segments(r, capacity) for r in rows), reverse=True)
+    return max(1, sum(counts[:per_batch]))
+
+
 def padding_positions(pad: int) -> list[int]:
     """Position ids of ``pad`` padding tokens: segments of PAD_SEGMENT, each from 0."""
     return [i % PAD_SEGMENT for i in range(pad)]
@@ -113,15 +128,24 @@ class PackedCollator:
     laid end to end in one row of rows·capacity tokens, plus ``cu_seq_lens_q/k`` (int32
     boundaries of every segment, padding's short segments included) and ``max_length_q/k``
     for varlen attention.
+    ``segments`` (flat only, for CUDA graphs, which replay one shape): the boundaries padded
+    to that many segments with empty ones at the end, and ``max_length_q/k`` the capacity,
+    so that every micro-batch has one signature (segment_bound gives the count; a batch
+    with more keeps its own and runs eager).
     Both add ``zp_real_tokens`` and ``zp_slots`` (popped before the forward) for tokens/s.
     """
 
-    def __init__(self, pad_id: int, capacity: int, layout: str = "rows") -> None:
+    def __init__(
+        self, pad_id: int, capacity: int, layout: str = "rows", segments: int | None = None
+    ) -> None:
         if layout not in ("rows", "flat"):
             raise ValueError(f"layout must be rows or flat, got {layout}")
+        if segments is not None and (layout != "flat" or segments < 1):
+            raise ValueError("segments is a positive count, for the flat layout only")
         self.pad_id = pad_id
         self.capacity = capacity
         self.layout = layout
+        self.segments = segments
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -150,14 +174,18 @@ class PackedCollator:
             cu = [0]
             for n in seqs:
                 cu.append(cu[-1] + n)
+            longest = max(seqs)
+            if self.segments is not None and len(seqs) <= self.segments:
+                cu += [cu[-1]] * (self.segments - len(seqs))
+                longest = self.capacity
             batch["input_ids"] = torch.tensor([[t for row in ids for t in row]], dtype=torch.long)
             batch["labels"] = torch.tensor([[t for row in labels for t in row]], dtype=torch.long)
             batch["position_ids"] = torch.tensor([flat_pos], dtype=torch.long)
             cu_t = torch.tensor(cu, dtype=torch.int32)
             batch["cu_seq_lens_q"] = cu_t
             batch["cu_seq_lens_k"] = cu_t
-            batch["max_length_q"] = max(seqs)
-            batch["max_length_k"] = max(seqs)
+            batch["max_length_q"] = longest
+            batch["max_length_k"] = longest
         batch["zp_real_tokens"] = real
         batch["zp_slots"] = len(features) * self.capacity
         return batch
@@ -187,6 +215,8 @@ def _segments_sdpa(
 
     outs = []
     for a, b in itertools.pairwise(cu):
+        if a == b:  # the empty segments a fixed boundary count pads with (PackedCollator)
+            continue
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
         if 0 <= left < b - a - 1:
             i = torch.arange(b - a, device=q.device)

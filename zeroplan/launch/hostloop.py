@@ -47,13 +47,16 @@ class LeanWalks:
     ``model.eval()`` goes through it too, so the next ``train()`` walks again);
     ``zero_grad()`` sets to None the gradients of the parameters that train (frozen ones
     never hold one), which is what ``nn.Module.zero_grad(set_to_none=True)`` does over
-    all of them.
+    all of them; with ``in_place`` (CUDA graphs, which add into them) it zeroes them in
+    one call instead.
     """
 
     def __init__(self, params: list[Any]) -> None:
         self.params = params
         self.mode: bool | None = None
         self.walks = 0  # how often train() walked the tree (tests, result.json)
+        # CUDA graphs (launch/graphs.py) add into the gradients: zeroed in place, one call
+        self.in_place = False
 
     def install(self, model: Any) -> None:
         walk = model.train  # the class's, bound
@@ -66,6 +69,13 @@ class LeanWalks:
             return model
 
         def zero_grad(set_to_none: bool = True) -> None:
+            if self.in_place:
+                import torch
+
+                held = [p.grad for p in self.params if p.grad is not None]
+                if held:
+                    torch._foreach_zero_(held)
+                return
             for p in self.params:
                 if p.grad is None:
                     continue

@@ -47,6 +47,7 @@ from typing import Any
 
 from zeroplan.errors import (
     BadDataError,
+    BadSetupError,
     DataNotFoundError,
     GPUCountError,
     HostUnreachableError,
@@ -431,6 +432,23 @@ def check_kernels(launch: Launch, gpu_here: bool) -> None:
         kernels.check_compiler(gpu_here)
 
 
+def check_graphs(launch: Launch, gpu_here: bool) -> None:
+    """``--cuda-graphs`` where the ranks would run the decoder eager anyway (graphs.eligible:
+    no GPU, several processes, DeepSpeed, full fine-tuning, compiled layers). The plan's own
+    choice is not refused: a rank that cannot capture says so and runs eager."""
+    from zeroplan.launch import graphs
+
+    train = launch.train
+    if not train.cuda_graphs:
+        return
+    setup = launch.setup
+    why = graphs.eligible(gpu_here, launch.world_size, setup.zero is not None, setup.is_lora, False)
+    if why is None and (train.compile or (train.compile is None and setup.compile)):
+        why = "--compile's layers (each is its own compiled graph)"
+    if why is not None:
+        raise BadSetupError(f"--cuda-graphs: {why}; pass --no-cuda-graphs")
+
+
 def _ranks(n: int) -> str:
     return "the rank" if n == 1 else f"the {n} ranks"
 
@@ -622,6 +640,7 @@ def preflight(
 
     local = [n for n in launch.nodes if n.local]
     attempt(lambda: check_kernels(launch, gpu_here=present is not None or not local))
+    attempt(lambda: check_graphs(launch, gpu_here=present is not None or not local))
     gpu_cluster: Cluster | None = None
     per_node = max(len(n.slots) for n in launch.nodes)
     if local and present is None:

@@ -330,11 +330,14 @@ class TrainOptions:
     report_to: str | None = None  # trackers.TRACKERS
     kernels: str | None = None  # auto | liger | none (zeroplan.launch.kernels)
     compile: bool | None = None  # regional torch.compile of the decoder layers
+    cuda_graphs: bool | None = None  # the decoder as CUDA graphs (launch/graphs.py)
 
     def argv(self) -> list[str]:
         out = ["--resume"] if self.resume else []
         if self.compile is not None:
             out.append("--compile" if self.compile else "--no-compile")
+        if self.cuda_graphs is not None:
+            out.append("--cuda-graphs" if self.cuda_graphs else "--no-cuda-graphs")
         for flag, value in (
             ("--epochs", self.epochs),
             ("--max-steps", self.max_steps),

@@ -71,6 +71,7 @@ from zeroplan.errors import (
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import data as zdata
 from zeroplan.launch import dequant, envcheck, hostloop, loralinear
+from zeroplan.launch import graphs as zgraphs
 from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
@@ -159,6 +160,7 @@ class Options:
     report_to: str = "none"  # trackers.TRACKERS
     kernels: str = zkernels.DEFAULT_KERNELS
     compile: bool | None = None  # None: the plan's (setup.compile)
+    cuda_graphs: bool | None = None  # None: the plan's (setup.cuda_graphs)
 
 
 # --------------------------------------------------------------------------- plan, options
@@ -257,6 +259,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile each decoder layer (eager again if it fails); "
                     "default: the plan's choice")  # fmt: skip
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="the decoder's forward and backward as two CUDA graphs (eager again "
+                    "if the capture fails); default: the plan's choice")  # fmt: skip
     a = ap.parse_args(argv)
     if a.resume:
         a.epochs, a.max_steps = resume_limits(a.out, a.epochs, a.max_steps)
@@ -307,6 +312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         report_to=a.report_to,
         kernels=a.kernels,
         compile=a.compile,
+        cuda_graphs=a.cuda_graphs,
     )
 
 
@@ -755,7 +761,10 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     # Every rank writes it (atomically, the same text): no rank waits for another's file, and
     # nodes that do not share RUN_DIR each get their copy.
     # ---- batches first: packed micro-batches of the plan's shape, or padded samples
-    batching = _batching(opts, setup, prepared, tokenizer, cuda, model_type, sliding_window)
+    graphs_off = _graphs_why_not(opts, setup, cuda, world, kernel_path.compile)
+    batching = _batching(
+        opts, setup, prepared, tokenizer, cuda, model_type, sliding_window, graphs_off is None
+    )
     if rank == 0:
         _say(batching.describe())
 
@@ -832,7 +841,17 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
     if not trainer.is_deepspeed_enabled:
         # DeepSpeed's engine keeps its own gradient buffers and clips them itself
         trainer.zp_trainable = hostloop.trainable(trainer.model)
-        hostloop.LeanWalks(trainer.zp_trainable).install(trainer.model)
+        trainer.zp_walks = hostloop.LeanWalks(trainer.zp_trainable)
+        trainer.zp_walks.install(trainer.model)
+    if graphs_off is None:
+        # after PEFT and the fused linears: the graphs hold what the decoder runs
+        graphed = zgraphs.GraphedDecoder(warn=_say if rank == 0 else lambda _: None)
+        decoder = zgraphs.decoder_module(trainer.model)
+        graphed.install(decoder, [p for p in decoder.parameters() if p.requires_grad])
+        trainer.zp_graphs = graphed
+        if trainer.zp_walks is not None:
+            # the graph adds into each gradient: zero them in place (one call), not to None
+            trainer.zp_walks.in_place = True
     if kernel_path.compile:
         # after PEFT: the compiled layers hold the adapters
         regional = zkernels.RegionalCompile(warn=_say if rank == 0 else lambda _: None)
@@ -849,6 +868,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         )
         applied["batching"] = batching.to_dict()
         applied["kernels"] = kernel_path.to_dict()
+        applied["cuda_graphs"] = {"on": graphs_off is None, "why_off": graphs_off}
         # what the Trainer's loop was spared each step (hostloop): its waits and walks
         applied["host_loop"] = {
             **hostloop.sync_free_kwargs(cuda),
@@ -1185,6 +1205,10 @@ def _finish(
         regional = getattr(trainer, "zp_compile", None)
         if regional is not None:
             result["compile"] = regional.stats()
+        graphed = getattr(trainer, "zp_graphs", None)
+        if graphed is not None:
+            # captured or why not, replays and the calls that ran eager (launch/graphs.py)
+            result["cuda_graphs"] = graphed.stats()
         # a diverged loss is NaN: null in the file, which stays strict JSON
         text = json.dumps(json_safe(result), indent=2, allow_nan=False)
         (opts.out / RESULT_FILE).write_text(text + "\n")
@@ -1274,6 +1298,24 @@ class Batching:
         }
 
 
+def _graphs_why_not(
+    opts: Options, setup: TrainSetup, cuda: bool, world: int, compiled: bool
+) -> str | None:
+    """Why the decoder runs eager (None: as CUDA graphs, launch/graphs.py): not asked
+    (``--no-cuda-graphs``, or the plan's choice), or it cannot here; asked for with
+    ``--cuda-graphs`` where it cannot: refused in one line."""
+    wanted = setup.cuda_graphs if opts.cuda_graphs is None else opts.cuda_graphs
+    if not wanted:
+        return "--no-cuda-graphs" if opts.cuda_graphs is False else "the plan leaves them off"
+    # TRL's reentrant checkpointing is for PEFT under ZeRO-3, which eligible refuses already
+    why = zgraphs.eligible(cuda, world, setup.zero is not None, setup.is_lora, False)
+    if why is None and compiled:
+        why = "--compile's layers (each is its own compiled graph)"
+    if why is not None and opts.cuda_graphs:
+        raise BadSetupError(f"--cuda-graphs: {why}; pass --no-cuda-graphs")
+    return why
+
+
 def _batching(
     opts: Options,
     setup: TrainSetup,
@@ -1282,7 +1324,10 @@ def _batching(
     cuda: bool,
     model_type: str = "",
     sliding_window: int | None = None,
+    one_shape: bool = False,
 ) -> Batching:
+    """The micro-batches; ``one_shape`` (CUDA graphs): a flat row's segment boundaries
+    padded to the most any micro-batch of its rows holds (batching.segment_bound)."""
     n = len(prepared.train)
     if opts.batching != "packed":
         return Batching(opts.batching, prepared.train, prepared.eval, None, None, None,
@@ -1296,7 +1341,10 @@ def _batching(
     evals = zbatch.pack_examples(prepared.eval, capacity, seed=opts.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     layout = "flat" if kernel == "varlen" else "rows"
-    collator = zbatch.PackedCollator(int(pad or 0), capacity, layout)
+    segments = None
+    if one_shape and layout == "flat":
+        segments = zbatch.segment_bound(train.rows, capacity, per_device)
+    collator = zbatch.PackedCollator(int(pad or 0), capacity, layout, segments)
     gqa = zbatch.gqa_native() if kernel == "varlen" and cuda else None
     return Batching("packed", train.rows, evals.rows, collator, attn_impl, kernel,
                     capacity, per_device, n, len(train.rows), train.fill, gqa)  # fmt: skip
@@ -1319,6 +1367,8 @@ def lean_trainer_class() -> Any:
     class LeanSFTTrainer(SFTTrainer):
         zp_tokens: Counter | None = None
         zp_compile: zkernels.RegionalCompile | None = None
+        zp_graphs: zgraphs.GraphedDecoder | None = None
+        zp_walks: hostloop.LeanWalks | None = None
         zp_trainable: list[Any] | None = None  # hostloop.trainable, without DeepSpeed
         zp_params: int | None = None
 

@@ -1,0 +1,266 @@
+"""The decoder as CUDA graphs (zeroplan/launch/graphs.py): what decides it, the one shape
+packed micro-batches get for it, and, on a GPU, the same losses and gradients as eager
+(with an optimizer step between micro-batches, autocast, the fused LoRA linears) and eager
+again after a capture that cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import tinyllm
+
+from zeroplan.errors import BadSetupError
+from zeroplan.launch import batching as zbatch
+from zeroplan.launch import graphs
+from zeroplan.launch import sft
+from zeroplan.trainsetup import TrainSetup
+
+torch = pytest.importorskip("torch")
+GPU = torch.cuda.is_available()
+
+
+def _row(lengths: list[int], start: int = 1) -> dict[str, list[int]]:
+    ids: list[int] = []
+    pos: list[int] = []
+    for i, n in enumerate(lengths):
+        ids += [start + i + j for j in range(n)]
+        pos += list(range(n))
+    return {"input_ids": ids, "labels": list(ids), "position_ids": pos}
+
+
+# --------------------------------------------------------------------------- who runs them
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ((True, 1, False, True, False), None),
+        ((False, 1, False, True, False), "no GPU"),
+        ((True, 2, False, True, False), "several processes"),
+        ((True, 1, True, True, False), "DeepSpeed"),
+        ((True, 1, False, False, False), "full fine-tuning"),
+        ((True, 1, False, True, True), "reentrant"),
+    ],
+)
+def test_eligible(args: tuple[bool, int, bool, bool, bool], why: str | None) -> None:
+    got = graphs.eligible(*args)
+    assert (got is None) if why is None else (got is not None and why in got)
+
+
+def _opts(cuda_graphs: bool | None) -> sft.Options:
+    from pathlib import Path
+
+    return sft.Options(plan=Path("p"), data="d", out=Path("o"), cuda_graphs=cuda_graphs)
+
+
+def test_graphs_follow_the_plan_and_refuse_a_forced_impossible_one() -> None:
+    lora = TrainSetup(method="lora", cuda_graphs=True)
+    assert sft._graphs_why_not(_opts(None), lora, True, 1, False) is None
+    assert "leaves them off" in str(sft._graphs_why_not(_opts(None), TrainSetup(method="lora"), True, 1, False))
+    assert sft._graphs_why_not(_opts(False), lora, True, 1, False) == "--no-cuda-graphs"
+    # the plan's choice where it cannot run: eager, quietly (applied.json says why)
+    assert "several processes" in str(sft._graphs_why_not(_opts(None), lora, True, 2, False))
+    assert "--compile" in str(sft._graphs_why_not(_opts(None), lora, True, 1, True))
+    # asked for where it cannot run: one line
+    with pytest.raises(BadSetupError, match="--cuda-graphs: no GPU; pass --no-cuda-graphs"):
+        sft._graphs_why_not(_opts(True), lora, False, 1, False)
+    with pytest.raises(BadSetupError, match="full fine-tuning"):
+        sft._graphs_why_not(_opts(True), TrainSetup(method="full"), True, 1, False)
+
+
+def test_signature_and_refusals() -> None:
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    a = graphs._signature({"input_ids": ids, "max_length_q": 32, "use_cache": False})
+    assert a == graphs._signature({"input_ids": ids + 1, "max_length_q": 32, "use_cache": False})
+    assert a != graphs._signature({"input_ids": ids, "max_length_q": 31, "use_cache": False})
+    assert a != graphs._signature({"input_ids": torch.zeros(1, 9, dtype=torch.long),
+                                   "max_length_q": 32, "use_cache": False})  # fmt: skip
+    assert graphs._signature({"input_ids": ids, "past_key_values": object()}) is None
+    assert graphs._refuses({"attention_mask": ids})
+    assert graphs._refuses({"output_hidden_states": True})
+    assert not graphs._refuses({"input_ids": ids, "use_cache": False, "attention_mask": None})
+
+
+def test_decoder_module_is_the_parent_of_the_layers() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**tinyllm.TINY_DECODER))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert graphs.decoder_module(peft_model) is model.model
+    assert graphs.decoder_module(model) is model.model
+
+
+def test_eval_and_cpu_calls_run_eager() -> None:
+    calls: list[dict[str, object]] = []
+
+    class Decoder(torch.nn.Module):
+        def forward(self, **kw: object) -> str:
+            calls.append(kw)
+            return "eager"
+
+    dec = Decoder()
+    g = graphs.GraphedDecoder(warn=print)
+    g.install(dec, [])
+    dec.eval()
+    assert dec.forward(input_ids=torch.zeros(1, 2)) == "eager"
+    dec.train()
+    with torch.no_grad():
+        assert dec.forward(input_ids=torch.zeros(1, 2)) == "eager"
+    assert not g.captured and g.replays == 0 and len(calls) == 2
+
+
+# --------------------------------------------------------------------------- one shape
+
+
+def test_collator_pads_the_boundaries_to_one_count() -> None:
+    rows = [_row([5, 9]), _row([3, 3, 3, 3]), _row([16])]
+    bound = zbatch.segment_bound(rows, 16, 2)
+    # [5, 9] + 1 padding segment of 2 = 3; [3]*4 + 1 of 4 = 5; [16] = 1: the two largest
+    assert [zbatch.row_segments(r, 16) for r in rows] == [3, 5, 1]
+    assert bound == 8
+    col = zbatch.PackedCollator(0, 16, "flat", segments=bound)
+    for pair in ([rows[0], rows[1]], [rows[2], rows[0]], [rows[2], rows[2]]):
+        b = col(pair)
+        assert b["cu_seq_lens_q"].shape == (bound + 1,)
+        assert b["max_length_q"] == b["max_length_k"] == 16
+        cu = b["cu_seq_lens_q"].tolist()
+        assert cu[-1] == 32 and cu == sorted(cu)
+    plain = zbatch.PackedCollator(0, 16, "flat")(rows[:2])
+    assert plain["cu_seq_lens_q"].tolist() == [0, 5, 14, 16, 19, 22, 25, 28, 32]
+    assert plain["max_length_q"] == 9
+    # more segments than the bound: the batch keeps its own (it runs eager)
+    few = zbatch.PackedCollator(0, 16, "flat", segments=2)(rows[:2])
+    assert few["cu_seq_lens_q"].shape == (9,)
+    with pytest.raises(ValueError, match="flat layout only"):
+        zbatch.PackedCollator(0, 16, "rows", segments=4)
+
+
+def test_reference_attention_skips_empty_segments() -> None:
+    q = torch.randn(12, 2, 8)
+    k = torch.randn(12, 2, 8)
+    v = torch.randn(12, 2, 8)
+    a = zbatch._segments_sdpa(q, k, v, [0, 5, 12], None)
+    b = zbatch._segments_sdpa(q, k, v, [0, 5, 12, 12, 12], None)
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+def _tiny_lora(seed: int, fp32_adapters: bool, fused: bool) -> tuple[object, list[object]]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zeroplan.launch import loralinear
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**tinyllm.TINY_DECODER, attn_implementation=zbatch.register_varlen())
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # not zero: every adapter's gradient flows from the start
+            torch.nn.init.normal_(p, std=0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if fp32_adapters:
+        for p in params:
+            p.data = p.data.float()
+    if fused:
+        loralinear.install(model, group=True)
+    return model, params
+
+
+def _batches(n: int, segments: int | None) -> list[dict[str, object]]:
+    import random
+
+    rng = random.Random(3)
+    rows = []
+    for _ in range(2 * n):
+        lengths, left = [], 48
+        while left > 4:
+            k = rng.randint(3, min(left, 30))
+            lengths.append(k)
+            left -= k
+        r = _row(lengths)
+        r["input_ids"] = [rng.randrange(1, 300) for _ in r["input_ids"]]
+        r["labels"] = list(r["input_ids"])
+        rows.append(r)
+    bound = zbatch.segment_bound(rows, 48, 2) if segments is None else segments
+    col = zbatch.PackedCollator(0, 48, "flat", segments=bound)
+    out = []
+    for i in range(n):
+        b = col(rows[2 * i : 2 * i + 2])
+        b.pop("zp_real_tokens")
+        b.pop("zp_slots")
+        out.append({k: v.cuda() if hasattr(v, "cuda") else v for k, v in b.items()})
+    return out
+
+
+def _train(model: object, params: list[object], batches: list[dict[str, object]],
+           autocast: bool, accumulate: int = 2) -> tuple[list[float], list[object]]:  # fmt: skip
+    opt = torch.optim.SGD(params, lr=0.5)
+    losses = []
+    for i, b in enumerate(batches):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**b, use_cache=False).loss  # type: ignore[operator]
+        loss.backward()
+        losses.append(float(loss))
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=i % 4 == 1)  # both: to None and in place
+    return losses, [p.grad.clone() if p.grad is not None else None for p in params]  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize(
+    ("fp32_adapters", "autocast", "fused"),
+    [(False, False, False), (True, True, False), (True, True, True), (False, True, True)],
+)
+def test_graphed_training_equals_eager(fp32_adapters: bool, autocast: bool, fused: bool) -> None:
+    batches = _batches(7, None)
+    model, params = _tiny_lora(0, fp32_adapters, fused)
+    eager_losses, eager_grads = _train(model, params, batches, autocast)
+    model, params = _tiny_lora(0, fp32_adapters, fused)
+    g = graphs.GraphedDecoder(warn=print)
+    decoder = graphs.decoder_module(model)
+    g.install(decoder, [p for p in decoder.parameters() if p.requires_grad])
+    losses, grads = _train(model, params, batches, autocast)
+    assert g.captured and g.failed is None, g.failed
+    assert g.replays == len(batches) and g.eager_calls == 0
+    assert losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-3)
+    for a, b in zip(eager_grads, grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+    # another shape (a batch whose boundaries were not padded alike) runs eager
+    odd = _batches(1, 40)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        model(**odd, use_cache=False).loss.backward()  # type: ignore[operator]
+    assert g.eager_calls == 1
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+def test_a_capture_that_cannot_work_falls_back_to_eager() -> None:
+    batches = _batches(3, None)
+    model, params = _tiny_lora(0, False, False)
+    eager_losses, eager_grads = _train(model, params, batches, False, accumulate=1)
+    model, params = _tiny_lora(0, False, False)
+    decoder = graphs.decoder_module(model)
+    layer = decoder.layers[0]
+    plain = layer.forward
+
+    def reads_the_gpu(*args: object, **kw: object) -> object:
+        out = plain(*args, **kw)
+        if float(args[0].float().abs().sum()) < 0:  # type: ignore[attr-defined]  # a host read
+            raise AssertionError
+        return out
+
+    layer.forward = reads_the_gpu
+    said: list[str] = []
+    g = graphs.GraphedDecoder(warn=said.append)
+    g.install(decoder, [p for p in decoder.parameters() if p.requires_grad])
+    losses, grads = _train(model, params, batches, False, accumulate=1)
+    assert g.failed is not None and not g.captured and len(said) == 1
+    assert said[0].startswith("CUDA graphs off, the decoder runs eager: the capture failed")
+    assert losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-3)
+    for a, b in zip(eager_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
