@@ -78,7 +78,8 @@ MB1 = {"micro_batch": 1, "seq_len": 1664, "grad_accum": 1, "grad_ckpt": False, "
 MB4 = {"micro_batch": 4, "seq_len": 704, "grad_accum": 1, "grad_ckpt": False, "zero": None,
        "autocast": None}  # fmt: skip
 TODAY = {"kernels": "none", "lora_dropout": 0.05}
-DEFAULTS = {"kernels": "liger", "lora_dropout": 0.0}
+DEFAULTS = {"kernels": "liger", "lora_dropout": 0.0, "cuda_graphs": False}
+GRAPHS = {"cuda_graphs": True}  # the decoder as CUDA graphs, as the plan says (launch/graphs.py)
 # name: (model, method, launch options, changes to the plan's setup, tree: before | after)
 RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "8b-mb1-today": ("8b", "qlora", ["--kernels", "none"], {**MB1, **TODAY, "fused_loss": True}, "before"),
@@ -100,11 +101,11 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "8b-plan": ("8b", "qlora", [], {}, "after"),
     # the decoder as CUDA graphs (launch/graphs.py) against the same job eager, this tree:
     # host-bound (8b-mb1, 1b-mb1-fused, 1b-mb4) and the GPU-bound 8B bf16 LoRA plan
-    "8b-mb1-graphs": ("8b", "qlora", ["--cuda-graphs"], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
-    "1b-mb1-graphs": ("1b", "lora", ["--cuda-graphs"], {**MB1, **DEFAULTS, "fused_loss": True, "fused_lora": True}, "after"),
-    "1b-mb4-graphs": ("1b", "lora", ["--cuda-graphs"], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
-    "8b-lora": ("8b", "lora", ["--no-cuda-graphs"], {}, "after"),
-    "8b-lora-graphs": ("8b", "lora", ["--cuda-graphs"], {}, "after"),
+    "8b-mb1-graphs": ("8b", "qlora", [], {**MB1, **DEFAULTS, **GRAPHS, "fused_loss": True}, "after"),
+    "1b-mb1-graphs": ("1b", "lora", [], {**MB1, **DEFAULTS, **GRAPHS, "fused_loss": True, "fused_lora": True}, "after"),
+    "1b-mb4-graphs": ("1b", "lora", [], {**MB4, **DEFAULTS, **GRAPHS, "fused_loss": True}, "after"),
+    "8b-lora": ("8b", "lora", [], {"cuda_graphs": False}, "after"),
+    "8b-lora-graphs": ("8b", "lora", [], GRAPHS, "after"),
 }  # fmt: skip
 # torch.compile's mode for a run (host_probe sets zeroplan.launch.kernels.COMPILE_MODE)
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}

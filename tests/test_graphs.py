@@ -10,8 +10,7 @@ import tinyllm
 
 from zeroplan.errors import BadSetupError
 from zeroplan.launch import batching as zbatch
-from zeroplan.launch import graphs
-from zeroplan.launch import sft
+from zeroplan.launch import graphs, sft
 from zeroplan.trainsetup import TrainSetup
 
 torch = pytest.importorskip("torch")
@@ -55,7 +54,9 @@ def _opts(cuda_graphs: bool | None) -> sft.Options:
 def test_graphs_follow_the_plan_and_refuse_a_forced_impossible_one() -> None:
     lora = TrainSetup(method="lora", cuda_graphs=True)
     assert sft._graphs_why_not(_opts(None), lora, True, 1, False) is None
-    assert "leaves them off" in str(sft._graphs_why_not(_opts(None), TrainSetup(method="lora"), True, 1, False))
+    assert "leaves them off" in str(
+        sft._graphs_why_not(_opts(None), TrainSetup(method="lora"), True, 1, False)
+    )
     assert sft._graphs_why_not(_opts(False), lora, True, 1, False) == "--no-cuda-graphs"
     # the plan's choice where it cannot run: eager, quietly (applied.json says why)
     assert "several processes" in str(sft._graphs_why_not(_opts(None), lora, True, 2, False))

@@ -97,6 +97,17 @@ def compiled_share(quantized: bool) -> float:
     return compiled / eager
 
 
+# A micro-batch whose decoder runs as CUDA graphs (``setup.cuda_graphs``,
+# zeroplan.launch.graphs): what the host still dispatches, whatever the depth. Counted off
+# the launch's path: the copies of the ids, positions and boundaries into the graph's
+# inputs and its two replays (7), the gradients' one _foreach_add_, the Trainer's own calls
+# around a micro-batch (its loss's detach and sum, about 10), and Liger's fused loss, which
+# stays eager: its count of targets and about five calls per chunk of rows (logits, the
+# loss kernel, the input's gradient; 26 chunks at 1 × 1,664 tokens of Llama-3's vocabulary,
+# 22 at 16 × 704), so about 150 in all.
+GRAPHED_MICRO_BATCH_OPS = 150
+
+
 # Multimodal checkpoints whose text tower is another family's decoder.
 _TEXT_TOWER = {"gemma3": "gemma3_text"}
 # What an architecture without a count is taken for (the fitted rows' own).

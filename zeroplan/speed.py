@@ -33,6 +33,7 @@ from typing import Any
 from zeroplan import liger
 from zeroplan.hardware import GPU, PCIE_EFFECTIVE_GBS, Cluster
 from zeroplan.hostops import (
+    GRAPHED_MICRO_BATCH_OPS,
     LIGER_COUNTED,
     LIGER_OPS,
     compiled_share,
@@ -988,7 +989,14 @@ def host_seconds(
     Llama-3.1-8B LoRA with checkpointing took 2.8-2.9 s a micro-batch at 1, 4 and 8 × 2048
     tokens alike (DDP: 0.56 s at 1 × 2048), and the recompute runs the forward's hooks
     again. Seconds of the machine the constants were measured on (Xeon hosts of H100 and
-    H200 nodes); not scaled by the GPU, since it is the CPU's clock."""
+    H200 nodes); not scaled by the GPU, since it is the CPU's clock.
+
+    With the decoder as CUDA graphs (``setup.cuda_graphs``): hostops.GRAPHED_MICRO_BATCH_OPS
+    · host_op_s, what stays eager around the two replays."""
+    if setup.cuda_graphs:
+        # the decoder's forward and backward are two replays (zeroplan.launch.graphs): the
+        # host dispatches only what stays eager around them, at any depth or checkpointing
+        return GRAPHED_MICRO_BATCH_OPS * k.host_op_s
     hooks = parameter_tensors(spec, setup) * k.zero3_tensor_s if setup.zero == 3 else 0.0
     moe_layers = spec.moe.num_moe_layers * m.host_layer_s if (m and spec.moe) else 0.0
     step = m.host_step_s if (m and spec.moe) else 0.0
