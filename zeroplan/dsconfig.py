@@ -21,12 +21,12 @@ import argparse
 import json
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from zeroplan.errors import BadSetupError, ConfigWriteError
+from zeroplan.outputs import write_atomic
 from zeroplan.trainsetup import TrainSetup
 
 # Optimizers DeepSpeed's ZeRO wrapper accepts without ``zero_allow_untested_optimizer``
@@ -192,32 +192,19 @@ def dumps(cfg: dict[str, Any]) -> str:
 def write_config(cfg: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``cfg`` to ``path`` atomically and return the path.
 
-    The text goes to a temporary file in the same folder, which then replaces ``path`` in
-    one ``os.replace``: an error or Ctrl-C leaves either the old file or the complete new
-    one, never half a config that a launcher would read. The temporary file is created
-    with mode 0o666 so the result gets the usual umask permissions (mkstemp's 0o600 would
-    make the config unreadable to other users on a shared cluster).
+    ``outputs.write_atomic`` writes it: an error or Ctrl-C leaves either the old file or
+    the complete new one, never half a config that a launcher would read, and the file gets
+    the usual umask permissions (readable to the group on a shared cluster). It is synced
+    to the disk before the rename: a config is read again at launch, maybe after a crash.
     """
     target = Path(path)
     if not target.name:  # "" or "/": there is no file name to write (nor to put a temp beside)
         raise ConfigWriteError(f"cannot write the config to '{path}': give -o a file name")
     text = dumps(cfg)  # serialise first: a bad value fails before anything touches the disk
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        write_atomic(target, text, fsync=True)
     except OSError as exc:
         raise ConfigWriteError(f"cannot write {target}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ConfigWriteError(f"cannot write {target}: {exc.strerror}") from exc
-        raise
     return target
 
 

@@ -3,7 +3,9 @@ then written whole or not at all.
 
 Files are written under temporary names beside their targets and renamed onto them at
 the end; a new folder is filled under a temporary name and renamed into place. An error
-or Ctrl-C leaves the targets as they were and no temporary behind. Imports nothing heavy.
+or Ctrl-C leaves the targets as they were and no temporary behind. ``write_atomic`` is the
+same for one file that a run writes (markers, exit files, RUN_DIR's files, configs).
+Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -71,6 +73,41 @@ def made_parents(folder: Path) -> Iterator[None]:
         if first_made is not None:
             shutil.rmtree(first_made, ignore_errors=True)
         raise
+
+
+def atomic_temp_name(name: str, pid: int, token: str) -> str:
+    """The temporary name ``write_atomic`` writes ``name`` under before renaming it.
+
+    Several nodes and ranks can write into one shared folder at once, and a node's pids
+    can repeat on another node: the pid keeps one process's names apart from another's,
+    the random ``token`` keeps two calls (threads, or equal pids on two hosts) apart.
+    Hidden and ending in ``.tmp``, so a listing or a glob for the target skips it."""
+    return f".{name}.{pid}.{token}.tmp"
+
+
+def write_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` whole or not at all.
+
+    A reader of ``path`` (another node, a watcher, a launcher) sees the old file or the
+    complete new one, never half of one: the text goes to a temporary file beside it, which
+    ``os.replace`` renames onto it. An error or Ctrl-C leaves the old file and removes the
+    temporary. ``fsync`` also flushes the text to the disk before the rename, for files
+    that must survive a machine crash; it costs a disk round trip, so it is off by default.
+    OSError propagates: each caller decides what a failed write means to it.
+    """
+    tmp = path.with_name(atomic_temp_name(path.name, os.getpid(), secrets.token_hex(8)))
+    # 0o666 like open(): the umask decides, not mkstemp's 0o600 (hidden from the group on a
+    # shared cluster); O_EXCL so that a name in use is an error, never two writers' mix
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the rename; no one else has its name
 
 
 def _temp_beside(path: Path) -> Path:

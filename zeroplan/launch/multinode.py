@@ -54,6 +54,7 @@ from zeroplan.errors import (
     RendezvousUnreachableError,
     ZeroplanError,
 )
+from zeroplan.outputs import write_atomic
 from zeroplan.watch.runlog import read_json_object
 
 if TYPE_CHECKING:
@@ -445,9 +446,7 @@ def _marker(run_dir: Path, node_rank: int) -> Path:
 
 def _write(path: Path, data: Mapping[str, Any]) -> None:
     """``data`` and the time it was written (``t``), atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**data, "t": time.time()}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({**data, "t": time.time()}) + "\n")
 
 
 def _end_of(marker: Mapping[str, Any] | None) -> tuple[str, str] | None:

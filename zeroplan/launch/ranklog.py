@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from zeroplan.outputs import write_atomic
+
 LOG_NAME = "rank{rank}.log"
 EXIT_NAME = "rank{rank}.exit.json"
 
@@ -42,9 +44,8 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _write_exit(path: Path, record: dict[str, object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # whole or not at all: the supervisor may read it the moment it appears
+    write_atomic(path, json.dumps(record) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

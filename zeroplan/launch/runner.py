@@ -56,6 +56,7 @@ from zeroplan.hardware import (
 from zeroplan.launch import envcheck
 from zeroplan.launch.multinode import Rendezvous
 from zeroplan.launch.ranklog import EXIT_NAME, LOG_NAME
+from zeroplan.outputs import write_atomic
 from zeroplan.planfiles import PLAN_KEYS, model_location, model_name
 from zeroplan.trainsetup import TrainSetup
 from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE
@@ -750,9 +751,7 @@ def write_files(launch: Launch) -> list[Path]:
     written = []
     for name, text in launch.files.items():
         path = launch.run_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text)
         written.append(path)
     return written
 

@@ -44,6 +44,7 @@ from zeroplan.launch.runner import (
     describe_nodes,
     write_files,
 )
+from zeroplan.outputs import write_atomic
 from zeroplan.watch.runlog import METRICS_FILE
 
 DEFAULT_PROGRESS_S = 10.0
@@ -502,9 +503,7 @@ def _update_record(launch: Launch, result: RunResult, started: float) -> None:
         "message": _headline(result.message),
     }
     with contextlib.suppress(OSError):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def run_launch(
