@@ -122,12 +122,9 @@ def _one_call_varlen(
 @cache
 def _register_packed() -> str:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
-    from zeroplan.launch.batching import _no_mask
-
+    # no mask function, as zeroplan_varlen (batching.register_varlen)
     AttentionInterface.register(PACKED_IMPL, _one_call_varlen)
-    AttentionMaskInterface.register(PACKED_IMPL, _no_mask)
     return PACKED_IMPL
 
 

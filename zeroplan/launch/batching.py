@@ -367,22 +367,21 @@ def _flash_varlen(
     )
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The varlen kernel needs no mask: the boundaries travel as cu_seq_lens."""
-    return None
-
-
 def register_varlen() -> str:
-    """Register ``zeroplan_varlen`` with transformers (idempotent); returns the name."""
+    """Register ``zeroplan_varlen`` with transformers (idempotent); returns the name.
+
+    Registered as an attention function only, with no mask function: for such an
+    implementation transformers' ``create_causal_mask`` returns at once (the boundaries
+    travel as cu_seq_lens). With one, it first looked for packed rows in the position ids
+    and read the answer on the host (``find_packed_sequence_indices``' ``.all()``): a wait
+    for the GPU at the start of every forward (host5-host21's probes, transformers 5.17)."""
     import torch
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     # under --compile the decoder layers compile around it: its boundaries are Python ints
     # (max_length_q) that would specialise the graph to every new longest sample (eager: no-op)
     eager_only = torch.compiler.disable(varlen_attention_forward)  # type: ignore[no-untyped-call]
     AttentionInterface.register(VARLEN_IMPL, eager_only)
-    AttentionMaskInterface.register(VARLEN_IMPL, _no_mask)
     return VARLEN_IMPL
 
 
