@@ -145,10 +145,107 @@ def test_reference_attention_skips_empty_segments() -> None:
     assert torch.equal(a, b)
 
 
+# --------------------------------------------------------------------------- on the CPU
+
+
+class ReplayAgain:
+    """A recorder for the CPU, where CUDA graphs cannot exist: ``replay`` runs the recorded
+    function again, with gradients as the captured kernels would record them, on the
+    tensors it closed over (the graph's static inputs) and copies what it returns into
+    what the capture returned (the graph's outputs). So a GraphedDecoder that forgot to
+    copy a micro-batch in, read an output before its replay or lost a gradient trains
+    differently from eager here too. tests/test_graphs.py's GPU tests run the real ones."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.released = False
+
+    def warm(self) -> object:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def record(self, fn: object) -> tuple[object, object]:
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        out = fn()  # type: ignore[operator]
+        return _Again(fn, out), out
+
+    def allocated(self) -> int:
+        return 0
+
+    def release(self) -> None:
+        self.released = True
+
+
+class _Again:
+    def __init__(self, fn: object, out: object) -> None:
+        self.fn, self.out = fn, out
+
+    def replay(self) -> None:
+        with torch.enable_grad():
+            new = self.fn()  # type: ignore[operator]
+        olds = self.out if isinstance(self.out, tuple) else (self.out,)
+        news = new if isinstance(new, tuple) else (new,)
+        with torch.no_grad():
+            for old, fresh in zip(olds, news, strict=True):
+                if old is not None:
+                    old.copy_(fresh)
+
+
+@pytest.mark.parametrize(("fp32_adapters", "autocast", "fused"),
+                         [(False, False, False), (True, True, True), (False, False, True)])  # fmt: skip
+def test_graphed_decoder_trains_as_eager_on_the_cpu(
+    fp32_adapters: bool, autocast: bool, fused: bool
+) -> None:
+    batches = _batches(6, None, "cpu")
+    model, params = _tiny_lora(0, fp32_adapters, fused, "cpu")
+    eager_losses, eager_grads = _train(model, params, batches, autocast, device="cpu")
+    model, params = _tiny_lora(0, fp32_adapters, fused, "cpu")
+    g = graphs.GraphedDecoder(warn=print, recorder=ReplayAgain())
+    decoder = graphs.decoder_module(model)
+    g.install(decoder, [p for p in decoder.parameters() if p.requires_grad])
+    losses, grads = _train(model, params, batches, autocast, device="cpu")
+    assert g.captured and g.failed is None and g.replays == len(batches)
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-5)
+    for a, b in zip(eager_grads, grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # evaluation (no gradient) and another shape run eager, the graph untouched
+    with torch.no_grad():
+        model(**batches[0], use_cache=False)  # type: ignore[operator]
+    model(**_batches(1, 40, "cpu")[0], use_cache=False).loss.backward()  # type: ignore[operator]
+    assert g.replays == len(batches) and g.eager_calls == 1
+
+
+def test_a_failed_capture_trains_eager_on_the_cpu() -> None:
+    batches = _batches(3, None, "cpu")
+    model, params = _tiny_lora(0, False, False, "cpu")
+    eager_losses, eager_grads = _train(model, params, batches, False, 1, "cpu")
+    model, params = _tiny_lora(0, False, False, "cpu")
+    said: list[str] = []
+    rec = ReplayAgain(fail=True)
+    g = graphs.GraphedDecoder(warn=said.append, recorder=rec)
+    decoder = graphs.decoder_module(model)
+    g.install(decoder, [p for p in decoder.parameters() if p.requires_grad])
+    losses, grads = _train(model, params, batches, False, 1, "cpu")
+    assert not g.captured and rec.released and g.replays == 0
+    assert said == [
+        "CUDA graphs off, the decoder runs eager: the capture failed (RuntimeError: operation "
+        "not permitted when stream is capturing)"
+    ]
+    assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-5)
+    for a, b in zip(eager_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 
-def _tiny_lora(seed: int, fp32_adapters: bool, fused: bool) -> tuple[object, list[object]]:
+def _tiny_lora(
+    seed: int, fp32_adapters: bool, fused: bool, device: str = "cuda"
+) -> tuple[object, list[object]]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -156,7 +253,7 @@ def _tiny_lora(seed: int, fp32_adapters: bool, fused: bool) -> tuple[object, lis
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**tinyllm.TINY_DECODER, attn_implementation=zbatch.register_varlen())
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to(device, torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # not zero: every adapter's gradient flows from the start
@@ -170,7 +267,7 @@ def _tiny_lora(seed: int, fp32_adapters: bool, fused: bool) -> tuple[object, lis
     return model, params
 
 
-def _batches(n: int, segments: int | None) -> list[dict[str, object]]:
+def _batches(n: int, segments: int | None, device: str = "cuda") -> list[dict[str, object]]:
     import random
 
     rng = random.Random(3)
@@ -192,16 +289,17 @@ def _batches(n: int, segments: int | None) -> list[dict[str, object]]:
         b = col(rows[2 * i : 2 * i + 2])
         b.pop("zp_real_tokens")
         b.pop("zp_slots")
-        out.append({k: v.cuda() if hasattr(v, "cuda") else v for k, v in b.items()})
+        out.append({k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()})
     return out
 
 
 def _train(model: object, params: list[object], batches: list[dict[str, object]],
-           autocast: bool, accumulate: int = 2) -> tuple[list[float], list[object]]:  # fmt: skip
+           autocast: bool, accumulate: int = 2, device: str = "cuda",
+           ) -> tuple[list[float], list[object]]:  # fmt: skip
     opt = torch.optim.SGD(params, lr=0.5)
     losses = []
     for i, b in enumerate(batches):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**b, use_cache=False).loss  # type: ignore[operator]
         loss.backward()
         losses.append(float(loss))
@@ -265,3 +363,55 @@ def test_a_capture_that_cannot_work_falls_back_to_eager() -> None:
     assert losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-3)
     for a, b in zip(eager_grads, grads, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_plan_cuda_graphs_flag_and_the_rank_argument(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from zeroplan.commands.cli import cli
+    from zeroplan.launch.runner import TrainOptions
+
+    args = ["plan", "meta-llama/Llama-3.2-1B", "--gpus", "1xH100", "--method", "lora"]
+    args += ["--seq-len", "512", "--global-batch", "1"]
+    eager = CliRunner().invoke(cli, [*args, "--json"])
+    assert eager.exit_code == 0, eager.output
+    assert json.loads(eager.output)["best"]["setup"]["cuda_graphs"] is False
+    out = Path(str(tmp_path)) / "plan"
+    graphed = CliRunner().invoke(
+        cli, [*args, "--cuda-graphs", "-o", str(out)], env={"COLUMNS": "200"}
+    )
+    assert graphed.exit_code == 0, graphed.output
+    assert "CUDA graphs" in graphed.output and "replays them" in graphed.output
+    data = json.loads((out / "plan.json").read_text())
+    assert data["best"]["setup"]["cuda_graphs"] is True
+    # the plan's setup reaches the rank through plan.json; the launch flag overrides it
+    assert sft.read_plan(out / "plan.json").setup.cuda_graphs
+    assert "--cuda-graphs" in TrainOptions(cuda_graphs=True).argv()
+    assert "--no-cuda-graphs" in TrainOptions(cuda_graphs=False).argv()
+    assert not any("graphs" in a for a in TrainOptions().argv())
+    assert (
+        sft.parse_args(["--plan", "p", "--data", "d", "--out", "o", "--no-cuda-graphs"]).cuda_graphs
+        is False
+    )
+
+
+def test_the_varlen_forward_reads_nothing_on_the_host_for_a_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zeroplan_varlen has no mask function, so transformers builds no mask and never looks
+    for packed rows (whose answer it read on the host, a wait for the GPU each forward)."""
+    from transformers import masking_utils
+
+    def looked(*args: object, **kw: object) -> None:
+        raise AssertionError("find_packed_sequence_indices ran")
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", looked)
+    model, _ = _tiny_lora(0, False, False, "cpu")
+    out = model(**_batches(1, None, "cpu")[0], use_cache=False)  # type: ignore[operator]
+    assert torch.isfinite(out.loss)

@@ -913,6 +913,7 @@ def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound
 
     one = parse_cluster("1xH100")
     small = load_model("meta-llama/Llama-3.2-1B")
+    # eager (under CUDA graphs, an opt-in, the host does not set the pace)
     request = PlanRequest(
         spec=small, cluster=one, seq_len=512, global_batch=1, allow_quantization=False
     )
@@ -941,3 +942,26 @@ def test_the_plan_keeps_peft_layers_where_the_fused_ones_would_slow_a_host_bound
     assert gpu_paced.best.setup.fused_lora
     qlora = plan(PlanRequest(spec=L8, cluster=one, method="qlora", seq_len=512, global_batch=1))
     assert qlora.best is not None and qlora.best.step.host_bound and qlora.best.setup.fused_lora
+
+
+def test_cuda_graphs_where_the_launch_can_capture_them() -> None:
+    """Asked for (plan --cuda-graphs): one GPU, LoRA or QLoRA, no DeepSpeed, a dense model, a
+    plan zeroplan launch runs: the decoder as CUDA graphs, and the host no longer sets the
+    pace of a small step. Elsewhere, and unasked, eager."""
+    small = load_model("meta-llama/Llama-3.2-1B")
+    one = parse_cluster("1xH100")
+    base = {"spec": small, "seq_len": 512, "global_batch": 1, "allow_quantization": False}
+    graphed = plan(PlanRequest(cluster=one, allow_cuda_graphs=True, **base)).best
+    assert graphed is not None and graphed.setup.cuda_graphs and not graphed.step.host_bound
+    eager = plan(PlanRequest(cluster=one, **base)).best  # opt-in: not yet timed on a GPU
+    assert eager is not None and not eager.setup.cuda_graphs and eager.step.host_bound
+    assert graphed.step.tokens_per_s > eager.step.tokens_per_s
+    for req in (
+        PlanRequest(
+            cluster=parse_cluster("2xH100"), allow_cuda_graphs=True, **{**base, "global_batch": 2}
+        ),
+        PlanRequest(cluster=one, launched=False, allow_cuda_graphs=True, **base),
+        PlanRequest(cluster=one, allow_cuda_graphs=True, **{**base, "method": "full"}),
+    ):
+        best = plan(req).best
+        assert best is not None and not best.setup.cuda_graphs, req

@@ -97,6 +97,10 @@ class PlanRequest:
     # the launch's fused LoRA linears (zeroplan.launch.loralinear) offered where they can
     # run (fused_lora_choice); False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
     allow_fused_lora: bool = True
+    # the launch's decoder as CUDA graphs (zeroplan.launch.graphs) where it can run
+    # (cuda_graphs_choice): opt-in (plan --cuda-graphs) until a GPU has timed them against
+    # the eager step (benchmarks/graphs_gpu.sh)
+    allow_cuda_graphs: bool = False
     # the plan is for zeroplan launch; False: for another trainer's recipe (plan --emit)
     launched: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
@@ -329,6 +333,24 @@ def fused_lora_choice(req: PlanRequest, method: str, dropout: float, zero: int |
     return fused_lora_refusal(probe) is None
 
 
+def cuda_graphs_choice(req: PlanRequest, method: str, zero: int | None) -> bool:
+    """Whether the launch runs the decoder as CUDA graphs: wherever allowed (opt-in) and it can
+    (launch.graphs.eligible: one GPU, no DeepSpeed, LoRA or QLoRA), on dense models (an
+    MoE layer's routing reads the GPU on the host), in plans zeroplan launch runs.
+
+    Not searched both ways: the graphs take the host's dispatch out of the step
+    (speed.host_seconds) and nothing off the GPU's, so in the speed model they are never
+    slower."""
+    return (
+        req.allow_cuda_graphs
+        and req.launched
+        and req.cluster.world_size == 1
+        and zero is None
+        and method in ("lora", "qlora")
+        and req.spec.moe is None
+    )
+
+
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
     world = req.cluster.world_size
     for method in _methods(req):
@@ -363,6 +385,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 fused_loss=fused,
                                 kernels=kernels,
                                 fused_lora=lora_fused,
+                                cuda_graphs=cuda_graphs_choice(req, method, zero),
                                 precision=req.precision,
                                 **adapters,
                             )
@@ -645,6 +668,13 @@ def plan(req: PlanRequest) -> Plan:
         req, best.setup.method, best.setup.lora_dropout, best.setup.zero
     ):
         assumptions.append(_peft_layers_note(req, best))
+    if best is not None and best.setup.cuda_graphs:
+        assumptions.append(
+            "zeroplan launch captures the decoder's forward and backward once as CUDA graphs "
+            "and replays them, so the host's dispatch does not set the pace (a failed capture "
+            "runs eager, and the host then may); not yet timed on a GPU: plan without "
+            "--cuda-graphs for the eager step"
+        )
     if best is not None and best.setup.fused_loss:
         assumptions.append(
             "the fused loss runs Liger's kernel: pip install 'zeroplan[fused]' where you train, "

@@ -584,6 +584,13 @@ def _count(text: str | None, option: str) -> int | None:
     help="Host RAM per node (GiB): CPU-offload plans must fit in it too.",
 )
 @kernel_options
+@click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    help="Plan zeroplan launch's decoder as CUDA graphs where it can run them (one GPU, LoRA or "
+    "QLoRA, no DeepSpeed): the host no longer sets the pace of small steps. Opt-in: not yet "
+    "timed on a GPU.",
+)
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option(
@@ -612,6 +619,7 @@ def plan(
     no_fused_loss: bool,
     no_liger: bool,
     no_fused_lora: bool,
+    cuda_graphs: bool,
     top: int,
     as_json: bool,
     out: Path | None,
@@ -674,7 +682,12 @@ def plan(
         overlong, epochs, progress=None if as_json else say,
     )  # fmt: skip
     # a recipe's plan keeps the model's own kernels (recipe_job says why)
-    extra = {"allow_kernels": not no_liger, "allow_fused_lora": not no_fused_lora, **extra}
+    extra = {
+        "allow_kernels": not no_liger,
+        "allow_fused_lora": not no_fused_lora,
+        "allow_cuda_graphs": cuda_graphs,
+        **extra,
+    }
     if emit is not None:
         extra["launched"] = False  # another trainer runs it (planner.complexity)
     req = PlanRequest(

@@ -73,6 +73,7 @@ def render_estimate(est: MemoryEstimate, console: Console, explain: bool = False
         + (" · fused loss" if setup["fused_loss"] else "")
         + (" · Liger kernels" if setup.get("kernels") == "liger" else "")
         + (" · fused LoRA" if setup.get("fused_lora") else "")
+        + (" · CUDA graphs" if setup.get("cuda_graphs") else "")
         + f"\n{setup['loop']} loop · autocast {'on' if setup['autocast'] else 'off'} · "
         + f"outputs {'kept' if setup['keep_outputs'] else 'dropped'} in backward"
     )
@@ -356,6 +357,7 @@ def _label(c: dict[str, Any]) -> str:
     label += ", fused loss" if s["fused_loss"] else ""
     label += ", Liger kernels" if s.get("kernels") == "liger" else ""
     label += ", fused LoRA" if s.get("fused_lora") else ""
+    label += ", CUDA graphs" if s.get("cuda_graphs") else ""
     label += f", {s['optim']}" if s["optim"] not in ("adamw", "adamw_torch_fused") else ""
     return label
 

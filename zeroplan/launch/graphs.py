@@ -28,7 +28,8 @@ in the backward): ``eligible`` says why not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,9 @@ class GraphedDecoder:
     _bwd: Any = field(default=None, repr=False)
     _anchor: Any = field(default=None, repr=False)
     _module: Any = field(default=None, repr=False)
+    # how the graphs are made: CudaRecorder (None: made at the capture); the CPU tests give
+    # one that replays by running the recorded function again
+    recorder: Any = field(default=None, repr=False)
 
     def install(self, decoder: Any, params: list[Any]) -> None:
         """Route ``decoder.forward`` through the graphs; ``params``: its trained ones."""
@@ -177,56 +181,59 @@ class GraphedDecoder:
         import torch
 
         t = time.perf_counter()
+        if self.recorder is None:
+            self.recorder = CudaRecorder()
+        rec = self.recorder
         static = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         call = {**kwargs, **static}
         params = self._params
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with rec.warm():
             for _ in range(WARMUP):
                 hidden = _hidden(self._eager(**call))
                 torch.autograd.grad(
                     hidden, params, grad_outputs=torch.zeros_like(hidden), allow_unused=True
                 )
                 del hidden
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
         # autocast keeps each weight's cast for the rest of the forward: a cast made in the
         # warm-up would be read, not recorded, by the capture, and replays would see the
         # weights of before the first optimizer step
         torch.clear_autocast_cache()
-        before = torch.cuda.memory_allocated()
-        pool = torch.cuda.graph_pool_handle()
-        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(fwd, pool=pool, stream=side, capture_error_mode="thread_local"):
-            out = self._eager(**call)
-            hidden = _hidden(out)
+        before = rec.allocated()
+        latest: dict[str, Any] = {}
+
+        def forward() -> Any:
+            latest["out"] = self._eager(**call)
+            return _hidden(latest["out"])
+
+        fwd, hidden = rec.record(forward)
         grad_out = torch.empty_like(hidden)
-        with torch.cuda.graph(bwd, pool=pool, stream=side, capture_error_mode="thread_local"):
-            grads = torch.autograd.grad(hidden, params, grad_outputs=grad_out, allow_unused=True)
+
+        def backward() -> Any:
+            out = _hidden(latest["out"])
+            return torch.autograd.grad(out, params, grad_outputs=grad_out, allow_unused=True)
+
+        bwd, grads = rec.record(backward)
         torch.clear_autocast_cache()
         self._trained = [p for p, g in zip(params, grads, strict=True) if g is not None]
         self._grads = [g for g in grads if g is not None]
         self._out = hidden.detach()
-        self._out_cls = type(out)
+        self._out_cls = type(latest["out"])
         self._grad_out = grad_out
         self._static = static
         self._key = key
         self._fwd, self._bwd = fwd, bwd
         self._anchor = torch.empty(0, device=hidden.device, requires_grad=True)
         self.captured = True
-        self.pool_bytes = torch.cuda.memory_allocated() - before
+        self.pool_bytes = rec.allocated() - before
         self.capture_s = time.perf_counter() - t
 
     def _give_up(self, exc: BaseException) -> None:
-        import torch
-
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         self.failed = f"{type(exc).__name__}: {first}"[:300]
         self._fwd = self._bwd = None
         self._static, self._grads, self._out = {}, [], None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        if self.recorder is not None:
+            self.recorder.release()
         self.warn(f"CUDA graphs off, the decoder runs eager: the capture failed ({self.failed})")
 
     # ------------------------------------------------------------------ replay
@@ -250,6 +257,53 @@ class GraphedDecoder:
                 adds.append(g)
         if held:
             torch._foreach_add_(held, adds)
+
+
+class CudaRecorder:
+    """CUDA graphs as torch makes them: the warm-up on a side stream, then each capture on
+    it into one memory pool (the backward frees what the forward's graph allocated, so they
+    share it, as torch.cuda.make_graphed_callables does)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @contextlib.contextmanager
+    def warm(self) -> Iterator[None]:
+        import torch
+
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            yield
+        torch.cuda.current_stream().wait_stream(self.side)
+        torch.cuda.synchronize()
+
+    def record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
+        """(the graph, what ``fn`` returned while it was captured); ``graph.replay()``
+        runs it again on the tensors it returned. ``thread_local``: the data loader's
+        pinning thread may call CUDA while the main thread captures."""
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(
+            graph, pool=self.pool, stream=self.side, capture_error_mode="thread_local"
+        ):
+            out = fn()
+        return graph, out
+
+    def allocated(self) -> int:
+        import torch
+
+        return int(torch.cuda.memory_allocated())
+
+    def release(self) -> None:
+        """After a failed capture: what it allocated back to the device."""
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def _hidden(out: Any) -> Any:
