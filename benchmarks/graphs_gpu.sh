@@ -2,7 +2,9 @@
 # The decoder as CUDA graphs on a GPU, one call (launch/graphs.py): the GPU half of
 # tests/test_graphs.py (graphed training equals eager; a capture that cannot work falls
 # back), then host_speed.py's graph runs against the same jobs eager. Staged by
-# benchmarks/host_stage.sh, with pytest's packages in .stage-host/site-pytest.tar.gz:
+# benchmarks/host_stage.sh, with pytest's packages in .stage-host/site-pytest.tar.gz (the GPU
+# image has no pytest; from a venv that has it: tar czf .stage-host/site-pytest.tar.gz -C
+# VENV/lib/python3.*/site-packages pytest _pytest pluggy iniconfig py.py and their dist-info):
 #
 #   run(command="bash .stage-host/repo/benchmarks/graphs_gpu.sh", carry=[".stage-host"])
 #
