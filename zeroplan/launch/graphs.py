@@ -106,7 +106,7 @@ class GraphedDecoder:
     captured: bool = False
     capture_s: float | None = None  # warm-up and capture of the first training call
     replays: int = 0
-    eager_calls: int = 0  # training calls that ran eager (another shape, or before capture)
+    eager_calls: int = 0  # training calls that ran eager (another shape, a mask, a cache)
     pool_bytes: int | None = None  # memory the capture held once it ended (allocated)
     _eager: Any = field(default=None, repr=False)
     _params: list[Any] = field(default_factory=list, repr=False)
@@ -144,14 +144,14 @@ class GraphedDecoder:
 
     # ------------------------------------------------------------------ the call
 
-    def forward(self, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch
 
         if self.failed is not None or not torch.is_grad_enabled() or not self._module.training:
-            return self._eager(**kwargs)
-        if _refuses(kwargs):
+            return self._eager(*args, **kwargs)
+        if args or _refuses(kwargs):  # the causal LMs call their decoder by keyword
             self.eager_calls += 1
-            return self._eager(**kwargs)
+            return self._eager(*args, **kwargs)
         key = _signature(kwargs)
         if key is None:
             self.eager_calls += 1
@@ -206,6 +206,8 @@ class GraphedDecoder:
             return _hidden(latest["out"])
 
         fwd, hidden = rec.record(forward)
+        if getattr(latest["out"], "last_hidden_state", None) is None:
+            raise RuntimeError("the decoder returns no last_hidden_state to replay into")
         grad_out = torch.empty_like(hidden)
 
         def backward() -> Any:
