@@ -956,6 +956,11 @@ def test_cuda_graphs_where_the_launch_can_capture_them() -> None:
     eager = plan(PlanRequest(cluster=one, **base)).best  # opt-in: not yet timed on a GPU
     assert eager is not None and not eager.setup.cuda_graphs and eager.step.host_bound
     assert graphed.step.tokens_per_s > eager.step.tokens_per_s
+    # never beside checkpointing (its RNG bookkeeping inside a capture is unrun)
+    req = PlanRequest(cluster=one, allow_cuda_graphs=True, **base)
+    setups = list(candidate_setups(req))
+    assert any(s.cuda_graphs for s in setups)
+    assert all(not s.grad_ckpt for s in setups if s.cuda_graphs)
     for req in (
         PlanRequest(
             cluster=parse_cluster("2xH100"), allow_cuda_graphs=True, **{**base, "global_batch": 2}

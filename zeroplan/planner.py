@@ -340,7 +340,9 @@ def cuda_graphs_choice(req: PlanRequest, method: str, zero: int | None) -> bool:
 
     Not searched both ways: the graphs take the host's dispatch out of the step
     (speed.host_seconds) and nothing off the GPU's, so in the speed model they are never
-    slower."""
+    slower. candidate_setups leaves them off checkpointed setups: checkpointing stashes and
+    restores the RNG's state around each layer, which a capture may refuse (torch issue
+    162504, fixed for offsets only), and no GPU has run the two together."""
     return (
         req.allow_cuda_graphs
         and req.launched
@@ -359,6 +361,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
             _adapters(req, method), _distributions(req, method)
         ):
             fused_lora = fused_lora_choice(req, method, adapters["lora_dropout"], zero)
+            graphs = cuda_graphs_choice(req, method, zero)
             for optim, lora_fused in itertools.product(
                 _optimizers(zero, offload), (True, False) if fused_lora else (False,)
             ):
@@ -385,7 +388,7 @@ def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:
                                 fused_loss=fused,
                                 kernels=kernels,
                                 fused_lora=lora_fused,
-                                cuda_graphs=cuda_graphs_choice(req, method, zero),
+                                cuda_graphs=graphs and not ckpt,
                                 precision=req.precision,
                                 **adapters,
                             )
