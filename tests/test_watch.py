@@ -1136,3 +1136,26 @@ def test_a_watched_run_that_ends_says_how(run_dir: Path, monkeypatch: pytest.Mon
     finally:
         collector.close()
     assert (view.status, view.outcome) == ("stopped", "stopped by SIGTERM")
+
+
+def test_a_watched_run_that_ends_is_not_called_hung(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the folder says the run is over, its quiet ranks are not hung or gone: the
+    collector read that only when it started, so a run that ended while watched kept
+    its silent-rank alerts."""
+    from zeroplan.watch import loop
+
+    monkeypatch.setattr(loop, "STATE_EVERY_S", 0.0)
+    (run_dir / "launch.json").write_text(json.dumps({"commands": []}))  # a live launch
+    collector = loop.open_collector(run_dir, fake_gpus=1, record=False, hang_after_s=1.0)
+    try:
+        live = collector.collect()
+        stop = {"exit_code": 143, "reason": "interrupted", "failed_rank": None, "ranks": {}}
+        _ended_launch(run_dir, stop, None)
+        ended = collector.collect()
+    finally:
+        collector.close()
+    quiet = {"hang", "node_silent", "not_reporting", "rank_gone"}
+    assert live.status == "running" and {a.kind for a in live.alerts} & quiet
+    assert ended.status == "stopped" and not {a.kind for a in ended.alerts} & quiet

@@ -104,7 +104,6 @@ class Collector:
             if self.run_dir
             else None
         )
-        self.run_finished = state is not None and state.finished
         self.state = state
         self._low_clock: dict[int, int] = {}  # GPU index -> consecutive low-clock samples
         if state is not None and state.finished and record:
@@ -149,7 +148,8 @@ class Collector:
             alive_pids=alive,
             this_host=self._hostname,
             low_clock_samples=self._low_clock,
-            run_finished=self.run_finished,
+            # read again with the state: a run that ended while watched has no hung ranks
+            run_finished=state is not None and state.finished,
             run_failed=state.outcome if state is not None and state.failed else None,
         )
         return DashboardView(
