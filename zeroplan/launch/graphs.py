@@ -281,6 +281,9 @@ class CudaRecorder:
             yield
         torch.cuda.current_stream().wait_stream(self.side)
         torch.cuda.synchronize()
+        # what the warm-up freed back to the device: the capture's pool cannot use the
+        # allocator's cached blocks, and a plan near the card's memory would not fit twice
+        torch.cuda.empty_cache()
 
     def record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
         """(the graph, what ``fn`` returned while it was captured); ``graph.replay()``
