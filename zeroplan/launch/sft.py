@@ -805,6 +805,8 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
     counter = Counter()
     label = f"{batching.label}, {kernel_path.label}"
+    if graphs_off is None:
+        label += ", CUDA graphs"  # the capture's outcome goes to the log and result.json
     divergence = StopOnDivergence(fp16=bool(targs.fp16))
     callbacks = [
         MetricsWriter(opts.out / METRICS_FILE, counter, label),
