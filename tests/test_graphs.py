@@ -11,7 +11,7 @@ import tinyllm
 from zeroplan.errors import BadSetupError
 from zeroplan.launch import batching as zbatch
 from zeroplan.launch import graphs, sft
-from zeroplan.trainsetup import TrainSetup
+from zeroplan.trainsetup import TrainSetup, cuda_graphs_refusal
 
 torch = pytest.importorskip("torch")
 GPU = torch.cuda.is_available()
@@ -30,18 +30,21 @@ def _row(lengths: list[int], start: int = 1) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize(
-    ("args", "why"),
+    ("setup", "world", "cuda", "compiled", "why"),
     [
-        ((True, 1, False, True, False), None),
-        ((False, 1, False, True, False), "no GPU"),
-        ((True, 2, False, True, False), "several processes"),
-        ((True, 1, True, True, False), "DeepSpeed"),
-        ((True, 1, False, False, False), "full fine-tuning"),
-        ((True, 1, False, True, True), "reentrant"),
+        (TrainSetup(method="lora"), 1, True, False, None),
+        (TrainSetup(method="qlora"), 1, True, False, None),
+        (TrainSetup(method="lora"), 1, False, False, "no GPU"),
+        (TrainSetup(method="lora"), 2, True, False, "several processes"),
+        (TrainSetup(method="lora", zero=0), 1, True, False, "DeepSpeed"),
+        (TrainSetup(method="full"), 1, True, False, "full fine-tuning"),
+        (TrainSetup(method="lora"), 1, True, True, "--compile"),
     ],
 )
-def test_eligible(args: tuple[bool, int, bool, bool, bool], why: str | None) -> None:
-    got = graphs.eligible(*args)
+def test_where_graphs_can_run(
+    setup: TrainSetup, world: int, cuda: bool, compiled: bool, why: str | None
+) -> None:
+    got = cuda_graphs_refusal(setup, world, cuda, compiled)
     assert (got is None) if why is None else (got is not None and why in got)
 
 

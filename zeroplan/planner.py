@@ -55,6 +55,7 @@ from zeroplan.trainsetup import (
     METHODS,
     TrainSetup,
     attention_note,
+    cuda_graphs_refusal,
     fused_lora_refusal,
     packed_attention,
     packed_shape,
@@ -335,7 +336,7 @@ def fused_lora_choice(req: PlanRequest, method: str, dropout: float, zero: int |
 
 def cuda_graphs_choice(req: PlanRequest, method: str, zero: int | None) -> bool:
     """Whether the launch runs the decoder as CUDA graphs: wherever allowed (opt-in) and it can
-    (launch.graphs.eligible: one GPU, no DeepSpeed, LoRA or QLoRA), on dense models (an
+    (trainsetup.cuda_graphs_refusal: one GPU, no DeepSpeed, LoRA or QLoRA), on dense models (an
     MoE layer's routing reads the GPU on the host), in plans zeroplan launch runs.
 
     Not searched both ways: the graphs take the host's dispatch out of the step
@@ -343,14 +344,10 @@ def cuda_graphs_choice(req: PlanRequest, method: str, zero: int | None) -> bool:
     slower. candidate_setups leaves them off checkpointed setups: checkpointing stashes and
     restores the RNG's state around each layer, which a capture may refuse (torch issue
     162504, fixed for offsets only), and no GPU has run the two together."""
-    return (
-        req.allow_cuda_graphs
-        and req.launched
-        and req.cluster.world_size == 1
-        and zero is None
-        and method in ("lora", "qlora")
-        and req.spec.moe is None
-    )
+    if not (req.allow_cuda_graphs and req.launched) or req.spec.moe is not None:
+        return False
+    probe = TrainSetup(method=method, zero=zero)
+    return cuda_graphs_refusal(probe, req.cluster.world_size) is None
 
 
 def candidate_setups(req: PlanRequest) -> Iterator[TrainSetup]:

@@ -124,7 +124,7 @@ class TrainSetup:
     # the decoder's forward and backward captured once as CUDA graphs and replayed
     # (``zeroplan launch --cuda-graphs``, launch/graphs.py): the host queues two launches
     # instead of every operation, so a host-paced step becomes the GPU's. One process
-    # without DeepSpeed, LoRA / QLoRA (graphs.eligible)
+    # without DeepSpeed, LoRA / QLoRA (cuda_graphs_refusal)
     cuda_graphs: bool = False
     # peft.prepare_model_for_kbit_training upcasts non-quantized weights to fp32; zeroplan
     # launch does not, so this is off unless a user wants to model a run that does.
@@ -307,6 +307,28 @@ def fused_lora_refusal(setup: TrainSetup) -> str | None:
         return f"it runs at LoRA dropout 0, not {setup.lora_dropout:g}: pass --lora-dropout 0"
     if setup.zero == 3:
         return "ZeRO-3 gathers the adapters through their modules' hooks: use --zero 2 or drop it"
+    return None
+
+
+def cuda_graphs_refusal(
+    setup: TrainSetup, world: int, cuda: bool = True, compiled: bool = False
+) -> str | None:
+    """Why the launch cannot run ``setup``'s decoder as CUDA graphs (None: it can;
+    zeroplan.launch.graphs): a GPU, one process (DDP's gradient hooks run inside the
+    backward), no DeepSpeed (its engine holds the gradients), adapters (a full fine-tune's
+    gradients would be held twice: the graph's buffers and ``.grad``), and not beside
+    ``--compile`` (each compiled layer is its own graph). TRL's reentrant checkpointing,
+    which calls backward inside the backward, comes only with PEFT under ZeRO-3."""
+    if not cuda:
+        return "no GPU"
+    if world > 1:
+        return "several processes (DDP's gradient hooks run inside the backward)"
+    if setup.zero is not None:
+        return "DeepSpeed holds the gradients"
+    if not setup.is_lora:
+        return "full fine-tuning (the graph would hold a second copy of every gradient)"
+    if compiled:
+        return "--compile's layers (each is its own compiled graph)"
     return None
 
 

@@ -23,7 +23,7 @@ so in one line, and the run goes on eager. Packed micro-batches keep one shape w
 segment boundaries are padded to a fixed count (``batching.PackedCollator(segments=N)``).
 
 Not for DeepSpeed (its engine owns the gradients) nor several processes (DDP's hooks fire
-in the backward): ``eligible`` says why not.
+in the backward): ``trainsetup.cuda_graphs_refusal`` says why not.
 """
 
 from __future__ import annotations
@@ -37,26 +37,6 @@ from typing import Any
 # stream, Triton's first launches, bitsandbytes' direct dequantization check) must not
 # happen inside it; PyTorch's own make_graphed_callables does three
 WARMUP = 2
-
-
-def eligible(
-    cuda: bool, world: int, deepspeed: bool, is_lora: bool, reentrant_ckpt: bool
-) -> str | None:
-    """Why the decoder cannot run as CUDA graphs here (None: it can).
-
-    LoRA only: a full fine-tune's gradients would be held twice (the graph's buffers and
-    ``.grad``)."""
-    if not cuda:
-        return "no GPU"
-    if world > 1:
-        return "several processes (DDP's gradient hooks run inside the backward)"
-    if deepspeed:
-        return "DeepSpeed holds the gradients"
-    if not is_lora:
-        return "full fine-tuning (the graph would hold a second copy of every gradient)"
-    if reentrant_ckpt:
-        return "reentrant checkpointing calls backward inside the backward"
-    return None
 
 
 def decoder_module(model: Any) -> Any:

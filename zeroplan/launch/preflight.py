@@ -76,7 +76,7 @@ from zeroplan.launch.trackers import check_tracker
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
 from zeroplan.planfiles import model_name
-from zeroplan.trainsetup import TrainSetup, cpu_refusal
+from zeroplan.trainsetup import TrainSetup, cpu_refusal, cuda_graphs_refusal
 from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE, read_jsonl
 
 # Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
@@ -433,18 +433,15 @@ def check_kernels(launch: Launch, gpu_here: bool) -> None:
 
 
 def check_graphs(launch: Launch, gpu_here: bool) -> None:
-    """``--cuda-graphs`` where the ranks would run the decoder eager anyway (graphs.eligible:
-    no GPU, several processes, DeepSpeed, full fine-tuning, compiled layers). The plan's own
-    choice is not refused: a rank that cannot capture says so and runs eager."""
-    from zeroplan.launch import graphs
-
+    """``--cuda-graphs`` where the ranks would run the decoder eager anyway
+    (trainsetup.cuda_graphs_refusal: no GPU, several processes, DeepSpeed, full
+    fine-tuning, compiled layers). The plan's own choice is not refused: a rank that cannot
+    capture says so and runs eager."""
     train = launch.train
     if not train.cuda_graphs:
         return
-    setup = launch.setup
-    why = graphs.eligible(gpu_here, launch.world_size, setup.zero is not None, setup.is_lora, False)
-    if why is None and (train.compile or (train.compile is None and setup.compile)):
-        why = "--compile's layers (each is its own compiled graph)"
+    compiled = train.compile if train.compile is not None else launch.setup.compile
+    why = cuda_graphs_refusal(launch.setup, launch.world_size, gpu_here, compiled)
     if why is not None:
         raise BadSetupError(f"--cuda-graphs: {why}; pass --no-cuda-graphs")
 

@@ -82,6 +82,7 @@ from zeroplan.trainsetup import (
     BNB_OPTIMIZERS,
     TrainSetup,
     cpu_refusal,
+    cuda_graphs_refusal,
     fused_lora_runs,
     packed_shape,
     parse_targets,
@@ -1309,10 +1310,7 @@ def _graphs_why_not(
     wanted = setup.cuda_graphs if opts.cuda_graphs is None else opts.cuda_graphs
     if not wanted:
         return "--no-cuda-graphs" if opts.cuda_graphs is False else "the plan leaves them off"
-    # TRL's reentrant checkpointing is for PEFT under ZeRO-3, which eligible refuses already
-    why = zgraphs.eligible(cuda, world, setup.zero is not None, setup.is_lora, False)
-    if why is None and compiled:
-        why = "--compile's layers (each is its own compiled graph)"
+    why = cuda_graphs_refusal(setup, world, cuda, compiled)
     if why is not None and opts.cuda_graphs:
         raise BadSetupError(f"--cuda-graphs: {why}; pass --no-cuda-graphs")
     return why
