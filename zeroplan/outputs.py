@@ -4,21 +4,34 @@ then written whole or not at all.
 Files are written under temporary names beside their targets and renamed onto them at
 the end; a new folder is filled under a temporary name and renamed into place. An error
 or Ctrl-C leaves the targets as they were and no temporary behind. ``write_atomic`` is the
-same for one file that a run writes (markers, exit files, RUN_DIR's files, configs).
+same for one file that a run writes (markers, exit files, RUN_DIR's files, configs);
+``read_json_object`` reads such a record back while another process may be writing it.
 Imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from zeroplan.errors import OutputWriteError
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None where the file is missing, unreadable, not JSON
+    (half-written) or not an object: run-folder records are read while others write them."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def umask() -> int:

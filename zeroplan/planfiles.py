@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from zeroplan.dsconfig import ds_config
 from zeroplan.errors import ConfigWriteError
 from zeroplan.models import NOT_LOCAL_SOURCES
-from zeroplan.outputs import check_can_create, made_parents, umask
+from zeroplan.outputs import check_can_create, made_parents, read_json_object, umask
 from zeroplan.planner import Plan, plan_json
 
 if TYPE_CHECKING:
@@ -269,11 +269,8 @@ def earlier_plan_files(target: Path, new: Iterable[str]) -> list[str]:
     ``target`` is not a run folder (a run's ds_config.json and hostfile are the run's)."""
     if (target / RUN_RECORD).exists():
         return []
-    try:
-        old = json.loads((target / "plan.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(old, dict) or not set(PLAN_KEYS) <= old.keys():
+    old = read_json_object(target / "plan.json")
+    if old is None or not set(PLAN_KEYS) <= old.keys():
         return []
     keep = set(new)
     return [name for name in PLAN_FILES if name not in keep and (target / name).is_file()]

@@ -54,8 +54,7 @@ from zeroplan.errors import (
     RendezvousUnreachableError,
     ZeroplanError,
 )
-from zeroplan.outputs import write_atomic
-from zeroplan.watch.runlog import read_json_object
+from zeroplan.outputs import read_json_object, write_atomic
 
 if TYPE_CHECKING:
     from zeroplan.hardware import Cluster

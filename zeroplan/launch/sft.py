@@ -76,6 +76,7 @@ from zeroplan.launch import kernels as zkernels
 from zeroplan.launch.runstate import Counter, Divergence, StopFlag
 from zeroplan.launch.trackers import TB_DIR, TRACKERS, check_tracker, tracker_env
 from zeroplan.models import sliding_window_of
+from zeroplan.outputs import read_json_object
 from zeroplan.planfiles import model_location
 from zeroplan.trainsetup import (
     ALL_LINEAR,
@@ -92,7 +93,6 @@ from zeroplan.watch.runlog import (
     METRICS_FILE,
     RESULT_FILE,
     json_safe,
-    read_json_object,
 )
 
 # a rank's exit status when its training diverged (the loss or gradient norm went non-finite)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from zeroplan.errors import BadPlanError, RunDirNotFoundError
+from zeroplan.outputs import read_json_object
 from zeroplan.planfiles import model_name
 
 if TYPE_CHECKING:  # an annotation only: the CLI and the launch import this module at start
@@ -504,16 +505,6 @@ def launch_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     record = read_json_object(Path(run_dir) / LAUNCH_FILE)
     ended = record.get("result") if record is not None else None
     return ended if isinstance(ended, dict) else None
-
-
-def read_json_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``; None where the file is missing, unreadable, not JSON
-    (half-written) or not an object: run-folder records are read while others write them."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _session_result(run: Path, since: float | None) -> dict[str, Any] | None:
