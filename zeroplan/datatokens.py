@@ -40,7 +40,7 @@ from zeroplan.errors import (
 from zeroplan.lengths import LengthProfile
 from zeroplan.models import cached_file, hf_cache_dirs, hub_offline, hub_request
 from zeroplan.prompts import BOS, EOS, Piece, PromptFormat
-from zeroplan.records import check_file_type, detect_format, read_records, text_of, to_messages
+from zeroplan.records import check_file_type, detect_format, read_records, rendered
 
 CACHE_VERSION = 3  # bump when the rendering changes what a cached length means (3: empty text 0)
 ENCODE_CHUNK = 4096  # texts per call to the tokenizer
@@ -302,27 +302,28 @@ def token_lengths(
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
     if progress is not None and len(records) >= PROGRESS_FROM:
         progress(f"tokenizing {len(records):,} {fmt} records of {source} (cached afterwards)")
-    rendered = RENDERED_TEMPLATE
+    how = RENDERED_TEMPLATE
     if prompt is not None and prompt.reads(fmt):
         # records are numbered from 1 in messages (zeroplan.records)
         pieces = [prompt.pieces(r, fmt, i, system) for i, r in enumerate(records, 1)]
         lengths = piece_lengths(pieces, tokenizer)
-        rendered = prompt.name
+        how = prompt.name
         marker = prompt.template.marker if prompt.template is not None else ""
         if marker and marker not in (tokenizer.template or ""):
             # the trainer writes its template's markers whatever the tokenizer's own template
             # (measured: LLaMA-Factory's llama3 turns on a tokenizer without them)
-            rendered += f", whose {marker} turns the tokenizer's chat template lacks"
+            how += f", whose {marker} turns the tokenizer's chat template lacks"
     elif fmt == "text":
-        texts = [text_of(r, i) for i, r in enumerate(records, 1)]
         # launch/data.py appends EOS unless the tokenizer already ended with it, and drops
-        # an empty text (nothing to learn): length 0, which the plan drops too
+        # an empty text (None: nothing to learn): length 0, which the plan drops too
+        plain = [t if isinstance(t, str) else None for t in rendered(records, fmt, system)]
         eos = tokenizer.eos_id
+        encoded = tokenizer.encode_batch([t or "" for t in plain], True)
         lengths = [
-            n + int(eos is not None and last != eos) if text.strip() else 0
-            for text, (n, last) in zip(texts, tokenizer.encode_batch(texts, True), strict=True)
+            n + int(eos is not None and last != eos) if text is not None else 0
+            for text, (n, last) in zip(plain, encoded, strict=True)
         ]
-        rendered = "plain text + EOS"
+        how = "plain text + EOS"
     else:
         if not tokenizer.template:
             raise ChatTemplateError(
@@ -332,8 +333,7 @@ def token_lengths(
             )
         compiled = compile_template(tokenizer.template)
         texts = []
-        for i, rec in enumerate(records, 1):
-            messages = to_messages(rec, fmt, i, system)
+        for i, messages in enumerate(rendered(records, fmt, system), 1):
             try:
                 texts.append(
                     compiled.render(
@@ -343,13 +343,13 @@ def token_lengths(
             except Exception as exc:  # jinja2's TemplateError ("roles must alternate") and kin
                 raise BadDataError(f"record {i}: the chat template refused it: {exc}") from None
         lengths = [n for n, _ in tokenizer.encode_batch(texts, False)]
-    profile = LengthProfile(source, fmt, str(tokenizer.folder), tuple(lengths), rendered=rendered)
+    profile = LengthProfile(source, fmt, str(tokenizer.folder), tuple(lengths), rendered=how)
     if key is not None:
         folder = cache_dir() / "lengths"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{key}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"format": fmt, "lengths": lengths, "rendered": rendered}))
+            tmp.write_text(json.dumps({"format": fmt, "lengths": lengths, "rendered": how}))
             tmp.replace(folder / f"{key}.json")
             profile = dataclasses.replace(profile, cache_file=str(folder / f"{key}.json"))
         except OSError:

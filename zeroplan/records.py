@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +324,25 @@ def text_of(record: dict[str, Any], index: int) -> str:
     if not isinstance(text, str):
         raise missingfields_of(record, "text", index)
     return text
+
+
+def rendered(
+    records: list[dict[str, Any]], fmt: str, system: str | None
+) -> Iterator[str | list[dict[str, str]] | None]:
+    """What training makes of each record before any token, in the records' order: a chat
+    record's messages (to_messages: the system prompt added; a record
+    without its format's fields or an assistant message refused), a text record's text, and
+    None for a text that is empty or only whitespace (nothing to learn: an empty document
+    is EOS alone, whose one token no position predicts; a micro-batch of them has a loss of
+    0/0, NaN). ``fmt`` is resolved (not ``auto``). Records are numbered from 1 in messages.
+
+    A generator, so that zeroplan.launch.data.prepare tokenizes each record as it comes and
+    the first bad record is the one refused, whether rendering or tokenizing refuses it;
+    preflight renders every record without a tokenizer, and datatokens.token_lengths
+    renders them for the plan's lengths."""
+    for i, rec in enumerate(records, 1):
+        if fmt == "text":
+            text = text_of(rec, i)
+            yield text if text.strip() else None
+        else:
+            yield to_messages(rec, fmt, i, system)

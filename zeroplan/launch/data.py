@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from zeroplan.records import (
     first_line,
     looks_like_hub_id,
     read_records,
-    text_of,
+    rendered,
     to_messages,
 )
 
@@ -199,27 +199,6 @@ def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
 
 
 # --------------------------------------------------------------------------- records
-
-
-def rendered(
-    records: list[dict[str, Any]], fmt: str, system: str | None
-) -> Iterator[str | list[dict[str, str]] | None]:
-    """What training makes of each record before any token, in the records' order: a chat
-    record's messages (zeroplan.records.to_messages: the system prompt added; a record
-    without its format's fields or an assistant message refused), a text record's text, and
-    None for a text that is empty or only whitespace (nothing to learn: an empty document
-    is EOS alone, whose one token no position predicts; a micro-batch of them has a loss of
-    0/0, NaN). ``fmt`` is resolved (not ``auto``). Records are numbered from 1 in messages.
-
-    A generator, so that :func:`prepare` tokenizes each record as it comes and the first
-    bad record is the one refused, whether rendering or tokenizing refuses it; preflight
-    renders every record without a tokenizer."""
-    for i, rec in enumerate(records, 1):
-        if fmt == "text":
-            text = text_of(rec, i)
-            yield text if text.strip() else None
-        else:
-            yield to_messages(rec, fmt, i, system)
 
 
 # --------------------------------------------------------------------------- all together

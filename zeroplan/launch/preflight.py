@@ -333,9 +333,8 @@ def check_records(launch: Launch) -> str | None:
 
 def read_as_training_does(data: str, fmt: str, system: str | None) -> None:
     """Read ``data``'s records and render each as training does
-    (:func:`zeroplan.launch.data.rendered`): every refusal of a record, no tokens."""
-    from zeroplan.launch.data import rendered
-    from zeroplan.records import detect_format, read_records
+    (:func:`zeroplan.records.rendered`): every refusal of a record, no tokens."""
+    from zeroplan.records import detect_format, read_records, rendered
 
     records = read_records(data)
     fmt = detect_format(records[0]) if fmt == "auto" else fmt
