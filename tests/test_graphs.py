@@ -418,3 +418,25 @@ def test_the_varlen_forward_reads_nothing_on_the_host_for_a_mask(
     model, _ = _tiny_lora(0, False, False, "cpu")
     out = model(**_batches(1, None, "cpu")[0], use_cache=False)  # type: ignore[operator]
     assert torch.isfinite(out.loss)
+
+
+def test_the_graphed_prediction_holds_against_the_measured_gpu_busy_ceilings() -> None:
+    """Every probed host-bound launch on today's path kept the GPU's busy seconds per step:
+    its real tokens over them is what the step reaches once the host leaves no gaps. The
+    plan's prediction for the graphed step stays within the issue's ±15% of each (18 8B
+    QLoRA runs on H100s, one on an H200, one 1B LoRA: benchmarks/graph_ceiling.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "graph_ceiling.py"
+    spec = importlib.util.spec_from_file_location("graph_ceiling", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = sorted(path.parent.joinpath("results").glob("host*_h*.jsonl"))
+    rows = module.ceiling_rows(results)
+    assert len(rows) >= 20
+    for row in rows:
+        assert row["measured"] < row["ceiling"]  # the host left gaps in every one
+        assert abs(row["predicted_graphs"] / row["ceiling"] - 1) <= 0.15, row
+        assert row["predicted_graphs"] > 1.3 * row["predicted_eager"]
