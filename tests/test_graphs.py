@@ -434,6 +434,8 @@ def test_the_graphed_prediction_holds_against_the_measured_gpu_busy_ceilings() -
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = sorted(path.parent.joinpath("results").glob("host*_h*.jsonl"))
+    if not results:  # a tree staged for a GPU call leaves the results behind
+        pytest.skip("no benchmarks/results/host*.jsonl in this tree")
     rows = module.ceiling_rows(results)
     assert len(rows) >= 20
     for row in rows:

