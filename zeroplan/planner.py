@@ -100,8 +100,8 @@ class PlanRequest:
     allow_fused_lora: bool = True
     # the launch's decoder as CUDA graphs (zeroplan.launch.graphs) where it can run
     # (cuda_graphs_choice): opt-in (plan --cuda-graphs): on one H100 they ran a host-bound
-    # 1B LoRA 1.50x and the GPU-bound 8B plan 0.95x (graphs_h100.jsonl), so they belong where
-    # the eager step is host-bound, which the planner does not yet choose by
+    # 1B LoRA 1.50x and the GPU-bound 8B plan 0.95x (graphs_h100.jsonl): they belong where
+    # the eager step is host-bound, and the planner does not yet pick those out itself
     allow_cuda_graphs: bool = False
     # the plan is for zeroplan launch; False: for another trainer's recipe (plan --emit)
     launched: bool = True
