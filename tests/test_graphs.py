@@ -92,6 +92,9 @@ def test_decoder_module_is_the_parent_of_the_layers() -> None:
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     assert graphs.decoder_module(peft_model) is model.model
     assert graphs.decoder_module(model) is model.model
+    model.config.num_hidden_layers = 3  # no list of that many layers: one line, not a traceback
+    with pytest.raises(BadSetupError, match="no decoder layer list in 'llama' to capture"):
+        graphs.decoder_module(model)
 
 
 def test_eval_and_cpu_calls_run_eager() -> None:

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from zeroplan.errors import BadSetupError
+
 # warm-up passes before the capture: lazy initialisation (cuBLAS workspaces of the side
 # stream, Triton's first launches, bitsandbytes' direct dequantization check) must not
 # happen inside it; PyTorch's own make_graphed_callables does three
@@ -41,14 +43,17 @@ WARMUP = 2
 
 def decoder_module(model: Any) -> Any:
     """The module that runs a causal LM's decoder layers (before or after PEFT wraps it):
-    the parent of the ModuleList of ``config.num_hidden_layers`` modules named ``layers``,
-    called with input ids and returning the last hidden state."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        parent, _, last = name.rpartition(".")
-        if last == "layers" and len(module) == n:
-            return model.get_submodule(parent)
-    raise ValueError(f"no decoder layer list in '{model.config.model_type}'")
+    the parent of its layer list (kernels.layer_list_name), called with input ids and
+    returning the last hidden state."""
+    from zeroplan.launch.kernels import layer_list_name
+
+    name = layer_list_name(model)
+    if name is None:
+        raise BadSetupError(
+            f"--cuda-graphs: no decoder layer list in '{model.config.model_type}' to capture: "
+            "pass --no-cuda-graphs"
+        )
+    return model.get_submodule(name.rpartition(".")[0])
 
 
 def _signature(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:

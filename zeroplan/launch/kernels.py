@@ -259,17 +259,26 @@ def check_compiler(cuda: bool) -> None:
         )
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The decoder layers of a causal LM (before or after PEFT wraps it): the ModuleList
-    of ``config.num_hidden_layers`` modules named ``layers``."""
+def layer_list_name(model: Any) -> str | None:
+    """Where a causal LM (before or after PEFT wraps it) keeps its decoder layers: the
+    dotted name of the ModuleList of ``config.num_hidden_layers`` modules named ``layers``
+    (None: it has none). --compile wraps its layers; CUDA graphs capture its parent."""
     n = getattr(model.config, "num_hidden_layers", None)
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] == "layers" and len(module) == n:
-            return list(module)
-    raise KernelsUnsupportedError(
-        f"--compile: no decoder layer list in '{model.config.model_type}' to compile: pass "
-        "--no-compile"
-    )
+            return str(name)
+    return None
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers of a causal LM (layer_list_name)."""
+    name = layer_list_name(model)
+    if name is None:
+        raise KernelsUnsupportedError(
+            f"--compile: no decoder layer list in '{model.config.model_type}' to compile: "
+            "pass --no-compile"
+        )
+    return list(model.get_submodule(name))
 
 
 @dataclass

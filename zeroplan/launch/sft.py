@@ -850,7 +850,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
         # after PEFT and the fused linears: the graphs hold what the decoder runs
         graphed = zgraphs.GraphedDecoder(warn=_say if rank == 0 else lambda _: None)
         decoder = zgraphs.decoder_module(trainer.model)
-        graphed.install(decoder, [p for p in decoder.parameters() if p.requires_grad])
+        graphed.install(decoder, hostloop.trainable(decoder))
         trainer.zp_graphs = graphed
         if trainer.zp_walks is not None:
             # the graph adds into each gradient: zero them in place (one call), not to None
