@@ -39,6 +39,7 @@ from zeroplan.errors import (
 )
 from zeroplan.lengths import LengthProfile
 from zeroplan.models import cached_file, hf_cache_dirs, hub_offline, hub_request
+from zeroplan.outputs import write_atomic
 from zeroplan.prompts import BOS, EOS, Piece, PromptFormat
 from zeroplan.records import check_file_type, detect_format, read_records, rendered
 
@@ -348,9 +349,8 @@ def token_lengths(
         folder = cache_dir() / "lengths"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{key}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"format": fmt, "lengths": lengths, "rendered": how}))
-            tmp.replace(folder / f"{key}.json")
+            data = {"format": fmt, "lengths": lengths, "rendered": how}
+            write_atomic(folder / f"{key}.json", json.dumps(data))
             profile = dataclasses.replace(profile, cache_file=str(folder / f"{key}.json"))
         except OSError:
             pass  # no cache: the next plan tokenizes again
@@ -391,9 +391,7 @@ def save_packs(profile: LengthProfile) -> None:
         if data.get("packs") == profile.packs:
             return
         data["packs"] = profile.packs
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(data))
     except (OSError, ValueError):
         pass
 
