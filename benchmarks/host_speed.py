@@ -29,6 +29,7 @@ zeroplan tree ``--before`` (main before this work), on the same card in the same
     8b-mb1-graphs, 1b-mb1-graphs, 1b-mb4-graphs   8b-mb1, 1b-mb1-fused and 1b-mb4 with the
                    decoder as CUDA graphs (--cuda-graphs)
     8b-lora, 8b-lora-graphs   the 8B bf16 LoRA plan (GPU-bound) eager and as CUDA graphs
+    8b-plan-graphs   the default 8B QLoRA plan (8b-plan) as CUDA graphs
     1b-plan, 1b-alt1..4   the 1B LoRA plan's choice on this GPU and four other setups it
                    ranked (the first of each distinct micro-batch / checkpointing / DeepSpeed
                    shape down its list), from this tree
@@ -106,6 +107,7 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "1b-mb4-graphs": ("1b", "lora", [], {**MB4, **DEFAULTS, **GRAPHS, "fused_loss": True}, "after"),
     "8b-lora": ("8b", "lora", [], {"cuda_graphs": False}, "after"),
     "8b-lora-graphs": ("8b", "lora", [], GRAPHS, "after"),
+    "8b-plan-graphs": ("8b", "qlora", [], GRAPHS, "after"),
 }  # fmt: skip
 # torch.compile's mode for a run (host_probe sets zeroplan.launch.kernels.COMPILE_MODE)
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}

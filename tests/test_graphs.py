@@ -142,6 +142,29 @@ def test_collator_pads_the_boundaries_to_one_count() -> None:
         zbatch.PackedCollator(0, 16, "rows", segments=4)
 
 
+def test_fixed_max_length_is_the_rows_longest_segment() -> None:
+    rows = [_row([5, 9]), _row([3, 3, 3, 3]), _row([2, 3])]
+    # [5, 9]: 9; [3]*4 pads 4; [2, 3] pads a segment of 11
+    assert zbatch.longest_segment(rows, 16) == 11
+    assert zbatch.longest_segment(rows[:2], 16) == 9
+    # padding segments are at most PAD_SEGMENT long
+    assert zbatch.longest_segment([_row([3])], 1000) == zbatch.PAD_SEGMENT
+    col = zbatch.PackedCollator(0, 16, "flat", segments=8, longest=11)
+    for pair in ([rows[0], rows[1]], [rows[2], rows[1]]):
+        b = col(pair)
+        assert b["max_length_q"] == b["max_length_k"] == 11
+    # a longer segment than the bound keeps its own length (a shorter one would cut it)
+    assert col([_row([16]), rows[1]])["max_length_q"] == 16
+    # more segments than the bound: its own boundaries and its own longest
+    assert zbatch.PackedCollator(0, 16, "flat", segments=2, longest=11)(rows[:2])[
+        "max_length_q"
+    ] == 9
+    with pytest.raises(ValueError, match="with segments only"):
+        zbatch.PackedCollator(0, 16, "flat", longest=4)
+    with pytest.raises(ValueError, match="1 to capacity"):
+        zbatch.PackedCollator(0, 16, "flat", segments=4, longest=17)
+
+
 def test_reference_attention_skips_empty_segments() -> None:
     q = torch.randn(12, 2, 8)
     k = torch.randn(12, 2, 8)
@@ -289,7 +312,9 @@ def _batches(n: int, segments: int | None, device: str = "cuda") -> list[dict[st
         r["labels"] = list(r["input_ids"])
         rows.append(r)
     bound = zbatch.segment_bound(rows, 48, 2) if segments is None else segments
-    col = zbatch.PackedCollator(0, 48, "flat", segments=bound)
+    col = zbatch.PackedCollator(
+        0, 48, "flat", segments=bound, longest=zbatch.longest_segment(rows, 48)
+    )
     out = []
     for i in range(n):
         b = col(rows[2 * i : 2 * i + 2])

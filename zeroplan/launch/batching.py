@@ -115,6 +115,20 @@ def segment_bound(rows: Sequence[Example], capacity: int, per_batch: int) -> int
     return max(1, sum(counts[:per_batch]))
 
 
+def longest_segment(rows: Sequence[Example], capacity: int) -> int:
+    """The longest segment of any of these rows once padded to ``capacity``: its longest
+    sample, or a padding segment (at most PAD_SEGMENT tokens). Flash's varlen grid has
+    ceil(max_length / block) query blocks for every segment and head, so a fixed max length
+    of the capacity (12,288 for the 8B 16 × 768 plan) launches 16× the blocks that the
+    records' own longest (768) does, nearly all of them idle."""
+    longest = 1
+    for r in rows:
+        longest = max(longest, *segment_lengths(r["position_ids"]))
+        if len(r["input_ids"]) < capacity:
+            longest = max(longest, min(PAD_SEGMENT, capacity - len(r["input_ids"])))
+    return longest
+
+
 def padding_positions(pad: int) -> list[int]:
     """Position ids of ``pad`` padding tokens: segments of PAD_SEGMENT, each from 0."""
     return [i % PAD_SEGMENT for i in range(pad)]
@@ -129,23 +143,32 @@ class PackedCollator:
     boundaries of every segment, padding's short segments included) and ``max_length_q/k``
     for varlen attention.
     ``segments`` (flat only, for CUDA graphs, which replay one shape): the boundaries padded
-    to that many segments with empty ones at the end, and ``max_length_q/k`` the capacity,
-    so that every micro-batch has one signature (segment_bound gives the count; a batch
-    with more keeps its own and runs eager).
+    to that many segments with empty ones at the end, and ``max_length_q/k`` ``longest``
+    (the rows' longest_segment; the capacity where not given), so that every micro-batch
+    has one signature (segment_bound gives the count; a batch with more segments, or a
+    longer one, keeps its own and runs eager).
     Both add ``zp_real_tokens`` and ``zp_slots`` (popped before the forward) for tokens/s.
     """
 
     def __init__(
-        self, pad_id: int, capacity: int, layout: str = "rows", segments: int | None = None
+        self,
+        pad_id: int,
+        capacity: int,
+        layout: str = "rows",
+        segments: int | None = None,
+        longest: int | None = None,
     ) -> None:
         if layout not in ("rows", "flat"):
             raise ValueError(f"layout must be rows or flat, got {layout}")
         if segments is not None and (layout != "flat" or segments < 1):
             raise ValueError("segments is a positive count, for the flat layout only")
+        if longest is not None and (segments is None or not 1 <= longest <= capacity):
+            raise ValueError("longest is a length of 1 to capacity, with segments only")
         self.pad_id = pad_id
         self.capacity = capacity
         self.layout = layout
         self.segments = segments
+        self.longest = longest if longest is not None else capacity
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -177,7 +200,9 @@ class PackedCollator:
             longest = max(seqs)
             if self.segments is not None and len(seqs) <= self.segments:
                 cu += [cu[-1]] * (self.segments - len(seqs))
-                longest = self.capacity
+                # a longer segment keeps its own length: flash reads only max_length
+                # tokens of each segment
+                longest = max(longest, self.longest)
             batch["input_ids"] = torch.tensor([[t for row in ids for t in row]], dtype=torch.long)
             batch["labels"] = torch.tensor([[t for row in labels for t in row]], dtype=torch.long)
             batch["position_ids"] = torch.tensor([flat_pos], dtype=torch.long)

@@ -1327,7 +1327,8 @@ def _batching(
     one_shape: bool = False,
 ) -> Batching:
     """The micro-batches; ``one_shape`` (CUDA graphs): a flat row's segment boundaries
-    padded to the most any micro-batch of its rows holds (batching.segment_bound)."""
+    padded to the most any micro-batch of its rows holds (batching.segment_bound), and its
+    max length the longest segment of any (batching.longest_segment)."""
     n = len(prepared.train)
     if opts.batching != "packed":
         return Batching(opts.batching, prepared.train, prepared.eval, None, None, None,
@@ -1341,10 +1342,11 @@ def _batching(
     evals = zbatch.pack_examples(prepared.eval, capacity, seed=opts.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     layout = "flat" if kernel == "varlen" else "rows"
-    segments = None
+    segments = longest = None
     if one_shape and layout == "flat":
         segments = zbatch.segment_bound(train.rows, capacity, per_device)
-    collator = zbatch.PackedCollator(int(pad or 0), capacity, layout, segments)
+        longest = zbatch.longest_segment(train.rows, capacity)
+    collator = zbatch.PackedCollator(int(pad or 0), capacity, layout, segments, longest)
     gqa = zbatch.gqa_native() if kernel == "varlen" and cuda else None
     return Batching("packed", train.rows, evals.rows, collator, attn_impl, kernel,
                     capacity, per_device, n, len(train.rows), train.fill, gqa)  # fmt: skip
