@@ -23,7 +23,10 @@ Seven constants are measured, not fitted, each on named rows:
   CPU Adam at set OpenMP thread counts, less the predicted step without offload and the
   PCIe trips, as a line in 1 / threads;
 * ``launch_step_s``: the launched runs of realdata_speed.py against the lean step of the
-  same shape (realdata_h200_lean.jsonl).
+  same shape (realdata_h200_lean.jsonl);
+* ``graph_op_s`` / ``graph_token_s``: launched runs with the decoder as CUDA graphs
+  (graphs*.jsonl): each step less the profiler's GPU-busy seconds, least squares through 0
+  on the counted operations and the token positions (graph_launch_constants).
 
 ``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
 any constant, when its FITTED_FAMILIES or MEASURED_GPUS are not the rows' families and
@@ -81,6 +84,8 @@ MEASURED_FIELDS = (
     "cpu_adam_serial_s",
     "cpu_adam_thread_s",
     "launch_step_s",
+    "graph_op_s",
+    "graph_token_s",
 )
 
 
@@ -143,7 +148,8 @@ def is_fit_row(r: dict[str, Any]) -> bool:
 class Features:
     """What a one-GPU row's lean step is made of, the constants left out:
     seconds = accum · smooth_max(a/eff + b·lora_bytes + e·act_bytes + n + v·logits_bytes
-    + chunks·fused_chunk_s + c, (1 + ckpt·hR)·(ops·hO + q·hQ + tensors·z3))
+    + chunks·fused_chunk_s + chunks·2·max(0, w − f/eff) + c,
+    (1 + ckpt·hR)·(ops·hO + q·hQ + tensors·z3))
     + opt·bytes per parameter + opt_tensors·optimizer_8bit_tensor_s
     (speed.step_time, written out so that a fit costs microseconds)."""
 
@@ -154,6 +160,8 @@ class Features:
     n: float  # the norms' counted traffic, seconds
     v: float
     chunks: int
+    w: float  # one read of the output head's weight, seconds (speed.head_read_seconds)
+    f: float  # one fused-loss chunk matmul's FLOPs at the card's peak, seconds
     c: float
     ops: int
     q: int
@@ -168,6 +176,8 @@ class Features:
         gpu = self.a / k.efficiency(self.method) + self.b * k.lora_bytes + self.e * k.act_bytes
         gpu += self.n + self.v * k.logits_bytes + self.c
         gpu += self.chunks * k.fused_chunk_s
+        if self.chunks:
+            gpu += self.chunks * 2 * max(0.0, self.w - self.f / k.efficiency(self.method))
         host = (1 + self.ckpt * k.host_recompute) * (
             self.ops * k.host_op_s + self.q * k.host_4bit_s + self.tensors * k.zero3_tensor_s
         )
@@ -192,6 +202,8 @@ def features(r: dict[str, Any]) -> Features:
         chunks = 0
         if setup.fused_loss:
             chunks = speed.liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+        head = spec.vocab_size * spec.hidden_size
+        peak = speed.peak_tflops(setup, gpu) * 1e12
         _FEATURES[key] = Features(
             method=setup.method,
             a=speed.flops_per_token(spec, setup)
@@ -206,6 +218,8 @@ def features(r: dict[str, Any]) -> Features:
             n=setup.tokens * speed.NORM_BYTES * speed.norm_features(spec) / bw * passes,
             v=0.0 if setup.fused_loss else setup.tokens * spec.vocab_size / bw,
             chunks=chunks,
+            w=head * 2 / bw,
+            f=2 * -(-setup.tokens // max(chunks, 1)) * head / peak,
             c=speed.fixed_bytes(spec, setup) / bw,
             ops=speed.host_operations(spec, setup),
             q=speed.quantized_linears(spec, setup),
@@ -512,6 +526,49 @@ def launch_step_s() -> float | None:
     return statistics.median(out) if out else None
 
 
+def graphed_launches(paths: list[Path] | None = None) -> list[tuple[int, int, float]]:
+    """Probed launches with the decoder as CUDA graphs (graphs*.jsonl, host_speed.py):
+    (accumulation · counted operations, token positions a step, the step's seconds less
+    the profiler's GPU-busy seconds: where the GPU waited)."""
+    from zeroplan.trainsetup import TrainSetup, parse_targets
+
+    out = []
+    for path in sorted(RESULTS.glob("graphs*.jsonl")) if paths is None else paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            s = r.get("setup") or {}
+            busy = ((r.get("probe") or {}).get("profile") or {}).get("gpu_busy_s_per_step")
+            if not (s.get("cuda_graphs") and r.get("tokens_per_s") and busy):
+                continue
+            raw = {k: v for k, v in s.items() if k in TrainSetup.__dataclass_fields__}
+            setup = TrainSetup(**{**raw, "lora_targets": parse_targets(raw["lora_targets"])})
+            spec = load_model(r["model"].replace("--", "/"))
+            b = r["batching"]
+            positions = b["rows_per_micro_batch"] * b["row_tokens"] * setup.grad_accum
+            step = positions * b["fill"] / r["tokens_per_s"]
+            ops = speed.host_operations(spec, setup) * setup.grad_accum
+            out.append((ops, positions, step - busy))
+    return out
+
+
+def graph_launch_constants(
+    runs: list[tuple[int, int, float]] | None = None,
+) -> tuple[float, float] | None:
+    """(graph_op_s, graph_token_s): least squares of the GPU's waiting seconds a step on
+    ops · graph_op_s + positions · graph_token_s, through 0 (the normal equations of two
+    unknowns), over graphed_launches; None without two independent runs."""
+    runs = graphed_launches() if runs is None else runs
+    aa = sum(o * o for o, _, _ in runs)
+    ab = sum(o * t for o, t, _ in runs)
+    bb = sum(t * t for _, t, _ in runs)
+    ay = sum(o * y for o, _, y in runs)
+    by = sum(t * y for _, t, y in runs)
+    det = aa * bb - ab * ab
+    if det <= 1e-12 * max(aa * bb, 1.0):
+        return None
+    return (ay * bb - by * ab) / det, (by * aa - ay * ab) / det
+
+
 def lora_bytes(rows: list[dict[str, Any]], engine_s: float) -> float | None:
     """(Δ + engine_s) / ((1 − BF16_LORA_SHARE) · T · Σ(in + out) · (1 + ckpt/3) ·
     accumulation / bandwidth) over bf16 LoRA steps under DDP with a DeepSpeed ZeRO 0-2 twin
@@ -591,6 +648,7 @@ def measured_constants(
         deepspeed_step_s=k.deepspeed_step_s if engine is None else engine,
     )
     adam = cpu_adam_seconds_per_param(rows, k2)
+    graph = graph_launch_constants()
     # (lora_bytes is measured before the fit: main)
     return {
         "fused_chunk_s": fused_chunk_s(rows, k2),
@@ -600,6 +658,8 @@ def measured_constants(
         "cpu_adam_serial_s": adam[0] if adam else None,
         "cpu_adam_thread_s": adam[1] if adam else None,
         "launch_step_s": launch_step_s(),
+        "graph_op_s": graph[0] if graph else None,
+        "graph_token_s": graph[1] if graph else None,
     }
 
 

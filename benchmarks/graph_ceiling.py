@@ -90,6 +90,51 @@ def ceiling_rows(paths: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
+def graphed_launch_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """One row per launch with the decoder as CUDA graphs (graphs*.jsonl): its measured
+    real tokens/s and the plan's prediction, with speed's graph_op_s and graph_token_s measured again
+    without the launches of its own file (one GPU call, one machine): held out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fit_speed
+
+    from zeroplan import speed
+    from zeroplan.api import estimate
+    from zeroplan.hardware import parse_cluster
+    from zeroplan.models import load_model
+    from zeroplan.trainsetup import TrainSetup, parse_targets
+
+    out = []
+    for path in paths:
+        others = [p for p in paths if p != path]
+        held_out = fit_speed.graph_launch_constants(fit_speed.graphed_launches(others))
+        if held_out is None:
+            continue
+        k = dataclasses.replace(speed.FITTED, graph_op_s=held_out[0], graph_token_s=held_out[1])
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            setup = r.get("setup") or {}
+            if not (setup.get("cuda_graphs") and r.get("tokens_per_s")):
+                continue
+            raw = {k: v for k, v in setup.items() if k in TrainSetup.__dataclass_fields__}
+            raw["lora_targets"] = parse_targets(raw["lora_targets"])
+            spec = load_model(r["model"].replace("--", "/"))
+            cluster = parse_cluster(f"1x{r['catalog_gpu']}")
+            fill = r["batching"]["fill"]
+            st = speed.step_time(spec, TrainSetup(**raw), cluster, fill=fill, k=k)
+            est = estimate(spec, cluster, TrainSetup(**raw), fill=fill)
+            out.append(
+                {
+                    "file": path.name,
+                    "run": r["run"],
+                    "gpu": r["catalog_gpu"],
+                    "measured": r["tokens_per_s"],
+                    "predicted": est.speed.tokens_per_s if est.speed else None,
+                    "held_out": st.tokens_per_s,
+                }
+            )
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 outside --band")
@@ -117,6 +162,16 @@ def main() -> int:
             f"{statistics.median(ceilings):,.0f} ({min(ceilings):,.0f}-{max(ceilings):,.0f})"
         )
     print(f"largest graphed-prediction miss against a ceiling: {worst:.1%}")
+    launches = graphed_launch_rows(sorted(RESULTS.glob("graphs*.jsonl")))
+    print(f"\n{'launched with CUDA graphs':28} {'measured':>9} {'plan':>8} {'held out':>9}")
+    for row in launches:
+        miss = row["held_out"] / row["measured"] - 1
+        worst = max(worst, abs(miss))
+        print(
+            f"{row['file'].removesuffix('.jsonl') + ' ' + row['run']:28} {row['measured']:9,.0f} "
+            f"{row['predicted']:8,.0f} {row['held_out']:9,.0f}  {miss:+.1%}"
+        )
+    print(f"largest miss, ceilings and held-out graphed launches: {worst:.1%}")
     if args.check and (not rows or worst > args.band):
         print(f"outside ±{args.band:.0%}" if rows else "no probed runs found", file=sys.stderr)
         return 1

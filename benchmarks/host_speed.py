@@ -30,6 +30,9 @@ zeroplan tree ``--before`` (main before this work), on the same card in the same
                    decoder as CUDA graphs (--cuda-graphs)
     8b-lora, 8b-lora-graphs   the 8B bf16 LoRA plan (GPU-bound) eager and as CUDA graphs
     8b-plan-graphs   the default 8B QLoRA plan (8b-plan) as CUDA graphs
+    q3-*, q05-*   Qwen3-1.7B and Qwen2.5-0.5B LoRA (families no graphed launch had run):
+                   the plan's choice (CUDA graphs by default) and the same setup eager,
+                   and a host-bound shape (1 × 1,664; 4 × 704) with and without graphs
     1b-plan, 1b-alt1..4   the 1B LoRA plan's choice on this GPU and four other setups it
                    ranked (the first of each distinct micro-batch / checkpointing / DeepSpeed
                    shape down its list), from this tree
@@ -69,7 +72,14 @@ from gpu_fixtures import (  # noqa: E402
 from kernels_speed import _json, _write, environment, launch, plan_for  # noqa: E402
 
 PROBE = ROOT / "benchmarks" / "host_probe"
-ARCHS = {"8b": "meta-llama--Llama-3.1-8B", "1b": "meta-llama--Llama-3.2-1B"}
+ARCHS = {
+    "8b": "meta-llama--Llama-3.1-8B",
+    "1b": "meta-llama--Llama-3.2-1B",
+    # families no graphed launch was measured on before (held out): Qwen3's q/k norms,
+    # Qwen2.5's biased q/k/v, both with tied embeddings
+    "q3": "Qwen--Qwen3-1.7B",
+    "q05": "Qwen--Qwen2.5-0.5B",
+}
 # the host-bound shapes: no checkpointing, no DeepSpeed, and the loop's autocast as a plan
 # without DeepSpeed has it (autocast None resolves to the Trainer's bf16 autocast). Until
 # the twenty-second session the 1B runs kept a ZeRO-0 plan's autocast off, so they ran
@@ -108,6 +118,16 @@ RUNS: dict[str, tuple[str, str, list[str], dict[str, Any], str]] = {
     "8b-lora": ("8b", "lora", [], {"cuda_graphs": False}, "after"),
     "8b-lora-graphs": ("8b", "lora", [], GRAPHS, "after"),
     "8b-plan-graphs": ("8b", "qlora", [], GRAPHS, "after"),
+    # held-out families, the plan's choice (CUDA graphs by default) against the same setup
+    # eager, and a host-bound shape both ways
+    "q3-plan": ("q3", "lora", [], {}, "after"),
+    "q3-plan-eager": ("q3", "lora", [], {"cuda_graphs": False}, "after"),
+    "q3-mb1-graphs": ("q3", "lora", [], {**MB1, **DEFAULTS, **GRAPHS, "fused_loss": True}, "after"),
+    "q3-mb1": ("q3", "lora", [], {**MB1, **DEFAULTS, "fused_loss": True}, "after"),
+    "q05-plan": ("q05", "lora", [], {}, "after"),
+    "q05-plan-eager": ("q05", "lora", [], {"cuda_graphs": False}, "after"),
+    "q05-mb4-graphs": ("q05", "lora", [], {**MB4, **DEFAULTS, **GRAPHS, "fused_loss": True}, "after"),
+    "q05-mb4": ("q05", "lora", [], {**MB4, **DEFAULTS, "fused_loss": True}, "after"),
 }  # fmt: skip
 # torch.compile's mode for a run (host_probe sets zeroplan.launch.kernels.COMPILE_MODE)
 MODES = {"1b-mb4-ro": "reduce-overhead", "8b-mb1-ro": "reduce-overhead"}
@@ -186,7 +206,7 @@ def main() -> None:
     names = args.runs.split(",")
     models: dict[str, Path] = {}
     plans: dict[tuple[str, str], Path] = {}
-    for key in ("8b", "1b"):
+    for key in ARCHS:
         if not any(_job_of(n)[0] == key for n in names):
             continue
         models[key] = args.work / f"model-{key}"

@@ -410,13 +410,12 @@ def test_plan_cuda_graphs_flag_and_the_rank_argument(tmp_path: object) -> None:
 
     args = ["plan", "meta-llama/Llama-3.2-1B", "--gpus", "1xH100", "--method", "lora"]
     args += ["--seq-len", "512", "--global-batch", "1"]
-    eager = CliRunner().invoke(cli, [*args, "--json"])
+    eager = CliRunner().invoke(cli, [*args, "--no-cuda-graphs", "--json"])
     assert eager.exit_code == 0, eager.output
     assert json.loads(eager.output)["best"]["setup"]["cuda_graphs"] is False
     out = Path(str(tmp_path)) / "plan"
-    graphed = CliRunner().invoke(
-        cli, [*args, "--cuda-graphs", "-o", str(out)], env={"COLUMNS": "200"}
-    )
+    # on by default (--cuda-graphs says so)
+    graphed = CliRunner().invoke(cli, [*args, "-o", str(out)], env={"COLUMNS": "200"})
     assert graphed.exit_code == 0, graphed.output
     assert "CUDA graphs" in graphed.output and "replays them" in graphed.output
     data = json.loads((out / "plan.json").read_text())
@@ -470,3 +469,33 @@ def test_the_graphed_prediction_holds_against_the_measured_gpu_busy_ceilings() -
         assert row["measured"] < row["ceiling"]  # the host left gaps in every one
         assert abs(row["predicted_graphs"] / row["ceiling"] - 1) <= 0.15, row
         assert row["predicted_graphs"] > 1.3 * row["predicted_eager"]
+
+
+def test_graphed_launches_are_predicted_within_15_percent_held_out() -> None:
+    """Launches with the decoder as CUDA graphs (graphs*.jsonl: 1B LoRA and 8B QLoRA at
+    micro-batch 1, 1B at 4 × 704, the 8B plans at 16 × 768, on H100s): the plan's real
+    tokens/s with speed's graph_op_s / graph_token_s measured without the launches of the
+    run's own GPU call is within the issue's ±15% of each; and the graphed launch never
+    waits longer than an eager one (graphed_launch_seconds)."""
+    import importlib.util
+    from pathlib import Path
+
+    from zeroplan import speed
+    from zeroplan.models import load_model
+    from zeroplan.trainsetup import TrainSetup
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "graph_ceiling.py"
+    spec = importlib.util.spec_from_file_location("graph_ceiling", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = sorted(path.parent.joinpath("results").glob("graphs*.jsonl"))
+    if not results:  # a tree staged for a GPU call leaves the results behind
+        pytest.skip("no benchmarks/results/graphs*.jsonl in this tree")
+    rows = module.graphed_launch_rows(results)
+    assert len(rows) >= 8 and {r["file"] for r in rows} >= {"graphs3.jsonl", "graphs4.jsonl"}
+    for row in rows:
+        assert abs(row["held_out"] / row["measured"] - 1) <= 0.15, row
+    big = TrainSetup(method="lora", micro_batch=64, seq_len=1024, cuda_graphs=True)
+    l8 = load_model("meta-llama/Llama-3.1-8B")
+    assert speed.graphed_launch_seconds(l8, big) == speed.FITTED.launch_step_s

@@ -99,10 +99,9 @@ class PlanRequest:
     # run (fused_lora_choice); False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
     allow_fused_lora: bool = True
     # the launch's decoder as CUDA graphs (zeroplan.launch.graphs) where it can run
-    # (cuda_graphs_choice): opt-in (plan --cuda-graphs): on one H100 they ran a host-bound
-    # 1B LoRA 1.50x and the GPU-bound 8B plan 0.95x (graphs_h100.jsonl): they belong where
-    # the eager step is host-bound, and the planner does not yet pick those out itself
-    allow_cuda_graphs: bool = False
+    # (cuda_graphs_choice); False: plan --no-cuda-graphs. On one H100 they ran host-bound
+    # steps 1.38-2.17x and the GPU-bound 8B plans 1.00-1.02x (graphs3-4.jsonl)
+    allow_cuda_graphs: bool = True
     # the plan is for zeroplan launch; False: for another trainer's recipe (plan --emit)
     launched: bool = True
     # host RAM per node for CPU offload, bytes; None: unknown (offload plans say what they need)
@@ -336,7 +335,7 @@ def fused_lora_choice(req: PlanRequest, method: str, dropout: float, zero: int |
 
 
 def cuda_graphs_choice(req: PlanRequest, method: str, zero: int | None) -> bool:
-    """Whether the launch runs the decoder as CUDA graphs: wherever allowed (opt-in) and it can
+    """Whether the launch runs the decoder as CUDA graphs: wherever allowed and it can
     (trainsetup.cuda_graphs_refusal: one GPU, no DeepSpeed, LoRA or QLoRA), on dense models (an
     MoE layer's routing reads the GPU on the host), in plans zeroplan launch runs.
 
@@ -673,8 +672,9 @@ def plan(req: PlanRequest) -> Plan:
         assumptions.append(
             "zeroplan launch captures the decoder's forward and backward once as CUDA graphs "
             "and replays them, so the host's dispatch does not set the pace (a failed capture "
-            "runs eager, and the host then may); on one H100 1.50x a 1B LoRA's eager step, "
-            "0.95x the GPU-bound 8B plan's: plan without --cuda-graphs for the eager step"
+            "runs eager, and the host then may); on one H100 1.4-2.2x the eager step where "
+            "the host set its pace, 1.00-1.02x where the GPU did: --no-cuda-graphs for the "
+            "eager step"
         )
     if best is not None and best.setup.fused_loss:
         assumptions.append(

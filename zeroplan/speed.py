@@ -123,6 +123,16 @@ class SpeedConstants:
             the node's ranks sharing the serial part (cpu_adam_seconds).
         launch_step_s: what a launched step (HF Trainer, its callbacks and logging) adds
             to the lean step, from the same shapes run both ways on one H200.
+        graph_op_s / graph_token_s: what a launched step adds with the decoder as CUDA
+            graphs (``setup.cuda_graphs``), instead of launch_step_s (graphed_launch_seconds):
+            the GPU waits at the step's host reads (the fused loss's three, the Trainer's
+            logging), and after each the host launches a graph, whose launch grows with its
+            nodes (about the counted operations: cudaGraphLaunch took 2.6 ms for the 8B's
+            2,200), and at the step's end collates and copies the next micro-batch, whose
+            Python runs per token. From graphed launches on H100s (graphs*_h100,
+            graphs3-4): their measured step less the profiler's GPU-busy seconds, least
+            squares through 0 on the operations and the token positions
+            (benchmarks/fit_speed.py, graph_launch_constants).
     """
 
     efficiency_lora: float
@@ -144,6 +154,8 @@ class SpeedConstants:
     cpu_adam_serial_s: float
     cpu_adam_thread_s: float
     launch_step_s: float
+    graph_op_s: float
+    graph_token_s: float
 
     def efficiency(self, method: str) -> float:
         return {
@@ -173,6 +185,8 @@ FITTED = SpeedConstants(
     cpu_adam_serial_s=2.691e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
+    graph_op_s=1.593e-06,
+    graph_token_s=1.571e-06,
 )
 
 # The fused AdamW step streams each trainable parameter's state once: it reads and writes
@@ -755,10 +769,34 @@ def loss_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants
     """The loss's time outside its matmuls (whose FLOPs flops_per_token counts either way):
 
     unfused:  T · V · logits_bytes / bandwidth
-    fused:    chunks · fused_chunk_s (and the head gradient's passes in fixed_bytes)"""
+    fused:    chunks · fused_chunk_s + head_read_seconds (and the head gradient's passes
+              in fixed_bytes)"""
     if not setup.fused_loss:
         return setup.tokens * spec.vocab_size * k.logits_bytes / (gpu.memory_bandwidth_gbs * 1e9)
-    return liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size) * k.fused_chunk_s
+    chunks = liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+    return chunks * k.fused_chunk_s + head_read_seconds(spec, setup, gpu, k)
+
+
+def head_read_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants) -> float:
+    """What the fused loss's chunked matmuls take beyond their FLOPs, where reading the
+    output head's weight is the longer part:
+
+    chunks · 2 · max(0, W / bandwidth − 2·c·V·h / (peak · efficiency)),  W = V·h·2 B
+
+    Each chunk of c = ⌈T / chunks⌉ tokens computes its logits (c × h by h × V) and the
+    input's gradient (c × V by V × h), and each of the two reads all of the bf16 head; a
+    matmul takes the longer of its FLOPs and its reads (a roofline). Liger keeps about V/h
+    chunks at any micro-batch (liger_chunks), so a small one has chunks of 32-64 tokens
+    that wait on the weight: counted, not fitted. Llama-3.2-1B at 1 × 1,664 tokens on an
+    H100: 52 chunks, 104 reads of 525 MB, 16 ms of a 41 ms step (benchmarks/results/
+    graphs3.jsonl: the profiled matmuls took 32.9 ms where their FLOPs at the fitted
+    efficiency say 14.9); at 12,288 tokens the 8B's chunks of 512 are compute-bound (0)."""
+    chunks = liger_chunks(setup.tokens, spec.vocab_size, spec.hidden_size)
+    per_chunk = -(-setup.tokens // chunks)
+    head = spec.vocab_size * spec.hidden_size
+    read = head * 2 / (gpu.memory_bandwidth_gbs * 1e9)
+    compute = 2 * per_chunk * head / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
+    return chunks * 2 * max(0.0, read - compute)
 
 
 def elementwise_passes(setup: TrainSetup) -> float:
@@ -1188,7 +1226,9 @@ def step_time(
     exposed = exposed_comm_seconds(comm, gpu_s, setup)
     offload = offload_seconds(spec, setup, cluster, k)
     launch = 0.0
-    if launched:  # an MoE launch's own per-step cost where its constants have one
+    if launched and setup.cuda_graphs:
+        launch = graphed_launch_seconds(spec, setup, k)
+    elif launched:  # an MoE launch's own per-step cost where its constants have one
         moe_launch = m.launch_step_s if spec.moe is not None and m is not None else None
         launch = k.launch_step_s if moe_launch is None else moe_launch
     total = compute + exposed + offload + launch
@@ -1208,6 +1248,21 @@ def step_time(
         calibrated,
         moe=spec.moe is not None,
     )
+
+
+def graphed_launch_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
+    """What a launched step adds with the decoder as CUDA graphs (SpeedConstants'
+    graph_op_s / graph_token_s), at most what an eager launched step adds:
+
+    min(launch_step_s, accumulation · (host_operations · graph_op_s + b·s · graph_token_s))
+
+    The bound: the waits are the eager launch's (its own host reads, collation and
+    callbacks) with a graph launch where eager dispatched a first kernel, and on the 8B
+    plans the graphed step waited less than the eager one (30-32 ms against 37-50,
+    graphs3.jsonl); the measured launches had 1,664-12,288 token positions, and beyond
+    them the line through 0 would price a 65k-token micro-batch's wait at 0.1 s."""
+    per_micro = host_operations(spec, setup) * k.graph_op_s + setup.tokens * k.graph_token_s
+    return min(k.launch_step_s, setup.grad_accum * per_micro)
 
 
 def padded_step_time(

@@ -585,11 +585,12 @@ def _count(text: str | None, option: str) -> int | None:
 )
 @kernel_options
 @click.option(
-    "--cuda-graphs",
-    is_flag=True,
+    "--cuda-graphs/--no-cuda-graphs",
+    default=True,
+    show_default=True,
     help="Plan zeroplan launch's decoder as CUDA graphs where it can run them (one GPU, LoRA or "
-    "QLoRA, no DeepSpeed): the host no longer sets the pace of small steps (one H100: 1.5x a "
-    "1B LoRA at micro-batch 1, 0.95x the GPU-bound 8B plan).",
+    "QLoRA, no DeepSpeed, no checkpointing): the host no longer sets the pace of small steps "
+    "(one H100: 1.4-2.2x host-bound steps, 1.00-1.02x the GPU-bound 8B plans).",
 )
 @click.option("--top", type=int, default=8, show_default=True, help="Alternatives to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")

@@ -383,8 +383,8 @@ def launch(
         }
         # what the planner may choose, as zeroplan plan's --no-liger etc. say
         switches = kernel_request(**{k: job.pop(k) for k in KERNEL_OPTIONS})
-        # launching a model plans it: --cuda-graphs plans the graphed step it will run
-        switches["allow_cuda_graphs"] = cuda_graphs is True
+        # launching a model plans it: --no-cuda-graphs plans the eager step it will run
+        switches["allow_cuda_graphs"] = cuda_graphs is not False
         resolved = _resolve_plan(
             model_or_plan, plan_path, gpus, hostfile, include, exclude, weights, job, data_job,
             links, rdv, (recipe_path, recipe_format) if recipe_path is not None else None,
