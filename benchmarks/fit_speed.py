@@ -24,9 +24,9 @@ Seven constants are measured, not fitted, each on named rows:
   PCIe trips, as a line in 1 / threads;
 * ``launch_step_s``: the launched runs of realdata_speed.py against the lean step of the
   same shape (realdata_h200_lean.jsonl);
-* ``graph_op_s`` / ``graph_token_s``: launched runs with the decoder as CUDA graphs
-  (graphs*.jsonl): each step less the profiler's GPU-busy seconds, least squares through 0
-  on the counted operations and the token positions (graph_launch_constants).
+* ``graph_token_s``: launched runs with the decoder as CUDA graphs (graphs*.jsonl): the
+  median step less the profiler's GPU-busy seconds, least squares through 0 on the token
+  positions (graph_token_s).
 
 ``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
 any constant, when its FITTED_FAMILIES or MEASURED_GPUS are not the rows' families and
@@ -84,7 +84,6 @@ MEASURED_FIELDS = (
     "cpu_adam_serial_s",
     "cpu_adam_thread_s",
     "launch_step_s",
-    "graph_op_s",
     "graph_token_s",
 )
 
@@ -526,47 +525,33 @@ def launch_step_s() -> float | None:
     return statistics.median(out) if out else None
 
 
-def graphed_launches(paths: list[Path] | None = None) -> list[tuple[int, int, float]]:
+def graphed_launches(paths: list[Path] | None = None) -> list[tuple[int, float]]:
     """Probed launches with the decoder as CUDA graphs (graphs*.jsonl, host_speed.py):
-    (accumulation · counted operations, token positions a step, the step's seconds less
-    the profiler's GPU-busy seconds: where the GPU waited)."""
-    from zeroplan.trainsetup import TrainSetup, parse_targets
-
+    (token positions a step, the step's seconds less the profiler's GPU-busy seconds:
+    where the GPU waited). The step is the median step's (real tokens at the rows' fill
+    over the median step's rate): a one-off stall of the host (graphs5's Qwen3 run lost
+    315 ms once, in 20 steps of 68) is no wait of every step."""
     out = []
     for path in sorted(RESULTS.glob("graphs*.jsonl")) if paths is None else paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             s = r.get("setup") or {}
             busy = ((r.get("probe") or {}).get("profile") or {}).get("gpu_busy_s_per_step")
-            if not (s.get("cuda_graphs") and r.get("tokens_per_s") and busy):
+            if not (s.get("cuda_graphs") and r.get("step_rate_median") and busy):
                 continue
-            raw = {k: v for k, v in s.items() if k in TrainSetup.__dataclass_fields__}
-            setup = TrainSetup(**{**raw, "lora_targets": parse_targets(raw["lora_targets"])})
-            spec = load_model(r["model"].replace("--", "/"))
             b = r["batching"]
-            positions = b["rows_per_micro_batch"] * b["row_tokens"] * setup.grad_accum
-            step = positions * b["fill"] / r["tokens_per_s"]
-            ops = speed.host_operations(spec, setup) * setup.grad_accum
-            out.append((ops, positions, step - busy))
+            positions = b["rows_per_micro_batch"] * b["row_tokens"] * s["grad_accum"]
+            out.append((positions, positions * b["fill"] / r["step_rate_median"] - busy))
     return out
 
 
-def graph_launch_constants(
-    runs: list[tuple[int, int, float]] | None = None,
-) -> tuple[float, float] | None:
-    """(graph_op_s, graph_token_s): least squares of the GPU's waiting seconds a step on
-    ops · graph_op_s + positions · graph_token_s, through 0 (the normal equations of two
-    unknowns), over graphed_launches; None without two independent runs."""
+def graph_token_s(runs: list[tuple[int, float]] | None = None) -> float | None:
+    """Σ positions · wait / Σ positions² over graphed_launches: the least-squares line
+    through 0."""
     runs = graphed_launches() if runs is None else runs
-    aa = sum(o * o for o, _, _ in runs)
-    ab = sum(o * t for o, t, _ in runs)
-    bb = sum(t * t for _, t, _ in runs)
-    ay = sum(o * y for o, _, y in runs)
-    by = sum(t * y for _, t, y in runs)
-    det = aa * bb - ab * ab
-    if det <= 1e-12 * max(aa * bb, 1.0):
+    if not runs:
         return None
-    return (ay * bb - by * ab) / det, (by * aa - ay * ab) / det
+    return sum(t * y for t, y in runs) / sum(t * t for t, _ in runs)
 
 
 def lora_bytes(rows: list[dict[str, Any]], engine_s: float) -> float | None:
@@ -648,7 +633,6 @@ def measured_constants(
         deepspeed_step_s=k.deepspeed_step_s if engine is None else engine,
     )
     adam = cpu_adam_seconds_per_param(rows, k2)
-    graph = graph_launch_constants()
     # (lora_bytes is measured before the fit: main)
     return {
         "fused_chunk_s": fused_chunk_s(rows, k2),
@@ -658,8 +642,7 @@ def measured_constants(
         "cpu_adam_serial_s": adam[0] if adam else None,
         "cpu_adam_thread_s": adam[1] if adam else None,
         "launch_step_s": launch_step_s(),
-        "graph_op_s": graph[0] if graph else None,
-        "graph_token_s": graph[1] if graph else None,
+        "graph_token_s": graph_token_s(),
     }
 
 

@@ -117,9 +117,7 @@ def _download_tokenizer(repo: str, dest: Path, timeout: float = 10.0) -> bool:
                 return False
     dest.mkdir(parents=True, exist_ok=True)
     for name, body in got.items():
-        tmp = dest / f".{name}.tmp"
-        tmp.write_bytes(body)
-        tmp.replace(dest / name)
+        write_atomic(dest / name, body)
     return True
 
 

@@ -98,8 +98,8 @@ def atomic_temp_name(name: str, pid: int, token: str) -> str:
     return f".{name}.{pid}.{token}.tmp"
 
 
-def write_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
-    """Write ``text`` (UTF-8) to ``path`` whole or not at all.
+def write_atomic(path: Path, text: str | bytes, *, fsync: bool = False) -> None:
+    """Write ``text`` (str as UTF-8, or bytes as they are) to ``path`` whole or not at all.
 
     A reader of ``path`` (another node, a watcher, a launcher) sees the old file or the
     complete new one, never half of one: the text goes to a temporary file beside it, which
@@ -113,8 +113,8 @@ def write_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
     # shared cluster); O_EXCL so that a name in use is an error, never two writers' mix
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())

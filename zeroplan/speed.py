@@ -123,16 +123,15 @@ class SpeedConstants:
             the node's ranks sharing the serial part (cpu_adam_seconds).
         launch_step_s: what a launched step (HF Trainer, its callbacks and logging) adds
             to the lean step, from the same shapes run both ways on one H200.
-        graph_op_s / graph_token_s: what a launched step adds with the decoder as CUDA
-            graphs (``setup.cuda_graphs``), instead of launch_step_s (graphed_launch_seconds):
-            the GPU waits at the step's host reads (the fused loss's three, the Trainer's
-            logging), and after each the host launches a graph, whose launch grows with its
-            nodes (about the counted operations: cudaGraphLaunch took 2.6 ms for the 8B's
-            2,200), and at the step's end collates and copies the next micro-batch, whose
-            Python runs per token. From graphed launches on H100s (graphs*_h100,
-            graphs3-4): their measured step less the profiler's GPU-busy seconds, least
-            squares through 0 on the operations and the token positions
-            (benchmarks/fit_speed.py, graph_launch_constants).
+        graph_token_s: what a launched step adds with the decoder as CUDA graphs
+            (``setup.cuda_graphs``), per token position, instead of launch_step_s
+            (graphed_launch_seconds): at the step's end the Trainer reads the loss on the
+            host, and the GPU waits while the host collates and copies the next micro-batch,
+            whose Python runs per token (the DataLoader took 6 ms a step at 12,288). From
+            graphed launches on H100s (graphs*.jsonl): the median step less the profiler's
+            GPU-busy seconds, least squares through 0 (benchmarks/fit_speed.py,
+            graph_token_s). A term per counted operation (the graphs' launches) came out
+            near 0: the host launches them while the GPU still runs the step's earlier work.
     """
 
     efficiency_lora: float
@@ -154,7 +153,6 @@ class SpeedConstants:
     cpu_adam_serial_s: float
     cpu_adam_thread_s: float
     launch_step_s: float
-    graph_op_s: float
     graph_token_s: float
 
     def efficiency(self, method: str) -> float:
@@ -185,8 +183,7 @@ FITTED = SpeedConstants(
     cpu_adam_serial_s=2.691e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
-    graph_op_s=1.593e-06,
-    graph_token_s=1.571e-06,
+    graph_token_s=7.272e-07,
 )
 
 # The fused AdamW step streams each trainable parameter's state once: it reads and writes
@@ -1251,18 +1248,16 @@ def step_time(
 
 
 def graphed_launch_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
-    """What a launched step adds with the decoder as CUDA graphs (SpeedConstants'
-    graph_op_s / graph_token_s), at most what an eager launched step adds:
+    """What a launched step adds with the decoder as CUDA graphs (SpeedConstants.graph_token_s),
+    at most what an eager launched step adds:
 
-    min(launch_step_s, accumulation · (host_operations · graph_op_s + b·s · graph_token_s))
+    min(launch_step_s, b·s · accumulation · graph_token_s)
 
-    The bound: the waits are the eager launch's (its own host reads, collation and
-    callbacks) with a graph launch where eager dispatched a first kernel, and on the 8B
-    plans the graphed step waited less than the eager one (30-32 ms against 37-50,
-    graphs3.jsonl); the measured launches had 1,664-12,288 token positions, and beyond
-    them the line through 0 would price a 65k-token micro-batch's wait at 0.1 s."""
-    per_micro = host_operations(spec, setup) * k.graph_op_s + setup.tokens * k.graph_token_s
-    return min(k.launch_step_s, setup.grad_accum * per_micro)
+    The bound: the waits are the eager launch's too (its host reads, the collation), and on
+    the 8B plans the graphed step waited less than the eager one (graphs3.jsonl); the
+    measured launches had 1,664-24,576 token positions, beyond which the line through 0
+    would keep growing where the eager launch's measured cost does not."""
+    return min(k.launch_step_s, setup.tokens * setup.grad_accum * k.graph_token_s)
 
 
 def padded_step_time(
