@@ -156,9 +156,9 @@ def test_fixed_max_length_is_the_rows_longest_segment() -> None:
     # a longer segment than the bound keeps its own length (a shorter one would cut it)
     assert col([_row([16]), rows[1]])["max_length_q"] == 16
     # more segments than the bound: its own boundaries and its own longest
-    assert zbatch.PackedCollator(0, 16, "flat", segments=2, longest=11)(rows[:2])[
-        "max_length_q"
-    ] == 9
+    assert (
+        zbatch.PackedCollator(0, 16, "flat", segments=2, longest=11)(rows[:2])["max_length_q"] == 9
+    )
     with pytest.raises(ValueError, match="with segments only"):
         zbatch.PackedCollator(0, 16, "flat", longest=4)
     with pytest.raises(ValueError, match="1 to capacity"):

@@ -143,3 +143,12 @@ def test_concurrent_writers_in_one_folder_never_collide(tmp_path: Path) -> None:
     assert target.read_text(encoding="utf-8") in texts
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["shared.json"] + [f"own{i}.json" for i in range(8)])
+
+
+def test_bytes_are_written_as_they_are(tmp_path: Path) -> None:
+    """The tokenizer download writes its files' bytes through the same writer."""
+    target = tmp_path / "tokenizer.json"
+    body = b'{"model": "\xc3\xa9"}\x00\xff'
+    write_atomic(target, body)
+    assert target.read_bytes() == body
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
