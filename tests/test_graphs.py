@@ -503,3 +503,38 @@ def test_graphed_launches_are_predicted_held_out() -> None:
     big = TrainSetup(method="lora", micro_batch=64, seq_len=1024, cuda_graphs=True)
     l8 = load_model("meta-llama/Llama-3.1-8B")
     assert speed.graphed_launch_seconds(l8, big) == speed.FITTED.launch_step_s
+
+
+def test_estimate_prices_cuda_graphs_only_where_the_launch_can_capture_them() -> None:
+    """zeroplan estimate --cuda-graphs: the graphed step's host clock and launch; where the
+    launch cannot capture (several GPUs, full fine-tuning) one line, exit 2."""
+    from click.testing import CliRunner
+
+    from zeroplan.commands.cli import cli
+
+    base = ["estimate", "meta-llama/Llama-3.2-1B", "--micro-batch", "1", "--seq-len", "512"]
+    base += ["--fused-lora", "--json"]
+    runs = {
+        graphs: CliRunner().invoke(cli, [*base, "--gpus", "1xH100", graphs])
+        for graphs in ("--cuda-graphs", "--no-cuda-graphs")
+    }
+    import json
+
+    speeds = {k: json.loads(r.output)["speed"] for k, r in runs.items()}
+    assert not speeds["--cuda-graphs"]["host_bound"] and speeds["--no-cuda-graphs"]["host_bound"]
+    assert (
+        speeds["--cuda-graphs"]["tokens_per_s"] > 1.3 * speeds["--no-cuda-graphs"]["tokens_per_s"]
+    )
+    import subprocess
+    import sys
+
+    for bad in (["--gpus", "2xH100"], ["--gpus", "1xH100", "--method", "full"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "zeroplan", *base[:-2], *bad, "--cuda-graphs"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2, out.stderr
+        assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
+        assert "--cuda-graphs:" in out.stderr and "drop it" in out.stderr

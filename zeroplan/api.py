@@ -16,7 +16,7 @@ from zeroplan.memory import estimate as _estimate
 from zeroplan.models import ModelSpec, load_model
 from zeroplan.packing import PaddedBatches
 from zeroplan.speed import family_note, gpu_note, link_gbs, padded_step_time, step_time
-from zeroplan.trainsetup import TrainSetup, parse_targets, resolve_attention
+from zeroplan.trainsetup import TrainSetup, parse_targets, refuse_cuda_graphs, resolve_attention
 
 DEFAULT_GPUS = "1xH100"
 
@@ -70,6 +70,8 @@ def estimate(
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     cluster = resolve_cluster(gpus, p2p, inter_node_gbs, cpu_cores_per_node)
     chosen = resolve_attention(setup if setup is not None else make_setup(**options), spec)
+    if chosen.cuda_graphs:  # priced only where zeroplan launch can capture them
+        refuse_cuda_graphs(chosen, cluster.world_size, fix="drop it")
     est = _estimate(spec, cluster, chosen)
     unchecked = tuple(n for n in (family_note(spec), gpu_note(cluster.gpu.name)) if n)
     return dataclasses.replace(

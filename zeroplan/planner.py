@@ -99,8 +99,8 @@ class PlanRequest:
     # run (fused_lora_choice); False for a recipe's plan (its trainer runs PEFT's layers) and --no-fused-lora
     allow_fused_lora: bool = True
     # the launch's decoder as CUDA graphs (zeroplan.launch.graphs) where it can run
-    # (cuda_graphs_choice); False: plan --no-cuda-graphs. On one H100 they ran host-bound
-    # steps 1.38-2.17x and the GPU-bound 8B plans 1.00-1.02x (graphs3-4.jsonl)
+    # (cuda_graphs_choice); False: plan --no-cuda-graphs. On H100s they ran host-bound
+    # steps 1.38-4.16x and the GPU-bound plans 1.00-1.02x (graphs3-5.jsonl)
     allow_cuda_graphs: bool = True
     # the plan is for zeroplan launch; False: for another trainer's recipe (plan --emit)
     launched: bool = True
@@ -672,7 +672,7 @@ def plan(req: PlanRequest) -> Plan:
         assumptions.append(
             "zeroplan launch captures the decoder's forward and backward once as CUDA graphs "
             "and replays them, so the host's dispatch does not set the pace (a failed capture "
-            "runs eager, and the host then may); on one H100 1.4-2.2x the eager step where "
+            "runs eager, and the host then may); on H100s 1.4-4.2x the eager step where "
             "the host set its pace, 1.00-1.02x where the GPU did: --no-cuda-graphs for the "
             "eager step"
         )

@@ -332,6 +332,21 @@ def cuda_graphs_refusal(
     return None
 
 
+def refuse_cuda_graphs(
+    setup: TrainSetup,
+    world: int,
+    cuda: bool = True,
+    compiled: bool = False,
+    fix: str = "pass --no-cuda-graphs",
+) -> str | None:
+    """cuda_graphs_refusal's reason (None: they can run), raised as the one-line error of
+    ``--cuda-graphs`` asked for where they cannot: ``fix`` says how to go on."""
+    why = cuda_graphs_refusal(setup, world, cuda, compiled)
+    if why is not None:
+        raise BadSetupError(f"--cuda-graphs: {why}; {fix}")
+    return why
+
+
 def cpu_refusal(setup: TrainSetup) -> str | None:
     """What in ``setup`` runs on a CUDA GPU only, and how to plan without it, in one line
     (None: every part runs on the CPU too). Ranks started on a CPU (``zeroplan launch

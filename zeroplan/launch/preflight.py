@@ -47,7 +47,6 @@ from typing import Any
 
 from zeroplan.errors import (
     BadDataError,
-    BadSetupError,
     DataNotFoundError,
     GPUCountError,
     HostUnreachableError,
@@ -76,7 +75,7 @@ from zeroplan.launch.trackers import check_tracker
 from zeroplan.memory import MemoryEstimate
 from zeroplan.models import ModelSpec
 from zeroplan.planfiles import model_name
-from zeroplan.trainsetup import TrainSetup, cpu_refusal, cuda_graphs_refusal
+from zeroplan.trainsetup import TrainSetup, cpu_refusal, refuse_cuda_graphs
 from zeroplan.watch.runlog import LAUNCH_FILE, METRICS_FILE, PLAN_FILE, read_jsonl
 
 # Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
@@ -440,9 +439,7 @@ def check_graphs(launch: Launch, gpu_here: bool) -> None:
     if not train.cuda_graphs:
         return
     compiled = train.compile if train.compile is not None else launch.setup.compile
-    why = cuda_graphs_refusal(launch.setup, launch.world_size, gpu_here, compiled)
-    if why is not None:
-        raise BadSetupError(f"--cuda-graphs: {why}; pass --no-cuda-graphs")
+    refuse_cuda_graphs(launch.setup, launch.world_size, gpu_here, compiled)
 
 
 def _ranks(n: int) -> str:

@@ -87,6 +87,7 @@ from zeroplan.trainsetup import (
     fused_lora_runs,
     packed_shape,
     parse_targets,
+    refuse_cuda_graphs,
 )
 from zeroplan.watch.runlog import (
     APPLIED_FILE,
@@ -1310,10 +1311,9 @@ def _graphs_why_not(
     wanted = setup.cuda_graphs if opts.cuda_graphs is None else opts.cuda_graphs
     if not wanted:
         return "--no-cuda-graphs" if opts.cuda_graphs is False else "the plan leaves them off"
-    why = cuda_graphs_refusal(setup, world, cuda, compiled)
-    if why is not None and opts.cuda_graphs:
-        raise BadSetupError(f"--cuda-graphs: {why}; pass --no-cuda-graphs")
-    return why
+    if opts.cuda_graphs:  # asked for on the command line: refused where it cannot run
+        return refuse_cuda_graphs(setup, world, cuda, compiled)
+    return cuda_graphs_refusal(setup, world, cuda, compiled)
 
 
 def _batching(
