@@ -5,6 +5,8 @@ again after a capture that cannot work."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import tinyllm
 
@@ -447,11 +449,9 @@ def test_the_varlen_forward_reads_nothing_on_the_host_for_a_mask(
     assert torch.isfinite(out.loss)
 
 
-def test_the_graphed_prediction_holds_against_the_measured_gpu_busy_ceilings() -> None:
-    """Every probed host-bound launch on today's path kept the GPU's busy seconds per step:
-    its real tokens over them is what the step reaches once the host leaves no gaps. The
-    plan's prediction for the graphed step stays within the issue's ±15% of each (18 8B
-    QLoRA runs on H100s, one on an H200, one 1B LoRA: benchmarks/graph_ceiling.py)."""
+def _graph_ceiling(pattern: str) -> tuple[Any, list[Any]]:
+    """benchmarks/graph_ceiling.py as a module, and the results files matching ``pattern``
+    (the test skips without any: a tree staged for a GPU call leaves the results behind)."""
     import importlib.util
     from pathlib import Path
 
@@ -460,9 +460,18 @@ def test_the_graphed_prediction_holds_against_the_measured_gpu_busy_ceilings() -
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = sorted(path.parent.joinpath("results").glob("host*_h*.jsonl"))
-    if not results:  # a tree staged for a GPU call leaves the results behind
-        pytest.skip("no benchmarks/results/host*.jsonl in this tree")
+    results = sorted(path.parent.joinpath("results").glob(pattern))
+    if not results:
+        pytest.skip(f"no benchmarks/results/{pattern} in this tree")
+    return module, results
+
+
+def test_the_graphed_prediction_holds_against_the_measured_gpu_busy_ceilings() -> None:
+    """Every probed host-bound launch on today's path kept the GPU's busy seconds per step:
+    its real tokens over them is what the step reaches once the host leaves no gaps. The
+    plan's prediction for the graphed step stays within the issue's ±15% of each (18 8B
+    QLoRA runs on H100s, one on an H200, one 1B LoRA: benchmarks/graph_ceiling.py)."""
+    module, results = _graph_ceiling("host*_h*.jsonl")
     rows = module.ceiling_rows(results)
     assert len(rows) >= 20
     for row in rows:
@@ -479,21 +488,11 @@ def test_graphed_launches_are_predicted_held_out() -> None:
     step and within the issue's 15% of 9 in 10 of their measured rates (two lost a
     one-off host stall in 20 steps: 315 ms in Qwen3's); and a graphed launch never waits
     longer than an eager one (graphed_launch_seconds)."""
-    import importlib.util
-    from pathlib import Path
-
     from zeroplan import speed
     from zeroplan.models import load_model
     from zeroplan.trainsetup import TrainSetup
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "graph_ceiling.py"
-    spec = importlib.util.spec_from_file_location("graph_ceiling", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    results = sorted(path.parent.joinpath("results").glob("graphs*.jsonl"))
-    if not results:  # a tree staged for a GPU call leaves the results behind
-        pytest.skip("no benchmarks/results/graphs*.jsonl in this tree")
+    module, results = _graph_ceiling("graphs*.jsonl")
     rows = module.graphed_launch_rows(results)
     assert len(rows) >= 11 and {r["file"] for r in rows} >= {"graphs3.jsonl", "graphs5.jsonl"}
     for row in rows:
