@@ -1224,7 +1224,7 @@ def step_time(
     offload = offload_seconds(spec, setup, cluster, k)
     launch = 0.0
     if launched and setup.cuda_graphs:
-        launch = graphed_launch_seconds(spec, setup, k)
+        launch = graphed_launch_seconds(setup, k)
     elif launched:  # an MoE launch's own per-step cost where its constants have one
         moe_launch = m.launch_step_s if spec.moe is not None and m is not None else None
         launch = k.launch_step_s if moe_launch is None else moe_launch
@@ -1247,7 +1247,7 @@ def step_time(
     )
 
 
-def graphed_launch_seconds(spec: ModelSpec, setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
+def graphed_launch_seconds(setup: TrainSetup, k: SpeedConstants = FITTED) -> float:
     """What a launched step adds with the decoder as CUDA graphs (SpeedConstants.graph_token_s),
     at most what an eager launched step adds:
 

@@ -123,7 +123,7 @@ def longest_segment(rows: Sequence[Example], capacity: int) -> int:
     records' own longest (768) does, nearly all of them idle."""
     longest = 1
     for r in rows:
-        longest = max(longest, *segment_lengths(r["position_ids"]))
+        longest = max([longest, *segment_lengths(r["position_ids"])])
         if len(r["input_ids"]) < capacity:
             longest = max(longest, min(PAD_SEGMENT, capacity - len(r["input_ids"])))
     return longest
