@@ -713,6 +713,8 @@ def describe(setup: TrainSetup) -> str:
     parts.append("checkpointing" if setup.grad_ckpt else "no checkpointing")
     if setup.fused_loss:
         parts.append("fused loss")
+    if setup.cuda_graphs:
+        parts.append("CUDA graphs")
     if setup.optim != "adamw_torch_fused":
         parts.append(setup.optim)
     return ", ".join(parts)
