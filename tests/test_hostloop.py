@@ -120,3 +120,32 @@ def test_the_flops_count_is_the_trainers(model_dir: Path) -> None:
     assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs)
     assert trainer.zp_params == model.num_parameters(exclude_embeddings=True)
     assert trainer.floating_point_ops({"pixel_values": torch.zeros(1)}) == 0
+
+
+def test_freeze_heap_takes_what_was_built_out_of_the_collectors_walks() -> None:
+    """Before training the rank freezes its heap (hostloop.freeze_heap): what it built (the
+    records' token lists, the model) is no longer walked by a full collection, which can
+    otherwise fall inside a step; new objects still are, and frozen ones still free by
+    reference count."""
+    import gc
+    import weakref
+
+    from zeroplan.launch import hostloop
+
+    class Box:
+        pass
+
+    built = [[i] for i in range(1000)]
+    kept = Box()
+    try:
+        frozen = hostloop.freeze_heap()
+        assert frozen > 1000
+        tracked = {id(o) for o in gc.get_objects()}
+        assert id(built) not in tracked and id(built[0]) not in tracked
+        later = [[1]]
+        assert id(later) in {id(o) for o in gc.get_objects()}
+        gone = weakref.ref(kept)
+        del kept
+        assert gone() is None
+    finally:
+        gc.unfreeze()

@@ -890,6 +890,7 @@ def run(opts: Options, flag: StopFlag, argv: list[str]) -> int:
 
     if any_rank(flag.signalled):  # stopped while loading: nothing trained, nothing to save
         return _finish(opts, trainer, rank, "interrupted", flag, None)
+    hostloop.freeze_heap()  # no full collection of the data and model inside a step
     trainer.train(resume_from_checkpoint=str(resume_from) if opts.resume else None)
     if divergence.diverged is not None:
         # the weights are non-finite from here on: neither this step nor final/ is saved
