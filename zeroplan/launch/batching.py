@@ -100,19 +100,32 @@ def segment_lengths(positions: Sequence[int]) -> list[int]:
     return out
 
 
-def row_segments(row: Example, capacity: int) -> int:
-    """Segments a packed row has once padded to ``capacity``: its samples, then the
-    padding's segments of PAD_SEGMENT tokens (padding_positions)."""
+def _padded_shape(row: Example, capacity: int) -> tuple[int, int]:
+    """(segments, longest segment) of a packed row once padded to ``capacity``: its samples,
+    then the padding's segments of PAD_SEGMENT tokens (padding_positions), the last shorter."""
+    samples = segment_lengths(row["position_ids"])
     pad = capacity - len(row["input_ids"])
-    return len(segment_lengths(row["position_ids"])) + -(-pad // PAD_SEGMENT)
+    return len(samples) + -(-pad // PAD_SEGMENT), max([*samples, min(PAD_SEGMENT, pad)])
+
+
+def row_segments(row: Example, capacity: int) -> int:
+    """Segments a packed row has once padded to ``capacity`` (_padded_shape)."""
+    return _padded_shape(row, capacity)[0]
+
+
+def one_shape(rows: Sequence[Example], capacity: int, per_batch: int) -> tuple[int, int]:
+    """(segment_bound, longest_segment) of these rows, in one walk over their positions
+    (a Python loop over every token: 60 ms each for 2,000 records)."""
+    shapes = [_padded_shape(r, capacity) for r in rows]
+    counts = sorted((n for n, _ in shapes), reverse=True)
+    return max(1, sum(counts[:per_batch])), max([1, *(longest for _, longest in shapes)])
 
 
 def segment_bound(rows: Sequence[Example], capacity: int, per_batch: int) -> int:
     """The most segments a micro-batch of ``per_batch`` of these rows can hold: the sum of
     the ``per_batch`` largest rows' (row_segments). Any micro-batch the sampler draws fits
     it, so padding every one's boundaries to it gives them one shape."""
-    counts = sorted((row_segments(r, capacity) for r in rows), reverse=True)
-    return max(1, sum(counts[:per_batch]))
+    return one_shape(rows, capacity, per_batch)[0]
 
 
 def longest_segment(rows: Sequence[Example], capacity: int) -> int:
@@ -121,12 +134,7 @@ def longest_segment(rows: Sequence[Example], capacity: int) -> int:
     ceil(max_length / block) query blocks for every segment and head, so a fixed max length
     of the capacity (12,288 for the 8B 16 × 768 plan) launches 16× the blocks that the
     records' own longest (768) does, nearly all of them idle."""
-    longest = 1
-    for r in rows:
-        longest = max([longest, *segment_lengths(r["position_ids"])])
-        if len(r["input_ids"]) < capacity:
-            longest = max(longest, min(PAD_SEGMENT, capacity - len(r["input_ids"])))
-    return longest
+    return one_shape(rows, capacity, 1)[1]
 
 
 def padding_positions(pad: int) -> list[int]:

@@ -1328,8 +1328,8 @@ def _batching(
     one_shape: bool = False,
 ) -> Batching:
     """The micro-batches; ``one_shape`` (CUDA graphs): a flat row's segment boundaries
-    padded to the most any micro-batch of its rows holds (batching.segment_bound), and its
-    max length the longest segment of any (batching.longest_segment)."""
+    padded to the most any micro-batch of its rows holds, and its max length the longest
+    segment of any (batching.one_shape)."""
     n = len(prepared.train)
     if opts.batching != "packed":
         return Batching(opts.batching, prepared.train, prepared.eval, None, None, None,
@@ -1345,8 +1345,7 @@ def _batching(
     layout = "flat" if kernel == "varlen" else "rows"
     segments = longest = None
     if one_shape and layout == "flat":
-        segments = zbatch.segment_bound(train.rows, capacity, per_device)
-        longest = zbatch.longest_segment(train.rows, capacity)
+        segments, longest = zbatch.one_shape(train.rows, capacity, per_device)
     collator = zbatch.PackedCollator(int(pad or 0), capacity, layout, segments, longest)
     gqa = zbatch.gqa_native() if kernel == "varlen" and cuda else None
     return Batching("packed", train.rows, evals.rows, collator, attn_impl, kernel,
