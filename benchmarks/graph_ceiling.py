@@ -48,13 +48,22 @@ def todays_path(setup: dict[str, Any]) -> bool:
     )
 
 
+def launched(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A host_speed.py row's model spec, setup (TrainSetup) and one-GPU cluster."""
+    from zeroplan.hardware import parse_cluster
+    from zeroplan.models import load_model
+    from zeroplan.trainsetup import TrainSetup, parse_targets
+
+    raw = {k: v for k, v in r["setup"].items() if k in TrainSetup.__dataclass_fields__}
+    raw["lora_targets"] = parse_targets(raw["lora_targets"])
+    spec = load_model(r["model"].replace("--", "/"))
+    return spec, TrainSetup(**raw), parse_cluster(f"1x{r['catalog_gpu']}")
+
+
 def ceiling_rows(paths: list[Path]) -> list[dict[str, Any]]:
     """One row per probed run on today's path: its measured rate, GPU-busy ceiling and the
     plan's eager and graphed predictions."""
     from zeroplan.api import estimate
-    from zeroplan.hardware import parse_cluster
-    from zeroplan.models import load_model
-    from zeroplan.trainsetup import TrainSetup, parse_targets
 
     out = []
     for path in paths:
@@ -67,11 +76,8 @@ def ceiling_rows(paths: list[Path]) -> list[dict[str, Any]]:
                 continue
             b = r["batching"]
             real = b["rows_per_micro_batch"] * b["row_tokens"] * b["fill"] * setup["grad_accum"]
-            raw = {k: v for k, v in setup.items() if k in TrainSetup.__dataclass_fields__}
-            raw["lora_targets"] = parse_targets(raw["lora_targets"])
-            spec = load_model(r["model"].replace("--", "/"))
-            cluster = parse_cluster(f"1x{r['catalog_gpu']}")
-            eager_setup = TrainSetup(**{**raw, "cuda_graphs": False})
+            spec, as_run, cluster = launched(r)
+            eager_setup = dataclasses.replace(as_run, cuda_graphs=False)
             predicted = {}
             for name, s in (("eager", eager_setup), ("graphs", dataclasses.replace(eager_setup, cuda_graphs=True))):  # fmt: skip
                 est = estimate(spec, cluster, s, fill=b["fill"])
@@ -101,9 +107,6 @@ def graphed_launch_rows(paths: list[Path]) -> list[dict[str, Any]]:
 
     from zeroplan import speed
     from zeroplan.api import estimate
-    from zeroplan.hardware import parse_cluster
-    from zeroplan.models import load_model
-    from zeroplan.trainsetup import TrainSetup, parse_targets
 
     out = []
     for path in paths:
@@ -117,13 +120,10 @@ def graphed_launch_rows(paths: list[Path]) -> list[dict[str, Any]]:
             setup = r.get("setup") or {}
             if not (setup.get("cuda_graphs") and r.get("tokens_per_s")):
                 continue
-            raw = {k: v for k, v in setup.items() if k in TrainSetup.__dataclass_fields__}
-            raw["lora_targets"] = parse_targets(raw["lora_targets"])
-            spec = load_model(r["model"].replace("--", "/"))
-            cluster = parse_cluster(f"1x{r['catalog_gpu']}")
+            spec, as_run, cluster = launched(r)
             fill = r["batching"]["fill"]
-            st = speed.step_time(spec, TrainSetup(**raw), cluster, fill=fill, k=k)
-            est = estimate(spec, cluster, TrainSetup(**raw), fill=fill)
+            st = speed.step_time(spec, as_run, cluster, fill=fill, k=k)
+            est = estimate(spec, cluster, as_run, fill=fill)
             out.append(
                 {
                     "file": path.name,
