@@ -338,13 +338,12 @@ def refuse_cuda_graphs(
     cuda: bool = True,
     compiled: bool = False,
     fix: str = "pass --no-cuda-graphs",
-) -> str | None:
-    """cuda_graphs_refusal's reason (None: they can run), raised as the one-line error of
-    ``--cuda-graphs`` asked for where they cannot: ``fix`` says how to go on."""
+) -> None:
+    """``--cuda-graphs`` asked for where they cannot run: cuda_graphs_refusal's reason as a
+    one-line error, ``fix`` saying how to go on."""
     why = cuda_graphs_refusal(setup, world, cuda, compiled)
     if why is not None:
         raise BadSetupError(f"--cuda-graphs: {why}; {fix}")
-    return why
 
 
 def cpu_refusal(setup: TrainSetup) -> str | None:

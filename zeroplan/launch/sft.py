@@ -1313,7 +1313,8 @@ def _graphs_why_not(
     if not wanted:
         return "--no-cuda-graphs" if opts.cuda_graphs is False else "the plan leaves them off"
     if opts.cuda_graphs:  # asked for on the command line: refused where it cannot run
-        return refuse_cuda_graphs(setup, world, cuda, compiled)
+        refuse_cuda_graphs(setup, world, cuda, compiled)
+        return None
     return cuda_graphs_refusal(setup, world, cuda, compiled)
 
 
