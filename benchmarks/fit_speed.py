@@ -85,6 +85,8 @@ MEASURED_FIELDS = (
     "cpu_adam_thread_s",
     "launch_step_s",
     "graph_token_s",
+    "norm_loop_s",
+    "norm_loop_element_s",
 )
 
 
@@ -554,6 +556,67 @@ def graph_token_s(runs: list[tuple[int, float]] | None = None) -> float | None:
     return sum(t * y for t, y in runs) / sum(t * t for t, _ in runs)
 
 
+NORM_KERNELS = ("_rms_norm_backward_kernel", "_block_rms_norm_backward_kernel")
+
+
+def norm_loops(paths: list[Path] | None = None) -> list[tuple[float, float, float]]:
+    """Liger's RMSNorm backward in every probed launch (any results JSONL whose rows hold a
+    probe's profile, Liger's norms on, not compiled): (its row loop's turns a step, the
+    elements those turns handle, the profiled seconds of its backward kernels a step), the
+    median of each shape's readings (model, tokens a micro-batch, accumulation, card):
+    the 8B QLoRA job at 1 × 1,664 was probed in twenty runs and would outweigh the rest."""
+    from graph_ceiling import launched  # a row's model, setup and card, as graph_ceiling reads them
+
+    from zeroplan import liger
+
+    shapes: dict[tuple[Any, ...], list[tuple[float, float, float]]] = {}
+    for path in sorted(RESULTS.glob("*.jsonl")) if paths is None else paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            top = ((r.get("probe") or {}).get("profile") or {}).get("top_gpu")
+            s = r.get("setup") or {}
+            if not top or not r.get("batching") or s.get("compile") or not r.get("model"):
+                continue
+            spec, setup, cluster = launched(r)
+            if not liger.runs(spec.model_type, setup.kernels, "rms_norm"):
+                continue
+            seconds = sum(t["ms_per_step"] for t in top if t["kernel"] in NORM_KERNELS) / 1e3
+            b = r["batching"]
+            tokens = b["rows_per_micro_batch"] * b["row_tokens"]
+            turns = elements = 0.0
+            for n, rows, columns in speed.rms_norms(spec, tokens):
+                t, per_turn = speed.norm_turns(rows, columns, cluster.gpu.multiprocessors)
+                turns += n * t * setup.grad_accum
+                elements += n * t * per_turn * setup.grad_accum
+            key = (r["model"], tokens, setup.grad_accum, r["catalog_gpu"])
+            shapes.setdefault(key, []).append((turns, elements, seconds))
+    out = []
+    for readings in shapes.values():
+        if all(sec > 0 for *_, sec in readings):
+            out.append((*readings[0][:2], statistics.median(sec for *_, sec in readings)))
+    return out
+
+
+def norm_loop_constants(
+    loops: list[tuple[float, float, float]] | None = None,
+) -> tuple[float, float] | None:
+    """(norm_loop_s, norm_loop_element_s): seconds ≈ turns · a + elements · b over norm_loops,
+    least squares on the relative error (each reading divided by its seconds)."""
+    loops = norm_loops() if loops is None else loops
+    if len(loops) < 2:
+        return None
+    xs = [(t / y, e / y) for t, e, y in loops]
+    s11 = sum(a * a for a, _ in xs)
+    s12 = sum(a * b for a, b in xs)
+    s22 = sum(b * b for _, b in xs)
+    r1 = sum(a for a, _ in xs)
+    r2 = sum(b for _, b in xs)
+    det = s11 * s22 - s12 * s12
+    if not det:
+        return None
+    return (r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det
+
+
 def lora_bytes(rows: list[dict[str, Any]], engine_s: float) -> float | None:
     """(Δ + engine_s) / ((1 − BF16_LORA_SHARE) · T · Σ(in + out) · (1 + ckpt/3) ·
     accumulation / bandwidth) over bf16 LoRA steps under DDP with a DeepSpeed ZeRO 0-2 twin
@@ -633,6 +696,7 @@ def measured_constants(
         deepspeed_step_s=k.deepspeed_step_s if engine is None else engine,
     )
     adam = cpu_adam_seconds_per_param(rows, k2)
+    loops = norm_loop_constants()
     # (lora_bytes is measured before the fit: main)
     return {
         "fused_chunk_s": fused_chunk_s(rows, k2),
@@ -643,6 +707,8 @@ def measured_constants(
         "cpu_adam_thread_s": adam[1] if adam else None,
         "launch_step_s": launch_step_s(),
         "graph_token_s": graph_token_s(),
+        "norm_loop_s": loops[0] if loops else None,
+        "norm_loop_element_s": loops[1] if loops else None,
     }
 
 

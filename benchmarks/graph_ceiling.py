@@ -145,8 +145,8 @@ def main() -> int:
     p.add_argument(
         "--launch-band",
         type=float,
-        default=0.20,
-        help="held-out graphed launches against their median step (default ±20%%)",
+        default=0.10,
+        help="held-out graphed launches against their median step (default ±10%%)",
     )
     args = p.parse_args()
     rows = ceiling_rows([Path(f) for f in sorted(glob.glob(str(RESULTS / "host*_h*.jsonl")))])

@@ -484,9 +484,10 @@ def test_graphed_launches_are_predicted_held_out() -> None:
     """Launches with the decoder as CUDA graphs (graphs*.jsonl on H100s: 1B LoRA and 8B
     QLoRA at micro-batch 1, 1B and Qwen2.5-0.5B at 4 × 704, Qwen3-1.7B at 1 × 1,664, the
     8B and Qwen3 plans): with speed's graph_token_s measured without the launches of the
-    run's own GPU call, the plan's real tokens/s is within 20% of every launch's median
-    step and within the issue's 15% of 9 in 10 of their measured rates (two lost a
-    one-off host stall in 20 steps: 315 ms in Qwen3's); and a graphed launch never waits
+    run's own GPU call, the plan's real tokens/s is within 10% of every launch's median
+    step (Qwen3's 17.6% until Liger's norm loop was counted: speed.liger_norm_seconds) and
+    within the issue's 15% of 9 in 10 of their measured rates (two lost a one-off host
+    stall in 20 steps: 315 ms in Qwen3's); and a graphed launch never waits
     longer than an eager one (graphed_launch_seconds)."""
     from zeroplan import speed
 
@@ -494,7 +495,7 @@ def test_graphed_launches_are_predicted_held_out() -> None:
     rows = module.graphed_launch_rows(results)
     assert len(rows) >= 11 and {r["file"] for r in rows} >= {"graphs3.jsonl", "graphs5.jsonl"}
     for row in rows:
-        assert abs(row["held_out"] / row["median_step"] - 1) <= 0.20, row
+        assert abs(row["held_out"] / row["median_step"] - 1) <= 0.10, row
     within = [abs(r["held_out"] / r["measured"] - 1) <= 0.15 for r in rows]
     assert sum(within) >= 0.8 * len(rows)
     big = TrainSetup(method="lora", micro_batch=64, seq_len=1024, cuda_graphs=True)

@@ -271,3 +271,39 @@ def test_lora_dropout_is_0_by_default_and_the_plan_says_so() -> None:
     data = json.loads(result.output)
     assert data["best"]["setup"]["lora_dropout"] == 0.05
     assert any(a.startswith("LoRA dropout 0.05:") for a in data["assumptions"])
+
+
+def test_liger_norm_backward_walks_its_rows() -> None:
+    """Liger's RMSNorm backward takes ⌈rows / SMs⌉ turns, a row a turn, or 16 where a row
+    has at most 256 elements and there are 32,768 rows: Qwen3-1.7B's q and k norms at
+    1 × 1,664 tokens on an H100 walk 202 and 101 turns of one 128-element row, and at
+    32 × 768 its block kernel's 187 and 94 turns of 16. Priced from the constants measured
+    on the profiled kernels (fit_speed.norm_loops), the norms of the profiled Qwen3 and 8B
+    runs come within 15% of their kernels' time, and the model's norms at 1,664 tokens cost
+    six times their bytes (5.7 ms profiled, graphs5)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import fit_speed
+
+    from zeroplan.hardware import get_gpu
+
+    h100 = get_gpu("H100")
+    assert h100.multiprocessors == 132
+    qwen = load_model("Qwen/Qwen3-1.7B")
+    assert speed.norm_turns(1664 * qwen.num_heads, qwen.head_dim, 132) == (202, 128)
+    assert speed.norm_turns(1664 * qwen.num_kv_heads, qwen.head_dim, 132) == (101, 128)
+    assert speed.norm_turns(24576 * qwen.num_heads, qwen.head_dim, 132) == (187, 16 * 128)
+    assert speed.norm_turns(24576, qwen.hidden_size, 132) == (187, qwen.hidden_size)
+    loops = fit_speed.norm_loops()
+    assert len(loops) >= 6
+    a, b = fit_speed.norm_loop_constants(loops)
+    assert a == pytest.approx(speed.FITTED.norm_loop_s, rel=0.01)
+    assert b == pytest.approx(speed.FITTED.norm_loop_element_s, rel=0.01)
+    small = [(t, e, y) for t, e, y in loops if y < 0.012]  # the 8B plan and smaller steps
+    for turns, elements, seconds in small:
+        assert turns * a + elements * b == pytest.approx(seconds, rel=0.15)
+    mb1 = TrainSetup(method="lora", micro_batch=1, seq_len=1664, kernels="liger", lora_dropout=0.0)
+    walked = speed.liger_norm_seconds(qwen, mb1, h100, speed.FITTED)
+    bytes_only = mb1.tokens * speed.LIGER_NORM_BYTES * speed.norm_features(qwen)
+    assert walked > 4 * bytes_only / (h100.memory_bandwidth_gbs * 1e9)

@@ -78,6 +78,8 @@ PCIE_EFFECTIVE_GBS: Mapping[int, float] = MappingProxyType({3: 12.0, 4: 25.0, 5:
 UNKNOWN_GPU_BF16_TFLOPS = 50.0
 UNKNOWN_GPU_MEMORY_BANDWIDTH_GBS = 250.0
 UNKNOWN_GPU_PCIE_GEN = 4
+# A T4's: few SMs make a row loop long, so an unknown card's norms err long as its speeds do.
+UNKNOWN_GPU_MULTIPROCESSORS = 40
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class GPU:
         known: False for a GPU built from NVML data alone; its speeds are placeholders.
         bf16: whether the card computes in BF16 (Ampere and later). Without it training runs
             fp16 mixed precision (the default precision there; bf16 is refused).
+        multiprocessors: streaming multiprocessors (the architecture whitepaper's SM count
+            for the board): kernels that start one program per SM and loop over their rows
+            take ⌈rows / SMs⌉ turns (speed.liger_norm_seconds).
     """
 
     name: str
@@ -113,6 +118,7 @@ class GPU:
     pcie_gen: int
     known: bool = True
     bf16: bool = True
+    multiprocessors: int = UNKNOWN_GPU_MULTIPROCESSORS
 
     def __post_init__(self) -> None:
         # A catalog typo (e.g. a bandwidth of 0) would otherwise surface as a division by
@@ -130,6 +136,8 @@ class GPU:
             raise ValueError(f"GPU {self.name}: bf16_tflops must be 0 for a card without BF16")
         if self.interconnect not in ("nvlink", "pcie"):
             raise ValueError(f"GPU {self.name}: interconnect must be 'nvlink' or 'pcie'")
+        if self.multiprocessors <= 0:
+            raise ValueError(f"GPU {self.name}: multiprocessors must be positive")
 
     @property
     def tensor_tflops(self) -> float:
@@ -163,6 +171,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=False,  # GeForce: no peer access over PCIe (as RTX 3090)
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=68,
     ),
     GPU(
         name="RTX-3090",
@@ -178,6 +187,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=False,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=82,
     ),
     GPU(
         name="RTX-4080",
@@ -192,6 +202,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=False,  # GeForce 40-series: no peer access (as RTX 4090)
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=76,
     ),
     GPU(
         name="RTX-4090",
@@ -208,6 +219,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=False,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=128,
     ),
     GPU(
         name="RTX-5090",
@@ -222,6 +234,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=False,  # GeForce: no peer access with the stock driver
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
         pcie_gen=5,
+        multiprocessors=170,
     ),
     GPU(
         name="RTX-A6000",
@@ -233,6 +246,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,  # professional boards keep PCIe peer access enabled
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=84,
     ),
     GPU(
         name="RTX-6000-Ada",
@@ -247,6 +261,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,  # professional boards keep PCIe peer access enabled
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=142,
     ),
     GPU(
         name="RTX-PRO-6000",
@@ -262,6 +277,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
         pcie_gen=5,
+        multiprocessors=188,
     ),
     GPU(
         name="T4",
@@ -274,6 +290,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[3],
         pcie_gen=3,
         bf16=False,
+        multiprocessors=40,
     ),
     GPU(
         name="V100-SXM2-16GB",
@@ -286,6 +303,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         link_bandwidth_gbs=150.0,  # NVLink 2: 300 GB/s bidirectional per GPU, halved
         pcie_gen=3,
         bf16=False,
+        multiprocessors=80,
     ),
     GPU(
         name="V100-SXM2-32GB",
@@ -298,6 +316,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         link_bandwidth_gbs=150.0,  # NVLink 2: 300 GB/s bidirectional per GPU, halved
         pcie_gen=3,
         bf16=False,
+        multiprocessors=80,
     ),
     GPU(
         name="A10",
@@ -309,6 +328,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=72,
     ),
     GPU(
         name="A10G",
@@ -323,6 +343,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=80,
     ),
     GPU(
         name="A40",
@@ -334,6 +355,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=84,
     ),
     GPU(
         name="L4",
@@ -345,6 +367,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,  # data-center board; some cloud VMs do not expose peer access
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=58,
     ),
     GPU(
         name="L40",
@@ -356,6 +379,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=142,
     ),
     GPU(
         name="L40S",
@@ -368,6 +392,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=142,
     ),
     GPU(
         name="A100-SXM-40GB",
@@ -380,6 +405,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=300.0,  # NVLink 3: 600 GB/s bidirectional per GPU, halved
         pcie_gen=4,
+        multiprocessors=108,
     ),
     GPU(
         name="A100-SXM-80GB",
@@ -392,6 +418,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=300.0,  # NVLink 3: 600 GB/s bidirectional, halved
         pcie_gen=4,
+        multiprocessors=108,
     ),
     # The PCIe A100s are not in the user-facing list but NVML reports them, and mapping them
     # to the SXM entries would claim NVLink they do not have.
@@ -407,6 +434,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=108,
     ),
     GPU(
         name="A100-PCIE-80GB",
@@ -418,6 +446,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[4],
         pcie_gen=4,
+        multiprocessors=108,
     ),
     GPU(
         name="H20",
@@ -429,6 +458,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
         pcie_gen=5,
+        multiprocessors=78,
     ),
     GPU(
         name="H100-SXM-80GB",
@@ -442,6 +472,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
         pcie_gen=5,
+        multiprocessors=132,
     ),
     GPU(
         name="H100-PCIE-80GB",
@@ -454,6 +485,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
         pcie_gen=5,
+        multiprocessors=114,
     ),
     GPU(
         name="H100-NVL",
@@ -467,6 +499,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=PCIE_EFFECTIVE_GBS[5],
         pcie_gen=5,
+        multiprocessors=132,
     ),
     GPU(
         name="GH200-96GB",
@@ -482,6 +515,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         # The CPU link is NVLink-C2C (450 GB/s each way), far above PCIe; CPU offload is
         # planned at PCIe gen5 speed, which errs long.
         pcie_gen=5,
+        multiprocessors=132,
     ),
     GPU(
         name="H200-SXM-141GB",
@@ -493,6 +527,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=450.0,  # NVLink 4: 900 GB/s bidirectional, halved
         pcie_gen=5,
+        multiprocessors=132,
     ),
     GPU(
         name="B200-SXM-180GB",
@@ -507,6 +542,7 @@ _CATALOG_ENTRIES: tuple[GPU, ...] = (
         p2p=True,
         link_bandwidth_gbs=900.0,  # NVLink 5: 1.8 TB/s bidirectional, halved
         pcie_gen=5,
+        multiprocessors=148,
     ),
 )
 

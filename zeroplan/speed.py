@@ -132,6 +132,11 @@ class SpeedConstants:
             GPU-busy seconds, least squares through 0 (benchmarks/fit_speed.py,
             graph_token_s). A term per counted operation (the graphs' launches) came out
             near 0: the host launches them while the GPU still runs the step's earlier work.
+        norm_loop_s / norm_loop_element_s: Liger's RMSNorm backward, seconds per turn of
+            its row loop and per element a turn handles (liger_norm_seconds): from the
+            profiled kernels of launches on H100s and an H200 (every probe in
+            benchmarks/results; fit_speed.py, norm_loops), least squares on the relative
+            error over one reading per shape.
     """
 
     efficiency_lora: float
@@ -154,6 +159,8 @@ class SpeedConstants:
     cpu_adam_thread_s: float
     launch_step_s: float
     graph_token_s: float
+    norm_loop_s: float
+    norm_loop_element_s: float
 
     def efficiency(self, method: str) -> float:
         return {
@@ -184,6 +191,8 @@ FITTED = SpeedConstants(
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
     graph_token_s=7.272e-07,
+    norm_loop_s=5.810e-07,
+    norm_loop_element_s=2.003e-10,
 )
 
 # The fused AdamW step streams each trainable parameter's state once: it reads and writes
@@ -219,6 +228,14 @@ NORM_BYTES = 100.0
 # (2 + 2) and the input's gradient written (2, in place of the output's); the per-row rstd
 # (4 B a row) and the weight are negligible: 10 B against NORM_BYTES' 100.
 LIGER_NORM_BYTES = 10.0
+# Its forward's share of them (the input read, the output written): the backward's time is
+# its row loop's where that is longer (liger_norm_seconds).
+LIGER_NORM_FORWARD_BYTES = 4.0
+# Liger's RMSNorm backward (liger_kernel/ops/rms_norm.py, 0.8): a kernel that takes 16 rows a
+# turn where a row fits 256 elements and there are at least 32,768 rows, else one row a turn.
+LIGER_NORM_BLOCK_ROWS = 16
+LIGER_NORM_BLOCK_MAX_COLUMNS = 256
+LIGER_NORM_BLOCK_MIN_ROWS = 32768
 # What Liger's SwiGLU / GeGLU and RoPE kernels save per token per feature they touch (the
 # gate and up outputs of a dense MLP, the rotated q and k: liger_features), as bytes at the
 # card's bandwidth. The mechanism: the model's SiLU·mul is two kernels forward and three
@@ -228,9 +245,9 @@ LIGER_NORM_BYTES = 10.0
 # (benchmarks/results/kernels_h100.jsonl: Llama-3.1-8B bf16 LoRA, 8 × 704 packed tokens,
 # ZeRO-0, one H100, --kernels none and liger launched from the same plan): the value that
 # gives the measured ratio of the two real tokens/s, 1.188 (8,694 → 10,327); the norms'
-# share of it is counted (LIGER_NORM_BYTES), and so is what the host no longer dispatches
+# share of it is counted (liger_norm_seconds), and so is what the host no longer dispatches
 # (liger_host_saving), this is the rest. Checked on no other shape.
-LIGER_ACT_BYTES = 30.00
+LIGER_ACT_BYTES = 31.21
 # Bytes a 4-bit weight costs each time it is used: bitsandbytes reads 0.5 B (+ its
 # double-quantized statistics, ~0.03 B) and writes a 2 B bf16 copy for the matmul.
 DEQUANT_BYTES = 2.5
@@ -796,6 +813,57 @@ def head_read_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedCons
     return chunks * 2 * max(0.0, read - compute)
 
 
+def rms_norms(spec: ModelSpec, tokens: int) -> list[tuple[int, int, int]]:
+    """(how many, rows, elements a row) of each RMSNorm a micro-batch of T tokens runs:
+    norms_per_layer a layer over h (T rows), the q and k norms per head where the
+    architecture has them (T·heads and T·kv_heads rows of head_dim), the final norm."""
+    out = [(spec.num_layers * spec.norms_per_layer, tokens, spec.hidden_size)]
+    if spec.qk_norm:
+        out.append((spec.num_layers, tokens * spec.num_heads, spec.head_dim))
+        out.append((spec.num_layers, tokens * spec.num_kv_heads, spec.head_dim))
+    out.append((1, tokens, spec.hidden_size))
+    return out
+
+
+def norm_turns(rows: int, columns: int, multiprocessors: int) -> tuple[int, int]:
+    """(turns, elements a turn) of Liger's RMSNorm backward over ``rows`` rows: it starts
+    one program per SM, each taking ⌈rows / SMs⌉ rows in turn, one at a time, or g = 16 at
+    a time where a row's power-of-two block is at most 256 elements and there are at least
+    32,768 rows (its block kernel): ⌈rows / (SMs · g)⌉ turns of g · columns elements."""
+    block = 1 << max(0, (columns - 1).bit_length())
+    g = (
+        LIGER_NORM_BLOCK_ROWS
+        if block <= LIGER_NORM_BLOCK_MAX_COLUMNS and rows >= LIGER_NORM_BLOCK_MIN_ROWS
+        else 1
+    )
+    return -(-rows // (multiprocessors * g)), g * columns
+
+
+def liger_norm_seconds(spec: ModelSpec, setup: TrainSetup, gpu: GPU, k: SpeedConstants) -> float:
+    """Liger's RMSNorms over one micro-batch of T tokens: the forward's bytes, and the
+    backward's row loop or its bytes, the longer:
+
+    Σ_norms n · (4 B · rows · c · (1 + checkpointing) / bandwidth
+                 + max(6 B · rows · c / bandwidth,
+                       turns · (norm_loop_s + norm_loop_element_s · elements a turn)))
+
+    over rms_norms (n norms of rows × c elements) and norm_turns. The backward's programs
+    walk their rows in turn, so its time is the walk's, not its bytes': profiled on H100s,
+    the 8B's norms at 12,288 tokens took 151 µs a call where their bytes take 90, and
+    Qwen3-1.7B's q and k norms at 1,664 tokens (26,624 and 13,312 rows of 128, one a turn)
+    89 µs a call where their bytes take 3: 5 ms of a 61 ms step."""
+    bandwidth = gpu.memory_bandwidth_gbs * 1e9
+    total = 0.0
+    for n, rows, columns in rms_norms(spec, setup.tokens):
+        elements = rows * columns
+        turns, per_turn = norm_turns(rows, columns, gpu.multiprocessors)
+        loop = turns * (k.norm_loop_s + k.norm_loop_element_s * per_turn)
+        forward = LIGER_NORM_FORWARD_BYTES * elements * (1 + int(setup.grad_ckpt)) / bandwidth
+        backward = (LIGER_NORM_BYTES - LIGER_NORM_FORWARD_BYTES) * elements / bandwidth
+        total += n * (forward + max(backward, loop))
+    return total
+
+
 def elementwise_passes(setup: TrainSetup) -> float:
     """1 + ⅓ · checkpointing: the elementwise work is a third forward, two thirds backward,
     and checkpointing's recompute adds a forward."""
@@ -831,16 +899,16 @@ def gpu_seconds(
       + (T · (act_bytes · A − LIGER_ACT_BYTES · G + norm_bytes · N
               + lora_bytes · Σ(in + out) · lora_share) · elementwise_passes
          − T · fused_lora_saved_bytes + fixed_bytes) / bandwidth
-      + loss_seconds [+ moe_gpu_seconds]
+      + loss_seconds [+ liger_norm_seconds] [+ moe_gpu_seconds]
 
     A = activation_features, N = norm_features, Σ(in + out) = adapted_features; under
-    Liger's kernels (``setup.kernels``) norm_bytes is LIGER_NORM_BYTES instead of
-    NORM_BYTES and G = liger_features (else 0); the operations Liger no longer dispatches
+    Liger's kernels (``setup.kernels``) the norms are liger_norm_seconds instead of
+    NORM_BYTES' traffic and G = liger_features (else 0); the operations Liger no longer dispatches
     come off the host's clock (liger_host_saving). With MoE constants ``m`` (MOE_FITTED by
     default) the MoE step's terms are added and the router's and banks' features
     (wrapped_features) leave Σ(in + out). Compiled layers (``setup.compile``) are
     priced as Liger's path: inductor fuses the same norms, gated activation and rotary into
-    kernels of its own (gpu_setup). A dense model's QLoRA on the fused LoRA linears is
+    kernels of its own (gpu_setup), its norms LIGER_NORM_BYTES a normalised element. A dense model's QLoRA on the fused LoRA linears is
     bf16 LoRA's time on them + fixed_bytes / bandwidth (fused_4bit_as_bf16)."""
     setup = gpu_setup(setup)
     if fused_4bit_as_bf16(spec, setup):
@@ -850,9 +918,11 @@ def gpu_seconds(
     matmul = flops / (peak_tflops(setup, gpu) * 1e12 * k.efficiency(setup.method))
     features = adapted_features(spec, setup) - (wrapped_features(spec, setup) if m else 0)
     lora = k.lora_bytes * features * lora_share(setup)
-    norm = (
-        LIGER_NORM_BYTES if liger.runs(spec.model_type, setup.kernels, "rms_norm") else NORM_BYTES
-    )
+    # Liger's own norms are timed apart (their backward walks rows); compiled layers'
+    # norms are inductor's, priced as Liger's bytes (gpu_setup)
+    liger_norms = liger.runs(spec.model_type, setup.kernels, "rms_norm")
+    walked = liger_norms and not setup.compile
+    norm = 0.0 if walked else LIGER_NORM_BYTES if liger_norms else NORM_BYTES
     act = k.act_bytes * activation_features(spec) - LIGER_ACT_BYTES * liger_features(spec, setup)
     per_token = act + norm * norm_features(spec) + lora
     traffic = setup.tokens * per_token * elementwise_passes(setup) + fixed_bytes(spec, setup)
@@ -860,6 +930,8 @@ def gpu_seconds(
     seconds = (
         matmul + traffic / (gpu.memory_bandwidth_gbs * 1e9) + loss_seconds(spec, setup, gpu, k)
     )
+    if walked:
+        seconds += liger_norm_seconds(spec, setup, gpu, k)
     return seconds + (moe_gpu_seconds(spec, setup, gpu, m, k) if m else 0.0)
 
 
