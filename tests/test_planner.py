@@ -794,6 +794,8 @@ def test_a_family_tied_on_speed_says_what_it_lost_on() -> None:
     # without checkpointing, as simple and as many micro-batches: it holds more memory
     ckpt = TrainSetup(micro_batch=4, grad_accum=2, grad_ckpt=True)
     assert _tie_lost_on(ddp, ckpt) == "leaves less memory to spare"
+    # as simple, as many micro-batches, and predicted slower (the faster breaks the tie)
+    assert _tie_lost_on(ddp, ckpt, slower=True) == "is the slower one"
     # the story's plan: on the fused LoRA linears the autocast step moves what DeepSpeed
     # bf16's does, so ZeRO-0, 1 and 2 tie with the chosen DDP and say why they lost
     p = plan(story_request())

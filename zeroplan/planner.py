@@ -434,11 +434,13 @@ def complexity(setup: TrainSetup, launched: bool = True) -> int:
 
 
 # Predicted speeds this close to the fastest are a tie, which the simpler setup wins, then
-# the one with fewer micro-batches per step, then the one with more memory to spare: the
-# speed model's held-out error is 5-10% at the median, so a 2% edge is not a reason to add
-# DeepSpeed or offload to a run; and where it errs between micro-batch sizes it is on the
-# fixed costs of each micro-batch (measured on two H200s: an 8B LoRA step at micro-batch 4
-# × 4 ran 4% faster than at 2 × 8, predicted 1%).
+# the one with fewer micro-batches per step, then the faster: the speed model's held-out
+# error is 5-10% at the median, so a 2% edge is not a reason to add DeepSpeed or offload to
+# a run; and where it errs between micro-batch sizes it is on the fixed costs of each
+# micro-batch (measured on two H200s: an 8B LoRA step at micro-batch 4 × 4 ran 4% faster
+# than at 2 × 8, predicted 1%). Memory to spare broke the last tie until graphs6 (one H100,
+# CUDA graphs): the 1B LoRA job's plan at 16 × 768 then ran 69,960 real tokens/s where
+# 32 × 768, predicted 2.7% faster, ran 78,969; every setup keeps its 5% margin either way.
 TIE = 0.03
 
 
@@ -456,8 +458,8 @@ def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
             0,
             complexity(c.setup, req.launched),
             c.setup.grad_accum,
-            c.estimate.required_bytes,
             -c.step.tokens_per_s,
+            c.estimate.required_bytes,
         )
     return (
         1,
@@ -510,13 +512,16 @@ def _faster_layers(results: list[Candidate]) -> list[Candidate]:
     return [c for c in results if id(c) in kept]
 
 
-def _tie_lost_on(loser: TrainSetup, winner: TrainSetup, launched: bool = True) -> str:
-    """Why a setup tied on speed ranks below the chosen one, in _score's order."""
+def _tie_lost_on(
+    loser: TrainSetup, winner: TrainSetup, launched: bool = True, slower: bool = False
+) -> str:
+    """Why a setup tied on speed ranks below the chosen one, in _score's order (``slower``:
+    its predicted speed is below the winner's)."""
     if complexity(loser, launched) > complexity(winner, launched):
         return "adds moving parts"
     if loser.grad_accum > winner.grad_accum:
         return "takes more micro-batches per step"
-    return "leaves less memory to spare"
+    return "is the slower one" if slower else "leaves less memory to spare"
 
 
 def plan(req: PlanRequest) -> Plan:
@@ -579,7 +584,8 @@ def plan(req: PlanRequest) -> Plan:
                     edge = top.step.tokens_per_s / best.step.tokens_per_s - 1
                     rejected[fam] = (
                         f"as fast (predicted {edge:+.0%}, a tie within {TIE:.0%}), but "
-                        f"{_tie_lost_on(top.setup, best.setup, req.launched)} ({describe(top.setup)})"
+                        f"{_tie_lost_on(top.setup, best.setup, req.launched, edge < 0)} "
+                        f"({describe(top.setup)})"
                     )
                 else:
                     slower = best.step.tokens_per_s / top.step.tokens_per_s - 1
