@@ -987,3 +987,32 @@ def test_cuda_graphs_where_the_launch_can_capture_them() -> None:
     ):
         best = plan(req).best
         assert best is not None and not best.setup.cuda_graphs, req
+
+
+def test_a_tie_falls_to_the_faster_micro_batch_then_to_the_lighter_setup() -> None:
+    """Within TIE of the fastest, as simple and with as many micro-batches: the micro-batch
+    shape predicted faster wins (graphs6, one H100: the 1B plan at 16 x 768, the lighter,
+    ran 88.6% of 32 x 768, predicted 2.7% faster), and of one shape the lighter setup (a
+    tiny model's fused loss, a hair slower than its plain one, is still chosen:
+    test_launch_runner's test_launching_a_model_takes_the_plans_kernel_switches)."""
+    from zeroplan.api import resolve_cluster
+    from zeroplan.planner import _rank
+
+    spec = load_model("meta-llama/Llama-3.2-1B")
+    req = PlanRequest(spec, resolve_cluster("1xH100"), seq_len=768, allow_quantization=False)
+    p = plan(req)
+    plain = [c for c in p.ranked if c.setup.zero is None][:2]
+    assert [c.setup.micro_batch for c in plain] == [64, 32]
+    assert plain[1].step.tokens_per_s >= 0.97 * plain[0].step.tokens_per_s  # a tie
+    assert plain[0].estimate.required_bytes > 1.5 * plain[1].estimate.required_bytes
+    # of one shape, a lighter twin predicted faster still ranks after the lighter setup
+    best = p.best
+    assert best is not None
+    heavy = dataclasses.replace(
+        best,
+        estimate=dataclasses.replace(
+            best.estimate, required_bytes=best.estimate.required_bytes + 2**30
+        ),
+        step=dataclasses.replace(best.step, tokens_per_s=best.step.tokens_per_s * 1.005),
+    )
+    assert _rank(req, [heavy, best])[0] is best

@@ -434,13 +434,16 @@ def complexity(setup: TrainSetup, launched: bool = True) -> int:
 
 
 # Predicted speeds this close to the fastest are a tie, which the simpler setup wins, then
-# the one with fewer micro-batches per step, then the faster: the speed model's held-out
+# the one with fewer micro-batches per step, then the micro-batch shape predicted faster,
+# then, of one shape, the one with more memory to spare: the speed model's held-out
 # error is 5-10% at the median, so a 2% edge is not a reason to add DeepSpeed or offload to
 # a run; and where it errs between micro-batch sizes it is on the fixed costs of each
 # micro-batch (measured on two H200s: an 8B LoRA step at micro-batch 4 × 4 ran 4% faster
-# than at 2 × 8, predicted 1%). Memory to spare broke the last tie until graphs6 (one H100,
+# than at 2 × 8, predicted 1%). Memory to spare came before speed until graphs6 (one H100,
 # CUDA graphs): the 1B LoRA job's plan at 16 × 768 then ran 69,960 real tokens/s where
 # 32 × 768, predicted 2.7% faster, ran 78,969; every setup keeps its 5% margin either way.
+# Of one shape (the fused loss beside the plain one, a hair apart on a small vocabulary)
+# the lighter still wins.
 TIE = 0.03
 
 
@@ -449,7 +452,18 @@ def _tied(c: Candidate, fastest: float) -> bool:
     return c.step.tokens_per_s >= (1 - TIE) * fastest
 
 
-def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
+def _shape(req: PlanRequest, c: Candidate) -> tuple[int, int, int, int]:
+    """What ranks tied setups before their speed: moving parts, micro-batches per step,
+    and the micro-batch's shape."""
+    s = c.setup
+    return (complexity(s, req.launched), s.grad_accum, s.micro_batch, s.seq_len)
+
+
+def _score(
+    req: PlanRequest, c: Candidate, fastest: float, shape_fastest: float | None = None
+) -> tuple[float, ...]:
+    """c's sort key; ``shape_fastest``: the fastest predicted speed of the tied setups of
+    c's _shape (c's own where not given)."""
     if req.objective == "memory":
         return (c.estimate.required_bytes, -c.step.tokens_per_s)
     # time and cost rank alike on one cluster
@@ -458,8 +472,9 @@ def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
             0,
             complexity(c.setup, req.launched),
             c.setup.grad_accum,
-            -c.step.tokens_per_s,
+            -(shape_fastest or c.step.tokens_per_s),
             c.estimate.required_bytes,
+            -c.step.tokens_per_s,
         )
     return (
         1,
@@ -470,11 +485,16 @@ def _score(req: PlanRequest, c: Candidate, fastest: float) -> tuple[float, ...]:
 
 
 def _rank(req: PlanRequest, cands: list[Candidate]) -> list[Candidate]:
-    """Fastest first, speeds within TIE of the fastest ranked by simplicity."""
+    """Fastest first; speeds within TIE of the fastest ranked by simplicity, then by their
+    micro-batch shape's best speed, then by memory."""
     if not cands:
         return []
     fastest = max(c.step.tokens_per_s for c in cands)
-    return sorted(cands, key=lambda c: _score(req, c, fastest))
+    best: dict[tuple[int, int, int, int], float] = {}
+    for c in cands:
+        shape = _shape(req, c)
+        best[shape] = max(best.get(shape, 0.0), c.step.tokens_per_s)
+    return sorted(cands, key=lambda c: _score(req, c, fastest, best[_shape(req, c)]))
 
 
 def _peft_layers_note(req: PlanRequest, best: Candidate) -> str:
@@ -516,7 +536,7 @@ def _tie_lost_on(
     loser: TrainSetup, winner: TrainSetup, launched: bool = True, slower: bool = False
 ) -> str:
     """Why a setup tied on speed ranks below the chosen one, in _score's order (``slower``:
-    its predicted speed is below the winner's)."""
+    its micro-batch shape is another and predicted slower than the winner's)."""
     if complexity(loser, launched) > complexity(winner, launched):
         return "adds moving parts"
     if loser.grad_accum > winner.grad_accum:
@@ -582,9 +602,10 @@ def plan(req: PlanRequest) -> Plan:
                 if _tied(top, fastest):
                     # a tie as the ranking has it (_score): lost on what breaks ties
                     edge = top.step.tokens_per_s / best.step.tokens_per_s - 1
+                    outpaced = _shape(req, top)[2:] != _shape(req, best)[2:] and edge < 0
                     rejected[fam] = (
                         f"as fast (predicted {edge:+.0%}, a tie within {TIE:.0%}), but "
-                        f"{_tie_lost_on(top.setup, best.setup, req.launched, edge < 0)} "
+                        f"{_tie_lost_on(top.setup, best.setup, req.launched, outpaced)} "
                         f"({describe(top.setup)})"
                     )
                 else:
