@@ -190,7 +190,7 @@ FITTED = SpeedConstants(
     cpu_adam_serial_s=2.691e-10,
     cpu_adam_thread_s=2.308e-09,
     launch_step_s=0.03035,
-    graph_token_s=7.272e-07,
+    graph_token_s=7.326e-07,
     norm_loop_s=5.810e-07,
     norm_loop_element_s=2.003e-10,
 )
