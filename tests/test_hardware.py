@@ -78,6 +78,8 @@ def test_catalog_entries_are_consistent() -> None:
         assert gpu.pcie_gen in (3, 4, 5)
         # GeForce boards have no peer access; data-center and professional boards do.
         assert gpu.p2p == (not gpu.name.startswith("RTX-") or "6000" in gpu.name)
+        # every card names its SM count (the default is an unknown card's, a T4's 40)
+        assert gpu.multiprocessors >= 40 and (gpu.multiprocessors == 40) == (name == "T4")
 
 
 def test_issue_13_gpus_are_in_the_catalog() -> None:
