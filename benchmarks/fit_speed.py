@@ -12,7 +12,7 @@ measure_memory.py rows: the steps after the first, which allocates the optimizer
 ZeRO-3 there: the last step). Its predicted time is ``speed.step_time(..., launched=False)``:
 the lean step.
 
-Seven constants are measured, not fitted, each on named rows:
+These constants are measured, not fitted, each on named rows:
 * ``lora_bytes``: bf16 LoRA under DDP against its DeepSpeed twins on two H200s;
 * ``zero3_tensor_s``: ZeRO-3 rows against their DDP twins;
 * ``host_staged_gbs``: a ZeRO-2 shape run with and without ``NCCL_P2P_DISABLE=1`` on two
@@ -26,7 +26,10 @@ Seven constants are measured, not fitted, each on named rows:
   same shape (realdata_h200_lean.jsonl);
 * ``graph_token_s``: launched runs with the decoder as CUDA graphs (graphs*.jsonl): the
   median step less the profiler's GPU-busy seconds, least squares through 0 on the token
-  positions (graph_token_s).
+  positions (graph_token_s);
+* ``norm_loop_s`` / ``norm_loop_element_s``: Liger's RMSNorm backward kernels in every
+  probed launch's profile, against the turns of its row loop and the elements they handle
+  (norm_loops), least squares on the relative error.
 
 ``--check`` exits 1 when zeroplan/speed.py's FITTED differs from this by more than 5% on
 any constant, when its FITTED_FAMILIES or MEASURED_GPUS are not the rows' families and

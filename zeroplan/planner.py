@@ -435,16 +435,16 @@ def complexity(setup: TrainSetup, launched: bool = True) -> int:
 
 # Predicted speeds this close to the fastest are a tie, which the simpler setup wins, then
 # the one with fewer micro-batches per step, then the micro-batch shape predicted faster,
-# then, of one shape, the one with more memory to spare: the speed model's held-out
-# error is 5-10% at the median, so a 2% edge is not a reason to add DeepSpeed or offload to
-# a run; and where it errs between micro-batch sizes it is on the fixed costs of each
-# micro-batch (measured on two H200s: an 8B LoRA step at micro-batch 4 × 4 ran 4% faster
-# than at 2 × 8, predicted 1%). Memory to spare came before speed until graphs6 (one H100,
-# CUDA graphs): the 1B LoRA job's plan at 16 × 768 then ran 74,634 real tokens/s a full
-# step where 32 × 768, predicted 2.7% faster, ran 78,969 and 64 × 768 80,094 (93.2% and
-# 98.6% of the best of the four measured); every setup keeps its 5% margin either way.
-# Of one shape (the fused loss beside the plain one, a hair apart on a small vocabulary)
-# the lighter still wins.
+# then, of one shape, the one with more memory to spare. The speed model's held-out error
+# is 5-10% at the median, so a 2% edge is not a reason to add DeepSpeed or offload to a
+# run; and where it errs between micro-batch sizes it is on the fixed costs of each
+# micro-batch, which a larger one spreads (measured on two H200s: an 8B LoRA step at
+# micro-batch 4 × 4 ran 4% faster than at 2 × 8, predicted 1%). Memory to spare came before
+# the shape's speed until graphs6 (one H100, CUDA graphs): the 1B LoRA job's plan at 16 ×
+# 768 then ran 74,634 real tokens/s a full step where 32 × 768, predicted 2.7% faster, ran
+# 78,969 and 64 × 768 80,094 (93.2% and 98.6% of the best of the four measured); every
+# setup keeps its 5% margin either way. Of one shape (the fused loss beside the plain one,
+# a hair apart on a small vocabulary) the lighter still wins.
 TIE = 0.03
 
 

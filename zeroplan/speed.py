@@ -903,13 +903,14 @@ def gpu_seconds(
 
     A = activation_features, N = norm_features, Σ(in + out) = adapted_features; under
     Liger's kernels (``setup.kernels``) the norms are liger_norm_seconds instead of
-    NORM_BYTES' traffic and G = liger_features (else 0); the operations Liger no longer dispatches
-    come off the host's clock (liger_host_saving). With MoE constants ``m`` (MOE_FITTED by
-    default) the MoE step's terms are added and the router's and banks' features
-    (wrapped_features) leave Σ(in + out). Compiled layers (``setup.compile``) are
+    NORM_BYTES' traffic and G = liger_features (else 0); the operations Liger no longer
+    dispatches come off the host's clock (liger_host_saving). With MoE constants ``m``
+    (MOE_FITTED by default) the MoE step's terms are added and the router's and banks'
+    features (wrapped_features) leave Σ(in + out). Compiled layers (``setup.compile``) are
     priced as Liger's path: inductor fuses the same norms, gated activation and rotary into
-    kernels of its own (gpu_setup), its norms LIGER_NORM_BYTES a normalised element. A dense model's QLoRA on the fused LoRA linears is
-    bf16 LoRA's time on them + fixed_bytes / bandwidth (fused_4bit_as_bf16)."""
+    kernels of its own (gpu_setup), its norms at LIGER_NORM_BYTES a normalised element. A
+    dense model's QLoRA on the fused LoRA linears is bf16 LoRA's time on them +
+    fixed_bytes / bandwidth (fused_4bit_as_bf16)."""
     setup = gpu_setup(setup)
     if fused_4bit_as_bf16(spec, setup):
         bf16 = gpu_seconds(spec, replace(setup, method="lora"), gpu, k, m)
