@@ -5,7 +5,8 @@
 #   run(command="bash .stage-unsloth/run_gpu.sh", carry=[".stage-unsloth"])
 #
 # RUNS, NAME (the JSONL's name under $OUT), DEADLINE (seconds for kernels_speed.py) and EXTRA
-# (more of its options) may be set before it. Writes $OUT/NAME.jsonl, $OUT/NAME.log and $OUT/env.txt.
+# (more of its options) may be set before it. Writes $OUT/NAME.jsonl, $OUT/NAME.log, $OUT/env.txt
+# and $OUT/NAME_runs.tgz (each zeroplan launch's metrics, applied.json, result.json and logs).
 S=$(cd "$(dirname "$0")" && pwd)
 RUNS=${RUNS:-qlora-auto,unsloth-notebook,unsloth-packed,trl-users}
 NAME=${NAME:-kernels4}
@@ -23,3 +24,7 @@ set -o pipefail
 python3 benchmarks/kernels_speed.py --work /tmp/k --out "$OUT/$NAME.jsonl" --runs "$RUNS" \
   --no-parity --deadline "$DEADLINE" --unsloth-site /tmp/s-unsloth $EXTRA 2>&1 \
   | grep -v Warning | tee "$OUT/$NAME.log"
+rc=$?
+cd /tmp/k && timeout 60 tar czf "$OUT/${NAME}_runs.tgz" run-*/metrics.jsonl run-*/applied.json \
+  run-*/result.json run-*/logs 2>/dev/null
+exit $rc
