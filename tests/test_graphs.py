@@ -123,9 +123,9 @@ def test_eval_and_cpu_calls_run_eager() -> None:
 
 def test_collator_pads_the_boundaries_to_one_count() -> None:
     rows = [_row([5, 9]), _row([3, 3, 3, 3]), _row([16])]
-    bound = zbatch.segment_bound(rows, 16, 2)
+    bound = zbatch.one_shape(rows, 16, 2)[0]
     # [5, 9] + 1 padding segment of 2 = 3; [3]*4 + 1 of 4 = 5; [16] = 1: the two largest
-    assert [zbatch.row_segments(r, 16) for r in rows] == [3, 5, 1]
+    assert [zbatch.padded_shape(r, 16)[0] for r in rows] == [3, 5, 1]
     assert bound == 8
     col = zbatch.PackedCollator(0, 16, "flat", segments=bound)
     for pair in ([rows[0], rows[1]], [rows[2], rows[0]], [rows[2], rows[2]]):
@@ -147,10 +147,10 @@ def test_collator_pads_the_boundaries_to_one_count() -> None:
 def test_fixed_max_length_is_the_rows_longest_segment() -> None:
     rows = [_row([5, 9]), _row([3, 3, 3, 3]), _row([2, 3])]
     # [5, 9]: 9; [3]*4 pads 4; [2, 3] pads a segment of 11
-    assert zbatch.longest_segment(rows, 16) == 11
-    assert zbatch.longest_segment(rows[:2], 16) == 9
+    assert zbatch.one_shape(rows, 16, 1)[1] == 11
+    assert zbatch.one_shape(rows[:2], 16, 1)[1] == 9
     # padding segments are at most PAD_SEGMENT long
-    assert zbatch.longest_segment([_row([3])], 1000) == zbatch.PAD_SEGMENT
+    assert zbatch.one_shape([_row([3])], 1000, 1)[1] == zbatch.PAD_SEGMENT
     col = zbatch.PackedCollator(0, 16, "flat", segments=8, longest=11)
     for pair in ([rows[0], rows[1]], [rows[2], rows[1]]):
         b = col(pair)
@@ -313,10 +313,9 @@ def _batches(n: int, segments: int | None, device: str = "cuda") -> list[dict[st
         r["input_ids"] = [rng.randrange(1, 300) for _ in r["input_ids"]]
         r["labels"] = list(r["input_ids"])
         rows.append(r)
-    bound = zbatch.segment_bound(rows, 48, 2) if segments is None else segments
-    col = zbatch.PackedCollator(
-        0, 48, "flat", segments=bound, longest=zbatch.longest_segment(rows, 48)
-    )
+    shape = zbatch.one_shape(rows, 48, 2)
+    bound = shape[0] if segments is None else segments
+    col = zbatch.PackedCollator(0, 48, "flat", segments=bound, longest=shape[1])
     out = []
     for i in range(n):
         b = col(rows[2 * i : 2 * i + 2])

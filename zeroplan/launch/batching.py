@@ -100,7 +100,7 @@ def segment_lengths(positions: Sequence[int]) -> list[int]:
     return out
 
 
-def _padded_shape(row: Example, capacity: int) -> tuple[int, int]:
+def padded_shape(row: Example, capacity: int) -> tuple[int, int]:
     """(segments, longest segment) of a packed row once padded to ``capacity``: its samples,
     then the padding's segments of PAD_SEGMENT tokens (padding_positions), the last shorter."""
     samples = segment_lengths(row["position_ids"])
@@ -108,33 +108,22 @@ def _padded_shape(row: Example, capacity: int) -> tuple[int, int]:
     return len(samples) + -(-pad // PAD_SEGMENT), max([*samples, min(PAD_SEGMENT, pad)])
 
 
-def row_segments(row: Example, capacity: int) -> int:
-    """Segments a packed row has once padded to ``capacity`` (_padded_shape)."""
-    return _padded_shape(row, capacity)[0]
-
-
 def one_shape(rows: Sequence[Example], capacity: int, per_batch: int) -> tuple[int, int]:
-    """(segment_bound, longest_segment) of these rows, in one walk over their positions
-    (a Python loop over every token: 60 ms each for 2,000 records)."""
-    shapes = [_padded_shape(r, capacity) for r in rows]
+    """(segments, longest segment) that every micro-batch of ``per_batch`` of these rows
+    fits, in one walk over their positions (a Python loop over every token: 60 ms for 2,000
+    records):
+
+    * segments: the sum of the ``per_batch`` largest rows' counts (padded_shape). Any
+      micro-batch the sampler draws fits it, so padding every one's boundaries to it gives
+      them one shape.
+    * longest segment: the longest sample of any row, or a padding segment (at most
+      PAD_SEGMENT tokens). Flash's varlen grid has ceil(max_length / block) query blocks for
+      every segment and head, so a fixed max length of the capacity (12,288 for the 8B
+      16 × 768 plan) launches 16× the blocks that the records' own longest (768) does,
+      nearly all of them idle."""
+    shapes = [padded_shape(r, capacity) for r in rows]
     counts = sorted((n for n, _ in shapes), reverse=True)
     return max(1, sum(counts[:per_batch])), max([1, *(longest for _, longest in shapes)])
-
-
-def segment_bound(rows: Sequence[Example], capacity: int, per_batch: int) -> int:
-    """The most segments a micro-batch of ``per_batch`` of these rows can hold: the sum of
-    the ``per_batch`` largest rows' (row_segments). Any micro-batch the sampler draws fits
-    it, so padding every one's boundaries to it gives them one shape."""
-    return one_shape(rows, capacity, per_batch)[0]
-
-
-def longest_segment(rows: Sequence[Example], capacity: int) -> int:
-    """The longest segment of any of these rows once padded to ``capacity``: its longest
-    sample, or a padding segment (at most PAD_SEGMENT tokens). Flash's varlen grid has
-    ceil(max_length / block) query blocks for every segment and head, so a fixed max length
-    of the capacity (12,288 for the 8B 16 × 768 plan) launches 16× the blocks that the
-    records' own longest (768) does, nearly all of them idle."""
-    return one_shape(rows, capacity, 1)[1]
 
 
 def padding_positions(pad: int) -> list[int]:
@@ -152,8 +141,8 @@ class PackedCollator:
     for varlen attention.
     ``segments`` (flat only, for CUDA graphs, which replay one shape): the boundaries padded
     to that many segments with empty ones at the end, and ``max_length_q/k`` ``longest``
-    (the rows' longest_segment; the capacity where not given), so that every micro-batch
-    has one signature (segment_bound gives the count; a batch with more segments, or a
+    (one_shape's longest segment; the capacity where not given), so that every micro-batch
+    has one signature (one_shape gives the count; a batch with more segments, or a
     longer one, keeps its own and runs eager).
     Both add ``zp_real_tokens`` and ``zp_slots`` (popped before the forward) for tokens/s.
     """
