@@ -461,10 +461,10 @@ def _shape(req: PlanRequest, c: Candidate) -> tuple[int, int, int, int]:
 
 
 def _score(
-    req: PlanRequest, c: Candidate, fastest: float, shape_fastest: float | None = None
+    req: PlanRequest, c: Candidate, fastest: float, shape_fastest: float
 ) -> tuple[float, ...]:
-    """c's sort key; ``shape_fastest``: the fastest predicted speed of the tied setups of
-    c's _shape (c's own where not given)."""
+    """c's sort key; ``shape_fastest``: the fastest predicted speed of the setups of c's
+    _shape."""
     if req.objective == "memory":
         return (c.estimate.required_bytes, -c.step.tokens_per_s)
     # time and cost rank alike on one cluster
@@ -473,7 +473,7 @@ def _score(
             0,
             complexity(c.setup, req.launched),
             c.setup.grad_accum,
-            -(shape_fastest or c.step.tokens_per_s),
+            -shape_fastest,
             c.estimate.required_bytes,
             -c.step.tokens_per_s,
         )
